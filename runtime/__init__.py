@@ -1,0 +1,1 @@
+"""wpk.runtime: gRPC tier servers (Open Inference Protocol) chained into a pipeline."""

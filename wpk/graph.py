@@ -1,0 +1,288 @@
+"""`Graph`: a read-only view of an ONNX model after shape inference.
+
+Everything in wpk reads models through this view: nodes in topological order (with the
+stable names of `wpk.naming`), every tensor's shape, dtype and byte size, and each node's
+FLOPs and bytes touched, which the roofline cost model needs.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from wpk.errors import WpkError
+from wpk.naming import name_nodes
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    is_initializer: bool = False
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    index: int
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]   # non-empty input names, initializers included
+    outputs: tuple[str, ...]  # non-empty output names
+    flops: float
+    bytes_touched: int        # all inputs (weights too) plus all outputs
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' -> (1, 3, 224, 224)."""
+    try:
+        dims = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise WpkError(f"bad shape {text!r}: expected dimensions like 1x3x224x224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise WpkError(f"bad shape {text!r}: dimensions must be positive integers")
+    return dims
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """['input=1x3x224x224', ...] -> {'input': (1, 3, 224, 224)}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        if not sep or not name:
+            raise WpkError(f"bad --input-shape {spec!r}: expected NAME=1x3x224x224")
+        shapes[name] = parse_shape(dims)
+    return shapes
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, turning every way it can be wrong into a one-line WpkError."""
+    path = Path(path)
+    if not path.exists():
+        raise WpkError(f"{path}: no such file")
+    if path.is_dir():
+        raise WpkError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ...
+        raise WpkError(f"{path}: not a readable ONNX model ({type(error).__name__})") from None
+    if not model.graph.node and not model.graph.output:
+        raise WpkError(f"{path}: not an ONNX model (empty or truncated file)")
+    return model
+
+
+def _tensor_dtype(elem_type: int) -> np.dtype:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        raise WpkError(f"unsupported tensor element type {elem_type}") from None
+
+
+class Graph:
+    """A shape-inferred ONNX model with per-node costs. Build it with `Graph.load`."""
+
+    def __init__(self, model: onnx.ModelProto, name: str, sha256: str | None = None,
+                 path: Path | None = None):
+        self.model = model
+        self.name = name
+        self.sha256 = sha256
+        self.path = path
+        graph = model.graph
+        initializer_names = {init.name for init in graph.initializer}
+        self.tensors: dict[str, TensorInfo] = {}
+        for init in graph.initializer:
+            self.tensors[init.name] = TensorInfo(
+                init.name, tuple(int(d) for d in init.dims), _tensor_dtype(init.data_type), True)
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if value.name in self.tensors or not value.type.HasField("tensor_type"):
+                continue
+            self.tensors[value.name] = self._tensor_from_value_info(value)
+        self.inputs: list[str] = [v.name for v in graph.input if v.name not in initializer_names]
+        self.outputs: list[str] = [v.name for v in graph.output]
+        self.initializers: frozenset[str] = frozenset(initializer_names)
+
+        nodes = _topological_order(list(graph.node), set(self.inputs) | initializer_names)
+        self.nodes: list[NodeInfo] = []
+        for index, node in enumerate(nodes):
+            ins = tuple(n for n in node.input if n)
+            outs = tuple(n for n in node.output if n)
+            for tensor in ins + outs:
+                if tensor not in self.tensors:
+                    raise WpkError(
+                        f"{name}: tensor {tensor!r} (node {node.name}) has no inferred shape; "
+                        "fix the input shapes with --input-shape NAME=1x3x224x224")
+            self.nodes.append(NodeInfo(
+                index, node.name, node.op_type, ins, outs,
+                _node_flops(node, self.tensors),
+                sum(self.tensors[t].nbytes for t in ins + outs)))
+        self.node_index: dict[str, int] = {n.name: n.index for n in self.nodes}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for node in self.nodes:
+            for tensor in node.outputs:
+                self.producer[tensor] = node.index
+            for tensor in dict.fromkeys(node.inputs):
+                self.consumers.setdefault(tensor, []).append(node.index)
+
+    @staticmethod
+    def _tensor_from_value_info(value: onnx.ValueInfoProto) -> TensorInfo:
+        tensor_type = value.type.tensor_type
+        dims = []
+        for dim in tensor_type.shape.dim:
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                label = dim.dim_param or "?"
+                raise WpkError(
+                    f"tensor {value.name!r} has a dynamic dimension {label!r}; fix it with "
+                    f"--input-shape NAME=1x3x224x224")
+            dims.append(int(dim.dim_value))
+        return TensorInfo(value.name, tuple(dims), _tensor_dtype(tensor_type.elem_type))
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str | os.PathLike | onnx.ModelProto,
+             input_shapes: Mapping[str, Sequence[int]] | None = None,
+             name: str | None = None) -> "Graph":
+        """Load a model (path or ModelProto), fix input shapes, infer shapes, name nodes."""
+        if isinstance(source, onnx.ModelProto):
+            model, path, sha = onnx.ModelProto(), None, None
+            model.CopyFrom(source)
+            label = name or model.graph.name or "model"
+        else:
+            path = Path(source)
+            model = load_model(path)
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            label = name or path.stem
+        name_nodes(model)
+        if input_shapes:
+            _fix_input_shapes(model, input_shapes, label)
+        try:
+            model = shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise WpkError(f"{label}: shape inference failed: {first_line[:200]}") from None
+        return cls(model, label, sha, path)
+
+    # -- queries ------------------------------------------------------------------------
+    def tensor_bytes(self, name: str) -> int:
+        return self.tensors[name].nbytes
+
+    def node(self, name: str) -> NodeInfo:
+        try:
+            return self.nodes[self.node_index[name]]
+        except KeyError:
+            raise WpkError(f"{self.name}: no node named {name!r}") from None
+
+    @property
+    def total_flops(self) -> float:
+        return float(sum(n.flops for n in self.nodes))
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.name!r}, {len(self.nodes)} nodes, {self.total_flops / 1e9:.2f} GFLOP)"
+
+
+def _fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                      label: str) -> None:
+    inputs = {v.name: v for v in model.graph.input}
+    for tensor, dims in shapes.items():
+        if tensor not in inputs:
+            raise WpkError(f"{label}: --input-shape names {tensor!r}, which is not an input "
+                           f"(inputs: {', '.join(inputs)})")
+        shape = inputs[tensor].type.tensor_type.shape
+        if len(shape.dim) and len(shape.dim) != len(dims):
+            raise WpkError(f"{label}: input {tensor!r} has rank {len(shape.dim)}, "
+                           f"--input-shape gives {len(dims)} dimensions")
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    # Stale inferred shapes would contradict the new input shapes.
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        output.type.tensor_type.ClearField("shape")
+
+
+def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Nodes in a topological order (the file's own order when it already is one)."""
+    produced_by = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    seen: set[str] = set(available)
+    in_order = True
+    for node in nodes:
+        if any(i and i not in seen and i in produced_by for i in node.input):
+            in_order = False
+            break
+        seen.update(o for o in node.output if o)
+    if in_order:
+        return nodes
+    pending = [sum(1 for i in set(n.input) if i in produced_by) for n in nodes]
+    users: dict[int, list[int]] = {}
+    for j, node in enumerate(nodes):
+        for i in set(node.input):
+            if i in produced_by:
+                users.setdefault(produced_by[i], []).append(j)
+    ready = [j for j, p in enumerate(pending) if p == 0]
+    order: list[int] = []
+    while ready:
+        j = ready.pop(0)
+        order.append(j)
+        for k in users.get(j, []):
+            pending[k] -= 1
+            if pending[k] == 0:
+                ready.append(k)
+    if len(order) != len(nodes):
+        raise WpkError("the model's graph has a cycle")
+    return [nodes[j] for j in order]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+_ELEMENTWISE_COST = {"Sigmoid": 4, "Tanh": 4, "Erf": 4, "Gelu": 8, "Softmax": 5, "Exp": 4,
+                     "HardSwish": 3, "HardSigmoid": 3, "LayerNormalization": 8,
+                     "BatchNormalization": 2, "InstanceNormalization": 5}
+
+
+def _node_flops(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> float:
+    """Floating-point operations of one node (multiply-add = 2)."""
+    outs = [tensors[o] for o in node.output if o in tensors]
+    ins = [tensors[i] for i in node.input if i in tensors]
+    out_numel = sum(t.numel for t in outs)
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv") and len(ins) >= 2:
+        weight = ins[1] if op != "QLinearConv" else ins[3] if len(ins) > 3 else ins[1]
+        per_output = math.prod(weight.shape[1:])  # Cin/group * kh * kw
+        return 2.0 * outs[0].numel * per_output
+    if op == "ConvTranspose" and len(ins) >= 2:
+        return 2.0 * ins[0].numel * math.prod(ins[1].shape[1:])
+    if op == "Gemm" and len(ins) >= 2:
+        a = ins[0].shape
+        k = a[0] if _attr(node, "transA", 0) else a[-1]
+        return 2.0 * outs[0].numel * k
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul") and ins:
+        k = ins[0].shape[-1] if ins[0].shape else 1
+        return 2.0 * outs[0].numel * k
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        return float(out_numel * math.prod(_attr(node, "kernel_shape", [1])))
+    if op.startswith("Global") or op.startswith("Reduce"):
+        return float(ins[0].numel if ins else out_numel)
+    return float(out_numel * _ELEMENTWISE_COST.get(op, 1))

@@ -55,6 +55,7 @@ class TierPlan:
     machine: str | None = None       # chosen machine when a tier had candidates
     profile: dict[str, Any] | None = None  # {"name", "sha256"} of the profile planned from
     address: str | None = None
+    optimized: str | None = None     # directory (relative) written by wpk-optimize, if any
 
 
 @dataclass

@@ -29,7 +29,7 @@ def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = 
         print(f"wpk: warning: {warning.message}")
     name = label or profile.device_name
     return measured_costs(tier, node_ms, f"measured ({name})", machine=name,
-                          profile={"name": profile.device_name, "sha256": profile.model_sha256,
+                          profile={"name": profile.device_name, "sha256": profile.sha256,
                                    "file": str(path)})
 
 

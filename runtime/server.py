@@ -41,7 +41,10 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                           workers=workers, hop_timeout=hop_timeout)
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((protocol.generic_handler(service),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        bound = 0
     if bound == 0:
         raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (port in use?)")
     await service.start()
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads < 0 or args.workers < 1 or args.max_message_mb < 1:
+        raise WpkError("--threads must be >= 0, --workers and --max-message-mb >= 1")
     if args.next_address and ":" not in args.next_address:
         raise WpkError(f"--next {args.next_address!r}: expected HOST:PORT")
     announce = lambda line: print(line, flush=True)  # noqa: E731

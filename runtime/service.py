@@ -207,14 +207,21 @@ class TierService:
                 set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
             self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
             async with write_lock:
-                await context.write(message)
+                try:
+                    await context.write(message)
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                    pass  # the caller has gone; nobody is left to answer
 
-        async for request in request_iterator:
-            task = asyncio.ensure_future(answer(request))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        try:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        finally:
+            for task in running:
+                task.cancel()
 
     async def _infer(self, request, remaining: float | None):
         """One inference; raises Abort with the status and message the caller gets."""

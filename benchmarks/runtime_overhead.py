@@ -104,7 +104,7 @@ links:
 """
 
 
-def make_plan_dir(name: str, root: Path, threads: int) -> Path:
+def make_plan_dir(name: str, root: Path, threads: int, codec: str = "raw") -> Path:
     """A 3-tier plan from wpk.partitioner, cuts pinned where the measured time splits in thirds
     (all tiers run on this machine, so balanced stages are what pipelining needs)."""
     from wpk.naming import node_names
@@ -122,6 +122,13 @@ def make_plan_dir(name: str, root: Path, threads: int) -> Path:
     plan_dir = root / f"{name}_plan"
     partition(model_path, tiers_file=tiers_file, objective="throughput", pins=pins,
               out_dir=plan_dir, use_calibration=False)
+    if codec != "raw":
+        import json
+
+        data = json.loads((plan_dir / "plan.json").read_text())
+        for link in data["links"]:
+            link["codec"] = codec
+        (plan_dir / "plan.json").write_text(json.dumps(data, indent=2))
     return plan_dir
 
 
@@ -166,8 +173,9 @@ def slice_seconds(metrics_url: str) -> float:
     return total / max(count, 1)
 
 
-def bench_model(name: str, root: Path, threads: int, seconds: float, port: int) -> dict:
-    plan_dir = make_plan_dir(name, root, threads)
+def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
+                codec: str) -> dict:
+    plan_dir = make_plan_dir(name, root, threads, codec)
     plan = load_plan(plan_dir)
     whole = session(plan_dir.parent / f"{name}.onnx", threads)
     feeds = random_feeds(whole)
@@ -260,11 +268,11 @@ def bare_grpc_hops(port: int, seconds: float) -> tuple[float, float]:
         server.wait()
 
 
-def report(results: list[dict], threads: int, bare: tuple[float, float]) -> None:
+def report(results: list[dict], threads: int, bare: tuple[float, float], codec: str) -> None:
     console.print(f"bare gRPC hop on this machine now (empty message, server in another "
                   f"process): unary {bare[0] * 1e6:.0f} us, stream {bare[1] * 1e6:.0f} us")
     table = Table(title=f"(a)+(b) latency, one request at a time (ORT threads per tier: "
-                        f"{threads}, {os.cpu_count()} cores)")
+                        f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "whole ORT ms", "stages alone ms", "stages in tiers ms",
                    "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
                    "per hop us, in-tier compute", "bytes in -> links", "< 300 us"):
@@ -301,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--threads", type=int, default=1, help="ORT threads per tier")
     parser.add_argument("--port", type=int, default=18001)
+    parser.add_argument("--codec", default="raw",
+                        help="wire codec on every link (raw, fp16, int8, ...+zstd)")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
@@ -311,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             console.print(f"[dim]measuring {name}...[/dim]")
-            results.append(bench_model(name, Path(tmp), args.threads, args.seconds, args.port))
-    report(results, args.threads, bare)
+            results.append(bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
+                                       args.codec))
+    report(results, args.threads, bare, args.codec)
     return 0
 
 

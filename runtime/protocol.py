@@ -9,6 +9,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
+from wpk.runtime.prebuilt import serialize
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -68,14 +69,14 @@ def generic_handler(servicer: object):
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),
             request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString)
+            response_serializer=serialize)
         for name, (request, response) in METHODS.items()
     }
     for name, (request, response) in STREAM_METHODS.items():
         if hasattr(servicer, name):
             handlers[name] = grpc.stream_stream_rpc_method_handler(
                 getattr(servicer, name), request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString)
+                response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -85,9 +86,9 @@ class Stub:
     def __init__(self, channel):
         for name, (request, response) in METHODS.items():
             setattr(self, name, channel.unary_unary(
-                method_path(name), request_serializer=request.SerializeToString,
+                method_path(name), request_serializer=serialize,
                 response_deserializer=response.FromString))
         for name, (request, response) in STREAM_METHODS.items():
             setattr(self, name, channel.stream_stream(
-                method_path(name), request_serializer=request.SerializeToString,
+                method_path(name), request_serializer=serialize,
                 response_deserializer=response.FromString))

@@ -197,8 +197,7 @@ class TierService:
             try:
                 param = request.parameters.get(TIMEOUT_PARAM)
                 remaining = parameter_value(param) / 1000.0 if param is not None else None
-                message = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(request, remaining))
+                message = await self._infer(request, remaining, stream=True)
             except Abort as abort:
                 code = abort.code
                 message = pb.ModelStreamInferResponse(error_message=abort.details)
@@ -223,7 +222,7 @@ class TierService:
             for task in running:
                 task.cancel()
 
-    async def _infer(self, request, remaining: float | None):
+    async def _infer(self, request, remaining: float | None, stream: bool = False):
         """One inference; raises Abort with the status and message the caller gets."""
         model_name = request.model_name
         try:
@@ -242,7 +241,8 @@ class TierService:
                 produced = await self._run_slice(arrays)
                 available = list(model.outputs)
             names = requested_outputs(request, model_name, available)
-            response = build_response(model_name, {n: produced[n] for n in names}, request.id)
+            response = build_response(model_name, {n: produced[n] for n in names}, request.id,
+                                      stream=stream)
             self.metrics.add_bytes("out", payload_bytes(response))
             return response
         except TensorError as error:

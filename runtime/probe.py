@@ -37,7 +37,6 @@ import numpy as np
 
 from wpk.errors import WpkError, cli_entry
 from wpk.runtime import protocol as pb
-from wpk.runtime.client import channel_options
 
 PROBE_MODEL = "__wpk_probe__"
 
@@ -89,6 +88,8 @@ class _Probe:
             import grpc
         except ImportError:
             raise WpkError("wpk-probe needs grpcio: pip install 'wpk[serve]'") from None
+        from wpk.runtime.client import channel_options
+
         self.grpc = grpc
         self.address = address
         self.deadline = time.perf_counter() + max_seconds

@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("grpc")
 
-from conftest import Pipeline  # noqa: E402
-from kserve_stub import StubServer  # noqa: E402
+from .conftest import Pipeline  # noqa: E402
+from .kserve_stub import StubServer  # noqa: E402
 
 from wpk.errors import WpkError  # noqa: E402
 from wpk.runtime import protocol as pb  # noqa: E402
@@ -123,8 +123,9 @@ def test_probe_a_wpk_tier_server(plans):
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert int(lines['wpk_requests_total{tier="edge",model="__wpk_probe__",code="NOT_FOUND"}']) \
         == 4 * 3
-    assert int(lines['wpk_tensor_bytes_total{tier="edge",direction="in"}']) == \
-        3 * sum(16 << 10 << 2 * k for k in range(4))
+    payload = 3 * sum(16 << 10 << 2 * k for k in range(4))
+    received = int(lines['wpk_tensor_bytes_total{tier="edge",direction="in"}'])
+    assert payload <= received <= payload + 12 * 100  # the payloads plus message envelopes
 
 
 def test_probe_without_grpc_says_what_to_install():

@@ -87,9 +87,12 @@ ENTRYPOINT ["{root}/start.sh"]
 
 
 def _env_file(values: dict[str, Any]) -> str:
-    lines = ["# Settings of this tier; start.sh reads them (shell syntax)."]
+    """Shell assignments that keep a value already in the environment (so
+    `WPK_PORT=9000 ./start.sh` works) and otherwise set the bundled default."""
+    lines = ["# Settings of this tier; start.sh reads them (shell syntax). A variable already",
+             "# set in the environment wins, e.g. WPK_PORT=9000 ./start.sh"]
     for key, value in values.items():
-        lines.append(f"{key}={'' if value is None else str(value)!s}")
+        lines.append(f'{key}="${{{key}-{"" if value is None else value}}}"')
     return "\n".join(lines) + "\n"
 
 

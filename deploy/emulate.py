@@ -156,6 +156,7 @@ class Emulation:
 
     def __init__(self, plan_dir: str | Path, links: Sequence[EmulatedLink] | None = None, *,
                  threads: int = 1, tls_dir: str | Path | None = None,
+                 cpu: dict[str, float] | None = None,
                  log_dir: str | Path | None = None, python: str = sys.executable):
         self.plan, self.plan_dir = layout.load(plan_dir)
         self.links = list(links) if links is not None else emulated_links(self.plan)
@@ -168,6 +169,10 @@ class Emulation:
         self._own_logs = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="wpk-emulate-"))
         self.topology = Topology(self.names, [l.bandwidth_mbps for l in self.links])
+        self.cpu = dict(cpu or {})
+        for tier in self.cpu:
+            self.plan.tier(tier)
+        self._limits: list = []
 
     # -- life cycle ---------------------------------------------------------------------
     def __enter__(self) -> "Emulation":
@@ -199,6 +204,9 @@ class Emulation:
 
     def close(self) -> None:
         self.topology.close()
+        for limit in self._limits:
+            limit.close()
+        self._limits.clear()
         if self._own_logs:
             for path in self.log_dir.glob("*"):
                 with contextlib.suppress(OSError):
@@ -216,7 +224,13 @@ class Emulation:
         if not tls.has_credentials(self.tls_dir, self.names):
             tls.generate(self.tls_dir, self.names, hosts)
 
-    def _spawn(self, tier: str, label: str, argv: list[str], ready: str) -> str:
+    def set_bandwidth(self, link_index: int, bandwidth_mbps: float) -> None:
+        """Reshape one link in place (the servers keep running)."""
+        self.topology.set_bandwidth(link_index, bandwidth_mbps)
+        self.links[link_index].bandwidth_mbps = bandwidth_mbps
+
+    def _spawn(self, tier: str, label: str, argv: list[str], ready: str
+               ) -> subprocess.Popen:
         """Start argv in tier's namespace; wait for a stdout line containing `ready`."""
         log = open(self.log_dir / f"{label}.log", "w")
         process = self.topology.popen(tier, argv, stdout=subprocess.PIPE, stderr=log,
@@ -229,7 +243,7 @@ class Emulation:
             raise WpkError(f"{label} in namespace {self.topology.namespaces[tier]} did not "
                            f"start: {reason}")
         threading.Thread(target=_drain, args=(process,), daemon=True).start()
-        return line
+        return process
 
     def _start_server(self, tier: str, next_address: str | None) -> None:
         argv = [self.python, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
@@ -239,7 +253,13 @@ class Emulation:
             argv += ["--next", next_address]
         if self.tls_dir is not None:
             argv += ["--tls-dir", str(self.tls_dir)]
-        self._spawn(tier, f"wpk-serve-{tier}", argv, READY_MARK)
+        process = self._spawn(tier, f"wpk-serve-{tier}", argv, READY_MARK)
+        if tier in self.cpu:
+            from wpk.deploy.cpulimit import CpuLimit
+
+            limit = CpuLimit(self.topology.namespaces[tier], self.cpu[tier])
+            self._limits.append(limit)
+            limit.add(process.pid)
 
     def _start_relay(self, link_index: int) -> None:
         link, veth = self.links[link_index], self.topology.links[link_index]
@@ -382,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime threads per tier (default 1)")
+    parser.add_argument("--cpu", action="append", default=[], metavar="TIER=FRACTION",
+                        help="limit a tier to a fraction of one CPU (cgroup quota), e.g. "
+                             "device=0.25 for a device 4x slower than this machine's core")
     parser.add_argument("--compute", choices=("measured", "plan"), default="measured",
                         help="compute part of the prediction: each tier measured alone on this "
                              "machine (default), or the plan's numbers")
@@ -417,6 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         raise WpkError(f"{args.plan_dir}: the plan runs on one tier ({plan.tiers[0].name}): "
                        "there is no link to emulate")
     links = emulated_links(plan, args.link)
+    cpu = {}
+    for item in args.cpu:
+        tier, sep, value = item.partition("=")
+        try:
+            cpu[tier] = float(value)
+        except ValueError:
+            raise WpkError(f"--cpu {item!r}: expected TIER=FRACTION like device=0.25") from None
+        if not sep or cpu[tier] <= 0:
+            raise WpkError(f"--cpu {item!r}: expected TIER=FRACTION like device=0.25")
     with contextlib.ExitStack() as stack:
         stack.enter_context(_terminate_as_interrupt())
         tls_dir = None
@@ -427,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{l.name} {_rate(l.bandwidth_mbps)} {l.rtt_ms:g} ms" for l in links)
             + (" (mutual TLS)" if tls_dir else ""), flush=True)
         emulation = stack.enter_context(Emulation(args.plan_dir, links, threads=args.threads,
-                                                  tls_dir=tls_dir))
+                                                  tls_dir=tls_dir, cpu=cpu))
         result = emulation.measure(args.requests, args.warmup, compute_from=args.compute)
     render(result, links)
     if args.json:

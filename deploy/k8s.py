@@ -160,8 +160,16 @@ def secret(plan: Plan, tier: str, namespace: str | None, creds: tls.TierCredenti
                      "ca.crt": encode(creds.ca)}}
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No &anchors/*aliases for repeated label maps: manifests stay plain to read and diff."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _dump(documents: list[dict[str, Any]]) -> str:
-    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False)
+    return yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False,
+                         default_flow_style=False)
 
 
 def write_manifests(plan_dir: str | Path, out: str | Path, *, registry: str | None = None,

@@ -18,3 +18,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+TIERS_YAML = """
+tiers:
+  - {name: device, preset: rpi4, node_selector: {wpk.io/tier: device}}
+  - {name: edge, preset: edge-cpu, node_selector: {wpk.io/tier: edge, kubernetes.io/arch: amd64}}
+  - {name: cloud, preset: cloud-gpu, gpus: 2, node_selector: {cloud.google.com/gke-accelerator: nvidia-l4}}
+links:
+  - {from: device, to: edge, bandwidth: 50mbit, rtt: 5ms}
+  - {from: edge, to: cloud, bandwidth: 100mbit, rtt: 20ms}
+"""
+
+
+@pytest.fixture(scope="session")
+def three_tier_plan(tmp_path_factory):
+    """A small plan that uses all three tiers (pinned), with node selectors and GPUs."""
+    import onnx
+
+    from wpk.examples import mlp
+    from wpk.graph import Graph
+    from wpk.partitioner.api import partition
+
+    root = tmp_path_factory.mktemp("plan3")
+    model = root / "mlp.onnx"
+    onnx.save(mlp(features=64, hidden=(64, 64, 32, 32)), model)
+    (root / "tiers.yaml").write_text(TIERS_YAML)
+    nodes = [n.name for n in Graph.load(model).nodes]
+    pins = {nodes[0]: "device", nodes[len(nodes) // 2]: "edge", nodes[-1]: "cloud"}
+    partition(model, tiers_file=root / "tiers.yaml", pins=pins, use_calibration=False,
+              out_dir=root / "plan")
+    return root / "plan"

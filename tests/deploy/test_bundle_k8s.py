@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -139,3 +141,54 @@ def test_kubectl_kustomize_builds_the_manifests(three_tier_plan, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     check_documents([d for d in yaml.safe_load_all(result.stdout) if d])
+
+
+# -- a bundle really runs -------------------------------------------------------------------
+def _start_tier(directory, env_extra):
+    from wpk.deploy.emulate import _read_line_with
+
+    serve = os.path.join(os.path.dirname(sys.executable), "wpk-serve")
+    env = {**os.environ, "WPK_SERVE": serve, "WPK_HOST": "127.0.0.1", "WPK_PORT": "0",
+           "WPK_METRICS_PORT": "0", **env_extra}
+    process = subprocess.Popen([str(directory / "start.sh")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = _read_line_with(process, "ready on", 30)
+    assert line, process.stderr.read() if process.poll() is not None else "no ready line"
+    return process, line.split("ready on ")[1].split()[0]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable),
+                                                    "wpk-serve")),
+                    reason="wpk-serve is not installed in this environment")
+def test_bundled_tiers_started_by_their_scripts_serve_the_model(three_tier_plan, tmp_path):
+    import asyncio
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from wpk.runtime.client import InferenceClient
+
+    dirs = {d.name: d for d in bundle.write_bundle(three_tier_plan, tmp_path / "out")}
+    plan = load_plan(three_tier_plan)
+    processes = []
+    try:
+        next_address = ""
+        for tier in ("cloud", "edge", "device"):  # each tier learns where the next listens
+            process, next_address = _start_tier(dirs[tier], {"WPK_NEXT": next_address})
+            processes.append(process)
+        spec = plan.model["inputs"][0]
+        x = np.random.default_rng(1).standard_normal(spec["shape"]).astype(np.float32)
+
+        async def infer():
+            async with InferenceClient(next_address) as client:
+                return await client.infer(plan.name, {spec["name"]: x}, timeout=20)
+
+        outputs = asyncio.run(infer())
+        expected = ort.InferenceSession(plan.model["file"]).run(None, {spec["name"]: x})[0]
+        name = plan.model["outputs"][0]["name"]
+        np.testing.assert_allclose(outputs[name], expected, rtol=1e-4, atol=1e-5)
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=10)

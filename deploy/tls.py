@@ -20,23 +20,15 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from wpk.errors import WpkError
+# Loading and gRPC credentials live with the runtime (which uses them); re-exported here.
+from wpk.runtime.tls import (CA_CERT, TierCredentials, channel_credentials,  # noqa: F401
+                             load, server_credentials, target_name_options)
 
-CA_CERT, CA_KEY = "ca.pem", "ca.key"
-
-
-@dataclass(frozen=True)
-class TierCredentials:
-    """PEM bytes a tier needs: the CA it trusts, its own certificate chain and key."""
-
-    tier: str
-    ca: bytes
-    cert: bytes
-    key: bytes
+CA_KEY = "ca.key"
 
 
 def _crypto():
@@ -126,47 +118,10 @@ def generate(directory: str | Path, tiers: Sequence[str],
     return directory
 
 
-def load(directory: str | Path, tier: str) -> TierCredentials:
-    """Read `ca.pem`, `<tier>.pem` and `<tier>.key` from `directory`."""
-    directory = Path(directory)
-    paths = {"ca": directory / CA_CERT, "cert": directory / f"{tier}.pem",
-             "key": directory / f"{tier}.key"}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise WpkError(f"TLS for tier {tier!r}: missing {', '.join(missing)} "
-                       f"(generate them with wpk-deploy PLAN --tls {directory})")
-    data = {k: p.read_bytes() for k, p in paths.items()}
-    for kind, blob in data.items():
-        if b"-----BEGIN" not in blob:
-            raise WpkError(f"TLS for tier {tier!r}: {paths[kind]} is not PEM")
-    return TierCredentials(tier, data["ca"], data["cert"], data["key"])
-
-
 def has_credentials(directory: str | Path, tiers: Sequence[str]) -> bool:
     directory = Path(directory)
     return (directory / CA_CERT).exists() and all(
         (directory / f"{t}.pem").exists() and (directory / f"{t}.key").exists() for t in tiers)
-
-
-def server_credentials(creds: TierCredentials):
-    """gRPC server credentials that refuse any client without a CA-signed certificate."""
-    import grpc
-
-    return grpc.ssl_server_credentials([(creds.key, creds.cert)], root_certificates=creds.ca,
-                                       require_client_auth=True)
-
-
-def channel_credentials(creds: TierCredentials):
-    """gRPC channel credentials: trust only the CA, present this tier's certificate."""
-    import grpc
-
-    return grpc.ssl_channel_credentials(root_certificates=creds.ca, private_key=creds.key,
-                                        certificate_chain=creds.cert)
-
-
-def target_name_options(peer_tier: str) -> list[tuple[str, str]]:
-    """Channel options that verify the server's certificate against the peer tier's name."""
-    return [("grpc.ssl_target_name_override", peer_tier)]
 
 
 def fingerprint(cert_pem: bytes) -> str:

@@ -108,3 +108,122 @@ def test_generate_reuses_the_ca_for_new_tiers(pki, tmp_path):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(WpkError, match="edge.pem"):
         tls.load(tmp_path, "edge")
+
+
+# -- real tier servers (wpk-serve --tls-dir) -----------------------------------------------
+def _serve(plan_dir, tier, tls_dir=None, next_address=None):
+    import subprocess
+    import sys
+
+    from wpk.deploy.emulate import _read_line_with
+
+    argv = [sys.executable, "-m", "wpk.runtime.server", str(plan_dir), "--tier", tier,
+            "--port", "0"]
+    if tls_dir:
+        argv += ["--tls-dir", str(tls_dir)]
+    if next_address:
+        argv += ["--next", next_address]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = _read_line_with(process, "ready on", 30)
+    assert line, process.stderr.read()
+    return process, line.split("ready on ")[1].split()[0]
+
+
+async def _infer(plan, address, creds):
+    import numpy as np
+
+    from wpk.runtime import protocol as pb
+    from wpk.runtime.client import channel_options
+    from wpk.runtime.wire import build_request, parse_response
+
+    spec = plan.model["inputs"][0]
+    x = np.ones(spec["shape"], dtype=np.float32)
+    options = channel_options() + tls.target_name_options("device")
+    async with grpc.aio.secure_channel(address, creds, options) as channel:
+        response = await pb.Stub(channel).ModelInfer(build_request(plan.name, {spec["name"]: x}),
+                                                     timeout=20)
+    return parse_response(response)
+
+
+@pytest.fixture()
+def tls_pipeline(three_tier_plan, pki):
+    """cloud <- edge <- device, every hop mutually authenticated."""
+    good, _ = pki
+    processes, address = [], None
+    try:
+        for tier in ("cloud", "edge", "device"):
+            process, address = _serve(three_tier_plan, tier, good, address)
+            processes.append((tier, process, address))
+        yield {tier: addr for tier, _, addr in processes}
+    finally:
+        for _, process, _ in processes:
+            process.terminate()
+        for _, process, _ in processes:
+            process.wait(timeout=10)
+
+
+def test_tls_pipeline_serves_a_client_with_our_certificate(three_tier_plan, pki, tls_pipeline):
+    from wpk.plan import load_plan
+
+    plan = load_plan(three_tier_plan)
+    outputs = asyncio.run(_infer(plan, tls_pipeline["device"],
+                                 tls.channel_credentials(tls.load(pki[0], "device"))))
+    assert set(outputs) == {o["name"] for o in plan.model["outputs"]}
+
+
+def test_a_tier_without_the_right_certificate_is_refused(three_tier_plan, pki, tls_pipeline):
+    """A rogue device tier (its certificate signed by another CA) forwards to the real edge:
+    the edge refuses the handshake, so the request fails."""
+    from wpk.plan import load_plan
+
+    good, rogue = pki
+    plan = load_plan(three_tier_plan)
+    # the rogue tier trusts our CA (so it would accept the edge) but cannot prove itself
+    mixed = rogue.parent / "mixed"
+    mixed.mkdir(exist_ok=True)
+    (mixed / "ca.pem").write_bytes((good / "ca.pem").read_bytes())
+    for suffix in (".pem", ".key"):
+        (mixed / f"device{suffix}").write_bytes((rogue / f"device{suffix}").read_bytes())
+    process, address = _serve(three_tier_plan, "device", mixed, tls_pipeline["edge"])
+    try:
+        # the client trusts the rogue server and is trusted by it: only the next hop can fail
+        ours = tls.load(good, "device")
+        client = grpc.ssl_channel_credentials((rogue / "ca.pem").read_bytes(), ours.key,
+                                              ours.cert)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            asyncio.run(_infer(plan, address, client))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "edge" in info.value.details()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    # and a plain-text caller gets nowhere at the real device either
+    async def plaintext():
+        async with grpc.aio.insecure_channel(tls_pipeline["device"]) as channel:
+            await channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"",
+                                                                                   timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        asyncio.run(plaintext())
+
+
+def test_servers_answer_the_standard_health_check(three_tier_plan):
+    from wpk.runtime.health import SERVING, HealthCheckRequest, HealthCheckResponse
+
+    process, address = _serve(three_tier_plan, "cloud")
+
+    async def check(service):
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                       request_serializer=HealthCheckRequest.SerializeToString,
+                                       response_deserializer=HealthCheckResponse.FromString)
+            return await call(HealthCheckRequest(service=service), timeout=5)
+
+    try:
+        assert asyncio.run(check("")).status == SERVING
+        assert asyncio.run(check("inference.GRPCInferenceService")).status == SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            asyncio.run(check("no.such.Service"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         times = asyncio.run(time_requests(args.target, args.model, arrays, args.requests,
                                           args.warmup, args.tls_dir, args.as_tier, args.peer))
     except Exception as error:  # grpc.aio.AioRpcError and friends: one line for the parent
-        details = getattr(error, "details", lambda: str(error))()
+        details = error.details() if hasattr(error, "details") else str(error)
         raise WpkError(f"requests to {args.target} ({args.model}) failed: {details}") from None
     print(json.dumps({"ms": times}))
     return 0

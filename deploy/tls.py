@@ -29,6 +29,8 @@ from wpk.runtime.tls import (CA_CERT, TierCredentials, channel_credentials,  # n
                              load, server_credentials, target_name_options)
 
 CA_KEY = "ca.key"
+__all__ = ["CA_CERT", "CA_KEY", "TierCredentials", "generate", "load", "has_credentials",
+           "server_credentials", "channel_credentials", "target_name_options", "fingerprint"]
 
 
 def _crypto():

@@ -16,6 +16,7 @@ what a killed run left behind without touching a running one.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from wpk.errors import WpkError
 
 NS_PREFIX = "wpk"
 _PR_SET_PDEATHSIG = 1
+_serial = itertools.count()  # veth names must be unique while several topologies exist
 _MIN_BURST_BYTES = 1600  # > one 1514-byte frame; tbf splits GSO super-packets
 
 
@@ -125,12 +127,13 @@ class Topology:
         self.tiers = list(tiers)
         self.namespaces = {t: f"{self.tag}.{t}" for t in tiers}
         self.links: list[VethLink] = []
+        serial = next(_serial) % 1000
         for k, bandwidth in enumerate(bandwidths_mbps):
             if bandwidth <= 0:
                 raise WpkError(f"link {tiers[k]}-{tiers[k + 1]}: bandwidth must be positive")
             # interface names are at most 15 characters, and live in the root namespace
             # for a moment before they move: keep them unique per run.
-            short = f"w{os.getpid() % 100000}{id(self) % 100}l{k}"
+            short = f"w{os.getpid() % 100000}n{serial}l{k}"
             self.links.append(VethLink(k, tiers[k], tiers[k + 1], short + "a", short + "b",
                                        f"10.77.{k}.1", f"10.77.{k}.2", float(bandwidth)))
         self._created: list[str] = []

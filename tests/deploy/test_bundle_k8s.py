@@ -17,7 +17,7 @@ from wpk.deploy import bundle, k8s, tls
 from wpk.errors import WpkError
 from wpk.plan import Plan, load_plan
 
-from k8s_schema import check_documents
+from .k8s_schema import check_documents
 
 
 def _documents(directory):

@@ -136,7 +136,7 @@ class EmulationResult:
     stages: list[StageResult]
     measured_ms: float              # end to end, median over requests
     predicted_ms: float
-    plan_predicted_ms: float
+    plan_predicted_ms: float        # plan.json's own prediction (its hardware and links)
     requests_ms: list[float]
 
     def to_json(self) -> dict:
@@ -311,20 +311,17 @@ class Emulation:
 
         stages: list[StageResult] = []
         predicted_total = 0.0
-        plan_total = 0.0
         for i, tier in enumerate(self.plan.tiers):
             own = compute[tier.name] if compute_from == "measured" else tier.predicted_compute_ms
             predicted_total += own
-            plan_total += tier.predicted_compute_ms
             stages.append(StageResult(
                 f"{tier.name} compute", "compute", tier.predicted_compute_ms, own,
                 compute[tier.name],
-                f"plan: {tier.hardware.get('hardware', 'its hardware')}; measured: tier alone"))
+                f"plan: {tier.hardware.get('hardware', 'its hardware')}; here: tier alone"))
             if i < len(self.links):
                 link = self.links[i]
                 predicted = link.predicted_ms()
                 predicted_total += predicted
-                plan_total += predicted
                 measured = None
                 here, nxt = in_tier[tier.name], in_tier[self.names[i + 1]]
                 if here is not None and nxt is not None:
@@ -332,9 +329,10 @@ class Emulation:
                 stages.append(StageResult(
                     f"{link.src}->{link.dst} link", "link", self.plan.links[i].predicted_transfer_ms,
                     predicted, measured,
-                    f"{_rate(link.bandwidth_mbps)}, {link.rtt_ms:g} ms RTT, "
+                    f"{_rate(link.bandwidth_mbps)}, {link.rtt_ms:g} ms; "
                     f"{_size(link.bytes)} + {_size(link.return_bytes)} back"))
-        return EmulationResult(stages, statistics.median(e2e), predicted_total, plan_total, e2e)
+        return EmulationResult(stages, statistics.median(e2e), predicted_total,
+                               float(self.plan.predicted.get("latency_ms", 0.0)), e2e)
 
 
 def _rate(mbps: float) -> str:
@@ -375,7 +373,8 @@ def render(result: EmulationResult, links: Sequence[EmulatedLink]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="measured vs predicted (ms)")
+    table = Table(title="measured vs predicted, ms (plan: plan.json as written, for its tier "
+                        "hardware and links; predicted here: this run)")
     for column in ("stage", "plan", "predicted here", "measured", ""):
         table.add_column(column, justify="left" if column in ("stage", "") else "right")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -384,7 +383,7 @@ def render(result: EmulationResult, links: Sequence[EmulatedLink]) -> None:
     table.add_row("end-to-end", fmt(result.plan_predicted_ms), fmt(result.predicted_ms),
                   fmt(result.measured_ms),
                   f"median of {len(result.requests_ms)} requests")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:

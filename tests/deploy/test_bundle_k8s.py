@@ -192,3 +192,23 @@ def test_bundled_tiers_started_by_their_scripts_serve_the_model(three_tier_plan,
             os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             process.wait(timeout=10)
+
+
+# -- the wpk-deploy command line ------------------------------------------------------------
+def test_wpk_deploy_writes_bundles_and_manifests(three_tier_plan, tmp_path, capsys):
+    from wpk.deploy.cli import main
+
+    assert main([str(three_tier_plan), "--bundle", str(tmp_path / "b"), "--tls"]) == 0
+    assert (tmp_path / "b" / "pki" / "ca.key").exists()
+    assert (tmp_path / "b" / "edge" / "tls" / "edge.key").exists()
+    assert main([str(three_tier_plan), "--k8s", str(tmp_path / "k"), "--namespace", "x"]) == 0
+    check_documents(_documents(tmp_path / "k"))
+    assert "kubectl apply -k" in capsys.readouterr().out
+
+
+def test_wpk_deploy_bad_plan_is_one_line(tmp_path, capsys):
+    from wpk.deploy.cli import main
+
+    assert main([str(tmp_path / "missing"), "--k8s", str(tmp_path / "k")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wpk: error:") and "no plan here" in err and len(err.splitlines()) == 1

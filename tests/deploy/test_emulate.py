@@ -90,7 +90,8 @@ def test_measured_latency_is_within_25_percent_of_the_prediction(cut_plan):
 
 @pytest.mark.root
 @needs_runtime
-def test_cli_cleans_up_on_sigterm(cut_plan):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_cleans_up_on_sigterm_and_ctrl_c(cut_plan, sig):
     process = subprocess.Popen([PY, "-m", "wpk.deploy.emulate", str(cut_plan), "--link",
                                 "device-edge=2mbit,5ms", "--requests", "50"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -110,7 +111,7 @@ def test_cli_cleans_up_on_sigterm(cut_plan):
                 break  # servers and relay up, requests in flight
             time.sleep(0.2)
         assert len(pids) >= 4, "the emulation did not start measuring"
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         process.wait(timeout=20)
     finally:
         if process.poll() is None:

@@ -40,7 +40,7 @@ from wpk.profiling import profile_model
 
 BANDWIDTHS_MBPS = [1, 10, 100, 1000]
 RTT_MS = {"device-edge": 5.0, "edge-cloud": 20.0}
-MAX_PREDICTED_MS = 6000.0       # do not time points predicted slower than this
+MAX_PREDICTED_MS = 12000.0      # do not time points predicted slower than this
 MODELS = {"mlp": examples.mlp, "mobilenet_like": examples.mobilenet_like,
           "resnet_like": examples.resnet_like}
 

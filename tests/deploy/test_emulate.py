@@ -67,6 +67,26 @@ def test_link_overrides_are_checked(cut_plan):
     assert links[0].predicted_ms() == pytest.approx(expected)
     with pytest.raises(WpkError, match="no such link"):
         emulated_links(plan, ["edge-cloud=20mbit,10ms"])
+    # without overrides, the prediction is the partitioner's own number for the link
+    for link, planned in zip(emulated_links(plan), plan.links):
+        assert link.predicted_ms() == pytest.approx(planned.predicted_transfer_ms, rel=1e-6)
+
+
+def test_links_through_unused_tiers_are_predicted_hop_by_hop(resnet_model, tmp_path):
+    from wpk.graph import Graph
+    from wpk.partitioner.api import partition
+
+    nodes = [n.name for n in Graph.load(resnet_model).nodes]
+    links = ["device-edge=50mbit,5ms", "edge-cloud=20mbit,20ms"]
+    plan = partition(resnet_model, ["device", "edge", "cloud"], links=links,
+                     pins={nodes[3]: "device", nodes[4]: "cloud"}, use_calibration=False,
+                     out_dir=tmp_path / "via").plan
+    assert [t.name for t in plan.tiers] == ["device", "cloud"] and plan.links[0].via == ["edge"]
+    (link,) = emulated_links(plan, links)
+    assert (link.bandwidth_mbps, link.rtt_ms) == (20.0, 25.0)
+    assert link.predicted_ms() == pytest.approx(plan.links[0].predicted_transfer_ms, rel=1e-6)
+    with pytest.raises(WpkError, match="give --link for edge-cloud"):
+        emulated_links(plan, links[:1])
 
 
 @pytest.mark.root

@@ -5,6 +5,7 @@ This is the partitioner's Python API; `wpk-partition` is a thin CLI over it.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -135,6 +136,8 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
     if privacy not in PRIVACY_MODES:
         raise WpkError(f"unknown privacy mode {privacy!r} (choose from "
                        f"{', '.join(PRIVACY_MODES)})")
+    if max_latency_ms is not None and not 0 < max_latency_ms < math.inf:
+        raise WpkError(f"--max-latency-ms must be a positive number, not {max_latency_ms:g}")
     if objective == "bandwidth" and max_latency_ms is None:
         raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
     graph = model if isinstance(model, Graph) else Graph.load(model, input_shapes)
@@ -293,8 +296,13 @@ def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> P
     except OSError as error:
         raise WpkError(f"{out_dir}: cannot create the output directory ({error.strerror})") \
             from None
-    files = slicing.save_slices(out_dir, models, [t.name for t in plan.tiers])
-    for tier, filename in zip(plan.tiers, files):
-        tier.slice = filename
+    try:
+        files = slicing.save_slices(out_dir, models, [t.name for t in plan.tiers])
+        for tier, filename in zip(plan.tiers, files):
+            tier.slice = filename
+        path = plan.save(out_dir)
+    except OSError as error:
+        raise WpkError(f"{out_dir}: cannot write the plan "
+                       f"({error.strerror or error}: {error.filename})") from None
     result.out_dir = out_dir
-    return plan.save(out_dir)
+    return path

@@ -70,6 +70,11 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
     lowest = np.zeros(n, dtype=int)
     highest = np.full(n, n_tiers - 1, dtype=int)
     if privacy:
+        shipped = [name for name in graph.inputs if name in graph.outputs]
+        if shipped and deliver_to > 0:
+            raise WpkError(f"impossible constraint: output {shipped[0]!r} is the raw input, "
+                           f"which must stay on the device, but results go to "
+                           f"{tiers[deliver_to].name} (--privacy none allows it)")
         for name in graph.inputs:
             for consumer in graph.consumers.get(name, ()):
                 highest[consumer] = 0

@@ -184,3 +184,65 @@ def test_unknown_pin_node_and_impossible_pins(resnet_path):
     with pytest.raises(WpkError, match="impossible pins"):
         partition(graph, ["device", "edge"], pins={middle: "edge", last: "device"},
                   use_calibration=False)
+
+
+def _tiny_model(nodes, inputs, outputs, initializers=()):
+    from onnx import TensorProto, helper
+
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    graph = helper.make_graph(nodes, "tiny", [value(n, s) for n, s in inputs],
+                              [value(n, s) for n, s in outputs], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_output_that_is_an_initializer_is_a_clear_error():
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    model = _tiny_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 2])],
+                        [("y", None), ("w", [2, 2])], [weight])
+    with pytest.raises(WpkError, match="output 'w' is computed by no node"):
+        Graph.load(model)
+
+
+def test_quantized_conv_is_planned(tmp_path):
+    from onnx import helper, numpy_helper
+
+    def scalar(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    weights = [scalar("xs", 0.1, np.float32), scalar("xz", 0, np.uint8),
+               numpy_helper.from_array(np.ones((8, 3, 3, 3), np.uint8), "w"),
+               scalar("ws", 0.1, np.float32), scalar("wz", 0, np.uint8),
+               scalar("ys", 0.1, np.float32), scalar("yz", 0, np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+             helper.make_node("QLinearConv", ["q", "xs", "xz", "w", "ws", "wz", "ys", "yz"],
+                              ["qy"], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["qy", "ys", "yz"], ["y"])]
+    graph = Graph.load(_tiny_model(nodes, [("x", [1, 3, 8, 8])], [("y", None)], weights))
+    assert graph.nodes[1].flops == 2 * 8 * 8 * 8 * 3 * 3 * 3
+    result = partition(graph, ["device", "edge"], use_calibration=False, out_dir=tmp_path)
+    assert result.plan.verification["passed"]
+
+
+def test_raw_input_that_is_an_output_cannot_be_delivered_beyond_the_device():
+    from onnx import helper
+
+    model = _tiny_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])],
+                        [("y", None), ("x", [1, 4])])
+    with pytest.raises(WpkError, match="output 'x' is the raw input"):
+        partition(Graph.load(model), ["device", "edge", "cloud"], deliver_to="cloud",
+                  use_calibration=False)
+    plan = partition(Graph.load(model), ["device", "edge", "cloud"], deliver_to="cloud",
+                     privacy="none", use_calibration=False).plan
+    assert "x" in plan.links[0].tensors
+
+
+def test_impossible_latency_bound_with_the_throughput_objective(mlp_path):
+    with pytest.raises(WpkError, match="impossible constraint"):
+        partition(mlp_path, ["device", "edge"], objective="throughput", max_latency_ms=1e-4,
+                  use_calibration=False)

@@ -246,3 +246,29 @@ def test_impossible_latency_bound_with_the_throughput_objective(mlp_path):
     with pytest.raises(WpkError, match="impossible constraint"):
         partition(mlp_path, ["device", "edge"], objective="throughput", max_latency_ms=1e-4,
                   use_calibration=False)
+
+
+@pytest.mark.parametrize("deliver_to", ["device", "edge", "cloud"])
+@pytest.mark.parametrize("privacy", ["raw-input-on-device", "none"])
+@pytest.mark.parametrize("links", [["device-edge=1gbit,1ms", "edge-cloud=1gbit,1ms"],
+                                   ["device-edge=1mbit,1ms", "edge-cloud=1gbit,1ms"]])
+def test_plan_links_add_up_to_the_prediction(mlp_path, tmp_path, deliver_to, privacy, links):
+    """Every hop the prediction pays for is a link of the plan, so the links' transfer times
+    add up to the predicted transfer time; the plan starts where the input is (the device)."""
+    result = partition(mlp_path, ["device", "edge", "cloud"], links=links, privacy=privacy,
+                       deliver_to=deliver_to, use_calibration=False, out_dir=tmp_path)
+    plan = result.plan
+    assert plan.tiers[0].name == "device"
+    assert plan.tiers[0].inputs == [o["name"] for o in plan.model["inputs"]]
+    assert sum(link.predicted_transfer_ms for link in plan.links) == pytest.approx(
+        plan.predicted["transfer_ms"], abs=1e-5)
+    assert sum(t.predicted_compute_ms for t in plan.tiers) == pytest.approx(
+        plan.predicted["compute_ms"], abs=1e-5)
+    answered = [name for tier in plan.tiers for name in tier.results]
+    assert sorted(answered) == sorted(o["name"] for o in plan.model["outputs"])
+    for a, b in zip(plan.tiers, plan.tiers[1:]):
+        assert a.forward == b.inputs
+    feeds = random_inputs(result.graph, seed=5)
+    _, got = run_plan_directory(tmp_path, feeds)
+    for name, value in whole_model(mlp_path, feeds).items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-3, atol=1e-4)

@@ -67,7 +67,8 @@ class Evaluation:
     compute_ms: np.ndarray               # per tier
     forward_bytes: np.ndarray            # per link
     return_bytes: np.ndarray             # per link
-    transfer_ms: np.ndarray              # per link: serialization both ways + RTT share
+    serialization_ms: np.ndarray         # per link: bytes both ways / bandwidth (no RTT)
+    transfer_ms: np.ndarray              # per link: serialization + RTT share
     link_used: np.ndarray                # per link: does any request cross it
     bytes_beyond_edge: int
     forward_tensors: list[list[str]] = field(default_factory=list)  # per link
@@ -76,9 +77,7 @@ class Evaluation:
     @property
     def stages_ms(self) -> np.ndarray:
         """Pipeline stage times: each tier's compute, each link's serialization (no RTT)."""
-        return np.concatenate([self.compute_ms, self._serialization_ms])
-
-    _serialization_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+        return np.concatenate([self.compute_ms, self.serialization_ms])
 
     @property
     def bottleneck_ms(self) -> float:
@@ -115,10 +114,8 @@ def evaluate(problem: Problem, tiers: Sequence[int]) -> Evaluation:
     transfer = serialization + problem.link_rtt_ms / 2 * (used.astype(float) + returns)
     latency = float(compute.sum() + transfer.sum())
     beyond = int(((fwd + ret) * problem.link_beyond_edge).sum())
-    evaluation = Evaluation(tiers, latency, compute, fwd, ret, transfer, used, beyond,
-                            fwd_names, ret_names)
-    evaluation._serialization_ms = serialization
-    return evaluation
+    return Evaluation(tiers, latency, compute, fwd, ret, serialization, transfer, used, beyond,
+                      fwd_names, ret_names)
 
 
 def feasible(problem: Problem, tiers: Sequence[int]) -> bool:

@@ -328,8 +328,9 @@ def _read_tiers_file(path: Path):
         tiers[entry["name"]] = fields
     links = {}
     for i, entry in enumerate(data.get("links") or []):
-        if not isinstance(entry, dict) or "from" not in entry or "to" not in entry:
-            raise WpkError(f"{path}: links[{i}] needs 'from' and 'to'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("from"), str) \
+                or not isinstance(entry.get("to"), str):
+            raise WpkError(f"{path}: links[{i}] needs 'from' and 'to' (tier names)")
         where = f"{path}: link {entry['from']}-{entry['to']}"
         bandwidth = entry.get("bandwidth", entry.get("bandwidth_mbps"))
         rtt = entry.get("rtt", entry.get("rtt_ms"))
@@ -337,7 +338,8 @@ def _read_tiers_file(path: Path):
             raise WpkError(f"{where}: needs a bandwidth and an rtt")
         links[(entry["from"], entry["to"])] = (parse_bandwidth_mbps(bandwidth, where),
                                                parse_time_ms(rtt, where))
-    unknown = [k for k in links if k[0] not in tiers and k[0] not in TIER_PRESETS]
-    if unknown:
-        raise WpkError(f"{path}: link from unknown tier {unknown[0][0]!r}")
+    for ends in links:
+        for end, name in zip(("from", "to"), ends):
+            if name not in tiers and name not in TIER_PRESETS:
+                raise WpkError(f"{path}: link {end} unknown tier {name!r}")
     return order, tiers, links

@@ -114,6 +114,8 @@ def _write(path, text):
     (["--tiers-file", "{tmp}/role.yaml"], "role must be one of"),
     (["--tiers-file", "{tmp}/cores.yaml"], "cores must be a number"),
     (["--tiers-file", "{tmp}/overhead.yaml"], "op_overhead_us must not be negative"),
+    (["--tiers-file", "{tmp}/link_to.yaml"], "link to unknown tier 'egde'"),
+    (["--tiers-file", "{tmp}/link_list.yaml"], "links[0] needs 'from' and 'to'"),
     (["--report", "{tmp}/report.xyz"], "report.xyz"),
     (["--max-latency-ms", "nan"], "--max-latency-ms"),
     (["-o", "{tmp}/blocked"], "cannot write"),
@@ -125,6 +127,10 @@ def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):
     _write(tmp_path / "role.yaml", "tiers:\n  - {name: device}\n  - {name: edge, role: fog}\n")
     _write(tmp_path / "cores.yaml", "tiers:\n  - {name: device, cores: many}\n")
     _write(tmp_path / "overhead.yaml", "tiers:\n  - {name: device, op_overhead_us: -5}\n")
+    _write(tmp_path / "link_to.yaml", "tiers:\n  - {name: device}\n  - {name: edge}\n"
+           "links:\n  - {from: device, to: egde, bandwidth: 1mbit, rtt: 1ms}\n")
+    _write(tmp_path / "link_list.yaml", "tiers:\n  - {name: device}\n  - {name: edge}\n"
+           "links:\n  - {from: [device], to: edge, bandwidth: 1mbit, rtt: 1ms}\n")
     (tmp_path / "blocked" / "device.onnx").mkdir(parents=True)  # a slice cannot be written
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "-o" not in args:

@@ -12,7 +12,7 @@ from rich.table import Table
 from wpk.errors import WpkError, cli_entry
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
-from wpk.partitioner.measured import measured_costs_from_args
+from wpk.partitioner.measured import measured_costs_from_args, warn_to_stderr
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if tier_names is None and args.tiers_file is None:
         tier_names = ["device", "edge", "cloud"]
     graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
+    # warnings go with the tables, or to stderr when stdout carries JSON
+    extra = {"warn": warn_to_stderr} if args.json else {}
     measured = measured_costs_from_args(graph, _pairs(args.profile, "--profile"),
-                                        args.profile_local, args.input_shape)
+                                        args.profile_local, args.input_shape, **extra)
     out_dir = Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan")
     result = partition(
         graph, tier_names, tiers_file=args.tiers_file, links=args.link,
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from wpk.partitioner.report import draw_report
 
         draw_report(result, Path(args.report))
-        print(f"report: {args.report}")
+        print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

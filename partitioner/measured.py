@@ -6,18 +6,26 @@ writes the same profile document and reads it back through the same loader.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from wpk.errors import WpkError
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner.costs import TierCosts, measured_costs
 
 
-def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = None
-                       ) -> TierCosts:
+Warn = Callable[[str], None]
+
+
+def _print_warning(message: str) -> None:
+    print(f"wpk: warning: {message}")
+
+
+def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = None,
+                       warn: Warn = _print_warning) -> TierCosts:
     """One tier's measured column from a profile file (validated, names checked)."""
     from wpk.profiling import load_profile
 
@@ -26,7 +34,7 @@ def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = 
         warnings.simplefilter("always")
         node_ms = profile.node_times_for(graph)
     for warning in caught:
-        print(f"wpk: warning: {warning.message}")
+        warn(str(warning.message))
     name = label or profile.device_name
     return measured_costs(tier, node_ms, f"measured ({name})", machine=name,
                           profile={"name": profile.device_name, "sha256": profile.sha256,
@@ -34,13 +42,13 @@ def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = 
 
 
 def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
-                             profile_local: str | None, input_shape_specs: Sequence[str] = ()
-                             ) -> dict[str, list[TierCosts]]:
+                             profile_local: str | None, input_shape_specs: Sequence[str] = (),
+                             warn: Warn = _print_warning) -> dict[str, list[TierCosts]]:
     """Tier name -> candidate machines' cost columns, from the CLI's profile options."""
     measured: dict[str, list[TierCosts]] = {}
     for tier, file in profiles:
         path = Path(file)
-        measured.setdefault(tier, []).append(costs_from_profile(graph, tier, path))
+        measured.setdefault(tier, []).append(costs_from_profile(graph, tier, path, warn=warn))
     if profile_local:
         if graph.path is None:
             raise WpkError("--profile-local needs the model as a file")
@@ -51,6 +59,10 @@ def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "local-profile.json"
             path.write_text(json.dumps(document))
-            costs = costs_from_profile(graph, profile_local, path, f"local-{profile_local}")
+            costs = costs_from_profile(graph, profile_local, path, f"local-{profile_local}", warn)
         measured.setdefault(profile_local, []).append(costs)
     return measured
+
+
+def warn_to_stderr(message: str) -> None:
+    print(f"wpk: warning: {message}", file=sys.stderr)

@@ -140,3 +140,13 @@ def test_profile_local_and_profile_file_give_the_same_plan(mlp_path, tmp_path):
     assert from_file["tiers"][0]["cost_source"].startswith("measured")
     assert local["tiers"][0]["cost_source"] == "measured (local-device)"
     # (the two measurements' times differ run to run on a shared machine; the cut does not)
+
+
+def test_json_output_stays_json_when_a_profile_warns(mlp_path, tmp_path, capsys):
+    graph = Graph.load(mlp_path)
+    path = write_profile(tmp_path / "p.json", graph, "pi", 1.0, sha256="0" * 64)
+    assert main([str(mlp_path), "--profile", f"device={path}", "--no-calibrate", "--json",
+                 "-o", str(tmp_path / "o"), "--report", str(tmp_path / "r.png")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["version"] == 1
+    assert "another file" in captured.err

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, shape_inference
 
 from wpk.errors import WpkError
+from wpk.files import existing_file
 from wpk.naming import name_nodes
 
 
@@ -72,11 +73,7 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file, turning every way it can be wrong into a one-line WpkError."""
-    path = Path(path)
-    if not path.exists():
-        raise WpkError(f"{path}: no such file")
-    if path.is_dir():
-        raise WpkError(f"{path}: is a directory, expected an .onnx file")
+    path = existing_file(path)
     try:
         model = onnx.load(str(path))
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ...

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wpk.errors import WpkError
+from wpk.files import read_text
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -155,7 +156,7 @@ def load_plan(directory: str | Path) -> Plan:
     if not path.exists():
         raise WpkError(f"{path}: no plan here (expected a directory written by wpk-partition)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "plan"))
     except json.JSONDecodeError as error:
         raise WpkError(f"{path}: not valid JSON (line {error.lineno})") from None
     plan = Plan.from_json(data, str(path))

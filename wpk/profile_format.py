@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import jsonschema
 
 from wpk.errors import WpkError
+from wpk.files import read_text
 
 PROFILE_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "profile.schema.json"
@@ -128,14 +129,9 @@ class Profile:
 def read_profile_document(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate a profile file; every fault is a one-line WpkError."""
     path = Path(path)
-    if not path.exists():
-        raise WpkError(f"{path}: no such profile file")
-    if path.is_dir():
-        raise WpkError(f"{path}: is a directory, expected a profile .json file")
+    text = read_text(path, "profile")
     try:
-        document = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise WpkError(f"{path}: not a profile (not UTF-8 text)") from None
+        document = json.loads(text)
     except json.JSONDecodeError as error:
         raise WpkError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
     validate_profile(document, str(path))

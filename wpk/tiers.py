@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import yaml
 
 from wpk.errors import WpkError
+from wpk.files import read_text
 
 
 @dataclass(frozen=True)
@@ -305,14 +306,9 @@ def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None
 
 
 def _read_tiers_file(path: Path):
-    if not path.exists():
-        raise WpkError(f"{path}: no such tiers file")
-    if path.is_dir():
-        raise WpkError(f"{path}: is a directory, expected a tiers .yaml file")
+    text = read_text(path, "tiers")
     try:
-        data = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise WpkError(f"{path}: not a tiers file (not UTF-8 text)") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -1,0 +1,29 @@
+"""Reading the user's files: every way a path can be wrong is one line naming the file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from wpk.errors import WpkError
+
+
+def existing_file(path: str | os.PathLike, kind: str = "") -> Path:
+    """`path` as a Path if it names a file; `kind` ('profile', 'tiers') names it in errors."""
+    path = Path(path)
+    label = f"{kind} file" if kind else "file"
+    if not path.exists():
+        raise WpkError(f"{path}: no such {label}")
+    if path.is_dir():
+        raise WpkError(f"{path}: is a directory, not a {label}")
+    return path
+
+
+def read_text(path: str | os.PathLike, kind: str = "") -> str:
+    """The UTF-8 text of a file the user named."""
+    path = existing_file(path, kind)
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise WpkError(f"{path}: not a {kind or 'text'} file (not UTF-8 text)") from None
+    except OSError as error:
+        raise WpkError(f"{path}: cannot read it ({error.strerror})") from None

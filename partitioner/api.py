@@ -195,7 +195,7 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
                                  best.problem.deliver_to)
     plan = _make_plan(graph, tiers, pieces, best, objective, privacy, max_latency_ms, single)
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
-                             ranked[:top] if top else [], _pareto_only(fronts))
+                             ranked[:top] if top else [], search.non_dominated(fronts))
     if out_dir is not None:
         write_plan(result, Path(out_dir), verify=verify)
     return result
@@ -209,14 +209,6 @@ def _distinct(configurations: list[Configuration]) -> list[Configuration]:
             seen.add(key)
             out.append(c)
     return out
-
-
-def _pareto_only(points: list[search.Evaluation]) -> list[search.Evaluation]:
-    front: list[search.Evaluation] = []
-    for p in sorted(points, key=lambda e: (e.latency_ms, e.bytes_beyond_edge)):
-        if not front or p.bytes_beyond_edge < front[-1].bytes_beyond_edge:
-            front.append(p)
-    return front
 
 
 def _tensor_json(graph: Graph, name: str) -> dict:

@@ -307,9 +307,13 @@ def pareto(problem: Problem) -> list[Evaluation]:
     for weight in byte_weights(problem):
         tiers = min_latency(problem, weight)
         seen.setdefault(tuple(tiers), evaluate(problem, tiers))
-    points = sorted(seen.values(), key=lambda e: (e.latency_ms, e.bytes_beyond_edge))
+    return non_dominated(list(seen.values()))
+
+
+def non_dominated(points: Sequence[Evaluation]) -> list[Evaluation]:
+    """The points no other point beats in both latency and bytes beyond the edge."""
     front: list[Evaluation] = []
-    for point in points:
+    for point in sorted(points, key=lambda e: (e.latency_ms, e.bytes_beyond_edge)):
         if not front or point.bytes_beyond_edge < front[-1].bytes_beyond_edge:
             front.append(point)
     return front
@@ -386,4 +390,4 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
 
 
 __all__ = ["TensorEdge", "Problem", "Evaluation", "evaluate", "feasible", "min_latency",
-           "max_throughput", "pareto", "min_bytes", "alternatives", "brute_force", "solve"]
+           "max_throughput", "pareto", "non_dominated", "min_bytes", "alternatives", "brute_force", "solve"]

@@ -171,14 +171,14 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
                 raise WpkError(f"tier {costs.tier}: {len(costs.node_ms)} node times for "
                                f"{len(graph.nodes)} nodes")
 
-    configurations: list[Configuration] = []
-    fronts: list[search.Evaluation] = []
+    found: list[Configuration] = []      # the search's answer for each choice of machines
+    shown: list[Configuration] = []      # more cuts for --top / --pareto: shown, never chosen,
+    fronts: list[search.Evaluation] = []  # so that what is printed does not change the plan
     for machines in itertools.product(*candidates):
         problem = build_problem(graph, tiers, machines, privacy=privacy != "none",
                                 deliver_to=deliver, pins=pins)
         tiers_found = search.solve(problem, objective, max_latency_ms)
-        configurations.append(Configuration(machines, problem,
-                                            search.evaluate(problem, tiers_found)))
+        found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
         if top > 1 or with_front:
             front = search.pareto(problem)
             if with_front:
@@ -186,10 +186,10 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
             others = front + [search.evaluate(problem, t)
                               for t in search.alternatives(problem, tiers_found)] \
                 if top > 1 else front
-            configurations.extend(Configuration(machines, problem, e) for e in others
-                                  if max_latency_ms is None or e.latency_ms <= max_latency_ms)
-    ranked = _distinct(sorted(configurations, key=lambda c: c.key(objective)))
-    best = ranked[0]
+            shown.extend(Configuration(machines, problem, e) for e in others
+                         if max_latency_ms is None or e.latency_ms <= max_latency_ms)
+    best = min(found, key=lambda c: c.key(objective))
+    ranked = _distinct(sorted([best] + found + shown, key=lambda c: c.key(objective)))
     single = _evaluate_single_tiers(best.problem, tiers)
     pieces = slicing.tier_slices(graph, best.evaluation.tiers, best.evaluation.forward_tensors,
                                  best.problem.deliver_to)

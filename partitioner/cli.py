@@ -180,14 +180,17 @@ def _print_top(result: PartitionResult, console: Console) -> None:
     table.add_column("latency ms", justify="right")
     table.add_column("bottleneck ms", justify="right")
     table.add_column("bytes out per tier", justify="right")
+    table.add_column("")
     for rank, config in enumerate(result.top, 1):
         e = config.evaluation
         machines = ", ".join(f"{m.tier}={m.machine}" for m in config.machines if m.machine) or "-"
         counts = [int((e.tiers == i).sum()) for i in range(len(result.tiers))]
         cut = " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts))
         bytes_out = " / ".join(_bytes(b) for b in e.forward_bytes)
+        is_plan = all(a is b for a, b in zip(config.machines, result.best.machines)) and \
+            (e.tiers == result.best.evaluation.tiers).all()
         table.add_row(str(rank), machines, cut, f"{e.latency_ms:.3f}", f"{e.bottleneck_ms:.3f}",
-                      bytes_out or "-")
+                      bytes_out or "-", "the plan" if is_plan else "")
     console.print(table)
 
 

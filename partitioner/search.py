@@ -12,7 +12,8 @@ tier[u] <= tier[v]. A `Problem` holds everything the cost of an assignment depen
   the RTT paid when any node lies beyond it). Polynomial and exact for any number of tiers.
 - `max_throughput`: minimizes the slowest pipeline stage (a tier's compute or a link's
   transfer) by dynamic programming over cut positions in the graph's topological order
-  (exact over those cuts, which for chains are all cuts); the min-latency assignment is
+  (exact over those cuts, which for chains are all cuts), then, among the cuts that reach
+  that bottleneck, the lowest latency by the same DP; the min-latency assignment is
   evaluated too and the better kept.
 - `pareto` / `min_bytes`: sweeps the weight on bytes beyond the edge.
 """
@@ -249,12 +250,20 @@ def _crossing_bytes(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
 
 
 def max_throughput(problem: Problem) -> np.ndarray:
-    """Assignment minimizing the slowest stage, over cuts along the topological order."""
+    """Assignment minimizing the slowest stage, over cuts along the topological order; among
+    those as good, the lowest latency (two passes of one DP: bottleneck, then latency)."""
     n, n_tiers = problem.n_nodes, problem.n_tiers
     prefix = np.vstack([np.zeros(n_tiers), np.cumsum(problem.node_ms, axis=0)])  # [n+1, T]
     fwd, ret = _crossing_bytes(problem)
     link_stage = (fwd + ret) * problem.link_ms_per_byte[:, None]               # [T-1, n+1]
-    positions = np.arange(n + 1)
+    # latency of link k when boundary k sits before node p: serialization plus half an RTT
+    # per direction crossed (forward when anything lies beyond or results go there; back
+    # when something beyond answers results that come back)
+    beyond = np.arange(n + 1) < n
+    links = np.arange(n_tiers - 1)[:, None]
+    rtt_halves = (beyond | (problem.deliver_to > links)).astype(float) + \
+        (beyond & (links >= problem.deliver_to))
+    link_latency = link_stage + problem.link_rtt_ms[:, None] / 2 * rtt_halves
     # first_allowed[t][p]: smallest q such that nodes q..p-1 may all run on tier t
     first_allowed = np.zeros((n_tiers, n + 1), dtype=int)
     for t in range(n_tiers):
@@ -264,32 +273,42 @@ def max_throughput(problem: Problem) -> np.ndarray:
             if blocked[p - 1]:
                 last_blocked = p - 1
             first_allowed[t, p] = last_blocked + 1
-    # best[p]: slowest stage so far when the tiers placed so far occupy nodes [0, p)
-    choice = np.zeros((n_tiers, n + 1), dtype=int)
-    best = np.where(positions == 0, 0.0, np.inf)
-    for t in range(n_tiers):
-        new = np.full(n + 1, np.inf)
-        for p in range(n + 1):
-            lo = first_allowed[t, p] if p > 0 else 0
-            q = np.arange(lo, p + 1)
-            stage = prefix[p, t] - prefix[q, t]
-            values = np.maximum(best[q], stage)
-            j = int(np.argmin(values))
-            new[p] = values[j]
-            choice[t, p] = q[j]
-        if t < n_tiers - 1:
-            new = np.maximum(new, link_stage[t])
-        best = new
-    if not np.isfinite(best[n]):
-        raise WpkError("the constraints cannot all hold (pins, privacy and the graph's "
-                       "edges contradict)")
-    tiers = np.zeros(n, dtype=int)
-    p = n
-    for t in range(n_tiers - 1, -1, -1):
-        q = choice[t, p]
-        tiers[q:p] = t
-        p = q
-    return tiers
+
+    def dp(cap: float | None) -> tuple[float, np.ndarray]:
+        """cap None: the smallest bottleneck. Else: the lowest latency with every stage <=
+        cap. Tiers take consecutive runs of nodes; best[p] covers nodes [0, p)."""
+        choice = np.zeros((n_tiers, n + 1), dtype=int)
+        best = np.where(np.arange(n + 1) == 0, 0.0, np.inf)
+        for t in range(n_tiers):
+            new = np.full(n + 1, np.inf)
+            for p in range(n + 1):
+                q = np.arange(first_allowed[t, p] if p > 0 else 0, p + 1)
+                stage = prefix[p, t] - prefix[q, t]
+                if cap is None:
+                    values = np.maximum(best[q], stage)
+                else:
+                    values = np.where(stage <= cap, best[q] + stage, np.inf)
+                j = int(np.argmin(values))
+                new[p], choice[t, p] = values[j], q[j]
+            if t < n_tiers - 1:
+                if cap is None:
+                    new = np.maximum(new, link_stage[t])
+                else:
+                    new = np.where(link_stage[t] <= cap, new + link_latency[t], np.inf)
+            best = new
+        if not np.isfinite(best[n]):
+            raise WpkError("the constraints cannot all hold (pins, privacy and the graph's "
+                           "edges contradict)")
+        tiers = np.zeros(n, dtype=int)
+        p = n
+        for t in range(n_tiers - 1, -1, -1):
+            q = choice[t, p]
+            tiers[q:p] = t
+            p = q
+        return float(best[n]), tiers
+
+    bottleneck, _ = dp(None)
+    return dp(bottleneck * (1 + 1e-9) + 1e-12)[1]
 
 
 # -- bytes beyond the edge ------------------------------------------------------------------

@@ -295,3 +295,20 @@ def test_model_onnx_runtime_cannot_run_is_a_one_line_error(tmp_path):
         partition(graph, ["device", "edge"], use_calibration=False, out_dir=tmp_path)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_top_and_pareto_only_show_more_they_never_change_the_plan():
+    """--top and --pareto evaluate more cuts; the throughput search's DP is exact only over
+    cuts along one topological order, so those cuts can have a smaller bottleneck: they are
+    listed, but the plan stays what the search chose."""
+    from wpk.examples import random_dag
+
+    for seed in (1, 5):
+        graph = Graph.load(random_dag(40, seed=seed))
+        common = dict(objective="throughput", use_calibration=False,
+                      links=["device-edge=50mbit,2ms"])
+        plain = partition(graph, ["device", "edge", "cloud"], **common)
+        shown = partition(graph, ["device", "edge", "cloud"], top=3, with_front=True, **common)
+        assert (plain.best.evaluation.tiers == shown.best.evaluation.tiers).all()
+        assert plain.plan.predicted == shown.plan.predicted
+        assert len(shown.top) == 3 and shown.front

@@ -29,9 +29,8 @@ def draw_report(result, path: Path) -> None:
         color = colors[t % len(colors)]
         ax.plot(x, problem.node_ms[:, t], marker=".", lw=1, color=color,
                 label=f"{tier.name} ({result.best.machines[t].source})")
-        placed = chosen == t
-        if placed.any():
-            ax.axvspan(x[placed].min() - 0.5, x[placed].max() + 0.5, color=color, alpha=0.08)
+    for start, stop, t in _runs(chosen):    # parallel branches may interleave tiers
+        ax.axvspan(start - 0.5, stop - 0.5, color=colors[t % len(colors)], alpha=0.08)
     cuts = [i for i in range(1, n) if chosen[i] != chosen[i - 1]]
     for c in cuts:
         ax.axvline(c - 0.5, color="black", ls="--", lw=1)
@@ -58,3 +57,13 @@ def draw_report(result, path: Path) -> None:
         raise WpkError(f"{path}: cannot write the report ({reason})") from None
     finally:
         plt.close(fig)
+
+
+def _runs(tiers: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, stop, tier) of each run of consecutive nodes on one tier."""
+    runs, start = [], 0
+    for i in range(1, len(tiers) + 1):
+        if i == len(tiers) or tiers[i] != tiers[start]:
+            runs.append((start, i, int(tiers[start])))
+            start = i
+    return runs

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from wpk.errors import WpkError, cli_entry
+
 OPSET = 17
 IR_VERSION = 9  # readable by every onnxruntime >= 1.16
 
@@ -194,11 +196,17 @@ def write_examples(directory: str | Path) -> list[Path]:
     return paths
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wpk-examples", description=__doc__.splitlines()[0])
     parser.add_argument("directory", nargs="?", default="examples/models")
     args = parser.parse_args(argv)
-    for path in write_examples(args.directory):
+    try:
+        paths = write_examples(args.directory)
+    except OSError as error:
+        raise WpkError(f"{args.directory}: cannot write the examples ({error.strerror})") \
+            from None
+    for path in paths:
         print(path)
     return 0
 

@@ -145,7 +145,7 @@ class Plan:
                        links=links, predicted=data["predicted"],
                        verification=data.get("verification", {}),
                        tensors=data.get("tensors", {}), version=data["version"])
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise WpkError(f"{where}: malformed plan ({error})") from None
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from wpk.errors import WpkError, cli_entry
 from wpk.graph import Graph, parse_input_shapes
+from wpk.partitioner import search
 from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
 from wpk.partitioner.measured import measured_costs_from_args, warn_to_stderr
 
@@ -145,6 +146,15 @@ def print_result(result: PartitionResult, console: Console) -> None:
         line += (f" vs {base:.3f} ms all on {best_single} (best single tier allowed): "
                  f"{base / predicted['latency_ms']:.2f}x")
     console.print(line)
+    if result.objective == "throughput":
+        allowed = {name: ev for name, ev in result.single_tier.items()
+                   if search.feasible(result.problem, ev.tiers)}
+        if allowed:
+            name = min(allowed, key=lambda k: allowed[k].bottleneck_ms)
+            base_ms = allowed[name].bottleneck_ms
+            console.print(f"slowest stage [bold]{predicted['bottleneck_ms']:.3f} ms[/] vs "
+                          f"{base_ms:.3f} ms all on {name} (best single tier allowed): "
+                          f"{base_ms / predicted['bottleneck_ms']:.2f}x the throughput")
     others = ", ".join(f"{k} {v:.3f} ms" for k, v in predicted["single_tier_latency_ms"].items())
     console.print(f"all on one tier: {others}")
     console.print(f"throughput {predicted['throughput_rps']} req/s (slowest stage "

@@ -33,6 +33,12 @@ def test_cli_json_output(mlp_path, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["objective"]["name"] == "throughput"
 
 
+def test_cli_throughput_objective_compares_throughput(mlp_path, tmp_path, capsys):
+    assert main([str(mlp_path), "-o", str(tmp_path), "--no-calibrate",
+                 "--objective", "throughput"]) == 0
+    assert "x the throughput" in capsys.readouterr().out
+
+
 @pytest.fixture
 def not_onnx(tmp_path):
     path = tmp_path / "notes.onnx"

@@ -57,12 +57,14 @@ class Abort(Exception):
 class TierService:
     def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
-                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto"):
+                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
+                 channel_credentials=None):
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
         self.name = name or plan.name
         self.hop_timeout = hop_timeout
+        self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
         self.runner = load_runner(plan_dir, self.tier, threads) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
@@ -142,7 +144,9 @@ class TierService:
 
     async def start(self) -> None:
         if self.next_address:
-            self.next = InferenceClient(self.next_address, stream=True)
+            self.next = InferenceClient(self.next_address, stream=True,
+                                        credentials=self.channel_credentials,
+                                        server_name=self.next_tier)
 
     async def stop(self) -> None:
         if self.next is not None:

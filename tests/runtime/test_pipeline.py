@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import Pipeline, reference
+from .conftest import Pipeline, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient

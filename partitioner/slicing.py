@@ -115,8 +115,17 @@ def _session(model: onnx.ModelProto):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT's own exception types
+        raise WpkError(f"plan check: ONNX Runtime cannot run {model.graph.name!r}: "
+                       f"{_first_line(error)} (--no-verify skips the check)") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def run_chain(models: Sequence[onnx.ModelProto | None], pieces: Sequence[TierSlice],
@@ -144,8 +153,12 @@ def verify(graph: Graph, models: Sequence[onnx.ModelProto | None], pieces: Seque
     worst = 0.0
     for seed in range(samples):
         feeds = random_inputs(graph, seed)
-        expected = dict(zip(graph.outputs, whole.run(graph.outputs, feeds)))
-        got = run_chain(models, pieces, feeds, sessions)
+        try:
+            expected = dict(zip(graph.outputs, whole.run(graph.outputs, feeds)))
+            got = run_chain(models, pieces, feeds, sessions)
+        except Exception as error:  # ORT's own exception types
+            raise WpkError(f"plan check: ONNX Runtime failed on random inputs: "
+                           f"{_first_line(error)} (--no-verify skips the check)") from None
         for name in graph.outputs:
             if name not in got:
                 raise WpkError(f"plan check failed: output {name!r} is not produced by any tier")

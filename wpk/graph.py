@@ -148,6 +148,10 @@ class Graph:
     @staticmethod
     def _tensor_from_value_info(value: onnx.ValueInfoProto) -> TensorInfo:
         tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):   # not a scalar: nothing is known of its rank
+            raise WpkError(f"tensor {value.name!r} has no inferred shape (an operator shape "
+                           "inference does not know, or an input without a shape: fix it with "
+                           "--input-shape NAME=1x3x224x224)")
         dims = []
         for dim in tensor_type.shape.dim:
             if not dim.HasField("dim_value") or dim.dim_value <= 0:

@@ -272,3 +272,26 @@ def test_plan_links_add_up_to_the_prediction(mlp_path, tmp_path, deliver_to, pri
     _, got = run_plan_directory(tmp_path, feeds)
     for name, value in whole_model(mlp_path, feeds).items():
         np.testing.assert_allclose(got[name], value, rtol=1e-3, atol=1e-4)
+
+
+def _custom_op_model(output_shape):
+    from onnx import helper
+
+    model = _tiny_model([helper.make_node("Relu", ["x"], ["a"]),
+                         helper.make_node("Foo", ["a"], ["y"], domain="custom")],
+                        [("x", [1, 4])], [("y", output_shape)])
+    model.opset_import.append(helper.make_opsetid("custom", 1))
+    return model
+
+
+def test_tensor_without_inferred_shape_is_not_taken_for_a_scalar():
+    with pytest.raises(WpkError, match="'y'.*no inferred shape"):
+        Graph.load(_custom_op_model(None))
+
+
+def test_model_onnx_runtime_cannot_run_is_a_one_line_error(tmp_path):
+    graph = Graph.load(_custom_op_model([1, 4]))
+    with pytest.raises(WpkError, match="ONNX Runtime cannot run") as error:
+        partition(graph, ["device", "edge"], use_calibration=False, out_dir=tmp_path)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "plan.json").exists()

@@ -1,0 +1,219 @@
+"""Real processes for the bridge tests: a Mosquitto broker, a KServe server, MQTT clients."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def broker_config(port: int, data_dir: Path) -> str:
+    """The broker settings our tests and docs use: QoS 1 never dropped, sessions persisted."""
+    return "\n".join([
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "max_queued_messages 0",          # default 1000 silently drops QoS 1 for slow clients
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "autosave_interval 1",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        ""])
+
+
+class Mosquitto:
+    """A Mosquitto broker on a free 127.0.0.1 port, restartable with its persisted state."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(broker_config(self.port, self.dir))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)],
+                                        stdout=subprocess.DEVNULL,
+                                        stderr=open(self.dir / "mosquitto.log", "ab"))
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        """SIGTERM: Mosquitto writes its persistence file (sessions, queued QoS 1) and exits."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class KServeServer:
+    """tests/mqtt/kserve_ort_server.py in its own process, killable and restartable."""
+
+    def __init__(self, model_path: Path, name: str, delay_ms: float = 0.0):
+        self.port = free_port()
+        self.args = [sys.executable, str(HERE / "kserve_ort_server.py"), str(model_path),
+                     "--name", name, "--port", str(self.port), "--delay-ms", str(delay_ms)]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE)
+        line = self.process.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError("test KServe server did not start")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+class BridgeThread:
+    """A Bridge running on its own asyncio loop in a thread (stats readable from the test)."""
+
+    def __init__(self, config):
+        from wpk.runtime.bridge.bridge import Bridge
+        from wpk.runtime.bridge.pipeline import KServePipeline
+
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.bridge = None
+        self._created = threading.Event()
+        self.error: BaseException | None = None
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+
+            async def main():
+                self.bridge = Bridge(config, KServePipeline(config.pipeline, timeout_s=5.0))
+                self._created.set()
+                await self.bridge.run()
+            try:
+                self.loop.run_until_complete(main())
+            except BaseException as error:  # surfaced by stop()
+                self.error = error
+                self._created.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> "BridgeThread":
+        self.thread.start()
+        self._created.wait(timeout_s)
+        if self.error:
+            raise self.error
+        fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(self.bridge.ready.wait(),
+                                                                timeout_s), self.loop)
+        fut.result(timeout_s + 1)
+        return self
+
+    @property
+    def stats(self):
+        return self.bridge.stats
+
+    def stop(self) -> None:
+        if self.bridge is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.bridge.stop)
+        self.thread.join(timeout=15)
+        if self.error:
+            raise self.error
+
+
+class Client:
+    """A test-side MQTT v5 client: persistent session, collects what arrives on its topics."""
+
+    def __init__(self, port: int, client_id: str, topics: list[str] = ()):
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(1, 1)
+        self.client.max_inflight_messages_set(200)
+        self.topics = list(topics)
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=properties)
+        self.client.loop_start()
+        if not self.connected.wait(10):
+            raise TimeoutError("test client could not connect")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if self.topics:
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics])
+        self.connected.set()
+
+    def _on_message(self, client, userdata, message):
+        with self.lock:
+            self.messages.append(message)
+            self.lock.notify_all()
+
+    def publish(self, topic: str, payload: bytes, properties: Properties | None = None,
+                wait: bool = True):
+        info = self.client.publish(topic, payload, qos=1, properties=properties)
+        if wait:
+            info.wait_for_publish(10)
+        return info
+
+    def wait_for(self, predicate, timeout_s: float = 10.0) -> list[mqtt.MQTTMessage]:
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while not predicate(self.messages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"got {len(self.messages)} messages")
+                self.lock.wait(left)
+            return list(self.messages)
+
+    def wait_count(self, n: int, timeout_s: float = 10.0, topic_prefix: str = ""):
+        return self.wait_for(
+            lambda ms: sum(m.topic.startswith(topic_prefix) for m in ms) >= n, timeout_s)
+
+    def json_messages(self, topic_prefix: str = "") -> list[dict]:
+        with self.lock:
+            return [json.loads(m.payload) for m in self.messages
+                    if m.topic.startswith(topic_prefix)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

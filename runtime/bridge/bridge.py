@@ -87,6 +87,7 @@ class Bridge:
         self._waiting: dict[_Held, None] = {}  # not yet inferred, in arrival order
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._pipeline_up = True
+        self._signatures: dict[str, Any] = {}
         self._stopping = asyncio.Event()
         self.link: MqttLink | None = None
         self.ready = asyncio.Event()
@@ -199,7 +200,10 @@ class Bridge:
                        previous: asyncio.Future | None) -> None:
         route = state.route
         try:
-            signature = await self._retrying(lambda: self.pipeline.signature(route.model))
+            signature = self._signatures.get(route.model)
+            if signature is None:
+                signature = await self._retrying(lambda: self.pipeline.signature(route.model))
+                self._signatures[route.model] = signature
             inputs = state.format.to_inputs(parsed, signature)
             async with self._slots:
                 outputs = await self._retrying(lambda: self.pipeline.infer(route.model, inputs))

@@ -52,11 +52,12 @@ def _fit(signature: ModelSignature, name: str, array: np.ndarray) -> np.ndarray:
 
 def _fit_all(signature: ModelSignature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     missing = [s.name for s in signature.inputs if s.name not in arrays]
-    if missing:
-        raise PayloadError(f"missing input(s) {', '.join(missing)} for model {signature.name!r}")
     extra = sorted(set(arrays) - {s.name for s in signature.inputs})
-    if extra:
-        raise PayloadError(f"model {signature.name!r} has no input(s) {', '.join(extra)}")
+    if missing or extra:
+        problems = [f"missing input(s) {', '.join(missing)}"] if missing else []
+        problems += [f"unknown input(s) {', '.join(extra)}"] if extra else []
+        raise PayloadError(f"{'; '.join(problems)} for model {signature.name!r} (inputs: "
+                           f"{', '.join(s.name for s in signature.inputs)})")
     return {name: _fit(signature, name, array) for name, array in arrays.items()}
 
 

@@ -37,6 +37,7 @@ class MqttLink:
         self._on_disconnected = on_disconnected
         self._pubacks: dict[int, asyncio.Future] = {}
         self.connected = asyncio.Event()
+        self.stopping = False
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
@@ -64,6 +65,7 @@ class MqttLink:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self.stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -94,7 +96,7 @@ class MqttLink:
         self._on_connected(session_present)
 
     def _disconnected(self, reason: str) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self.stopping:
             log.warning("disconnected from %s:%d (%s); reconnecting", self.config.host,
                         self.config.port, reason)
         self.connected.clear()

@@ -252,12 +252,20 @@ def _numeric_or_none(metric: pb.Payload.Metric, datatype: int, birth: bool) -> n
 
 def make_metric(name: str | None, value, datatype: int | None = None,
                 alias: int | None = None) -> pb.Payload.Metric:
-    """A metric from a Python or numpy value; arrays use the packed *Array types."""
+    """A metric from a Python or numpy value (None: a null metric); arrays use the packed
+    *Array types."""
     metric = Payload.Metric()
     if name is not None:
         metric.name = name
     if alias is not None:
         metric.alias = alias
+    if value is None or isinstance(value, str):
+        metric.datatype = datatype or DataType.String
+        if value is None:
+            metric.is_null = True
+        else:
+            metric.string_value = value
+        return metric
     array = np.asarray(value)
     if array.ndim:
         inverse = {np.dtype(v).newbyteorder("<"): k for k, v in _ARRAY_DTYPES.items()

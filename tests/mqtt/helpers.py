@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import shutil
 import socket
@@ -44,6 +45,9 @@ def broker_config(port: int, data_dir: Path) -> str:
         "allow_anonymous true",
         "max_queued_messages 0",          # default 1000 silently drops QoS 1 for slow clients
         "persistence true",
+        # Run as whoever starts it: as root, Mosquitto would switch to user `mosquitto`, which
+        # cannot write the persistence file into our temporary directory.
+        f"user {getpass.getuser()}",
         f"persistence_location {data_dir}/",
         "autosave_interval 1",
         "log_dest stderr",

@@ -36,9 +36,8 @@ def check_results(results: list[dict], ids, reference) -> None:
         by_id.setdefault(r["id"], r)
     assert set(by_id) == set(ids), f"missing {sorted(set(ids) - set(by_id))[:10]}"
     for i in ids:
-        got = np.asarray(by_id[i]["outputs"]["softmax_12_out"]
-                         if "softmax_12_out" in by_id[i]["outputs"]
-                         else next(iter(by_id[i]["outputs"].values())), dtype=np.float32)
+        (output,) = by_id[i]["outputs"].values()
+        got = np.asarray(output, dtype=np.float32)
         np.testing.assert_allclose(got, reference(features(i)), rtol=1e-5, atol=1e-6)
 
 
@@ -62,6 +61,139 @@ def test_json_inputs_n_in_n_out_in_order(broker, pipeline, reference):
                                                       "plant/line1/inference"}
         assert all(r["latency_ms"] >= 0 and r["model"] == MODEL_NAME for r in results)
         assert bridge.stats.results == n and bridge.stats.errors == 0
+    finally:
+        client.close()
+        bridge.stop()
+
+
+def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference):
+    """Several subscriptions, each with its own format and result format."""
+    routes = [
+        Route("raw/+/in", "raw/{1}/out", format="raw", model=MODEL_NAME, result="raw"),
+        Route("npy/+/in", "npy/{1}/out", format="npy", model=MODEL_NAME, result="npy"),
+        Route("spBv1.0/plant/+/edge1/+", "sp/{4}/out", format="sparkplug", model=MODEL_NAME,
+              metrics=["vib", "temp"]),
+    ]
+    bridge = BridgeThread(make_config(broker, pipeline, routes)).start()
+    client = Client(broker.port, "t-formats", ["raw/+/out", "npy/+/out", "sp/+/out"])
+    try:
+        for i in range(5):
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = f"req-{i}".encode()
+            client.publish("raw/a/in", features(i).astype("<f4").tobytes(), props, wait=False)
+            buffer = io.BytesIO()
+            np.save(buffer, features(100 + i).reshape(1, FEATURES))
+            client.publish("npy/b/in", buffer.getvalue(), wait=False)
+        # Sparkplug: BIRTH binds names to aliases; DATA reports by exception, by alias only.
+        vib = features(200)[:FEATURES - 1]
+        client.publish("spBv1.0/plant/DBIRTH/edge1/pump7", make_payload(
+            [make_metric("vib", vib, alias=1), make_metric("temp", np.float32(0.5), alias=2),
+             make_metric("label", None, datatype=12)], seq=0))
+        client.publish("spBv1.0/plant/DDATA/edge1/pump7", make_payload(
+            [make_metric(None, np.float32(-1.25), alias=2)], seq=1,
+            timestamp_ms=int(time.time() * 1e3)))
+        client.wait_count(11)
+        raw = [m for m in client.messages if m.topic == "raw/a/out"]
+        assert [m.properties.CorrelationData for m in raw] == [f"req-{i}".encode()
+                                                                for i in range(5)]
+        for i, m in enumerate(raw):
+            np.testing.assert_allclose(np.frombuffer(m.payload, "<f4"),
+                                       reference(features(i)).ravel(), rtol=1e-5, atol=1e-6)
+        npy = [m for m in client.messages if m.topic == "npy/b/out"]
+        for i, m in enumerate(npy):
+            np.testing.assert_allclose(np.load(io.BytesIO(m.payload)),
+                                       reference(features(100 + i)), rtol=1e-5, atol=1e-6)
+        (sp,) = [json.loads(m.payload) for m in client.messages if m.topic == "sp/pump7/out"]
+        expected = reference(np.concatenate([vib, [-1.25]]).astype(np.float32))
+        np.testing.assert_allclose(sp["outputs"][next(iter(sp["outputs"]))], expected,
+                                   rtol=1e-5, atol=1e-6)
+        assert sp["sparkplug_seq"] == 1 and sp["latency_from"] == "source"
+        assert bridge.stats.errors == 0
+    finally:
+        client.close()
+        bridge.stop()
+
+
+def test_malformed_payloads_go_to_error_topic_and_bridge_stays_up(broker, pipeline, reference):
+    routes = [Route("j/in", "j/out", format="json", model=MODEL_NAME),
+              Route("r/in", "r/out", format="raw", model=MODEL_NAME),
+              Route("n/in", "n/out", format="npy", model=MODEL_NAME),
+              Route("spBv1.0/g/+/e", "s/out", format="sparkplug", model=MODEL_NAME)]
+    bridge = BridgeThread(make_config(broker, pipeline, routes, error_topic="errors")).start()
+    client = Client(broker.port, "t-bad", ["errors", "j/out"])
+    bad = [("j/in", b"{not json", "invalid JSON"),
+           ("j/in", b'{"x": 1}', '"inputs"'),
+           ("j/in", json.dumps({"inputs": {"features": [1.0, 2.0]}}).encode(), "does not fit"),
+           ("j/in", json.dumps({"inputs": {"nope": [0.0] * FEATURES}}).encode(), "nope"),
+           ("j/in", json.dumps({"inputs": {"features": ["a"] * FEATURES}}).encode(),
+            "array of numbers"),
+           ("r/in", b"\x00\x01\x02", "not a whole number"), ("r/in", b"", "empty"),
+           ("n/in", b"\x93NUMPY garbage", "not a .npy"),
+           ("spBv1.0/g/NDATA/e", b"\xff\xff\xff", "not a Sparkplug B payload"),
+           ("spBv1.0/g/NDATA/e", make_payload([make_metric("x", 1.0)]), "before its BIRTH")]
+    try:
+        for topic, payload, _ in bad:
+            client.publish(topic, payload, wait=False)
+        client.publish("j/in", json_input(7))
+        client.wait_count(len(bad), topic_prefix="errors")
+        client.wait_count(1, topic_prefix="j/out")
+        errors = client.json_messages("errors")
+        assert len(errors) == len(bad)
+        for topic, _, reason in bad:  # decode errors come at once, shape errors after metadata
+            assert any(e["topic"] == topic and reason in e["reason"] for e in errors), reason
+        check_results(client.json_messages("j/out"), [7], reference)
+        assert bridge.stats.errors == len(bad) and bridge.thread.is_alive()
+    finally:
+        client.close()
+        bridge.stop()
+
+
+def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, slow_pipeline,
+                                                                reference):
+    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=MODEL_NAME)
+    bridge = BridgeThread(make_config(broker, slow_pipeline, [route], max_in_flight=4)).start()
+    client = Client(broker.port, "t-kill", ["plant/+/inference"])
+    try:
+        n = 80
+        for i in range(n // 2):
+            client.publish("plant/l1/camera", json_input(i), wait=False)
+        client.wait_count(5)
+        slow_pipeline.kill()                      # mid-stream: most inputs are still waiting
+        for i in range(n // 2, n):
+            client.publish("plant/l1/camera", json_input(i), wait=False)
+        time.sleep(1.0)
+        assert bridge.stats.pipeline_outages == 1 and bridge.stats.retries > 0
+        slow_pipeline.start()
+        client.wait_count(n, timeout_s=12)
+        results = client.json_messages()
+        check_results(results, range(n), reference)
+        assert [r["id"] for r in results] == list(range(n))  # one topic: order kept
+        assert bridge.stats.errors == 0 and bridge.stats.dropped == 0
+    finally:
+        client.close()
+        bridge.stop()
+
+
+def test_broker_restarted_mid_stream_bridge_reconnects_and_loses_nothing(
+        broker, slow_pipeline, reference):
+    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=MODEL_NAME)
+    bridge = BridgeThread(make_config(broker, slow_pipeline, [route], max_in_flight=4)).start()
+    client = Client(broker.port, "t-restart", ["plant/+/inference"])
+    try:
+        n = 60
+        infos = [client.publish("plant/l1/camera", json_input(i), wait=False)
+                 for i in range(n // 2)]
+        for info in infos:
+            info.wait_for_publish(10)             # the broker has them all (persisted)
+        client.wait_count(3)
+        broker.restart()                          # results and inputs are in flight
+        assert bridge.stats.results < n // 2
+        for i in range(n // 2, n):
+            client.publish("plant/l1/camera", json_input(i), wait=False)
+        client.wait_for(lambda ms: {json.loads(m.payload)["id"] for m in ms} >= set(range(n)),
+                        timeout_s=12)
+        check_results(client.json_messages(), range(n), reference)  # at least once, correct
+        assert bridge.stats.reconnects >= 1 and bridge.stats.errors == 0
     finally:
         client.close()
         bridge.stop()

@@ -171,7 +171,9 @@ def _json_inputs(inputs: Any) -> dict[str, np.ndarray]:
             if shape is not None:
                 array = array.reshape(shape)
         except (ValueError, TypeError) as error:
-            raise PayloadError(f"input {name!r}: {error}") from None
+            reason = "ragged nesting: not a rectangular array" if "inhomogeneous" in str(error) \
+                else str(error)
+            raise PayloadError(f"input {name!r}: {reason}") from None
         if array.dtype.kind not in "biuf":
             raise PayloadError(f"input {name!r}: not a (rectangular) array of numbers")
         arrays[name] = array

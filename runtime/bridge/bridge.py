@@ -71,6 +71,7 @@ class _Held:
     finished: bool = False
     inferred: bool = False
     task: asyncio.Task | None = None
+    started: bool = False
     dropped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,7 +187,7 @@ class Bridge:
             oldest = next(iter(self._waiting))
             del self._waiting[oldest]
             oldest.dropped = True
-            if oldest.task is not None:
+            if oldest.started:  # a task cancelled before its first step would skip `finally`
                 oldest.task.cancel()
             self.stats.dropped += 1
             if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
@@ -199,7 +200,10 @@ class Bridge:
     async def _process(self, held: _Held, state: _RouteState, parsed: Parsed,
                        previous: asyncio.Future | None) -> None:
         route = state.route
+        held.started = True
         try:
+            if held.dropped:
+                raise asyncio.CancelledError
             signature = self._signatures.get(route.model)
             if signature is None:
                 signature = await self._retrying(lambda: self.pipeline.signature(route.model))

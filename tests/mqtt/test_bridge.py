@@ -197,3 +197,47 @@ def test_broker_restarted_mid_stream_bridge_reconnects_and_loses_nothing(
     finally:
         client.close()
         bridge.stop()
+
+
+def test_block_policy_leaves_the_backlog_with_the_broker(broker, pipeline, reference):
+    """Queue of 5, pipeline away: the bridge holds at most 5, the broker keeps the other 25."""
+    route = Route("q/in", "q/out", format="json", model=MODEL_NAME)
+    pipeline.kill()
+    bridge = BridgeThread(make_config(broker, pipeline, [route], queue_size=5)).start()
+    client = Client(broker.port, "t-block", ["q/out"])
+    try:
+        for i in range(30):
+            client.publish("q/in", json_input(i), wait=False)
+        time.sleep(1.0)
+        assert bridge.stats.received == 5 and bridge.stats.held_peak == 5
+        pipeline.start()
+        client.wait_count(30)
+        results = client.json_messages()
+        check_results(results, range(30), reference)
+        assert [r["id"] for r in results] == list(range(30))
+        assert bridge.stats.dropped == 0
+    finally:
+        client.close()
+        bridge.stop()
+
+
+def test_drop_oldest_policy_counts_and_reports_drops(broker, pipeline, reference):
+    route = Route("q/in", "q/out", format="json", model=MODEL_NAME)
+    pipeline.kill()
+    bridge = BridgeThread(make_config(broker, pipeline, [route], queue_size=5,
+                                      queue_policy="drop-oldest", error_topic="err")).start()
+    client = Client(broker.port, "t-drop", ["q/out", "err"])
+    try:
+        for i in range(30):
+            client.publish("q/in", json_input(i), wait=False)
+        client.wait_count(25, topic_prefix="err")
+        assert bridge.stats.dropped == 25
+        assert all("dropped" in e["reason"] for e in client.json_messages("err"))
+        pipeline.start()
+        client.wait_count(5, topic_prefix="q/out")
+        results = client.json_messages("q/out")
+        assert [r["id"] for r in results] == list(range(25, 30))  # the newest five
+        check_results(results, range(25, 30), reference)
+    finally:
+        client.close()
+        bridge.stop()

@@ -174,7 +174,10 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
             front = search.pareto(problem)
             if with_front:
                 fronts.extend(front)
-            configurations.extend(Configuration(machines, e) for e in front
+            others = front + [search.evaluate(problem, t)
+                              for t in search.alternatives(problem, tiers_found)] \
+                if top > 1 else front
+            configurations.extend(Configuration(machines, e) for e in others
                                   if max_latency_ms is None or e.latency_ms <= max_latency_ms)
     ranked = _distinct(sorted(configurations, key=lambda c: c.key(objective)))
     best = ranked[0]

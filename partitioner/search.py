@@ -328,6 +328,33 @@ def min_bytes(problem: Problem, max_latency_ms: float | None) -> np.ndarray:
     return min(ok, key=lambda e: (e.bytes_beyond_edge, e.latency_ms)).tiers
 
 
+def alternatives(problem: Problem, tiers: np.ndarray, limit: int = 12) -> list[np.ndarray]:
+    """Next-best cuts near `tiers`: for each node beside a cut, the optimum with that node
+    moved one tier across the cut (each an exact min-cut under that extra pin)."""
+    beside_cut: list[tuple[int, int]] = []
+    for tensor in problem.tensors:
+        if tensor.producer < 0:
+            continue
+        for c in tensor.consumers:
+            if tiers[c] > tiers[tensor.producer]:
+                beside_cut.append((tensor.producer, int(tiers[tensor.producer]) + 1))
+                beside_cut.append((c, int(tiers[c]) - 1))
+    found: list[np.ndarray] = []
+    for v, tier in list(dict.fromkeys(beside_cut))[:limit]:
+        if not problem.lowest[v] <= tier <= problem.highest[v]:
+            continue
+        lowest, highest = problem.lowest.copy(), problem.highest.copy()
+        lowest[v] = highest[v] = tier
+        moved = Problem(problem.node_ms, problem.tensors, problem.link_ms_per_byte,
+                        problem.link_rtt_ms, problem.link_beyond_edge, lowest, highest,
+                        problem.deliver_to)
+        try:
+            found.append(min_latency(moved))
+        except WpkError:
+            continue
+    return found
+
+
 def brute_force(problem: Problem, key=lambda e: e.latency_ms) -> Evaluation:
     """Best feasible assignment by enumeration: for tests on small graphs only."""
     import itertools
@@ -365,4 +392,4 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
 
 
 __all__ = ["TensorEdge", "Problem", "Evaluation", "evaluate", "feasible", "min_latency",
-           "max_throughput", "pareto", "min_bytes", "brute_force", "solve"]
+           "max_throughput", "pareto", "min_bytes", "alternatives", "brute_force", "solve"]

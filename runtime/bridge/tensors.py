@@ -1,25 +1,14 @@
-"""Tensor signatures (from the pipeline's ModelMetadata) and KServe v2 datatype names."""
+"""Model signatures (from the pipeline's ModelMetadata) and fitting payload arrays to them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-# KServe v2 / Open Inference Protocol datatype names.
-KSERVE_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
-NUMPY_TO_KSERVE = {dtype: name for name, dtype in KSERVE_TO_NUMPY.items()}
+from wpk.runtime.tensors import DATATYPES
 
-
-def kserve_dtype(array: np.ndarray) -> str:
-    try:
-        return NUMPY_TO_KSERVE[array.dtype]
-    except KeyError:
-        raise ValueError(f"datatype {array.dtype} has no KServe v2 equivalent") from None
+# KServe v2 / Open Inference Protocol datatype names, as the tier servers use them.
+KSERVE_TO_NUMPY = DATATYPES
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,31 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import MOSQUITTO, KServeServer, Mosquitto  # noqa: E402
+from helpers import MOSQUITTO, Deployment, Mosquitto  # noqa: E402
 
 from wpk.examples import mlp  # noqa: E402
+from wpk.partitioner.cli import main as partition_main  # noqa: E402
+from wpk.plan import load_plan  # noqa: E402
 
-if not (shutil.which("mosquitto") or os.path.exists(MOSQUITTO)):
-    pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)",
-                allow_module_level=True)
-
-MODEL_NAME = "mlp"
 FEATURES = 64
 
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "mlp.onnx"
+    path = tmp_path_factory.mktemp("model") / "sensor_mlp.onnx"
     onnx.save(mlp(features=FEATURES, hidden=(128, 64), classes=10), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def plan_dir(model_path) -> Path:
+    """A real 3-tier plan by wpk-partition (pins keep every tier busy on this tiny model)."""
+    out = model_path.parent / "plan"
+    code = partition_main([str(model_path), "-o", str(out), "--no-calibrate",
+                           "--pin", "gemm_3=device", "--pin", "gemm_7=edge",
+                           "--pin", "softmax_12=cloud", "--deliver-to", "cloud"])
+    assert code == 0 and len(load_plan(out).tiers) == 3
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -43,24 +51,25 @@ def reference(model_path):
 
 @pytest.fixture
 def broker(tmp_path):
+    if not (shutil.which("mosquitto") or os.path.exists(MOSQUITTO)):
+        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
     server = Mosquitto(tmp_path / "broker")
     server.start()
     yield server
     server.stop()
 
 
-@pytest.fixture
-def pipeline(model_path):
-    server = KServeServer(model_path, MODEL_NAME)
-    server.start()
-    yield server
-    server.kill()
+@pytest.fixture(scope="session")
+def pipeline(plan_dir):
+    """One 3-tier deployment shared by the tests that do not stop it."""
+    deployment = Deployment(plan_dir).start()
+    yield deployment
+    deployment.kill()
 
 
 @pytest.fixture
-def slow_pipeline(model_path):
-    """20 ms per request: keeps a stream in flight long enough to interrupt it."""
-    server = KServeServer(model_path, MODEL_NAME, delay_ms=20)
-    server.start()
-    yield server
-    server.kill()
+def own_pipeline(plan_dir):
+    """A deployment of the test's own, not started: the test starts and kills it."""
+    deployment = Deployment(plan_dir)
+    yield deployment
+    deployment.kill()

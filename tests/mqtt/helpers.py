@@ -7,7 +7,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-HERE = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
@@ -85,30 +83,36 @@ class Mosquitto:
         self.start()
 
 
-class KServeServer:
-    """tests/mqtt/kserve_ort_server.py in its own process, killable and restartable."""
+class Deployment:
+    """A real plan's tiers as `wpk-serve` processes (wpk.deploy.local), killable and
+    restartable on the same entry port."""
 
-    def __init__(self, model_path: Path, name: str, delay_ms: float = 0.0):
+    def __init__(self, plan_dir: Path):
+        from wpk.plan import load_plan
+
+        self.plan_dir = plan_dir
+        self.model = load_plan(plan_dir).name
         self.port = free_port()
-        self.args = [sys.executable, str(HERE / "kserve_ort_server.py"), str(model_path),
-                     "--name", name, "--port", str(self.port), "--delay-ms", str(delay_ms)]
-        self.process: subprocess.Popen | None = None
+        self.local = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE)
-        line = self.process.stdout.readline()
-        if b"ready" not in line:
-            raise RuntimeError("test KServe server did not start")
+    def start(self) -> "Deployment":
+        from wpk.deploy.local import LocalDeployment
+
+        self.local = LocalDeployment(self.plan_dir, port=self.port, threads=1, metrics=False)
+        self.local.start()
+        return self
 
     def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
+        """SIGKILL every tier: no goodbye, in-flight requests die with them."""
+        if self.local is not None:
+            for handle in self.local.tiers:
+                handle.process.kill()
+            self.local.stop(grace=2.0)
+        self.local = None
 
 
 class BridgeThread:

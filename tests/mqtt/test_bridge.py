@@ -1,13 +1,14 @@
-"""The bridge against a real Mosquitto broker and a real KServe v2 server (ONNX Runtime)."""
+"""The bridge against a real Mosquitto broker and a real 3-tier wpk pipeline (wpk-serve
+processes of a wpk-partition plan); results checked against ONNX Runtime on the whole model."""
 from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 
 import numpy as np
-import pytest
-from conftest import FEATURES, MODEL_NAME
+from conftest import FEATURES
 from helpers import BridgeThread, Client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -31,18 +32,34 @@ def json_input(i: int) -> bytes:
 
 
 def check_results(results: list[dict], ids, reference) -> None:
+    """Every id has a result (duplicates allowed: at-least-once) equal to ORT's."""
     by_id = {}
     for r in results:
         by_id.setdefault(r["id"], r)
     assert set(by_id) == set(ids), f"missing {sorted(set(ids) - set(by_id))[:10]}"
     for i in ids:
         (output,) = by_id[i]["outputs"].values()
-        got = np.asarray(output, dtype=np.float32)
-        np.testing.assert_allclose(got, reference(features(i)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(output, dtype=np.float32),
+                                   reference(features(i)), rtol=1e-5, atol=1e-6)
+
+
+class Stream(threading.Thread):
+    """Publishes json_input(0..n-1) on `topic`, one every `period_s`, in the background."""
+
+    def __init__(self, client: Client, topic: str, n: int, period_s: float = 0.01):
+        super().__init__(daemon=True)
+        self.client, self.topic, self.n, self.period_s = client, topic, n, period_s
+        self.sent = 0
+
+    def run(self) -> None:
+        for i in range(self.n):
+            self.client.publish(self.topic, json_input(i), wait=False)
+            self.sent += 1
+            time.sleep(self.period_s)
 
 
 def test_json_inputs_n_in_n_out_in_order(broker, pipeline, reference):
-    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=MODEL_NAME)
+    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=pipeline.model)
     bridge = BridgeThread(make_config(broker, pipeline, [route])).start()
     client = Client(broker.port, "t-json", ["plant/+/inference"])
     try:
@@ -59,7 +76,7 @@ def test_json_inputs_n_in_n_out_in_order(broker, pipeline, reference):
             assert [r["seq"] for r in mine] == list(range(n // 2))
         assert {m.topic for m in client.messages} == {"plant/line0/inference",
                                                       "plant/line1/inference"}
-        assert all(r["latency_ms"] >= 0 and r["model"] == MODEL_NAME for r in results)
+        assert all(r["latency_ms"] >= 0 and r["model"] == pipeline.model for r in results)
         assert bridge.stats.results == n and bridge.stats.errors == 0
     finally:
         client.close()
@@ -68,10 +85,11 @@ def test_json_inputs_n_in_n_out_in_order(broker, pipeline, reference):
 
 def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference):
     """Several subscriptions, each with its own format and result format."""
+    model = pipeline.model
     routes = [
-        Route("raw/+/in", "raw/{1}/out", format="raw", model=MODEL_NAME, result="raw"),
-        Route("npy/+/in", "npy/{1}/out", format="npy", model=MODEL_NAME, result="npy"),
-        Route("spBv1.0/plant/+/edge1/+", "sp/{4}/out", format="sparkplug", model=MODEL_NAME,
+        Route("raw/+/in", "raw/{1}/out", format="raw", model=model, result="raw"),
+        Route("npy/+/in", "npy/{1}/out", format="npy", model=model, result="npy"),
+        Route("spBv1.0/plant/+/edge1/+", "sp/{4}/out", format="sparkplug", model=model,
               metrics=["vib", "temp"]),
     ]
     bridge = BridgeThread(make_config(broker, pipeline, routes)).start()
@@ -88,7 +106,7 @@ def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference)
         vib = features(200)[:FEATURES - 1]
         client.publish("spBv1.0/plant/DBIRTH/edge1/pump7", make_payload(
             [make_metric("vib", vib, alias=1), make_metric("temp", np.float32(0.5), alias=2),
-             make_metric("label", None, datatype=12)], seq=0))
+             make_metric("label", "pump seven", alias=3)], seq=0))
         client.publish("spBv1.0/plant/DDATA/edge1/pump7", make_payload(
             [make_metric(None, np.float32(-1.25), alias=2)], seq=1,
             timestamp_ms=int(time.time() * 1e3)))
@@ -105,8 +123,8 @@ def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference)
                                        reference(features(100 + i)), rtol=1e-5, atol=1e-6)
         (sp,) = [json.loads(m.payload) for m in client.messages if m.topic == "sp/pump7/out"]
         expected = reference(np.concatenate([vib, [-1.25]]).astype(np.float32))
-        np.testing.assert_allclose(sp["outputs"][next(iter(sp["outputs"]))], expected,
-                                   rtol=1e-5, atol=1e-6)
+        (output,) = sp["outputs"].values()
+        np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-6)
         assert sp["sparkplug_seq"] == 1 and sp["latency_from"] == "source"
         assert bridge.stats.errors == 0
     finally:
@@ -115,10 +133,12 @@ def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference)
 
 
 def test_malformed_payloads_go_to_error_topic_and_bridge_stays_up(broker, pipeline, reference):
-    routes = [Route("j/in", "j/out", format="json", model=MODEL_NAME),
-              Route("r/in", "r/out", format="raw", model=MODEL_NAME),
-              Route("n/in", "n/out", format="npy", model=MODEL_NAME),
-              Route("spBv1.0/g/+/e", "s/out", format="sparkplug", model=MODEL_NAME)]
+    model = pipeline.model
+    routes = [Route("j/in", "j/out", format="json", model=model),
+              Route("r/in", "r/out", format="raw", model=model),
+              Route("n/in", "n/out", format="npy", model=model),
+              Route("spBv1.0/g/+/e", "s/out", format="sparkplug", model=model),
+              Route("x/in", "x/out", format="json", model="no_such_model")]
     bridge = BridgeThread(make_config(broker, pipeline, routes, error_topic="errors")).start()
     client = Client(broker.port, "t-bad", ["errors", "j/out"])
     bad = [("j/in", b"{not json", "invalid JSON"),
@@ -130,7 +150,8 @@ def test_malformed_payloads_go_to_error_topic_and_bridge_stays_up(broker, pipeli
            ("r/in", b"\x00\x01\x02", "not a whole number"), ("r/in", b"", "empty"),
            ("n/in", b"\x93NUMPY garbage", "not a .npy"),
            ("spBv1.0/g/NDATA/e", b"\xff\xff\xff", "not a Sparkplug B payload"),
-           ("spBv1.0/g/NDATA/e", make_payload([make_metric("x", 1.0)]), "before its BIRTH")]
+           ("spBv1.0/g/NDATA/e", make_payload([make_metric("x", 1.0)]), "before its BIRTH"),
+           ("x/in", json_input(1), "NOT_FOUND")]
     try:
         for topic, payload, _ in bad:
             client.publish(topic, payload, wait=False)
@@ -148,50 +169,49 @@ def test_malformed_payloads_go_to_error_topic_and_bridge_stays_up(broker, pipeli
         bridge.stop()
 
 
-def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, slow_pipeline,
+def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, own_pipeline,
                                                                 reference):
-    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=MODEL_NAME)
-    bridge = BridgeThread(make_config(broker, slow_pipeline, [route], max_in_flight=4)).start()
+    own_pipeline.start()
+    route = Route("plant/+/camera", "plant/{1}/inference", format="json",
+                  model=own_pipeline.model)
+    bridge = BridgeThread(make_config(broker, own_pipeline, [route])).start()
     client = Client(broker.port, "t-kill", ["plant/+/inference"])
     try:
-        n = 80
-        for i in range(n // 2):
-            client.publish("plant/l1/camera", json_input(i), wait=False)
-        client.wait_count(5)
-        slow_pipeline.kill()                      # mid-stream: most inputs are still waiting
-        for i in range(n // 2, n):
-            client.publish("plant/l1/camera", json_input(i), wait=False)
-        time.sleep(1.0)
-        assert bridge.stats.pipeline_outages == 1 and bridge.stats.retries > 0
-        slow_pipeline.start()
-        client.wait_count(n, timeout_s=12)
+        n = 120
+        stream = Stream(client, "plant/l1/camera", n)
+        stream.start()
+        client.wait_count(20)
+        own_pipeline.kill()                        # all three tiers, SIGKILL, mid-stream
+        time.sleep(0.5)
+        assert bridge.stats.pipeline_outages == 1 and stream.sent < n
+        own_pipeline.start()
+        stream.join()
+        client.wait_count(n, timeout_s=10)
         results = client.json_messages()
         check_results(results, range(n), reference)
         assert [r["id"] for r in results] == list(range(n))  # one topic: order kept
         assert bridge.stats.errors == 0 and bridge.stats.dropped == 0
+        assert bridge.stats.retries > 0
     finally:
         client.close()
         bridge.stop()
 
 
 def test_broker_restarted_mid_stream_bridge_reconnects_and_loses_nothing(
-        broker, slow_pipeline, reference):
-    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=MODEL_NAME)
-    bridge = BridgeThread(make_config(broker, slow_pipeline, [route], max_in_flight=4)).start()
+        broker, pipeline, reference):
+    route = Route("plant/+/camera", "plant/{1}/inference", format="json", model=pipeline.model)
+    bridge = BridgeThread(make_config(broker, pipeline, [route])).start()
     client = Client(broker.port, "t-restart", ["plant/+/inference"])
     try:
-        n = 60
-        infos = [client.publish("plant/l1/camera", json_input(i), wait=False)
-                 for i in range(n // 2)]
-        for info in infos:
-            info.wait_for_publish(10)             # the broker has them all (persisted)
-        client.wait_count(3)
-        broker.restart()                          # results and inputs are in flight
-        assert bridge.stats.results < n // 2
-        for i in range(n // 2, n):
-            client.publish("plant/l1/camera", json_input(i), wait=False)
+        n = 120
+        stream = Stream(client, "plant/l1/camera", n)
+        stream.start()
+        client.wait_count(20)
+        broker.restart()                           # persisted sessions and QoS 1 queues
+        assert stream.sent < n
+        stream.join()
         client.wait_for(lambda ms: {json.loads(m.payload)["id"] for m in ms} >= set(range(n)),
-                        timeout_s=12)
+                        timeout_s=10)
         check_results(client.json_messages(), range(n), reference)  # at least once, correct
         assert bridge.stats.reconnects >= 1 and bridge.stats.errors == 0
     finally:
@@ -199,18 +219,17 @@ def test_broker_restarted_mid_stream_bridge_reconnects_and_loses_nothing(
         bridge.stop()
 
 
-def test_block_policy_leaves_the_backlog_with_the_broker(broker, pipeline, reference):
+def test_block_policy_leaves_the_backlog_with_the_broker(broker, own_pipeline, reference):
     """Queue of 5, pipeline away: the bridge holds at most 5, the broker keeps the other 25."""
-    route = Route("q/in", "q/out", format="json", model=MODEL_NAME)
-    pipeline.kill()
-    bridge = BridgeThread(make_config(broker, pipeline, [route], queue_size=5)).start()
+    route = Route("q/in", "q/out", format="json", model=own_pipeline.model)
+    bridge = BridgeThread(make_config(broker, own_pipeline, [route], queue_size=5)).start()
     client = Client(broker.port, "t-block", ["q/out"])
     try:
         for i in range(30):
             client.publish("q/in", json_input(i), wait=False)
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert bridge.stats.received == 5 and bridge.stats.held_peak == 5
-        pipeline.start()
+        own_pipeline.start()
         client.wait_count(30)
         results = client.json_messages()
         check_results(results, range(30), reference)
@@ -221,10 +240,9 @@ def test_block_policy_leaves_the_backlog_with_the_broker(broker, pipeline, refer
         bridge.stop()
 
 
-def test_drop_oldest_policy_counts_and_reports_drops(broker, pipeline, reference):
-    route = Route("q/in", "q/out", format="json", model=MODEL_NAME)
-    pipeline.kill()
-    bridge = BridgeThread(make_config(broker, pipeline, [route], queue_size=5,
+def test_drop_oldest_policy_counts_and_reports_drops(broker, own_pipeline, reference):
+    route = Route("q/in", "q/out", format="json", model=own_pipeline.model)
+    bridge = BridgeThread(make_config(broker, own_pipeline, [route], queue_size=5,
                                       queue_policy="drop-oldest", error_topic="err")).start()
     client = Client(broker.port, "t-drop", ["q/out", "err"])
     try:
@@ -233,7 +251,7 @@ def test_drop_oldest_policy_counts_and_reports_drops(broker, pipeline, reference
         client.wait_count(25, topic_prefix="err")
         assert bridge.stats.dropped == 25
         assert all("dropped" in e["reason"] for e in client.json_messages("err"))
-        pipeline.start()
+        own_pipeline.start()
         client.wait_count(5, topic_prefix="q/out")
         results = client.json_messages("q/out")
         assert [r["id"] for r in results] == list(range(25, 30))  # the newest five

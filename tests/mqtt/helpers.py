@@ -1,12 +1,8 @@
-"""Real processes for the bridge tests: a Mosquitto broker, a KServe server, MQTT clients."""
+"""Real processes for the bridge tests: Mosquitto, a wpk deployment, the bridge, MQTT clients."""
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,71 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def broker_config(port: int, data_dir: Path) -> str:
-    """The broker settings our tests and docs use: QoS 1 never dropped, sessions persisted."""
-    return "\n".join([
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "max_queued_messages 0",          # default 1000 silently drops QoS 1 for slow clients
-        "persistence true",
-        # Run as whoever starts it: as root, Mosquitto would switch to user `mosquitto`, which
-        # cannot write the persistence file into our temporary directory.
-        f"user {getpass.getuser()}",
-        f"persistence_location {data_dir}/",
-        "autosave_interval 1",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        ""])
-
-
-class Mosquitto:
-    """A Mosquitto broker on a free 127.0.0.1 port, restartable with its persisted state."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(broker_config(self.port, self.dir))
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)],
-                                        stdout=subprocess.DEVNULL,
-                                        stderr=open(self.dir / "mosquitto.log", "ab"))
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        """SIGTERM: Mosquitto writes its persistence file (sessions, queued QoS 1) and exits."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+from wpk.runtime.bridge.broker import MOSQUITTO, Mosquitto, free_port  # noqa: F401
 
 
 class Deployment:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import Callable
 
@@ -19,6 +20,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from .config import BrokerConfig
 
 log = logging.getLogger("wpk.bridge.mqtt")
+
+
+def no_delay(client, userdata, sock) -> None:
+    """Disable Nagle's algorithm: paho leaves it on, and small QoS 1 messages then wait for
+    the peer's delayed ACK (~40 ms) before leaving."""
+    if hasattr(sock, "setsockopt") and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttLink:
@@ -53,6 +61,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_socket_open = no_delay
         self.client = client
         self.connect_properties = Properties(PacketTypes.CONNECT)
         self.connect_properties.SessionExpiryInterval = config.session_expiry_s

@@ -13,6 +13,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from wpk.runtime.bridge.broker import MOSQUITTO, Mosquitto, free_port  # noqa: F401
+from wpk.runtime.bridge.link import no_delay
 
 
 class Deployment:
@@ -111,6 +112,7 @@ class Client:
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_socket_open = no_delay
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 3600
         self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=properties)

@@ -56,12 +56,13 @@ def wait_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -> No
 class Mosquitto:
     """Mosquitto on a free 127.0.0.1 port, restartable with its persisted state."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, extra: str = ""):
+        """`extra`: more mosquitto.conf lines (e.g. a TLS listener), appended."""
         self.port = port or free_port()
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(broker_config(self.port, self.dir.resolve()))
+        self.conf.write_text(broker_config(self.port, self.dir.resolve()) + extra)
         self.process: subprocess.Popen | None = None
 
     @property

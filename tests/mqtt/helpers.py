@@ -101,12 +101,15 @@ class BridgeThread:
 class Client:
     """A test-side MQTT v5 client: persistent session, collects what arrives on its topics."""
 
-    def __init__(self, port: int, client_id: str, topics: list[str] = ()):
+    def __init__(self, port: int, client_id: str, topics: list[str] = (),
+                 username: str | None = None, password: str | None = None):
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(1, 1)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.max_inflight_messages_set(200)
         self.topics = list(topics)
         self.connected = threading.Event()

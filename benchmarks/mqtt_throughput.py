@@ -9,7 +9,8 @@ device/edge/cloud plan with wpk-partition (pins put work on every tier), deploys
 - pipeline alone: KServe v2 gRPC calls from InferenceClient, one at a time (latency) and with
   `--in-flight` concurrent calls (throughput);
 - through MQTT: raw tensors published at QoS 1, JSON results received at QoS 1; one at a time
-  (end-to-end latency: publish -> result received) and as a burst (throughput).
+  (end-to-end latency: publish -> result received), paced at half the pipeline's burst
+  throughput (latency under load), and as a burst (throughput).
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ from wpk.deploy.local import LocalDeployment
 from wpk.examples import EXAMPLES
 from wpk.partitioner.cli import main as partition_main
 from wpk.plan import load_plan
-from wpk.runtime.bridge.broker import Mosquitto
+from wpk.runtime.bridge.broker import Mosquitto, free_port
 from wpk.runtime.bridge.link import no_delay
 from wpk.runtime.client import InferenceClient
 
 console = Console()
+PACED_FRACTION = 0.5  # paced phases send at this fraction of the pipeline's burst throughput
 
 
 def make_plan(model_name: str, workdir: Path) -> Path:
@@ -65,8 +67,15 @@ def stats(latencies_s: list[float], elapsed_s: float) -> tuple[float, float, flo
     return len(ms) / elapsed_s, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
+def median_of(rounds: list[dict[str, tuple]]) -> dict[str, tuple]:
+    return {mode: tuple(float(np.median([r[mode][k] for r in rounds])) for k in range(3))
+            for mode in rounds[0]}
+
+
 async def pipeline_alone(address: str, model: str, inputs: list[np.ndarray], name: str,
-                         in_flight: int) -> dict[str, tuple]:
+                         in_flight: int, rate: float | None) -> dict[str, tuple]:
+    """One round of the three phases; `rate` None: pace at PACED_FRACTION of this round's
+    burst throughput."""
     async with InferenceClient(address, timeout=30) as client:
         for x in inputs[:20]:
             await client.infer(model, {name: x})
@@ -89,7 +98,22 @@ async def pipeline_alone(address: str, model: str, inputs: list[np.ndarray], nam
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(in_flight)))
         concurrent = stats(latencies, time.perf_counter() - start)
-    return {"sequential": sequential, "concurrent": concurrent}
+
+        rate = rate or PACED_FRACTION * concurrent[0]
+        latencies = []
+
+        async def one(x):
+            t0 = time.perf_counter()
+            await client.infer(model, {name: x})
+            latencies.append(time.perf_counter() - t0)
+        tasks = []
+        start = time.perf_counter()
+        for i, x in enumerate(inputs[:len(inputs) // 2]):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(x)))
+        await asyncio.gather(*tasks)
+        paced = stats(latencies, time.perf_counter() - start)
+    return {"sequential": sequential, "concurrent": concurrent, "paced": paced}
 
 
 class MqttLoad:
@@ -132,29 +156,40 @@ class MqttLoad:
             self.sent[(phase, seq)] = time.perf_counter()
         self.client.publish(f"bench/{phase}/in", payload, qos=1)
 
-    def run(self, inputs: list[np.ndarray]) -> dict[str, tuple]:
-        payloads = [x.astype("<f4").tobytes() for x in inputs]
+    def warm_up(self, payload: bytes) -> None:
         # The bridge subscribes when it connects: repeat until its first result comes back.
         deadline = time.monotonic() + 30
         while not self.latencies.get("warm"):
             if time.monotonic() > deadline:
                 raise SystemExit("the bridge did not answer within 30 s")
-            self.publish("warm", -1, payloads[0])
+            self.publish("warm", -1, payload)
             time.sleep(0.2)
-        for p in payloads[:20]:
-            self.publish("warm", -1, p)
+        for _ in range(20):
+            self.publish("warm", -1, payload)
         self.wait("warm", 21)
+
+    def measure(self, round_: int, inputs: list[np.ndarray], rate: float) -> dict[str, tuple]:
+        payloads = [x.astype("<f4").tobytes() for x in inputs]
+        phase = f"seq{round_}"
         start = time.perf_counter()
-        sequential = payloads[:len(payloads) // 4]
-        for i, p in enumerate(sequential):
-            self.publish("seq", i, p)
-            self.wait("seq", i + 1)
-        result = {"sequential": stats(self.latencies["seq"], time.perf_counter() - start)}
+        for i, p in enumerate(payloads[:len(payloads) // 4]):
+            self.publish(phase, i, p)
+            self.wait(phase, i + 1)
+        result = {"sequential": stats(self.latencies[phase], time.perf_counter() - start)}
+        phase = f"burst{round_}"
         start = time.perf_counter()
         for i, p in enumerate(payloads):
-            self.publish("burst", i, p)
-        self.wait("burst", len(payloads))
-        result["concurrent"] = stats(self.latencies["burst"], time.perf_counter() - start)
+            self.publish(phase, i, p)
+        self.wait(phase, len(payloads))
+        result["concurrent"] = stats(self.latencies[phase], time.perf_counter() - start)
+        phase = f"paced{round_}"
+        paced = payloads[:len(payloads) // 2]
+        start = time.perf_counter()
+        for i, p in enumerate(paced):
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            self.publish(phase, i, p)
+        self.wait(phase, len(paced))
+        result["paced"] = stats(self.latencies[phase], time.perf_counter() - start)
         return result
 
     def close(self) -> None:
@@ -167,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mlp", choices=sorted(EXAMPLES))
     parser.add_argument("--messages", type=int, default=2000, help="burst size (sequential "
                         "phases use a quarter)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds (pipeline alone, then MQTT); medians shown")
     parser.add_argument("--in-flight", type=int, default=8,
                         help="concurrent pipeline requests (bridge --max-in-flight)")
     args = parser.parse_args(argv)
@@ -182,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(args.messages)]
 
         broker = Mosquitto(workdir / "broker").start()
-        deployment = LocalDeployment(plan_dir, port=0 or _free(), threads=1, metrics=False)
+        deployment = LocalDeployment(plan_dir, port=free_port(), threads=1, metrics=False)
         bridge = None
         load = None
         try:
@@ -192,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"({', '.join(t.name for t in plan.tiers)}), entry {entry}, "
                           f"input {graph_input.name} {shape} "
                           f"({inputs[0].nbytes} B), broker {broker.address}")
-            alone = asyncio.run(pipeline_alone(entry, plan.name, inputs, graph_input.name,
-                                               args.in_flight))
+            first = asyncio.run(pipeline_alone(entry, plan.name, inputs, graph_input.name,
+                                               args.in_flight, None))
+            rate = PACED_FRACTION * first["concurrent"][0]
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
                  "--pipeline", entry, "--model", plan.name, "--client-id", "wpk-bench-bridge",
@@ -202,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                  "--queue-size", str(max(args.messages, 100))],
                 stderr=subprocess.DEVNULL)
             load = MqttLoad(broker.port)
-            through = load.run(inputs)
+            load.warm_up(inputs[0].astype("<f4").tobytes())
+            alone_rounds, mqtt_rounds = [], []
+            for round_ in range(args.rounds):  # interleaved: both paths see the same noise
+                alone_rounds.append(asyncio.run(pipeline_alone(
+                    entry, plan.name, inputs, graph_input.name, args.in_flight, rate)))
+                mqtt_rounds.append(load.measure(round_, inputs, rate))
+            alone, through = median_of(alone_rounds), median_of(mqtt_rounds)
         finally:
             if load:
                 load.close()
@@ -212,27 +256,26 @@ def main(argv: list[str] | None = None) -> int:
             deployment.stop()
             broker.stop()
 
-    table = Table(title=f"{args.model}: {args.messages} messages, {args.in_flight} in flight")
+    table = Table(title=f"{args.model}: {args.messages} messages, {args.in_flight} in flight, "
+                        f"median of {args.rounds} interleaved rounds")
     for column in ("path", "mode", "msgs/s", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for path, results in (("pipeline alone (gRPC)", alone), ("MQTT: broker+bridge+pipeline",
                                                              through)):
         for mode, label in (("sequential", "one at a time"),
+                            ("paced", f"paced at {rate:,.0f}/s"),
                             ("concurrent", f"burst, {args.in_flight} in flight")):
-            rate, p50, p99 = results[mode]
-            table.add_row(path, label, f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}")
+            throughput, p50, p99 = results[mode]
+            table.add_row(path, label, f"{throughput:,.0f}", f"{p50:.2f}", f"{p99:.2f}")
     console.print(table)
     ratio = through["concurrent"][0] / alone["concurrent"][0]
     overhead = through["sequential"][1] - alone["sequential"][1]
-    console.print(f"MQTT path / pipeline alone: throughput {ratio:.2f}x, p50 latency "
+    console.print(f"MQTT path / pipeline alone: throughput {ratio:.2f}x; one at a time p50 "
                   f"{through['sequential'][1] / alone['sequential'][1]:.2f}x "
-                  f"(+{overhead:.2f} ms per message for broker + bridge, two QoS 1 hops)")
+                  f"(+{overhead:.2f} ms for broker + bridge: two QoS 1 hops); paced p99 "
+                  f"{through['paced'][2] / alone['paced'][2]:.2f}x. Burst latencies include "
+                  "queueing behind the whole burst.")
     return 0
-
-
-def _free() -> int:
-    from wpk.runtime.bridge.broker import free_port
-    return free_port()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -93,7 +95,8 @@ def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference)
               metrics=["vib", "temp"]),
     ]
     bridge = BridgeThread(make_config(broker, pipeline, routes)).start()
-    client = Client(broker.port, "t-formats", ["raw/+/out", "npy/+/out", "sp/+/out"])
+    client = Client(broker.port, "t-formats", ["raw/+/out", "npy/+/out", "sp/+/out",
+                                                "replies/me"])
     try:
         for i in range(5):
             props = Properties(PacketTypes.PUBLISH)
@@ -110,7 +113,13 @@ def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference)
         client.publish("spBv1.0/plant/DDATA/edge1/pump7", make_payload(
             [make_metric(None, np.float32(-1.25), alias=2)], seq=1,
             timestamp_ms=int(time.time() * 1e3)))
-        client.wait_count(11)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "replies/me"  # MQTT v5 request/response: answered there
+        client.publish("raw/a/in", features(9).astype("<f4").tobytes(), props)
+        client.wait_count(12)
+        (reply,) = [m for m in client.messages if m.topic == "replies/me"]
+        np.testing.assert_allclose(np.frombuffer(reply.payload, "<f4"),
+                                   reference(features(9)).ravel(), rtol=1e-5, atol=1e-6)
         raw = [m for m in client.messages if m.topic == "raw/a/out"]
         assert [m.properties.CorrelationData for m in raw] == [f"req-{i}".encode()
                                                                 for i in range(5)]
@@ -259,3 +268,42 @@ def test_drop_oldest_policy_counts_and_reports_drops(broker, own_pipeline, refer
     finally:
         client.close()
         bridge.stop()
+
+
+def start_cli_bridge(broker, pipeline, client_id: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
+         "--pipeline", pipeline.address, "--model", pipeline.model, "--client-id", client_id,
+         "--subscribe", "plant/+/camera", "--format", "json",
+         "--publish", "plant/{1}/inference"], stderr=subprocess.PIPE, text=True)
+
+
+def test_bridge_killed_mid_stream_successor_with_same_client_id_loses_nothing(
+        broker, pipeline, reference):
+    """Inputs are acknowledged only after their result is out: a SIGKILLed bridge leaves the
+    rest in its persistent session, and the next bridge process gets them."""
+    client = Client(broker.port, "t-crash", ["plant/+/inference"])
+    bridge = start_cli_bridge(broker, pipeline, "bridge-crash")
+    try:
+        deadline = time.monotonic() + 20  # the bridge subscribes once it is up
+        while not client.messages and time.monotonic() < deadline:
+            client.publish("plant/warm/camera", json.dumps(
+                {"inputs": {"features": features(0).tolist()}, "id": -1}).encode())
+            time.sleep(0.2)
+        n = 120
+        stream = Stream(client, "plant/l1/camera", n)
+        stream.start()
+        client.wait_count(20, topic_prefix="plant/l1/")
+        bridge.kill()
+        bridge.wait()
+        assert stream.sent < n
+        bridge = start_cli_bridge(broker, pipeline, "bridge-crash")
+        stream.join()
+        client.wait_for(lambda ms: {json.loads(m.payload)["id"] for m in ms
+                                    if m.topic == "plant/l1/inference"} >= set(range(n)))
+        check_results([r for r in client.json_messages("plant/l1/")], range(n), reference)
+    finally:
+        client.close()
+        bridge.terminate()
+        _, err = bridge.communicate(timeout=15)
+    assert "session resumed" in err and bridge.returncode == 0

@@ -272,10 +272,9 @@ class Bridge:
                 "latency_from": "source" if origin is not None else "bridge",
                 "received_at_ms": round(held.received_at * 1e3, 3), **parsed.echo}
         payload = encode_result(route.result, outputs, meta, route.output)
-        properties.UserProperty = [("source_topic", held.topic), ("seq", str(meta["seq"])),
-                                   ("latency_ms", str(meta["latency_ms"]))]
-        properties.ContentType = "application/json" if route.result == "json" \
-            else "application/octet-stream"
+        if route.result != "json":  # JSON carries these itself; packing properties costs
+            properties.UserProperty = [("source_topic", held.topic), ("seq", str(meta["seq"])),
+                                       ("latency_ms", str(meta["latency_ms"]))]
         await self.link.publish(topic, payload, properties)
 
     async def _reject(self, held: _Held, state: _RouteState, reason: str) -> None:

@@ -123,6 +123,7 @@ def test_raw_npy_and_sparkplug_routes_in_one_bridge(broker, pipeline, reference)
         raw = [m for m in client.messages if m.topic == "raw/a/out"]
         assert [m.properties.CorrelationData for m in raw] == [f"req-{i}".encode()
                                                                 for i in range(5)]
+        assert ("seq", "4") in raw[4].properties.UserProperty  # raw results: metadata here
         for i, m in enumerate(raw):
             np.testing.assert_allclose(np.frombuffer(m.payload, "<f4"),
                                        reference(features(i)).ravel(), rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 next_address: str | None = None, name: str | None = None,
                 threads: int = 0, workers: int = 1, metrics_port: int | None = None,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                hop_timeout: float = DEFAULT_HOP_TIMEOUT_S,
+                hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -38,7 +38,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
 
     plan = load_plan(plan_dir)
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
-                          workers=workers, hop_timeout=hop_timeout)
+                          workers=workers, hop_timeout=hop_timeout, run=run)
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((protocol.generic_handler(service),))
     try:
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime intra-op threads (0: ORT's default)")
     parser.add_argument("--workers", type=int, default=1,
                         help="slice runs at once on this tier (default 1)")
+    parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
+                        help="where the slice runs: on the event loop (inline), in a worker "
+                        "thread, or auto: inline when it takes under 1 ms (default)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics on this port (0: any free port)")
     parser.add_argument("--max-message-mb", type=int,
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                       next_address=args.next_address, name=args.name, threads=args.threads,
                       workers=args.workers, metrics_port=args.metrics_port,
                       max_message_bytes=args.max_message_mb * 1024 * 1024,
-                      hop_timeout=args.hop_timeout, announce=announce))
+                      hop_timeout=args.hop_timeout, run=args.run, announce=announce))
     return 0
 
 

@@ -235,10 +235,11 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
     node_ms = node_ms * scale
     stats = dict(kernel_map.stats, scale=round(scale, 4))
 
+    host = host_info()
     return {
         "version": PROFILE_VERSION,
-        "device": {"name": name or host_info()["hostname"] or "unnamed",
-                   "provider": full_provider, "threads": threads, "host": host_info(),
+        "device": {"name": name or host["hostname"] or "unnamed",
+                   "provider": full_provider, "threads": threads, "host": host,
                    "onnxruntime": ort.__version__},
         "model": {"name": graph.name, "sha256": graph.sha256},
         "runs": runs,

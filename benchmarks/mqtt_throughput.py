@@ -73,10 +73,11 @@ def median_of(rounds: list[dict[str, tuple]]) -> dict[str, tuple]:
 
 
 async def pipeline_alone(address: str, model: str, inputs: list[np.ndarray], name: str,
-                         in_flight: int, rate: float | None) -> dict[str, tuple]:
+                         in_flight: int, rate: float | None, stream: bool = False
+                         ) -> dict[str, tuple]:
     """One round of the three phases; `rate` None: pace at PACED_FRACTION of this round's
     burst throughput."""
-    async with InferenceClient(address, timeout=30) as client:
+    async with InferenceClient(address, timeout=30, stream=stream) as client:
         for x in inputs[:20]:
             await client.infer(model, {name: x})
         latencies = []
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mlp", choices=sorted(EXAMPLES))
     parser.add_argument("--messages", type=int, default=2000, help="burst size (sequential "
                         "phases use a quarter)")
+    parser.add_argument("--stream", action="store_true",
+                        help="bridge and direct client use ModelStreamInfer (else unary)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds (pipeline alone, then MQTT); medians shown")
     parser.add_argument("--in-flight", type=int, default=8,
@@ -230,21 +233,23 @@ def main(argv: list[str] | None = None) -> int:
                           f"input {graph_input.name} {shape} "
                           f"({inputs[0].nbytes} B), broker {broker.address}")
             first = asyncio.run(pipeline_alone(entry, plan.name, inputs, graph_input.name,
-                                               args.in_flight, None))
+                                               args.in_flight, None, args.stream))
             rate = PACED_FRACTION * first["concurrent"][0]
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
                  "--pipeline", entry, "--model", plan.name, "--client-id", "wpk-bench-bridge",
                  "--subscribe", "bench/+/in", "--format", "raw", "--publish", "bench/{1}/out",
                  "--result", "json", "--max-in-flight", str(args.in_flight),
-                 "--queue-size", str(max(args.messages, 100))],
+                 "--queue-size", str(max(args.messages, 100))]
+                + (["--stream"] if args.stream else []),
                 stderr=subprocess.DEVNULL)
             load = MqttLoad(broker.port)
             load.warm_up(inputs[0].astype("<f4").tobytes())
             alone_rounds, mqtt_rounds = [], []
             for round_ in range(args.rounds):  # interleaved: both paths see the same noise
                 alone_rounds.append(asyncio.run(pipeline_alone(
-                    entry, plan.name, inputs, graph_input.name, args.in_flight, rate)))
+                    entry, plan.name, inputs, graph_input.name, args.in_flight, rate,
+                    args.stream)))
                 mqtt_rounds.append(load.measure(round_, inputs, rate))
             alone, through = median_of(alone_rounds), median_of(mqtt_rounds)
         finally:
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
 
     table = Table(title=f"{args.model}: {args.messages} messages, {args.in_flight} in flight, "
-                        f"median of {args.rounds} interleaved rounds")
+                        f"{'stream' if args.stream else 'unary'} gRPC, median of "
+                        f"{args.rounds} interleaved rounds")
     for column in ("path", "mode", "msgs/s", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for path, results in (("pipeline alone (gRPC)", alone), ("MQTT: broker+bridge+pipeline",

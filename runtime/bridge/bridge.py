@@ -167,6 +167,11 @@ class Bridge:
         except PayloadError as error:
             held.task = asyncio.create_task(self._reject(held, state, str(error)))
             return
+        except Exception as error:  # never leave an input unacknowledged behind a bug
+            log.exception("%s: unexpected error while decoding", message.topic)
+            held.task = asyncio.create_task(self._reject(
+                held, state, f"internal error: {type(error).__name__}: {error}"))
+            return
         if not parsed.infer:
             self._finish(held)
             return
@@ -220,6 +225,10 @@ class Bridge:
         except (PayloadError, InferenceRejected, ValueError) as error:
             self._waiting.pop(held, None)
             await self._report(held, state, str(error))
+        except Exception as error:  # a bug or a surprise from a library: report, keep going
+            log.exception("%s: unexpected error", held.topic)
+            self._waiting.pop(held, None)
+            await self._report(held, state, f"internal error: {type(error).__name__}: {error}")
         except asyncio.CancelledError:
             if held.dropped:
                 await self._report(held, state, "dropped: queue full while the pipeline was "

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML file with these settings")
     parser.add_argument("--broker", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
     parser.add_argument("--pipeline", help="first tier of the pipeline, HOST:PORT (KServe v2)")
+    parser.add_argument("--stream", action="store_true", default=None,
+                        help="send requests over one ModelStreamInfer stream (wpk tiers, "
+                        "Triton; faster) instead of unary ModelInfer calls (any KServe v2)")
     route = parser.add_argument_group("routes (repeat --subscribe for several)")
     route.add_argument("--subscribe", action=_StartRoute, metavar="TOPIC_FILTER",
                        help="MQTT topic filter to take inputs from (+ and # allowed)")
@@ -139,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         routes.append(Route(**{**defaults, **entry}))
     config = BridgeConfig(
         broker=broker, pipeline=pipeline, routes=routes,
+        pipeline_stream=bool(pick("stream", False)),
         queue_size=int(pick("queue-size", 1000)), queue_policy=pick("queue-policy", "block"),
         max_in_flight=int(pick("max-in-flight", 8)), error_topic=pick("error-topic"))
     config.check()
@@ -150,7 +154,7 @@ async def serve(config: BridgeConfig) -> None:
     from .bridge import Bridge
     from .pipeline import KServePipeline
 
-    bridge = Bridge(config, KServePipeline(config.pipeline))
+    bridge = Bridge(config, KServePipeline(config.pipeline, stream=config.pipeline_stream))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, bridge.stop)

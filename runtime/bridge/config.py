@@ -77,6 +77,7 @@ class BrokerConfig:
 class BridgeConfig:
     broker: BrokerConfig
     pipeline: str                    # HOST:PORT of the pipeline's first tier (KServe v2 gRPC)
+    pipeline_stream: bool = False    # ModelStreamInfer (wpk tiers, Triton) instead of unary
     routes: list[Route] = field(default_factory=list)
     queue_size: int = 1000           # inputs held while the pipeline is slow or away
     queue_policy: str = "block"      # block: the broker keeps the rest; drop-oldest: count+drop

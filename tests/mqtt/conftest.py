@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wpk.examples import mlp
+from wpk.partitioner.cli import main as partition_main
+from wpk.plan import load_plan
 
-from helpers import MOSQUITTO, Deployment, Mosquitto  # noqa: E402
-
-from wpk.examples import mlp  # noqa: E402
-from wpk.partitioner.cli import main as partition_main  # noqa: E402
-from wpk.plan import load_plan  # noqa: E402
-
-FEATURES = 64
-
+from .helpers import FEATURES, MOSQUITTO, Deployment, Mosquitto
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory) -> Path:

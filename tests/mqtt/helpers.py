@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -14,6 +15,29 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from wpk.runtime.bridge.broker import MOSQUITTO, Mosquitto, free_port  # noqa: F401
 from wpk.runtime.bridge.link import no_delay
+
+
+FEATURES = 64  # input width of the test model (an `mlp` example)
+
+
+def features(i: int) -> np.ndarray:
+    return np.random.default_rng(i).standard_normal(FEATURES).astype(np.float32)
+
+
+def json_input(i: int) -> bytes:
+    return json.dumps({"inputs": {"features": features(i).tolist()}, "id": i}).encode()
+
+
+def check_results(results: list[dict], ids, reference) -> None:
+    """Every id has a result (duplicates allowed: at-least-once) equal to ORT's."""
+    by_id = {}
+    for r in results:
+        by_id.setdefault(r["id"], r)
+    assert set(by_id) == set(ids), f"missing {sorted(set(ids) - set(by_id))[:10]}"
+    for i in ids:
+        (output,) = by_id[i]["outputs"].values()
+        np.testing.assert_allclose(np.asarray(output, dtype=np.float32),
+                                   reference(features(i)), rtol=1e-5, atol=1e-6)
 
 
 class Deployment:
@@ -65,7 +89,8 @@ class BridgeThread:
             asyncio.set_event_loop(self.loop)
 
             async def main():
-                self.bridge = Bridge(config, KServePipeline(config.pipeline, timeout_s=5.0))
+                self.bridge = Bridge(config, KServePipeline(config.pipeline, timeout_s=5.0,
+                                                             stream=config.pipeline_stream))
                 self._created.set()
                 await self.bridge.run()
             try:

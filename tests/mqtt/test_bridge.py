@@ -10,39 +10,21 @@ import threading
 import time
 
 import numpy as np
-from conftest import FEATURES
-from helpers import BridgeThread, Client
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from wpk.runtime.bridge.config import BridgeConfig, BrokerConfig, Route
 from wpk.runtime.bridge.sparkplug import make_metric, make_payload
 
+from .helpers import (FEATURES, BridgeThread, Client, check_results, features,
+                      json_input)
+
 
 def make_config(broker, pipeline, routes, **kwargs) -> BridgeConfig:
     return BridgeConfig(broker=BrokerConfig(port=broker.port, client_id="bridge-under-test",
                                             reconnect_min_s=1, reconnect_max_s=1),
                         pipeline=pipeline.address, routes=routes, **kwargs)
-
-
-def features(i: int) -> np.ndarray:
-    return np.random.default_rng(i).standard_normal(FEATURES).astype(np.float32)
-
-
-def json_input(i: int) -> bytes:
-    return json.dumps({"inputs": {"features": features(i).tolist()}, "id": i}).encode()
-
-
-def check_results(results: list[dict], ids, reference) -> None:
-    """Every id has a result (duplicates allowed: at-least-once) equal to ORT's."""
-    by_id = {}
-    for r in results:
-        by_id.setdefault(r["id"], r)
-    assert set(by_id) == set(ids), f"missing {sorted(set(ids) - set(by_id))[:10]}"
-    for i in ids:
-        (output,) = by_id[i]["outputs"].values()
-        np.testing.assert_allclose(np.asarray(output, dtype=np.float32),
-                                   reference(features(i)), rtol=1e-5, atol=1e-6)
 
 
 class Stream(threading.Thread):
@@ -179,12 +161,14 @@ def test_malformed_payloads_go_to_error_topic_and_bridge_stays_up(broker, pipeli
         bridge.stop()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, own_pipeline,
-                                                                reference):
+                                                                reference, stream):
     own_pipeline.start()
     route = Route("plant/+/camera", "plant/{1}/inference", format="json",
                   model=own_pipeline.model)
-    bridge = BridgeThread(make_config(broker, own_pipeline, [route])).start()
+    bridge = BridgeThread(make_config(broker, own_pipeline, [route],
+                                      pipeline_stream=stream)).start()
     client = Client(broker.port, "t-kill", ["plant/+/inference"])
     try:
         n = 120

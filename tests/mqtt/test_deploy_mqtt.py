@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-from helpers import Client, free_port
-from test_bridge import check_results, json_input
-
 from wpk.plan import load_plan
+
+from .helpers import Client, check_results, free_port, json_input
 
 
 def test_deploy_local_with_mqtt_bridge(broker, plan_dir, reference):

@@ -5,10 +5,10 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import BridgeThread, Client, Mosquitto, free_port
-from test_bridge import check_results, json_input
 
 from wpk.runtime.bridge.config import BridgeConfig, BrokerConfig, Route
+
+from .helpers import BridgeThread, Client, Mosquitto, check_results, free_port, json_input
 
 pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("mosquitto_passwd")),
                                 reason="needs openssl and mosquitto_passwd")

@@ -69,7 +69,6 @@ class _Held:
     properties: Any
     done: asyncio.Future
     finished: bool = False
-    inferred: bool = False
     task: asyncio.Task | None = None
     started: bool = False
     dropped: bool = False
@@ -216,7 +215,6 @@ class Bridge:
             inputs = state.format.to_inputs(parsed, signature)
             async with self._slots:
                 outputs = await self._retrying(lambda: self.pipeline.infer(route.model, inputs))
-            held.inferred = True
             self._waiting.pop(held, None)
             if previous is not None:
                 await asyncio.shield(previous)

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     security = parser.add_argument_group("broker security")
     security.add_argument("--username")
     security.add_argument("--password", help="or set WPK_MQTT_PASSWORD")
+    security.add_argument("--tls", action="store_true", default=None,
+                          help="TLS with the system's CA certificates")
     security.add_argument("--tls-ca", help="CA certificate file; enables TLS")
     security.add_argument("--tls-cert", help="client certificate file (with --tls-key)")
     security.add_argument("--tls-key", help="client private key file")
@@ -126,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         host=host, port=port, client_id=pick("client-id", "wpk-bridge"),
         username=pick("username"),
         password=pick("password", os.environ.get("WPK_MQTT_PASSWORD")),
-        tls_ca=pick("tls-ca"), tls_cert=pick("tls-cert"), tls_key=pick("tls-key"),
+        tls=bool(pick("tls", False)), tls_ca=pick("tls-ca"), tls_cert=pick("tls-cert"), tls_key=pick("tls-key"),
         tls_insecure=bool(args.tls_insecure or settings.get("tls-insecure", False)))
     for name in ("tls_ca", "tls_cert", "tls_key"):
         path = getattr(broker, name)

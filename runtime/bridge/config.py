@@ -61,6 +61,7 @@ class BrokerConfig:
     client_id: str = "wpk-bridge"
     username: str | None = None
     password: str | None = None
+    tls: bool = False                # TLS with the system's CA certificates
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

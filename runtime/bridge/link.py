@@ -51,7 +51,7 @@ class MqttLink:
                              protocol=mqtt.MQTTv5, manual_ack=True)
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
-        if config.tls_ca or config.tls_cert:
+        if config.tls or config.tls_ca or config.tls_cert:
             client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert,
                            keyfile=config.tls_key, cert_reqs=ssl.CERT_REQUIRED)
             client.tls_insecure_set(config.tls_insecure)

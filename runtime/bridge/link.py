@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -62,6 +63,8 @@ class MqttLink:
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_socket_open = no_delay
+        client.on_connect_fail = self._handle_connect_fail
+        self._last_fail_log = 0.0
         self.client = client
         self.connect_properties = Properties(PacketTypes.CONNECT)
         self.connect_properties.SessionExpiryInterval = config.session_expiry_s
@@ -87,6 +90,13 @@ class MqttLink:
         options = SubscribeOptions(qos=1)
         client.subscribe([(topic, options) for topic in self.subscriptions])
         self.loop.call_soon_threadsafe(self._connected, bool(flags.session_present))
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        now = time.monotonic()
+        if now - self._last_fail_log > 30:  # say it once per 30 s of trying, not per attempt
+            self._last_fail_log = now
+            log.warning("cannot reach the broker at %s:%d; retrying (backoff up to %d s)",
+                        self.config.host, self.config.port, self.config.reconnect_max_s)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.loop.call_soon_threadsafe(self._disconnected, str(reason_code))

@@ -107,7 +107,7 @@ class Bridge:
             await self._drain(timeout_s=5.0)
         finally:
             stats_task.cancel()
-            self.link.stop()
+            await self.link.stop()
             await self.pipeline.close()
             log.info("bridge stopped: %s", self.stats.as_dict())
 
@@ -135,7 +135,8 @@ class Bridge:
     def _on_disconnected(self, reason: str) -> None:
         """Unacknowledged inputs stay in the broker's session: forget ours, they come again."""
         self.epoch += 1
-        self.stats.reconnects += 1
+        if not self.link.stopping:
+            self.stats.reconnects += 1
         for held in self._ack_order:
             if held.task is not None:
                 held.task.cancel()

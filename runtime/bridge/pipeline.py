@@ -59,7 +59,10 @@ class KServePipeline:
             code, details = (error.code, error.details) if isinstance(error, InferenceError) \
                 else (error.code(), error.details())
             detail = f"{self.address}: {code.name}: {details}"
-            if code in TRANSIENT_CODES:
+            # grpc's own transport failure on a stream whose tier just died (not a server's
+            # INTERNAL answer): as transient as UNAVAILABLE.
+            transport = code == grpc.StatusCode.INTERNAL and details.endswith("from Core")
+            if code in TRANSIENT_CODES or transport:
                 raise PipelineUnavailable(detail) from None
             raise InferenceRejected(detail) from None
         except asyncio.InvalidStateError:

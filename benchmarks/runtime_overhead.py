@@ -12,8 +12,8 @@
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
     the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it.
 
-Plans come from wpk.partitioner, with the cuts pinned where the model's measured ORT time
-splits into thirds (every tier runs on this machine, so balanced stages are the fair case).
+Plans come from wpk.partitioner, with the cuts pinned where the model's FLOPs split into
+thirds (every tier runs on this machine, so balanced stages are the fair case).
 """
 from __future__ import annotations
 
@@ -48,43 +48,17 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def time_run(run, seconds: float, min_runs: int = 20) -> float:
-    """Median seconds per call of `run()` over about `seconds`."""
-    run()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_runs:
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def balanced_cuts(model_path: Path) -> tuple[list[str], int, int]:
+    """Node names in flow order and two cut positions splitting the FLOPs into thirds
+    (FLOPs, not a profile, so that every run of the benchmark cuts the same way)."""
+    from wpk.graph import Graph
 
-
-def balanced_cuts(model_path: Path, threads: int) -> list[int]:
-    """Node positions splitting the model's per-node ORT time (profiled) into thirds."""
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.profile_file_prefix = str(model_path.with_suffix(""))
-    sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    feeds = random_feeds(sess)
-    for _ in range(10):
-        sess.run(None, feeds)
-    import json
-
-    events = json.load(open(sess.end_profiling()))
-    cost: dict[str, float] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            name = event["name"][: -len("_kernel_time")]
-            cost[name] = cost.get(name, 0.0) + event["dur"]
-    model = onnx.load(str(model_path))
-    times = np.array([cost.get(n.name, 0.0) for n in model.graph.node])
-    cumulative = np.cumsum(times) / max(times.sum(), 1e-9)
-    cuts = [int(np.searchsorted(cumulative, f)) + 1 for f in (1 / 3, 2 / 3)]
-    cuts[1] = max(cuts[1], cuts[0] + 1)
-    return [min(c, len(times) - 2 + i) for i, c in enumerate(cuts)]
+    graph = Graph.load(model_path)
+    flops = np.array([node.flops for node in graph.nodes])
+    cumulative = np.cumsum(flops) / max(flops.sum(), 1.0)
+    cut_1 = int(np.searchsorted(cumulative, 1 / 3)) + 1
+    cut_2 = max(int(np.searchsorted(cumulative, 2 / 3)) + 1, cut_1 + 1)
+    return [node.name for node in graph.nodes], cut_1, min(cut_2, len(flops) - 1)
 
 
 def random_feeds(sess) -> dict[str, np.ndarray]:
@@ -104,17 +78,14 @@ links:
 """
 
 
-def make_plan_dir(name: str, root: Path, threads: int, codec: str = "raw") -> Path:
-    """A 3-tier plan from wpk.partitioner, cuts pinned where the measured time splits in thirds
-    (all tiers run on this machine, so balanced stages are what pipelining needs)."""
-    from wpk.naming import node_names
+def make_plan_dir(name: str, root: Path, codec: str = "raw") -> Path:
+    """A 3-tier plan from wpk.partitioner, cuts pinned where the FLOPs split in thirds (all
+    tiers run on this machine, so balanced stages are what pipelining needs)."""
     from wpk.partitioner.api import partition
 
     model_path = root / f"{name}.onnx"
-    model = EXAMPLES[name]()
-    onnx.save(model, str(model_path))
-    names = node_names(list(model.graph.node))
-    cut_1, cut_2 = balanced_cuts(model_path, threads)
+    onnx.save(EXAMPLES[name](), str(model_path))
+    names, cut_1, cut_2 = balanced_cuts(model_path)
     pins = {names[cut_1 - 1]: "device", names[cut_1]: "edge", names[cut_2 - 1]: "edge",
             names[cut_2]: "cloud"}
     tiers_file = root / "tiers.yaml"
@@ -132,34 +103,38 @@ def make_plan_dir(name: str, root: Path, threads: int, codec: str = "raw") -> Pa
     return plan_dir
 
 
-async def pipeline_latency(address: str, model: str, feeds, seconds: float,
-                           stream: bool = False) -> float:
-    async with InferenceClient(address, timeout=30, stream=stream) as client:
-        await client.infer(model, feeds)
-        times = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 20:
-            start = time.perf_counter()
-            await client.infer(model, feeds)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-async def pipeline_throughput(address: str, model: str, feeds, in_flight: int,
-                              seconds: float) -> float:
-    async with InferenceClient(address, timeout=30, stream=True) as client:
-        request_count = 0
-
-        async def worker(end: float):
-            nonlocal request_count
-            while time.perf_counter() < end:
-                await client.infer(model, feeds)
-                request_count += 1
-
-        await asyncio.gather(*(client.infer(model, feeds) for _ in range(in_flight)))
+def sample(run, seconds: float, into: list[float]) -> None:
+    """Append the duration of each `run()` call made during about `seconds`."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
         start = time.perf_counter()
-        await asyncio.gather(*(worker(start + seconds) for _ in range(in_flight)))
-        return request_count / (time.perf_counter() - start)
+        run()
+        into.append(time.perf_counter() - start)
+
+
+async def sample_async(call, seconds: float, into: list[float]) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        await call()
+        into.append(time.perf_counter() - start)
+
+
+async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: int,
+                        seconds: float) -> float:
+    """Requests per second with `in_flight` requests outstanding all the time."""
+    count = 0
+
+    async def worker(end: float) -> None:
+        nonlocal count
+        while time.perf_counter() < end:
+            await client.infer(model, feeds)
+            count += 1
+
+    await asyncio.gather(*(client.infer(model, feeds) for _ in range(in_flight)))
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(start + seconds) for _ in range(in_flight)))
+    return count / (time.perf_counter() - start)
 
 
 def slice_seconds(metrics_url: str) -> float:
@@ -173,42 +148,70 @@ def slice_seconds(metrics_url: str) -> float:
     return total / max(count, 1)
 
 
+ROUNDS = 5            # measurements alternate between what is compared, round by round,
+IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alike
+
+
 def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                 codec: str) -> dict:
-    plan_dir = make_plan_dir(name, root, threads, codec)
+    plan_dir = make_plan_dir(name, root, codec)
     plan = load_plan(plan_dir)
     whole = session(plan_dir.parent / f"{name}.onnx", threads)
     feeds = random_feeds(whole)
-    t_whole = time_run(lambda: whole.run(None, feeds), seconds)
-
-    # stages alone, fed with the tensors they really receive
-    stage_times, arrays = [], dict(feeds)
+    stages, arrays = [], dict(feeds)  # each stage fed with the tensors it really receives
     for tier in plan.tiers:
         sess = session(slice_path(plan_dir, tier), threads)
         tier_feeds = {n: arrays[n] for n in tier.slice_inputs}
-        stage_times.append(time_run(lambda: sess.run(tier.slice_outputs, tier_feeds), seconds))
         arrays.update(zip(tier.slice_outputs, sess.run(tier.slice_outputs, tier_feeds)))
+        stages.append((lambda s=sess, t=tier, f=tier_feeds: s.run(t.slice_outputs, f)))
     link_bytes = [sum(int(arrays[t].nbytes) for t in tier.forward) for tier in plan.tiers[:-1]]
+    for run in [lambda: whole.run(None, feeds), *stages]:
+        sample(run, 0.2, [])  # warm up
 
     with LocalDeployment(plan_dir, port=port, threads=threads, metrics=True) as deployment:
-        t_pipe = asyncio.run(pipeline_latency(deployment.entry, plan.name, feeds, seconds))
+        async def measure() -> dict:
+            unary = InferenceClient(deployment.entry, timeout=30)
+            stream = InferenceClient(deployment.entry, timeout=30, stream=True)
+            t = {"whole": [], "unary": [], "stream": [], **{i: [] for i in range(len(stages))}}
+            slice_time = seconds / ROUNDS / 2
+            for client in (unary, stream):
+                await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
+            for _ in range(ROUNDS):
+                sample(lambda: whole.run(None, feeds), slice_time, t["whole"])
+                for i, run in enumerate(stages):
+                    sample(run, slice_time, t[i])
+                await sample_async(lambda: unary.infer(plan.name, feeds), slice_time, t["unary"])
+                await sample_async(lambda: stream.infer(plan.name, feeds), slice_time,
+                                   t["stream"])
+            latency = {k: statistics.median(v) for k, v in t.items()}
+            slowest = max(range(len(stages)), key=lambda i: latency[i])
+            rates: dict[int, list[float]] = {k: [] for k in IN_FLIGHT}
+            stage_alone: list[float] = []
+            for _ in range(ROUNDS):
+                for k in IN_FLIGHT:
+                    rates[k].append(await pipeline_rate(stream, plan.name, feeds, k,
+                                                        slice_time))
+                    sample(stages[slowest], slice_time, stage_alone)
+            await unary.close()
+            await stream.close()
+            return {"latency": latency, "rates": {k: statistics.median(v)
+                                                  for k, v in rates.items()},
+                    "stage_rate": 1 / statistics.median(stage_alone)}
+
+        measured = asyncio.run(measure())
         in_tier = [slice_seconds(handle.metrics_url) for handle in deployment.tiers]
-        t_pipe_stream = asyncio.run(pipeline_latency(deployment.entry, plan.name, feeds, seconds,
-                                                     stream=True))
-        rates = {k: asyncio.run(pipeline_throughput(deployment.entry, plan.name, feeds, k,
-                                                    seconds))
-                 for k in (1, 2, 4, 8, 16)}
+    latency = measured["latency"]
+    stage_times = [latency[i] for i in range(len(stages))]
     hops = len(plan.tiers)
-    slowest = max(stage_times)
-    ceiling = min(1 / slowest, (os.cpu_count() or 1) / sum(stage_times))
-    return {"name": name, "t_whole": t_whole, "stages": stage_times, "t_pipe": t_pipe,
-            "t_pipe_stream": t_pipe_stream, "in_tier": in_tier,
-            "per_hop_us": (t_pipe - sum(stage_times)) / hops * 1e6,
-            "per_hop_stream_us": (t_pipe_stream - sum(stage_times)) / hops * 1e6,
-            "per_hop_in_tier_us": (t_pipe - sum(in_tier)) / hops * 1e6,
-            "per_hop_vs_whole_us": (t_pipe - t_whole) / hops * 1e6,
+    ceiling = min(measured["stage_rate"], (os.cpu_count() or 1) / sum(stage_times))
+    return {"name": name, "t_whole": latency["whole"], "stages": stage_times,
+            "t_pipe": latency["unary"], "t_pipe_stream": latency["stream"], "in_tier": in_tier,
+            "per_hop_us": (latency["unary"] - sum(stage_times)) / hops * 1e6,
+            "per_hop_stream_us": (latency["stream"] - sum(stage_times)) / hops * 1e6,
+            "per_hop_in_tier_us": (latency["stream"] - sum(in_tier)) / hops * 1e6,
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
-            "rates": rates, "stage_rate": 1 / slowest, "ceiling": ceiling}
+            "rates": measured["rates"], "stage_rate": measured["stage_rate"],
+            "ceiling": ceiling}
 
 
 class Echo:
@@ -275,7 +278,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "whole ORT ms", "stages alone ms", "stages in tiers ms",
                    "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
-                   "per hop us, in-tier compute", "bytes in -> links", "< 300 us"):
+                   "per hop us (stream), in-tier compute", "bytes in -> links", "< 300 us"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["name"], f"{r['t_whole'] * 1e3:.2f}",

@@ -48,11 +48,19 @@ class InferenceClient:
     decode them; use "raw", the default, for other servers)."""
 
     def __init__(self, address: str, *, timeout: float | None = None, codec: str = "raw",
-                 stream: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 stream: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 credentials=None, server_name: str | None = None):
+        """`credentials`: grpc.ChannelCredentials for TLS (see wpk.runtime.tls), checking the
+        server's certificate against `server_name` when given."""
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(
-            max_message_bytes))
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = pb.Stub(self.channel)
         codec_spec = Codec.parse(codec)
         self.encoder = Encoder(codec_spec) if codec_spec != Codec() else None

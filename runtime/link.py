@@ -86,7 +86,9 @@ class StreamLink:
             self._pending.clear()
 
     async def infer(self, request, timeout: float | None):
-        """Send one ModelInferRequest (its id is overwritten); returns the ModelInferResponse."""
+        """Send one ModelInferRequest; returns the ModelInferResponse (with the request's id;
+        on the stream the link uses its own ids)."""
+        caller_id = request.id
         request_id = str(next(self._ids))
         request.id = request_id
         if timeout is not None:
@@ -100,7 +102,9 @@ class StreamLink:
             call = await self._ensure_stream()
             async with self._write_lock:
                 await call.write(request)
-            return await future
+            response = await future
+            response.id = caller_id
+            return response
         except grpc.aio.AioRpcError as rpc_error:
             raise InferenceError(rpc_error.code(), rpc_error.details() or "write failed") from None
         except grpc.aio.UsageError:  # the stream finished while we wrote
@@ -108,6 +112,7 @@ class StreamLink:
                 raise future.exception() from None
             raise InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed") from None
         finally:
+            request.id = caller_id
             self._pending.pop(request_id, None)
             if timer is not None:
                 timer.cancel()

@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from wpk import __version__
+from wpk.errors import WpkError
 from wpk.plan import Plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
@@ -29,7 +31,6 @@ from wpk.runtime.slice import load_runner
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
 from wpk.runtime.wire import (build_request, build_response, parameter_value, parse_inputs,
                               parse_response, payload_bytes, requested_outputs, set_parameter)
-import wpk
 
 PIPELINE_PARAM = "wpk_pipeline"
 DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
@@ -56,21 +57,23 @@ class Abort(Exception):
 class TierService:
     def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
-                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto"):
+                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
+                 channel_credentials=None):
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
         self.name = name or plan.name
         self.hop_timeout = hop_timeout
+        self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
         self.runner = load_runner(plan_dir, self.tier, threads) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix=f"wpk-{tier}")
         self.next_tier = plan.tiers[index + 1].name if index + 1 < len(plan.tiers) else None
         if self.tier.forward and self.next_tier is None:
-            raise wpk.WpkError(f"tier {tier!r} forwards tensors but is the last tier")
+            raise WpkError(f"tier {tier!r} forwards tensors but is the last tier")
         if self.tier.forward and not next_address:
-            raise wpk.WpkError(f"tier {tier!r} forwards {', '.join(self.tier.forward)} to "
+            raise WpkError(f"tier {tier!r} forwards {', '.join(self.tier.forward)} to "
                                f"tier {self.next_tier!r}: give its address with --next HOST:PORT")
         self.next_address = next_address if self.tier.forward else None
         self.next: InferenceClient | None = None
@@ -80,7 +83,7 @@ class TierService:
         self.models = self._models(index == 0)
         self.slice_seconds = self._warm_up()
         if run not in ("auto", "inline", "thread"):
-            raise wpk.WpkError(f"--run {run!r}: expected auto, inline or thread")
+            raise WpkError(f"--run {run!r}: expected auto, inline or thread")
         # Inline saves the thread hand-off (~50-100 us) but blocks the event loop while the
         # slice runs; worth it only for fast slices.
         self.inline = run == "inline" or (run == "auto" and self.slice_seconds < INLINE_BELOW_S)
@@ -101,7 +104,7 @@ class TierService:
                 self.runner.run(self.slice_outputs, feeds)
                 times.append(time.perf_counter() - started)
         except Exception as error:  # ORT's own exception types
-            raise wpk.WpkError(f"tier {self.tier.name!r}: slice does not run on inputs of "
+            raise WpkError(f"tier {self.tier.name!r}: slice does not run on inputs of "
                                f"the planned shapes: {error}") from None
         return sorted(times)[len(times) // 2]
 
@@ -113,7 +116,7 @@ class TierService:
                 if entry["name"] == tensor:
                     spec = entry
         if spec is None:
-            raise wpk.WpkError(f"plan.json: tensor {tensor!r} of tier {self.tier.name!r} is "
+            raise WpkError(f"plan.json: tensor {tensor!r} of tier {self.tier.name!r} is "
                                f"not described in `tensors`")
         return TensorMeta.from_spec(tensor, spec["dtype"], spec["shape"])
 
@@ -141,7 +144,9 @@ class TierService:
 
     async def start(self) -> None:
         if self.next_address:
-            self.next = InferenceClient(self.next_address, stream=True)
+            self.next = InferenceClient(self.next_address, stream=True,
+                                        credentials=self.channel_credentials,
+                                        server_name=self.next_tier)
 
     async def stop(self) -> None:
         if self.next is not None:
@@ -160,7 +165,7 @@ class TierService:
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=f"wpk ({self.name}.{self.tier.name})",
-                                         version=wpk.__version__, extensions=[])
+                                         version=__version__, extensions=[])
 
     async def ModelMetadata(self, request, context):
         try:
@@ -303,9 +308,13 @@ class TierService:
                 raise Abort(status, f"{where} is unavailable: {error.details}") from None
             if status == grpc.StatusCode.CANCELLED:
                 raise Abort(status, f"call to {where} was cancelled") from None
+            if status in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                # not the caller's fault: the tiers disagree (different plans deployed?)
+                raise Abort(grpc.StatusCode.INTERNAL, f"{where} rejected what tier "
+                            f"{self.tier.name!r} forwarded: {error.details}") from None
+            # a message from further down already names its tier; keep its status code
             details = error.details
-            # the downstream message already names its tier; keep its status code
-            raise Abort(status, details if details.startswith("tier ") or "tier '" in details
+            raise Abort(status, details if "tier '" in details
                         else f"{where}: {details}") from None
         self.metrics.add_bytes("return", payload_bytes(response))
         try:

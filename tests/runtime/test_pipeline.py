@@ -275,8 +275,8 @@ def test_metrics_endpoint_counts_requests_and_bytes(plans, resnet_pipeline):
     assert int(lines['wpk_requests_total{tier="device",model="resnet_like",code="OK"}']) >= 1
     assert int(lines['wpk_requests_total{tier="device",model="missing",code="NOT_FOUND"}']) == 1
     assert int(lines['wpk_request_seconds_count{tier="device",model="resnet_like"}']) >= 1
-    assert int(lines['wpk_tensor_bytes_total{tier="device",direction="in"}']) >= 12288
-    assert int(lines['wpk_tensor_bytes_total{tier="device",direction="forward"}']) >= 2 * 2048
+    assert int(lines['wpk_bytes_total{tier="device",direction="in"}']) >= 12288
+    assert int(lines['wpk_bytes_total{tier="device",direction="forward"}']) >= 2 * 2048
     edge = urllib.request.urlopen(resnet_pipeline.metrics_url["edge"], timeout=5).read().decode()
     assert 'wpk_requests_total{tier="edge",model="resnet_like.edge",code="OK"}' in edge
 
@@ -364,3 +364,16 @@ def test_optimized_tier_loads_through_the_optimizer_or_fails_in_one_line(plans, 
         assert "tier 'cloud'" in str(error)
     else:
         assert hasattr(service.runner, "run")
+
+
+def test_tiers_of_different_plans_give_internal_naming_both_tiers(plans):
+    other = Pipeline(plans["mlp"])
+    pipeline = Pipeline(plans["resnet"], next_override={"device": other.address["edge"]})
+    try:
+        message = expect_error(grpc.StatusCode.INTERNAL, "rejected what tier 'device' forwarded",
+                               triton_infer, pipeline.entry, "resnet_like",
+                               model_feeds(plans["resnet"]))
+        assert "tier 'edge' has no model 'resnet_like.edge'" in message
+    finally:
+        pipeline.close()
+        other.close()

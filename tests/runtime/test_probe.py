@@ -124,7 +124,7 @@ def test_probe_a_wpk_tier_server(plans):
     assert int(lines['wpk_requests_total{tier="edge",model="__wpk_probe__",code="NOT_FOUND"}']) \
         == 4 * 3
     payload = 3 * sum(16 << 10 << 2 * k for k in range(4))
-    received = int(lines['wpk_tensor_bytes_total{tier="edge",direction="in"}'])
+    received = int(lines['wpk_bytes_total{tier="edge",direction="in"}'])
     assert payload <= received <= payload + 12 * 100  # the payloads plus message envelopes
 
 

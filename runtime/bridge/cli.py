@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream", action="store_true", default=None,
                         help="send requests over one ModelStreamInfer stream (wpk tiers, "
                         "Triton; faster) instead of unary ModelInfer calls (any KServe v2)")
+    parser.add_argument("--pipeline-tls", metavar="DIR",
+                        help="mutual TLS to the entry tier with certificates from DIR (as "
+                        "wpk-deploy --tls writes them)")
+    parser.add_argument("--pipeline-identity", metavar="NAME",
+                        help="present DIR/NAME.pem and DIR/NAME.key (default bridge)")
+    parser.add_argument("--pipeline-server-name", metavar="TIER",
+                        help="check the entry tier's certificate against this name "
+                        "(its tier name, e.g. device)")
     route = parser.add_argument_group("routes (repeat --subscribe for several)")
     route.add_argument("--subscribe", action=_StartRoute, metavar="TOPIC_FILTER",
                        help="MQTT topic filter to take inputs from (+ and # allowed)")
@@ -145,6 +153,9 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     config = BridgeConfig(
         broker=broker, pipeline=pipeline, routes=routes,
         pipeline_stream=bool(pick("stream", False)),
+        pipeline_tls=pick("pipeline-tls"),
+        pipeline_identity=pick("pipeline-identity", "bridge"),
+        pipeline_server_name=pick("pipeline-server-name"),
         queue_size=int(pick("queue-size", 1000)), queue_policy=pick("queue-policy", "block"),
         max_in_flight=int(pick("max-in-flight", 8)), error_topic=pick("error-topic"))
     config.check()
@@ -156,7 +167,7 @@ async def serve(config: BridgeConfig) -> None:
     from .bridge import Bridge
     from .pipeline import KServePipeline
 
-    bridge = Bridge(config, KServePipeline(config.pipeline, stream=config.pipeline_stream))
+    bridge = Bridge(config, KServePipeline.from_config(config))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, bridge.stop)

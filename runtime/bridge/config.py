@@ -79,6 +79,12 @@ class BridgeConfig:
     broker: BrokerConfig
     pipeline: str                    # HOST:PORT of the pipeline's first tier (KServe v2 gRPC)
     pipeline_stream: bool = False    # ModelStreamInfer (wpk tiers, Triton) instead of unary
+    # Mutual TLS to the entry tier (tiers served with wpk-serve --tls-dir): the directory
+    # wpk-deploy --tls writes, the identity whose NAME.pem/NAME.key the bridge presents, and
+    # the entry tier's name its certificate is checked against.
+    pipeline_tls: str | None = None
+    pipeline_identity: str = "bridge"
+    pipeline_server_name: str | None = None
     routes: list[Route] = field(default_factory=list)
     queue_size: int = 1000           # inputs held while the pipeline is slow or away
     queue_policy: str = "block"      # block: the broker keeps the rest; drop-oldest: count+drop

@@ -48,9 +48,24 @@ class KServePipeline:
     KServe v2 server.
     """
 
-    def __init__(self, address: str, timeout_s: float = 30.0, stream: bool = False):
+    def __init__(self, address: str, timeout_s: float = 30.0, stream: bool = False,
+                 credentials=None, server_name: str | None = None):
+        """`credentials`/`server_name`: mutual TLS as `wpk.runtime.tls` sets it up."""
         self.address = address
-        self.client = InferenceClient(address, timeout=timeout_s, stream=stream)
+        self.client = InferenceClient(address, timeout=timeout_s, stream=stream,
+                                      credentials=credentials, server_name=server_name)
+
+    @classmethod
+    def from_config(cls, config, timeout_s: float = 30.0) -> "KServePipeline":
+        """The pipeline a BridgeConfig names, with its TLS settings."""
+        credentials = None
+        if config.pipeline_tls:
+            from wpk.runtime import tls
+
+            credentials = tls.channel_credentials(tls.load(config.pipeline_tls,
+                                                           config.pipeline_identity))
+        return cls(config.pipeline, timeout_s=timeout_s, stream=config.pipeline_stream,
+                   credentials=credentials, server_name=config.pipeline_server_name)
 
     async def _call(self, call):
         try:

@@ -44,9 +44,10 @@ class Deployment:
     """A real plan's tiers as `wpk-serve` processes (wpk.deploy.local), killable and
     restartable on the same entry port."""
 
-    def __init__(self, plan_dir: Path):
+    def __init__(self, plan_dir: Path, serve_args: list[str] = ()):
         from wpk.plan import load_plan
 
+        self.serve_args = list(serve_args)
         self.plan_dir = plan_dir
         self.model = load_plan(plan_dir).name
         self.port = free_port()
@@ -59,7 +60,8 @@ class Deployment:
     def start(self) -> "Deployment":
         from wpk.deploy.local import LocalDeployment
 
-        self.local = LocalDeployment(self.plan_dir, port=self.port, threads=1, metrics=False)
+        self.local = LocalDeployment(self.plan_dir, port=self.port, threads=1, metrics=False,
+                                     serve_args=self.serve_args)
         self.local.start()
         return self
 
@@ -89,8 +91,7 @@ class BridgeThread:
             asyncio.set_event_loop(self.loop)
 
             async def main():
-                self.bridge = Bridge(config, KServePipeline(config.pipeline, timeout_s=5.0,
-                                                             stream=config.pipeline_stream))
+                self.bridge = Bridge(config, KServePipeline.from_config(config, timeout_s=5.0))
                 self._created.set()
                 await self.bridge.run()
             try:

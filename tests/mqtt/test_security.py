@@ -83,3 +83,31 @@ def test_wrong_password_is_refused(secure_broker, pipeline):
     with pytest.raises(TimeoutError):
         bridge.start(timeout_s=2)
     bridge.stop()
+
+
+def test_mutual_tls_to_the_pipeline(broker, plan_dir, reference, tmp_path):
+    """Tiers served with --tls-dir accept the bridge only with a certificate from their CA."""
+    pytest.importorskip("cryptography")
+    from wpk.deploy.tls import generate
+
+    from .helpers import Deployment
+
+    pki = generate(tmp_path / "pki", ["device", "edge", "cloud", "bridge"])
+    deployment = Deployment(plan_dir, serve_args=["--tls-dir", str(pki)]).start()
+    try:
+        config = BridgeConfig(
+            broker=BrokerConfig(port=broker.port, client_id="bridge-mtls"),
+            pipeline=deployment.address, pipeline_tls=str(pki), pipeline_server_name="device",
+            routes=[Route("m/in", "m/out", format="json", model=deployment.model)])
+        bridge = BridgeThread(config).start()
+        client = Client(broker.port, "t-mtls", ["m/out"])
+        try:
+            for i in range(5):
+                client.publish("m/in", json_input(i), wait=False)
+            client.wait_count(5)
+            check_results(client.json_messages(), range(5), reference)
+        finally:
+            client.close()
+            bridge.stop()
+    finally:
+        deployment.kill()

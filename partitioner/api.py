@@ -5,6 +5,7 @@ This is the partitioner's Python API; `wpk-partition` is a thin CLI over it.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,6 +28,7 @@ class Configuration:
     """One candidate: a machine per tier and the cut found for it."""
 
     machines: tuple[TierCosts, ...]
+    problem: search.Problem              # the search problem for these machines
     evaluation: search.Evaluation
 
     def key(self, objective: str) -> tuple:
@@ -45,6 +47,7 @@ class PartitionResult:
     problem: search.Problem
     best: Configuration
     plan: Plan
+    pieces: list[slicing.TierSlice]      # what each tier of the plan does, in plan order
     objective: str
     single_tier: dict[str, search.Evaluation]
     top: list[Configuration] = field(default_factory=list)
@@ -69,6 +72,11 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
     lowest = np.zeros(n, dtype=int)
     highest = np.full(n, n_tiers - 1, dtype=int)
     if privacy:
+        shipped = [name for name in graph.inputs if name in graph.outputs]
+        if shipped and deliver_to > 0:
+            raise WpkError(f"impossible constraint: output {shipped[0]!r} is the raw input, "
+                           f"which must stay on the device, but results go to "
+                           f"{tiers[deliver_to].name} (--privacy none allows it)")
         for name in graph.inputs:
             for consumer in graph.consumers.get(name, ()):
                 highest[consumer] = 0
@@ -135,6 +143,8 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
     if privacy not in PRIVACY_MODES:
         raise WpkError(f"unknown privacy mode {privacy!r} (choose from "
                        f"{', '.join(PRIVACY_MODES)})")
+    if max_latency_ms is not None and not 0 < max_latency_ms < math.inf:
+        raise WpkError(f"--max-latency-ms must be a positive number, not {max_latency_ms:g}")
     if objective == "bandwidth" and max_latency_ms is None:
         raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
     graph = model if isinstance(model, Graph) else Graph.load(model, input_shapes)
@@ -163,13 +173,12 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
 
     configurations: list[Configuration] = []
     fronts: list[search.Evaluation] = []
-    first_problem = None
     for machines in itertools.product(*candidates):
         problem = build_problem(graph, tiers, machines, privacy=privacy != "none",
                                 deliver_to=deliver, pins=pins)
-        first_problem = first_problem or problem
         tiers_found = search.solve(problem, objective, max_latency_ms)
-        configurations.append(Configuration(machines, search.evaluate(problem, tiers_found)))
+        configurations.append(Configuration(machines, problem,
+                                            search.evaluate(problem, tiers_found)))
         if top > 1 or with_front:
             front = search.pareto(problem)
             if with_front:
@@ -177,15 +186,15 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
             others = front + [search.evaluate(problem, t)
                               for t in search.alternatives(problem, tiers_found)] \
                 if top > 1 else front
-            configurations.extend(Configuration(machines, e) for e in others
+            configurations.extend(Configuration(machines, problem, e) for e in others
                                   if max_latency_ms is None or e.latency_ms <= max_latency_ms)
     ranked = _distinct(sorted(configurations, key=lambda c: c.key(objective)))
     best = ranked[0]
-    problem = build_problem(graph, tiers, best.machines, privacy=privacy != "none",
-                            deliver_to=deliver, pins=pins)
-    single = _evaluate_single_tiers(problem, tiers)
-    plan = _make_plan(graph, tiers, problem, best, objective, privacy, max_latency_ms, single)
-    result = PartitionResult(graph, tiers, problem, best, plan, objective, single,
+    single = _evaluate_single_tiers(best.problem, tiers)
+    pieces = slicing.tier_slices(graph, best.evaluation.tiers, best.evaluation.forward_tensors,
+                                 best.problem.deliver_to)
+    plan = _make_plan(graph, tiers, pieces, best, objective, privacy, max_latency_ms, single)
+    result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:top] if top else [], _pareto_only(fronts))
     if out_dir is not None:
         write_plan(result, Path(out_dir), verify=verify)
@@ -215,11 +224,10 @@ def _tensor_json(graph: Graph, name: str) -> dict:
     return TensorSpec(name, list(info.shape), info.dtype.name).__dict__
 
 
-def _make_plan(graph: Graph, tiers: Tiers, problem: search.Problem, best: Configuration,
-               objective: str, privacy: str, max_latency_ms: float | None,
-               single: dict[str, search.Evaluation]) -> Plan:
-    e = best.evaluation
-    pieces = slicing.tier_slices(graph, e.tiers, e.forward_tensors, problem.deliver_to)
+def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
+               best: Configuration, objective: str, privacy: str,
+               max_latency_ms: float | None, single: dict[str, search.Evaluation]) -> Plan:
+    e, problem = best.evaluation, best.problem
     tier_plans = []
     for piece in pieces:
         spec = tiers[piece.tier]
@@ -248,8 +256,7 @@ def _make_plan(graph: Graph, tiers: Tiers, problem: search.Problem, best: Config
     crossing = {t for p in pieces for t in p.inputs + p.outputs} | set(graph.inputs) \
         | set(graph.outputs)
     raw_bytes = sum(graph.tensor_bytes(name) for name in graph.inputs)
-    used_single = {k: v for k, v in single.items()}
-    feasible_single = {name: ev for name, ev in used_single.items()
+    feasible_single = {name: ev for name, ev in single.items()
                        if search.feasible(problem, ev.tiers)}
     best_single = min(feasible_single, key=lambda k: feasible_single[k].latency_ms) \
         if feasible_single else None
@@ -281,9 +288,7 @@ def _make_plan(graph: Graph, tiers: Tiers, problem: search.Problem, best: Config
 
 def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> Path:
     """Write slices + plan.json; verification runs first, so a failed check writes nothing."""
-    graph, plan = result.graph, result.plan
-    e = result.best.evaluation
-    pieces = slicing.tier_slices(graph, e.tiers, e.forward_tensors, result.problem.deliver_to)
+    graph, plan, pieces = result.graph, result.plan, result.pieces
     models = [slicing.slice_model(graph, p, result.tiers[p.tier].name)
               if p.slice_outputs else None for p in pieces]
     if verify:
@@ -293,8 +298,13 @@ def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> P
     except OSError as error:
         raise WpkError(f"{out_dir}: cannot create the output directory ({error.strerror})") \
             from None
-    files = slicing.save_slices(out_dir, models, [t.name for t in plan.tiers])
-    for tier, filename in zip(plan.tiers, files):
-        tier.slice = filename
+    try:
+        files = slicing.save_slices(out_dir, models, [t.name for t in plan.tiers])
+        for tier, filename in zip(plan.tiers, files):
+            tier.slice = filename
+        path = plan.save(out_dir)
+    except OSError as error:
+        raise WpkError(f"{out_dir}: cannot write the plan "
+                       f"({error.strerror or error}: {error.filename})") from None
     result.out_dir = out_dir
-    return plan.save(out_dir)
+    return path

@@ -132,9 +132,10 @@ def print_result(result: PartitionResult, console: Console) -> None:
                           _bytes(link.bytes), _bytes(link.return_bytes),
                           f"{link.predicted_transfer_ms:.3f}")
         console.print(links)
-    if len(plan.tiers) == 1:
+    computing = [tier for tier in plan.tiers if tier.nodes]
+    if len(computing) == 1:
         console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
-                      f"run on [bold]{plan.tiers[0].name}[/]; the plan has one slice.")
+                      f"run on [bold]{computing[0].name}[/]; the plan has one slice.")
     best_single = predicted["best_single_tier"]
     line = f"end-to-end latency [bold]{predicted['latency_ms']:.3f} ms[/]"
     if best_single:

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from wpk.graph import Graph, NodeInfo
+from wpk.graph import Graph, NodeInfo, conv_weight_index
 from wpk.tiers import TierSpec
 
 # Fraction of the roofline (max(FLOPs / peak, bytes / bandwidth)) that ONNX Runtime kernels
@@ -45,7 +45,7 @@ class Efficiency:
 def op_class(node: NodeInfo, graph: Graph) -> str:
     """Which efficiency applies: conv, depthwise, gemm, or memory-bound."""
     if node.op_type in ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger"):
-        weight = graph.tensors[node.inputs[1]]
+        weight = graph.tensors[node.inputs[conv_weight_index(node.op_type)]]
         data = graph.tensors[node.inputs[0]]
         groups = data.shape[1] // max(weight.shape[1], 1) if len(data.shape) > 1 else 1
         return "depthwise" if groups > 1 and weight.shape[1] == 1 else "conv"

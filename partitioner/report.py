@@ -53,7 +53,8 @@ def draw_report(result, path: Path) -> None:
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
-    except OSError as error:
-        raise WpkError(f"{path}: cannot write the report ({error.strerror})") from None
+    except (OSError, ValueError) as error:  # ValueError: a format matplotlib cannot write
+        reason = error.strerror if isinstance(error, OSError) else str(error).split(" (")[0]
+        raise WpkError(f"{path}: cannot write the report ({reason})") from None
     finally:
         plt.close(fig)

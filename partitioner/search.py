@@ -67,7 +67,8 @@ class Evaluation:
     compute_ms: np.ndarray               # per tier
     forward_bytes: np.ndarray            # per link
     return_bytes: np.ndarray             # per link
-    transfer_ms: np.ndarray              # per link: serialization both ways + RTT share
+    serialization_ms: np.ndarray         # per link: bytes both ways / bandwidth (no RTT)
+    transfer_ms: np.ndarray              # per link: serialization + RTT share
     link_used: np.ndarray                # per link: does any request cross it
     bytes_beyond_edge: int
     forward_tensors: list[list[str]] = field(default_factory=list)  # per link
@@ -76,9 +77,7 @@ class Evaluation:
     @property
     def stages_ms(self) -> np.ndarray:
         """Pipeline stage times: each tier's compute, each link's serialization (no RTT)."""
-        return np.concatenate([self.compute_ms, self._serialization_ms])
-
-    _serialization_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+        return np.concatenate([self.compute_ms, self.serialization_ms])
 
     @property
     def bottleneck_ms(self) -> float:
@@ -115,10 +114,8 @@ def evaluate(problem: Problem, tiers: Sequence[int]) -> Evaluation:
     transfer = serialization + problem.link_rtt_ms / 2 * (used.astype(float) + returns)
     latency = float(compute.sum() + transfer.sum())
     beyond = int(((fwd + ret) * problem.link_beyond_edge).sum())
-    evaluation = Evaluation(tiers, latency, compute, fwd, ret, transfer, used, beyond,
-                            fwd_names, ret_names)
-    evaluation._serialization_ms = serialization
-    return evaluation
+    return Evaluation(tiers, latency, compute, fwd, ret, serialization, transfer, used, beyond,
+                      fwd_names, ret_names)
 
 
 def feasible(problem: Problem, tiers: Sequence[int]) -> bool:
@@ -372,19 +369,16 @@ def brute_force(problem: Problem, key=lambda e: e.latency_ms) -> Evaluation:
 
 def solve(problem: Problem, objective: str, max_latency_ms: float | None = None) -> np.ndarray:
     """Dispatch on the objective name: latency, throughput or bandwidth."""
-    if objective == "latency":
-        tiers = min_latency(problem)
-        if max_latency_ms is not None and evaluate(problem, tiers).latency_ms > max_latency_ms:
+    if objective in ("latency", "throughput"):
+        fastest = evaluate(problem, min_latency(problem))
+        if max_latency_ms is not None and fastest.latency_ms > max_latency_ms:
             raise WpkError(f"impossible constraint: the fastest plan takes "
-                           f"{evaluate(problem, tiers).latency_ms:.2f} ms > "
-                           f"--max-latency-ms {max_latency_ms:g}")
-        return tiers
-    if objective == "throughput":
-        by_dp = max_throughput(problem)
-        by_cut = min_latency(problem)
-        candidates = [evaluate(problem, t) for t in (by_dp, by_cut)]
-        if max_latency_ms is not None:
-            candidates = [c for c in candidates if c.latency_ms <= max_latency_ms] or candidates
+                           f"{fastest.latency_ms:.2f} ms > --max-latency-ms {max_latency_ms:g}")
+        if objective == "latency":
+            return fastest.tiers
+        candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        if max_latency_ms is not None:   # the fastest plan always meets it (checked above)
+            candidates = [c for c in candidates if c.latency_ms <= max_latency_ms]
         return min(candidates, key=lambda e: (round(e.bottleneck_ms, 9), e.latency_ms)).tiers
     if objective == "bandwidth":
         return min_bytes(problem, max_latency_ms)

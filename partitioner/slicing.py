@@ -37,12 +37,12 @@ class TierSlice:
 
 def tier_slices(graph: Graph, tiers: np.ndarray, forward_tensors: Sequence[Sequence[str]],
                 deliver_to: int) -> list[TierSlice]:
-    """Slices for the used tiers (those with nodes, plus the tier the results go to).
+    """Slices for the used tiers: those with nodes, the first tier (where the model inputs
+    are) and the tier the results go to. Unused tiers in between are passed through.
 
     `forward_tensors[k]` are the tensors crossing link k (tiers k -> k+1), as priced.
     """
-    n_tiers = len(forward_tensors) + 1
-    used = sorted(set(int(t) for t in tiers) | {deliver_to})
+    used = sorted(set(int(t) for t in tiers) | {0, deliver_to})
     source_tier = {t: 0 for t in graph.inputs}
     for node in graph.nodes:
         for out in node.outputs:
@@ -50,13 +50,12 @@ def tier_slices(graph: Graph, tiers: np.ndarray, forward_tensors: Sequence[Seque
     slices = []
     for position, t in enumerate(used):
         nodes = [v for v in range(len(graph.nodes)) if tiers[v] == t]
-        if position == 0 and t == 0:
+        if t == 0:
             inputs = [name for name in graph.inputs if name in graph.consumers
                       or name in graph.outputs]
         else:
-            inputs = list(forward_tensors[t - 1]) if t > 0 else []
-        forward = list(forward_tensors[t]) if t < n_tiers - 1 and position < len(used) - 1 \
-            else []
+            inputs = list(forward_tensors[t - 1])
+        forward = list(forward_tensors[t]) if position < len(used) - 1 else []
         results = [o for o in graph.outputs
                    if (source_tier[o] == t and t >= deliver_to)
                    or (source_tier[o] < deliver_to and t == deliver_to)]

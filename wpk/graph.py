@@ -138,6 +138,12 @@ class Graph:
                 self.producer[tensor] = node.index
             for tensor in dict.fromkeys(node.inputs):
                 self.consumers.setdefault(tensor, []).append(node.index)
+        for output in self.outputs:
+            if output not in self.producer and output not in self.inputs:
+                raise WpkError(f"{name}: output {output!r} is computed by no node (a constant "
+                               "or a dangling name); wpk can only plan computed outputs")
+            if output not in self.tensors:
+                raise WpkError(f"{name}: output {output!r} is not a tensor with a known shape")
 
     @staticmethod
     def _tensor_from_value_info(value: onnx.ValueInfoProto) -> TensorInfo:
@@ -250,6 +256,12 @@ def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list
     return [nodes[j] for j in order]
 
 
+def conv_weight_index(op_type: str) -> int:
+    """Position of the weight among a convolution's inputs (QLinearConv puts x's scale and
+    zero point first)."""
+    return 3 if op_type == "QLinearConv" else 1
+
+
 def _attr(node: onnx.NodeProto, name: str, default):
     for attribute in node.attribute:
         if attribute.name == name:
@@ -269,7 +281,7 @@ def _node_flops(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> floa
     out_numel = sum(t.numel for t in outs)
     op = node.op_type
     if op in ("Conv", "ConvInteger", "QLinearConv") and len(ins) >= 2:
-        weight = ins[1] if op != "QLinearConv" else ins[3] if len(ins) > 3 else ins[1]
+        weight = ins[conv_weight_index(op)]
         per_output = math.prod(weight.shape[1:])  # Cin/group * kh * kw
         return 2.0 * outs[0].numel * per_output
     if op == "ConvTranspose" and len(ins) >= 2:

@@ -4,7 +4,7 @@ A plan directory holds `plan.json` and one ONNX slice per used tier. Tiers are l
 order. A request enters the first tier with the model's inputs; each tier runs its slice on
 `inputs`, sends `forward` to the next tier, and answers its caller with its own `results`
 merged with whatever the next tier answered. Tensors that skip a tier are `passthrough`:
-listed in that tier's inputs and outputs, forwarded without touching its slice. The slice's
+listed in that tier's inputs and outputs, handed on as they came. The slice's
 ONNX inputs are `slice_inputs` (a subset of `inputs`) and its ONNX outputs `slice_outputs`.
 See docs/plan-format.md for every field.
 """
@@ -48,7 +48,7 @@ class TierPlan:
     slice_outputs: list[str]         # the slice's own ONNX outputs
     forward: list[str]               # sent to the next tier
     results: list[str]               # model outputs this tier answers with
-    passthrough: list[str]           # in inputs and forward, not touched here
+    passthrough: list[str]           # in inputs and in outputs: handed on as it came
     predicted_compute_ms: float
     hardware: dict[str, Any] = field(default_factory=dict)
     cost_source: str = "estimated"

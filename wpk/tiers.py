@@ -119,7 +119,7 @@ def make_tier(name: str, preset: str | None = None, role: str | None = None,
     preset = preset or base_preset
     values: dict[str, Any] = {}
     if preset is not None:
-        if preset not in HARDWARE_PRESETS:
+        if not isinstance(preset, str) or preset not in HARDWARE_PRESETS:
             raise WpkError(f"tier {name!r}: unknown hardware preset {preset!r} "
                            f"(known: {', '.join(sorted(HARDWARE_PRESETS))})")
         values.update(HARDWARE_PRESETS[preset])
@@ -128,16 +128,39 @@ def make_tier(name: str, preset: str | None = None, role: str | None = None,
     if unknown:
         raise WpkError(f"tier {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
     values.update(overrides)
-    if "providers" in values:
-        values["providers"] = tuple(values["providers"])
     values["role"] = role or base_role or values.get("role", "edge")
+    _check_tier_fields(name, values)
+    values["providers"] = tuple(values.get("providers", TierSpec.providers))
+    return TierSpec(name=name, **values)
+
+
+_NUMBER_FIELDS = ("peak_gflops", "mem_bandwidth_gbps", "op_overhead_us", "cores", "memory_mb",
+                  "gpus")
+ROLES = ("device", "edge", "cloud")
+
+
+def _check_tier_fields(name: str, values: dict[str, Any]) -> None:
+    """One-line errors for fields of the wrong type or range (tiers files are hand-written)."""
+    for key in _NUMBER_FIELDS:
+        value = values.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WpkError(f"tier {name!r}: {key} must be a number, not {value!r}")
+        if value < 0:
+            raise WpkError(f"tier {name!r}: {key} must not be negative")
     for key in ("peak_gflops", "mem_bandwidth_gbps"):
-        if float(values.get(key, 1)) <= 0:
+        if key in values and values[key] <= 0:
             raise WpkError(f"tier {name!r}: {key} must be positive")
-    try:
-        return TierSpec(name=name, **values)
-    except TypeError as error:
-        raise WpkError(f"tier {name!r}: {error}") from None
+    if values["role"] not in ROLES:
+        raise WpkError(f"tier {name!r}: role must be one of {', '.join(ROLES)}, "
+                       f"not {values['role']!r}")
+    providers = values.get("providers", ())
+    if not isinstance(providers, (list, tuple)) or \
+            not all(isinstance(p, str) for p in providers):
+        raise WpkError(f"tier {name!r}: providers must be a list of ONNX Runtime provider names")
+    if not isinstance(values.get("address") or "", str):
+        raise WpkError(f"tier {name!r}: address must be HOST:PORT text")
+    if not isinstance(values.get("node_selector", {}), dict):
+        raise WpkError(f"tier {name!r}: node_selector must be a mapping")
 
 
 @dataclass(frozen=True)
@@ -198,13 +221,14 @@ def _default_link(src: TierSpec, dst: TierSpec) -> LinkSpec:
 _BANDWIDTH_UNITS = {"bit": 1e-6, "kbit": 1e-3, "mbit": 1.0, "gbit": 1e3,
                     "kbps": 1e-3, "mbps": 1.0, "gbps": 1e3}
 _TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
 
 
 def parse_bandwidth_mbps(value: Any, where: str) -> float:
     """20, '20mbit', '1gbit', '500kbit' -> Mbit/s."""
     if isinstance(value, (int, float)) and value > 0:
         return float(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*([a-zA-Z]*)\s*", str(value))
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _BANDWIDTH_UNITS or float(match.group(1)) <= 0:
         raise WpkError(f"{where}: bad bandwidth {value!r} (e.g. 20mbit, 1gbit, 500kbit)")
@@ -215,7 +239,7 @@ def parse_time_ms(value: Any, where: str) -> float:
     """5, '5ms', '0.2s' -> milliseconds."""
     if isinstance(value, (int, float)) and value >= 0:
         return float(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", str(value).lower())
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*([a-z]*)\s*", str(value).lower())
     unit = (match.group(2) or "ms") if match else ""
     if not match or unit not in _TIME_UNITS:
         raise WpkError(f"{where}: bad time {value!r} (e.g. 5ms, 0.2s)")
@@ -255,7 +279,12 @@ def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None
             raise WpkError(f"unknown tier {name!r}: built-in tiers are "
                            f"{', '.join(TIER_PRESETS)}; define others in a tiers file")
         fields.setdefault("role", role)
-        specs.append(make_tier(name, **fields))
+        try:
+            specs.append(make_tier(name, **fields))
+        except WpkError as error:
+            if name in file_tiers:   # the fault is in the file: say which
+                raise WpkError(f"{tiers_file}: {error}") from None
+            raise
     links = []
     for src, dst in zip(specs, specs[1:]):
         if (src.name, dst.name) in file_links:
@@ -278,8 +307,12 @@ def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None
 def _read_tiers_file(path: Path):
     if not path.exists():
         raise WpkError(f"{path}: no such tiers file")
+    if path.is_dir():
+        raise WpkError(f"{path}: is a directory, expected a tiers .yaml file")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise WpkError(f"{path}: not a tiers file (not UTF-8 text)") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -291,9 +324,6 @@ def _read_tiers_file(path: Path):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise WpkError(f"{path}: tiers[{i}] needs a 'name'")
         fields = {k: v for k, v in entry.items() if k != "name"}
-        for key in ("peak_gflops", "mem_bandwidth_gbps", "op_overhead_us"):
-            if key in fields and not isinstance(fields[key], (int, float)):
-                raise WpkError(f"{path}: tier {entry['name']!r}: {key} must be a number")
         order.append(entry["name"])
         tiers[entry["name"]] = fields
     links = {}

@@ -96,3 +96,41 @@ def test_bad_input_is_one_line_and_nonzero(case, message, request, mlp_path, tmp
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "plan.json").exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--link", "device-edge=.mbit,5ms"], "bad bandwidth"),
+    (["--link", "device-edge=1.2.3mbit,5ms"], "bad bandwidth"),
+    (["--link", "device-edge=1mbit,5..ms"], "bad time"),
+    (["--tiers-file", "{tmp}"], "is a directory"),
+    (["--tiers-file", "{tmp}/binary.yaml"], "not UTF-8"),
+    (["--tiers-file", "{tmp}/providers.yaml"], "providers must be a list"),
+    (["--tiers-file", "{tmp}/preset.yaml"], "unknown hardware preset"),
+    (["--tiers-file", "{tmp}/role.yaml"], "role must be one of"),
+    (["--tiers-file", "{tmp}/cores.yaml"], "cores must be a number"),
+    (["--tiers-file", "{tmp}/overhead.yaml"], "op_overhead_us must not be negative"),
+    (["--report", "{tmp}/report.xyz"], "report.xyz"),
+    (["--max-latency-ms", "nan"], "--max-latency-ms"),
+    (["-o", "{tmp}/blocked"], "cannot write"),
+])
+def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    _write(tmp_path / "providers.yaml", "tiers:\n  - {name: device, providers: 5}\n")
+    _write(tmp_path / "preset.yaml", "tiers:\n  - {name: device, preset: [1]}\n")
+    _write(tmp_path / "role.yaml", "tiers:\n  - {name: device}\n  - {name: edge, role: fog}\n")
+    _write(tmp_path / "cores.yaml", "tiers:\n  - {name: device, cores: many}\n")
+    _write(tmp_path / "overhead.yaml", "tiers:\n  - {name: device, op_overhead_us: -5}\n")
+    (tmp_path / "blocked" / "device.onnx").mkdir(parents=True)  # a slice cannot be written
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out")]
+    code = main([str(mlp_path), "--no-calibrate", "--tiers", "device,edge", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("wpk: error:"), err
+    assert message in err

@@ -184,3 +184,91 @@ def test_unknown_pin_node_and_impossible_pins(resnet_path):
     with pytest.raises(WpkError, match="impossible pins"):
         partition(graph, ["device", "edge"], pins={middle: "edge", last: "device"},
                   use_calibration=False)
+
+
+def _tiny_model(nodes, inputs, outputs, initializers=()):
+    from onnx import TensorProto, helper
+
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    graph = helper.make_graph(nodes, "tiny", [value(n, s) for n, s in inputs],
+                              [value(n, s) for n, s in outputs], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_output_that_is_an_initializer_is_a_clear_error():
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    model = _tiny_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 2])],
+                        [("y", None), ("w", [2, 2])], [weight])
+    with pytest.raises(WpkError, match="output 'w' is computed by no node"):
+        Graph.load(model)
+
+
+def test_quantized_conv_is_planned(tmp_path):
+    from onnx import helper, numpy_helper
+
+    def scalar(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    weights = [scalar("xs", 0.1, np.float32), scalar("xz", 0, np.uint8),
+               numpy_helper.from_array(np.ones((8, 3, 3, 3), np.uint8), "w"),
+               scalar("ws", 0.1, np.float32), scalar("wz", 0, np.uint8),
+               scalar("ys", 0.1, np.float32), scalar("yz", 0, np.uint8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+             helper.make_node("QLinearConv", ["q", "xs", "xz", "w", "ws", "wz", "ys", "yz"],
+                              ["qy"], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["qy", "ys", "yz"], ["y"])]
+    graph = Graph.load(_tiny_model(nodes, [("x", [1, 3, 8, 8])], [("y", None)], weights))
+    assert graph.nodes[1].flops == 2 * 8 * 8 * 8 * 3 * 3 * 3
+    result = partition(graph, ["device", "edge"], use_calibration=False, out_dir=tmp_path)
+    assert result.plan.verification["passed"]
+
+
+def test_raw_input_that_is_an_output_cannot_be_delivered_beyond_the_device():
+    from onnx import helper
+
+    model = _tiny_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])],
+                        [("y", None), ("x", [1, 4])])
+    with pytest.raises(WpkError, match="output 'x' is the raw input"):
+        partition(Graph.load(model), ["device", "edge", "cloud"], deliver_to="cloud",
+                  use_calibration=False)
+    plan = partition(Graph.load(model), ["device", "edge", "cloud"], deliver_to="cloud",
+                     privacy="none", use_calibration=False).plan
+    assert "x" in plan.links[0].tensors
+
+
+def test_impossible_latency_bound_with_the_throughput_objective(mlp_path):
+    with pytest.raises(WpkError, match="impossible constraint"):
+        partition(mlp_path, ["device", "edge"], objective="throughput", max_latency_ms=1e-4,
+                  use_calibration=False)
+
+
+@pytest.mark.parametrize("deliver_to", ["device", "edge", "cloud"])
+@pytest.mark.parametrize("privacy", ["raw-input-on-device", "none"])
+@pytest.mark.parametrize("links", [["device-edge=1gbit,1ms", "edge-cloud=1gbit,1ms"],
+                                   ["device-edge=1mbit,1ms", "edge-cloud=1gbit,1ms"]])
+def test_plan_links_add_up_to_the_prediction(mlp_path, tmp_path, deliver_to, privacy, links):
+    """Every hop the prediction pays for is a link of the plan, so the links' transfer times
+    add up to the predicted transfer time; the plan starts where the input is (the device)."""
+    result = partition(mlp_path, ["device", "edge", "cloud"], links=links, privacy=privacy,
+                       deliver_to=deliver_to, use_calibration=False, out_dir=tmp_path)
+    plan = result.plan
+    assert plan.tiers[0].name == "device"
+    assert plan.tiers[0].inputs == [o["name"] for o in plan.model["inputs"]]
+    assert sum(link.predicted_transfer_ms for link in plan.links) == pytest.approx(
+        plan.predicted["transfer_ms"], abs=1e-5)
+    assert sum(t.predicted_compute_ms for t in plan.tiers) == pytest.approx(
+        plan.predicted["compute_ms"], abs=1e-5)
+    answered = [name for tier in plan.tiers for name in tier.results]
+    assert sorted(answered) == sorted(o["name"] for o in plan.model["outputs"])
+    for a, b in zip(plan.tiers, plan.tiers[1:]):
+        assert a.forward == b.inputs
+    feeds = random_inputs(result.graph, seed=5)
+    _, got = run_plan_directory(tmp_path, feeds)
+    for name, value in whole_model(mlp_path, feeds).items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-3, atol=1e-4)

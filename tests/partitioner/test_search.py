@@ -139,3 +139,75 @@ def test_min_cut_on_a_300_node_dag_gives_a_feasible_plan():
                             "t") for t in tiers.tiers]
     problem = build_problem(graph, tiers, costs)
     assert search.feasible(problem, search.min_latency(problem))
+
+
+def tricky_problem(rng, n_nodes: int, n_tiers: int) -> search.Problem:
+    """Random DAGs with the cases that are easy to price differently: outputs read by later
+    nodes, model inputs that are outputs or read by nobody, several inputs, pinned nodes
+    (random allowed ranges), any deliver_to, and tiers no node may use."""
+    n_inputs = int(rng.integers(1, 3))
+    readers: dict[int, list[int]] = {-i - 1: [] for i in range(n_inputs)}
+    readers.update({v: [] for v in range(n_nodes)})
+    for v in range(n_nodes):
+        for source in set(rng.integers(-n_inputs, v, size=rng.integers(1, 3)).tolist()):
+            readers[source].append(v)
+    tensors = []
+    for p, rs in readers.items():
+        is_output = (not rs) or rng.random() < 0.3
+        if p < 0 and not rs and rng.random() < 0.5:
+            continue                              # a model input nobody reads
+        tensors.append(search.TensorEdge(f"t{p}", int(rng.integers(0, 5000)),
+                                         p if p >= 0 else -1, tuple(rs), is_output))
+    node_ms = rng.uniform(0.0, 10, size=(n_nodes, n_tiers)) * rng.uniform(0.05, 1, n_tiers)
+    lowest = np.zeros(n_nodes, int)
+    highest = np.full(n_nodes, n_tiers - 1)
+    for v in range(n_nodes):
+        if rng.random() < 0.25:
+            lowest[v] = rng.integers(0, n_tiers)
+            highest[v] = rng.integers(lowest[v], n_tiers)
+    beyond = rng.random(n_tiers - 1) < 0.5
+    problem = search.Problem(node_ms, tensors, rng.uniform(1e-4, 5e-3, n_tiers - 1),
+                             rng.uniform(0, 5, n_tiers - 1), beyond, lowest, highest,
+                             int(rng.integers(n_tiers)))
+    return problem
+
+
+@pytest.mark.parametrize("n_tiers", [2, 3, 4])
+def test_min_cut_and_evaluate_price_the_same_on_tricky_problems(n_tiers):
+    rng = np.random.default_rng(100 + n_tiers)
+    checked = 0
+    for _ in range(60 if n_tiers < 4 else 20):
+        problem = tricky_problem(rng, int(rng.integers(1, 7 if n_tiers < 4 else 5)), n_tiers)
+        weight = float(rng.choice([0.0, rng.uniform(0, 0.01)]))
+        cost = lambda e: e.latency_ms + weight * e.bytes_beyond_edge  # noqa: E731
+        try:
+            best = search.brute_force(problem, key=cost)
+        except WpkError:
+            with pytest.raises(WpkError):
+                search.min_latency(problem, weight)
+            continue
+        found = search.min_latency(problem, weight)
+        assert search.feasible(problem, found)
+        assert cost(search.evaluate(problem, found)) == pytest.approx(cost(best), abs=1e-5)
+        checked += 1
+    assert checked > 10
+
+
+def test_throughput_is_exact_on_tricky_chains():
+    rng = np.random.default_rng(9)
+    for _ in range(40):
+        n_tiers, n = int(rng.integers(2, 4)), int(rng.integers(1, 7))
+        problem = tricky_problem(rng, n, n_tiers)
+        chain = []
+        for v in range(n):   # rewire as a chain, keeping outputs read later and sizes
+            chain.append(search.TensorEdge(f"c{v}", int(rng.integers(0, 5000)), v - 1 if v else -1,
+                                           (v,), bool(rng.random() < 0.3)))
+        chain.append(search.TensorEdge("last", 100, n - 1, (), True))
+        problem.tensors = chain
+        try:
+            best = search.brute_force(problem, key=lambda e: e.bottleneck_ms)
+        except WpkError:
+            continue
+        found = search.evaluate(problem, search.max_throughput(problem))
+        assert search.feasible(problem, found.tiers)
+        assert found.bottleneck_ms == pytest.approx(best.bottleneck_ms, abs=1e-6)

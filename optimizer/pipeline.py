@@ -1,0 +1,340 @@
+"""The WPK pipeline for one slice on this machine: graph passes, session configuration search,
+precision (int8 within an accuracy budget), per-operator selection, accuracy guard, and the
+final side-by-side measurement that falls back to the default when nothing beats it."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from wpk.errors import WpkError
+from wpk.graph import load_model
+from wpk.optimizer import accuracy, passes
+from wpk.optimizer.database import TuningLog
+from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
+from wpk.optimizer.kernels import load_initializers
+from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
+from wpk.optimizer.search import Evaluator, make_strategy
+from wpk.optimizer.select import OpChoice, build_segments, select_operators
+from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
+from wpk.optimizer.space import Config
+
+# a candidate must beat the default by this factor to be kept (noise guard)
+KEEP_MARGIN = 0.97
+
+
+@dataclass
+class Budget:
+    trials: int = 48
+    seconds: float | None = None
+
+    def share(self, fraction: float) -> int:
+        return max(2, int(self.trials * fraction))
+
+
+@dataclass
+class Options:
+    strategy: str = "ga"
+    budget: Budget = field(default_factory=Budget)
+    accuracy_budget: float | None = None   # relative L2 error allowed for int8; None = fp32
+    per_operator: bool = True
+    operator_limit: int = 6
+    samples: int = 3
+    log_path: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Report:
+    model: str
+    hardware: str
+    passes: list[str] = field(default_factory=list)
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    session_search: dict[str, Any] = field(default_factory=dict)
+    operators: list[dict[str, Any]] = field(default_factory=list)
+    chosen: str = "default"
+    reason: str = ""
+    speedup: float = 1.0
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Progress:
+    """Callbacks the CLI turns into rich progress bars (no-ops by default)."""
+
+    def phase(self, name: str, total: int | None = None) -> None: ...
+
+    def advance(self, text: str = "") -> None: ...
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    consts = {i.name for i in model.graph.initializer}
+
+    def arg(value: onnx.ValueInfoProto) -> dict:
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else \
+            "float32"
+        return {"name": value.name, "shape": shape,
+                "type": f"tensor({'float' if dtype == 'float32' else dtype})"}
+
+    outputs = {o.name: o for o in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    return ([arg(i) for i in inferred.graph.input if i.name not in consts],
+            [arg(outputs.get(o.name, o)) for o in model.graph.output])
+
+
+def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
+             options: Options | None = None, progress: Progress | None = None,
+             name: str | None = None) -> Report:
+    """Optimize one model (a slice) for this machine and write `out_dir`."""
+    options = options or Options()
+    progress = progress or Progress()
+    start = time.perf_counter()
+    original = source if isinstance(source, onnx.ModelProto) else load_model(source)
+    name = name or (Path(source).stem if not isinstance(source, onnx.ModelProto)
+                    else original.graph.name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(out_dir.glob("segment*.onnx")) + list(out_dir.glob("kernel*.npz")):
+        stale.unlink()
+    hardware = hardware_id()
+    report = Report(model=name, hardware=hardware)
+    log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
+    inputs, outputs = _io(original)
+    output_names = [o["name"] for o in outputs]
+    feeds = accuracy.sample_inputs(
+        [(i["name"], i["shape"], np.dtype(_np_type(i["type"]))) for i in inputs],
+        options.samples, options.seed)
+    deadline = None if options.budget.seconds is None else start + options.budget.seconds
+    original_bytes = original.SerializeToString()
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.perf_counter())
+
+    # -- reference and graph passes ---------------------------------------------------------
+    progress.phase("graph passes")
+    default = make_session(original_bytes, DEFAULT_SESSION)
+    reference = lambda f: default.run(output_names, f)  # noqa: E731
+    model, report.passes = passes.run_passes(original)
+    model_bytes = model.SerializeToString()
+    errors = accuracy.compare(reference, lambda f: make_session(model_bytes, DEFAULT_SESSION)
+                              .run(output_names, f), feeds[:1], output_names)
+    if not accuracy.within(errors, accuracy.FP32_RELATIVE):
+        model, model_bytes = original, original_bytes
+        report.passes.append("passes changed outputs beyond fp32 rounding: dropped")
+    with tempfile.TemporaryDirectory() as tmp:
+        return _search_and_write(locals(), Path(tmp))
+
+
+def describe_session(config: Config) -> str:
+    provider = config["provider"].replace("ExecutionProvider", "")
+    threads = config["threads"] or "auto"
+    return f"{provider}, threads={threads}, {config['execution_mode']}, " \
+           f"level={config['graph_level']}"
+
+
+def _np_type(type_text: str) -> str:
+    inner = type_text[len("tensor("):-1]
+    return "float32" if inner == "float" else inner
+
+
+def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
+    options: Options = ctx["options"]
+    progress: Progress = ctx["progress"]
+    report: Report = ctx["report"]
+    log: TuningLog = ctx["log"]
+    feeds, output_names = ctx["feeds"], ctx["output_names"]
+    model, model_bytes = ctx["model"], ctx["model_bytes"]
+    reference = ctx["reference"]
+    left = ctx["left"]
+    hardware = ctx["hardware"]
+    feed = feeds[0]
+
+    def evaluator(task: str, measure: Callable[[Config], float], trials: int) -> Evaluator:
+        remaining = left()
+        return Evaluator(task, measure, hardware, log, max_trials=trials,
+                         max_seconds=None if remaining is None else remaining,
+                         on_trial=lambda t: progress.advance(f"{task[:40]} {t.ms:.3f} ms"))
+
+    def strategy(seeds: list[Config]):
+        return make_strategy(options.strategy, options.seed, seeds)
+
+    # -- session configuration search ------------------------------------------------------
+    space = session_space()
+    trials = min(options.budget.share(0.25), sum(1 for _ in space))
+    progress.phase("session configuration", trials)
+
+    def measure_session(config: Config) -> float:
+        session = make_session(model_bytes, config)
+        return time_ms(lambda: session.run(output_names, feed), repeats=15, max_seconds=1.5)
+
+    digest = onnx.helper.printable_graph(model.graph).__hash__()
+    search = evaluator(f"session:{report.model}:{digest & 0xffffffff:x}", measure_session, trials)
+    best = strategy([dict(DEFAULT_SESSION)]).search(space, search)
+    best_config = best.config if best else dict(DEFAULT_SESSION)
+    report.session_search = {"strategy": options.strategy, "measured": search.measured,
+                             "reused": sum(1 for t in search.history if t.reused),
+                             "best": best_config, "best_ms": best.ms if best else None,
+                             "trials": [{"config": t.config, "ms": t.ms}
+                                        for t in search.history]}
+
+    # -- candidates: each a (runner factory, precision, writer) ------------------------------
+    candidates: dict[str, dict[str, Any]] = {}
+    default_session = ctx["default"]
+    candidates["default"] = {"run": lambda f: default_session.run(output_names, f),
+                             "precision": "fp32", "describe": "ONNX Runtime defaults"}
+    tuned = make_session(model_bytes, best_config)
+    candidates["tuned"] = {"run": lambda f: tuned.run(output_names, f), "precision": "fp32",
+                           "describe": "graph passes + " + describe_session(best_config)}
+
+    if options.accuracy_budget is not None:
+        progress.phase("int8 static quantization")
+        try:
+            int8_path = _quantize_int8(model, feeds, tmp)
+            int8 = make_session(str(int8_path), best_config)
+            candidates["int8"] = {"run": lambda f: int8.run(output_names, f),
+                                  "precision": "int8", "path": int8_path,
+                                  "describe": "static QDQ int8 (per-channel weights)"}
+        except Exception as error:  # quantization tools fail on some graphs: say so, go on
+            report.candidates["int8"] = {"error": f"{type(error).__name__}: {error}"[:200]}
+
+    choices: list[OpChoice] = []
+    if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
+        consts = load_initializers(model)
+        per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
+        progress.phase("per-operator selection", per_op * options.operator_limit)
+        choices = select_operators(model, consts, best_config, strategy, evaluator, per_op,
+                                   options.operator_limit)
+        report.operators = [c.to_json() for c in choices]
+        won = [c.spec for c in choices if c.chosen == "kernel"]
+        if won:
+            mixed_dir = tmp / "mixed"
+            mixed_dir.mkdir()
+            segments = build_segments(model, won, mixed_dir)
+            _write_manifest(mixed_dir, ctx, best_config, segments, "fp32")
+            mixed = load(mixed_dir)
+            candidates["mixed"] = {"run": lambda f: mixed.run(output_names, f),
+                                   "precision": "fp32", "segments": segments,
+                                   "dir": mixed_dir,
+                                   "describe": f"segment executor: {len(won)} generated "
+                                               f"kernel(s) + ORT"}
+
+    # -- accuracy guard and the final side-by-side measurement ------------------------------
+    progress.phase("accuracy guard and final timing", len(candidates))
+    allowed = {}
+    for key, cand in candidates.items():
+        errs = accuracy.compare(reference, cand["run"], feeds, output_names)
+        budget = accuracy.FP32_RELATIVE if cand["precision"] == "fp32" else \
+            options.accuracy_budget
+        ok = accuracy.within(errs, budget)
+        report.candidates[key] = {"describe": cand["describe"], "precision": cand["precision"],
+                                  "accuracy": [e.to_json() for e in errs], "within_budget": ok}
+        if ok:
+            allowed[key] = cand
+        progress.advance(key)
+    times = compare_ms({k: (lambda c=c: c["run"](feed)) for k, c in allowed.items()},
+                       rounds=5, repeats=10)
+    for key, ms in times.items():
+        report.candidates[key]["ms"] = ms
+    best_key = min(times, key=times.get)
+    if best_key != "default" and times[best_key] > KEEP_MARGIN * times["default"]:
+        report.reason = (f"best candidate {best_key} ({times[best_key]:.3f} ms) does not beat "
+                         f"the default ({times['default']:.3f} ms) by 3 %: keeping the default")
+        best_key = "default"
+    else:
+        report.reason = f"{best_key}: {times[best_key]:.3f} ms vs default " \
+                        f"{times['default']:.3f} ms"
+    report.chosen = best_key
+    report.speedup = times["default"] / times[best_key]
+    _write_choice(best_key, candidates[best_key], ctx, best_config, tmp)
+    # final guard: the directory as the runtime will load it
+    final = load(ctx["out_dir"])
+    errs = accuracy.compare(reference, lambda f: final.run(output_names, f), feeds,
+                            output_names)
+    report.accuracy = [e.to_json() for e in errs]
+    report.seconds = time.perf_counter() - ctx["start"]
+    (ctx["out_dir"] / "report.json").write_text(json.dumps(report.to_json(), indent=2,
+                                                           default=str) + "\n")
+    return report
+
+
+def _quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tmp: Path
+                   ) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = tmp / "fp32.onnx"
+    onnx.save(model, str(fp32))
+    prepared = tmp / "prepared.onnx"
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = tmp / "int8.onnx"
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def _write_manifest(directory: Path, ctx: dict[str, Any], config: Config,
+                    segments: list[dict[str, Any]], precision: str, chosen: str = "") -> None:
+    manifest = {"version": FORMAT_VERSION, "model": ctx["name"], "hardware": ctx["hardware"],
+                "precision": precision, "chosen": chosen, "session": config,
+                "inputs": ctx["inputs"], "outputs": ctx["outputs"], "segments": segments}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _write_choice(key: str, cand: dict[str, Any], ctx: dict[str, Any], config: Config,
+                  tmp: Path) -> None:
+    out_dir: Path = ctx["out_dir"]
+    inputs = [i["name"] for i in ctx["inputs"]]
+    outputs = ctx["output_names"]
+    if key == "default":
+        onnx.save(ctx["original"], str(out_dir / "model.onnx"))
+        segments = [{"type": "ort", "model": "model.onnx", "inputs": inputs,
+                     "outputs": outputs}]
+        config = dict(DEFAULT_SESSION)
+    elif key == "mixed":
+        for path in cand["dir"].iterdir():
+            if path.name != MANIFEST:
+                shutil.copy(path, out_dir / path.name)
+        segments = cand["segments"]
+    else:
+        if key == "int8":
+            shutil.copy(cand["path"], out_dir / "model.onnx")
+        else:
+            onnx.save(ctx["model"], str(out_dir / "model.onnx"))
+        segments = [{"type": "ort", "model": "model.onnx", "inputs": inputs,
+                     "outputs": outputs}]
+    # ONNX Runtime's offline optimization for this tier, loaded with optimizations off
+    for segment in segments:
+        if segment["type"] != "ort" or config["provider"] != "CPUExecutionProvider":
+            continue
+        offline = segment["model"].replace(".onnx", ".ort.onnx")
+        try:
+            passes.ort_offline_optimize(out_dir / segment["model"], out_dir / offline,
+                                        config.get("graph_level", "all"), config["threads"])
+            segment["offline_model"] = offline
+        except Exception:
+            pass
+    _write_manifest(out_dir, ctx, config, segments, cand["precision"], key)

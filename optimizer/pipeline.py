@@ -3,6 +3,7 @@ precision (int8 within an accuracy budget), per-operator selection, accuracy gua
 final side-by-side measurement that falls back to the default when nothing beats it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -181,8 +182,8 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         session = make_session(model_bytes, config)
         return time_ms(lambda: session.run(output_names, feed), repeats=15, max_seconds=1.5)
 
-    digest = onnx.helper.printable_graph(model.graph).__hash__()
-    search = evaluator(f"session:{report.model}:{digest & 0xffffffff:x}", measure_session, trials)
+    digest = hashlib.sha256(model_bytes).hexdigest()[:16]
+    search = evaluator(f"session:{digest}", measure_session, trials)
     best = strategy([dict(DEFAULT_SESSION)]).search(space, search)
     best_config = best.config if best else dict(DEFAULT_SESSION)
     report.session_search = {"strategy": options.strategy, "measured": search.measured,
@@ -338,3 +339,17 @@ def _write_choice(key: str, cand: dict[str, Any], ctx: dict[str, Any], config: C
         except Exception:
             pass
     _write_manifest(out_dir, ctx, config, segments, cand["precision"], key)
+
+
+def save_segmented(model: onnx.ModelProto, specs: list, out_dir: str | Path,
+                   config: Config | None = None) -> Path:
+    """Write `model` as a segmented slice whose `specs` nodes run as generated kernels
+    (used by per-operator selection, tests and benchmarks)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs, outputs = _io(model)
+    segments = build_segments(model, specs, out_dir)
+    ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
+           "outputs": outputs}
+    _write_manifest(out_dir, ctx, config or dict(DEFAULT_SESSION), segments, "fp32", "mixed")
+    return out_dir

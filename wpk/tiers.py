@@ -76,7 +76,7 @@ class LinkSpec:
 HARDWARE_PRESETS: dict[str, dict[str, Any]] = {
     "mcu": dict(peak_gflops=0.5, mem_bandwidth_gbps=0.5, op_overhead_us=50, cores=1,
                 memory_mb=64),
-    "rpi4": dict(peak_gflops=12, mem_bandwidth_gbps=4, op_overhead_us=20, cores=4,
+    "rpi4": dict(peak_gflops=8, mem_bandwidth_gbps=4, op_overhead_us=20, cores=4,
                  memory_mb=4096),
     "rpi5": dict(peak_gflops=30, mem_bandwidth_gbps=8, op_overhead_us=12, cores=4,
                  memory_mb=8192),
@@ -104,7 +104,7 @@ TIER_PRESETS: dict[str, tuple[str, str]] = {  # name -> (hardware preset, role)
 
 # Default links by the roles they join: (bandwidth Mbit/s, RTT ms).
 DEFAULT_LINKS: dict[tuple[str, str], tuple[float, float]] = {
-    ("device", "edge"): (50.0, 5.0),      # plant Wi-Fi / Ethernet to a nearby server
+    ("device", "edge"): (100.0, 2.0),     # plant Ethernet to a nearby server
     ("edge", "cloud"): (100.0, 40.0),     # WAN uplink
     ("device", "cloud"): (20.0, 60.0),    # cellular straight to the cloud
 }

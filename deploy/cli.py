@@ -1,0 +1,82 @@
+"""`wpk-deploy PLAN_DIR --local [--port N]`: deploy a plan's tiers.
+
+One target flag picks how (`--local` today; `--bundle`, `--k8s`, `--emulate` are meant to
+join the same mutually exclusive group). Each target is a function `(args) -> int` in
+TARGETS; options that only one target reads go in that target's argument group.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Callable
+
+from wpk.errors import cli_entry
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from wpk.deploy.local import LocalDeployment
+
+    console = Console()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
+                                 threads=args.threads, metrics=not args.no_metrics)
+    with deployment:
+        table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
+        for column in ("tier", "address", "models", "metrics", "pid"):
+            table.add_column(column, overflow="fold")
+        for handle in deployment.tiers:
+            table.add_row(handle.tier, handle.address, ", ".join(handle.models),
+                          handle.metrics_url or "-", str(handle.process.pid))
+        console.print(table)
+        console.print(f"entry: {deployment.entry} (model {deployment.tiers[0].models[0]!r}); "
+                      f"Ctrl-C stops all tiers")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            dead = deployment.poll()
+            if dead is not None:
+                console.print(f"[red]tier {dead.tier} exited with code "
+                              f"{dead.process.returncode}; stopping the others[/red]")
+                return 1
+        console.print("stopping all tiers")
+    return 0
+
+
+TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {"local": run_local}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wpk-deploy", description="Deploy a plan's tiers.")
+    parser.add_argument("plan_dir", metavar="PLAN_DIR", help="directory written by wpk-partition")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--local", action="store_true",
+                        help="run every tier on this machine as separate processes")
+    parser.add_argument("--name", help="model name to serve (default: the plan's)")
+    local = parser.add_argument_group("--local")
+    local.add_argument("--port", type=int, default=8001,
+                       help="entry tier's gRPC port (default 8001); others take free ports")
+    local.add_argument("--host", default="127.0.0.1", help="address every tier binds")
+    local.add_argument("--threads", type=int, default=0,
+                       help="ONNX Runtime threads per tier (0: ORT's default)")
+    local.add_argument("--no-metrics", action="store_true",
+                       help="do not serve Prometheus /metrics")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, run in TARGETS.items():
+        if getattr(args, name, False):
+            return run(args)
+    raise AssertionError("argparse requires one target")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""`partition()`: model + tiers + objective -> verified slices and a plan.
+
+This is the partitioner's Python API; `wpk-partition` is a thin CLI over it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from wpk.errors import WpkError
+from wpk.graph import Graph
+from wpk.plan import LinkPlan, Plan, TensorSpec, TierPlan
+from wpk.tiers import Tiers, load_tiers
+from wpk.partitioner import search, slicing
+from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
+
+OBJECTIVES = ("latency", "throughput", "bandwidth")
+PRIVACY_MODES = ("raw-input-on-device", "none")
+
+
+@dataclass
+class Configuration:
+    """One candidate: a machine per tier and the cut found for it."""
+
+    machines: tuple[TierCosts, ...]
+    evaluation: search.Evaluation
+
+    def key(self, objective: str) -> tuple:
+        e = self.evaluation
+        if objective == "throughput":
+            return (round(e.bottleneck_ms, 9), e.latency_ms)
+        if objective == "bandwidth":
+            return (e.bytes_beyond_edge, e.latency_ms)
+        return (round(e.latency_ms, 9), e.bytes_beyond_edge)
+
+
+@dataclass
+class PartitionResult:
+    graph: Graph
+    tiers: Tiers
+    problem: search.Problem
+    best: Configuration
+    plan: Plan
+    objective: str
+    single_tier: dict[str, search.Evaluation]
+    top: list[Configuration] = field(default_factory=list)
+    front: list[search.Evaluation] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
+                  privacy: bool = True, deliver_to: int = 0,
+                  pins: Mapping[str, str] | None = None) -> search.Problem:
+    """The search problem: compute per node and tier, tensors, links, constraints."""
+    n, n_tiers = len(graph.nodes), len(tiers)
+    node_ms = np.column_stack([c.node_ms for c in costs]) if n else np.zeros((0, n_tiers))
+    tensors = []
+    for name in list(graph.inputs) + [o for node in graph.nodes for o in node.outputs]:
+        consumers = tuple(graph.consumers.get(name, ()))
+        is_output = name in graph.outputs
+        if not consumers and not is_output:
+            continue
+        tensors.append(search.TensorEdge(name, graph.tensor_bytes(name),
+                                         graph.producer.get(name, -1), consumers, is_output))
+    lowest = np.zeros(n, dtype=int)
+    highest = np.full(n, n_tiers - 1, dtype=int)
+    if privacy:
+        for name in graph.inputs:
+            for consumer in graph.consumers.get(name, ()):
+                highest[consumer] = 0
+    for node_name, tier_name in (pins or {}).items():
+        v = graph.node(node_name).index
+        t = tiers.index(tier_name)
+        if t < lowest[v] or t > highest[v]:
+            raise WpkError(f"--pin {node_name}={tier_name} is impossible: node {node_name} "
+                           "reads the raw input, which must stay on the device")
+        lowest[v] = highest[v] = t
+    _check_pins_consistent(graph, lowest, highest, tiers)
+    links = tiers.links
+    per_byte = np.array([8.0 / (l.bandwidth_mbps * 1e6) * 1e3 for l in links])
+    rtt = np.array([l.rtt_ms for l in links])
+    beyond = np.array([tiers[k].role == "cloud" or tiers[k + 1].role == "cloud"
+                       for k in range(len(links))], dtype=bool)
+    return search.Problem(node_ms, tensors, per_byte, rtt, beyond, lowest, highest, deliver_to)
+
+
+def _check_pins_consistent(graph: Graph, lowest: np.ndarray, highest: np.ndarray,
+                           tiers: Tiers) -> None:
+    """Propagate bounds along edges; a node whose range empties means the pins contradict."""
+    low, high = lowest.copy(), highest.copy()
+    for node in graph.nodes:                       # forward: a consumer is never earlier
+        for tensor in node.inputs:
+            p = graph.producer.get(tensor)
+            if p is not None:
+                low[node.index] = max(low[node.index], low[p])
+    for node in reversed(graph.nodes):             # backward: a producer is never later
+        for tensor in node.outputs:
+            for c in graph.consumers.get(tensor, ()):
+                high[node.index] = min(high[node.index], high[c])
+    bad = np.nonzero(low > high)[0]
+    if len(bad):
+        node = graph.nodes[int(bad[0])]
+        raise WpkError(f"impossible pins: node {node.name} would have to run on "
+                       f"{tiers[int(low[bad[0]])].name} or later and on "
+                       f"{tiers[int(high[bad[0]])].name} or earlier")
+
+
+def _evaluate_single_tiers(problem: search.Problem, tiers: Tiers
+                           ) -> dict[str, search.Evaluation]:
+    return {tier.name: search.evaluate(problem, np.full(problem.n_nodes, i, dtype=int))
+            for i, tier in enumerate(tiers)}
+
+
+def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = None, *,
+              tiers_file: str | Path | None = None, links: Sequence[str] = (),
+              objective: str = "latency", max_latency_ms: float | None = None,
+              privacy: str = "raw-input-on-device", deliver_to: str | None = None,
+              pins: Mapping[str, str] | None = None,
+              input_shapes: Mapping[str, Sequence[int]] | None = None,
+              measured: Mapping[str, Sequence[TierCosts]] | None = None,
+              efficiency: Efficiency | None = None, use_calibration: bool = True,
+              out_dir: str | Path | None = None, verify: bool = True, top: int = 0,
+              with_front: bool = False) -> PartitionResult:
+    """Choose the cuts, write the slices and plan.json to `out_dir` (if given), return all.
+
+    `measured` maps a tier name to one or more measured cost columns (candidate machines);
+    other tiers use the roofline estimate.
+    """
+    if objective not in OBJECTIVES:
+        raise WpkError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if privacy not in PRIVACY_MODES:
+        raise WpkError(f"unknown privacy mode {privacy!r} (choose from "
+                       f"{', '.join(PRIVACY_MODES)})")
+    if objective == "bandwidth" and max_latency_ms is None:
+        raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
+    graph = model if isinstance(model, Graph) else Graph.load(model, input_shapes)
+    if not graph.nodes:
+        raise WpkError(f"{graph.name}: the model has no nodes")
+    if not isinstance(tiers, Tiers):
+        tiers = load_tiers(tiers, tiers_file, links)
+    deliver = tiers.index(deliver_to) if deliver_to else 0
+    if efficiency is None:
+        efficiency = calibrate() if use_calibration else Efficiency()
+    candidates: list[list[TierCosts]] = []
+    for tier in tiers.tiers:
+        if measured and tier.name in measured:
+            candidates.append(list(measured[tier.name]))
+        else:
+            candidates.append([estimated_costs(graph, tier, efficiency)])
+    unknown = set(measured or {}) - set(tiers.names)
+    if unknown:
+        raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
+                       f"(tiers: {', '.join(tiers.names)})")
+    for tier_candidates in candidates:
+        for costs in tier_candidates:
+            if len(costs.node_ms) != len(graph.nodes):
+                raise WpkError(f"tier {costs.tier}: {len(costs.node_ms)} node times for "
+                               f"{len(graph.nodes)} nodes")
+
+    configurations: list[Configuration] = []
+    fronts: list[search.Evaluation] = []
+    first_problem = None
+    for machines in itertools.product(*candidates):
+        problem = build_problem(graph, tiers, machines, privacy=privacy != "none",
+                                deliver_to=deliver, pins=pins)
+        first_problem = first_problem or problem
+        tiers_found = search.solve(problem, objective, max_latency_ms)
+        configurations.append(Configuration(machines, search.evaluate(problem, tiers_found)))
+        if top > 1 or with_front:
+            front = search.pareto(problem)
+            if with_front:
+                fronts.extend(front)
+            others = front + [search.evaluate(problem, t)
+                              for t in search.alternatives(problem, tiers_found)] \
+                if top > 1 else front
+            configurations.extend(Configuration(machines, e) for e in others
+                                  if max_latency_ms is None or e.latency_ms <= max_latency_ms)
+    ranked = _distinct(sorted(configurations, key=lambda c: c.key(objective)))
+    best = ranked[0]
+    problem = build_problem(graph, tiers, best.machines, privacy=privacy != "none",
+                            deliver_to=deliver, pins=pins)
+    single = _evaluate_single_tiers(problem, tiers)
+    plan = _make_plan(graph, tiers, problem, best, objective, privacy, max_latency_ms, single)
+    result = PartitionResult(graph, tiers, problem, best, plan, objective, single,
+                             ranked[:top] if top else [], _pareto_only(fronts))
+    if out_dir is not None:
+        write_plan(result, Path(out_dir), verify=verify)
+    return result
+
+
+def _distinct(configurations: list[Configuration]) -> list[Configuration]:
+    seen, out = set(), []
+    for c in configurations:
+        key = (tuple(m.machine or m.tier for m in c.machines), tuple(c.evaluation.tiers))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _pareto_only(points: list[search.Evaluation]) -> list[search.Evaluation]:
+    front: list[search.Evaluation] = []
+    for p in sorted(points, key=lambda e: (e.latency_ms, e.bytes_beyond_edge)):
+        if not front or p.bytes_beyond_edge < front[-1].bytes_beyond_edge:
+            front.append(p)
+    return front
+
+
+def _tensor_json(graph: Graph, name: str) -> dict:
+    info = graph.tensors[name]
+    return TensorSpec(name, list(info.shape), info.dtype.name).__dict__
+
+
+def _make_plan(graph: Graph, tiers: Tiers, problem: search.Problem, best: Configuration,
+               objective: str, privacy: str, max_latency_ms: float | None,
+               single: dict[str, search.Evaluation]) -> Plan:
+    e = best.evaluation
+    pieces = slicing.tier_slices(graph, e.tiers, e.forward_tensors, problem.deliver_to)
+    tier_plans = []
+    for piece in pieces:
+        spec = tiers[piece.tier]
+        machine = best.machines[piece.tier]
+        tier_plans.append(TierPlan(
+            name=spec.name, slice=None, nodes=[graph.nodes[v].name for v in piece.nodes],
+            inputs=piece.inputs, outputs=piece.outputs, slice_inputs=piece.slice_inputs,
+            slice_outputs=piece.slice_outputs, forward=piece.forward, results=piece.results,
+            passthrough=piece.passthrough,
+            predicted_compute_ms=round(float(e.compute_ms[piece.tier]), 6),
+            hardware=spec.to_json(), cost_source=machine.source, machine=machine.machine,
+            profile=machine.profile, address=spec.address))
+    link_plans = []
+    for a, b in zip(pieces, pieces[1:]):
+        hops = range(a.tier, b.tier)                       # physical links a -> b
+        first, last = tiers.links[a.tier], tiers.links[b.tier - 1]
+        link_plans.append(LinkPlan(
+            src=first.src, dst=last.dst,
+            bandwidth_mbps=min(tiers.links[k].bandwidth_mbps for k in hops),
+            rtt_ms=sum(tiers.links[k].rtt_ms for k in hops),
+            tensors=list(e.forward_tensors[a.tier]), bytes=int(e.forward_bytes[a.tier]),
+            return_tensors=list(e.return_tensors[b.tier - 1]),
+            return_bytes=int(e.return_bytes[b.tier - 1]),
+            predicted_transfer_ms=round(float(sum(e.transfer_ms[k] for k in hops)), 6),
+            via=[tiers[k].name for k in range(a.tier + 1, b.tier)]))
+    crossing = {t for p in pieces for t in p.inputs + p.outputs} | set(graph.inputs) \
+        | set(graph.outputs)
+    raw_bytes = sum(graph.tensor_bytes(name) for name in graph.inputs)
+    used_single = {k: v for k, v in single.items()}
+    feasible_single = {name: ev for name, ev in used_single.items()
+                       if search.feasible(problem, ev.tiers)}
+    best_single = min(feasible_single, key=lambda k: feasible_single[k].latency_ms) \
+        if feasible_single else None
+    stages = [t.name for t in tiers.tiers] + [l.name for l in tiers.links]
+    predicted = {
+        "latency_ms": round(e.latency_ms, 6),
+        "compute_ms": round(float(e.compute_ms.sum()), 6),
+        "transfer_ms": round(float(e.transfer_ms.sum()), 6),
+        "bottleneck_ms": round(e.bottleneck_ms, 6),
+        "bottleneck_stage": stages[int(np.argmax(e.stages_ms))],
+        "throughput_rps": round(1000.0 / e.bottleneck_ms, 3) if e.bottleneck_ms > 0 else None,
+        "bytes_beyond_edge": int(e.bytes_beyond_edge),
+        "raw_input_bytes": int(raw_bytes),
+        "single_tier_latency_ms": {k: round(v.latency_ms, 6) for k, v in single.items()},
+        "best_single_tier": best_single,
+        "tiers_used": [p.name for p in tier_plans],
+    }
+    return Plan(
+        model={"name": graph.name, "file": str(graph.path.resolve()) if graph.path else None,
+               "sha256": graph.sha256,
+               "inputs": [_tensor_json(graph, n) for n in graph.inputs],
+               "outputs": [_tensor_json(graph, n) for n in graph.outputs]},
+        objective={"name": objective, "privacy": privacy,
+                   "deliver_to": tiers[problem.deliver_to].name,
+                   "max_latency_ms": max_latency_ms},
+        tiers=tier_plans, links=link_plans, predicted=predicted,
+        tensors={name: _tensor_json(graph, name) for name in sorted(crossing)})
+
+
+def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> Path:
+    """Write slices + plan.json; verification runs first, so a failed check writes nothing."""
+    graph, plan = result.graph, result.plan
+    e = result.best.evaluation
+    pieces = slicing.tier_slices(graph, e.tiers, e.forward_tensors, result.problem.deliver_to)
+    models = [slicing.slice_model(graph, p, result.tiers[p.tier].name)
+              if p.slice_outputs else None for p in pieces]
+    if verify:
+        plan.verification = slicing.verify(graph, models, pieces)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WpkError(f"{out_dir}: cannot create the output directory ({error.strerror})") \
+            from None
+    files = slicing.save_slices(out_dir, models, [t.name for t in plan.tiers])
+    for tier, filename in zip(plan.tiers, files):
+        tier.slice = filename
+    result.out_dir = out_dir
+    return plan.save(out_dir)

@@ -1,0 +1,192 @@
+"""`wpk-partition`: choose where to cut a model across tiers and write slices + plan.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from wpk.errors import WpkError, cli_entry
+from wpk.graph import Graph, parse_input_shapes
+from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
+from wpk.partitioner.measured import measured_costs_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wpk-partition",
+        description="Split an ONNX model across device, edge and cloud tiers so that "
+                    "end-to-end latency (or throughput, or bytes beyond the edge) is best.")
+    parser.add_argument("model", help="the ONNX model file")
+    parser.add_argument("--tiers", default=None,
+                        help="tiers in flow order (default device,edge,cloud or the tiers file's)")
+    parser.add_argument("--tiers-file", help="YAML file with tier hardware and links")
+    parser.add_argument("--link", action="append", default=[], metavar="SRC-DST=BW,RTT",
+                        help="override a link, e.g. device-edge=10mbit,5ms (repeatable)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="latency")
+    parser.add_argument("--max-latency-ms", type=float, help="latency bound (SLO)")
+    parser.add_argument("--privacy", choices=PRIVACY_MODES, default="raw-input-on-device",
+                        help="raw-input-on-device (default): the model input never crosses a link")
+    parser.add_argument("--deliver-to", metavar="TIER",
+                        help="tier that needs the results (default: the first tier)")
+    parser.add_argument("--pin", action="append", default=[], metavar="NODE=TIER",
+                        help="force a node onto a tier (repeatable)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                        help="fix a dynamic input shape (repeatable)")
+    parser.add_argument("--profile", action="append", default=[], metavar="TIER=FILE",
+                        help="plan TIER with node times measured by wpk-profile; repeat a tier "
+                             "for candidate machines")
+    parser.add_argument("--profile-local", metavar="TIER",
+                        help="profile the model on this machine and use it for TIER")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="print the N best configurations")
+    parser.add_argument("--pareto", action="store_true",
+                        help="print the latency / bytes-beyond-edge front")
+    parser.add_argument("-o", "--output", help="output directory (default: <model>_plan)")
+    parser.add_argument("--report", metavar="PNG", help="draw per-layer costs and the cuts")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking the chained slices against the whole model")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="use default roofline efficiencies instead of measuring this machine")
+    parser.add_argument("--json", action="store_true", help="print plan.json instead of tables")
+    return parser
+
+
+def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise WpkError(f"bad {flag} {item!r}: expected KEY=VALUE")
+        pairs.append((key, value))
+    return pairs
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top < 0:
+        raise WpkError("--top must be positive")
+    tier_names = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers else None
+    if tier_names is None and args.tiers_file is None:
+        tier_names = ["device", "edge", "cloud"]
+    graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
+    measured = measured_costs_from_args(graph, _pairs(args.profile, "--profile"),
+                                        args.profile_local, args.input_shape)
+    out_dir = Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan")
+    result = partition(
+        graph, tier_names, tiers_file=args.tiers_file, links=args.link,
+        objective=args.objective, max_latency_ms=args.max_latency_ms, privacy=args.privacy,
+        deliver_to=args.deliver_to, pins=dict(_pairs(args.pin, "--pin")), measured=measured,
+        use_calibration=not args.no_calibrate, out_dir=out_dir, verify=not args.no_verify,
+        top=args.top, with_front=args.pareto)
+    if args.json:
+        print(json.dumps(result.plan.to_json(), indent=2))
+    else:
+        print_result(result, Console())
+    if args.report:
+        from wpk.partitioner.report import draw_report
+
+        draw_report(result, Path(args.report))
+        print(f"report: {args.report}")
+    return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def print_result(result: PartitionResult, console: Console) -> None:
+    plan, e = result.plan, result.best.evaluation
+    predicted = plan.predicted
+    console.print(f"[bold]{plan.name}[/]: {len(result.graph.nodes)} nodes, "
+                  f"{result.graph.total_flops / 1e9:.2f} GFLOP; objective "
+                  f"[bold]{result.objective}[/], privacy {plan.objective['privacy']}, "
+                  f"results to {plan.objective['deliver_to']}")
+    tiers = Table(title="tiers", title_justify="left")
+    for column in ("tier", "machine", "times from", "ops", "compute ms", "bytes out"):
+        tiers.add_column(column, justify="right" if column in ("ops", "compute ms", "bytes out")
+                         else "left")
+    for tier in plan.tiers:
+        out_bytes = sum(plan.tensor_spec(t).nbytes for t in tier.forward)
+        tiers.add_row(tier.name, tier.machine or tier.hardware.get("hardware", "custom"),
+                      tier.cost_source, str(len(tier.nodes)), f"{tier.predicted_compute_ms:.3f}",
+                      _bytes(out_bytes))
+    console.print(tiers)
+    if plan.links:
+        links = Table(title="links", title_justify="left")
+        for column in ("link", "bandwidth", "RTT", "tensors", "bytes out", "bytes back",
+                       "transfer ms"):
+            links.add_column(column, justify="left" if column in ("link", "tensors") else "right")
+        for link in plan.links:
+            via = f" (via {', '.join(link.via)})" if link.via else ""
+            links.add_row(f"{link.src} -> {link.dst}{via}", f"{link.bandwidth_mbps:g} Mbit/s",
+                          f"{link.rtt_ms:g} ms", ", ".join(link.tensors) or "-",
+                          _bytes(link.bytes), _bytes(link.return_bytes),
+                          f"{link.predicted_transfer_ms:.3f}")
+        console.print(links)
+    if len(plan.tiers) == 1:
+        console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
+                      f"run on [bold]{plan.tiers[0].name}[/]; the plan has one slice.")
+    best_single = predicted["best_single_tier"]
+    line = f"end-to-end latency [bold]{predicted['latency_ms']:.3f} ms[/]"
+    if best_single:
+        base = predicted["single_tier_latency_ms"][best_single]
+        line += (f" vs {base:.3f} ms all on {best_single} (best single tier allowed): "
+                 f"{base / predicted['latency_ms']:.2f}x")
+    console.print(line)
+    others = ", ".join(f"{k} {v:.3f} ms" for k, v in predicted["single_tier_latency_ms"].items())
+    console.print(f"all on one tier: {others}")
+    console.print(f"throughput {predicted['throughput_rps']} req/s (slowest stage "
+                  f"{predicted['bottleneck_stage']}, {predicted['bottleneck_ms']:.3f} ms); "
+                  f"bytes beyond the edge {_bytes(predicted['bytes_beyond_edge'])} vs raw input "
+                  f"{_bytes(predicted['raw_input_bytes'])}")
+    if plan.verification:
+        v = plan.verification
+        console.print(f"verified: chained slices match the whole model on {v['samples']} random "
+                      f"inputs (max abs error {v['max_abs_error']:.2e}, rtol {v['rtol']}, "
+                      f"atol {v['atol']})")
+    if result.top:
+        _print_top(result, console)
+    if result.front:
+        front = Table(title="latency / bytes beyond the edge (Pareto front)", title_justify="left")
+        for column in ("latency ms", "bytes beyond edge", "cut (nodes per tier)"):
+            front.add_column(column, justify="right")
+        for point in result.front:
+            counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
+            front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
+                          " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
+        console.print(front)
+    if result.out_dir is not None:
+        console.print(f"wrote {result.out_dir}/plan.json and "
+                      f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
+
+
+def _print_top(result: PartitionResult, console: Console) -> None:
+    table = Table(title=f"top {len(result.top)} configurations", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("machines")
+    table.add_column("cut (nodes per tier)")
+    table.add_column("latency ms", justify="right")
+    table.add_column("bottleneck ms", justify="right")
+    table.add_column("bytes out per tier", justify="right")
+    for rank, config in enumerate(result.top, 1):
+        e = config.evaluation
+        machines = ", ".join(f"{m.tier}={m.machine}" for m in config.machines if m.machine) or "-"
+        counts = [int((e.tiers == i).sum()) for i in range(len(result.tiers))]
+        cut = " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts))
+        bytes_out = " / ".join(_bytes(b) for b in e.forward_bytes)
+        table.add_row(str(rank), machines, cut, f"{e.latency_ms:.3f}", f"{e.bottleneck_ms:.3f}",
+                      bytes_out or "-")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

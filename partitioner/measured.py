@@ -1,0 +1,56 @@
+"""Measured cost columns from profiles (`--profile TIER=FILE`, `--profile-local TIER`).
+
+`--profile-local TIER` is a shortcut for "run wpk-profile here, then plan with the file": it
+writes the same profile document and reads it back through the same loader.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from wpk.errors import WpkError
+from wpk.graph import Graph, parse_input_shapes
+from wpk.partitioner.costs import TierCosts, measured_costs
+
+
+def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = None
+                       ) -> TierCosts:
+    """One tier's measured column from a profile file (validated, names checked)."""
+    from wpk.profiling import load_profile
+
+    profile = load_profile(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        node_ms = profile.node_times_for(graph)
+    for warning in caught:
+        print(f"wpk: warning: {warning.message}")
+    name = label or profile.device_name
+    return measured_costs(tier, node_ms, f"measured ({name})", machine=name,
+                          profile={"name": profile.device_name, "sha256": profile.sha256,
+                                   "file": str(path)})
+
+
+def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
+                             profile_local: str | None, input_shape_specs: Sequence[str] = ()
+                             ) -> dict[str, list[TierCosts]]:
+    """Tier name -> candidate machines' cost columns, from the CLI's profile options."""
+    measured: dict[str, list[TierCosts]] = {}
+    for tier, file in profiles:
+        path = Path(file)
+        measured.setdefault(tier, []).append(costs_from_profile(graph, tier, path))
+    if profile_local:
+        if graph.path is None:
+            raise WpkError("--profile-local needs the model as a file")
+        from wpk.profiling import profile_model
+
+        document = profile_model(graph.path, name=f"local-{profile_local}",
+                                 input_shapes=parse_input_shapes(input_shape_specs) or None)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "local-profile.json"
+            path.write_text(json.dumps(document))
+            costs = costs_from_profile(graph, profile_local, path, f"local-{profile_local}")
+        measured.setdefault(profile_local, []).append(costs)
+    return measured

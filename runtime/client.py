@@ -1,0 +1,107 @@
+"""`InferenceClient`: a small grpc.aio client for wpk tiers (and any KServe v2 server).
+
+    async with InferenceClient("127.0.0.1:8001") as client:
+        outputs = await client.infer("resnet_like", {"image": image}, timeout=5)
+
+Arrays in, arrays out. Errors are `grpc.aio.AioRpcError` (`.code()`, `.details()`):
+UNAVAILABLE / DEADLINE_EXCEEDED are worth retrying, INVALID_ARGUMENT / NOT_FOUND are not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from wpk.runtime import protocol as pb
+from wpk.runtime.codecs import Codec, Encoder
+from wpk.runtime.tensors import TensorMeta
+from wpk.runtime.wire import build_request, parse_response
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
+    """Options for every wpk channel: large messages, quick reconnects after a tier restarts."""
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0)]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+class InferenceClient:
+    """One channel to one server. `codec` encodes the tensors this client sends (wpk tiers
+    decode them; use "raw", the default, for other servers)."""
+
+    def __init__(self, address: str, *, timeout: float | None = None, codec: str = "raw",
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        import grpc
+
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(
+            max_message_bytes))
+        self.stub = pb.Stub(self.channel)
+        codec_spec = Codec.parse(codec)
+        self.encoder = Encoder(codec_spec) if codec_spec != Codec() else None
+
+    async def __aenter__(self) -> "InferenceClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def server_live(self, timeout: float | None = None) -> bool:
+        response = await self.stub.ServerLive(pb.ServerLiveRequest(),
+                                              timeout=self._timeout(timeout))
+        return response.live
+
+    async def server_ready(self, timeout: float | None = None) -> bool:
+        response = await self.stub.ServerReady(pb.ServerReadyRequest(),
+                                               timeout=self._timeout(timeout))
+        return response.ready
+
+    async def model_ready(self, model: str, timeout: float | None = None) -> bool:
+        response = await self.stub.ModelReady(pb.ModelReadyRequest(name=model),
+                                              timeout=self._timeout(timeout))
+        return response.ready
+
+    async def model_metadata(self, model: str, timeout: float | None = None) -> ModelMetadata:
+        response = await self.stub.ModelMetadata(pb.ModelMetadataRequest(name=model),
+                                                 timeout=self._timeout(timeout))
+
+        def metas(tensors) -> list[TensorMeta]:
+            return [TensorMeta(t.name, t.datatype, tuple(t.shape)) for t in tensors]
+
+        return ModelMetadata(response.name, response.platform, metas(response.inputs),
+                             metas(response.outputs))
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+                    outputs: Sequence[str] | None = None, *, timeout: float | None = None,
+                    parameters: Mapping[str, str | float | bool | int] | None = None,
+                    request_id: str = "") -> dict[str, np.ndarray]:
+        """Run `model` on `inputs`; returns the outputs (all, or those named) by name."""
+        request = build_request(model, inputs, outputs, encoder=self.encoder,
+                                parameters=parameters, request_id=request_id)
+        response = await self.infer_message(request, timeout=timeout)
+        return parse_response(response)
+
+    async def infer_message(self, request, *, timeout: float | None = None):
+        """Send a prepared ModelInferRequest; returns the ModelInferResponse message."""
+        return await self.stub.ModelInfer(request, timeout=self._timeout(timeout))

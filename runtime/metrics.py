@@ -1,0 +1,107 @@
+"""Per-tier metrics in Prometheus' text format, served over HTTP from the server's own loop.
+
+Hand-written rather than prometheus_client: three metric families need ~80 lines, the `serve`
+extra stays small for device-class hardware, and the /metrics endpoint runs on the asyncio
+loop the gRPC server already has (prometheus_client's `start_http_server` adds a thread).
+
+    wpk_requests_total{tier,model,code}        counter, one per finished ModelInfer
+    wpk_request_seconds{tier,model}            histogram of ModelInfer latency
+    wpk_tensor_bytes_total{tier,direction}     counter of tensor payload bytes; direction is
+        in (from the caller), out (to the caller), forward (to the next tier),
+        return (answers from the next tier)
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import defaultdict
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _labels(**labels: str) -> str:
+    text = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                    for k, v in labels.items())
+    return "{" + text + "}"
+
+
+class Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+
+class TierMetrics:
+    """Counters of one tier server. Not thread-safe: update from the event loop only."""
+
+    def __init__(self, tier: str):
+        self.tier = tier
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.latency: dict[str, Histogram] = defaultdict(Histogram)
+        self.tensor_bytes: dict[str, int] = {"in": 0, "out": 0, "forward": 0, "return": 0}
+
+    def observe(self, model: str, code: str, seconds: float) -> None:
+        self.requests[(model, code)] += 1
+        self.latency[model].observe(seconds)
+
+    def add_bytes(self, direction: str, count: int) -> None:
+        self.tensor_bytes[direction] += count
+
+    def render(self) -> str:
+        tier = self.tier
+        lines = ["# HELP wpk_requests_total ModelInfer requests finished, by gRPC status code.",
+                 "# TYPE wpk_requests_total counter"]
+        for (model, code), value in sorted(self.requests.items()):
+            lines.append(f"wpk_requests_total{_labels(tier=tier, model=model, code=code)} {value}")
+        lines += ["# HELP wpk_request_seconds ModelInfer latency seen by this tier.",
+                  "# TYPE wpk_request_seconds histogram"]
+        for model, hist in sorted(self.latency.items()):
+            cumulative = 0
+            for bound, count in zip(BUCKETS + (float("inf"),), hist.counts):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f"wpk_request_seconds_bucket"
+                             f"{_labels(tier=tier, model=model, le=le)} {cumulative}")
+            lines.append(f"wpk_request_seconds_sum{_labels(tier=tier, model=model)} {hist.total!r}")
+            lines.append(f"wpk_request_seconds_count{_labels(tier=tier, model=model)} {hist.count}")
+        lines += ["# HELP wpk_tensor_bytes_total Tensor payload bytes moved by this tier.",
+                  "# TYPE wpk_tensor_bytes_total counter"]
+        for direction, value in self.tensor_bytes.items():
+            lines.append(f"wpk_tensor_bytes_total{_labels(tier=tier, direction=direction)} {value}")
+        return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(metrics: TierMetrics, host: str, port: int) -> asyncio.base_events.Server:
+    """A minimal HTTP/1.0 server answering GET /metrics; returns the started asyncio server."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                body, status = metrics.render().encode(), "200 OK"
+                ctype = CONTENT_TYPE
+            else:
+                body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

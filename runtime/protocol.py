@@ -1,0 +1,77 @@
+"""Open Inference Protocol messages and the service's method table.
+
+Message classes are built from the generated descriptor (`_open_inference_desc`, see
+`gen_proto`) in a private descriptor pool, so this module coexists with tritonclient's own
+`inference.*` classes in one process. The wire format is the specification's.
+"""
+from __future__ import annotations
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from wpk.runtime._open_inference_desc import SERIALIZED
+
+SERVICE = "inference.GRPCInferenceService"
+
+_pool = descriptor_pool.DescriptorPool()
+_file = _pool.Add(descriptor_pb2.FileDescriptorProto.FromString(SERIALIZED))
+
+
+def _message(name: str) -> type:
+    return message_factory.GetMessageClass(_pool.FindMessageTypeByName(f"inference.{name}"))
+
+
+ServerLiveRequest = _message("ServerLiveRequest")
+ServerLiveResponse = _message("ServerLiveResponse")
+ServerReadyRequest = _message("ServerReadyRequest")
+ServerReadyResponse = _message("ServerReadyResponse")
+ModelReadyRequest = _message("ModelReadyRequest")
+ModelReadyResponse = _message("ModelReadyResponse")
+ServerMetadataRequest = _message("ServerMetadataRequest")
+ServerMetadataResponse = _message("ServerMetadataResponse")
+ModelMetadataRequest = _message("ModelMetadataRequest")
+ModelMetadataResponse = _message("ModelMetadataResponse")
+ModelInferRequest = _message("ModelInferRequest")
+ModelInferResponse = _message("ModelInferResponse")
+InferParameter = _message("InferParameter")
+InferTensorContents = _message("InferTensorContents")
+
+# method name -> (request class, response class), in the service's order
+METHODS: dict[str, tuple[type, type]] = {
+    "ServerLive": (ServerLiveRequest, ServerLiveResponse),
+    "ServerReady": (ServerReadyRequest, ServerReadyResponse),
+    "ModelReady": (ModelReadyRequest, ModelReadyResponse),
+    "ServerMetadata": (ServerMetadataRequest, ServerMetadataResponse),
+    "ModelMetadata": (ModelMetadataRequest, ModelMetadataResponse),
+    "ModelInfer": (ModelInferRequest, ModelInferResponse),
+}
+
+# Checked at import: the generated descriptor declares exactly these methods.
+assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == list(METHODS)
+
+
+def method_path(method: str) -> str:
+    return f"/{SERVICE}/{method}"
+
+
+def generic_handler(servicer: object):
+    """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`."""
+    import grpc
+
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString)
+        for name, (request, response) in METHODS.items()
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class Stub:
+    """Client-side callables for each method, on a grpc (aio or sync) channel."""
+
+    def __init__(self, channel):
+        for name, (request, response) in METHODS.items():
+            setattr(self, name, channel.unary_unary(
+                method_path(name), request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString))

@@ -1,0 +1,121 @@
+"""Run one tier: `wpk-serve PLAN_DIR --tier NAME --port N [--next HOST:PORT]`.
+
+Prints one line when ready, which `wpk-deploy` reads to learn the port:
+    wpk-serve: tier edge of resnet_like ready on 127.0.0.1:40123 (models: ...) metrics http://127.0.0.1:40124/metrics
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from wpk.errors import WpkError, cli_entry
+from wpk.plan import load_plan
+from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
+from wpk.runtime.metrics import serve_metrics
+from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, TierService
+from wpk.runtime import protocol
+
+READY_MARK = "ready on"
+
+
+def server_options(max_message_bytes: int) -> list[tuple]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+
+
+async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int = 8001,
+                next_address: str | None = None, name: str | None = None,
+                threads: int = 0, workers: int = 1, metrics_port: int | None = None,
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                hop_timeout: float = DEFAULT_HOP_TIMEOUT_S,
+                ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
+                announce=print) -> None:
+    """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
+    import grpc
+
+    plan = load_plan(plan_dir)
+    service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
+                          workers=workers, hop_timeout=hop_timeout)
+    server = grpc.aio.server(options=server_options(max_message_bytes))
+    server.add_generic_rpc_handlers((protocol.generic_handler(service),))
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (port in use?)")
+    await service.start()
+    await server.start()
+    metrics_server = None
+    metrics_text = ""
+    if metrics_port is not None:
+        metrics_server = await serve_metrics(service.metrics, host, metrics_port)
+        metrics_bound = metrics_server.sockets[0].getsockname()[1]
+        metrics_text = f" metrics http://{host}:{metrics_bound}/metrics"
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    announce(f"wpk-serve: tier {tier} of {service.name} {READY_MARK} {host}:{bound} "
+             f"(models: {', '.join(service.models)}){metrics_text}")
+    if ready is not None:
+        ready.port = bound  # type: ignore[attr-defined]
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace=1.0)
+        if metrics_server is not None:
+            metrics_server.close()
+        await service.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wpk-serve", description="Serve one tier of a plan over the Open Inference "
+        "Protocol (KServe v2 gRPC), forwarding cut tensors to the next tier.")
+    parser.add_argument("plan_dir", metavar="PLAN_DIR", help="directory written by wpk-partition")
+    parser.add_argument("--tier", required=True, help="which tier of the plan to serve")
+    parser.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0 for every interface)")
+    parser.add_argument("--next", dest="next_address", metavar="HOST:PORT",
+                        help="the next tier's server (required unless this tier is the last)")
+    parser.add_argument("--name", help="model name to serve (default: the plan's)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads (0: ORT's default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="slice runs at once on this tier (default 1)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics on this port (0: any free port)")
+    parser.add_argument("--max-message-mb", type=int,
+                        default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
+                        help="largest gRPC message sent or received, MiB (default 256)")
+    parser.add_argument("--hop-timeout", type=float, default=DEFAULT_HOP_TIMEOUT_S,
+                        help="seconds to wait for the next tier when the caller set no "
+                        "deadline (default 60)")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 0 or args.workers < 1 or args.max_message_mb < 1:
+        raise WpkError("--threads must be >= 0, --workers and --max-message-mb >= 1")
+    if args.next_address and ":" not in args.next_address:
+        raise WpkError(f"--next {args.next_address!r}: expected HOST:PORT")
+    announce = lambda line: print(line, flush=True)  # noqa: E731
+    asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
+                      next_address=args.next_address, name=args.name, threads=args.threads,
+                      workers=args.workers, metrics_port=args.metrics_port,
+                      max_message_bytes=args.max_message_mb * 1024 * 1024,
+                      hop_timeout=args.hop_timeout, announce=announce))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

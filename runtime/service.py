@@ -1,0 +1,240 @@
+"""The Open Inference Protocol servicer of one tier.
+
+Models served:
+- `<name>.<tier>` on every tier: the tier's slice alone. Inputs: the tier's `inputs`; outputs:
+  its `outputs` (forward + results; passthrough tensors are copied through).
+- `<name>` on the entry (first) tier: the whole pipeline. Inputs and outputs: the model's.
+- `<name>.<tier>` with request parameter `wpk_pipeline=true` (what a tier sends the next
+  one): run the slice, forward `forward` to the next tier, answer `results` merged with the
+  next tier's answer. Each tier calls the next with the caller's remaining deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from wpk.plan import Plan
+from wpk.runtime import protocol as pb
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.codecs import Codec, Encoder
+from wpk.runtime.metrics import TierMetrics
+from wpk.runtime.slice import load_runner
+from wpk.runtime.tensors import TensorError, TensorMeta
+from wpk.runtime.wire import (build_request, build_response, parameter_value, parse_inputs,
+                              parse_response, payload_bytes, requested_outputs)
+import wpk
+
+PIPELINE_PARAM = "wpk_pipeline"
+DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
+DEADLINE_MARGIN_S = 0.02        # kept back so our own error reaches the caller in time
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    inputs: dict[str, TensorMeta]
+    outputs: dict[str, TensorMeta]
+    pipeline: bool               # True: the whole pipeline from this tier on
+
+
+class Abort(Exception):
+    """Ends a request with a gRPC status; `details` names the tier."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class TierService:
+    def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
+                 *, name: str | None = None, threads: int = 0, workers: int = 1,
+                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S):
+        self.plan = plan
+        self.tier = plan.tier(tier)
+        index = plan.tier_index(tier)
+        self.name = name or plan.name
+        self.hop_timeout = hop_timeout
+        self.metrics = TierMetrics(tier)
+        self.runner = load_runner(plan_dir, self.tier, threads) if self.tier.slice else None
+        self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
+                                           thread_name_prefix=f"wpk-{tier}")
+        self.next_tier = plan.tiers[index + 1].name if index + 1 < len(plan.tiers) else None
+        if self.tier.forward and self.next_tier is None:
+            raise wpk.WpkError(f"tier {tier!r} forwards tensors but is the last tier")
+        if self.tier.forward and not next_address:
+            raise wpk.WpkError(f"tier {tier!r} forwards {', '.join(self.tier.forward)} to "
+                               f"tier {self.next_tier!r}: give its address with --next HOST:PORT")
+        self.next_address = next_address if self.tier.forward else None
+        self.next: InferenceClient | None = None
+        codec = Codec.parse(plan.links[index].codec) if self.next_tier else Codec()
+        self.encoder = Encoder(codec) if codec != Codec() else None
+        self.slice_outputs = [o for o in self.tier.slice_outputs]
+        self.models = self._models(index == 0)
+
+    # -- model table ---------------------------------------------------------------------
+    def _meta(self, tensor: str) -> TensorMeta:
+        spec = self.plan.tensors.get(tensor)
+        if spec is None:
+            for entry in self.plan.model.get("inputs", []) + self.plan.model.get("outputs", []):
+                if entry["name"] == tensor:
+                    spec = entry
+        if spec is None:
+            raise wpk.WpkError(f"plan.json: tensor {tensor!r} of tier {self.tier.name!r} is "
+                               f"not described in `tensors`")
+        return TensorMeta.from_spec(tensor, spec["dtype"], spec["shape"])
+
+    def _models(self, entry: bool) -> dict[str, ServedModel]:
+        tier = self.tier
+        outputs = list(dict.fromkeys(tier.forward + tier.results))
+        models: dict[str, ServedModel] = {}
+        if entry:
+            model = self.plan.model
+            models[self.name] = ServedModel(
+                self.name, {t["name"]: self._meta(t["name"]) for t in model["inputs"]},
+                {t["name"]: self._meta(t["name"]) for t in model["outputs"]}, pipeline=True)
+        models[f"{self.name}.{tier.name}"] = ServedModel(
+            f"{self.name}.{tier.name}", {n: self._meta(n) for n in tier.inputs},
+            {n: self._meta(n) for n in outputs}, pipeline=False)
+        return models
+
+    def _model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise Abort(grpc.StatusCode.NOT_FOUND,
+                        f"tier {self.tier.name!r} has no model {name!r} "
+                        f"(models: {', '.join(self.models)})")
+        return model
+
+    async def start(self) -> None:
+        if self.next_address:
+            self.next = InferenceClient(self.next_address)
+
+    async def stop(self) -> None:
+        if self.next is not None:
+            await self.next.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- health and metadata -----------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=request.name in self.models)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=f"wpk ({self.name}.{self.tier.name})",
+                                         version=wpk.__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        try:
+            model = self._model(request.name)
+        except Abort as abort:
+            await context.abort(abort.code, abort.details)
+        response = pb.ModelMetadataResponse(name=model.name, versions=["1"],
+                                            platform="onnxruntime_onnx")
+        for target, metas in ((response.inputs, model.inputs), (response.outputs, model.outputs)):
+            for meta in metas.values():
+                target.add(name=meta.name, datatype=meta.datatype, shape=meta.shape)
+        return response
+
+    # -- inference ---------------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        started = time.perf_counter()
+        code = "OK"
+        model_name = request.model_name
+        try:
+            self.metrics.add_bytes("in", payload_bytes(request))
+            model = self._model(model_name)
+            pipeline = model.pipeline or self._wants_pipeline(request)
+            arrays = parse_inputs(request, model_name, model.inputs)
+            if pipeline:
+                produced = await self._run_pipeline(arrays, context)
+                available = list(model.outputs if model.pipeline else produced)
+                missing = [o for o in available if o not in produced]
+                if missing:
+                    raise Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the "
+                                f"pipeline produced no {', '.join(missing)}")
+            else:
+                produced = await self._run_slice(arrays)
+                available = list(model.outputs)
+            names = requested_outputs(request, model_name, available)
+            response = build_response(model_name, {n: produced[n] for n in names}, request.id)
+            self.metrics.add_bytes("out", payload_bytes(response))
+            return response
+        except TensorError as error:
+            code = "INVALID_ARGUMENT"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except Abort as abort:
+            code = abort.code.name
+            await context.abort(abort.code, abort.details)
+        finally:
+            self.metrics.observe(model_name, code, time.perf_counter() - started)
+
+    @staticmethod
+    def _wants_pipeline(request) -> bool:
+        param = request.parameters.get(PIPELINE_PARAM)
+        return bool(param is not None and parameter_value(param))
+
+    async def _run_slice(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Slice outputs plus the tier's inputs (passthrough tensors)."""
+        produced = dict(arrays)
+        if self.runner is None:
+            return produced
+        feeds = {n: arrays[n] for n in self.tier.slice_inputs}
+        loop = asyncio.get_running_loop()
+        try:
+            values = await loop.run_in_executor(self.executor, self.runner.run,
+                                                self.slice_outputs, feeds)
+        except Exception as error:  # ORT's own exception types
+            raise Abort(grpc.StatusCode.INTERNAL,
+                        f"tier {self.tier.name!r}: slice failed: {error}") from None
+        produced.update(zip(self.slice_outputs, values))
+        return produced
+
+    async def _run_pipeline(self, arrays: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
+        produced = await self._run_slice(arrays)
+        results = {n: produced[n] for n in self.tier.results}
+        if not self.tier.forward:
+            return results
+        results.update(await self._forward(produced, context))
+        return results
+
+    async def _forward(self, produced: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
+        assert self.next is not None
+        request = build_request(f"{self.name}.{self.next_tier}",
+                                {n: produced[n] for n in self.tier.forward},
+                                encoder=self.encoder, parameters={PIPELINE_PARAM: True})
+        self.metrics.add_bytes("forward", payload_bytes(request))
+        remaining = context.time_remaining()
+        timeout = self.hop_timeout if remaining is None else max(
+            remaining - min(DEADLINE_MARGIN_S, remaining * 0.1), 0.0)
+        where = f"tier {self.next_tier!r} at {self.next_address}"
+        try:
+            response = await self.next.infer_message(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            status = error.code()
+            if status == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise Abort(status, f"deadline exceeded waiting for {where} "
+                                    f"(after {timeout * 1000:.0f} ms)") from None
+            if status == grpc.StatusCode.UNAVAILABLE:
+                raise Abort(status, f"{where} is unavailable: {error.details()}") from None
+            if status == grpc.StatusCode.CANCELLED:
+                raise Abort(status, f"call to {where} was cancelled") from None
+            details = error.details() or ""
+            # the downstream message already names its tier; keep its status code
+            raise Abort(status, details if details.startswith("tier ") or "tier '" in details
+                        else f"{where}: {details}") from None
+        self.metrics.add_bytes("return", payload_bytes(response))
+        try:
+            return parse_response(response)
+        except TensorError as error:
+            raise Abort(grpc.StatusCode.INTERNAL, f"bad answer from {where}: {error}") from None

@@ -1,0 +1,40 @@
+"""Load a tier's executable slice: the optimizer's output when the plan names one, otherwise
+the plain ONNX slice under ONNX Runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from wpk.errors import WpkError
+from wpk.plan import TierPlan, slice_path
+
+
+class Runner(Protocol):
+    def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]: ...
+
+
+def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0) -> Runner:
+    """ORT session for `tier` (or `wpk.optimizer.load(DIR)` when `tier.optimized` is set)."""
+    base = Path(plan_dir)
+    base = base.parent if base.is_file() else base
+    if tier.optimized:
+        directory = base / tier.optimized
+        if not directory.is_dir():
+            raise WpkError(f"tier {tier.name!r}: optimized directory {directory} is missing")
+        try:
+            from wpk.optimizer import load  # lazily: the optimizer is optional here
+        except ImportError as error:
+            raise WpkError(f"tier {tier.name!r} is optimized but wpk.optimizer.load is "
+                           f"unavailable ({error})") from None
+        return load(directory)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    path = slice_path(base, tier)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types
+        raise WpkError(f"tier {tier.name!r}: cannot load slice {path}: {error}") from None

@@ -1,0 +1,135 @@
+"""Build and read ModelInfer messages: numpy arrays in, numpy arrays out.
+
+Shared by the tier servers and `InferenceClient`. Responses always use
+`raw_output_contents` (what tritonclient reads); requests may use raw or typed contents.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from wpk.runtime import protocol as pb
+from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
+from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,
+                                 check_tensor, datatype_of, dtype_of)
+
+
+def set_parameter(target, key: str, value: str | float | bool | int) -> None:
+    """Store a Python value in a protobuf `map<string, InferParameter>`."""
+    param = target[key]
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
+def parameter_value(param):
+    choice = param.WhichOneof("parameter_choice")
+    return getattr(param, choice) if choice else None
+
+
+def build_request(model: str, arrays: Mapping[str, np.ndarray],
+                  outputs: Sequence[str] | None = None, *, encoder: Encoder | None = None,
+                  parameters: Mapping[str, str | float | bool | int] | None = None,
+                  request_id: str = ""):
+    """A ModelInferRequest with raw contents, encoded by `encoder` when given."""
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    for key, value in (parameters or {}).items():
+        set_parameter(request.parameters, key, value)
+    raw = request.raw_input_contents
+    for name, array in arrays.items():
+        tensor = request.inputs.add(name=name, datatype=datatype_of(array.dtype),
+                                    shape=array.shape)
+        if encoder is None:
+            raw.append(np.ascontiguousarray(array).tobytes())
+            continue
+        data, params = encoder.encode(array)
+        for key, value in params.items():
+            set_parameter(tensor.parameters, key, value)
+        raw.append(data)
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return request
+
+
+def _tensor_array(model: str, tensor, data: bytes | None) -> np.ndarray:
+    shape = tuple(tensor.shape)
+    if data is None:
+        return array_from_typed(model, tensor.name, tensor.datatype, shape, tensor.contents)
+    params = tensor.parameters
+    if CODEC_PARAM not in params:
+        return array_from_raw(model, tensor.name, tensor.datatype, shape, data)
+    codec = parameter_value(params[CODEC_PARAM])
+    scale = parameter_value(params[SCALE_PARAM]) if SCALE_PARAM in params else None
+    try:
+        return decode(data, dtype_of(tensor.datatype), shape, str(codec), scale)
+    except DecodeError as error:
+        raise TensorError(f"model {model!r} input {tensor.name!r}: {error}") from None
+
+
+def parse_inputs(request, model: str, inputs: Mapping[str, TensorMeta]) -> dict[str, np.ndarray]:
+    """The request's tensors as arrays, checked against `inputs` (names, types, shapes, sizes)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError(f"model {model!r}: raw_input_contents has {len(raw)} entries for "
+                          f"{len(request.inputs)} inputs")
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        meta = inputs.get(tensor.name)
+        if meta is None:
+            raise TensorError(f"model {model!r} has no input {tensor.name!r} "
+                              f"(inputs: {', '.join(inputs)})")
+        if tensor.name in arrays:
+            raise TensorError(f"model {model!r}: input {tensor.name!r} given twice")
+        check_tensor(model, meta, tensor.datatype, tuple(tensor.shape))
+        if not raw and not tensor.HasField("contents"):
+            raise TensorError(f"model {model!r} input {tensor.name!r}: no data (neither "
+                              f"raw_input_contents nor contents)")
+        arrays[tensor.name] = _tensor_array(model, tensor, raw[index] if raw else None)
+    missing = [name for name in inputs if name not in arrays]
+    if missing:
+        raise TensorError(f"model {model!r}: missing input{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(repr(m) for m in missing)}")
+    return arrays
+
+
+def requested_outputs(request, model: str, available: Sequence[str]) -> list[str]:
+    """Names the caller asked for (all of `available` when none), checked."""
+    if not request.outputs:
+        return list(available)
+    names = [o.name for o in request.outputs]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise TensorError(f"model {model!r} has no output {unknown[0]!r} "
+                          f"(outputs: {', '.join(available)})")
+    return names
+
+
+def build_response(model: str, arrays: Mapping[str, np.ndarray], request_id: str = ""):
+    response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    raw = response.raw_output_contents
+    for name, array in arrays.items():
+        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        raw.append(np.ascontiguousarray(array).tobytes())
+    return response
+
+
+def parse_response(response) -> dict[str, np.ndarray]:
+    """Output arrays of a ModelInferResponse (raw, typed or wpk-encoded contents)."""
+    raw = response.raw_output_contents
+    model = response.model_name
+    return {tensor.name: _tensor_array(model, tensor, raw[i] if raw else None)
+            for i, tensor in enumerate(response.outputs)}
+
+
+def payload_bytes(message) -> int:
+    """Tensor payload carried by a request or response (raw contents only)."""
+    contents = getattr(message, "raw_input_contents", None)
+    if contents is None:
+        contents = message.raw_output_contents
+    return sum(len(c) for c in contents)

@@ -1,0 +1,79 @@
+"""wpk-profile on the command line, and its import path free of optional dependencies."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from wpk.profile_cli import main
+from wpk.profile_format import load_profile
+
+
+def test_cli_writes_a_valid_profile(example_models, tmp_path, capsys):
+    out = tmp_path / "edge-a.json"
+    rc = main([str(example_models["mlp"]), "-o", str(out), "--name", "edge-a", "--threads",
+               "1", "--warmup", "0", "--runs", "3", "--top", "3"])
+    assert rc == 0
+    profile = load_profile(out)
+    assert profile.device_name == "edge-a" and profile.runs == 3 and profile.threads == 1
+    printed = capsys.readouterr().out
+    assert "slowest nodes of mlp on edge-a" in printed and "gemm_3" in printed
+    assert str(out) in printed
+
+
+def test_cli_default_output_is_the_device_name(example_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(example_models["mlp"]), "--name", "pi4", "--runs", "2", "-q"]) == 0
+    assert load_profile(tmp_path / "pi4.json").device_name == "pi4"
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys, example_models):
+    assert main([str(tmp_path / "absent.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"wpk: error: {tmp_path / 'absent.onnx'}: no such file"
+    assert main([str(example_models["mlp"]), "--provider", "tpu", "-q"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main([str(example_models["mlp"]), "--input-shape", "features=1xq", "-q"]) == 2
+    assert "bad shape" in capsys.readouterr().err
+    assert main([str(example_models["mlp"]), "-o", str(tmp_path), "-q", "--runs", "1"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+BLOCKED = ["grpc", "grpc_tools", "tritonclient", "matplotlib", "paho", "paho.mqtt", "deap",
+           "zstandard", "wpk.optimizer", "wpk.runtime", "wpk.deploy", "wpk.partitioner"]
+
+
+def test_imports_only_core_dependencies(example_models, tmp_path):
+    """As on a small ARM board: nothing from gRPC, the optimizer, plotting or MQTT."""
+    out = tmp_path / "board.json"
+    script = textwrap.dedent(f"""
+        import sys
+        for name in {BLOCKED!r}:
+            sys.modules[name] = None   # importing any of them now raises ImportError
+        import wpk.profiling, wpk.profile_format, wpk.profile_cli
+        from wpk.profile_cli import main
+        rc = main([{str(example_models['mlp'])!r}, "-o", {str(out)!r}, "--runs", "2", "-q"])
+        loaded = sorted(m for m, module in sys.modules.items() if module is not None
+                        and m.split(".")[0] in ("grpc", "tritonclient", "matplotlib", "paho",
+                                                "deap", "zstandard", "google.protobuf.grpc"))
+        print(rc, loaded)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0 []"
+    assert json.loads(out.read_text())["version"] == 1
+
+
+def test_probe_without_grpc_says_what_to_install():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["grpc"] = None
+        from wpk.probe import main
+        sys.exit(main(["127.0.0.1:9"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "wpk: error: wpk-probe needs grpcio: pip install 'wpk[serve]'"

@@ -1,0 +1,122 @@
+"""Fixtures: plan directories cut from the example models, and tier servers on 127.0.0.1.
+
+`pipeline(plan_dir)` starts every tier of a plan as real grpc.aio servers (ephemeral ports)
+on one event loop in a background thread; the test talks to them over TCP like any client.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from planmaker import make_plan  # noqa: E402
+
+from wpk.examples import mlp, random_dag, resnet_like  # noqa: E402
+from wpk.plan import load_plan  # noqa: E402
+from wpk.runtime.server import serve  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pipeline:
+    """All tiers of a plan served in-process; `.address[tier]`, `.entry`, `.stop_tier()`."""
+
+    def __init__(self, plan_dir: Path, *, hop_timeout: float = 5.0,
+                 next_override: dict[str, str] | None = None, metrics: bool = False):
+        self.plan_dir = plan_dir
+        self.plan = load_plan(plan_dir)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.address: dict[str, str] = {}
+        self.metrics_url: dict[str, str] = {}
+        self._stops: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._run(self._start(hop_timeout, next_override or {}, metrics))
+
+    def _run(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def _start(self, hop_timeout: float, next_override: dict[str, str],
+                     metrics: bool) -> None:
+        next_address = None
+        for tier in reversed(self.plan.tiers):
+            ready, stop = asyncio.Event(), asyncio.Event()
+            lines: list[str] = []
+            task = asyncio.ensure_future(serve(
+                str(self.plan_dir), tier.name, port=0,
+                next_address=next_override.get(tier.name, next_address), threads=1,
+                hop_timeout=hop_timeout, metrics_port=0 if metrics else None,
+                ready=ready, stop=stop, announce=lines.append))
+            done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()  # raises the start-up error
+            self.address[tier.name] = f"127.0.0.1:{ready.port}"
+            if metrics:
+                self.metrics_url[tier.name] = lines[0].split(" metrics ")[1]
+            self._stops[tier.name], self._tasks[tier.name] = stop, task
+            next_address = self.address[tier.name]
+
+    @property
+    def entry(self) -> str:
+        return self.address[self.plan.tiers[0].name]
+
+    async def _stop(self, tiers: list[str]) -> None:
+        for tier in tiers:
+            self._stops[tier].set()
+        for tier in tiers:
+            await self._tasks.pop(tier)
+            self._stops.pop(tier)
+
+    def stop_tier(self, tier: str) -> None:
+        self._run(self._stop([tier]))
+
+    def close(self) -> None:
+        self._run(self._stop(list(self._tasks)))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def plans(tmp_path_factory) -> dict[str, Path]:
+    """Three-tier plans: resnet (a passthrough crosses the edge), mlp (a chain),
+    dag (several model outputs, produced on different tiers), resnet with lossy codecs."""
+    root = tmp_path_factory.mktemp("plans")
+    resnet = resnet_like(image_size=32, width=8, classes=10)
+    made = {
+        "resnet": make_plan(resnet, root / "resnet", [5, 6]),
+        "mlp": make_plan(mlp(features=256, hidden=(128, 64, 32), classes=10), root / "mlp",
+                         [2, 4]),
+        "dag": make_plan(random_dag(40, width=16, seed=3), root / "dag", [13, 26]),
+        "resnet_lossy": make_plan(resnet, root / "resnet_lossy", [5, 6],
+                                  codecs=["fp16+zstd", "int8"]),
+    }
+    return {name: root / name for name in made}
+
+
+@pytest.fixture(scope="session")
+def resnet_pipeline(plans):
+    pipeline = Pipeline(plans["resnet"], metrics=True)
+    yield pipeline
+    pipeline.close()
+
+
+def reference(plan_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The whole model under one ONNX Runtime session."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(plan_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))

@@ -1,0 +1,108 @@
+"""wpk-deploy --local and wpk-serve as real processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from conftest import free_port
+from test_pipeline import model_feeds, triton_infer
+from wpk.deploy.local import LocalDeployment
+from wpk.errors import WpkError
+
+
+def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans):
+    port = free_port()
+    with LocalDeployment(plans["mlp"], port=port, threads=1) as deployment:
+        assert deployment.entry == f"127.0.0.1:{port}"
+        assert [t.tier for t in deployment.tiers] == ["device", "edge", "cloud"]
+        assert deployment.tiers[0].models == ("mlp", "mlp.device")
+        feeds = model_feeds(plans["mlp"])
+        assert triton_infer(deployment.entry, "mlp", feeds).as_numpy("softmax_16_out") \
+            .sum() == pytest.approx(1.0, abs=1e-5)
+        cloud = deployment.tiers[2].process
+        cloud.send_signal(signal.SIGKILL)
+        cloud.wait()
+        with pytest.raises(InferenceServerException) as info:
+            triton_infer(deployment.entry, "mlp", feeds, client_timeout=10)
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
+        assert "tier 'cloud'" in info.value.message()
+        assert deployment.poll() is deployment.tiers[2]
+        assert triton.InferenceServerClient(deployment.entry).is_server_live()
+    assert all(t.process.poll() is not None for t in deployment.tiers)
+
+
+def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),
+                                "--local", "--port", str(port), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("entry:"):
+                break
+        assert f"entry: 127.0.0.1:{port} (model 'mlp')" in "".join(lines)
+        pids = [int(line.split("│")[5]) for line in lines if line.count("│") >= 6
+                and line.split("│")[1].strip() in ("device", "edge", "cloud")]
+        assert len(pids) == 3
+        feeds = model_feeds(plans["mlp"])
+        triton_infer(f"127.0.0.1:{port}", "mlp", feeds)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        time.sleep(0.2)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tier", "edge"], "no plan here"),
+])
+def test_wpk_serve_missing_plan_is_a_one_line_error(tmp_path, args, message):
+    result = run_cli("wpk.runtime.server", str(tmp_path / "none"), *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("wpk: error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wpk_serve_input_errors_are_one_line(plans):
+    result = run_cli("wpk.runtime.server", str(plans["mlp"]), "--tier", "fog", "--port", "0")
+    assert result.returncode == 2 and "plan has no tier 'fog'" in result.stderr
+    result = run_cli("wpk.runtime.server", str(plans["mlp"]), "--tier", "device", "--port", "0")
+    assert result.returncode == 2
+    assert "give its address with --next HOST:PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_deployment_reports_a_tier_that_fails_to_start(plans):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        deployment = LocalDeployment(plans["mlp"], port=port)
+        with pytest.raises(WpkError, match="tier 'device' exited with code 2"):
+            deployment.start()
+    # the tiers that did start were stopped again
+    assert len(deployment.tiers) == 3
+    assert all(t.process.poll() is not None for t in deployment.tiers)

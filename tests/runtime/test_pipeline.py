@@ -1,0 +1,276 @@
+"""Tier servers chained on 127.0.0.1, driven by tritonclient.grpc and InferenceClient."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from conftest import Pipeline, reference
+from wpk.plan import load_plan
+from wpk.runtime import protocol as pb
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.codecs import Codec
+
+
+def triton_infer(address: str, model: str, feeds: dict[str, np.ndarray], **kwargs):
+    client = triton.InferenceServerClient(address)
+    inputs = []
+    for name, array in feeds.items():
+        tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return client.infer(model, inputs, **kwargs)
+
+
+def model_feeds(plan_dir, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t["name"]: rng.standard_normal(t["shape"]).astype(t["dtype"])
+            for t in load_plan(plan_dir).model["inputs"]}
+
+
+def expect_error(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    assert info.value.status() == f"StatusCode.{code.name}", info.value.message()
+    assert fragment in info.value.message(), info.value.message()
+    return info.value.message()
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "dag"])
+def test_tritonclient_through_pipeline_matches_whole_model(plans, name):
+    pipeline = Pipeline(plans[name])
+    try:
+        feeds = model_feeds(plans[name])
+        expected = reference(plans[name], feeds)
+        result = triton_infer(pipeline.entry, pipeline.plan.name, feeds)
+        assert [o.name for o in result.get_response().outputs] == list(expected)
+        for output, want in expected.items():
+            np.testing.assert_allclose(result.as_numpy(output), want, rtol=1e-5, atol=1e-6)
+    finally:
+        pipeline.close()
+
+
+def test_requested_output_subset_and_request_id(plans, resnet_pipeline):
+    # resnet has one output: ask for it by name, and check the id is echoed
+    feeds = model_feeds(plans["resnet"], seed=1)
+    output = resnet_pipeline.plan.model["outputs"][0]["name"]
+    result = triton_infer(resnet_pipeline.entry, "resnet_like", feeds,
+                          outputs=[triton.InferRequestedOutput(output)], request_id="r-42")
+    assert result.get_response().id == "r-42"
+    np.testing.assert_allclose(result.as_numpy(output), reference(plans["resnet"], feeds)[output],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_each_tier_serves_its_slice_alone(plans, resnet_pipeline):
+    import onnxruntime as ort
+
+    plan = resnet_pipeline.plan
+    device = plan.tiers[0]
+    feeds = model_feeds(plans["resnet"], seed=2)
+    result = triton_infer(resnet_pipeline.address["device"], "resnet_like.device", feeds)
+    session = ort.InferenceSession(str(plans["resnet"] / device.slice))
+    for name, want in zip(device.slice_outputs, session.run(device.slice_outputs, feeds)):
+        np.testing.assert_array_equal(result.as_numpy(name), want)
+    # the entry model lives on the entry tier only
+    expect_error(grpc.StatusCode.NOT_FOUND, "tier 'edge' has no model 'resnet_like'",
+                 triton_infer, resnet_pipeline.address["edge"], "resnet_like", feeds)
+
+
+def test_metadata_reports_real_names_types_shapes(resnet_pipeline):
+    client = triton.InferenceServerClient(resnet_pipeline.entry)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("resnet_like") and client.is_model_ready("resnet_like.device")
+    assert not client.is_model_ready("nope")
+    meta = client.get_model_metadata("resnet_like")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == \
+        [("image", "FP32", [1, 3, 32, 32])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == \
+        [("gemm_77_out", "FP32", [1, 10])]
+    edge = triton.InferenceServerClient(resnet_pipeline.address["edge"]).get_model_metadata(
+        "resnet_like.edge")
+    assert [t.name for t in edge.inputs] == ["maxpool_9_out", "conv_12_out"]
+    assert [t.name for t in edge.outputs] == ["maxpool_9_out", "relu_13_out"]
+    assert list(edge.inputs[0].shape) == [1, 8, 8, 8]
+    expect_error(grpc.StatusCode.NOT_FOUND, "has no model 'nope'", client.get_model_metadata,
+                 "nope")
+
+
+def test_typed_contents_are_accepted(plans, resnet_pipeline):
+    feeds = model_feeds(plans["resnet"], seed=3)
+    request = pb.ModelInferRequest(model_name="resnet_like")
+    tensor = request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 32, 32])
+    tensor.contents.fp32_contents.extend(feeds["image"].ravel().tolist())
+
+    async def call():
+        async with InferenceClient(resnet_pipeline.entry) as client:
+            return await client.infer_message(request, timeout=10)
+
+    response = asyncio.run(call())
+    assert len(response.raw_output_contents) == 1  # answers raw, as tritonclient expects
+    got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(1, 10)
+    np.testing.assert_allclose(got, reference(plans["resnet"], feeds)["gemm_77_out"],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "int8", "zstd", "fp16+zstd", "int8+zstd"])
+def test_codec_round_trip_through_a_server(plans, resnet_pipeline, spec):
+    """Send encoded tensors to the edge slice; its passthrough comes back as decoded there."""
+    rng = np.random.default_rng(4)
+    arrays = {"maxpool_9_out": rng.standard_normal((1, 8, 8, 8)).astype(np.float32) * 5,
+              "conv_12_out": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)}
+
+    async def call():
+        async with InferenceClient(resnet_pipeline.address["edge"], codec=spec) as client:
+            return await client.infer("resnet_like.edge", arrays, timeout=10)
+
+    out = asyncio.run(call())
+    sent = arrays["maxpool_9_out"]
+    error = np.abs(out["maxpool_9_out"].astype(np.float64) - sent)
+    assert np.all(error <= Codec.parse(spec).tolerance(sent))
+    if spec == "zstd":
+        assert error.max() == 0
+
+
+def test_lossy_codecs_in_the_plan_stay_close_to_the_whole_model(plans):
+    pipeline = Pipeline(plans["resnet_lossy"])
+    try:
+        feeds = model_feeds(plans["resnet_lossy"], seed=5)
+        want = reference(plans["resnet_lossy"], feeds)["gemm_77_out"]
+        got = triton_infer(pipeline.entry, "resnet_like", feeds).as_numpy("gemm_77_out")
+        assert not np.array_equal(got, want)  # the codecs really ran
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    finally:
+        pipeline.close()
+
+
+@pytest.mark.parametrize("feeds, code, fragment", [
+    ({"image": np.zeros((1, 3, 32), np.float32)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "model 'resnet_like' input 'image': shape [1,3,32], expected [1,3,32,32]"),
+    ({"image": np.zeros((1, 3, 32, 32), np.float64)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'image': datatype FP64, expected FP32"),
+    ({"pixels": np.zeros((1, 3, 32, 32), np.float32)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "model 'resnet_like' has no input 'pixels' (inputs: image)"),
+])
+def test_bad_requests_get_precise_errors(resnet_pipeline, feeds, code, fragment):
+    expect_error(code, fragment, triton_infer, resnet_pipeline.entry, "resnet_like", feeds)
+
+
+def test_bad_messages_get_precise_errors(resnet_pipeline):
+    stub_call = _raw_call(resnet_pipeline.entry)
+
+    def request(**fields):
+        message = pb.ModelInferRequest(model_name="resnet_like", **fields)
+        return message
+
+    short = request(raw_input_contents=[b"\0" * 100])
+    short.inputs.add(name="image", datatype="FP32", shape=[1, 3, 32, 32])
+    assert stub_call(short) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                "model 'resnet_like' input 'image': raw contents hold 100 "
+                                "bytes, shape [1,3,32,32] FP32 needs 12288")
+    missing = request()
+    assert stub_call(missing) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                  "model 'resnet_like': missing input 'image'")
+    extra = request(raw_input_contents=[b"", b""])
+    extra.inputs.add(name="image", datatype="FP32", shape=[1, 3, 32, 32])
+    assert stub_call(extra) == (grpc.StatusCode.INVALID_ARGUMENT, "model 'resnet_like': "
+                                "raw_input_contents has 2 entries for 1 inputs")
+    good = request(raw_input_contents=[b"\0" * 12288])
+    good.inputs.add(name="image", datatype="FP32", shape=[1, 3, 32, 32])
+    good.outputs.add(name="logits")
+    assert stub_call(good) == (grpc.StatusCode.INVALID_ARGUMENT,
+                               "model 'resnet_like' has no output 'logits' (outputs: gemm_77_out)")
+    unknown = pb.ModelInferRequest(model_name="resnet")
+    assert stub_call(unknown) == (grpc.StatusCode.NOT_FOUND, "tier 'device' has no model "
+                                  "'resnet' (models: resnet_like, resnet_like.device)")
+
+
+def _raw_call(address: str):
+    def call(message):
+        with grpc.insecure_channel(address) as channel:
+            try:
+                pb.Stub(channel).ModelInfer(message, timeout=10)
+            except grpc.RpcError as error:
+                return error.code(), error.details()
+        return grpc.StatusCode.OK, ""
+    return call
+
+
+class SlowPeer:
+    """A gRPC server that takes `delay` seconds to answer anything: a slow downstream tier."""
+
+    def __init__(self, delay: float = 3.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        class Slow:
+            def __getattr__(self, method):
+                def handler(request, context):
+                    context.set_code(grpc.StatusCode.OK)
+                    threading.Event().wait(delay)
+                    return pb.METHODS[method][1]()
+                return handler
+
+        self.server = grpc.server(ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((pb.generic_handler(Slow()),))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def close(self):
+        self.server.stop(0)
+
+
+def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans):
+    peer = SlowPeer()
+    pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address})
+    try:
+        feeds = model_feeds(plans["resnet"])
+        # the caller's deadline travels down the chain
+        message = expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, "tier 'edge' at " + peer.address,
+                               triton_infer, pipeline.entry, "resnet_like", feeds,
+                               client_timeout=0.5)
+        assert "deadline exceeded waiting for" in message
+        # without a deadline the hop timeout applies: an error, never a hang
+        expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, "tier 'edge'", triton_infer,
+                     pipeline.entry, "resnet_like", feeds)
+        assert triton.InferenceServerClient(pipeline.entry).is_server_live()
+    finally:
+        pipeline.close()
+        peer.close()
+
+
+def test_stopped_downstream_gives_unavailable_naming_the_tier(plans):
+    pipeline = Pipeline(plans["mlp"])
+    try:
+        feeds = model_feeds(plans["mlp"])
+        triton_infer(pipeline.entry, "mlp", feeds)
+        pipeline.stop_tier("cloud")
+        message = expect_error(grpc.StatusCode.UNAVAILABLE, "tier 'cloud' at", triton_infer,
+                               pipeline.entry, "mlp", feeds, client_timeout=10)
+        assert "unavailable" in message
+        # the entry tier is still up and its own slice still answers
+        assert triton_infer(pipeline.entry, "mlp.device", feeds).as_numpy(
+            pipeline.plan.tiers[0].forward[0]) is not None
+    finally:
+        pipeline.close()
+
+
+def test_metrics_endpoint_counts_requests_and_bytes(plans, resnet_pipeline):
+    feeds = model_feeds(plans["resnet"], seed=6)
+    triton_infer(resnet_pipeline.entry, "resnet_like", feeds)
+    with pytest.raises(InferenceServerException):
+        triton_infer(resnet_pipeline.entry, "missing", feeds)
+    text = urllib.request.urlopen(resnet_pipeline.metrics_url["device"], timeout=5).read().decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(lines['wpk_requests_total{tier="device",model="resnet_like",code="OK"}']) >= 1
+    assert int(lines['wpk_requests_total{tier="device",model="missing",code="NOT_FOUND"}']) == 1
+    assert int(lines['wpk_request_seconds_count{tier="device",model="resnet_like"}']) >= 1
+    assert int(lines['wpk_tensor_bytes_total{tier="device",direction="in"}']) >= 12288
+    assert int(lines['wpk_tensor_bytes_total{tier="device",direction="forward"}']) >= 2 * 2048
+    edge = urllib.request.urlopen(resnet_pipeline.metrics_url["edge"], timeout=5).read().decode()
+    assert 'wpk_requests_total{tier="edge",model="resnet_like.edge",code="OK"}' in edge

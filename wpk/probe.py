@@ -1,0 +1,328 @@
+"""`wpk-probe HOST:PORT`: measure the link to a running tier server (RTT and bandwidth).
+
+Works against any Open Inference Protocol (KServe v2 gRPC) server: a wpk tier (`wpk-serve`),
+Triton, MLServer. What it sends, and why that measures the bytes that really cross the link:
+
+- RTT: the median of `--rtt-samples` `ServerLive` calls (a few bytes each way).
+- Bandwidth: `ModelInfer` requests carrying one raw UINT8 tensor of 16 KiB, 64 KiB, ... up to
+  `--max-mb`, addressed to a model no server has (`__wpk_probe__`). gRPC hands a unary request
+  to the server's handler only once the whole message has arrived, and the handler then
+  answers NOT_FOUND with a few bytes: each call's time is one round trip plus the request's
+  bytes crossing the link (client -> server, the direction tier data flows). A straight line
+  through the median time per size (least squares on relative errors) gives the bandwidth
+  (1/slope) and the fixed cost per call (intercept). Payloads are random bytes, so link compression cannot flatter the result.
+- Bounded: at most `--max-requests` calls and about `--max-seconds` in all; a size is skipped
+  when its predicted time would break the budget.
+
+A wpk tier counts the probe's bytes in its `in` metric and the calls as NOT_FOUND.
+Needs grpcio (the `serve` extra); the profile tools do not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wpk.errors import WpkError, cli_entry
+
+SERVICE = "/inference.GRPCInferenceService/"
+PROBE_MODEL = "__wpk_probe__"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+# -- the few protobuf messages we need, encoded by hand (no stubs, any KServe v2 server) ------
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def infer_request(model: str, payload: bytes) -> bytes:
+    """A ModelInferRequest with one raw UINT8 input tensor holding `payload`."""
+    tensor = _field(1, b"probe") + _field(2, b"UINT8") + _field(3, _varint(len(payload)))
+    return _field(1, model.encode()) + _field(5, tensor) + _field(7, payload)
+
+
+def _string_field(message: bytes, number: int) -> str | None:
+    """Field `number` (a string) of a serialized message, or None."""
+    i = 0
+    while i < len(message):
+        key, i = _read_varint(message, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _read_varint(message, i)
+        elif wire == 2:
+            length, i = _read_varint(message, i)
+            if key >> 3 == number:
+                return message[i:i + length].decode(errors="replace")
+            i += length
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            return None
+    return None
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+# -- measurement -------------------------------------------------------------------------------
+@dataclass
+class ProbeResult:
+    address: str
+    server: str | None
+    rtt_ms: float                   # median ServerLive round trip
+    rtt_p90_ms: float
+    bandwidth_mbps: float           # client -> server, from the slope
+    fixed_ms: float                 # intercept: per-call cost at zero bytes
+    r2: float                       # fit quality (on relative errors) of time vs bytes
+    requests: int
+    seconds: float
+    samples: list[dict[str, float]] = field(default_factory=list)  # {bytes, ms} per size
+    capped_at_bytes: int | None = None  # server refused larger messages
+
+    def link_entry(self, src: str, dst: str) -> str:
+        return (f"  - {{from: {src}, to: {dst}, bandwidth: {_number(self.bandwidth_mbps)}mbit, "
+                f"rtt: {_number(self.rtt_ms)}ms}}")
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if nbytes < 1024 or unit == "MiB":
+            return f"{nbytes:.0f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.0f} GiB"
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+class _Probe:
+    def __init__(self, address: str, max_seconds: float, max_requests: int):
+        try:
+            import grpc
+        except ImportError:
+            raise WpkError("wpk-probe needs grpcio: pip install 'wpk[serve]'") from None
+        self.grpc = grpc
+        self.address = address
+        self.deadline = time.perf_counter() + max_seconds
+        self.max_requests = max_requests
+        self.requests = 0
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.enable_retries", 0)]
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.calls = {name: self.channel.unary_unary(SERVICE + name)
+                      for name in ("ServerLive", "ServerMetadata", "ModelInfer")}
+
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def connect(self, timeout: float) -> None:
+        try:
+            self.grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except self.grpc.FutureTimeoutError:
+            raise WpkError(f"{self.address}: no gRPC server answers "
+                           f"(waited {timeout:.0f} s)") from None
+
+    def call(self, name: str, request: bytes, timeout: float) -> tuple[float, Any]:
+        """(seconds, status code) of one call; the status is OK or what the server answered."""
+        grpc = self.grpc
+        self.requests += 1
+        start = time.perf_counter()
+        try:
+            self.calls[name](request, timeout=timeout)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()
+        elapsed = time.perf_counter() - start
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise WpkError(f"{self.address}: {name} failed ({code.name}) after "
+                           f"{elapsed * 1000:.0f} ms")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise WpkError(f"{self.address}: the server does not implement {name}; "
+                           "is it an Open Inference Protocol (KServe v2) server?")
+        return elapsed, code
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _fit(sizes: list[int], seconds: list[float]) -> tuple[float, float, float]:
+    """Least squares seconds = intercept + slope * bytes; returns (slope, intercept, r2).
+
+    Residuals are relative (weights 1/y): sizes span three orders of magnitude, and plain
+    least squares would let the largest transfer's noise decide the intercept.
+    """
+    x, y = np.asarray(sizes, float), np.asarray(seconds, float)
+    slope, intercept = np.polyfit(x, y, 1, w=1.0 / y)
+    relative = (y - (intercept + slope * x)) / y
+    spread = (y - np.average(y, weights=1.0 / y ** 2)) / y
+    total = float((spread ** 2).sum())
+    r2 = 1.0 - float((relative ** 2).sum()) / total if total > 0 else 0.0
+    return float(slope), float(intercept), r2
+
+
+def probe(address: str, *, rtt_samples: int = 20, repeats: int = 5, min_kb: int = 16,
+          max_mb: float = 16, max_seconds: float = 10.0, max_requests: int = 200,
+          connect_timeout: float = 5.0) -> ProbeResult:
+    """Measure the link to `address` (see the module docstring)."""
+    if ":" not in address:
+        raise WpkError(f"{address!r}: expected HOST:PORT")
+    if repeats < 1 or rtt_samples < 1 or max_requests < 4 or max_seconds <= 0:
+        raise WpkError("--repeats and --rtt-samples must be >= 1, --max-requests >= 4, "
+                       "--max-seconds > 0")
+    max_bytes = int(max_mb * 1024 * 1024)
+    if max_bytes < 4 * min_kb * 1024:
+        raise WpkError("--max-mb must allow at least two sizes (>= 4 x --min-kb)")
+    client = _Probe(address, max_seconds, max_requests)
+    started = time.perf_counter()
+    try:
+        client.connect(connect_timeout)
+        _, code = client.call("ServerLive", b"", connect_timeout)  # warm the connection
+        server = None
+        try:
+            client.requests += 1
+            response = client.calls["ServerMetadata"](b"", timeout=connect_timeout)
+            server = _string_field(response, 1)
+        except client.grpc.RpcError:
+            pass
+        # RTT: small calls, at most a fifth of the time and a quarter of the requests.
+        rtts: list[float] = []
+        rtt_budget = client.remaining() * 0.2
+        rtt_start = time.perf_counter()
+        while len(rtts) < rtt_samples and len(rtts) < max_requests // 4 and \
+                (not rtts or time.perf_counter() - rtt_start < rtt_budget):
+            rtts.append(client.call("ServerLive", b"", connect_timeout)[0])
+        # Bandwidth: growing sizes while the budget allows.
+        rng = np.random.default_rng()
+        sizes, medians = [], []
+        capped = None
+        size = min_kb * 1024
+        while size <= max_bytes:
+            request_bytes = len(infer_request(PROBE_MODEL, b"")) + size + 4
+            if len(sizes) >= 2:
+                slope, intercept, _ = _fit(sizes, medians)
+                predicted = max(intercept + slope * request_bytes, medians[-1])
+            elif sizes:
+                predicted = medians[-1] * request_bytes / sizes[-1]  # pessimistic: no fixed cost
+            else:
+                predicted = statistics.median(rtts)
+            count = min(repeats, int(client.remaining() / max(predicted, 1e-6)),
+                        client.max_requests - client.requests)
+            if count < min(2, repeats):
+                break
+            request = infer_request(PROBE_MODEL, rng.bytes(size))
+            times = []
+            for _ in range(count):
+                elapsed, code = client.call("ModelInfer", request,
+                                            max(10 * predicted, 2 * connect_timeout))
+                if code == client.grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    capped = len(request)
+                    break
+                times.append(elapsed)
+            if capped is not None:
+                break
+            sizes.append(len(request))
+            medians.append(statistics.median(times))
+            size *= 4
+    finally:
+        client.close()
+    if len(sizes) < 2:
+        why = f"the server refuses messages of {capped} bytes" if capped else \
+            "the time budget ran out"
+        raise WpkError(f"{address}: could not time two transfer sizes ({why}); "
+                       "raise --max-seconds or lower --min-kb")
+    slope, intercept, r2 = _fit(sizes, medians)
+    if slope <= 0:
+        raise WpkError(f"{address}: transfer time did not grow with size "
+                       f"({len(sizes)} sizes); raise --max-mb")
+    return ProbeResult(
+        address=address, server=server, rtt_ms=statistics.median(rtts) * 1e3,
+        rtt_p90_ms=float(np.percentile(rtts, 90)) * 1e3,
+        bandwidth_mbps=8.0 / slope / 1e6, fixed_ms=max(intercept, 0.0) * 1e3, r2=r2,
+        requests=client.requests, seconds=time.perf_counter() - started,
+        samples=[{"bytes": s, "ms": round(m * 1e3, 4)} for s, m in zip(sizes, medians)],
+        capped_at_bytes=capped)
+
+
+def _tier_of(server: str | None) -> str | None:
+    """'wpk (resnet_like.edge)' -> 'edge' (a wpk tier names itself in ServerMetadata)."""
+    if server and server.startswith("wpk (") and server.endswith(")") and "." in server:
+        return server[5:-1].rsplit(".", 1)[1]
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wpk-probe", description=__doc__.splitlines()[0],
+        epilog="example: wpk-probe 10.0.0.7:8001 --from device --to edge >> tiers.yaml")
+    parser.add_argument("address", metavar="HOST:PORT", help="a running tier server")
+    parser.add_argument("--from", dest="src", default="device",
+                        help="tier this machine is (default: device)")
+    parser.add_argument("--to", dest="dst",
+                        help="tier of the server (default: what a wpk tier reports, else edge)")
+    parser.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    parser.add_argument("--rtt-samples", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="transfers per size")
+    parser.add_argument("--min-kb", type=int, default=16, help="smallest payload, KiB")
+    parser.add_argument("--max-mb", type=float, default=16, help="largest payload, MiB")
+    parser.add_argument("--max-seconds", type=float, default=10.0, help="time budget")
+    parser.add_argument("--max-requests", type=int, default=200, help="request budget")
+    parser.add_argument("--connect-timeout", type=float, default=5.0,
+                        help="seconds to wait for the server (default 5)")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = probe(args.address, rtt_samples=args.rtt_samples, repeats=args.repeats,
+                   min_kb=args.min_kb, max_mb=args.max_mb, max_seconds=args.max_seconds,
+                   max_requests=args.max_requests, connect_timeout=args.connect_timeout)
+    dst = args.dst or _tier_of(result.server) or "edge"
+    if args.json:
+        data = asdict(result)
+        data["link"] = {"from": args.src, "to": dst, "bandwidth_mbps": result.bandwidth_mbps,
+                        "rtt_ms": result.rtt_ms}
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"# wpk-probe {result.address}"
+          f"{' (' + result.server + ')' if result.server else ''}: "
+          f"rtt {_number(result.rtt_ms)} ms (median of ServerLive), "
+          f"bandwidth {_number(result.bandwidth_mbps)} Mbit/s {args.src} -> {dst}, "
+          f"fixed cost {_number(result.fixed_ms)} ms per call, r2 {result.r2:.3f}; "
+          f"{result.requests} requests of up to {_size(result.samples[-1]['bytes'])}, "
+          f"{result.seconds:.1f} s")
+    if result.capped_at_bytes:
+        print(f"# the server refused {result.capped_at_bytes} bytes: sizes stopped there")
+    print("links:")
+    print(result.link_entry(args.src, dst))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

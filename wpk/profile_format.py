@@ -1,0 +1,164 @@
+"""The profile file (version 1): per-node times of one model measured on one machine.
+
+The format is documented in docs/profile-format.md and its JSON Schema ships in
+wpk/schemas/profile.schema.json; every file read is validated against it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+
+from wpk.errors import WpkError
+
+PROFILE_VERSION = 1
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "profile.schema.json"
+
+
+class ProfileMismatchWarning(UserWarning):
+    """A profile's node names match the model but it was made from another file (sha256)."""
+
+
+@lru_cache(maxsize=1)
+def profile_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ""
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "top level"
+
+
+def validate_profile(document: Any, source: str) -> None:
+    """Raise a one-line WpkError naming `source` and the first fault of `document`."""
+    if isinstance(document, dict) and "version" in document \
+            and document["version"] != PROFILE_VERSION:
+        raise WpkError(f"{source}: unsupported profile version {document['version']!r} "
+                       f"(this wpk reads version {PROFILE_VERSION})")
+    validator = jsonschema.Draft202012Validator(profile_schema())
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = min(errors, key=lambda e: len(e.absolute_path))
+        message = error.message
+        if error.validator == "required":
+            message = message.replace(" is a required property", " is missing")
+        elif error.validator == "minimum" and len(message) > 120:
+            message = f"{error.instance!r} is below {error.validator_value}"
+        raise WpkError(f"{source}: {_where(error)}: {message[:160]}")
+    seen: set[str] = set()
+    for node in document["nodes"]:
+        if node["name"] in seen:
+            raise WpkError(f"{source}: node {node['name']!r} appears twice")
+        seen.add(node["name"])
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated profile file, as the partitioner uses it."""
+
+    path: Path | None
+    device_name: str
+    provider: str
+    threads: int
+    model_name: str
+    sha256: str
+    node_ms: dict[str, float]
+    total_median_ms: float
+    total_p90_ms: float | None
+    runs: int
+    op_types: dict[str, str] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
+    onnxruntime: str | None = None
+    measured_at: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name this profile: its file, else its device."""
+        return str(self.path) if self.path is not None else f"profile of {self.device_name}"
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, Any], path: Path | None = None) -> "Profile":
+        validate_profile(document, str(path) if path else "profile")
+        device, total = document["device"], document["total_ms"]
+        return cls(
+            path=path, device_name=device["name"], provider=device["provider"],
+            threads=device["threads"], model_name=document["model"]["name"],
+            sha256=document["model"]["sha256"],
+            node_ms={n["name"]: float(n["ms"]) for n in document["nodes"]},
+            total_median_ms=float(total["median"]),
+            total_p90_ms=float(total["p90"]) if "p90" in total else None,
+            runs=document["runs"],
+            op_types={n["name"]: n["op_type"] for n in document["nodes"] if "op_type" in n},
+            host=dict(device.get("host", {})), onnxruntime=device.get("onnxruntime"),
+            measured_at=document.get("measured_at"))
+
+    def mismatch(self, graph) -> str | None:
+        """A warning text when this profile was made from another file than `graph`'s."""
+        if graph.sha256 is not None and graph.sha256 != self.sha256:
+            return (f"{self.label}: measured on another file than {graph.name} "
+                    f"(sha256 {self.sha256[:12]}... vs {graph.sha256[:12]}...); "
+                    "node names match, times may not")
+        return None
+
+    def node_times_for(self, graph) -> list[float]:
+        """Times (ms) aligned with `graph.nodes`.
+
+        Raises WpkError when the profile lacks any of the graph's nodes. When the file's
+        sha256 differs from `graph.sha256`, issues a `ProfileMismatchWarning` through
+        `warnings.warn` (the message is also returned by `mismatch(graph)`).
+        """
+        missing = [n.name for n in graph.nodes if n.name not in self.node_ms]
+        if missing:
+            raise WpkError(f"{self.label}: profile lacks {len(missing)} of the model's "
+                           f"{len(graph.nodes)} nodes (first: {', '.join(missing[:3])})")
+        message = self.mismatch(graph)
+        if message:
+            warnings.warn(message, ProfileMismatchWarning, stacklevel=2)
+        return [self.node_ms[n.name] for n in graph.nodes]
+
+
+def read_profile_document(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate a profile file; every fault is a one-line WpkError."""
+    path = Path(path)
+    if not path.exists():
+        raise WpkError(f"{path}: no such profile file")
+    if path.is_dir():
+        raise WpkError(f"{path}: is a directory, expected a profile .json file")
+    try:
+        document = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise WpkError(f"{path}: not a profile (not UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise WpkError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    validate_profile(document, str(path))
+    return document
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read, validate and wrap a profile file."""
+    return Profile.from_document(read_profile_document(path), Path(path))
+
+
+def save_profile(document: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Validate `document` and write it as indented JSON (one node per line)."""
+    path = Path(path)
+    validate_profile(document, str(path))
+    head = {k: v for k, v in document.items() if k != "nodes"}
+    lines = [json.dumps(head, indent=1)[:-2] + ',\n "nodes": [']
+    nodes = [json.dumps(node) for node in document["nodes"]]
+    lines.append(",\n".join("  " + n for n in nodes))
+    lines.append(" ]\n}\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines))
+    except OSError as error:
+        raise WpkError(f"{path}: cannot write ({error.strerror})") from None
+    return path

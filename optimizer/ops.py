@@ -155,6 +155,12 @@ def default_schedule_config(compute: Compute, cores: int | None = None) -> Confi
             "unroll": 1, "threads": cores}
 
 
+def seed_configs(compute: Compute, cores: int | None = None) -> list[Config]:
+    """One hand-picked starting point per loop-order template (strategies start from these)."""
+    base = default_schedule_config(compute, cores)
+    return [dict(base, order=order) for order in ORDERS]
+
+
 def make_schedule(compute: Compute, config: Config) -> Schedule:
     sched = Schedule(compute)
     spatial = [a.name for a in compute.spatial]

@@ -125,7 +125,7 @@ def select_operators(model: onnx.ModelProto, consts: dict[str, np.ndarray],
             return compare_ms({"k": lambda: kernel(feeds)}, rounds=1, repeats=10)["k"]
 
         evaluator = evaluator_factory(spec.signature(), measure, trials_per_op)
-        strategy = strategy_factory([ops.default_schedule_config(compute)])
+        strategy = strategy_factory(ops.seed_configs(compute))
         best = strategy.search(space, evaluator)
         kernel_ms = best.ms if best else math.inf
         chosen = "kernel" if kernel_ms < margin * ort_ms else "ort"

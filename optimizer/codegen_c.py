@@ -108,6 +108,10 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
                 depth_lines.append(f"float acc = {c.init};")
             else:
                 depth_lines.append(f"float acc = {out}[{c.out_index}];")
+        if i > acc_start and schedule.vectorized and loops[acc_start - 1].name == \
+                schedule.vectorized and loop.extent <= 16 and \
+                loop.name not in schedule.unrolled:
+            depth_lines.append(f"#pragma GCC unroll {loop.extent}")  # under an outer simd loop
         if loop.name == schedule.vectorized:
             if i >= acc_start:
                 clause = "+" if c.combine == "sum" else "max"

@@ -4,7 +4,8 @@ A `Compute` says *what* an operator computes: spatial axes (one output element e
 reduce axes (combined with + or max), the term for one point of the iteration space written as
 a C expression over the axis names, a guard (padding), an initial value and an epilogue.
 A `Schedule` says *how* to loop over it: `split` (tile) an axis by a factor, `reorder` loops,
-`vectorize` the innermost loop, `unroll` a loop, `parallel` the outermost loop over threads.
+`vectorize` the innermost loop (or the innermost spatial loop when only reduce loops run
+inside it: outer-loop vectorization with the small reduction unrolled), `unroll` a loop, `parallel` the outermost loop over threads.
 `codegen_c` and `codegen_cuda` lower the pair to source code. The compute definitions of
 Conv2d (grouped, depthwise, strided, padded, dilated), Gemm/MatMul and pooling live in
 `wpk.optimizer.ops`.
@@ -153,7 +154,11 @@ class Schedule:
             if self.loops[0].kind != "spatial":
                 raise ScheduleError("a reduce loop cannot run in parallel (threads would race)")
         if self.vectorized is not None and names[-1] != self.vectorized:
-            raise ScheduleError("only the innermost loop can be vectorized")
+            index = names.index(self.vectorized)
+            if self.loops[index].kind != "spatial" or \
+                    any(l.kind != "reduce" for l in self.loops[index + 1:]):
+                raise ScheduleError("only the innermost loop, or the innermost spatial loop "
+                                    "with only reduce loops inside, can be vectorized")
 
     def describe(self) -> str:
         parts = []

@@ -36,7 +36,8 @@ def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: i
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            best[name] = min(best[name], time_ms(fn, repeats=repeats, warmup=0))
+            # a short warm-up per block lets other sessions' spinning threads go idle first
+            best[name] = min(best[name], time_ms(fn, repeats=repeats, warmup=2))
     return best
 
 

@@ -135,7 +135,7 @@ def schedule_space(compute: Compute, cores: int | None = None) -> Space:
     channel = spatial[1].extent if len(spatial) > 1 else 1
     tile_c = tuple(f for f in (1, 2, 4, 8, 16) if f == 1 or f < channel)
     knobs = [Knob("order", ORDERS), Knob("tile_c", tile_c), Knob("tile_x", tile_x),
-             Knob("vectorize", (True, False)), Knob("unroll", (1, 2, 4, 8)),
+             Knob("vectorize", (True, False, "spatial")), Knob("unroll", (1, 2, 4, 8)),
              Knob("threads", threads)]
 
     def valid(config: Config) -> bool:
@@ -158,7 +158,8 @@ def default_schedule_config(compute: Compute, cores: int | None = None) -> Confi
 def seed_configs(compute: Compute, cores: int | None = None) -> list[Config]:
     """One hand-picked starting point per loop-order template (strategies start from these)."""
     base = default_schedule_config(compute, cores)
-    return [dict(base, order=order) for order in ORDERS]
+    return [dict(base, order=order) for order in ORDERS] + \
+        [dict(base, order="reduce-inner", vectorize="spatial")]
 
 
 def make_schedule(compute: Compute, config: Config) -> Schedule:
@@ -206,7 +207,10 @@ def make_schedule(compute: Compute, config: Config) -> Schedule:
         sched.loops.insert(1, first)
     if config["threads"] > 1:
         sched.parallel(sched.loops[0].name, config["threads"])
-    if config["vectorize"]:
+    if config["vectorize"] == "spatial":  # outer-loop vectorization over the last spatial loop
+        spatial_loops = [l.name for l in sched.loops if l.kind == "spatial"]
+        sched.vectorize(spatial_loops[-1])
+    elif config["vectorize"]:
         sched.vectorize(sched.loops[-1].name)
     if config["unroll"] > 1 and len(sched.loops) > 1:
         sched.unroll(sched.loops[-2].name if config["vectorize"] else sched.loops[-1].name,

@@ -15,6 +15,10 @@ import numpy as np
 from wpk.errors import WpkError
 
 CACHE = Path(os.environ.get("WPK_KERNEL_CACHE", Path(tempfile.gettempdir()) / "wpk-kernels"))
+# Generated kernels share the cores with ONNX Runtime's own thread pool: OpenMP threads that
+# spin-wait between kernels would steal them (catastrophic on 2 cores). Sleep instead; this must
+# be set before libgomp loads, i.e. before the first kernel library is opened.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 
 

@@ -30,7 +30,8 @@ class TensorArg:
 
 
 class OrtSegment:
-    def __init__(self, directory: Path, entry: dict, session_config: dict):
+    def __init__(self, directory: Path, entry: dict, session_config: dict,
+                 spinning: bool = True):
         from wpk.optimizer.session import make_session
 
         self.inputs, self.outputs = entry["inputs"], entry["outputs"]
@@ -39,12 +40,13 @@ class OrtSegment:
         if offline and (directory / offline).exists():
             try:  # the tier's own ORT-optimized graph; it may not load on other hardware
                 self.session = make_session(str(directory / offline), session_config,
-                                            offline_optimized=True)
+                                            offline_optimized=True, spinning=spinning)
                 self.model_file = offline
             except Exception:
                 self.session = None
         if self.session is None:
-            self.session = make_session(str(directory / entry["model"]), session_config)
+            self.session = make_session(str(directory / entry["model"]), session_config,
+                                        spinning=spinning)
             self.model_file = entry["model"]
 
     def __call__(self, env: dict[str, np.ndarray]) -> None:
@@ -86,9 +88,11 @@ class OptimizedSession:
             raise WpkError(f"{path}: unsupported format version {self.manifest.get('version')!r}")
         config = self.manifest["session"]
         self.segments: list[Any] = []
+        mixed = any(entry["type"] == "kernel" for entry in self.manifest["segments"])
         for entry in self.manifest["segments"]:
             if entry["type"] == "ort":
-                self.segments.append(OrtSegment(self.directory, entry, config))
+                self.segments.append(OrtSegment(self.directory, entry, config,
+                                                spinning=not mixed))
             elif entry["type"] == "kernel":
                 self.segments.append(KernelSegment(self.directory, entry))
             else:

@@ -48,8 +48,11 @@ def session_space(cores: int | None = None, levels: tuple[str, ...] = ("all", "e
                   Knob("graph_level", levels)])
 
 
-def session_options(config: Config, offline_optimized: bool = False) -> ort.SessionOptions:
+def session_options(config: Config, offline_optimized: bool = False,
+                    spinning: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spinning:  # inside a segment executor: leave the cores to the generated kernels
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = int(config.get("threads", 0))
     options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL
                               if config.get("execution_mode") == "parallel"
@@ -65,7 +68,7 @@ def providers_for(config: Config) -> list[Any]:
     return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
 
 
-def make_session(model: bytes | str, config: Config, offline_optimized: bool = False
-                 ) -> ort.InferenceSession:
-    return ort.InferenceSession(model, session_options(config, offline_optimized),
+def make_session(model: bytes | str, config: Config, offline_optimized: bool = False,
+                 spinning: bool = True) -> ort.InferenceSession:
+    return ort.InferenceSession(model, session_options(config, offline_optimized, spinning),
                                 providers=providers_for(config))

@@ -17,7 +17,7 @@ def _axis_value(loop: Loop) -> str:
 def _loop_header(loop: Loop, schedule: Schedule, extent_of: dict[str, int]) -> list[str]:
     lines = []
     if loop.name == schedule.parallel_loop:
-        lines.append(f"#pragma omp parallel for schedule(static) num_threads({schedule.threads})")
+        lines.append("#pragma omp for schedule(guided)")
     if loop.name in schedule.unrolled:
         lines.append(f"#pragma GCC unroll {schedule.unrolled[loop.name]}")
     if loop.part == "inner" and extent_of[loop.axis] % loop.factor:
@@ -59,20 +59,23 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
     lets = "".join(f"const int {name} = {expr}; " for name, expr in c.lets)
 
     def update(target: str) -> str:
-        step = f"{target} += ({c.term});" if op else f"{target} = fmaxf({target}, ({c.term}));"
+        # a plain compare vectorizes; fmaxf without -ffast-math is a libm call per element
+        step = f"{target} += ({c.term});" if op else \
+            f"{{ const float t_ = ({c.term}); {target} = t_ > {target} ? t_ : {target}; }}"
         return f"if ({c.guard}) {step}" if c.guard else step
 
     lines = ["#include <math.h>", "#include <float.h>", "#include <stdlib.h>",
              f"void {c.name}({params}) {{"]
     threads = schedule.threads
+    pad_loop: list[str] = []
     if c.padding is not None:
         p = c.padding
         n, ch, h, w = p.shape
         hp, wp = h + p.pads[0] + p.pads[2], w + p.pads[1] + p.pads[3]
-        lines += [
-            f"float* __restrict__ {p.target} = (float*)aligned_alloc(64, "
-            f"((sizeof(float) * {n * ch * hp * wp} + 63) / 64) * 64);",
-            f"#pragma omp parallel for schedule(static) num_threads({threads})",
+        lines.append(f"float* __restrict__ {p.target} = (float*)aligned_alloc(64, "
+                     f"((sizeof(float) * {n * ch * hp * wp} + 63) / 64) * 64);")
+        pad_loop = [
+            "#pragma omp for schedule(static)" if threads > 1 else "",
             f"for (int q = 0; q < {n * ch}; ++q) for (int y = 0; y < {hp}; ++y) {{",
             f"const int iy = y - {p.pads[0]};",
             "#pragma omp simd",
@@ -88,8 +91,7 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
         for i, axis in enumerate(spatial):
             if i == 0 and threads > 1:
                 collapse = " collapse(2)" if len(spatial) > 2 else ""
-                nest.append(f"#pragma omp parallel for schedule(static){collapse} "
-                            f"num_threads({threads})")
+                nest.append(f"#pragma omp for schedule(static){collapse}")
             if i == len(spatial) - 1:
                 nest.append("#pragma omp simd")
             nest.append(f"for (int {axis.name} = 0; {axis.name} < {axis.extent}; "
@@ -97,6 +99,9 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
         nest += body + ["}"] * len(spatial)
         return nest
 
+    if threads > 1:  # one fork/join per call: every pass below is an `omp for` inside it
+        lines += [f"#pragma omp parallel num_threads({threads})", "{"]
+    lines += pad_loop
     if not fused:
         lines += spatial_nest([f"{out}[{c.out_index}] = {c.init};"])
 
@@ -136,6 +141,8 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
     if not fused and c.epilogue:
         lines += spatial_nest([f"{{ float v = {out}[{c.out_index}]; "
                                f"{out}[{c.out_index}] = {c.epilogue}; }}"])
+    if threads > 1:
+        lines.append("}")
     if c.padding is not None:
         lines.append(f"free({c.padding.target});")
     lines.append("}")

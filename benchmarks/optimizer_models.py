@@ -40,7 +40,7 @@ def main() -> None:
         log = str(work / "tuning.jsonl")
         fp32 = pipeline.optimize(model, work / f"{name}-fp32", pipeline.Options(
             budget=pipeline.Budget(args.trials), operator_limit=args.ops, log_path=log), name=name)
-        int8 = pipeline.optimize(model, work / f"{name}-int8", pipeline.Options(
+        pipeline.optimize(model, work / f"{name}-int8", pipeline.Options(
             budget=pipeline.Budget(args.trials), operator_limit=0, per_operator=False,
             accuracy_budget=args.int8_budget, log_path=log), name=name)
         default = make_session(model.SerializeToString(), DEFAULT_SESSION)

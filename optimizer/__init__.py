@@ -4,7 +4,7 @@ Parts, each swappable (like TVM meta-schedule): graph passes (`passes`), configu
 (`space`, `session`, `ops.schedule_space`), search strategies (`search`: random, GA, RL),
 measurement (`measure`), the tuning log (`database`), the kernel DSL (`dsl`, `ops`) with its
 C/OpenMP and CUDA lowerings (`codegen_c`, `codegen_cuda`) and builder (`build`), per-operator
-selection (`select`), the accuracy guard (`accuracy`) and the executor (`executor`).
+selection (`selection`), the accuracy guard (`accuracy`) and the executor (`executor`).
 
 `load(DIR)` opens an optimized slice as a session with ONNX Runtime's `run` signature.
 """

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -16,7 +15,6 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from wpk.errors import WpkError
 from wpk.graph import load_model
 from wpk.optimizer import accuracy, passes
 from wpk.optimizer.database import TuningLog
@@ -24,7 +22,7 @@ from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
 from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
 from wpk.optimizer.search import Evaluator, make_strategy
-from wpk.optimizer.select import OpChoice, build_segments, select_operators
+from wpk.optimizer.selection import OpChoice, build_segments, select_operators
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
 
@@ -109,8 +107,6 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
                     else original.graph.name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("segment*.onnx")) + list(out_dir.glob("kernel*.npz")):
-        stale.unlink()
     hardware = hardware_id()
     report = Report(model=name, hardware=hardware)
     log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
@@ -192,23 +188,31 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
                              "trials": [{"config": t.config, "ms": t.ms}
                                         for t in search.history]}
 
-    # -- candidates: each a (runner factory, precision, writer) ------------------------------
+    # -- candidates: each written to its own directory and measured exactly as loaded --------
     candidates: dict[str, dict[str, Any]] = {}
-    default_session = ctx["default"]
-    candidates["default"] = {"run": lambda f: default_session.run(output_names, f),
-                             "precision": "fp32", "describe": "ONNX Runtime defaults"}
-    tuned = make_session(model_bytes, best_config)
-    candidates["tuned"] = {"run": lambda f: tuned.run(output_names, f), "precision": "fp32",
-                           "describe": "graph passes + " + describe_session(best_config)}
+
+    def add(key: str, directory: Path, precision: str, describe: str) -> None:
+        session = load(directory)
+        candidates[key] = {"run": lambda f: session.run(output_names, f), "dir": directory,
+                           "precision": precision, "describe": describe}
+
+    add("default", _write_single(tmp / "default", ctx, ctx["original"], dict(DEFAULT_SESSION),
+                                 "fp32", offline=False), "fp32", "ONNX Runtime defaults")
+    add("tuned", _write_single(tmp / "tuned", ctx, model, best_config, "fp32", offline=False),
+        "fp32", "graph passes + " + describe_session(best_config))
+    if best_config["provider"] == "CPUExecutionProvider":
+        add("offline", _write_single(tmp / "offline", ctx, model, best_config, "fp32",
+                                     offline=True),
+            "fp32", "graph passes + ORT offline-optimized graph for this CPU + "
+                    + describe_session(best_config))
 
     if options.accuracy_budget is not None:
         progress.phase("int8 static quantization")
         try:
-            int8_path = _quantize_int8(model, feeds, tmp)
-            int8 = make_session(str(int8_path), best_config)
-            candidates["int8"] = {"run": lambda f: int8.run(output_names, f),
-                                  "precision": "int8", "path": int8_path,
-                                  "describe": "static QDQ int8 (per-channel weights)"}
+            int8_model = onnx.load(str(_quantize_int8(model, feeds, tmp)))
+            add("int8", _write_single(tmp / "int8", ctx, int8_model, best_config, "int8",
+                                      offline=False),
+                "int8", "static QDQ int8 (per-channel weights), " + describe_session(best_config))
         except Exception as error:  # quantization tools fail on some graphs: say so, go on
             report.candidates["int8"] = {"error": f"{type(error).__name__}: {error}"[:200]}
 
@@ -225,13 +229,9 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
             mixed_dir = tmp / "mixed"
             mixed_dir.mkdir()
             segments = build_segments(model, won, mixed_dir)
-            _write_manifest(mixed_dir, ctx, best_config, segments, "fp32")
-            mixed = load(mixed_dir)
-            candidates["mixed"] = {"run": lambda f: mixed.run(output_names, f),
-                                   "precision": "fp32", "segments": segments,
-                                   "dir": mixed_dir,
-                                   "describe": f"segment executor: {len(won)} generated "
-                                               f"kernel(s) + ORT"}
+            _write_manifest(mixed_dir, ctx, best_config, segments, "fp32", "mixed")
+            add("mixed", mixed_dir, "fp32",
+                f"segment executor: {len(won)} generated kernel(s) + ORT")
 
     # -- accuracy guard and the final side-by-side measurement ------------------------------
     progress.phase("accuracy guard and final timing", len(candidates))
@@ -272,7 +272,7 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
                         f"{times['default']:.3f} ms"
     report.chosen = best_key
     report.speedup = times["default"] / times[best_key]
-    _write_choice(best_key, candidates[best_key], ctx, best_config, tmp)
+    _install(candidates[best_key]["dir"], ctx["out_dir"], best_key)
     # final guard: the directory as the runtime will load it
     final = load(ctx["out_dir"])
     errs = accuracy.compare(reference, lambda f: final.run(output_names, f), feeds,
@@ -317,40 +317,36 @@ def _write_manifest(directory: Path, ctx: dict[str, Any], config: Config,
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _write_choice(key: str, cand: dict[str, Any], ctx: dict[str, Any], config: Config,
-                  tmp: Path) -> None:
-    out_dir: Path = ctx["out_dir"]
-    inputs = [i["name"] for i in ctx["inputs"]]
-    outputs = ctx["output_names"]
-    if key == "default":
-        onnx.save(ctx["original"], str(out_dir / "model.onnx"))
-        segments = [{"type": "ort", "model": "model.onnx", "inputs": inputs,
-                     "outputs": outputs}]
-        config = dict(DEFAULT_SESSION)
-    elif key == "mixed":
-        for path in cand["dir"].iterdir():
-            if path.name != MANIFEST:
-                shutil.copy(path, out_dir / path.name)
-        segments = cand["segments"]
-    else:
-        if key == "int8":
-            shutil.copy(cand["path"], out_dir / "model.onnx")
-        else:
-            onnx.save(ctx["model"], str(out_dir / "model.onnx"))
-        segments = [{"type": "ort", "model": "model.onnx", "inputs": inputs,
-                     "outputs": outputs}]
-    # ONNX Runtime's offline optimization for this tier, loaded with optimizations off
-    for segment in segments:
-        if segment["type"] != "ort" or config["provider"] != "CPUExecutionProvider":
-            continue
-        offline = segment["model"].replace(".onnx", ".ort.onnx")
+def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
+                  config: Config, precision: str, offline: bool) -> Path:
+    """A candidate that is one ORT session; with `offline`, ONNX Runtime's own optimization
+    for this machine is saved next to it and loaded with optimizations off."""
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / "model.onnx"))
+    segment: dict[str, Any] = {"type": "ort", "model": "model.onnx",
+                               "inputs": [i["name"] for i in ctx["inputs"]],
+                               "outputs": ctx["output_names"]}
+    if offline:
         try:
-            passes.ort_offline_optimize(out_dir / segment["model"], out_dir / offline,
+            passes.ort_offline_optimize(directory / "model.onnx", directory / "model.ort.onnx",
                                         config.get("graph_level", "all"), config["threads"])
-            segment["offline_model"] = offline
+            segment["offline_model"] = "model.ort.onnx"
         except Exception:
             pass
-    _write_manifest(out_dir, ctx, config, segments, cand["precision"], key)
+    _write_manifest(directory, ctx, config, [segment], precision)
+    return directory
+
+
+def _install(candidate: Path, out_dir: Path, chosen: str) -> None:
+    """Copy the chosen candidate's files into the output directory (replacing old ones)."""
+    for stale in out_dir.iterdir():
+        if stale.is_file() and (stale.suffix in (".onnx", ".npz") or stale.name == MANIFEST):
+            stale.unlink()
+    for path in candidate.iterdir():
+        shutil.copy(path, out_dir / path.name)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    manifest["chosen"] = chosen
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def save_segmented(model: onnx.ModelProto, specs: list, out_dir: str | Path,

@@ -1,4 +1,3 @@
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest

@@ -11,7 +11,7 @@ import pytest
 import wpk.optimizer
 from wpk.optimizer import passes, pipeline
 from wpk.optimizer.kernels import load_initializers
-from wpk.optimizer.select import heavy_specs
+from wpk.optimizer.selection import heavy_specs
 
 
 def _session(model):

@@ -56,7 +56,7 @@ def test_runtime_serves_an_optimized_plan(small_cnn, tmp_path):
     import wpk.optimizer
     from wpk.optimizer import passes, pipeline
     from wpk.optimizer.kernels import load_initializers
-    from wpk.optimizer.select import heavy_specs
+    from wpk.optimizer.selection import heavy_specs
     from wpk.plan import load_plan, slice_path
 
     model_path = tmp_path / "small.onnx"

@@ -50,7 +50,7 @@ def main() -> None:
         feed = {inp.name: np.random.default_rng(7).random(inp.shape, dtype=np.float32)}
         times = compare_ms({"default": lambda: default.run(out_names, feed),
                             "fp32": lambda: opt32.run(out_names, feed),
-                            "int8": lambda: opt8.run(out_names, feed)}, rounds=7, repeats=20)
+                            "int8": lambda: opt8.run(out_names, feed)}, rounds=15, repeats=10)
         feeds = accuracy.sample_inputs([(inp.name, inp.shape, np.dtype(np.float32))], 8, seed=11)
         errors = accuracy.compare(lambda f: default.run(out_names, f),
                                   lambda f: opt8.run(out_names, f), feeds, out_names)

@@ -264,8 +264,9 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
                                   not confirmed):
         report.reason = (f"best candidate {best_key} ({times[best_key]:.3f} ms) does not beat "
                          f"the default ({times['default']:.3f} ms) by "
-                         f"{(1 - KEEP_MARGIN) * 100:.0f} % in two head-to-head measurements: "
-                         f"keeping the default")
+                         f"{(1 - KEEP_MARGIN) * 100:.0f} %"
+                         + ("" if confirmed else " in a second head-to-head measurement")
+                         + ": keeping the default")
         best_key = "default"
     else:
         report.reason = f"{best_key}: {times[best_key]:.3f} ms vs default " \
@@ -281,7 +282,45 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     report.seconds = time.perf_counter() - ctx["start"]
     (ctx["out_dir"] / "report.json").write_text(json.dumps(report.to_json(), indent=2,
                                                            default=str) + "\n")
+    (ctx["out_dir"] / "report.md").write_text(render_markdown(report))
     return report
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def render_markdown(report: Report) -> str:
+    """The human-readable report: what was tried, what was chosen and why."""
+    lines = [f"# {report.model}: chose `{report.chosen}` ({report.speedup:.2f}x vs ORT defaults)",
+             "", f"Measured on: {report.hardware}. {report.reason}.", "",
+             "Graph passes: " + ("; ".join(report.passes) or "no change"), "",
+             "| candidate | precision | ms | confirm ms | max rel. error | top-1 | kept | what |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, cand in report.candidates.items():
+        if "error" in cand:
+            lines.append(f"| {key} | | | | | | failed | {cand['error']} |")
+            continue
+        rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
+        top1 = [a["top1_agreement"] for a in cand["accuracy"] if a["top1_agreement"] is not None]
+        lines.append(f"| {key} | {cand['precision']} | {cand.get('ms', float('nan')):.3f} | "
+                     f"{_ms(cand.get('ms_confirm'))} | {rel:.2e} | "
+                     f"{min(top1) if top1 else '-'} | "
+                     f"{'yes' if cand['within_budget'] else 'over budget'} | {cand['describe']} |")
+    search = report.session_search
+    lines += ["", f"Session search ({search.get('strategy')}): {search.get('measured')} measured, "
+                  f"{search.get('reused')} from the tuning log, best {search.get('best')} "
+                  f"at {search.get('best_ms') or float('nan'):.3f} ms.", ""]
+    if report.operators:
+        lines += ["| operator | kind | ORT ms | generated ms | chosen | schedule |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for op in report.operators:
+            lines.append(f"| {op['node']} | {op['op']} | {op['ort_ms']:.3f} | "
+                         f"{op['kernel_ms']:.3f} | {op['chosen']} | {op['schedule']} |")
+    lines += ["", "Accuracy of the written slice (per output): " + ", ".join(
+        f"{a['name']}: max abs {a['max_abs']:.2e}, rel {a['relative']:.2e}"
+        for a in report.accuracy), ""]
+    return "\n".join(lines)
 
 
 def _quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tmp: Path

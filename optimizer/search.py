@@ -193,14 +193,15 @@ class GeneticSearch:
 class _Ind(list):
     """A list with a deap-style single-objective (minimizing) fitness."""
 
+    _fitness_class = None
+
     def __init__(self, values: list[int], score: float):
         super().__init__(values)
-        from deap import base
+        if _Ind._fitness_class is None:
+            from deap import base
 
-        class _Fit(base.Fitness):
-            weights = (-1.0,)
-
-        self.fitness = _Fit((score if math.isfinite(score) else 1e30,))
+            _Ind._fitness_class = type("MinTime", (base.Fitness,), {"weights": (-1.0,)})
+        self.fitness = _Ind._fitness_class((score if math.isfinite(score) else 1e30,))
 
 
 class ReinforceSearch:

@@ -131,7 +131,7 @@ def select_operators(model: onnx.ModelProto, consts: dict[str, np.ndarray],
         chosen = "kernel" if kernel_ms < margin * ort_ms else "ort"
         if best is not None:
             spec.schedule = best.config
-        choices.append(OpChoice(spec.node, compute.name and spec.op, spec.signature(), ort_ms,
+        choices.append(OpChoice(spec.node, spec.op, spec.signature(), ort_ms,
                                 kernel_ms, best.config if best else None, chosen,
                                 evaluator.measured,
                                 sum(1 for t in evaluator.history if t.reused), spec))

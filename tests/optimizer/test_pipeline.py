@@ -90,6 +90,7 @@ def test_optimize_gives_original_outputs_and_a_report(small_cnn, tmp_path):
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-5)
     saved = json.loads((tmp_path / "opt" / "report.json").read_text())
     assert saved["chosen"] == report.chosen
+    assert report.chosen in (tmp_path / "opt" / "report.md").read_text()
     # a second run starts from every measurement of the first (tuning log) and goes further
     again = pipeline.optimize(small_cnn, tmp_path / "opt2", options, name="small")
     first = report.session_search

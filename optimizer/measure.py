@@ -27,18 +27,24 @@ def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
 
 
 def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: int = 10,
-               warmup: int = 3) -> dict[str, float]:
-    """Interleave candidates round by round so that background load hits them alike; the
-    result is each candidate's minimum over rounds of a per-round median."""
+               warmup: int = 3, percentile: float = 20.0) -> dict[str, float]:
+    """Interleave candidates block by block so that background load hits them alike, and
+    return a low percentile of each one's samples: on a shared machine the distribution is
+    bimodal (the second core free or busy), and the low percentile compares the candidates
+    in the same (free) mode instead of by how often a neighbour got in the way."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    best = {name: float("inf") for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            # a short warm-up per block lets other sessions' spinning threads go idle first
-            best[name] = min(best[name], time_ms(fn, repeats=repeats, warmup=2))
-    return best
+            fn()  # one unmeasured run lets other sessions' spinning threads go idle first
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+    return {name: float(np.percentile(values, percentile) * 1e3)
+            for name, values in samples.items()}
 
 
 @functools.lru_cache(maxsize=1)

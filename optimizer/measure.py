@@ -36,8 +36,11 @@ def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: i
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for index in range(rounds):
+        # rotate who goes first: whoever follows another session pays for its idle threads
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            fn = fns[name]
             fn()  # one unmeasured run lets other sessions' spinning threads go idle first
             for _ in range(repeats):
                 start = time.perf_counter()

@@ -95,17 +95,22 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
     return out
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _summary(console: Console, label: str, report: pipeline.Report) -> None:
     table = Table(title=f"{label}: chose {report.chosen} ({report.speedup:.2f}x)",
                   title_justify="left")
-    for column in ("candidate", "precision", "ms", "max rel. error", "kept?", "what"):
+    for column in ("candidate", "precision", "ms", "default ms", "max rel. error", "kept?",
+                   "what"):
         table.add_column(column)
     for key, cand in report.candidates.items():
         if "error" in cand:
-            table.add_row(key, "", "", "", "failed", cand["error"])
+            table.add_row(key, "", "", "", "", "failed", cand["error"])
             continue
         rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
-        table.add_row(key, cand["precision"], f"{cand.get('ms', float('nan')):.3f}",
+        table.add_row(key, cand["precision"], _ms(cand.get("ms")), _ms(cand.get("default_ms")),
                       f"{rel:.2e}", "yes" if cand["within_budget"] else "over budget",
                       cand["describe"])
     console.print(table)

@@ -166,3 +166,12 @@ def test_load_rejects_a_directory_without_manifest(tmp_path):
 
     with pytest.raises(WpkError, match="optimized.json"):
         wpk.optimizer.load(tmp_path)
+
+
+def test_zero_time_budget_still_writes_a_working_slice(small_cnn, tmp_path):
+    options = pipeline.Options(budget=pipeline.Budget(trials=50, seconds=0.0), samples=1)
+    report = pipeline.optimize(small_cnn, tmp_path / "opt", options)
+    assert report.session_search["measured"] == 0 and report.chosen in report.candidates
+    got = wpk.optimizer.load(tmp_path / "opt").run(None, _feed())[0]
+    np.testing.assert_allclose(got, _session(small_cnn).run(None, _feed())[0], rtol=1e-4,
+                               atol=1e-5)

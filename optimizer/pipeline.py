@@ -132,8 +132,13 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     if not accuracy.within(errors, accuracy.FP32_RELATIVE):
         model, model_bytes = original, original_bytes
         report.passes.append("passes changed outputs beyond fp32 rounding: dropped")
+    ctx = {"options": options, "progress": progress, "report": report, "log": log,
+           "feeds": feeds, "output_names": output_names, "model": model,
+           "model_bytes": model_bytes, "original": original, "reference": reference,
+           "left": left, "hardware": hardware, "name": name, "inputs": inputs,
+           "outputs": outputs, "out_dir": out_dir, "start": start}
     with tempfile.TemporaryDirectory() as tmp:
-        return _search_and_write(locals(), Path(tmp))
+        return _search_and_write(ctx, Path(tmp))
 
 
 def describe_session(config: Config) -> str:

@@ -144,8 +144,8 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
 def describe_session(config: Config) -> str:
     provider = config["provider"].replace("ExecutionProvider", "")
     threads = config["threads"] or "auto"
-    return f"{provider}, threads={threads}, {config['execution_mode']}, " \
-           f"level={config['graph_level']}"
+    mode = "seq" if config["execution_mode"] == "sequential" else "par"
+    return f"{provider} t={threads} {mode} {config['graph_level']}"
 
 
 def _np_type(type_text: str) -> str:
@@ -204,12 +204,11 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     add("default", _write_single(tmp / "default", ctx, ctx["original"], dict(DEFAULT_SESSION),
                                  "fp32", offline=False), "fp32", "ONNX Runtime defaults")
     add("tuned", _write_single(tmp / "tuned", ctx, model, best_config, "fp32", offline=False),
-        "fp32", "graph passes + " + describe_session(best_config))
+        "fp32", "passes + " + describe_session(best_config))
     if best_config["provider"] == "CPUExecutionProvider":
         add("offline", _write_single(tmp / "offline", ctx, model, best_config, "fp32",
                                      offline=True),
-            "fp32", "graph passes + ORT offline-optimized graph for this CPU + "
-                    + describe_session(best_config))
+            "fp32", "passes + ORT offline graph, " + describe_session(best_config))
 
     if options.accuracy_budget is not None:
         progress.phase("int8 static quantization")
@@ -217,7 +216,7 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
             int8_model = onnx.load(str(_quantize_int8(model, feeds, tmp)))
             add("int8", _write_single(tmp / "int8", ctx, int8_model, best_config, "int8",
                                       offline=False),
-                "int8", "static QDQ int8 (per-channel weights), " + describe_session(best_config))
+                "int8", "static QDQ int8, " + describe_session(best_config))
         except Exception as error:  # quantization tools fail on some graphs: say so, go on
             report.candidates["int8"] = {"error": f"{type(error).__name__}: {error}"[:200]}
 
@@ -236,7 +235,7 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
             segments = build_segments(model, won, mixed_dir)
             _write_manifest(mixed_dir, ctx, best_config, segments, "fp32", "mixed")
             add("mixed", mixed_dir, "fp32",
-                f"segment executor: {len(won)} generated kernel(s) + ORT")
+                f"segments: {len(won)} generated kernel(s) + ORT")
 
     # -- accuracy guard and head-to-head timing, each candidate against the default ---------
     progress.phase("accuracy guard and final timing", len(candidates))

@@ -18,7 +18,8 @@ def _loop_header(loop: Loop, schedule: Schedule, extent_of: dict[str, int]) -> l
     lines = []
     if loop.name == schedule.parallel_loop:
         lines.append("#pragma omp for schedule(guided)")
-    if loop.name in schedule.unrolled:
+    if loop.name in schedule.unrolled and loop.name != schedule.vectorized:
+        # (an `omp simd` loop takes no unroll pragma: both must directly precede the `for`)
         lines.append(f"#pragma GCC unroll {schedule.unrolled[loop.name]}")
     if loop.part == "inner" and extent_of[loop.axis] % loop.factor:
         bound = f"({loop.factor} < {extent_of[loop.axis]} - {loop.axis}_o * {loop.factor} ? " \
@@ -102,6 +103,15 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
     if threads > 1:  # one fork/join per call: every pass below is an `omp for` inside it
         lines += [f"#pragma omp parallel num_threads({threads})", "{"]
     lines += pad_loop
+    tile = _register_tile(loops)
+    if tile is not None:
+        lines += _lower_tiled(c, schedule, extent_of, tile, lets, update)
+        if threads > 1:
+            lines.append("}")
+        if c.padding is not None:
+            lines.append(f"free({c.padding.target});")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
     if not fused:
         lines += spatial_nest([f"{out}[{c.out_index}] = {c.init};"])
 
@@ -147,3 +157,61 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
         lines.append(f"free({c.padding.target});")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+MAX_TILE = 256  # accumulators of one register tile (floats)
+
+
+def _register_tile(loops: list[Loop]) -> int | None:
+    """Index of the first tile loop when the nest reads spatial* reduce+ spatial+ and the
+    trailing spatial loops are small enough to keep their accumulators in registers."""
+    kinds = [l.kind for l in loops]
+    if "reduce" not in kinds:
+        return None
+    first_reduce = kinds.index("reduce")
+    if any(k != "spatial" for k in kinds[:first_reduce]):
+        return None
+    tail = kinds[first_reduce:]
+    if "spatial" not in tail:
+        return None
+    start = first_reduce + tail.index("spatial")
+    if any(k != "spatial" for k in kinds[start:]):
+        return None
+    size = 1
+    for loop in loops[start:]:
+        size *= loop.extent
+    return start if size <= MAX_TILE else None
+
+
+def _lower_tiled(c: Compute, schedule: Schedule, extent_of: dict[str, int], start: int,
+                 lets: str, update) -> list[str]:
+    """Register blocking: a local accumulator tile over the innermost spatial loops, filled
+    by the reduction and stored once (with the epilogue) when it is done."""
+    loops = schedule.loops
+    outer, reduce, tile = loops[:loops.index(next(l for l in loops if l.kind == "reduce"))], \
+        [l for l in loops if l.kind == "reduce"], loops[start:]
+    dims = "".join(f"[{l.extent}]" for l in tile)
+    index = "".join(f"[{l.name}]" for l in tile)
+    defined: set[str] = set()
+
+    def open_loops(group: list[Loop], vector_ok: bool) -> list[str]:
+        out: list[str] = []
+        for loop in group:
+            if vector_ok and loop.name == schedule.vectorized:
+                out.append("#pragma omp simd")
+            out += _loop_header(loop, schedule, extent_of)
+            out += _define_axes(loop, defined, c)
+        return out
+
+    lines = open_loops(outer, False)
+    lines.append(f"float acc{dims};")
+    lines += open_loops(tile, True) + [f"acc{index} = {c.init};"] + ["}"] * len(tile)
+    lines += open_loops(reduce, False) + open_loops(tile, True)
+    lines.append(lets + update(f"acc{index}"))
+    lines += ["}"] * (len(tile) + len(reduce))
+    store = f"{c.output.name}[{c.out_index}]"
+    body = f"{{ float v = acc{index}; {store} = {c.epilogue}; }}" if c.epilogue \
+        else f"{store} = acc{index};"
+    lines += open_loops(tile, True) + [body] + ["}"] * len(tile)
+    lines += ["}"] * len(outer)
+    return lines

@@ -213,8 +213,8 @@ def make_schedule(compute: Compute, config: Config) -> Schedule:
     elif config["vectorize"]:
         sched.vectorize(sched.loops[-1].name)
     if config["unroll"] > 1 and len(sched.loops) > 1:
-        sched.unroll(sched.loops[-2].name if config["vectorize"] else sched.loops[-1].name,
-                     config["unroll"])
+        candidates = [l.name for l in sched.loops if l.name != sched.vectorized]
+        sched.unroll(candidates[-1], config["unroll"])
     return sched
 
 

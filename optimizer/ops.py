@@ -132,7 +132,8 @@ def schedule_space(compute: Compute, cores: int | None = None) -> Space:
     spatial = compute.spatial
     inner = spatial[-1].extent
     tile_x = tuple(f for f in (1, 4, 8, 16, 32) if f == 1 or f < inner)
-    channel = spatial[1].extent if len(spatial) > 1 else 1
+    channel_axis = _channel_axis(compute)
+    channel = compute.axis(channel_axis).extent if channel_axis else 1
     tile_c = tuple(f for f in (1, 2, 4, 8, 16) if f == 1 or f < channel)
     knobs = [Knob("order", ORDERS), Knob("tile_c", tile_c), Knob("tile_x", tile_x),
              Knob("vectorize", (True, False, "spatial")), Knob("unroll", (1, 2, 4, 8)),
@@ -155,6 +156,15 @@ def default_schedule_config(compute: Compute, cores: int | None = None) -> Confi
             "unroll": 1, "threads": cores}
 
 
+def _channel_axis(compute: Compute) -> str | None:
+    """The axis `tile_c` splits: output channels for NCHW computes (b, oc, oh, ow), rows for
+    matrices (i, j), where the last axis is the one `tile_x` splits."""
+    spatial = [a.name for a in compute.spatial]
+    if len(spatial) > 2:
+        return spatial[1]
+    return spatial[0] if len(spatial) == 2 else None
+
+
 def seed_configs(compute: Compute, cores: int | None = None) -> list[Config]:
     """One hand-picked starting point per loop-order template (strategies start from these)."""
     base = default_schedule_config(compute, cores)
@@ -166,7 +176,7 @@ def make_schedule(compute: Compute, config: Config) -> Schedule:
     sched = Schedule(compute)
     spatial = [a.name for a in compute.spatial]
     reduce = [a.name for a in compute.reduce]
-    channel = spatial[1] if len(spatial) > 1 else None
+    channel = _channel_axis(compute)
     last = spatial[-1]
     c_outer = c_inner = channel
     if channel and config["tile_c"] > 1:

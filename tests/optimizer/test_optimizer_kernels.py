@@ -110,3 +110,28 @@ def test_invalid_schedules_are_filtered():
     space = ops.schedule_space(compute)
     assert all(space.valid(c) for c in space)
     assert sum(1 for _ in space) > 10
+
+
+@pytest.mark.parametrize("compute", [
+    ops.conv2d(1, 6, 15, 9, 9, 3, 3, (2, 2), (1, 0, 2, 1), (1, 1), 3, relu=True),
+    ops.gemm(5, 16, 33, True, False, bias="full"),
+    ops.pool2d("max", 1, 5, 11, 8, 3, 3, (2, 2), (1, 1, 1, 0)),
+], ids=["conv", "gemm", "maxpool"])
+def test_register_tiled_schedules_match_the_default(compute):
+    """The tiled order lowers to a local accumulator tile (register blocking), including
+    partial tiles at the edges; every variant must agree with the default schedule."""
+    from wpk.optimizer.codegen_c import _register_tile
+
+    arrays = ops.random_buffers(compute, RNG)
+    expected = _run(compute, ops.default_schedule_config(compute),
+                    [a.copy() for a in arrays])
+    tiled = 0
+    for tile_c, tile_x, vec in [(2, 4, True), (4, 1, "spatial"), (1, 8, False), (4, 4, True)]:
+        config = {"order": "tiled", "tile_c": tile_c, "tile_x": tile_x, "vectorize": vec,
+                  "unroll": 2, "threads": 2}
+        if not ops.schedule_space(compute).valid(config):
+            continue
+        tiled += _register_tile(ops.make_schedule(compute, config).loops) is not None
+        out = _run(compute, config, [a.copy() for a in arrays])
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4, err_msg=str(config))
+    assert tiled >= 1

@@ -1,8 +1,8 @@
-"""`wpk-deploy PLAN_DIR --local [--port N]`: deploy a plan's tiers.
+"""`wpk-deploy PLAN_DIR --local | --bundle OUT | --k8s OUT`: deploy a plan's tiers.
 
-One target flag picks how (`--local` today; `--bundle`, `--k8s`, `--emulate` are meant to
-join the same mutually exclusive group). Each target is a function `(args) -> int` in
-TARGETS; options that only one target reads go in that target's argument group.
+One target flag picks how (emulation on a shaped network is `wpk-emulate`, which needs
+root). Each target is a function `(args) -> int` in TARGETS; options that only one target
+reads go in that target's argument group.
 """
 from __future__ import annotations
 
@@ -48,7 +48,42 @@ def run_local(args: argparse.Namespace) -> int:
     return 0
 
 
-TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {"local": run_local}
+def _tls_dir(args: argparse.Namespace, out: str) -> str | None:
+    """--tls DIR: certificates there (generated if missing); bare --tls: OUT/pki."""
+    if args.tls is None:
+        return None
+    from pathlib import Path
+
+    return args.tls or str(Path(out) / "pki")
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    from wpk.deploy.bundle import write_bundle
+
+    tls_dir = _tls_dir(args, args.bundle)
+    dirs = write_bundle(args.plan_dir, args.bundle, tls_dir=tls_dir, registry=args.registry)
+    for directory in dirs:
+        print(f"{directory}/  (start.sh, {directory.name} systemd unit, install.sh, Dockerfile)")
+    if tls_dir:
+        print(f"certificates: {tls_dir} (keep ca.key off the tiers)")
+    return 0
+
+
+def run_k8s(args: argparse.Namespace) -> int:
+    from wpk.deploy.k8s import write_manifests
+
+    tls_dir = _tls_dir(args, args.k8s)
+    files = write_manifests(args.plan_dir, args.k8s, registry=args.registry, tag=args.tag,
+                            namespace=args.namespace, tls_dir=tls_dir)
+    for path in files:
+        print(path)
+    print(f"apply with: kubectl apply -k {args.k8s}  (images: wpk-deploy --bundle, then docker "
+          "build each tier's directory)")
+    return 0
+
+
+TARGETS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "local": run_local, "bundle": run_bundle, "k8s": run_k8s}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--local", action="store_true",
                         help="run every tier on this machine as separate processes")
+    target.add_argument("--bundle", metavar="OUT",
+                        help="write one self-contained directory per tier (slice, config, "
+                             "start script, systemd unit, Dockerfile)")
+    target.add_argument("--k8s", metavar="OUT",
+                        help="write Kubernetes manifests (Deployment + Service per tier, "
+                             "ConfigMap with the plan, kustomization.yaml)")
     parser.add_argument("--name", help="model name to serve (default: the plan's)")
     local = parser.add_argument_group("--local")
     local.add_argument("--port", type=int, default=8001,
@@ -66,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ONNX Runtime threads per tier (0: ORT's default)")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
+    shipped = parser.add_argument_group("--bundle / --k8s")
+    shipped.add_argument("--tls", metavar="DIR", nargs="?", const="",
+                         help="mutual TLS between tiers with the CA and tier certificates in "
+                              "DIR (generated there if missing; bare --tls: OUT/pki)")
+    shipped.add_argument("--registry", help="image registry prefix, e.g. registry.local/wpk")
+    shipped.add_argument("--tag", default="latest", help="image tag (default latest)")
+    shipped.add_argument("--namespace", help="Kubernetes namespace of every object")
     return parser
 
 

@@ -19,6 +19,8 @@ Accuracy (float32 tensors; other dtypes and non-finite values are always sent ex
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +122,7 @@ def decode(data: bytes, dtype: np.dtype, shape: tuple[int, ...], codec_name: str
         codec = Codec.parse(codec_name)
     except WpkError as error:
         raise DecodeError(str(error)) from None
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     width = {"raw": dtype.itemsize, "fp16": 2, "int8": 1}[codec.base]
     expected = count * width
     if codec.zstd:

@@ -1,14 +1,15 @@
 """Per-tier metrics in Prometheus' text format, served over HTTP from the server's own loop.
 
-Hand-written rather than prometheus_client: three metric families need ~80 lines, the `serve`
+Hand-written rather than prometheus_client: four metric families need ~100 lines, the `serve`
 extra stays small for device-class hardware, and the /metrics endpoint runs on the asyncio
 loop the gRPC server already has (prometheus_client's `start_http_server` adds a thread).
 
     wpk_requests_total{tier,model,code}        counter, one per finished ModelInfer
     wpk_request_seconds{tier,model}            histogram of ModelInfer latency
-    wpk_tensor_bytes_total{tier,direction}     counter of tensor payload bytes; direction is
-        in (from the caller), out (to the caller), forward (to the next tier),
-        return (answers from the next tier)
+    wpk_slice_seconds{tier}                    histogram of the slice's own run time
+    wpk_bytes_total{tier,direction}            counter of message bytes (tensor data of what
+        we build, whole messages of what we receive); direction is in (from the caller), out
+        (to the caller), forward (to the next tier), return (answers from the next tier)
 """
 from __future__ import annotations
 
@@ -48,14 +49,26 @@ class TierMetrics:
         self.tier = tier
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
-        self.tensor_bytes: dict[str, int] = {"in": 0, "out": 0, "forward": 0, "return": 0}
+        self.slice = Histogram()
+        self.message_bytes: dict[str, int] = {"in": 0, "out": 0, "forward": 0, "return": 0}
 
     def observe(self, model: str, code: str, seconds: float) -> None:
         self.requests[(model, code)] += 1
         self.latency[model].observe(seconds)
 
     def add_bytes(self, direction: str, count: int) -> None:
-        self.tensor_bytes[direction] += count
+        self.message_bytes[direction] += count
+
+    @staticmethod
+    def _histogram(name: str, hist: Histogram, **labels: str) -> list[str]:
+        lines, cumulative = [], 0
+        for bound, count in zip(BUCKETS + (float("inf"),), hist.counts):
+            cumulative += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f"{name}_bucket{_labels(**labels, le=le)} {cumulative}")
+        lines.append(f"{name}_sum{_labels(**labels)} {hist.total!r}")
+        lines.append(f"{name}_count{_labels(**labels)} {hist.count}")
+        return lines
 
     def render(self) -> str:
         tier = self.tier
@@ -66,18 +79,14 @@ class TierMetrics:
         lines += ["# HELP wpk_request_seconds ModelInfer latency seen by this tier.",
                   "# TYPE wpk_request_seconds histogram"]
         for model, hist in sorted(self.latency.items()):
-            cumulative = 0
-            for bound, count in zip(BUCKETS + (float("inf"),), hist.counts):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f"wpk_request_seconds_bucket"
-                             f"{_labels(tier=tier, model=model, le=le)} {cumulative}")
-            lines.append(f"wpk_request_seconds_sum{_labels(tier=tier, model=model)} {hist.total!r}")
-            lines.append(f"wpk_request_seconds_count{_labels(tier=tier, model=model)} {hist.count}")
-        lines += ["# HELP wpk_tensor_bytes_total Tensor payload bytes moved by this tier.",
-                  "# TYPE wpk_tensor_bytes_total counter"]
-        for direction, value in self.tensor_bytes.items():
-            lines.append(f"wpk_tensor_bytes_total{_labels(tier=tier, direction=direction)} {value}")
+            lines += self._histogram("wpk_request_seconds", hist, tier=tier, model=model)
+        lines += ["# HELP wpk_slice_seconds Time the slice itself ran (ONNX Runtime).",
+                  "# TYPE wpk_slice_seconds histogram"]
+        lines += self._histogram("wpk_slice_seconds", self.slice, tier=tier)
+        lines += ["# HELP wpk_bytes_total Message bytes moved by this tier.",
+                  "# TYPE wpk_bytes_total counter"]
+        for direction, value in self.message_bytes.items():
+            lines.append(f"wpk_bytes_total{_labels(tier=tier, direction=direction)} {value}")
         return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
+from wpk.runtime.prebuilt import serialize
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -32,6 +33,7 @@ ModelMetadataRequest = _message("ModelMetadataRequest")
 ModelMetadataResponse = _message("ModelMetadataResponse")
 ModelInferRequest = _message("ModelInferRequest")
 ModelInferResponse = _message("ModelInferResponse")
+ModelStreamInferResponse = _message("ModelStreamInferResponse")
 InferParameter = _message("InferParameter")
 InferTensorContents = _message("InferTensorContents")
 
@@ -44,9 +46,14 @@ METHODS: dict[str, tuple[type, type]] = {
     "ModelMetadata": (ModelMetadataRequest, ModelMetadataResponse),
     "ModelInfer": (ModelInferRequest, ModelInferResponse),
 }
+# bidirectional streams (Triton's extension)
+STREAM_METHODS: dict[str, tuple[type, type]] = {
+    "ModelStreamInfer": (ModelInferRequest, ModelStreamInferResponse),
+}
 
 # Checked at import: the generated descriptor declares exactly these methods.
-assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == list(METHODS)
+assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == \
+    list(METHODS) + list(STREAM_METHODS)
 
 
 def method_path(method: str) -> str:
@@ -54,16 +61,22 @@ def method_path(method: str) -> str:
 
 
 def generic_handler(servicer: object):
-    """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`."""
+    """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
+    (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`)."""
     import grpc
 
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),
             request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString)
+            response_serializer=serialize)
         for name, (request, response) in METHODS.items()
     }
+    for name, (request, response) in STREAM_METHODS.items():
+        if hasattr(servicer, name):
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, name), request_deserializer=request.FromString,
+                response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -73,5 +86,9 @@ class Stub:
     def __init__(self, channel):
         for name, (request, response) in METHODS.items():
             setattr(self, name, channel.unary_unary(
-                method_path(name), request_serializer=request.SerializeToString,
+                method_path(name), request_serializer=serialize,
+                response_deserializer=response.FromString))
+        for name, (request, response) in STREAM_METHODS.items():
+            setattr(self, name, channel.stream_stream(
+                method_path(name), request_serializer=serialize,
                 response_deserializer=response.FromString))

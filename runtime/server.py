@@ -15,7 +15,8 @@ from wpk.plan import load_plan
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.metrics import serve_metrics
 from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, TierService
-from wpk.runtime import protocol
+from wpk.runtime import protocol, tls
+from wpk.runtime.health import health_handler
 
 READY_MARK = "ready on"
 
@@ -30,19 +31,25 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 next_address: str | None = None, name: str | None = None,
                 threads: int = 0, workers: int = 1, metrics_port: int | None = None,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                hop_timeout: float = DEFAULT_HOP_TIMEOUT_S,
+                hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
+                tls_dir: str | None = None,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
     import grpc
 
     plan = load_plan(plan_dir)
+    creds = tls.load(tls_dir, tier) if tls_dir else None
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
-                          workers=workers, hop_timeout=hop_timeout)
+                          workers=workers, hop_timeout=hop_timeout, run=run,
+                          channel_credentials=tls.channel_credentials(creds) if creds else None)
     server = grpc.aio.server(options=server_options(max_message_bytes))
-    server.add_generic_rpc_handlers((protocol.generic_handler(service),))
+    server.add_generic_rpc_handlers((protocol.generic_handler(service), health_handler()))
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if creds is not None:
+            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials(creds))
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
         bound = 0
     if bound == 0:
@@ -90,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime intra-op threads (0: ORT's default)")
     parser.add_argument("--workers", type=int, default=1,
                         help="slice runs at once on this tier (default 1)")
+    parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
+                        help="where the slice runs: on the event loop (inline), in a worker "
+                        "thread, or auto: inline when it takes under 1 ms (default)")
+    parser.add_argument("--tls-dir", metavar="DIR",
+                        help="mutual TLS: ca.pem, TIER.pem and TIER.key in DIR (wpk-deploy "
+                        "--tls writes them); peers without a certificate from that CA are "
+                        "refused")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics on this port (0: any free port)")
     parser.add_argument("--max-message-mb", type=int,
@@ -113,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                       next_address=args.next_address, name=args.name, threads=args.threads,
                       workers=args.workers, metrics_port=args.metrics_port,
                       max_message_bytes=args.max_message_mb * 1024 * 1024,
-                      hop_timeout=args.hop_timeout, announce=announce))
+                      hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
+                      announce=announce))
     return 0
 
 

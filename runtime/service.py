@@ -19,20 +19,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from wpk import __version__
+from wpk.errors import WpkError
 from wpk.plan import Plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
+from wpk.runtime.link import STATUS_PARAM, TIMEOUT_PARAM, InferenceError
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.slice import load_runner
-from wpk.runtime.tensors import TensorError, TensorMeta
+from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
 from wpk.runtime.wire import (build_request, build_response, parameter_value, parse_inputs,
-                              parse_response, payload_bytes, requested_outputs)
-import wpk
+                              parse_response, payload_bytes, requested_outputs, set_parameter)
 
 PIPELINE_PARAM = "wpk_pipeline"
 DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
 DEADLINE_MARGIN_S = 0.02        # kept back so our own error reaches the caller in time
+INLINE_BELOW_S = 0.001          # `--run auto`: slices faster than this run on the event loop
 
 
 @dataclass(frozen=True)
@@ -54,28 +57,56 @@ class Abort(Exception):
 class TierService:
     def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
-                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S):
+                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
+                 channel_credentials=None):
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
         self.name = name or plan.name
         self.hop_timeout = hop_timeout
+        self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
         self.runner = load_runner(plan_dir, self.tier, threads) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix=f"wpk-{tier}")
         self.next_tier = plan.tiers[index + 1].name if index + 1 < len(plan.tiers) else None
         if self.tier.forward and self.next_tier is None:
-            raise wpk.WpkError(f"tier {tier!r} forwards tensors but is the last tier")
+            raise WpkError(f"tier {tier!r} forwards tensors but is the last tier")
         if self.tier.forward and not next_address:
-            raise wpk.WpkError(f"tier {tier!r} forwards {', '.join(self.tier.forward)} to "
+            raise WpkError(f"tier {tier!r} forwards {', '.join(self.tier.forward)} to "
                                f"tier {self.next_tier!r}: give its address with --next HOST:PORT")
         self.next_address = next_address if self.tier.forward else None
         self.next: InferenceClient | None = None
         codec = Codec.parse(plan.links[index].codec) if self.next_tier else Codec()
         self.encoder = Encoder(codec) if codec != Codec() else None
-        self.slice_outputs = [o for o in self.tier.slice_outputs]
+        self.slice_outputs = list(self.tier.slice_outputs)
         self.models = self._models(index == 0)
+        self.slice_seconds = self._warm_up()
+        if run not in ("auto", "inline", "thread"):
+            raise WpkError(f"--run {run!r}: expected auto, inline or thread")
+        # Inline saves the thread hand-off (~50-100 us) but blocks the event loop while the
+        # slice runs; worth it only for fast slices.
+        self.inline = run == "inline" or (run == "auto" and self.slice_seconds < INLINE_BELOW_S)
+
+    def _warm_up(self, runs: int = 5) -> float:
+        """Run the slice on zeros a few times (first runs are slow); median seconds per run."""
+        if self.runner is None:
+            return 0.0
+        feeds = {}
+        for name in self.tier.slice_inputs:
+            meta = self._meta(name)
+            feeds[name] = np.zeros([d if d > 0 else 1 for d in meta.shape],
+                                   dtype=dtype_of(meta.datatype))
+        times = []
+        try:
+            for _ in range(runs):
+                started = time.perf_counter()
+                self.runner.run(self.slice_outputs, feeds)
+                times.append(time.perf_counter() - started)
+        except Exception as error:  # ORT's own exception types
+            raise WpkError(f"tier {self.tier.name!r}: slice does not run on inputs of "
+                               f"the planned shapes: {error}") from None
+        return sorted(times)[len(times) // 2]
 
     # -- model table ---------------------------------------------------------------------
     def _meta(self, tensor: str) -> TensorMeta:
@@ -85,7 +116,7 @@ class TierService:
                 if entry["name"] == tensor:
                     spec = entry
         if spec is None:
-            raise wpk.WpkError(f"plan.json: tensor {tensor!r} of tier {self.tier.name!r} is "
+            raise WpkError(f"plan.json: tensor {tensor!r} of tier {self.tier.name!r} is "
                                f"not described in `tensors`")
         return TensorMeta.from_spec(tensor, spec["dtype"], spec["shape"])
 
@@ -113,7 +144,9 @@ class TierService:
 
     async def start(self) -> None:
         if self.next_address:
-            self.next = InferenceClient(self.next_address)
+            self.next = InferenceClient(self.next_address, stream=True,
+                                        credentials=self.channel_credentials,
+                                        server_name=self.next_tier)
 
     async def stop(self) -> None:
         if self.next is not None:
@@ -132,7 +165,7 @@ class TierService:
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=f"wpk ({self.name}.{self.tier.name})",
-                                         version=wpk.__version__, extensions=[])
+                                         version=__version__, extensions=[])
 
     async def ModelMetadata(self, request, context):
         try:
@@ -149,7 +182,53 @@ class TierService:
     # -- inference ---------------------------------------------------------------------
     async def ModelInfer(self, request, context):
         started = time.perf_counter()
-        code = "OK"
+        code = grpc.StatusCode.OK
+        try:
+            return await self._infer(request, context.time_remaining())
+        except Abort as abort:
+            code = abort.code
+            await context.abort(abort.code, abort.details)
+        finally:
+            self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming inference: each request runs concurrently; answers carry its id."""
+        write_lock = asyncio.Lock()
+        running: set[asyncio.Task] = set()
+
+        async def answer(request) -> None:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                param = request.parameters.get(TIMEOUT_PARAM)
+                remaining = parameter_value(param) / 1000.0 if param is not None else None
+                message = await self._infer(request, remaining, stream=True)
+            except Abort as abort:
+                code = abort.code
+                message = pb.ModelStreamInferResponse(error_message=abort.details)
+                message.infer_response.id = request.id
+                message.infer_response.model_name = request.model_name
+                set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
+            self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
+            async with write_lock:
+                try:
+                    await context.write(message)
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                    pass  # the caller has gone; nobody is left to answer
+
+        try:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _infer(self, request, remaining: float | None, stream: bool = False):
+        """One inference; raises Abort with the status and message the caller gets."""
         model_name = request.model_name
         try:
             self.metrics.add_bytes("in", payload_bytes(request))
@@ -157,7 +236,7 @@ class TierService:
             pipeline = model.pipeline or self._wants_pipeline(request)
             arrays = parse_inputs(request, model_name, model.inputs)
             if pipeline:
-                produced = await self._run_pipeline(arrays, context)
+                produced = await self._run_pipeline(arrays, remaining)
                 available = list(model.outputs if model.pipeline else produced)
                 missing = [o for o in available if o not in produced]
                 if missing:
@@ -167,17 +246,12 @@ class TierService:
                 produced = await self._run_slice(arrays)
                 available = list(model.outputs)
             names = requested_outputs(request, model_name, available)
-            response = build_response(model_name, {n: produced[n] for n in names}, request.id)
+            response = build_response(model_name, {n: produced[n] for n in names}, request.id,
+                                      stream=stream)
             self.metrics.add_bytes("out", payload_bytes(response))
             return response
         except TensorError as error:
-            code = "INVALID_ARGUMENT"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except Abort as abort:
-            code = abort.code.name
-            await context.abort(abort.code, abort.details)
-        finally:
-            self.metrics.observe(model_name, code, time.perf_counter() - started)
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
     @staticmethod
     def _wants_pipeline(request) -> bool:
@@ -190,48 +264,57 @@ class TierService:
         if self.runner is None:
             return produced
         feeds = {n: arrays[n] for n in self.tier.slice_inputs}
-        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
-            values = await loop.run_in_executor(self.executor, self.runner.run,
-                                                self.slice_outputs, feeds)
+            if self.inline:
+                values = self.runner.run(self.slice_outputs, feeds)
+            else:
+                values = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.runner.run, self.slice_outputs, feeds)
         except Exception as error:  # ORT's own exception types
             raise Abort(grpc.StatusCode.INTERNAL,
                         f"tier {self.tier.name!r}: slice failed: {error}") from None
+        self.metrics.slice.observe(time.perf_counter() - started)
         produced.update(zip(self.slice_outputs, values))
         return produced
 
-    async def _run_pipeline(self, arrays: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
+    async def _run_pipeline(self, arrays: dict[str, np.ndarray],
+                            remaining: float | None) -> dict[str, np.ndarray]:
         produced = await self._run_slice(arrays)
         results = {n: produced[n] for n in self.tier.results}
         if not self.tier.forward:
             return results
-        results.update(await self._forward(produced, context))
+        results.update(await self._forward(produced, remaining))
         return results
 
-    async def _forward(self, produced: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
+    async def _forward(self, produced: dict[str, np.ndarray],
+                       remaining: float | None) -> dict[str, np.ndarray]:
         assert self.next is not None
         request = build_request(f"{self.name}.{self.next_tier}",
                                 {n: produced[n] for n in self.tier.forward},
                                 encoder=self.encoder, parameters={PIPELINE_PARAM: True})
         self.metrics.add_bytes("forward", payload_bytes(request))
-        remaining = context.time_remaining()
         timeout = self.hop_timeout if remaining is None else max(
             remaining - min(DEADLINE_MARGIN_S, remaining * 0.1), 0.0)
         where = f"tier {self.next_tier!r} at {self.next_address}"
         try:
             response = await self.next.infer_message(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            status = error.code()
+        except InferenceError as error:
+            status = error.code
             if status == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise Abort(status, f"deadline exceeded waiting for {where} "
                                     f"(after {timeout * 1000:.0f} ms)") from None
             if status == grpc.StatusCode.UNAVAILABLE:
-                raise Abort(status, f"{where} is unavailable: {error.details()}") from None
+                raise Abort(status, f"{where} is unavailable: {error.details}") from None
             if status == grpc.StatusCode.CANCELLED:
                 raise Abort(status, f"call to {where} was cancelled") from None
-            details = error.details() or ""
-            # the downstream message already names its tier; keep its status code
-            raise Abort(status, details if details.startswith("tier ") or "tier '" in details
+            if status in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                # not the caller's fault: the tiers disagree (different plans deployed?)
+                raise Abort(grpc.StatusCode.INTERNAL, f"{where} rejected what tier "
+                            f"{self.tier.name!r} forwarded: {error.details}") from None
+            # a message from further down already names its tier; keep its status code
+            details = error.details
+            raise Abort(status, details if "tier '" in details
                         else f"{where}: {details}") from None
         self.metrics.add_bytes("return", payload_bytes(response))
         try:

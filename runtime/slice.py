@@ -26,7 +26,13 @@ def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0) -> Runne
         except ImportError as error:
             raise WpkError(f"tier {tier.name!r} is optimized but wpk.optimizer.load is "
                            f"unavailable ({error})") from None
-        return load(directory)
+        try:
+            return load(directory)
+        except WpkError:
+            raise
+        except Exception as error:  # whatever the optimized format raises
+            raise WpkError(f"tier {tier.name!r}: cannot load optimized slice {directory}: "
+                           f"{error}") from None
     import onnxruntime as ort
 
     options = ort.SessionOptions()

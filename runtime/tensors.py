@@ -5,6 +5,8 @@ it into INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -83,7 +85,7 @@ def array_from_raw(model: str, name: str, datatype: str, shape: Sequence[int],
                    data: bytes) -> np.ndarray:
     """A read-only view of `data` as an array; checks the byte count."""
     dtype = dtype_of(datatype)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if len(data) != count * dtype.itemsize:
         raise TensorError(f"model {model!r} input {name!r}: raw contents hold {len(data)} "
                           f"bytes, shape {shape_text(shape)} {datatype} needs "
@@ -99,7 +101,7 @@ def array_from_typed(model: str, name: str, datatype: str, shape: Sequence[int],
         raise TensorError(f"model {model!r} input {name!r}: datatype {datatype} must travel "
                           f"as raw_input_contents")
     values = getattr(contents, field)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if len(values) != count:
         raise TensorError(f"model {model!r} input {name!r}: {field} holds {len(values)} "
                           f"values, shape {shape_text(shape)} needs {count}")

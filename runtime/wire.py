@@ -10,9 +10,15 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wpk.runtime import protocol as pb
+from wpk.runtime.prebuilt import Prebuilt
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
 from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,
                                  check_tensor, datatype_of, dtype_of)
+
+
+RAW_INPUT_FIELD = 7        # ModelInferRequest.raw_input_contents
+RAW_OUTPUT_FIELD = 6       # ModelInferResponse.raw_output_contents
+STREAM_RESPONSE_FIELD = 2  # ModelStreamInferResponse.infer_response
 
 
 def set_parameter(target, key: str, value: str | float | bool | int) -> None:
@@ -36,25 +42,26 @@ def parameter_value(param):
 def build_request(model: str, arrays: Mapping[str, np.ndarray],
                   outputs: Sequence[str] | None = None, *, encoder: Encoder | None = None,
                   parameters: Mapping[str, str | float | bool | int] | None = None,
-                  request_id: str = ""):
-    """A ModelInferRequest with raw contents, encoded by `encoder` when given."""
+                  request_id: str = "") -> Prebuilt:
+    """A ModelInferRequest with raw contents (encoded by `encoder` when given); the tensor
+    data is copied once, when gRPC serializes it (see `prebuilt`)."""
     request = pb.ModelInferRequest(model_name=model, id=request_id)
     for key, value in (parameters or {}).items():
         set_parameter(request.parameters, key, value)
-    raw = request.raw_input_contents
+    buffers = []
     for name, array in arrays.items():
         tensor = request.inputs.add(name=name, datatype=datatype_of(array.dtype),
                                     shape=array.shape)
         if encoder is None:
-            raw.append(np.ascontiguousarray(array).tobytes())
+            buffers.append(np.ascontiguousarray(array))
             continue
         data, params = encoder.encode(array)
         for key, value in params.items():
             set_parameter(tensor.parameters, key, value)
-        raw.append(data)
+        buffers.append(data)
     for name in outputs or ():
         request.outputs.add(name=name)
-    return request
+    return Prebuilt(request, RAW_INPUT_FIELD, buffers)
 
 
 def _tensor_array(model: str, tensor, data: bytes | None) -> np.ndarray:
@@ -110,13 +117,17 @@ def requested_outputs(request, model: str, available: Sequence[str]) -> list[str
     return names
 
 
-def build_response(model: str, arrays: Mapping[str, np.ndarray], request_id: str = ""):
+def build_response(model: str, arrays: Mapping[str, np.ndarray], request_id: str = "",
+                   stream: bool = False) -> Prebuilt:
+    """A ModelInferResponse with raw_output_contents (what tritonclient reads); with
+    `stream`, wrapped as the `infer_response` of a ModelStreamInferResponse."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
-    raw = response.raw_output_contents
+    buffers = []
     for name, array in arrays.items():
         response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-        raw.append(np.ascontiguousarray(array).tobytes())
-    return response
+        buffers.append(np.ascontiguousarray(array))
+    return Prebuilt(response, RAW_OUTPUT_FIELD, buffers,
+                    wrap_field=STREAM_RESPONSE_FIELD if stream else None)
 
 
 def parse_response(response) -> dict[str, np.ndarray]:
@@ -128,8 +139,8 @@ def parse_response(response) -> dict[str, np.ndarray]:
 
 
 def payload_bytes(message) -> int:
-    """Tensor payload carried by a request or response (raw contents only)."""
-    contents = getattr(message, "raw_input_contents", None)
-    if contents is None:
-        contents = message.raw_output_contents
-    return sum(len(c) for c in contents)
+    """Bytes a message puts on the wire (tensor data of a Prebuilt; else the whole message,
+    which reading the raw contents back would copy)."""
+    if type(message) is Prebuilt:
+        return message.nbytes
+    return message.ByteSize()

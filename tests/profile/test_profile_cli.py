@@ -64,16 +64,3 @@ def test_imports_only_core_dependencies(example_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0 []"
     assert json.loads(out.read_text())["version"] == 1
-
-
-def test_probe_without_grpc_says_what_to_install():
-    script = textwrap.dedent("""
-        import sys
-        sys.modules["grpc"] = None
-        from wpk.probe import main
-        sys.exit(main(["127.0.0.1:9"]))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "wpk: error: wpk-probe needs grpcio: pip install 'wpk[serve]'"

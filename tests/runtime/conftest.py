@@ -6,20 +6,49 @@ on one event loop in a background thread; the test talks to them over TCP like a
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from planmaker import make_plan  # noqa: E402
+from wpk.examples import mlp, random_dag, resnet_like
+from wpk.partitioner.api import partition
+from wpk.plan import load_plan
+from wpk.runtime.server import serve
 
-from wpk.examples import mlp, random_dag, resnet_like  # noqa: E402
-from wpk.plan import load_plan  # noqa: E402
-from wpk.runtime.server import serve  # noqa: E402
+# Every tier is the same hardware, links are fast: the pins alone decide the cuts.
+SAME_TIERS = """\
+tiers:
+  - {name: device, preset: edge-cpu}
+  - {name: edge, preset: edge-cpu}
+  - {name: cloud, preset: edge-cpu}
+links:
+  - {from: device, to: edge, bandwidth: 10gbit, rtt: 0.1ms}
+  - {from: edge, to: cloud, bandwidth: 10gbit, rtt: 0.1ms}
+"""
+
+
+def make_plan(model: onnx.ModelProto, directory: Path, pins: dict[str, str],
+              codecs: list[str] | None = None) -> Path:
+    """A plan written by the partitioner (pins force the cuts); link codecs set after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / f"{model.graph.name}.onnx"
+    onnx.save(model, str(model_path))
+    tiers_file = directory / "tiers.yaml"
+    tiers_file.write_text(SAME_TIERS)
+    partition(model_path, tiers_file=tiers_file, objective="throughput", pins=pins,
+              out_dir=directory, use_calibration=False)
+    if codecs:
+        data = json.loads((directory / "plan.json").read_text())
+        for link, codec in zip(data["links"], codecs):
+            link["codec"] = codec
+        (directory / "plan.json").write_text(json.dumps(data, indent=2))
+    assert [t.name for t in load_plan(directory).tiers] == ["device", "edge", "cloud"]
+    return directory
 
 
 def free_port() -> int:
@@ -90,19 +119,22 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def plans(tmp_path_factory) -> dict[str, Path]:
-    """Three-tier plans: resnet (a passthrough crosses the edge), mlp (a chain),
-    dag (several model outputs, produced on different tiers), resnet with lossy codecs."""
+    """Three-tier plans from wpk.partitioner: resnet (a passthrough crosses the edge), mlp (a
+    chain), dag (model outputs produced on every tier), resnet with lossy link codecs."""
     root = tmp_path_factory.mktemp("plans")
     resnet = resnet_like(image_size=32, width=8, classes=10)
-    made = {
-        "resnet": make_plan(resnet, root / "resnet", [5, 6]),
+    resnet_pins = {"conv_12": "device", "relu_13": "edge", "add_17": "cloud"}
+    return {
+        "resnet": make_plan(resnet, root / "resnet", resnet_pins),
         "mlp": make_plan(mlp(features=256, hidden=(128, 64, 32), classes=10), root / "mlp",
-                         [2, 4]),
-        "dag": make_plan(random_dag(40, width=16, seed=3), root / "dag", [13, 26]),
-        "resnet_lossy": make_plan(resnet, root / "resnet_lossy", [5, 6],
+                         {"relu_4": "device", "gemm_7": "edge", "relu_8": "edge",
+                          "gemm_11": "cloud"}),
+        "dag": make_plan(random_dag(40, width=16, seed=3), root / "dag",
+                         {"relu_17": "device", "relu_26": "edge", "add_27": "edge",
+                          "add_40": "cloud"}),
+        "resnet_lossy": make_plan(resnet, root / "resnet_lossy", resnet_pins,
                                   codecs=["fp16+zstd", "int8"]),
     }
-    return {name: root / name for name in made}
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +148,7 @@ def reference(plan_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     """The whole model under one ONNX Runtime session."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(plan_dir / "model.onnx"),
+    session = ort.InferenceSession(load_plan(plan_dir).model["file"],
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import free_port
-from test_pipeline import model_feeds, triton_infer
+from .conftest import free_port
+from .test_pipeline import model_feeds, triton_infer
 from wpk.deploy.local import LocalDeployment
 from wpk.errors import WpkError
 

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import Pipeline, reference
+from .conftest import Pipeline, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
@@ -46,6 +46,11 @@ def expect_error(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) ->
 @pytest.mark.parametrize("name", ["resnet", "mlp", "dag"])
 def test_tritonclient_through_pipeline_matches_whole_model(plans, name):
     pipeline = Pipeline(plans[name])
+    tiers = pipeline.plan.tiers
+    if name == "dag":  # what this plan is here for: merging results from every tier
+        assert all(t.results for t in tiers) and any(t.passthrough for t in tiers)
+    if name == "resnet":
+        assert tiers[1].passthrough == ["maxpool_9_out"]
     try:
         feeds = model_feeds(plans[name])
         expected = reference(plans[name], feeds)
@@ -96,7 +101,7 @@ def test_metadata_reports_real_names_types_shapes(resnet_pipeline):
     edge = triton.InferenceServerClient(resnet_pipeline.address["edge"]).get_model_metadata(
         "resnet_like.edge")
     assert [t.name for t in edge.inputs] == ["maxpool_9_out", "conv_12_out"]
-    assert [t.name for t in edge.outputs] == ["maxpool_9_out", "relu_13_out"]
+    assert [t.name for t in edge.outputs] == ["maxpool_9_out", "conv_16_out"]
     assert list(edge.inputs[0].shape) == [1, 8, 8, 8]
     expect_error(grpc.StatusCode.NOT_FOUND, "has no model 'nope'", client.get_model_metadata,
                  "nope")
@@ -270,7 +275,105 @@ def test_metrics_endpoint_counts_requests_and_bytes(plans, resnet_pipeline):
     assert int(lines['wpk_requests_total{tier="device",model="resnet_like",code="OK"}']) >= 1
     assert int(lines['wpk_requests_total{tier="device",model="missing",code="NOT_FOUND"}']) == 1
     assert int(lines['wpk_request_seconds_count{tier="device",model="resnet_like"}']) >= 1
-    assert int(lines['wpk_tensor_bytes_total{tier="device",direction="in"}']) >= 12288
-    assert int(lines['wpk_tensor_bytes_total{tier="device",direction="forward"}']) >= 2 * 2048
+    assert int(lines['wpk_bytes_total{tier="device",direction="in"}']) >= 12288
+    assert int(lines['wpk_bytes_total{tier="device",direction="forward"}']) >= 2 * 2048
     edge = urllib.request.urlopen(resnet_pipeline.metrics_url["edge"], timeout=5).read().decode()
     assert 'wpk_requests_total{tier="edge",model="resnet_like.edge",code="OK"}' in edge
+
+
+def test_tritonclient_stream_api_against_the_entry_tier(plans, resnet_pipeline):
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(resnet_pipeline.entry)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        feeds = [model_feeds(plans["resnet"], seed=10 + i) for i in range(3)]
+        for i, feed in enumerate(feeds):
+            tensor = triton.InferInput("image", [1, 3, 32, 32], "FP32")
+            tensor.set_data_from_numpy(feed["image"])
+            client.async_stream_infer("resnet_like", [tensor], request_id=str(i))
+        bad = triton.InferInput("image", [1, 3, 32, 32], "FP32")
+        bad.set_data_from_numpy(feeds[0]["image"])
+        client.async_stream_infer("nope", [bad], request_id="bad")
+        got = [answers.get(timeout=10) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "has no model 'nope'" in errors[0].message()
+    for result, error in got:
+        if error is None:
+            i = int(result.get_response().id)
+            np.testing.assert_allclose(result.as_numpy("gemm_77_out"),
+                                       reference(plans["resnet"], feeds[i])["gemm_77_out"],
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline, stream):
+    from wpk.runtime.client import InferenceError
+
+    feeds = model_feeds(plans["resnet"], seed=7)
+
+    async def calls():
+        async with InferenceClient(resnet_pipeline.entry, stream=stream, timeout=10) as client:
+            outputs = await client.infer("resnet_like", feeds)
+            meta = await client.model_metadata("resnet_like")
+            with pytest.raises(InferenceError) as missing:
+                await client.infer("nope", feeds)
+            with pytest.raises(InferenceError) as wrong:
+                await client.infer("resnet_like", {"image": feeds["image"][..., :16]})
+            return outputs, meta, missing.value, wrong.value
+
+    outputs, meta, missing, wrong = asyncio.run(calls())
+    np.testing.assert_allclose(outputs["gemm_77_out"],
+                               reference(plans["resnet"], feeds)["gemm_77_out"], rtol=1e-5,
+                               atol=1e-6)
+    assert [m.name for m in meta.inputs] == ["image"] and meta.outputs[0].shape == (1, 10)
+    assert missing.code == grpc.StatusCode.NOT_FOUND and "has no model 'nope'" in missing.details
+    assert wrong.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shape [1,3,32,16], expected [1,3,32,32]" in wrong.details
+
+
+def test_optimized_tier_loads_through_the_optimizer_or_fails_in_one_line(plans, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from wpk.errors import WpkError
+    from wpk.runtime.service import TierService
+
+    plan_dir = tmp_path / "plan"
+    shutil.copytree(plans["mlp"], plan_dir)
+    # a plan without `optimized` never imports the optimizer
+    code = ("import sys; from wpk.plan import load_plan; from wpk.runtime.service import "
+            f"TierService; TierService(load_plan({str(plan_dir)!r}), {str(plan_dir)!r}, 'cloud', "
+            "None); print('wpk.optimizer' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    data = json.loads((plan_dir / "plan.json").read_text())
+    data["tiers"][2]["optimized"] = "cloud.opt"
+    (plan_dir / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(WpkError, match="tier 'cloud'.*cloud.opt"):
+        TierService(load_plan(plan_dir), plan_dir, "cloud", None)
+    (plan_dir / "cloud.opt").mkdir()
+    try:
+        service = TierService(load_plan(plan_dir), plan_dir, "cloud", None)
+    except WpkError as error:  # no optimizer yet, or an empty directory it rejects
+        assert "tier 'cloud'" in str(error)
+    else:
+        assert hasattr(service.runner, "run")
+
+
+def test_tiers_of_different_plans_give_internal_naming_both_tiers(plans):
+    other = Pipeline(plans["mlp"])
+    pipeline = Pipeline(plans["resnet"], next_override={"device": other.address["edge"]})
+    try:
+        message = expect_error(grpc.StatusCode.INTERNAL, "rejected what tier 'device' forwarded",
+                               triton_infer, pipeline.entry, "resnet_like",
+                               model_feeds(plans["resnet"]))
+        assert "tier 'edge' has no model 'resnet_like.edge'" in message
+    finally:
+        pipeline.close()
+        other.close()

@@ -10,11 +10,17 @@ Triton, MLServer. What it sends, and why that measures the bytes that really cro
   answers NOT_FOUND with a few bytes: each call's time is one round trip plus the request's
   bytes crossing the link (client -> server, the direction tier data flows). A straight line
   through the median time per size (least squares on relative errors) gives the bandwidth
-  (1/slope) and the fixed cost per call (intercept). Payloads are random bytes, so link compression cannot flatter the result.
+  (1/slope) and the fixed cost per call (intercept). Payloads are random bytes, so link
+  compression cannot flatter the result.
 - Bounded: at most `--max-requests` calls and about `--max-seconds` in all; a size is skipped
   when its predicted time would break the budget.
 
 A wpk tier counts the probe's bytes in its `in` metric and the calls as NOT_FOUND.
+
+Messages are the runtime's generated Open Inference Protocol classes (`wpk.runtime.protocol`)
+on a plain synchronous channel with the runtime's channel options. Each size's request is
+built and serialized once, before its calls: the timed call hands ready bytes to gRPC, so
+protobuf serialization (tens of ms for 16 MiB) does not count as transfer time.
 Needs grpcio (the `serve` extra); the profile tools do not.
 """
 from __future__ import annotations
@@ -25,67 +31,21 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from wpk.errors import WpkError, cli_entry
+from wpk.runtime import protocol as pb
 
-SERVICE = "/inference.GRPCInferenceService/"
 PROBE_MODEL = "__wpk_probe__"
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-# -- the few protobuf messages we need, encoded by hand (no stubs, any KServe v2 server) ------
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def infer_request(model: str, payload: bytes) -> bytes:
-    """A ModelInferRequest with one raw UINT8 input tensor holding `payload`."""
-    tensor = _field(1, b"probe") + _field(2, b"UINT8") + _field(3, _varint(len(payload)))
-    return _field(1, model.encode()) + _field(5, tensor) + _field(7, payload)
-
-
-def _string_field(message: bytes, number: int) -> str | None:
-    """Field `number` (a string) of a serialized message, or None."""
-    i = 0
-    while i < len(message):
-        key, i = _read_varint(message, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _read_varint(message, i)
-        elif wire == 2:
-            length, i = _read_varint(message, i)
-            if key >> 3 == number:
-                return message[i:i + length].decode(errors="replace")
-            i += length
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            return None
-    return None
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, i
+    """A serialized ModelInferRequest with one raw UINT8 input tensor holding `payload`."""
+    request = pb.ModelInferRequest(model_name=model, raw_input_contents=[payload])
+    request.inputs.add(name="probe", datatype="UINT8", shape=[len(payload)])
+    return request.SerializeToString()
 
 
 # -- measurement -------------------------------------------------------------------------------
@@ -121,22 +81,29 @@ def _number(value: float) -> str:
 
 
 class _Probe:
+    """One synchronous channel to the server; every call is timed and counted."""
+
     def __init__(self, address: str, max_seconds: float, max_requests: int):
         try:
             import grpc
         except ImportError:
             raise WpkError("wpk-probe needs grpcio: pip install 'wpk[serve]'") from None
+        from wpk.runtime.client import channel_options
+
         self.grpc = grpc
         self.address = address
         self.deadline = time.perf_counter() + max_seconds
         self.max_requests = max_requests
         self.requests = 0
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.enable_retries", 0)]
-        self.channel = grpc.insecure_channel(address, options=options)
-        self.calls = {name: self.channel.unary_unary(SERVICE + name)
-                      for name in ("ServerLive", "ServerMetadata", "ModelInfer")}
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        stub = pb.Stub(self.channel)
+        # ModelInfer takes the request serialized beforehand (`infer_request`): no serializer,
+        # so a timed call does not re-encode its payload.
+        infer = self.channel.unary_unary(pb.method_path("ModelInfer"),
+                                         response_deserializer=pb.ModelInferResponse.FromString)
+        self.calls: dict[str, Callable[..., Any]] = {
+            "ServerLive": stub.ServerLive, "ServerMetadata": stub.ServerMetadata,
+            "ModelInfer": infer}
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -146,9 +113,18 @@ class _Probe:
             self.grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except self.grpc.FutureTimeoutError:
             raise WpkError(f"{self.address}: no gRPC server answers "
-                           f"(waited {timeout:.0f} s)") from None
+                           f"(waited {timeout:g} s)") from None
 
-    def call(self, name: str, request: bytes, timeout: float) -> tuple[float, Any]:
+    def server_name(self, timeout: float) -> str | None:
+        """The name in ServerMetadata (a wpk tier: `wpk (<model>.<tier>)`), None if unknown."""
+        self.requests += 1
+        try:
+            response = self.calls["ServerMetadata"](pb.ServerMetadataRequest(), timeout=timeout)
+        except self.grpc.RpcError:
+            return None
+        return response.name or None
+
+    def call(self, name: str, request: Any, timeout: float) -> tuple[float, Any]:
         """(seconds, status code) of one call; the status is OK or what the server answered."""
         grpc = self.grpc
         self.requests += 1
@@ -202,21 +178,16 @@ def probe(address: str, *, rtt_samples: int = 20, repeats: int = 5, min_kb: int 
     started = time.perf_counter()
     try:
         client.connect(connect_timeout)
-        _, code = client.call("ServerLive", b"", connect_timeout)  # warm the connection
-        server = None
-        try:
-            client.requests += 1
-            response = client.calls["ServerMetadata"](b"", timeout=connect_timeout)
-            server = _string_field(response, 1)
-        except client.grpc.RpcError:
-            pass
+        live = pb.ServerLiveRequest()
+        client.call("ServerLive", live, connect_timeout)  # warm the connection
+        server = client.server_name(connect_timeout)
         # RTT: small calls, at most a fifth of the time and a quarter of the requests.
         rtts: list[float] = []
         rtt_budget = client.remaining() * 0.2
         rtt_start = time.perf_counter()
         while len(rtts) < rtt_samples and len(rtts) < max_requests // 4 and \
                 (not rtts or time.perf_counter() - rtt_start < rtt_budget):
-            rtts.append(client.call("ServerLive", b"", connect_timeout)[0])
+            rtts.append(client.call("ServerLive", live, connect_timeout)[0])
         # Bandwidth: growing sizes while the budget allows.
         rng = np.random.default_rng()
         sizes, medians = [], []

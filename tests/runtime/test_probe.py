@@ -7,17 +7,21 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("grpc")
 
-from kserve_stub import StubServer  # noqa: E402
+from .conftest import Pipeline  # noqa: E402
+from .kserve_stub import StubServer  # noqa: E402
 
 from wpk.errors import WpkError  # noqa: E402
-from wpk.probe import infer_request, main, probe  # noqa: E402
+from wpk.runtime import protocol as pb  # noqa: E402
+from wpk.runtime.probe import infer_request, main, probe  # noqa: E402
 from wpk.tiers import load_tiers  # noqa: E402
 
 
@@ -25,6 +29,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_infer_request_is_a_model_infer_request():
+    payload = os.urandom(70_000)
+    request = pb.ModelInferRequest.FromString(infer_request("__wpk_probe__", payload))
+    assert request.model_name == "__wpk_probe__"
+    assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == \
+        [("probe", "UINT8", [70_000])]
+    assert list(request.raw_input_contents) == [payload]
+    # the same bytes read as Triton's own message class (an independent copy of the contract)
+    service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
+    triton = service_pb2.ModelInferRequest.FromString(infer_request("__wpk_probe__", payload))
+    assert triton.model_name == "__wpk_probe__" and triton.inputs[0].shape == [70_000]
+    assert triton.raw_input_contents == [payload]
 
 
 def test_probe_sends_the_payload_across():
@@ -91,41 +109,37 @@ def test_no_server_is_a_one_line_error(capsys):
     assert "expected HOST:PORT" in capsys.readouterr().err
 
 
-def test_probe_a_wpk_tier_server(tmp_path, example_models):
-    """Against the runtime's own tier server (skipped until wpk.runtime.server exists)."""
-    pytest.importorskip("wpk.runtime.server")
-    import onnx
-
-    from wpk.graph import Graph
-    from wpk.plan import Plan, TierPlan
-
-    graph = Graph.load(example_models["mlp"])
-    onnx.save(graph.model, str(tmp_path / "edge.onnx"))
-    spec = {n: {"name": n, "shape": list(graph.tensors[n].shape), "dtype": "float32"}
-            for n in graph.inputs + graph.outputs}
-    tier = TierPlan(name="edge", slice="edge.onnx", nodes=[n.name for n in graph.nodes],
-                    inputs=graph.inputs, outputs=graph.outputs, slice_inputs=graph.inputs,
-                    slice_outputs=graph.outputs, forward=[], results=graph.outputs,
-                    passthrough=[], predicted_compute_ms=1.0)
-    Plan(model={"name": "mlp", "file": "edge.onnx", "sha256": graph.sha256,
-                "inputs": [spec[n] for n in graph.inputs],
-                "outputs": [spec[n] for n in graph.outputs]},
-         objective={"name": "latency", "privacy": None, "deliver_to": "edge",
-                    "max_latency_ms": None},
-         tiers=[tier], links=[], predicted={}, tensors=spec).save(tmp_path)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "wpk.runtime.server", str(tmp_path), "--tier", "edge",
-         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_probe_a_wpk_tier_server(plans):
+    """Against the runtime's own tier server: it names its tier, answers NOT_FOUND to every
+    probe and counts the probe's bytes as received."""
+    pipeline = Pipeline(plans["mlp"], metrics=True)
     try:
-        line = server.stdout.readline()
-        assert "ready on" in line, line
-        address = line.split("ready on ")[1].split()[0]
-        result = probe(address, max_mb=1, repeats=3, rtt_samples=5)
+        result = probe(pipeline.address["edge"], max_mb=1, repeats=3, rtt_samples=5)
+        text = urllib.request.urlopen(pipeline.metrics_url["edge"], timeout=5).read().decode()
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        pipeline.close()
     assert result.server == "wpk (mlp.edge)"
     assert result.bandwidth_mbps > 0 and len(result.samples) == 4
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(lines['wpk_requests_total{tier="edge",model="__wpk_probe__",code="NOT_FOUND"}']) \
+        == 4 * 3
+    payload = 3 * sum(16 << 10 << 2 * k for k in range(4))
+    received = int(lines['wpk_bytes_total{tier="edge",direction="in"}'])
+    assert payload <= received <= payload + 12 * 100  # the payloads plus message envelopes
+
+
+def test_probe_without_grpc_says_what_to_install():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["grpc"] = None
+        from wpk.runtime.probe import main
+        sys.exit(main(["127.0.0.1:9"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == \
+        "wpk: error: wpk-probe needs grpcio: pip install 'wpk[serve]'"
 
 
 NAMESPACE = f"wpkprobe{os.getpid()}"

@@ -1,14 +1,17 @@
-"""A minimal Open Inference Protocol server for wpk-probe tests (raw bytes, no stubs):
-ServerLive answers live, ServerMetadata names itself, ModelInfer reads the whole request and
-answers NOT_FOUND, as a wpk tier does for a model it does not serve. It records the bytes it
-received so a test can check that the payload really crossed."""
+"""A minimal Open Inference Protocol server for wpk-probe tests, standing in for a foreign
+server (Triton, MLServer): ServerLive answers live, ServerMetadata names itself, ModelInfer
+reads the whole request and answers NOT_FOUND, as a wpk tier does for a model it does not
+serve. ModelInfer takes the request as raw bytes and records their length, so a test can
+check that the payload really crossed; `max_receive` makes it refuse large messages."""
 from __future__ import annotations
 
 from concurrent import futures
 
 import grpc
 
-SERVICE = "inference.GRPCInferenceService"
+from wpk.runtime import protocol as pb
+
+SERVICE = pb.SERVICE
 
 
 class StubServer:
@@ -20,7 +23,8 @@ class StubServer:
             ("grpc.max_receive_message_length", max_receive),
             ("grpc.max_send_message_length", max_receive), ("grpc.so_reuseport", 0)])
         handlers = {
-            "ServerLive": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"\x08\x01"),
+            "ServerLive": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: pb.ServerLiveResponse(live=True).SerializeToString()),
             "ServerMetadata": grpc.unary_unary_rpc_method_handler(self._metadata),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self._infer),
         }
@@ -30,8 +34,7 @@ class StubServer:
         self.port = self.server.add_insecure_port(bind)
 
     def _metadata(self, request: bytes, context) -> bytes:
-        name = self.name.encode()
-        return b"\x0a" + bytes([len(name)]) + name
+        return pb.ServerMetadataResponse(name=self.name).SerializeToString()
 
     def _infer(self, request: bytes, context) -> bytes:
         self.received.append(len(request))

@@ -1,0 +1,334 @@
+"""Runtime overhead: the whole model in one ONNX Runtime session vs. the same model served as a
+3-tier local pipeline (three wpk-serve processes on 127.0.0.1), measured side by side.
+
+    python benchmarks/runtime_overhead.py [--models mlp,resnet_like,mobilenet_like] [--seconds 2]
+
+(a) whole model, one ORT session, one request at a time;
+(b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
+    (pipeline latency - sum of the stages run alone) / hops, hops = 3 (client->device,
+    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB;
+(c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
+    >= 80 %). Every tier and every baseline runs ONNX Runtime with the same thread count.
+    On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
+    the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it.
+
+Plans come from wpk.partitioner, with the cuts pinned where the model's FLOPs split into
+thirds (every tier runs on this machine, so balanced stages are the fair case).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+from wpk.deploy.local import LocalDeployment  # noqa: E402
+from wpk.examples import EXAMPLES  # noqa: E402
+from wpk.plan import load_plan, slice_path  # noqa: E402
+from wpk.runtime import protocol as pb  # noqa: E402
+from wpk.runtime.client import InferenceClient  # noqa: E402
+
+console = Console()
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def balanced_cuts(model_path: Path) -> tuple[list[str], int, int]:
+    """Node names in flow order and two cut positions splitting the FLOPs into thirds
+    (FLOPs, not a profile, so that every run of the benchmark cuts the same way)."""
+    from wpk.graph import Graph
+
+    graph = Graph.load(model_path)
+    flops = np.array([node.flops for node in graph.nodes])
+    cumulative = np.cumsum(flops) / max(flops.sum(), 1.0)
+    cut_1 = int(np.searchsorted(cumulative, 1 / 3)) + 1
+    cut_2 = max(int(np.searchsorted(cumulative, 2 / 3)) + 1, cut_1 + 1)
+    return [node.name for node in graph.nodes], cut_1, min(cut_2, len(flops) - 1)
+
+
+def random_feeds(sess) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape])
+            .astype(np.float32) for i in sess.get_inputs()}
+
+
+SAME_TIERS = """\
+tiers:
+  - {name: device, preset: edge-cpu}
+  - {name: edge, preset: edge-cpu}
+  - {name: cloud, preset: edge-cpu}
+links:
+  - {from: device, to: edge, bandwidth: 10gbit, rtt: 0.1ms}
+  - {from: edge, to: cloud, bandwidth: 10gbit, rtt: 0.1ms}
+"""
+
+
+def make_plan_dir(name: str, root: Path, codec: str = "raw") -> Path:
+    """A 3-tier plan from wpk.partitioner, cuts pinned where the FLOPs split in thirds (all
+    tiers run on this machine, so balanced stages are what pipelining needs)."""
+    from wpk.partitioner.api import partition
+
+    model_path = root / f"{name}.onnx"
+    onnx.save(EXAMPLES[name](), str(model_path))
+    names, cut_1, cut_2 = balanced_cuts(model_path)
+    pins = {names[cut_1 - 1]: "device", names[cut_1]: "edge", names[cut_2 - 1]: "edge",
+            names[cut_2]: "cloud"}
+    tiers_file = root / "tiers.yaml"
+    tiers_file.write_text(SAME_TIERS)
+    plan_dir = root / f"{name}_plan"
+    partition(model_path, tiers_file=tiers_file, objective="throughput", pins=pins,
+              out_dir=plan_dir, use_calibration=False)
+    if codec != "raw":
+        import json
+
+        data = json.loads((plan_dir / "plan.json").read_text())
+        for link in data["links"]:
+            link["codec"] = codec
+        (plan_dir / "plan.json").write_text(json.dumps(data, indent=2))
+    return plan_dir
+
+
+def sample(run, seconds: float, into: list[float]) -> None:
+    """Append the duration of each `run()` call made during about `seconds`."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        run()
+        into.append(time.perf_counter() - start)
+
+
+async def sample_async(call, seconds: float, into: list[float]) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        await call()
+        into.append(time.perf_counter() - start)
+
+
+async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: int,
+                        seconds: float) -> float:
+    """Requests per second with `in_flight` requests outstanding all the time."""
+    count = 0
+
+    async def worker(end: float) -> None:
+        nonlocal count
+        while time.perf_counter() < end:
+            await client.infer(model, feeds)
+            count += 1
+
+    await asyncio.gather(*(client.infer(model, feeds) for _ in range(in_flight)))
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(start + seconds) for _ in range(in_flight)))
+    return count / (time.perf_counter() - start)
+
+
+def slice_seconds(metrics_url: str) -> float:
+    """Mean slice run time inside a tier server, from its /metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    total = float(re.search(r"wpk_slice_seconds_sum\{[^}]*\} (\S+)", text).group(1))
+    count = float(re.search(r"wpk_slice_seconds_count\{[^}]*\} (\S+)", text).group(1))
+    return total / max(count, 1)
+
+
+ROUNDS = 5            # measurements alternate between what is compared, round by round,
+IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alike
+
+
+def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
+                codec: str) -> dict:
+    plan_dir = make_plan_dir(name, root, codec)
+    plan = load_plan(plan_dir)
+    whole = session(plan_dir.parent / f"{name}.onnx", threads)
+    feeds = random_feeds(whole)
+    stages, arrays = [], dict(feeds)  # each stage fed with the tensors it really receives
+    for tier in plan.tiers:
+        sess = session(slice_path(plan_dir, tier), threads)
+        tier_feeds = {n: arrays[n] for n in tier.slice_inputs}
+        arrays.update(zip(tier.slice_outputs, sess.run(tier.slice_outputs, tier_feeds)))
+        stages.append((lambda s=sess, t=tier, f=tier_feeds: s.run(t.slice_outputs, f)))
+    link_bytes = [sum(int(arrays[t].nbytes) for t in tier.forward) for tier in plan.tiers[:-1]]
+    for run in [lambda: whole.run(None, feeds), *stages]:
+        sample(run, 0.2, [])  # warm up
+
+    with LocalDeployment(plan_dir, port=port, threads=threads, metrics=True) as deployment:
+        async def measure() -> dict:
+            unary = InferenceClient(deployment.entry, timeout=30)
+            stream = InferenceClient(deployment.entry, timeout=30, stream=True)
+            t = {"whole": [], "unary": [], "stream": [], **{i: [] for i in range(len(stages))}}
+            slice_time = seconds / ROUNDS / 2
+            for client in (unary, stream):
+                await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
+            for _ in range(ROUNDS):
+                sample(lambda: whole.run(None, feeds), slice_time, t["whole"])
+                for i, run in enumerate(stages):
+                    sample(run, slice_time, t[i])
+                await sample_async(lambda: unary.infer(plan.name, feeds), slice_time, t["unary"])
+                await sample_async(lambda: stream.infer(plan.name, feeds), slice_time,
+                                   t["stream"])
+            latency = {k: statistics.median(v) for k, v in t.items()}
+            slowest = max(range(len(stages)), key=lambda i: latency[i])
+            rates: dict[int, list[float]] = {k: [] for k in IN_FLIGHT}
+            stage_alone: list[float] = []
+            for _ in range(ROUNDS):
+                for k in IN_FLIGHT:
+                    rates[k].append(await pipeline_rate(stream, plan.name, feeds, k,
+                                                        slice_time))
+                    sample(stages[slowest], slice_time, stage_alone)
+            await unary.close()
+            await stream.close()
+            return {"latency": latency, "rates": {k: statistics.median(v)
+                                                  for k, v in rates.items()},
+                    "stage_rate": 1 / statistics.median(stage_alone)}
+
+        measured = asyncio.run(measure())
+        in_tier = [slice_seconds(handle.metrics_url) for handle in deployment.tiers]
+    latency = measured["latency"]
+    stage_times = [latency[i] for i in range(len(stages))]
+    hops = len(plan.tiers)
+    ceiling = min(measured["stage_rate"], (os.cpu_count() or 1) / sum(stage_times))
+    return {"name": name, "t_whole": latency["whole"], "stages": stage_times,
+            "t_pipe": latency["unary"], "t_pipe_stream": latency["stream"], "in_tier": in_tier,
+            "per_hop_us": (latency["unary"] - sum(stage_times)) / hops * 1e6,
+            "per_hop_stream_us": (latency["stream"] - sum(stage_times)) / hops * 1e6,
+            "per_hop_in_tier_us": (latency["stream"] - sum(in_tier)) / hops * 1e6,
+            "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
+            "rates": measured["rates"], "stage_rate": measured["stage_rate"],
+            "ceiling": ceiling}
+
+
+class Echo:
+    """A gRPC server that does no work: the bare cost of one hop, for comparison."""
+
+    async def ModelInfer(self, request, context):
+        return pb.ModelInferResponse(id=request.id)
+
+    async def ModelStreamInfer(self, requests, context):
+        async for request in requests:
+            await context.write(pb.ModelStreamInferResponse(
+                infer_response=pb.ModelInferResponse(id=request.id)))
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    ServerReady = ModelReady = ServerMetadata = ModelMetadata = ServerLive
+
+
+async def echo_server(port: int) -> None:
+    import grpc
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((pb.generic_handler(Echo()),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def bare_grpc_hops(port: int, seconds: float) -> tuple[float, float]:
+    """Median round trip (s) of an empty ModelInfer to a do-nothing server in another process:
+    unary call, and one message on a stream."""
+    import subprocess
+
+    server = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)],
+                              stdout=subprocess.PIPE)
+    try:
+        server.stdout.readline()
+
+        async def measure(stream: bool) -> float:
+            async with InferenceClient(f"127.0.0.1:{port}", timeout=10, stream=stream) as c:
+                request = pb.ModelInferRequest(model_name="echo")
+                for _ in range(50):
+                    await c.infer_message(request)
+                times = []
+                end = time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    start = time.perf_counter()
+                    await c.infer_message(request)
+                    times.append(time.perf_counter() - start)
+                return statistics.median(times)
+
+        return asyncio.run(measure(False)), asyncio.run(measure(True))
+    finally:
+        server.kill()
+        server.wait()
+
+
+def report(results: list[dict], threads: int, bare: tuple[float, float], codec: str) -> None:
+    console.print(f"bare gRPC hop on this machine now (empty message, server in another "
+                  f"process): unary {bare[0] * 1e6:.0f} us, stream {bare[1] * 1e6:.0f} us")
+    table = Table(title=f"(a)+(b) latency, one request at a time (ORT threads per tier: "
+                        f"{threads}, {os.cpu_count()} cores, link codec {codec})")
+    for column in ("model", "whole ORT ms", "stages alone ms", "stages in tiers ms",
+                   "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
+                   "per hop us (stream), in-tier compute", "bytes in -> links", "< 300 us"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r["name"], f"{r['t_whole'] * 1e3:.2f}",
+                      " + ".join(f"{t * 1e3:.2f}" for t in r["stages"]),
+                      " + ".join(f"{t * 1e3:.2f}" for t in r["in_tier"]),
+                      f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f}",
+                      f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f}",
+                      f"{r['per_hop_in_tier_us']:.0f}",
+                      f"{r['input_bytes'] / 1e3:.0f}k -> "
+                      + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),
+                      "yes" if r["per_hop_stream_us"] < 300 else "NO")
+    console.print(table)
+    table = Table(title="(c) pipelined throughput, requests/s, vs the slowest stage alone")
+    for column in ("model", "slowest stage", "cpu ceiling", *(f"{k} in flight" for k in
+                                                              (1, 2, 4, 8, 16)),
+                   "best / slowest", "best / ceiling", ">= 80 %"):
+        table.add_column(column, justify="right")
+    for r in results:
+        best = max(r["rates"].values())
+        table.add_row(r["name"], f"{r['stage_rate']:.0f}", f"{r['ceiling']:.0f}",
+                      *(f"{v:.0f}" for v in r["rates"].values()),
+                      f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
+                      "yes" if best / r["stage_rate"] >= 0.8 else
+                      ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,resnet_like,mobilenet_like")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--threads", type=int, default=1, help="ORT threads per tier")
+    parser.add_argument("--port", type=int, default=18001)
+    parser.add_argument("--codec", default="raw",
+                        help="wire codec on every link (raw, fp16, int8, ...+zstd)")
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_server:
+        asyncio.run(echo_server(args.echo_server))
+        return 0
+    bare = bare_grpc_hops(args.port + 50, min(args.seconds, 1.0))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            console.print(f"[dim]measuring {name}...[/dim]")
+            results.append(bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
+                                       args.codec))
+    report(results, args.threads, bare, args.codec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

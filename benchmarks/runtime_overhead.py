@@ -138,7 +138,7 @@ async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: i
 
 
 def slice_seconds(metrics_url: str) -> float:
-    """Mean slice run time inside a tier server, from its /metrics."""
+    """Mean slice run time inside a tier server so far, from its /metrics."""
     import re
     import urllib.request
 
@@ -184,6 +184,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                 await sample_async(lambda: stream.infer(plan.name, feeds), slice_time,
                                    t["stream"])
             latency = {k: statistics.median(v) for k, v in t.items()}
+            in_tier = [slice_seconds(handle.metrics_url) for handle in deployment.tiers]
             slowest = max(range(len(stages)), key=lambda i: latency[i])
             rates: dict[int, list[float]] = {k: [] for k in IN_FLIGHT}
             stage_alone: list[float] = []
@@ -194,12 +195,12 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                     sample(stages[slowest], slice_time, stage_alone)
             await unary.close()
             await stream.close()
-            return {"latency": latency, "rates": {k: statistics.median(v)
+            return {"latency": latency, "in_tier": in_tier, "rates": {k: statistics.median(v)
                                                   for k, v in rates.items()},
                     "stage_rate": 1 / statistics.median(stage_alone)}
 
         measured = asyncio.run(measure())
-        in_tier = [slice_seconds(handle.metrics_url) for handle in deployment.tiers]
+    in_tier = measured["in_tier"]
     latency = measured["latency"]
     stage_times = [latency[i] for i in range(len(stages))]
     hops = len(plan.tiers)

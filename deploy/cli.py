@@ -37,14 +37,34 @@ def run_local(args: argparse.Namespace) -> int:
         console.print(table)
         console.print(f"entry: {deployment.entry} (model {deployment.tiers[0].models[0]!r}); "
                       f"Ctrl-C stops all tiers")
+        bridge = None
+        if args.mqtt:  # the MQTT bridge (wpk.runtime.bridge) feeds the entry tier
+            from wpk.runtime.bridge.deploy_hook import start_bridge
+            bridge = start_bridge(args.mqtt, deployment.entry, deployment.tiers[0].models[0],
+                                  args.bridge_config)
+            console.print(f"MQTT bridge: broker {args.mqtt} (pid {bridge.pid})")
         sys.stdout.flush()
-        while not stop.wait(0.5):
-            dead = deployment.poll()
-            if dead is not None:
-                console.print(f"[red]tier {dead.tier} exited with code "
-                              f"{dead.process.returncode}; stopping the others[/red]")
-                return 1
-        console.print("stopping all tiers")
+        try:
+            return _wait_local(deployment, bridge, stop, console)
+        finally:
+            if bridge is not None and bridge.poll() is None:
+                bridge.terminate()
+                bridge.wait(10)
+
+
+def _wait_local(deployment, bridge, stop, console) -> int:
+    """Until Ctrl-C (0), or until a tier or the bridge exits (1)."""
+    while not stop.wait(0.5):
+        if bridge is not None and bridge.poll() is not None:
+            console.print(f"[red]MQTT bridge exited with code {bridge.returncode}; "
+                          "stopping the tiers[/red]")
+            return 1
+        dead = deployment.poll()
+        if dead is not None:
+            console.print(f"[red]tier {dead.tier} exited with code "
+                          f"{dead.process.returncode}; stopping the others[/red]")
+            return 1
+    console.print("stopping all tiers")
     return 0
 
 
@@ -107,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ONNX Runtime threads per tier (0: ORT's default)")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
+    local.add_argument("--mqtt", metavar="HOST:PORT",
+                       help="also run wpk-bridge against this MQTT broker (docs/mqtt.md)")
+    local.add_argument("--bridge-config", metavar="YAML",
+                       help="wpk-bridge routes (default: JSON on wpk/<model>/+/input)")
     shipped = parser.add_argument_group("--bundle / --k8s")
     shipped.add_argument("--tls", metavar="DIR", nargs="?", const="",
                          help="mutual TLS between tiers with the CA and tier certificates in "

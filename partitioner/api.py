@@ -89,7 +89,7 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
         lowest[v] = highest[v] = t
     _check_pins_consistent(graph, lowest, highest, tiers)
     links = tiers.links
-    per_byte = np.array([8.0 / (l.bandwidth_mbps * 1e6) * 1e3 for l in links])
+    per_byte = np.array([8.0 / (l.bandwidth_mbps * 1e6) * 1e3 * l.byte_factor for l in links])
     rtt = np.array([l.rtt_ms for l in links])
     beyond = np.array([tiers[k].role == "cloud" or tiers[k + 1].role == "cloud"
                        for k in range(len(links))], dtype=bool)
@@ -125,6 +125,7 @@ def _evaluate_single_tiers(problem: search.Problem, tiers: Tiers
 
 def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = None, *,
               tiers_file: str | Path | None = None, links: Sequence[str] = (),
+              codecs: Sequence[str] = (),
               objective: str = "latency", max_latency_ms: float | None = None,
               privacy: str = "raw-input-on-device", deliver_to: str | None = None,
               pins: Mapping[str, str] | None = None,
@@ -151,7 +152,7 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
     if not graph.nodes:
         raise WpkError(f"{graph.name}: the model has no nodes")
     if not isinstance(tiers, Tiers):
-        tiers = load_tiers(tiers, tiers_file, links)
+        tiers = load_tiers(tiers, tiers_file, links, codecs)
     deliver = tiers.index(deliver_to) if deliver_to else 0
     if efficiency is None:
         efficiency = calibrate() if use_calibration else Efficiency()
@@ -244,7 +245,7 @@ def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
             return_tensors=list(e.return_tensors[b.tier - 1]),
             return_bytes=int(e.return_bytes[b.tier - 1]),
             predicted_transfer_ms=round(float(sum(e.transfer_ms[k] for k in hops)), 6),
-            via=[tiers[k].name for k in range(a.tier + 1, b.tier)]))
+            via=[tiers[k].name for k in range(a.tier + 1, b.tier)], codec=first.codec))
     crossing = {t for p in pieces for t in p.inputs + p.outputs} | set(graph.inputs) \
         | set(graph.outputs)
     raw_bytes = sum(graph.tensor_bytes(name) for name in graph.inputs)

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiers-file", help="YAML file with tier hardware and links")
     parser.add_argument("--link", action="append", default=[], metavar="SRC-DST=BW,RTT",
                         help="override a link, e.g. device-edge=10mbit,5ms (repeatable)")
+    parser.add_argument("--codec", action="append", default=[], metavar="SRC-DST=CODEC",
+                        help="wire codec of a link: raw, fp16, int8, each optionally +zstd "
+                             "(e.g. edge-cloud=fp16+zstd; lossy ones cost accuracy, see "
+                             "docs/runtime.md)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="latency")
     parser.add_argument("--max-latency-ms", type=float, help="latency bound (SLO)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="raw-input-on-device",
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.profile_local, args.input_shape, **extra)
     out_dir = Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan")
     result = partition(
-        graph, tier_names, tiers_file=args.tiers_file, links=args.link,
+        graph, tier_names, tiers_file=args.tiers_file, links=args.link, codecs=args.codec,
         objective=args.objective, max_latency_ms=args.max_latency_ms, privacy=args.privacy,
         deliver_to=args.deliver_to, pins=dict(_pairs(args.pin, "--pin")), measured=measured,
         use_calibration=not args.no_calibrate, out_dir=out_dir, verify=not args.no_verify,
@@ -125,13 +129,13 @@ def print_result(result: PartitionResult, console: Console) -> None:
     console.print(tiers)
     if plan.links:
         links = Table(title="links", title_justify="left")
-        for column in ("link", "bandwidth", "RTT", "tensors", "bytes out", "bytes back",
-                       "transfer ms"):
+        for column in ("link", "bandwidth", "RTT", "codec", "tensors", "bytes out",
+                       "bytes back", "transfer ms"):
             links.add_column(column, justify="left" if column in ("link", "tensors") else "right")
         for link in plan.links:
             via = f" (via {', '.join(link.via)})" if link.via else ""
             links.add_row(f"{link.src} -> {link.dst}{via}", f"{link.bandwidth_mbps:g} Mbit/s",
-                          f"{link.rtt_ms:g} ms", ", ".join(link.tensors) or "-",
+                          f"{link.rtt_ms:g} ms", link.codec, ", ".join(link.tensors) or "-",
                           _bytes(link.bytes), _bytes(link.return_bytes),
                           f"{link.predicted_transfer_ms:.3f}")
         console.print(links)

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from wpk.errors import WpkError
+from wpk.plan import CODEC_BASES, parse_codec
 
 FP16_MAX = 65504.0
 CODEC_PARAM = "wpk_codec"
 SCALE_PARAM = "wpk_scale"
-BASES = ("raw", "fp16", "int8")
+BASES = CODEC_BASES
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,7 @@ class Codec:
     @classmethod
     def parse(cls, spec: str | None) -> "Codec":
         """"fp16+zstd" -> Codec("fp16", True); raises WpkError on anything else."""
-        parts = [p.strip() for p in (spec or "raw").lower().split("+") if p.strip()]
-        zstd = "zstd" in parts
-        bases = [p for p in parts if p != "zstd"]
-        if len(bases) > 1 or any(b not in BASES for b in bases) or parts.count("zstd") > 1:
-            raise WpkError(f"unknown codec {spec!r} (use raw, fp16 or int8, optionally "
-                           f"followed by +zstd)")
-        return cls(bases[0] if bases else "raw", zstd)
+        return cls(*parse_codec(spec))
 
     @property
     def name(self) -> str:

@@ -28,8 +28,8 @@ def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0) -> Runne
                            f"unavailable ({error})") from None
         try:
             return load(directory)
-        except WpkError:
-            raise
+        except WpkError as error:
+            raise WpkError(f"tier {tier.name!r}: {error}") from None
         except Exception as error:  # whatever the optimized format raises
             raise WpkError(f"tier {tier.name!r}: cannot load optimized slice {directory}: "
                            f"{error}") from None

@@ -26,6 +26,7 @@ import yaml
 
 from wpk.errors import WpkError
 from wpk.files import read_text
+from wpk.plan import CODEC_BYTE_FACTOR, parse_codec
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,17 @@ class LinkSpec:
     dst: str
     bandwidth_mbps: float  # megabits per second
     rtt_ms: float
+    codec: str = "raw"     # wire encoding of the tensors crossing it (see wpk.plan.parse_codec)
 
     @property
     def name(self) -> str:
         return f"{self.src}-{self.dst}"
+
+    @property
+    def byte_factor(self) -> float:
+        """Wire bytes per tensor byte under this link's codec (zstd's data-dependent gain
+        is not counted)."""
+        return CODEC_BYTE_FACTOR[parse_codec(self.codec)[0]]
 
     def transfer_ms(self, nbytes: float) -> float:
         """Serialization time of `nbytes` on this link, without the RTT."""
@@ -70,7 +78,7 @@ class LinkSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"from": self.src, "to": self.dst, "bandwidth_mbps": self.bandwidth_mbps,
-                "rtt_ms": self.rtt_ms}
+                "rtt_ms": self.rtt_ms, "codec": self.codec}
 
 
 # Sustained numbers for ONNX Runtime-class inference, not datasheet peaks.
@@ -260,11 +268,13 @@ def parse_link_spec(text: str) -> tuple[str, str, float, float]:
 
 
 def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None = None,
-               link_overrides: Sequence[str] = ()) -> Tiers:
-    """Tiers from `--tiers a,b,c` names and/or a tiers file, then `--link` overrides."""
+               link_overrides: Sequence[str] = (), codec_overrides: Sequence[str] = ()
+               ) -> Tiers:
+    """Tiers from `--tiers a,b,c` names and/or a tiers file, then `--link` and `--codec`
+    (SRC-DST=CODEC) overrides."""
     file_tiers: dict[str, dict[str, Any]] = {}
     file_order: list[str] = []
-    file_links: dict[tuple[str, str], tuple[float, float]] = {}
+    file_links: dict[tuple[str, str], tuple[float, float, str]] = {}
     if tiers_file is not None:
         file_order, file_tiers, file_links = _read_tiers_file(Path(tiers_file))
     order = list(names) if names else file_order
@@ -289,19 +299,30 @@ def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None
     links = []
     for src, dst in zip(specs, specs[1:]):
         if (src.name, dst.name) in file_links:
-            bandwidth, rtt = file_links[(src.name, dst.name)]
-            links.append(LinkSpec(src.name, dst.name, bandwidth, rtt))
+            links.append(LinkSpec(src.name, dst.name, *file_links[(src.name, dst.name)]))
         else:
             links.append(_default_link(src, dst))
-    for text in link_overrides:
-        src, dst, bandwidth, rtt = parse_link_spec(text)
+
+    def link_index(src: str, dst: str) -> int:
         for i, link in enumerate(links):
             if (link.src, link.dst) == (src, dst):
-                links[i] = LinkSpec(src, dst, bandwidth, rtt)
-                break
-        else:
-            raise WpkError(f"link {src}-{dst} joins no two consecutive tiers "
-                           f"({', '.join(l.name for l in links) or 'no links'})")
+                return i
+        raise WpkError(f"link {src}-{dst} joins no two consecutive tiers "
+                       f"({', '.join(l.name for l in links) or 'no links'})")
+
+    for text in link_overrides:
+        src, dst, bandwidth, rtt = parse_link_spec(text)
+        i = link_index(src, dst)
+        links[i] = replace(links[i], bandwidth_mbps=bandwidth, rtt_ms=rtt)
+    for text in codec_overrides:
+        pair, sep, codec = text.partition("=")
+        src, dash, dst = pair.partition("-")
+        if not sep or not dash:
+            raise WpkError(f"bad codec {text!r}: expected SRC-DST=CODEC like "
+                           "edge-cloud=fp16+zstd")
+        parse_codec(codec)
+        i = link_index(src, dst)
+        links[i] = replace(links[i], codec=codec.lower())
     return Tiers(tuple(specs), tuple(links))
 
 
@@ -332,8 +353,13 @@ def _read_tiers_file(path: Path):
         rtt = entry.get("rtt", entry.get("rtt_ms"))
         if bandwidth is None or rtt is None:
             raise WpkError(f"{where}: needs a bandwidth and an rtt")
+        codec = str(entry.get("codec", "raw"))
+        try:
+            parse_codec(codec)
+        except WpkError as error:
+            raise WpkError(f"{where}: {error}") from None
         links[(entry["from"], entry["to"])] = (parse_bandwidth_mbps(bandwidth, where),
-                                               parse_time_ms(rtt, where))
+                                               parse_time_ms(rtt, where), codec.lower())
     for ends in links:
         for end, name in zip(("from", "to"), ends):
             if name not in tiers and name not in TIER_PRESETS:

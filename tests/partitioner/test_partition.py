@@ -312,3 +312,29 @@ def test_top_and_pareto_only_show_more_they_never_change_the_plan():
         assert (plain.best.evaluation.tiers == shown.best.evaluation.tiers).all()
         assert plain.plan.predicted == shown.plan.predicted
         assert len(shown.top) == 3 and shown.front
+
+
+def test_link_codec_is_declared_and_priced(resnet_path, tmp_path):
+    graph = Graph.load(resnet_path)
+    first_conv_relu = graph.nodes[3].name   # keep the cut fixed: device runs the stem only
+    common = dict(links=["device-edge=10mbit,1ms"], use_calibration=False,
+                  pins={first_conv_relu: "device", graph.nodes[4].name: "edge"})
+    raw = partition(graph, ["device", "edge"], **common)
+    fp16 = partition(graph, ["device", "edge"], codecs=["device-edge=fp16+zstd"],
+                     out_dir=tmp_path, **common)
+    link_raw, link_fp16 = raw.plan.links[0], fp16.plan.links[0]
+    assert link_fp16.codec == "fp16+zstd" and link_raw.codec == "raw"
+    assert link_fp16.tensors == link_raw.tensors
+    # half the bytes on the wire: half the serialization time, same RTT
+    serial_raw = link_raw.predicted_transfer_ms - 1.0
+    serial_fp16 = link_fp16.predicted_transfer_ms - 1.0
+    assert serial_fp16 == pytest.approx(serial_raw / 2, rel=1e-6)
+    assert json.loads((tmp_path / "plan.json").read_text())["links"][0]["codec"] == "fp16+zstd"
+
+
+@pytest.mark.parametrize("spec, message", [("device-edge=bf16", "unknown codec"),
+                                           ("edge-cloud=fp16", "joins no two consecutive"),
+                                           ("device=fp16", "expected SRC-DST=CODEC")])
+def test_bad_codec(mlp_path, spec, message):
+    with pytest.raises(WpkError, match=message):
+        partition(mlp_path, ["device", "edge"], codecs=[spec], use_calibration=False)

@@ -1,0 +1,74 @@
+"""Whole-model latency of each example model: ONNX Runtime defaults vs. the WPK-optimized
+slice (fp32 only), and again with int8 allowed within an accuracy budget. Baseline and
+optimized are timed side by side in the same run (interleaved rounds).
+
+    python benchmarks/optimizer_models.py [--trials 24] [--int8-budget 0.05] [--models mlp,...]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import wpk.optimizer
+from wpk.examples import EXAMPLES
+from wpk.optimizer import accuracy, pipeline
+from wpk.optimizer.measure import compare_ms, hardware_id
+from wpk.optimizer.session import DEFAULT_SESSION, make_session
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--ops", type=int, default=3)
+    parser.add_argument("--int8-budget", type=float, default=0.05)
+    parser.add_argument("--models", default=",".join(EXAMPLES))
+    args = parser.parse_args()
+    console = Console()
+    table = Table(title=f"example models: ONNX Runtime defaults vs WPK ({hardware_id()})")
+    for col in ("model", "default ms", "fp32 ms", "fp32 speedup", "fp32 chosen",
+                "int8 ms", "int8 speedup", "int8 rel. error", "int8 top-1"):
+        table.add_column(col)
+    work = Path(tempfile.mkdtemp(prefix="wpk-bench-"))
+    for name in args.models.split(","):
+        model = EXAMPLES[name]()
+        out_names = [o.name for o in model.graph.output]
+        log = str(work / "tuning.jsonl")
+        fp32 = pipeline.optimize(model, work / f"{name}-fp32", pipeline.Options(
+            budget=pipeline.Budget(args.trials), operator_limit=args.ops, log_path=log), name=name)
+        pipeline.optimize(model, work / f"{name}-int8", pipeline.Options(
+            budget=pipeline.Budget(args.trials), operator_limit=0, per_operator=False,
+            accuracy_budget=args.int8_budget, log_path=log), name=name)
+        default = make_session(model.SerializeToString(), DEFAULT_SESSION)
+        inp = default.get_inputs()[0]
+        feed = {inp.name: np.random.default_rng(7).random(inp.shape, dtype=np.float32)}
+        # head to head, two sessions alive at a time (more thread pools would bias it)
+        opt32 = wpk.optimizer.load(work / f"{name}-fp32")
+        t32 = compare_ms({"default": lambda: default.run(out_names, feed),
+                          "fp32": lambda: opt32.run(out_names, feed)}, rounds=10, repeats=10)
+        del opt32
+        opt8 = wpk.optimizer.load(work / f"{name}-int8")
+        t8 = compare_ms({"default": lambda: default.run(out_names, feed),
+                         "int8": lambda: opt8.run(out_names, feed)}, rounds=10, repeats=10)
+        times = {"default": t32["default"], "fp32": t32["fp32"],
+                 "int8": t8["int8"] * t32["default"] / t8["default"]}
+        feeds = accuracy.sample_inputs([(inp.name, inp.shape, np.dtype(np.float32))], 8, seed=11)
+        errors = accuracy.compare(lambda f: default.run(out_names, f),
+                                  lambda f: opt8.run(out_names, f), feeds, out_names)
+        rel = max(e.relative for e in errors)
+        top1 = errors[0].top1_agreement
+        row = (name, f"{times['default']:.3f}", f"{times['fp32']:.3f}",
+               f"{times['default'] / times['fp32']:.2f}x", fp32.chosen, f"{times['int8']:.3f}",
+               f"{times['default'] / times['int8']:.2f}x ({opt8.precision})", f"{rel:.2e}",
+               "-" if top1 is None else f"{top1:.2f}")
+        table.add_row(*row)
+        console.print(" | ".join(row))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

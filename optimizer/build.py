@@ -1,0 +1,93 @@
+"""Builder: compile generated C with gcc + OpenMP into a shared library and load it with
+ctypes; compile generated CUDA to PTX with nvcc (and load it with pycuda where a GPU is)."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from wpk.errors import WpkError
+
+CACHE = Path(os.environ.get("WPK_KERNEL_CACHE", Path(tempfile.gettempdir()) / "wpk-kernels"))
+# Generated kernels share the cores with ONNX Runtime's own thread pool: OpenMP threads that
+# spin-wait between kernels would steal them (catastrophic on 2 cores). Sleep instead; this must
+# be set before libgomp loads, i.e. before the first kernel library is opened.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+
+
+def compile_c(source: str, name: str) -> Path:
+    """Compile once per distinct source (content-addressed cache); returns the .so path."""
+    compiler = os.environ.get("CC", "gcc")
+    if shutil.which(compiler) is None:
+        raise WpkError(f"no C compiler {compiler!r} found: generated CPU kernels need gcc")
+    digest = hashlib.sha256((source + " ".join(CFLAGS)).encode()).hexdigest()[:16]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    library = CACHE / f"{name}_{digest}.so"
+    if not library.exists():
+        src = CACHE / f"{name}_{digest}.c"
+        src.write_text(source)
+        tmp = library.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([compiler, *CFLAGS, str(src), "-o", str(tmp), "-lm"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise WpkError(f"gcc failed on generated kernel {name}: "
+                           f"{result.stderr.strip().splitlines()[0] if result.stderr else ''}")
+        os.replace(tmp, library)
+    return library
+
+
+class CKernel:
+    """A compiled kernel: call it with numpy float32 arrays in the compute's buffer order."""
+
+    def __init__(self, source: str, name: str, n_buffers: int):
+        self.source, self.name = source, name
+        self.path = compile_c(source, name)
+        self._lib = ctypes.CDLL(str(self.path))
+        self._fn = getattr(self._lib, name)
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.c_void_p] * n_buffers
+
+    def __call__(self, *arrays: np.ndarray) -> None:
+        self._fn(*(a.ctypes.data for a in arrays))
+
+    def pointers(self, *arrays: np.ndarray) -> tuple:
+        """Pre-bound argument tuple for the hot path (no per-call attribute lookups)."""
+        return tuple(a.ctypes.data for a in arrays)
+
+    @property
+    def raw(self):
+        return self._fn
+
+
+def compile_ptx(source: str, name: str, arch: str = "sm_90") -> str:
+    """Compile CUDA source to PTX with nvcc (works without a GPU); returns the PTX text."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise WpkError("nvcc not found: cannot compile generated CUDA kernels")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"{name}.cu"
+        src.write_text(source)
+        ptx = Path(tmp) / f"{name}.ptx"
+        result = subprocess.run([nvcc, "-ptx", f"-arch={arch}", str(src), "-o", str(ptx)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise WpkError(f"nvcc failed on generated kernel {name}: {result.stderr.strip()[:300]}")
+        return ptx.read_text()
+
+
+def pycuda_available() -> tuple[bool, str]:
+    """(True, '') when pycuda imports and sees a GPU, else (False, why)."""
+    try:
+        import pycuda.driver as cuda  # noqa: F401
+        import pycuda.autoinit  # noqa: F401
+    except Exception as error:  # ImportError, or cuInit failing without a GPU
+        return False, f"CUDA kernels skipped: pycuda unavailable ({type(error).__name__}: " \
+                      f"{str(error).splitlines()[0] if str(error) else 'no GPU'})"
+    return True, ""

@@ -1,0 +1,167 @@
+"""wpk-optimize: tune a plan's slices (or one model) for this machine.
+
+  wpk-optimize PLAN_DIR --tier edge        optimize one tier's slice, set its `optimized`
+  wpk-optimize PLAN_DIR --all-local        every tier of the plan, measured on this machine
+  wpk-optimize model.onnx -o DIR           one model
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from wpk.errors import WpkError, cli_entry
+from wpk.optimizer import pipeline
+from wpk.optimizer.database import DEFAULT_LOG
+from wpk.optimizer.search import STRATEGIES
+
+OPTIMIZED_DIR = "optimized"
+
+
+class RichProgress(pipeline.Progress):
+    def __init__(self, progress: Progress, label: str):
+        self.progress, self.label, self.task = progress, label, None
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total or 0)
+        self.task = self.progress.add_task(f"{self.label}: {name}", total=total or 1)
+
+    def advance(self, text: str = "") -> None:
+        if self.task is not None:
+            self.progress.advance(self.task)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wpk-optimize", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("target", help="plan directory (from wpk-partition) or an .onnx model")
+    parser.add_argument("-o", "--output", help="output directory (model mode)")
+    parser.add_argument("--tier", action="append", default=[],
+                        help="tier of the plan to optimize (repeatable)")
+    parser.add_argument("--all-local", action="store_true",
+                        help="optimize every tier of the plan on this machine")
+    parser.add_argument("--budget-trials", type=int, default=48,
+                        help="measurements per slice across all searches (default 48)")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="wall-clock bound per slice for the searches")
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="ga")
+    parser.add_argument("--accuracy-budget", type=float, default=None, metavar="REL",
+                        help="allow lossy precision (int8) up to this relative output error, "
+                             "e.g. 0.02; default: fp32 only")
+    parser.add_argument("--ops", type=int, default=6,
+                        help="heaviest operators to try generated kernels on (0: none)")
+    parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
+    parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None]]:
+    """(label, slice path, output dir, tier name or None)."""
+    target = Path(args.target)
+    if not target.exists():
+        raise WpkError(f"{target}: no such file or directory")
+    if target.is_file() and target.suffix == ".onnx":
+        if args.tier or args.all_local:
+            raise WpkError("--tier/--all-local need a plan directory, not a model file")
+        out = Path(args.output) if args.output else target.with_suffix("")
+        if out.exists() and out.is_file():
+            raise WpkError(f"{out}: exists and is a file")
+        return [(target.stem, target, out, None)]
+    from wpk.plan import load_plan, slice_path
+
+    plan = load_plan(target)
+    base = target if target.is_dir() else target.parent
+    if args.all_local:
+        tiers = [t for t in plan.tiers if t.slice]
+    elif args.tier:
+        tiers = [plan.tier(name) for name in args.tier]
+    else:
+        raise WpkError(f"{target}: name a tier with --tier NAME or use --all-local "
+                       f"(tiers: {', '.join(t.name for t in plan.tiers)})")
+    out = []
+    for tier in tiers:
+        if not tier.slice:
+            raise WpkError(f"tier {tier.name!r} has no slice to optimize")
+        out.append((tier.name, slice_path(base, tier), base / OPTIMIZED_DIR / tier.name,
+                    tier.name))
+    return out
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _summary(console: Console, label: str, report: pipeline.Report) -> None:
+    table = Table(title=f"{label}: chose {report.chosen} ({report.speedup:.2f}x)",
+                  title_justify="left")
+    for column in ("candidate", "precision", "ms", "default ms", "max rel. error", "kept?",
+                   "what"):
+        table.add_column(column)
+    for key, cand in report.candidates.items():
+        if "error" in cand:
+            table.add_row(key, "", "", "", "", "failed", cand["error"])
+            continue
+        rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
+        table.add_row(key, cand["precision"], _ms(cand.get("ms")), _ms(cand.get("default_ms")),
+                      f"{rel:.2e}", "yes" if cand["within_budget"] else "over budget",
+                      cand["describe"])
+    console.print(table)
+    if report.operators:
+        ops_table = Table(title="per-operator selection", title_justify="left")
+        for column in ("node", "op", "ORT ms", "ours ms", "chosen"):
+            ops_table.add_column(column)
+        for op in report.operators:
+            ops_table.add_row(op["node"], op["op"], f"{op['ort_ms']:.3f}",
+                              f"{op['kernel_ms']:.3f}", op["chosen"])
+        console.print(ops_table)
+    console.print(f"[bold]{label}[/]: {report.reason}")
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.budget_trials < 1:
+        raise WpkError("--budget-trials must be at least 1")
+    if args.accuracy_budget is not None and not 0 < args.accuracy_budget < 1:
+        raise WpkError("--accuracy-budget is a relative error in (0, 1), e.g. 0.02")
+    options = pipeline.Options(
+        strategy=args.strategy,
+        budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
+        accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
+        operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
+        seed=args.seed)
+    console = Console(stderr=True, quiet=args.quiet)
+    targets = _targets(args)
+    reports = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False,
+                  disable=args.quiet) as progress:
+        for label, path, out, _tier in targets:
+            reports.append(pipeline.optimize(path, out, options,
+                                             RichProgress(progress, label), name=label))
+    for (label, _path, out, _tier), report in zip(targets, reports):
+        _summary(console, label, report)
+    if any(t[3] for t in targets):
+        from wpk.plan import load_plan
+
+        plan = load_plan(args.target)
+        for label, _path, out, tier in targets:
+            plan.tier(tier).optimized = f"{OPTIMIZED_DIR}/{tier}"
+        base = Path(args.target)
+        plan.save(base if base.is_dir() else base.parent)
+    for (label, _path, out, _tier), report in zip(targets, reports):
+        print(f"{label}: {out} ({report.chosen}, {report.speedup:.2f}x vs ONNX Runtime "
+              f"defaults)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

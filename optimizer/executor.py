@@ -1,0 +1,140 @@
+"""Execute an optimized slice: `load(DIR)` returns a session with ONNX Runtime's
+`run(output_names, feeds)` signature (plus get_inputs / get_outputs / get_providers).
+
+An optimized directory holds `optimized.json` and either one ONNX model run by one configured
+ONNX Runtime session, or a list of segments run in order by a segment executor: ONNX Runtime
+sub-sessions for runs of nodes ORT does best, generated kernels for the nodes where ours won.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from wpk.errors import WpkError
+
+MANIFEST = "optimized.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """What InferenceSession.get_inputs()/get_outputs() return: name, shape, type."""
+
+    name: str
+    shape: list[Any]
+    type: str = "tensor(float)"
+
+
+class OrtSegment:
+    def __init__(self, directory: Path, entry: dict, session_config: dict,
+                 spinning: bool = True):
+        from wpk.optimizer.session import make_session
+
+        self.inputs, self.outputs = entry["inputs"], entry["outputs"]
+        self.session = None
+        offline = entry.get("offline_model")
+        if offline and (directory / offline).exists():
+            try:  # the tier's own ORT-optimized graph; it may not load on other hardware
+                self.session = make_session(str(directory / offline), session_config,
+                                            offline_optimized=True, spinning=spinning)
+                self.model_file = offline
+            except Exception:
+                self.session = None
+        if self.session is None:
+            self.session = make_session(str(directory / entry["model"]), session_config,
+                                        spinning=spinning)
+            self.model_file = entry["model"]
+
+    def __call__(self, env: dict[str, np.ndarray]) -> None:
+        values = self.session.run(self.outputs, {n: env[n] for n in self.inputs})
+        env.update(zip(self.outputs, values))
+
+
+class KernelSegment:
+    def __init__(self, directory: Path, entry: dict):
+        from wpk.optimizer.kernels import BoundKernel, KernelSpec
+
+        spec = KernelSpec(**{k: v for k, v in entry["spec"].items()})
+        spec.params = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.params.items()}
+        if entry.get("weights"):
+            with np.load(directory / entry["weights"]) as data:
+                spec.weights = {k: data[k] for k in data.files}
+        self.kernel = BoundKernel(spec)
+        self.output = spec.output
+        self.inputs = self.kernel.activations
+        self.outputs = [spec.output]
+
+    def __call__(self, env: dict[str, np.ndarray]) -> None:
+        env[self.output] = self.kernel(env)
+
+
+class OptimizedSession:
+    """Runs an optimized slice; drop-in for `onnxruntime.InferenceSession.run`."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.exists():
+            raise WpkError(f"{self.directory}: no {MANIFEST} (not written by wpk-optimize)")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise WpkError(f"{path}: not valid JSON (line {error.lineno})") from None
+        if self.manifest.get("version") != FORMAT_VERSION:
+            raise WpkError(f"{path}: unsupported format version {self.manifest.get('version')!r}")
+        config = self.manifest["session"]
+        self.segments: list[Any] = []
+        mixed = any(entry["type"] == "kernel" for entry in self.manifest["segments"])
+        for entry in self.manifest["segments"]:
+            if entry["type"] == "ort":
+                self.segments.append(OrtSegment(self.directory, entry, config,
+                                                spinning=not mixed))
+            elif entry["type"] == "kernel":
+                self.segments.append(KernelSegment(self.directory, entry))
+            else:
+                raise WpkError(f"{path}: unknown segment type {entry['type']!r}")
+        self._inputs = [TensorArg(**t) for t in self.manifest["inputs"]]
+        self._outputs = [TensorArg(**t) for t in self.manifest["outputs"]]
+        self._output_names = [t.name for t in self._outputs]
+        self._single = self.segments[0] if len(self.segments) == 1 and \
+            isinstance(self.segments[0], OrtSegment) else None
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray],
+            run_options: Any = None) -> list[np.ndarray]:
+        names = list(output_names) if output_names else self._output_names
+        if self._single is not None:  # one ORT session: no executor overhead at all
+            return self._single.session.run(names, dict(input_feed), run_options)
+        env: dict[str, np.ndarray] = dict(input_feed)
+        for segment in self.segments:
+            segment(env)
+        try:
+            return [env[n] for n in names]
+        except KeyError as error:
+            raise WpkError(f"optimized slice has no output {error.args[0]!r}") from None
+
+    def get_inputs(self) -> list[TensorArg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[TensorArg]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        providers = []
+        for segment in self.segments:
+            names = segment.session.get_providers() if isinstance(segment, OrtSegment) \
+                else ["wpk.generated-c"]
+            providers += [p for p in names if p not in providers]
+        return providers
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("precision", "fp32")
+
+
+def load(directory: str | Path) -> OptimizedSession:
+    """Open a directory written by wpk-optimize."""
+    return OptimizedSession(directory)

@@ -1,0 +1,421 @@
+"""The WPK pipeline for one slice on this machine: graph passes, session configuration search,
+precision (int8 within an accuracy budget), per-operator selection, accuracy guard, and the
+final side-by-side measurement that falls back to the default when nothing beats it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from wpk.graph import load_model
+from wpk.optimizer import accuracy, passes
+from wpk.optimizer.database import TuningLog
+from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
+from wpk.optimizer.kernels import load_initializers
+from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
+from wpk.optimizer.search import Evaluator, make_strategy
+from wpk.optimizer.selection import OpChoice, build_segments, select_operators
+from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
+from wpk.optimizer.space import Config
+
+# a candidate must beat the default by this factor to be kept (noise guard)
+KEEP_MARGIN = 0.95
+
+
+@dataclass
+class Budget:
+    trials: int = 48
+    seconds: float | None = None
+
+    def share(self, fraction: float) -> int:
+        return max(2, int(self.trials * fraction))
+
+
+@dataclass
+class Options:
+    strategy: str = "ga"
+    budget: Budget = field(default_factory=Budget)
+    accuracy_budget: float | None = None   # relative L2 error allowed for int8; None = fp32
+    per_operator: bool = True
+    operator_limit: int = 6
+    samples: int = 3
+    log_path: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Report:
+    model: str
+    hardware: str
+    passes: list[str] = field(default_factory=list)
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    session_search: dict[str, Any] = field(default_factory=dict)
+    operators: list[dict[str, Any]] = field(default_factory=list)
+    chosen: str = "default"
+    reason: str = ""
+    speedup: float = 1.0
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Progress:
+    """Callbacks the CLI turns into rich progress bars (no-ops by default)."""
+
+    def phase(self, name: str, total: int | None = None) -> None: ...
+
+    def advance(self, text: str = "") -> None: ...
+
+
+def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    consts = {i.name for i in model.graph.initializer}
+
+    def arg(value: onnx.ValueInfoProto) -> dict:
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else \
+            "float32"
+        return {"name": value.name, "shape": shape,
+                "type": f"tensor({'float' if dtype == 'float32' else dtype})"}
+
+    outputs = {o.name: o for o in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    return ([arg(i) for i in inferred.graph.input if i.name not in consts],
+            [arg(outputs.get(o.name, o)) for o in model.graph.output])
+
+
+def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
+             options: Options | None = None, progress: Progress | None = None,
+             name: str | None = None) -> Report:
+    """Optimize one model (a slice) for this machine and write `out_dir`."""
+    options = options or Options()
+    progress = progress or Progress()
+    start = time.perf_counter()
+    original = source if isinstance(source, onnx.ModelProto) else load_model(source)
+    name = name or (Path(source).stem if not isinstance(source, onnx.ModelProto)
+                    else original.graph.name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hardware = hardware_id()
+    report = Report(model=name, hardware=hardware)
+    log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
+    inputs, outputs = _io(original)
+    output_names = [o["name"] for o in outputs]
+    feeds = accuracy.sample_inputs(
+        [(i["name"], i["shape"], np.dtype(_np_type(i["type"]))) for i in inputs],
+        options.samples, options.seed)
+    deadline = None if options.budget.seconds is None else start + options.budget.seconds
+    original_bytes = original.SerializeToString()
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.perf_counter())
+
+    # -- reference and graph passes ---------------------------------------------------------
+    progress.phase("graph passes")
+    default = make_session(original_bytes, DEFAULT_SESSION)
+    reference = lambda f: default.run(output_names, f)  # noqa: E731
+    model, report.passes = passes.run_passes(original)
+    model_bytes = model.SerializeToString()
+    errors = accuracy.compare(reference, lambda f: make_session(model_bytes, DEFAULT_SESSION)
+                              .run(output_names, f), feeds[:1], output_names)
+    if not accuracy.within(errors, accuracy.FP32_RELATIVE):
+        model, model_bytes = original, original_bytes
+        report.passes.append("passes changed outputs beyond fp32 rounding: dropped")
+    ctx = {"options": options, "progress": progress, "report": report, "log": log,
+           "feeds": feeds, "output_names": output_names, "model": model,
+           "model_bytes": model_bytes, "original": original, "reference": reference,
+           "left": left, "hardware": hardware, "name": name, "inputs": inputs,
+           "outputs": outputs, "out_dir": out_dir, "start": start}
+    with tempfile.TemporaryDirectory() as tmp:
+        return _search_and_write(ctx, Path(tmp))
+
+
+def describe_session(config: Config) -> str:
+    provider = config["provider"].replace("ExecutionProvider", "")
+    threads = config["threads"] or "auto"
+    mode = "seq" if config["execution_mode"] == "sequential" else "par"
+    return f"{provider} t={threads} {mode} {config['graph_level']}"
+
+
+def _np_type(type_text: str) -> str:
+    inner = type_text[len("tensor("):-1]
+    return "float32" if inner == "float" else inner
+
+
+def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
+    options: Options = ctx["options"]
+    progress: Progress = ctx["progress"]
+    report: Report = ctx["report"]
+    log: TuningLog = ctx["log"]
+    feeds, output_names = ctx["feeds"], ctx["output_names"]
+    model, model_bytes = ctx["model"], ctx["model_bytes"]
+    reference = ctx["reference"]
+    left = ctx["left"]
+    hardware = ctx["hardware"]
+    feed = feeds[0]
+
+    def evaluator(task: str, measure: Callable[[Config], float], trials: int) -> Evaluator:
+        remaining = left()
+        return Evaluator(task, measure, hardware, log, max_trials=trials,
+                         max_seconds=None if remaining is None else remaining,
+                         on_trial=lambda t: progress.advance(f"{task[:40]} {t.ms:.3f} ms"))
+
+    def strategy(seeds: list[Config]):
+        return make_strategy(options.strategy, options.seed, seeds)
+
+    # -- session configuration search ------------------------------------------------------
+    space = session_space()
+    trials = min(options.budget.share(0.25), sum(1 for _ in space))
+    progress.phase("session configuration", trials)
+
+    def measure_session(config: Config) -> float:
+        session = make_session(model_bytes, config)
+        return time_ms(lambda: session.run(output_names, feed), repeats=15, max_seconds=1.5)
+
+    digest = hashlib.sha256(model_bytes).hexdigest()[:16]
+    search = evaluator(f"session:{digest}", measure_session, trials)
+    best = strategy([dict(DEFAULT_SESSION)]).search(space, search)
+    best_config = best.config if best else dict(DEFAULT_SESSION)
+    report.session_search = {"strategy": options.strategy, "measured": search.measured,
+                             "reused": sum(1 for t in search.history if t.reused),
+                             "best": best_config, "best_ms": best.ms if best else None,
+                             "trials": [{"config": t.config, "ms": t.ms}
+                                        for t in search.history]}
+
+    # -- candidates: each written to its own directory and measured exactly as loaded --------
+    candidates: dict[str, dict[str, Any]] = {}
+
+    def add(key: str, directory: Path, precision: str, describe: str) -> None:
+        # sessions are opened one pair at a time at the end: many live thread pools on the
+        # same cores would slow each other down and bias the comparison
+        candidates[key] = {"dir": directory, "precision": precision, "describe": describe}
+
+    add("default", _write_single(tmp / "default", ctx, ctx["original"], dict(DEFAULT_SESSION),
+                                 "fp32", offline=False), "fp32", "ONNX Runtime defaults")
+    add("tuned", _write_single(tmp / "tuned", ctx, model, best_config, "fp32", offline=False),
+        "fp32", "passes + " + describe_session(best_config))
+    if best_config["provider"] == "CPUExecutionProvider":
+        add("offline", _write_single(tmp / "offline", ctx, model, best_config, "fp32",
+                                     offline=True),
+            "fp32", "passes + ORT offline graph, " + describe_session(best_config))
+
+    if options.accuracy_budget is not None:
+        progress.phase("int8 static quantization")
+        try:
+            int8_model = onnx.load(str(_quantize_int8(model, feeds, tmp)))
+            add("int8", _write_single(tmp / "int8", ctx, int8_model, best_config, "int8",
+                                      offline=False),
+                "int8", "static QDQ int8, " + describe_session(best_config))
+        except Exception as error:  # quantization tools fail on some graphs: say so, go on
+            report.candidates["int8"] = {"error": f"{type(error).__name__}: {error}"[:200]}
+
+    choices: list[OpChoice] = []
+    if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
+        consts = load_initializers(model)
+        per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
+        progress.phase("per-operator selection", per_op * options.operator_limit)
+        choices = select_operators(model, consts, best_config, strategy, evaluator, per_op,
+                                   options.operator_limit)
+        report.operators = [c.to_json() for c in choices]
+        won = [c.spec for c in choices if c.chosen == "kernel"]
+        if won:
+            mixed_dir = tmp / "mixed"
+            mixed_dir.mkdir()
+            segments = build_segments(model, won, mixed_dir)
+            _write_manifest(mixed_dir, ctx, best_config, segments, "fp32", "mixed")
+            add("mixed", mixed_dir, "fp32",
+                f"segments: {len(won)} generated kernel(s) + ORT")
+
+    # -- accuracy guard and head-to-head timing, each candidate against the default ---------
+    progress.phase("accuracy guard and final timing", len(candidates))
+    default_slice = load(candidates["default"]["dir"])
+    run_default = lambda: default_slice.run(output_names, feed)  # noqa: E731
+    ratios: dict[str, float] = {"default": 1.0}
+
+    def head_to_head(key: str) -> tuple[float, float]:
+        candidate = load(candidates[key]["dir"])
+        times = compare_ms({"default": run_default,
+                            key: lambda: candidate.run(output_names, feed)},
+                           rounds=6, repeats=10)
+        return times["default"], times[key]
+
+    for key, cand in candidates.items():
+        if key == "default":
+            continue
+        session = load(cand["dir"])
+        errs = accuracy.compare(reference, lambda f: session.run(output_names, f), feeds,
+                                output_names)
+        del session
+        budget = accuracy.FP32_RELATIVE if cand["precision"] == "fp32" else \
+            options.accuracy_budget
+        ok = accuracy.within(errs, budget)
+        report.candidates[key] = {"describe": cand["describe"], "precision": cand["precision"],
+                                  "accuracy": [e.to_json() for e in errs], "within_budget": ok}
+        if ok:
+            default_ms, ms = head_to_head(key)
+            report.candidates[key].update(ms=ms, default_ms=default_ms)
+            ratios[key] = ms / default_ms
+        progress.advance(key)
+    report.candidates = {"default": {"describe": candidates["default"]["describe"],
+                                     "precision": "fp32", "accuracy": [],
+                                     "within_budget": True}, **report.candidates}
+    best_key = min(ratios, key=ratios.get)
+    confirmed = True
+    if best_key != "default" and ratios[best_key] <= KEEP_MARGIN:
+        # a second, independent head-to-head must agree: never ship a win that was noise
+        default_ms, ms = head_to_head(best_key)
+        report.candidates[best_key]["ms_confirm"] = ms
+        report.candidates[best_key]["default_ms_confirm"] = default_ms
+        confirmed = ms <= KEEP_MARGIN * default_ms
+        ratios[best_key] = max(ratios[best_key], ms / default_ms)
+    if best_key != "default" and (ratios[best_key] > KEEP_MARGIN or not confirmed):
+        report.reason = (f"best candidate {best_key} ({1 / ratios[best_key]:.2f}x) does not "
+                         f"beat the default by {(1 - KEEP_MARGIN) * 100:.0f} %"
+                         + ("" if confirmed else " in a second head-to-head measurement")
+                         + ": keeping the default")
+        best_key = "default"
+    else:
+        report.reason = (f"{best_key}: {1 / ratios[best_key]:.2f}x the default in two "
+                         f"head-to-head measurements" if best_key != "default"
+                         else "nothing beat the default")
+    report.chosen = best_key
+    report.speedup = 1.0 / ratios[best_key]
+    _install(candidates[best_key]["dir"], ctx["out_dir"], best_key)
+    # final guard: the directory as the runtime will load it
+    final = load(ctx["out_dir"])
+    errs = accuracy.compare(reference, lambda f: final.run(output_names, f), feeds,
+                            output_names)
+    report.accuracy = [e.to_json() for e in errs]
+    report.seconds = time.perf_counter() - ctx["start"]
+    (ctx["out_dir"] / "report.json").write_text(json.dumps(report.to_json(), indent=2,
+                                                           default=str) + "\n")
+    (ctx["out_dir"] / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def render_markdown(report: Report) -> str:
+    """The human-readable report: what was tried, what was chosen and why."""
+    lines = [f"# {report.model}: chose `{report.chosen}` ({report.speedup:.2f}x vs ORT defaults)",
+             "", f"Measured on: {report.hardware}. {report.reason}.", "",
+             "Graph passes: " + ("; ".join(report.passes) or "no change"), "",
+             "| candidate | precision | ms | default ms (same run) | confirm ms | max rel. error "
+             "| top-1 | kept | what |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, cand in report.candidates.items():
+        if "error" in cand:
+            lines.append(f"| {key} | | | | | | | failed | {cand['error']} |")
+            continue
+        rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
+        top1 = [a["top1_agreement"] for a in cand["accuracy"] if a["top1_agreement"] is not None]
+        lines.append(f"| {key} | {cand['precision']} | {_ms(cand.get('ms'))} | "
+                     f"{_ms(cand.get('default_ms'))} | {_ms(cand.get('ms_confirm'))} | {rel:.2e} | "
+                     f"{min(top1) if top1 else '-'} | "
+                     f"{'yes' if cand['within_budget'] else 'over budget'} | {cand['describe']} |")
+    search = report.session_search
+    lines += ["", f"Session search ({search.get('strategy')}): {search.get('measured')} measured, "
+                  f"{search.get('reused')} from the tuning log, best {search.get('best')} "
+                  f"at {search.get('best_ms') or float('nan'):.3f} ms.", ""]
+    if report.operators:
+        lines += ["| operator | kind | ORT ms | generated ms | chosen | schedule |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for op in report.operators:
+            lines.append(f"| {op['node']} | {op['op']} | {op['ort_ms']:.3f} | "
+                         f"{op['kernel_ms']:.3f} | {op['chosen']} | {op['schedule']} |")
+    lines += ["", "Accuracy of the written slice (per output): " + ", ".join(
+        f"{a['name']}: max abs {a['max_abs']:.2e}, rel {a['relative']:.2e}"
+        for a in report.accuracy), ""]
+    return "\n".join(lines)
+
+
+def _quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], tmp: Path
+                   ) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = tmp / "fp32.onnx"
+    onnx.save(model, str(fp32))
+    prepared = tmp / "prepared.onnx"
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = tmp / "int8.onnx"
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def _write_manifest(directory: Path, ctx: dict[str, Any], config: Config,
+                    segments: list[dict[str, Any]], precision: str, chosen: str = "") -> None:
+    manifest = {"version": FORMAT_VERSION, "model": ctx["name"], "hardware": ctx["hardware"],
+                "precision": precision, "chosen": chosen, "session": config,
+                "inputs": ctx["inputs"], "outputs": ctx["outputs"], "segments": segments}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
+                  config: Config, precision: str, offline: bool) -> Path:
+    """A candidate that is one ORT session; with `offline`, ONNX Runtime's own optimization
+    for this machine is saved next to it and loaded with optimizations off."""
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / "model.onnx"))
+    segment: dict[str, Any] = {"type": "ort", "model": "model.onnx",
+                               "inputs": [i["name"] for i in ctx["inputs"]],
+                               "outputs": ctx["output_names"]}
+    if offline:
+        try:
+            passes.ort_offline_optimize(directory / "model.onnx", directory / "model.ort.onnx",
+                                        config.get("graph_level", "all"), config["threads"])
+            segment["offline_model"] = "model.ort.onnx"
+        except Exception:
+            pass
+    _write_manifest(directory, ctx, config, [segment], precision)
+    return directory
+
+
+def _install(candidate: Path, out_dir: Path, chosen: str) -> None:
+    """Copy the chosen candidate's files into the output directory (replacing old ones)."""
+    for stale in out_dir.iterdir():
+        if stale.is_file() and (stale.suffix in (".onnx", ".npz") or stale.name == MANIFEST):
+            stale.unlink()
+    for path in candidate.iterdir():
+        shutil.copy(path, out_dir / path.name)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    manifest["chosen"] = chosen
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def save_segmented(model: onnx.ModelProto, specs: list, out_dir: str | Path,
+                   config: Config | None = None) -> Path:
+    """Write `model` as a segmented slice whose `specs` nodes run as generated kernels
+    (used by per-operator selection, tests and benchmarks)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs, outputs = _io(model)
+    segments = build_segments(model, specs, out_dir)
+    ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
+           "outputs": outputs}
+    _write_manifest(out_dir, ctx, config or dict(DEFAULT_SESSION), segments, "fp32", "mixed")
+    return out_dir

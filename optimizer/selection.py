@@ -1,0 +1,196 @@
+"""Per-operator selection: time ONNX Runtime and our tuned kernel on each heavy operator of a
+slice, keep the faster, and cut the slice into segments for the segment executor."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from wpk.optimizer import ops
+from wpk.optimizer.kernels import KERNEL_OPS, BoundKernel, KernelSpec, spec_for_node
+from wpk.optimizer.measure import compare_ms
+from wpk.optimizer.search import Evaluator
+from wpk.optimizer.space import Config
+from wpk.optimizer.session import make_session
+
+
+@dataclass
+class OpChoice:
+    node: str
+    op: str
+    signature: str
+    ort_ms: float
+    kernel_ms: float
+    schedule: Config | None
+    chosen: str                       # "ort" or "kernel"
+    measured: int = 0
+    reused: int = 0
+    spec: KernelSpec | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "op": self.op, "signature": self.signature,
+                "ort_ms": self.ort_ms, "kernel_ms": self.kernel_ms, "schedule": self.schedule,
+                "chosen": self.chosen, "measured": self.measured, "reused": self.reused}
+
+
+def shapes_of(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + \
+            list(inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def heavy_specs(model: onnx.ModelProto, consts: dict[str, np.ndarray], limit: int
+                ) -> list[KernelSpec]:
+    """Kernel specs for the heaviest covered nodes (Conv/Gemm fused with a sole Relu)."""
+    shapes = shapes_of(model)
+    uses = Counter(n for node in model.graph.node for n in node.input)
+    graph_outputs = {o.name for o in model.graph.output}
+    consumer = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumer.setdefault(name, node)
+    specs = []
+    for node in model.graph.node:
+        if node.op_type not in KERNEL_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        relu_out = None
+        nxt = consumer.get(node.output[0])
+        if node.op_type in ("Conv", "Gemm", "MatMul") and nxt is not None and \
+                nxt.op_type == "Relu" and uses[node.output[0]] == 1 and \
+                node.output[0] not in graph_outputs:
+            relu_out = nxt.output[0]
+        spec = spec_for_node(node, shapes, consts, relu_out)
+        if spec is not None:
+            spec.node = node.name + (f"+{nxt.name}" if relu_out else "")
+            specs.append(spec)
+    specs.sort(key=lambda s: -s.compute().flops)
+    return specs[:limit]
+
+
+def node_model(model: onnx.ModelProto, spec: KernelSpec) -> onnx.ModelProto:
+    """The nodes a spec replaces as a model of their own, for timing ORT on them alone."""
+    names = set(spec.node.split("+"))
+    nodes = [n for n in model.graph.node if n.name in names]
+    shapes = shapes_of(model)
+    consts = {i.name: i for i in model.graph.initializer}
+    inputs = [n for n in nodes[0].input if n and n not in consts]
+    graph = helper.make_graph(
+        nodes, "op", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shapes[n])
+                      for n in inputs],
+        [helper.make_tensor_value_info(spec.output, onnx.TensorProto.FLOAT, None)],
+        [consts[n] for node in nodes for n in node.input if n in consts])
+    out = helper.make_model(graph, opset_imports=model.opset_import)
+    out.ir_version = model.ir_version
+    return out
+
+
+def select_operators(model: onnx.ModelProto, consts: dict[str, np.ndarray],
+                     session_config: Config, strategy_factory: Callable[[list[Config]], Any],
+                     evaluator_factory: Callable[[str, Callable[[Config], float], int],
+                                                 Evaluator],
+                     trials_per_op: int, limit: int, margin: float = 0.9,
+                     on_op: Callable[[str], None] | None = None) -> list[OpChoice]:
+    """For each heavy operator: tune our kernel, time ORT alone on it, keep the faster."""
+    rng = np.random.default_rng(0)
+    choices = []
+    for spec in heavy_specs(model, consts, limit):
+        if on_op:
+            on_op(spec.node)
+        compute = spec.compute()
+        shapes = {b.name: b.shape for b in compute.buffers}
+        feeds = {src: rng.random(shapes[b.name]).astype(np.float32)
+                 for src, b in zip(spec.sources[:-1], compute.buffers)
+                 if not src.startswith("weight:")}
+        single = make_session(node_model(model, spec).SerializeToString(), session_config)
+        ort_ms = compare_ms({"ort": lambda: single.run(None, feeds)}, rounds=2, repeats=10)["ort"]
+        reference = single.run(None, feeds)[0]
+        space = ops.schedule_space(compute)
+
+        def measure(config: Config, spec=spec, feeds=feeds, reference=reference) -> float:
+            kernel = BoundKernel(spec, config)
+            out = kernel(feeds)
+            if not np.allclose(out, reference, rtol=1e-3, atol=1e-3):
+                return math.inf  # a wrong kernel is never a candidate
+            return compare_ms({"k": lambda: kernel(feeds)}, rounds=1, repeats=10)["k"]
+
+        evaluator = evaluator_factory(spec.signature(), measure, trials_per_op)
+        strategy = strategy_factory(ops.seed_configs(compute))
+        best = strategy.search(space, evaluator)
+        kernel_ms = best.ms if best else math.inf
+        chosen = "kernel" if kernel_ms < margin * ort_ms else "ort"
+        if best is not None:
+            spec.schedule = best.config
+        choices.append(OpChoice(spec.node, spec.op, spec.signature(), ort_ms,
+                                kernel_ms, best.config if best else None, chosen,
+                                evaluator.measured,
+                                sum(1 for t in evaluator.history if t.reused), spec))
+    return choices
+
+
+def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory: Path
+                   ) -> list[dict[str, Any]]:
+    """Cut the model into ORT runs and kernel steps (topological order); write their files."""
+    from onnx.utils import Extractor
+
+    inferred = shape_inference.infer_shapes(model)
+    extractor = Extractor(inferred)
+    by_node = {}
+    for spec in kernels:
+        for name in spec.node.split("+"):
+            by_node[name] = spec
+    consts = {i.name for i in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in consts]
+    graph_outputs = [o.name for o in model.graph.output]
+    steps: list[tuple[str, Any]] = []
+    run: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        spec = by_node.get(node.name)
+        if spec is None:
+            run.append(node)
+            continue
+        if run:
+            steps.append(("ort", run))
+            run = []
+        if not steps or steps[-1][1] is not spec:
+            steps.append(("kernel", spec))
+    if run:
+        steps.append(("ort", run))
+    # which tensors each step needs later
+    needed_after: list[set[str]] = []
+    later: set[str] = set(graph_outputs)
+    for kind, item in reversed(steps):
+        needed_after.append(set(later))
+        if kind == "ort":
+            later |= {n for node in item for n in node.input if n and n not in consts}
+        else:
+            later |= set(item.sources[:-1])
+    needed_after.reverse()
+    segments = []
+    for index, ((kind, item), needed) in enumerate(zip(steps, needed_after)):
+        if kind == "kernel":
+            weights = f"kernel{index}.npz"
+            np.savez(directory / weights, **item.weights)
+            segments.append({"type": "kernel", "spec": item.to_json(), "weights": weights})
+            continue
+        produced = [o for node in item for o in node.output if o]
+        inside = set(produced)
+        inputs = list(dict.fromkeys(n for node in item for n in node.input
+                                    if n and n not in consts and n not in inside))
+        outputs = [o for o in produced if o in needed]
+        sub = extractor.extract_model(inputs, outputs)
+        path = f"segment{index}.onnx"
+        onnx.save(sub, str(directory / path))
+        segments.append({"type": "ort", "model": path, "inputs": inputs, "outputs": outputs})
+    del graph_inputs
+    return segments

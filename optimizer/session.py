@@ -1,0 +1,74 @@
+"""ONNX Runtime as a candidate implementation: providers that really run here, and the
+session-level configuration space (threads, execution mode, graph optimization level)."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import onnxruntime as ort
+
+from wpk.optimizer.passes import LEVELS
+from wpk.optimizer.space import Config, Knob, Space
+
+DEFAULT_SESSION: Config = {"provider": "CPUExecutionProvider", "threads": 0,
+                           "execution_mode": "sequential", "graph_level": "all"}
+
+
+@functools.lru_cache(maxsize=1)
+def working_providers() -> tuple[str, ...]:
+    """Providers a session really runs on. onnxruntime-gpu lists CUDA and TensorRT even
+    without a GPU and silently falls back to CPU, so each one is tried on a tiny model."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    found = []
+    for provider in ort.get_available_providers():
+        if provider in ("AzureExecutionProvider",):
+            continue
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+        except Exception:
+            continue
+        if session.get_providers()[0] == provider:
+            found.append(provider)
+    return tuple(found) or ("CPUExecutionProvider",)
+
+
+def session_space(cores: int | None = None, levels: tuple[str, ...] = ("all", "extended",
+                                                                       "basic")) -> Space:
+    cores = cores or os.cpu_count() or 1
+    threads = tuple(dict.fromkeys([0] + list(range(1, cores + 1))))
+    return Space([Knob("provider", working_providers()), Knob("threads", threads),
+                  Knob("execution_mode", ("sequential", "parallel")),
+                  Knob("graph_level", levels)])
+
+
+def session_options(config: Config, offline_optimized: bool = False,
+                    spinning: bool = True) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if not spinning:  # inside a segment executor: leave the cores to the generated kernels
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = int(config.get("threads", 0))
+    options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL
+                              if config.get("execution_mode") == "parallel"
+                              else ort.ExecutionMode.ORT_SEQUENTIAL)
+    level = "disabled" if offline_optimized else config.get("graph_level", "all")
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 3
+    return options
+
+
+def providers_for(config: Config) -> list[Any]:
+    provider = config.get("provider", "CPUExecutionProvider")
+    return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+
+
+def make_session(model: bytes | str, config: Config, offline_optimized: bool = False,
+                 spinning: bool = True) -> ort.InferenceSession:
+    return ort.InferenceSession(model, session_options(config, offline_optimized, spinning),
+                                providers=providers_for(config))

@@ -1,0 +1,1 @@
+"""MQTT bridge: IIoT messages in, pipeline inference, results out (see docs/mqtt.md)."""

@@ -1,0 +1,192 @@
+"""wpk-bridge: feed MQTT inputs into a deployed wpk pipeline and publish the results.
+
+One subscription:
+  wpk-bridge --broker 127.0.0.1:1883 --pipeline 127.0.0.1:8001 --model resnet_like \\
+      --subscribe 'plant/+/camera' --format raw --publish 'plant/{1}/inference'
+
+Several subscriptions: each --subscribe starts a route; --format, --publish, --model,
+--result, --input, --output and --metrics after it apply to that route; given before the first
+--subscribe they are defaults for all routes:
+  wpk-bridge --broker ... --pipeline ... --model mlp --result json \\
+      --subscribe 'plant/+/vibration' --format npy  --publish 'plant/{1}/health' \\
+      --subscribe 'spBv1.0/plant/DDATA/+/+' --format sparkplug --publish 'plant/{4}/health'
+A YAML file (--config) can hold the same settings; command-line options override it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from wpk.errors import WpkError, cli_entry
+
+from .config import QUEUE_POLICIES, BridgeConfig, BrokerConfig, Route, parse_address
+from .formats import INPUT_FORMATS, RESULT_FORMATS
+
+ROUTE_KEYS = ("publish", "format", "model", "result", "input", "output", "metrics")
+
+
+class _StartRoute(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.routes.append({"subscribe": values})
+
+
+class _RouteOption(argparse.Action):
+    """Applies to the latest --subscribe, or to all routes when given before the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.dest == "metrics":
+            values = [m.strip() for m in values.split(",") if m.strip()]
+        target = namespace.routes[-1] if namespace.routes else namespace.route_defaults
+        target[self.dest] = values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wpk-bridge", description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(routes=[], route_defaults={})
+    parser.add_argument("--config", type=Path, help="YAML file with these settings")
+    parser.add_argument("--broker", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
+    parser.add_argument("--pipeline", help="first tier of the pipeline, HOST:PORT (KServe v2)")
+    parser.add_argument("--stream", action="store_true", default=None,
+                        help="send requests over one ModelStreamInfer stream (wpk tiers, "
+                        "Triton; faster) instead of unary ModelInfer calls (any KServe v2)")
+    parser.add_argument("--pipeline-tls", metavar="DIR",
+                        help="mutual TLS to the entry tier with certificates from DIR (as "
+                        "wpk-deploy --tls writes them)")
+    parser.add_argument("--pipeline-identity", metavar="NAME",
+                        help="present DIR/NAME.pem and DIR/NAME.key (default bridge)")
+    parser.add_argument("--pipeline-server-name", metavar="TIER",
+                        help="check the entry tier's certificate against this name "
+                        "(its tier name, e.g. device)")
+    route = parser.add_argument_group("routes (repeat --subscribe for several)")
+    route.add_argument("--subscribe", action=_StartRoute, metavar="TOPIC_FILTER",
+                       help="MQTT topic filter to take inputs from (+ and # allowed)")
+    route.add_argument("--publish", action=_RouteOption, metavar="TEMPLATE",
+                       help="result topic; {k} is level k (from 0) of the input topic")
+    route.add_argument("--format", action=_RouteOption, choices=INPUT_FORMATS,
+                       help="input payload format (default json)")
+    route.add_argument("--model", action=_RouteOption, help="model name at the pipeline")
+    route.add_argument("--result", action=_RouteOption, choices=RESULT_FORMATS,
+                       help="result payload: json with metadata (default), raw or npy")
+    route.add_argument("--input", action=_RouteOption, metavar="NAME",
+                       help="raw/npy: model input the tensor feeds (default: the only one)")
+    route.add_argument("--output", action=_RouteOption, metavar="NAME",
+                       help="raw/npy results: output to send (default: the only one)")
+    route.add_argument("--metrics", action=_RouteOption, metavar="A,B,C",
+                       help="sparkplug: metric order for a one-input model")
+    delivery = parser.add_argument_group("delivery")
+    delivery.add_argument("--client-id", help="MQTT client id; fixed, so the broker keeps "
+                          "the session (default wpk-bridge)")
+    delivery.add_argument("--queue-size", type=int, help="inputs held while the pipeline is "
+                          "slow or away (default 1000)")
+    delivery.add_argument("--queue-policy", choices=QUEUE_POLICIES,
+                          help="when the queue is full: block (the broker keeps the rest; "
+                          "default) or drop-oldest")
+    delivery.add_argument("--max-in-flight", type=int,
+                          help="concurrent requests to the pipeline (default 8)")
+    delivery.add_argument("--error-topic", help="where malformed inputs are reported "
+                          "(default wpk/bridge/<client-id>/errors)")
+    security = parser.add_argument_group("broker security")
+    security.add_argument("--username")
+    security.add_argument("--password", help="or set WPK_MQTT_PASSWORD")
+    security.add_argument("--tls", action="store_true", default=None,
+                          help="TLS with the system's CA certificates")
+    security.add_argument("--tls-ca", help="CA certificate file; enables TLS")
+    security.add_argument("--tls-cert", help="client certificate file (with --tls-key)")
+    security.add_argument("--tls-key", help="client private key file")
+    security.add_argument("--tls-insecure", action="store_true",
+                          help="do not check the broker's host name against its certificate")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise WpkError(f"{path}: {error}") from None
+    if not isinstance(document, dict):
+        raise WpkError(f"{path}: expected a mapping of settings")
+    return document
+
+
+def config_from_args(args: argparse.Namespace) -> BridgeConfig:
+    settings = load_yaml(args.config) if args.config else {}
+    routes_in = settings.pop("routes", []) if not args.routes else args.routes
+    defaults = {k: settings.pop(k) for k in ROUTE_KEYS if k in settings}
+    defaults.update(args.route_defaults)
+
+    def pick(key: str, default=None):
+        value = getattr(args, key.replace("-", "_"), None)
+        return value if value is not None else settings.get(key, default)
+
+    host, port = parse_address(pick("broker", "127.0.0.1:1883"), "--broker", 1883)
+    pipeline = pick("pipeline")
+    if not pipeline:
+        raise WpkError("--pipeline HOST:PORT is required")
+    parse_address(pipeline, "--pipeline")
+    broker = BrokerConfig(
+        host=host, port=port, client_id=pick("client-id", "wpk-bridge"),
+        username=pick("username"),
+        password=pick("password", os.environ.get("WPK_MQTT_PASSWORD")),
+        tls=bool(pick("tls", False)), tls_ca=pick("tls-ca"), tls_cert=pick("tls-cert"), tls_key=pick("tls-key"),
+        tls_insecure=bool(args.tls_insecure or settings.get("tls-insecure", False)))
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(broker, name)
+        if path and not Path(path).is_file():
+            raise WpkError(f"--{name.replace('_', '-')} {path}: no such file")
+    routes = []
+    for entry in routes_in:
+        if not isinstance(entry, dict) or "subscribe" not in entry:
+            raise WpkError("each route needs a 'subscribe' topic filter")
+        unknown = set(entry) - set(ROUTE_KEYS) - {"subscribe"}
+        if unknown:
+            raise WpkError(f"route {entry['subscribe']!r}: unknown key(s) {', '.join(unknown)}")
+        routes.append(Route(**{**defaults, **entry}))
+    config = BridgeConfig(
+        broker=broker, pipeline=pipeline, routes=routes,
+        pipeline_stream=bool(pick("stream", False)),
+        pipeline_tls=pick("pipeline-tls"),
+        pipeline_identity=pick("pipeline-identity", "bridge"),
+        pipeline_server_name=pick("pipeline-server-name"),
+        queue_size=int(pick("queue-size", 1000)), queue_policy=pick("queue-policy", "block"),
+        max_in_flight=int(pick("max-in-flight", 8)), error_topic=pick("error-topic"))
+    config.check()
+    return config
+
+
+async def serve(config: BridgeConfig) -> None:
+    """Run a bridge until SIGINT/SIGTERM."""
+    from .bridge import Bridge
+    from .pipeline import KServePipeline
+
+    bridge = Bridge(config, KServePipeline.from_config(config))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, bridge.stop)
+    await bridge.run()
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = config_from_args(args)
+    for route in config.routes:
+        logging.getLogger("wpk.bridge").info(
+            "route %s (%s) -> model %s -> %s (%s)", route.subscribe, route.format, route.model,
+            route.publish, route.result)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The bridge's view of a deployed pipeline: `infer(model, inputs) -> outputs`.
+
+`Pipeline` is the abstraction the bridge depends on; `KServePipeline` implements it with
+`wpk.runtime.client.InferenceClient` over the Open Inference Protocol (KServe v2 gRPC) spoken
+by the entry tier of a wpk pipeline, or by any KServe v2 server (Triton, MLServer, ...).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.link import InferenceError
+
+from .tensors import ModelSignature, TensorSpec
+
+# Worth retrying later: the pipeline (or a tier behind it) is away, restarting or overloaded.
+# CANCELLED: a tier that is shutting down cancels the calls it has in flight.
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.CANCELLED})
+
+
+class PipelineUnavailable(Exception):
+    """The pipeline cannot be reached now; the same request may succeed later."""
+
+
+class InferenceRejected(Exception):
+    """The pipeline refused this request (bad shape, unknown model, ...): do not retry."""
+
+
+class Pipeline(Protocol):
+    async def signature(self, model: str) -> ModelSignature: ...
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    async def close(self) -> None: ...
+
+
+class KServePipeline:
+    """The pipeline whose entry tier listens at `address` (`HOST:PORT`).
+
+    `stream=True` multiplexes requests over one ModelStreamInfer stream (wpk tiers and Triton
+    serve it; about half the cost of a unary call); the default unary calls work with every
+    KServe v2 server.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0, stream: bool = False,
+                 credentials=None, server_name: str | None = None):
+        """`credentials`/`server_name`: mutual TLS as `wpk.runtime.tls` sets it up."""
+        self.address = address
+        self.client = InferenceClient(address, timeout=timeout_s, stream=stream,
+                                      credentials=credentials, server_name=server_name)
+
+    @classmethod
+    def from_config(cls, config, timeout_s: float = 30.0) -> "KServePipeline":
+        """The pipeline a BridgeConfig names, with its TLS settings."""
+        credentials = None
+        if config.pipeline_tls:
+            from wpk.runtime import tls
+
+            credentials = tls.channel_credentials(tls.load(config.pipeline_tls,
+                                                           config.pipeline_identity))
+        return cls(config.pipeline, timeout_s=timeout_s, stream=config.pipeline_stream,
+                   credentials=credentials, server_name=config.pipeline_server_name)
+
+    async def _call(self, call):
+        try:
+            return await call
+        except (InferenceError, grpc.aio.AioRpcError) as error:
+            code, details = (error.code, error.details) if isinstance(error, InferenceError) \
+                else (error.code(), error.details())
+            detail = f"{self.address}: {code.name}: {details}"
+            # grpc's own transport failure on a stream whose tier just died (not a server's
+            # INTERNAL answer): as transient as UNAVAILABLE.
+            transport = code == grpc.StatusCode.INTERNAL and details.endswith("from Core")
+            if code in TRANSIENT_CODES or transport:
+                raise PipelineUnavailable(detail) from None
+            raise InferenceRejected(detail) from None
+        except asyncio.InvalidStateError:
+            # grpc.aio raises this when a request is written to a stream that just ended (the
+            # tier went away); StreamLink opens a new stream for the next request.
+            raise PipelineUnavailable(f"{self.address}: stream closed") from None
+
+    async def signature(self, model: str) -> ModelSignature:
+        metadata = await self._call(self.client.model_metadata(model))
+
+        def specs(tensors) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape))
+                         for t in tensors)
+        return ModelSignature(model, specs(metadata.inputs), specs(metadata.outputs))
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await self._call(self.client.infer(model, inputs))
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,177 @@
+"""Graph passes, the optimized slice and its executor, the CLI on models and plans."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import wpk.optimizer
+from wpk.optimizer import passes, pipeline
+from wpk.optimizer.kernels import load_initializers
+from wpk.optimizer.selection import heavy_specs
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feed(seed=0):
+    return {"image": np.random.default_rng(seed).random((1, 3, 19, 17), dtype=np.float32)}
+
+
+def test_passes_fold_batchnorm_and_keep_outputs(small_cnn):
+    folded, log = passes.run_passes(small_cnn)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    assert any("fold-batchnorm" in line for line in log)
+    fused = passes.fuse_conv_relu(folded)
+    assert any(n.op_type == "FusedConv" for n in fused.graph.node)
+    expected = _session(small_cnn).run(None, _feed())[0]
+    for model in (folded, fused):
+        np.testing.assert_allclose(_session(model).run(None, _feed())[0], expected,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_constant_folding_and_dead_nodes():
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.full((3,), 2.0, np.float32), "two")
+    nodes = [helper.make_node("Mul", ["two", "two"], ["four"]),          # constant
+             helper.make_node("Add", ["x", "four"], ["y"]),
+             helper.make_node("Identity", ["y"], ["y_id"]),
+             helper.make_node("Neg", ["x"], ["unused"])]                   # dead
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y_id", TensorProto.FLOAT, [3])], [two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    out, _ = passes.run_passes(model)
+    assert [n.op_type for n in out.graph.node] == ["Add", "Identity"]
+    x = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(_session(out).run(None, {"x": x})[0], x + 4)
+
+
+def test_ort_offline_optimization_is_saved(small_cnn, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(small_cnn, str(src))
+    out = passes.ort_offline_optimize(src, tmp_path / "m.ort.onnx", "all")
+    assert out.exists() and onnx.load(str(out)).graph.node
+
+
+def test_segmented_slice_with_generated_kernels_matches_original(small_cnn, tmp_path):
+    """Every covered operator replaced by a generated kernel, run by the segment executor."""
+    model, _ = passes.run_passes(small_cnn)
+    specs = heavy_specs(model, load_initializers(model), limit=20)
+    assert {s.op for s in specs} >= {"conv2d", "gemm", "pool2d", "global_avg_pool"}
+    assert any(s.params.get("group", 1) > 1 for s in specs)      # the depthwise conv
+    pipeline.save_segmented(model, specs, tmp_path / "mixed")
+    session = wpk.optimizer.load(tmp_path / "mixed")
+    manifest = json.loads((tmp_path / "mixed" / "optimized.json").read_text())
+    assert sum(s["type"] == "kernel" for s in manifest["segments"]) == len(specs)
+    assert "wpk.generated-c" in session.get_providers()
+    for seed in range(2):
+        expected = _session(small_cnn).run(None, _feed(seed))[0]
+        got = session.run(None, _feed(seed))[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    assert [i.name for i in session.get_inputs()] == ["image"]
+
+
+def test_optimize_gives_original_outputs_and_a_report(small_cnn, tmp_path):
+    options = pipeline.Options(budget=pipeline.Budget(trials=8), operator_limit=2,
+                               log_path=str(tmp_path / "log.jsonl"), samples=2)
+    report = pipeline.optimize(small_cnn, tmp_path / "opt", options, name="small")
+    assert report.chosen in report.candidates and report.speedup >= 1.0
+    assert report.session_search["measured"] >= 1 and len(report.operators) == 2
+    assert all(a["relative"] < 1e-4 for a in report.accuracy)
+    session = wpk.optimizer.load(tmp_path / "opt")
+    expected = _session(small_cnn).run(None, _feed(3))
+    got = session.run([session.get_outputs()[0].name], _feed(3))
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-5)
+    saved = json.loads((tmp_path / "opt" / "report.json").read_text())
+    assert saved["chosen"] == report.chosen
+    assert report.chosen in (tmp_path / "opt" / "report.md").read_text()
+    # a second run starts from every measurement of the first (tuning log) and goes further
+    again = pipeline.optimize(small_cnn, tmp_path / "opt2", options, name="small")
+    first = report.session_search
+    assert again.session_search["reused"] >= first["measured"]
+    assert again.session_search["best_ms"] <= first["best_ms"]
+    assert sum(op["reused"] for op in again.operators) >= \
+        sum(op["measured"] for op in report.operators if op["kernel_ms"] != float("inf"))
+
+
+def test_int8_only_within_the_accuracy_budget(small_cnn, tmp_path):
+    strict = pipeline.Options(budget=pipeline.Budget(trials=4), per_operator=False,
+                              accuracy_budget=1e-7, samples=2)
+    report = pipeline.optimize(small_cnn, tmp_path / "strict", strict)
+    assert report.candidates["int8"]["within_budget"] is False
+    assert report.chosen != "int8"
+    assert wpk.optimizer.load(tmp_path / "strict").precision == "fp32"
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "wpk.optimizer.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_on_a_model_file(small_cnn, tmp_path):
+    path = tmp_path / "small.onnx"
+    onnx.save(small_cnn, str(path))
+    result = _run_cli(str(path), "-o", str(tmp_path / "out"), "--budget-trials", "4",
+                      "--ops", "1", "--log", str(tmp_path / "log.jsonl"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert "small:" in result.stdout and (tmp_path / "out" / "optimized.json").exists()
+
+
+def test_cli_on_a_plan_sets_the_tier_optimized_field(small_cnn, tmp_path):
+    from wpk.plan import Plan, TierPlan, load_plan
+
+    onnx.save(small_cnn, str(tmp_path / "edge.onnx"))
+    out_name = small_cnn.graph.output[0].name
+    tier = TierPlan(name="edge", slice="edge.onnx", nodes=[], inputs=["image"],
+                    outputs=[out_name], slice_inputs=["image"], slice_outputs=[out_name],
+                    forward=[], results=[out_name], passthrough=[], predicted_compute_ms=1.0)
+    Plan(model={"name": "small"}, objective={}, tiers=[tier], links=[], predicted={}
+         ).save(tmp_path)
+    result = _run_cli(str(tmp_path), "--tier", "edge", "--budget-trials", "4", "--ops", "0",
+                      "--log", str(tmp_path / "log.jsonl"), "-q")
+    assert result.returncode == 0, result.stderr
+    plan = load_plan(tmp_path)
+    assert plan.tier("edge").optimized == "optimized/edge"
+    session = wpk.optimizer.load(tmp_path / plan.tier("edge").optimized)
+    assert session.run(None, _feed())[0].shape == (1, 5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.onnx", "-o", "x"], "no such file"),
+    (["{plan}", "--tier", "cloud"], "no tier 'cloud'"),
+    (["{plan}"], "--tier"),
+])
+def test_cli_bad_input_is_one_line(args, message, small_cnn, tmp_path):
+    from wpk.plan import Plan, TierPlan
+
+    onnx.save(small_cnn, str(tmp_path / "edge.onnx"))
+    tier = TierPlan("edge", "edge.onnx", [], [], [], [], [], [], [], [], 1.0)
+    Plan({"name": "m"}, {}, [tier], [], {}).save(tmp_path)
+    args = [a.replace("{plan}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "-m", "wpk.optimizer.cli", *args],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_load_rejects_a_directory_without_manifest(tmp_path):
+    from wpk.errors import WpkError
+
+    with pytest.raises(WpkError, match="optimized.json"):
+        wpk.optimizer.load(tmp_path)
+
+
+def test_zero_time_budget_still_writes_a_working_slice(small_cnn, tmp_path):
+    options = pipeline.Options(budget=pipeline.Budget(trials=50, seconds=0.0), samples=1)
+    report = pipeline.optimize(small_cnn, tmp_path / "opt", options)
+    assert report.session_search["measured"] == 0 and report.chosen in report.candidates
+    got = wpk.optimizer.load(tmp_path / "opt").run(None, _feed())[0]
+    np.testing.assert_allclose(got, _session(small_cnn).run(None, _feed())[0], rtol=1e-4,
+                               atol=1e-5)

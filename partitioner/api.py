@@ -192,8 +192,12 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
     best = min(found, key=lambda c: c.key(objective))
     ranked = _distinct(sorted([best] + found + shown, key=lambda c: c.key(objective)))
     single = _evaluate_single_tiers(best.problem, tiers)
+    # where the codec changes, a tier re-encodes: it stays in the plan even without nodes,
+    # so that every plan link carries one codec, as each physical link was priced
+    relays = [k + 1 for k in range(len(tiers.links) - 1)
+              if tiers.links[k].codec != tiers.links[k + 1].codec]
     pieces = slicing.tier_slices(graph, best.evaluation.tiers, best.evaluation.forward_tensors,
-                                 best.problem.deliver_to)
+                                 best.problem.deliver_to, relays)
     plan = _make_plan(graph, tiers, pieces, best, objective, privacy, max_latency_ms, single)
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:top] if top else [], search.non_dominated(fronts))

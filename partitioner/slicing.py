@@ -36,13 +36,15 @@ class TierSlice:
 
 
 def tier_slices(graph: Graph, tiers: np.ndarray, forward_tensors: Sequence[Sequence[str]],
-                deliver_to: int) -> list[TierSlice]:
+                deliver_to: int, relays: Sequence[int] = ()) -> list[TierSlice]:
     """Slices for the used tiers: those with nodes, the first tier (where the model inputs
-    are) and the tier the results go to. Unused tiers in between are passed through.
+    are), the tier the results go to, and `relays` where data passes through them. Other
+    tiers in between are passed through.
 
     `forward_tensors[k]` are the tensors crossing link k (tiers k -> k+1), as priced.
     """
-    used = sorted(set(int(t) for t in tiers) | {0, deliver_to})
+    used = set(int(t) for t in tiers) | {0, deliver_to}
+    used = sorted(used | {t for t in relays if min(used) < t < max(used)})
     source_tier = {t: 0 for t in graph.inputs}
     for node in graph.nodes:
         for out in node.outputs:

@@ -338,3 +338,25 @@ def test_link_codec_is_declared_and_priced(resnet_path, tmp_path):
 def test_bad_codec(mlp_path, spec, message):
     with pytest.raises(WpkError, match=message):
         partition(mlp_path, ["device", "edge"], codecs=[spec], use_calibration=False)
+
+
+def test_tier_between_links_of_different_codecs_relays(resnet_path, tmp_path):
+    """The prediction prices each physical link with its own codec; a plan link through an
+    unused tier would carry one encoding over both hops. So a tier where the codec changes
+    stays in the plan (no slice) and re-encodes: each plan link is priced as it is sent."""
+    tiers_file = tmp_path / "tiers.yaml"
+    tiers_file.write_text("tiers:\n  - {name: device}\n  - {name: edge, preset: mcu}\n"
+                          "  - {name: cloud}\n")         # an edge too slow to run anything
+    links = ["device-edge=10gbit,0.1ms", "edge-cloud=10gbit,0.1ms"]
+    result = partition(resnet_path, tiers_file=tiers_file, links=links,
+                       codecs=["edge-cloud=fp16"], use_calibration=False, out_dir=tmp_path)
+    plan = result.plan
+    assert not (result.best.evaluation.tiers == 1).any()       # nothing runs on the edge
+    assert [t.name for t in plan.tiers] == ["device", "edge", "cloud"]
+    edge = plan.tier("edge")
+    assert edge.slice is None and edge.inputs == edge.forward == edge.passthrough
+    assert [(link.codec, link.via) for link in plan.links] == [("raw", []), ("fp16", [])]
+    assert sum(link.predicted_transfer_ms for link in plan.links) == pytest.approx(
+        plan.predicted["transfer_ms"], abs=1e-5)
+    same = partition(resnet_path, tiers_file=tiers_file, links=links, use_calibration=False)
+    assert [link.via for link in same.plan.links] == [["edge"]]   # same codec: no relay

@@ -203,7 +203,9 @@ class TierService:
                 param = request.parameters.get(TIMEOUT_PARAM)
                 remaining = parameter_value(param) / 1000.0 if param is not None else None
                 message = await self._infer(request, remaining, stream=True)
-            except Abort as abort:
+            except Exception as error:  # every request gets an answer, whatever went wrong
+                abort = error if isinstance(error, Abort) else Abort(
+                    grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: {error!r}")
                 code = abort.code
                 message = pb.ModelStreamInferResponse(error_message=abort.details)
                 message.infer_response.id = request.id

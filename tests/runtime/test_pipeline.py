@@ -411,3 +411,32 @@ def test_a_deadline_past_before_the_slice_runs_gives_deadline_exceeded(plans, re
     assert slice_runs(resnet_pipeline, tier) == before
     assert asyncio.run(call(timeout=10))       # with time to spare: answered
     assert slice_runs(resnet_pipeline, tier) == before + 1
+
+
+@pytest.mark.parametrize("deliver_to", ["edge", "cloud"])
+def test_deliver_to_a_later_tier_still_answers_the_caller(tmp_path, deliver_to):
+    """`objective.deliver_to` beyond the first tier: the model outputs are complete on that
+    tier (its `results`), and they travel back so that the entry tier answers the caller."""
+    from wpk.examples import random_dag
+    from .conftest import make_plan
+
+    plan_dir = make_plan(random_dag(40, width=16, seed=3), tmp_path / deliver_to,
+                         {"relu_17": "device", "relu_26": "edge", "add_27": "edge",
+                          "add_40": "cloud"}, deliver_to=deliver_to)
+    plan = load_plan(plan_dir)
+    outputs = [t["name"] for t in plan.model["outputs"]]
+    assert plan.objective["deliver_to"] == deliver_to
+    assert plan.tiers[0].results == []             # nothing is delivered on the device
+    delivered = set(plan.tier(deliver_to).results)
+    assert delivered | {o for t in plan.tiers[plan.tier_index(deliver_to) + 1:]
+                        for o in t.results} == set(outputs)
+    pipeline = Pipeline(plan_dir)
+    try:
+        feeds = model_feeds(plan_dir, seed=4)
+        expected = reference(plan_dir, feeds)
+        answer = triton_infer(pipeline.entry, plan.name, feeds)
+        for name in outputs:
+            np.testing.assert_allclose(answer.as_numpy(name), expected[name], rtol=1e-4,
+                                       atol=1e-5)
+    finally:
+        pipeline.close()

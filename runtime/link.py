@@ -50,8 +50,8 @@ def stream_error(error: grpc.aio.AioRpcError) -> InferenceError:
     and the same request may succeed once it is back."""
     code, details = error.code(), error.details() or "stream failed"
     if code == grpc.StatusCode.INTERNAL and details.endswith("from Core"):
-        code = grpc.StatusCode.UNAVAILABLE
-    return InferenceError(code, f"stream broke: {details}")
+        return InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({details})")
+    return InferenceError(code, details)
 
 
 class _Stream:

@@ -3,8 +3,8 @@
 Tiers talk to the next tier this way: a long-lived bidirectional stream costs about half a
 unary call per request (see FACTS: ~120 us vs ~250 us per message on loopback). Each
 request gets a link-unique id; answers are matched by id and may arrive in any order.
-Per-request deadlines travel as the `wpk_timeout_ms` parameter and are enforced here with
-`asyncio.wait_for`. If the stream breaks (tier down, restarted), every pending request fails
+Per-request deadlines travel as the `wpk_timeout_ms` parameter and are enforced here with a
+timer per request. If the stream breaks (tier down, restarted), every pending request fails
 with the stream's status and the next request opens a new stream.
 """
 from __future__ import annotations
@@ -44,50 +44,75 @@ def _expire(future: asyncio.Future) -> None:
                                             "deadline exceeded"))
 
 
+def stream_error(error: grpc.aio.AioRpcError) -> InferenceError:
+    """The error a broken stream gives its requests. grpc's own transport failures (the peer
+    died mid-write: INTERNAL "Internal error from Core") are UNAVAILABLE: the tier is away,
+    and the same request may succeed once it is back."""
+    code, details = error.code(), error.details() or "stream failed"
+    if code == grpc.StatusCode.INTERNAL and details.endswith("from Core"):
+        return InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({details})")
+    return InferenceError(code, details)
+
+
+class _Stream:
+    """One ModelStreamInfer call and the requests waiting for an answer on it."""
+
+    def __init__(self, call):
+        self.call = call
+        self.pending: dict[str, asyncio.Future] = {}
+        self.reader: asyncio.Task | None = None
+        self.error: InferenceError | None = None   # set once the stream has ended
+
+    def fail(self, error: InferenceError) -> None:
+        self.error = self.error or error
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(self.error)
+        self.pending.clear()
+
+
 class StreamLink:
     def __init__(self, channel: grpc.aio.Channel):
         self.stub = pb.Stub(channel)
         self._ids = itertools.count(1)
-        self._pending: dict[str, asyncio.Future] = {}
-        self._call = None
-        self._reader: asyncio.Task | None = None
+        self._stream: _Stream | None = None
         self._write_lock = asyncio.Lock()
-        self._open_lock = asyncio.Lock()
 
-    async def _ensure_stream(self):
-        async with self._open_lock:
-            if self._call is None:
-                self._call = self.stub.ModelStreamInfer()
-                self._reader = asyncio.ensure_future(self._read(self._call))
-            return self._call
+    def _current(self) -> _Stream:
+        """The open stream, or a new one when there is none or it has ended (a request
+        arriving between the end of a stream and its reader noticing gets a fresh stream)."""
+        stream = self._stream
+        if stream is None or stream.error is not None or stream.call.done():
+            stream = _Stream(self.stub.ModelStreamInfer())
+            stream.reader = asyncio.ensure_future(self._read(stream))
+            self._stream = stream
+        return stream
 
-    async def _read(self, call) -> None:
+    async def _read(self, stream: _Stream) -> None:
         error = InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed")
         try:
-            async for message in call:
-                future = self._pending.pop(message.infer_response.id, None)
+            async for message in stream.call:
+                future = stream.pending.pop(message.infer_response.id, None)
                 if future is None or future.done():
                     continue  # the caller gave up (deadline) before the answer came
                 if message.error_message:
                     future.set_exception(InferenceError(status_of(message.infer_response),
-                                                   message.error_message))
+                                                        message.error_message))
                 else:
                     future.set_result(message.infer_response)
         except grpc.aio.AioRpcError as rpc_error:
-            error = InferenceError(rpc_error.code(), rpc_error.details() or "stream failed")
+            error = stream_error(rpc_error)
         except asyncio.CancelledError:
             error = InferenceError(grpc.StatusCode.CANCELLED, "link closed")
         finally:
-            if self._call is call:
-                self._call = None
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._pending.clear()
+            if self._stream is stream:
+                self._stream = None
+            stream.fail(error)
 
     async def infer(self, request, timeout: float | None):
         """Send one ModelInferRequest; returns the ModelInferResponse (with the request's id;
-        on the stream the link uses its own ids)."""
+        on the stream the link uses its own ids). Raises only InferenceError: a stream that
+        ends under a request fails it with UNAVAILABLE (or the stream's own status)."""
         caller_id = request.id
         request_id = str(next(self._ids))
         request.id = request_id
@@ -95,34 +120,39 @@ class StreamLink:
             set_parameter(request.parameters, TIMEOUT_PARAM, timeout * 1000.0)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending[request_id] = future
         # a timer, not asyncio.wait_for: no extra task per request
         timer = loop.call_later(timeout, _expire, future) if timeout is not None else None
+        stream = self._current()
+        stream.pending[request_id] = future
         try:
-            call = await self._ensure_stream()
-            async with self._write_lock:
-                await call.write(request)
+            try:
+                async with self._write_lock:
+                    await stream.call.write(request)
+            except grpc.aio.AioRpcError as rpc_error:
+                stream.fail(stream_error(rpc_error))
+            except (asyncio.InvalidStateError, grpc.aio.UsageError):
+                # the stream ended before or while we wrote ("RPC already finished"): its
+                # reader fails the requests with the stream's status; we may get here first
+                stream.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
             response = await future
             response.id = caller_id
             return response
-        except grpc.aio.AioRpcError as rpc_error:
-            raise InferenceError(rpc_error.code(), rpc_error.details() or "write failed") from None
-        except grpc.aio.UsageError:  # the stream finished while we wrote
-            if future.done() and future.exception() is not None:
-                raise future.exception() from None
-            raise InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed") from None
         finally:
             request.id = caller_id
-            self._pending.pop(request_id, None)
+            stream.pending.pop(request_id, None)
             if timer is not None:
                 timer.cancel()
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: no "exception was never retrieved" warnings
 
     async def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        stream.call.cancel()
+        if stream.reader is not None:
+            stream.reader.cancel()
             try:
-                await self._reader
+                await stream.reader
             except BaseException:
                 pass

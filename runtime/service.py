@@ -203,7 +203,9 @@ class TierService:
                 param = request.parameters.get(TIMEOUT_PARAM)
                 remaining = parameter_value(param) / 1000.0 if param is not None else None
                 message = await self._infer(request, remaining, stream=True)
-            except Abort as abort:
+            except Exception as error:  # every request gets an answer, whatever went wrong
+                abort = error if isinstance(error, Abort) else Abort(
+                    grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: {error!r}")
                 code = abort.code
                 message = pb.ModelStreamInferResponse(error_message=abort.details)
                 message.infer_response.id = request.id
@@ -228,22 +230,24 @@ class TierService:
                 task.cancel()
 
     async def _infer(self, request, remaining: float | None, stream: bool = False):
-        """One inference; raises Abort with the status and message the caller gets."""
+        """One inference; raises Abort with the status and message the caller gets.
+        `remaining`: seconds left of the caller's deadline (None: no deadline)."""
         model_name = request.model_name
+        deadline = None if remaining is None else time.monotonic() + remaining
         try:
             self.metrics.add_bytes("in", payload_bytes(request))
             model = self._model(model_name)
             pipeline = model.pipeline or self._wants_pipeline(request)
             arrays = parse_inputs(request, model_name, model.inputs)
             if pipeline:
-                produced = await self._run_pipeline(arrays, remaining)
+                produced = await self._run_pipeline(arrays, deadline)
                 available = list(model.outputs if model.pipeline else produced)
                 missing = [o for o in available if o not in produced]
                 if missing:
                     raise Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the "
                                 f"pipeline produced no {', '.join(missing)}")
             else:
-                produced = await self._run_slice(arrays)
+                produced = await self._run_slice(arrays, deadline)
                 available = list(model.outputs)
             names = requested_outputs(request, model_name, available)
             response = build_response(model_name, {n: produced[n] for n in names}, request.id,
@@ -258,32 +262,52 @@ class TierService:
         param = request.parameters.get(PIPELINE_PARAM)
         return bool(param is not None and parameter_value(param))
 
-    async def _run_slice(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Slice outputs plus the tier's inputs (passthrough tensors)."""
+    async def _run_slice(self, arrays: dict[str, np.ndarray],
+                         deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Slice outputs plus the tier's inputs (passthrough tensors). A request whose
+        `deadline` (time.monotonic()) has passed when its slice would start (it may have
+        waited for a worker) is not run: nobody is left to use the answer."""
         produced = dict(arrays)
         if self.runner is None:
             return produced
         feeds = {n: arrays[n] for n in self.tier.slice_inputs}
-        started = time.perf_counter()
         try:
             if self.inline:
-                values = self.runner.run(self.slice_outputs, feeds)
+                values, seconds = self._run_in_time(feeds, deadline)
             else:
-                values = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.runner.run, self.slice_outputs, feeds)
+                values, seconds = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._run_in_time, feeds, deadline)
+        except Abort:
+            raise
         except Exception as error:  # ORT's own exception types
             raise Abort(grpc.StatusCode.INTERNAL,
                         f"tier {self.tier.name!r}: slice failed: {error}") from None
-        self.metrics.slice.observe(time.perf_counter() - started)
+        self.metrics.slice.observe(seconds)  # here: metrics are updated on the loop only
         produced.update(zip(self.slice_outputs, values))
         return produced
 
+    def _run_in_time(self, feeds: dict[str, np.ndarray],
+                     deadline: float | None) -> tuple[list, float]:
+        """Run the slice (on the loop or in a worker) unless the deadline has passed;
+        the outputs and the seconds the slice ran."""
+        started = time.monotonic()
+        if deadline is not None and started >= deadline:
+            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"tier {self.tier.name!r}: deadline exceeded before its slice ran")
+        values = self.runner.run(self.slice_outputs, feeds)
+        return values, time.monotonic() - started
+
     async def _run_pipeline(self, arrays: dict[str, np.ndarray],
-                            remaining: float | None) -> dict[str, np.ndarray]:
-        produced = await self._run_slice(arrays)
+                            deadline: float | None) -> dict[str, np.ndarray]:
+        produced = await self._run_slice(arrays, deadline)
         results = {n: produced[n] for n in self.tier.results}
         if not self.tier.forward:
             return results
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"tier {self.tier.name!r}: deadline exceeded after its slice, before "
+                        f"forwarding to tier {self.next_tier!r}")
         results.update(await self._forward(produced, remaining))
         return results
 

@@ -6,7 +6,6 @@ by the entry tier of a wpk pipeline, or by any KServe v2 server (Triton, MLServe
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
 import grpc
@@ -70,20 +69,11 @@ class KServePipeline:
     async def _call(self, call):
         try:
             return await call
-        except (InferenceError, grpc.aio.AioRpcError) as error:
-            code, details = (error.code, error.details) if isinstance(error, InferenceError) \
-                else (error.code(), error.details())
-            detail = f"{self.address}: {code.name}: {details}"
-            # grpc's own transport failure on a stream whose tier just died (not a server's
-            # INTERNAL answer): as transient as UNAVAILABLE.
-            transport = code == grpc.StatusCode.INTERNAL and details.endswith("from Core")
-            if code in TRANSIENT_CODES or transport:
+        except InferenceError as error:  # the client and its stream link raise only this
+            detail = f"{self.address}: {error.code.name}: {error.details}"
+            if error.code in TRANSIENT_CODES:
                 raise PipelineUnavailable(detail) from None
             raise InferenceRejected(detail) from None
-        except asyncio.InvalidStateError:
-            # grpc.aio raises this when a request is written to a stream that just ended (the
-            # tier went away); StreamLink opens a new stream for the next request.
-            raise PipelineUnavailable(f"{self.address}: stream closed") from None
 
     async def signature(self, model: str) -> ModelSignature:
         metadata = await self._call(self.client.model_metadata(model))

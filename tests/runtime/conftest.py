@@ -33,7 +33,7 @@ links:
 
 
 def make_plan(model: onnx.ModelProto, directory: Path, pins: dict[str, str],
-              codecs: list[str] | None = None) -> Path:
+              codecs: list[str] | None = None, deliver_to: str | None = None) -> Path:
     """A plan written by the partitioner (pins force the cuts); link codecs set after."""
     directory.mkdir(parents=True, exist_ok=True)
     model_path = directory / f"{model.graph.name}.onnx"
@@ -41,7 +41,7 @@ def make_plan(model: onnx.ModelProto, directory: Path, pins: dict[str, str],
     tiers_file = directory / "tiers.yaml"
     tiers_file.write_text(SAME_TIERS)
     partition(model_path, tiers_file=tiers_file, objective="throughput", pins=pins,
-              out_dir=directory, use_calibration=False)
+              out_dir=directory, use_calibration=False, deliver_to=deliver_to)
     if codecs:
         data = json.loads((directory / "plan.json").read_text())
         for link, codec in zip(data["links"], codecs):

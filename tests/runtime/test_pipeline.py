@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from .conftest import Pipeline, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
-from wpk.runtime.client import InferenceClient
+from wpk.runtime.client import InferenceClient, InferenceError
 from wpk.runtime.codecs import Codec
 
 
@@ -377,3 +377,66 @@ def test_tiers_of_different_plans_give_internal_naming_both_tiers(plans):
     finally:
         pipeline.close()
         other.close()
+
+
+def slice_runs(pipeline: Pipeline, tier: str) -> int:
+    text = urllib.request.urlopen(pipeline.metrics_url[tier], timeout=5).read().decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return int(lines[f'wpk_slice_seconds_count{{tier="{tier}"}}'])
+
+
+@pytest.mark.parametrize("model, tier", [("resnet_like", "device"),
+                                         ("resnet_like.cloud", "cloud")])
+def test_a_deadline_past_before_the_slice_runs_gives_deadline_exceeded(plans, resnet_pipeline,
+                                                                       model, tier):
+    """The deadline (`wpk_timeout_ms`, as tiers send it) is checked before the slice runs:
+    an expired request is not computed, whether it enters the pipeline or one tier's slice."""
+    plan = resnet_pipeline.plan
+    if tier == "device":
+        feeds = model_feeds(plans["resnet"])
+    else:
+        feeds = {n: np.ones(plan.tensors[n]["shape"], dtype=plan.tensors[n]["dtype"])
+                 for n in plan.tier(tier).inputs}
+    before = slice_runs(resnet_pipeline, tier)
+
+    async def call(**kwargs):
+        async with InferenceClient(resnet_pipeline.address[tier], stream=True) as client:
+            return await client.infer(model, feeds, **kwargs)
+
+    with pytest.raises(InferenceError) as info:
+        # 1 ns left: gone by the time the tier looks at it (and no client-side timer)
+        asyncio.run(call(parameters={"wpk_timeout_ms": 1e-6}))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+    assert info.value.details == f"tier {tier!r}: deadline exceeded before its slice ran"
+    assert slice_runs(resnet_pipeline, tier) == before
+    assert asyncio.run(call(timeout=10))       # with time to spare: answered
+    assert slice_runs(resnet_pipeline, tier) == before + 1
+
+
+@pytest.mark.parametrize("deliver_to", ["edge", "cloud"])
+def test_deliver_to_a_later_tier_still_answers_the_caller(tmp_path, deliver_to):
+    """`objective.deliver_to` beyond the first tier: the model outputs are complete on that
+    tier (its `results`), and they travel back so that the entry tier answers the caller."""
+    from wpk.examples import random_dag
+    from .conftest import make_plan
+
+    plan_dir = make_plan(random_dag(40, width=16, seed=3), tmp_path / deliver_to,
+                         {"relu_17": "device", "relu_26": "edge", "add_27": "edge",
+                          "add_40": "cloud"}, deliver_to=deliver_to)
+    plan = load_plan(plan_dir)
+    outputs = [t["name"] for t in plan.model["outputs"]]
+    assert plan.objective["deliver_to"] == deliver_to
+    assert plan.tiers[0].results == []             # nothing is delivered on the device
+    delivered = set(plan.tier(deliver_to).results)
+    assert delivered | {o for t in plan.tiers[plan.tier_index(deliver_to) + 1:]
+                        for o in t.results} == set(outputs)
+    pipeline = Pipeline(plan_dir)
+    try:
+        feeds = model_feeds(plan_dir, seed=4)
+        expected = reference(plan_dir, feeds)
+        answer = triton_infer(pipeline.entry, plan.name, feeds)
+        for name in outputs:
+            np.testing.assert_allclose(answer.as_numpy(name), expected[name], rtol=1e-4,
+                                       atol=1e-5)
+    finally:
+        pipeline.close()

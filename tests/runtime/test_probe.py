@@ -160,7 +160,8 @@ def _line_with(process: subprocess.Popen, mark: str, log: Path, timeout: float =
         if mark in line:
             return line
         if not line:
-            pytest.fail(f"{log.stem} exited: {log.read_text()[-500:]}")
+            pytest.fail(f"{log.stem} exited (code {process.wait(timeout=5)}): "
+                        f"{log.read_text()[-500:]}")
     pytest.fail(f"{log.stem}: no {mark!r} line within {timeout:g} s: {log.read_text()[-500:]}")
 
 

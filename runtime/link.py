@@ -73,7 +73,7 @@ class _Stream:
 
 class StreamLink:
     def __init__(self, channel: grpc.aio.Channel):
-        self.stub = pb.Stub(channel)
+        self.stub = pb.Stub(channel, zero_copy=True)
         self._ids = itertools.count(1)
         self._stream: _Stream | None = None
         self._write_lock = asyncio.Lock()

@@ -27,6 +27,7 @@ from wpk.runtime.client import InferenceClient
 from wpk.runtime.link import STATUS_PARAM, TIMEOUT_PARAM, InferenceError
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.metrics import TierMetrics
+from wpk.runtime.outbox import Outbox
 from wpk.runtime.slice import load_runner
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
 from wpk.runtime.wire import (build_request, build_response, parameter_value, parse_inputs,
@@ -192,9 +193,11 @@ class TierService:
             self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Triton's streaming inference: each request runs concurrently; answers carry its id."""
-        write_lock = asyncio.Lock()
+        """Triton's streaming inference: each request runs concurrently; answers carry its id
+        and are written in the order they are ready (see outbox)."""
         running: set[asyncio.Task] = set()
+        outbox = Outbox(context.write, lambda error: None)  # a failed write: the caller has
+        # gone, nobody is left to answer
 
         async def answer(request) -> None:
             started = time.perf_counter()
@@ -212,11 +215,7 @@ class TierService:
                 message.infer_response.model_name = request.model_name
                 set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
             self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
-            async with write_lock:
-                try:
-                    await context.write(message)
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
-                    pass  # the caller has gone; nobody is left to answer
+            await outbox.send(message)
 
         try:
             async for request in request_iterator:
@@ -225,9 +224,11 @@ class TierService:
                 task.add_done_callback(running.discard)
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+            await outbox.flush()
         finally:
             for task in running:
                 task.cancel()
+            outbox.cancel()
 
     async def _infer(self, request, remaining: float | None, stream: bool = False):
         """One inference; raises Abort with the status and message the caller gets.

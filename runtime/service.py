@@ -59,7 +59,7 @@ class TierService:
     def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
                  hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
-                 channel_credentials=None):
+                 channel_credentials=None, spin: bool = False):
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
@@ -67,7 +67,7 @@ class TierService:
         self.hop_timeout = hop_timeout
         self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
-        self.runner = load_runner(plan_dir, self.tier, threads) if self.tier.slice else None
+        self.runner = load_runner(plan_dir, self.tier, threads, spin) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix=f"wpk-{tier}")
         self.next_tier = plan.tiers[index + 1].name if index + 1 < len(plan.tiers) else None

@@ -61,7 +61,7 @@ class InferenceClient:
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
-        self.stub = pb.Stub(self.channel)
+        self.stub = pb.Stub(self.channel, zero_copy=True)
         codec_spec = Codec.parse(codec)
         self.encoder = Encoder(codec_spec) if codec_spec != Codec() else None
         self.link = StreamLink(self.channel) if stream else None

@@ -15,6 +15,7 @@ import itertools
 import grpc
 
 from wpk.runtime import protocol as pb
+from wpk.runtime.outbox import Outbox
 from wpk.runtime.wire import parameter_value, set_parameter
 
 TIMEOUT_PARAM = "wpk_timeout_ms"
@@ -62,6 +63,14 @@ class _Stream:
         self.pending: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
         self.error: InferenceError | None = None   # set once the stream has ended
+        self.outbox = Outbox(call.write, self._write_failed)
+
+    def _write_failed(self, error: BaseException) -> None:
+        if isinstance(error, grpc.aio.AioRpcError):
+            self.fail(stream_error(error))
+        else:  # the stream ended before or while we wrote ("RPC already finished"): its
+            # reader fails the requests with the stream's status; we may get here first
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
 
     def fail(self, error: InferenceError) -> None:
         self.error = self.error or error
@@ -73,10 +82,9 @@ class _Stream:
 
 class StreamLink:
     def __init__(self, channel: grpc.aio.Channel):
-        self.stub = pb.Stub(channel)
+        self.stub = pb.Stub(channel, zero_copy=True)
         self._ids = itertools.count(1)
         self._stream: _Stream | None = None
-        self._write_lock = asyncio.Lock()
 
     def _current(self) -> _Stream:
         """The open stream, or a new one when there is none or it has ended (a request
@@ -125,15 +133,9 @@ class StreamLink:
         stream = self._current()
         stream.pending[request_id] = future
         try:
-            try:
-                async with self._write_lock:
-                    await stream.call.write(request)
-            except grpc.aio.AioRpcError as rpc_error:
-                stream.fail(stream_error(rpc_error))
-            except (asyncio.InvalidStateError, grpc.aio.UsageError):
-                # the stream ended before or while we wrote ("RPC already finished"): its
-                # reader fails the requests with the stream's status; we may get here first
-                stream.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
+            # serialized now; written now, or by the request writing before us (see outbox);
+            # a failed write fails the stream's requests
+            await stream.outbox.send(request)
             response = await future
             response.id = caller_id
             return response
@@ -149,6 +151,7 @@ class StreamLink:
         stream, self._stream = self._stream, None
         if stream is None:
             return
+        stream.outbox.cancel()
         stream.call.cancel()
         if stream.reader is not None:
             stream.reader.cancel()

@@ -63,7 +63,11 @@ class Prebuilt:
 
 
 def serialize(message) -> bytes:
-    """gRPC serializer accepting protobuf messages and Prebuilt ones."""
-    if type(message) is Prebuilt:
+    """gRPC serializer accepting protobuf messages, Prebuilt ones and bytes already
+    serialized (what an `Outbox` writes)."""
+    kind = type(message)
+    if kind is Prebuilt:
         return message.serialize()
+    if kind is bytes:
+        return message
     return message.SerializeToString()

@@ -10,6 +10,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
 from wpk.runtime.prebuilt import serialize
+from wpk.runtime.received import request_parser, response_parser, stream_response_parser
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -60,35 +61,50 @@ def method_path(method: str) -> str:
     return f"/{SERVICE}/{method}"
 
 
+def _deserializer(cls, zero_copy: bool):
+    """`cls.FromString`, or with `zero_copy` for the inference messages a parser that leaves
+    their raw tensor contents in the received bytes (see `received`)."""
+    if zero_copy and cls is ModelInferRequest:
+        return request_parser(cls)
+    if zero_copy and cls is ModelInferResponse:
+        return response_parser(cls)
+    if zero_copy and cls is ModelStreamInferResponse:
+        return stream_response_parser(cls, ModelInferResponse)
+    return cls.FromString
+
+
 def generic_handler(servicer: object):
     """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
-    (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`)."""
+    (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`).
+    Inference requests arrive as `received.Received` messages (raw contents not copied)."""
     import grpc
 
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),
-            request_deserializer=request.FromString,
+            request_deserializer=_deserializer(request, True),
             response_serializer=serialize)
         for name, (request, response) in METHODS.items()
     }
     for name, (request, response) in STREAM_METHODS.items():
         if hasattr(servicer, name):
             handlers[name] = grpc.stream_stream_rpc_method_handler(
-                getattr(servicer, name), request_deserializer=request.FromString,
+                getattr(servicer, name), request_deserializer=_deserializer(request, True),
                 response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
 class Stub:
-    """Client-side callables for each method, on a grpc (aio or sync) channel."""
+    """Client-side callables for each method, on a grpc (aio or sync) channel. With
+    `zero_copy`, inference answers arrive as `received.Received` messages (raw contents left
+    in the received bytes, as memoryviews) instead of plain protobuf messages."""
 
-    def __init__(self, channel):
+    def __init__(self, channel, zero_copy: bool = False):
         for name, (request, response) in METHODS.items():
             setattr(self, name, channel.unary_unary(
                 method_path(name), request_serializer=serialize,
-                response_deserializer=response.FromString))
+                response_deserializer=_deserializer(response, zero_copy)))
         for name, (request, response) in STREAM_METHODS.items():
             setattr(self, name, channel.stream_stream(
                 method_path(name), request_serializer=serialize,
-                response_deserializer=response.FromString))
+                response_deserializer=_deserializer(response, zero_copy)))

@@ -32,7 +32,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 threads: int = 0, workers: int = 1, metrics_port: int | None = None,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
-                tls_dir: str | None = None,
+                tls_dir: str | None = None, spin: bool = False,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -41,7 +41,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     plan = load_plan(plan_dir)
     creds = tls.load(tls_dir, tier) if tls_dir else None
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
-                          workers=workers, hop_timeout=hop_timeout, run=run,
+                          workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
                           channel_credentials=tls.channel_credentials(creds) if creds else None)
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((protocol.generic_handler(service), health_handler()))
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="model name to serve (default: the plan's)")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (0: ORT's default)")
+    parser.add_argument("--spin", action="store_true",
+                        help="let ONNX Runtime's threads spin-wait between runs (ORT's own "
+                        "default; off here: spinning threads take the cores gRPC needs)")
     parser.add_argument("--workers", type=int, default=1,
                         help="slice runs at once on this tier (default 1)")
     parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                       workers=args.workers, metrics_port=args.metrics_port,
                       max_message_bytes=args.max_message_mb * 1024 * 1024,
                       hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
+                      spin=args.spin,
                       announce=announce))
     return 0
 

@@ -27,6 +27,7 @@ from wpk.runtime.client import InferenceClient
 from wpk.runtime.link import STATUS_PARAM, TIMEOUT_PARAM, InferenceError
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.metrics import TierMetrics
+from wpk.runtime.outbox import Outbox
 from wpk.runtime.slice import load_runner
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
 from wpk.runtime.wire import (build_request, build_response, parameter_value, parse_inputs,
@@ -58,7 +59,7 @@ class TierService:
     def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
                  hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
-                 channel_credentials=None):
+                 channel_credentials=None, spin: bool = False):
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
@@ -66,7 +67,7 @@ class TierService:
         self.hop_timeout = hop_timeout
         self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
-        self.runner = load_runner(plan_dir, self.tier, threads) if self.tier.slice else None
+        self.runner = load_runner(plan_dir, self.tier, threads, spin) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix=f"wpk-{tier}")
         self.next_tier = plan.tiers[index + 1].name if index + 1 < len(plan.tiers) else None
@@ -192,9 +193,11 @@ class TierService:
             self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Triton's streaming inference: each request runs concurrently; answers carry its id."""
-        write_lock = asyncio.Lock()
+        """Triton's streaming inference: each request runs concurrently; answers carry its id
+        and are written in the order they are ready (see outbox)."""
         running: set[asyncio.Task] = set()
+        outbox = Outbox(context.write, lambda error: None)  # a failed write: the caller has
+        # gone, nobody is left to answer
 
         async def answer(request) -> None:
             started = time.perf_counter()
@@ -212,11 +215,7 @@ class TierService:
                 message.infer_response.model_name = request.model_name
                 set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
             self.metrics.observe(request.model_name, code.name, time.perf_counter() - started)
-            async with write_lock:
-                try:
-                    await context.write(message)
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
-                    pass  # the caller has gone; nobody is left to answer
+            await outbox.send(message)
 
         try:
             async for request in request_iterator:
@@ -225,9 +224,11 @@ class TierService:
                 task.add_done_callback(running.discard)
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+            await outbox.flush()
         finally:
             for task in running:
                 task.cancel()
+            outbox.cancel()
 
     async def _infer(self, request, remaining: float | None, stream: bool = False):
         """One inference; raises Abort with the status and message the caller gets.

@@ -11,6 +11,7 @@ import numpy as np
 
 from wpk.runtime import protocol as pb
 from wpk.runtime.prebuilt import Prebuilt
+from wpk.runtime.received import Received
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
 from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,
                                  check_tensor, datatype_of, dtype_of)
@@ -139,8 +140,10 @@ def parse_response(response) -> dict[str, np.ndarray]:
 
 
 def payload_bytes(message) -> int:
-    """Bytes a message puts on the wire (tensor data of a Prebuilt; else the whole message,
-    which reading the raw contents back would copy)."""
-    if type(message) is Prebuilt:
+    """Bytes a message puts on the wire (tensor data of a Prebuilt; the whole message as
+    received for a Received; else the whole message, which reading the raw contents back
+    would copy)."""
+    kind = type(message)
+    if kind is Prebuilt or kind is Received:
         return message.nbytes
     return message.ByteSize()

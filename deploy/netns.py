@@ -15,7 +15,6 @@ what a killed run left behind without touching a running one.
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -28,7 +27,6 @@ from typing import Sequence
 from wpk.errors import WpkError
 
 NS_PREFIX = "wpk"
-_PR_SET_PDEATHSIG = 1
 _serial = itertools.count()  # veth names must be unique while several topologies exist
 _MIN_BURST_BYTES = 1600  # > one 1514-byte frame; tbf splits GSO super-packets
 
@@ -92,11 +90,13 @@ def tbf_args(bandwidth_mbps: float) -> list[str]:
     return ["rate", f"{bandwidth_mbps * 1000:.0f}kbit", "burst", str(burst), "limit", str(limit)]
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the process that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    os.setpgrp()
+def _dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` wrapped so that it gets SIGTERM when the process that started it dies.
+
+    setpriv sets the parent-death signal before it execs, so no Python code runs between
+    fork and exec: a preexec_fn would, and in a process that has loaded gRPC (tests, the
+    emulation's own client) gRPC's fork handlers then sometimes abort the child."""
+    return ["setpriv", "--pdeathsig", "TERM", *argv]
 
 
 @dataclass(frozen=True)
@@ -200,16 +200,16 @@ class Topology:
         """Start `argv` inside `tier`'s namespace; it is stopped by close()."""
         if self._closed:
             raise WpkError("topology is closed")
-        process = subprocess.Popen(self.exec_argv(tier, argv), preexec_fn=_die_with_parent,
-                                   **kwargs)
+        process = subprocess.Popen(_dying_with_parent(self.exec_argv(tier, argv)),
+                                   start_new_session=True, **kwargs)
         self._processes.append(process)
         return process
 
     def run_in(self, tier: str, argv: Sequence[str], timeout: float | None = None,
                **kwargs) -> subprocess.CompletedProcess:
         """Run `argv` to completion inside `tier`'s namespace."""
-        return subprocess.run(self.exec_argv(tier, argv), timeout=timeout,
-                              preexec_fn=_die_with_parent, **kwargs)
+        return subprocess.run(_dying_with_parent(self.exec_argv(tier, argv)), timeout=timeout,
+                              start_new_session=True, **kwargs)
 
     def address_of(self, tier: str, facing: str) -> str:
         """The address of `tier` on its link to the neighbouring tier `facing`."""

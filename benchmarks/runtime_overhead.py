@@ -67,15 +67,8 @@ def random_feeds(sess) -> dict[str, np.ndarray]:
             .astype(np.float32) for i in sess.get_inputs()}
 
 
-SAME_TIERS = """\
-tiers:
-  - {name: device, preset: edge-cpu}
-  - {name: edge, preset: edge-cpu}
-  - {name: cloud, preset: edge-cpu}
-links:
-  - {from: device, to: edge, bandwidth: 10gbit, rtt: 0.1ms}
-  - {from: edge, to: cloud, bandwidth: 10gbit, rtt: 0.1ms}
-"""
+# Every tier on this machine's hardware, fast links: the pins decide the cuts.
+ONE_MACHINE_TIERS = Path(__file__).parents[1] / "examples" / "one-machine.yaml"
 
 
 def make_plan_dir(name: str, root: Path, codec: str = "raw") -> Path:
@@ -88,18 +81,10 @@ def make_plan_dir(name: str, root: Path, codec: str = "raw") -> Path:
     names, cut_1, cut_2 = balanced_cuts(model_path)
     pins = {names[cut_1 - 1]: "device", names[cut_1]: "edge", names[cut_2 - 1]: "edge",
             names[cut_2]: "cloud"}
-    tiers_file = root / "tiers.yaml"
-    tiers_file.write_text(SAME_TIERS)
     plan_dir = root / f"{name}_plan"
-    partition(model_path, tiers_file=tiers_file, objective="throughput", pins=pins,
-              out_dir=plan_dir, use_calibration=False)
-    if codec != "raw":
-        import json
-
-        data = json.loads((plan_dir / "plan.json").read_text())
-        for link in data["links"]:
-            link["codec"] = codec
-        (plan_dir / "plan.json").write_text(json.dumps(data, indent=2))
+    partition(model_path, tiers_file=ONE_MACHINE_TIERS, objective="throughput", pins=pins,
+              codecs=[f"device-edge={codec}", f"edge-cloud={codec}"], out_dir=plan_dir,
+              use_calibration=False)
     return plan_dir
 
 

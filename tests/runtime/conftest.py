@@ -6,7 +6,6 @@ on one event loop in a background thread; the test talks to them over TCP like a
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 from pathlib import Path
@@ -21,32 +20,19 @@ from wpk.plan import load_plan
 from wpk.runtime.server import serve
 
 # Every tier is the same hardware, links are fast: the pins alone decide the cuts.
-SAME_TIERS = """\
-tiers:
-  - {name: device, preset: edge-cpu}
-  - {name: edge, preset: edge-cpu}
-  - {name: cloud, preset: edge-cpu}
-links:
-  - {from: device, to: edge, bandwidth: 10gbit, rtt: 0.1ms}
-  - {from: edge, to: cloud, bandwidth: 10gbit, rtt: 0.1ms}
-"""
+ONE_MACHINE_TIERS = Path(__file__).parents[2] / "examples" / "one-machine.yaml"
 
 
 def make_plan(model: onnx.ModelProto, directory: Path, pins: dict[str, str],
               codecs: list[str] | None = None, deliver_to: str | None = None) -> Path:
-    """A plan written by the partitioner (pins force the cuts); link codecs set after."""
+    """A plan written by the partitioner (pins force the cuts), with link codecs."""
     directory.mkdir(parents=True, exist_ok=True)
     model_path = directory / f"{model.graph.name}.onnx"
     onnx.save(model, str(model_path))
-    tiers_file = directory / "tiers.yaml"
-    tiers_file.write_text(SAME_TIERS)
-    partition(model_path, tiers_file=tiers_file, objective="throughput", pins=pins,
+    links = ("device-edge", "edge-cloud")
+    partition(model_path, tiers_file=ONE_MACHINE_TIERS, objective="throughput", pins=pins,
+              codecs=[f"{link}={codec}" for link, codec in zip(links, codecs or ())],
               out_dir=directory, use_calibration=False, deliver_to=deliver_to)
-    if codecs:
-        data = json.loads((directory / "plan.json").read_text())
-        for link, codec in zip(data["links"], codecs):
-            link["codec"] = codec
-        (directory / "plan.json").write_text(json.dumps(data, indent=2))
     assert [t.name for t in load_plan(directory).tiers] == ["device", "edge", "cloud"]
     return directory
 

@@ -106,12 +106,7 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
     tile = _register_tile(loops)
     if tile is not None:
         lines += _lower_tiled(c, schedule, extent_of, tile, lets, update)
-        if threads > 1:
-            lines.append("}")
-        if c.padding is not None:
-            lines.append(f"free({c.padding.target});")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        return _close_function(lines, c, threads)
     if not fused:
         lines += spatial_nest([f"{out}[{c.out_index}] = {c.init};"])
 
@@ -151,6 +146,11 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
     if not fused and c.epilogue:
         lines += spatial_nest([f"{{ float v = {out}[{c.out_index}]; "
                                f"{out}[{c.out_index}] = {c.epilogue}; }}"])
+    return _close_function(lines, c, threads)
+
+
+def _close_function(lines: list[str], c, threads: int) -> str:
+    """End the parallel region, free the padded copy, close the function: the C source."""
     if threads > 1:
         lines.append("}")
     if c.padding is not None:

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                              "e.g. 0.02; default: fp32 only")
     parser.add_argument("--ops", type=int, default=6,
                         help="heaviest operators to try generated kernels on (0: none)")
+    parser.add_argument("--no-openvino", action="store_true",
+                        help="do not try OpenVINO's CPU plugin as a candidate")
     parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,8 +108,9 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
                    "what"):
         table.add_column(column)
     for key, cand in report.candidates.items():
-        if "error" in cand:
-            table.add_row(key, "", "", "", "", "failed", cand["error"])
+        if "error" in cand or "skipped" in cand:
+            table.add_row(key, "", "", "", "", "failed" if "error" in cand else "skipped",
+                          cand.get("error") or cand["skipped"])
             continue
         rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
         table.add_row(key, cand["precision"], _ms(cand.get("ms")), _ms(cand.get("default_ms")),
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
         accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
         operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
-        seed=args.seed)
+        seed=args.seed, openvino=not args.no_openvino)
     console = Console(stderr=True, quiet=args.quiet)
     targets = _targets(args)
     reports = []

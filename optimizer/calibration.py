@@ -114,10 +114,12 @@ def split(samples: list[dict[str, np.ndarray]], source: str) -> Calibration:
     return Calibration(source, samples, samples[:GUARD_MAX], held_out=False)
 
 
-def load(data: str | Path | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
-         inputs: Sequence[InputSpec]) -> Calibration:
+def load(data: Any, inputs: Sequence[InputSpec]) -> Calibration:
     """Calibration data for a model with `inputs`: a path (.npz or .npy directory), arrays by
-    input name (first axis = samples), or a list of ready feeds (one dict per sample)."""
+    input name (first axis = samples), a list of ready feeds (one dict per sample), or a
+    `Calibration` already split."""
+    if isinstance(data, Calibration):
+        return data
     if isinstance(data, (str, Path)):
         source = str(data)
         samples = to_samples(read_arrays(data), inputs, source)
@@ -153,6 +155,8 @@ def for_plan(plan: Any, base: Path, path: str | Path) -> dict[str, list[dict[str
         session = ort.InferenceSession(str(slice_path(base, tier)),
                                        providers=["CPUExecutionProvider"])
         specs = [(i.name, i.shape, _np_dtype(i.type)) for i in session.get_inputs()]
+        if not specs:
+            continue
         if env_samples is None:
             env_samples = to_samples(arrays, specs, str(path))
         else:
@@ -169,6 +173,14 @@ def for_plan(plan: Any, base: Path, path: str | Path) -> dict[str, list[dict[str
         for env, feed in zip(env_samples, feeds):
             env.update(zip(names, session.run(names, feed)))
     return out
+
+
+def model_inputs(path: str | Path) -> list[InputSpec]:
+    """A model file's inputs as (name, shape, dtype), as ONNX Runtime sees them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [(i.name, i.shape, _np_dtype(i.type)) for i in session.get_inputs()]
 
 
 def _np_dtype(type_text: str) -> np.dtype:

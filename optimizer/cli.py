@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from wpk.errors import WpkError, cli_entry
-from wpk.optimizer import pipeline
+from wpk.optimizer import calibration, pipeline
 from wpk.optimizer.database import DEFAULT_LOG
 from wpk.optimizer.search import STRATEGIES
 
@@ -56,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                              "e.g. 0.02; default: fp32 only")
     parser.add_argument("--ops", type=int, default=6,
                         help="heaviest operators to try generated kernels on (0: none)")
+    parser.add_argument("--calibration-data", metavar="FILE",
+                        help="real input samples for int8 calibration and the accuracy guard: "
+                             ".npz with one array per model input (first axis = samples) or a "
+                             "directory of INPUT.npy files")
     parser.add_argument("--no-openvino", action="store_true",
                         help="do not try OpenVINO's CPU plugin as a candidate")
     parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
@@ -95,6 +100,25 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
         out.append((tier.name, slice_path(base, tier), base / OPTIMIZED_DIR / tier.name,
                     tier.name))
     return out
+
+
+def _calibration(args: argparse.Namespace, targets: list[tuple[str, Path, Path, str | None]]
+                 ) -> dict[str, calibration.Calibration]:
+    """Each target's calibration samples: the file's arrays for a model; for a plan, the
+    whole model's inputs carried through the earlier tiers' slices to each tier's inputs."""
+    if not args.calibration_data:
+        return {}
+    if targets and targets[0][3] is None:
+        label, path, _out, _tier = targets[0]
+        return {label: calibration.load(args.calibration_data, calibration.model_inputs(path))}
+    from wpk.plan import load_plan
+
+    target = Path(args.target)
+    per_tier = calibration.for_plan(load_plan(target), target if target.is_dir() else
+                                    target.parent, args.calibration_data)
+    return {label: calibration.split(per_tier[tier], f"{args.calibration_data} (through the "
+                                                     f"slices before tier {tier!r})")
+            for label, _path, _out, tier in targets if tier in per_tier}
 
 
 def _ms(value: float | None) -> str:
@@ -143,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, openvino=not args.no_openvino)
     console = Console(stderr=True, quiet=args.quiet)
     targets = _targets(args)
+    per_target = _calibration(args, targets)   # checked before any tuning starts
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False,
                   disable=args.quiet) as progress:
         for label, path, out, _tier in targets:
-            reports.append(pipeline.optimize(path, out, options,
-                                             RichProgress(progress, label), name=label))
+            reports.append(pipeline.optimize(
+                path, out, dataclasses.replace(options, calibration_data=per_target.get(label)),
+                RichProgress(progress, label), name=label))
     for (label, _path, out, _tier), report in zip(targets, reports):
         _summary(console, label, report)
     if any(t[3] for t in targets):

@@ -168,8 +168,8 @@ def test_plan_tiers_get_samples_carried_through_earlier_slices(small_cnn, tmp_pa
 
     plan_dir = tmp_path / "plan"
     onnx.save(small_cnn, str(tmp_path / "small.onnx"))
-    partition(tmp_path / "small.onnx", ["device", "edge", "cloud"], privacy="none", pins={small_cnn.graph.node[0].name: "device",
-                                               small_cnn.graph.node[-1].name: "cloud"},
+    pins = {small_cnn.graph.node[0].name: "device", small_cnn.graph.node[-1].name: "cloud"}
+    partition(tmp_path / "small.onnx", ["device", "edge", "cloud"], privacy="none", pins=pins,
               out_dir=plan_dir, use_calibration=False)
     plan = load_plan(plan_dir)
     used = [t for t in plan.tiers if t.slice]

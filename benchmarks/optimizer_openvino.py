@@ -1,6 +1,7 @@
 """OpenVINO's CPU plugin vs. ONNX Runtime on the example models, each variant timed head to
-head against ORT's defaults on the same (graph-passed) model in the same run: OpenVINO at f32 (forced), bf16 and f16, and int8
-(ORT's static QDQ model run by ORT and by OpenVINO), with each variant's relative error.
+head against ORT's defaults on the same (graph-passed) model in the same run: OpenVINO at f32
+(forced), bf16 and f16, and int8 (ORT's static QDQ model run by ORT and by OpenVINO), with each
+variant's relative error.
 
     python benchmarks/optimizer_openvino.py [--models resnet_like,mobilenet_like,mlp]
         [--rounds 8] [--threads 0]

@@ -62,6 +62,10 @@ def compile_config(precision_hint: str, threads: int) -> dict[str, Any]:
     return config
 
 
+class PrecisionMismatch(RuntimeError):
+    """The CPU plugin would not run the recorded precision (e.g. bf16 on a CPU without it)."""
+
+
 def _hint_name(value: Any) -> str:
     """OpenVINO reports precisions as element types (`<Type: 'bfloat16'>`): back to hints."""
     text = str(getattr(value, "get_type_name", lambda: value)()).lower()
@@ -88,9 +92,9 @@ class OpenVinoSegment:
                                            compile_config(self.precision_hint,
                                                           int(entry.get("threads", 0))))
         self.actual_precision = _hint_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        if self.precision_hint == "f32" and self.actual_precision != "f32":
-            raise RuntimeError(f"OpenVINO ignored INFERENCE_PRECISION_HINT=f32 (runs "
-                               f"{self.actual_precision})")
+        if self.actual_precision != self.precision_hint:
+            raise PrecisionMismatch(f"OpenVINO runs INFERENCE_PRECISION_HINT="
+                                    f"{self.precision_hint} as {self.actual_precision} here")
         self._ports = {}
         for port in self.compiled.outputs:
             for name in port.get_names():

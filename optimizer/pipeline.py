@@ -455,15 +455,13 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
         try:
             directory = _write_openvino(tmp / key, ctx, model, config, precision, hint)
             manifest = json.loads((directory / MANIFEST).read_text())
-            compiled = ovb.OpenVinoSegment(directory, manifest["segments"][0])
+            ovb.OpenVinoSegment(directory, manifest["segments"][0])  # compile now, not in the guard
+        except ovb.PrecisionMismatch as error:  # e.g. no bf16 on this CPU: nothing new
+            report.candidates[key] = {"skipped": str(error)}
+            continue
         except Exception as error:  # OpenVINO rejects some graphs: say so, go on
             report.candidates[key] = {"error": f"{type(error).__name__}: {error}"[:200]}
             continue
-        if compiled.actual_precision != hint:  # e.g. no bf16 on this CPU: not a new candidate
-            report.candidates[key] = {"skipped": f"this CPU runs {hint} as "
-                                                 f"{compiled.actual_precision}"}
-            continue
-        del compiled
         threads = config.get("threads") or "auto"
         add(key, directory, precision,
             f"OpenVINO CPU plugin, whole slice, {hint}"

@@ -142,3 +142,35 @@ def test_optimizer_without_openvino_says_so_and_skips_it(small_cnn, tmp_path,
     disabled = pipeline.optimize(small_cnn, tmp_path / "off", pipeline.Options(
         budget=pipeline.Budget(trials=2), per_operator=False, samples=1, openvino=False))
     assert "openvino" not in disabled.candidates
+
+
+@needs_openvino
+def test_tier_server_serves_an_openvino_slice_over_grpc(small_cnn, tmp_path):
+    """The runtime's gRPC tier server, unchanged, answers from a slice OpenVINO runs."""
+    triton = pytest.importorskip("tritonclient.grpc")
+    from wpk.plan import load_plan
+
+    from .test_optimizer_runtime_serving import _serve_plan
+
+    import onnx
+
+    from wpk.partitioner.api import partition
+
+    onnx.save(small_cnn, str(tmp_path / "small.onnx"))
+    plan_dir = tmp_path / "plan"
+    partition(tmp_path / "small.onnx", ["edge"], privacy="none", out_dir=plan_dir,
+              use_calibration=False)
+    plan = load_plan(plan_dir)
+    pipeline.save_openvino(small_cnn, plan_dir / "optimized" / "edge")
+    plan.tier("edge").optimized = "optimized/edge"
+    plan.save(plan_dir)
+    addresses, close = _serve_plan(plan_dir, load_plan(plan_dir))
+    try:
+        client = triton.InferenceServerClient(addresses["edge"])
+        tensor = triton.InferInput("image", [1, 3, 19, 17], "FP32")
+        tensor.set_data_from_numpy(_feed(9)["image"])
+        response = client.infer(plan.name, [tensor])
+        np.testing.assert_allclose(response.as_numpy(small_cnn.graph.output[0].name),
+                                   _expected(small_cnn, _feed(9)), rtol=1e-4, atol=1e-5)
+    finally:
+        close()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -102,6 +104,21 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
     return out
 
 
+def _warnings_to(console: Console) -> None:
+    """The optimizer's own warnings (OpenVINO skipped or replaced) as one line each."""
+    from wpk.optimizer.openvino_backend import OpenVinoWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, OpenVinoWarning):
+            console.print(f"[yellow]wpk: warning:[/] {escape(str(message))}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def _calibration(args: argparse.Namespace, targets: list[tuple[str, Path, Path, str | None]]
                  ) -> dict[str, calibration.Calibration]:
     """Each target's calibration samples: the file's arrays for a model; for a plan, the
@@ -134,12 +151,12 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
     for key, cand in report.candidates.items():
         if "error" in cand or "skipped" in cand:
             table.add_row(key, "", "", "", "", "failed" if "error" in cand else "skipped",
-                          cand.get("error") or cand["skipped"])
+                          escape(cand.get("error") or cand["skipped"]))
             continue
         rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
         table.add_row(key, cand["precision"], _ms(cand.get("ms")), _ms(cand.get("default_ms")),
                       f"{rel:.2e}", "yes" if cand["within_budget"] else "over budget",
-                      cand["describe"])
+                      escape(cand["describe"]))
     console.print(table)
     if report.operators:
         ops_table = Table(title="per-operator selection", title_justify="left")
@@ -166,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
         seed=args.seed, openvino=not args.no_openvino)
     console = Console(stderr=True, quiet=args.quiet)
+    _warnings_to(console)
     targets = _targets(args)
     per_target = _calibration(args, targets)   # checked before any tuning starts
     reports = []

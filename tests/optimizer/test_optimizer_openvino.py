@@ -2,6 +2,7 @@
 wpk.optimizer.load and the runtime's load_runner, and falls back to ONNX Runtime (with a
 warning) where openvino is not installed. Tests that need openvino skip cleanly without it."""
 import importlib.util
+import os
 import sys
 import threading
 
@@ -174,3 +175,25 @@ def test_tier_server_serves_an_openvino_slice_over_grpc(small_cnn, tmp_path):
                                    _expected(small_cnn, _feed(9)), rtol=1e-4, atol=1e-5)
     finally:
         close()
+
+
+def test_cli_without_openvino_warns_once_in_one_line(small_cnn, tmp_path):
+    """Two tiers' worth of work in one process, openvino unimportable: one warning line."""
+    import subprocess
+
+    import onnx
+
+    onnx.save(small_cnn, str(tmp_path / "small.onnx"))
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from wpk.optimizer.cli import main\n"
+            "for out in ('a', 'b'):\n"
+            "    assert main([sys.argv[1], '-o', out, '--budget-trials', '2', '--ops', '0',\n"
+            "                 '--log', 'log.jsonl']) == 0\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "small.onnx")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == ["wpk: warning: OpenVINO candidates skipped: openvino is not installed "
+                        "(pip install 'wpk[openvino]')"]
+    assert "Traceback" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -450,10 +451,13 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
         if (tmp / "int8" / "model.onnx").exists():
             variants.append(("openvino-int8", onnx.load(str(tmp / "int8" / "model.onnx")),
                              "int8"))
+    # OpenVINO's own thread count, not ORT's tuned one (a noisy search may settle ORT on one
+    # thread); `session` keeps ORT's configuration for the loader's fallback
+    threads = os.cpu_count() or 1
     for key, model, precision in variants:
         hint = ovb.PRECISION_HINTS.get(precision, "f32")
         try:
-            directory = _write_openvino(tmp / key, ctx, model, config, precision, hint)
+            directory = _write_openvino(tmp / key, ctx, model, config, precision, hint, threads)
             manifest = json.loads((directory / MANIFEST).read_text())
             ovb.OpenVinoSegment(directory, manifest["segments"][0])  # compile now, not in the guard
         except ovb.PrecisionMismatch as error:  # e.g. no bf16 on this CPU: nothing new
@@ -462,7 +466,6 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
         except Exception as error:  # OpenVINO rejects some graphs: say so, go on
             report.candidates[key] = {"error": f"{type(error).__name__}: {error}"[:200]}
             continue
-        threads = config.get("threads") or "auto"
         add(key, directory, precision,
             f"OpenVINO CPU plugin, whole slice, {hint}"
             + (" on ORT's QDQ int8 model" if precision == "int8" else "")
@@ -470,13 +473,13 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
 
 
 def _write_openvino(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
-                    config: Config, precision: str, hint: str) -> Path:
+                    config: Config, precision: str, hint: str, threads: int) -> Path:
     """A candidate run by OpenVINO; `session` keeps the ORT configuration, which the loader
     falls back to where OpenVINO is not installed."""
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(directory / "model.onnx"))
     segment = {"type": "openvino", "model": "model.onnx", "precision_hint": hint,
-               "threads": int(config.get("threads", 0) or 0),
+               "threads": int(threads),
                "inputs": [i["name"] for i in ctx["inputs"]], "outputs": ctx["output_names"]}
     _write_manifest(directory, ctx, config, [segment], precision)
     return directory
@@ -495,9 +498,8 @@ def save_openvino(model: onnx.ModelProto | str | Path, out_dir: str | Path,
     inputs, outputs = _io(model)
     ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
            "outputs": outputs, "output_names": [o["name"] for o in outputs]}
-    config = {**DEFAULT_SESSION, "threads": threads}
-    out_dir = _write_openvino(Path(out_dir), ctx, model, config, precision,
-                              PRECISION_HINTS[precision])
+    out_dir = _write_openvino(Path(out_dir), ctx, model, dict(DEFAULT_SESSION), precision,
+                              PRECISION_HINTS[precision], threads)
     manifest = json.loads((out_dir / MANIFEST).read_text())
     manifest["chosen"] = "openvino"
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

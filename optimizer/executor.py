@@ -93,11 +93,11 @@ class OptimizedSession:
             if entry["type"] == "ort":
                 self.segments.append(OrtSegment(self.directory, entry, config,
                                                 spinning=not mixed))
+            elif entry["type"] == "kernel":
+                self.segments.append(KernelSegment(self.directory, entry))
             elif entry["type"] == "openvino":
                 self.segments.append(_openvino_or_ort(self.directory, entry, config,
                                                       spinning=not mixed))
-            elif entry["type"] == "kernel":
-                self.segments.append(KernelSegment(self.directory, entry))
             else:
                 raise WpkError(f"{path}: unknown segment type {entry['type']!r}")
         self._inputs = [TensorArg(**t) for t in self.manifest["inputs"]]

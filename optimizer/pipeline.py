@@ -305,7 +305,7 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
             break
         unconfirmed.append(key)
     margin = f"{(1 - KEEP_MARGIN) * 100:.0f} %"
-    runner_up = min((k for k in ratios if k != "default"), key=ratios.get, default=None)
+    fastest = min((k for k in ratios if k != "default"), key=ratios.get, default=None)
     if best_key != "default":
         report.reason = (f"{best_key}: {1 / ratios[best_key]:.2f}x the default in two "
                          f"head-to-head measurements"
@@ -314,8 +314,8 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         report.reason = (f"best candidate {ranked[0]} ({1 / ratios[ranked[0]]:.2f}x) does not "
                          f"beat the default by {margin} in a second head-to-head measurement: "
                          f"keeping the default")
-    elif runner_up is not None and ratios[runner_up] < 1.0:
-        report.reason = (f"best candidate {runner_up} ({1 / ratios[runner_up]:.2f}x) does not "
+    elif fastest is not None and ratios[fastest] < 1.0:
+        report.reason = (f"best candidate {fastest} ({1 / ratios[fastest]:.2f}x) does not "
                          f"beat the default by {margin}: keeping the default")
     else:
         report.reason = "nothing beat the default"

@@ -48,6 +48,17 @@ def test_samples_from_either_layout_and_the_held_out_split(tmp_path):
     assert len(symbolic) == 6 and symbolic[0]["x"].shape == (1, 4)
 
 
+def test_python_api_takes_feeds_or_arrays():
+    images = _real_images(3)
+    feeds = [{"image": images[i:i + 1].astype(np.float64)} for i in range(3)]
+    data = calibration.load(feeds, [IMAGE])
+    assert data.source == "calibration feeds" and len(data.calibration) == 3
+    assert data.calibration[0]["image"].dtype == np.float32
+    assert len(calibration.load({"image": images}, [IMAGE]).guard) == 3
+    with pytest.raises(WpkError, match="no value for input 'image'"):
+        calibration.load([{"pixels": images[:1]}], [IMAGE])
+
+
 def test_reads_npz_and_npy_directories(tmp_path):
     images = _real_images(5)
     np.savez(tmp_path / "data.npz", image=images)

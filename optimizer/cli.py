@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="wall-clock bound per slice for the searches")
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="ga")
     parser.add_argument("--accuracy-budget", type=float, default=None, metavar="REL",
-                        help="allow lossy precision (int8) up to this relative output error, "
+                        help="allow lossy precision (int8; bf16/fp16 with OpenVINO) up to this "
+                             "relative output error, "
                              "e.g. 0.02; default: fp32 only")
     parser.add_argument("--ops", type=int, default=6,
                         help="heaviest operators to try generated kernels on (0: none)")

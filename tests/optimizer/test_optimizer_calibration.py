@@ -139,17 +139,24 @@ def _cli(*args, cwd=None):
                           capture_output=True, text=True, timeout=180, cwd=cwd)
 
 
-def test_cli_calibration_data(small_cnn, tmp_path):
+@pytest.mark.parametrize("count", [12, 3])
+def test_cli_calibration_data(count, small_cnn, tmp_path):
+    """12 samples: 3 held out for the guard. 3: none held out, and the CLI says so."""
     model = tmp_path / "small.onnx"
     onnx.save(small_cnn, str(model))
-    np.savez(tmp_path / "data.npz", image=_real_images(12))
+    np.savez(tmp_path / "data.npz", image=_real_images(count))
     result = _cli(model, "-o", tmp_path / "out", "--budget-trials", "2", "--ops", "0",
                   "--no-openvino", "--accuracy-budget", "0.1", "--calibration-data",
-                  tmp_path / "data.npz", "--log", tmp_path / "log.jsonl", "-q")
+                  tmp_path / "data.npz", "--log", tmp_path / "log.jsonl")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["calibration"]["source"] == str(tmp_path / "data.npz")
-    assert report["calibration"]["guard_samples"] == 3 and report["calibration"]["held_out"]
+    assert report["calibration"]["guard_samples"] == 3
+    assert report["calibration"]["held_out"] is (count == 12)
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == ([] if count == 12 else [
+        "wpk: warning: small: 3 calibration samples (fewer than 8): the accuracy guard "
+        "measures int8 on the samples it was calibrated on, none held out"])
 
 
 @pytest.mark.parametrize("arrays,message", [
@@ -326,17 +333,3 @@ def test_cli_odd_inputs_are_one_line(small_cnn, tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"wpk: error: {message}")
         assert len(result.stderr.strip().splitlines()) == 1
-
-
-def test_cli_says_when_nothing_is_held_out_for_the_guard(small_cnn, tmp_path):
-    model = tmp_path / "small.onnx"
-    onnx.save(small_cnn, str(model))
-    np.savez(tmp_path / "data.npz", image=_real_images(3))
-    result = _cli(model, "-o", tmp_path / "out", "--budget-trials", "1", "--ops", "0",
-                  "--no-openvino", "--accuracy-budget", "0.5", "--calibration-data",
-                  tmp_path / "data.npz", "--log", tmp_path / "log.jsonl")
-    assert result.returncode == 0, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert warnings == ["wpk: warning: small: 3 calibration samples (fewer than 8): the "
-                        "accuracy guard measures int8 on the samples it was calibrated on, "
-                        "none held out"]

@@ -93,7 +93,7 @@ def error_line(error: BaseException) -> str:
     """OpenVINO's errors stack `Exception from src/...` lines above the one that says what
     went wrong: that last line, shortened."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:160]
+    return (lines[-1].lstrip("- ") if lines else type(error).__name__)[:160]
 
 
 def _hint_name(value: Any) -> str:

@@ -459,7 +459,8 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
             report.candidates[key] = {"skipped": str(error)}
             continue
         except Exception as error:  # OpenVINO rejects some graphs: say so, go on
-            report.candidates[key] = {"error": f"{type(error).__name__}: {error}"[:200]}
+            report.candidates[key] = {"error": f"{type(error).__name__}: "
+                                               f"{ovb.error_line(error)}"}
             continue
         add(key, directory, precision,
             f"OpenVINO CPU plugin, whole slice, {hint}"

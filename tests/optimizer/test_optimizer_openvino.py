@@ -322,3 +322,35 @@ def test_fallback_gives_exactly_onnx_runtime_outputs(small_cnn, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "ONNX Runtime instead" in result.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _expected(small_cnn, _feed(3)))
+
+
+def _inverse_model():
+    """com.microsoft.Inverse: ONNX Runtime runs it, OpenVINO has no conversion for it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Inverse", ["x"], ["y"], domain="com.microsoft")], "inverse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model
+
+
+@needs_openvino
+def test_a_graph_openvino_cannot_convert_is_reported_in_one_readable_line(tmp_path,
+                                                                           monkeypatch):
+    model = _inverse_model()
+    report = pipeline.optimize(model, tmp_path / "opt", pipeline.Options(
+        budget=pipeline.Budget(trials=1), per_operator=False, samples=1))
+    assert report.candidates["openvino"]["error"] == (
+        "OpConversionFailure: No conversion rule found for operations: com.microsoft.Inverse")
+    # a directory that asks for OpenVINO anyway is served by ONNX Runtime, saying why
+    pipeline.save_openvino(model, tmp_path / "ov")
+    monkeypatch.setattr(openvino_backend, "_warned", set())
+    with pytest.warns(openvino_backend.OpenVinoWarning,
+                      match="No conversion rule found .*; serving it with ONNX Runtime"):
+        session = wpk.optimizer.load(tmp_path / "ov")
+    x = np.array([[[2, 0, 0], [0, 4, 0], [0, 0, 8]]], np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], np.linalg.inv(x), rtol=1e-6)

@@ -57,6 +57,9 @@ def warn_once(key: str, message: str) -> None:
 
 
 def compile_config(precision_hint: str, threads: int) -> dict[str, Any]:
+    """CPU plugin settings. LATENCY: one stream, every thread on one request, which is how a
+    tier runs its slice (one request at a time per caller); THROUGHPUT would split the cores
+    into streams that only parallel requests fill. `threads` 0: OpenVINO's own choice."""
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint,
                               "PERFORMANCE_HINT": "LATENCY"}
     if threads:

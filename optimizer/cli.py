@@ -113,7 +113,7 @@ def _warnings_to(console: Console) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         if issubclass(category, OpenVinoWarning):
-            console.print(f"[yellow]wpk: warning:[/] {escape(str(message))}")
+            console.print(f"[yellow]wpk: warning:[/] {escape(str(message))}", soft_wrap=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -133,7 +133,8 @@ def _calibration(args: argparse.Namespace, targets: list[tuple[str, Path, Path, 
 
     target = Path(args.target)
     per_tier = calibration.for_plan(load_plan(target), target if target.is_dir() else
-                                    target.parent, args.calibration_data)
+                                    target.parent, args.calibration_data,
+                                    tiers=[tier for *_, tier in targets])
     return {label: calibration.split(per_tier[tier], f"{args.calibration_data} (through the "
                                                      f"slices before tier {tier!r})")
             for label, _path, _out, tier in targets if tier in per_tier}
@@ -184,9 +185,23 @@ def main(argv: list[str] | None = None) -> int:
         operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
         seed=args.seed, openvino=not args.no_openvino)
     console = Console(stderr=True, quiet=args.quiet)
-    _warnings_to(console)
+    with warnings.catch_warnings():      # restores warnings.showwarning for in-process callers
+        _warnings_to(console)
+        return _optimize_targets(args, options, console)
+
+
+def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
+                      console: Console) -> int:
     targets = _targets(args)
     per_target = _calibration(args, targets)   # checked before any tuning starts
+    if args.accuracy_budget is not None:
+        for label, data in per_target.items():
+            if not data.held_out:
+                console.print(f"[yellow]wpk: warning:[/] {escape(label)}: "
+                              f"{len(data.calibration)} calibration samples (fewer than "
+                              f"{calibration.HOLD_OUT_FROM}): the accuracy guard measures int8 "
+                              f"on the samples it was calibrated on, none held out",
+                              soft_wrap=True)
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False,

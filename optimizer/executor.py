@@ -145,15 +145,23 @@ def _openvino_or_ort(directory: Path, entry: dict, session_config: dict,
     """The OpenVINO segment the optimizer chose, or, where OpenVINO is not installed or cannot
     compile it, the same model on ONNX Runtime: an optimized slice never fails to serve for
     want of an optional backend."""
-    from wpk.optimizer.openvino_backend import OpenVinoSegment, warn_once
+    from wpk.optimizer.openvino_backend import OpenVinoSegment, error_line, warn_once
 
+    model = directory / entry["model"]
+    if not model.is_file():
+        raise WpkError(f"{model}: missing (the model of this slice's OpenVINO segment)")
     try:
         return OpenVinoSegment(directory, entry)
     except Exception as error:
-        warn_once(f"load:{directory}", f"{directory}: the optimizer chose OpenVINO for this "
-                  f"slice, but it cannot run here ({str(error).splitlines()[0][:160]}); "
-                  f"serving it with ONNX Runtime instead")
-        return OrtSegment(directory, entry, session_config, spinning=spinning)
+        why = error_line(error)
+    try:  # a model neither can load is broken, not a reason to blame OpenVINO
+        segment = OrtSegment(directory, entry, session_config, spinning=spinning)
+    except Exception as error:
+        raise WpkError(f"{model}: neither OpenVINO ({why}) nor ONNX Runtime "
+                       f"({str(error).splitlines()[0][:160]}) can load it") from None
+    warn_once(f"load:{directory}", f"{directory}: the optimizer chose OpenVINO for this "
+              f"slice, but it cannot run here ({why}); serving it with ONNX Runtime instead")
+    return segment
 
 
 def load(directory: str | Path) -> OptimizedSession:

@@ -119,7 +119,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
     inputs, outputs = _io(original)
     output_names = [o["name"] for o in outputs]
-    specs = [(i["name"], i["shape"], np.dtype(_np_type(i["type"]))) for i in inputs]
+    specs = [(i["name"], i["shape"], calibration.np_dtype(i["type"])) for i in inputs]
     if options.calibration_data is not None:  # real samples: calibration, held-out guard part
         data = calibration.load(options.calibration_data, specs)
         feeds, calibration_feeds = data.guard, data.calibration
@@ -161,11 +161,6 @@ def describe_session(config: Config) -> str:
     threads = config["threads"] or "auto"
     mode = "seq" if config["execution_mode"] == "sequential" else "par"
     return f"{provider} t={threads} {mode} {config['graph_level']}"
-
-
-def _np_type(type_text: str) -> str:
-    inner = type_text[len("tensor("):-1]
-    return "float32" if inner == "float" else inner
 
 
 def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
@@ -464,7 +459,8 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
             report.candidates[key] = {"skipped": str(error)}
             continue
         except Exception as error:  # OpenVINO rejects some graphs: say so, go on
-            report.candidates[key] = {"error": f"{type(error).__name__}: {error}"[:200]}
+            report.candidates[key] = {"error": f"{type(error).__name__}: "
+                                               f"{ovb.error_line(error)}"}
             continue
         add(key, directory, precision,
             f"OpenVINO CPU plugin, whole slice, {hint}"

@@ -139,17 +139,24 @@ def _cli(*args, cwd=None):
                           capture_output=True, text=True, timeout=180, cwd=cwd)
 
 
-def test_cli_calibration_data(small_cnn, tmp_path):
+@pytest.mark.parametrize("count", [12, 3])
+def test_cli_calibration_data(count, small_cnn, tmp_path):
+    """12 samples: 3 held out for the guard. 3: none held out, and the CLI says so."""
     model = tmp_path / "small.onnx"
     onnx.save(small_cnn, str(model))
-    np.savez(tmp_path / "data.npz", image=_real_images(12))
+    np.savez(tmp_path / "data.npz", image=_real_images(count))
     result = _cli(model, "-o", tmp_path / "out", "--budget-trials", "2", "--ops", "0",
                   "--no-openvino", "--accuracy-budget", "0.1", "--calibration-data",
-                  tmp_path / "data.npz", "--log", tmp_path / "log.jsonl", "-q")
+                  tmp_path / "data.npz", "--log", tmp_path / "log.jsonl")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["calibration"]["source"] == str(tmp_path / "data.npz")
-    assert report["calibration"]["guard_samples"] == 3 and report["calibration"]["held_out"]
+    assert report["calibration"]["guard_samples"] == 3
+    assert report["calibration"]["held_out"] is (count == 12)
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == ([] if count == 12 else [
+        "wpk: warning: small: 3 calibration samples (fewer than 8): the accuracy guard "
+        "measures int8 on the samples it was calibrated on, none held out"])
 
 
 @pytest.mark.parametrize("arrays,message", [
@@ -171,18 +178,24 @@ def test_cli_bad_calibration_data_is_one_line(arrays, message, small_cnn, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def _three_tier_plan(model, tmp_path):
+    from wpk.partitioner.api import partition
+    from wpk.plan import load_plan
+
+    plan_dir = tmp_path / "plan"
+    onnx.save(model, str(tmp_path / "small.onnx"))
+    pins = {model.graph.node[0].name: "device", model.graph.node[-1].name: "cloud"}
+    partition(tmp_path / "small.onnx", ["device", "edge", "cloud"], privacy="none", pins=pins,
+              out_dir=plan_dir, use_calibration=False)
+    return plan_dir, load_plan(plan_dir)
+
+
 def test_plan_tiers_get_samples_carried_through_earlier_slices(small_cnn, tmp_path):
     """The file holds the model's inputs; a later tier's samples are what the earlier tiers'
     slices compute from them."""
-    from wpk.partitioner.api import partition
-    from wpk.plan import load_plan, slice_path
+    from wpk.plan import slice_path
 
-    plan_dir = tmp_path / "plan"
-    onnx.save(small_cnn, str(tmp_path / "small.onnx"))
-    pins = {small_cnn.graph.node[0].name: "device", small_cnn.graph.node[-1].name: "cloud"}
-    partition(tmp_path / "small.onnx", ["device", "edge", "cloud"], privacy="none", pins=pins,
-              out_dir=plan_dir, use_calibration=False)
-    plan = load_plan(plan_dir)
+    plan_dir, plan = _three_tier_plan(small_cnn, tmp_path)
     used = [t for t in plan.tiers if t.slice]
     assert len(used) >= 2
     images = _real_images(4)
@@ -208,3 +221,115 @@ def test_plan_tiers_get_samples_carried_through_earlier_slices(small_cnn, tmp_pa
     report = json.loads((plan_dir / "optimized" / last.name / "report.json").read_text())
     assert "through the slices before tier" in report["calibration"]["source"]
     assert report["calibration"]["guard_samples"] == 4
+
+
+def test_odd_files_are_one_line_errors_naming_file_and_array(tmp_path):
+    images = _real_images(3)
+    np.save(tmp_path / "image.npy", images)                    # one array, no input name
+    np.savez(tmp_path / "objects.npz", image=np.array([object(), object()]))
+    (tmp_path / "pickled").mkdir()
+    np.save(tmp_path / "pickled" / "image.npy", np.array([object()]), allow_pickle=True)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "image.npy").write_text("not numpy")
+    for path, message in (
+            (tmp_path / "image.npy", "image.npy: one array, not an .npz of arrays named"),
+            (tmp_path / "objects.npz", "objects.npz: array 'image' is not readable as numbers "
+                                       "(Object arrays cannot be loaded"),
+            (tmp_path / "pickled", "pickled/image.npy: not a readable .npy array (Object "
+                                   "arrays cannot be loaded"),
+            (tmp_path / "text", "text/image.npy: not a readable .npy array")):
+        with pytest.raises(WpkError) as error:
+            calibration.read_arrays(path)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_directory_ignores_other_files_and_arrays(tmp_path):
+    images = _real_images(4)
+    np.save(tmp_path / "image.npy", images)
+    np.save(tmp_path / "label.npy", np.arange(4))
+    (tmp_path / "README.txt").write_text("labels are class ids")
+    data = calibration.load(tmp_path, [IMAGE])
+    assert len(data.calibration) == 4 and list(data.calibration[0]) == ["image"]
+
+
+@pytest.mark.parametrize("array,spec,message", [
+    (np.array([[0.0, np.nan]], np.float32), ("x", [1, 2], np.float32),
+     "array 'x' holds NaN or infinite values (first at index [0, 1])"),
+    (np.array([[1.0], [np.inf]]), ("x", [1, 1], np.float32), "first at index [1, 0]"),
+    (np.full((1, 2), 1e300), ("x", [1, 2], np.float32), "NaN or infinite"),  # float32 overflow
+    (np.array([[1, 2 ** 40]]), ("ids", [1, 2], np.int32),
+     "array 'ids' holds values in [1, 1099511627776], beyond the range of input 'ids' (int32)"),
+    (np.array([[-1, 3]]), ("ids", [1, 2], np.uint8), "holds values in [-1, 3]"),
+])
+def test_values_a_cast_would_change_are_refused(array, spec, message):
+    """NaN poisons int8 ranges and makes every candidate's accuracy NaN (all rejected, the
+    default shipped without a word); out-of-range integers wrap around silently."""
+    name, shape, dtype = spec
+    with pytest.raises(WpkError) as error:
+        calibration.to_samples({name: array}, [(name, shape, np.dtype(dtype))], "d.npz")
+    assert str(error.value).startswith("d.npz: ") and message in str(error.value)
+    with pytest.raises(WpkError, match="sample 0"):
+        calibration.load([{name: array}], [(name, shape, np.dtype(dtype))])
+
+
+def test_integers_cast_across_signedness_when_they_fit():
+    samples = calibration.to_samples({"ids": np.array([[1, 255]])},
+                                     [("ids", [1, 2], np.dtype(np.uint8))], "d.npz")
+    assert samples[0]["ids"].dtype == np.uint8 and samples[0]["ids"].tolist() == [[1, 255]]
+    with pytest.raises(WpkError, match="calibration feeds \\(sample 0\\): array 'ids' is "
+                                       "float32, input 'ids' is int64"):
+        calibration.load([{"ids": np.zeros((1, 4), np.float32)}],
+                         [("ids", [1, 4], np.dtype(np.int64))])
+
+
+def test_plan_slices_that_do_not_fit_the_data_name_the_tier(small_cnn, tmp_path):
+    from onnx import TensorProto, helper
+
+    from wpk.plan import slice_path
+
+    plan_dir, plan = _three_tier_plan(small_cnn, tmp_path)
+    used = [t for t in plan.tiers if t.slice]
+    first, last = used[0], used[-1]
+    np.savez(tmp_path / "data.npz", image=_real_images(2))
+    slice_path(plan_dir, last).write_text("junk")
+    # only the slices up to the tiers asked for run: the broken last one is not even read
+    assert set(calibration.for_plan(plan, plan_dir, tmp_path / "data.npz",
+                                    tiers=[first.name])) == {first.name}
+    with pytest.raises(WpkError, match=f"ONNX Runtime cannot load the slice of tier "
+                                       f"'{last.name}'"):
+        calibration.for_plan(plan, plan_dir, tmp_path / "data.npz")
+    # a slice whose input neither the file nor an earlier slice provides
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["foo"], ["bar"])], "other",
+        [helper.make_tensor_value_info("foo", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("bar", TensorProto.FLOAT, [1, 8])])
+    other = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    other.ir_version = 9
+    onnx.save(other, str(slice_path(plan_dir, last)))
+    with pytest.raises(WpkError) as error:
+        calibration.for_plan(plan, plan_dir, tmp_path / "data.npz")
+    assert str(error.value) == (f"{tmp_path / 'data.npz'}: tier '{last.name}' takes 'foo', "
+                                f"which neither this file (arrays: image) nor an earlier "
+                                f"tier's slice provides")
+    result = _cli(plan_dir, "--tier", last.name, "--calibration-data", tmp_path / "data.npz")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"wpk: error: {error.value}"
+
+
+def test_cli_odd_inputs_are_one_line(small_cnn, tmp_path):
+    model = tmp_path / "small.onnx"
+    onnx.save(small_cnn, str(model))
+    (tmp_path / "broken.onnx").write_text("junk")
+    images = _real_images(3)
+    images[2, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", image=images)
+    np.save(tmp_path / "image.npy", images)
+    for target, data, message in (
+            ("broken.onnx", "nan.npz", "broken.onnx: ONNX Runtime cannot load this model"),
+            ("small.onnx", "nan.npz", "nan.npz: array 'image' holds NaN or infinite values "
+                                      "(first at index [2, 0, 0, 0])"),
+            ("small.onnx", "image.npy", "image.npy: one array, not an .npz")):
+        result = _cli(target, "-o", "out", "--calibration-data", data, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"wpk: error: {message}")
+        assert len(result.stderr.strip().splitlines()) == 1

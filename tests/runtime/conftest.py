@@ -47,7 +47,8 @@ class Pipeline:
     """All tiers of a plan served in-process; `.address[tier]`, `.entry`, `.stop_tier()`."""
 
     def __init__(self, plan_dir: Path, *, hop_timeout: float = 5.0,
-                 next_override: dict[str, str] | None = None, metrics: bool = False):
+                 next_override: dict[str, str] | None = None, metrics: bool = False,
+                 link: str = "tcp"):
         self.plan_dir = plan_dir
         self.plan = load_plan(plan_dir)
         self.loop = asyncio.new_event_loop()
@@ -57,6 +58,7 @@ class Pipeline:
         self.metrics_url: dict[str, str] = {}
         self._stops: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self.link = link
         self._run(self._start(hop_timeout, next_override or {}, metrics))
 
     def _run(self, coroutine, timeout: float = 60):
@@ -71,7 +73,7 @@ class Pipeline:
             task = asyncio.ensure_future(serve(
                 str(self.plan_dir), tier.name, port=0,
                 next_address=next_override.get(tier.name, next_address), threads=1,
-                hop_timeout=hop_timeout, metrics_port=0 if metrics else None,
+                hop_timeout=hop_timeout, metrics_port=0 if metrics else None, link=self.link,
                 ready=ready, stop=stop, announce=lines.append))
             done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())],
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -79,7 +81,7 @@ class Pipeline:
                 task.result()  # raises the start-up error
             self.address[tier.name] = f"127.0.0.1:{ready.port}"
             if metrics:
-                self.metrics_url[tier.name] = lines[0].split(" metrics ")[1]
+                self.metrics_url[tier.name] = lines[0].split(" metrics ")[1].split()[0]
             self._stops[tier.name], self._tasks[tier.name] = stop, task
             next_address = self.address[tier.name]
 

@@ -1,0 +1,263 @@
+"""The tensor link: a tier's fast data plane towards the next tier, over plain TCP.
+
+`LinkServer` (the downstream side) accepts connections on its own port; one thread per
+connection reads request frames and hands each to the tier's handler in that same thread (the
+slice runs there: ONNX Runtime releases the GIL, and no hand-off to another thread or an event
+loop is paid). The handler answers through a `Reply`, from whichever thread has the answer
+(the next tier's reader thread, when the tier forwards).
+
+`LinkConnection` (the upstream side) is one persistent full-duplex connection: requests are
+multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
+each request's `done` callback. A broken connection fails every pending request with
+UNAVAILABLE; `Expiry` fails those whose deadline passes first with DEADLINE_EXCEEDED.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from wpk.runtime.frames import ANSWER, REQUEST, Frame, FrameError, FrameReader, encode, send_parts
+from wpk.runtime.link import InferenceError
+from wpk.runtime.tensors import TensorError
+
+EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+Outcome = "dict[str, np.ndarray] | InferenceError"
+Done = Callable[[object], None]
+
+
+def _nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Reply:
+    """Answers one request frame on the connection it came from (once)."""
+
+    __slots__ = ("connection", "request_id")
+
+    def __init__(self, connection: "_ServerConnection", request_id: int):
+        self.connection, self.request_id = connection, request_id
+
+    def ok(self, arrays: dict[str, np.ndarray]) -> int:
+        """Send the answer's tensors (raw); returns their bytes."""
+        parts = encode(ANSWER, self.request_id, arrays)
+        self.connection.send(parts)
+        return sum(memoryview(p).nbytes for p in parts[1:])
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        self.connection.send(encode(ANSWER, self.request_id, None, status=code.value[0],
+                                    error=message))
+
+
+Handler = Callable[[Frame, Reply], None]
+
+
+class _ServerConnection:
+    def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
+        self.sock, self.handle, self.owner = sock, handle, owner
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="wpk-link-in")
+
+    def send(self, parts: list) -> None:
+        try:
+            with self.lock:
+                send_parts(self.sock, parts)
+        except OSError:
+            pass  # the caller has gone: nobody is left to answer
+
+    def _run(self) -> None:
+        reader = FrameReader(self.sock)
+        try:
+            while True:
+                frame = reader.read()
+                if frame.kind != REQUEST:
+                    raise FrameError("answer frame sent to a tier")
+                self.handle(frame, Reply(self, frame.request_id))
+        except (EOFError, OSError, FrameError):
+            pass
+        finally:
+            self.close()
+            self.owner.connections.discard(self)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class LinkServer:
+    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`."""
+
+    def __init__(self, host: str, port: int, handle: Handler):
+        self.handle = handle
+        self.listener = socket.create_server((host, port))
+        self.port = self.listener.getsockname()[1]
+        self.connections: set[_ServerConnection] = set()
+        self._thread = threading.Thread(target=self._accept, daemon=True,
+                                        name="wpk-link-accept")
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            _nodelay(sock)
+            connection = _ServerConnection(sock, self.handle, self)
+            self.connections.add(connection)
+            connection.thread.start()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for connection in list(self.connections):
+            connection.close()
+
+
+class Expiry:
+    """One thread that fails requests whose deadline passed (DEADLINE_EXCEEDED)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, "LinkConnection", int]] = []
+        self._seq = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, deadline: float, connection: "LinkConnection", request_id: int) -> None:
+        with self._wake:
+            entry = (deadline, next(self._seq), connection, request_id)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="wpk-link-expiry")
+                self._thread.start()
+            elif self._heap[0] is entry:  # earlier than what the thread waits for
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            expired = []
+            with self._wake:
+                while not self._closed:
+                    now = time.monotonic()
+                    while self._heap and self._heap[0][0] <= now:
+                        expired.append(heapq.heappop(self._heap))
+                    if expired:
+                        break
+                    self._wake.wait(self._heap[0][0] - now if self._heap else None)
+                if self._closed:
+                    return
+            for _, _, connection, request_id in expired:
+                connection.expire(request_id)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._heap.clear()
+            self._wake.notify()
+
+
+class LinkConnection:
+    """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
+    once per request, with the answer's arrays or an InferenceError, from the reader thread
+    (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
+
+    def __init__(self, sock: socket.socket, expiry: Expiry,
+                 on_bytes: Callable[[int], None] | None = None):
+        _nodelay(sock)
+        self.sock = sock
+        self.expiry = expiry
+        self.on_bytes = on_bytes
+        self.pending: dict[int, Done] = {}
+        self.error: InferenceError | None = None
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._reader = threading.Thread(target=self._read, daemon=True, name="wpk-link-out")
+        self._reader.start()
+
+    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
+        """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
+        request_id = next(self._ids)
+        parts = parts_for(request_id)
+        self.pending[request_id] = done
+        if timeout is not None:
+            self.expiry.add(time.monotonic() + timeout, self, request_id)
+        try:
+            with self._send_lock:
+                if self.error is None:
+                    send_parts(self.sock, parts)
+        except OSError as error:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+        if self.error is not None:  # failed before or while we sent
+            callback = self.pending.pop(request_id, None)
+            if callback is not None:
+                callback(self.error)
+
+    def expire(self, request_id: int) -> None:
+        callback = self.pending.pop(request_id, None)
+        if callback is not None:
+            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def _read(self) -> None:
+        reader = FrameReader(self.sock)
+        error = InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
+        try:
+            while True:
+                frame = reader.read()
+                if frame.kind != ANSWER:
+                    raise FrameError("request frame sent to a client")
+                callback = self.pending.pop(frame.request_id, None)
+                if callback is None:
+                    continue  # expired meanwhile: the caller has its answer
+                if frame.status:
+                    callback(InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                                            str(frame.meta.get("e", ""))))
+                    continue
+                if self.on_bytes is not None:
+                    self.on_bytes(frame.nbytes)
+                try:
+                    arrays = frame.arrays("answer")
+                except TensorError as bad:
+                    callback(InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}"))
+                else:
+                    callback(arrays)
+        except EOFError:
+            pass
+        except (OSError, FrameError) as failure:
+            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
+        self.fail(error)
+        with self._send_lock:  # no sender is inside the socket now, and none will enter
+            self.sock.close()
+
+    def fail(self, error: InferenceError) -> None:
+        """End the connection: every pending request gets `error`."""
+        if self.error is None:
+            self.error = error
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for request_id in list(self.pending):
+            callback = self.pending.pop(request_id, None)
+            if callback is not None:
+                callback(self.error)
+
+    def close(self) -> None:
+        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
+        self._reader.join(1.0)

@@ -32,7 +32,6 @@ from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, check_
 MAGIC = b"WPK1"
 HEADER = struct.Struct("<4sBBHIQdQ")
 REQUEST, ANSWER = 1, 2
-MAX_META_BYTES = 1 << 20
 STAGING_BYTES = 256 * 1024
 
 
@@ -143,59 +142,91 @@ def send_parts(sock: socket.socket, parts: Sequence) -> int:
 
 
 class FrameReader:
-    """Reads frames from a blocking socket; `read()` raises EOFError when the peer closed."""
+    """Reads frames from a socket: `read()` on a blocking socket (one frame), `poll()` on a
+    non-blocking one (every frame complete so far). Both raise EOFError when the peer closed,
+    FrameError on bytes that are not frames."""
 
     def __init__(self, sock: socket.socket, staging: int = STAGING_BYTES):
         self.sock = sock
         self.buffer = bytearray(staging)
         self.view = memoryview(self.buffer)
         self.start = self.end = 0      # unread bytes: buffer[start:end]
+        self._frame: Frame | None = None   # a frame whose payload is still arriving ...
+        self._target: memoryview | None = None  # ... into this rest of it
 
-    def _fill(self, need: int) -> None:
-        """At least `need` unread bytes in the staging buffer (need <= its size)."""
-        if self.end - self.start >= need:
-            return
+    def read(self) -> Frame:
+        while True:
+            frame = self._step()
+            if frame is not None:
+                return frame
+
+    def poll(self) -> list[Frame]:
+        frames = []
+        while True:
+            try:
+                frame = self._step()
+            except (BlockingIOError, InterruptedError):
+                return frames
+            except (EOFError, OSError):
+                if frames:  # these first; the next poll meets the end again
+                    return frames
+                raise
+            if frame is not None:
+                frames.append(frame)
+
+    def _step(self) -> Frame | None:
+        """Progress by at most one recv; a frame when one is complete."""
+        if self._target is not None:  # a large payload lands in place, no staging
+            got = self.sock.recv_into(self._target)
+            if not got:
+                raise EOFError("connection closed")
+            self._target = self._target[got:]
+            if self._target.nbytes:
+                return None
+            frame, self._frame, self._target = self._frame, None, None
+            return frame
+        frame = self._staged()
+        if frame is not None or self._target is not None:
+            return frame
         if self.start:  # move what is left to the front
             left = self.end - self.start
             self.view[:left] = self.view[self.start:self.end]
             self.start, self.end = 0, left
-        while self.end < need:
-            got = self.sock.recv_into(self.view[self.end:])
-            if not got:
-                raise EOFError("connection closed")
-            self.end += got
+        got = self.sock.recv_into(self.view[self.end:])
+        if not got:
+            raise EOFError("connection closed")
+        self.end += got
+        return None
 
-    def read(self) -> Frame:
-        self._fill(HEADER.size)
+    def _staged(self) -> Frame | None:
+        """The next frame, when its header and metadata are staged (its payload then goes
+        to `_target` if it is not staged whole); None when more bytes are needed first."""
+        available = self.end - self.start
+        if available < HEADER.size:
+            return None
         magic, kind, status, _, meta_len, request_id, timeout_ms, payload_len = \
             HEADER.unpack_from(self.buffer, self.start)
-        if magic != MAGIC or kind not in (REQUEST, ANSWER) or meta_len > MAX_META_BYTES:
+        if magic != MAGIC or kind not in (REQUEST, ANSWER) or \
+                meta_len > len(self.buffer) - HEADER.size:
             raise FrameError("not a wpk tensor-link frame")
-        self.start += HEADER.size
-        if meta_len > len(self.buffer):
-            raise FrameError("frame metadata too large")
-        self._fill(meta_len)
+        if available < HEADER.size + meta_len:
+            return None
+        begin = self.start + HEADER.size
         try:
-            meta = json.loads(self.view[self.start:self.start + meta_len].tobytes())
-        except ValueError:
-            raise FrameError("frame metadata is not JSON") from None
-        self.start += meta_len
+            meta = json.loads(self.view[begin:begin + meta_len].tobytes())
+            declared = sum(int(d[5]) for d in meta.get("t", ()))
+        except (ValueError, AttributeError, TypeError, IndexError):
+            raise FrameError("frame metadata is malformed") from None
+        if declared != payload_len:
+            raise FrameError("frame payload does not match its tensor descriptors")
+        self.start = begin + meta_len
         payload = np.empty(payload_len, dtype=np.uint8)
         staged = min(self.end - self.start, payload_len)
         if staged:
             payload[:staged] = np.frombuffer(self.buffer, np.uint8, staged, self.start)
             self.start += staged
+        frame = Frame(kind, status, request_id, timeout_ms, meta, payload)
         if staged < payload_len:
-            target = memoryview(payload)[staged:]
-            while target.nbytes:
-                got = self.sock.recv_into(target)
-                if not got:
-                    raise EOFError("connection closed")
-                target = target[got:]
-        try:
-            declared = sum(int(d[5]) for d in meta.get("t", ()))
-        except (AttributeError, TypeError, ValueError, IndexError):
-            raise FrameError("frame metadata is malformed") from None
-        if declared != payload_len:
-            raise FrameError("frame payload does not match its tensor descriptors")
-        return Frame(kind, status, request_id, timeout_ms, meta, payload)
+            self._frame, self._target = frame, memoryview(payload)[staged:]
+            return None
+        return frame

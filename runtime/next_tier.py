@@ -32,7 +32,7 @@ from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import REQUEST, encode
 from wpk.runtime.link import PIPELINE_PARAM, InferenceError
 from wpk.runtime.metrics import TierMetrics
-from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection
+from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.wire import build_request, parse_response, payload_bytes
 
@@ -103,14 +103,19 @@ class TcpLink:
 
     kind = "tcp"
 
-    def __init__(self, address: str, grpc_link: GrpcLink, codec: Codec, metrics: TierMetrics):
+    def __init__(self, address: str, grpc_link: GrpcLink, codec: Codec, metrics: TierMetrics,
+                 on_loop: bool = False):
+        """`on_loop`: the connection is driven by the event loop (for a tier whose requests
+        all start there: the entry tier); else a reader thread answers (middle tiers, whose
+        requests come from the previous tier's tensor link in a thread)."""
+        self.on_loop = on_loop
         self.host = address.rsplit(":", 1)[0].strip("[]")
         self.grpc = grpc_link
         self.loop = grpc_link.loop
         self.codec = codec
         self.metrics = metrics
         self.expiry = Expiry()
-        self.connection: LinkConnection | None = None
+        self.connection: LinkConnection | LoopConnection | None = None
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
         self._connecting = asyncio.Lock()
@@ -125,7 +130,7 @@ class TcpLink:
             encoder = self._local.encoder = Encoder(self.codec)
         return encoder
 
-    def _send(self, connection: LinkConnection, model: str, arrays: Mapping[str, np.ndarray],
+    def _send(self, connection: LinkConnection | LoopConnection, model: str, arrays: Mapping[str, np.ndarray],
               timeout: float | None, done: Done) -> None:
         def parts_for(request_id: int) -> list:
             parts = encode(REQUEST, request_id, arrays, model=model,
@@ -139,7 +144,7 @@ class TcpLink:
         except TensorError as error:  # a dtype the protocol cannot name
             done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
 
-    def _open(self) -> LinkConnection | None:
+    def _open(self) -> LinkConnection | LoopConnection | None:
         return self.connection if self.connection is not None and \
             self.connection.error is None else None
 
@@ -150,14 +155,17 @@ class TcpLink:
             return await self.grpc.forward(model, arrays, timeout)
         loop = self.loop
         future = loop.create_future()
-        self._send(connection, model, arrays, timeout,
-                   lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome))
+        if connection.threaded:
+            done = lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)  # noqa
+        else:
+            done = lambda outcome: _settle(future, outcome)  # noqa: E731
+        self._send(connection, model, arrays, timeout, done)
         return await future
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
         connection = self._open()
-        if connection is not None:  # the hot path: no event loop involved
+        if connection is not None and connection.threaded:  # the hot path: no loop involved
             self._send(connection, model, arrays, timeout, done)
             return
         future = asyncio.run_coroutine_threadsafe(self.forward(model, arrays, timeout),
@@ -165,7 +173,8 @@ class TcpLink:
         future.add_done_callback(lambda f: done(_outcome(f)))
 
     # -- connecting -------------------------------------------------------------------------
-    async def _connect(self, timeout: float | None) -> LinkConnection | None:
+    async def _connect(self, timeout: float | None
+                       ) -> LinkConnection | LoopConnection | None:
         """The open connection, a new one, or None: use gRPC. Raises InferenceError when the
         next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
         DEADLINE_EXCEEDED)."""
@@ -187,8 +196,9 @@ class TcpLink:
                           f"for {FALLBACK_RETRY_S:.0f} s", file=sys.stderr, flush=True)
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
                     return None
-            self.connection = LinkConnection(
-                sock, self.expiry, lambda n: self.metrics.add_bytes("return", n))
+            count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
+            self.connection = LoopConnection(sock, self.loop, count) if self.on_loop else \
+                LinkConnection(sock, self.expiry, count)
             return self.connection
 
     async def _discover(self, timeout: float | None) -> int | None:

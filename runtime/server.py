@@ -75,6 +75,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
              f"(models: {', '.join(service.models)}){metrics_text}")
     if ready is not None:
         ready.port = bound  # type: ignore[attr-defined]
+        ready.service = service  # type: ignore[attr-defined]
         ready.set()
     try:
         await stop.wait()

@@ -11,6 +11,7 @@ Models served:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -164,7 +165,9 @@ class TierService:
                                      server_name=self.next_tier)
             self.link = GrpcLink(client, self.codec, self.metrics, loop)
             if self.link_kind == "tcp":
-                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics)
+                on_loop = self.entry and os.environ.get("WPK_LINK_THREAD") != "1"
+                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
+                                    on_loop=on_loop)
         if self.link_kind == "tcp" and not self.entry:
             try:
                 self.link_server = LinkServer(host, link_port, self.serve_frame)

@@ -173,10 +173,30 @@ class Expiry:
             self._wake.notify()
 
 
+def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
+    """Hand an answer frame to its request's callback (arrays, or the error it carries)."""
+    if frame.kind != ANSWER:
+        raise FrameError("request frame sent to a client")
+    if frame.status:
+        callback(InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                                str(frame.meta.get("e", ""))))
+        return
+    if on_bytes is not None:
+        on_bytes(frame.nbytes)
+    try:
+        arrays = frame.arrays("answer")
+    except TensorError as bad:
+        callback(InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}"))
+    else:
+        callback(arrays)
+
+
 class LinkConnection:
     """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
     once per request, with the answer's arrays or an InferenceError, from the reader thread
     (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
+
+    threaded = True
 
     def __init__(self, sock: socket.socket, expiry: Expiry,
                  on_bytes: Callable[[int], None] | None = None):
@@ -220,23 +240,9 @@ class LinkConnection:
         try:
             while True:
                 frame = reader.read()
-                if frame.kind != ANSWER:
-                    raise FrameError("request frame sent to a client")
                 callback = self.pending.pop(frame.request_id, None)
-                if callback is None:
-                    continue  # expired meanwhile: the caller has its answer
-                if frame.status:
-                    callback(InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
-                                            str(frame.meta.get("e", ""))))
-                    continue
-                if self.on_bytes is not None:
-                    self.on_bytes(frame.nbytes)
-                try:
-                    arrays = frame.arrays("answer")
-                except TensorError as bad:
-                    callback(InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}"))
-                else:
-                    callback(arrays)
+                if callback is not None:  # None: expired meanwhile, the caller has its answer
+                    _deliver(frame, callback, self.on_bytes)
         except EOFError:
             pass
         except (OSError, FrameError) as failure:
@@ -261,3 +267,113 @@ class LinkConnection:
     def close(self) -> None:
         self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
         self._reader.join(1.0)
+
+
+class LoopConnection:
+    """A connection driven by an asyncio loop, for a tier whose requests start on the loop
+    (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
+    so `done` runs on the loop with no reader thread and no hand-off between threads; writes
+    that do not fit the socket buffer wait for it to drain (the loop never blocks). Deadlines
+    are loop timers. Use from the loop's thread only."""
+
+    threaded = False
+    MAX_IOV = 512
+
+    def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None):
+        _nodelay(sock)
+        sock.setblocking(False)
+        self.sock, self.loop, self.on_bytes = sock, loop, on_bytes
+        self.fd = sock.fileno()
+        self.reader = FrameReader(sock)
+        self.pending: dict[int, Done] = {}
+        self.timers: dict[int, object] = {}
+        self.error: InferenceError | None = None
+        self._ids = itertools.count(1)
+        self._backlog: list[memoryview] = []   # bytes waiting for the socket to drain
+        loop.add_reader(self.fd, self._readable)
+
+    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
+        if self.error is not None:
+            done(self.error)
+            return
+        request_id = next(self._ids)
+        parts = parts_for(request_id)
+        self.pending[request_id] = done
+        if timeout is not None:
+            self.timers[request_id] = self.loop.call_later(timeout, self.expire, request_id)
+        views = [memoryview(p) for p in parts]
+        if self._backlog:
+            self._backlog.extend(views)
+        else:
+            self._write(views)
+
+    def _write(self, views: list[memoryview]) -> None:
+        now, later = views[:self.MAX_IOV], views[self.MAX_IOV:]
+        try:
+            sent = self.sock.sendmsg(now)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            return
+        while now and sent >= now[0].nbytes:
+            sent -= now[0].nbytes
+            now.pop(0)
+        if now:
+            now[0] = now[0][sent:]
+        rest = now + later
+        if rest:
+            if not self._backlog:
+                self.loop.add_writer(self.fd, self._writable)
+            self._backlog = rest
+
+    def _writable(self) -> None:
+        views, self._backlog = self._backlog, []
+        self.loop.remove_writer(self.fd)
+        if views and self.error is None:
+            self._write(views)
+
+    def _readable(self) -> None:
+        try:
+            frames = self.reader.poll()
+        except EOFError:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
+            return
+        except (OSError, FrameError) as failure:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
+            return
+        for frame in frames:
+            callback = self.pending.pop(frame.request_id, None)
+            timer = self.timers.pop(frame.request_id, None)
+            if timer is not None:
+                timer.cancel()
+            if callback is not None:
+                try:
+                    _deliver(frame, callback, self.on_bytes)
+                except FrameError as failure:
+                    self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, str(failure)))
+                    return
+
+    def expire(self, request_id: int) -> None:
+        self.timers.pop(request_id, None)
+        callback = self.pending.pop(request_id, None)
+        if callback is not None:
+            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def fail(self, error: InferenceError) -> None:
+        if self.error is None:
+            self.error = error
+            self.loop.remove_reader(self.fd)
+            if self._backlog:
+                self.loop.remove_writer(self.fd)
+            self._backlog = []
+            self.sock.close()
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        pending, self.pending = self.pending, {}
+        for callback in pending.values():
+            callback(self.error)
+
+    def close(self) -> None:
+        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))

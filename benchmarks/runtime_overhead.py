@@ -11,7 +11,9 @@ between them round by round.
 (a) whole model, one ORT session, one request at a time;
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
     (pipeline latency - sum of the stages run alone) / hops, hops = 3 (client->device,
-    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB;
+    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; and the
+    tier-to-tier hops alone: the second tier sent what the first forwards, over the link
+    under test, (latency - its stages) / 2;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
     >= 80 %). Every tier and every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -142,6 +145,40 @@ ROUNDS = 5            # measurements alternate between what is compared, round b
 IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alike
 
 
+async def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
+    """A coroutine function sending the second tier what the first one forwards, the way the
+    first tier does (tensor link, or a ModelStreamInfer stream with wpk_pipeline): timing it
+    gives the cost of the tier-to-tier hops alone, without the client's KServe hop."""
+    from wpk.runtime.frames import REQUEST, encode
+    from wpk.runtime.tensor_link import EXTENSION_PREFIX, LoopConnection
+
+    tier = plan.tiers[1]
+    feeds = {n: arrays[n] for n in tier.inputs}
+    model = f"{plan.name}.{tier.name}"
+    address = deployment.tiers[1].address
+    if link == "grpc":
+        client = InferenceClient(address, timeout=30, stream=True)
+        return lambda: client.infer(model, feeds, parameters={"wpk_pipeline": True})
+    async with InferenceClient(address, timeout=30) as client:
+        response = await client.stub.ServerMetadata(pb.ServerMetadataRequest())
+    port = int(next(e for e in response.extensions if e.startswith(EXTENSION_PREFIX))
+               .split(":")[1])
+    loop = asyncio.get_running_loop()
+    connection = LoopConnection(socket.create_connection((address.rsplit(":", 1)[0], port)),
+                                loop)
+
+    async def call():
+        future = loop.create_future()
+        connection.send(lambda rid: encode(REQUEST, rid, feeds, model=model, timeout_ms=30e3),
+                        30.0, future.set_result)
+        outcome = await future
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return call
+
+
 def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                 codec: str, links: list[str]) -> list[dict]:
     """One result per link kind; the deployments of every link run side by side and the
@@ -170,8 +207,10 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             unary = {k: InferenceClient(d.entry, timeout=30) for k, d in zip(links, deployments)}
             stream = {k: InferenceClient(d.entry, timeout=30, stream=True)
                       for k, d in zip(links, deployments)}
+            second = {k: await second_tier_caller(k, d, plan, arrays)
+                      for k, d in zip(links, deployments)}
             t = {"whole": [], **{i: [] for i in range(len(stages))},
-                 **{(k, m): [] for k in links for m in ("unary", "stream")}}
+                 **{(k, m): [] for k in links for m in ("unary", "stream", "second")}}
             slice_time = seconds / ROUNDS / 2
             for client in (*unary.values(), *stream.values()):
                 await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
@@ -184,6 +223,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                                        t[(k, "unary")])
                     await sample_async(lambda: stream[k].infer(plan.name, feeds), slice_time,
                                        t[(k, "stream")])
+                    await sample_async(second[k], slice_time, t[(k, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
             in_tier = {k: [slice_seconds(handle.metrics_url) for handle in d.tiers]
                        for k, d in zip(links, deployments)}
@@ -219,6 +259,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             "per_hop_us": (unary - sum(stage_times)) / hops * 1e6,
             "per_hop_stream_us": (stream - sum(stage_times)) / hops * 1e6,
             "per_hop_in_tier_us": (stream - sum(measured["in_tier"][k])) / hops * 1e6,
+            "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
             "rates": {n: measured["rates"][(k, n)] for n in IN_FLIGHT},
             "stage_rate": measured["stage_rate"], "ceiling": ceiling})
@@ -289,7 +330,8 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "link", "whole ORT ms", "stages alone ms", "stages in tiers ms",
                    "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
-                   "per hop us (stream), in-tier compute", "bytes in -> links", "< 300 us"):
+                   "per hop us (stream), in-tier compute", "tier->tier hop us",
+                   "bytes in -> links", "< 300 us"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["name"], r["link"], f"{r['t_whole'] * 1e3:.2f}",
@@ -297,7 +339,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                       " + ".join(f"{t * 1e3:.2f}" for t in r["in_tier"]),
                       f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f}",
                       f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f}",
-                      f"{r['per_hop_in_tier_us']:.0f}",
+                      f"{r['per_hop_in_tier_us']:.0f}", f"{r['tier_hop_us']:.0f}",
                       f"{r['input_bytes'] / 1e3:.0f}k -> "
                       + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),
                       "yes" if r["per_hop_stream_us"] < 300 else "NO")

@@ -119,6 +119,7 @@ class TcpLink:
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
         self._connecting = asyncio.Lock()
+        self._recheck: asyncio.Task | None = None  # looking for the tensor link again
         self._local = threading.local()        # one Encoder per thread (zstd contexts)
 
     # -- sending ----------------------------------------------------------------------------
@@ -178,28 +179,47 @@ class TcpLink:
         """The open connection, a new one, or None: use gRPC. Raises InferenceError when the
         next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
         DEADLINE_EXCEEDED)."""
+        if self.fallback_until:  # on gRPC: look again now and then, off the request path
+            if time.monotonic() >= self.fallback_until and self._recheck is None:
+                self._recheck = asyncio.ensure_future(self._retry())
+            return None
         async with self._connecting:
             connection = self._open()
-            if connection is not None:
+            if connection is not None or self.fallback_until:
                 return connection
-            if time.monotonic() < self.fallback_until:
+            return await self._attempt(timeout)
+
+    async def _attempt(self, timeout: float | None
+                       ) -> LinkConnection | LoopConnection | None:
+        """Dial the known port, or ask for it first (it changes when the tier restarts)."""
+        sock = await self._dial(self.port) if self.port is not None else None
+        if sock is None:
+            self.port = await self._discover(timeout)
+            if self.port is None:  # not a wpk tier, or one run with --link grpc
+                self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
                 return None
-            sock = await self._dial(self.port) if self.port is not None else None
-            if sock is None:  # the port changed (tier restarted) or was never known
-                self.port = await self._discover(timeout)
-                if self.port is None:  # not a wpk tier, or one run with --link grpc
+            sock = await self._dial(self.port)
+            if sock is None:
+                print(f"wpk: tensor link {self.host}:{self.port} unreachable; using gRPC, "
+                      f"trying again every {FALLBACK_RETRY_S:.0f} s", file=sys.stderr,
+                      flush=True)
+                self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+                return None
+        count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
+        self.connection = LoopConnection(sock, self.loop, count) if self.on_loop else \
+            LinkConnection(sock, self.expiry, count)
+        self.fallback_until = 0.0
+        return self.connection
+
+    async def _retry(self) -> None:
+        try:
+            async with self._connecting:
+                try:
+                    await self._attempt(CONNECT_TIMEOUT_S)
+                except InferenceError:  # not answering now: stay on gRPC a while longer
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
-                    return None
-                sock = await self._dial(self.port)
-                if sock is None:
-                    print(f"wpk: tensor link {self.host}:{self.port} unreachable; using gRPC "
-                          f"for {FALLBACK_RETRY_S:.0f} s", file=sys.stderr, flush=True)
-                    self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
-                    return None
-            count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
-            self.connection = LoopConnection(sock, self.loop, count) if self.on_loop else \
-                LinkConnection(sock, self.expiry, count)
-            return self.connection
+        finally:
+            self._recheck = None
 
     async def _discover(self, timeout: float | None) -> int | None:
         try:
@@ -230,6 +250,8 @@ class TcpLink:
         return await self.loop.run_in_executor(None, connect)
 
     async def close(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
         self.expiry.close()
         if self.connection is not None:
             self.connection.close()

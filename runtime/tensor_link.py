@@ -130,25 +130,41 @@ class LinkServer:
 
 
 class Expiry:
-    """One thread that fails requests whose deadline passed (DEADLINE_EXCEEDED)."""
+    """One thread that fails requests whose deadline passed (DEADLINE_EXCEEDED).
+
+    Answered requests leave the heap when they reach its head (requests mostly finish in
+    order), so the heap holds about the pending requests only and the thread sleeps until the
+    earliest live deadline: it wakes about once per timeout, not once per request. It is
+    notified only for a deadline earlier than the time it will wake anyway."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, "LinkConnection", int]] = []
+        self._heap: list[list] = []          # [deadline, seq, connection, request_id, live]
         self._seq = itertools.count()
         self._wake = threading.Condition()
+        self._wake_at = float("inf")
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def add(self, deadline: float, connection: "LinkConnection", request_id: int) -> None:
+    def add(self, deadline: float, connection: "LinkConnection", request_id: int) -> list:
+        entry = [deadline, next(self._seq), connection, request_id, True]
         with self._wake:
-            entry = (deadline, next(self._seq), connection, request_id)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="wpk-link-expiry")
                 self._thread.start()
-            elif self._heap[0] is entry:  # earlier than what the thread waits for
+            elif deadline < self._wake_at:
                 self._wake.notify()
+        return entry
+
+    def discard(self, entry: list) -> None:
+        """The request was answered: its deadline no longer matters."""
+        entry[4] = False
+        heap = self._heap
+        if heap and heap[0] is entry:
+            with self._wake:
+                while heap and not heap[0][4]:
+                    heapq.heappop(heap)
 
     def _run(self) -> None:
         while True:
@@ -156,14 +172,18 @@ class Expiry:
             with self._wake:
                 while not self._closed:
                     now = time.monotonic()
-                    while self._heap and self._heap[0][0] <= now:
-                        expired.append(heapq.heappop(self._heap))
+                    while self._heap and (self._heap[0][0] <= now or not self._heap[0][4]):
+                        entry = heapq.heappop(self._heap)
+                        if entry[4]:
+                            expired.append(entry)
                     if expired:
                         break
-                    self._wake.wait(self._heap[0][0] - now if self._heap else None)
+                    self._wake_at = self._heap[0][0] if self._heap else float("inf")
+                    self._wake.wait(self._wake_at - now if self._heap else None)
+                    self._wake_at = 0.0
                 if self._closed:
                     return
-            for _, _, connection, request_id in expired:
+            for _, _, connection, request_id, _ in expired:
                 connection.expire(request_id)
 
     def close(self) -> None:
@@ -215,9 +235,12 @@ class LinkConnection:
         """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
         request_id = next(self._ids)
         parts = parts_for(request_id)
-        self.pending[request_id] = done
         if timeout is not None:
-            self.expiry.add(time.monotonic() + timeout, self, request_id)
+            entry = self.expiry.add(time.monotonic() + timeout, self, request_id)
+            self.pending[request_id] = lambda outcome: (self.expiry.discard(entry),
+                                                        done(outcome))
+        else:
+            self.pending[request_id] = done
         try:
             with self._send_lock:
                 if self.error is None:

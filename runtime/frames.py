@@ -89,8 +89,31 @@ def _buffer(array) -> memoryview:
     if isinstance(array, np.ndarray):
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
-        return memoryview(array.reshape(-1).view(np.uint8))
+        if array.size:
+            return memoryview(array).cast("B")
+        return memoryview(b"")
     return memoryview(array).cast("B")
+
+
+class _Cache(dict):
+    """A bounded memo: requests of one model repeat the same names, dtypes and shapes, so
+    their metadata is encoded and decoded once (JSON stays cheap to read and to debug)."""
+
+    LIMIT = 256
+
+    def put(self, key, value):
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = value
+        return value
+
+
+_encoded = _Cache()   # (model, ((name, dtype, shape), ...)) -> (meta bytes, payload size)
+_decoded = _Cache()   # meta bytes -> (meta dict, payload size)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, separators=(",", ":")).encode()
 
 
 def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, *,
@@ -98,30 +121,49 @@ def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, 
            error: str | None = None, encoder: Encoder | None = None) -> list:
     """Buffers of one frame, ready for `send_parts` (tensor buffers are not copied; with an
     `encoder` each tensor is encoded first)."""
-    descriptors, parts = [], []
-    for name, array in (arrays or {}).items():
-        codec, scale = "raw", 0.0
-        if encoder is None:
-            data = _buffer(array)
-        else:
+    if error is not None:
+        meta_bytes, parts, payload = _meta_bytes({"e": error}), [], 0
+    elif encoder is None:  # plain raw tensors: the metadata depends on shapes only
+        arrays = arrays or {}
+        parts = [_buffer(array) for array in arrays.values()]
+        key = (model, tuple((name, array.dtype, array.shape) for name, array in arrays.items()))
+        known = _encoded.get(key)
+        if known is None:
+            descriptors = [[name, datatype_of(array.dtype), list(array.shape), "raw", 0.0,
+                            part.nbytes] for (name, array), part in zip(arrays.items(), parts)]
+            meta = {"t": descriptors} if model is None else {"t": descriptors, "m": model}
+            known = _encoded.put(key, (_meta_bytes(meta), sum(p.nbytes for p in parts)))
+        meta_bytes, payload = known
+    else:
+        descriptors, parts = [], []
+        for name, array in (arrays or {}).items():
             encoded, params = encoder.encode(array)
             data = _buffer(encoded)
-            codec = str(params.get(CODEC_PARAM, "raw"))
-            scale = float(params.get(SCALE_PARAM, 0.0))
-        descriptors.append([name, datatype_of(array.dtype), list(array.shape), codec, scale,
-                            data.nbytes])
-        parts.append(data)
-    meta: dict = {"t": descriptors}
-    if model is not None:
-        meta["m"] = model
-    if error is not None:
-        meta = {"e": error}
-        parts = []
-    meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-    payload = sum(p.nbytes for p in parts)
+            descriptors.append([name, datatype_of(array.dtype), list(array.shape),
+                                str(params.get(CODEC_PARAM, "raw")),
+                                float(params.get(SCALE_PARAM, 0.0)), data.nbytes])
+            parts.append(data)
+        meta = {"t": descriptors} if model is None else {"t": descriptors, "m": model}
+        meta_bytes, payload = _meta_bytes(meta), sum(p.nbytes for p in parts)
     header = HEADER.pack(MAGIC, kind, status, 0, len(meta_bytes), request_id, timeout_ms,
                          payload)
     return [header + meta_bytes, *parts]
+
+
+def _parse_meta(data: bytes) -> tuple[dict, int]:
+    """(metadata, payload bytes it declares); raises FrameError. Do not change the dict: it
+    is shared by every frame with the same metadata."""
+    known = _decoded.get(data)
+    if known is not None:
+        return known
+    try:
+        meta = json.loads(data)
+        declared = sum(int(d[5]) for d in meta.get("t", ()))
+    except (ValueError, AttributeError, TypeError, IndexError):
+        raise FrameError("frame metadata is malformed") from None
+    if "e" in meta:  # error messages vary: not worth keeping
+        return meta, declared
+    return _decoded.put(data, (meta, declared))
 
 
 def send_parts(sock: socket.socket, parts: Sequence) -> int:
@@ -212,11 +254,7 @@ class FrameReader:
         if available < HEADER.size + meta_len:
             return None
         begin = self.start + HEADER.size
-        try:
-            meta = json.loads(self.view[begin:begin + meta_len].tobytes())
-            declared = sum(int(d[5]) for d in meta.get("t", ()))
-        except (ValueError, AttributeError, TypeError, IndexError):
-            raise FrameError("frame metadata is malformed") from None
+        meta, declared = _parse_meta(self.view[begin:begin + meta_len].tobytes())
         if declared != payload_len:
             raise FrameError("frame payload does not match its tensor descriptors")
         self.start = begin + meta_len

@@ -121,10 +121,11 @@ class TcpLink:
         self._connecting = asyncio.Lock()
         self._recheck: asyncio.Task | None = None  # looking for the tensor link again
         self._local = threading.local()        # one Encoder per thread (zstd contexts)
+        self._raw = codec == Codec()
 
     # -- sending ----------------------------------------------------------------------------
     def _encoder(self) -> Encoder | None:
-        if self.codec == Codec():
+        if self._raw:
             return None
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:

@@ -30,7 +30,6 @@ from wpk.runtime.tensors import TensorError
 EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-Outcome = "dict[str, np.ndarray] | InferenceError"
 Done = Callable[[object], None]
 
 
@@ -64,15 +63,18 @@ class _ServerConnection:
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
         self.lock = threading.Lock()
+        self.closed = False
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="wpk-link-in")
 
     def send(self, parts: list) -> None:
-        try:
-            with self.lock:
+        with self.lock:  # closed under the lock: a late answer never meets a reused fd
+            if self.closed:
+                return
+            try:
                 send_parts(self.sock, parts)
-        except OSError:
-            pass  # the caller has gone: nobody is left to answer
+            except OSError:
+                pass  # the caller has gone: nobody is left to answer
 
     def _run(self) -> None:
         reader = FrameReader(self.sock)
@@ -90,10 +92,13 @@ class _ServerConnection:
 
     def close(self) -> None:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full buffer
         except OSError:
             pass
-        self.sock.close()
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.sock.close()
 
 
 class LinkServer:
@@ -140,14 +145,15 @@ class Expiry:
     def __init__(self) -> None:
         self._heap: list[list] = []          # [deadline, seq, connection, request_id, live]
         self._seq = itertools.count()
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._wake_at = float("inf")
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def add(self, deadline: float, connection: "LinkConnection", request_id: int) -> list:
         entry = [deadline, next(self._seq), connection, request_id, True]
-        with self._wake:
+        with self._lock:
             heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -162,7 +168,7 @@ class Expiry:
         entry[4] = False
         heap = self._heap
         if heap and heap[0] is entry:
-            with self._wake:
+            with self._lock:
                 while heap and not heap[0][4]:
                     heapq.heappop(heap)
 

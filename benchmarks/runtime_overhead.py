@@ -17,7 +17,9 @@ between them round by round.
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
     >= 80 %). Every tier and every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
-    the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it.
+    the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it, and the
+    CPU time each tier process and the client spend per request (cores / their sum bounds
+    the throughput on this machine).
 
 Plans come from wpk.partitioner, with the cuts pinned where the model's FLOPs split into
 thirds (every tier runs on this machine, so balanced stages are the fair case).
@@ -113,9 +115,16 @@ async def sample_async(call, seconds: float, into: list[float]) -> None:
         into.append(time.perf_counter() - start)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: int,
-                        seconds: float) -> float:
-    """Requests per second with `in_flight` requests outstanding all the time."""
+                        seconds: float, cpu: dict | None = None) -> float:
+    """Requests per second with `in_flight` requests outstanding all the time. With `cpu`
+    ({"pids": [...]}): adds the CPU seconds each pid used and the requests to it."""
     count = 0
 
     async def worker(end: float) -> None:
@@ -125,9 +134,15 @@ async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: i
             count += 1
 
     await asyncio.gather(*(client.infer(model, feeds) for _ in range(in_flight)))
+    before = [cpu_seconds(pid) for pid in cpu["pids"]] if cpu else []
     start = time.perf_counter()
     await asyncio.gather(*(worker(start + seconds) for _ in range(in_flight)))
-    return count / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if cpu:
+        used = [cpu_seconds(pid) - b for pid, b in zip(cpu["pids"], before)]
+        cpu["seconds"] = [a + b for a, b in zip(cpu.get("seconds", [0.0] * len(used)), used)]
+        cpu["requests"] = cpu.get("requests", 0) + count
+    return count / elapsed
 
 
 def slice_seconds(metrics_url: str) -> float:
@@ -143,6 +158,7 @@ def slice_seconds(metrics_url: str) -> float:
 
 ROUNDS = 5            # measurements alternate between what is compared, round by round,
 IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alike
+CPU_IN_FLIGHT = 8     # CPU time per request is measured at this many in flight
 
 
 async def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
@@ -180,7 +196,7 @@ async def second_tier_caller(link: str, deployment: LocalDeployment, plan, array
 
 
 def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
-                codec: str, links: list[str]) -> list[dict]:
+                codec: str, links: list[str], serve_args: list[str] | None = None) -> list[dict]:
     """One result per link kind; the deployments of every link run side by side and the
     measurements alternate between them round by round."""
     plan_dir = make_plan_dir(name, root, codec)
@@ -198,7 +214,8 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
         sample(run, 0.2, [])  # warm up
 
     deployments = [LocalDeployment(plan_dir, port=port + 10 * i, threads=threads, metrics=True,
-                                   link=link) for i, link in enumerate(links)]
+                                   link=link, serve_args=serve_args)
+                   for i, link in enumerate(links)]
     try:
         for deployment in deployments:
             deployment.start()
@@ -229,16 +246,21 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                        for k, d in zip(links, deployments)}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
             rates: dict = {(k, n): [] for k in links for n in IN_FLIGHT}
+            cpu = {k: {"pids": [h.process.pid for h in d.tiers] + [os.getpid()]}
+                   for k, d in zip(links, deployments)}
             stage_alone: list[float] = []
             for _ in range(ROUNDS):
                 for n in IN_FLIGHT:
                     for k in links:
-                        rates[(k, n)].append(await pipeline_rate(stream[k], plan.name, feeds,
-                                                                 n, slice_time))
+                        rates[(k, n)].append(await pipeline_rate(
+                            stream[k], plan.name, feeds, n, slice_time,
+                            cpu[k] if n == CPU_IN_FLIGHT else None))
                     sample(stages[slowest], slice_time, stage_alone)
             for client in (*unary.values(), *stream.values()):
                 await client.close()
-            return {"latency": latency, "in_tier": in_tier,
+            return {"latency": latency, "in_tier": in_tier, "cpu": {
+                        k: [c / max(v["requests"], 1) for c in v["seconds"]]
+                        for k, v in cpu.items()},
                     "rates": {key: statistics.median(v) for key, v in rates.items()},
                     "stage_rate": 1 / statistics.median(stage_alone)}
 
@@ -262,6 +284,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
             "rates": {n: measured["rates"][(k, n)] for n in IN_FLIGHT},
+            "cpu_per_request": measured["cpu"][k],
             "stage_rate": measured["stage_rate"], "ceiling": ceiling})
     return results
 
@@ -347,7 +370,8 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
     table = Table(title="(c) pipelined throughput, requests/s, vs the slowest stage alone")
     for column in ("model", "link", "slowest stage", "cpu ceiling", *(f"{k} in flight" for k in
                                                               (1, 2, 4, 8, 16)),
-                   "best / slowest", "best / ceiling", ">= 80 %"):
+                   "best / slowest", "best / ceiling", ">= 80 %",
+                   f"CPU ms/request at {CPU_IN_FLIGHT} in flight: tiers + client"):
         table.add_column(column, justify="right")
     for r in results:
         best = max(r["rates"].values())
@@ -355,7 +379,9 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                       *(f"{v:.0f}" for v in r["rates"].values()),
                       f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
                       "yes" if best / r["stage_rate"] >= 0.8 else
-                      ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"))
+                      ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"),
+                      " + ".join(f"{c * 1e3:.2f}" for c in r["cpu_per_request"][:-1])
+                      + f" + {r['cpu_per_request'][-1] * 1e3:.2f}")
     console.print(table)
 
 
@@ -369,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wire codec on every link (raw, fp16, int8, ...+zstd)")
     parser.add_argument("--link", default="tcp,grpc",
                         help="tier-to-tier links to compare, side by side (tcp, grpc or both)")
+    parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
+                        help="wpk-serve --run for every tier (where slices run)")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
@@ -383,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             console.print(f"[dim]measuring {name}...[/dim]")
             results += bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
-                                   args.codec, links)
+                                   args.codec, links, ["--run", args.run])
     report(results, args.threads, bare, args.codec)
     return 0
 

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slice runs at once on this tier (default 1)")
     parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
                         help="where the slice runs: on the event loop (inline), in a worker "
-                        "thread, or auto: inline when it takes under 1 ms (default)")
+                        "thread, or auto: inline when it takes under 5 ms (default)")
     parser.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "

@@ -40,7 +40,10 @@ from wpk.runtime.wire import (build_response, parameter_value, parse_inputs, pay
 LINKS = ("tcp", "grpc")
 DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
 DEADLINE_MARGIN_S = 0.02        # kept back so our own error reaches the caller in time
-INLINE_BELOW_S = 0.001          # `--run auto`: slices faster than this run on the event loop
+INLINE_BELOW_S = 0.005          # `--run auto`: slices faster than this run on the event loop
+# (the entry tier; tensor-link requests always run in their connection's thread). Measured
+# on 2 cores with the tensor link: resnet_like's 1.2 ms entry slice inline instead of in a
+# worker thread: per hop -10 %, pipelined throughput +8-13 %, entry CPU per request -5-10 %.
 
 
 @dataclass(frozen=True)

@@ -343,3 +343,19 @@ def test_tls_tiers_use_the_grpc_link(plans, tmp_path):
                                    rtol=1e-5, atol=1e-6)
     finally:
         pipeline.close()
+
+
+def test_garbage_on_the_tensor_link_port_drops_that_connection_only(plans):
+    pipeline = Pipeline(plans["mlp"])
+    try:
+        port = pipeline.services["edge"].link_server.port
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as intruder:
+            intruder.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
+            assert intruder.recv(100) == b""        # closed on the intruder
+        feeds = model_feeds(plans["mlp"])
+        np.testing.assert_allclose(triton_infer(pipeline.entry, "mlp", feeds)
+                                   .as_numpy("softmax_16_out"),
+                                   reference(plans["mlp"], feeds)["softmax_16_out"],
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        pipeline.close()

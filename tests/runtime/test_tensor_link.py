@@ -359,3 +359,34 @@ def test_garbage_on_the_tensor_link_port_drops_that_connection_only(plans):
                                    rtol=1e-5, atol=1e-6)
     finally:
         pipeline.close()
+
+
+def test_an_unreachable_tensor_link_port_falls_back_to_grpc(plans):
+    """The next tier is reached through a relay that forwards its gRPC port only (as
+    wpk-emulate's relays and a Kubernetes Service do): its advertised tensor-link port is
+    not reachable at that address, so the link uses gRPC through the relay."""
+    import subprocess
+    import sys
+
+    behind = Pipeline(plans["mlp"])
+    relay = subprocess.Popen([sys.executable, "-m", "wpk.deploy.delay_relay", "--listen",
+                              "127.0.0.2:0", "--to", behind.address["edge"], "--delay-ms", "0"],
+                             stdout=subprocess.PIPE, text=True)
+    front = None
+    try:
+        relayed = relay.stdout.readline().split()[1]
+        front = Pipeline(plans["mlp"], next_override={"device": relayed})
+        feeds = model_feeds(plans["mlp"])
+        np.testing.assert_allclose(triton_infer(front.entry, "mlp", feeds)
+                                   .as_numpy("softmax_16_out"),
+                                   reference(plans["mlp"], feeds)["softmax_16_out"],
+                                   rtol=1e-5, atol=1e-6)
+        link = front.services["device"].link
+        assert link.kind == "tcp" and link.connection is None and link.fallback_until > 0
+        assert link.port == behind.services["edge"].link_server.port   # it was advertised
+    finally:
+        relay.kill()
+        relay.wait()
+        if front is not None:
+            front.close()
+        behind.close()

@@ -193,13 +193,13 @@ class TcpLink:
     async def _attempt(self, timeout: float | None
                        ) -> LinkConnection | LoopConnection | None:
         """Dial the known port, or ask for it first (it changes when the tier restarts)."""
-        sock = await self._dial(self.port) if self.port is not None else None
+        sock = await self._dial(self.port, timeout) if self.port is not None else None
         if sock is None:
             self.port = await self._discover(timeout)
             if self.port is None:  # not a wpk tier, or one run with --link grpc
                 self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
                 return None
-            sock = await self._dial(self.port)
+            sock = await self._dial(self.port, timeout)
             if sock is None:
                 print(f"wpk: tensor link {self.host}:{self.port} unreachable; using gRPC, "
                       f"trying again every {FALLBACK_RETRY_S:.0f} s", file=sys.stderr,
@@ -236,10 +236,15 @@ class TcpLink:
                     return None
         return None
 
-    async def _dial(self, port: int) -> socket.socket | None:
+    async def _dial(self, port: int, timeout: float | None) -> socket.socket | None:
+        """A connected socket, or None (refused, or no answer within CONNECT_TIMEOUT_S or the
+        request's own time, whichever is shorter)."""
+        wait = CONNECT_TIMEOUT_S if timeout is None else min(CONNECT_TIMEOUT_S,
+                                                             max(timeout, 0.05))
+
         def connect() -> socket.socket | None:
             try:
-                sock = socket.create_connection((self.host, port), timeout=CONNECT_TIMEOUT_S)
+                sock = socket.create_connection((self.host, port), timeout=wait)
             except OSError:
                 return None
             sock.settimeout(None)

@@ -11,7 +11,6 @@ Models served:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,7 +91,7 @@ class TierService:
         self.link: GrpcLink | TcpLink | None = None
         self.link_server: LinkServer | None = None
         self.codec = Codec.parse(plan.links[index].codec) if self.next_tier else Codec()
-        self.next_model = f"{self.name}.{self.next_tier}"
+        self.next_model = f"{self.name}.{self.next_tier}" if self.next_tier else ""
         self.entry = index == 0
         self.slice_outputs = list(self.tier.slice_outputs)
         self.models = self._models(index == 0)
@@ -168,9 +167,9 @@ class TierService:
                                      server_name=self.next_tier)
             self.link = GrpcLink(client, self.codec, self.metrics, loop)
             if self.link_kind == "tcp":
-                on_loop = self.entry and os.environ.get("WPK_LINK_THREAD") != "1"
+                # the entry tier's requests start on the loop: its link is loop-driven
                 self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
-                                    on_loop=on_loop)
+                                    on_loop=self.entry)
         if self.link_kind == "tcp" and not self.entry:
             try:
                 self.link_server = LinkServer(host, link_port, self.serve_frame)

@@ -2,15 +2,24 @@
 3-tier local pipeline (three wpk-serve processes on 127.0.0.1), measured side by side.
 
     python benchmarks/runtime_overhead.py [--models mlp,resnet_like,mobilenet_like] [--seconds 2]
+                                          [--link tcp,grpc]
+
+Each link kind (`--link`: the tensor link `tcp`, gRPC streams `grpc`, or both, default) gets
+its own 3-tier deployment; with both, they run side by side and every measurement alternates
+between them round by round.
 
 (a) whole model, one ORT session, one request at a time;
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
     (pipeline latency - sum of the stages run alone) / hops, hops = 3 (client->device,
-    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB;
+    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; and the
+    tier-to-tier hops alone: the second tier sent what the first forwards, over the link
+    under test, (latency - its stages) / 2;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
     >= 80 %). Every tier and every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
-    the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it.
+    the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it, and the
+    CPU time each tier process and the client spend per request (cores / their sum bounds
+    the throughput on this machine).
 
 Plans come from wpk.partitioner, with the cuts pinned where the model's FLOPs split into
 thirds (every tier runs on this machine, so balanced stages are the fair case).
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -105,9 +115,16 @@ async def sample_async(call, seconds: float, into: list[float]) -> None:
         into.append(time.perf_counter() - start)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: int,
-                        seconds: float) -> float:
-    """Requests per second with `in_flight` requests outstanding all the time."""
+                        seconds: float, cpu: dict | None = None) -> float:
+    """Requests per second with `in_flight` requests outstanding all the time. With `cpu`
+    ({"pids": [...]}): adds the CPU seconds each pid used and the requests to it."""
     count = 0
 
     async def worker(end: float) -> None:
@@ -117,9 +134,15 @@ async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: i
             count += 1
 
     await asyncio.gather(*(client.infer(model, feeds) for _ in range(in_flight)))
+    before = [cpu_seconds(pid) for pid in cpu["pids"]] if cpu else []
     start = time.perf_counter()
     await asyncio.gather(*(worker(start + seconds) for _ in range(in_flight)))
-    return count / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if cpu:
+        used = [cpu_seconds(pid) - b for pid, b in zip(cpu["pids"], before)]
+        cpu["seconds"] = [a + b for a, b in zip(cpu.get("seconds", [0.0] * len(used)), used)]
+        cpu["requests"] = cpu.get("requests", 0) + count
+    return count / elapsed
 
 
 def slice_seconds(metrics_url: str) -> float:
@@ -135,10 +158,47 @@ def slice_seconds(metrics_url: str) -> float:
 
 ROUNDS = 5            # measurements alternate between what is compared, round by round,
 IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alike
+CPU_IN_FLIGHT = 8     # CPU time per request is measured at this many in flight
+
+
+async def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
+    """A coroutine function sending the second tier what the first one forwards, the way the
+    first tier does (tensor link, or a ModelStreamInfer stream with wpk_pipeline): timing it
+    gives the cost of the tier-to-tier hops alone, without the client's KServe hop."""
+    from wpk.runtime.frames import REQUEST, encode
+    from wpk.runtime.tensor_link import EXTENSION_PREFIX, LoopConnection
+
+    tier = plan.tiers[1]
+    feeds = {n: arrays[n] for n in tier.inputs}
+    model = f"{plan.name}.{tier.name}"
+    address = deployment.tiers[1].address
+    if link == "grpc":
+        client = InferenceClient(address, timeout=30, stream=True)
+        return lambda: client.infer(model, feeds, parameters={"wpk_pipeline": True})
+    async with InferenceClient(address, timeout=30) as client:
+        response = await client.stub.ServerMetadata(pb.ServerMetadataRequest())
+    port = int(next(e for e in response.extensions if e.startswith(EXTENSION_PREFIX))
+               .split(":")[1])
+    loop = asyncio.get_running_loop()
+    connection = LoopConnection(socket.create_connection((address.rsplit(":", 1)[0], port)),
+                                loop)
+
+    async def call():
+        future = loop.create_future()
+        connection.send(lambda rid: encode(REQUEST, rid, feeds, model=model, timeout_ms=30e3),
+                        30.0, future.set_result)
+        outcome = await future
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return call
 
 
 def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
-                codec: str) -> dict:
+                codec: str, links: list[str], serve_args: list[str] | None = None) -> list[dict]:
+    """One result per link kind; the deployments of every link run side by side and the
+    measurements alternate between them round by round."""
     plan_dir = make_plan_dir(name, root, codec)
     plan = load_plan(plan_dir)
     whole = session(plan_dir.parent / f"{name}.onnx", threads)
@@ -153,51 +213,80 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
     for run in [lambda: whole.run(None, feeds), *stages]:
         sample(run, 0.2, [])  # warm up
 
-    with LocalDeployment(plan_dir, port=port, threads=threads, metrics=True) as deployment:
+    deployments = [LocalDeployment(plan_dir, port=port + 10 * i, threads=threads, metrics=True,
+                                   link=link, serve_args=serve_args)
+                   for i, link in enumerate(links)]
+    try:
+        for deployment in deployments:
+            deployment.start()
+
         async def measure() -> dict:
-            unary = InferenceClient(deployment.entry, timeout=30)
-            stream = InferenceClient(deployment.entry, timeout=30, stream=True)
-            t = {"whole": [], "unary": [], "stream": [], **{i: [] for i in range(len(stages))}}
+            unary = {k: InferenceClient(d.entry, timeout=30) for k, d in zip(links, deployments)}
+            stream = {k: InferenceClient(d.entry, timeout=30, stream=True)
+                      for k, d in zip(links, deployments)}
+            second = {k: await second_tier_caller(k, d, plan, arrays)
+                      for k, d in zip(links, deployments)}
+            t = {"whole": [], **{i: [] for i in range(len(stages))},
+                 **{(k, m): [] for k in links for m in ("unary", "stream", "second")}}
             slice_time = seconds / ROUNDS / 2
-            for client in (unary, stream):
+            for client in (*unary.values(), *stream.values()):
                 await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
             for _ in range(ROUNDS):
                 sample(lambda: whole.run(None, feeds), slice_time, t["whole"])
                 for i, run in enumerate(stages):
                     sample(run, slice_time, t[i])
-                await sample_async(lambda: unary.infer(plan.name, feeds), slice_time, t["unary"])
-                await sample_async(lambda: stream.infer(plan.name, feeds), slice_time,
-                                   t["stream"])
+                for k in links:
+                    await sample_async(lambda: unary[k].infer(plan.name, feeds), slice_time,
+                                       t[(k, "unary")])
+                    await sample_async(lambda: stream[k].infer(plan.name, feeds), slice_time,
+                                       t[(k, "stream")])
+                    await sample_async(second[k], slice_time, t[(k, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
-            in_tier = [slice_seconds(handle.metrics_url) for handle in deployment.tiers]
+            in_tier = {k: [slice_seconds(handle.metrics_url) for handle in d.tiers]
+                       for k, d in zip(links, deployments)}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
-            rates: dict[int, list[float]] = {k: [] for k in IN_FLIGHT}
+            rates: dict = {(k, n): [] for k in links for n in IN_FLIGHT}
+            cpu = {k: {"pids": [h.process.pid for h in d.tiers] + [os.getpid()]}
+                   for k, d in zip(links, deployments)}
             stage_alone: list[float] = []
             for _ in range(ROUNDS):
-                for k in IN_FLIGHT:
-                    rates[k].append(await pipeline_rate(stream, plan.name, feeds, k,
-                                                        slice_time))
+                for n in IN_FLIGHT:
+                    for k in links:
+                        rates[(k, n)].append(await pipeline_rate(
+                            stream[k], plan.name, feeds, n, slice_time,
+                            cpu[k] if n == CPU_IN_FLIGHT else None))
                     sample(stages[slowest], slice_time, stage_alone)
-            await unary.close()
-            await stream.close()
-            return {"latency": latency, "in_tier": in_tier, "rates": {k: statistics.median(v)
-                                                  for k, v in rates.items()},
+            for client in (*unary.values(), *stream.values()):
+                await client.close()
+            return {"latency": latency, "in_tier": in_tier, "cpu": {
+                        k: [c / max(v["requests"], 1) for c in v["seconds"]]
+                        for k, v in cpu.items()},
+                    "rates": {key: statistics.median(v) for key, v in rates.items()},
                     "stage_rate": 1 / statistics.median(stage_alone)}
 
         measured = asyncio.run(measure())
-    in_tier = measured["in_tier"]
+    finally:
+        for deployment in deployments:
+            deployment.stop()
     latency = measured["latency"]
     stage_times = [latency[i] for i in range(len(stages))]
     hops = len(plan.tiers)
     ceiling = min(measured["stage_rate"], (os.cpu_count() or 1) / sum(stage_times))
-    return {"name": name, "t_whole": latency["whole"], "stages": stage_times,
-            "t_pipe": latency["unary"], "t_pipe_stream": latency["stream"], "in_tier": in_tier,
-            "per_hop_us": (latency["unary"] - sum(stage_times)) / hops * 1e6,
-            "per_hop_stream_us": (latency["stream"] - sum(stage_times)) / hops * 1e6,
-            "per_hop_in_tier_us": (latency["stream"] - sum(in_tier)) / hops * 1e6,
+    results = []
+    for k in links:
+        unary, stream = latency[(k, "unary")], latency[(k, "stream")]
+        results.append({
+            "name": name, "link": k, "t_whole": latency["whole"], "stages": stage_times,
+            "t_pipe": unary, "t_pipe_stream": stream, "in_tier": measured["in_tier"][k],
+            "per_hop_us": (unary - sum(stage_times)) / hops * 1e6,
+            "per_hop_stream_us": (stream - sum(stage_times)) / hops * 1e6,
+            "per_hop_in_tier_us": (stream - sum(measured["in_tier"][k])) / hops * 1e6,
+            "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
-            "rates": measured["rates"], "stage_rate": measured["stage_rate"],
-            "ceiling": ceiling}
+            "rates": {n: measured["rates"][(k, n)] for n in IN_FLIGHT},
+            "cpu_per_request": measured["cpu"][k],
+            "stage_rate": measured["stage_rate"], "ceiling": ceiling})
+    return results
 
 
 class Echo:
@@ -262,33 +351,37 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                   f"process): unary {bare[0] * 1e6:.0f} us, stream {bare[1] * 1e6:.0f} us")
     table = Table(title=f"(a)+(b) latency, one request at a time (ORT threads per tier: "
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
-    for column in ("model", "whole ORT ms", "stages alone ms", "stages in tiers ms",
+    for column in ("model", "link", "whole ORT ms", "stages alone ms", "stages in tiers ms",
                    "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
-                   "per hop us (stream), in-tier compute", "bytes in -> links", "< 300 us"):
+                   "per hop us (stream), in-tier compute", "tier->tier hop us",
+                   "bytes in -> links", "< 300 us"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["name"], f"{r['t_whole'] * 1e3:.2f}",
+        table.add_row(r["name"], r["link"], f"{r['t_whole'] * 1e3:.2f}",
                       " + ".join(f"{t * 1e3:.2f}" for t in r["stages"]),
                       " + ".join(f"{t * 1e3:.2f}" for t in r["in_tier"]),
                       f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f}",
                       f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f}",
-                      f"{r['per_hop_in_tier_us']:.0f}",
+                      f"{r['per_hop_in_tier_us']:.0f}", f"{r['tier_hop_us']:.0f}",
                       f"{r['input_bytes'] / 1e3:.0f}k -> "
                       + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),
                       "yes" if r["per_hop_stream_us"] < 300 else "NO")
     console.print(table)
     table = Table(title="(c) pipelined throughput, requests/s, vs the slowest stage alone")
-    for column in ("model", "slowest stage", "cpu ceiling", *(f"{k} in flight" for k in
+    for column in ("model", "link", "slowest stage", "cpu ceiling", *(f"{k} in flight" for k in
                                                               (1, 2, 4, 8, 16)),
-                   "best / slowest", "best / ceiling", ">= 80 %"):
+                   "best / slowest", "best / ceiling", ">= 80 %",
+                   f"CPU ms/request at {CPU_IN_FLIGHT} in flight: tiers + client"):
         table.add_column(column, justify="right")
     for r in results:
         best = max(r["rates"].values())
-        table.add_row(r["name"], f"{r['stage_rate']:.0f}", f"{r['ceiling']:.0f}",
+        table.add_row(r["name"], r["link"], f"{r['stage_rate']:.0f}", f"{r['ceiling']:.0f}",
                       *(f"{v:.0f}" for v in r["rates"].values()),
                       f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
                       "yes" if best / r["stage_rate"] >= 0.8 else
-                      ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"))
+                      ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"),
+                      " + ".join(f"{c * 1e3:.2f}" for c in r["cpu_per_request"][:-1])
+                      + f" + {r['cpu_per_request'][-1] * 1e3:.2f}")
     console.print(table)
 
 
@@ -300,18 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=18001)
     parser.add_argument("--codec", default="raw",
                         help="wire codec on every link (raw, fp16, int8, ...+zstd)")
+    parser.add_argument("--link", default="tcp,grpc",
+                        help="tier-to-tier links to compare, side by side (tcp, grpc or both)")
+    parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
+                        help="wpk-serve --run for every tier (where slices run)")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
         asyncio.run(echo_server(args.echo_server))
         return 0
+    links = [k.strip() for k in args.link.split(",") if k.strip()]
+    if not links or any(k not in ("tcp", "grpc") for k in links):
+        parser.error(f"--link {args.link!r}: expected tcp, grpc or tcp,grpc")
     bare = bare_grpc_hops(args.port + 50, min(args.seconds, 1.0))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             console.print(f"[dim]measuring {name}...[/dim]")
-            results.append(bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
-                                       args.codec))
+            results += bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
+                                   args.codec, links, ["--run", args.run])
     report(results, args.threads, bare, args.codec)
     return 0
 

@@ -26,7 +26,8 @@ def run_local(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
-                                 threads=args.threads, metrics=not args.no_metrics)
+                                 threads=args.threads, metrics=not args.no_metrics,
+                                 link=args.link)
     with deployment:
         table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
         for column in ("tier", "address", "models", "metrics", "pid"):
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--host", default="127.0.0.1", help="address every tier binds")
     local.add_argument("--threads", type=int, default=0,
                        help="ONNX Runtime threads per tier (0: ORT's default)")
+    local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
+                       help="how the tiers pass tensors: tcp, the tensor link (default), or "
+                       "grpc streams (see wpk-serve --link)")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
     local.add_argument("--mqtt", metavar="HOST:PORT",

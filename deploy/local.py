@@ -37,11 +37,13 @@ class LocalDeployment:
 
     def __init__(self, plan_dir: str | Path, *, port: int = 8001, host: str = "127.0.0.1",
                  name: str | None = None, threads: int = 0, metrics: bool = True,
-                 serve_args: list[str] | None = None, start_timeout: float = 60.0):
+                 serve_args: list[str] | None = None, start_timeout: float = 60.0,
+                 link: str = "tcp"):
+        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp or grpc)."""
         self.plan_dir = Path(plan_dir)
         self.plan = load_plan(self.plan_dir)
         self.port, self.host, self.name = port, host, name
-        self.threads, self.metrics = threads, metrics
+        self.threads, self.metrics, self.link = threads, metrics, link
         self.serve_args = list(serve_args or [])
         self.start_timeout = start_timeout
         self.tiers: list[TierProcess] = []
@@ -60,7 +62,8 @@ class LocalDeployment:
 
     def command(self, tier: str, port: int, next_address: str | None) -> list[str]:
         cmd = [sys.executable, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
-               "--port", str(port), "--host", self.host, "--threads", str(self.threads)]
+               "--port", str(port), "--host", self.host, "--threads", str(self.threads),
+               "--link", self.link]
         if next_address:
             cmd += ["--next", next_address]
         if self.name:

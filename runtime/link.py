@@ -18,6 +18,7 @@ from wpk.runtime import protocol as pb
 from wpk.runtime.outbox import Outbox
 from wpk.runtime.wire import parameter_value, set_parameter
 
+PIPELINE_PARAM = "wpk_pipeline"
 TIMEOUT_PARAM = "wpk_timeout_ms"
 STATUS_PARAM = "wpk_status"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import threading
 from collections import defaultdict
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -43,7 +44,8 @@ class Histogram:
 
 
 class TierMetrics:
-    """Counters of one tier server. Not thread-safe: update from the event loop only."""
+    """Counters of one tier server. Updated from the event loop and the tensor link's
+    threads: each update takes a lock (uncontended: well under a microsecond)."""
 
     def __init__(self, tier: str):
         self.tier = tier
@@ -51,13 +53,20 @@ class TierMetrics:
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.slice = Histogram()
         self.message_bytes: dict[str, int] = {"in": 0, "out": 0, "forward": 0, "return": 0}
+        self.lock = threading.Lock()
 
     def observe(self, model: str, code: str, seconds: float) -> None:
-        self.requests[(model, code)] += 1
-        self.latency[model].observe(seconds)
+        with self.lock:
+            self.requests[(model, code)] += 1
+            self.latency[model].observe(seconds)
+
+    def observe_slice(self, seconds: float) -> None:
+        with self.lock:
+            self.slice.observe(seconds)
 
     def add_bytes(self, direction: str, count: int) -> None:
-        self.message_bytes[direction] += count
+        with self.lock:
+            self.message_bytes[direction] += count
 
     @staticmethod
     def _histogram(name: str, hist: Histogram, **labels: str) -> list[str]:
@@ -71,6 +80,10 @@ class TierMetrics:
         return lines
 
     def render(self) -> str:
+        with self.lock:
+            return self._render()
+
+    def _render(self) -> str:
         tier = self.tier
         lines = ["# HELP wpk_requests_total ModelInfer requests finished, by gRPC status code.",
                  "# TYPE wpk_requests_total counter"]

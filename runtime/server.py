@@ -32,7 +32,8 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 threads: int = 0, workers: int = 1, metrics_port: int | None = None,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
-                tls_dir: str | None = None, spin: bool = False,
+                tls_dir: str | None = None, spin: bool = False, link: str = "tcp",
+                link_port: int = 0,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -42,6 +43,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     creds = tls.load(tls_dir, tier) if tls_dir else None
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
                           workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
+                          link=link,
                           channel_credentials=tls.channel_credentials(creds) if creds else None)
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((protocol.generic_handler(service), health_handler()))
@@ -54,7 +56,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
         bound = 0
     if bound == 0:
         raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (port in use?)")
-    await service.start()
+    await service.start(host, link_port)
     await server.start()
     metrics_server = None
     metrics_text = ""
@@ -62,6 +64,8 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
         metrics_server = await serve_metrics(service.metrics, host, metrics_port)
         metrics_bound = metrics_server.sockets[0].getsockname()[1]
         metrics_text = f" metrics http://{host}:{metrics_bound}/metrics"
+    if service.link_server is not None:
+        metrics_text += f" tensor-link {host}:{service.link_server.port}"
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -71,6 +75,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
              f"(models: {', '.join(service.models)}){metrics_text}")
     if ready is not None:
         ready.port = bound  # type: ignore[attr-defined]
+        ready.service = service  # type: ignore[attr-defined]
         ready.set()
     try:
         await stop.wait()
@@ -102,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slice runs at once on this tier (default 1)")
     parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
                         help="where the slice runs: on the event loop (inline), in a worker "
-                        "thread, or auto: inline when it takes under 1 ms (default)")
+                        "thread, or auto: inline when it takes under 5 ms (default)")
+    parser.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
+                        help="how tiers pass tensors: tcp, the tensor link (binary frames on "
+                        "a second port, found through ServerMetadata; default), or grpc "
+                        "(ModelStreamInfer streams only). With --tls-dir: grpc")
+    parser.add_argument("--link-port", type=int, default=0,
+                        help="port of this tier's tensor link (default 0: any free port)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS: ca.pem, TIER.pem and TIER.key in DIR (wpk-deploy "
                         "--tls writes them); peers without a certificate from that CA are "
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                       workers=args.workers, metrics_port=args.metrics_port,
                       max_message_bytes=args.max_message_mb * 1024 * 1024,
                       hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
-                      spin=args.spin,
+                      spin=args.spin, link=args.link, link_port=args.link_port,
                       announce=announce))
     return 0
 

@@ -47,7 +47,9 @@ class Pipeline:
     """All tiers of a plan served in-process; `.address[tier]`, `.entry`, `.stop_tier()`."""
 
     def __init__(self, plan_dir: Path, *, hop_timeout: float = 5.0,
-                 next_override: dict[str, str] | None = None, metrics: bool = False):
+                 next_override: dict[str, str] | None = None, metrics: bool = False,
+                 link: str | dict[str, str] = "tcp", tls_dir: Path | None = None):
+        """`link`: every tier's `--link`, or one per tier name (tcp where not named)."""
         self.plan_dir = plan_dir
         self.plan = load_plan(plan_dir)
         self.loop = asyncio.new_event_loop()
@@ -57,6 +59,9 @@ class Pipeline:
         self.metrics_url: dict[str, str] = {}
         self._stops: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self.link = link if isinstance(link, dict) else {t.name: link for t in self.plan.tiers}
+        self.tls_dir = tls_dir
+        self.services: dict[str, object] = {}   # tier -> its TierService (to look inside)
         self._run(self._start(hop_timeout, next_override or {}, metrics))
 
     def _run(self, coroutine, timeout: float = 60):
@@ -72,14 +77,16 @@ class Pipeline:
                 str(self.plan_dir), tier.name, port=0,
                 next_address=next_override.get(tier.name, next_address), threads=1,
                 hop_timeout=hop_timeout, metrics_port=0 if metrics else None,
+                link=self.link.get(tier.name, "tcp"), tls_dir=str(self.tls_dir) if self.tls_dir else None,
                 ready=ready, stop=stop, announce=lines.append))
             done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())],
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 task.result()  # raises the start-up error
             self.address[tier.name] = f"127.0.0.1:{ready.port}"
+            self.services[tier.name] = ready.service
             if metrics:
-                self.metrics_url[tier.name] = lines[0].split(" metrics ")[1]
+                self.metrics_url[tier.name] = lines[0].split(" metrics ")[1].split()[0]
             self._stops[tier.name], self._tasks[tier.name] = stop, task
             next_address = self.address[tier.name]
 

@@ -19,9 +19,11 @@ from wpk.deploy.local import LocalDeployment
 from wpk.errors import WpkError
 
 
-def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans):
+@pytest.mark.parametrize("link", ["tcp", "grpc"])
+def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans, link):
     port = free_port()
-    with LocalDeployment(plans["mlp"], port=port, threads=1) as deployment:
+    with LocalDeployment(plans["mlp"], port=port, threads=1, link=link) as deployment:
+        assert all(f"--link {link}" in " ".join(t.process.args) for t in deployment.tiers)
         assert deployment.entry == f"127.0.0.1:{port}"
         assert [t.tier for t in deployment.tiers] == ["device", "edge", "cloud"]
         assert deployment.tiers[0].models == ("mlp", "mlp.device")

@@ -43,9 +43,11 @@ def expect_error(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) ->
     return info.value.message()
 
 
-@pytest.mark.parametrize("name", ["resnet", "mlp", "dag"])
-def test_tritonclient_through_pipeline_matches_whole_model(plans, name):
-    pipeline = Pipeline(plans[name])
+@pytest.mark.parametrize("name, link", [("resnet", "tcp"), ("mlp", "tcp"), ("dag", "tcp"),
+                                        ("resnet", "grpc"), ("dag", "grpc")])
+def test_tritonclient_through_pipeline_matches_whole_model(plans, name, link):
+    pipeline = Pipeline(plans[name], link=link)
+    assert pipeline.services["device"].link.kind == link
     tiers = pipeline.plan.tiers
     if name == "dag":  # what this plan is here for: merging results from every tier
         assert all(t.results for t in tiers) and any(t.passthrough for t in tiers)
@@ -230,9 +232,12 @@ class SlowPeer:
         self.server.stop(0)
 
 
-def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans):
+@pytest.mark.parametrize("link", ["tcp", "grpc"])
+def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans, link):
+    """(With the tensor link, the hung peer's ServerMetadata is what times out.)"""
     peer = SlowPeer()
-    pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address})
+    pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address},
+                        link=link)
     try:
         feeds = model_feeds(plans["resnet"])
         # the caller's deadline travels down the chain
@@ -249,8 +254,9 @@ def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans):
         peer.close()
 
 
-def test_stopped_downstream_gives_unavailable_naming_the_tier(plans):
-    pipeline = Pipeline(plans["mlp"])
+@pytest.mark.parametrize("link", ["tcp", "grpc"])
+def test_stopped_downstream_gives_unavailable_naming_the_tier(plans, link):
+    pipeline = Pipeline(plans["mlp"], link=link)
     try:
         feeds = model_feeds(plans["mlp"])
         triton_infer(pipeline.entry, "mlp", feeds)

@@ -9,15 +9,17 @@ import sys
 import time
 
 import grpc
+import pytest
 
 from .conftest import Pipeline, free_port
 from .test_pipeline import model_feeds
 from wpk.runtime.client import InferenceClient, InferenceError
 
 
-def start_tier(plan_dir, tier: str, port: int) -> subprocess.Popen:
+def start_tier(plan_dir, tier: str, port: int, link: str = "tcp") -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "wpk.runtime.server", str(plan_dir),
-                                "--tier", tier, "--port", str(port), "--threads", "1"],
+                                "--tier", tier, "--port", str(port), "--threads", "1",
+                                "--link", link],
                                stdout=subprocess.PIPE, text=True)
     assert "ready on" in process.stdout.readline()
     return process
@@ -37,10 +39,13 @@ async def load_until(client: InferenceClient, model: str, feeds, done, outcomes:
     await asyncio.gather(*(worker() for _ in range(workers)))
 
 
-def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans):
+@pytest.mark.parametrize("link", ["tcp", "grpc"])
+def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans, link):
+    """With the tensor link, the restarted tier listens on a new tensor-link port: the link
+    finds it again through ServerMetadata."""
     port = free_port()
-    cloud = start_tier(plans["mlp"], "cloud", port)
-    pipeline = Pipeline(plans["mlp"], next_override={"edge": f"127.0.0.1:{port}"})
+    cloud = start_tier(plans["mlp"], "cloud", port, link)
+    pipeline = Pipeline(plans["mlp"], next_override={"edge": f"127.0.0.1:{port}"}, link=link)
     feeds = model_feeds(plans["mlp"])
     outcomes: list[tuple[float, str, str]] = []
     marks: dict[str, float] = {}
@@ -59,7 +64,7 @@ def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans):
             while sum(1 for o in outcomes if o[0] > marks["killed"] and o[1] != "OK") < 20:
                 await asyncio.sleep(0.01)
             cloud = await asyncio.get_running_loop().run_in_executor(
-                None, start_tier, plans["mlp"], "cloud", port)
+                None, start_tier, plans["mlp"], "cloud", port, link)
             marks["restarted"] = time.monotonic()
             deadline = time.monotonic() + 10
             while not any(o[0] > marks["restarted"] and o[1] == "OK" for o in outcomes):
@@ -80,3 +85,4 @@ def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans):
         assert code == grpc.StatusCode.UNAVAILABLE.name, (code, details)
         assert "tier 'cloud' at" in details, details
     assert any(o[0] > marks["restarted"] and o[1] == "OK" for o in outcomes)
+    assert pipeline.services["edge"].link.kind == link

@@ -1,0 +1,264 @@
+"""How a tier reaches the next one: `GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the
+tensor link, `tensor_link`, found through the next tier's gRPC ServerMetadata).
+
+Both offer the same two calls:
+- `await forward(model, arrays, timeout)` on the tier's event loop -> the answer's arrays;
+- `submit(model, arrays, timeout, done)` from any thread; `done(outcome)` gets the arrays or
+  an InferenceError, from some thread.
+Both raise / report only InferenceError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own
+status); the service turns them into messages naming the tier.
+
+`TcpLink` discovers the next tier's tensor-link port once per connection: ServerMetadata's
+`extensions` holds `wpk-tensor-link:PORT` (standard clients ignore unknown extensions). A
+next tier that advertises none (another KServe server, a wpk tier run with `--link grpc`)
+is reached over gRPC instead; so is one whose port cannot be connected to (a relay or a
+Service that forwards only the gRPC port): that is retried every FALLBACK_RETRY_S.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Mapping
+
+import grpc
+import numpy as np
+
+from wpk.runtime import protocol as pb
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.codecs import Codec, Encoder
+from wpk.runtime.frames import REQUEST, encode
+from wpk.runtime.link import PIPELINE_PARAM, InferenceError
+from wpk.runtime.metrics import TierMetrics
+from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
+from wpk.runtime.tensors import TensorError
+from wpk.runtime.wire import build_request, parse_response, payload_bytes
+
+FALLBACK_RETRY_S = 30.0
+CONNECT_TIMEOUT_S = 2.0
+SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped reading) fails
+
+Done = Callable[[object], None]
+
+
+def _outcome(future) -> object:
+    """A finished concurrent future as an outcome: its result, or an InferenceError."""
+    if future.cancelled():
+        return InferenceError(grpc.StatusCode.CANCELLED, "cancelled")
+    error = future.exception()
+    if error is None:
+        return future.result()
+    if isinstance(error, InferenceError):
+        return error
+    return InferenceError(grpc.StatusCode.INTERNAL, repr(error))
+
+
+def _settle(future: asyncio.Future, outcome: object) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, InferenceError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class GrpcLink:
+    """The next tier over one ModelStreamInfer stream (requests carry `wpk_pipeline`)."""
+
+    kind = "grpc"
+
+    def __init__(self, client: InferenceClient, codec: Codec, metrics: TierMetrics,
+                 loop: asyncio.AbstractEventLoop):
+        self.client = client
+        self.encoder = Encoder(codec) if codec != Codec() else None  # used on the loop only
+        self.metrics = metrics
+        self.loop = loop
+
+    async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
+                      timeout: float | None) -> dict[str, np.ndarray]:
+        request = build_request(model, arrays, encoder=self.encoder,
+                                parameters={PIPELINE_PARAM: True})
+        self.metrics.add_bytes("forward", request.nbytes)
+        response = await self.client.infer_message(request, timeout=timeout)
+        self.metrics.add_bytes("return", payload_bytes(response))
+        try:
+            return parse_response(response)
+        except TensorError as error:
+            raise InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {error}") from None
+
+    def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
+               done: Done) -> None:
+        future = asyncio.run_coroutine_threadsafe(self.forward(model, arrays, timeout),
+                                                  self.loop)
+        future.add_done_callback(lambda f: done(_outcome(f)))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class TcpLink:
+    """The next tier over the tensor link, falling back to `grpc` where there is none."""
+
+    kind = "tcp"
+
+    def __init__(self, address: str, grpc_link: GrpcLink, codec: Codec, metrics: TierMetrics,
+                 on_loop: bool = False):
+        """`on_loop`: the connection is driven by the event loop (for a tier whose requests
+        all start there: the entry tier); else a reader thread answers (middle tiers, whose
+        requests come from the previous tier's tensor link in a thread)."""
+        self.on_loop = on_loop
+        self.host = address.rsplit(":", 1)[0].strip("[]")
+        self.grpc = grpc_link
+        self.loop = grpc_link.loop
+        self.codec = codec
+        self.metrics = metrics
+        self.expiry = Expiry()
+        self.connection: LinkConnection | LoopConnection | None = None
+        self.port: int | None = None           # the next tier's tensor-link port, once known
+        self.fallback_until = 0.0              # monotonic time until which gRPC is used
+        self._connecting = asyncio.Lock()
+        self._recheck: asyncio.Task | None = None  # looking for the tensor link again
+        self._local = threading.local()        # one Encoder per thread (zstd contexts)
+        self._raw = codec == Codec()
+
+    # -- sending ----------------------------------------------------------------------------
+    def _encoder(self) -> Encoder | None:
+        if self._raw:
+            return None
+        encoder = getattr(self._local, "encoder", None)
+        if encoder is None:
+            encoder = self._local.encoder = Encoder(self.codec)
+        return encoder
+
+    def _send(self, connection: LinkConnection | LoopConnection, model: str, arrays: Mapping[str, np.ndarray],
+              timeout: float | None, done: Done) -> None:
+        def parts_for(request_id: int) -> list:
+            parts = encode(REQUEST, request_id, arrays, model=model,
+                           timeout_ms=-1.0 if timeout is None else timeout * 1000.0,
+                           encoder=self._encoder())
+            self.metrics.add_bytes("forward", sum(memoryview(p).nbytes for p in parts[1:]))
+            return parts
+
+        try:
+            connection.send(parts_for, timeout, done)
+        except TensorError as error:  # a dtype the protocol cannot name
+            done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
+
+    def _open(self) -> LinkConnection | LoopConnection | None:
+        return self.connection if self.connection is not None and \
+            self.connection.error is None else None
+
+    async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
+                      timeout: float | None) -> dict[str, np.ndarray]:
+        connection = self._open() or await self._connect(timeout)
+        if connection is None:
+            return await self.grpc.forward(model, arrays, timeout)
+        loop = self.loop
+        future = loop.create_future()
+        if connection.threaded:
+            done = lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)  # noqa
+        else:
+            done = lambda outcome: _settle(future, outcome)  # noqa: E731
+        self._send(connection, model, arrays, timeout, done)
+        return await future
+
+    def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
+               done: Done) -> None:
+        connection = self._open()
+        if connection is not None and connection.threaded:  # the hot path: no loop involved
+            self._send(connection, model, arrays, timeout, done)
+            return
+        future = asyncio.run_coroutine_threadsafe(self.forward(model, arrays, timeout),
+                                                  self.loop)
+        future.add_done_callback(lambda f: done(_outcome(f)))
+
+    # -- connecting -------------------------------------------------------------------------
+    async def _connect(self, timeout: float | None
+                       ) -> LinkConnection | LoopConnection | None:
+        """The open connection, a new one, or None: use gRPC. Raises InferenceError when the
+        next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
+        DEADLINE_EXCEEDED)."""
+        if self.fallback_until:  # on gRPC: look again now and then, off the request path
+            if time.monotonic() >= self.fallback_until and self._recheck is None:
+                self._recheck = asyncio.ensure_future(self._retry())
+            return None
+        async with self._connecting:
+            connection = self._open()
+            if connection is not None or self.fallback_until:
+                return connection
+            return await self._attempt(timeout)
+
+    async def _attempt(self, timeout: float | None
+                       ) -> LinkConnection | LoopConnection | None:
+        """Dial the known port, or ask for it first (it changes when the tier restarts)."""
+        sock = await self._dial(self.port, timeout) if self.port is not None else None
+        if sock is None:
+            self.port = await self._discover(timeout)
+            if self.port is None:  # not a wpk tier, or one run with --link grpc
+                self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+                return None
+            sock = await self._dial(self.port, timeout)
+            if sock is None:
+                print(f"wpk: tensor link {self.host}:{self.port} unreachable; using gRPC, "
+                      f"trying again every {FALLBACK_RETRY_S:.0f} s", file=sys.stderr,
+                      flush=True)
+                self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+                return None
+        count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
+        self.connection = LoopConnection(sock, self.loop, count) if self.on_loop else \
+            LinkConnection(sock, self.expiry, count)
+        self.fallback_until = 0.0
+        return self.connection
+
+    async def _retry(self) -> None:
+        try:
+            async with self._connecting:
+                try:
+                    await self._attempt(CONNECT_TIMEOUT_S)
+                except InferenceError:  # not answering now: stay on gRPC a while longer
+                    self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+        finally:
+            self._recheck = None
+
+    async def _discover(self, timeout: float | None) -> int | None:
+        try:
+            response = await self.grpc.client.stub.ServerMetadata(pb.ServerMetadataRequest(),
+                                                                  timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise InferenceError(error.code(), error.details() or "no answer") from None
+        for extension in response.extensions:
+            if extension.startswith(EXTENSION_PREFIX):
+                try:
+                    return int(extension[len(EXTENSION_PREFIX):])
+                except ValueError:
+                    return None
+        return None
+
+    async def _dial(self, port: int, timeout: float | None) -> socket.socket | None:
+        """A connected socket, or None (refused, or no answer within CONNECT_TIMEOUT_S or the
+        request's own time, whichever is shorter)."""
+        wait = CONNECT_TIMEOUT_S if timeout is None else min(CONNECT_TIMEOUT_S,
+                                                             max(timeout, 0.05))
+
+        def connect() -> socket.socket | None:
+            try:
+                sock = socket.create_connection((self.host, port), timeout=wait)
+            except OSError:
+                return None
+            sock.settimeout(None)
+            seconds = int(SEND_TIMEOUT_S)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            seconds.to_bytes(8, sys.byteorder) + (0).to_bytes(8, sys.byteorder))
+            return sock
+
+        return await self.loop.run_in_executor(None, connect)
+
+    async def close(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+        self.expiry.close()
+        if self.connection is not None:
+            self.connection.close()
+        await self.grpc.close()

@@ -1,0 +1,419 @@
+"""The tensor link: a tier's fast data plane towards the next tier, over plain TCP.
+
+`LinkServer` (the downstream side) accepts connections on its own port; one thread per
+connection reads request frames and hands each to the tier's handler in that same thread (the
+slice runs there: ONNX Runtime releases the GIL, and no hand-off to another thread or an event
+loop is paid). The handler answers through a `Reply`, from whichever thread has the answer
+(the next tier's reader thread, when the tier forwards).
+
+`LinkConnection` (the upstream side) is one persistent full-duplex connection: requests are
+multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
+each request's `done` callback. A broken connection fails every pending request with
+UNAVAILABLE; `Expiry` fails those whose deadline passes first with DEADLINE_EXCEEDED.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from wpk.runtime.frames import ANSWER, REQUEST, Frame, FrameError, FrameReader, encode, send_parts
+from wpk.runtime.link import InferenceError
+from wpk.runtime.tensors import TensorError
+
+EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+Done = Callable[[object], None]
+
+
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """No Nagle delay; TCP keepalive, so that a peer gone without a word (host down, network
+    cut) ends the connection within ~25 s: its pending requests fail with UNAVAILABLE and
+    the next request reconnects, instead of frames vanishing into a half-open connection."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+class Reply:
+    """Answers one request frame on the connection it came from (once)."""
+
+    __slots__ = ("connection", "request_id")
+
+    def __init__(self, connection: "_ServerConnection", request_id: int):
+        self.connection, self.request_id = connection, request_id
+
+    def ok(self, arrays: dict[str, np.ndarray]) -> int:
+        """Send the answer's tensors (raw); returns their bytes."""
+        parts = encode(ANSWER, self.request_id, arrays)
+        self.connection.send(parts)
+        return sum(memoryview(p).nbytes for p in parts[1:])
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        self.connection.send(encode(ANSWER, self.request_id, None, status=code.value[0],
+                                    error=message))
+
+
+Handler = Callable[[Frame, Reply], None]
+
+
+class _ServerConnection:
+    def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
+        self.sock, self.handle, self.owner = sock, handle, owner
+        self.lock = threading.Lock()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="wpk-link-in")
+
+    def send(self, parts: list) -> None:
+        with self.lock:  # closed under the lock: a late answer never meets a reused fd
+            if self.closed:
+                return
+            try:
+                send_parts(self.sock, parts)
+            except OSError:
+                pass  # the caller has gone: nobody is left to answer
+
+    def _run(self) -> None:
+        reader = FrameReader(self.sock)
+        try:
+            while True:
+                frame = reader.read()
+                if frame.kind != REQUEST:
+                    raise FrameError("answer frame sent to a tier")
+                self.handle(frame, Reply(self, frame.request_id))
+        except (EOFError, OSError, FrameError):
+            pass
+        finally:
+            self.close()
+            self.owner.connections.discard(self)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full buffer
+        except OSError:
+            pass
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.sock.close()
+
+
+class LinkServer:
+    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`."""
+
+    def __init__(self, host: str, port: int, handle: Handler):
+        self.handle = handle
+        self.listener = socket.create_server((host, port))
+        self.port = self.listener.getsockname()[1]
+        self.connections: set[_ServerConnection] = set()
+        self._thread = threading.Thread(target=self._accept, daemon=True,
+                                        name="wpk-link-accept")
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            _nodelay(sock)
+            connection = _ServerConnection(sock, self.handle, self)
+            self.connections.add(connection)
+            connection.thread.start()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for connection in list(self.connections):
+            connection.close()
+
+
+class Expiry:
+    """One thread that fails requests whose deadline passed (DEADLINE_EXCEEDED).
+
+    Answered requests leave the heap when they reach its head (requests mostly finish in
+    order), so the heap holds about the pending requests only and the thread sleeps until the
+    earliest live deadline: it wakes about once per timeout, not once per request. It is
+    notified only for a deadline earlier than the time it will wake anyway."""
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []          # [deadline, seq, connection, request_id, live]
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._wake_at = float("inf")
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, deadline: float, connection: "LinkConnection", request_id: int) -> list:
+        entry = [deadline, next(self._seq), connection, request_id, True]
+        with self._lock:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="wpk-link-expiry")
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._wake.notify()
+        return entry
+
+    def discard(self, entry: list) -> None:
+        """The request was answered: its deadline no longer matters."""
+        entry[4] = False
+        heap = self._heap
+        if heap and heap[0] is entry:
+            with self._lock:
+                while heap and not heap[0][4]:
+                    heapq.heappop(heap)
+
+    def _run(self) -> None:
+        while True:
+            expired = []
+            with self._wake:
+                while not self._closed:
+                    now = time.monotonic()
+                    while self._heap and (self._heap[0][0] <= now or not self._heap[0][4]):
+                        entry = heapq.heappop(self._heap)
+                        if entry[4]:
+                            expired.append(entry)
+                    if expired:
+                        break
+                    self._wake_at = self._heap[0][0] if self._heap else float("inf")
+                    self._wake.wait(self._wake_at - now if self._heap else None)
+                    self._wake_at = 0.0
+                if self._closed:
+                    return
+            for _, _, connection, request_id, _ in expired:
+                connection.expire(request_id)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._heap.clear()
+            self._wake.notify()
+
+
+def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
+    """Hand an answer frame to its request's callback (arrays, or the error it carries)."""
+    if frame.kind != ANSWER:
+        raise FrameError("request frame sent to a client")
+    if frame.status:
+        callback(InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                                str(frame.meta.get("e", ""))))
+        return
+    if on_bytes is not None:
+        on_bytes(frame.nbytes)
+    try:
+        arrays = frame.arrays("answer")
+    except TensorError as bad:
+        callback(InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}"))
+    else:
+        callback(arrays)
+
+
+class LinkConnection:
+    """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
+    once per request, with the answer's arrays or an InferenceError, from the reader thread
+    (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
+
+    threaded = True
+
+    def __init__(self, sock: socket.socket, expiry: Expiry,
+                 on_bytes: Callable[[int], None] | None = None):
+        _nodelay(sock)
+        self.sock = sock
+        self.expiry = expiry
+        self.on_bytes = on_bytes
+        self.pending: dict[int, Done] = {}
+        self.error: InferenceError | None = None
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._reader = threading.Thread(target=self._read, daemon=True, name="wpk-link-out")
+        self._reader.start()
+
+    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
+        """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
+        request_id = next(self._ids)
+        parts = parts_for(request_id)
+        if timeout is not None:
+            entry = self.expiry.add(time.monotonic() + timeout, self, request_id)
+            self.pending[request_id] = lambda outcome: (self.expiry.discard(entry),
+                                                        done(outcome))
+        else:
+            self.pending[request_id] = done
+        try:
+            with self._send_lock:
+                if self.error is None:
+                    send_parts(self.sock, parts)
+        except OSError as error:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+        if self.error is not None:  # failed before or while we sent
+            callback = self.pending.pop(request_id, None)
+            if callback is not None:
+                callback(self.error)
+
+    def expire(self, request_id: int) -> None:
+        callback = self.pending.pop(request_id, None)
+        if callback is not None:
+            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def _read(self) -> None:
+        reader = FrameReader(self.sock)
+        error = InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
+        try:
+            while True:
+                frame = reader.read()
+                callback = self.pending.pop(frame.request_id, None)
+                if callback is not None:  # None: expired meanwhile, the caller has its answer
+                    _deliver(frame, callback, self.on_bytes)
+        except EOFError:
+            pass
+        except (OSError, FrameError) as failure:
+            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
+        self.fail(error)
+        with self._send_lock:  # no sender is inside the socket now, and none will enter
+            self.sock.close()
+
+    def fail(self, error: InferenceError) -> None:
+        """End the connection: every pending request gets `error`."""
+        if self.error is None:
+            self.error = error
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for request_id in list(self.pending):
+            callback = self.pending.pop(request_id, None)
+            if callback is not None:
+                callback(self.error)
+
+    def close(self) -> None:
+        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
+        self._reader.join(1.0)
+
+
+class LoopConnection:
+    """A connection driven by an asyncio loop, for a tier whose requests start on the loop
+    (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
+    so `done` runs on the loop with no reader thread and no hand-off between threads; writes
+    that do not fit the socket buffer wait for it to drain (the loop never blocks). Deadlines
+    are loop timers. Use from the loop's thread only."""
+
+    threaded = False
+    MAX_IOV = 512
+
+    def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None):
+        _nodelay(sock)
+        sock.setblocking(False)
+        self.sock, self.loop, self.on_bytes = sock, loop, on_bytes
+        self.fd = sock.fileno()
+        self.reader = FrameReader(sock)
+        self.pending: dict[int, Done] = {}
+        self.timers: dict[int, object] = {}
+        self.error: InferenceError | None = None
+        self._ids = itertools.count(1)
+        self._backlog: list[memoryview] = []   # bytes waiting for the socket to drain
+        loop.add_reader(self.fd, self._readable)
+
+    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
+        if self.error is not None:
+            done(self.error)
+            return
+        request_id = next(self._ids)
+        parts = parts_for(request_id)
+        self.pending[request_id] = done
+        if timeout is not None:
+            self.timers[request_id] = self.loop.call_later(timeout, self.expire, request_id)
+        views = [memoryview(p) for p in parts]
+        if self._backlog:
+            self._backlog.extend(views)
+        else:
+            self._write(views)
+
+    def _write(self, views: list[memoryview]) -> None:
+        now, later = views[:self.MAX_IOV], views[self.MAX_IOV:]
+        try:
+            sent = self.sock.sendmsg(now)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            return
+        while now and sent >= now[0].nbytes:
+            sent -= now[0].nbytes
+            now.pop(0)
+        if now:
+            now[0] = now[0][sent:]
+        rest = now + later
+        if rest:
+            if not self._backlog:
+                self.loop.add_writer(self.fd, self._writable)
+            self._backlog = rest
+
+    def _writable(self) -> None:
+        views, self._backlog = self._backlog, []
+        self.loop.remove_writer(self.fd)
+        if views and self.error is None:
+            self._write(views)
+
+    def _readable(self) -> None:
+        try:
+            frames = self.reader.poll()
+        except EOFError:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
+            return
+        except (OSError, FrameError) as failure:
+            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
+            return
+        for frame in frames:
+            callback = self.pending.pop(frame.request_id, None)
+            timer = self.timers.pop(frame.request_id, None)
+            if timer is not None:
+                timer.cancel()
+            if callback is not None:
+                try:
+                    _deliver(frame, callback, self.on_bytes)
+                except FrameError as failure:
+                    self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, str(failure)))
+                    return
+
+    def expire(self, request_id: int) -> None:
+        self.timers.pop(request_id, None)
+        callback = self.pending.pop(request_id, None)
+        if callback is not None:
+            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def fail(self, error: InferenceError) -> None:
+        if self.error is None:
+            self.error = error
+            self.loop.remove_reader(self.fd)
+            if self._backlog:
+                self.loop.remove_writer(self.fd)
+            self._backlog = []
+            self.sock.close()
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        pending, self.pending = self.pending, {}
+        for callback in pending.values():
+            callback(self.error)
+
+    def close(self) -> None:
+        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))

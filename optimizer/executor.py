@@ -8,6 +8,7 @@ sub-sessions for runs of nodes ORT does best, generated kernels for the nodes wh
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -63,7 +64,12 @@ class KernelSegment:
         if entry.get("weights"):
             with np.load(directory / entry["weights"]) as data:
                 spec.weights = {k: data[k] for k in data.files}
-        self.kernel = BoundKernel(spec)
+        if spec.op == "winograd":
+            from wpk.optimizer.winograd import WinogradKernel
+
+            self.kernel = WinogradKernel(spec)
+        else:
+            self.kernel = BoundKernel(spec)
         self.output = spec.output
         self.inputs = self.kernel.activations
         self.outputs = [spec.output]
@@ -92,7 +98,7 @@ class OptimizedSession:
         for entry in self.manifest["segments"]:
             if entry["type"] == "ort":
                 self.segments.append(OrtSegment(self.directory, entry, config,
-                                                spinning=not mixed))
+                                                spinning=not mixed or os.environ.get("WPK_SPIN") == "1"))
             elif entry["type"] == "kernel":
                 self.segments.append(KernelSegment(self.directory, entry))
             else:

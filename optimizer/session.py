@@ -52,7 +52,13 @@ def session_options(config: Config, offline_optimized: bool = False,
                     spinning: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if not spinning:  # inside a segment executor: leave the cores to the generated kernels
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        mode = os.environ.get("WPK_SPINMODE", "off")
+        if mode == "off":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        else:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+            if mode != "stop":
+                options.add_session_config_entry("session.intra_op.spin_duration_us", mode)
     options.intra_op_num_threads = int(config.get("threads", 0))
     options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL
                               if config.get("execution_mode") == "parallel"

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                              "e.g. 0.02; default: fp32 only")
     parser.add_argument("--ops", type=int, default=6,
                         help="heaviest operators to try generated kernels on (0: none)")
+    parser.add_argument("--no-winograd", action="store_true",
+                        help="do not try Winograd kernels on 3x3 stride-1 convolutions")
     parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
         accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
         operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
-        seed=args.seed)
+        seed=args.seed, winograd=not args.no_winograd)
     console = Console(stderr=True, quiet=args.quiet)
     targets = _targets(args)
     reports = []

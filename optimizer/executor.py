@@ -8,7 +8,6 @@ sub-sessions for runs of nodes ORT does best, generated kernels for the nodes wh
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -98,7 +97,7 @@ class OptimizedSession:
         for entry in self.manifest["segments"]:
             if entry["type"] == "ort":
                 self.segments.append(OrtSegment(self.directory, entry, config,
-                                                spinning=not mixed or os.environ.get("WPK_SPIN") == "1"))
+                                                spinning=not mixed))
             elif entry["type"] == "kernel":
                 self.segments.append(KernelSegment(self.directory, entry))
             else:

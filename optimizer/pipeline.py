@@ -227,10 +227,11 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         consts = load_initializers(model)
         per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
         choices = []
-        if options.winograd:
+        if options.winograd and options.operator_limit > 0 and left() != 0.0:
             progress.phase("per-operator selection: Winograd 3x3 convolutions")
             choices = select_winograd(model, consts, best_config,
-                                      on_op=lambda name: progress.advance(name))
+                                      on_op=lambda name: progress.advance(name),
+                                      time_left=left)
         taken = {name for c in choices if c.chosen == "kernel" for name in c.node.split("+")}
         progress.phase("per-operator selection", per_op * options.operator_limit)
         choices += select_operators(model, consts, best_config, strategy, evaluator, per_op,

@@ -77,19 +77,28 @@ static void* worker_main(void* arg) {
   return 0;
 }
 
+static int pin = 0;
+
 static void start_workers(void) {
   for (int i = 0; i < workers; ++i) {
     pthread_t thread;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 8 << 20);
+    if (pin) {  /* worker i on logical CPU i + 1 (the caller keeps the others) */
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(i + 1, &set);
+      pthread_attr_setaffinity_np(&attr, sizeof(set), &set);
+    }
     pthread_create(&thread, &attr, worker_main, (void*)(long)(i + 1));
     pthread_detach(thread);
     pthread_attr_destroy(&attr);
   }
 }
 
-void wpk_pool_configure(int threads, long spin_us) {
+void wpk_pool_configure(int threads, long spin_us, int pin_workers) {
+  pin = pin_workers;
   if (workers == 0 && threads > 1) workers = threads - 1;
   if (spin_us >= 0) spin_cycles = (unsigned long long)spin_us * 2300ull;
 }
@@ -121,6 +130,7 @@ void wpk_pool_run(wpk_item_fn fn, void* ctx, int total) {
 """
 
 SPIN_US = int(os.environ.get("WPK_POOL_SPIN_US", "25"))
+PIN = int(os.environ.get("WPK_POOL_PIN", "0"))  # 1: pin worker i to logical CPU i + 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,5 +141,5 @@ def load_pool(threads: int | None = None) -> ctypes.CDLL:
     path = compile_c(POOL_SOURCE, "wpk_pool")
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     library.wpk_pool_configure(ctypes.c_int(threads or os.cpu_count() or 1),
-                               ctypes.c_long(SPIN_US))
+                               ctypes.c_long(SPIN_US), ctypes.c_int(PIN))
     return library

@@ -105,7 +105,8 @@ def _random_feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str,
 def select_winograd(model: onnx.ModelProto, consts: dict[str, np.ndarray],
                     session_config: Config, margin: float = 0.9,
                     on_op: Callable[[str], None] | None = None,
-                    variants: tuple[tuple[int, str], ...] = winograd.VARIANTS
+                    variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
+                    time_left: Callable[[], float | None] = lambda: None
                     ) -> list[OpChoice]:
     """For each 3x3 stride-1 Conv (with the Add / Relu after it): time ORT alone on the fused
     nodes and each Winograd variant (tile size x thread split), keep the fastest."""
@@ -121,6 +122,8 @@ def select_winograd(model: onnx.ModelProto, consts: dict[str, np.ndarray],
         base = winograd.winograd_spec(node, consumers, graph_outputs, shapes, consts)
         if base is None:
             continue
+        if time_left() == 0.0:
+            break
         if on_op:
             on_op(base.node)
         single_model = node_model(model, base)

@@ -75,17 +75,24 @@ class WinogradShape:
         oh, ow = self.out_hw
         return -(-oh // self.m), -(-ow // self.m)
 
-    def gemm_block(self) -> tuple[int, int]:
-        """(k vectors, tiles) of the GEMM register block: up to 2 x 14 or 1 x 28 accumulators,
-        sized to the tiles one thread works on."""
+    def blocking(self) -> tuple[int, int, int]:
+        """(k vectors, tiles) of the GEMM register block (up to 2 x 14 or 1 x 28
+        accumulators) and the tiles of one work item (split "tiles": a multiple of the block,
+        about 28, as many items per thread as possible; split "channels": all tiles)."""
         kw = 2 if (-(-self.k // 16)) % 2 == 0 else 1
         limit = 14 if kw == 2 else 28
         ty, tx = self.tiles
         tiles = ty * tx
+        threads = max(1, self.threads)
         if self.split == "tiles":
-            tiles = -(-tiles // max(1, self.threads))
+            items = threads * -(-tiles // (threads * 28))
+            band = -(-tiles // items)
+            blocks = -(-band // limit)
+            tb = -(-band // blocks)
+            return kw, tb, tb * blocks
         blocks = -(-tiles // limit)
-        return kw, -(-tiles // blocks)
+        tb = -(-tiles // blocks)
+        return kw, tb, tb * blocks
 
     def flops(self) -> float:
         oh, ow = self.out_hw
@@ -190,15 +197,8 @@ def lower(shape: WinogradShape, name: str) -> str:
     ty, tx = s.tiles
     t_count = ty * tx
     cb, kb = -(-s.c // 16), -(-s.k // 16)
-    kw, tb = s.gemm_block()
-    threads = max(1, s.threads)
-    if s.split == "tiles":
-        # tiles per work item (V and M of a band stay in L2); enough items to balance threads
-        band = 2 * tb if -(-t_count // (2 * tb)) >= 4 * threads else tb
-        v_rows = band
-    else:
-        band = 0
-        v_rows = -(-t_count // tb) * tb
+    kw, tb, band = s.blocking()
+    v_rows = band   # tiles: one work item's V and M stay in L2; channels: all tiles
     mats = MATRICES[m]
     in_tf = "\n".join(_transform(mats["BT"], "d", "v", a))
     out_tf = "\n".join(_transform(mats["AT"], "q", "o", a))
@@ -213,6 +213,27 @@ static void band_item(int item, int slot, void* arg) {{
   float* __restrict__ M = V + V_SIZE;
   const int b0 = item * {band};
   const int b1 = b0 + {band} < T ? b0 + {band} : T;
+  {{ /* into L2 ahead of use: the next item this thread probably takes (its input rows) and
+        this item's residual rows; the data often arrives from L3 or the other core */
+    const int n0 = (item + wpk_pool_slots()) * {band};
+    if (n0 < T) {{
+      const int n1 = n0 + {band} < T ? n0 + {band} : T;
+      int r0 = (n0 / TX) * {m} - {s.pads[0]}, r1 = ((n1 - 1) / TX) * {m} + {a} - {s.pads[0]};
+      r0 = r0 < 0 ? 0 : r0;
+      r1 = r1 > H ? H : r1;
+      for (int c = 0; c < CIN; ++c)
+        for (const float* q = j->x + ((size_t)c * H + r0) * W; q < j->x + ((size_t)c * H + r1) * W; q += 16)
+          _mm_prefetch((const char*)q, _MM_HINT_T1);
+    }}
+    if (j->res) {{
+      const int o0 = (b0 / TX) * {m};
+      int o1 = ((b1 - 1) / TX) * {m} + {m};
+      o1 = o1 > OH ? OH : o1;
+      for (int k = 0; k < KOUT; ++k)
+        for (const float* q = j->res + ((size_t)k * OH + o0) * OW; q < j->res + ((size_t)k * OH + o1) * OW; q += 16)
+          _mm_prefetch((const char*)q, _MM_HINT_T1);
+    }}
+  }}
   for (int cbk = 0; cbk < CB; ++cbk)
     for (int t = b0; t < b1;) {{
       const int tyy = t / TX, txa = t % TX;

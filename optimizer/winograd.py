@@ -213,27 +213,6 @@ static void band_item(int item, int slot, void* arg) {{
   float* __restrict__ M = V + V_SIZE;
   const int b0 = item * {band};
   const int b1 = b0 + {band} < T ? b0 + {band} : T;
-  {{ /* into L2 ahead of use: the next item this thread probably takes (its input rows) and
-        this item's residual rows; the data often arrives from L3 or the other core */
-    const int n0 = (item + wpk_pool_slots()) * {band};
-    if (n0 < T) {{
-      const int n1 = n0 + {band} < T ? n0 + {band} : T;
-      int r0 = (n0 / TX) * {m} - {s.pads[0]}, r1 = ((n1 - 1) / TX) * {m} + {a} - {s.pads[0]};
-      r0 = r0 < 0 ? 0 : r0;
-      r1 = r1 > H ? H : r1;
-      for (int c = 0; c < CIN; ++c)
-        for (const float* q = j->x + ((size_t)c * H + r0) * W; q < j->x + ((size_t)c * H + r1) * W; q += 16)
-          _mm_prefetch((const char*)q, _MM_HINT_T1);
-    }}
-    if (j->res) {{
-      const int o0 = (b0 / TX) * {m};
-      int o1 = ((b1 - 1) / TX) * {m} + {m};
-      o1 = o1 > OH ? OH : o1;
-      for (int k = 0; k < KOUT; ++k)
-        for (const float* q = j->res + ((size_t)k * OH + o0) * OW; q < j->res + ((size_t)k * OH + o1) * OW; q += 16)
-          _mm_prefetch((const char*)q, _MM_HINT_T1);
-    }}
-  }}
   for (int cbk = 0; cbk < CB; ++cbk)
     for (int t = b0; t < b1;) {{
       const int tyy = t / TX, txa = t % TX;

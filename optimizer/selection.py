@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
+from wpk.errors import WpkError
 from wpk.optimizer import ops, winograd
 from wpk.optimizer.kernels import KERNEL_OPS, BoundKernel, KernelSpec, spec_for_node
 from wpk.optimizer.measure import compare_ms
@@ -110,6 +111,8 @@ def select_winograd(model: onnx.ModelProto, consts: dict[str, np.ndarray],
                     ) -> list[OpChoice]:
     """For each 3x3 stride-1 Conv (with the Add / Relu after it): time ORT alone on the fused
     nodes and each Winograd variant (tile size x thread split), keep the fastest."""
+    if not winograd.supported()[0]:
+        return []
     rng = np.random.default_rng(0)
     shapes = shapes_of(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -138,8 +141,11 @@ def select_winograd(model: onnx.ModelProto, consts: dict[str, np.ndarray],
                 continue
             spec = winograd.winograd_spec(node, consumers, graph_outputs, shapes, consts,
                                           m=m, split=split)
-            kernel = winograd.WinogradKernel(spec)
-            out = kernel(feeds)
+            try:
+                kernel = winograd.WinogradKernel(spec)
+                out = kernel(feeds)
+            except WpkError:
+                continue  # e.g. a compiler that rejects the intrinsics: not a candidate
             error = np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-30)
             if not error <= winograd.TOLERANCE:
                 continue  # a variant that rounds too much is never a candidate

@@ -1,23 +1,26 @@
-"""Winograd convolution for 3x3 stride-1 Conv (fused bias, residual Add and Relu), in C with
-AVX-512 intrinsics and OpenMP.
+"""Winograd convolution for 3x3 stride-1 Conv (fused bias, residual Add and Relu), generated as
+C with AVX-512 intrinsics, one kernel per shape, run on the process-wide pool (`pool.py`).
 
 Why: ONNX Runtime's NCHWc direct convolutions already run near this CPU's FMA peak, so a direct
 kernel cannot beat them by much; Winograd F(m x m, 3 x 3) needs (m+2)^2 / (9 m^2) of the
-multiplies (F(2,3): 1/2.25, F(4,3): 1/4) at the price of a few 1e-6..1e-5 of relative rounding.
+multiplies (F(2,3): 1/2.25, F(4,3): 1/4) at the price of ~1e-7..1e-6 relative rounding.
 
-One call runs three phases inside one OpenMP region, in the layouts the segment executor hands
-over (NCHW in, NCHW out), so no separate layout conversion is paid:
-1. per (channel block of 16, tile row): transpose the needed input rows into a pixel-major
-   block in L1 (zero padding included), then the input transform V = B^T d B, vectorized over
-   16 channels, written as V[position][tile][channel];
-2. per position: a register-blocked GEMM M[p] = V[p] (tiles x C) * U[p] (C x K), U being the
-   weights transformed once at load time (U = G w G^T);
-3. per (block of 16 output channels, tile row): the output transform A^T M A plus bias, then a
-   transpose back to NCHW rows with the residual added and Relu applied on the way out.
-Scratch buffers are allocated once per kernel (a try-lock makes concurrent calls safe).
+The kernel reads and writes NCHW (what the segment executor hands over): the layout change is
+folded into the transforms. Three phases per work item:
+1. input: transpose the input rows a band of tiles needs into a pixel-major block in L1 (zero
+   padding included), then V = B^T d B vectorized over 16 channels, stored V[position][tile][c];
+2. per position p: a register-blocked GEMM M[p] = V[p] (tiles x C) * U[p] (C x K), U being
+   the weights transformed once at load time (U = G w G^T);
+3. output: A^T M A plus bias, transposed back to NCHW rows with the residual added and Relu
+   applied on the way out.
+Split "tiles": a work item is a band of tiles through all three phases (no barrier; its V and
+M stay in L2). Split "channels" (few tiles, many channels): the input phase over all tiles,
+then items own blocks of output channels. Scratch is allocated once per kernel (a try-lock
+gives a concurrent caller its own).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from fractions import Fraction as F
@@ -97,6 +100,26 @@ class WinogradShape:
     def flops(self) -> float:
         oh, ow = self.out_hw
         return 2.0 * self.c * self.k * 9 * oh * ow
+
+
+@functools.lru_cache(maxsize=1)
+def supported() -> tuple[bool, str]:
+    """(True, '') where the kernels build and run: an x86-64 CPU with AVX-512F and gcc."""
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"Winograd kernels need x86-64 with AVX-512 (this is {platform.machine()})"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    if " avx512f" not in flags:
+        return False, "Winograd kernels need AVX-512F, which this CPU lacks"
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        return False, "Winograd kernels need gcc"
+    return True, ""
 
 
 def channels_split_useful(shape: "WinogradShape", m: int) -> bool:
@@ -505,9 +528,13 @@ class WinogradKernel:
     """A compiled Winograd kernel with its transformed weights: call with the activations."""
 
     def __init__(self, spec) -> None:
+        from wpk.errors import WpkError
         from wpk.optimizer.build import CKernel
         from wpk.optimizer.pool import load_pool
 
+        ok, why = supported()
+        if not ok:
+            raise WpkError(f"cannot load generated kernel {spec.node}: {why}")
         self.spec = spec
         self.shape = winograd_shape(spec.params)
         name = spec.params.get("name", "winograd")

@@ -15,6 +15,7 @@ from wpk.optimizer.selection import select_winograd, shapes_of
 from wpk.optimizer.session import DEFAULT_SESSION
 
 RNG = np.random.default_rng(7)
+pytestmark = pytest.mark.skipif(not winograd.supported()[0], reason=winograd.supported()[1])
 
 
 def _conv_model(c, k, h, w, pads, bias, residual, relu):
@@ -142,3 +143,32 @@ def test_slice_with_winograd_kernels_gives_the_original_outputs(tmp_path):
         expected = reference.run(None, feed)[0]
         out = optimized.run(None, feed)[0]
         assert np.linalg.norm(out - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_pool_runs_every_item_exactly_once_also_from_concurrent_callers():
+    import ctypes
+    import threading
+
+    from wpk.optimizer.build import compile_c
+    from wpk.optimizer.pool import load_pool
+
+    load_pool()
+    source = r"""
+    extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
+    static void item(int i, int slot, void* ctx) { ((int*)ctx)[i] += 1; (void)slot; }
+    void fill(int* counts, int n) { wpk_pool_run(item, counts, n); }
+    """
+    library = ctypes.CDLL(str(compile_c(source, "pool_probe")))
+    arrays = [np.zeros(997, np.int32) for _ in range(4)]
+
+    def work(counts):
+        for _ in range(50):
+            library.fill(ctypes.c_void_p(counts.ctypes.data), ctypes.c_int(counts.size))
+
+    threads = [threading.Thread(target=work, args=(a,)) for a in arrays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for counts in arrays:
+        assert (counts == 50).all()

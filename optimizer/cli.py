@@ -7,15 +7,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from wpk.errors import WpkError, cli_entry
-from wpk.optimizer import pipeline
+from wpk.optimizer import calibration, pipeline
 from wpk.optimizer.database import DEFAULT_LOG
 from wpk.optimizer.search import STRATEGIES
 
@@ -52,10 +55,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="wall-clock bound per slice for the searches")
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="ga")
     parser.add_argument("--accuracy-budget", type=float, default=None, metavar="REL",
-                        help="allow lossy precision (int8) up to this relative output error, "
+                        help="allow lossy precision (int8; bf16/fp16 with OpenVINO) up to this "
+                             "relative output error, "
                              "e.g. 0.02; default: fp32 only")
     parser.add_argument("--ops", type=int, default=6,
                         help="heaviest operators to try generated kernels on (0: none)")
+    parser.add_argument("--calibration-data", metavar="FILE",
+                        help="real input samples for int8 calibration and the accuracy guard: "
+                             ".npz with one array per model input (first axis = samples) or a "
+                             "directory of INPUT.npy files")
+    parser.add_argument("--no-openvino", action="store_true",
+                        help="do not try OpenVINO's CPU plugin as a candidate")
     parser.add_argument("--no-winograd", action="store_true",
                         help="do not try Winograd kernels on 3x3 stride-1 convolutions")
     parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
@@ -97,6 +107,41 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
     return out
 
 
+def _warnings_to(console: Console) -> None:
+    """The optimizer's own warnings (OpenVINO skipped or replaced) as one line each."""
+    from wpk.optimizer.openvino_backend import OpenVinoWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, OpenVinoWarning):
+            console.print(f"[yellow]wpk: warning:[/] {escape(str(message))}", soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
+def _calibration(args: argparse.Namespace, targets: list[tuple[str, Path, Path, str | None]]
+                 ) -> dict[str, calibration.Calibration]:
+    """Each target's calibration samples: the file's arrays for a model; for a plan, the
+    whole model's inputs carried through the earlier tiers' slices to each tier's inputs."""
+    if not args.calibration_data:
+        return {}
+    if targets and targets[0][3] is None:
+        label, path, _out, _tier = targets[0]
+        return {label: calibration.load(args.calibration_data, calibration.model_inputs(path))}
+    from wpk.plan import load_plan
+
+    target = Path(args.target)
+    per_tier = calibration.for_plan(load_plan(target), target if target.is_dir() else
+                                    target.parent, args.calibration_data,
+                                    tiers=[tier for *_, tier in targets])
+    return {label: calibration.split(per_tier[tier], f"{args.calibration_data} (through the "
+                                                     f"slices before tier {tier!r})")
+            for label, _path, _out, tier in targets if tier in per_tier}
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -108,13 +153,14 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
                    "what"):
         table.add_column(column)
     for key, cand in report.candidates.items():
-        if "error" in cand:
-            table.add_row(key, "", "", "", "", "failed", cand["error"])
+        if "error" in cand or "skipped" in cand:
+            table.add_row(key, "", "", "", "", "failed" if "error" in cand else "skipped",
+                          escape(cand.get("error") or cand["skipped"]))
             continue
         rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
         table.add_row(key, cand["precision"], _ms(cand.get("ms")), _ms(cand.get("default_ms")),
                       f"{rel:.2e}", "yes" if cand["within_budget"] else "over budget",
-                      cand["describe"])
+                      escape(cand["describe"]))
     console.print(table)
     if report.operators:
         ops_table = Table(title="per-operator selection", title_justify="left")
@@ -139,16 +185,34 @@ def main(argv: list[str] | None = None) -> int:
         budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
         accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
         operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
-        seed=args.seed, winograd=not args.no_winograd)
+        seed=args.seed, openvino=not args.no_openvino,
+        winograd=not args.no_winograd)
     console = Console(stderr=True, quiet=args.quiet)
+    with warnings.catch_warnings():      # restores warnings.showwarning for in-process callers
+        _warnings_to(console)
+        return _optimize_targets(args, options, console)
+
+
+def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
+                      console: Console) -> int:
     targets = _targets(args)
+    per_target = _calibration(args, targets)   # checked before any tuning starts
+    if args.accuracy_budget is not None:
+        for label, data in per_target.items():
+            if not data.held_out:
+                console.print(f"[yellow]wpk: warning:[/] {escape(label)}: "
+                              f"{len(data.calibration)} calibration samples (fewer than "
+                              f"{calibration.HOLD_OUT_FROM}): the accuracy guard measures int8 "
+                              f"on the samples it was calibrated on, none held out",
+                              soft_wrap=True)
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False,
                   disable=args.quiet) as progress:
         for label, path, out, _tier in targets:
-            reports.append(pipeline.optimize(path, out, options,
-                                             RichProgress(progress, label), name=label))
+            reports.append(pipeline.optimize(
+                path, out, dataclasses.replace(options, calibration_data=per_target.get(label)),
+                RichProgress(progress, label), name=label))
     for (label, _path, out, _tier), report in zip(targets, reports):
         _summary(console, label, report)
     if any(t[3] for t in targets):

@@ -100,19 +100,24 @@ class OptimizedSession:
                                                 spinning=not mixed))
             elif entry["type"] == "kernel":
                 self.segments.append(KernelSegment(self.directory, entry))
+            elif entry["type"] == "openvino":
+                self.segments.append(_openvino_or_ort(self.directory, entry, config,
+                                                      spinning=not mixed))
             else:
                 raise WpkError(f"{path}: unknown segment type {entry['type']!r}")
         self._inputs = [TensorArg(**t) for t in self.manifest["inputs"]]
         self._outputs = [TensorArg(**t) for t in self.manifest["outputs"]]
         self._output_names = [t.name for t in self._outputs]
-        self._single = self.segments[0] if len(self.segments) == 1 and \
-            isinstance(self.segments[0], OrtSegment) else None
+        single = self.segments[0] if len(self.segments) == 1 else None
+        # one session (ORT or OpenVINO): `run` calls it directly, no executor overhead at all
+        self._single = single.session if isinstance(single, OrtSegment) else \
+            single if single is not None and hasattr(single, "run") else None
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray],
             run_options: Any = None) -> list[np.ndarray]:
         names = list(output_names) if output_names else self._output_names
-        if self._single is not None:  # one ORT session: no executor overhead at all
-            return self._single.session.run(names, dict(input_feed), run_options)
+        if self._single is not None:
+            return self._single.run(names, dict(input_feed), run_options)
         env: dict[str, np.ndarray] = dict(input_feed)
         for segment in self.segments:
             segment(env)
@@ -131,13 +136,37 @@ class OptimizedSession:
         providers = []
         for segment in self.segments:
             names = segment.session.get_providers() if isinstance(segment, OrtSegment) \
-                else ["wpk.generated-c"]
+                else [getattr(segment, "provider", "wpk.generated-c")]
             providers += [p for p in names if p not in providers]
         return providers
 
     @property
     def precision(self) -> str:
         return self.manifest.get("precision", "fp32")
+
+
+def _openvino_or_ort(directory: Path, entry: dict, session_config: dict,
+                     spinning: bool) -> Any:
+    """The OpenVINO segment the optimizer chose, or, where OpenVINO is not installed or cannot
+    compile it, the same model on ONNX Runtime: an optimized slice never fails to serve for
+    want of an optional backend."""
+    from wpk.optimizer.openvino_backend import OpenVinoSegment, error_line, warn_once
+
+    model = directory / entry["model"]
+    if not model.is_file():
+        raise WpkError(f"{model}: missing (the model of this slice's OpenVINO segment)")
+    try:
+        return OpenVinoSegment(directory, entry)
+    except Exception as error:
+        why = error_line(error)
+    try:  # a model neither can load is broken, not a reason to blame OpenVINO
+        segment = OrtSegment(directory, entry, session_config, spinning=spinning)
+    except Exception as error:
+        raise WpkError(f"{model}: neither OpenVINO ({why}) nor ONNX Runtime "
+                       f"({str(error).splitlines()[0][:160]}) can load it") from None
+    warn_once(f"load:{directory}", f"{directory}: the optimizer chose OpenVINO for this "
+              f"slice, but it cannot run here ({why}); serving it with ONNX Runtime instead")
+    return segment
 
 
 def load(directory: str | Path) -> OptimizedSession:

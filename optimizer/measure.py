@@ -27,11 +27,16 @@ def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
 
 
 def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: int = 10,
-               warmup: int = 3, percentile: float = 20.0) -> dict[str, float]:
+               warmup: int = 3, percentile: float = 20.0,
+               settle_s: float = 0.0) -> dict[str, float]:
     """Interleave candidates block by block so that background load hits them alike, and
     return a low percentile of each one's samples: on a shared machine the distribution is
     bimodal (the second core free or busy), and the low percentile compares the candidates
-    in the same (free) mode instead of by how often a neighbour got in the way."""
+    in the same (free) mode instead of by how often a neighbour got in the way.
+
+    `settle_s`: pause before each block, for candidates from different runtimes: ONNX
+    Runtime's intra-op threads keep spinning for 10-50 ms after its last run (measured on
+    2 cores), which halved OpenVINO's speed in the block that followed."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -41,6 +46,8 @@ def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: i
         # rotate who goes first: whoever follows another session pays for its idle threads
         for name in names[index % len(names):] + names[:index % len(names)]:
             fn = fns[name]
+            if settle_s:
+                time.sleep(settle_s)
             fn()  # one unmeasured run lets other sessions' spinning threads go idle first
             for _ in range(repeats):
                 start = time.perf_counter()

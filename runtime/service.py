@@ -30,6 +30,8 @@ from wpk.runtime.codecs import Codec
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.next_tier import GrpcLink, TcpLink
 from wpk.runtime.outbox import Outbox
+from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
+from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry
 from wpk.runtime.slice import load_runner
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LinkServer, Reply
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
@@ -75,6 +77,7 @@ class TierService:
         self.hop_timeout = hop_timeout
         self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
+        self.shared_memory = SharedMemoryRegistry(f"tier {tier!r}")
         self.runner = load_runner(plan_dir, self.tier, threads, spin) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix=f"wpk-{tier}")
@@ -183,6 +186,7 @@ class TierService:
         if self.link is not None:
             await self.link.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.shared_memory.close()
 
     # -- health and metadata -----------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -195,7 +199,9 @@ class TierService:
         return pb.ModelReadyResponse(ready=request.name in self.models)
 
     async def ServerMetadata(self, request, context):
-        extensions = [f"{EXTENSION_PREFIX}{self.link_server.port}"] if self.link_server else []
+        extensions = [SHM_EXTENSION]
+        if self.link_server:
+            extensions.append(f"{EXTENSION_PREFIX}{self.link_server.port}")
         return pb.ServerMetadataResponse(name=f"wpk ({self.name}.{self.tier.name})",
                                          version=__version__, extensions=extensions)
 
@@ -210,6 +216,38 @@ class TierService:
             for meta in metas.values():
                 target.add(name=meta.name, datatype=meta.datatype, shape=meta.shape)
         return response
+
+    # -- shared memory (Triton's extension; see shared_memory) ---------------------------
+    async def SystemSharedMemoryRegister(self, request, context):
+        try:
+            self.shared_memory.register(request.name, request.key, request.offset,
+                                        request.byte_size)
+        except RegionError as error:
+            await context.abort(error.code, error.details)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        try:
+            regions = self.shared_memory.status(request.name)
+        except RegionError as error:
+            await context.abort(error.code, error.details)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region.name]
+            status.name, status.key = region.name, region.key
+            status.offset, status.byte_size = region.offset, region.byte_size
+        return response
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _no_cuda(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"tier {self.tier.name!r}: CUDA shared memory is not supported by "
+                            f"wpk tiers; use system shared memory")
+
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _no_cuda
 
     # -- inference ---------------------------------------------------------------------
     async def ModelInfer(self, request, context):
@@ -270,7 +308,9 @@ class TierService:
             self.metrics.add_bytes("in", payload_bytes(request))
             model = self._model(model_name)
             pipeline = model.pipeline or self._wants_pipeline(request)
-            arrays = parse_inputs(request, model_name, model.inputs)
+            arrays = parse_inputs(request, model_name, model.inputs, self.shared_memory)
+            targets = self.shared_memory.output_targets(request, model_name) \
+                if request.outputs else {}
             if pipeline:
                 produced = await self._run_pipeline(arrays, deadline)
                 available = list(model.outputs if model.pipeline else produced)
@@ -282,8 +322,13 @@ class TierService:
                 produced = await self._run_slice(arrays, deadline)
                 available = list(model.outputs)
             names = requested_outputs(request, model_name, available)
+            in_shared_memory = {}
+            if targets:
+                self.shared_memory.write_outputs(model_name, targets, produced)
+                in_shared_memory = {o.name: o.parameters for o in request.outputs
+                                    if o.name in targets}
             response = build_response(model_name, {n: produced[n] for n in names}, request.id,
-                                      stream=stream)
+                                      stream=stream, in_shared_memory=in_shared_memory)
             self.metrics.add_bytes("out", payload_bytes(response))
             return response
         except TensorError as error:

@@ -89,7 +89,8 @@ def parse_inputs(request, model: str, inputs: Mapping[str, TensorMeta],
     raw = request.raw_input_contents
     in_memory = [uses_shared_memory(t.parameters) for t in request.inputs]
     if any(in_memory) and shared_memory is None:
-        raise TensorError(f"model {model!r}: this server has no shared memory")
+        raise TensorError(f"model {model!r}: an input names a shared memory region, but "
+                          f"shared memory is disabled on this server")
     sent = len(in_memory) - sum(in_memory)
     if raw and len(raw) != sent:
         raise TensorError(f"model {model!r}: raw_input_contents has {len(raw)} entries for "

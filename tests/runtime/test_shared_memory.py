@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 from .conftest import Pipeline, reference
 from .test_pipeline import expect_error, model_feeds
 from wpk.plan import load_plan
+from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient, InferenceError
 
 _names = itertools.count()
@@ -259,3 +260,74 @@ def test_inference_client_sends_inputs_through_shared_memory(plans, resnet_pipel
         assert not any(os.path.exists(f"/dev/shm{key}") for key in keys)
 
     asyncio.run(run())
+
+
+def test_no_shared_memory_turns_the_extension_off(plans, region):
+    """`wpk-serve --no-shared-memory`: not advertised, RPCs and inputs refused clearly."""
+    from wpk.runtime.server import serve
+
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    name, key, _ = region(image.nbytes)
+
+    async def run():
+        ready, stop = asyncio.Event(), asyncio.Event()
+        task = asyncio.ensure_future(serve(str(plans["mlp"]), "cloud", port=0, threads=1,
+                                           shared_memory=False, ready=ready, stop=stop,
+                                           announce=lambda line: None))
+        await ready.wait()
+        try:
+            async with InferenceClient(f"127.0.0.1:{ready.port}", timeout=10) as client:
+                metadata = await client.stub.ServerMetadata(pb.ServerMetadataRequest())
+                assert "system_shared_memory" not in metadata.extensions
+                with pytest.raises(InferenceError) as info:
+                    await client.shared_memory_status()
+                assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+                assert "system shared memory is disabled" in info.value.details
+                with pytest.raises(InferenceError) as info:
+                    await client._call("SystemSharedMemoryRegister",
+                                       pb.SystemSharedMemoryRegisterRequest(
+                                           name=name, key=key, byte_size=image.nbytes), 10)
+                assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+                (model,) = ready.service.models.values()  # mlp.cloud
+                request = pb.ModelInferRequest(model_name=model.name)
+                for meta in model.inputs.values():
+                    tensor = request.inputs.add(name=meta.name, datatype=meta.datatype,
+                                                shape=meta.shape)
+                    tensor.parameters["shared_memory_region"].string_param = name
+                    tensor.parameters["shared_memory_byte_size"].int64_param = 4
+                with pytest.raises(InferenceError) as info:
+                    await client.infer_message(request)
+                assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "shared memory is disabled on this server" in info.value.details
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(run())
+
+
+def test_unregistering_a_region_in_use_keeps_its_arrays_readable():
+    """A request still reading a region when it is unregistered: its arrays stay valid (the
+    mapping goes when the last one does), never a dangling pointer."""
+    from multiprocessing import shared_memory
+
+    from wpk.runtime.shared_memory import SharedMemoryRegistry
+
+    memory = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        np.frombuffer(memory.buf, np.float32, 4)[:] = [1, 2, 3, 4]
+        registry = SharedMemoryRegistry("tier 'test'")
+        registry.register("r", f"/{memory.name}", 0, 4096)
+        params = pb.ModelInferRequest().inputs.add().parameters
+        params["shared_memory_region"].string_param = "r"
+        params["shared_memory_byte_size"].int64_param = 16
+        array = registry.input_array("m", "x", "FP32", (2, 2), params)
+        registry.unregister("r")
+        assert not registry.regions
+        assert array.tolist() == [[1, 2], [3, 4]]
+        registry.register("r", f"/{memory.name}", 0, 4096)
+        registry.close()  # nothing in use: unmapped now
+        assert not registry.regions
+    finally:
+        memory.close()
+        memory.unlink()

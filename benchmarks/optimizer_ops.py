@@ -1,6 +1,7 @@
 """Per-operator shapes from ResNet, MobileNet and MLP layers: ONNX Runtime alone on the
 operator vs. our best generated kernel (tuned here) vs. the implementation per-operator
 selection keeps. One run, side by side; prints which shapes our kernels win and by how much.
+3x3 stride-1 convolutions also get the best Winograd variant (F(2,3) / F(4,3), thread split).
 
     python benchmarks/optimizer_ops.py [--trials 16] [--strategy ga]
 """
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from wpk.optimizer import ops
+from wpk.optimizer import ops, winograd
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.kernels import BoundKernel, spec_for_node
 from wpk.optimizer.measure import compare_ms, hardware_id
@@ -27,6 +28,9 @@ from wpk.optimizer.session import DEFAULT_SESSION, make_session
 SHAPES = [
     ("resnet stem 7x7/2", "Conv", (1, 3, 224, 224), (32, 3, 7, 7), dict(strides=[2, 2], pads=[3] * 4), True),
     ("resnet 3x3 32@56", "Conv", (1, 32, 56, 56), (32, 32, 3, 3), dict(pads=[1] * 4), True),
+    ("resnet 3x3 64@28", "Conv", (1, 64, 28, 28), (64, 64, 3, 3), dict(pads=[1] * 4), True),
+    ("resnet 3x3 128@14", "Conv", (1, 128, 14, 14), (128, 128, 3, 3), dict(pads=[1] * 4), True),
+    ("resnet 3x3 256@7", "Conv", (1, 256, 7, 7), (256, 256, 3, 3), dict(pads=[1] * 4), True),
     ("resnet 3x3/2 64@28", "Conv", (1, 32, 56, 56), (64, 32, 3, 3), dict(strides=[2, 2], pads=[1] * 4), True),
     ("resnet maxpool 3x3/2", "MaxPool", (1, 32, 112, 112), None, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4), False),
     ("mobilenet dw 3x3 96@56", "Conv", (1, 96, 56, 56), (96, 1, 3, 3), dict(pads=[1] * 4, group=96), True),
@@ -63,6 +67,19 @@ def build(op, x_shape, w_shape, attrs, relu):
     return model, spec, out
 
 
+def winograd_spec_for(model, out, m, split):
+    """The Winograd spec of the benchmark model's Conv (with its Relu), or None."""
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in list(model.graph.input) + list(model.graph.value_info)}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return winograd.winograd_spec(model.graph.node[0], consumers, {out}, shapes, consts,
+                                  m=m, split=split)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
@@ -72,7 +89,8 @@ def main() -> None:
     console = Console()
     log = TuningLog(args.log or tempfile.mktemp(suffix=".jsonl"))
     table = Table(title=f"per-operator: ONNX Runtime vs generated kernels ({hardware_id()})")
-    for col in ("operator", "ORT ms", "ours ms", "ours/ORT speedup", "selected", "best schedule"):
+    for col in ("operator", "ORT ms", "ours ms", "ours/ORT speedup", "Winograd ms",
+                "Winograd/ORT speedup", "selected", "best schedule"):
         table.add_column(col)
     for label, op, x_shape, w_shape, attrs, relu in SHAPES:
         model, spec, out = build(op, x_shape, w_shape, attrs, relu)
@@ -92,14 +110,34 @@ def main() -> None:
         best = make_strategy(args.strategy, 0, ops.seed_configs(compute)).search(
             ops.schedule_space(compute), evaluator)
         kernel = BoundKernel(spec, best.config)
-        times = compare_ms({"ort": lambda: session.run(None, feeds), "ours": lambda: kernel(feeds)},
-                           rounds=5, repeats=10)
-        selected = "ours" if times["ours"] < 0.9 * times["ort"] else "ORT"
+        fns = {"ort": lambda: session.run(None, feeds), "ours": lambda: kernel(feeds)}
+        variants = {}
+        for m, split in winograd.VARIANTS:
+            wspec = winograd_spec_for(model, out, m, split)
+            if wspec is None or split == "channels" and not winograd.channels_split_useful(
+                    winograd.winograd_shape(wspec.params), m):
+                continue
+            wino = winograd.WinogradKernel(wspec)
+            if np.linalg.norm(wino(feeds) - reference) > winograd.TOLERANCE * \
+                    np.linalg.norm(reference):
+                continue
+            variants[f"m{m}-{split}"] = wino
+            fns[f"m{m}-{split}"] = lambda wino=wino: wino(feeds)
+        times = compare_ms(fns, rounds=5, repeats=10)
+        wino_key = min(variants, key=times.get) if variants else None
+        best_ms = min(times[k] for k in ["ours"] + ([wino_key] if wino_key else []))
+        selected = ("winograd " + wino_key if wino_key and times[wino_key] == best_ms else "ours") \
+            if best_ms < 0.9 * times["ort"] else "ORT"
+        wino_cells = (f"{times[wino_key]:.3f}", f"{times['ort'] / times[wino_key]:.2f}x") \
+            if wino_key else ("-", "-")
         table.add_row(label, f"{times['ort']:.3f}", f"{times['ours']:.3f}",
-                      f"{times['ort'] / times['ours']:.2f}x", selected,
+                      f"{times['ort'] / times['ours']:.2f}x", *wino_cells, selected,
                       ops.make_schedule(compute, best.config).describe())
         console.print(f"{label}: ORT {times['ort']:.3f} ms, ours {times['ours']:.3f} ms "
-                      f"({times['ort'] / times['ours']:.2f}x) -> {selected}")
+                      f"({times['ort'] / times['ours']:.2f}x)"
+                      + (f", Winograd {wino_key} {times[wino_key]:.3f} ms "
+                         f"({times['ort'] / times[wino_key]:.2f}x)" if wino_key else "")
+                      + f" -> {selected}")
     console.print(table)
 
 

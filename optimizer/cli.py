@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                              "directory of INPUT.npy files")
     parser.add_argument("--no-openvino", action="store_true",
                         help="do not try OpenVINO's CPU plugin as a candidate")
+    parser.add_argument("--no-winograd", action="store_true",
+                        help="do not try Winograd kernels on 3x3 stride-1 convolutions")
     parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
     parser.add_argument("--seed", type=int, default=0)
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
         accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
         operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
-        seed=args.seed, openvino=not args.no_openvino)
+        seed=args.seed, openvino=not args.no_openvino,
+        winograd=not args.no_winograd)
     console = Console(stderr=True, quiet=args.quiet)
     with _warnings_to(console):          # restores warnings.showwarning for in-process callers
         return _optimize_targets(args, options, console)

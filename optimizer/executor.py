@@ -63,7 +63,12 @@ class KernelSegment:
         if entry.get("weights"):
             with np.load(directory / entry["weights"]) as data:
                 spec.weights = {k: data[k] for k in data.files}
-        self.kernel = BoundKernel(spec)
+        if spec.op == "winograd":
+            from wpk.optimizer.winograd import WinogradKernel
+
+            self.kernel = WinogradKernel(spec)
+        else:
+            self.kernel = BoundKernel(spec)
         self.output = spec.output
         self.inputs = self.kernel.activations
         self.outputs = [spec.output]

@@ -23,7 +23,8 @@ from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
 from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
 from wpk.optimizer.search import Evaluator, make_strategy
-from wpk.optimizer.selection import OpChoice, build_segments, select_operators
+from wpk.optimizer.selection import (OpChoice, build_segments, select_operators,
+                                     select_winograd)
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
 
@@ -49,6 +50,7 @@ class Options:
     accuracy_budget: float | None = None   # relative L2 error allowed for int8; None = fp32
     per_operator: bool = True
     operator_limit: int = 6
+    winograd: bool = True                  # try Winograd kernels on 3x3 stride-1 convolutions
     samples: int = 3
     log_path: str | None = None
     seed: int = 0
@@ -238,9 +240,16 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
         consts = load_initializers(model)
         per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
+        choices = []
+        if options.winograd and options.operator_limit > 0 and left() != 0.0:
+            progress.phase("per-operator selection: Winograd 3x3 convolutions")
+            choices = select_winograd(model, consts, best_config,
+                                      on_op=lambda name: progress.advance(name),
+                                      time_left=left)
+        taken = {name for c in choices if c.chosen == "kernel" for name in c.node.split("+")}
         progress.phase("per-operator selection", per_op * options.operator_limit)
-        choices = select_operators(model, consts, best_config, strategy, evaluator, per_op,
-                                   options.operator_limit)
+        choices += select_operators(model, consts, best_config, strategy, evaluator, per_op,
+                                    options.operator_limit, exclude=taken)
         report.operators = [c.to_json() for c in choices]
         won = [c.spec for c in choices if c.chosen == "kernel"]
         if won:

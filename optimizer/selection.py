@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from wpk.optimizer import ops
+from wpk.errors import WpkError
+from wpk.optimizer import ops, winograd
 from wpk.optimizer.kernels import KERNEL_OPS, BoundKernel, KernelSpec, spec_for_node
 from wpk.optimizer.measure import compare_ms
 from wpk.optimizer.search import Evaluator
@@ -84,7 +85,9 @@ def node_model(model: onnx.ModelProto, spec: KernelSpec) -> onnx.ModelProto:
     nodes = [n for n in model.graph.node if n.name in names]
     shapes = shapes_of(model)
     consts = {i.name: i for i in model.graph.initializer}
-    inputs = [n for n in nodes[0].input if n and n not in consts]
+    produced = {o for node in nodes for o in node.output}
+    inputs = list(dict.fromkeys(n for node in nodes for n in node.input
+                                if n and n not in consts and n not in produced))
     graph = helper.make_graph(
         nodes, "op", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shapes[n])
                       for n in inputs],
@@ -95,16 +98,86 @@ def node_model(model: onnx.ModelProto, spec: KernelSpec) -> onnx.ModelProto:
     return out
 
 
+def _random_feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {i.name: rng.random([d.dim_value for d in i.type.tensor_type.shape.dim],
+                               dtype=np.float32) for i in model.graph.input}
+
+
+def select_winograd(model: onnx.ModelProto, consts: dict[str, np.ndarray],
+                    session_config: Config, margin: float = 0.9,
+                    on_op: Callable[[str], None] | None = None,
+                    variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
+                    time_left: Callable[[], float | None] = lambda: None
+                    ) -> list[OpChoice]:
+    """For each 3x3 stride-1 Conv (with the Add / Relu after it): time ORT alone on the fused
+    nodes and each Winograd variant (tile size x thread split), keep the fastest."""
+    if not winograd.supported()[0]:
+        return []
+    rng = np.random.default_rng(0)
+    shapes = shapes_of(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    choices = []
+    for node in model.graph.node:
+        base = winograd.winograd_spec(node, consumers, graph_outputs, shapes, consts)
+        if base is None:
+            continue
+        if time_left() == 0.0:
+            break
+        if on_op:
+            on_op(base.node)
+        single_model = node_model(model, base)
+        feeds = _random_feeds(single_model, rng)
+        single = make_session(single_model.SerializeToString(), session_config)
+        reference = single.run(None, feeds)[0]
+        shape = winograd.winograd_shape(base.params)
+        fns: dict[str, Callable[[], object]] = {"ort": lambda: single.run(None, feeds)}
+        specs = {}
+        for m, split in variants:
+            if split == "channels" and not winograd.channels_split_useful(shape, m):
+                continue
+            spec = winograd.winograd_spec(node, consumers, graph_outputs, shapes, consts,
+                                          m=m, split=split)
+            try:
+                kernel = winograd.WinogradKernel(spec)
+                out = kernel(feeds)
+            except WpkError:
+                continue  # e.g. a compiler that rejects the intrinsics: not a candidate
+            error = np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-30)
+            if not error <= winograd.TOLERANCE:
+                continue  # a variant that rounds too much is never a candidate
+            key = f"m{m}-{split}"
+            specs[key] = spec
+            fns[key] = lambda kernel=kernel: kernel(feeds)
+        times = compare_ms(fns, rounds=3, repeats=10)
+        ort_ms = times.pop("ort")
+        best = min(times, key=times.get) if times else None
+        kernel_ms = times[best] if best else math.inf
+        chosen = "kernel" if kernel_ms < margin * ort_ms else "ort"
+        spec = specs[best] if best else base
+        choices.append(OpChoice(spec.node, "winograd", spec.signature(), ort_ms, kernel_ms,
+                                {"m": spec.params["m"], "split": spec.params["split"]}
+                                if best else None, chosen, len(times), 0, spec))
+    return choices
+
+
 def select_operators(model: onnx.ModelProto, consts: dict[str, np.ndarray],
                      session_config: Config, strategy_factory: Callable[[list[Config]], Any],
                      evaluator_factory: Callable[[str, Callable[[Config], float], int],
                                                  Evaluator],
                      trials_per_op: int, limit: int, margin: float = 0.9,
-                     on_op: Callable[[str], None] | None = None) -> list[OpChoice]:
-    """For each heavy operator: tune our kernel, time ORT alone on it, keep the faster."""
+                     on_op: Callable[[str], None] | None = None,
+                     exclude: set[str] = frozenset()) -> list[OpChoice]:
+    """For each heavy operator: tune our kernel, time ORT alone on it, keep the faster.
+    Operators whose nodes are in `exclude` (taken by another implementation) are skipped."""
     rng = np.random.default_rng(0)
     choices = []
-    for spec in heavy_specs(model, consts, limit):
+    specs = [s for s in heavy_specs(model, consts, limit + len(exclude))
+             if not set(s.node.split("+")) & exclude][:limit]
+    for spec in specs:
         if on_op:
             on_op(spec.node)
         compute = spec.compute()

@@ -2,7 +2,7 @@
 
     OUT/<tier>/
       plan/plan.json, plan/<tier>.onnx   this tier's view of the plan and its slice only
-      tier.env                           settings start.sh reads (port, next tier, TLS)
+      tier.env                           settings start.sh reads (ports, next tier, TLS)
       start.sh                           runs wpk-serve for this tier
       wpk-<model>-<tier>.service         systemd unit (installed by install.sh)
       install.sh                         copies the bundle to /opt/wpk/<model>/<tier>, enables it
@@ -12,7 +12,10 @@
 
 Copy a tier's directory to its machine and run `sudo ./install.sh` (or just `./start.sh`).
 The next tier's address comes from the tier spec (`address:` in tiers.yaml); otherwise it is
-the next tier's name on port 8001: edit `WPK_NEXT` in tier.env to point elsewhere.
+the next tier's name on port 8001: edit `WPK_NEXT` in tier.env to point elsewhere. Tiers
+after the first also listen on the tensor-link port 8002 (`WPK_LINK_PORT`), which the previous
+tier dials on the host of its `WPK_NEXT`: open both ports between consecutive tiers. With
+--tls tensors travel over the gRPC port only.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 set -- "$HERE/plan" --tier "$WPK_TIER" --host "$WPK_HOST" --port "$WPK_PORT" \\
     --metrics-port "$WPK_METRICS_PORT"
 if [ -n "${{WPK_NEXT:-}}" ]; then set -- "$@" --next "$WPK_NEXT"; fi
+if [ -n "${{WPK_LINK_PORT:-}}" ]; then set -- "$@" --link-port "$WPK_LINK_PORT"; fi
 if [ -n "${{WPK_TLS_DIR:-}}" ]; then
     case "$WPK_TLS_DIR" in /*) ;; *) WPK_TLS_DIR="$HERE/$WPK_TLS_DIR" ;; esac
     set -- "$@" --tls-dir "$WPK_TLS_DIR"
@@ -44,7 +48,7 @@ exec "${{WPK_SERVE:-wpk-serve}}" "$@"
 """
 
 UNIT = """[Unit]
-Description=wpk tier {tier} of {model} (Open Inference Protocol gRPC, port {port})
+Description=wpk tier {tier} of {model} (Open Inference Protocol gRPC, port {port}{link_text})
 Wants=network-online.target
 After=network-online.target
 
@@ -81,7 +85,7 @@ FROM python:3.11-slim
 ARG WPK_PIP_SPEC="wpk[serve]"
 RUN pip install --no-cache-dir "$WPK_PIP_SPEC"
 COPY . {root}
-EXPOSE {port} {metrics_port}
+EXPOSE {ports}
 ENTRYPOINT ["{root}/start.sh"]
 """
 
@@ -164,8 +168,9 @@ def write_bundle(plan_dir: str | Path, out: str | Path, *, tls_dir: str | Path |
             shutil.copy2(slice_path(plan_dir, tier), directory / "plan" / tier.slice)
         if tier.optimized:
             shutil.copytree(plan_dir / tier.optimized, directory / "plan" / tier.optimized)
+        link_port = layout.link_port(plan, tier.name, tls_dir is not None)
         env = {"WPK_TIER": tier.name, "WPK_HOST": "0.0.0.0", "WPK_PORT": layout.GRPC_PORT,
-               "WPK_METRICS_PORT": layout.METRICS_PORT,
+               "WPK_LINK_PORT": link_port or "", "WPK_METRICS_PORT": layout.METRICS_PORT,
                "WPK_NEXT": layout.next_address(plan, tier.name) or "",
                "WPK_TLS_DIR": "tls" if tls_dir is not None else ""}
         if tls_dir is not None:
@@ -175,6 +180,9 @@ def write_bundle(plan_dir: str | Path, out: str | Path, *, tls_dir: str | Path |
             os.chmod(directory / "tls" / f"{tier.name}.key", 0o600)
         fmt = dict(tier=tier.name, model=plan.name, root=root, unit=unit,
                    port=layout.GRPC_PORT, metrics_port=layout.METRICS_PORT,
+                   ports=" ".join(str(p) for p in (layout.GRPC_PORT, link_port,
+                                                    layout.METRICS_PORT) if p),
+                   link_text=f", tensor link {link_port}" if link_port else "",
                    image=image_name(plan, tier.name, registry))
         _write(directory / "tier.env", _env_file(env))
         _write(directory / "start.sh", START_SH.format(**fmt), executable=True)
@@ -184,7 +192,8 @@ def write_bundle(plan_dir: str | Path, out: str | Path, *, tls_dir: str | Path |
         files = sorted(p for p in directory.rglob("*") if p.is_file())
         manifest = {"model": plan.name, "tier": tier.name, "install_root": root,
                     "unit": unit, "image": fmt["image"], "port": layout.GRPC_PORT,
-                    "metrics_port": layout.METRICS_PORT, "next": env["WPK_NEXT"] or None,
+                    "link_port": link_port, "metrics_port": layout.METRICS_PORT,
+                    "next": env["WPK_NEXT"] or None,
                     "tls": tls_dir is not None,
                     "files": {str(p.relative_to(directory)): _sha256(p) for p in files}}
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -13,7 +13,9 @@ limit of 1024 file descriptors is far above the few connections a relay carries.
 
     python -m wpk.deploy.delay_relay --listen 10.77.0.2:9100 --to 127.0.0.1:9001 --delay-ms 2.5
 
-prints `ready HOST:PORT` on stdout once it accepts connections.
+prints `ready HOST:PORT` on stdout once it accepts connections. `--listen`/`--to` pairs may be
+repeated: one process (one event loop) then relays several ports of the same tier with the
+same delay, e.g. its gRPC port and its tensor-link port (`ready HOST:PORT HOST:PORT`).
 """
 from __future__ import annotations
 
@@ -162,27 +164,33 @@ def precise_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(selectors.SelectSelector())
 
 
-async def _serve(relay: DelayRelay) -> None:
-    host, port = await relay.start()
-    print(f"ready {host}:{port}", flush=True)
+async def _serve(relays: list[DelayRelay]) -> None:
+    addresses = [await relay.start() for relay in relays]
+    print("ready " + " ".join(f"{host}:{port}" for host, port in addresses), flush=True)
     await asyncio.Event().wait()
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wpk-delay-relay", description=__doc__.split("\n")[0])
-    parser.add_argument("--listen", required=True, help="HOST:PORT to accept on (port 0: any)")
-    parser.add_argument("--to", required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--listen", required=True, action="append",
+                        help="HOST:PORT to accept on (port 0: any); repeatable, one per --to")
+    parser.add_argument("--to", required=True, action="append",
+                        help="HOST:PORT to forward to")
     parser.add_argument("--delay-ms", type=float, required=True,
                         help="one-way delay added in each direction (RTT/2)")
     args = parser.parse_args(argv)
-    relay = DelayRelay(parse_hostport(args.listen, "--listen"), parse_hostport(args.to, "--to"),
-                       args.delay_ms)
+    if len(args.listen) != len(args.to):
+        raise WpkError(f"{len(args.listen)} --listen for {len(args.to)} --to: give them in "
+                       "pairs")
+    relays = [DelayRelay(parse_hostport(listen, "--listen"), parse_hostport(to, "--to"),
+                         args.delay_ms) for listen, to in zip(args.listen, args.to)]
     loop = precise_event_loop()
     try:
-        loop.run_until_complete(_serve(relay))
+        loop.run_until_complete(_serve(relays))
     except OSError as error:
-        raise WpkError(f"relay {args.listen} -> {args.to}: {error}") from None
+        routes = ", ".join(f"{a} -> {b}" for a, b in zip(args.listen, args.to))
+        raise WpkError(f"relay {routes}: {error}") from None
     finally:
         loop.close()
     return 0

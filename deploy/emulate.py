@@ -4,6 +4,10 @@ Each tier of the plan runs `wpk-serve` in its own network namespace; consecutive
 joined by a veth pair shaped with `tc tbf` (bandwidth, both directions) and a user-space delay
 relay (`wpk.deploy.delay_relay`: RTT/2 each way, since this kernel has no netem). A client in
 the first tier's namespace (the sensor sits on the device) sends requests through the pipeline.
+Tensors travel between tiers over the tensor link (runtime/tensor_link.py): each receiving tier
+serves it on LINK_PORT, and its relay forwards that port as well as the gRPC one, over the same
+shaped veth with the same delay, so what is measured is the link the runtime really uses. With
+TLS the tiers pass tensors over gRPC, and only the gRPC port is relayed.
 
 What is compared, and why it is honest: the plan's compute times are predictions for the
 tiers' hardware (a Raspberry Pi, an edge server, a cloud GPU), while here every tier runs on
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from wpk.deploy import layout
+from wpk.deploy.layout import LINK_PORT
 from wpk.deploy.netns import Topology, remove_stale, require_root
 from wpk.errors import WpkError, cli_entry
 from wpk.plan import Plan
@@ -257,12 +262,19 @@ class Emulation:
         threading.Thread(target=_drain, args=(process,), daemon=True).start()
         return process
 
+    def _link_port(self, tier: str) -> int | None:
+        """The tensor-link port `tier` serves (None: the first tier, or TLS: gRPC only)."""
+        return layout.link_port(self.plan, tier, self.tls_dir is not None)
+
     def _start_server(self, tier: str, next_address: str | None) -> None:
         argv = [self.python, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
                 "--host", "127.0.0.1", "--port", str(SERVER_PORT),
                 "--metrics-port", str(METRICS_PORT), "--threads", str(self.threads)]
         if next_address:
             argv += ["--next", next_address]
+        link_port = self._link_port(tier)
+        if link_port is not None:  # the relay listens on the same port number: advertised
+            argv += ["--link-port", str(link_port)]
         if self.tls_dir is not None:
             argv += ["--tls-dir", str(self.tls_dir)]
         process = self._spawn(tier, f"wpk-serve-{tier}", argv, READY_MARK)
@@ -278,7 +290,24 @@ class Emulation:
         argv = [self.python, "-m", "wpk.deploy.delay_relay",
                 "--listen", f"{veth.dst_addr}:{RELAY_PORT}",
                 "--to", f"127.0.0.1:{SERVER_PORT}", "--delay-ms", str(link.rtt_ms / 2)]
+        link_port = self._link_port(veth.dst_tier)
+        if link_port is not None:
+            # The upstream dials the host of its --next (this relay) on the advertised port.
+            argv += ["--listen", f"{veth.dst_addr}:{link_port}",
+                     "--to", f"127.0.0.1:{link_port}"]
         self._spawn(veth.dst_tier, f"relay-{link.name}", argv, "ready")
+
+    def transports(self) -> list[str]:
+        """Per link, what carried the tensors: "tensor link" (an open connection from the
+        sending tier to the next tier's relayed link port) or "gRPC" (TLS, or the runtime
+        fell back: see that tier's log)."""
+        found = []
+        for veth in self.topology.links:
+            link_port = self._link_port(veth.dst_tier)
+            used = link_port is not None and self.topology.established(
+                veth.src_tier, veth.dst_addr, link_port) > 0
+            found.append("tensor link" if used else "gRPC")
+        return found
 
     # -- measuring ----------------------------------------------------------------------
     def _client(self, tier: str, args: list[str], timeout: float) -> dict:
@@ -322,6 +351,7 @@ class Emulation:
             self._infer(tier.name, model, compute_requests or max(3, requests // 2), 1)
             compute[tier.name] = _mean(before_c, self._scrape()[tier.name], model) or 0.0
 
+        transports = self.transports()
         stages: list[StageResult] = []
         predicted_total = 0.0
         for i, tier in enumerate(self.plan.tiers):
@@ -343,7 +373,8 @@ class Emulation:
                     f"{link.src}->{link.dst} link", "link", self.plan.links[i].predicted_transfer_ms,
                     predicted, measured,
                     f"{_rate(link.bandwidth_mbps)}, {link.rtt_ms:g} ms; "
-                    f"{_size(link.bytes)} + {_size(link.return_bytes)} back"))
+                    f"{_size(link.bytes)} + {_size(link.return_bytes)} back; "
+                    f"over {transports[i]}"))
         return EmulationResult(stages, statistics.median(e2e), predicted_total,
                                float(self.plan.predicted.get("latency_ms", 0.0)), e2e)
 

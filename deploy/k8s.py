@@ -8,9 +8,12 @@
 Each tier runs the image built from its bundle (`wpk-deploy --bundle`, Dockerfile inside),
 whose /opt/wpk/... holds its slice; the plan it reads is mounted from the ConfigMap. The pod
 serves the Open Inference Protocol on port 8001 and Prometheus metrics on 9090; the next tier
-is reached through its Service (`wpk-<model>-<next>:8001`). Node selectors and GPU requests
-(`nvidia.com/gpu`) come from the tier spec (`node_selector`, `gpus`, as recorded in
-plan.json tiers[].hardware).
+is reached through its Service (`wpk-<model>-<next>:8001`). Tiers after the first also serve
+the tensor link on 8002 (`--link-port`), a container port and a Service port of the same
+number: the tier advertises the port it listens on, and the previous tier dials it on the
+Service name it uses for `--next`. With --tls tiers pass tensors over gRPC: no such port.
+Node selectors and GPU requests (`nvidia.com/gpu`) come from the tier spec (`node_selector`,
+`gpus`, as recorded in plan.json tiers[].hardware).
 
 Probes: Kubernetes' gRPC probes call the standard `grpc.health.v1.Health/Check` and cannot
 speak TLS, so plain-text tiers get gRPC readiness/liveness probes on the serving port, and
@@ -34,6 +37,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 PLAN_MOUNT = "/etc/wpk"
 TLS_MOUNT = "/etc/wpk/tls"
+LINK_PORT_NAME = "tensor-link"
 
 
 def _labels(plan: Plan, tier: str) -> dict[str, str]:
@@ -98,6 +102,9 @@ def deployment(plan: Plan, tier: str, image: str, namespace: str | None, use_tls
     if nxt is not None:
         args += ["--next", nxt.address if nxt.address else
                  f"{layout.service_name(plan, nxt.name)}:{layout.GRPC_PORT}"]
+    link_port = layout.link_port(plan, tier, use_tls)
+    if link_port is not None:
+        args += ["--link-port", str(link_port)]
     mounts = [{"name": "plan", "mountPath": f"{app_root}/plan/plan.json",
                "subPath": _plan_key(tier), "readOnly": True}]
     volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {
@@ -113,8 +120,7 @@ def deployment(plan: Plan, tier: str, image: str, namespace: str | None, use_tls
     container = {
         "name": "tier", "image": image, "imagePullPolicy": "IfNotPresent",
         "command": ["wpk-serve"], "args": args,
-        "ports": [{"name": "grpc", "containerPort": layout.GRPC_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": layout.METRICS_PORT, "protocol": "TCP"}],
+        "ports": _container_ports(link_port),
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         **_probes(use_tls),
         "resources": _resources(plan, tier, slice_bytes),
@@ -135,16 +141,30 @@ def deployment(plan: Plan, tier: str, image: str, namespace: str | None, use_tls
                                   "spec": pod_spec}}}
 
 
-def service(plan: Plan, tier: str, namespace: str | None) -> dict[str, Any]:
+def _container_ports(link_port: int | None) -> list[dict[str, Any]]:
+    ports = [{"name": "grpc", "containerPort": layout.GRPC_PORT, "protocol": "TCP"}]
+    if link_port is not None:
+        ports.append({"name": LINK_PORT_NAME, "containerPort": link_port, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": layout.METRICS_PORT, "protocol": "TCP"})
+    return ports
+
+
+def service(plan: Plan, tier: str, namespace: str | None, use_tls: bool = False
+            ) -> dict[str, Any]:
     labels = _labels(plan, tier)
+    ports: list[dict[str, Any]] = [{"name": "grpc", "port": layout.GRPC_PORT,
+                                    "targetPort": "grpc", "protocol": "TCP",
+                                    "appProtocol": "grpc"}]
+    link_port = layout.link_port(plan, tier, use_tls)
+    if link_port is not None:  # same number as the container's: it is what the tier advertises
+        ports.append({"name": LINK_PORT_NAME, "port": link_port, "targetPort": LINK_PORT_NAME,
+                      "protocol": "TCP"})
+    ports.append({"name": "metrics", "port": layout.METRICS_PORT, "targetPort": "metrics",
+                  "protocol": "TCP"})
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _metadata(layout.service_name(plan, tier), namespace,
                                   {**labels, LABEL_PART_OF: "wpk"}),
-            "spec": {"type": "ClusterIP", "selector": labels, "ports": [
-                {"name": "grpc", "port": layout.GRPC_PORT, "targetPort": "grpc",
-                 "protocol": "TCP", "appProtocol": "grpc"},
-                {"name": "metrics", "port": layout.METRICS_PORT, "targetPort": "metrics",
-                 "protocol": "TCP"}]}}
+            "spec": {"type": "ClusterIP", "selector": labels, "ports": ports}}
 
 
 def _secret_name(plan: Plan, tier: str) -> str:
@@ -188,7 +208,7 @@ def write_manifests(plan_dir: str | Path, out: str | Path, *, registry: str | No
         image = bundle.image_name(plan, tier.name, registry, tag)
         files[f"{layout.dns_label(tier.name)}.yaml"] = [
             deployment(plan, tier.name, image, namespace, use_tls, size),
-            service(plan, tier.name, namespace)]
+            service(plan, tier.name, namespace, use_tls)]
     if use_tls:
         files["secrets.yaml"] = [secret(plan, t.name, namespace, tls.load(tls_dir, t.name))
                                  for t in plan.tiers]

@@ -16,6 +16,11 @@ from wpk.errors import WpkError
 from wpk.plan import PLAN_FILE, Plan, TierPlan, load_plan
 
 GRPC_PORT = 8001       # KServe v2 / Triton's gRPC port
+# The tensor link (binary frames between tiers, runtime/tensor_link.py): fixed, so firewalls,
+# images and Services can open it. The tier advertises the port it listens on and the previous
+# tier dials it on the host it reaches the gRPC port by: wherever that host is a Service or a
+# NAT, the port must be forwarded unchanged. gRPC + 1 (Triton's metrics port; ours is 9090).
+LINK_PORT = 8002
 METRICS_PORT = 9090
 INSTALL_ROOT = "/opt/wpk"
 
@@ -47,6 +52,12 @@ def next_address(plan: Plan, tier: str, default_host: str | None = None) -> str 
     if nxt.address:
         return nxt.address if ":" in nxt.address else f"{nxt.address}:{GRPC_PORT}"
     return f"{default_host or dns_label(nxt.name)}:{GRPC_PORT}"
+
+
+def link_port(plan: Plan, tier: str, use_tls: bool) -> int | None:
+    """The tensor-link port `tier` listens on, or None: the first tier has no previous tier
+    to serve, and TLS tiers pass tensors over their (encrypted) gRPC link instead."""
+    return None if use_tls or plan.tier_index(tier) == 0 else LINK_PORT
 
 
 def tier_plan_json(plan: Plan, tier: str) -> dict[str, Any]:

@@ -211,6 +211,12 @@ class Topology:
         return subprocess.run(_dying_with_parent(self.exec_argv(tier, argv)), timeout=timeout,
                               start_new_session=True, **kwargs)
 
+    def established(self, tier: str, address: str, port: int) -> int:
+        """How many TCP connections from `tier`'s namespace to `address`:`port` are open."""
+        out = run(*self.exec_argv(tier, ["ss", "-Htn", "state", "established", "dst",
+                                         f"{address}:{port}"]))
+        return len([line for line in out.splitlines() if line.strip()])
+
     def address_of(self, tier: str, facing: str) -> str:
         """The address of `tier` on its link to the neighbouring tier `facing`."""
         for link in self.links:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.optimizer import calibration, pipeline
 from wpk.optimizer.database import DEFAULT_LOG
 from wpk.optimizer.search import STRATEGIES
@@ -107,19 +106,12 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
     return out
 
 
-def _warnings_to(console: Console) -> None:
+def _warnings_to(console: Console):
     """The optimizer's own warnings (OpenVINO skipped or replaced) as one line each."""
     from wpk.optimizer.openvino_backend import OpenVinoWarning
 
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        if issubclass(category, OpenVinoWarning):
-            console.print(f"[yellow]wpk: warning:[/] {escape(str(message))}", soft_wrap=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
+    return one_line_warnings(OpenVinoWarning, lambda message: console.print(
+        f"[yellow]wpk: warning:[/] {escape(message)}", soft_wrap=True))
 
 
 def _calibration(args: argparse.Namespace, targets: list[tuple[str, Path, Path, str | None]]
@@ -188,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, openvino=not args.no_openvino,
         winograd=not args.no_winograd)
     console = Console(stderr=True, quiet=args.quiet)
-    with warnings.catch_warnings():      # restores warnings.showwarning for in-process callers
-        _warnings_to(console)
+    with _warnings_to(console):          # restores warnings.showwarning for in-process callers
         return _optimize_targets(args, options, console)
 
 

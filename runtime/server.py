@@ -10,7 +10,7 @@ import asyncio
 import signal
 import sys
 
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.metrics import serve_metrics
@@ -140,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.next_address and ":" not in args.next_address:
         raise WpkError(f"--next {args.next_address!r}: expected HOST:PORT")
     announce = lambda line: print(line, flush=True)  # noqa: E731
-    asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
-                      next_address=args.next_address, name=args.name, threads=args.threads,
-                      workers=args.workers, metrics_port=args.metrics_port,
-                      max_message_bytes=args.max_message_mb * 1024 * 1024,
-                      hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
-                      spin=args.spin, link=args.link, link_port=args.link_port,
-                      shared_memory=args.shared_memory,
-                      announce=announce))
+    with one_line_warnings():  # e.g. an OpenVINO slice served by ONNX Runtime: one line
+        asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
+                          next_address=args.next_address, name=args.name, threads=args.threads,
+                          workers=args.workers, metrics_port=args.metrics_port,
+                          max_message_bytes=args.max_message_mb * 1024 * 1024,
+                          hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
+                          spin=args.spin, link=args.link, link_port=args.link_port,
+                          shared_memory=args.shared_memory, announce=announce))
     return 0
 
 

@@ -1,9 +1,11 @@
 """The one exception type that command-line tools turn into a one-line message."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Callable
+import warnings
+from typing import Callable, Iterator
 
 
 class WpkError(Exception):
@@ -25,3 +27,28 @@ def cli_entry(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
             return 130
 
     return wrapped
+
+
+def print_warning(message: str) -> None:
+    """`wpk: warning: MESSAGE` on stderr, one line."""
+    print(f"wpk: warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def one_line_warnings(category: type[Warning] = Warning,
+                      emit: Callable[[str], None] = print_warning) -> Iterator[None]:
+    """Inside, warnings of `category` reach the user as `emit(message)` (default: one line
+    `wpk: warning: ...` on stderr) instead of Python's two lines (file:line, then the source
+    line); other warnings print as usual. CLI mains wrap their work in it. The hook is
+    process-wide (threads included) and restored on exit; warning filters still apply."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, kind, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(kind, category):
+                emit(str(message))
+            else:
+                shown(message, kind, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield

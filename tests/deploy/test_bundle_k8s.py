@@ -62,6 +62,32 @@ def test_bundle_settings_resolve_like_the_server_sees_them(three_tier_plan, tmp_
     assert changed.stdout.strip() == "edge 9100 10.0.0.9:8001 []"
 
 
+def _start_sh_argv(directory, **env) -> list[str]:
+    """The wpk-serve command line start.sh builds (WPK_SERVE=echo prints it)."""
+    result = subprocess.run([str(directory / "start.sh")], capture_output=True, text=True,
+                            env={**os.environ, "WPK_SERVE": "echo", **env}, check=True)
+    return result.stdout.split()
+
+
+def test_bundle_gives_every_receiving_tier_a_fixed_tensor_link_port(three_tier_plan, tmp_path):
+    dirs = {d.name: d for d in bundle.write_bundle(three_tier_plan, tmp_path / "out")}
+    for tier, directory in dirs.items():
+        argv = _start_sh_argv(directory)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        expose = [line for line in (directory / "Dockerfile").read_text().splitlines()
+                  if line.startswith("EXPOSE")]
+        if tier == "device":  # the entry tier has no previous tier: no tensor link to serve
+            assert "--link-port" not in argv and manifest["link_port"] is None
+            assert expose == ["EXPOSE 8001 9090"]
+        else:
+            assert argv[argv.index("--link-port") + 1] == "8002"
+            assert manifest["link_port"] == 8002
+            assert expose == ["EXPOSE 8001 8002 9090"]
+            assert "tensor link 8002" in (directory / f"wpk-mlp-{tier}.service").read_text()
+    argv = _start_sh_argv(dirs["edge"], WPK_LINK_PORT="9102")  # overridable like the others
+    assert argv[argv.index("--link-port") + 1] == "9102"
+
+
 def test_bundle_with_tls_ships_each_tier_its_own_key_and_never_the_ca_key(three_tier_plan,
                                                                           tmp_path):
     dirs = bundle.write_bundle(three_tier_plan, tmp_path / "out", tls_dir=tmp_path / "pki")
@@ -72,6 +98,9 @@ def test_bundle_with_tls_ships_each_tier_its_own_key_and_never_the_ca_key(three_
         assert not list(directory.rglob("ca.key"))
         tls.load(directory / "tls", directory.name)
         assert "WPK_TLS_DIR=\"${WPK_TLS_DIR-tls}\"" in (directory / "tier.env").read_text()
+        # TLS tiers pass tensors over their gRPC link: no tensor-link port anywhere
+        assert "--link-port" not in _start_sh_argv(directory)
+        assert "8002" not in (directory / "Dockerfile").read_text()
 
 
 def test_bundle_refuses_to_overwrite(three_tier_plan, tmp_path):
@@ -121,6 +150,42 @@ def test_manifests_take_node_selectors_gpus_and_wiring_from_the_plan(three_tier_
     assert [t["slice"] for t in edge_view["tiers"]] == [None, "edge.onnx", None]
 
 
+def _ports(docs, kind):
+    """{tier: {port name: (port, targetPort)}} of the Services or the containers."""
+    found = {}
+    for d in docs:
+        if d["kind"] != kind:
+            continue
+        tier = d["metadata"]["labels"][k8s.LABEL_COMPONENT]
+        if kind == "Service":
+            found[tier] = {p["name"]: (p["port"], p["targetPort"]) for p in d["spec"]["ports"]}
+        else:
+            container = d["spec"]["template"]["spec"]["containers"][0]
+            found[tier] = {p["name"]: p["containerPort"] for p in container["ports"]}
+            found[tier]["args"] = container["args"]
+    return found
+
+
+def test_manifests_expose_the_tensor_link_under_the_advertised_port(three_tier_plan, tmp_path):
+    """The upstream dials the host of its --next (the Service name) on the port the tier
+    advertises (the one it listens on): container port, Service port and --link-port agree."""
+    k8s.write_manifests(three_tier_plan, tmp_path / "k8s")
+    docs = _documents(tmp_path / "k8s")
+    check_documents(docs)
+    services, containers = _ports(docs, "Service"), _ports(docs, "Deployment")
+    assert "tensor-link" not in services["device"] and "tensor-link" not in containers["device"]
+    assert "--link-port" not in containers["device"]["args"]
+    for tier in ("edge", "cloud"):
+        args = containers[tier]["args"]
+        assert args[args.index("--link-port") + 1] == "8002"
+        assert containers[tier]["tensor-link"] == 8002
+        assert services[tier]["tensor-link"] == (8002, "tensor-link")
+        assert services[tier]["grpc"] == (8001, "grpc")
+    # the previous tier reaches each through its Service: wpk-mlp-edge:8001, then :8002
+    assert containers["device"]["args"][containers["device"]["args"].index("--next") + 1] \
+        == "wpk-mlp-edge:8001"
+
+
 def test_manifests_with_tls_mount_secrets_and_probe_over_tcp(three_tier_plan, tmp_path):
     k8s.write_manifests(three_tier_plan, tmp_path / "k8s", tls_dir=tmp_path / "pki")
     docs = _documents(tmp_path / "k8s")
@@ -132,6 +197,9 @@ def test_manifests_with_tls_mount_secrets_and_probe_over_tcp(three_tier_plan, tm
             container = d["spec"]["template"]["spec"]["containers"][0]
             assert container["readinessProbe"] .get("tcpSocket") == {"port": "grpc"}
             assert "--tls-dir" in container["args"]
+            assert "--link-port" not in container["args"]  # TLS tiers use the gRPC link
+    assert not any(ports.get("tensor-link") for ports in _ports(docs, "Service").values())
+    assert not any(ports.get("tensor-link") for ports in _ports(docs, "Deployment").values())
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -144,6 +212,17 @@ def test_kubectl_kustomize_builds_the_manifests(three_tier_plan, tmp_path):
 
 
 # -- a bundle really runs -------------------------------------------------------------------
+def _established_to(port: int) -> int:
+    """Open TCP connections on this host whose remote end is 127.0.0.1:`port`."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            fields = row.split()
+            if fields[2] == f"0100007F:{port:04X}" and fields[3] == "01":  # ESTABLISHED
+                count += 1
+    return count
+
+
 def _start_tier(directory, env_extra):
     from wpk.deploy.emulate import _read_line_with
 
@@ -168,13 +247,19 @@ def test_bundled_tiers_started_by_their_scripts_serve_the_model(three_tier_plan,
 
     from wpk.runtime.client import InferenceClient
 
+    from .conftest import free_port
+
     dirs = {d.name: d for d in bundle.write_bundle(three_tier_plan, tmp_path / "out")}
     plan = load_plan(three_tier_plan)
     processes = []
+    link_ports = {"cloud": free_port(), "edge": free_port()}  # both on one host here
     try:
         next_address = ""
         for tier in ("cloud", "edge", "device"):  # each tier learns where the next listens
-            process, next_address = _start_tier(dirs[tier], {"WPK_NEXT": next_address})
+            env = {"WPK_NEXT": next_address}
+            if tier in link_ports:
+                env["WPK_LINK_PORT"] = str(link_ports[tier])
+            process, next_address = _start_tier(dirs[tier], env)
             processes.append(process)
         spec = plan.model["inputs"][0]
         x = np.random.default_rng(1).standard_normal(spec["shape"]).astype(np.float32)
@@ -187,6 +272,9 @@ def test_bundled_tiers_started_by_their_scripts_serve_the_model(three_tier_plan,
         expected = ort.InferenceSession(plan.model["file"]).run(None, {spec["name"]: x})[0]
         name = plan.model["outputs"][0]["name"]
         np.testing.assert_allclose(outputs[name], expected, rtol=1e-4, atol=1e-5)
+        # the tensors went over the tensor links, on the ports the bundles set
+        assert _established_to(link_ports["edge"]) == 1
+        assert _established_to(link_ports["cloud"]) == 1
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)

@@ -71,3 +71,41 @@ def test_relay_adds_the_rtt_within_a_fraction_of_a_millisecond():
     finally:
         listener.close()
     assert delayed - base == pytest.approx(5.0, abs=0.8), (base, delayed)
+
+
+def test_one_relay_process_relays_several_ports_each_delayed():
+    """The emulation relays a tier's gRPC port and its tensor-link port in one process: both
+    routes reach their own target, and both pay the delay (RTT 40 ms: a lower bound only)."""
+    servers = [_echo_server() for _ in range(2)]
+    argv = [sys.executable, "-m", "wpk.deploy.delay_relay", "--delay-ms", "20"]
+    for _, port in servers:
+        argv += ["--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{port}"]
+    relay = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        line = relay.stdout.readline()
+        assert line.startswith("ready"), line
+        addresses = line.split()[1:]
+        assert len(addresses) == 2 and len(set(addresses)) == 2
+        for address, (listener, _) in zip(addresses, servers):
+            host, port = address.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=5) as conn:
+                start = time.perf_counter()
+                conn.sendall(MESSAGE)
+                received = b""
+                while len(received) < len(MESSAGE):
+                    received += conn.recv(len(MESSAGE))
+                assert received == MESSAGE
+                assert time.perf_counter() - start >= 0.039
+    finally:
+        relay.terminate()
+        relay.wait(timeout=10)
+        for listener, _ in servers:
+            listener.close()
+
+
+def test_relay_routes_come_in_pairs():
+    result = subprocess.run([sys.executable, "-m", "wpk.deploy.delay_relay", "--listen",
+                             "127.0.0.1:0", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:1",
+                             "--delay-ms", "1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "wpk: error: 2 --listen for 1 --to: give them in pairs"

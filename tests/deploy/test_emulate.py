@@ -99,11 +99,16 @@ def test_measured_latency_is_within_25_percent_of_the_prediction(cut_plan):
         for bandwidth in (20.0, 50.0):
             emulation.set_bandwidth(0, bandwidth)
             results[bandwidth] = emulation.measure(requests=4, warmup=1, compute_requests=3)
+        # the tensors crossed the shaped, delayed link on the tensor link, not gRPC
+        assert emulation.transports() == ["tensor link"]
+        device_log = (emulation.log_dir / "wpk-serve-device.log").read_text()
+        assert "using gRPC" not in device_log, device_log
     for bandwidth, result in results.items():
         assert result.measured_ms == pytest.approx(result.predicted_ms, rel=0.25), \
             (bandwidth, result.measured_ms, result.predicted_ms)
         link = next(s for s in result.stages if s.kind == "link")
         assert link.measured_ms == pytest.approx(link.predicted_ms, rel=0.25)
+        assert link.note.endswith("over tensor link")
     # the link really is the shaped one: 2.5x the bandwidth, much less time on it
     assert results[20.0].measured_ms > 1.8 * results[50.0].measured_ms - 20
 

@@ -1,0 +1,56 @@
+"""wpk-serve prints warnings as one line `wpk: warning: ...`, like wpk-optimize: here an
+OpenVINO-optimized slice served by ONNX Runtime in a process where openvino is unimportable."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import onnx
+
+from wpk.examples import mlp
+from wpk.partitioner.api import partition
+from wpk.plan import load_plan
+
+SERVE_WITHOUT_OPENVINO = ("import sys; sys.modules['openvino'] = None\n"
+                          "from wpk.runtime.server import main\n"
+                          "sys.exit(main(sys.argv[1:]))\n")
+
+
+def _openvino_plan(tmp_path):
+    """A one-tier plan whose slice the optimizer (forced) gave to OpenVINO."""
+    from wpk.optimizer import pipeline
+
+    model = mlp(features=16, hidden=(16,), classes=4)
+    onnx.save(model, str(tmp_path / "mlp.onnx"))
+    plan_dir = tmp_path / "plan"
+    partition(tmp_path / "mlp.onnx", ["edge"], privacy="none", out_dir=plan_dir,
+              use_calibration=False)
+    plan = load_plan(plan_dir)
+    pipeline.save_openvino(model, plan_dir / "optimized" / "edge")
+    plan.tier("edge").optimized = "optimized/edge"
+    plan.save(plan_dir)
+    return plan_dir
+
+
+def test_serving_an_openvino_slice_without_openvino_warns_in_one_line(tmp_path):
+    plan_dir = _openvino_plan(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITHOUT_OPENVINO, str(plan_dir), "--tier", "edge",
+         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "default"})
+    try:
+        ready = process.stdout.readline()
+        assert "ready on" in ready, process.communicate(timeout=30)[1]
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr             # Python's format takes two (file:line, source)
+    assert lines[0].startswith("wpk: warning: ")
+    assert "cannot run here" in lines[0] and "ONNX Runtime instead" in lines[0]
+    assert "UserWarning" not in stderr and "warn_once" not in stderr

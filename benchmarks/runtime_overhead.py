@@ -11,7 +11,8 @@ between them round by round.
 (a) whole model, one ORT session, one request at a time;
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
     (pipeline latency - sum of the stages run alone) / hops, hops = 3 (client->device,
-    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; and the
+    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; the same
+    with the client's input in system shared memory instead of in the gRPC message; and the
     tier-to-tier hops alone: the second tier sent what the first forwards, over the link
     under test, (latency - its stages) / 2;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
@@ -224,12 +225,21 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             unary = {k: InferenceClient(d.entry, timeout=30) for k, d in zip(links, deployments)}
             stream = {k: InferenceClient(d.entry, timeout=30, stream=True)
                       for k, d in zip(links, deployments)}
+            # the same clients with the input in shared memory (Triton's extension)
+            shm_unary = {k: InferenceClient(d.entry, timeout=30, shared_memory=True)
+                         for k, d in zip(links, deployments)}
+            shm_stream = {k: InferenceClient(d.entry, timeout=30, stream=True,
+                                             shared_memory=True)
+                          for k, d in zip(links, deployments)}
             second = {k: await second_tier_caller(k, d, plan, arrays)
                       for k, d in zip(links, deployments)}
             t = {"whole": [], **{i: [] for i in range(len(stages))},
-                 **{(k, m): [] for k in links for m in ("unary", "stream", "second")}}
+                 **{(k, m): [] for k in links
+                    for m in ("unary", "stream", "second", "shm_unary", "shm_stream")}}
             slice_time = seconds / ROUNDS / 2
-            for client in (*unary.values(), *stream.values()):
+            clients = (*unary.values(), *stream.values(), *shm_unary.values(),
+                       *shm_stream.values())
+            for client in clients:
                 await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
             for _ in range(ROUNDS):
                 sample(lambda: whole.run(None, feeds), slice_time, t["whole"])
@@ -240,6 +250,10 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                                        t[(k, "unary")])
                     await sample_async(lambda: stream[k].infer(plan.name, feeds), slice_time,
                                        t[(k, "stream")])
+                    await sample_async(lambda: shm_unary[k].infer(plan.name, feeds),
+                                       slice_time, t[(k, "shm_unary")])
+                    await sample_async(lambda: shm_stream[k].infer(plan.name, feeds),
+                                       slice_time, t[(k, "shm_stream")])
                     await sample_async(second[k], slice_time, t[(k, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
             in_tier = {k: [slice_seconds(handle.metrics_url) for handle in d.tiers]
@@ -256,7 +270,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                             stream[k], plan.name, feeds, n, slice_time,
                             cpu[k] if n == CPU_IN_FLIGHT else None))
                     sample(stages[slowest], slice_time, stage_alone)
-            for client in (*unary.values(), *stream.values()):
+            for client in clients:
                 await client.close()
             return {"latency": latency, "in_tier": in_tier, "cpu": {
                         k: [c / max(v["requests"], 1) for c in v["seconds"]]
@@ -280,6 +294,9 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             "t_pipe": unary, "t_pipe_stream": stream, "in_tier": measured["in_tier"][k],
             "per_hop_us": (unary - sum(stage_times)) / hops * 1e6,
             "per_hop_stream_us": (stream - sum(stage_times)) / hops * 1e6,
+            "per_hop_shm_us": (latency[(k, "shm_unary")] - sum(stage_times)) / hops * 1e6,
+            "per_hop_shm_stream_us": (latency[(k, "shm_stream")] - sum(stage_times)) / hops
+            * 1e6,
             "per_hop_in_tier_us": (stream - sum(measured["in_tier"][k])) / hops * 1e6,
             "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
@@ -353,6 +370,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "link", "whole ORT ms", "stages alone ms", "stages in tiers ms",
                    "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
+                   "per hop us, input in shm (unary | stream)",
                    "per hop us (stream), in-tier compute", "tier->tier hop us",
                    "bytes in -> links", "< 300 us"):
         table.add_column(column, justify="right")
@@ -362,6 +380,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                       " + ".join(f"{t * 1e3:.2f}" for t in r["in_tier"]),
                       f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f}",
                       f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f}",
+                      f"{r['per_hop_shm_us']:.0f} | {r['per_hop_shm_stream_us']:.0f}",
                       f"{r['per_hop_in_tier_us']:.0f}", f"{r['tier_hop_us']:.0f}",
                       f"{r['input_bytes'] / 1e3:.0f}k -> "
                       + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),

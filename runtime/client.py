@@ -6,7 +6,9 @@
 Arrays in, arrays out. Failures raise `InferenceError` with `.code` (a grpc.StatusCode) and
 `.details`: UNAVAILABLE / DEADLINE_EXCEEDED are worth retrying, INVALID_ARGUMENT / NOT_FOUND
 are not. `stream=True` sends inferences over one ModelStreamInfer stream (faster per request;
-wpk tiers and Triton support it).
+wpk tiers and Triton support it). `shared_memory=True` passes the inputs through POSIX shared
+memory regions registered with the server instead of in the message (servers on this host
+only; wpk tiers and Triton support it; see shm_inputs).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.link import InferenceError, StreamLink
+from wpk.runtime.shm_inputs import InputSlots
 from wpk.runtime.tensors import TensorMeta
 from wpk.runtime.wire import build_request, parse_response
 
@@ -49,9 +52,11 @@ class InferenceClient:
 
     def __init__(self, address: str, *, timeout: float | None = None, codec: str = "raw",
                  stream: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 credentials=None, server_name: str | None = None):
+                 credentials=None, server_name: str | None = None,
+                 shared_memory: bool = False):
         """`credentials`: grpc.ChannelCredentials for TLS (see wpk.runtime.tls), checking the
-        server's certificate against `server_name` when given."""
+        server's certificate against `server_name` when given. `shared_memory`: send inputs
+        through shared memory (not with a codec)."""
         self.address = address
         self.timeout = timeout
         options = channel_options(max_message_bytes)
@@ -65,6 +70,10 @@ class InferenceClient:
         codec_spec = Codec.parse(codec)
         self.encoder = Encoder(codec_spec) if codec_spec != Codec() else None
         self.link = StreamLink(self.channel) if stream else None
+        if shared_memory and self.encoder is not None:
+            raise ValueError("shared_memory=True sends raw tensors: no codec")
+        self.input_slots = InputSlots(lambda method, request: self._call(method, request, None)) \
+            if shared_memory else None
 
     async def __aenter__(self) -> "InferenceClient":
         return self
@@ -73,6 +82,8 @@ class InferenceClient:
         await self.close()
 
     async def close(self) -> None:
+        if self.input_slots is not None:
+            await self.input_slots.close()
         if self.link is not None:
             await self.link.close()
         await self.channel.close()
@@ -112,10 +123,32 @@ class InferenceClient:
                     parameters: Mapping[str, str | float | bool | int] | None = None,
                     request_id: str = "") -> dict[str, np.ndarray]:
         """Run `model` on `inputs`; returns the outputs (all, or those named) by name."""
+        if self.input_slots is not None:
+            return await self._infer_shared(model, inputs, outputs, timeout, parameters,
+                                            request_id)
         request = build_request(model, inputs, outputs, encoder=self.encoder,
                                 parameters=parameters, request_id=request_id)
         response = await self.infer_message(request, timeout=timeout)
         return parse_response(response)
+
+    async def _infer_shared(self, model, inputs, outputs, timeout, parameters, request_id):
+        slots = self.input_slots
+        arrays = {name: np.asarray(array) for name, array in inputs.items()}
+        slot = await slots.acquire(slots.nbytes(arrays))
+        try:
+            request = slots.request(slot, model, arrays, outputs, parameters, request_id)
+            response = await self.infer_message(request, timeout=timeout)
+        except BaseException:
+            await slots.retire(slot)  # the server may still be reading it: not reused
+            raise
+        slots.release(slot)
+        return parse_response(response)
+
+    async def shared_memory_status(self, name: str = "", timeout: float | None = None) -> dict:
+        """Regions registered with the server: name -> (key, offset, byte_size)."""
+        response = await self._call("SystemSharedMemoryStatus",
+                                    pb.SystemSharedMemoryStatusRequest(name=name), timeout)
+        return {r.name: (r.key, r.offset, r.byte_size) for r in response.regions.values()}
 
     async def infer_message(self, request, *, timeout: float | None = None):
         """Send a prepared ModelInferRequest; returns the ModelInferResponse message."""

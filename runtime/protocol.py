@@ -1,5 +1,6 @@
 """Open Inference Protocol messages and the service's method table.
 
+Messages of Triton's shared-memory extension are here too (`SHARED_MEMORY_METHODS`).
 Message classes are built from the generated descriptor (`_open_inference_desc`, see
 `gen_proto`) in a private descriptor pool, so this module coexists with tritonclient's own
 `inference.*` classes in one process. The wire format is the specification's.
@@ -37,6 +38,18 @@ ModelInferResponse = _message("ModelInferResponse")
 ModelStreamInferResponse = _message("ModelStreamInferResponse")
 InferParameter = _message("InferParameter")
 InferTensorContents = _message("InferTensorContents")
+SystemSharedMemoryStatusRequest = _message("SystemSharedMemoryStatusRequest")
+SystemSharedMemoryStatusResponse = _message("SystemSharedMemoryStatusResponse")
+SystemSharedMemoryRegisterRequest = _message("SystemSharedMemoryRegisterRequest")
+SystemSharedMemoryRegisterResponse = _message("SystemSharedMemoryRegisterResponse")
+SystemSharedMemoryUnregisterRequest = _message("SystemSharedMemoryUnregisterRequest")
+SystemSharedMemoryUnregisterResponse = _message("SystemSharedMemoryUnregisterResponse")
+CudaSharedMemoryStatusRequest = _message("CudaSharedMemoryStatusRequest")
+CudaSharedMemoryStatusResponse = _message("CudaSharedMemoryStatusResponse")
+CudaSharedMemoryRegisterRequest = _message("CudaSharedMemoryRegisterRequest")
+CudaSharedMemoryRegisterResponse = _message("CudaSharedMemoryRegisterResponse")
+CudaSharedMemoryUnregisterRequest = _message("CudaSharedMemoryUnregisterRequest")
+CudaSharedMemoryUnregisterResponse = _message("CudaSharedMemoryUnregisterResponse")
 
 # method name -> (request class, response class), in the service's order
 METHODS: dict[str, tuple[type, type]] = {
@@ -52,9 +65,24 @@ STREAM_METHODS: dict[str, tuple[type, type]] = {
     "ModelStreamInfer": (ModelInferRequest, ModelStreamInferResponse),
 }
 
+# Triton's shared-memory extension (unary; served when the servicer has the method)
+SHARED_MEMORY_METHODS: dict[str, tuple[type, type]] = {
+    "SystemSharedMemoryStatus": (SystemSharedMemoryStatusRequest,
+                                 SystemSharedMemoryStatusResponse),
+    "SystemSharedMemoryRegister": (SystemSharedMemoryRegisterRequest,
+                                   SystemSharedMemoryRegisterResponse),
+    "SystemSharedMemoryUnregister": (SystemSharedMemoryUnregisterRequest,
+                                     SystemSharedMemoryUnregisterResponse),
+    "CudaSharedMemoryStatus": (CudaSharedMemoryStatusRequest, CudaSharedMemoryStatusResponse),
+    "CudaSharedMemoryRegister": (CudaSharedMemoryRegisterRequest,
+                                 CudaSharedMemoryRegisterResponse),
+    "CudaSharedMemoryUnregister": (CudaSharedMemoryUnregisterRequest,
+                                   CudaSharedMemoryUnregisterResponse),
+}
+
 # Checked at import: the generated descriptor declares exactly these methods.
 assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == \
-    list(METHODS) + list(STREAM_METHODS)
+    list(METHODS) + list(STREAM_METHODS) + list(SHARED_MEMORY_METHODS)
 
 
 def method_path(method: str) -> str:
@@ -91,6 +119,11 @@ def generic_handler(servicer: object):
             handlers[name] = grpc.stream_stream_rpc_method_handler(
                 getattr(servicer, name), request_deserializer=_deserializer(request, True),
                 response_serializer=serialize)
+    for name, (request, response) in SHARED_MEMORY_METHODS.items():
+        if hasattr(servicer, name):
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, name), request_deserializer=request.FromString,
+                response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -108,3 +141,7 @@ class Stub:
             setattr(self, name, channel.stream_stream(
                 method_path(name), request_serializer=serialize,
                 response_deserializer=_deserializer(response, zero_copy)))
+        for name, (request, response) in SHARED_MEMORY_METHODS.items():
+            setattr(self, name, channel.unary_unary(
+                method_path(name), request_serializer=serialize,
+                response_deserializer=response.FromString))

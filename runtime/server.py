@@ -33,7 +33,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
                 tls_dir: str | None = None, spin: bool = False, link: str = "tcp",
-                link_port: int = 0,
+                link_port: int = 0, shared_memory: bool = True,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -43,7 +43,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     creds = tls.load(tls_dir, tier) if tls_dir else None
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
                           workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
-                          link=link,
+                          link=link, shared_memory=shared_memory,
                           channel_credentials=tls.channel_credentials(creds) if creds else None)
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((protocol.generic_handler(service), health_handler()))
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ModelStreamInfer streams only). With --tls-dir: grpc")
     parser.add_argument("--link-port", type=int, default=0,
                         help="port of this tier's tensor link (default 0: any free port)")
+    parser.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                        help="do not serve Triton's system shared-memory extension (served by "
+                        "default: clients on this host pass tensors through /dev/shm regions)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS: ca.pem, TIER.pem and TIER.key in DIR (wpk-deploy "
                         "--tls writes them); peers without a certificate from that CA are "
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_message_bytes=args.max_message_mb * 1024 * 1024,
                           hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
                           spin=args.spin, link=args.link, link_port=args.link_port,
-                          announce=announce))
+                          shared_memory=args.shared_memory, announce=announce))
     return 0
 
 

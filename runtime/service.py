@@ -7,6 +7,9 @@ Models served:
 - `<name>.<tier>` with request parameter `wpk_pipeline=true` (what a tier sends the next
   one): run the slice, forward `forward` to the next tier, answer `results` merged with the
   next tier's answer. Each tier calls the next with the caller's remaining deadline.
+
+Every tier also serves Triton's system shared-memory extension (see shared_memory): clients on
+its host pass inputs and receive outputs through registered /dev/shm regions.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from wpk.runtime.codecs import Codec
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.next_tier import GrpcLink, TcpLink
 from wpk.runtime.outbox import Outbox
+from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
+from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.slice import load_runner
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LinkServer, Reply
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
@@ -65,9 +70,12 @@ class TierService:
     def __init__(self, plan: Plan, plan_dir: str | Path, tier: str, next_address: str | None,
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
                  hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
-                 channel_credentials=None, spin: bool = False, link: str = "tcp"):
+                 channel_credentials=None, spin: bool = False, link: str = "tcp",
+                 shared_memory: bool = True):
         """`link`: "tcp", the tensor link (tensor_link) to the next tier and from the previous
-        one; "grpc": gRPC streams only. With TLS (`channel_credentials`) the link is gRPC."""
+        one; "grpc": gRPC streams only. With TLS (`channel_credentials`) the link is gRPC.
+        `shared_memory`: serve Triton's system shared-memory extension (clients on this host
+        map /dev/shm objects into the server: off where clients are not trusted)."""
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
@@ -75,6 +83,7 @@ class TierService:
         self.hop_timeout = hop_timeout
         self.channel_credentials = channel_credentials  # TLS to the next tier, if any
         self.metrics = TierMetrics(tier)
+        self.shared_memory = SharedMemoryRegistry(f"tier {tier!r}") if shared_memory else None
         self.runner = load_runner(plan_dir, self.tier, threads, spin) if self.tier.slice else None
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix=f"wpk-{tier}")
@@ -183,6 +192,8 @@ class TierService:
         if self.link is not None:
             await self.link.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
     # -- health and metadata -----------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -195,7 +206,9 @@ class TierService:
         return pb.ModelReadyResponse(ready=request.name in self.models)
 
     async def ServerMetadata(self, request, context):
-        extensions = [f"{EXTENSION_PREFIX}{self.link_server.port}"] if self.link_server else []
+        extensions = [SHM_EXTENSION] if self.shared_memory is not None else []
+        if self.link_server:
+            extensions.append(f"{EXTENSION_PREFIX}{self.link_server.port}")
         return pb.ServerMetadataResponse(name=f"wpk ({self.name}.{self.tier.name})",
                                          version=__version__, extensions=extensions)
 
@@ -210,6 +223,46 @@ class TierService:
             for meta in metas.values():
                 target.add(name=meta.name, datatype=meta.datatype, shape=meta.shape)
         return response
+
+    # -- shared memory (Triton's extension; see shared_memory) ---------------------------
+    async def _shared_memory(self, context) -> SharedMemoryRegistry:
+        if self.shared_memory is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"tier {self.tier.name!r}: system shared memory is disabled "
+                                f"on this server (--no-shared-memory)")
+        return self.shared_memory
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        registry = await self._shared_memory(context)
+        try:
+            registry.register(request.name, request.key, request.offset, request.byte_size)
+        except RegionError as error:
+            await context.abort(error.code, error.details)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        registry = await self._shared_memory(context)
+        try:
+            regions = registry.status(request.name)
+        except RegionError as error:
+            await context.abort(error.code, error.details)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region.name]
+            status.name, status.key = region.name, region.key
+            status.offset, status.byte_size = region.offset, region.byte_size
+        return response
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        (await self._shared_memory(context)).unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _no_cuda(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"tier {self.tier.name!r}: CUDA shared memory is not supported by "
+                            f"wpk tiers; use system shared memory")
+
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _no_cuda
 
     # -- inference ---------------------------------------------------------------------
     async def ModelInfer(self, request, context):
@@ -270,7 +323,8 @@ class TierService:
             self.metrics.add_bytes("in", payload_bytes(request))
             model = self._model(model_name)
             pipeline = model.pipeline or self._wants_pipeline(request)
-            arrays = parse_inputs(request, model_name, model.inputs)
+            arrays = parse_inputs(request, model_name, model.inputs, self.shared_memory)
+            targets = self._output_targets(request, model_name) if request.outputs else {}
             if pipeline:
                 produced = await self._run_pipeline(arrays, deadline)
                 available = list(model.outputs if model.pipeline else produced)
@@ -282,12 +336,26 @@ class TierService:
                 produced = await self._run_slice(arrays, deadline)
                 available = list(model.outputs)
             names = requested_outputs(request, model_name, available)
+            in_shared_memory = {}
+            if targets:
+                self.shared_memory.write_outputs(model_name, targets, produced)
+                in_shared_memory = {o.name: o.parameters for o in request.outputs
+                                    if o.name in targets}
             response = build_response(model_name, {n: produced[n] for n in names}, request.id,
-                                      stream=stream)
+                                      stream=stream, in_shared_memory=in_shared_memory)
             self.metrics.add_bytes("out", payload_bytes(response))
             return response
         except TensorError as error:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def _output_targets(self, request, model_name: str) -> dict:
+        """Requested outputs to write into shared memory (see shared_memory)."""
+        if self.shared_memory is not None:
+            return self.shared_memory.output_targets(request, model_name)
+        if any(uses_shared_memory(o.parameters) for o in request.outputs):
+            raise TensorError(f"model {model_name!r}: an output names a shared memory region, "
+                              f"but shared memory is disabled on this server")
+        return {}
 
     @staticmethod
     def _wants_pipeline(request) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 from wpk.runtime import protocol as pb
 from wpk.runtime.prebuilt import Prebuilt
 from wpk.runtime.received import Received
+from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
 from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,
                                  check_tensor, datatype_of, dtype_of)
@@ -80,14 +81,23 @@ def _tensor_array(model: str, tensor, data: bytes | None) -> np.ndarray:
         raise TensorError(f"model {model!r} input {tensor.name!r}: {error}") from None
 
 
-def parse_inputs(request, model: str, inputs: Mapping[str, TensorMeta]) -> dict[str, np.ndarray]:
-    """The request's tensors as arrays, checked against `inputs` (names, types, shapes, sizes)."""
+def parse_inputs(request, model: str, inputs: Mapping[str, TensorMeta],
+                 shared_memory: SharedMemoryRegistry | None = None) -> dict[str, np.ndarray]:
+    """The request's tensors as arrays, checked against `inputs` (names, types, shapes, sizes).
+    Inputs naming a `shared_memory_region` are views of that region in `shared_memory`; the
+    raw contents, in order, belong to the other inputs (as in Triton)."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    in_memory = [uses_shared_memory(t.parameters) for t in request.inputs]
+    if any(in_memory) and shared_memory is None:
+        raise TensorError(f"model {model!r}: an input names a shared memory region, but "
+                          f"shared memory is disabled on this server")
+    sent = len(in_memory) - sum(in_memory)
+    if raw and len(raw) != sent:
         raise TensorError(f"model {model!r}: raw_input_contents has {len(raw)} entries for "
-                          f"{len(request.inputs)} inputs")
+                          f"{sent} inputs" + (" not in shared memory" if any(in_memory) else ""))
     arrays: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
+    raw_index = 0
+    for tensor, shared in zip(request.inputs, in_memory):
         meta = inputs.get(tensor.name)
         if meta is None:
             raise TensorError(f"model {model!r} has no input {tensor.name!r} "
@@ -95,10 +105,18 @@ def parse_inputs(request, model: str, inputs: Mapping[str, TensorMeta]) -> dict[
         if tensor.name in arrays:
             raise TensorError(f"model {model!r}: input {tensor.name!r} given twice")
         check_tensor(model, meta, tensor.datatype, tuple(tensor.shape))
+        if shared:
+            if CODEC_PARAM in tensor.parameters:
+                raise TensorError(f"model {model!r} input {tensor.name!r}: {CODEC_PARAM} "
+                                  f"cannot be used with shared memory")
+            arrays[tensor.name] = shared_memory.input_array(
+                model, tensor.name, tensor.datatype, tuple(tensor.shape), tensor.parameters)
+            continue
         if not raw and not tensor.HasField("contents"):
             raise TensorError(f"model {model!r} input {tensor.name!r}: no data (neither "
                               f"raw_input_contents nor contents)")
-        arrays[tensor.name] = _tensor_array(model, tensor, raw[index] if raw else None)
+        arrays[tensor.name] = _tensor_array(model, tensor, raw[raw_index] if raw else None)
+        raw_index += 1
     missing = [name for name in inputs if name not in arrays]
     if missing:
         raise TensorError(f"model {model!r}: missing input{'s' if len(missing) > 1 else ''} "
@@ -119,14 +137,26 @@ def requested_outputs(request, model: str, available: Sequence[str]) -> list[str
 
 
 def build_response(model: str, arrays: Mapping[str, np.ndarray], request_id: str = "",
-                   stream: bool = False) -> Prebuilt:
+                   stream: bool = False, in_shared_memory: Mapping | None = None) -> Prebuilt:
     """A ModelInferResponse with raw_output_contents (what tritonclient reads); with
-    `stream`, wrapped as the `infer_response` of a ModelStreamInferResponse."""
+    `stream`, wrapped as the `infer_response` of a ModelStreamInferResponse. Outputs named
+    in `in_shared_memory` (name -> the request's output parameters) were written there: they
+    carry those parameters and no bytes (an empty raw entry when others have bytes, so that
+    raw entries stay one per output)."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    in_shared_memory = in_shared_memory or {}
     buffers = []
     for name, array in arrays.items():
-        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-        buffers.append(np.ascontiguousarray(array))
+        tensor = response.outputs.add(name=name, datatype=datatype_of(array.dtype),
+                                      shape=array.shape)
+        if name in in_shared_memory:
+            for key, param in in_shared_memory[name].items():
+                tensor.parameters[key].CopyFrom(param)
+            buffers.append(b"")
+        else:
+            buffers.append(np.ascontiguousarray(array))
+    if len(in_shared_memory) == len(buffers):
+        buffers = []
     return Prebuilt(response, RAW_OUTPUT_FIELD, buffers,
                     wrap_field=STREAM_RESPONSE_FIELD if stream else None)
 
@@ -136,7 +166,8 @@ def parse_response(response) -> dict[str, np.ndarray]:
     raw = response.raw_output_contents
     model = response.model_name
     return {tensor.name: _tensor_array(model, tensor, raw[i] if raw else None)
-            for i, tensor in enumerate(response.outputs)}
+            for i, tensor in enumerate(response.outputs)
+            if not uses_shared_memory(tensor.parameters)}  # those are in the caller's region
 
 
 def payload_bytes(message) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import socket
+import sys
 import threading
 import time
 from typing import Callable
@@ -23,7 +24,8 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import ANSWER, REQUEST, Frame, FrameError, FrameReader, encode, send_parts
+from wpk.runtime.frames import (ANSWER, MAX_PAYLOAD_BYTES, REQUEST, Frame, FrameError,
+                                FrameReader, encode, send_parts)
 from wpk.runtime.link import InferenceError
 from wpk.runtime.tensors import TensorError
 
@@ -70,9 +72,17 @@ class Reply:
 Handler = Callable[[Frame, Reply], None]
 
 
+def _log(line: str) -> None:
+    print(f"wpk: {line}", file=sys.stderr, flush=True)
+
+
 class _ServerConnection:
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
+        try:
+            self.peer = "%s:%s" % sock.getpeername()[:2]
+        except OSError:
+            self.peer = "?"
         self.lock = threading.Lock()
         self.closed = False
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -88,15 +98,20 @@ class _ServerConnection:
                 pass  # the caller has gone: nobody is left to answer
 
     def _run(self) -> None:
-        reader = FrameReader(self.sock)
+        reader = FrameReader(self.sock, max_payload=self.owner.max_payload)
         try:
             while True:
                 frame = reader.read()
                 if frame.kind != REQUEST:
                     raise FrameError("answer frame sent to a tier")
                 self.handle(frame, Reply(self, frame.request_id))
-        except (EOFError, OSError, FrameError):
+        except (EOFError, OSError):
             pass
+        except FrameError as error:  # garbled or hostile bytes: drop this connection only
+            _log(f"{self.owner.where}tensor link from {self.peer}: {error}; connection closed")
+        except Exception as error:  # e.g. MemoryError: never leave the connection half alive
+            _log(f"{self.owner.where}tensor link from {self.peer}: {error!r}; connection "
+                 f"closed")
         finally:
             self.close()
             self.owner.connections.discard(self)
@@ -113,10 +128,14 @@ class _ServerConnection:
 
 
 class LinkServer:
-    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`."""
+    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`.
+    `max_payload`: larger frames close their connection; `where` starts log lines."""
 
-    def __init__(self, host: str, port: int, handle: Handler):
+    def __init__(self, host: str, port: int, handle: Handler, *,
+                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = ""):
         self.handle = handle
+        self.max_payload = max_payload
+        self.where = f"{where}: " if where else ""
         self.listener = socket.create_server((host, port))
         self.port = self.listener.getsockname()[1]
         self.connections: set[_ServerConnection] = set()
@@ -210,22 +229,32 @@ class Expiry:
             self._wake.notify()
 
 
+def _call(callback: Done, outcome: object) -> None:
+    """Run a request's callback; one that raises must not stop the thread that answers the
+    other requests."""
+    try:
+        callback(outcome)
+    except Exception as error:
+        _log(f"tensor link: answer callback failed: {error!r}")
+
+
 def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
     """Hand an answer frame to its request's callback (arrays, or the error it carries)."""
-    if frame.kind != ANSWER:
-        raise FrameError("request frame sent to a client")
     if frame.status:
-        callback(InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
-                                str(frame.meta.get("e", ""))))
+        _call(callback, InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                                       str(frame.meta.get("e", ""))))
         return
     if on_bytes is not None:
         on_bytes(frame.nbytes)
     try:
         arrays = frame.arrays("answer")
     except TensorError as bad:
-        callback(InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}"))
+        outcome: object = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}")
+    except Exception as bad:  # descriptors that are JSON but not tensors
+        outcome = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad!r}")
     else:
-        callback(arrays)
+        outcome = arrays
+    _call(callback, outcome)
 
 
 class LinkConnection:
@@ -253,9 +282,10 @@ class LinkConnection:
         request_id = next(self._ids)
         parts = parts_for(request_id)
         if timeout is not None:
-            entry = self.expiry.add(time.monotonic() + timeout, self, request_id)
-            self.pending[request_id] = lambda outcome: (self.expiry.discard(entry),
+            entry: list = []   # known before the expiry thread can fire for this request
+            self.pending[request_id] = lambda outcome: (entry and self.expiry.discard(entry[0]),
                                                         done(outcome))
+            entry.append(self.expiry.add(time.monotonic() + timeout, self, request_id))
         else:
             self.pending[request_id] = done
         try:
@@ -267,12 +297,13 @@ class LinkConnection:
         if self.error is not None:  # failed before or while we sent
             callback = self.pending.pop(request_id, None)
             if callback is not None:
-                callback(self.error)
+                _call(callback, self.error)
 
     def expire(self, request_id: int) -> None:
         callback = self.pending.pop(request_id, None)
         if callback is not None:
-            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           "deadline exceeded"))
 
     def _read(self) -> None:
         reader = FrameReader(self.sock)
@@ -280,6 +311,8 @@ class LinkConnection:
         try:
             while True:
                 frame = reader.read()
+                if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+                    raise FrameError("request frame sent to a client")
                 callback = self.pending.pop(frame.request_id, None)
                 if callback is not None:  # None: expired meanwhile, the caller has its answer
                     _deliver(frame, callback, self.on_bytes)
@@ -287,6 +320,8 @@ class LinkConnection:
             pass
         except (OSError, FrameError) as failure:
             error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
+        except Exception as failure:  # the reader must not die leaving requests waiting
+            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure!r})")
         self.fail(error)
         with self._send_lock:  # no sender is inside the socket now, and none will enter
             self.sock.close()
@@ -302,7 +337,7 @@ class LinkConnection:
         for request_id in list(self.pending):
             callback = self.pending.pop(request_id, None)
             if callback is not None:
-                callback(self.error)
+                _call(callback, self.error)
 
     def close(self) -> None:
         self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
@@ -383,22 +418,23 @@ class LoopConnection:
             self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
             return
         for frame in frames:
+            if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+                self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE,
+                                         "connection lost (request frame sent to a client)"))
+                return
             callback = self.pending.pop(frame.request_id, None)
             timer = self.timers.pop(frame.request_id, None)
             if timer is not None:
                 timer.cancel()
             if callback is not None:
-                try:
-                    _deliver(frame, callback, self.on_bytes)
-                except FrameError as failure:
-                    self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, str(failure)))
-                    return
+                _deliver(frame, callback, self.on_bytes)
 
     def expire(self, request_id: int) -> None:
         self.timers.pop(request_id, None)
         callback = self.pending.pop(request_id, None)
         if callback is not None:
-            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           "deadline exceeded"))
 
     def fail(self, error: InferenceError) -> None:
         if self.error is None:
@@ -413,7 +449,7 @@ class LoopConnection:
         self.timers.clear()
         pending, self.pending = self.pending, {}
         for callback in pending.values():
-            callback(self.error)
+            _call(callback, self.error)
 
     def close(self) -> None:
         self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))

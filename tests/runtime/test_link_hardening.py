@@ -1,0 +1,252 @@
+"""The tensor link and shared memory against hostile or garbled input and awkward timing:
+frames that declare huge or negative sizes, answers that are not tensors or not answers,
+callbacks that raise, a deadline that fires while its request is being sent, shared-memory
+keys that leave /dev/shm, outputs for a region unregistered mid-request."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from wpk.runtime import protocol as pb
+from wpk.runtime.frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader, encode,
+                                send_parts)
+from wpk.runtime.link import InferenceError
+from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry
+from wpk.runtime.tensor_link import Expiry, LinkConnection, LinkServer, LoopConnection
+from wpk.runtime.tensors import TensorError
+
+
+def raw_frame(kind: int, request_id: int, meta: dict, payload_len: int) -> bytes:
+    meta_bytes = json.dumps(meta).encode()
+    return HEADER.pack(MAGIC, kind, 0, 0, len(meta_bytes), request_id, -1.0,
+                       payload_len) + meta_bytes
+
+
+def test_a_frame_declaring_a_huge_payload_is_refused_before_any_allocation():
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(raw_frame(REQUEST, 1, {"m": "m", "t": [["x", "UINT8", [1 << 40], "raw", 0,
+                                                             1 << 40]]}, 1 << 40))
+        with pytest.raises(FrameError, match="over the limit"):
+            FrameReader(right).read()
+
+
+def test_negative_tensor_sizes_in_a_frame_are_refused():
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(raw_frame(REQUEST, 1, {"m": "m", "t": [["a", "FP32", [2], "raw", 0, -8],
+                                                            ["b", "FP32", [2], "raw", 0, 8]]},
+                               0))
+        with pytest.raises(FrameError, match="negative"):
+            FrameReader(right).read()
+
+
+def test_a_hostile_frame_on_a_link_server_is_logged_and_closes_that_connection(capfd):
+    server = LinkServer("127.0.0.1", 0, lambda frame, reply: reply.ok(frame.arrays("echo")),
+                        where="tier 'edge'")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as intruder:
+            intruder.sendall(raw_frame(REQUEST, 1, {"m": "m", "t": [["x", "UINT8", [1 << 40],
+                                                                     "raw", 0, 1 << 40]]},
+                                       1 << 40))
+            assert intruder.recv(100) == b""   # closed on the intruder
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as honest:
+            send_parts(honest, encode(REQUEST, 7, {"a": np.arange(3.0)}, model="echo"))
+            answer = FrameReader(honest).read()
+        np.testing.assert_array_equal(answer.arrays("a")["a"], np.arange(3.0))
+    finally:
+        server.close()
+    err = capfd.readouterr().err
+    assert "tier 'edge': tensor link from 127.0.0.1:" in err and "over the limit" in err
+    assert "Traceback" not in err
+
+
+class FakeTier:
+    """A downstream that answers the requests of one connection with `answers(frame)`:
+    a list of raw byte strings to send back."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        sock, _ = self.listener.accept()
+        with sock:
+            reader = FrameReader(sock)
+            try:
+                while True:
+                    frame = reader.read()
+                    for data in self.answers(frame):
+                        sock.sendall(data)
+            except (EOFError, OSError):
+                pass
+
+    def close(self):
+        self.listener.close()
+
+
+def frame_bytes(parts) -> bytes:
+    return b"".join(bytes(memoryview(p)) for p in parts)
+
+
+def run_requests(kind: str, port: int, count: int, timeout: float = 5.0,
+                 done_hook=None) -> list:
+    """Send `count` requests over a `kind` connection; their outcomes in order (None: no
+    outcome within 3 s, i.e. the request hangs)."""
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sock = socket.create_connection(("127.0.0.1", port))
+        connection = LoopConnection(sock, loop) if kind == "loop" else \
+            LinkConnection(sock, Expiry())
+        outcomes = []
+        for i in range(count):
+            future = loop.create_future()
+            calls = []
+
+            def done(outcome, future=future, calls=calls, i=i):
+                calls.append(outcome)
+                loop.call_soon_threadsafe(future.set_result, outcome) if len(calls) == 1 \
+                    else None
+                if done_hook is not None:
+                    done_hook(i)
+            connection.send(lambda rid, i=i: encode(REQUEST, rid, {"a": np.full(3, i, float)},
+                                                    model="m"), timeout, done)
+            try:
+                outcomes.append(await asyncio.wait_for(future, 3.0))
+            except asyncio.TimeoutError:
+                outcomes.append(None)
+            await asyncio.sleep(0.05)
+            assert len(calls) <= 1, "a request's callback ran more than once"
+        connection.close()
+        return outcomes
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["thread", "loop"])
+def test_an_answer_whose_descriptors_are_not_tensors_fails_only_its_request(kind):
+    def answers(frame):
+        if frame.request_id == 1:   # valid JSON, sizes add up, but the shape is no shape
+            return [raw_frame(ANSWER, 1, {"t": [["a", "FP64", "xy", "raw", 0, 0]]}, 0)]
+        return [frame_bytes(encode(ANSWER, frame.request_id, frame.arrays("m")))]
+
+    tier = FakeTier(answers)
+    try:
+        first, second = run_requests(kind, tier.port, 2)
+    finally:
+        tier.close()
+    assert isinstance(first, InferenceError) and first.code == grpc.StatusCode.INTERNAL
+    assert "bad answer" in first.details
+    np.testing.assert_array_equal(second["a"], np.full(3, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["thread", "loop"])
+def test_a_request_frame_coming_back_fails_the_pending_request_once(kind):
+    tier = FakeTier(lambda frame: [raw_frame(REQUEST, frame.request_id, {"m": "x", "t": []},
+                                             0)])
+    try:
+        first, second = run_requests(kind, tier.port, 2)
+    finally:
+        tier.close()
+    assert isinstance(first, InferenceError) and first.code == grpc.StatusCode.UNAVAILABLE
+    assert "request frame sent to a client" in first.details
+    assert isinstance(second, InferenceError) and second.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("kind", ["thread", "loop"])
+def test_a_callback_that_raises_does_not_stop_the_other_answers(kind, capfd):
+    tier = FakeTier(lambda frame: [frame_bytes(encode(ANSWER, frame.request_id,
+                                                      frame.arrays("m")))])
+
+    def hook(i):
+        if i == 0:
+            raise RuntimeError("caller's loop is closed")
+
+    try:
+        first, second = run_requests(kind, tier.port, 2, done_hook=hook)
+    finally:
+        tier.close()
+    np.testing.assert_array_equal(first["a"], np.zeros(3))
+    np.testing.assert_array_equal(second["a"], np.ones(3))
+    assert "caller's loop is closed" in capfd.readouterr().err
+
+
+class EagerExpiry(Expiry):
+    """An expiry thread that wins every race: a deadline already passed is taken off the heap
+    and fired inside add(), before add() returns to the sender."""
+
+    def add(self, deadline, connection, request_id):
+        entry = super().add(deadline, connection, request_id)
+        if deadline <= time.monotonic():
+            entry[4] = False          # what the thread does when it pops the entry
+            connection.expire(request_id)
+        return entry
+
+
+def test_a_deadline_that_fires_while_its_request_is_sent_still_fails_it():
+    server = LinkServer("127.0.0.1", 0, lambda frame, reply: None)   # never answers
+    outcomes = []
+    finished = threading.Event()
+    connection = LinkConnection(socket.create_connection(("127.0.0.1", server.port)),
+                                EagerExpiry())
+    try:
+        connection.send(lambda rid: encode(REQUEST, rid, {"a": np.ones(2)}, model="m"), 0.0,
+                        lambda outcome: (outcomes.append(outcome), finished.set()))
+        assert finished.wait(3.0), "the request never got an outcome"
+    finally:
+        connection.close()
+        server.close()
+    assert len(outcomes) == 1 and outcomes[0].code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# -- shared memory --------------------------------------------------------------------------
+def test_a_shared_memory_key_that_is_a_symlink_out_of_dev_shm_is_refused(tmp_path):
+    target = tmp_path / "precious.bin"
+    target.write_bytes(bytes(4096))
+    link = f"wpk_test_link_{os.getpid()}"
+    os.symlink(target, f"/dev/shm/{link}")
+    registry = SharedMemoryRegistry("tier 'test'")
+    try:
+        with pytest.raises(RegionError) as info:
+            registry.register("r", f"/{link}", 0, 4096)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tier 'test'" in info.value.details and link in info.value.details
+        with pytest.raises(RegionError, match="not a POSIX shared memory name"):
+            registry.register("r", "/bad\0name", 0, 16)
+        assert not registry.regions
+    finally:
+        registry.close()
+        os.unlink(f"/dev/shm/{link}")
+
+
+def test_an_output_for_a_region_unregistered_mid_request_is_a_clear_error():
+    from multiprocessing import shared_memory
+
+    memory = shared_memory.SharedMemory(create=True, size=4096)
+    registry = SharedMemoryRegistry("tier 'test'")
+    try:
+        registry.register("out", f"/{memory.name}", 0, 4096)
+        request = pb.ModelInferRequest()
+        params = request.outputs.add(name="y").parameters
+        params["shared_memory_region"].string_param = "out"
+        params["shared_memory_byte_size"].int64_param = 16
+        targets = registry.output_targets(request, "m")
+        registry.unregister("out")            # the client gave up meanwhile
+        with pytest.raises(TensorError, match="region 'out' was unregistered while"):
+            registry.write_outputs("m", targets, {"y": np.ones(4, np.float32)})
+    finally:
+        registry.close()
+        memory.close()
+        memory.unlink()

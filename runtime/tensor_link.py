@@ -36,6 +36,16 @@ Done = Callable[[object], None]
 
 
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+ANSWER_SEND_TIMEOUT_S = 10.0   # an answer blocked this long (the caller stopped reading) ends
+# its connection, instead of stalling the thread that answers (the next hop's reader)
+
+
+def send_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking send waits at most `seconds` (SO_SNDTIMEO), then fails with EAGAIN."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    whole.to_bytes(8, sys.byteorder) +
+                    int((seconds - whole) * 1e6).to_bytes(8, sys.byteorder))
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -94,8 +104,10 @@ class _ServerConnection:
                 return
             try:
                 send_parts(self.sock, parts)
-            except OSError:
-                pass  # the caller has gone: nobody is left to answer
+            except OSError:  # the caller has gone or stopped reading; part of a frame may
+                self.closed = True  # have gone out: the stream is unusable, end it
+                self._shutdown()
+                self.sock.close()
 
     def _run(self) -> None:
         reader = FrameReader(self.sock, max_payload=self.owner.max_payload)
@@ -116,11 +128,14 @@ class _ServerConnection:
             self.close()
             self.owner.connections.discard(self)
 
-    def close(self) -> None:
+    def _shutdown(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full buffer
         except OSError:
             pass
+
+    def close(self) -> None:
+        self._shutdown()
         with self.lock:
             if not self.closed:
                 self.closed = True
@@ -139,6 +154,7 @@ class LinkServer:
         self.listener = socket.create_server((host, port))
         self.port = self.listener.getsockname()[1]
         self.connections: set[_ServerConnection] = set()
+        self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True,
                                         name="wpk-link-accept")
         self._thread.start()
@@ -150,11 +166,17 @@ class LinkServer:
             except OSError:
                 return  # closed
             _nodelay(sock)
+            send_timeout(sock, ANSWER_SEND_TIMEOUT_S)
             connection = _ServerConnection(sock, self.handle, self)
             self.connections.add(connection)
+            if self._closed:  # accepted while close() ran: it may not have seen this one
+                connection.close()
+                self.connections.discard(connection)
+                return
             connection.thread.start()
 
     def close(self) -> None:
+        self._closed = True
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -197,7 +219,11 @@ class Expiry:
         """The request was answered: its deadline no longer matters."""
         entry[4] = False
         heap = self._heap
-        if heap and heap[0] is entry:
+        try:
+            head = heap[0]   # read without the lock: the expiry thread may empty the heap
+        except IndexError:
+            return
+        if head is entry:
             with self._lock:
                 while heap and not heap[0][4]:
                     heapq.heappop(heap)

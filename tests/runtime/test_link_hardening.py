@@ -250,3 +250,28 @@ def test_an_output_for_a_region_unregistered_mid_request_is_a_clear_error():
         registry.close()
         memory.close()
         memory.unlink()
+
+
+def test_a_caller_that_stops_reading_answers_loses_its_connection(monkeypatch):
+    """Answers to a caller that reads nothing fill the socket: the send gives up after
+    ANSWER_SEND_TIMEOUT_S and ends that connection (its thread is free again), instead of
+    blocking the answering thread for ever."""
+    from wpk.runtime import tensor_link
+
+    monkeypatch.setattr(tensor_link, "ANSWER_SEND_TIMEOUT_S", 0.3)
+    big = {"y": np.ones(1 << 18, np.float32)}    # 1 MiB per answer
+    server = LinkServer("127.0.0.1", 0, lambda frame, reply: reply.ok(big))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as mute:
+            mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                for i in range(64):   # 64 MiB of answers: far more than the socket buffers
+                    send_parts(mute, encode(REQUEST, i, {"a": np.ones(2)}, model="m"))
+            except OSError:
+                pass   # closed on us: what the test waits for
+            deadline = time.monotonic() + 5
+            while server.connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not server.connections, "the answering thread is still blocked"
+    finally:
+        server.close()

@@ -192,9 +192,14 @@ class Expiry:
     Answered requests leave the heap when they reach its head (requests mostly finish in
     order), so the heap holds about the pending requests only and the thread sleeps until the
     earliest live deadline: it wakes about once per timeout, not once per request. It is
-    notified only for a deadline earlier than the time it will wake anyway."""
+    notified only for a deadline earlier than the time it will wake anyway. Answered entries
+    behind an early one that stays pending (a hung request) are swept out once they are most
+    of the heap, so that it does not grow with every request answered meanwhile."""
+
+    COMPACT_AT = 1024   # answered entries left behind the head before a sweep is considered
 
     def __init__(self) -> None:
+        self._dead = 0                       # answered entries left in the heap (about)
         self._heap: list[list] = []          # [deadline, seq, connection, request_id, live]
         self._seq = itertools.count()
         self._lock = threading.Lock()
@@ -227,6 +232,13 @@ class Expiry:
             with self._lock:
                 while heap and not heap[0][4]:
                     heapq.heappop(heap)
+            return
+        self._dead += 1   # not exact under threads: it only decides when to sweep
+        if self._dead > self.COMPACT_AT and self._dead * 2 > len(heap):
+            with self._lock:
+                heap[:] = [e for e in heap if e[4]]
+                heapq.heapify(heap)
+                self._dead = 0
 
     def _run(self) -> None:
         while True:

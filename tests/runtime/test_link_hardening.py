@@ -275,3 +275,17 @@ def test_a_caller_that_stops_reading_answers_loses_its_connection(monkeypatch):
             assert not server.connections, "the answering thread is still blocked"
     finally:
         server.close()
+
+
+def test_the_expiry_heap_does_not_grow_behind_a_hung_request():
+    """One request hangs (its deadline is the earliest); thousands are answered meanwhile: their
+    entries must not pile up in the heap until the hung one expires."""
+    expiry = Expiry()
+    try:
+        hung = expiry.add(time.monotonic() + 20, None, 0)   # earliest: the head
+        for i in range(1, 5001):
+            expiry.discard(expiry.add(time.monotonic() + 30, None, i))
+        assert len(expiry._heap) < 2 * Expiry.COMPACT_AT + 2
+        assert hung in expiry._heap and hung[4]
+    finally:
+        expiry.close()

@@ -289,3 +289,53 @@ def test_the_expiry_heap_does_not_grow_behind_a_hung_request():
         assert hung in expiry._heap and hung[4]
     finally:
         expiry.close()
+
+
+@pytest.mark.parametrize("kind", ["thread", "loop"])
+def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once(kind):
+    """The downstream reads 50 requests, answers 10 of them, then drops the connection:
+    10 answers, 40 UNAVAILABLE, each request's callback once, none left waiting."""
+    seen = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def downstream():
+        sock, _ = listener.accept()
+        reader = FrameReader(sock)
+        for i in range(50):
+            frame = reader.read()
+            if i % 5 == 0:
+                send_parts(sock, encode(ANSWER, frame.request_id, frame.arrays("m")))
+        sock.close()
+
+    threading.Thread(target=downstream, daemon=True).start()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sock = socket.create_connection(listener.getsockname())
+        connection = LoopConnection(sock, loop) if kind == "loop" else \
+            LinkConnection(sock, Expiry())
+        futures = []
+        for i in range(50):
+            future = loop.create_future()
+            futures.append(future)
+
+            def done(outcome, i=i, future=future):
+                seen.append(i)
+                loop.call_soon_threadsafe(future.set_result, outcome) if kind == "thread" \
+                    else future.set_result(outcome)
+            connection.send(lambda rid, i=i: encode(REQUEST, rid, {"a": np.full(2, i, float)},
+                                                    model="m"), 30.0, done)
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        await asyncio.sleep(0.1)
+        connection.close()
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert sorted(seen) == list(range(50))   # each once
+    answered = [o for o in outcomes if isinstance(o, dict)]
+    failed = [o for o in outcomes if isinstance(o, InferenceError)]
+    assert len(answered) == 10 and len(failed) == 40
+    assert all(f.code == grpc.StatusCode.UNAVAILABLE for f in failed)

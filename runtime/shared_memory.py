@@ -123,7 +123,13 @@ class SharedMemoryRegistry:
                                   f"{self.where}: shared memory region {name!r}: offset "
                                   f"{offset} + byte_size {byte_size} runs past the end of key "
                                   f"{key!r} ({size} bytes)")
-            mapping = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
+            try:
+                mapping = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
+            except (OSError, OverflowError, ValueError) as error:  # ENOMEM, EMFILE, ...
+                raise RegionError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{self.where}: shared memory region {name!r}: cannot map "
+                                  f"{offset + byte_size} bytes of key {key!r} ({error})"
+                                  ) from None
         finally:
             os.close(fd)
         view = memoryview(mapping)[offset:offset + byte_size]

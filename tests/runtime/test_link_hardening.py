@@ -339,3 +339,22 @@ def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once
     failed = [o for o in outcomes if isinstance(o, InferenceError)]
     assert len(answered) == 10 and len(failed) == 40
     assert all(f.code == grpc.StatusCode.UNAVAILABLE for f in failed)
+
+
+def test_a_region_too_large_to_map_is_a_clear_error():
+    """A (sparse) object of 128 TiB registers whole: mmap fails (ENOMEM); the client gets
+    RESOURCE_EXHAUSTED naming the tier, region and key, not an unexpected exception."""
+    key = f"wpk_test_huge_{os.getpid()}"
+    fd = os.open(f"/dev/shm/{key}", os.O_CREAT | os.O_RDWR, 0o600)
+    registry = SharedMemoryRegistry("tier 'test'")
+    try:
+        os.ftruncate(fd, 1 << 47)
+        with pytest.raises(RegionError) as info:
+            registry.register("huge", f"/{key}", 0, 1 << 47)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tier 'test'" in info.value.details and "'huge'" in info.value.details
+        assert not registry.regions
+    finally:
+        registry.close()
+        os.close(fd)
+        os.unlink(f"/dev/shm/{key}")

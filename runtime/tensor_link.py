@@ -186,6 +186,9 @@ class LinkServer:
             connection.close()
 
 
+MAX_WAIT_S = 3600.0
+
+
 class Expiry:
     """One thread that fails requests whose deadline passed (DEADLINE_EXCEEDED).
 
@@ -253,7 +256,10 @@ class Expiry:
                     if expired:
                         break
                     self._wake_at = self._heap[0][0] if self._heap else float("inf")
-                    self._wake.wait(self._wake_at - now if self._heap else None)
+                    # capped: a far deadline (a frame may carry any timeout) must not
+                    # overflow the wait and kill this thread
+                    self._wake.wait(min(self._wake_at - now, MAX_WAIT_S) if self._heap
+                                    else None)
                     self._wake_at = 0.0
                 if self._closed:
                     return

@@ -358,3 +358,29 @@ def test_a_region_too_large_to_map_is_a_clear_error():
         registry.close()
         os.close(fd)
         os.unlink(f"/dev/shm/{key}")
+
+
+class Recorder:
+    """Stands for a connection: records the requests the expiry thread fails."""
+
+    def __init__(self):
+        self.expired = []
+        self.event = threading.Event()
+
+    def expire(self, request_id):
+        self.expired.append(request_id)
+        self.event.set()
+
+
+def test_a_far_deadline_does_not_kill_the_expiry_thread():
+    """A frame may carry any timeout (1e300 ms): the thread's wait must not overflow, or no
+    request on that tier would ever expire again."""
+    expiry, connection = Expiry(), Recorder()
+    try:
+        expiry.add(time.monotonic() + 1e297, connection, 1)
+        time.sleep(0.1)                     # the thread now waits for the far deadline
+        expiry.add(time.monotonic() + 0.1, connection, 2)
+        assert connection.event.wait(3.0), "the expiry thread is dead"
+        assert connection.expired == [2]
+    finally:
+        expiry.close()

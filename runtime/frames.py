@@ -255,9 +255,11 @@ class FrameReader:
             return None
         magic, kind, status, _, meta_len, request_id, timeout_ms, payload_len = \
             HEADER.unpack_from(self.buffer, self.start)
-        if magic != MAGIC or kind not in (REQUEST, ANSWER) or \
-                meta_len > len(self.buffer) - HEADER.size:
+        if magic != MAGIC or kind not in (REQUEST, ANSWER):
             raise FrameError("not a wpk tensor-link frame")
+        if meta_len > len(self.buffer) - HEADER.size:
+            raise FrameError(f"frame metadata of {meta_len} bytes is over the limit of "
+                             f"{len(self.buffer) - HEADER.size} bytes")
         if available < HEADER.size + meta_len:
             return None
         begin = self.start + HEADER.size

@@ -36,6 +36,7 @@ Done = Callable[[object], None]
 
 
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (frames.STAGING_BYTES holds them)
 ANSWER_SEND_TIMEOUT_S = 10.0   # an answer blocked this long (the caller stopped reading) ends
 # its connection, instead of stalling the thread that answers (the next hop's reader)
 
@@ -75,6 +76,8 @@ class Reply:
         return sum(memoryview(p).nbytes for p in parts[1:])
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
+        if len(message) > MAX_ERROR_CHARS:  # the frame's metadata must fit the peer's staging
+            message = message[:MAX_ERROR_CHARS] + " [...]"
         self.connection.send(encode(ANSWER, self.request_id, None, status=code.value[0],
                                     error=message))
 

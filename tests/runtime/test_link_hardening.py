@@ -384,3 +384,30 @@ def test_a_far_deadline_does_not_kill_the_expiry_thread():
         assert connection.expired == [2]
     finally:
         expiry.close()
+
+
+def test_a_very_long_error_message_is_cut_not_a_broken_connection():
+    """An error longer than the peer's staging buffer would make the answer an invalid frame
+    and drop the connection with every request on it: it is cut instead."""
+    def handle(frame, reply):
+        if frame.meta["m"] == "long":
+            reply.fail(grpc.StatusCode.INTERNAL, "tier 'edge': slice failed: " + "x" * 400_000)
+        else:
+            reply.ok(frame.arrays("m"))
+
+    server = LinkServer("127.0.0.1", 0, handle)
+    outcomes = []
+    finished = threading.Semaphore(0)
+    connection = LinkConnection(socket.create_connection(("127.0.0.1", server.port)), Expiry())
+    try:
+        for model in ("long", "short"):
+            connection.send(lambda rid, m=model: encode(REQUEST, rid, {"a": np.ones(2)}, model=m),
+                            5.0, lambda outcome: (outcomes.append(outcome), finished.release()))
+            assert finished.acquire(timeout=5)
+    finally:
+        connection.close()
+        server.close()
+    long, short = outcomes
+    assert long.code == grpc.StatusCode.INTERNAL and long.details.startswith("tier 'edge'")
+    assert long.details.endswith("[...]") and len(long.details) < 20_000
+    np.testing.assert_array_equal(short["a"], np.ones(2))

@@ -177,6 +177,14 @@ class SharedMemoryRegistry:
             raise TensorError(f"{what}: offset {offset} + byte size {byte_size} runs past the "
                               f"end of shared memory region {name!r} ({region.byte_size} "
                               f"bytes)")
+        try:  # one fstat: reading past the end of a shrunk object would kill the server
+            size = region.mapping.size()   # with SIGBUS
+        except (OSError, ValueError):
+            size = -1
+        if region.offset + offset + byte_size > size:
+            raise TensorError(f"{what}: the object of shared memory region {name!r} (key "
+                              f"{region.key!r}) shrank to {max(size, 0)} bytes after it was "
+                              f"registered; register it again")
         return region, offset, byte_size
 
     def input_array(self, model: str, tensor_name: str, datatype: str,

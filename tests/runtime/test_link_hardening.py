@@ -411,3 +411,40 @@ def test_a_very_long_error_message_is_cut_not_a_broken_connection():
     assert long.code == grpc.StatusCode.INTERNAL and long.details.startswith("tier 'edge'")
     assert long.details.endswith("[...]") and len(long.details) < 20_000
     np.testing.assert_array_equal(short["a"], np.ones(2))
+
+
+SHRUNK = """
+import os, sys
+from wpk.runtime import protocol as pb
+from wpk.runtime.shared_memory import SharedMemoryRegistry
+from wpk.runtime.tensors import TensorError
+key = sys.argv[1]
+registry = SharedMemoryRegistry("tier 'test'")
+registry.register("r", "/" + key, 0, 1 << 16)
+os.truncate("/dev/shm/" + key, 0)          # the client re-created the object smaller
+params = pb.ModelInferRequest().inputs.add().parameters
+params["shared_memory_region"].string_param = "r"
+params["shared_memory_byte_size"].int64_param = 1 << 16
+try:
+    print(float(registry.input_array("m", "x", "FP32", (1 << 14,), params).sum()))
+except TensorError as error:
+    print(error)
+"""
+
+
+def test_an_object_shrunk_after_registration_is_an_error_not_sigbus():
+    """Reading a mapping past the end of its (truncated) object raises SIGBUS: the tier
+    would die. Checked per request (in a child process: without the check it crashes)."""
+    import subprocess
+    import sys
+
+    key = f"wpk_test_shrunk_{os.getpid()}"
+    with open(f"/dev/shm/{key}", "wb") as f:
+        f.truncate(1 << 16)
+    try:
+        run = subprocess.run([sys.executable, "-c", SHRUNK, key], capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        os.unlink(f"/dev/shm/{key}")
+    assert run.returncode == 0, run.stderr[-500:]
+    assert "shrank to 0 bytes after it was registered" in run.stdout

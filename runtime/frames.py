@@ -33,6 +33,8 @@ MAGIC = b"WPK1"
 HEADER = struct.Struct("<4sBBHIQdQ")
 REQUEST, ANSWER = 1, 2
 STAGING_BYTES = 256 * 1024
+MAX_PAYLOAD_BYTES = 256 * 1024 * 1024   # as gRPC's default largest message (wpk-serve
+# --max-message-mb sets a tier's): a frame declaring more is refused before any allocation
 
 
 class FrameError(Exception):
@@ -158,9 +160,12 @@ def _parse_meta(data: bytes) -> tuple[dict, int]:
         return known
     try:
         meta = json.loads(data)
-        declared = sum(int(d[5]) for d in meta.get("t", ()))
-    except (ValueError, AttributeError, TypeError, IndexError):
+        sizes = [int(d[5]) for d in meta.get("t", ())]
+    except (ValueError, AttributeError, TypeError, IndexError, RecursionError):
         raise FrameError("frame metadata is malformed") from None
+    if any(size < 0 for size in sizes):
+        raise FrameError("frame metadata declares a negative tensor size")
+    declared = sum(sizes)
     if "e" in meta:  # error messages vary: not worth keeping
         return meta, declared
     return _decoded.put(data, (meta, declared))
@@ -188,8 +193,10 @@ class FrameReader:
     non-blocking one (every frame complete so far). Both raise EOFError when the peer closed,
     FrameError on bytes that are not frames."""
 
-    def __init__(self, sock: socket.socket, staging: int = STAGING_BYTES):
+    def __init__(self, sock: socket.socket, staging: int = STAGING_BYTES,
+                 max_payload: int = MAX_PAYLOAD_BYTES):
         self.sock = sock
+        self.max_payload = max_payload
         self.buffer = bytearray(staging)
         self.view = memoryview(self.buffer)
         self.start = self.end = 0      # unread bytes: buffer[start:end]
@@ -248,15 +255,20 @@ class FrameReader:
             return None
         magic, kind, status, _, meta_len, request_id, timeout_ms, payload_len = \
             HEADER.unpack_from(self.buffer, self.start)
-        if magic != MAGIC or kind not in (REQUEST, ANSWER) or \
-                meta_len > len(self.buffer) - HEADER.size:
+        if magic != MAGIC or kind not in (REQUEST, ANSWER):
             raise FrameError("not a wpk tensor-link frame")
+        if meta_len > len(self.buffer) - HEADER.size:
+            raise FrameError(f"frame metadata of {meta_len} bytes is over the limit of "
+                             f"{len(self.buffer) - HEADER.size} bytes")
         if available < HEADER.size + meta_len:
             return None
         begin = self.start + HEADER.size
         meta, declared = _parse_meta(self.view[begin:begin + meta_len].tobytes())
         if declared != payload_len:
             raise FrameError("frame payload does not match its tensor descriptors")
+        if payload_len > self.max_payload:
+            raise FrameError(f"frame payload of {payload_len} bytes is over the limit of "
+                             f"{self.max_payload} bytes")
         self.start = begin + meta_len
         payload = np.empty(payload_len, dtype=np.uint8)
         staged = min(self.end - self.start, payload_len)

@@ -56,7 +56,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
         bound = 0
     if bound == 0:
         raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (port in use?)")
-    await service.start(host, link_port)
+    await service.start(host, link_port, max_message_bytes)
     await server.start()
     metrics_server = None
     metrics_text = ""

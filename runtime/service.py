@@ -27,7 +27,7 @@ from wpk.errors import WpkError
 from wpk.plan import Plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.frames import Frame
+from wpk.runtime.frames import MAX_PAYLOAD_BYTES, Frame
 from wpk.runtime.link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM, InferenceError
 from wpk.runtime.codecs import Codec
 from wpk.runtime.metrics import TierMetrics
@@ -165,9 +165,11 @@ class TierService:
                         f"(models: {', '.join(self.models)})")
         return model
 
-    async def start(self, host: str = "127.0.0.1", link_port: int = 0) -> None:
+    async def start(self, host: str = "127.0.0.1", link_port: int = 0,
+                    max_frame_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         """Open the link to the next tier (connected on first use) and, with the tensor link,
-        listen for the previous tier's frames on `host`:`link_port` (0: a free port)."""
+        listen for the previous tier's frames on `host`:`link_port` (0: a free port); a
+        frame over `max_frame_bytes` closes its connection."""
         loop = asyncio.get_running_loop()
         self.loop = loop
         if self.next_address:
@@ -181,7 +183,9 @@ class TierService:
                                     on_loop=self.entry)
         if self.link_kind == "tcp" and not self.entry:
             try:
-                self.link_server = LinkServer(host, link_port, self.serve_frame)
+                self.link_server = LinkServer(host, link_port, self.serve_frame,
+                                              max_payload=max_frame_bytes,
+                                              where=f"tier {self.tier.name!r}")
             except OSError as error:
                 raise WpkError(f"tier {self.tier.name!r}: cannot listen for the tensor link "
                                f"on {host}:{link_port} ({error.strerror})") from None

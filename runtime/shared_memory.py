@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -93,7 +94,7 @@ class SharedMemoryRegistry:
                               f"{self.where}: shared memory region {name!r} is already "
                               f"registered (key {held.key!r}); unregister it first")
         file_name = key[1:] if key.startswith("/") else key
-        if not file_name or "/" in file_name or file_name in (".", ".."):
+        if not file_name or "/" in file_name or "\0" in file_name or file_name in (".", ".."):
             raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{self.where}: shared memory region {name!r}: key {key!r} is "
                               f"not a POSIX shared memory name ('/name')")
@@ -102,19 +103,33 @@ class SharedMemoryRegistry:
                               f"{self.where}: shared memory region {name!r}: byte_size must "
                               f"be > 0")
         try:
-            fd = os.open(os.path.join(SHM_DIR, file_name), os.O_RDWR)
+            # no symlinks: a link in /dev/shm must not let a client map (and have outputs
+            # written into) any file this server can write
+            fd = os.open(os.path.join(SHM_DIR, file_name),
+                         os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as error:
             raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{self.where}: shared memory region {name!r}: cannot open key "
                               f"{key!r} ({error.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{self.where}: shared memory region {name!r}: key {key!r} "
+                                  f"is not a shared memory object")
+            size = info.st_size
             if offset + byte_size > size:
                 raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"{self.where}: shared memory region {name!r}: offset "
                                   f"{offset} + byte_size {byte_size} runs past the end of key "
                                   f"{key!r} ({size} bytes)")
-            mapping = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
+            try:
+                mapping = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
+            except (OSError, OverflowError, ValueError) as error:  # ENOMEM, EMFILE, ...
+                raise RegionError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{self.where}: shared memory region {name!r}: cannot map "
+                                  f"{offset + byte_size} bytes of key {key!r} ({error})"
+                                  ) from None
         finally:
             os.close(fd)
         view = memoryview(mapping)[offset:offset + byte_size]
@@ -162,6 +177,14 @@ class SharedMemoryRegistry:
             raise TensorError(f"{what}: offset {offset} + byte size {byte_size} runs past the "
                               f"end of shared memory region {name!r} ({region.byte_size} "
                               f"bytes)")
+        try:  # one fstat: reading past the end of a shrunk object would kill the server
+            size = region.mapping.size()   # with SIGBUS
+        except (OSError, ValueError):
+            size = -1
+        if region.offset + offset + byte_size > size:
+            raise TensorError(f"{what}: the object of shared memory region {name!r} (key "
+                              f"{region.key!r}) shrank to {max(size, 0)} bytes after it was "
+                              f"registered; register it again")
         return region, offset, byte_size
 
     def input_array(self, model: str, tensor_name: str, datatype: str,
@@ -197,6 +220,11 @@ class SharedMemoryRegistry:
                 raise TensorError(f"model {model!r} output {name!r}: "
                                   f"{BYTE_SIZE_PARAM} is {target.byte_size}, the output "
                                   f"(shape {shape_text(array.shape)}) needs {array.nbytes}")
-            destination = np.frombuffer(target.region.view, dtype=array.dtype,
-                                        count=array.size, offset=target.offset)
+            try:
+                destination = np.frombuffer(target.region.view, dtype=array.dtype,
+                                            count=array.size, offset=target.offset)
+            except ValueError:  # released: unregistered while this request ran
+                raise TensorError(f"model {model!r} output {name!r}: shared memory region "
+                                  f"{target.region.name!r} was unregistered while the "
+                                  f"request ran") from None
             np.copyto(destination.reshape(array.shape), array)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import socket
+import sys
 import threading
 import time
 from typing import Callable
@@ -23,7 +24,8 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import ANSWER, REQUEST, Frame, FrameError, FrameReader, encode, send_parts
+from wpk.runtime.frames import (ANSWER, MAX_PAYLOAD_BYTES, REQUEST, Frame, FrameError,
+                                FrameReader, encode, send_parts)
 from wpk.runtime.link import InferenceError
 from wpk.runtime.tensors import TensorError
 
@@ -34,6 +36,17 @@ Done = Callable[[object], None]
 
 
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (frames.STAGING_BYTES holds them)
+ANSWER_SEND_TIMEOUT_S = 10.0   # an answer blocked this long (the caller stopped reading) ends
+# its connection, instead of stalling the thread that answers (the next hop's reader)
+
+
+def send_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking send waits at most `seconds` (SO_SNDTIMEO), then fails with EAGAIN."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    whole.to_bytes(8, sys.byteorder) +
+                    int((seconds - whole) * 1e6).to_bytes(8, sys.byteorder))
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -63,6 +76,8 @@ class Reply:
         return sum(memoryview(p).nbytes for p in parts[1:])
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
+        if len(message) > MAX_ERROR_CHARS:  # the frame's metadata must fit the peer's staging
+            message = message[:MAX_ERROR_CHARS] + " [...]"
         self.connection.send(encode(ANSWER, self.request_id, None, status=code.value[0],
                                     error=message))
 
@@ -70,9 +85,17 @@ class Reply:
 Handler = Callable[[Frame, Reply], None]
 
 
+def _log(line: str) -> None:
+    print(f"wpk: {line}", file=sys.stderr, flush=True)
+
+
 class _ServerConnection:
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
+        try:
+            self.peer = "%s:%s" % sock.getpeername()[:2]
+        except OSError:
+            self.peer = "?"
         self.lock = threading.Lock()
         self.closed = False
         self.thread = threading.Thread(target=self._run, daemon=True,
@@ -84,28 +107,38 @@ class _ServerConnection:
                 return
             try:
                 send_parts(self.sock, parts)
-            except OSError:
-                pass  # the caller has gone: nobody is left to answer
+            except OSError:  # the caller has gone or stopped reading; part of a frame may
+                self.closed = True  # have gone out: the stream is unusable, end it
+                self._shutdown()
+                self.sock.close()
 
     def _run(self) -> None:
-        reader = FrameReader(self.sock)
+        reader = FrameReader(self.sock, max_payload=self.owner.max_payload)
         try:
             while True:
                 frame = reader.read()
                 if frame.kind != REQUEST:
                     raise FrameError("answer frame sent to a tier")
                 self.handle(frame, Reply(self, frame.request_id))
-        except (EOFError, OSError, FrameError):
+        except (EOFError, OSError):
             pass
+        except FrameError as error:  # garbled or hostile bytes: drop this connection only
+            _log(f"{self.owner.where}tensor link from {self.peer}: {error}; connection closed")
+        except Exception as error:  # e.g. MemoryError: never leave the connection half alive
+            _log(f"{self.owner.where}tensor link from {self.peer}: {error!r}; connection "
+                 f"closed")
         finally:
             self.close()
             self.owner.connections.discard(self)
 
-    def close(self) -> None:
+    def _shutdown(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full buffer
         except OSError:
             pass
+
+    def close(self) -> None:
+        self._shutdown()
         with self.lock:
             if not self.closed:
                 self.closed = True
@@ -113,13 +146,18 @@ class _ServerConnection:
 
 
 class LinkServer:
-    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`."""
+    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`.
+    `max_payload`: larger frames close their connection; `where` starts log lines."""
 
-    def __init__(self, host: str, port: int, handle: Handler):
+    def __init__(self, host: str, port: int, handle: Handler, *,
+                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = ""):
         self.handle = handle
+        self.max_payload = max_payload
+        self.where = f"{where}: " if where else ""
         self.listener = socket.create_server((host, port))
         self.port = self.listener.getsockname()[1]
         self.connections: set[_ServerConnection] = set()
+        self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True,
                                         name="wpk-link-accept")
         self._thread.start()
@@ -131,11 +169,17 @@ class LinkServer:
             except OSError:
                 return  # closed
             _nodelay(sock)
+            send_timeout(sock, ANSWER_SEND_TIMEOUT_S)
             connection = _ServerConnection(sock, self.handle, self)
             self.connections.add(connection)
+            if self._closed:  # accepted while close() ran: it may not have seen this one
+                connection.close()
+                self.connections.discard(connection)
+                return
             connection.thread.start()
 
     def close(self) -> None:
+        self._closed = True
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -145,15 +189,23 @@ class LinkServer:
             connection.close()
 
 
+MAX_WAIT_S = 3600.0
+
+
 class Expiry:
     """One thread that fails requests whose deadline passed (DEADLINE_EXCEEDED).
 
     Answered requests leave the heap when they reach its head (requests mostly finish in
     order), so the heap holds about the pending requests only and the thread sleeps until the
     earliest live deadline: it wakes about once per timeout, not once per request. It is
-    notified only for a deadline earlier than the time it will wake anyway."""
+    notified only for a deadline earlier than the time it will wake anyway. Answered entries
+    behind an early one that stays pending (a hung request) are swept out once they are most
+    of the heap, so that it does not grow with every request answered meanwhile."""
+
+    COMPACT_AT = 1024   # answered entries left behind the head before a sweep is considered
 
     def __init__(self) -> None:
+        self._dead = 0                       # answered entries left in the heap (about)
         self._heap: list[list] = []          # [deadline, seq, connection, request_id, live]
         self._seq = itertools.count()
         self._lock = threading.Lock()
@@ -178,10 +230,21 @@ class Expiry:
         """The request was answered: its deadline no longer matters."""
         entry[4] = False
         heap = self._heap
-        if heap and heap[0] is entry:
+        try:
+            head = heap[0]   # read without the lock: the expiry thread may empty the heap
+        except IndexError:
+            return
+        if head is entry:
             with self._lock:
                 while heap and not heap[0][4]:
                     heapq.heappop(heap)
+            return
+        self._dead += 1   # not exact under threads: it only decides when to sweep
+        if self._dead > self.COMPACT_AT and self._dead * 2 > len(heap):
+            with self._lock:
+                heap[:] = [e for e in heap if e[4]]
+                heapq.heapify(heap)
+                self._dead = 0
 
     def _run(self) -> None:
         while True:
@@ -196,7 +259,10 @@ class Expiry:
                     if expired:
                         break
                     self._wake_at = self._heap[0][0] if self._heap else float("inf")
-                    self._wake.wait(self._wake_at - now if self._heap else None)
+                    # capped: a far deadline (a frame may carry any timeout) must not
+                    # overflow the wait and kill this thread
+                    self._wake.wait(min(self._wake_at - now, MAX_WAIT_S) if self._heap
+                                    else None)
                     self._wake_at = 0.0
                 if self._closed:
                     return
@@ -210,22 +276,32 @@ class Expiry:
             self._wake.notify()
 
 
+def _call(callback: Done, outcome: object) -> None:
+    """Run a request's callback; one that raises must not stop the thread that answers the
+    other requests."""
+    try:
+        callback(outcome)
+    except Exception as error:
+        _log(f"tensor link: answer callback failed: {error!r}")
+
+
 def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
     """Hand an answer frame to its request's callback (arrays, or the error it carries)."""
-    if frame.kind != ANSWER:
-        raise FrameError("request frame sent to a client")
     if frame.status:
-        callback(InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
-                                str(frame.meta.get("e", ""))))
+        _call(callback, InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                                       str(frame.meta.get("e", ""))))
         return
     if on_bytes is not None:
         on_bytes(frame.nbytes)
     try:
         arrays = frame.arrays("answer")
     except TensorError as bad:
-        callback(InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}"))
+        outcome: object = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}")
+    except Exception as bad:  # descriptors that are JSON but not tensors
+        outcome = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad!r}")
     else:
-        callback(arrays)
+        outcome = arrays
+    _call(callback, outcome)
 
 
 class LinkConnection:
@@ -253,9 +329,10 @@ class LinkConnection:
         request_id = next(self._ids)
         parts = parts_for(request_id)
         if timeout is not None:
-            entry = self.expiry.add(time.monotonic() + timeout, self, request_id)
-            self.pending[request_id] = lambda outcome: (self.expiry.discard(entry),
+            entry: list = []   # known before the expiry thread can fire for this request
+            self.pending[request_id] = lambda outcome: (entry and self.expiry.discard(entry[0]),
                                                         done(outcome))
+            entry.append(self.expiry.add(time.monotonic() + timeout, self, request_id))
         else:
             self.pending[request_id] = done
         try:
@@ -267,12 +344,13 @@ class LinkConnection:
         if self.error is not None:  # failed before or while we sent
             callback = self.pending.pop(request_id, None)
             if callback is not None:
-                callback(self.error)
+                _call(callback, self.error)
 
     def expire(self, request_id: int) -> None:
         callback = self.pending.pop(request_id, None)
         if callback is not None:
-            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           "deadline exceeded"))
 
     def _read(self) -> None:
         reader = FrameReader(self.sock)
@@ -280,6 +358,8 @@ class LinkConnection:
         try:
             while True:
                 frame = reader.read()
+                if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+                    raise FrameError("request frame sent to a client")
                 callback = self.pending.pop(frame.request_id, None)
                 if callback is not None:  # None: expired meanwhile, the caller has its answer
                     _deliver(frame, callback, self.on_bytes)
@@ -287,6 +367,8 @@ class LinkConnection:
             pass
         except (OSError, FrameError) as failure:
             error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
+        except Exception as failure:  # the reader must not die leaving requests waiting
+            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure!r})")
         self.fail(error)
         with self._send_lock:  # no sender is inside the socket now, and none will enter
             self.sock.close()
@@ -302,7 +384,7 @@ class LinkConnection:
         for request_id in list(self.pending):
             callback = self.pending.pop(request_id, None)
             if callback is not None:
-                callback(self.error)
+                _call(callback, self.error)
 
     def close(self) -> None:
         self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
@@ -383,22 +465,23 @@ class LoopConnection:
             self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
             return
         for frame in frames:
+            if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+                self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE,
+                                         "connection lost (request frame sent to a client)"))
+                return
             callback = self.pending.pop(frame.request_id, None)
             timer = self.timers.pop(frame.request_id, None)
             if timer is not None:
                 timer.cancel()
             if callback is not None:
-                try:
-                    _deliver(frame, callback, self.on_bytes)
-                except FrameError as failure:
-                    self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, str(failure)))
-                    return
+                _deliver(frame, callback, self.on_bytes)
 
     def expire(self, request_id: int) -> None:
         self.timers.pop(request_id, None)
         callback = self.pending.pop(request_id, None)
         if callback is not None:
-            callback(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           "deadline exceeded"))
 
     def fail(self, error: InferenceError) -> None:
         if self.error is None:
@@ -413,7 +496,7 @@ class LoopConnection:
         self.timers.clear()
         pending, self.pending = self.pending, {}
         for callback in pending.values():
-            callback(self.error)
+            _call(callback, self.error)
 
     def close(self) -> None:
         self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))

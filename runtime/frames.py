@@ -171,21 +171,30 @@ def _parse_meta(data: bytes) -> tuple[dict, int]:
     return _decoded.put(data, (meta, declared))
 
 
+def unsent(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of `views` after a write that took their first `sent` bytes: the
+    buffers that went out whole are dropped, a partly sent one resumes where it stopped."""
+    done = 0
+    while done < len(views) and sent >= views[done].nbytes:
+        sent -= views[done].nbytes
+        done += 1
+    rest = views[done:]
+    if rest and sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
 def send_parts(sock: socket.socket, parts: Sequence) -> int:
     """Write every buffer of `parts` (one sendmsg, more only after a partial write); returns
     the bytes sent."""
     views = [memoryview(p) for p in parts]
-    total = sum(v.nbytes for v in views)
-    sent = sock.sendmsg(views)
-    while sent < total:
-        while sent >= views[0].nbytes:  # drop what went out, resume inside a partial buffer
-            sent -= views[0].nbytes
-            total -= views[0].nbytes
-            views.pop(0)
-        views[0] = views[0][sent:]
-        total -= sent
+    total = left = sum(v.nbytes for v in views)
+    while True:
         sent = sock.sendmsg(views)
-    return total
+        left -= sent
+        if not left:
+            return total
+        views = unsent(views, sent)
 
 
 class FrameReader:

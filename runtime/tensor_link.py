@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from wpk.runtime.frames import (ANSWER, MAX_PAYLOAD_BYTES, REQUEST, Frame, FrameError,
-                                FrameReader, encode, send_parts)
+                                FrameReader, encode, send_parts, unsent)
 from wpk.runtime.link import InferenceError
 from wpk.runtime.tensors import TensorError
 
@@ -438,12 +438,7 @@ class LoopConnection:
         except OSError as error:
             self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
             return
-        while now and sent >= now[0].nbytes:
-            sent -= now[0].nbytes
-            now.pop(0)
-        if now:
-            now[0] = now[0][sent:]
-        rest = now + later
+        rest = unsent(now, sent) + later
         if rest:
             if not self._backlog:
                 self.loop.add_writer(self.fd, self._writable)

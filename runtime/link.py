@@ -31,13 +31,13 @@ class InferenceError(Exception):
         self.code, self.details = code, details
 
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
+CODES = {code.value[0]: code for code in grpc.StatusCode}   # number -> grpc.StatusCode
 
 
 def status_of(response) -> grpc.StatusCode:
     param = response.parameters.get(STATUS_PARAM)
     value = parameter_value(param) if param is not None else None
-    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
+    return CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
 def _expire(future: asyncio.Future) -> None:

@@ -32,7 +32,8 @@ from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import REQUEST, encode
 from wpk.runtime.link import PIPELINE_PARAM, InferenceError
 from wpk.runtime.metrics import TierMetrics
-from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
+from wpk.runtime.tensor_link import (EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection,
+                                     send_timeout)
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.wire import build_request, parse_response, payload_bytes
 
@@ -248,9 +249,7 @@ class TcpLink:
             except OSError:
                 return None
             sock.settimeout(None)
-            seconds = int(SEND_TIMEOUT_S)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                            seconds.to_bytes(8, sys.byteorder) + (0).to_bytes(8, sys.byteorder))
+            send_timeout(sock, SEND_TIMEOUT_S)
             return sock
 
         return await self.loop.run_in_executor(None, connect)

@@ -26,6 +26,7 @@ from typing import Mapping
 import grpc
 import numpy as np
 
+from wpk.runtime.parameters import parameter_value
 from wpk.runtime.tensors import TensorError, dtype_of, shape_text
 
 REGION_PARAM = "shared_memory_region"
@@ -65,11 +66,6 @@ class OutputTarget:
     region: Region
     offset: int
     byte_size: int
-
-
-def _value(param):
-    choice = param.WhichOneof("parameter_choice")
-    return getattr(param, choice) if choice else None
 
 
 def uses_shared_memory(parameters) -> bool:
@@ -159,17 +155,17 @@ class SharedMemoryRegistry:
     # -- inference -------------------------------------------------------------------------
     def _locate(self, what: str, parameters) -> tuple[Region, int, int]:
         """(region, offset, byte size) named by a tensor's parameters, bounds checked."""
-        name = _value(parameters[REGION_PARAM])
+        name = parameter_value(parameters[REGION_PARAM])
         if not isinstance(name, str) or not name:
             raise TensorError(f"{what}: {REGION_PARAM} must be a region name (string)")
         region = self.regions.get(name)
         if region is None:
             raise TensorError(f"{what}: shared memory region {name!r} is not registered "
                               f"with {self.where}")
-        offset = _value(parameters[OFFSET_PARAM]) if OFFSET_PARAM in parameters else 0
+        offset = parameter_value(parameters[OFFSET_PARAM]) if OFFSET_PARAM in parameters else 0
         if BYTE_SIZE_PARAM not in parameters:
             raise TensorError(f"{what}: {REGION_PARAM} given without {BYTE_SIZE_PARAM}")
-        byte_size = _value(parameters[BYTE_SIZE_PARAM])
+        byte_size = parameter_value(parameters[BYTE_SIZE_PARAM])
         for label, value in ((OFFSET_PARAM, offset), (BYTE_SIZE_PARAM, byte_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TensorError(f"{what}: {label} must be an integer >= 0, got {value!r}")

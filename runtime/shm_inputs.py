@@ -109,10 +109,9 @@ class InputSlots:
                                         offset=offset)
             np.copyto(destination.reshape(array.shape), array)
             del destination  # no export of the buffer left behind (close() needs that)
-            params = tensor.parameters
-            params[REGION_PARAM].string_param = slot.region
-            params[OFFSET_PARAM].int64_param = offset
-            params[BYTE_SIZE_PARAM].int64_param = array.nbytes
+            set_parameter(tensor.parameters, REGION_PARAM, slot.region)
+            set_parameter(tensor.parameters, OFFSET_PARAM, offset)
+            set_parameter(tensor.parameters, BYTE_SIZE_PARAM, array.nbytes)
             offset = _aligned(offset + array.nbytes)
         for name in outputs or ():
             request.outputs.add(name=name)

@@ -26,11 +26,10 @@ import numpy as np
 
 from wpk.runtime.frames import (ANSWER, MAX_PAYLOAD_BYTES, REQUEST, Frame, FrameError,
                                 FrameReader, encode, send_parts, unsent)
-from wpk.runtime.link import InferenceError
+from wpk.runtime.link import CODES, InferenceError
 from wpk.runtime.tensors import TensorError
 
 EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
-CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 Done = Callable[[object], None]
 

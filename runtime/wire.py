@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wpk.runtime import protocol as pb
+from wpk.runtime.parameters import parameter_value, set_parameter  # noqa: F401 (re-exported)
 from wpk.runtime.prebuilt import Prebuilt
 from wpk.runtime.received import Received
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
@@ -21,24 +22,6 @@ from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_
 RAW_INPUT_FIELD = 7        # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6       # ModelInferResponse.raw_output_contents
 STREAM_RESPONSE_FIELD = 2  # ModelStreamInferResponse.infer_response
-
-
-def set_parameter(target, key: str, value: str | float | bool | int) -> None:
-    """Store a Python value in a protobuf `map<string, InferParameter>`."""
-    param = target[key]
-    if isinstance(value, bool):
-        param.bool_param = value
-    elif isinstance(value, int):
-        param.int64_param = value
-    elif isinstance(value, float):
-        param.double_param = value
-    else:
-        param.string_param = str(value)
-
-
-def parameter_value(param):
-    choice = param.WhichOneof("parameter_choice")
-    return getattr(param, choice) if choice else None
 
 
 def build_request(model: str, arrays: Mapping[str, np.ndarray],

@@ -69,10 +69,7 @@ def build(op, x_shape, w_shape, attrs, relu):
 
 def winograd_spec_for(model, out, m, split):
     """The Winograd spec of the benchmark model's Conv (with its Relu), or None."""
-    consumers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = winograd.node_consumers(model)
     shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
               for v in list(model.graph.input) + list(model.graph.value_info)}
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

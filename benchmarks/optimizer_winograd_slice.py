@@ -43,10 +43,7 @@ class OrtStep:
 
 def winograd_specs(model, only_first_stage: bool):
     consts, shapes = load_initializers(model), shapes_of(model)
-    consumers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = winograd.node_consumers(model)
     outputs = {o.name for o in model.graph.output}
     specs = []
     for node in model.graph.node:

@@ -115,10 +115,7 @@ def select_winograd(model: onnx.ModelProto, consts: dict[str, np.ndarray],
         return []
     rng = np.random.default_rng(0)
     shapes = shapes_of(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = winograd.node_consumers(model)
     graph_outputs = {o.name for o in model.graph.output}
     choices = []
     for node in model.graph.node:

@@ -450,6 +450,16 @@ def winograd_shape(params: dict) -> WinogradShape:
                          split=params["split"])
 
 
+def node_consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes reading it (what `winograd_spec` needs to see whether an Add
+    or Relu after a Conv can be fused into the kernel)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def conv_pattern(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
                  graph_outputs: set[str]) -> tuple[list[onnx.NodeProto], str | None, str]:
     """Conv, then a sole-consumer Add (of a second tensor) and/or Relu to fuse:

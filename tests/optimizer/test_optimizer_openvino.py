@@ -152,21 +152,12 @@ def test_tier_server_serves_an_openvino_slice_over_grpc(small_cnn, tmp_path):
     triton = pytest.importorskip("tritonclient.grpc")
     from wpk.plan import load_plan
 
+    from ..conftest import openvino_plan
     from .test_optimizer_runtime_serving import _serve_plan
 
-    import onnx
-
-    from wpk.partitioner.api import partition
-
-    onnx.save(small_cnn, str(tmp_path / "small.onnx"))
-    plan_dir = tmp_path / "plan"
-    partition(tmp_path / "small.onnx", ["edge"], privacy="none", out_dir=plan_dir,
-              use_calibration=False)
+    plan_dir = openvino_plan(small_cnn, tmp_path)
     plan = load_plan(plan_dir)
-    pipeline.save_openvino(small_cnn, plan_dir / "optimized" / "edge")
-    plan.tier("edge").optimized = "optimized/edge"
-    plan.save(plan_dir)
-    addresses, close = _serve_plan(plan_dir, load_plan(plan_dir))
+    addresses, close = _serve_plan(plan_dir, plan)
     try:
         client = triton.InferenceServerClient(addresses["edge"])
         tensor = triton.InferInput("image", [1, 3, 19, 17], "FP32")

@@ -7,35 +7,17 @@ import signal
 import subprocess
 import sys
 
-import onnx
-
 from wpk.examples import mlp
-from wpk.partitioner.api import partition
-from wpk.plan import load_plan
+
+from ..conftest import openvino_plan
 
 SERVE_WITHOUT_OPENVINO = ("import sys; sys.modules['openvino'] = None\n"
                           "from wpk.runtime.server import main\n"
                           "sys.exit(main(sys.argv[1:]))\n")
 
 
-def _openvino_plan(tmp_path):
-    """A one-tier plan whose slice the optimizer (forced) gave to OpenVINO."""
-    from wpk.optimizer import pipeline
-
-    model = mlp(features=16, hidden=(16,), classes=4)
-    onnx.save(model, str(tmp_path / "mlp.onnx"))
-    plan_dir = tmp_path / "plan"
-    partition(tmp_path / "mlp.onnx", ["edge"], privacy="none", out_dir=plan_dir,
-              use_calibration=False)
-    plan = load_plan(plan_dir)
-    pipeline.save_openvino(model, plan_dir / "optimized" / "edge")
-    plan.tier("edge").optimized = "optimized/edge"
-    plan.save(plan_dir)
-    return plan_dir
-
-
 def test_serving_an_openvino_slice_without_openvino_warns_in_one_line(tmp_path):
-    plan_dir = _openvino_plan(tmp_path)
+    plan_dir = openvino_plan(mlp(features=16, hidden=(16,), classes=4), tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-c", SERVE_WITHOUT_OPENVINO, str(plan_dir), "--tier", "edge",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

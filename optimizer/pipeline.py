@@ -461,9 +461,9 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
     for key, model, precision in variants:
         hint = ovb.PRECISION_HINTS.get(precision, "f32")
         try:
-            directory = _write_openvino(tmp / key, ctx, model, config, precision, hint, threads)
-            manifest = json.loads((directory / MANIFEST).read_text())
-            ovb.OpenVinoSegment(directory, manifest["segments"][0])  # compile now, not in the guard
+            directory, segment = _write_openvino(tmp / key, ctx, model, config, precision,
+                                                 hint, threads)
+            ovb.OpenVinoSegment(directory, segment)  # compile now, not in the guard
         except ovb.PrecisionMismatch as error:  # e.g. no bf16 on this CPU: nothing new
             report.candidates[key] = {"skipped": str(error)}
             continue
@@ -478,16 +478,17 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
 
 
 def _write_openvino(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
-                    config: Config, precision: str, hint: str, threads: int) -> Path:
-    """A candidate run by OpenVINO; `session` keeps the ORT configuration, which the loader
-    falls back to where OpenVINO is not installed."""
+                    config: Config, precision: str, hint: str, threads: int,
+                    chosen: str = "") -> tuple[Path, dict[str, Any]]:
+    """A candidate run by OpenVINO (the directory and its one segment); `session` keeps the
+    ORT configuration, which the loader falls back to where OpenVINO is not installed."""
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(directory / "model.onnx"))
     segment = {"type": "openvino", "model": "model.onnx", "precision_hint": hint,
                "threads": int(threads),
                "inputs": [i["name"] for i in ctx["inputs"]], "outputs": ctx["output_names"]}
-    _write_manifest(directory, ctx, config, [segment], precision)
-    return directory
+    _write_manifest(directory, ctx, config, [segment], precision, chosen)
+    return directory, segment
 
 
 def save_openvino(model: onnx.ModelProto | str | Path, out_dir: str | Path,
@@ -503,11 +504,8 @@ def save_openvino(model: onnx.ModelProto | str | Path, out_dir: str | Path,
     inputs, outputs = _io(model)
     ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
            "outputs": outputs, "output_names": [o["name"] for o in outputs]}
-    out_dir = _write_openvino(Path(out_dir), ctx, model, dict(DEFAULT_SESSION), precision,
-                              PRECISION_HINTS[precision], threads)
-    manifest = json.loads((out_dir / MANIFEST).read_text())
-    manifest["chosen"] = "openvino"
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    out_dir, _ = _write_openvino(Path(out_dir), ctx, model, dict(DEFAULT_SESSION), precision,
+                                 PRECISION_HINTS[precision], threads, chosen="openvino")
     return out_dir
 
 

@@ -195,20 +195,25 @@ def probe(address: str, *, rtt_samples: int = 20, repeats: int = 5, min_kb: int 
         size = min_kb * 1024
         while size <= max_bytes:
             request_bytes = len(infer_request(PROBE_MODEL, b"")) + size + 4
-            if len(sizes) >= 2:
-                slope, intercept, _ = _fit(sizes, medians)
-                predicted = max(intercept + slope * request_bytes, medians[-1])
-            elif sizes:
-                predicted = medians[-1] * request_bytes / sizes[-1]  # pessimistic: no fixed cost
+            if sizes:
+                # Pessimistic: no fixed cost, and twice the measured rate, because large
+                # messages cost more than linearly (page faults, copies), and building the
+                # request costs about one transfer.
+                predicted = 2 * medians[-1] * request_bytes / sizes[-1]
+                if len(sizes) >= 2:
+                    slope, intercept, _ = _fit(sizes, medians)
+                    predicted = max(predicted, intercept + slope * request_bytes)
             else:
                 predicted = statistics.median(rtts)
-            count = min(repeats, int(client.remaining() / max(predicted, 1e-6)),
+            count = min(repeats, int(client.remaining() / max(predicted, 1e-6)) - 1,
                         client.max_requests - client.requests)
             if count < min(2, repeats):
                 break
             request = infer_request(PROBE_MODEL, rng.bytes(size))
             times = []
             for _ in range(count):
+                if len(times) >= min(2, repeats) and client.remaining() <= 0:
+                    break  # the prediction was short: keep what fits, never overrun further
                 elapsed, code = client.call("ModelInfer", request,
                                             max(10 * predicted, 2 * connect_timeout))
                 if code == client.grpc.StatusCode.RESOURCE_EXHAUSTED:

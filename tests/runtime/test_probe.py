@@ -92,7 +92,9 @@ def test_bounded_in_requests_and_seconds():
         assert few.requests <= 12 and len(few.samples) >= 2
         start = time.perf_counter()
         quick = probe(server.address, max_seconds=0.3, max_mb=256, min_kb=1024)
-        assert time.perf_counter() - start < 2.0
+        # unbounded, five 256 MB transfers alone take seconds; the budget stops well before
+        assert time.perf_counter() - start < 3.0
+        assert quick.seconds < 3.0
         assert quick.samples[-1]["bytes"] < 256 << 20
 
 

@@ -37,13 +37,17 @@ class OrtSegment:
         self.inputs, self.outputs = entry["inputs"], entry["outputs"]
         self.session = None
         offline = entry.get("offline_model")
-        if offline and (directory / offline).exists():
+        library = _custom_ops_library(directory, entry)
+        if offline and (directory / offline).exists() and library is not False:
             try:  # the tier's own ORT-optimized graph; it may not load on other hardware
                 self.session = make_session(str(directory / offline), session_config,
-                                            offline_optimized=True, spinning=spinning)
+                                            offline_optimized=True, spinning=spinning,
+                                            custom_ops=library)
                 self.model_file = offline
-            except Exception:
+            except Exception as error:
                 self.session = None
+                if library:
+                    _warn_plain(directory, str(error).splitlines()[0][:160])
         if self.session is None:
             self.session = make_session(str(directory / entry["model"]), session_config,
                                         spinning=spinning)
@@ -52,6 +56,29 @@ class OrtSegment:
     def __call__(self, env: dict[str, np.ndarray]) -> None:
         values = self.session.run(self.outputs, {n: env[n] for n in self.inputs})
         env.update(zip(self.outputs, values))
+
+
+def _custom_ops_library(directory: Path, entry: dict) -> str | None | bool:
+    """The segment's custom-operator library (generated kernels inside ONNX Runtime), None
+    if it has none, False if it has one that cannot run on this machine."""
+    name = entry.get("custom_ops")
+    if not name:
+        return None
+    from wpk.optimizer.ort_ops import runs_here
+
+    ok, why = runs_here()
+    path = directory / name
+    if not ok or not path.is_file():
+        _warn_plain(directory, why if not ok else f"{path} is missing")
+        return False
+    return str(path)
+
+
+def _warn_plain(directory: Path, why: str) -> None:
+    from wpk.optimizer.openvino_backend import warn_once
+
+    warn_once(f"custom-ops:{directory}", f"{directory}: serving this slice without its "
+              f"generated kernels ({why}): plain ONNX Runtime, same results, slower")
 
 
 class KernelSegment:

@@ -24,7 +24,7 @@ from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
 from wpk.optimizer.search import Evaluator, make_strategy
 from wpk.optimizer.selection import (OpChoice, build_segments, select_operators,
-                                     select_winograd)
+                                     select_winograd, select_winograd_ops)
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
 
@@ -237,11 +237,21 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         _add_openvino(ctx, tmp, add, best_config)
 
     choices: list[OpChoice] = []
+    offline_model = tmp / "offline" / "model.ort.onnx"
+    if options.per_operator and options.winograd and offline_model.exists() and \
+            options.operator_limit > 0 and left() != 0.0:
+        progress.phase("Winograd kernels inside ONNX Runtime (whole-slice timing)")
+        choices = _add_winograd_ops(ctx, tmp, add, best_config, onnx.load(str(offline_model)))
     if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
         consts = load_initializers(model)
         per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
+        report.operators = [c.to_json() for c in choices]
+        inside_ort = any(c.chosen == "kernel" for c in choices)
         choices = []
-        if options.winograd and options.operator_limit > 0 and left() != 0.0:
+        # Winograd as segments only where it could not run inside ONNX Runtime (the cuts
+        # cost more than the kernels save wherever both are possible)
+        if options.winograd and not inside_ort and options.operator_limit > 0 and \
+                left() != 0.0:
             progress.phase("per-operator selection: Winograd 3x3 convolutions")
             choices = select_winograd(model, consts, best_config,
                                       on_op=lambda name: progress.advance(name),
@@ -250,7 +260,7 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         progress.phase("per-operator selection", per_op * options.operator_limit)
         choices += select_operators(model, consts, best_config, strategy, evaluator, per_op,
                                     options.operator_limit, exclude=taken)
-        report.operators = [c.to_json() for c in choices]
+        report.operators += [c.to_json() for c in choices]
         won = [c.spec for c in choices if c.chosen == "kernel"]
         if won:
             mixed_dir = tmp / "mixed"
@@ -436,6 +446,33 @@ def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
     return directory
 
 
+def _add_winograd_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
+                      config: Config, offline: onnx.ModelProto) -> list[OpChoice]:
+    """Winograd kernels as custom operators in ONNX Runtime's own saved graph (one session,
+    no segments): the candidate "winograd-ops", with the plain model kept beside it for
+    machines where the kernels cannot run."""
+    from wpk.optimizer import ort_ops
+
+    progress: Progress = ctx["progress"]
+    inside = select_winograd_ops(ctx["model"], offline, config, ctx["feeds"][0],
+                                 ctx["output_names"], on_op=lambda name: progress.advance(name),
+                                 time_left=ctx["left"])
+    if inside is None:
+        return []
+    directory = tmp / "winograd-ops"
+    directory.mkdir()
+    onnx.save(ctx["model"], str(directory / "model.onnx"))
+    onnx.save(inside.model, str(directory / "model.wpk.onnx"))
+    shutil.copyfile(inside.library, directory / ort_ops.LIBRARY_FILE)
+    segment = {"type": "ort", "model": "model.onnx", "offline_model": "model.wpk.onnx",
+               "custom_ops": ort_ops.LIBRARY_FILE,
+               "inputs": [i["name"] for i in ctx["inputs"]], "outputs": ctx["output_names"]}
+    _write_manifest(directory, ctx, config, [segment], "fp32")
+    add("winograd-ops", directory, "fp32", f"ORT offline graph + {len(inside.specs)} Winograd "
+        "kernel(s) as custom operators, " + describe_session(config))
+    return inside.choices
+
+
 def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
                   config: Config) -> None:
     """OpenVINO's CPU plugin compiling the whole slice: fp32 always (precision forced); bf16,
@@ -512,7 +549,7 @@ def save_openvino(model: onnx.ModelProto | str | Path, out_dir: str | Path,
 def _install(candidate: Path, out_dir: Path, chosen: str) -> None:
     """Copy the chosen candidate's files into the output directory (replacing old ones)."""
     for stale in out_dir.iterdir():
-        if stale.is_file() and (stale.suffix in (".onnx", ".npz") or stale.name == MANIFEST):
+        if stale.is_file() and (stale.suffix in (".onnx", ".npz", ".so") or stale.name == MANIFEST):
             stale.unlink()
     for path in candidate.iterdir():
         shutil.copy(path, out_dir / path.name)

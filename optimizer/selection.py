@@ -264,3 +264,100 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
         segments.append({"type": "ort", "model": path, "inputs": inputs, "outputs": outputs})
     del graph_inputs
     return segments
+
+
+@dataclass
+class InsideOrt:
+    """Winograd kernels chosen to run as custom operators inside one ONNX Runtime session."""
+
+    specs: list[KernelSpec]           # kernel j of `library` runs specs[j]
+    library: Path
+    model: onnx.ModelProto            # ONNX Runtime's saved graph with WinogradConv nodes
+    choices: list[OpChoice]
+
+
+def select_winograd_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
+                        session_config: Config, feed: dict[str, np.ndarray],
+                        output_names: list[str], margin: float = 0.99,
+                        on_op: Callable[[str], None] | None = None,
+                        variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
+                        time_left: Callable[[], float | None] = lambda: None
+                        ) -> InsideOrt | None:
+    """For each 3x3 stride-1 NCHWc convolution of `offline` (ONNX Runtime's saved graph of
+    `model`), try each Winograd variant as a custom operator in place of ONNX Runtime's
+    kernel, timing the *whole slice* (one session), and keep a variant only where the slice
+    gets faster by `margin`: coordinate descent, one convolution at a time, the others as
+    chosen so far. Whole-slice timing sees what per-operator timing cannot (layouts, caches,
+    the thread pool's hand-offs). None when there is nothing to try or nothing won."""
+    from wpk.optimizer import ort_ops
+
+    if not ort_ops.runs_here()[0]:
+        return None
+    sites = ort_ops.nchwc_sites(offline, model)
+    if not sites:
+        return None
+    # every variant of every site in one library: kernel index = position in `pool`
+    pool: list[KernelSpec] = []
+    by_site: list[dict[str, int]] = []
+    for site in sites:
+        shape = winograd.winograd_shape(site.params)
+        keys = {}
+        for m, split in variants:
+            if split == "channels" and not winograd.channels_split_useful(shape, m):
+                continue
+            spec = KernelSpec("winograd", {**site.params, "m": m, "split": split},
+                              site.sources, site.output, site.node, weights=site.weights)
+            keys[f"m{m}-{split}"] = len(pool)
+            pool.append(spec)
+        by_site.append(keys)
+    library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(pool)])
+    reference = make_session(offline.SerializeToString(), session_config,
+                             offline_optimized=True).run(output_names, feed)
+
+    def session(chosen: dict[int, int]):
+        indices = sorted(chosen.values())
+        rewritten = ort_ops.custom_op_model(offline, [pool[i] for i in indices], indices)
+        return make_session(rewritten.SerializeToString(), session_config,
+                            offline_optimized=True, custom_ops=str(library))
+
+    def close_enough(outputs: list[np.ndarray]) -> bool:
+        return all(np.linalg.norm(o - r) <= winograd.TOLERANCE * max(np.linalg.norm(r), 1e-30)
+                   for o, r in zip(outputs, reference))
+
+    chosen: dict[int, int] = {}
+    choices = []
+    for site_index, (site, keys) in enumerate(zip(sites, by_site)):
+        if time_left() == 0.0:
+            break
+        if on_op:
+            on_op(site.node)
+        current = session(chosen)
+        run = {"current": lambda s=current: s.run(output_names, feed)}
+        for key, index in keys.items():
+            trial = dict(chosen)
+            trial[site_index] = index
+            try:
+                candidate = session(trial)
+                if not close_enough(candidate.run(output_names, feed)):
+                    continue  # rounding beyond the kernel tolerance: never a candidate
+            except Exception:
+                continue      # a variant ONNX Runtime refuses is not a candidate
+            run[key] = lambda s=candidate: s.run(output_names, feed)
+        times = compare_ms(run, rounds=5, repeats=20)
+        base = times.pop("current")
+        best = min(times, key=times.get) if times else None
+        won = best is not None and times[best] < margin * base
+        if won:
+            chosen[site_index] = keys[best]
+        spec = pool[keys[best]] if best else site
+        choices.append(OpChoice(site.node, "winograd-op", spec.signature(), base,
+                                times[best] if best else math.inf,
+                                {"m": spec.params["m"], "split": spec.params["split"]}
+                                if best else None, "kernel" if won else "ort", len(times), 0,
+                                spec))
+    if not chosen:
+        return None
+    indices = sorted(chosen.values())
+    specs = [pool[i] for i in indices]
+    final = ort_ops.build_library([ort_ops.op_kernel(s, j) for j, s in enumerate(specs)])
+    return InsideOrt(specs, final, ort_ops.custom_op_model(offline, specs), choices)

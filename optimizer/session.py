@@ -49,8 +49,10 @@ def session_space(cores: int | None = None, levels: tuple[str, ...] = ("all", "e
 
 
 def session_options(config: Config, offline_optimized: bool = False,
-                    spinning: bool = True) -> ort.SessionOptions:
+                    spinning: bool = True, custom_ops: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if custom_ops:  # our generated kernels as ONNX Runtime operators (wpk.optimizer.ort_ops)
+        options.register_custom_ops_library(custom_ops)
     if not spinning:
         # inside a segment executor: spin while a run lasts (ops follow each other closely)
         # but stop at its end, so the generated kernels' threads get the cores in between;
@@ -72,6 +74,7 @@ def providers_for(config: Config) -> list[Any]:
 
 
 def make_session(model: bytes | str, config: Config, offline_optimized: bool = False,
-                 spinning: bool = True) -> ort.InferenceSession:
-    return ort.InferenceSession(model, session_options(config, offline_optimized, spinning),
+                 spinning: bool = True, custom_ops: str | None = None) -> ort.InferenceSession:
+    return ort.InferenceSession(model, session_options(config, offline_optimized, spinning,
+                                                       custom_ops),
                                 providers=providers_for(config))

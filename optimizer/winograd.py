@@ -63,6 +63,7 @@ class WinogradShape:
     residual: bool = False
     threads: int = 2
     split: str = "tiles"              # threads own tiles (all phases, no barrier) or channels
+    layout: str = "nchw"              # or "nchwc": ONNX Runtime's blocked [C/16][H][W][16]
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -285,6 +286,85 @@ static void run(struct job* j) {{
 }}
 """
         per_slot = False
+    pad_l = s.pads[1]
+    if s.layout == "nchwc":
+        # a pixel's 16 channels are one vector: no transpose on the way in or out
+        pack_row = f"""    for (int x0 = ix_lo; x0 < ix_hi; ++x0)
+      _mm512_store_ps(lp[r][x0 + {pad_l}], _mm512_loadu_ps(x + (((size_t)cbk * H + iy) * W + x0) * 16));"""
+        residual_c = "v = _mm512_add_ps(v, _mm512_loadu_ps(res + off));" if s.residual else ""
+        output_body = f"""  const int k0 = kbk * 16;
+  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
+  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
+                        : _mm512_setzero_ps();
+  for (int txx = txa; txx < txb; ++txx) {{
+    const int t = row0 + txx - txa;
+    __m512 q[{a}][{a}];
+    for (int i = 0; i < {a}; ++i)
+      for (int j = 0; j < {a}; ++j)
+        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
+{out_tf}
+    for (int i = 0; i < {m}; ++i) {{
+      const int oy = tyy * {m} + i;
+      if (oy >= OH) break;
+      for (int j = 0; j < {m}; ++j) {{
+        const int ox = txx * {m} + j;
+        if (ox >= OW) break;
+        const size_t off = (((size_t)kbk * OH + oy) * OW + ox) * 16;
+        __m512 v = _mm512_add_ps(o[i][j], b);
+        {residual_c}
+        {relu}
+        _mm512_storeu_ps(y + off, v);
+      }}
+    }}
+  }}
+}}"""
+    else:
+        pack_row = f"""    for (int x0 = ix_lo; x0 < ix_hi; x0 += 16) {{
+      const int nx = ix_hi - x0 < 16 ? ix_hi - x0 : 16;
+      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
+      __m512 rr[16];
+      for (int c = 0; c < 16; ++c)
+        rr[c] = c < nc ? _mm512_maskz_loadu_ps(mx, x + ((size_t)(c0 + c) * H + iy) * W + x0)
+                       : _mm512_setzero_ps();
+      tr16(rr);
+      for (int q = 0; q < nx; ++q) _mm512_store_ps(lp[r][x0 + {pad_l} + q], rr[q]);
+    }}"""
+        output_body = f"""  float lb[{m}][TX * {m} + 16][16] __attribute__((aligned(64)));
+  const int k0 = kbk * 16;
+  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
+  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
+                        : _mm512_setzero_ps();
+  for (int txx = txa; txx < txb; ++txx) {{
+    const int t = row0 + txx - txa;
+    __m512 q[{a}][{a}];
+    for (int i = 0; i < {a}; ++i)
+      for (int j = 0; j < {a}; ++j)
+        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
+{out_tf}
+    for (int i = 0; i < {m}; ++i)
+      for (int j = 0; j < {m}; ++j)
+        _mm512_store_ps(lb[i][(txx - txa) * {m} + j], _mm512_add_ps(o[i][j], b));
+  }}
+  const int x_end = txb * {m} < OW ? txb * {m} : OW;
+  for (int i = 0; i < {m}; ++i) {{
+    const int oy = tyy * {m} + i;
+    if (oy >= OH) break;
+    for (int x0 = txa * {m}; x0 < x_end; x0 += 16) {{
+      const int nx = x_end - x0 < 16 ? x_end - x0 : 16;
+      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
+      __m512 rr[16];
+      for (int q2 = 0; q2 < 16; ++q2) rr[q2] = _mm512_load_ps(lb[i][x0 - txa * {m} + q2]);
+      tr16(rr);
+      for (int k = 0; k < nk; ++k) {{
+        const size_t off = ((size_t)(k0 + k) * OH + oy) * OW + x0;
+        __m512 v = rr[k];
+        {residual}
+        {relu}
+        _mm512_mask_storeu_ps(y + off, mx, v);
+      }}
+    }}
+  }}
+}}"""
     return f"""#include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
@@ -336,16 +416,7 @@ static inline void input_tiles(const float* __restrict__ x, float* __restrict__ 
     }}
     for (int q = xs; q < ix_lo + {s.pads[1]}; ++q) _mm512_store_ps(lp[r][q], _mm512_setzero_ps());
     for (int q = ix_hi + {s.pads[1]}; q < xe; ++q) _mm512_store_ps(lp[r][q], _mm512_setzero_ps());
-    for (int x0 = ix_lo; x0 < ix_hi; x0 += 16) {{
-      const int nx = ix_hi - x0 < 16 ? ix_hi - x0 : 16;
-      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
-      __m512 rr[16];
-      for (int c = 0; c < 16; ++c)
-        rr[c] = c < nc ? _mm512_maskz_loadu_ps(mx, x + ((size_t)(c0 + c) * H + iy) * W + x0)
-                       : _mm512_setzero_ps();
-      tr16(rr);
-      for (int q = 0; q < nx; ++q) _mm512_store_ps(lp[r][x0 + {s.pads[1]} + q], rr[q]);
-    }}
+{pack_row}
   }}
   for (int txx = txa; txx < txb; ++txx) {{
     __m512 d[{a}][{a}];
@@ -385,43 +456,7 @@ static inline void gemm_block(const float* __restrict__ V, const float* __restri
 static inline void output_tiles(const float* __restrict__ M, const float* __restrict__ bias,
                                 const float* __restrict__ res, float* __restrict__ y,
                                 int kbk, int tyy, int txa, int txb, int row0) {{
-  float lb[{m}][TX * {m} + 16][16] __attribute__((aligned(64)));
-  const int k0 = kbk * 16;
-  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
-  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
-                        : _mm512_setzero_ps();
-  for (int txx = txa; txx < txb; ++txx) {{
-    const int t = row0 + txx - txa;
-    __m512 q[{a}][{a}];
-    for (int i = 0; i < {a}; ++i)
-      for (int j = 0; j < {a}; ++j)
-        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
-{out_tf}
-    for (int i = 0; i < {m}; ++i)
-      for (int j = 0; j < {m}; ++j)
-        _mm512_store_ps(lb[i][(txx - txa) * {m} + j], _mm512_add_ps(o[i][j], b));
-  }}
-  const int x_end = txb * {m} < OW ? txb * {m} : OW;
-  for (int i = 0; i < {m}; ++i) {{
-    const int oy = tyy * {m} + i;
-    if (oy >= OH) break;
-    for (int x0 = txa * {m}; x0 < x_end; x0 += 16) {{
-      const int nx = x_end - x0 < 16 ? x_end - x0 : 16;
-      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
-      __m512 rr[16];
-      for (int q2 = 0; q2 < 16; ++q2) rr[q2] = _mm512_load_ps(lb[i][x0 - txa * {m} + q2]);
-      tr16(rr);
-      for (int k = 0; k < nk; ++k) {{
-        const size_t off = ((size_t)(k0 + k) * OH + oy) * OW + x0;
-        __m512 v = rr[k];
-        {residual}
-        {relu}
-        _mm512_mask_storeu_ps(y + off, mx, v);
-      }}
-    }}
-  }}
-}}
-
+{output_body}
 {jobs}
 void {name}(const float* x, const float* U, const float* bias, const float* res, float* y) {{
   if (__sync_bool_compare_and_swap(&busy, 0, 1)) {{
@@ -447,7 +482,7 @@ def winograd_shape(params: dict) -> WinogradShape:
     return WinogradShape(c=params["c"], k=params["k"], h=params["h"], w=params["w"],
                          pads=tuple(params["pads"]), m=params["m"], relu=params["relu"],
                          residual=params["residual"], threads=params["threads"],
-                         split=params["split"])
+                         split=params["split"], layout=params.get("layout", "nchw"))
 
 
 def node_consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:

@@ -1,0 +1,528 @@
+"""Generated Winograd kernels as ONNX Runtime custom operators, so that a mixed slice runs as
+one ONNX Runtime session instead of a chain of sub-sessions and kernel calls.
+
+Why: cutting a slice into segments costs more than the kernels save (every cut is a session
+run with its own feeds, fetches and NCHWc reorders). As custom operators, the kernels run
+inside ONNX Runtime's own executor, on its intra-op thread pool (`KernelContext_ParallelFor`),
+with no Python between operators.
+
+One shared library per slice: the kernels (each compiled on its own: their helpers are
+static) linked with a small glue object that implements `RegisterCustomOps` for the op
+`ai.wpk::WinogradConv` (inputs X, U, optional B and R; int attribute `kernel` picks the
+compiled kernel). The glue declares only the part of ONNX Runtime's C ABI it calls: the
+`OrtApi` function table is append-only, so an index never changes between releases; the
+indices are checked against the installed ONNX Runtime by `tests/optimizer/test_ort_ops.py`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from wpk.errors import WpkError
+from wpk.optimizer import winograd
+from wpk.optimizer.build import CACHE
+
+DOMAIN = "ai.wpk"
+NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
+OP_TYPE = "WinogradConv"
+LIBRARY_FILE = "wpk_ops.so"
+# ONNX Runtime >= 1.17: the first C API level with KernelContext_ParallelFor
+API_LEVEL = 17
+# OrtApi table indices (positions in struct OrtApi; the table only ever grows at its end)
+API_INDEX = dict(
+    CREATE_STATUS=0, CREATE_CUSTOM_OP_DOMAIN=26, CUSTOM_OP_DOMAIN_ADD=27,
+    ADD_CUSTOM_OP_DOMAIN=28, GET_TENSOR_MUTABLE_DATA=51, GET_TENSOR_ELEMENT_TYPE=60,
+    GET_DIMENSIONS_COUNT=61, GET_DIMENSIONS=62, GET_TENSOR_TYPE_AND_SHAPE=65,
+    KERNEL_INFO_GET_ATTRIBUTE_INT64=86, KERNEL_CONTEXT_GET_INPUT_COUNT=88,
+    KERNEL_CONTEXT_GET_INPUT=90, KERNEL_CONTEXT_GET_OUTPUT=91, RELEASE_STATUS=93,
+    RELEASE_TENSOR_TYPE_AND_SHAPE_INFO=99, KERNEL_CONTEXT_PARALLEL_FOR=274)
+
+LINK_FLAGS = ["-shared", "-fPIC"]
+# x86-64-v4 (AVX-512 F/BW/CD/DQ/VL), not -march=native: a slice's library then runs on every
+# AVX-512 machine its directory is copied to (`runs_here` checks the flags before loading it)
+OBJECT_FLAGS = ["-O3", "-march=x86-64-v4", "-mtune=native", "-fPIC", "-fno-math-errno",
+                "-fvisibility=hidden",
+                # the kernels' pool calls go to this library's ParallelFor bridge, never to a
+                # pool library the process may have loaded globally for segment kernels
+                "-Dwpk_pool_run=wpk_ort_pool_run", "-Dwpk_pool_slots=wpk_ort_pool_slots"]
+
+GLUE = r"""
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtShape;
+typedef struct { const void* const* (*GetApi)(uint32_t); const char* (*GetVersionString)(void); }
+    OrtApiBase;
+
+%(indices)s
+static const void* const* api;
+#define CALL(index, type) ((type)api[index])
+#define TRY(expr) do { OrtStatus* status_ = (expr); if (status_) return status_; } while (0)
+
+typedef OrtStatus* (*create_status_t)(int, const char*);
+typedef OrtStatus* (*create_domain_t)(const char*, OrtCustomOpDomain**);
+typedef OrtStatus* (*domain_add_t)(OrtCustomOpDomain*, const void*);
+typedef OrtStatus* (*add_domain_t)(OrtSessionOptions*, OrtCustomOpDomain*);
+typedef OrtStatus* (*mutable_data_t)(OrtValue*, void**);
+typedef OrtStatus* (*element_type_t)(const OrtShape*, int*);
+typedef OrtStatus* (*dims_count_t)(const OrtShape*, size_t*);
+typedef OrtStatus* (*dims_t)(const OrtShape*, int64_t*, size_t);
+typedef OrtStatus* (*type_shape_t)(const OrtValue*, OrtShape**);
+typedef OrtStatus* (*attr_int64_t)(const OrtKernelInfo*, const char*, int64_t*);
+typedef OrtStatus* (*input_count_t)(const OrtKernelContext*, size_t*);
+typedef OrtStatus* (*get_input_t)(const OrtKernelContext*, size_t, const OrtValue**);
+typedef OrtStatus* (*get_output_t)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+typedef void (*release_t)(void*);
+typedef OrtStatus* (*parallel_for_t)(const OrtKernelContext*, void (*)(void*, size_t), size_t,
+                                     size_t, void*);
+
+static OrtStatus* fail(const char* message) {
+  return CALL(CREATE_STATUS, create_status_t)(2 /* ORT_INVALID_ARGUMENT */, message);
+}
+
+/* ---- the kernels' thread pool: ONNX Runtime's intra-op pool through ParallelFor ---------- */
+typedef void (*item_fn)(int item, int slot, void* ctx);
+struct job { item_fn fn; void* ctx; int total; atomic_int next; };
+static __thread const OrtKernelContext* running_context;
+
+static void run_slot(void* arg, size_t slot) {
+  struct job* job = (struct job*)arg;
+  int item;
+  while ((item = atomic_fetch_add(&job->next, 1)) < job->total) job->fn(item, (int)slot, job->ctx);
+}
+
+int wpk_ort_pool_slots(void) { return %(slots)d; }
+
+/* Each ParallelFor index is one scratch slot, run once; items are claimed dynamically, so a
+   late thread takes fewer (or none: the caller may run every slot itself). */
+void wpk_ort_pool_run(item_fn fn, void* ctx, int total) {
+  struct job job = {fn, ctx, total, 0};
+  const int slots = total < %(slots)d ? total : %(slots)d;
+  if (slots > 1 && running_context) {
+    OrtStatus* status = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_t)(
+        running_context, run_slot, (size_t)slots, 0, &job);
+    if (!status) return;
+    CALL(RELEASE_STATUS, release_t)(status);
+  }
+  run_slot(&job, 0);  /* no pool (or it refused before running anything): all on this thread */
+}
+
+/* ---- the compiled kernels ------------------------------------------------------------------ */
+typedef void (*kernel_fn)(const float*, const float*, const float*, const float*, float*);
+struct kernel { const char* name; kernel_fn fn; int64_t c, h, w, k, oh, ow, u_size;
+                int bias, residual; };
+%(declarations)s
+static const struct kernel kernels[] = {
+%(table)s
+};
+static const int kernel_count = (int)(sizeof(kernels) / sizeof(kernels[0]));
+
+/* ---- the custom op --------------------------------------------------------------------- */
+struct custom_op {
+  uint32_t version;
+  void* (*CreateKernel)(const struct custom_op*, const void*, const OrtKernelInfo*);
+  const char* (*GetName)(const struct custom_op*);
+  const char* (*GetExecutionProviderType)(const struct custom_op*);
+  int (*GetInputType)(const struct custom_op*, size_t);
+  size_t (*GetInputTypeCount)(const struct custom_op*);
+  int (*GetOutputType)(const struct custom_op*, size_t);
+  size_t (*GetOutputTypeCount)(const struct custom_op*);
+  void (*KernelCompute)(void*, OrtKernelContext*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const struct custom_op*, size_t);
+  int (*GetOutputCharacteristic)(const struct custom_op*, size_t);
+  int (*GetInputMemoryType)(const struct custom_op*, size_t);
+  int (*GetVariadicInputMinArity)(const struct custom_op*);
+  int (*GetVariadicInputHomogeneity)(const struct custom_op*);
+  int (*GetVariadicOutputMinArity)(const struct custom_op*);
+  int (*GetVariadicOutputHomogeneity)(const struct custom_op*);
+  OrtStatus* (*CreateKernelV2)(const struct custom_op*, const void*, const OrtKernelInfo*, void**);
+  OrtStatus* (*KernelComputeV2)(void*, OrtKernelContext*);
+  OrtStatus* (*InferOutputShapeFn)(const struct custom_op*, void*);
+  int (*GetStartVersion)(const struct custom_op*);
+  int (*GetEndVersion)(const struct custom_op*);
+  size_t (*GetMayInplace)(int**, int**);
+  void (*ReleaseMayInplace)(int*, int*);
+  size_t (*GetAliasMap)(int**, int**);
+  void (*ReleaseAliasMap)(int*, int*);
+};
+
+static const char* op_name(const struct custom_op* op) { (void)op; return "%(op_type)s"; }
+static const char* op_provider(const struct custom_op* op) { (void)op; return NULL; }
+static int op_float(const struct custom_op* op, size_t i) { (void)op; (void)i; return 1; }
+static size_t op_inputs(const struct custom_op* op) { (void)op; return 4; }
+static size_t op_outputs(const struct custom_op* op) { (void)op; return 1; }
+static int op_input_kind(const struct custom_op* op, size_t i) { (void)op; return i >= 2; }
+static int op_output_kind(const struct custom_op* op, size_t i) { (void)op; (void)i; return 0; }
+static int op_memory(const struct custom_op* op, size_t i) { (void)op; (void)i; return 0; }
+static int op_one(const struct custom_op* op) { (void)op; return 1; }
+static int op_end_version(const struct custom_op* op) { (void)op; return 1 << 30; }
+
+static OrtStatus* op_create(const struct custom_op* op, const void* api_, const OrtKernelInfo* info,
+                            void** out) {
+  (void)op; (void)api_;
+  int64_t index = -1;
+  TRY(CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int64_t)(info, "kernel", &index));
+  if (index < 0 || index >= kernel_count) return fail("WinogradConv: attribute 'kernel' is out of range");
+  *out = (void*)&kernels[index];
+  return NULL;
+}
+
+static void* op_create_v1(const struct custom_op* op, const void* api_, const OrtKernelInfo* info) {
+  void* kernel = NULL;
+  OrtStatus* status = op_create(op, api_, info, &kernel);
+  if (status) CALL(RELEASE_STATUS, release_t)(status);
+  return kernel;
+}
+
+/* The float data of input `index` if its shape is `expected` (NULL: any shape with `count`
+   elements). */
+static OrtStatus* float_input(OrtKernelContext* ctx, const struct kernel* k, size_t index,
+                              const int64_t* expected, size_t rank, int64_t count,
+                              const char* what, void** data) {
+  const OrtValue* value = NULL;
+  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_t)(ctx, index, &value));
+  char message[256];
+  if (!value) {
+    snprintf(message, sizeof message, "WinogradConv %%s: input %%s is missing", k->name, what);
+    return fail(message);
+  }
+  OrtShape* shape = NULL;
+  TRY(CALL(GET_TENSOR_TYPE_AND_SHAPE, type_shape_t)(value, &shape));
+  int type = 0;
+  size_t dims_count = 0;
+  int64_t dims[8] = {0};
+  OrtStatus* status = CALL(GET_TENSOR_ELEMENT_TYPE, element_type_t)(shape, &type);
+  if (!status) status = CALL(GET_DIMENSIONS_COUNT, dims_count_t)(shape, &dims_count);
+  if (!status && dims_count <= 8)
+    status = CALL(GET_DIMENSIONS, dims_t)(shape, dims, dims_count);
+  CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, release_t)(shape);
+  if (status) return status;
+  int64_t elements = 1;
+  int same = expected ? dims_count == rank : 1;
+  for (size_t i = 0; i < dims_count && i < 8; ++i) {
+    elements *= dims[i];
+    if (expected && same && dims[i] != expected[i]) same = 0;
+  }
+  if (type != 1 || dims_count > 8 || !same || (!expected && elements != count)) {
+    snprintf(message, sizeof message,
+             "WinogradConv %%s: input %%s must be float32 of %%lld elements%%s", k->name, what,
+             (long long)count, expected ? " with shape [1, C, H, W] of the optimized slice" : "");
+    return fail(message);
+  }
+  return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_t)((OrtValue*)value, data);
+}
+
+static OrtStatus* op_compute(void* state, OrtKernelContext* ctx) {
+  const struct kernel* k = (const struct kernel*)state;
+  const int64_t x_dims[4] = {1, k->c, k->h, k->w};
+  const int64_t y_dims[4] = {1, k->k, k->oh, k->ow};
+  void *x = NULL, *u = NULL, *b = NULL, *r = NULL, *y = NULL;
+  TRY(float_input(ctx, k, 0, x_dims, 4, k->c * k->h * k->w, "X", &x));
+  TRY(float_input(ctx, k, 1, NULL, 0, k->u_size, "U", &u));
+  if (k->bias) TRY(float_input(ctx, k, 2, NULL, 0, k->bias, "B", &b));
+  if (k->residual) TRY(float_input(ctx, k, 3, y_dims, 4, k->k * k->oh * k->ow, "R", &r));
+  OrtValue* out = NULL;
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_t)(ctx, 0, y_dims, 4, &out));
+  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_t)(out, &y));
+  running_context = ctx;
+  k->fn((const float*)x, (const float*)u, (const float*)b, (const float*)r, (float*)y);
+  running_context = NULL;
+  return NULL;
+}
+
+static void op_compute_v1(void* state, OrtKernelContext* ctx) {
+  OrtStatus* status = op_compute(state, ctx);
+  if (status) CALL(RELEASE_STATUS, release_t)(status);
+}
+
+static void op_destroy(void* state) { (void)state; }
+
+static const struct custom_op winograd_op = {
+  %(api_level)d, op_create_v1, op_name, op_provider, op_float, op_inputs, op_float, op_outputs,
+  op_compute_v1, op_destroy, op_input_kind, op_output_kind, op_memory, op_one, op_one, op_one,
+  op_one, op_create, op_compute, NULL, op_one, op_end_version, NULL, NULL, NULL, NULL};
+
+__attribute__((visibility("default")))
+OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  api = base->GetApi(API_LEVEL);
+  if (!api) {
+    const void* const* oldest = base->GetApi(1);
+    return ((create_status_t)oldest[0])(1, "wpk custom operators need ONNX Runtime >= 1.17");
+  }
+  OrtCustomOpDomain* domain = NULL;  /* kept for the process: sessions may outlive options */
+  TRY(CALL(CREATE_CUSTOM_OP_DOMAIN, create_domain_t)("%(domain)s", &domain));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_t)(domain, &winograd_op));
+  return CALL(ADD_CUSTOM_OP_DOMAIN, add_domain_t)(options, domain);
+}
+"""
+
+
+@dataclass(frozen=True)
+class OpKernel:
+    """One Winograd kernel of a slice: its shape and the C function name it is compiled as."""
+
+    name: str
+    shape: winograd.WinogradShape
+    bias: bool
+
+    @property
+    def u_size(self) -> int:
+        s = self.shape
+        return s.alpha * s.alpha * -(-s.c // 16) * 16 * -(-s.k // 16) * 16
+
+
+def glue_source(kernels: list[OpKernel], slots: int) -> str:
+    indices = "\n".join(f"#define {key} {value}" for key, value in API_INDEX.items())
+    indices += f"\n#define API_LEVEL {API_LEVEL}"
+    declarations = "\n".join(
+        f"void {k.name}(const float*, const float*, const float*, const float*, float*);"
+        for k in kernels)
+    rows = []
+    for k in kernels:
+        s = k.shape
+        oh, ow = s.out_hw
+        blocked = s.layout == "nchwc"   # ONNX Runtime pads blocked channels to 16
+        c_dim = -(-s.c // 16) * 16 if blocked else s.c
+        k_dim = -(-s.k // 16) * 16 if blocked else s.k
+        rows.append(f'  {{"{k.name}", {k.name}, {c_dim}, {s.h}, {s.w}, {k_dim}, {oh}, {ow}, '
+                    f'{k.u_size}, {s.k if k.bias else 0}, {int(s.residual)}}},')
+    return GLUE % dict(indices=indices, slots=max(1, slots), declarations=declarations,
+                       table="\n".join(rows) or "  {0}", op_type=OP_TYPE, domain=DOMAIN,
+                       api_level=API_LEVEL)
+
+
+def _run_compiler(args: list[str], what: str) -> None:
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = result.stderr.strip().splitlines()[0] if result.stderr.strip() else ""
+        raise WpkError(f"gcc failed on {what}: {first}")
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC", "gcc")
+    if shutil.which(compiler) is None:
+        raise WpkError(f"no C compiler {compiler!r} found: generated CPU kernels need gcc")
+    return compiler
+
+
+def _object(name: str, source: str) -> Path:
+    """Compile one translation unit once (objects are cached by content)."""
+    digest = hashlib.sha256((source + " ".join(OBJECT_FLAGS)).encode()).hexdigest()[:16]
+    directory = CACHE / "objects"
+    directory.mkdir(parents=True, exist_ok=True)
+    obj = directory / f"{digest}.o"
+    if not obj.exists():
+        src = directory / f"{digest}.c"
+        src.write_text(source)
+        tmp = obj.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        _run_compiler([_compiler(), *OBJECT_FLAGS, "-c", str(src), "-o", str(tmp)],
+                      f"generated kernel {name}")
+        os.replace(tmp, obj)
+    return obj
+
+
+def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
+    """Compile the kernels (in parallel, one per core) and the glue, and link them into one
+    shared library; kernel i of `kernels` is what attribute kernel=i runs."""
+    slots = slots or max((k.shape.threads for k in kernels), default=1)
+    sources = [(k.name, winograd.lower(k.shape, k.name)) for k in kernels]
+    sources.append(("glue", glue_source(kernels, slots)))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objects = list(pool.map(lambda item: _object(*item), sources))
+    digest = hashlib.sha256("\0".join(o.name for o in objects).encode()).hexdigest()[:16]
+    library = CACHE / f"ort_ops_{digest}.so"
+    if not library.exists():
+        tmp = library.with_suffix(f".{os.getpid()}.tmp")
+        _run_compiler([_compiler(), *LINK_FLAGS, *map(str, objects), "-o", str(tmp), "-lm"],
+                      "the custom-operator library")
+        os.replace(tmp, library)
+    return library
+
+
+AVX512_V4 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+
+
+@functools.lru_cache(maxsize=1)
+def runs_here() -> tuple[bool, str]:
+    """(True, '') where a custom-operator library built by `build_library` can run: x86-64
+    with the AVX-512 subsets of x86-64-v4, and ONNX Runtime's NCHWc blocks of 16 channels."""
+    ok, why = winograd.supported()
+    if not ok:
+        return ok, why
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(next((line for line in handle if line.startswith("flags")),
+                             "").split())
+    except OSError:
+        flags = set()
+    missing = [f for f in AVX512_V4 if f not in flags]
+    if missing:
+        return False, f"Winograd custom operators need {', '.join(missing)}"
+    block = nchwc_block()
+    if block != 16:
+        return False, f"ONNX Runtime's NCHWc block here is {block}, the kernels need 16"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=1)
+def nchwc_block() -> int:
+    """Channels per NCHWc block in this ONNX Runtime build (0: no NCHWc): the order
+    ReorderInput gives 32 channels of two pixels tells it."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    node = helper.make_node("ReorderInput", ["x"], ["y"], domain=NCHWC_DOMAIN)
+    graph = helper.make_graph([node], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             [1, 32, 1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(NCHWC_DOMAIN, 1)])
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        out = session.run(None, {"x": np.arange(64, dtype=np.float32).reshape(1, 32, 1, 2)})
+    except Exception:
+        return 0
+    flat = out[0].ravel()
+    block = 1
+    while block < 32 and flat[block] == 2 * block:
+        block += 1
+    return block
+
+
+def op_kernel(spec, index: int) -> OpKernel:
+    return OpKernel(f"wpk_winograd_{index}", winograd.winograd_shape(spec.params),
+                    "B" in spec.weights)
+
+
+def custom_op_model(model: onnx.ModelProto, specs: list,
+                    indices: list[int] | None = None) -> onnx.ModelProto:
+    """`model` with each spec's fused nodes replaced by one WinogradConv node (its transformed
+    weights and bias become initializers, unused initializers are dropped); specs[j] runs as
+    kernel indices[j] of the library (default: j)."""
+    indices = list(range(len(specs))) if indices is None else indices
+    replaced = {}
+    for index, spec in zip(indices, specs):
+        for name in spec.node.split("+"):
+            replaced[name] = (index, spec)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    emitted = set()
+    for node in model.graph.node:
+        hit = replaced.get(node.name)
+        if hit is None:
+            out.graph.node.append(node)
+            continue
+        index, spec = hit
+        if index in emitted:
+            continue
+        emitted.add(index)
+        kernel = op_kernel(spec, index)
+        u_name, b_name = f"wpk_winograd_{index}_U", ""
+        u = winograd.transform_weights(spec.weights["Wt"], kernel.shape.m)
+        out.graph.initializer.append(numpy_helper.from_array(u, u_name))
+        if kernel.bias:
+            b_name = f"wpk_winograd_{index}_B"
+            out.graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(spec.weights["B"], np.float32), b_name))
+        inputs = [spec.sources[0], u_name, b_name]
+        if kernel.shape.residual:
+            inputs.append(spec.sources[-2])
+        out.graph.node.append(helper.make_node(OP_TYPE, inputs, [spec.output],
+                                               name=f"{spec.node}:winograd", domain=DOMAIN,
+                                               kernel=index))
+    if len(emitted) != len(specs):
+        missing = [s.node for i, s in zip(indices, specs) if i not in emitted]
+        raise WpkError(f"custom operators: nodes {missing} are not in the model")
+    used = {name for node in out.graph.node for name in node.input}
+    kept = [init for init in out.graph.initializer if init.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    if not any(o.domain == DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return out
+
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+
+
+def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
+                split: str = "tiles", threads: int | None = None) -> list:
+    """KernelSpecs (layout "nchwc") for the 3x3 stride-1 NCHWc convolutions of `optimized`,
+    ONNX Runtime's own saved graph of `model` at level 'all'.
+
+    Its NCHWc Conv nodes keep the bias initializer of the Conv they came from but hold the
+    weights reordered; the original weights and input shape come from `model`'s Conv with
+    the same bias. A fused Sum input is the residual; activation Relu is fused too.
+    """
+    from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
+    from wpk.optimizer.selection import shapes_of
+
+    consts, shapes = load_initializers(model), shapes_of(model)
+    by_bias: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+            by_bias.setdefault(node.input[2], []).append(node)
+    specs = []
+    for node in optimized.graph.node:
+        if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) < 3:
+            continue
+        attrs = _attrs(node)
+        if list(attrs.get("kernel_shape", [])) != [3, 3] or \
+                list(attrs.get("strides", [1, 1])) != [1, 1] or \
+                list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or \
+                attrs.get("activation", "Relu") != "Relu" or attrs.get("auto_pad", "NOTSET") \
+                not in ("NOTSET", ""):
+            continue
+        originals = by_bias.get(node.input[2], [])
+        if len(originals) != 1 or originals[0].input[1] not in consts:
+            continue
+        weight, x_shape = consts[originals[0].input[1]], shapes.get(originals[0].input[0])
+        if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
+                len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
+            continue
+        _, c, h, w = x_shape
+        pads = _pads(node, (h, w), (3, 3), (1, 1), (1, 1))
+        if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or \
+                w + pads[1] + pads[3] < 3:
+            continue
+        residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+        params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m,
+                      relu="activation" in attrs, residual=residual is not None, split=split,
+                      threads=threads or os.cpu_count() or 1, name=name, layout="nchwc")
+        sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
+            + [node.output[0]]
+        specs.append(KernelSpec("winograd", params, sources, node.output[0], node.name,
+                                weights={"Wt": weight.astype(np.float32),
+                                         "B": consts[node.input[2]].astype(np.float32)}))
+    return specs

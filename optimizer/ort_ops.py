@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from wpk.errors import WpkError
 from wpk.optimizer import winograd
-from wpk.optimizer.build import CACHE
+from wpk.optimizer import build
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
@@ -224,9 +224,15 @@ static OrtStatus* float_input(OrtKernelContext* ctx, const struct kernel* k, siz
     if (expected && same && dims[i] != expected[i]) same = 0;
   }
   if (type != 1 || dims_count > 8 || !same || (!expected && elements != count)) {
-    snprintf(message, sizeof message,
-             "WinogradConv %%s: input %%s must be float32 of %%lld elements%%s", k->name, what,
-             (long long)count, expected ? " with shape [1, C, H, W] of the optimized slice" : "");
+    if (expected)
+      snprintf(message, sizeof message,
+               "WinogradConv %%s: input %%s must be a float32 tensor of shape [%%lld, %%lld, "
+               "%%lld, %%lld] (the optimized slice's)", k->name, what, (long long)expected[0],
+               (long long)expected[1], (long long)expected[2], (long long)expected[3]);
+    else
+      snprintf(message, sizeof message,
+               "WinogradConv %%s: input %%s must be a float32 tensor of %%lld elements",
+               k->name, what, (long long)count);
     return fail(message);
   }
   return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_t)((OrtValue*)value, data);
@@ -328,7 +334,7 @@ def _compiler() -> str:
 def _object(name: str, source: str) -> Path:
     """Compile one translation unit once (objects are cached by content)."""
     digest = hashlib.sha256((source + " ".join(OBJECT_FLAGS)).encode()).hexdigest()[:16]
-    directory = CACHE / "objects"
+    directory = build.CACHE / "objects"
     directory.mkdir(parents=True, exist_ok=True)
     obj = directory / f"{digest}.o"
     if not obj.exists():
@@ -350,7 +356,7 @@ def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(lambda item: _object(*item), sources))
     digest = hashlib.sha256("\0".join(o.name for o in objects).encode()).hexdigest()[:16]
-    library = CACHE / f"ort_ops_{digest}.so"
+    library = build.CACHE / f"ort_ops_{digest}.so"
     if not library.exists():
         tmp = library.with_suffix(f".{os.getpid()}.tmp")
         _run_compiler([_compiler(), *LINK_FLAGS, *map(str, objects), "-o", str(tmp), "-lm"],
@@ -509,6 +515,10 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
         weight, x_shape = consts[originals[0].input[1]], shapes.get(originals[0].input[0])
         if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
                 len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
+            continue
+        if weight.shape[0] % 16 or weight.shape[1] % 16:
+            # whole blocks only: with fewer channels ONNX Runtime feeds NCHW (an image) to
+            # an NCHWc Conv, and with padded blocks it renames (pads) the bias
             continue
         _, c, h, w = x_shape
         pads = _pads(node, (h, w), (3, 3), (1, 1), (1, 1))

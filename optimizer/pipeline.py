@@ -23,7 +23,7 @@ from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
 from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
 from wpk.optimizer.search import Evaluator, make_strategy
-from wpk.optimizer.selection import (OpChoice, build_segments, select_operators,
+from wpk.optimizer.selection import (InsideOrt, OpChoice, build_segments, select_operators,
                                      select_winograd, select_winograd_ops)
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
@@ -459,18 +459,31 @@ def _add_winograd_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
                                  time_left=ctx["left"])
     if inside is None:
         return []
-    directory = tmp / "winograd-ops"
-    directory.mkdir()
-    onnx.save(ctx["model"], str(directory / "model.onnx"))
-    onnx.save(inside.model, str(directory / "model.wpk.onnx"))
-    shutil.copyfile(inside.library, directory / ort_ops.LIBRARY_FILE)
-    segment = {"type": "ort", "model": "model.onnx", "offline_model": "model.wpk.onnx",
-               "custom_ops": ort_ops.LIBRARY_FILE,
-               "inputs": [i["name"] for i in ctx["inputs"]], "outputs": ctx["output_names"]}
-    _write_manifest(directory, ctx, config, [segment], "fp32")
+    directory = save_winograd_ops(ctx["model"], inside, tmp / "winograd-ops", config)
     add("winograd-ops", directory, "fp32", f"ORT offline graph + {len(inside.specs)} Winograd "
         "kernel(s) as custom operators, " + describe_session(config))
     return inside.choices
+
+
+def save_winograd_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Path,
+                      config: Config | None = None) -> Path:
+    """Write an optimized directory whose one session runs ONNX Runtime's saved graph with
+    `inside`'s Winograd custom operators; `model` (plain ONNX) is its fallback elsewhere."""
+    from wpk.optimizer import ort_ops
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out_dir / "model.onnx"))
+    onnx.save(inside.model, str(out_dir / "model.wpk.onnx"))
+    shutil.copyfile(inside.library, out_dir / ort_ops.LIBRARY_FILE)
+    inputs, outputs = _io(model)
+    segment = {"type": "ort", "model": "model.onnx", "offline_model": "model.wpk.onnx",
+               "custom_ops": ort_ops.LIBRARY_FILE, "inputs": [i["name"] for i in inputs],
+               "outputs": [o["name"] for o in outputs]}
+    ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
+           "outputs": outputs}
+    _write_manifest(out_dir, ctx, config or dict(DEFAULT_SESSION), [segment], "fp32")
+    return out_dir
 
 
 def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],

@@ -1,8 +1,9 @@
 """Where the fp32 time goes when Winograd kernels run inside a resnet_like slice: ONNX Runtime
 defaults on the whole model vs. the same model cut into segments with ONNX Runtime sub-sessions
-in the kernels' places (the cost of the cut alone) vs. the cut with the Winograd kernels (what
-per-operator selection offers). One run, interleaved; two cuts: every 3x3 stride-1 convolution,
-and only the first stage's two (one boundary each way).
+in the kernels' places (the cost of the cut alone) vs. the cut with the Winograd kernels (the
+segment executor) vs. the same kernels as custom operators inside ONNX Runtime's own NCHWc
+graph (one session, no cut: `wpk.optimizer.ort_ops`). One run, interleaved; two sets of
+kernels: every 3x3 stride-1 convolution, and only the first stage's two.
 
     python benchmarks/optimizer_winograd_slice.py [--rounds 3]
 """
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import numpy as np
+import onnx
 from rich.console import Console
 from rich.table import Table
 
 from wpk.examples import resnet_like
-from wpk.optimizer import passes, winograd
+from wpk.optimizer import ort_ops, passes, winograd
 from wpk.optimizer.executor import KernelSegment, load
 from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import compare_ms, hardware_id
@@ -57,6 +60,21 @@ def winograd_specs(model, only_first_stage: bool):
     return specs
 
 
+def inside_ort(model, offline, specs):
+    """A session of ONNX Runtime's NCHWc graph with the same convolutions (same weights, same
+    tile sizes) running as Winograd custom operators."""
+    by_tile = {m: ort_ops.nchwc_sites(offline, model, m=m) for m in (2, 4)}
+    chosen = []
+    for spec in specs:
+        same = [i for i, site in enumerate(by_tile[4])
+                if np.array_equal(site.weights["Wt"], spec.weights["Wt"])]
+        if same:
+            chosen.append(by_tile[spec.params["m"]][same[0]])
+    library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(chosen)])
+    return make_session(ort_ops.custom_op_model(offline, chosen).SerializeToString(),
+                        DEFAULT_SESSION, offline_optimized=True, custom_ops=str(library))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -69,11 +87,15 @@ def main() -> None:
     original = resnet_like()
     model, _ = passes.run_passes(original)
     default = make_session(original.SerializeToString(), DEFAULT_SESSION)
+    work = Path(tempfile.mkdtemp(prefix="wpk-wino-"))
+    onnx.save(model, str(work / "model.onnx"))
+    offline = onnx.load(str(passes.ort_offline_optimize(work / "model.onnx",
+                                                       work / "model.ort.onnx")))
     feed = {"image": np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)}
     reference = default.run(None, feed)[0]
     table = Table(title=f"resnet_like fp32, ORT defaults vs cut slices ({hardware_id()})")
-    for col in ("cut", "kernels", "ORT ms", "cut, ORT in place ms", "speedup",
-                "cut, Winograd ms", "speedup", "rel. error"):
+    for col in ("kernels on", "kernels", "ORT ms", "cut, ORT in place ms", "speedup",
+                "cut, Winograd ms", "speedup", "inside ORT ms", "speedup", "rel. error"):
         table.add_column(col)
     for label, first_only in (("every 3x3 stride-1 conv", False), ("first stage only", True)):
         specs = winograd_specs(model, first_only)
@@ -84,15 +106,19 @@ def main() -> None:
         by_output = {s.output: s for s in specs}
         cut.segments = [OrtStep(model, by_output[s.output]) if isinstance(s, KernelSegment)
                         else s for s in cut.segments]
+        inside = inside_ort(model, offline, specs)
         out = mixed.run(None, feed)[0]
-        error = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        error = max(float(np.linalg.norm(o - reference) / np.linalg.norm(reference))
+                    for o in (out, inside.run(None, feed)[0]))
         for _ in range(args.rounds):
             t = compare_ms({"ort": lambda: default.run(None, feed),
                             "cut": lambda: cut.run(None, feed),
-                            "wino": lambda: mixed.run(None, feed)}, rounds=6, repeats=20)
+                            "wino": lambda: mixed.run(None, feed),
+                            "inside": lambda: inside.run(None, feed)}, rounds=6, repeats=20)
             row = (label, str(len(specs)), f"{t['ort']:.3f}", f"{t['cut']:.3f}",
                    f"{t['ort'] / t['cut']:.2f}x", f"{t['wino']:.3f}",
-                   f"{t['ort'] / t['wino']:.2f}x", f"{error:.1e}")
+                   f"{t['ort'] / t['wino']:.2f}x", f"{t['inside']:.3f}",
+                   f"{t['ort'] / t['inside']:.2f}x", f"{error:.1e}")
             table.add_row(*row)
             console.print(" | ".join(row))
     console.print(table)

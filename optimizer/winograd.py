@@ -287,6 +287,13 @@ static void run(struct job* j) {{
 """
         per_slot = False
     pad_l = s.pads[1]
+    # one tile's M values -> its m x m outputs o[i][j] (both layouts)
+    transform_tile = f"""    const int t = row0 + txx - txa;
+    __m512 q[{a}][{a}];
+    for (int i = 0; i < {a}; ++i)
+      for (int j = 0; j < {a}; ++j)
+        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
+{out_tf}"""
     if s.layout == "nchwc":
         # a pixel's 16 channels are one vector: no transpose on the way in or out
         pack_row = f"""    for (int x0 = ix_lo; x0 < ix_hi; ++x0)
@@ -297,12 +304,7 @@ static void run(struct job* j) {{
   const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
                         : _mm512_setzero_ps();
   for (int txx = txa; txx < txb; ++txx) {{
-    const int t = row0 + txx - txa;
-    __m512 q[{a}][{a}];
-    for (int i = 0; i < {a}; ++i)
-      for (int j = 0; j < {a}; ++j)
-        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
-{out_tf}
+{transform_tile}
     for (int i = 0; i < {m}; ++i) {{
       const int oy = tyy * {m} + i;
       if (oy >= OH) break;
@@ -335,12 +337,7 @@ static void run(struct job* j) {{
   const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
                         : _mm512_setzero_ps();
   for (int txx = txa; txx < txb; ++txx) {{
-    const int t = row0 + txx - txa;
-    __m512 q[{a}][{a}];
-    for (int i = 0; i < {a}; ++i)
-      for (int j = 0; j < {a}; ++j)
-        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
-{out_tf}
+{transform_tile}
     for (int i = 0; i < {m}; ++i)
       for (int j = 0; j < {m}; ++j)
         _mm512_store_ps(lb[i][(txx - txa) * {m} + j], _mm512_add_ps(o[i][j], b));

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +23,39 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
 
 
-def compile_c(source: str, name: str) -> Path:
-    """Compile once per distinct source (content-addressed cache); returns the .so path."""
-    compiler = os.environ.get("CC", "gcc")
-    if shutil.which(compiler) is None:
-        raise WpkError(f"no C compiler {compiler!r} found: generated CPU kernels need gcc")
-    digest = hashlib.sha256((source + " ".join(CFLAGS)).encode()).hexdigest()[:16]
+def compiler() -> str:
+    """The C compiler ($CC, default gcc), or a one-line error if there is none."""
+    name = os.environ.get("CC", "gcc")
+    if shutil.which(name) is None:
+        raise WpkError(f"no C compiler {name!r} found: generated CPU kernels need gcc")
+    return name
+
+
+def run_compiler(args: list[str], what: str) -> None:
+    """Run one compiler command; its failure is a one-line error naming `what` failed."""
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = result.stderr.strip().splitlines()[0] if result.stderr.strip() else ""
+        raise WpkError(f"gcc failed on {what}: {first}")
+
+
+def compile_c(source: str, name: str, flags: list[str] = CFLAGS, suffix: str = ".so",
+              libraries: tuple[str, ...] = ("-lm",)) -> Path:
+    """Compile once per distinct source and flags (content-addressed cache); returns the
+    output's path: a shared library by default, an object file with flags [..., "-c"] and
+    suffix ".o"."""
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     CACHE.mkdir(parents=True, exist_ok=True)
-    library = CACHE / f"{name}_{digest}.so"
-    if not library.exists():
+    output = CACHE / f"{name}_{digest}{suffix}"
+    if not output.exists():
         src = CACHE / f"{name}_{digest}.c"
         src.write_text(source)
-        tmp = library.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *CFLAGS, str(src), "-o", str(tmp), "-lm"],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise WpkError(f"gcc failed on generated kernel {name}: "
-                           f"{result.stderr.strip().splitlines()[0] if result.stderr else ''}")
-        os.replace(tmp, library)
-    return library
+        # per process and thread: kernels of one library compile in parallel threads
+        tmp = output.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        run_compiler([compiler(), *flags, str(src), "-o", str(tmp), *libraries],
+                     f"generated kernel {name}")
+        os.replace(tmp, output)
+    return output
 
 
 class CKernel:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
-import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from wpk.errors import WpkError
-from wpk.optimizer import winograd
-from wpk.optimizer import build
+from wpk.optimizer import build, winograd
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
@@ -317,36 +313,6 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
                        api_level=API_LEVEL)
 
 
-def _run_compiler(args: list[str], what: str) -> None:
-    result = subprocess.run(args, capture_output=True, text=True)
-    if result.returncode != 0:
-        first = result.stderr.strip().splitlines()[0] if result.stderr.strip() else ""
-        raise WpkError(f"gcc failed on {what}: {first}")
-
-
-def _compiler() -> str:
-    compiler = os.environ.get("CC", "gcc")
-    if shutil.which(compiler) is None:
-        raise WpkError(f"no C compiler {compiler!r} found: generated CPU kernels need gcc")
-    return compiler
-
-
-def _object(name: str, source: str) -> Path:
-    """Compile one translation unit once (objects are cached by content)."""
-    digest = hashlib.sha256((source + " ".join(OBJECT_FLAGS)).encode()).hexdigest()[:16]
-    directory = build.CACHE / "objects"
-    directory.mkdir(parents=True, exist_ok=True)
-    obj = directory / f"{digest}.o"
-    if not obj.exists():
-        src = directory / f"{digest}.c"
-        src.write_text(source)
-        tmp = obj.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        _run_compiler([_compiler(), *OBJECT_FLAGS, "-c", str(src), "-o", str(tmp)],
-                      f"generated kernel {name}")
-        os.replace(tmp, obj)
-    return obj
-
-
 def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
     """Compile the kernels (in parallel, one per core) and the glue, and link them into one
     shared library; kernel i of `kernels` is what attribute kernel=i runs."""
@@ -354,13 +320,14 @@ def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
     sources = [(k.name, winograd.lower(k.shape, k.name)) for k in kernels]
     sources.append(("glue", glue_source(kernels, slots)))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        objects = list(pool.map(lambda item: _object(*item), sources))
+        objects = list(pool.map(lambda item: build.compile_c(
+            item[1], item[0], [*OBJECT_FLAGS, "-c"], suffix=".o", libraries=()), sources))
     digest = hashlib.sha256("\0".join(o.name for o in objects).encode()).hexdigest()[:16]
     library = build.CACHE / f"ort_ops_{digest}.so"
     if not library.exists():
         tmp = library.with_suffix(f".{os.getpid()}.tmp")
-        _run_compiler([_compiler(), *LINK_FLAGS, *map(str, objects), "-o", str(tmp), "-lm"],
-                      "the custom-operator library")
+        build.run_compiler([build.compiler(), *LINK_FLAGS, *map(str, objects), "-o", str(tmp),
+                            "-lm"], "the custom-operator library")
         os.replace(tmp, library)
     return library
 

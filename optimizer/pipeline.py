@@ -236,22 +236,22 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         progress.phase("OpenVINO (CPU plugin)")
         _add_openvino(ctx, tmp, add, best_config)
 
-    choices: list[OpChoice] = []
+    inside_ort: list[OpChoice] = []
     offline_model = tmp / "offline" / "model.ort.onnx"
     if options.per_operator and options.winograd and offline_model.exists() and \
             options.operator_limit > 0 and left() != 0.0:
         progress.phase("Winograd kernels inside ONNX Runtime (whole-slice timing)")
-        choices = _add_winograd_ops(ctx, tmp, add, best_config, onnx.load(str(offline_model)))
+        inside_ort = _add_winograd_ops(ctx, tmp, add, best_config,
+                                       onnx.load(str(offline_model)))
+        report.operators = [c.to_json() for c in inside_ort]
     if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
         consts = load_initializers(model)
         per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
-        report.operators = [c.to_json() for c in choices]
-        inside_ort = any(c.chosen == "kernel" for c in choices)
-        choices = []
+        choices: list[OpChoice] = []
         # Winograd as segments only where it could not run inside ONNX Runtime (the cuts
         # cost more than the kernels save wherever both are possible)
-        if options.winograd and not inside_ort and options.operator_limit > 0 and \
-                left() != 0.0:
+        if options.winograd and not any(c.chosen == "kernel" for c in inside_ort) and \
+                options.operator_limit > 0 and left() != 0.0:
             progress.phase("per-operator selection: Winograd 3x3 convolutions")
             choices = select_winograd(model, consts, best_config,
                                       on_op=lambda name: progress.advance(name),
@@ -451,8 +451,6 @@ def _add_winograd_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
     """Winograd kernels as custom operators in ONNX Runtime's own saved graph (one session,
     no segments): the candidate "winograd-ops", with the plain model kept beside it for
     machines where the kernels cannot run."""
-    from wpk.optimizer import ort_ops
-
     progress: Progress = ctx["progress"]
     inside = select_winograd_ops(ctx["model"], offline, config, ctx["feeds"][0],
                                  ctx["output_names"], on_op=lambda name: progress.advance(name),

@@ -325,23 +325,23 @@ def select_winograd_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
                    for o, r in zip(outputs, reference))
 
     chosen: dict[int, int] = {}
+    current = session(chosen)        # the slice as chosen so far
     choices = []
     for site_index, (site, keys) in enumerate(zip(sites, by_site)):
         if time_left() == 0.0:
             break
         if on_op:
             on_op(site.node)
-        current = session(chosen)
         run = {"current": lambda s=current: s.run(output_names, feed)}
+        trials = {}
         for key, index in keys.items():
-            trial = dict(chosen)
-            trial[site_index] = index
             try:
-                candidate = session(trial)
+                candidate = session({**chosen, site_index: index})
                 if not close_enough(candidate.run(output_names, feed)):
                     continue  # rounding beyond the kernel tolerance: never a candidate
             except Exception:
                 continue      # a variant ONNX Runtime refuses is not a candidate
+            trials[key] = candidate
             run[key] = lambda s=candidate: s.run(output_names, feed)
         times = compare_ms(run, rounds=5, repeats=20)
         base = times.pop("current")
@@ -349,6 +349,7 @@ def select_winograd_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         won = best is not None and times[best] < margin * base
         if won:
             chosen[site_index] = keys[best]
+            current = trials[best]
         spec = pool[keys[best]] if best else site
         choices.append(OpChoice(site.node, "winograd-op", spec.signature(), base,
                                 times[best] if best else math.inf,

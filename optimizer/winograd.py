@@ -1,12 +1,15 @@
 """Winograd convolution for 3x3 stride-1 Conv (fused bias, residual Add and Relu), generated as
-C with AVX-512 intrinsics, one kernel per shape, run on the process-wide pool (`pool.py`).
+C with AVX-512 intrinsics, one kernel per shape, run on the process-wide pool (`pool.py`) or,
+as custom operators, on ONNX Runtime's own (`ort_ops.py`).
 
 Why: ONNX Runtime's NCHWc direct convolutions already run near this CPU's FMA peak, so a direct
 kernel cannot beat them by much; Winograd F(m x m, 3 x 3) needs (m+2)^2 / (9 m^2) of the
 multiplies (F(2,3): 1/2.25, F(4,3): 1/4) at the price of ~1e-7..1e-6 relative rounding.
 
-The kernel reads and writes NCHW (what the segment executor hands over): the layout change is
-folded into the transforms. Three phases per work item:
+Layouts: NCHW (what the segment executor hands over; the layout change is folded into the
+transforms), or NCHWc, ONNX Runtime's 16-channel blocks (`layout="nchwc"`, for custom
+operators inside its NCHWc graph: a pixel's channels are one vector, no transposes). Three
+phases per work item:
 1. input: transpose the input rows a band of tiles needs into a pixel-major block in L1 (zero
    padding included), then V = B^T d B vectorized over 16 channels, stored V[position][tile][c];
 2. per position p: a register-blocked GEMM M[p] = V[p] (tiles x C) * U[p] (C x K), U being
@@ -294,15 +297,17 @@ static void run(struct job* j) {{
       for (int j = 0; j < {a}; ++j)
         q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
 {out_tf}"""
+    # output channel block kbk's bias, one vector (both layouts)
+    bias_block = """  const int k0 = kbk * 16;
+  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
+  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
+                        : _mm512_setzero_ps();"""
     if s.layout == "nchwc":
         # a pixel's 16 channels are one vector: no transpose on the way in or out
         pack_row = f"""    for (int x0 = ix_lo; x0 < ix_hi; ++x0)
       _mm512_store_ps(lp[r][x0 + {pad_l}], _mm512_loadu_ps(x + (((size_t)cbk * H + iy) * W + x0) * 16));"""
         residual_c = "v = _mm512_add_ps(v, _mm512_loadu_ps(res + off));" if s.residual else ""
-        output_body = f"""  const int k0 = kbk * 16;
-  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
-  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
-                        : _mm512_setzero_ps();
+        output_body = f"""{bias_block}
   for (int txx = txa; txx < txb; ++txx) {{
 {transform_tile}
     for (int i = 0; i < {m}; ++i) {{
@@ -332,10 +337,7 @@ static void run(struct job* j) {{
       for (int q = 0; q < nx; ++q) _mm512_store_ps(lp[r][x0 + {pad_l} + q], rr[q]);
     }}"""
         output_body = f"""  float lb[{m}][TX * {m} + 16][16] __attribute__((aligned(64)));
-  const int k0 = kbk * 16;
-  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
-  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
-                        : _mm512_setzero_ps();
+{bias_block}
   for (int txx = txa; txx < txb; ++txx) {{
 {transform_tile}
     for (int i = 0; i < {m}; ++i)

@@ -18,7 +18,7 @@ from wpk.optimizer.pipeline import save_winograd_ops
 from wpk.optimizer.selection import select_winograd_ops
 from wpk.optimizer.session import DEFAULT_SESSION
 
-from .test_optimizer_winograd import _conv_model
+from .test_optimizer_winograd import _conv_model, conv_case_feeds
 
 RNG = np.random.default_rng(11)
 pytestmark = pytest.mark.skipif(not ort_ops.runs_here()[0], reason=ort_ops.runs_here()[1])
@@ -72,15 +72,9 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 def test_nchwc_kernels_match_onnxruntime_inside_its_session(case, tmp_path):
-    c, k, h, w, pads, bias, residual, relu = case
-    model = _conv_model(c, k, h, w, pads, bias, residual, relu)
+    model = _conv_model(*case)
     offline = _offline(model, tmp_path)
-    feeds = {"X": RNG.standard_normal((1, c, h, w)).astype(np.float32)}
-    if residual:
-        oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
-        feeds["R"] = RNG.standard_normal((1, k, oh, ow)).astype(np.float32)
-    expected = ort.InferenceSession(model.SerializeToString(),
-                                    providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    feeds, expected = conv_case_feeds(model, case, RNG)
     for m, split in winograd.VARIANTS:
         sites = ort_ops.nchwc_sites(offline, model, m=m, split=split)
         assert len(sites) == 1 and sites[0].params["layout"] == "nchwc"

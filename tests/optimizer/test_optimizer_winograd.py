@@ -44,6 +44,19 @@ def _conv_model(c, k, h, w, pads, bias, residual, relu):
     return onnx.shape_inference.infer_shapes(model)
 
 
+def conv_case_feeds(model, case, rng=RNG):
+    """Random inputs for a `_conv_model(*case)` (X, and R where it has a residual) and what
+    ONNX Runtime computes from them."""
+    c, k, h, w, pads, bias, residual, relu = case
+    feeds = {"X": rng.standard_normal((1, c, h, w)).astype(np.float32)}
+    if residual:
+        oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
+        feeds["R"] = rng.standard_normal((1, k, oh, ow)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return feeds, expected
+
+
 def _spec(model, m, split):
     consumers = {}
     for node in model.graph.node:
@@ -71,12 +84,7 @@ CASES = [
 def test_winograd_matches_onnxruntime(case, m, split):
     c, k, h, w, pads, bias, residual, relu = case
     model = _conv_model(c, k, h, w, pads, bias, residual, relu)
-    feeds = {"X": RNG.standard_normal((1, c, h, w)).astype(np.float32)}
-    if residual:
-        oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
-        feeds["R"] = RNG.standard_normal((1, k, oh, ow)).astype(np.float32)
-    expected = ort.InferenceSession(model.SerializeToString(),
-                                    providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    feeds, expected = conv_case_feeds(model, case)
     spec = _spec(model, m, split)
     assert spec is not None and spec.params["residual"] == residual and \
         spec.params["relu"] == relu

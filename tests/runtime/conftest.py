@@ -37,6 +37,22 @@ def make_plan(model: onnx.ModelProto, directory: Path, pins: dict[str, str],
     return directory
 
 
+def fake_tier(servicer, workers: int = 2):
+    """A started gRPC server answering the KServe v2 service with `servicer`'s methods (a
+    stand-in for a misbehaving downstream tier); returns (server, address)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from wpk.runtime import protocol as pb
+
+    server = grpc.server(ThreadPoolExecutor(workers))
+    server.add_generic_rpc_handlers((pb.generic_handler(servicer),))
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    return server, address
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from .conftest import Pipeline, reference
+from .conftest import Pipeline, fake_tier, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient, InferenceError
@@ -213,8 +213,6 @@ class SlowPeer:
     """A gRPC server that takes `delay` seconds to answer anything: a slow downstream tier."""
 
     def __init__(self, delay: float = 3.0):
-        from concurrent.futures import ThreadPoolExecutor
-
         class Slow:
             def __getattr__(self, method):
                 def handler(request, context):
@@ -223,10 +221,7 @@ class SlowPeer:
                     return pb.METHODS[method][1]()
                 return handler
 
-        self.server = grpc.server(ThreadPoolExecutor(4))
-        self.server.add_generic_rpc_handlers((pb.generic_handler(Slow()),))
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.address = fake_tier(Slow(), workers=4)
 
     def close(self):
         self.server.stop(0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from .conftest import Pipeline, reference
+from .conftest import Pipeline, fake_tier, reference
 from .test_pipeline import expect_error, model_feeds, triton_infer
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
@@ -260,8 +260,6 @@ class HungLinkPeer:
     """A next tier that advertises a tensor link and never answers on it."""
 
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.link = LinkServer("127.0.0.1", 0, lambda frame, reply: None)
         port = self.link.port
 
@@ -273,10 +271,7 @@ class HungLinkPeer:
             def __getattr__(self, method):
                 return lambda request, context: pb.METHODS[method][1]()
 
-        self.server = grpc.server(ThreadPoolExecutor(2))
-        self.server.add_generic_rpc_handlers((pb.generic_handler(Peer()),))
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.address = fake_tier(Peer())
 
     def close(self):
         self.server.stop(0)

@@ -1,5 +1,6 @@
-"""Generated Winograd kernels as ONNX Runtime custom operators, so that a mixed slice runs as
-one ONNX Runtime session instead of a chain of sub-sessions and kernel calls.
+"""Generated kernels (Winograd convolutions, fused expansion + depthwise convolutions) as ONNX
+Runtime custom operators, so that a mixed slice runs as one ONNX Runtime session instead of a
+chain of sub-sessions and kernel calls.
 
 Why: cutting a slice into segments costs more than the kernels save (every cut is a session
 run with its own feeds, fetches and NCHWc reorders). As custom operators, the kernels run
@@ -7,9 +8,9 @@ inside ONNX Runtime's own executor, on its intra-op thread pool (`KernelContext_
 with no Python between operators.
 
 One shared library per slice: the kernels (each compiled on its own: their helpers are
-static) linked with a small glue object that implements `RegisterCustomOps` for the op
-`ai.wpk::WinogradConv` (inputs X, U, optional B and R; int attribute `kernel` picks the
-compiled kernel). The glue declares only the part of ONNX Runtime's C ABI it calls: the
+static) linked with a small glue object that implements `RegisterCustomOps` for the ops
+`ai.wpk::WinogradConv` and `ai.wpk::DepthwiseConv` (inputs X, U (the kernel's packed
+parameters), optional B and R; int attribute `kernel` picks the compiled kernel). The glue declares only the part of ONNX Runtime's C ABI it calls: the
 `OrtApi` function table is append-only, so an index never changes between releases; the
 indices are checked against the installed ONNX Runtime by `tests/optimizer/test_ort_ops.py`.
 """
@@ -27,11 +28,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from wpk.errors import WpkError
-from wpk.optimizer import build, winograd
+from wpk.optimizer import build, depthwise, winograd
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
-OP_TYPE = "WinogradConv"
+# custom op type per kernel kind (KernelSpec.op)
+OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv"}
 LIBRARY_FILE = "wpk_ops.so"
 # ONNX Runtime >= 1.17: the first C API level with KernelContext_ParallelFor
 API_LEVEL = 17
@@ -124,8 +126,10 @@ void wpk_ort_pool_run(item_fn fn, void* ctx, int total) {
 
 /* ---- the compiled kernels ------------------------------------------------------------------ */
 typedef void (*kernel_fn)(const float*, const float*, const float*, const float*, float*);
-struct kernel { const char* name; kernel_fn fn; int64_t c, h, w, k, oh, ow, u_size;
+struct kernel { const char* name; kernel_fn fn; int op; int64_t c, h, w, k, oh, ow, u_size;
                 int bias, residual; };
+static const char* const op_names[] = {%(op_names)s};
+#define OP_COUNT ((int)(sizeof(op_names) / sizeof(op_names[0])))
 %(declarations)s
 static const struct kernel kernels[] = {
 %(table)s
@@ -162,7 +166,8 @@ struct custom_op {
   void (*ReleaseAliasMap)(int*, int*);
 };
 
-static const char* op_name(const struct custom_op* op) { (void)op; return "%(op_type)s"; }
+static struct custom_op ops[OP_COUNT];
+static const char* op_name(const struct custom_op* op) { return op_names[op - ops]; }
 static const char* op_provider(const struct custom_op* op) { (void)op; return NULL; }
 static int op_float(const struct custom_op* op, size_t i) { (void)op; (void)i; return 1; }
 static size_t op_inputs(const struct custom_op* op) { (void)op; return 4; }
@@ -175,10 +180,15 @@ static int op_end_version(const struct custom_op* op) { (void)op; return 1 << 30
 
 static OrtStatus* op_create(const struct custom_op* op, const void* api_, const OrtKernelInfo* info,
                             void** out) {
-  (void)op; (void)api_;
+  (void)api_;
   int64_t index = -1;
   TRY(CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int64_t)(info, "kernel", &index));
-  if (index < 0 || index >= kernel_count) return fail("WinogradConv: attribute 'kernel' is out of range");
+  char message[128];
+  if (index < 0 || index >= kernel_count || kernels[index].op != (int)(op - ops)) {
+    snprintf(message, sizeof message, "%%s: attribute 'kernel' (%%lld) names no %%s kernel",
+             op_name(op), (long long)index, op_name(op));
+    return fail(message);
+  }
   *out = (void*)&kernels[index];
   return NULL;
 }
@@ -199,7 +209,7 @@ static OrtStatus* float_input(OrtKernelContext* ctx, const struct kernel* k, siz
   TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_t)(ctx, index, &value));
   char message[256];
   if (!value) {
-    snprintf(message, sizeof message, "WinogradConv %%s: input %%s is missing", k->name, what);
+    snprintf(message, sizeof message, "%%s %%s: input %%s is missing", op_names[k->op], k->name, what);
     return fail(message);
   }
   OrtShape* shape = NULL;
@@ -222,13 +232,13 @@ static OrtStatus* float_input(OrtKernelContext* ctx, const struct kernel* k, siz
   if (type != 1 || dims_count > 8 || !same || (!expected && elements != count)) {
     if (expected)
       snprintf(message, sizeof message,
-               "WinogradConv %%s: input %%s must be a float32 tensor of shape [%%lld, %%lld, "
-               "%%lld, %%lld] (the optimized slice's)", k->name, what, (long long)expected[0],
+               "%%s %%s: input %%s must be a float32 tensor of shape [%%lld, %%lld, "
+               "%%lld, %%lld] (the optimized slice's)", op_names[k->op], k->name, what, (long long)expected[0],
                (long long)expected[1], (long long)expected[2], (long long)expected[3]);
     else
       snprintf(message, sizeof message,
-               "WinogradConv %%s: input %%s must be a float32 tensor of %%lld elements",
-               k->name, what, (long long)count);
+               "%%s %%s: input %%s must be a float32 tensor of %%lld elements",
+               op_names[k->op], k->name, what, (long long)count);
     return fail(message);
   }
   return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_t)((OrtValue*)value, data);
@@ -259,7 +269,7 @@ static void op_compute_v1(void* state, OrtKernelContext* ctx) {
 
 static void op_destroy(void* state) { (void)state; }
 
-static const struct custom_op winograd_op = {
+static const struct custom_op op_template = {
   %(api_level)d, op_create_v1, op_name, op_provider, op_float, op_inputs, op_float, op_outputs,
   op_compute_v1, op_destroy, op_input_kind, op_output_kind, op_memory, op_one, op_one, op_one,
   op_one, op_create, op_compute, NULL, op_one, op_end_version, NULL, NULL, NULL, NULL};
@@ -273,7 +283,10 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   }
   OrtCustomOpDomain* domain = NULL;  /* kept for the process: sessions may outlive options */
   TRY(CALL(CREATE_CUSTOM_OP_DOMAIN, create_domain_t)("%(domain)s", &domain));
-  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_t)(domain, &winograd_op));
+  for (int i = 0; i < OP_COUNT; ++i) {
+    ops[i] = op_template;   /* same functions; the op's position in `ops` names it */
+    TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_t)(domain, &ops[i]));
+  }
   return CALL(ADD_CUSTOM_OP_DOMAIN, add_domain_t)(options, domain);
 }
 """
@@ -281,16 +294,48 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
 
 @dataclass(frozen=True)
 class OpKernel:
-    """One Winograd kernel of a slice: its shape and the C function name it is compiled as."""
+    """One compiled kernel of a slice: the C function it is compiled as, its custom op type,
+    and the shapes its glue checks (X [1, c, h, w], Y [1, k, oh, ow], U and B sizes)."""
 
     name: str
-    shape: winograd.WinogradShape
-    bias: bool
+    op_type: str
+    source: str
+    x_chw: tuple[int, int, int]
+    y_chw: tuple[int, int, int]
+    u_size: int
+    bias: int                 # bias elements (0: none)
+    residual: bool
+    threads: int
 
-    @property
-    def u_size(self) -> int:
-        s = self.shape
-        return s.alpha * s.alpha * -(-s.c // 16) * 16 * -(-s.k // 16) * 16
+
+def op_kernel(spec, index: int) -> OpKernel:
+    """The kernel for `spec` (a KernelSpec of op "winograd" or "nchwc_depthwise")."""
+    if spec.op == "nchwc_depthwise":
+        name = f"wpk_depthwise_{index}"
+        d = depthwise.depthwise_shape(spec.params)
+        return OpKernel(name, OP_TYPES[spec.op], depthwise.lower(d, name),
+                        (d.x_channels, d.h, d.w), (d.c, *d.out_hw), d.parameter_count,
+                        d.c if "B" in spec.weights else 0, False, d.threads)
+    name = f"wpk_winograd_{index}"
+    s = winograd.winograd_shape(spec.params)
+    blocked = s.layout == "nchwc"   # ONNX Runtime pads blocked channels to 16
+    c_dim = -(-s.c // 16) * 16 if blocked else s.c
+    k_dim = -(-s.k // 16) * 16 if blocked else s.k
+    u_size = s.alpha * s.alpha * -(-s.c // 16) * 16 * -(-s.k // 16) * 16
+    return OpKernel(name, OP_TYPES["winograd"], winograd.lower(s, name), (c_dim, s.h, s.w),
+                    (k_dim, *s.out_hw), u_size, s.k if "B" in spec.weights else 0, s.residual,
+                    s.threads)
+
+
+def op_parameters(spec) -> tuple[np.ndarray, np.ndarray | None]:
+    """The initializers a kernel reads: U (its packed parameters) and B (bias, or None)."""
+    bias = spec.weights.get("B")
+    bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    if spec.op == "nchwc_depthwise":
+        shape = depthwise.depthwise_shape(spec.params)
+        return depthwise.pack_parameters(shape, spec.weights["Wd"], spec.weights.get("We"),
+                                         spec.weights.get("Be")), bias
+    return winograd.transform_weights(spec.weights["Wt"], spec.params["m"]), bias
 
 
 def glue_source(kernels: list[OpKernel], slots: int) -> str:
@@ -299,25 +344,20 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
     declarations = "\n".join(
         f"void {k.name}(const float*, const float*, const float*, const float*, float*);"
         for k in kernels)
-    rows = []
-    for k in kernels:
-        s = k.shape
-        oh, ow = s.out_hw
-        blocked = s.layout == "nchwc"   # ONNX Runtime pads blocked channels to 16
-        c_dim = -(-s.c // 16) * 16 if blocked else s.c
-        k_dim = -(-s.k // 16) * 16 if blocked else s.k
-        rows.append(f'  {{"{k.name}", {k.name}, {c_dim}, {s.h}, {s.w}, {k_dim}, {oh}, {ow}, '
-                    f'{k.u_size}, {s.k if k.bias else 0}, {int(s.residual)}}},')
+    op_types = list(OP_TYPES.values())
+    rows = [f'  {{"{k.name}", {k.name}, {op_types.index(k.op_type)}, {", ".join(map(str, k.x_chw))}, '
+            f'{", ".join(map(str, k.y_chw))}, {k.u_size}, {k.bias}, {int(k.residual)}}},'
+            for k in kernels]
     return GLUE % dict(indices=indices, slots=max(1, slots), declarations=declarations,
-                       table="\n".join(rows) or "  {0}", op_type=OP_TYPE, domain=DOMAIN,
-                       api_level=API_LEVEL)
+                       table="\n".join(rows) or "  {0}", domain=DOMAIN, api_level=API_LEVEL,
+                       op_names=", ".join(f'"{t}"' for t in op_types))
 
 
 def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
     """Compile the kernels (in parallel, one per core) and the glue, and link them into one
     shared library; kernel i of `kernels` is what attribute kernel=i runs."""
-    slots = slots or max((k.shape.threads for k in kernels), default=1)
-    sources = [(k.name, winograd.lower(k.shape, k.name)) for k in kernels]
+    slots = slots or max((k.threads for k in kernels), default=1)
+    sources = [(k.name, k.source) for k in kernels]
     sources.append(("glue", glue_source(kernels, slots)))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(lambda item: build.compile_c(
@@ -388,16 +428,11 @@ def nchwc_block() -> int:
     return block
 
 
-def op_kernel(spec, index: int) -> OpKernel:
-    return OpKernel(f"wpk_winograd_{index}", winograd.winograd_shape(spec.params),
-                    "B" in spec.weights)
-
-
 def custom_op_model(model: onnx.ModelProto, specs: list,
                     indices: list[int] | None = None) -> onnx.ModelProto:
-    """`model` with each spec's fused nodes replaced by one WinogradConv node (its transformed
-    weights and bias become initializers, unused initializers are dropped); specs[j] runs as
-    kernel indices[j] of the library (default: j)."""
+    """`model` with each spec's fused nodes replaced by one custom node (its packed parameters
+    and bias become initializers, unused initializers are dropped); specs[j] runs as kernel
+    indices[j] of the library (default: j)."""
     indices = list(range(len(specs))) if indices is None else indices
     replaced = {}
     for index, spec in zip(indices, specs):
@@ -407,6 +442,8 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     out.CopyFrom(model)
     del out.graph.node[:]
     emitted = set()
+    shaped: dict[str, onnx.ValueInfoProto] = {}
+    graph_outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:
         hit = replaced.get(node.name)
         if hit is None:
@@ -416,23 +453,30 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
         if index in emitted:
             continue
         emitted.add(index)
-        kernel = op_kernel(spec, index)
-        u_name, b_name = f"wpk_winograd_{index}_U", ""
-        u = winograd.transform_weights(spec.weights["Wt"], kernel.shape.m)
+        op_type = OP_TYPES[spec.op]
+        u, bias = op_parameters(spec)
+        u_name, b_name = f"wpk_kernel_{index}_U", ""
         out.graph.initializer.append(numpy_helper.from_array(u, u_name))
-        if kernel.bias:
-            b_name = f"wpk_winograd_{index}_B"
-            out.graph.initializer.append(numpy_helper.from_array(
-                np.ascontiguousarray(spec.weights["B"], np.float32), b_name))
+        if bias is not None:
+            b_name = f"wpk_kernel_{index}_B"
+            out.graph.initializer.append(numpy_helper.from_array(bias, b_name))
         inputs = [spec.sources[0], u_name, b_name]
-        if kernel.shape.residual:
+        if spec.params.get("residual"):
             inputs.append(spec.sources[-2])
-        out.graph.node.append(helper.make_node(OP_TYPE, inputs, [spec.output],
-                                               name=f"{spec.node}:winograd", domain=DOMAIN,
+        out.graph.node.append(helper.make_node(op_type, inputs, [spec.output],
+                                               name=f"{spec.node}:{op_type}", domain=DOMAIN,
                                                kernel=index))
+        # the output's shape, stated: ONNX Runtime cannot infer it for a custom op, and
+        # without it the memory planner leaves the tensor (and the graph's plan) to run time
+        if spec.output not in graph_outputs:
+            shaped[spec.output] = helper.make_tensor_value_info(
+                spec.output, onnx.TensorProto.FLOAT, [1, *op_kernel(spec, index).y_chw])
     if len(emitted) != len(specs):
         missing = [s.node for i, s in zip(indices, specs) if i not in emitted]
         raise WpkError(f"custom operators: nodes {missing} are not in the model")
+    kept_info = [v for v in out.graph.value_info if v.name not in shaped]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend([*kept_info, *shaped.values()])
     used = {name for node in out.graph.node for name in node.input}
     kept = [init for init in out.graph.initializer if init.name in used]
     del out.graph.initializer[:]
@@ -502,4 +546,89 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
         specs.append(KernelSpec("winograd", params, sources, node.output[0], node.name,
                                 weights={"Wt": weight.astype(np.float32),
                                          "B": consts[node.input[2]].astype(np.float32)}))
+    return specs
+
+
+def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int = 1,
+                    threads: int | None = None) -> list:
+    """KernelSpecs (op "nchwc_depthwise") for the depthwise NCHWc convolutions of `optimized`
+    (ONNX Runtime's saved graph of `model` at level 'all'), each fused with the 1x1 NCHWc
+    expansion convolution that feeds it where that convolution has no other consumer.
+
+    As in `nchwc_sites`, the original weights are found through the bias initializer (ONNX
+    Runtime keeps its name); a Conv whose bias was renamed (padded) is not a site.
+    """
+    from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
+    from wpk.optimizer.selection import shapes_of
+
+    consts, shapes = load_initializers(model), shapes_of(model)
+    by_bias: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+            by_bias.setdefault(node.input[2], []).append(node)
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in optimized.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    graph_outputs = {o.name for o in optimized.graph.output}
+
+    def original(node: onnx.NodeProto) -> onnx.NodeProto | None:
+        hits = by_bias.get(node.input[2], []) if len(node.input) > 2 else []
+        return hits[0] if len(hits) == 1 and hits[0].input[1] in consts else None
+
+    def blocked(tensor: str) -> bool:   # produced by an NCHWc node: whole 16-channel blocks
+        source = producer.get(tensor)
+        return source is not None and source.domain == NCHWC_DOMAIN
+
+    specs = []
+    for node in optimized.graph.node:
+        if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) != 3:
+            continue
+        attrs, conv = _attrs(node), original(node)
+        if conv is None:
+            continue
+        weight, x_shape = consts[conv.input[1]], shapes.get(conv.input[0])
+        c = int(weight.shape[0])
+        kernel = list(attrs.get("kernel_shape", []))
+        stride = list(attrs.get("strides", [1, 1]))
+        if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
+                c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
+                list(attrs.get("dilations", [1, 1])) != [1, 1] or \
+                attrs.get("activation", "Relu") != "Relu" or x_shape is None or \
+                len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
+                not blocked(node.input[0]):
+            continue
+        _, _, h, w = x_shape
+        pads = _pads(node, (h, w), tuple(kernel), tuple(stride), (1, 1))
+        if min(pads) < 0 or max(pads) >= kernel[0]:
+            continue
+        params = dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
+                      relu="activation" in attrs, relu_expand=False, hb=hb,
+                      threads=threads or os.cpu_count() or 1)
+        weights = {"Wd": weight.astype(np.float32), "B": consts[node.input[2]].astype(np.float32)}
+        names, source = [node.name], node.input[0]
+        expand = producer.get(node.input[0])
+        expand_conv = original(expand) if expand is not None else None
+        if expand is not None and expand.domain == NCHWC_DOMAIN and expand.op_type == "Conv" \
+                and len(expand.input) == 3 and expand_conv is not None and \
+                consumers.get(expand.output[0]) == 1 and expand.output[0] not in graph_outputs \
+                and blocked(expand.input[0]):
+            e_attrs, we = _attrs(expand), consts[expand_conv.input[1]]
+            if we.ndim == 4 and we.shape[0] == c and we.shape[2:] == (1, 1) and \
+                    list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
+                    list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
+                    e_attrs.get("group", 1) == 1 and \
+                    e_attrs.get("activation", "Relu") == "Relu" and \
+                    not any(e_attrs.get("pads", [0, 0, 0, 0])):
+                params.update(cin=int(we.shape[1]), relu_expand="activation" in e_attrs)
+                weights.update(We=we.astype(np.float32),
+                               Be=consts[expand.input[2]].astype(np.float32))
+                names, source = [expand.name, node.name], expand.input[0]
+        if params["c"] // 16 % hb:
+            continue
+        params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+        specs.append(KernelSpec("nchwc_depthwise", params, [source, "weight:U", "weight:B",
+                                                            node.output[0]],
+                                node.output[0], "+".join(names), weights=weights))
     return specs

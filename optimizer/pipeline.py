@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
 from wpk.optimizer.search import Evaluator, make_strategy
 from wpk.optimizer.selection import (InsideOrt, OpChoice, build_segments, select_operators,
-                                     select_winograd, select_winograd_ops)
+                                     select_custom_ops, select_winograd)
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
 
@@ -238,11 +239,10 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
 
     inside_ort: list[OpChoice] = []
     offline_model = tmp / "offline" / "model.ort.onnx"
-    if options.per_operator and options.winograd and offline_model.exists() and \
-            options.operator_limit > 0 and left() != 0.0:
-        progress.phase("Winograd kernels inside ONNX Runtime (whole-slice timing)")
-        inside_ort = _add_winograd_ops(ctx, tmp, add, best_config,
-                                       onnx.load(str(offline_model)))
+    if options.per_operator and offline_model.exists() and options.operator_limit > 0 and \
+            left() != 0.0:
+        progress.phase("generated kernels inside ONNX Runtime (whole-slice timing)")
+        inside_ort = _add_custom_ops(ctx, tmp, add, best_config, onnx.load(str(offline_model)))
         report.operators = [c.to_json() for c in inside_ort]
     if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
         consts = load_initializers(model)
@@ -446,27 +446,32 @@ def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
     return directory
 
 
-def _add_winograd_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
-                      config: Config, offline: onnx.ModelProto) -> list[OpChoice]:
-    """Winograd kernels as custom operators in ONNX Runtime's own saved graph (one session,
-    no segments): the candidate "winograd-ops", with the plain model kept beside it for
-    machines where the kernels cannot run."""
+def _add_custom_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
+                    config: Config, offline: onnx.ModelProto) -> list[OpChoice]:
+    """Generated kernels (Winograd, fused depthwise) as custom operators in ONNX Runtime's own
+    saved graph (one session, no segments): the candidate "custom-ops", with the plain model
+    kept beside it for machines where the kernels cannot run."""
+    from wpk.optimizer import ort_ops
+
     progress: Progress = ctx["progress"]
-    inside = select_winograd_ops(ctx["model"], offline, config, ctx["feeds"][0],
-                                 ctx["output_names"], on_op=lambda name: progress.advance(name),
-                                 time_left=ctx["left"])
+    kinds = ("winograd", "nchwc_depthwise") if ctx["options"].winograd else ("nchwc_depthwise",)
+    inside = select_custom_ops(ctx["model"], offline, config, ctx["feeds"][0],
+                               ctx["output_names"], on_op=lambda name: progress.advance(name),
+                               time_left=ctx["left"], kinds=kinds)
     if inside is None:
         return []
-    directory = save_winograd_ops(ctx["model"], inside, tmp / "winograd-ops", config)
-    add("winograd-ops", directory, "fp32", f"ORT offline graph + {len(inside.specs)} Winograd "
-        "kernel(s) as custom operators, " + describe_session(config))
+    directory = save_custom_ops(ctx["model"], inside, tmp / "custom-ops", config)
+    counts = Counter(ort_ops.OP_TYPES[s.op] for s in inside.specs)
+    add("custom-ops", directory, "fp32", "ORT offline graph + custom operators ("
+        + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) + "), "
+        + describe_session(config))
     return inside.choices
 
 
-def save_winograd_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Path,
-                      config: Config | None = None) -> Path:
+def save_custom_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Path,
+                    config: Config | None = None) -> Path:
     """Write an optimized directory whose one session runs ONNX Runtime's saved graph with
-    `inside`'s Winograd custom operators; `model` (plain ONNX) is its fallback elsewhere."""
+    `inside`'s custom operators; `model` (plain ONNX) is its fallback elsewhere."""
     from wpk.optimizer import ort_ops
 
     out_dir = Path(out_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -268,46 +268,62 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
 
 @dataclass
 class InsideOrt:
-    """Winograd kernels chosen to run as custom operators inside one ONNX Runtime session."""
+    """Generated kernels chosen to run as custom operators inside one ONNX Runtime session."""
 
     specs: list[KernelSpec]           # kernel j of `library` runs specs[j]
     library: Path
-    model: onnx.ModelProto            # ONNX Runtime's saved graph with WinogradConv nodes
+    model: onnx.ModelProto            # ONNX Runtime's saved graph with ai.wpk nodes
     choices: list[OpChoice]
 
 
-def select_winograd_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
-                        session_config: Config, feed: dict[str, np.ndarray],
-                        output_names: list[str], margin: float = 0.99,
-                        on_op: Callable[[str], None] | None = None,
-                        variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
-                        time_left: Callable[[], float | None] = lambda: None
-                        ) -> InsideOrt | None:
-    """For each 3x3 stride-1 NCHWc convolution of `offline` (ONNX Runtime's saved graph of
-    `model`), try each Winograd variant as a custom operator in place of ONNX Runtime's
-    kernel, timing the *whole slice* (one session), and keep a variant only where the slice
-    gets faster by `margin`: coordinate descent, one convolution at a time, the others as
-    chosen so far. Whole-slice timing sees what per-operator timing cannot (layouts, caches,
-    the thread pool's hand-offs). None when there is nothing to try or nothing won."""
+# depthwise variants: hidden-channel blocks per work item
+DEPTHWISE_VARIANTS: tuple[int, ...] = (1, 2)
+
+
+def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str], ...]
+                       ) -> dict[str, KernelSpec]:
+    """The kernel variants worth timing at `site`, by a short key naming the knobs."""
+    if site.op == "nchwc_depthwise":
+        blocks = site.params["c"] // 16
+        return {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
+                for hb in DEPTHWISE_VARIANTS if blocks % hb == 0}
+    shape = winograd.winograd_shape(site.params)
+    return {f"m{m}-{split}": replace(site, params={**site.params, "m": m, "split": split})
+            for m, split in winograd_variants
+            if split != "channels" or winograd.channels_split_useful(shape, m)}
+
+
+def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
+                      session_config: Config, feed: dict[str, np.ndarray],
+                      output_names: list[str], margin: float = 0.99,
+                      on_op: Callable[[str], None] | None = None,
+                      variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
+                      time_left: Callable[[], float | None] = lambda: None,
+                      kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise")
+                      ) -> InsideOrt | None:
+    """For each site of `offline` (ONNX Runtime's saved graph of `model`) our kernels cover
+    (3x3 stride-1 NCHWc convolutions: Winograd; depthwise NCHWc convolutions with the 1x1
+    expansion before them: fused depthwise), try each kernel variant as a custom operator in
+    place of ONNX Runtime's nodes, timing the *whole slice* (one session), and keep a variant
+    only where the slice gets faster by `margin`: coordinate descent, one site at a time, the
+    others as chosen so far. Whole-slice timing sees what per-operator timing cannot
+    (layouts, caches, the thread pool's hand-offs). None when there is nothing to try or
+    nothing won."""
     from wpk.optimizer import ort_ops
 
     if not ort_ops.runs_here()[0]:
         return None
-    sites = ort_ops.nchwc_sites(offline, model)
+    sites = (ort_ops.nchwc_sites(offline, model) if "winograd" in kinds else []) + \
+        (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else [])
     if not sites:
         return None
     # every variant of every site in one library: kernel index = position in `pool`
     pool: list[KernelSpec] = []
     by_site: list[dict[str, int]] = []
     for site in sites:
-        shape = winograd.winograd_shape(site.params)
         keys = {}
-        for m, split in variants:
-            if split == "channels" and not winograd.channels_split_useful(shape, m):
-                continue
-            spec = KernelSpec("winograd", {**site.params, "m": m, "split": split},
-                              site.sources, site.output, site.node, weights=site.weights)
-            keys[f"m{m}-{split}"] = len(pool)
+        for key, spec in custom_op_variants(site, variants).items():
+            keys[key] = len(pool)
             pool.append(spec)
         by_site.append(keys)
     library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(pool)])
@@ -351,11 +367,11 @@ def select_winograd_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
             chosen[site_index] = keys[best]
             current = trials[best]
         spec = pool[keys[best]] if best else site
-        choices.append(OpChoice(site.node, "winograd-op", spec.signature(), base,
+        knobs = ("hb",) if spec.op == "nchwc_depthwise" else ("m", "split")
+        choices.append(OpChoice(site.node, f"{spec.op}-op", spec.signature(), base,
                                 times[best] if best else math.inf,
-                                {"m": spec.params["m"], "split": spec.params["split"]}
-                                if best else None, "kernel" if won else "ort", len(times), 0,
-                                spec))
+                                {k: spec.params[k] for k in knobs} if best else None,
+                                "kernel" if won else "ort", len(times), 0, spec))
     if not chosen:
         return None
     indices = sorted(chosen.values())

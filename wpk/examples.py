@@ -146,6 +146,25 @@ def mobilenet_like(image_size: int = 224, classes: int = 1000) -> onnx.ModelProt
     return b.build([b.gemm(x, 640, classes)])
 
 
+def depthwise_block(cin: int, c: int, h: int, w: int, kernel: int = 3, stride: int = 1,
+                    pads: tuple[int, int, int, int] = (1, 1, 1, 1), relu_expand: bool = True,
+                    relu: bool = True, expose_expansion: bool = False) -> onnx.ModelProto:
+    """An inverted residual's first half on input [1, 16, h, w]: a 3x3 conv to cin channels
+    (c where cin is 0), the 1x1 expansion cin -> c (none where cin is 0), a depthwise KxK
+    conv; `expose_expansion` makes the expanded tensor a second output."""
+    b = ModelBuilder("depthwise_block", seed=7)
+    x = b.conv(b.input("x", [1, 16, h, w]), 16, cin or c, 3)
+    outputs = []
+    if cin:
+        x = b.conv(x, cin, c, 1, relu=relu_expand)
+        if expose_expansion:
+            outputs.append(x)
+    weight, bias = b.weight("w", (c, 1, kernel, kernel)), b.weight("b", (c,), 0.1)
+    y = b.node("Conv", [x, weight, bias], kernel_shape=[kernel, kernel], strides=[stride] * 2,
+               pads=list(pads), group=c)
+    return b.build([b.node("Relu", [y]) if relu else y] + outputs)
+
+
 def mlp(features: int = 2048, hidden: tuple[int, ...] = (2048, 1024, 1024, 512, 256),
         classes: int = 10) -> onnx.ModelProto:
     """A plain chain: Gemm + Relu layers, e.g. for vibration or spectrum features."""

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from wpk.optimizer import ort_ops, passes, winograd
 from wpk.optimizer.executor import load
-from wpk.optimizer.pipeline import save_winograd_ops
-from wpk.optimizer.selection import select_winograd_ops
+from wpk.optimizer.pipeline import save_custom_ops
+from wpk.optimizer.selection import select_custom_ops
 from wpk.optimizer.session import DEFAULT_SESSION
 
 from .test_optimizer_winograd import _conv_model, conv_case_feeds
@@ -83,7 +83,7 @@ def test_nchwc_kernels_match_onnxruntime_inside_its_session(case, tmp_path):
         options.register_custom_ops_library(str(library))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         rewritten = ort_ops.custom_op_model(offline, sites)
-        assert [n.op_type for n in rewritten.graph.node].count(ort_ops.OP_TYPE) == 1
+        assert [n.op_type for n in rewritten.graph.node].count(ort_ops.OP_TYPES["winograd"]) == 1
         session = ort.InferenceSession(rewritten.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         got = session.run(None, feeds)[0]
@@ -142,7 +142,7 @@ def test_unknown_kernel_index_is_refused_at_load(tmp_path):
     rewritten = ort_ops.custom_op_model(model, [spec], indices=[3])
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
-    with pytest.raises(Exception, match="attribute 'kernel' is out of range"):
+    with pytest.raises(Exception, match=r"WinogradConv: attribute 'kernel' \(3\) names no WinogradConv kernel"):
         ort.InferenceSession(rewritten.SerializeToString(), options,
                              providers=["CPUExecutionProvider"]).run(
             None, {"X": np.zeros((1, 16, 8, 8), np.float32)})
@@ -166,13 +166,13 @@ def test_selected_slice_loads_and_falls_back_to_plain_onnxruntime(tmp_path, monk
     feed = {"image": RNG.standard_normal((1, 16, 20, 20)).astype(np.float32)}
     names = [o.name for o in model.graph.output]
     # margin 100: keep whatever variant runs, so the test does not depend on timing
-    inside = select_winograd_ops(model, offline, dict(DEFAULT_SESSION), feed, names,
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, names,
                                  margin=100.0)
     assert inside is not None and len(inside.specs) == 2
     # the second convolution carries ORT's fused Sum (the skip) and Relu into the kernel
     assert [(s.params["residual"], s.params["relu"]) for s in inside.specs] == \
         [(False, True), (True, True)]
-    directory = save_winograd_ops(model, inside, tmp_path / "opt")
+    directory = save_custom_ops(model, inside, tmp_path / "opt")
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(names, feed)[0]
     session = load(directory)
@@ -197,7 +197,7 @@ def test_custom_op_graph_keeps_no_unused_initializers(tmp_path):
     used = {name for node in rewritten.graph.node for name in node.input}
     assert {i.name for i in rewritten.graph.initializer} <= used
     assert any(o.domain == ort_ops.DOMAIN for o in rewritten.opset_import)
-    node = next(n for n in rewritten.graph.node if n.op_type == ort_ops.OP_TYPE)
+    node = next(n for n in rewritten.graph.node if n.op_type == ort_ops.OP_TYPES["winograd"])
     assert numpy_helper.to_array(next(i for i in rewritten.graph.initializer
                                       if i.name == node.input[1])).shape == (36, 16, 32)
     assert helper.get_attribute_value(node.attribute[0]) == 0
@@ -234,9 +234,9 @@ def test_runtime_serves_a_plan_whose_tier_runs_custom_operators(tmp_path):
         inputs = {i.name: RNG.standard_normal([d.dim_value for d in
                                                i.type.tensor_type.shape.dim]).astype(np.float32)
                   for i in slice_model.graph.input}
-        inside = select_winograd_ops(slice_model, offline, dict(DEFAULT_SESSION), inputs,
+        inside = select_custom_ops(slice_model, offline, dict(DEFAULT_SESSION), inputs,
                                      [o.name for o in slice_model.graph.output], margin=100.0)
-        directory = save_winograd_ops(slice_model, inside, plan_dir / "optimized" / tier.name)
+        directory = save_custom_ops(slice_model, inside, plan_dir / "optimized" / tier.name)
         assert load(directory).segments[0].model_file == "model.wpk.onnx"
         tier.optimized = f"optimized/{tier.name}"
         served += 1

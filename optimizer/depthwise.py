@@ -1,0 +1,260 @@
+"""Depthwise KxK convolution in ONNX Runtime's NCHWc layout, optionally fused with the 1x1
+expansion convolution before it (a MobileNet inverted residual's first two layers), generated as
+C with AVX-512 intrinsics, one kernel per shape, run as a custom operator (`ort_ops.py`).
+
+Why: in an inverted residual the 1x1 expansion writes the block's largest tensor (4-6x the
+channels, at the higher resolution) only for the depthwise convolution to read it once. ONNX
+Runtime runs the two as separate NCHWc nodes, so that tensor goes through L3 and back, and its
+depthwise kernel is memory-bound. Fused, the expanded rows live in a ring of K rows per
+hidden-channel block in L1: they are computed once each (band by band, top to bottom),
+consumed by the depthwise taps, and never stored.
+
+Work items: (group of HB hidden blocks, band of output rows); a band recomputes the K - S
+expanded rows its neighbour also needs, so bands are only used where groups are too few to
+keep every core busy. Ring rows carry the left/right zero padding, so the depthwise taps need
+no column checks; padded rows (top/bottom) are skipped.
+
+Layouts: X [Cin/16][H][W][16] (padded channels are multiplied by zero weights), packed
+parameters (`pack_parameters`), Y [C/16][OH][OW][16]; hidden channels a multiple of 16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 16
+DW_PIXELS = 8          # depthwise output pixels per register block
+EXPAND_PIXELS = {1: 14, 2: 12, 4: 6}   # expansion pixels per register block, by hidden blocks
+
+
+@dataclass(frozen=True)
+class DepthwiseShape:
+    c: int                               # channels of the depthwise conv (a multiple of 16)
+    h: int
+    w: int
+    cin: int = 0                         # channels into the fused 1x1 expansion (0: none)
+    kernel: int = 3
+    stride: int = 1
+    pads: tuple[int, int, int, int] = (1, 1, 1, 1)   # top, left, bottom, right
+    relu_expand: bool = True
+    relu: bool = False
+    threads: int = 2
+    hb: int = 1                          # hidden blocks per work item (1, 2 or 4)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        t, l, b, r = self.pads
+        return ((self.h + t + b - self.kernel) // self.stride + 1,
+                (self.w + l + r - self.kernel) // self.stride + 1)
+
+    @property
+    def cin_padded(self) -> int:
+        return -(-self.cin // BLOCK) * BLOCK
+
+    @property
+    def x_channels(self) -> int:
+        """Channels of X as ONNX Runtime stores it (whole blocks)."""
+        return self.cin_padded if self.cin else self.c
+
+    @property
+    def parameter_count(self) -> int:
+        expand = self.c * self.cin_padded + self.c if self.cin else 0
+        return expand + self.c * self.kernel * self.kernel
+
+    @property
+    def flops(self) -> float:
+        oh, ow = self.out_hw
+        return 2.0 * self.c * (oh * ow * self.kernel * self.kernel + self.h * self.w * self.cin)
+
+
+def depthwise_shape(params: dict) -> DepthwiseShape:
+    return DepthwiseShape(c=params["c"], h=params["h"], w=params["w"], cin=params.get("cin", 0),
+                          kernel=params.get("kernel", 3), stride=params.get("stride", 1),
+                          pads=tuple(params["pads"]), relu_expand=params.get("relu_expand", True),
+                          relu=params.get("relu", False), threads=params.get("threads", 2),
+                          hb=params.get("hb", 1))
+
+
+def pack_parameters(shape: DepthwiseShape, depthwise: np.ndarray,
+                    expand: np.ndarray | None = None,
+                    expand_bias: np.ndarray | None = None) -> np.ndarray:
+    """One flat float32 array: the expansion's weights [C/16][Cin padded][16] (zero rows for
+    padded input channels) and bias [C], then the depthwise weights [C/16][K*K][16]."""
+    parts = []
+    c, kk = shape.c, shape.kernel * shape.kernel
+    if shape.cin:
+        w = np.zeros((shape.cin_padded, c), np.float32)
+        w[:shape.cin] = expand.reshape(c, shape.cin).T
+        parts.append(w.reshape(shape.cin_padded, c // BLOCK, BLOCK).transpose(1, 0, 2).ravel())
+        parts.append(np.zeros(c, np.float32) if expand_bias is None
+                     else expand_bias.astype(np.float32).ravel())
+    parts.append(depthwise.reshape(c // BLOCK, BLOCK, kk).transpose(0, 2, 1).ravel())
+    return np.ascontiguousarray(np.concatenate(parts), np.float32)
+
+
+def bands_for(shape: DepthwiseShape) -> int:
+    """Row bands per group: enough items for two per core, each band at least 4 rows."""
+    groups = shape.c // BLOCK // shape.hb
+    oh = shape.out_hw[0]
+    want = -(-2 * shape.threads // groups)
+    return max(1, min(want, oh // 4 or 1))
+
+
+def _expand_row(s: DepthwiseShape) -> str:
+    """C of `expand_row(x, p, iy, ring_row)`: expansion of input row iy for the item's HB
+    hidden blocks into a ring row [HB][WP][16] (data columns from PL)."""
+    px = min(EXPAND_PIXELS[s.hb], s.w)
+    relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu_expand else ""
+    if not s.cin:   # no expansion: copy the row into the padded ring
+        return """
+static inline void expand_row(const float* __restrict__ x, const float* __restrict__ p, int g,
+                              int iy, float* __restrict__ ring_row) {
+  (void)p;
+  for (int j = 0; j < HB; ++j) {
+    const float* src = x + (((size_t)(g * HB + j) * H + iy) * W) * 16;
+    float* dst = ring_row + ((size_t)j * WP + PL) * 16;
+    for (int q = 0; q < W; ++q) _mm512_store_ps(dst + q * 16, _mm512_loadu_ps(src + q * 16));
+  }
+}"""
+    return f"""
+#define PX {px}
+static inline void expand_tile(const float* __restrict__ x, const float* __restrict__ we,
+                               const float* __restrict__ be, int iy, int q0,
+                               float* __restrict__ ring_row) {{
+  __m512 acc[PX][HB];
+  for (int j = 0; j < HB; ++j) {{
+    const __m512 b = _mm512_loadu_ps(be + j * 16);
+    for (int q = 0; q < PX; ++q) acc[q][j] = b;
+  }}
+  for (int cb = 0; cb < CINB; ++cb) {{
+    const float* __restrict__ xr = x + (((size_t)cb * H + iy) * W + q0) * 16;
+    const float* __restrict__ wr = we + (size_t)cb * 16 * 16;
+    const int channels = cb < CINB - 1 ? 16 : CIN_LAST;   /* padded channels are skipped */
+    for (int ci = 0; ci < channels; ++ci) {{
+      __m512 wv[HB];
+      for (int j = 0; j < HB; ++j) wv[j] = _mm512_loadu_ps(wr + (size_t)j * CINP * 16 + ci * 16);
+      for (int q = 0; q < PX; ++q) {{
+        const __m512 xv = _mm512_set1_ps(xr[q * 16 + ci]);
+        for (int j = 0; j < HB; ++j) acc[q][j] = _mm512_fmadd_ps(xv, wv[j], acc[q][j]);
+      }}
+    }}
+  }}
+  for (int j = 0; j < HB; ++j)
+    for (int q = 0; q < PX; ++q) {{
+      __m512 a = acc[q][j];
+      {relu}
+      _mm512_store_ps(ring_row + ((size_t)j * WP + PL + q0 + q) * 16, a);
+    }}
+}}
+
+static inline void expand_row(const float* __restrict__ x, const float* __restrict__ p, int g,
+                              int iy, float* __restrict__ ring_row) {{
+  const float* we = p + (size_t)g * HB * CINP * 16;
+  const float* be = p + (size_t)C * CINP + g * HB * 16;
+  int q0 = 0;
+  for (; q0 + PX <= W; q0 += PX) expand_tile(x, we, be, iy, q0, ring_row);
+  if (q0 < W) expand_tile(x, we, be, iy, W - PX, ring_row);   /* overlapping last tile */
+}}"""
+
+
+def lower(shape: DepthwiseShape, name: str) -> str:
+    """C source of `void name(x, parameters, bias, residual (unused), y)` for `shape`."""
+    s = shape
+    assert s.c % BLOCK == 0 and (s.c // BLOCK) % s.hb == 0, "whole hidden blocks per item"
+    oh, ow = s.out_hw
+    k, st = s.kernel, s.stride
+    top, left, _, right = s.pads
+    wp = s.w + left + right
+    pixels = min(DW_PIXELS, ow)
+    bands = bands_for(s)
+    band_rows = -(-oh // bands)
+    dw_offset = s.c * s.cin_padded + s.c if s.cin else 0
+    relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu else ""
+    return f"""#include <immintrin.h>
+#include <stddef.h>
+extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
+struct job {{ const float* x; const float* p; const float* b; float* y; }};
+#define C {s.c}
+#define CINB {s.cin_padded // BLOCK}
+#define CINP {s.cin_padded}
+#define CIN_LAST {s.cin - (s.cin_padded - BLOCK) if s.cin else 0}
+#define H {s.h}
+#define W {s.w}
+#define OH {oh}
+#define OW {ow}
+#define K {k}
+#define S {st}
+#define PT {top}
+#define PL {left}
+#define WP {wp}
+#define HB {s.hb}
+#define P {pixels}
+#define BANDS {bands}
+#define BAND_ROWS {band_rows}
+{_expand_row(s)}
+
+/* output pixels ox..ox+P-1 of row oy, hidden block j, from the ring rows of taps ky0..ky1-1 */
+static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* wv, __m512 bias,
+                           int j, int ox, float* __restrict__ out) {{
+  __m512 acc[P];
+  for (int q = 0; q < P; ++q) acc[q] = bias;
+  for (int ky = ky0; ky < ky1; ++ky) {{
+    const float* __restrict__ row = rows[ky] + ((size_t)j * WP + ox * S) * 16;
+    for (int kx = 0; kx < K; ++kx)
+      for (int q = 0; q < P; ++q)
+        acc[q] = _mm512_fmadd_ps(_mm512_load_ps(row + (q * S + kx) * 16), wv[ky * K + kx],
+                                 acc[q]);
+  }}
+  for (int q = 0; q < P; ++q) {{
+    __m512 a = acc[q];
+    {relu}
+    _mm512_storeu_ps(out + q * 16, a);
+  }}
+}}
+
+static void item_fn(int item, int slot, void* ctx) {{
+  (void)slot;
+  const struct job* jb = (const struct job*)ctx;
+  const int g = item / BANDS, band = item % BANDS;
+  const int oy0 = band * BAND_ROWS;
+  const int oy1 = oy0 + BAND_ROWS < OH ? oy0 + BAND_ROWS : OH;
+  float ring[K][HB * WP * 16] __attribute__((aligned(64)));
+  for (int r = 0; r < K; ++r)             /* the padding columns stay zero */
+    for (int j = 0; j < HB; ++j) {{
+      for (int q = 0; q < PL; ++q)
+        _mm512_store_ps(ring[r] + ((size_t)j * WP + q) * 16, _mm512_setzero_ps());
+      for (int q = PL + W; q < WP; ++q)
+        _mm512_store_ps(ring[r] + ((size_t)j * WP + q) * 16, _mm512_setzero_ps());
+    }}
+  const float* dw = jb->p + {dw_offset};
+  int next_row = oy0 * S - PT;            /* first input row not yet in the ring */
+  if (next_row < 0) next_row = 0;
+  for (int oy = oy0; oy < oy1; ++oy) {{
+    const int iy0 = oy * S - PT;
+    const int ky0 = iy0 < 0 ? -iy0 : 0;
+    const int ky1 = iy0 + K > H ? H - iy0 : K;
+    for (; next_row < iy0 + ky1; ++next_row)
+      expand_row(jb->x, jb->p, g, next_row, ring[next_row % K]);
+    float* rows[K];
+    for (int ky = 0; ky < K; ++ky) rows[ky] = ring[((iy0 + ky) % K + K) % K];
+    for (int j = 0; j < HB; ++j) {{
+      const int cb = g * HB + j;
+      __m512 wv[K * K];
+      for (int t = 0; t < K * K; ++t) wv[t] = _mm512_loadu_ps(dw + ((size_t)cb * K * K + t) * 16);
+      const __m512 bias = jb->b ? _mm512_loadu_ps(jb->b + cb * 16) : _mm512_setzero_ps();
+      float* __restrict__ out = jb->y + ((size_t)cb * OH + oy) * OW * 16;
+      int ox = 0;
+      for (; ox + P <= OW; ox += P) dw_tile(rows, ky0, ky1, wv, bias, j, ox, out + ox * 16);
+      if (ox < OW) dw_tile(rows, ky0, ky1, wv, bias, j, OW - P, out + (OW - P) * 16);
+    }}
+  }}
+}}
+
+void {name}(const float* x, const float* p, const float* bias, const float* residual,
+            float* y) {{
+  (void)residual;
+  struct job jb = {{x, p, bias, y}};
+  wpk_pool_run(item_fn, &jb, {s.c // BLOCK // s.hb} * BANDS);
+}}
+"""

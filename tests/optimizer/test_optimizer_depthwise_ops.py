@@ -1,0 +1,138 @@
+"""Fused expansion + depthwise NCHWc kernels as ONNX Runtime custom operators: they match ONNX
+Runtime inside its own session (odd sizes, strides, padding, 5x5, padded input blocks, both
+work splits), the sites are found (and fused only where the expansion has no other reader),
+and a slice optimized with them loads and serves the original outputs."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from wpk.examples import ModelBuilder, depthwise_block
+from wpk.optimizer import depthwise, ort_ops, passes, winograd
+from wpk.optimizer.executor import load
+from wpk.optimizer.pipeline import save_custom_ops
+from wpk.optimizer.selection import custom_op_variants, select_custom_ops
+from wpk.optimizer.session import DEFAULT_SESSION
+
+RNG = np.random.default_rng(5)
+pytestmark = pytest.mark.skipif(not ort_ops.runs_here()[0], reason=ort_ops.runs_here()[1])
+
+
+def _offline(model, tmp_path):
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    passes.ort_offline_optimize(tmp_path / "m.onnx", tmp_path / "m.ort.onnx")
+    return onnx.load(str(tmp_path / "m.ort.onnx"))
+
+
+def _feed(model):
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return {"x": RNG.standard_normal(dims).astype(np.float32)}
+
+
+CASES = [
+    # cin (0: no expansion), c, h, w, kernel, stride, pads (t, l, b, r), relu_expand, relu
+    (0, 16, 11, 9, 3, 1, (1, 1, 1, 1), True, True),      # depthwise alone, odd sizes
+    (24, 32, 13, 13, 3, 2, (1, 1, 1, 1), True, True),    # padded input block, stride 2
+    (16, 48, 7, 10, 3, 2, (0, 0, 1, 1), True, False),    # asymmetric padding, 3 blocks
+    (32, 64, 9, 5, 5, 1, (2, 2, 2, 2), True, True),      # 5x5, narrower than the tile
+    (16, 32, 6, 6, 3, 1, (1, 1, 1, 1), False, True),     # expansion without Relu
+    (40, 32, 3, 17, 3, 1, (0, 1, 0, 1), True, True),     # three rows, no row padding
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_depthwise_matches_onnxruntime_inside_its_session(case, tmp_path):
+    cin, c = case[0], case[1]
+    model = depthwise_block(*case)
+    offline = _offline(model, tmp_path)
+    feed = _feed(model)
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    sites = ort_ops.depthwise_sites(offline, model)
+    assert len(sites) == 1 and sites[0].params["cin"] == cin
+    assert len(sites[0].node.split("+")) == (2 if cin else 1)
+    variants = custom_op_variants(sites[0], winograd.VARIANTS)
+    assert set(variants) == ({"hb1", "hb2"} if c // 16 % 2 == 0 else {"hb1"})
+    for key, spec in variants.items():
+        library = ort_ops.build_library([ort_ops.op_kernel(spec, 0)])
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        rewritten = ort_ops.custom_op_model(offline, [spec])
+        assert [n.op_type for n in rewritten.graph.node].count("DepthwiseConv") == 1
+        assert not any(n.op_type == "Conv" and n.name in spec.node.split("+")
+                       for n in rewritten.graph.node)
+        got = ort.InferenceSession(rewritten.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error < 1e-5, (key, error)
+
+
+def test_expansion_read_elsewhere_is_not_fused(tmp_path):
+    """The expanded tensor is also a graph output: the fused kernel would not produce it, so
+    only the depthwise convolution is a site."""
+    model = depthwise_block(16, 32, 8, 8, 3, 1, (1, 1, 1, 1), expose_expansion=True)
+    sites = ort_ops.depthwise_sites(_offline(model, tmp_path), model)
+    assert [s.params["cin"] for s in sites] == [0]
+
+
+def test_packed_parameters_skip_padded_input_channels():
+    shape = depthwise.DepthwiseShape(c=32, h=4, w=4, cin=24)
+    expand = RNG.standard_normal((32, 24, 1, 1)).astype(np.float32)
+    packed = depthwise.pack_parameters(shape, RNG.standard_normal((32, 1, 3, 3)),
+                                       expand, np.ones(32, np.float32))
+    assert packed.size == shape.parameter_count == 32 * 32 + 32 + 32 * 9
+    weights = packed[:32 * 32].reshape(2, 32, 16)       # [hidden block][input channel][16]
+    assert np.array_equal(weights[1, :24, 3], expand[16 + 3, :, 0, 0])
+    assert not weights[:, 24:].any()                      # padded input channels: zero
+
+
+def test_a_kernel_of_another_op_type_is_refused_at_load(tmp_path):
+    model = depthwise_block(0, 16, 8, 8, 3, 1, (1, 1, 1, 1))
+    offline = _offline(model, tmp_path)
+    spec = ort_ops.depthwise_sites(offline, model)[0]
+    rewritten = ort_ops.custom_op_model(offline, [spec])
+    from .test_optimizer_winograd import _conv_model, _spec
+
+    winograd_spec = _spec(_conv_model(16, 16, 8, 8, (1, 1, 1, 1), True, False, False), 2,
+                          "tiles")
+    library = ort_ops.build_library([ort_ops.op_kernel(winograd_spec, 0)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with pytest.raises(Exception, match=r"DepthwiseConv: attribute 'kernel' \(0\) names no "
+                                        r"DepthwiseConv kernel"):
+        ort.InferenceSession(rewritten.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+
+
+def _inverted_residual_net():
+    b = ModelBuilder("inverted", seed=9)
+    x = b.input("x", [1, 16, 24, 24])
+    x = b.conv(x, 16, 32, 1)
+    for stride in (1, 2):
+        y = b.conv(x, 32, 64, 1)
+        y = b.conv(y, 64, 64, 3, stride=stride, group=64)
+        y = b.conv(y, 64, 32, 1, relu=False)
+        x = b.node("Add", [x, y]) if stride == 1 else y
+    x = b.node("GlobalAveragePool", [x])
+    return b.build([b.node("Flatten", [x], axis=1)])
+
+
+def test_selected_depthwise_slice_loads_and_serves_the_original_outputs(tmp_path):
+    model, _ = passes.run_passes(_inverted_residual_net())
+    offline = _offline(model, tmp_path)
+    feed = {"x": RNG.standard_normal((1, 16, 24, 24)).astype(np.float32)}
+    names = [o.name for o in model.graph.output]
+    # margin 100: keep whatever variant runs, so the test does not depend on timing
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, names,
+                               margin=100.0, kinds=("nchwc_depthwise",))
+    assert inside is not None
+    assert [(s.op, s.params["cin"], s.params["stride"]) for s in inside.specs] == \
+        [("nchwc_depthwise", 32, 1), ("nchwc_depthwise", 32, 2)]
+    assert all(c.op == "nchwc_depthwise-op" and c.chosen == "kernel" for c in inside.choices)
+    directory = save_custom_ops(model, inside, tmp_path / "opt")
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(names, feed)[0]
+    got = load(directory).run(None, feed)[0]
+    assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)

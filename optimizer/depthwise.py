@@ -25,7 +25,7 @@ import numpy as np
 
 BLOCK = 16
 DW_PIXELS = 8          # depthwise output pixels per register block
-EXPAND_PIXELS = {1: 14, 2: 12, 4: 6}   # expansion pixels per register block, by hidden blocks
+EXPAND_PIXELS = {1: 14, 2: 12, 4: 7}   # expansion pixels per register block, by hidden blocks
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,12 @@ def pack_parameters(shape: DepthwiseShape, depthwise: np.ndarray,
     return np.ascontiguousarray(np.concatenate(parts), np.float32)
 
 
+def balanced_tile(width: int, most: int) -> int:
+    """Pixels per register block: as few blocks as `most` allows, all of (nearly) one size
+    (the last block overlaps its neighbour instead of running short)."""
+    return -(-width // -(-width // most))
+
+
 def bands_for(shape: DepthwiseShape) -> int:
     """Row bands per group: enough items for two per core, each band at least 4 rows."""
     groups = shape.c // BLOCK // shape.hb
@@ -104,7 +110,7 @@ def bands_for(shape: DepthwiseShape) -> int:
 def _expand_row(s: DepthwiseShape) -> str:
     """C of `expand_row(x, p, iy, ring_row)`: expansion of input row iy for the item's HB
     hidden blocks into a ring row [HB][WP][16] (data columns from PL)."""
-    px = min(EXPAND_PIXELS[s.hb], s.w)
+    px = balanced_tile(s.w, EXPAND_PIXELS[s.hb])
     relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu_expand else ""
     if not s.cin:   # no expansion: copy the row into the padded ring
         return """
@@ -166,7 +172,7 @@ def lower(shape: DepthwiseShape, name: str) -> str:
     k, st = s.kernel, s.stride
     top, left, _, right = s.pads
     wp = s.w + left + right
-    pixels = min(DW_PIXELS, ow)
+    pixels = balanced_tile(ow, DW_PIXELS)
     bands = bands_for(s)
     band_rows = -(-oh // bands)
     dw_offset = s.c * s.cin_padded + s.c if s.cin else 0

@@ -26,6 +26,7 @@ import numpy as np
 BLOCK = 16
 DW_PIXELS = 8          # depthwise output pixels per register block
 EXPAND_PIXELS = {1: 14, 2: 12, 4: 7}   # expansion pixels per register block, by hidden blocks
+PROJECT_PIXELS = {1: 14, 2: 12, 3: 8, 4: 6}   # projection pixels per block, by output blocks
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,17 @@ class DepthwiseShape:
     relu_expand: bool = True
     relu: bool = False
     threads: int = 2
-    hb: int = 1                          # hidden blocks per work item (1, 2 or 4)
+    hb: int = 1                          # hidden blocks per expansion register tile (and per
+    #                                      work item where the projection is not fused)
+    cout: int = 0                        # channels of the fused 1x1 projection (0: none)
+    residual: bool = False               # the projection adds a residual input R
+    relu_project: bool = False
+    bands: int = 0                       # row bands (work items) where the projection is
+    #                                      fused; 0: two per thread
+
+    @property
+    def cout_padded(self) -> int:
+        return -(-self.cout // BLOCK) * BLOCK
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -58,14 +69,21 @@ class DepthwiseShape:
         return self.cin_padded if self.cin else self.c
 
     @property
+    def out_channels(self) -> int:
+        """Channels of Y as ONNX Runtime stores it."""
+        return self.cout_padded if self.cout else self.c
+
+    @property
     def parameter_count(self) -> int:
         expand = self.c * self.cin_padded + self.c if self.cin else 0
-        return expand + self.c * self.kernel * self.kernel
+        project = self.cout_padded * self.c + self.cout_padded if self.cout else 0
+        return expand + self.c * self.kernel * self.kernel + project
 
     @property
     def flops(self) -> float:
         oh, ow = self.out_hw
-        return 2.0 * self.c * (oh * ow * self.kernel * self.kernel + self.h * self.w * self.cin)
+        return 2.0 * self.c * (oh * ow * (self.kernel * self.kernel + self.cout)
+                               + self.h * self.w * self.cin)
 
 
 def depthwise_shape(params: dict) -> DepthwiseShape:
@@ -73,14 +91,19 @@ def depthwise_shape(params: dict) -> DepthwiseShape:
                           kernel=params.get("kernel", 3), stride=params.get("stride", 1),
                           pads=tuple(params["pads"]), relu_expand=params.get("relu_expand", True),
                           relu=params.get("relu", False), threads=params.get("threads", 2),
-                          hb=params.get("hb", 1))
+                          hb=params.get("hb", 1), cout=params.get("cout", 0),
+                          residual=params.get("residual", False),
+                          relu_project=params.get("relu_project", False),
+                          bands=params.get("bands", 0))
 
 
 def pack_parameters(shape: DepthwiseShape, depthwise: np.ndarray,
-                    expand: np.ndarray | None = None,
-                    expand_bias: np.ndarray | None = None) -> np.ndarray:
+                    expand: np.ndarray | None = None, expand_bias: np.ndarray | None = None,
+                    project: np.ndarray | None = None,
+                    project_bias: np.ndarray | None = None) -> np.ndarray:
     """One flat float32 array: the expansion's weights [C/16][Cin padded][16] (zero rows for
-    padded input channels) and bias [C], then the depthwise weights [C/16][K*K][16]."""
+    padded input channels) and bias [C], the depthwise weights [C/16][K*K][16], then the
+    projection's weights [Cout/16][C][16] and bias [Cout] (padded output channels zero)."""
     parts = []
     c, kk = shape.c, shape.kernel * shape.kernel
     if shape.cin:
@@ -90,6 +113,14 @@ def pack_parameters(shape: DepthwiseShape, depthwise: np.ndarray,
         parts.append(np.zeros(c, np.float32) if expand_bias is None
                      else expand_bias.astype(np.float32).ravel())
     parts.append(depthwise.reshape(c // BLOCK, BLOCK, kk).transpose(0, 2, 1).ravel())
+    if shape.cout:
+        w = np.zeros((shape.cout_padded, c), np.float32)
+        w[:shape.cout] = project.reshape(shape.cout, c)
+        parts.append(w.reshape(shape.cout_padded // BLOCK, BLOCK, c).transpose(0, 2, 1).ravel())
+        b = np.zeros(shape.cout_padded, np.float32)
+        if project_bias is not None:
+            b[:shape.cout] = project_bias.ravel()
+        parts.append(b)
     return np.ascontiguousarray(np.concatenate(parts), np.float32)
 
 
@@ -100,8 +131,11 @@ def balanced_tile(width: int, most: int) -> int:
 
 
 def bands_for(shape: DepthwiseShape) -> int:
-    """Row bands per group: enough items for two per core, each band at least 4 rows."""
-    groups = shape.c // BLOCK // shape.hb
+    """Row bands per group: enough items for two per core, each band at least 4 rows (or
+    `shape.bands` where the projection is fused: every item then holds all channels)."""
+    if shape.cout and shape.bands:
+        return max(1, min(shape.bands, shape.out_hw[0]))
+    groups = 1 if shape.cout else shape.c // BLOCK // shape.hb
     oh = shape.out_hw[0]
     want = -(-2 * shape.threads // groups)
     return max(1, min(want, oh // 4 or 1))
@@ -164,8 +198,65 @@ static inline void expand_row(const float* __restrict__ x, const float* __restri
 }}"""
 
 
+def _project_tile(s: DepthwiseShape) -> str:
+    """C of `project_row`: the 1x1 projection of one row of depthwise outputs (all hidden
+    channels, in L1) to the output channels, plus bias and residual, stored to Y."""
+    if not s.cout:
+        return ""
+    cob = s.cout_padded // BLOCK
+    co = max(d for d in (1, 2, 3, 4) if cob % d == 0)
+    pxp = balanced_tile(s.out_hw[1], PROJECT_PIXELS[co])
+    relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu_project else ""
+    residual = "a = _mm512_add_ps(a, _mm512_loadu_ps(r + off));" if s.residual else ""
+    return f"""
+#define COB {cob}
+#define CO {co}
+#define PXP {pxp}
+static inline void project_tile(const float* __restrict__ dwrow, const float* __restrict__ wp,
+                                const float* __restrict__ bp, const float* __restrict__ r,
+                                float* __restrict__ y, int oy, int ob0, int ox0) {{
+  (void)r;
+  __m512 acc[PXP][CO];
+  for (int j = 0; j < CO; ++j) {{
+    const __m512 b = _mm512_loadu_ps(bp + (ob0 + j) * 16);
+    for (int q = 0; q < PXP; ++q) acc[q][j] = b;
+  }}
+  for (int cb = 0; cb < C / 16; ++cb) {{
+    const float* __restrict__ dr = dwrow + ((size_t)cb * OW + ox0) * 16;
+    const float* __restrict__ wr = wp + ((size_t)ob0 * C + cb * 16) * 16;
+    for (int ci = 0; ci < 16; ++ci) {{
+      __m512 wv[CO];
+      for (int j = 0; j < CO; ++j) wv[j] = _mm512_loadu_ps(wr + ((size_t)j * C + ci) * 16);
+      for (int q = 0; q < PXP; ++q) {{
+        const __m512 xv = _mm512_set1_ps(dr[q * 16 + ci]);
+        for (int j = 0; j < CO; ++j) acc[q][j] = _mm512_fmadd_ps(xv, wv[j], acc[q][j]);
+      }}
+    }}
+  }}
+  for (int j = 0; j < CO; ++j)
+    for (int q = 0; q < PXP; ++q) {{
+      const size_t off = (((size_t)(ob0 + j) * OH + oy) * OW + ox0 + q) * 16;
+      __m512 a = acc[q][j];
+      {residual}
+      {relu}
+      _mm512_storeu_ps(y + off, a);
+    }}
+}}
+
+static inline void project_row(const float* __restrict__ dwrow, const float* __restrict__ p,
+                               const float* __restrict__ r, float* __restrict__ y, int oy) {{
+  const float* wp = p + PROJECT_OFFSET;
+  const float* bp = wp + (size_t)COB * 16 * C;
+  for (int ob0 = 0; ob0 < COB; ob0 += CO) {{
+    int ox = 0;
+    for (; ox + PXP <= OW; ox += PXP) project_tile(dwrow, wp, bp, r, y, oy, ob0, ox);
+    if (ox < OW) project_tile(dwrow, wp, bp, r, y, oy, ob0, OW - PXP);
+  }}
+}}"""
+
+
 def lower(shape: DepthwiseShape, name: str) -> str:
-    """C source of `void name(x, parameters, bias, residual (unused), y)` for `shape`."""
+    """C source of `void name(x, parameters, bias, residual, y)` for `shape`."""
     s = shape
     assert s.c % BLOCK == 0 and (s.c // BLOCK) % s.hb == 0, "whole hidden blocks per item"
     oh, ow = s.out_hw
@@ -175,12 +266,22 @@ def lower(shape: DepthwiseShape, name: str) -> str:
     pixels = balanced_tile(ow, DW_PIXELS)
     bands = bands_for(s)
     band_rows = -(-oh // bands)
+    # blocks of hidden channels per work item: all of them where the projection is fused
+    item_blocks = s.c // BLOCK if s.cout else s.hb
     dw_offset = s.c * s.cin_padded + s.c if s.cin else 0
     relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu else ""
+    scratch = k * item_blocks * wp * BLOCK + (s.c * ow if s.cout else 0)
+    if s.cout:
+        dw_out = "dwrow + (size_t)j * OW * 16"
+        finish_row = "project_row(dwrow, jb->p, jb->r, jb->y, oy);"
+    else:
+        dw_out = "jb->y + ((size_t)cb * OH + oy) * OW * 16"
+        finish_row = ""
     return f"""#include <immintrin.h>
 #include <stddef.h>
+#include <stdlib.h>
 extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
-struct job {{ const float* x; const float* p; const float* b; float* y; }};
+struct job {{ const float* x; const float* p; const float* b; const float* r; float* y; }};
 #define C {s.c}
 #define CINB {s.cin_padded // BLOCK}
 #define CINP {s.cin_padded}
@@ -195,10 +296,14 @@ struct job {{ const float* x; const float* p; const float* b; float* y; }};
 #define PL {left}
 #define WP {wp}
 #define HB {s.hb}
+#define ITEM_BLOCKS {item_blocks}
 #define P {pixels}
 #define BANDS {bands}
 #define BAND_ROWS {band_rows}
+#define PROJECT_OFFSET {dw_offset + s.c * k * k}
+#define SCRATCH {scratch}
 {_expand_row(s)}
+{_project_tile(s)}
 
 /* output pixels ox..ox+P-1 of row oy, hidden block j, from the ring rows of taps ky0..ky1-1 */
 static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* wv, __m512 bias,
@@ -219,15 +324,25 @@ static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* w
   }}
 }}
 
+/* per thread, allocated once: the ring of K expanded rows (+ one row of depthwise outputs) */
+static __thread float* thread_scratch;
+
 static void item_fn(int item, int slot, void* ctx) {{
   (void)slot;
   const struct job* jb = (const struct job*)ctx;
   const int g = item / BANDS, band = item % BANDS;
   const int oy0 = band * BAND_ROWS;
   const int oy1 = oy0 + BAND_ROWS < OH ? oy0 + BAND_ROWS : OH;
-  float ring[K][HB * WP * 16] __attribute__((aligned(64)));
+  if (!thread_scratch) {{
+    thread_scratch = (float*)aligned_alloc(64, (size_t)SCRATCH * sizeof(float));
+    if (!thread_scratch) abort();
+  }}
+  float* ring[K];
+  for (int r = 0; r < K; ++r) ring[r] = thread_scratch + (size_t)r * ITEM_BLOCKS * WP * 16;
+  float* __restrict__ dwrow = thread_scratch + (size_t)K * ITEM_BLOCKS * WP * 16;
+  (void)dwrow;
   for (int r = 0; r < K; ++r)             /* the padding columns stay zero */
-    for (int j = 0; j < HB; ++j) {{
+    for (int j = 0; j < ITEM_BLOCKS; ++j) {{
       for (int q = 0; q < PL; ++q)
         _mm512_store_ps(ring[r] + ((size_t)j * WP + q) * 16, _mm512_setzero_ps());
       for (int q = PL + W; q < WP; ++q)
@@ -241,26 +356,28 @@ static void item_fn(int item, int slot, void* ctx) {{
     const int ky0 = iy0 < 0 ? -iy0 : 0;
     const int ky1 = iy0 + K > H ? H - iy0 : K;
     for (; next_row < iy0 + ky1; ++next_row)
-      expand_row(jb->x, jb->p, g, next_row, ring[next_row % K]);
+      for (int gg = 0; gg < ITEM_BLOCKS / HB; ++gg)
+        expand_row(jb->x, jb->p, g * (ITEM_BLOCKS / HB) + gg, next_row,
+                   ring[next_row % K] + (size_t)gg * HB * WP * 16);
     float* rows[K];
     for (int ky = 0; ky < K; ++ky) rows[ky] = ring[((iy0 + ky) % K + K) % K];
-    for (int j = 0; j < HB; ++j) {{
-      const int cb = g * HB + j;
+    for (int j = 0; j < ITEM_BLOCKS; ++j) {{
+      const int cb = g * ITEM_BLOCKS + j;
       __m512 wv[K * K];
       for (int t = 0; t < K * K; ++t) wv[t] = _mm512_loadu_ps(dw + ((size_t)cb * K * K + t) * 16);
       const __m512 bias = jb->b ? _mm512_loadu_ps(jb->b + cb * 16) : _mm512_setzero_ps();
-      float* __restrict__ out = jb->y + ((size_t)cb * OH + oy) * OW * 16;
+      float* __restrict__ out = {dw_out};
       int ox = 0;
       for (; ox + P <= OW; ox += P) dw_tile(rows, ky0, ky1, wv, bias, j, ox, out + ox * 16);
       if (ox < OW) dw_tile(rows, ky0, ky1, wv, bias, j, OW - P, out + (OW - P) * 16);
     }}
+    {finish_row}
   }}
 }}
 
 void {name}(const float* x, const float* p, const float* bias, const float* residual,
             float* y) {{
-  (void)residual;
-  struct job jb = {{x, p, bias, y}};
-  wpk_pool_run(item_fn, &jb, {s.c // BLOCK // s.hb} * BANDS);
+  struct job jb = {{x, p, bias, residual, y}};
+  wpk_pool_run(item_fn, &jb, {s.c // BLOCK // item_blocks} * BANDS);
 }}
 """

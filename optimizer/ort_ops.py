@@ -314,8 +314,9 @@ def op_kernel(spec, index: int) -> OpKernel:
         name = f"wpk_depthwise_{index}"
         d = depthwise.depthwise_shape(spec.params)
         return OpKernel(name, OP_TYPES[spec.op], depthwise.lower(d, name),
-                        (d.x_channels, d.h, d.w), (d.c, *d.out_hw), d.parameter_count,
-                        d.c if "B" in spec.weights else 0, False, d.threads)
+                        (d.x_channels, d.h, d.w), (d.out_channels, *d.out_hw),
+                        d.parameter_count, d.c if "B" in spec.weights else 0, d.residual,
+                        d.threads)
     name = f"wpk_winograd_{index}"
     s = winograd.winograd_shape(spec.params)
     blocked = s.layout == "nchwc"   # ONNX Runtime pads blocked channels to 16
@@ -333,8 +334,9 @@ def op_parameters(spec) -> tuple[np.ndarray, np.ndarray | None]:
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
     if spec.op == "nchwc_depthwise":
         shape = depthwise.depthwise_shape(spec.params)
-        return depthwise.pack_parameters(shape, spec.weights["Wd"], spec.weights.get("We"),
-                                         spec.weights.get("Be")), bias
+        w = spec.weights
+        return depthwise.pack_parameters(shape, w["Wd"], w.get("We"), w.get("Be"), w.get("Wp"),
+                                         w.get("Bp")), bias
     return winograd.transform_weights(spec.weights["Wt"], spec.params["m"]), bias
 
 
@@ -550,10 +552,13 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
 
 
 def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int = 1,
-                    threads: int | None = None) -> list:
+                    threads: int | None = None, project: bool = False) -> list:
     """KernelSpecs (op "nchwc_depthwise") for the depthwise NCHWc convolutions of `optimized`
     (ONNX Runtime's saved graph of `model` at level 'all'), each fused with the 1x1 NCHWc
     expansion convolution that feeds it where that convolution has no other consumer.
+    With `project`: only the sites whose depthwise output feeds just a 1x1 projection
+    convolution (with ONNX Runtime's fused Sum as the residual), fused with it too: the
+    whole inverted residual. A site keeps its `params["name"]` either way.
 
     As in `nchwc_sites`, the original weights are found through the bias initializer (ONNX
     Runtime keeps its name); a Conv whose bias was renamed (padded) is not a site.
@@ -628,7 +633,64 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
         if params["c"] // 16 % hb:
             continue
         params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
-        specs.append(KernelSpec("nchwc_depthwise", params, [source, "weight:U", "weight:B",
-                                                            node.output[0]],
-                                node.output[0], "+".join(names), weights=weights))
+        sources, output = [source, "weight:U", "weight:B"], node.output[0]
+        if project:
+            projection = _projection(node, conv, optimized, model, consumers, graph_outputs,
+                                     consts, shapes)
+            if projection is None:
+                continue
+            proj_node, proj_conv, residual = projection
+            p_attrs = _attrs(proj_node)
+            weight_p = consts[proj_conv.input[1]]
+            params.update(cout=int(weight_p.shape[0]), residual=residual is not None,
+                          relu_project="activation" in p_attrs)
+            weights["Wp"] = weight_p.astype(np.float32)
+            if len(proj_conv.input) > 2 and proj_conv.input[2]:
+                weights["Bp"] = consts[proj_conv.input[2]].astype(np.float32)
+            names.append(proj_node.name)
+            sources += [residual] if residual else []
+            output = proj_node.output[0]
+        specs.append(KernelSpec("nchwc_depthwise", params, [*sources, output], output,
+                                "+".join(names), weights=weights))
     return specs
+
+
+def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.ModelProto,
+                model: onnx.ModelProto, consumers: dict[str, int], graph_outputs: set[str],
+                consts: dict, shapes: dict):
+    """(ONNX Runtime's NCHWc projection node, its original Conv, residual tensor or None) for
+    the depthwise NCHWc `node` (original `conv`), or None where its output feeds anything
+    but one 1x1 stride-1 NCHWc Conv. The original projection is the Conv that reads the
+    original depthwise output (after its Relu, where there is one): ONNX Runtime renames the
+    bias of a projection whose channels it pads, so the bias cannot tell."""
+    if consumers.get(node.output[0]) != 1 or node.output[0] in graph_outputs:
+        return None
+    proj = next((n for n in optimized.graph.node if node.output[0] in n.input), None)
+    if proj is None or proj.domain != NCHWC_DOMAIN or proj.op_type != "Conv" or \
+            proj.input[0] != node.output[0]:
+        return None
+    attrs = _attrs(proj)
+    if list(attrs.get("kernel_shape", [])) != [1, 1] or \
+            list(attrs.get("strides", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or \
+            any(attrs.get("pads", [0, 0, 0, 0])) or \
+            attrs.get("activation", "Relu") != "Relu":
+        return None
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    tensor = conv.output[0]
+    after = readers.get(tensor, [])
+    if len(after) == 1 and after[0].op_type == "Relu":
+        tensor = after[0].output[0]
+    convs = [n for n in readers.get(tensor, []) if n.op_type == "Conv"]
+    if len(convs) != 1 or len(readers.get(tensor, [])) != 1 or convs[0].input[1] not in consts:
+        return None
+    weight = consts[convs[0].input[1]]
+    c = int(consts[conv.input[1]].shape[0])
+    if weight.ndim != 4 or weight.shape[1:] != (c, 1, 1) or \
+            (len(convs[0].input) > 2 and convs[0].input[2] and
+             convs[0].input[2] not in consts):
+        return None
+    residual = proj.input[3] if len(proj.input) > 3 and proj.input[3] else None
+    return proj, convs[0], residual

@@ -278,15 +278,25 @@ class InsideOrt:
 
 # depthwise variants: hidden-channel blocks per work item
 DEPTHWISE_VARIANTS: tuple[int, ...] = (1, 2, 4)
+# with the projection fused (every item holds all channels): row bands per thread
+PROJECT_BANDS_PER_THREAD: tuple[int, ...] = (1, 2)
 
 
-def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str], ...]
-                       ) -> dict[str, KernelSpec]:
-    """The kernel variants worth timing at `site`, by a short key naming the knobs."""
+def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str], ...],
+                       projected: KernelSpec | None = None) -> dict[str, KernelSpec]:
+    """The kernel variants worth timing at `site`, by a short key naming the knobs;
+    `projected` is the same depthwise site fused with its projection too, where it can be."""
     if site.op == "nchwc_depthwise":
         blocks = site.params["c"] // 16
-        return {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
-                for hb in DEPTHWISE_VARIANTS if blocks % hb == 0}
+        variants = {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
+                    for hb in DEPTHWISE_VARIANTS if blocks % hb == 0}
+        if projected is not None:
+            threads = projected.params.get("threads", 2)
+            for per_thread in PROJECT_BANDS_PER_THREAD:
+                bands = threads * per_thread
+                variants[f"project-b{bands}"] = replace(
+                    projected, params={**projected.params, "hb": 1, "bands": bands})
+        return variants
     shape = winograd.winograd_shape(site.params)
     return {f"m{m}-{split}": replace(site, params={**site.params, "m": m, "split": split})
             for m, split in winograd_variants
@@ -317,12 +327,17 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else [])
     if not sites:
         return None
+    projected = {s.params["name"]: s for s in ort_ops.depthwise_sites(offline, model,
+                                                                       project=True)} \
+        if "nchwc_depthwise" in kinds else {}
     # every variant of every site in one library: kernel index = position in `pool`
     pool: list[KernelSpec] = []
     by_site: list[dict[str, int]] = []
     for site in sites:
         keys = {}
-        for key, spec in custom_op_variants(site, variants).items():
+        alternative = projected.get(site.params["name"]) if site.op == "nchwc_depthwise" \
+            else None
+        for key, spec in custom_op_variants(site, variants, alternative).items():
             keys[key] = len(pool)
             pool.append(spec)
         by_site.append(keys)
@@ -368,10 +383,10 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
             chosen[site_index] = keys[best]
             current = trials[best]
         spec = pool[keys[best]] if best else site
-        knobs = ("hb",) if spec.op == "nchwc_depthwise" else ("m", "split")
+        knobs = ("hb", "cout", "bands") if spec.op == "nchwc_depthwise" else ("m", "split")
         choices.append(OpChoice(site.node, f"{spec.op}-op", spec.signature(), base,
                                 times[best] if best else math.inf,
-                                {k: spec.params[k] for k in knobs} if best else None,
+                                {k: spec.params.get(k) for k in knobs} if best else None,
                                 "kernel" if won else "ort", len(times), 0, spec))
         if best and not won:
             near_misses[site_index] = keys[best]

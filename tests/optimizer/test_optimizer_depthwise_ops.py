@@ -119,6 +119,65 @@ def _inverted_residual_net():
     return b.build([b.node("Flatten", [x], axis=1)])
 
 
+def _inverted_residuals(cin, hidden, cout, size, stride, relu_project=False):
+    """Two inverted residuals on [1, 16, size, size]: (cin -> hidden -> cout, `stride`), then
+    (cout -> hidden -> cout, stride 1, with the skip); hidden == cin: no expansion."""
+    b = ModelBuilder("inverted_residuals", seed=4)
+    x = b.conv(b.input("x", [1, 16, size, size]), 16, cin, 3)
+    for block_in, block_stride in ((cin, stride), (cout, 1)):
+        y = b.conv(x, block_in, hidden, 1) if hidden != block_in else x
+        y = b.conv(y, hidden, hidden, 3, stride=block_stride, group=hidden)
+        y = b.conv(y, hidden, cout, 1, relu=relu_project)
+        x = b.node("Add", [x, y]) if block_stride == 1 and block_in == cout else y
+    return b.build([x])
+
+
+@pytest.mark.parametrize("case", [
+    (24, 96, 24, 13, 1, False),     # padded blocks in and out, the skip on both blocks
+    (16, 16, 16, 15, 1, False),     # no expansion (MobileNetV2's first block)
+    (32, 64, 40, 9, 2, True),       # stride 2, Relu after the projection (the skip's Add
+    #                                 stays a node), 40 -> 48 padded
+])
+def test_whole_inverted_residuals_match_onnxruntime(case, tmp_path):
+    cin, hidden, cout = case[:3]
+    model = _inverted_residuals(*case)
+    offline = _offline(model, tmp_path)
+    feed = _feed(model)
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    plain = {s.params["name"]: s for s in ort_ops.depthwise_sites(offline, model)}
+    sites = ort_ops.depthwise_sites(offline, model, project=True)
+    assert len(sites) == 2 and all(s.params["name"] in plain for s in sites)
+    assert [s.params["cout"] for s in sites] == [cout, cout]
+    assert [len(s.node.split("+")) for s in sites] == [3 if hidden != cin else 2,
+                                                       3 if hidden != cout else 2]
+    # ONNX Runtime fuses the skip's Add into the projection unless a Relu comes between
+    assert sites[1].params["residual"] == (not case[5])
+    assert sites[1].params["relu_project"] == case[5]
+    variants = {}
+    for site in sites:
+        variants.update({(site.params["name"], k): v for k, v in custom_op_variants(
+            plain[site.params["name"]], winograd.VARIANTS, site).items()
+            if k.startswith("project")})
+    assert len(variants) == 4
+    specs = list(variants.values())
+    library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(specs)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for first, second in ((0, 2), (1, 3)):      # each band count on both blocks
+        rewritten = ort_ops.custom_op_model(offline, [specs[first], specs[second]],
+                                            [first, second])
+        assert [n.op_type for n in rewritten.graph.node].count("DepthwiseConv") == 2
+        assert not any(n.op_type == "Conv" and n.domain == ort_ops.NCHWC_DOMAIN and
+                       n.name in specs[first].node.split("+") + specs[second].node.split("+")
+                       for n in rewritten.graph.node)
+        got = ort.InferenceSession(rewritten.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error < 1e-5, (first, error)
+
+
 def test_selected_depthwise_slice_loads_and_serves_the_original_outputs(tmp_path):
     model, _ = passes.run_passes(_inverted_residual_net())
     offline = _offline(model, tmp_path)

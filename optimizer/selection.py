@@ -278,8 +278,9 @@ class InsideOrt:
 
 # depthwise variants: hidden-channel blocks per work item
 DEPTHWISE_VARIANTS: tuple[int, ...] = (1, 2, 4)
-# with the projection fused (every item holds all channels): row bands per thread
-PROJECT_BANDS_PER_THREAD: tuple[int, ...] = (1, 2)
+# with the projection fused (a work item is a band of rows, all channels): hidden blocks per
+# expansion register tile
+PROJECT_VARIANTS: tuple[int, ...] = (1, 4)
 
 
 def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str], ...],
@@ -291,16 +292,27 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
         variants = {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
                     for hb in DEPTHWISE_VARIANTS if blocks % hb == 0}
         if projected is not None:
-            threads = projected.params.get("threads", 2)
-            for per_thread in PROJECT_BANDS_PER_THREAD:
-                bands = threads * per_thread
-                variants[f"project-b{bands}"] = replace(
-                    projected, params={**projected.params, "hb": 1, "bands": bands})
+            bands = projected.params.get("threads", 2)   # one band of rows per thread
+            for hb in PROJECT_VARIANTS:
+                if blocks % hb == 0:
+                    variants[f"project-hb{hb}"] = replace(
+                        projected, params={**projected.params, "hb": hb, "bands": bands})
         return variants
     shape = winograd.winograd_shape(site.params)
     return {f"m{m}-{split}": replace(site, params={**site.params, "m": m, "split": split})
             for m, split in winograd_variants
             if split != "channels" or winograd.channels_split_useful(shape, m)}
+
+
+def preferred_variant(site: KernelSpec, keys: dict[str, int], kernels: bool = False
+                      ) -> str | None:
+    """The variant a site starts from in the descent (None: ONNX Runtime's kernel): the whole
+    inverted residual (or else the first variant) for depthwise sites, whose kernels win far
+    more often than not; ONNX Runtime for Winograd sites, which lose on some shapes (their
+    first variant where `kernels`)."""
+    if not keys or (site.op != "nchwc_depthwise" and not kernels):
+        return None
+    return next((k for k in keys if k.startswith("project")), next(iter(keys)))
 
 
 def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
@@ -309,16 +321,19 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
                       on_op: Callable[[str], None] | None = None,
                       variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
                       time_left: Callable[[], float | None] = lambda: None,
-                      kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise")
+                      kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise"),
+                      passes: int = 2, start_with_kernels: bool = False
                       ) -> InsideOrt | None:
     """For each site of `offline` (ONNX Runtime's saved graph of `model`) our kernels cover
     (3x3 stride-1 NCHWc convolutions: Winograd; depthwise NCHWc convolutions with the 1x1
     expansion before them: fused depthwise), try each kernel variant as a custom operator in
-    place of ONNX Runtime's nodes, timing the *whole slice* (one session), and keep a variant
-    only where the slice gets faster by `margin`: coordinate descent, one site at a time, the
-    others as chosen so far. Whole-slice timing sees what per-operator timing cannot
-    (layouts, caches, the thread pool's hand-offs). None when there is nothing to try or
-    nothing won."""
+    place of ONNX Runtime's nodes, timing the *whole slice* (one session): coordinate descent
+    from every site's preferred variant, one site at a time, the others as chosen so far; a
+    site changes (another variant, or back to ONNX Runtime) only where that makes the slice
+    faster by `margin`. Whole-slice timing sees what per-operator timing cannot (layouts,
+    caches, the thread pool's hand-offs). None when there is nothing to try or no kernel is
+    kept. `passes=0` with `start_with_kernels` times nothing: every site runs its preferred
+    variant (for tests)."""
     from wpk.optimizer import ort_ops
 
     if not ort_ops.runs_here()[0]:
@@ -355,62 +370,80 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         return all(np.linalg.norm(o - r) <= winograd.TOLERANCE * max(np.linalg.norm(r), 1e-30)
                    for o, r in zip(outputs, reference))
 
-    chosen: dict[int, int] = {}
-    near_misses: dict[int, int] = {}  # site -> its fastest variant, where that lost alone
-    current = session(chosen)        # the slice as chosen so far
-    choices = []
-    for site_index, (site, keys) in enumerate(zip(sites, by_site)):
-        if time_left() == 0.0:
-            break
-        if on_op:
-            on_op(site.node)
+    def works(assignment: dict[int, int]):
+        """A session of `assignment` (site -> pool index) if it runs within tolerance."""
+        try:
+            candidate = session(assignment)
+            return candidate if close_enough(candidate.run(output_names, feed)) else None
+        except Exception:
+            return None       # a variant ONNX Runtime refuses is not a candidate
+
+    # start from every site's preferred variant (a gain too small to see alone still adds
+    # up), or from none where that fails
+    start = {i: preferred_variant(site, keys, start_with_kernels)
+             for i, (site, keys) in enumerate(zip(sites, by_site))}
+    chosen = {i: by_site[i][key] for i, key in start.items() if key is not None}
+    current = works(chosen)
+    if current is None:
+        chosen, current = {}, session({})
+    choices: dict[int, OpChoice] = {}
+
+    def revisit(site_index: int) -> bool:
+        """Time the site's other variants (and ONNX Runtime's kernel) in the slice as chosen
+        so far; switch where that is faster by `margin`. True if the site changed."""
+        nonlocal chosen, current
+        site, keys = sites[site_index], by_site[site_index]
+        mine = chosen.get(site_index)
+        options: dict[str, int | None] = {key: index for key, index in keys.items()
+                                          if index != mine}
+        if mine is not None:
+            options["ort"] = None
         run = {"current": lambda s=current: s.run(output_names, feed)}
         trials = {}
-        for key, index in keys.items():
-            try:
-                candidate = session({**chosen, site_index: index})
-                if not close_enough(candidate.run(output_names, feed)):
-                    continue  # rounding beyond the kernel tolerance: never a candidate
-            except Exception:
-                continue      # a variant ONNX Runtime refuses is not a candidate
-            trials[key] = candidate
-            run[key] = lambda s=candidate: s.run(output_names, feed)
+        for key, index in options.items():
+            assignment = {k: v for k, v in chosen.items() if k != site_index}
+            if index is not None:
+                assignment[site_index] = index
+            candidate = works(assignment)
+            if candidate is not None:
+                trials[key] = (assignment, candidate)
+                run[key] = lambda s=candidate: s.run(output_names, feed)
         times = compare_ms(run, rounds=5, repeats=20)
-        base = times.pop("current")
-        best = min(times, key=times.get) if times else None
-        won = best is not None and times[best] < margin * base
-        if won:
-            chosen[site_index] = keys[best]
-            current = trials[best]
-        spec = pool[keys[best]] if best else site
+        current_key = next((k for k, v in keys.items() if v == mine), "ort")
+        times[current_key] = times.pop("current")
+        best = min(times, key=times.get)
+        changed = best != current_key and times[best] < margin * times[current_key]
+        if changed:
+            chosen, current = trials[best]
+        else:
+            best = current_key
+        kernel_times = {k: t for k, t in times.items() if k != "ort"}
+        fastest = min(kernel_times, key=kernel_times.get) if kernel_times else None
+        spec = pool[keys[best if best != "ort" else fastest]] if fastest else site
         knobs = ("hb", "cout", "bands") if spec.op == "nchwc_depthwise" else ("m", "split")
-        choices.append(OpChoice(site.node, f"{spec.op}-op", spec.signature(), base,
-                                times[best] if best else math.inf,
-                                {k: spec.params.get(k) for k in knobs} if best else None,
-                                "kernel" if won else "ort", len(times), 0, spec))
-        if best and not won:
-            near_misses[site_index] = keys[best]
-    # sites whose gain alone was below the timing noise: all of them at once, kept only if
-    # together they make the slice faster by `margin`
-    if len(near_misses) > 1 and time_left() != 0.0:
-        together = {**chosen, **near_misses}
-        try:
-            candidate = session(together)
-            if close_enough(candidate.run(output_names, feed)):
-                times = compare_ms({"current": lambda: current.run(output_names, feed),
-                                    "together": lambda: candidate.run(output_names, feed)},
-                                   rounds=5, repeats=20)
-                if times["together"] < margin * times["current"]:
-                    chosen = together
-                    for choice in choices:
-                        if choice.spec is not None and choice.node in \
-                                {sites[i].node for i in near_misses}:
-                            choice.chosen = "kernel"
-        except Exception:
-            pass      # ONNX Runtime refused the combination: keep the sites' own verdicts
+        choices[site_index] = OpChoice(
+            spec.node, f"{spec.op}-op", spec.signature(), times.get("ort", math.inf),
+            kernel_times[fastest] if fastest else math.inf,
+            {k: spec.params.get(k) for k in knobs} if fastest else None,
+            "ort" if best == "ort" else "kernel", len(times), 0, spec)
+        return changed
+
+    # a second pass gives each site another look in the context the first one settled on (a
+    # verdict within the timing noise can go either way); a pass that changes nothing ends it
+    for round_ in range(passes):
+        changed = False
+        for site_index, site in enumerate(sites):
+            if time_left() == 0.0:
+                break
+            if on_op and round_ == 0:
+                on_op(site.node)
+            changed = revisit(site_index) or changed
+        if not changed or time_left() == 0.0:
+            break
     if not chosen:
         return None
     indices = sorted(chosen.values())
     specs = [pool[i] for i in indices]
     final = ort_ops.build_library([ort_ops.op_kernel(s, j) for j, s in enumerate(specs)])
-    return InsideOrt(specs, final, ort_ops.custom_op_model(offline, specs), choices)
+    return InsideOrt(specs, final, ort_ops.custom_op_model(offline, specs),
+                     [choices[i] for i in sorted(choices)])

@@ -27,6 +27,7 @@ BLOCK = 16
 DW_PIXELS = 8          # depthwise output pixels per register block
 EXPAND_PIXELS = {1: 14, 2: 12, 4: 7}   # expansion pixels per register block, by hidden blocks
 PROJECT_PIXELS = {1: 14, 2: 12, 3: 8, 4: 6}   # projection pixels per block, by output blocks
+L1_BUDGET = 32 * 1024  # bytes of freshly expanded rows a work item may leave for its taps
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,9 @@ def lower(shape: DepthwiseShape, name: str) -> str:
     dw_offset = s.c * s.cin_padded + s.c if s.cin else 0
     relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu else ""
     scratch = k * item_blocks * wp * BLOCK + (s.c * ow if s.cout else 0)
+    # the new expanded rows of all the item's blocks would not stay in L1 until the
+    # depthwise taps read them: expand and convolve one group of blocks at a time instead
+    interleave = item_blocks * st * wp * BLOCK * 4 > L1_BUDGET
     if s.cout:
         dw_out = "dwrow + (size_t)j * OW * 16"
         finish_row = "project_row(dwrow, jb->p, jb->r, jb->y, oy);"
@@ -302,6 +306,7 @@ struct job {{ const float* x; const float* p; const float* b; const float* r; fl
 #define BAND_ROWS {band_rows}
 #define PROJECT_OFFSET {dw_offset + s.c * k * k}
 #define SCRATCH {scratch}
+#define INTERLEAVE {int(interleave)}
 {_expand_row(s)}
 {_project_tile(s)}
 
@@ -355,13 +360,21 @@ static void item_fn(int item, int slot, void* ctx) {{
     const int iy0 = oy * S - PT;
     const int ky0 = iy0 < 0 ? -iy0 : 0;
     const int ky1 = iy0 + K > H ? H - iy0 : K;
-    for (; next_row < iy0 + ky1; ++next_row)
-      for (int gg = 0; gg < ITEM_BLOCKS / HB; ++gg)
-        expand_row(jb->x, jb->p, g * (ITEM_BLOCKS / HB) + gg, next_row,
-                   ring[next_row % K] + (size_t)gg * HB * WP * 16);
     float* rows[K];
     for (int ky = 0; ky < K; ++ky) rows[ky] = ring[((iy0 + ky) % K + K) % K];
+#if !INTERLEAVE
+    for (int r = next_row; r < iy0 + ky1; ++r)
+      for (int gg = 0; gg < ITEM_BLOCKS / HB; ++gg)
+        expand_row(jb->x, jb->p, g * (ITEM_BLOCKS / HB) + gg, r,
+                   ring[r % K] + (size_t)gg * HB * WP * 16);
+#endif
     for (int j = 0; j < ITEM_BLOCKS; ++j) {{
+#if INTERLEAVE   /* group by group: its new expanded rows, then its depthwise outputs */
+      if (j % HB == 0)
+        for (int r = next_row; r < iy0 + ky1; ++r)
+          expand_row(jb->x, jb->p, g * (ITEM_BLOCKS / HB) + j / HB, r,
+                     ring[r % K] + (size_t)j * WP * 16);
+#endif
       const int cb = g * ITEM_BLOCKS + j;
       __m512 wv[K * K];
       for (int t = 0; t < K * K; ++t) wv[t] = _mm512_loadu_ps(dw + ((size_t)cb * K * K + t) * 16);
@@ -371,6 +384,7 @@ static void item_fn(int item, int slot, void* ctx) {{
       for (; ox + P <= OW; ox += P) dw_tile(rows, ky0, ky1, wv, bias, j, ox, out + ox * 16);
       if (ox < OW) dw_tile(rows, ky0, ky1, wv, bias, j, OW - P, out + (OW - P) * 16);
     }}
+    if (next_row < iy0 + ky1) next_row = iy0 + ky1;
     {finish_row}
   }}
 }}

@@ -10,9 +10,10 @@ with no Python between operators.
 One shared library per slice: the kernels (each compiled on its own: their helpers are
 static) linked with a small glue object that implements `RegisterCustomOps` for the ops
 `ai.wpk::WinogradConv` and `ai.wpk::DepthwiseConv` (inputs X, U (the kernel's packed
-parameters), optional B and R; int attribute `kernel` picks the compiled kernel). The glue declares only the part of ONNX Runtime's C ABI it calls: the
-`OrtApi` function table is append-only, so an index never changes between releases; the
-indices are checked against the installed ONNX Runtime by `tests/optimizer/test_ort_ops.py`.
+parameters), optional B and R; int attribute `kernel` picks the compiled kernel). The glue
+declares only the part of ONNX Runtime's C ABI it calls: the `OrtApi` function table is
+append-only, so an index never changes between releases; the indices are checked against the
+installed ONNX Runtime by `tests/optimizer/test_optimizer_ort_ops.py`.
 """
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ static OrtStatus* float_input(OrtKernelContext* ctx, const struct kernel* k, siz
   TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_t)(ctx, index, &value));
   char message[256];
   if (!value) {
-    snprintf(message, sizeof message, "%%s %%s: input %%s is missing", op_names[k->op], k->name, what);
+    snprintf(message, sizeof message, "%%s %%s: input %%s is missing", op_names[k->op],
+             k->name, what);
     return fail(message);
   }
   OrtShape* shape = NULL;
@@ -233,8 +235,9 @@ static OrtStatus* float_input(OrtKernelContext* ctx, const struct kernel* k, siz
     if (expected)
       snprintf(message, sizeof message,
                "%%s %%s: input %%s must be a float32 tensor of shape [%%lld, %%lld, "
-               "%%lld, %%lld] (the optimized slice's)", op_names[k->op], k->name, what, (long long)expected[0],
-               (long long)expected[1], (long long)expected[2], (long long)expected[3]);
+               "%%lld, %%lld] (the optimized slice's)", op_names[k->op], k->name, what,
+               (long long)expected[0], (long long)expected[1], (long long)expected[2],
+               (long long)expected[3]);
     else
       snprintf(message, sizeof message,
                "%%s %%s: input %%s must be a float32 tensor of %%lld elements",
@@ -347,9 +350,9 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
         f"void {k.name}(const float*, const float*, const float*, const float*, float*);"
         for k in kernels)
     op_types = list(OP_TYPES.values())
-    rows = [f'  {{"{k.name}", {k.name}, {op_types.index(k.op_type)}, {", ".join(map(str, k.x_chw))}, '
-            f'{", ".join(map(str, k.y_chw))}, {k.u_size}, {k.bias}, {int(k.residual)}}},'
-            for k in kernels]
+    rows = [f'  {{"{k.name}", {k.name}, {op_types.index(k.op_type)}, '
+            f'{", ".join(map(str, (*k.x_chw, *k.y_chw)))}, {k.u_size}, {k.bias}, '
+            f'{int(k.residual)}}},' for k in kernels]
     return GLUE % dict(indices=indices, slots=max(1, slots), declarations=declarations,
                        table="\n".join(rows) or "  {0}", domain=DOMAIN, api_level=API_LEVEL,
                        op_names=", ".join(f'"{t}"' for t in op_types))
@@ -494,6 +497,17 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
+def convs_by_bias(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The Conv nodes of `model` by bias initializer name: ONNX Runtime's NCHWc nodes keep the
+    bias name of the Conv they came from (and reorder the weights), so the bias leads back to
+    the original weights."""
+    by_bias: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+            by_bias.setdefault(node.input[2], []).append(node)
+    return by_bias
+
+
 def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
                 split: str = "tiles", threads: int | None = None) -> list:
     """KernelSpecs (layout "nchwc") for the 3x3 stride-1 NCHWc convolutions of `optimized`,
@@ -507,10 +521,7 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     from wpk.optimizer.selection import shapes_of
 
     consts, shapes = load_initializers(model), shapes_of(model)
-    by_bias: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
-            by_bias.setdefault(node.input[2], []).append(node)
+    by_bias = convs_by_bias(model)
     specs = []
     for node in optimized.graph.node:
         if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) < 3:
@@ -567,10 +578,7 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
     from wpk.optimizer.selection import shapes_of
 
     consts, shapes = load_initializers(model), shapes_of(model)
-    by_bias: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
-            by_bias.setdefault(node.input[2], []).append(node)
+    by_bias = convs_by_bias(model)
     producer = {o: n for n in optimized.graph.node for o in n.output}
     consumers: dict[str, int] = {}
     for n in optimized.graph.node:

@@ -142,7 +142,8 @@ def test_unknown_kernel_index_is_refused_at_load(tmp_path):
     rewritten = ort_ops.custom_op_model(model, [spec], indices=[3])
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
-    with pytest.raises(Exception, match=r"WinogradConv: attribute 'kernel' \(3\) names no WinogradConv kernel"):
+    with pytest.raises(Exception, match=r"WinogradConv: attribute 'kernel' \(3\) names no "
+                                        r"WinogradConv kernel"):
         ort.InferenceSession(rewritten.SerializeToString(), options,
                              providers=["CPUExecutionProvider"]).run(
             None, {"X": np.zeros((1, 16, 8, 8), np.float32)})

@@ -276,8 +276,8 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     run_default = lambda: default_slice.run(output_names, feed)  # noqa: E731
     ratios: dict[str, float] = {"default": 1.0}
 
-    def head_to_head(key: str) -> tuple[float, float]:
-        candidate = load(candidates[key]["dir"])
+    def head_to_head(key: str, candidate=None) -> tuple[float, float]:
+        candidate = candidate or load(candidates[key]["dir"])
         times = compare_ms({"default": run_default,
                             key: lambda: candidate.run(output_names, feed)},
                            rounds=6, repeats=10,
@@ -287,19 +287,19 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     for key, cand in candidates.items():
         if key == "default":
             continue
-        session = load(cand["dir"])
+        session = load(cand["dir"])   # one load (one compile) for accuracy and timing
         errs = accuracy.compare(reference, lambda f: session.run(output_names, f), feeds,
                                 output_names)
-        del session
         budget = accuracy.FP32_RELATIVE if cand["precision"] == "fp32" else \
             options.accuracy_budget
         ok = accuracy.within(errs, budget)
         report.candidates[key] = {"describe": cand["describe"], "precision": cand["precision"],
                                   "accuracy": [e.to_json() for e in errs], "within_budget": ok}
         if ok:
-            default_ms, ms = head_to_head(key)
+            default_ms, ms = head_to_head(key, session)
             report.candidates[key].update(ms=ms, default_ms=default_ms)
             ratios[key] = ms / default_ms
+        del session
         progress.advance(key)
     report.candidates = {"default": {"describe": candidates["default"]["describe"],
                                      "precision": "fp32", "accuracy": [],

@@ -411,20 +411,26 @@ class TierService:
 
     async def _run_pipeline(self, arrays: dict[str, np.ndarray],
                             deadline: float | None) -> dict[str, np.ndarray]:
-        produced = await self._run_slice(arrays, deadline)
-        results = {n: produced[n] for n in self.tier.results}
-        if not self.tier.forward:
+        results, forward = self._split(await self._run_slice(arrays, deadline))
+        if forward is None:
             return results
         timeout = self._hop_timeout(deadline)
         assert self.link is not None
         try:
-            answer = await self.link.forward(self.next_model,
-                                             {n: produced[n] for n in self.tier.forward},
-                                             timeout)
+            answer = await self.link.forward(self.next_model, forward, timeout)
         except InferenceError as error:
             raise self._forward_error(error, timeout) from None
         results.update(answer)
         return results
+
+    def _split(self, produced: dict[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """The slice's outputs this tier answers itself, and those it forwards to the next
+        tier (None where it is the last)."""
+        results = {n: produced[n] for n in self.tier.results}
+        if not self.tier.forward:
+            return results, None
+        return results, {n: produced[n] for n in self.tier.forward}
 
     def _forward_error(self, error: InferenceError, timeout: float) -> Abort:
         """What the caller gets when the next tier failed: the status, naming the tier."""
@@ -466,9 +472,9 @@ class TierService:
         try:
             self.metrics.add_bytes("in", frame.nbytes)
             model = self._model(model_name)
-            produced = self._slice(frame.arrays(model_name, model.inputs), deadline)
-            results = {n: produced[n] for n in self.tier.results}
-            if not self.tier.forward:
+            results, forward = self._split(
+                self._slice(frame.arrays(model_name, model.inputs), deadline))
+            if forward is None:
                 return finish(results)
             timeout = self._hop_timeout(deadline)
 
@@ -479,8 +485,7 @@ class TierService:
                 finish(results)
 
             assert self.link is not None
-            self.link.submit(self.next_model, {n: produced[n] for n in self.tier.forward},
-                             timeout, answered)
+            self.link.submit(self.next_model, forward, timeout, answered)
         except Abort as abort:
             finish(abort)
         except TensorError as error:

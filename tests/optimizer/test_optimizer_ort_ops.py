@@ -205,9 +205,16 @@ def test_custom_op_graph_keeps_no_unused_initializers(tmp_path):
     assert TensorProto.FLOAT == rewritten.graph.input[0].type.tensor_type.elem_type
 
 
-def test_runtime_serves_a_plan_whose_tier_runs_custom_operators(tmp_path):
-    """wpk-partition -> a tier optimized with Winograd custom operators -> tier servers on
-    127.0.0.1 -> tritonclient: the whole model's outputs."""
+def _inverted_residual_net():
+    from .test_optimizer_depthwise_ops import _inverted_residual_net as build
+
+    return build()
+
+
+@pytest.mark.parametrize("build", [_two_block_cnn, _inverted_residual_net])
+def test_runtime_serves_a_plan_whose_tier_runs_custom_operators(build, tmp_path):
+    """wpk-partition -> a tier optimized with custom operators (Winograd; fused depthwise)
+    -> tier servers on 127.0.0.1 -> tritonclient: the whole model's outputs."""
     import subprocess
     import sys
 
@@ -216,8 +223,10 @@ def test_runtime_serves_a_plan_whose_tier_runs_custom_operators(tmp_path):
 
     from .test_optimizer_runtime_serving import _serve_plan
 
-    model = _two_block_cnn()
-    model_path = tmp_path / "two_blocks.onnx"
+    model = build()
+    input_name = model.graph.input[0].name
+    input_shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    model_path = tmp_path / "model.onnx"
     onnx.save(model, str(model_path))
     plan_dir = tmp_path / "plan"
     result = subprocess.run([sys.executable, "-m", "wpk.partitioner.cli", str(model_path), "-o",
@@ -225,12 +234,13 @@ def test_runtime_serves_a_plan_whose_tier_runs_custom_operators(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     plan = load_plan(plan_dir)
-    feed = {"image": RNG.standard_normal((1, 16, 20, 20)).astype(np.float32)}
+    feed = {input_name: RNG.standard_normal(input_shape).astype(np.float32)}
     served = 0
     for tier in (t for t in plan.tiers if t.slice):
         slice_model, _ = passes.run_passes(onnx.load(str(slice_path(plan_dir, tier))))
         offline = _offline(slice_model, tmp_path)
-        if not ort_ops.nchwc_sites(offline, slice_model):
+        if not (ort_ops.nchwc_sites(offline, slice_model) or
+                ort_ops.depthwise_sites(offline, slice_model)):
             continue
         inputs = {i.name: RNG.standard_normal([d.dim_value for d in
                                                i.type.tensor_type.shape.dim]).astype(np.float32)
@@ -247,8 +257,8 @@ def test_runtime_serves_a_plan_whose_tier_runs_custom_operators(tmp_path):
     addresses, close = _serve_plan(plan_dir, load_plan(plan_dir))
     try:
         client = triton.InferenceServerClient(addresses[plan.tiers[0].name])
-        tensor = triton.InferInput("image", [1, 16, 20, 20], "FP32")
-        tensor.set_data_from_numpy(feed["image"])
+        tensor = triton.InferInput(input_name, input_shape, "FP32")
+        tensor.set_data_from_numpy(feed[input_name])
         response = client.infer(plan.name, [tensor])
         expected = ort.InferenceSession(str(model_path)).run(None, feed)[0]
         got = response.as_numpy(model.graph.output[0].name)

@@ -145,7 +145,7 @@ def bands_for(shape: DepthwiseShape) -> int:
 def _expand_row(s: DepthwiseShape) -> str:
     """C of `expand_row(x, p, iy, ring_row)`: expansion of input row iy for the item's HB
     hidden blocks into a ring row [HB][WP][16] (data columns from PL)."""
-    px = balanced_tile(s.w, EXPAND_PIXELS[s.hb])
+    px = balanced_tile(s.w, EXPAND_PIXELS.get(s.hb, max(1, 24 // s.hb)))
     relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu_expand else ""
     if not s.cin:   # no expansion: copy the row into the padded ring
         return """
@@ -285,7 +285,10 @@ def lower(shape: DepthwiseShape, name: str) -> str:
 #include <stddef.h>
 #include <stdlib.h>
 extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
-struct job {{ const float* x; const float* p; const float* b; const float* r; float* y; }};
+extern float* wpk_thread_scratch(size_t floats);
+extern void wpk_kernel_failed(const char* why);
+struct job {{ const float* x; const float* p; const float* b; const float* r; float* y;
+             int failed; }};
 #define C {s.c}
 #define CINB {s.cin_padded // BLOCK}
 #define CINP {s.cin_padded}
@@ -329,18 +332,18 @@ static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* w
   }}
 }}
 
-/* per thread, allocated once: the ring of K expanded rows (+ one row of depthwise outputs) */
-static __thread float* thread_scratch;
-
 static void item_fn(int item, int slot, void* ctx) {{
   (void)slot;
-  const struct job* jb = (const struct job*)ctx;
+  struct job* jb = (struct job*)ctx;
   const int g = item / BANDS, band = item % BANDS;
   const int oy0 = band * BAND_ROWS;
   const int oy1 = oy0 + BAND_ROWS < OH ? oy0 + BAND_ROWS : OH;
+  /* per thread, kept between calls: the ring of K expanded rows (+ a row of depthwise
+     outputs) */
+  float* thread_scratch = wpk_thread_scratch(SCRATCH);
   if (!thread_scratch) {{
-    thread_scratch = (float*)aligned_alloc(64, (size_t)SCRATCH * sizeof(float));
-    if (!thread_scratch) abort();
+    __atomic_store_n(&jb->failed, 1, __ATOMIC_RELAXED);
+    return;
   }}
   float* ring[K];
   for (int r = 0; r < K; ++r) ring[r] = thread_scratch + (size_t)r * ITEM_BLOCKS * WP * 16;
@@ -391,7 +394,8 @@ static void item_fn(int item, int slot, void* ctx) {{
 
 void {name}(const float* x, const float* p, const float* bias, const float* residual,
             float* y) {{
-  struct job jb = {{x, p, bias, residual, y}};
+  struct job jb = {{x, p, bias, residual, y, 0}};
   wpk_pool_run(item_fn, &jb, {s.c // BLOCK // item_blocks} * BANDS);
+  if (jb.failed) wpk_kernel_failed("out of memory for its scratch rows");
 }}
 """

@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from wpk.errors import WpkError
-from wpk.optimizer import build, depthwise, winograd
+from wpk.optimizer import build, depthwise, pool, winograd
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
@@ -54,7 +54,9 @@ OBJECT_FLAGS = ["-O3", "-march=x86-64-v4", "-mtune=native", "-fPIC", "-fno-math-
                 "-fvisibility=hidden",
                 # the kernels' pool calls go to this library's ParallelFor bridge, never to a
                 # pool library the process may have loaded globally for segment kernels
-                "-Dwpk_pool_run=wpk_ort_pool_run", "-Dwpk_pool_slots=wpk_ort_pool_slots"]
+                "-Dwpk_pool_run=wpk_ort_pool_run", "-Dwpk_pool_slots=wpk_ort_pool_slots",
+                "-Dwpk_thread_scratch=wpk_ort_thread_scratch",
+                "-Dwpk_kernel_failed=wpk_ort_kernel_failed"]
 
 GLUE = r"""
 #include <stdatomic.h>
@@ -124,6 +126,9 @@ void wpk_ort_pool_run(item_fn fn, void* ctx, int total) {
   }
   run_slot(&job, 0);  /* no pool (or it refused before running anything): all on this thread */
 }
+
+/* ---- per-thread scratch for the kernels, and their failures --------------------------------- */
+%(scratch)s
 
 /* ---- the compiled kernels ------------------------------------------------------------------ */
 typedef void (*kernel_fn)(const float*, const float*, const float*, const float*, float*);
@@ -260,8 +265,15 @@ static OrtStatus* op_compute(void* state, OrtKernelContext* ctx) {
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_t)(ctx, 0, y_dims, 4, &out));
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_t)(out, &y));
   running_context = ctx;
+  wpk_ort_failure = NULL;
   k->fn((const float*)x, (const float*)u, (const float*)b, (const float*)r, (float*)y);
   running_context = NULL;
+  if (wpk_ort_failure) {
+    char message[256];
+    snprintf(message, sizeof message, "%%s %%s: %%s", op_names[k->op], k->name,
+             wpk_ort_failure);
+    return fail(message);
+  }
   return NULL;
 }
 
@@ -354,6 +366,7 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
             f'{", ".join(map(str, (*k.x_chw, *k.y_chw)))}, {k.u_size}, {k.bias}, '
             f'{int(k.residual)}}},' for k in kernels]
     return GLUE % dict(indices=indices, slots=max(1, slots), declarations=declarations,
+                       scratch=pool.thread_scratch_source("wpk_ort"),
                        table="\n".join(rows) or "  {0}", domain=DOMAIN, api_level=API_LEVEL,
                        op_names=", ".join(f'"{t}"' for t in op_types))
 
@@ -442,6 +455,9 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     replaced = {}
     for index, spec in zip(indices, specs):
         for name in spec.node.split("+"):
+            if name in replaced:
+                raise WpkError(f"custom operators: node {name!r} is in two kernels "
+                               f"({replaced[name][1].node} and {spec.node})")
             replaced[name] = (index, spec)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -592,7 +608,8 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
 
     def blocked(tensor: str) -> bool:   # produced by an NCHWc node: whole 16-channel blocks
         source = producer.get(tensor)
-        return source is not None and source.domain == NCHWC_DOMAIN
+        return source is not None and source.domain == NCHWC_DOMAIN and \
+            source.op_type != "ReorderOutput"     # which gives plain NCHW back
 
     specs = []
     for node in optimized.graph.node:
@@ -663,6 +680,26 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
     return specs
 
 
+def _same_parameters(optimized: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray,
+                     bias: np.ndarray) -> bool:
+    """Whether ONNX Runtime's NCHWc `node` still computes with the original `weight` and
+    `bias`: its (reordered, padded) weights hold the same values, and its (padded) bias
+    starts with the original. False where it folded a following Mul, Add or BatchNorm in."""
+    values = {i.name: i for i in optimized.graph.initializer}
+    if len(node.input) < 3 or node.input[1] not in values or node.input[2] not in values:
+        return False
+    stored_w = numpy_helper.to_array(values[node.input[1]]).ravel()
+    stored_b = numpy_helper.to_array(values[node.input[2]]).ravel()
+    original = weight.ravel()
+    if stored_b.size < bias.size or not np.allclose(stored_b[:bias.size], bias.ravel(),
+                                                    rtol=1e-6, atol=0) or \
+            np.any(stored_b[bias.size:]):
+        return False
+    return np.allclose(np.sort(stored_w[stored_w != 0]), np.sort(original[original != 0]),
+                       rtol=1e-6, atol=0) if stored_w[stored_w != 0].size == \
+        original[original != 0].size else False
+
+
 def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.ModelProto,
                 model: onnx.ModelProto, consumers: dict[str, int], graph_outputs: set[str],
                 consts: dict, shapes: dict):
@@ -700,5 +737,9 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
             (len(convs[0].input) > 2 and convs[0].input[2] and
              convs[0].input[2] not in consts):
         return None
+    bias = consts[convs[0].input[2]] if len(convs[0].input) > 2 and convs[0].input[2] else \
+        np.zeros(weight.shape[0], np.float32)
+    if not _same_parameters(optimized, proj, weight, bias):
+        return None       # ONNX Runtime folded something (a Mul, an Add) into the projection
     residual = proj.input[3] if len(proj.input) > 3 and proj.input[3] else None
     return proj, convs[0], residual

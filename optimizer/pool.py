@@ -14,6 +14,60 @@ import ctypes
 import functools
 import os
 
+# Per-thread scratch for generated kernels (freed when the thread ends: ONNX Runtime's pool
+# threads end with their session) and a way for a kernel to report failure to its caller.
+# Included by this pool and by the custom-operator glue (`ort_ops.py`), under PREFIX.
+THREAD_SCRATCH = r"""
+#include <pthread.h>
+#include <stdlib.h>
+struct PREFIX_scratch { size_t floats; float* data; };
+static pthread_key_t PREFIX_scratch_key;
+static pthread_once_t PREFIX_scratch_once = PTHREAD_ONCE_INIT;
+static __thread const char* PREFIX_failure;
+static void PREFIX_scratch_free(void* p) {
+  struct PREFIX_scratch* s = (struct PREFIX_scratch*)p;
+  free(s->data);
+  free(s);
+}
+static int PREFIX_scratch_ready;
+static void PREFIX_scratch_key_init(void) {
+  PREFIX_scratch_ready = pthread_key_create(&PREFIX_scratch_key, PREFIX_scratch_free) == 0;
+}
+/* The library is being unloaded (ONNX Runtime unloads a custom-op library with the last
+   session using it; its pool threads have ended, their buffers are freed): free the
+   unloading thread's buffer and give the key back, so reloading leaks nothing. */
+__attribute__((destructor)) static void PREFIX_scratch_unload(void) {
+  if (!PREFIX_scratch_ready) return;
+  void* mine = pthread_getspecific(PREFIX_scratch_key);
+  if (mine) PREFIX_scratch_free(mine);
+  pthread_key_delete(PREFIX_scratch_key);
+  PREFIX_scratch_ready = 0;
+}
+/* this thread's buffer of at least `floats` floats, 64-byte aligned (NULL: out of memory) */
+float* PREFIX_thread_scratch(size_t floats) {
+  pthread_once(&PREFIX_scratch_once, PREFIX_scratch_key_init);
+  if (!PREFIX_scratch_ready) return NULL;
+  struct PREFIX_scratch* s = (struct PREFIX_scratch*)pthread_getspecific(PREFIX_scratch_key);
+  if (!s) {
+    s = (struct PREFIX_scratch*)calloc(1, sizeof *s);
+    if (!s || pthread_setspecific(PREFIX_scratch_key, s)) { free(s); return NULL; }
+  }
+  if (s->floats < floats) {
+    free(s->data);
+    s->data = (float*)aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    s->floats = s->data ? floats : 0;
+  }
+  return s->data;
+}
+/* a kernel, on its caller's thread: the call failed, and why (a static string) */
+void PREFIX_kernel_failed(const char* why) { PREFIX_failure = why; }
+"""
+
+
+def thread_scratch_source(prefix: str) -> str:
+    return THREAD_SCRATCH.replace("PREFIX", prefix)
+
+
 POOL_SOURCE = r"""
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -138,7 +192,7 @@ def load_pool(threads: int | None = None) -> ctypes.CDLL:
     """Compile (once, cached) and load the pool globally, before any kernel that uses it."""
     from wpk.optimizer.build import compile_c
 
-    path = compile_c(POOL_SOURCE, "wpk_pool")
+    path = compile_c(POOL_SOURCE + thread_scratch_source("wpk"), "wpk_pool")
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     library.wpk_pool_configure(ctypes.c_int(threads or os.cpu_count() or 1),
                                ctypes.c_long(SPIN_US), ctypes.c_int(PIN))

@@ -370,8 +370,16 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         return all(np.linalg.norm(o - r) <= winograd.TOLERANCE * max(np.linalg.norm(r), 1e-30)
                    for o, r in zip(outputs, reference))
 
+    def overlapping(assignment: dict[int, int]) -> bool:
+        """Whether two chosen kernels would replace the same node (MobileNetV1-style chains:
+        one block's projection is the next block's expansion)."""
+        names = [n for index in assignment.values() for n in pool[index].node.split("+")]
+        return len(names) != len(set(names))
+
     def works(assignment: dict[int, int]):
         """A session of `assignment` (site -> pool index) if it runs within tolerance."""
+        if overlapping(assignment):
+            return None
         try:
             candidate = session(assignment)
             return candidate if close_enough(candidate.run(output_names, feed)) else None
@@ -382,8 +390,14 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     # up), or from none where that fails
     start = {i: preferred_variant(site, keys, start_with_kernels)
              for i, (site, keys) in enumerate(zip(sites, by_site))}
-    chosen = {i: by_site[i][key] for i, key in start.items() if key is not None}
+    chosen: dict[int, int] = {}
+    for i, key in start.items():
+        if key is not None and not overlapping({**chosen, i: by_site[i][key]}):
+            chosen[i] = by_site[i][key]
     current = works(chosen)
+    if current is None:       # some kernel fails here: start from those that run alone
+        chosen = {i: index for i, index in chosen.items() if works({i: index}) is not None}
+        current = works(chosen)
     if current is None:
         chosen, current = {}, session({})
     choices: dict[int, OpChoice] = {}
@@ -418,8 +432,10 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         else:
             best = current_key
         kernel_times = {k: t for k, t in times.items() if k != "ort"}
-        fastest = min(kernel_times, key=kernel_times.get) if kernel_times else None
-        spec = pool[keys[best if best != "ort" else fastest]] if fastest else site
+        # report the kernel in use, or the fastest one where ONNX Runtime's stays
+        fastest = best if best != "ort" else \
+            (min(kernel_times, key=kernel_times.get) if kernel_times else None)
+        spec = pool[keys[fastest]] if fastest else site
         knobs = ("hb", "cout", "bands") if spec.op == "nchwc_depthwise" else ("m", "split")
         choices[site_index] = OpChoice(
             spec.node, f"{spec.op}-op", spec.signature(), times.get("ort", math.inf),

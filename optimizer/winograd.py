@@ -396,6 +396,8 @@ struct job {{ const float* x; const float* U; const float* bias; const float* re
 
 static float* scratch_buffer = 0;
 static volatile int busy = 0;
+/* unloaded with its library (ONNX Runtime unloads custom-op libraries with their sessions) */
+__attribute__((destructor)) static void release_scratch(void) {{ free(scratch_buffer); }}
 
 /* tiles txa..txb-1 of tile row tyy, channel block cbk: pack the input rows they need
    (NCHW -> pixel-major, zero padding), input transform, V[p][row0 + i][c] */

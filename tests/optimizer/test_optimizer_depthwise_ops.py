@@ -2,11 +2,14 @@
 Runtime inside its own session (odd sizes, strides, padding, 5x5, padded input blocks, both
 work splits), the sites are found (and fused only where the expansion has no other reader),
 and a slice optimized with them loads and serves the original outputs."""
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from wpk.errors import WpkError
 from wpk.examples import ModelBuilder, depthwise_block
 from wpk.optimizer import depthwise, ort_ops, passes, winograd
 from wpk.optimizer.executor import load
@@ -199,3 +202,115 @@ def test_selected_depthwise_slice_loads_and_serves_the_original_outputs(tmp_path
                                     providers=["CPUExecutionProvider"]).run(names, feed)[0]
     got = load(directory).run(None, feed)[0]
     assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def _run(offline, specs, feed):
+    library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(specs)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    rewritten = ort_ops.custom_op_model(offline, specs)
+    return ort.InferenceSession(rewritten.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+@pytest.mark.parametrize("after", ["Mul", "Add"])
+def test_a_projection_ort_folded_something_into_is_not_fused(after, tmp_path):
+    """ONNX Runtime folds a per-channel Mul or Add after the projection into its weights and
+    bias; the original projection's parameters are then not what it computes."""
+    b = ModelBuilder("folded", seed=3)
+    x = b.conv(b.input("x", [1, 16, 10, 10]), 16, 32, 3)
+    y = b.conv(b.conv(x, 32, 64, 1), 64, 64, 3, group=64)
+    y = b.conv(y, 64, 32, 1, relu=False)
+    y = b.node(after, [y, b.weight("s", (32, 1, 1), 1.0)])
+    model = b.build([y])
+    offline = _offline(model, tmp_path)
+    assert ort_ops.depthwise_sites(offline, model, project=True) == []
+    sites = ort_ops.depthwise_sites(offline, model)        # expansion + depthwise still fuse
+    feed = _feed(model)
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = _run(offline, sites, feed)
+    assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def test_an_expansion_of_plain_nchw_input_is_not_fused(tmp_path):
+    """With 8 channels ONNX Runtime hands the expansion plain NCHW (after a ReorderOutput):
+    only the depthwise convolution is a site, and it matches."""
+    model = depthwise_block(8, 16, 10, 10, 3, 1, (1, 1, 1, 1))
+    offline = _offline(model, tmp_path)
+    sites = ort_ops.depthwise_sites(offline, model)
+    assert [s.params["cin"] for s in sites] == [0]
+    feed = _feed(model)
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert np.linalg.norm(_run(offline, sites, feed) - expected) <= \
+        1e-5 * np.linalg.norm(expected)
+
+
+def test_sites_sharing_a_node_are_never_both_chosen(tmp_path):
+    """MobileNetV1-style depthwise -> 1x1 -> depthwise -> 1x1: the middle 1x1 conv is the
+    first block's projection and the second one's expansion."""
+    b = ModelBuilder("v1", seed=1)
+    x = b.conv(b.input("x", [1, 16, 12, 12]), 16, 32, 3)
+    for cin, cout in ((32, 64), (64, 64)):
+        x = b.conv(b.conv(x, cin, cin, 3, group=cin), cin, cout, 1)
+    model = b.build([x])
+    offline = _offline(model, tmp_path)
+    projected = ort_ops.depthwise_sites(offline, model, project=True)
+    plain = ort_ops.depthwise_sites(offline, model)
+    with pytest.raises(WpkError, match="is in two kernels"):
+        ort_ops.custom_op_model(offline, [projected[0], plain[1]])
+    feed = _feed(model)
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed,
+                               [o.name for o in model.graph.output],
+                               kinds=("nchwc_depthwise",), passes=0)
+    names = [n for s in inside.specs for n in s.node.split("+")]
+    assert len(names) == len(set(names))
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert np.linalg.norm(inside_run(inside, feed) - expected) <= \
+        1e-5 * np.linalg.norm(expected)
+
+
+def inside_run(inside, feed):
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(inside.library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(inside.model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_sessions_come_and_go_without_leaking_kernel_scratch(tmp_path):
+    """Each session loads the library and runs the kernel on its own pool threads; their
+    per-thread scratch (here 88 KB) must go with them, and with the library."""
+    import gc
+
+    model = depthwise_block(160, 640, 4, 112, 3, 1, (1, 1, 1, 1))
+    offline = _offline(model, tmp_path)
+    spec = ort_ops.depthwise_sites(offline, model, hb=4, threads=2)[0]
+    library = ort_ops.build_library([ort_ops.op_kernel(spec, 0)])
+    rewritten = ort_ops.custom_op_model(offline, [spec]).SerializeToString()
+    feed = _feed(model)
+
+    def one_session():
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 2
+        session = ort.InferenceSession(rewritten, options, providers=["CPUExecutionProvider"])
+        session.run(None, feed)
+        del session, options
+        gc.collect()
+
+    def resident_mb():
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    for _ in range(5):
+        one_session()
+    before = resident_mb()
+    for _ in range(200):
+        one_session()
+    # leaking the scratch of each thread would be 35 MB here
+    assert resident_mb() - before < 10

@@ -26,7 +26,7 @@ import numpy as np
 BLOCK = 16
 DW_PIXELS = 8          # depthwise output pixels per register block
 EXPAND_PIXELS = {1: 14, 2: 12, 4: 7}   # expansion pixels per register block, by hidden blocks
-PROJECT_PIXELS = {1: 14, 2: 12, 3: 8, 4: 6}   # projection pixels per block, by output blocks
+PROJECT_PIXELS = {1: 14, 2: 14, 3: 8, 4: 6}   # projection pixels per block, by output blocks
 L1_BUDGET = 32 * 1024  # bytes of freshly expanded rows a work item may leave for its taps
 
 

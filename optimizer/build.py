@@ -20,7 +20,13 @@ CACHE = Path(os.environ.get("WPK_KERNEL_CACHE", Path(tempfile.gettempdir()) / "w
 # spin-wait between kernels would steal them (catastrophic on 2 cores). Sleep instead; this must
 # be set before libgomp loads, i.e. before the first kernel library is opened.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+# GCC 12's predictive commoning (an -O3 pass) can carry an output vector across loop
+# iterations: it loads the neighbour a *different thread* writes and stores the stale value
+# back after the loop. Harmless on one thread, wrong results on many (seen on 16 cores: the
+# Winograd NCHWc kernel lost tiles). Every generated kernel writes shared outputs in parallel.
+NO_INVENTED_STORES = ["-fno-predictive-commoning"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
+          *NO_INVENTED_STORES]
 
 
 def compiler() -> str:

@@ -51,6 +51,7 @@ LINK_FLAGS = ["-shared", "-fPIC"]
 # x86-64-v4 (AVX-512 F/BW/CD/DQ/VL), not -march=native: a slice's library then runs on every
 # AVX-512 machine its directory is copied to (`runs_here` checks the flags before loading it)
 OBJECT_FLAGS = ["-O3", "-march=x86-64-v4", "-mtune=native", "-fPIC", "-fno-math-errno",
+                *build.NO_INVENTED_STORES,
                 "-fvisibility=hidden",
                 # the kernels' pool calls go to this library's ParallelFor bridge, never to a
                 # pool library the process may have loaded globally for segment kernels

@@ -91,6 +91,28 @@ def test_nchwc_kernels_match_onnxruntime_inside_its_session(case, tmp_path):
         assert error < winograd.TOLERANCE, (m, split, error)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a race needs two threads")
+def test_kernels_split_for_many_threads_give_the_same_output_on_every_run(tmp_path):
+    """A kernel sized for 16 threads here splits 12 tiles into 12 one-tile items, so
+    neighbouring tiles are written by different threads at once. GCC 12's predictive
+    commoning once made such a kernel reload a neighbour's output and store it back stale
+    (wrong tiles in 20-70 % of runs; first seen on a 16-core box)."""
+    case = (64, 64, 6, 5, (2, 1, 2, 2), True, True, True)
+    model = _conv_model(*case)
+    offline = _offline(model, tmp_path)
+    feeds, expected = conv_case_feeds(model, case, RNG)
+    sites = ort_ops.nchwc_sites(offline, model, m=2, split="tiles", threads=16)
+    library = ort_ops.build_library([ort_ops.op_kernel(sites[0], 0)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ort_ops.custom_op_model(offline, sites).SerializeToString(),
+                                   options, providers=["CPUExecutionProvider"])
+    errors = [np.linalg.norm(session.run(None, feeds)[0] - expected) / np.linalg.norm(expected)
+              for _ in range(60)]
+    assert max(errors) < winograd.TOLERANCE, sum(e >= winograd.TOLERANCE for e in errors)
+
+
 def test_partial_blocks_are_left_to_onnxruntime(tmp_path):
     """17 input or 40 output channels: ONNX Runtime pads the blocks (or feeds NCHW to an
     NCHWc Conv); such convolutions are not sites."""

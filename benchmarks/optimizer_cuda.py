@@ -32,6 +32,9 @@ def main() -> int:
     except Exception as error:
         print(f"optimizer_cuda: skipped ({type(error).__name__}: {error}); needs a GPU + torch")
         return 0
+    # full fp32 on both sides: PyTorch's cuDNN convolutions default to TF32 on Ampere and later
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     ok, why = pycuda_available()
     print("pycuda:", "yes" if ok else why + " (using CuPy)")
     rng = np.random.default_rng(0)

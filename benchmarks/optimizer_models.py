@@ -4,6 +4,7 @@ within an accuracy budget. Baseline and optimized are timed side by side in the 
 (interleaved rounds).
 
     python benchmarks/optimizer_models.py [--trials 24] [--int8-budget 0.05] [--models mlp,...]
+                                          [--fp32-only]
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=3)
     parser.add_argument("--int8-budget", type=float, default=0.05)
     parser.add_argument("--models", default=",".join(EXAMPLES))
+    parser.add_argument("--fp32-only", action="store_true",
+                        help="skip the lossy search (a quick check of the fp32 target)")
     args = parser.parse_args()
     console = Console()
     table = Table(title=f"example models: ONNX Runtime defaults vs WPK ({hardware_id()})")
@@ -56,6 +59,12 @@ def main() -> None:
                           "fp32": lambda: opt32.run(out_names, feed)}, rounds=20, repeats=20,
                          settle_s=SETTLE_S)
         del opt32
+        if args.fp32_only:
+            row = (name, f"{t32['default']:.3f}", f"{t32['fp32']:.3f}",
+                   f"{t32['default'] / t32['fp32']:.2f}x", fp32.chosen, "-", "-", "-", "-")
+            table.add_row(*row)
+            console.print(" | ".join(row))
+            continue
         lossy = pipeline.optimize(model, work / f"{name}-int8", pipeline.Options(
             budget=pipeline.Budget(args.trials), operator_limit=0, per_operator=False,
             accuracy_budget=args.int8_budget, log_path=log), name=name)

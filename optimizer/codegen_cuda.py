@@ -16,6 +16,9 @@ from wpk.optimizer.dsl import Compute
 from wpk.optimizer.space import Config, Knob, Space
 
 
+FLT_MAX = "3.402823466e+38f"
+
+
 def cuda_space() -> Space:
     return Space([Knob("block", (64, 128, 256, 512)), Knob("unroll", (1, 2, 4, 8)),
                   Knob("reduce_order", ("default", "reversed"))])
@@ -60,8 +63,8 @@ def lower_cuda(compute: Compute, config: Config | None = None) -> str:
     lines += ["  }"] * len(reduce)
     epilogue = c.epilogue or "v"
     lines += [f"  {{ const float v = acc; {c.output.name}[{c.out_index}] = {epilogue}; }}", "}"]
-    header = "#include <float.h>\n" if "FLT_MAX" in "\n".join(lines) else ""
-    return header + "\n".join(lines) + "\n"
+    # NVRTC (CuPy's compiler) has no C library headers, so no <float.h>: spell FLT_MAX out
+    return re.sub(r"\bFLT_MAX\b", FLT_MAX, "\n".join(lines)) + "\n"
 
 
 def grid(compute: Compute, config: Config) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -45,3 +45,11 @@ def test_generated_cuda_matches_c_kernel_on_gpu(compute):
     out, _ = codegen_cuda.run_on_gpu(compute, {"block": 128, "unroll": 2,
                                                "reduce_order": "default"}, arrays)
     np.testing.assert_allclose(out, cpu[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compute", COMPUTES, ids=lambda c: c.name)
+def test_generated_cuda_needs_no_headers(compute):
+    """NVRTC, which CuPy compiles with, has no C library headers (max-pool's -FLT_MAX once
+    pulled in <float.h> and failed there)."""
+    for config in list(codegen_cuda.cuda_space())[::7]:
+        assert "#include" not in codegen_cuda.lower_cuda(compute, config)

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="wire codec on every link (raw, fp16, int8, ...+zstd)")
     parser.add_argument("--link", default="tcp,grpc",
                         help="tier-to-tier links to compare, side by side (tcp, grpc or both)")
-    parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
+    parser.add_argument("--run", choices=("auto", "inline", "thread", "alone"), default="auto",
                         help="wpk-serve --run for every tier (where slices run)")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

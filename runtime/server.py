@@ -105,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default; off here: spinning threads take the cores gRPC needs)")
     parser.add_argument("--workers", type=int, default=1,
                         help="slice runs at once on this tier (default 1)")
-    parser.add_argument("--run", choices=("auto", "inline", "thread"), default="auto",
+    parser.add_argument("--run", choices=("auto", "inline", "thread", "alone"), default="auto",
                         help="where the slice runs: on the event loop (inline), in a worker "
-                        "thread, or auto: inline when it takes under 5 ms (default)")
+                        "thread, on the loop only while no other request is in flight (alone), "
+                        "or auto (default): a slice under 5 ms inline on fewer than 4 cores, "
+                        "alone on more; slower slices in a thread")
     parser.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "

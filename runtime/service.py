@@ -14,6 +14,7 @@ its host pass inputs and receive outputs through registered /dev/shm regions.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,10 +45,22 @@ from wpk.runtime.wire import (build_response, parameter_value, parse_inputs, pay
 LINKS = ("tcp", "grpc")
 DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
 DEADLINE_MARGIN_S = 0.02        # kept back so our own error reaches the caller in time
-INLINE_BELOW_S = 0.005          # `--run auto`: slices faster than this run on the event loop
-# (the entry tier; tensor-link requests always run in their connection's thread). Measured
-# on 2 cores with the tensor link: resnet_like's 1.2 ms entry slice inline instead of in a
-# worker thread: per hop -10 %, pipelined throughput +8-13 %, entry CPU per request -5-10 %.
+# `--run auto` (the gRPC path; tensor-link requests always run in their connection's thread):
+INLINE_BELOW_S = 0.005          # slices faster than this may run on the event loop:
+INLINE_BELOW_CORES = 4          # always where this process has fewer cores than this, else
+# only while no other request is in flight. Measured on 2 cores with the tensor link:
+# resnet_like's 1.2 ms entry slice inline instead of in a worker thread: per hop -10 %,
+# pipelined throughput +8-13 %, entry CPU per request -5-10 %. On 16 cores, always in a
+# worker: throughput +20-30 % (the slice overlaps the loop's gRPC work on another core), but
+# one request at a time pays the hand-off, ~100 us per hop; "alone" keeps both gains.
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -105,11 +118,22 @@ class TierService:
         self.slice_outputs = list(self.tier.slice_outputs)
         self.models = self._models(index == 0)
         self.slice_seconds = self._warm_up()
-        if run not in ("auto", "inline", "thread"):
-            raise WpkError(f"--run {run!r}: expected auto, inline or thread")
-        # Inline saves the thread hand-off (~50-100 us) but blocks the event loop while the
-        # slice runs; worth it only for fast slices.
-        self.inline = run == "inline" or (run == "auto" and self.slice_seconds < INLINE_BELOW_S)
+        if run not in ("auto", "inline", "thread", "alone"):
+            raise WpkError(f"--run {run!r}: expected auto, inline, thread or alone")
+        self.placement = self._placement(run)
+        self.in_flight = 0   # gRPC requests between receipt and answer
+        self.slice_runs = {"loop": 0, "worker": 0}   # where the gRPC path's slices ran
+
+    def _placement(self, run: str) -> str:
+        """Where the slice runs: "inline" on the event loop, "thread" in a worker, "alone" on
+        the loop while it is the only request in flight. Inline saves the thread hand-off
+        (~50-100 us) but blocks the loop while the slice runs: worth it for fast slices, and
+        with cores to spare only when no other request needs the loop meanwhile."""
+        if run != "auto":
+            return run
+        if self.slice_seconds >= INLINE_BELOW_S:
+            return "thread"
+        return "inline" if usable_cores() < INLINE_BELOW_CORES else "alone"
 
     def _warm_up(self, runs: int = 5) -> float:
         """Run the slice on zeros a few times (first runs are slow); median seconds per run."""
@@ -323,6 +347,7 @@ class TierService:
         `remaining`: seconds left of the caller's deadline (None: no deadline)."""
         model_name = request.model_name
         deadline = None if remaining is None else time.monotonic() + remaining
+        self.in_flight += 1
         try:
             self.metrics.add_bytes("in", payload_bytes(request))
             model = self._model(model_name)
@@ -351,6 +376,8 @@ class TierService:
             return response
         except TensorError as error:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        finally:
+            self.in_flight -= 1
 
     def _output_targets(self, request, model_name: str) -> dict:
         """Requested outputs to write into shared memory (see shared_memory)."""
@@ -369,9 +396,12 @@ class TierService:
     async def _run_slice(self, arrays: dict[str, np.ndarray],
                          deadline: float | None = None) -> dict[str, np.ndarray]:
         """Slice outputs plus the tier's inputs (passthrough tensors), on the loop or in a
-        worker (see `inline`)."""
-        if self.runner is None or self.inline:
+        worker (see `_placement`)."""
+        if self.runner is None or self.placement == "inline" or (
+                self.placement == "alone" and self.in_flight <= 1):
+            self.slice_runs["loop"] += 1
             return self._slice(arrays, deadline)
+        self.slice_runs["worker"] += 1
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, self._slice, arrays, deadline)
 

@@ -64,8 +64,10 @@ class Pipeline:
 
     def __init__(self, plan_dir: Path, *, hop_timeout: float = 5.0,
                  next_override: dict[str, str] | None = None, metrics: bool = False,
-                 link: str | dict[str, str] = "tcp", tls_dir: Path | None = None):
-        """`link`: every tier's `--link`, or one per tier name (tcp where not named)."""
+                 link: str | dict[str, str] = "tcp", tls_dir: Path | None = None,
+                 run: str = "auto"):
+        """`link`: every tier's `--link`, or one per tier name (tcp where not named);
+        `run`: every tier's `--run`."""
         self.plan_dir = plan_dir
         self.plan = load_plan(plan_dir)
         self.loop = asyncio.new_event_loop()
@@ -77,6 +79,7 @@ class Pipeline:
         self._tasks: dict[str, asyncio.Task] = {}
         self.link = link if isinstance(link, dict) else {t.name: link for t in self.plan.tiers}
         self.tls_dir = tls_dir
+        self.run = run
         self.services: dict[str, object] = {}   # tier -> its TierService (to look inside)
         self._run(self._start(hop_timeout, next_override or {}, metrics))
 
@@ -92,7 +95,7 @@ class Pipeline:
             task = asyncio.ensure_future(serve(
                 str(self.plan_dir), tier.name, port=0,
                 next_address=next_override.get(tier.name, next_address), threads=1,
-                hop_timeout=hop_timeout, metrics_port=0 if metrics else None,
+                hop_timeout=hop_timeout, metrics_port=0 if metrics else None, run=self.run,
                 link=self.link.get(tier.name, "tcp"), tls_dir=str(self.tls_dir) if self.tls_dir else None,
                 ready=ready, stop=stop, announce=lines.append))
             done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())],

@@ -441,3 +441,35 @@ def test_deliver_to_a_later_tier_still_answers_the_caller(tmp_path, deliver_to):
                                        atol=1e-5)
     finally:
         pipeline.close()
+
+
+@pytest.mark.parametrize("run", ["alone", "thread", "inline"])
+def test_every_slice_placement_answers_a_burst_exactly(plans, run):
+    """--run alone (auto's choice on 4+ cores) runs a request's slice on the event loop while
+    it is the only one in flight and in the worker once others wait; the answers must not
+    depend on where the slice ran."""
+    pipeline = Pipeline(plans["resnet"], run=run)
+    entry = pipeline.services["device"]
+    assert entry.placement == run
+    burst = [model_feeds(plans["resnet"], seed=seed) for seed in range(16)]
+
+    async def calls():
+        async with InferenceClient(pipeline.entry, stream=True, timeout=20) as client:
+            alone = await client.infer("resnet_like", burst[0])
+            runs_alone = dict(entry.slice_runs)
+            together = await asyncio.gather(*(client.infer("resnet_like", f) for f in burst))
+            return [alone, *together], runs_alone
+
+    try:
+        answers, runs_alone = asyncio.run(calls())
+    finally:
+        pipeline.close()
+    for answer, feeds in zip(answers, [burst[0], *burst]):
+        np.testing.assert_allclose(answer["gemm_77_out"],
+                                   reference(plans["resnet"], feeds)["gemm_77_out"],
+                                   rtol=1e-5, atol=1e-6)
+    if run == "alone":
+        assert runs_alone == {"loop": 1, "worker": 0}
+        assert entry.slice_runs["worker"] > 0, entry.slice_runs
+    else:
+        assert entry.slice_runs[{"thread": "worker", "inline": "loop"}[run]] == 17

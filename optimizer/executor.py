@@ -64,12 +64,16 @@ def _custom_ops_library(directory: Path, entry: dict) -> str | None | bool:
     name = entry.get("custom_ops")
     if not name:
         return None
-    from wpk.optimizer.ort_ops import runs_here
+    from wpk.optimizer.ort_ops import LIBRARY_BUILD, runs_here
 
     ok, why = runs_here()
     path = directory / name
     if not ok or not path.is_file():
         _warn_plain(directory, why if not ok else f"{path} is missing")
+        return False
+    if entry.get("library_build", 1) < LIBRARY_BUILD:
+        _warn_plain(directory, f"{path} was built by an older wpk whose kernels could give "
+                    f"wrong results on many cores; run wpk-optimize again")
         return False
     return str(path)
 

@@ -36,6 +36,10 @@ NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
 # custom op type per kernel kind (KernelSpec.op)
 OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv"}
 LIBRARY_FILE = "wpk_ops.so"
+# Bumped when a saved library must not be trusted any more; an optimized directory records
+# the build its library came from. 2: built with build.NO_INVENTED_STORES (build 1 libraries
+# could lose output tiles when split over many threads).
+LIBRARY_BUILD = 2
 # ONNX Runtime >= 1.17: the first C API level with KernelContext_ParallelFor
 API_LEVEL = 17
 # OrtApi table indices (positions in struct OrtApi; the table only ever grows at its end)

@@ -481,7 +481,8 @@ def save_custom_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Pa
     shutil.copyfile(inside.library, out_dir / ort_ops.LIBRARY_FILE)
     inputs, outputs = _io(model)
     segment = {"type": "ort", "model": "model.onnx", "offline_model": "model.wpk.onnx",
-               "custom_ops": ort_ops.LIBRARY_FILE, "inputs": [i["name"] for i in inputs],
+               "custom_ops": ort_ops.LIBRARY_FILE, "library_build": ort_ops.LIBRARY_BUILD,
+               "inputs": [i["name"] for i in inputs],
                "outputs": [o["name"] for o in outputs]}
     ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
            "outputs": outputs}

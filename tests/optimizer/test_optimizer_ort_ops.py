@@ -3,8 +3,11 @@ of the installed ONNX Runtime, the NCHWc kernels inside ONNX Runtime's own saved
 ONNX Runtime, bad inputs are clear errors, and an optimized directory built this way loads
 (and falls back to plain ONNX Runtime where its kernels cannot run)."""
 import ctypes
+import json
 import os
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from wpk.optimizer import ort_ops, passes, winograd
-from wpk.optimizer.executor import load
+from wpk.optimizer.executor import MANIFEST, load
 from wpk.optimizer.pipeline import save_custom_ops
 from wpk.optimizer.selection import select_custom_ops
 from wpk.optimizer.session import DEFAULT_SESSION
@@ -210,6 +213,18 @@ def test_selected_slice_loads_and_falls_back_to_plain_onnxruntime(tmp_path, monk
     assert plain.segments[0].model_file == "model.onnx"
     assert any("no AVX-512 (test)" in str(w.message) for w in caught)
     assert np.allclose(plain.run(None, feed)[0], expected, rtol=1e-5, atol=1e-6)
+    # a library from before the build the directory records is never trusted
+    monkeypatch.undo()
+    directory = Path(shutil.copytree(directory, tmp_path / "opt-old"))
+    manifest = directory / MANIFEST
+    stale = json.loads(manifest.read_text())
+    assert stale["segments"][0].pop("library_build") == ort_ops.LIBRARY_BUILD
+    manifest.write_text(json.dumps(stale))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = load(directory)
+    assert old.segments[0].model_file == "model.onnx"
+    assert any("run wpk-optimize again" in str(w.message) for w in caught)
 
 
 def test_custom_op_graph_keeps_no_unused_initializers(tmp_path):

@@ -277,6 +277,8 @@ class Emulation:
             argv += ["--link-port", str(link_port)]
         if self.tls_dir is not None:
             argv += ["--tls-dir", str(self.tls_dir)]
+        if tier in self.cpu:  # limited below one core after it starts (too late for auto)
+            argv += ["--run", "inline"]
         process = self._spawn(tier, f"wpk-serve-{tier}", argv, READY_MARK)
         if tier in self.cpu:
             from wpk.deploy.cpulimit import CpuLimit

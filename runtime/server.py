@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the slice runs: on the event loop (inline), in a worker "
                         "thread, on the loop only while no other request is in flight (alone), "
                         "or auto (default): a slice under 5 ms inline on fewer than 4 cores, "
-                        "alone on more; slower slices in a thread")
+                        "alone on 4 or more; slower slices in a thread")
     parser.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "

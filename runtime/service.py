@@ -14,6 +14,7 @@ its host pass inputs and receive outputs through registered /dev/shm regions.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +57,34 @@ INLINE_BELOW_CORES = 4          # always where this process has fewer cores than
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    """Cores this process may use: its affinity mask (taskset, a cpuset), capped by a cgroup v2
+    CPU quota (`docker --cpus`, Kubernetes limits), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return min(cores, math.ceil(quota)) if quota else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup v2 `cpu.max` allows (None: no quota, or no
+    cgroup v2)."""
+    try:
+        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines()
+                    if x.startswith("0::"))
+        quota, period = (root / line[3:].lstrip("/") / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
+    """`callback` on `loop` from another thread; nothing once the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,8 @@ class TierService:
             raise WpkError(f"--run {run!r}: expected auto, inline, thread or alone")
         self.placement = self._placement(run)
         self.in_flight = 0   # gRPC requests between receipt and answer
+        self.in_worker = 0   # slices handed to the worker and not finished (a request that
+        # gave up on its slice leaves it running there)
         self.slice_runs = {"loop": 0, "worker": 0}   # where the gRPC path's slices ran
 
     def _placement(self, run: str) -> str:
@@ -397,13 +423,21 @@ class TierService:
                          deadline: float | None = None) -> dict[str, np.ndarray]:
         """Slice outputs plus the tier's inputs (passthrough tensors), on the loop or in a
         worker (see `_placement`)."""
-        if self.runner is None or self.placement == "inline" or (
-                self.placement == "alone" and self.in_flight <= 1):
+        if self.runner is None:
+            return self._slice(arrays, deadline)
+        if self.placement == "inline" or (self.placement == "alone" and self.in_flight <= 1
+                                          and self.in_worker == 0):
             self.slice_runs["loop"] += 1
             return self._slice(arrays, deadline)
         self.slice_runs["worker"] += 1
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._slice, arrays, deadline)
+        loop = asyncio.get_running_loop()
+        self.in_worker += 1
+        running = self.executor.submit(self._slice, arrays, deadline)
+        running.add_done_callback(lambda _: _call_soon(loop, self._worker_done))
+        return await asyncio.wrap_future(running)
+
+    def _worker_done(self) -> None:
+        self.in_worker -= 1
 
     def _slice(self, arrays: dict[str, np.ndarray],
                deadline: float | None = None) -> dict[str, np.ndarray]:

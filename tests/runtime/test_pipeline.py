@@ -473,3 +473,46 @@ def test_every_slice_placement_answers_a_burst_exactly(plans, run):
         assert entry.slice_runs["worker"] > 0, entry.slice_runs
     else:
         assert entry.slice_runs[{"thread": "worker", "inline": "loop"}[run]] == 17
+
+
+def test_alone_never_runs_a_slice_beside_one_a_gone_request_left_in_the_worker(plans):
+    """A request that gives up (deadline, caller gone) while its slice runs in the worker
+    leaves that slice running: the next request, alone in flight, must queue behind it in the
+    worker (`--workers 1`: one slice at a time), not start a second slice on the loop."""
+    from wpk.plan import load_plan
+    from wpk.runtime.service import TierService
+
+    service = TierService(load_plan(plans["resnet"]), plans["resnet"], "cloud", None,
+                          run="alone")
+    release, running = threading.Event(), []
+    overlaps, threads = [], []
+
+    def gated_slice(arrays, deadline=None):   # stands in for a slow slice
+        overlaps.append(len(running))
+        running.append(1)
+        threads.append(threading.current_thread())
+        release.wait(10)
+        running.pop()
+        return dict(arrays)
+
+    service._slice = gated_slice
+
+    async def scenario():
+        service.in_flight = 2                 # another request is in flight: to the worker
+        first = asyncio.ensure_future(service._run_slice({}))
+        await asyncio.sleep(0.05)
+        first.cancel()                        # its caller gives up; the slice runs on
+        service.in_flight = 1                 # the next request is alone in flight
+        second = asyncio.ensure_future(service._run_slice({}))
+        await asyncio.sleep(0.05)
+        release.set()
+        await second
+        await asyncio.sleep(0.05)             # the worker's done-callback reaches the loop
+        return threading.current_thread()
+
+    try:
+        loop_thread = asyncio.run(scenario())
+    finally:
+        service.executor.shutdown(wait=True)
+    assert overlaps == [0, 0] and all(t is not loop_thread for t in threads)
+    assert service.in_worker == 0 and service.slice_runs == {"loop": 0, "worker": 2}

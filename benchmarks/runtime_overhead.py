@@ -14,7 +14,9 @@ between them round by round.
     device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; the same
     with the client's input in system shared memory instead of in the gRPC message; and the
     tier-to-tier hops alone: the second tier sent what the first forwards, over the link
-    under test, (latency - its stages) / 2;
+    under test, (latency - its stages) / 2; and where the overhead goes, from the tiers' own
+    metrics: the client hop (latency less the entry tier's stay) and each tier's stay less
+    its slice and the next tier's stay;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
     >= 80 %). Every tier and every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
@@ -146,14 +148,16 @@ async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: i
     return count / elapsed
 
 
-def slice_seconds(metrics_url: str) -> float:
-    """Mean slice run time inside a tier server so far, from its /metrics."""
+def mean_seconds(metrics_url: str, metric: str = "wpk_slice_seconds") -> float:
+    """Mean of a tier server's histogram so far (every label summed), from its /metrics:
+    `wpk_slice_seconds` (its slice alone) or `wpk_request_seconds` (a request's whole stay
+    in the tier, the next tiers' time included)."""
     import re
     import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    total = float(re.search(r"wpk_slice_seconds_sum\{[^}]*\} (\S+)", text).group(1))
-    count = float(re.search(r"wpk_slice_seconds_count\{[^}]*\} (\S+)", text).group(1))
+    total = sum(map(float, re.findall(metric + r"_sum\{[^}]*\} (\S+)", text)))
+    count = sum(map(float, re.findall(metric + r"_count\{[^}]*\} (\S+)", text)))
     return total / max(count, 1)
 
 
@@ -256,8 +260,10 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                                        slice_time, t[(k, "shm_stream")])
                     await sample_async(second[k], slice_time, t[(k, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
-            in_tier = {k: [slice_seconds(handle.metrics_url) for handle in d.tiers]
+            in_tier = {k: [mean_seconds(handle.metrics_url) for handle in d.tiers]
                        for k, d in zip(links, deployments)}
+            stays = {k: [mean_seconds(handle.metrics_url, "wpk_request_seconds")
+                         for handle in d.tiers] for k, d in zip(links, deployments)}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
             rates: dict = {(k, n): [] for k in links for n in IN_FLIGHT}
             cpu = {k: {"pids": [h.process.pid for h in d.tiers] + [os.getpid()]}
@@ -272,7 +278,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                     sample(stages[slowest], slice_time, stage_alone)
             for client in clients:
                 await client.close()
-            return {"latency": latency, "in_tier": in_tier, "cpu": {
+            return {"latency": latency, "in_tier": in_tier, "stays": stays, "cpu": {
                         k: [c / max(v["requests"], 1) for c in v["seconds"]]
                         for k, v in cpu.items()},
                     "rates": {key: statistics.median(v) for key, v in rates.items()},
@@ -299,11 +305,22 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             * 1e6,
             "per_hop_in_tier_us": (stream - sum(measured["in_tier"][k])) / hops * 1e6,
             "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
+            "own_us": own_times(stream, measured["stays"][k], measured["in_tier"][k]),
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
             "rates": {n: measured["rates"][(k, n)] for n in IN_FLIGHT},
             "cpu_per_request": measured["cpu"][k],
             "stage_rate": measured["stage_rate"], "ceiling": ceiling})
     return results
+
+
+def own_times(latency: float, stays: list[float], slices: list[float]) -> list[float]:
+    """Where one request's overhead goes (us), from the tiers' own metrics: the client hop
+    (the client's latency less the entry tier's stay), then each tier's stay less its slice
+    and the next tier's stay (for the entry and middle tiers this includes the hop to the
+    next tier). Means over every request a tier served, whichever client sent it."""
+    downstream = [*stays[1:], 0.0]
+    return [(latency - stays[0]) * 1e6, *((stay - piece - after) * 1e6 for stay, piece, after
+                                         in zip(stays, slices, downstream))]
 
 
 class Echo:
@@ -372,7 +389,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                    "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
                    "per hop us, input in shm (unary | stream)",
                    "per hop us (stream), in-tier compute", "tier->tier hop us",
-                   "bytes in -> links", "< 300 us"):
+                   "own us: client hop | each tier", "bytes in -> links", "< 300 us"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["name"], r["link"], f"{r['t_whole'] * 1e3:.2f}",
@@ -382,6 +399,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                       f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f}",
                       f"{r['per_hop_shm_us']:.0f} | {r['per_hop_shm_stream_us']:.0f}",
                       f"{r['per_hop_in_tier_us']:.0f}", f"{r['tier_hop_us']:.0f}",
+                      " | ".join(f"{t:.0f}" for t in r["own_us"]),
                       f"{r['input_bytes'] / 1e3:.0f}k -> "
                       + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),
                       "yes" if r["per_hop_stream_us"] < 300 else "NO")

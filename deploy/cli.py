@@ -12,6 +12,7 @@ import sys
 import threading
 from typing import Callable
 
+from wpk import cli_args
 from wpk.errors import cli_entry
 
 
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "ConfigMap with the plan, kustomization.yaml)")
     parser.add_argument("--name", help="model name to serve (default: the plan's)")
     local = parser.add_argument_group("--local")
-    local.add_argument("--port", type=int, default=8001,
+    local.add_argument("--port", type=cli_args.port, default=8001,
                        help="entry tier's gRPC port (default 8001); others take free ports")
     local.add_argument("--host", default="127.0.0.1", help="address every tier binds")
     local.add_argument("--threads", type=int, default=0,

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
 from wpk.runtime import protocol as pb
 
@@ -264,11 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the measurement as JSON")
     parser.add_argument("--rtt-samples", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="transfers per size")
-    parser.add_argument("--min-kb", type=int, default=16, help="smallest payload, KiB")
+    parser.add_argument("--min-kb", type=cli_args.positive_int, default=16,
+                        help="smallest payload, KiB")
     parser.add_argument("--max-mb", type=float, default=16, help="largest payload, MiB")
     parser.add_argument("--max-seconds", type=float, default=10.0, help="time budget")
     parser.add_argument("--max-requests", type=int, default=200, help="request budget")
-    parser.add_argument("--connect-timeout", type=float, default=5.0,
+    parser.add_argument("--connect-timeout", type=cli_args.positive_float, default=5.0,
                         help="seconds to wait for the server (default 5)")
     return parser
 

@@ -10,6 +10,7 @@ import asyncio
 import signal
 import sys
 
+from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
@@ -57,27 +58,31 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     if bound == 0:
         raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (port in use?)")
     await service.start(host, link_port, max_message_bytes)
-    await server.start()
     metrics_server = None
-    metrics_text = ""
-    if metrics_port is not None:
-        metrics_server = await serve_metrics(service.metrics, host, metrics_port)
-        metrics_bound = metrics_server.sockets[0].getsockname()[1]
-        metrics_text = f" metrics http://{host}:{metrics_bound}/metrics"
-    if service.link_server is not None:
-        metrics_text += f" tensor-link {host}:{service.link_server.port}"
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    announce(f"wpk-serve: tier {tier} of {service.name} {READY_MARK} {host}:{bound} "
-             f"(models: {', '.join(service.models)}){metrics_text}")
-    if ready is not None:
-        ready.port = bound  # type: ignore[attr-defined]
-        ready.service = service  # type: ignore[attr-defined]
-        ready.set()
     try:
+        metrics_text = ""
+        if metrics_port is not None:
+            try:
+                metrics_server = await serve_metrics(service.metrics, host, metrics_port)
+            except OSError as error:
+                raise WpkError(f"tier {tier!r}: cannot serve metrics on {host}:{metrics_port} "
+                               f"({error.strerror or error})") from None
+            metrics_bound = metrics_server.sockets[0].getsockname()[1]
+            metrics_text = f" metrics http://{host}:{metrics_bound}/metrics"
+        await server.start()
+        if service.link_server is not None:
+            metrics_text += f" tensor-link {host}:{service.link_server.port}"
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        announce(f"wpk-serve: tier {tier} of {service.name} {READY_MARK} {host}:{bound} "
+                 f"(models: {', '.join(service.models)}){metrics_text}")
+        if ready is not None:
+            ready.port = bound  # type: ignore[attr-defined]
+            ready.service = service  # type: ignore[attr-defined]
+            ready.set()
         await stop.wait()
     finally:
         await server.stop(grace=1.0)
@@ -92,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Protocol (KServe v2 gRPC), forwarding cut tensors to the next tier.")
     parser.add_argument("plan_dir", metavar="PLAN_DIR", help="directory written by wpk-partition")
     parser.add_argument("--tier", required=True, help="which tier of the plan to serve")
-    parser.add_argument("--port", type=int, default=8001, help="gRPC port (0: any free port)")
+    parser.add_argument("--port", type=cli_args.port, default=8001,
+                        help="gRPC port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (0.0.0.0 for every interface)")
     parser.add_argument("--next", dest="next_address", metavar="HOST:PORT",
+                        type=cli_args.host_port,
                         help="the next tier's server (required unless this tier is the last)")
     parser.add_argument("--name", help="model name to serve (default: the plan's)")
     parser.add_argument("--threads", type=int, default=0,
@@ -114,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "
                         "(ModelStreamInfer streams only). With --tls-dir: grpc")
-    parser.add_argument("--link-port", type=int, default=0,
+    parser.add_argument("--link-port", type=cli_args.port, default=0,
                         help="port of this tier's tensor link (default 0: any free port)")
     parser.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                         help="do not serve Triton's system shared-memory extension (served by "
@@ -123,12 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mutual TLS: ca.pem, TIER.pem and TIER.key in DIR (wpk-deploy "
                         "--tls writes them); peers without a certificate from that CA are "
                         "refused")
-    parser.add_argument("--metrics-port", type=int, default=None,
+    parser.add_argument("--metrics-port", type=cli_args.port, default=None,
                         help="serve Prometheus /metrics on this port (0: any free port)")
     parser.add_argument("--max-message-mb", type=int,
                         default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
                         help="largest gRPC message sent or received, MiB (default 256)")
-    parser.add_argument("--hop-timeout", type=float, default=DEFAULT_HOP_TIMEOUT_S,
+    parser.add_argument("--hop-timeout", type=cli_args.positive_float,
+                        default=DEFAULT_HOP_TIMEOUT_S,
                         help="seconds to wait for the next tier when the caller set no "
                         "deadline (default 60)")
     return parser
@@ -139,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads < 0 or args.workers < 1 or args.max_message_mb < 1:
         raise WpkError("--threads must be >= 0, --workers and --max-message-mb >= 1")
-    if args.next_address and ":" not in args.next_address:
-        raise WpkError(f"--next {args.next_address!r}: expected HOST:PORT")
     announce = lambda line: print(line, flush=True)  # noqa: E731
     with one_line_warnings():  # e.g. an OpenVINO slice served by ONNX Runtime: one line
         asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,

@@ -13,7 +13,8 @@ class WpkError(Exception):
 
 
 def cli_entry(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wrap a CLI `main` so that a WpkError prints `wpk: error: ...` and exits 2, no traceback."""
+    """Wrap a CLI `main` so that a WpkError, or an OSError (a file or port the user named that
+    cannot be used), prints `wpk: error: ...` and exits 2, no traceback."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
@@ -22,11 +23,23 @@ def cli_entry(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
         except WpkError as error:
             print(f"wpk: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:  # a path or port the tool could not use: the system's words
+            print(f"wpk: error: {os_error_line(error)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("wpk: interrupted", file=sys.stderr)
             return 130
 
     return wrapped
+
+
+def os_error_line(error: OSError) -> str:
+    """`PATH: reason` for an OSError about a file (`out/x: Is a directory`), else its text."""
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return reason
+    other = f" -> {error.filename2}" if error.filename2 is not None else ""
+    return f"{error.filename}{other}: {reason}"
 
 
 def print_warning(message: str) -> None:

@@ -1,0 +1,66 @@
+"""wpk-serve refuses bad flag values at parse time, and a metrics port it cannot bind is one
+line, not a traceback."""
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from wpk import cli_args
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wpk.runtime.server", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "argument --port: 70000 is not a port number (0-65535)"),
+    (["--port", "-1"], "argument --port: -1 is not a port number"),
+    (["--link-port", "65536"], "argument --link-port: 65536 is not a port number"),
+    (["--metrics-port", "-3"], "argument --metrics-port: -3 is not a port number"),
+    (["--next", ":18602"], "argument --next: ':18602' is not HOST:PORT"),
+    (["--next", "edge:99999"], "99999 is not a port number (1-65535)"),
+    (["--hop-timeout", "0"], "argument --hop-timeout: 0 must be more than 0"),
+    (["--hop-timeout", "inf"], "'inf' is not a finite number"),
+])
+def test_bad_flag_values_are_refused(plans, flags, message):
+    result = serve(str(plans["mlp"]), "--tier", "cloud", *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line(plans):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(str(plans["mlp"]), "--tier", "cloud", "--port", "0",
+                       "--metrics-port", str(port))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"wpk: error: tier 'cloud': cannot serve metrics on "
+                                    f"127.0.0.1:{port}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("kind, text, value", [
+    (cli_args.port, "0", 0), (cli_args.port, "65535", 65535), (cli_args.positive_int, "1", 1),
+    (cli_args.non_negative_int, "0", 0), (cli_args.positive_float, "0.001", 0.001),
+    (cli_args.non_negative_float, "0", 0.0), (cli_args.host_port, "[::1]:8001", "[::1]:8001"),
+    (cli_args.host_port, "edge.local:1", "edge.local:1"),
+])
+def test_good_values_pass(kind, text, value):
+    assert kind(text) == value
+
+
+@pytest.mark.parametrize("kind, text", [
+    (cli_args.port, "65536"), (cli_args.positive_int, "0"), (cli_args.non_negative_int, "-1"),
+    (cli_args.positive_float, "nan"), (cli_args.non_negative_float, "-0.5"),
+    (cli_args.host_port, "edge"), (cli_args.host_port, "edge:0"), (cli_args.host_port, "[]:1"),
+])
+def test_bad_values_fail(kind, text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        kind(text)

@@ -16,7 +16,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
+from wpk.files import read_text, writable_file
 from wpk.optimizer import calibration, pipeline
 from wpk.optimizer.database import DEFAULT_LOG
 from wpk.optimizer.search import STRATEGIES
@@ -48,16 +50,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="tier of the plan to optimize (repeatable)")
     parser.add_argument("--all-local", action="store_true",
                         help="optimize every tier of the plan on this machine")
-    parser.add_argument("--budget-trials", type=int, default=48,
+    parser.add_argument("--budget-trials", type=cli_args.positive_int, default=48,
                         help="measurements per slice across all searches (default 48)")
-    parser.add_argument("--budget-seconds", type=float, default=None,
+    parser.add_argument("--budget-seconds", type=cli_args.positive_float, default=None,
                         help="wall-clock bound per slice for the searches")
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="ga")
     parser.add_argument("--accuracy-budget", type=float, default=None, metavar="REL",
                         help="allow lossy precision (int8; bf16/fp16 with OpenVINO) up to this "
                              "relative output error, "
                              "e.g. 0.02; default: fp32 only")
-    parser.add_argument("--ops", type=int, default=6,
+    parser.add_argument("--ops", type=cli_args.non_negative_int, default=6,
                         help="heaviest operators to try generated kernels on (0: none)")
     parser.add_argument("--calibration-data", metavar="FILE",
                         help="real input samples for int8 calibration and the accuracy guard: "
@@ -67,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="do not try OpenVINO's CPU plugin as a candidate")
     parser.add_argument("--no-winograd", action="store_true",
                         help="do not try Winograd kernels on 3x3 stride-1 convolutions")
-    parser.add_argument("--samples", type=int, default=3, help="sample inputs for the guard")
+    parser.add_argument("--samples", type=cli_args.positive_int, default=3,
+                        help="sample inputs for the guard")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli_args.non_negative_int, default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -90,6 +93,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
 
     plan = load_plan(target)
     base = target if target.is_dir() else target.parent
+    if args.all_local and args.tier:
+        raise WpkError("--tier and --all-local: give one or the other")
     if args.all_local:
         tiers = [t for t in plan.tiers if t.slice]
     elif args.tier:
@@ -168,15 +173,14 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.budget_trials < 1:
-        raise WpkError("--budget-trials must be at least 1")
     if args.accuracy_budget is not None and not 0 < args.accuracy_budget < 1:
         raise WpkError("--accuracy-budget is a relative error in (0, 1), e.g. 0.02")
+    _check_log(Path(args.log))
     options = pipeline.Options(
         strategy=args.strategy,
         budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
         accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
-        operator_limit=max(args.ops, 1), samples=max(args.samples, 1), log_path=args.log,
+        operator_limit=max(args.ops, 1), samples=args.samples, log_path=args.log,
         seed=args.seed, openvino=not args.no_openvino,
         winograd=not args.no_winograd)
     console = Console(stderr=True, quiet=args.quiet)
@@ -200,24 +204,40 @@ def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False,
                   disable=args.quiet) as progress:
-        for label, path, out, _tier in targets:
+        for label, path, out, tier in targets:
             reports.append(pipeline.optimize(
                 path, out, dataclasses.replace(options, calibration_data=per_target.get(label)),
                 RichProgress(progress, label), name=label))
+            if tier:  # recorded at once: a later tier failing keeps this one's work
+                _record_optimized(Path(args.target), tier)
     for (label, _path, out, _tier), report in zip(targets, reports):
         _summary(console, label, report)
-    if any(t[3] for t in targets):
-        from wpk.plan import load_plan
-
-        plan = load_plan(args.target)
-        for label, _path, out, tier in targets:
-            plan.tier(tier).optimized = f"{OPTIMIZED_DIR}/{tier}"
-        base = Path(args.target)
-        plan.save(base if base.is_dir() else base.parent)
     for (label, _path, out, _tier), report in zip(targets, reports):
         print(f"{label}: {out} ({report.chosen}, {report.speedup:.2f}x vs ONNX Runtime "
               f"defaults)")
     return 0
+
+
+def _check_log(path: Path) -> None:
+    """The tuning log must be readable text (if it exists) and writable, before any tuning."""
+    if path.exists():
+        read_text(path, "tuning log")
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WpkError(f"{path}: cannot create the tuning log's directory "
+                           f"({error.strerror})") from None
+    writable_file(path, "tuning log")
+
+
+def _record_optimized(target: Path, tier: str) -> None:
+    """Point the plan's `tier` at its optimized directory (the runtime loads it from there)."""
+    from wpk.plan import load_plan
+
+    plan = load_plan(target)
+    plan.tier(tier).optimized = f"{OPTIMIZED_DIR}/{tier}"
+    plan.save(target if target.is_dir() else target.parent)
 
 
 if __name__ == "__main__":

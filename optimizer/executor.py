@@ -38,6 +38,8 @@ class OrtSegment:
         self.session = None
         offline = entry.get("offline_model")
         library = _custom_ops_library(directory, entry)
+        if library and offline and not (directory / offline).exists():
+            _warn_plain(directory, f"{directory / offline} is missing")
         if offline and (directory / offline).exists() and library is not False:
             try:  # the tier's own ORT-optimized graph; it may not load on other hardware
                 self.session = make_session(str(directory / offline), session_config,
@@ -108,20 +110,39 @@ class KernelSegment:
         env[self.output] = self.kernel(env)
 
 
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The directory's optimized.json, checked for presence, JSON and format version."""
+    path = directory / MANIFEST
+    if not path.exists():
+        raise WpkError(f"{directory}: no {MANIFEST} (not written by wpk-optimize)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise WpkError(f"{path}: not valid JSON (line {error.lineno})") from None
+    if manifest.get("version") != FORMAT_VERSION:
+        raise WpkError(f"{path}: unsupported format version {manifest.get('version')!r}")
+    return manifest
+
+
+def check_directory(directory: str | Path) -> None:
+    """Every file the directory's segments name is there (before it is shipped elsewhere:
+    loading falls back to plain ONNX Runtime where it can, a copy should not need to)."""
+    directory = Path(directory)
+    for entry in read_manifest(directory)["segments"]:
+        for key in ("model", "offline_model", "custom_ops", "weights"):
+            name = entry.get(key)
+            if name and not (directory / name).is_file():
+                raise WpkError(f"{directory / name}: missing from the optimized directory "
+                               f"(run wpk-optimize again)")
+
+
 class OptimizedSession:
     """Runs an optimized slice; drop-in for `onnxruntime.InferenceSession.run`."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         path = self.directory / MANIFEST
-        if not path.exists():
-            raise WpkError(f"{self.directory}: no {MANIFEST} (not written by wpk-optimize)")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise WpkError(f"{path}: not valid JSON (line {error.lineno})") from None
-        if self.manifest.get("version") != FORMAT_VERSION:
-            raise WpkError(f"{path}: unsupported format version {self.manifest.get('version')!r}")
+        self.manifest = read_manifest(self.directory)
         config = self.manifest["session"]
         self.segments: list[Any] = []
         mixed = any(entry["type"] == "kernel" for entry in self.manifest["segments"])

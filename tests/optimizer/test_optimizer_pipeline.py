@@ -146,6 +146,9 @@ def test_cli_on_a_plan_sets_the_tier_optimized_field(small_cnn, tmp_path):
     (["missing.onnx", "-o", "x"], "no such file"),
     (["{plan}", "--tier", "cloud"], "no tier 'cloud'"),
     (["{plan}"], "--tier"),
+    (["{plan}", "--tier", "edge", "--all-local"], "one or the other"),
+    (["{plan}", "--tier", "edge", "--log", "{plan}"], "is a directory"),
+    (["{plan}", "--tier", "edge", "--log", "{plan}/edge.onnx"], "not UTF-8"),
 ])
 def test_cli_bad_input_is_one_line(args, message, small_cnn, tmp_path):
     from wpk.plan import Plan, TierPlan
@@ -159,6 +162,40 @@ def test_cli_bad_input_is_one_line(args, message, small_cnn, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--samples", "0"], "argument --samples: 0 must be at least 1"),
+    (["--budget-seconds", "-1"], "argument --budget-seconds: -1 must be more than 0"),
+    (["--seed", "-1"], "argument --seed: -1 must be 0 or more"),
+    (["--ops", "x"], "argument --ops: 'x' is not an integer"),
+])
+def test_cli_refuses_bad_numbers_before_any_work(args, message, tmp_path):
+    result = _run_cli(str(tmp_path), "--tier", "edge", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_all_local_keeps_the_tiers_it_finished_when_a_later_one_fails(small_cnn, tmp_path):
+    from wpk.plan import Plan, TierPlan, load_plan
+
+    onnx.save(small_cnn, str(tmp_path / "device.onnx"))
+    (tmp_path / "edge.onnx").write_bytes(b"not an onnx model")
+    out_name = small_cnn.graph.output[0].name
+    tiers = [TierPlan(name=name, slice=f"{name}.onnx", nodes=[], inputs=["image"],
+                      outputs=[out_name], slice_inputs=["image"], slice_outputs=[out_name],
+                      forward=[], results=[out_name], passthrough=[], predicted_compute_ms=1.0)
+             for name in ("device", "edge")]
+    Plan(model={"name": "small"}, objective={}, tiers=tiers, links=[], predicted={}
+         ).save(tmp_path)
+    result = _run_cli(str(tmp_path), "--all-local", "--budget-trials", "2", "--ops", "0",
+                      "--no-openvino", "--log", str(tmp_path / "log.jsonl"), "-q")
+    assert result.returncode == 2 and "edge" in result.stderr, result.stderr
+    plan = load_plan(tmp_path)
+    assert plan.tier("device").optimized == "optimized/device"
+    assert plan.tier("edge").optimized is None
+    assert wpk.optimizer.load(tmp_path / "optimized/device").run(None, _feed())[0].shape == \
+        (1, 5)
 
 
 def test_load_rejects_a_directory_without_manifest(tmp_path):

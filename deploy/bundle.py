@@ -153,6 +153,11 @@ def write_bundle(plan_dir: str | Path, out: str | Path, *, tls_dir: str | Path |
         if existing:
             raise WpkError(f"{out}: already holds a bundle for tier(s) "
                            f"{', '.join(sorted(existing))}; choose an empty directory")
+    from wpk.optimizer.executor import check_directory
+
+    for tier in plan.tiers:   # a bundle is copied to another machine: complete or nothing
+        if tier.optimized:
+            check_directory(plan_dir / tier.optimized)
     if tls_dir is not None:
         tls_dir = prepare_tls(plan, tls_dir)
     model = layout.dns_label(plan.name)

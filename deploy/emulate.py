@@ -43,7 +43,9 @@ from typing import Iterator, Sequence
 from wpk.deploy import layout
 from wpk.deploy.layout import LINK_PORT
 from wpk.deploy.netns import Topology, remove_stale, require_root
+from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
+from wpk.files import writable_file
 from wpk.plan import Plan
 from wpk.tiers import parse_link_spec
 
@@ -443,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="emulate a link, e.g. device-edge=10mbit,5ms (repeatable; default: "
                              "the plan's links)")
     parser.add_argument("--requests", type=int, default=10, help="timed requests (default 10)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=cli_args.non_negative_int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime threads per tier (default 1)")
     parser.add_argument("--cpu", action="append", default=[], metavar="TIER=FRACTION",
@@ -479,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     require_root()
     if args.requests < 1:
         raise WpkError("--requests must be at least 1")
+    if args.json:
+        writable_file(args.json, "JSON")
     plan, _ = layout.load(args.plan_dir)
     if len(plan.tiers) < 2:
         raise WpkError(f"{args.plan_dir}: the plan runs on one tier ({plan.tiers[0].name}): "

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wpk.errors import WpkError, cli_entry
+from wpk.files import writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
 from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
@@ -75,7 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top < 0:
         raise WpkError("--top must be positive")
-    tier_names = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers else None
+    tier_names = None
+    if args.tiers is not None:
+        tier_names = [t.strip() for t in args.tiers.split(",")]
+        if not all(tier_names):
+            raise WpkError(f"--tiers {args.tiers!r}: an empty tier name (expected names "
+                           f"separated by commas, like device,edge,cloud)")
+    report = None
+    if args.report:  # checked before the search, so that its work is not lost at the end
+        report = Path(args.report)
+        report = writable_file(report if report.suffix else report.with_suffix(".png"),
+                               "report")
     if tier_names is None and args.tiers_file is None:
         tier_names = ["device", "edge", "cloud"]
     graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
@@ -94,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:
         print_result(result, Console())
-    if args.report:
+    if report is not None:
         from wpk.partitioner.report import draw_report
 
-        draw_report(result, Path(args.report))
-        print(f"report: {args.report}", file=sys.stderr if args.json else sys.stdout)
+        draw_report(result, report)
+        print(f"report: {report}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

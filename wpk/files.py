@@ -27,3 +27,17 @@ def read_text(path: str | os.PathLike, kind: str = "") -> str:
         raise WpkError(f"{path}: not a {kind or 'text'} file (not UTF-8 text)") from None
     except OSError as error:
         raise WpkError(f"{path}: cannot read it ({error.strerror})") from None
+
+
+def writable_file(path: str | os.PathLike, kind: str = "") -> Path:
+    """`path` as a Path if a file can be written there (checked before a long run, so that
+    its results are not lost at the end): not a directory, in an existing directory."""
+    path = Path(path)
+    label = f"{kind} file" if kind else "output file"
+    if path.is_dir():
+        raise WpkError(f"{path}: is a directory, not a {label}")
+    if not path.parent.is_dir():
+        raise WpkError(f"{path}: cannot write the {label}: {path.parent} is not a directory")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise WpkError(f"{path}: cannot write the {label} (permission denied)")
+    return path

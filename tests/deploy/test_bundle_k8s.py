@@ -109,6 +109,27 @@ def test_bundle_refuses_to_overwrite(three_tier_plan, tmp_path):
         bundle.write_bundle(three_tier_plan, tmp_path / "out")
 
 
+def test_bundle_refuses_an_incomplete_optimized_directory(three_tier_plan, tmp_path):
+    """A bundle is copied to another machine: an optimized slice missing a file is refused
+    when the bundle is written, not when the tier fails to start there."""
+    from wpk.optimizer import pipeline
+    from wpk.plan import slice_path
+
+    plan_dir = shutil.copytree(three_tier_plan, tmp_path / "plan")
+    plan = load_plan(plan_dir)
+    edge = plan.tier("edge")
+    pipeline.optimize(slice_path(plan_dir, edge), plan_dir / "optimized" / "edge",
+                      pipeline.Options(budget=pipeline.Budget(2), per_operator=False,
+                                       openvino=False, winograd=False, samples=1))
+    edge.optimized = "optimized/edge"
+    plan.save(plan_dir)
+    bundle.write_bundle(plan_dir, tmp_path / "whole")          # complete: written
+    (plan_dir / "optimized" / "edge" / "model.onnx").unlink()
+    with pytest.raises(WpkError, match="model.onnx: missing from the optimized directory"):
+        bundle.write_bundle(plan_dir, tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()
+
+
 # -- Kubernetes -------------------------------------------------------------------------------
 def test_manifests_pass_the_schema_check(three_tier_plan, tmp_path):
     files = k8s.write_manifests(three_tier_plan, tmp_path / "k8s", registry="reg.local/wpk",

@@ -125,6 +125,9 @@ def _write(path, text):
     (["--report", "{tmp}/report.xyz"], "report.xyz"),
     (["--max-latency-ms", "nan"], "--max-latency-ms"),
     (["-o", "{tmp}/blocked"], "cannot write"),
+    (["--report", "{tmp}/nowhere/r.png"], "nowhere is not a directory"),
+    (["--tiers", ""], "an empty tier name"),
+    (["--tiers", "device,,edge"], "an empty tier name"),
 ])
 def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))

@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import os
 import signal
 from pathlib import Path
 
 from wpk.errors import WpkError, cli_entry
+from wpk.files import read_text
 
 from .config import QUEUE_POLICIES, BridgeConfig, BrokerConfig, Route, parse_address
 from .formats import INPUT_FORMATS, RESULT_FORMATS
 
 ROUTE_KEYS = ("publish", "format", "model", "result", "input", "output", "metrics")
+# the other top-level keys of a --config file (each also a command-line flag)
+SETTING_KEYS = {"broker", "pipeline", "client-id", "username", "password", "tls", "tls-ca",
+                "tls-cert", "tls-key", "tls-insecure", "stream", "pipeline-tls",
+                "pipeline-identity", "pipeline-server-name", "queue-size", "queue-policy",
+                "max-in-flight", "error-topic"}
 
 
 class _StartRoute(argparse.Action):
@@ -108,10 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_yaml(path: Path) -> dict:
     import yaml
+    text = read_text(path, "bridge config")
     try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise WpkError(f"{path}: {error}") from None
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise WpkError(f"{path}: malformed YAML{where}") from None
     if not isinstance(document, dict):
         raise WpkError(f"{path}: expected a mapping of settings")
     return document
@@ -119,7 +129,16 @@ def load_yaml(path: Path) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     settings = load_yaml(args.config) if args.config else {}
-    routes_in = settings.pop("routes", []) if not args.routes else args.routes
+    file_routes = settings.pop("routes", [])
+    routes_in = args.routes or file_routes
+    if not isinstance(file_routes, list):
+        raise WpkError(f"{args.config}: 'routes' must be a list of routes, each with a "
+                       f"'subscribe' topic filter")
+    known = SETTING_KEYS | set(ROUTE_KEYS)
+    for key in sorted(set(settings) - known, key=str):
+        close = difflib.get_close_matches(str(key), known, n=1)
+        raise WpkError(f"{args.config}: unknown setting {key!r}"
+                       + (f" (did you mean {close[0]!r}?)" if close else " (see docs/mqtt.md)"))
     defaults = {k: settings.pop(k) for k in ROUTE_KEYS if k in settings}
     defaults.update(args.route_defaults)
 
@@ -132,8 +151,12 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     if not pipeline:
         raise WpkError("--pipeline HOST:PORT is required")
     parse_address(pipeline, "--pipeline")
+    client_id = str(pick("client-id", "wpk-bridge"))
+    if not client_id.strip():
+        raise WpkError("--client-id must not be empty: the broker keeps the bridge's session "
+                       "(and what it has not yet acknowledged) under it")
     broker = BrokerConfig(
-        host=host, port=port, client_id=pick("client-id", "wpk-bridge"),
+        host=host, port=port, client_id=client_id,
         username=pick("username"),
         password=pick("password", os.environ.get("WPK_MQTT_PASSWORD")),
         tls=bool(pick("tls", False)), tls_ca=pick("tls-ca"), tls_cert=pick("tls-cert"), tls_key=pick("tls-key"),

@@ -21,6 +21,8 @@ import time
 from typing import Callable
 
 import paho.mqtt.client as mqtt
+
+from wpk.errors import WpkError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -66,8 +68,14 @@ class MqttLink:
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls or config.tls_ca or config.tls_cert:
-            client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert,
-                           keyfile=config.tls_key, cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert,
+                               keyfile=config.tls_key, cert_reqs=ssl.CERT_REQUIRED)
+            except ssl.SSLError as error:  # a file that is not a certificate or key
+                files = ", ".join(f for f in (config.tls_ca, config.tls_cert, config.tls_key)
+                                  if f)
+                raise WpkError(f"broker TLS: cannot load {files}: {error.reason or error}"
+                               ) from None
             client.tls_insecure_set(config.tls_insecure)
         client.max_inflight_messages_set(64)
         client.on_connect = self._handle_connect

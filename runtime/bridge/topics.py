@@ -44,7 +44,12 @@ class TopicTemplate:
     def __init__(self, template: str):
         self.template = template
         self.levels: list[int] = []
-        for _, field, _, _ in string.Formatter().parse(template):
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template)]
+        except ValueError as error:  # an unmatched brace
+            raise WpkError(f"publish template {template!r}: {error} (write a literal brace "
+                           "as {{ or }})") from None
+        for field in fields:
             if field is None:
                 continue
             if field == "topic":

@@ -163,10 +163,32 @@ def test_cli_config_file(tmp_path):
     (["--pipeline", "h:1", "--subscribe", "a", "--publish", "b"], "no --model"),
     (["--pipeline", "h:1", "--tls-ca", "/nonexistent", "--subscribe", "a", "--publish", "b",
       "--model", "m"], "no such file"),
+    (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{x", "--model", "m"],
+     "expected '}' before end of string"),
+    (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{1}", "--model", "m",
+      "--client-id", " "], "--client-id must not be empty"),
 ])
 def test_cli_errors_are_one_line(argv, message):
     with pytest.raises(WpkError, match=message):
         parse_cli(argv)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("routes: 5\n", "'routes' must be a list"),
+    ("brokr: 127.0.0.1:1883\n", "unknown setting 'brokr' \\(did you mean 'broker'\\?\\)"),
+    ("broker: [\n", "malformed YAML at line"),
+    (b"\xff\xfe\x00", "not UTF-8"),
+])
+def test_config_file_errors_name_the_file(text, message, tmp_path):
+    path = tmp_path / "bridge.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text("pipeline: 127.0.0.1:8001\n" + text)
+    with pytest.raises(WpkError, match=message) as info:
+        parse_cli(["--config", str(path), "--subscribe", "a/+", "--publish", "b/{1}",
+                   "--model", "m"])
+    assert str(path) in str(info.value)
 
 
 def test_cli_exit_code_and_message():

@@ -7,13 +7,15 @@ reads go in that target's argument group.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
 from typing import Callable
 
 from wpk import cli_args
-from wpk.errors import cli_entry
+from wpk.errors import WpkError, cli_entry
+from wpk.files import existing_file
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -125,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--port", type=cli_args.port, default=8001,
                        help="entry tier's gRPC port (default 8001); others take free ports")
     local.add_argument("--host", default="127.0.0.1", help="address every tier binds")
-    local.add_argument("--threads", type=int, default=0,
+    local.add_argument("--threads", type=cli_args.non_negative_int, default=0,
                        help="ONNX Runtime threads per tier (0: ORT's default)")
     local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                        help="how the tiers pass tensors: tcp, the tensor link (default), or "
                        "grpc streams (see wpk-serve --link)")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
-    local.add_argument("--mqtt", metavar="HOST:PORT",
+    local.add_argument("--mqtt", metavar="HOST:PORT", type=cli_args.host_port,
                        help="also run wpk-bridge against this MQTT broker (docs/mqtt.md)")
     local.add_argument("--bridge-config", metavar="YAML",
                        help="wpk-bridge routes (default: JSON on wpk/<model>/+/input)")
@@ -146,9 +148,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOCAL_ONLY = ("port", "host", "threads", "link", "no_metrics", "mqtt", "bridge_config")
+SHIPPED_ONLY = ("tls", "registry", "tag", "namespace")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+REGISTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options of another target are refused, not ignored; shipped names are valid for the
+    tools that will read them (kubectl, docker), so the manifests are not refused later."""
+    given = {name for name in (*LOCAL_ONLY, *SHIPPED_ONLY)
+             if getattr(args, name) != parser.get_default(name)}
+    wrong = sorted(given & set(SHIPPED_ONLY if args.local else LOCAL_ONLY))
+    if wrong:
+        target = "--local" if not args.local else "--bundle / --k8s"
+        flags = ", ".join("--" + name.replace("_", "-") for name in wrong)
+        raise WpkError(f"{flags}: only for {target}")
+    if args.bridge_config and not args.mqtt:
+        raise WpkError("--bridge-config needs --mqtt HOST:PORT (the broker the bridge uses)")
+    if args.bridge_config:
+        existing_file(args.bridge_config, "bridge config")
+    if args.namespace is not None and not DNS_LABEL.fullmatch(args.namespace):
+        raise WpkError(f"--namespace {args.namespace!r}: a Kubernetes namespace is lower-case "
+                       f"letters, digits and '-', at most 63")
+    if not IMAGE_TAG.fullmatch(args.tag):
+        raise WpkError(f"--tag {args.tag!r}: an image tag is letters, digits, '_', '.' and '-'"
+                       f" (at most 128, not starting with '.' or '-')")
+    if args.registry is not None and not REGISTRY.fullmatch(args.registry):
+        raise WpkError(f"--registry {args.registry!r}: expected a registry prefix like "
+                       f"registry.local:5000/wpk")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(parser, args)
     for name, run in TARGETS.items():
         if getattr(args, name, False):
             return run(args)

@@ -321,3 +321,27 @@ def test_wpk_deploy_bad_plan_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), "--k8s", str(tmp_path / "k")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wpk: error:") and "no plan here" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k8s", "{tmp}/k", "--namespace", "Bad_NS"], "--namespace 'Bad_NS'"),
+    (["--k8s", "{tmp}/k", "--tag", "a b"], "--tag 'a b'"),
+    (["--k8s", "{tmp}/k", "--registry", "bad registry!"], "--registry 'bad registry!'"),
+    (["--bundle", "{tmp}/b", "--port", "9000"], "--port: only for --local"),
+    (["--local", "--tls"], "--tls: only for --bundle / --k8s"),
+    (["--local", "--bridge-config", "{tmp}/b.yaml"], "--bridge-config needs --mqtt"),
+    (["--local", "--mqtt", "127.0.0.1:1883", "--bridge-config", "{tmp}/none.yaml"],
+     "none.yaml: no such bridge config file"),
+    (["--bundle", "{tmp}/afile"], "afile"),
+])
+def test_wpk_deploy_options_are_checked_before_anything_runs(three_tier_plan, tmp_path, capsys,
+                                                             args, message):
+    from wpk.deploy.cli import main
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "b.yaml").write_text("model: m\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main([str(three_tier_plan), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wpk: error:") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "k").exists() and not (tmp_path / "b").exists()

@@ -225,6 +225,14 @@ def test_selected_slice_loads_and_falls_back_to_plain_onnxruntime(tmp_path, monk
         old = load(directory)
     assert old.segments[0].model_file == "model.onnx"
     assert any("run wpk-optimize again" in str(w.message) for w in caught)
+    # the custom-op graph itself missing: the same fallback, with a warning naming it
+    directory = Path(shutil.copytree(tmp_path / "opt", tmp_path / "opt-no-graph"))
+    (directory / "model.wpk.onnx").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = load(directory)
+    assert plain.segments[0].model_file == "model.onnx"
+    assert any("model.wpk.onnx is missing" in str(w.message) for w in caught)
 
 
 def test_custom_op_graph_keeps_no_unused_initializers(tmp_path):

@@ -71,6 +71,17 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _pins(items: list[str]) -> dict[str, str]:
+    """--pin NODE=TIER pairs; one node pinned to two tiers is a mistake, not a choice."""
+    pins: dict[str, str] = {}
+    for node, tier in _pairs(items, "--pin"):
+        if pins.get(node, tier) != tier:
+            raise WpkError(f"--pin {node}={tier}: {node!r} is already pinned to "
+                           f"{pins[node]!r}")
+        pins[node] = tier
+    return pins
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     result = partition(
         graph, tier_names, tiers_file=args.tiers_file, links=args.link, codecs=args.codec,
         objective=args.objective, max_latency_ms=args.max_latency_ms, privacy=args.privacy,
-        deliver_to=args.deliver_to, pins=dict(_pairs(args.pin, "--pin")), measured=measured,
+        deliver_to=args.deliver_to, pins=_pins(args.pin), measured=measured,
         use_calibration=not args.no_calibrate, out_dir=out_dir, verify=not args.no_verify,
         top=args.top, with_front=args.pareto)
     if args.json:

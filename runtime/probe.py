@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag, name in (("--from", args.src), ("--to", args.dst)):
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+            raise WpkError(f"{flag} {name!r}: a tier name is letters, digits, '_' and '.' "
+                           f"(as in the tiers file)")
+    if args.dst is not None and args.dst == args.src:
+        raise WpkError(f"--from and --to are both {args.src!r}: a link joins two tiers")
     result = probe(args.address, rtt_samples=args.rtt_samples, repeats=args.repeats,
                    min_kb=args.min_kb, max_mb=args.max_mb, max_seconds=args.max_seconds,
                    max_requests=args.max_requests, connect_timeout=args.connect_timeout)

@@ -56,7 +56,8 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
         bound = 0
     if bound == 0:
-        raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (port in use?)")
+        raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (the port in use, or "
+                       f"an address this machine does not have?)")
     await service.start(host, link_port, max_message_bytes)
     metrics_server = None
     try:

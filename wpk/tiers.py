@@ -317,7 +317,7 @@ def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None
     for text in codec_overrides:
         pair, sep, codec = text.partition("=")
         src, dash, dst = pair.partition("-")
-        if not sep or not dash:
+        if not sep or not dash or not codec.strip():
             raise WpkError(f"bad codec {text!r}: expected SRC-DST=CODEC like "
                            "edge-cloud=fp16+zstd")
         parse_codec(codec)

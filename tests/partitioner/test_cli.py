@@ -127,6 +127,8 @@ def _write(path, text):
     (["-o", "{tmp}/blocked"], "cannot write"),
     (["--report", "{tmp}/nowhere/r.png"], "nowhere is not a directory"),
     (["--tiers", ""], "an empty tier name"),
+    (["--codec", "device-edge="], "bad codec 'device-edge='"),
+    (["--pin", "gemm_7=device", "--pin", "gemm_7=edge"], "'gemm_7' is already pinned to"),
     (["--tiers", "device,,edge"], "an empty tier name"),
 ])
 def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):

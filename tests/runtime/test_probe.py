@@ -213,3 +213,20 @@ def test_reads_a_20mbit_40ms_link_within_15_percent(plans, tmp_path):
     assert result["rtt_ms"] == pytest.approx(LINK_RTT_MS, rel=0.15), result
     # the fixed cost of a transfer is the round trip as well (a call is an RTT plus bytes)
     assert result["fixed_ms"] == pytest.approx(LINK_RTT_MS, rel=0.15), result
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from", "a b"], "--from 'a b': a tier name"),
+    (["--from", "edge", "--to", "edge"], "--from and --to are both 'edge'"),
+])
+def test_link_names_are_checked_before_probing(args, message, capsys):
+    assert main([f"127.0.0.1:{_free_port()}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wpk: error:") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["--min-kb", "-1"], ["--connect-timeout", "-1"]])
+def test_bad_numbers_are_refused_by_the_parser(args):
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"127.0.0.1:{_free_port()}", *args])
+    assert exit_info.value.code == 2

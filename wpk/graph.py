@@ -77,7 +77,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ...
-        raise WpkError(f"{path}: not a readable ONNX model ({type(error).__name__})") from None
+        # onnx's own words where it has them (a missing external-data file names that file)
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise WpkError(f"{path}: not a readable ONNX model ({type(error).__name__}"
+                       f"{': ' + detail if detail else ''})") from None
     if not model.graph.node and not model.graph.output:
         raise WpkError(f"{path}: not an ONNX model (empty or truncated file)")
     return model

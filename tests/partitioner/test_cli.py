@@ -54,6 +54,17 @@ def truncated(mlp_path, tmp_path):
 
 
 @pytest.fixture
+def no_external_data(mlp_path, tmp_path):
+    import onnx
+
+    path = tmp_path / "external.onnx"
+    onnx.save(onnx.load(str(mlp_path)), str(path), save_as_external_data=True,
+              location="external.data", size_threshold=0)
+    (tmp_path / "external.data").unlink()
+    return path
+
+
+@pytest.fixture
 def bad_yaml(tmp_path):
     path = tmp_path / "tiers.yaml"
     path.write_text("tiers:\n  - name: device\n    peak_gflops: [1, 2\n")
@@ -71,6 +82,7 @@ def wrong_yaml(tmp_path):
     ("missing", "no such file"),
     ("not_onnx", "not a readable ONNX model"),
     ("truncated", "not a readable ONNX model"),
+    ("no_external_data", "external.data"),
     ("unknown_tier", "unknown tier 'fog'"),
     ("bad_yaml", "malformed YAML"),
     ("wrong_yaml", "peak_gflops must be a number"),
@@ -83,7 +95,7 @@ def test_bad_input_is_one_line_and_nonzero(case, message, request, mlp_path, tmp
     extra: list = ["--no-calibrate", "-o", tmp_path / "out"]
     if case == "missing":
         model = tmp_path / "missing.onnx"
-    elif case in ("not_onnx", "truncated"):
+    elif case in ("not_onnx", "truncated", "no_external_data"):
         model = request.getfixturevalue(case)
     elif case == "unknown_tier":
         extra += ["--tiers", "device,fog"]

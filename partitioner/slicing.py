@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from wpk.errors import WpkError
+from wpk.errors import WpkError, ort_error_line
 from wpk.graph import Graph
 
 
@@ -126,8 +126,7 @@ def _session(model: onnx.ModelProto):
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    return ort_error_line(error)
 
 
 def run_chain(models: Sequence[onnx.ModelProto | None], pieces: Sequence[TierSlice],

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from wpk import __version__
-from wpk.errors import WpkError
+from wpk.errors import WpkError, ort_error_line
 from wpk.plan import Plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
@@ -456,7 +456,8 @@ class TierService:
             values = self.runner.run(self.slice_outputs, feeds)
         except Exception as error:  # ORT's own exception types
             raise Abort(grpc.StatusCode.INTERNAL,
-                        f"tier {self.tier.name!r}: slice failed: {error}") from None
+                        f"tier {self.tier.name!r}: slice failed: {ort_error_line(error)}"
+                        ) from None
         self.metrics.observe_slice(time.monotonic() - started)
         produced.update(zip(self.slice_outputs, values))
         return produced

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 import warnings
 from typing import Callable, Iterator
@@ -40,6 +41,15 @@ def os_error_line(error: OSError) -> str:
         return reason
     other = f" -> {error.filename2}" if error.filename2 is not None else ""
     return f"{error.filename}{other}: {reason}"
+
+
+def ort_error_line(error: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's message without its wrapping: no `[ONNXRuntimeError] : 1 : FAIL :`
+    prefix, no source path and C++ signature before the words that say what went wrong."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?", "", text)
+    return (text or type(error).__name__)[:limit]
 
 
 def print_warning(message: str) -> None:

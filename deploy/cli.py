@@ -167,8 +167,10 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         raise WpkError(f"{flags}: only for {target}")
     if args.bridge_config and not args.mqtt:
         raise WpkError("--bridge-config needs --mqtt HOST:PORT (the broker the bridge uses)")
-    if args.bridge_config:
-        existing_file(args.bridge_config, "bridge config")
+    if args.bridge_config:   # read by the bridge once the tiers run: checked now
+        from wpk.runtime.bridge.cli import load_yaml
+
+        load_yaml(existing_file(args.bridge_config, "bridge config"))
     if args.namespace is not None and not DNS_LABEL.fullmatch(args.namespace):
         raise WpkError(f"--namespace {args.namespace!r}: a Kubernetes namespace is lower-case "
                        f"letters, digits and '-', at most 63")

@@ -333,6 +333,8 @@ def test_wpk_deploy_bad_plan_is_one_line(tmp_path, capsys):
     (["--local", "--mqtt", "127.0.0.1:1883", "--bridge-config", "{tmp}/none.yaml"],
      "none.yaml: no such bridge config file"),
     (["--bundle", "{tmp}/afile"], "afile"),
+    (["--local", "--mqtt", "127.0.0.1:1883", "--bridge-config", "{tmp}/bad.yaml"],
+     "bad.yaml: malformed YAML at line"),
 ])
 def test_wpk_deploy_options_are_checked_before_anything_runs(three_tier_plan, tmp_path, capsys,
                                                              args, message):
@@ -340,6 +342,7 @@ def test_wpk_deploy_options_are_checked_before_anything_runs(three_tier_plan, tm
 
     (tmp_path / "afile").write_text("")
     (tmp_path / "b.yaml").write_text("model: m\n")
+    (tmp_path / "bad.yaml").write_text("model: m\nroutes: [\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main([str(three_tier_plan), *args]) == 2
     err = capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -84,6 +85,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise WpkError(f"{path}: not an ONNX model (empty or truncated file)")
     return model
+
+
+def _check_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                        label: str) -> None:
+    """Shapes the user gave that contradict the model (an input of 7 features into a Gemm of
+    2048) fail here, naming the node, rather than later as some tensor without a shape.
+    Strict inference is asked only for the mismatch: other strict failures are left to the
+    usual inference."""
+    try:
+        shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as error:
+        text = " ".join(str(error).split())
+        if "mismatch" in text.lower() or "incompatible" in text.lower():
+            found = re.search(r"\(op_type:(\w+), node name: ([^)]*)\): (?:\[\w+\] )?"
+                              r"(.*?)(?= \(op_type:|$)", text)
+            where = f"node {found.group(2)} ({found.group(1)}): {found.group(3)}" if found \
+                else text
+            shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in input_shapes.items())
+            raise WpkError(f"{label}: --input-shape {shapes} does not fit the model: "
+                           f"{where[:200]}") from None
 
 
 def _tensor_dtype(elem_type: int) -> np.dtype:
@@ -180,6 +201,7 @@ class Graph:
         name_nodes(model)
         if input_shapes:
             _fix_input_shapes(model, input_shapes, label)
+            _check_input_shapes(model, input_shapes, label)
         try:
             model = shape_inference.infer_shapes(model, data_prop=True)
         except Exception as error:

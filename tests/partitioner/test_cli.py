@@ -152,6 +152,7 @@ def _write(path, text):
     (["--report", "{tmp}/nowhere/r.png"], "nowhere is not a directory"),
     (["--tiers", ""], "an empty tier name"),
     (["--codec", "device-edge="], "bad codec 'device-edge='"),
+    (["--input-shape", "features=2x7"], "features=2x7 does not fit the model: node gemm_"),
     (["--pin", "gemm_7=device", "--pin", "gemm_7=edge"], "'gemm_7' is already pinned to"),
     (["--tiers", "device,,edge"], "an empty tier name"),
 ])

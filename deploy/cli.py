@@ -168,9 +168,11 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.bridge_config and not args.mqtt:
         raise WpkError("--bridge-config needs --mqtt HOST:PORT (the broker the bridge uses)")
     if args.bridge_config:   # read by the bridge once the tiers run: checked now
-        from wpk.runtime.bridge.cli import load_yaml
+        from wpk.plan import load_plan
+        from wpk.runtime.bridge.deploy_hook import check_bridge
 
-        load_yaml(existing_file(args.bridge_config, "bridge config"))
+        existing_file(args.bridge_config, "bridge config")
+        check_bridge(args.mqtt, args.name or load_plan(args.plan_dir).name, args.bridge_config)
     if args.namespace is not None and not DNS_LABEL.fullmatch(args.namespace):
         raise WpkError(f"--namespace {args.namespace!r}: a Kubernetes namespace is lower-case "
                        f"letters, digits and '-', at most 63")

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from wpk.deploy import bundle, layout, tls
+from wpk.errors import WpkError
 from wpk.plan import Plan
 
 LABEL_APP = "app.kubernetes.io/name"
@@ -198,8 +199,14 @@ def write_manifests(plan_dir: str | Path, out: str | Path, *, registry: str | No
     """Write the manifests to `out`; returns the files written."""
     plan, plan_dir = layout.load(plan_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     use_tls = tls_dir is not None
+    names = ["configmap.yaml", *(f"{layout.dns_label(t.name)}.yaml" for t in plan.tiers),
+             *(["secrets.yaml"] if use_tls else []), "kustomization.yaml"]
+    existing = [name for name in names if (out / name).exists()]
+    if existing:   # they may have been edited since: never overwritten
+        raise WpkError(f"{out}: already holds manifests ({', '.join(existing)}); choose an "
+                       f"empty directory")
+    out.mkdir(parents=True, exist_ok=True)
     if use_tls:
         tls_dir = bundle.prepare_tls(plan, tls_dir)
     files = {"configmap.yaml": [configmap(plan, namespace)]}

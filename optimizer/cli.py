@@ -91,6 +91,9 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
         return [(target.stem, target, out, None)]
     from wpk.plan import load_plan, slice_path
 
+    if args.output:
+        raise WpkError(f"-o/--output is for a model file; a plan's tiers are written to "
+                       f"{target if target.is_dir() else target.parent}/{OPTIMIZED_DIR}/TIER")
     plan = load_plan(target)
     base = target if target.is_dir() else target.parent
     if args.all_local and args.tier:
@@ -98,7 +101,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
     if args.all_local:
         tiers = [t for t in plan.tiers if t.slice]
     elif args.tier:
-        tiers = [plan.tier(name) for name in args.tier]
+        tiers = [plan.tier(name) for name in dict.fromkeys(args.tier)]   # each once
     else:
         raise WpkError(f"{target}: name a tier with --tier NAME or use --all-local "
                        f"(tiers: {', '.join(t.name for t in plan.tiers)})")
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
                       console: Console) -> int:
     targets = _targets(args)
+    for _label, _path, out, _tier in targets:   # before any tuning: never someone's files
+        pipeline.check_output_dir(out)
     per_target = _calibration(args, targets)   # checked before any tuning starts
     if args.accuracy_budget is not None:
         for label, data in per_target.items():

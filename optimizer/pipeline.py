@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from wpk.errors import WpkError, ort_error_line
 from wpk.graph import load_model
 from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
@@ -117,6 +118,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     name = name or (Path(source).stem if not isinstance(source, onnx.ModelProto)
                     else original.graph.name)
     out_dir = Path(out_dir)
+    check_output_dir(out_dir)
     hardware = hardware_id()
     report = Report(model=name, hardware=hardware)
     log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
@@ -140,7 +142,11 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
 
     # -- reference and graph passes ---------------------------------------------------------
     progress.phase("graph passes")
-    default = make_session(original_bytes, DEFAULT_SESSION)
+    try:
+        default = make_session(original_bytes, DEFAULT_SESSION)
+    except Exception as error:  # ORT's own exception types: the model, not our bug
+        raise WpkError(f"{name}: ONNX Runtime cannot load it: {ort_error_line(error)}"
+                       ) from None
     reference = lambda f: default.run(output_names, f)  # noqa: E731
     model, report.passes = passes.run_passes(original)
     model_bytes = model.SerializeToString()
@@ -561,6 +567,16 @@ def save_openvino(model: onnx.ModelProto | str | Path, out_dir: str | Path,
     out_dir, _ = _write_openvino(Path(out_dir), ctx, model, dict(DEFAULT_SESSION), precision,
                                  PRECISION_HINTS[precision], threads, chosen="openvino")
     return out_dir
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """`out_dir` may be new, empty, or an earlier optimized directory (which is replaced):
+    never a directory of other files, which installing would delete."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WpkError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+        raise WpkError(f"{out_dir}: holds other files (no {MANIFEST}): choose a new or empty "
+                       f"directory for the optimized slice")
 
 
 def _install(candidate: Path, out_dir: Path, chosen: str) -> None:

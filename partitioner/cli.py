@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, print_warning
 from wpk.files import writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
         draw_report(result, report)
         print(f"report: {report}", file=sys.stderr if args.json else sys.stdout)
+    stale = out_dir / "optimized"   # wpk-optimize's output for the plan this one replaced
+    if stale.is_dir() and any(stale.iterdir()):
+        print_warning(f"{stale}: optimized slices of the previous plan in this directory; the "
+                      f"new plan does not use them (run wpk-optimize again)")
     return 0
 
 

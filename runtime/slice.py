@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from wpk.errors import WpkError
+from wpk.errors import WpkError, ort_error_line
 from wpk.plan import TierPlan, slice_path
 
 
@@ -38,7 +38,7 @@ def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0,
             raise WpkError(f"tier {tier.name!r}: {error}") from None
         except Exception as error:  # whatever the optimized format raises
             raise WpkError(f"tier {tier.name!r}: cannot load optimized slice {directory}: "
-                           f"{error}") from None
+                           f"{ort_error_line(error)}") from None
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -51,4 +51,5 @@ def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0,
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types
-        raise WpkError(f"tier {tier.name!r}: cannot load slice {path}: {error}") from None
+        raise WpkError(f"tier {tier.name!r}: cannot load slice {path}: "
+                       f"{ort_error_line(error)}") from None

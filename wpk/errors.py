@@ -49,7 +49,12 @@ def ort_error_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split())
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?", "", text)
-    return (text or type(error).__name__)[:limit]
+    text = text or type(error).__name__
+    if len(text) > limit:  # ORT puts what to do last ("... support is till opset 28."): keep it
+        sentences = re.split(r"(?<=\.) ", text)
+        short = f"{sentences[0]} ... {sentences[-1]}"
+        text = short if len(sentences) > 2 and len(short) <= limit else text[:limit]
+    return text
 
 
 def print_warning(message: str) -> None:

@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from wpk.attribution import build_kernel_map
-from wpk.errors import WpkError
+from wpk.errors import WpkError, ort_error_line
 from wpk.graph import Graph
 from wpk.hostinfo import host_info, physical_cores
 from wpk.profile_format import (PROFILE_VERSION, Profile, ProfileMismatchWarning,
@@ -104,7 +104,9 @@ def _session(model_file: Path, provider: str, threads: int, optimization: str,
     options.inter_op_num_threads = 1
     options.enable_profiling = True
     options.profile_file_prefix = str(trace_prefix)
-    options.log_severity_level = 3  # the NCHWc "hardware specific" notice is expected
+    # quiet: the NCHWc "hardware specific" notice is expected, and a model that fails to load
+    # would add a profiler error line above our one-line message
+    options.log_severity_level = 4
     if optimized_file is not None:
         options.optimized_model_filepath = str(optimized_file)
     providers = [provider] if provider == "CPUExecutionProvider" \
@@ -116,6 +118,7 @@ def _open_session(model_file: Path, provider: str, threads: int, optimization: s
                   workdir: Path, label: str) -> tuple[ort.InferenceSession, onnx.ModelProto | None]:
     """A profiling session plus the optimized graph it runs (None if ORT cannot save it)."""
     optimized_file = workdir / "optimized.onnx"
+    ort.set_default_logger_severity(3)   # a failing session's profiler notices: not for users
     try:
         session = _session(model_file, provider, threads, optimization, workdir / "trace",
                            optimized_file)
@@ -124,9 +127,8 @@ def _open_session(model_file: Path, provider: str, threads: int, optimization: s
             session = _session(model_file, provider, threads, optimization,
                                workdir / "trace", None)
         except Exception:
-            text = str(first_error).strip().splitlines()
             raise WpkError(f"{label}: onnxruntime cannot load the model with {provider}: "
-                           f"{text[0][:200] if text else type(first_error).__name__}") from None
+                           f"{ort_error_line(first_error)}") from None
     if session.get_providers()[0] != provider:
         raise WpkError(f"{label}: onnxruntime fell back from {provider} to "
                        f"{session.get_providers()[0]} (no device or driver for it here?)")

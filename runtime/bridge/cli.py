@@ -36,6 +36,29 @@ SETTING_KEYS = {"broker", "pipeline", "client-id", "username", "password", "tls"
                 "max-in-flight", "error-topic"}
 
 
+# what each key of a --config file holds (the rest are strings)
+INT_KEYS = {"queue-size", "max-in-flight"}
+BOOL_KEYS = {"tls", "tls-insecure", "stream"}
+LIST_KEYS = {"metrics"}
+
+
+def check_types(entries: dict, where: str) -> None:
+    """A config value of the wrong kind (`broker: 5`, `queue-size: abc`) is one line naming
+    the key, not a traceback or a silent str()."""
+    for key, value in entries.items():
+        if key in INT_KEYS:
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif key in BOOL_KEYS:
+            ok, kind = isinstance(value, bool), "true or false"
+        elif key in LIST_KEYS:
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            kind = "a list of names"
+        else:
+            ok, kind = isinstance(value, str), "a string (quote it in YAML)"
+        if not ok:
+            raise WpkError(f"{where}: {key!r} must be {kind}, not {value!r}")
+
+
 class _StartRoute(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         namespace.routes.append({"subscribe": values})
@@ -135,6 +158,10 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         raise WpkError(f"{args.config}: 'routes' must be a list of routes, each with a "
                        f"'subscribe' topic filter")
     known = SETTING_KEYS | set(ROUTE_KEYS)
+    check_types({k: v for k, v in settings.items() if k in known}, str(args.config))
+    for index, entry in enumerate(file_routes):
+        if isinstance(entry, dict):
+            check_types(entry, f"{args.config}: routes[{index}]")
     for key in sorted(set(settings) - known, key=str):
         close = difflib.get_close_matches(str(key), known, n=1)
         raise WpkError(f"{args.config}: unknown setting {key!r}"

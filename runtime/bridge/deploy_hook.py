@@ -31,6 +31,15 @@ def bridge_command(mqtt: str, entry: str, model: str, config: str | Path | None 
                       "--publish", f"wpk/{model}/{{2}}/result"]
 
 
+def check_bridge(mqtt: str, model: str, config: str | Path | None = None) -> None:
+    """Everything the bridge would refuse at its start, checked before the tiers start (its
+    pipeline address is not known yet: a stand-in takes its place)."""
+    from .cli import build_parser, config_from_args
+
+    argv = bridge_command(mqtt, "127.0.0.1:8001", model, config)[3:]   # after python -m cli
+    config_from_args(build_parser().parse_args(argv))
+
+
 def start_bridge(mqtt: str, entry: str, model: str,
                  config: str | Path | None = None) -> subprocess.Popen:
     """Start the bridge process (its log goes to this process's stderr)."""

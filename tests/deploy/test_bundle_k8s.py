@@ -131,6 +131,14 @@ def test_bundle_refuses_an_incomplete_optimized_directory(three_tier_plan, tmp_p
 
 
 # -- Kubernetes -------------------------------------------------------------------------------
+def test_manifests_are_never_overwritten(three_tier_plan, tmp_path):
+    k8s.write_manifests(three_tier_plan, tmp_path / "k")
+    (tmp_path / "k" / "edge.yaml").write_text("# edited by hand\n")
+    with pytest.raises(WpkError, match="already holds manifests"):
+        k8s.write_manifests(three_tier_plan, tmp_path / "k")
+    assert (tmp_path / "k" / "edge.yaml").read_text() == "# edited by hand\n"
+
+
 def test_manifests_pass_the_schema_check(three_tier_plan, tmp_path):
     files = k8s.write_manifests(three_tier_plan, tmp_path / "k8s", registry="reg.local/wpk",
                                 namespace="plant-7")
@@ -335,6 +343,8 @@ def test_wpk_deploy_bad_plan_is_one_line(tmp_path, capsys):
     (["--bundle", "{tmp}/afile"], "afile"),
     (["--local", "--mqtt", "127.0.0.1:1883", "--bridge-config", "{tmp}/bad.yaml"],
      "bad.yaml: malformed YAML at line"),
+    (["--local", "--mqtt", "127.0.0.1:1883", "--bridge-config", "{tmp}/typo.yaml"],
+     "unknown setting 'brokr' (did you mean 'broker'?)"),
 ])
 def test_wpk_deploy_options_are_checked_before_anything_runs(three_tier_plan, tmp_path, capsys,
                                                              args, message):
@@ -343,6 +353,7 @@ def test_wpk_deploy_options_are_checked_before_anything_runs(three_tier_plan, tm
     (tmp_path / "afile").write_text("")
     (tmp_path / "b.yaml").write_text("model: m\n")
     (tmp_path / "bad.yaml").write_text("model: m\nroutes: [\n")
+    (tmp_path / "typo.yaml").write_text("brokr: 127.0.0.1:1883\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main([str(three_tier_plan), *args]) == 2
     err = capsys.readouterr().err

@@ -178,6 +178,10 @@ def test_cli_errors_are_one_line(argv, message):
     ("brokr: 127.0.0.1:1883\n", "unknown setting 'brokr' \\(did you mean 'broker'\\?\\)"),
     ("broker: [\n", "malformed YAML at line"),
     (b"\xff\xfe\x00", "not UTF-8"),
+    ("broker: 5\n", "'broker' must be a string \\(quote it in YAML\\), not 5"),
+    ("queue-size: abc\n", "'queue-size' must be an integer, not 'abc'"),
+    ("tls: maybe\n", "'tls' must be true or false"),
+    ("routes: [{subscribe: 5}]\n", "routes\\[0\\]: 'subscribe' must be a string"),
 ])
 def test_config_file_errors_name_the_file(text, message, tmp_path):
     path = tmp_path / "bridge.yaml"

@@ -149,6 +149,9 @@ def test_cli_on_a_plan_sets_the_tier_optimized_field(small_cnn, tmp_path):
     (["{plan}", "--tier", "edge", "--all-local"], "one or the other"),
     (["{plan}", "--tier", "edge", "--log", "{plan}"], "is a directory"),
     (["{plan}", "--tier", "edge", "--log", "{plan}/edge.onnx"], "not UTF-8"),
+    (["{plan}", "--tier", "edge", "-o", "elsewhere"], "-o/--output is for a model file"),
+    # a directory of other files is never an output: installing would delete them
+    (["{plan}/edge.onnx", "-o", "{plan}"], "holds other files (no optimized.json)"),
 ])
 def test_cli_bad_input_is_one_line(args, message, small_cnn, tmp_path):
     from wpk.plan import Plan, TierPlan
@@ -162,6 +165,7 @@ def test_cli_bad_input_is_one_line(args, message, small_cnn, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "edge.onnx").exists() and (tmp_path / "plan.json").exists()
 
 
 @pytest.mark.parametrize("args,message", [

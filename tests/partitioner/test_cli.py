@@ -94,7 +94,7 @@ def wrong_yaml(tmp_path):
     ("not_onnx", "not a readable ONNX model"),
     ("truncated", "not a readable ONNX model"),
     ("no_external_data", "external.data"),
-    ("future_opset", "Opset 99 is under development"),
+    ("future_opset", "ONNX Runtime cannot run 'mlp': ONNX Runtime only"),
     ("unknown_tier", "unknown tier 'fog'"),
     ("bad_yaml", "malformed YAML"),
     ("wrong_yaml", "peak_gflops must be a number"),
@@ -176,3 +176,26 @@ def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("wpk: error:"), err
     assert message in err
+
+
+def test_onnx_runtime_errors_lose_their_wrapping_and_keep_what_to_do():
+    from wpk.errors import ort_error_line
+
+    error = RuntimeError(
+        "[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:/onnxruntime_src/"
+        "onnxruntime/core/graph/model_load_utils.h:46 void onnxruntime::model_load_utils::"
+        "ValidateOpsetForDomain(const std::unordered_map<std::string, int>&, bool) Opset 99 "
+        "is not supported. " + "Padding sentence. " * 30 + "Support is till opset 28.\n")
+    line = ort_error_line(error)
+    assert line.startswith("Load model from m.onnx failed:Opset 99 is not supported.")
+    assert line.endswith("... Support is till opset 28.") and "onnxruntime_src" not in line
+    assert ort_error_line(RuntimeError("short")) == "short"
+
+
+def test_a_new_plan_over_an_optimized_one_warns_that_they_no_longer_apply(mlp_path, tmp_path,
+                                                                          capsys):
+    (tmp_path / "optimized" / "edge").mkdir(parents=True)
+    (tmp_path / "optimized" / "edge" / "optimized.json").write_text("{}")
+    assert main([str(mlp_path), "--no-calibrate", "--tiers", "device,edge", "-o",
+                 str(tmp_path)]) == 0
+    assert "the new plan does not use them (run wpk-optimize again)" in capsys.readouterr().err

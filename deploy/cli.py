@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--k8s", metavar="OUT",
                         help="write Kubernetes manifests (Deployment + Service per tier, "
                              "ConfigMap with the plan, kustomization.yaml)")
-    parser.add_argument("--name", help="model name to serve (default: the plan's)")
+    parser.add_argument("--name", help="model name to serve (default: the plan's; --local)")
     local = parser.add_argument_group("--local")
     local.add_argument("--port", type=cli_args.port, default=8001,
                        help="entry tier's gRPC port (default 8001); others take free ports")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOCAL_ONLY = ("port", "host", "threads", "link", "no_metrics", "mqtt", "bridge_config")
+LOCAL_ONLY = ("port", "host", "threads", "link", "no_metrics", "mqtt", "bridge_config", "name")
 SHIPPED_ONLY = ("tls", "registry", "tag", "namespace")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, print_warning
 from wpk.files import writable_file
 from wpk.graph import Graph, parse_input_shapes
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "for candidate machines")
     parser.add_argument("--profile-local", metavar="TIER",
                         help="profile the model on this machine and use it for TIER")
-    parser.add_argument("--top", type=int, default=0, metavar="N",
+    parser.add_argument("--top", type=cli_args.non_negative_int, default=0, metavar="N",
                         help="print the N best configurations")
     parser.add_argument("--pareto", action="store_true",
                         help="print the latency / bytes-beyond-edge front")
@@ -85,8 +86,6 @@ def _pins(items: list[str]) -> dict[str, str]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.top < 0:
-        raise WpkError("--top must be positive")
     tier_names = None
     if args.tiers is not None:
         tier_names = [t.strip() for t in args.tiers.split(",")]

@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wpk-probe", description=__doc__.splitlines()[0],
         epilog="example: wpk-probe 10.0.0.7:8001 --from device --to edge >> tiers.yaml")
-    parser.add_argument("address", metavar="HOST:PORT", help="a running tier server")
+    parser.add_argument("address", metavar="HOST:PORT", type=cli_args.host_port,
+                        help="a running tier server")
     parser.add_argument("--from", dest="src", default="device",
                         help="tier this machine is (default: device)")
     parser.add_argument("--to", dest="dst",

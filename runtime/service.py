@@ -17,6 +17,7 @@ import asyncio
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,9 @@ class TierService:
         if self.tier.forward and not next_address:
             raise WpkError(f"tier {tier!r} forwards {', '.join(self.tier.forward)} to "
                                f"tier {self.next_tier!r}: give its address with --next HOST:PORT")
+        if next_address and not self.tier.forward:
+            warnings.warn(f"tier {tier!r} forwards nothing to a next tier: --next "
+                          f"{next_address} is not used")
         self.next_address = next_address if self.tier.forward else None
         if link not in LINKS:
             raise WpkError(f"--link {link!r}: expected {' or '.join(LINKS)}")

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
 from wpk.graph import parse_input_shapes
 from wpk.profiling import (DEFAULT_RUNS, DEFAULT_WARMUP, PROVIDER_ALIASES, profile_model,
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimization", default="all",
                         choices=["disable", "basic", "extended", "all"],
                         help="ONNX Runtime graph optimization level (default: all, as deployed)")
-    parser.add_argument("--top", type=int, default=10,
+    parser.add_argument("--top", type=cli_args.non_negative_int, default=10,
                         help="print the N slowest nodes (default: 10; 0 prints none)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     return parser

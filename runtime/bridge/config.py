@@ -107,6 +107,13 @@ class BridgeConfig:
             raise WpkError("--max-in-flight must be at least 1")
         if bool(self.broker.tls_cert) != bool(self.broker.tls_key):
             raise WpkError("--tls-cert and --tls-key go together")
+        broker_tls = self.broker.tls or self.broker.tls_ca or self.broker.tls_cert
+        if self.broker.tls_insecure and not broker_tls:
+            raise WpkError("--tls-insecure relaxes TLS to the broker: add --tls (or --tls-ca)")
+        if self.error_topic is not None and ("+" in self.error_topic or
+                                             "#" in self.error_topic):
+            raise WpkError(f"--error-topic {self.error_topic!r}: a topic to publish to has no "
+                           f"wildcards")
 
     @property
     def errors_to(self) -> str:

@@ -336,6 +336,7 @@ def test_wpk_deploy_bad_plan_is_one_line(tmp_path, capsys):
     (["--k8s", "{tmp}/k", "--tag", "a b"], "--tag 'a b'"),
     (["--k8s", "{tmp}/k", "--registry", "bad registry!"], "--registry 'bad registry!'"),
     (["--bundle", "{tmp}/b", "--port", "9000"], "--port: only for --local"),
+    (["--k8s", "{tmp}/k", "--name", "other"], "--name: only for --local"),
     (["--local", "--tls"], "--tls: only for --bundle / --k8s"),
     (["--local", "--bridge-config", "{tmp}/b.yaml"], "--bridge-config needs --mqtt"),
     (["--local", "--mqtt", "127.0.0.1:1883", "--bridge-config", "{tmp}/none.yaml"],

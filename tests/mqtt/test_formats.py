@@ -167,6 +167,10 @@ def test_cli_config_file(tmp_path):
      "expected '}' before end of string"),
     (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{1}", "--model", "m",
       "--client-id", " "], "--client-id must not be empty"),
+    (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{1}", "--model", "m",
+      "--tls-insecure"], "add --tls"),
+    (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{1}", "--model", "m",
+      "--error-topic", "e/#"], "has no wildcards"),
 ])
 def test_cli_errors_are_one_line(argv, message):
     with pytest.raises(WpkError, match=message):

@@ -111,8 +111,10 @@ def test_no_server_is_a_one_line_error(capsys):
         probe(address, connect_timeout=0.3)
     assert main([address, "--connect-timeout", "0.3"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
-    assert main(["no-port"]) == 2
-    assert "expected HOST:PORT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-port"])
+    assert exit_info.value.code == 2
+    assert "'no-port' is not HOST:PORT" in capsys.readouterr().err
 
 
 def test_probe_a_wpk_tier_server(plans):

@@ -26,32 +26,22 @@ def port(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _bounded(kind: type, low: int, strict: bool, rule: str, name: str):
+    """An argparse type: a `kind` number at least `low` (more than `low` when `strict`)."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{value:g} {rule}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be more than 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be 0 or more")
-    return value
+positive_int = _bounded(int, 1, False, "must be at least 1", "positive_int")
+non_negative_int = _bounded(int, 0, False, "must be 0 or more", "non_negative_int")
+positive_float = _bounded(float, 0, True, "must be more than 0", "positive_float")
+non_negative_float = _bounded(float, 0, False, "must be 0 or more", "non_negative_float")
 
 
 def host_port(text: str) -> str:

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "thread, on the loop only while no other request is in flight (alone), "
                         "or auto (default): a slice under 5 ms inline on fewer than 4 cores, "
                         "alone on 4 or more; slower slices in a thread")
-    parser.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
+    parser.add_argument("--link", choices=("tcp", "grpc"), default=None,
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "
                         "(ModelStreamInfer streams only). With --tls-dir: grpc")
@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads < 0 or args.workers < 1 or args.max_message_mb < 1:
         raise WpkError("--threads must be >= 0, --workers and --max-message-mb >= 1")
+    if args.tls_dir and args.link == "tcp":
+        raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers talk "
+                       "over gRPC (leave --link out, or say --link grpc)")
+    link = args.link or ("grpc" if args.tls_dir else "tcp")
     announce = lambda line: print(line, flush=True)  # noqa: E731
     with one_line_warnings():  # e.g. an OpenVINO slice served by ONNX Runtime: one line
         asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                           workers=args.workers, metrics_port=args.metrics_port,
                           max_message_bytes=args.max_message_mb * 1024 * 1024,
                           hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
-                          spin=args.spin, link=args.link, link_port=args.link_port,
+                          spin=args.spin, link=link, link_port=args.link_port,
                           shared_memory=args.shared_memory, announce=announce))
     return 0
 

@@ -26,6 +26,7 @@ def serve(*args: str) -> subprocess.CompletedProcess:
     (["--next", "edge:99999"], "99999 is not a port number (1-65535)"),
     (["--hop-timeout", "0"], "argument --hop-timeout: 0 must be more than 0"),
     (["--hop-timeout", "inf"], "'inf' is not a finite number"),
+    (["--tls-dir", ".", "--link", "tcp"], "--link tcp with --tls-dir"),
 ])
 def test_bad_flag_values_are_refused(plans, flags, message):
     result = serve(str(plans["mlp"]), "--tier", "cloud", *flags)

@@ -62,8 +62,9 @@ class LocalDeployment:
 
     def command(self, tier: str, port: int, next_address: str | None) -> list[str]:
         cmd = [sys.executable, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
-               "--port", str(port), "--host", self.host, "--threads", str(self.threads),
-               "--link", self.link]
+               "--port", str(port), "--host", self.host, "--threads", str(self.threads)]
+        if self.link != "tcp":   # tcp is wpk-serve's own choice (gRPC where serve_args add TLS)
+            cmd += ["--link", self.link]
         if next_address:
             cmd += ["--next", next_address]
         if self.name:

@@ -23,7 +23,10 @@ from wpk.errors import WpkError
 def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans, link):
     port = free_port()
     with LocalDeployment(plans["mlp"], port=port, threads=1, link=link) as deployment:
-        assert all(f"--link {link}" in " ".join(t.process.args) for t in deployment.tiers)
+        edge = triton.InferenceServerClient(deployment.tiers[1].address)
+        extensions = edge.get_server_metadata().extensions
+        # the tensor link advertises its port; gRPC links have none
+        assert any(e.startswith("wpk-tensor-link:") for e in extensions) == (link == "tcp")
         assert deployment.entry == f"127.0.0.1:{port}"
         assert [t.tier for t in deployment.tiers] == ["device", "edge", "cloud"]
         assert deployment.tiers[0].models == ("mlp", "mlp.device")

@@ -87,24 +87,36 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def _check_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
-                        label: str) -> None:
-    """Shapes the user gave that contradict the model (an input of 7 features into a Gemm of
-    2048) fail here, naming the node, rather than later as some tensor without a shape.
-    Strict inference is asked only for the mismatch: other strict failures are left to the
-    usual inference."""
+def _infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+                  label: str) -> onnx.ModelProto:
+    """ONNX shape inference. With shapes the user gave, strict first (one inference either
+    way when it passes): shapes that contradict the model (an input of 7 features into a
+    Gemm of 2048) fail naming the node, not later as some tensor without a shape; other
+    strict failures fall back to the lenient inference."""
+    if input_shapes:
+        try:
+            return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        except Exception as error:
+            _raise_if_mismatch(error, input_shapes, label)
     try:
-        shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        return shape_inference.infer_shapes(model, data_prop=True)
     except Exception as error:
-        text = " ".join(str(error).split())
-        if "mismatch" in text.lower() or "incompatible" in text.lower():
-            found = re.search(r"\(op_type:(\w+), node name: ([^)]*)\): (?:\[\w+\] )?"
-                              r"(.*?)(?= \(op_type:|$)", text)
-            where = f"node {found.group(2)} ({found.group(1)}): {found.group(3)}" if found \
-                else text
-            shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in input_shapes.items())
-            raise WpkError(f"{label}: --input-shape {shapes} does not fit the model: "
-                           f"{where[:200]}") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WpkError(f"{label}: shape inference failed: {first_line[:200]}") from None
+
+
+def _raise_if_mismatch(error: Exception, input_shapes: Mapping[str, tuple[int, ...]],
+                       label: str) -> None:
+    """A strict inference error that is a dimension mismatch, as one line naming the node."""
+    text = " ".join(str(error).split())
+    if "mismatch" in text.lower() or "incompatible" in text.lower():
+        found = re.search(r"\(op_type:(\w+), node name: ([^)]*)\): (?:\[\w+\] )?"
+                          r"(.*?)(?= \(op_type:|$)", text)
+        where = f"node {found.group(2)} ({found.group(1)}): {found.group(3)}" if found \
+            else text
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in input_shapes.items())
+        raise WpkError(f"{label}: --input-shape {shapes} does not fit the model: "
+                       f"{where[:200]}") from None
 
 
 def _tensor_dtype(elem_type: int) -> np.dtype:
@@ -201,13 +213,7 @@ class Graph:
         name_nodes(model)
         if input_shapes:
             _fix_input_shapes(model, input_shapes, label)
-            _check_input_shapes(model, input_shapes, label)
-        try:
-            model = shape_inference.infer_shapes(model, data_prop=True)
-        except Exception as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise WpkError(f"{label}: shape inference failed: {first_line[:200]}") from None
-        return cls(model, label, sha, path)
+        return cls(_infer_shapes(model, input_shapes, label), label, sha, path)
 
     # -- queries ------------------------------------------------------------------------
     def tensor_bytes(self, name: str) -> int:

@@ -44,12 +44,22 @@ positive_float = _bounded(float, 0, True, "must be more than 0", "positive_float
 non_negative_float = _bounded(float, 0, False, "must be 0 or more", "non_negative_float")
 
 
-def host_port(text: str) -> str:
-    """HOST:PORT with a host and a port 1-65535 (IPv6 hosts in brackets: [::1]:8001)."""
+def split_host_port(text: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port): a host (IPv6 in brackets, [::1]:8001, returned without
+    them) and a port 1-65535 in digits; ArgumentTypeError saying which part is wrong."""
     host, sep, number = text.rpartition(":")
-    if not sep or not host.strip("[]"):
+    host = host.strip("[]")
+    if not sep or not host:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    value = _number(number, int)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: {value} is not a port number (1-65535)")
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: {number!r} is not a port number")
+    if not 1 <= int(number) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: {int(number)} is not a port number "
+                                         f"(1-65535)")
+    return host, int(number)
+
+
+def host_port(text: str) -> str:
+    """An argparse type: HOST:PORT (see split_host_port), kept as the user wrote it."""
+    split_host_port(text)
     return text

@@ -1,8 +1,10 @@
 """What a bridge is told: the broker, the pipeline, and one route per subscription."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
+from wpk.cli_args import split_host_port
 from wpk.errors import WpkError
 
 from .formats import INPUT_FORMATS, RESULT_FORMATS
@@ -14,13 +16,11 @@ MAX_RECEIVE = 65535  # MQTT v5 Receive Maximum upper bound
 
 def parse_address(text: str, what: str, default_port: int | None = None) -> tuple[str, int]:
     """`HOST:PORT` (or `HOST` with a default port) -> (host, port); WpkError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port) if default_port else ""
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise WpkError(f"{what} {text!r}: expected HOST:PORT")
-    return host, int(port)
+    try:
+        return split_host_port(text if ":" in text or not default_port
+                               else f"{text}:{default_port}")
+    except argparse.ArgumentTypeError:
+        raise WpkError(f"{what} {text!r}: expected HOST:PORT") from None
 
 
 @dataclass

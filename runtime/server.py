@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls_dir and args.link == "tcp":
         raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers talk "
                        "over gRPC (leave --link out, or say --link grpc)")
-    link = args.link or ("grpc" if args.tls_dir else "tcp")
     announce = lambda line: print(line, flush=True)  # noqa: E731
     with one_line_warnings():  # e.g. an OpenVINO slice served by ONNX Runtime: one line
         asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                           workers=args.workers, metrics_port=args.metrics_port,
                           max_message_bytes=args.max_message_mb * 1024 * 1024,
                           hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
-                          spin=args.spin, link=link, link_port=args.link_port,
+                          spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
                           shared_memory=args.shared_memory, announce=announce))
     return 0
 

@@ -41,3 +41,17 @@ def writable_file(path: str | os.PathLike, kind: str = "") -> Path:
     if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise WpkError(f"{path}: cannot write the {label} (permission denied)")
     return path
+
+
+def read_yaml(path: str | os.PathLike, kind: str = ""):
+    """The YAML document of a file the user named; malformed YAML is one line with its line
+    number, not the parser's multi-line dump."""
+    import yaml
+
+    text = read_text(path, kind)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise WpkError(f"{Path(path)}: malformed YAML{where}") from None

@@ -22,10 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from wpk.errors import WpkError
-from wpk.files import read_text
+from wpk.files import read_yaml
 from wpk.plan import CODEC_BYTE_FACTOR, parse_codec
 
 
@@ -327,13 +325,7 @@ def load_tiers(names: Sequence[str] | None = None, tiers_file: str | Path | None
 
 
 def _read_tiers_file(path: Path):
-    text = read_text(path, "tiers")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise WpkError(f"{path}: malformed YAML{where}") from None
+    data = read_yaml(path, "tiers")
     if not isinstance(data, dict) or not isinstance(data.get("tiers"), list):
         raise WpkError(f"{path}: expected a mapping with a 'tiers' list")
     order, tiers = [], {}

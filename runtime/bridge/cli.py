@@ -23,7 +23,7 @@ import signal
 from pathlib import Path
 
 from wpk.errors import WpkError, cli_entry
-from wpk.files import read_text
+from wpk.files import read_yaml
 
 from .config import QUEUE_POLICIES, BridgeConfig, BrokerConfig, Route, parse_address
 from .formats import INPUT_FORMATS, RESULT_FORMATS
@@ -137,14 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_yaml(path: Path) -> dict:
-    import yaml
-    text = read_text(path, "bridge config")
-    try:
-        document = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise WpkError(f"{path}: malformed YAML{where}") from None
+    document = read_yaml(path, "bridge config") or {}
     if not isinstance(document, dict):
         raise WpkError(f"{path}: expected a mapping of settings")
     return document

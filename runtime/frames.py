@@ -2,10 +2,8 @@
 
     header  struct HEADER (36 bytes, little-endian):
             magic b"WPK1", kind (1 request, 2 answer), status (gRPC code number, 0 = OK),
-            others (u16: in a request, how many other requests its sender had waiting for
-            an answer on this connection when it sent it, capped; 0 in answers and from
-            senders that do not count), meta_len (u32), request id (u64), timeout_ms
-            (f64; < 0: none), payload_len (u64)
+            2 spare bytes, meta_len (u32), request id (u64), timeout_ms (f64; < 0: none),
+            payload_len (u64)
     meta    JSON (UTF-8), meta_len bytes: a request {"m": model, "t": [descriptor...]}, an
             answer {"t": [descriptor...]} or, when status != 0, {"e": message};
             descriptor = [name, datatype, shape, codec, scale, nbytes] (codec "raw": plain
@@ -51,7 +49,6 @@ class Frame:
     timeout_ms: float            # < 0: no deadline
     meta: dict
     payload: np.ndarray          # uint8, the tensors' bytes
-    others: int = 0              # the sender's other requests waiting on this connection
 
     @property
     def nbytes(self) -> int:
@@ -153,22 +150,6 @@ def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, 
     header = HEADER.pack(MAGIC, kind, status, 0, len(meta_bytes), request_id, timeout_ms,
                          payload)
     return [header + meta_bytes, *parts]
-
-
-MAX_OTHERS = 0xFFFF
-_OTHERS = struct.Struct("<H")
-_OTHERS_AT = 6   # the field's offset in HEADER
-
-
-def with_others(parts: list, others: int) -> list:
-    """`parts` of a request frame (from `encode`) saying that its sender has `others`
-    other requests waiting on the connection (the receiver's hint that more work is queued
-    behind this one: see tensor_link.LinkServer)."""
-    if others <= 0:
-        return parts
-    first = bytearray(parts[0])
-    _OTHERS.pack_into(first, _OTHERS_AT, min(others, MAX_OTHERS))
-    return [first, *parts[1:]]
 
 
 def _parse_meta(data: bytes) -> tuple[dict, int]:
@@ -281,7 +262,7 @@ class FrameReader:
         available = self.end - self.start
         if available < HEADER.size:
             return None
-        magic, kind, status, others, meta_len, request_id, timeout_ms, payload_len = \
+        magic, kind, status, _, meta_len, request_id, timeout_ms, payload_len = \
             HEADER.unpack_from(self.buffer, self.start)
         if magic != MAGIC or kind not in (REQUEST, ANSWER):
             raise FrameError("not a wpk tensor-link frame")
@@ -303,7 +284,7 @@ class FrameReader:
         if staged:
             payload[:staged] = np.frombuffer(self.buffer, np.uint8, staged, self.start)
             self.start += staged
-        frame = Frame(kind, status, request_id, timeout_ms, meta, payload, others)
+        frame = Frame(kind, status, request_id, timeout_ms, meta, payload)
         if staged < payload_len:
             self._frame, self._target = frame, memoryview(payload)[staged:]
             return None

@@ -47,18 +47,14 @@ from wpk.runtime.wire import (build_response, parameter_value, parse_inputs, pay
 LINKS = ("tcp", "grpc")
 DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
 DEADLINE_MARGIN_S = 0.02        # kept back so our own error reaches the caller in time
-# `--run auto`:
-INLINE_BELOW_S = 0.005          # slices faster than this may run on the event loop (or the
-INLINE_BELOW_CORES = 4          # tensor link's reader thread): always where this process has
-# fewer cores than this, else only while no other request is in flight. Measured on 2 cores with the tensor link:
+# `--run auto` (the gRPC path; tensor-link requests always run in their connection's thread):
+INLINE_BELOW_S = 0.005          # slices faster than this may run on the event loop:
+INLINE_BELOW_CORES = 4          # always where this process has fewer cores than this, else
+# only while no other request is in flight. Measured on 2 cores with the tensor link:
 # resnet_like's 1.2 ms entry slice inline instead of in a worker thread: per hop -10 %,
 # pipelined throughput +8-13 %, entry CPU per request -5-10 %. On 16 cores, always in a
 # worker: throughput +20-30 % (the slice overlaps the loop's gRPC work on another core), but
 # one request at a time pays the hand-off, ~100 us per hop; "alone" keeps both gains.
-
-
-# where the tensor link's frames run, for each placement (see tensor_link.LinkServer)
-LINK_HANDOFF = {"inline": "never", "thread": "always", "alone": "when-busy"}
 
 
 def usable_cores() -> int:
@@ -162,10 +158,7 @@ class TierService:
         """Where the slice runs: "inline" on the event loop, "thread" in a worker, "alone" on
         the loop while it is the only request in flight. Inline saves the thread hand-off
         (~50-100 us) but blocks the loop while the slice runs: worth it for fast slices, and
-        with cores to spare only when no other request needs the loop meanwhile. Frames from
-        the tensor link follow the same rule, the connection's reader thread standing for
-        the loop (LINK_HANDOFF): run by the reader, or by a worker while the reader reads
-        the next frames."""
+        with cores to spare only when no other request needs the loop meanwhile."""
         if run != "auto":
             return run
         if self.slice_seconds >= INLINE_BELOW_S:
@@ -246,8 +239,7 @@ class TierService:
             try:
                 self.link_server = LinkServer(host, link_port, self.serve_frame,
                                               max_payload=max_frame_bytes,
-                                              where=f"tier {self.tier.name!r}",
-                                              handoff=LINK_HANDOFF[self.placement])
+                                              where=f"tier {self.tier.name!r}")
             except OSError as error:
                 raise WpkError(f"tier {self.tier.name!r}: cannot listen for the tensor link "
                                f"on {host}:{link_port} ({error.strerror})") from None

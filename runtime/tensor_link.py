@@ -1,13 +1,10 @@
 """The tensor link: a tier's fast data plane towards the next tier, over plain TCP.
 
 `LinkServer` (the downstream side) accepts connections on its own port; one thread per
-connection reads request frames and calls the tier's handler with each, either in that same
-thread (no hand-off to pay: ONNX Runtime releases the GIL while the slice runs) or in the
-connection's worker thread, so that the reader receives the next frames while the slice runs
-(`handoff`: never, always, or when-busy: when the sender has other requests waiting on the
-connection, or earlier frames are still in the worker). The handler answers through a
-`Reply`, from whichever thread has the answer (the next tier's reader thread, when the tier
-forwards).
+connection reads request frames and hands each to the tier's handler in that same thread (the
+slice runs there: ONNX Runtime releases the GIL, and no hand-off to another thread or an event
+loop is paid). The handler answers through a `Reply`, from whichever thread has the answer
+(the next tier's reader thread, when the tier forwards).
 
 `LinkConnection` (the upstream side) is one persistent full-duplex connection: requests are
 multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
@@ -18,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import queue
 import socket
 import sys
 import threading
@@ -29,7 +25,7 @@ import grpc
 import numpy as np
 
 from wpk.runtime.frames import (ANSWER, MAX_PAYLOAD_BYTES, REQUEST, Frame, FrameError,
-                                FrameReader, encode, send_parts, unsent, with_others)
+                                FrameReader, encode, send_parts, unsent)
 from wpk.runtime.link import CODES, InferenceError
 from wpk.runtime.tensors import TensorError
 
@@ -42,9 +38,6 @@ KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
 MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (frames.STAGING_BYTES holds them)
 ANSWER_SEND_TIMEOUT_S = 10.0   # an answer blocked this long (the caller stopped reading) ends
 # its connection, instead of stalling the thread that answers (the next hop's reader)
-HANDOFFS = ("never", "always", "when-busy")
-READ_AHEAD_FRAMES = 2   # frames a connection's reader may hold for its worker; beyond that
-# it stops reading and TCP flow control holds the sender back, as without a worker
 
 
 def send_timeout(sock: socket.socket, seconds: float) -> None:
@@ -95,46 +88,6 @@ def _log(line: str) -> None:
     print(f"wpk: {line}", file=sys.stderr, flush=True)
 
 
-class _Worker:
-    """Runs one connection's frames in its own thread, in the order they were read, while the
-    connection's reader goes on reading."""
-
-    def __init__(self, connection: "_ServerConnection"):
-        self.connection = connection
-        self.frames: queue.Queue = queue.Queue(maxsize=READ_AHEAD_FRAMES)
-        self.given = 0   # frames put, by the reader thread only ...
-        self.done = 0    # ... and finished, by the worker thread only: no lock needed
-        self.thread = threading.Thread(target=self._run, daemon=True, name="wpk-link-run")
-        self.thread.start()
-
-    def busy(self) -> bool:
-        return self.given != self.done
-
-    def put(self, frame: Frame, reply: Reply) -> None:
-        """Queue a frame (from the reader thread); blocks while READ_AHEAD_FRAMES wait."""
-        self.given += 1
-        self.frames.put((frame, reply))
-
-    def stop(self) -> None:
-        self.frames.put(None)
-
-    def _run(self) -> None:
-        connection = self.connection
-        while True:
-            item = self.frames.get()
-            if item is None:
-                return
-            try:
-                if not connection.closed:  # nobody is left to answer
-                    connection.handle(*item)
-            except Exception as error:  # as in the reader: never leave it half alive
-                _log(f"{connection.owner.where}tensor link from {connection.peer}: "
-                     f"{error!r}; connection closed")
-                connection.close()
-            finally:
-                self.done += 1
-
-
 class _ServerConnection:
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
@@ -144,7 +97,6 @@ class _ServerConnection:
             self.peer = "?"
         self.lock = threading.Lock()
         self.closed = False
-        self.worker: _Worker | None = None   # started on the first hand-off
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="wpk-link-in")
 
@@ -159,33 +111,14 @@ class _ServerConnection:
                 self._shutdown()
                 self.sock.close()
 
-    def _hand_off(self, frame: Frame) -> bool:
-        """Whether the worker runs this frame (the reader then reads on) or the reader
-        does (one hand-off less: what a lone request wants)."""
-        handoff = self.owner.handoff
-        if handoff == "never":
-            return False
-        if handoff == "always":
-            return True
-        return frame.others > 0 or (self.worker is not None and self.worker.busy())
-
     def _run(self) -> None:
         reader = FrameReader(self.sock, max_payload=self.owner.max_payload)
-        counts = self.owner.handled
         try:
             while True:
                 frame = reader.read()
                 if frame.kind != REQUEST:
                     raise FrameError("answer frame sent to a tier")
-                reply = Reply(self, frame.request_id)
-                if self._hand_off(frame):
-                    if self.worker is None:
-                        self.worker = _Worker(self)
-                    counts["worker"] += 1
-                    self.worker.put(frame, reply)
-                else:
-                    counts["reader"] += 1
-                    self.handle(frame, reply)
+                self.handle(frame, Reply(self, frame.request_id))
         except (EOFError, OSError):
             pass
         except FrameError as error:  # garbled or hostile bytes: drop this connection only
@@ -195,8 +128,6 @@ class _ServerConnection:
                  f"closed")
         finally:
             self.close()
-            if self.worker is not None:
-                self.worker.stop()
             self.owner.connections.discard(self)
 
     def _shutdown(self) -> None:
@@ -215,18 +146,11 @@ class _ServerConnection:
 
 class LinkServer:
     """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`.
-    `max_payload`: larger frames close their connection; `where` starts log lines;
-    `handoff`: which frames a connection's worker runs (see the module's docstring);
-    `handled` counts the frames run by readers and by workers."""
+    `max_payload`: larger frames close their connection; `where` starts log lines."""
 
     def __init__(self, host: str, port: int, handle: Handler, *,
-                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = "",
-                 handoff: str = "never"):
-        if handoff not in HANDOFFS:
-            raise ValueError(f"handoff {handoff!r}: expected one of {', '.join(HANDOFFS)}")
+                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = ""):
         self.handle = handle
-        self.handoff = handoff
-        self.handled = {"reader": 0, "worker": 0}
         self.max_payload = max_payload
         self.where = f"{where}: " if where else ""
         self.listener = socket.create_server((host, port))
@@ -402,7 +326,7 @@ class LinkConnection:
     def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
         """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
         request_id = next(self._ids)
-        parts = with_others(parts_for(request_id), len(self.pending))
+        parts = parts_for(request_id)
         if timeout is not None:
             entry: list = []   # known before the expiry thread can fire for this request
             self.pending[request_id] = lambda outcome: (entry and self.expiry.discard(entry[0]),
@@ -494,7 +418,7 @@ class LoopConnection:
             done(self.error)
             return
         request_id = next(self._ids)
-        parts = with_others(parts_for(request_id), len(self.pending))
+        parts = parts_for(request_id)
         self.pending[request_id] = done
         if timeout is not None:
             self.timers[request_id] = self.loop.call_later(timeout, self.expire, request_id)

@@ -446,20 +446,17 @@ def test_deliver_to_a_later_tier_still_answers_the_caller(tmp_path, deliver_to):
 @pytest.mark.parametrize("run", ["alone", "thread", "inline"])
 def test_every_slice_placement_answers_a_burst_exactly(plans, run):
     """--run alone (auto's choice on 4+ cores) runs a request's slice on the event loop while
-    it is the only one in flight and in the worker once others wait; frames from the tensor
-    link likewise run in the connection's reader thread, or in its worker once the sender has
-    other requests waiting (the reader then reads ahead). The answers must not depend on
-    where the slices ran."""
+    it is the only one in flight and in the worker once others wait; the answers must not
+    depend on where the slice ran."""
     pipeline = Pipeline(plans["resnet"], run=run)
     entry = pipeline.services["device"]
-    links = [pipeline.services[t].link_server for t in ("edge", "cloud")]
     assert entry.placement == run
     burst = [model_feeds(plans["resnet"], seed=seed) for seed in range(16)]
 
     async def calls():
         async with InferenceClient(pipeline.entry, stream=True, timeout=20) as client:
             alone = await client.infer("resnet_like", burst[0])
-            runs_alone = [dict(entry.slice_runs), *(dict(link.handled) for link in links)]
+            runs_alone = dict(entry.slice_runs)
             together = await asyncio.gather(*(client.infer("resnet_like", f) for f in burst))
             return [alone, *together], runs_alone
 
@@ -472,13 +469,10 @@ def test_every_slice_placement_answers_a_burst_exactly(plans, run):
                                    reference(plans["resnet"], feeds)["gemm_77_out"],
                                    rtol=1e-5, atol=1e-6)
     if run == "alone":
-        assert runs_alone == [{"loop": 1, "worker": 0}, *[{"reader": 1, "worker": 0}] * 2]
+        assert runs_alone == {"loop": 1, "worker": 0}
         assert entry.slice_runs["worker"] > 0, entry.slice_runs
-        assert links[0].handled["worker"] > 0, links[0].handled
     else:
         assert entry.slice_runs[{"thread": "worker", "inline": "loop"}[run]] == 17
-        for link in links:
-            assert link.handled[{"thread": "worker", "inline": "reader"}[run]] == 17
 
 
 def test_alone_never_runs_a_slice_beside_one_a_gone_request_left_in_the_worker(plans):

@@ -168,63 +168,6 @@ def test_many_requests_in_flight_answers_out_of_order_loop_connection():
 
 
 @pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_a_busy_connection_reads_ahead_while_a_worker_runs_its_frames(kind):
-    """handoff="when-busy": a lone request runs in the reader thread; once the sender has
-    other requests waiting, frames go to the connection's worker and the reader reads the
-    next ones meanwhile, but holds at most READ_AHEAD_FRAMES for it (then TCP pushes back)."""
-    from wpk.runtime.tensor_link import READ_AHEAD_FRAMES
-
-    sent, release, started = threading.Event(), threading.Event(), threading.Semaphore(0)
-    threads: dict[int, str] = {}
-
-    def handle(frame, reply):
-        index = int(frame.arrays("echo")["i"][0])
-        threads[index] = threading.current_thread().name
-        if index == 1:          # the first of a burst is sent alone: the reader runs it
-            sent.wait(10)
-        if index == 2:          # the next ones were sent behind it: this one holds the worker
-            started.release()
-            release.wait(10)
-        reply.ok({"i": np.array([index * 2])})
-
-    server = LinkServer("127.0.0.1", 0, handle, handoff="when-busy")
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        sock = socket.create_connection(("127.0.0.1", server.port))
-        connection = LoopConnection(sock, loop) if kind == "loop" else \
-            LinkConnection(sock, Expiry())
-
-        def call(i: int) -> asyncio.Future:
-            future = loop.create_future()
-            connection.send(lambda rid: encode(REQUEST, rid, {"i": np.array([i])},
-                                               model="echo"),
-                            10.0, lambda o: loop.call_soon_threadsafe(future.set_result, o))
-            return future
-
-        alone = await call(0)
-        burst = [call(i) for i in range(1, 8)]
-        sent.set()
-        await loop.run_in_executor(None, started.acquire, True, 5)
-        await asyncio.sleep(0.2)            # the reader reads on while frame 2 runs ...
-        held = dict(server.handled)
-        release.set()
-        answers = await asyncio.gather(*burst)
-        connection.close()
-        return alone, answers, held
-
-    alone, answers, held = asyncio.run(scenario())
-    server.close()
-    assert int(alone["i"][0]) == 0
-    assert [int(a["i"][0]) for a in answers] == [2 * i for i in range(1, 8)]
-    assert threads[0] == threads[1] == "wpk-link-in"
-    assert all(threads[i] == "wpk-link-run" for i in range(2, 8))
-    # ... frame 2 running, READ_AHEAD_FRAMES queued, one more read and waiting to be queued
-    assert held == {"reader": 2, "worker": READ_AHEAD_FRAMES + 2}, held
-    assert server.handled == {"reader": 2, "worker": 6}
-
-
-@pytest.mark.parametrize("kind", ["thread", "loop"])
 def test_a_late_answer_gives_deadline_exceeded_and_the_connection_goes_on(kind):
     release = threading.Event()
 

@@ -171,7 +171,7 @@ async def second_tier_caller(link: str, deployment: LocalDeployment, plan, array
     first tier does (tensor link, or a ModelStreamInfer stream with wpk_pipeline): timing it
     gives the cost of the tier-to-tier hops alone, without the client's KServe hop."""
     from wpk.runtime.frames import REQUEST, encode
-    from wpk.runtime.tensor_link import EXTENSION_PREFIX, LoopConnection
+    from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION, LoopConnection
 
     tier = plan.tiers[1]
     feeds = {n: arrays[n] for n in tier.inputs}
@@ -186,7 +186,7 @@ async def second_tier_caller(link: str, deployment: LocalDeployment, plan, array
                .split(":")[1])
     loop = asyncio.get_running_loop()
     connection = LoopConnection(socket.create_connection((address.rsplit(":", 1)[0], port)),
-                                loop)
+                                loop, lanes=LANE_EXTENSION in response.extensions)
 
     async def call():
         future = loop.create_future()

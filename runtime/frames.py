@@ -1,7 +1,8 @@
 """The tensor link's wire format: length-prefixed binary frames over one TCP connection.
 
     header  struct HEADER (36 bytes, little-endian):
-            magic b"WPK1", kind (1 request, 2 answer), status (gRPC code number, 0 = OK),
+            magic b"WPK1", kind (1 request, 2 answer, 3 lane open, 4 request with its payload in
+            the connection's lane: see lane), status (gRPC code number, 0 = OK),
             2 spare bytes, meta_len (u32), request id (u64), timeout_ms (f64; < 0: none),
             payload_len (u64)
     meta    JSON (UTF-8), meta_len bytes: a request {"m": model, "t": [descriptor...]}, an
@@ -31,7 +32,8 @@ from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, check_
 
 MAGIC = b"WPK1"
 HEADER = struct.Struct("<4sBBHIQdQ")
-REQUEST, ANSWER = 1, 2
+REQUEST, ANSWER, LANE_OPEN, LANE_REQUEST = 1, 2, 3, 4
+KINDS = (REQUEST, ANSWER, LANE_OPEN, LANE_REQUEST)
 STAGING_BYTES = 256 * 1024
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024   # as gRPC's default largest message (wpk-serve
 # --max-message-mb sets a tier's): a frame declaring more is refused before any allocation
@@ -152,6 +154,12 @@ def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, 
     return [header + meta_bytes, *parts]
 
 
+def encode_meta(kind: int, request_id: int, meta: dict) -> list:
+    """Buffers of a frame that carries metadata alone (LANE_OPEN)."""
+    meta_bytes = _meta_bytes(meta)
+    return [HEADER.pack(MAGIC, kind, 0, 0, len(meta_bytes), request_id, -1.0, 0) + meta_bytes]
+
+
 def _parse_meta(data: bytes) -> tuple[dict, int]:
     """(metadata, payload bytes it declares); raises FrameError. Do not change the dict: it
     is shared by every frame with the same metadata."""
@@ -264,7 +272,7 @@ class FrameReader:
             return None
         magic, kind, status, _, meta_len, request_id, timeout_ms, payload_len = \
             HEADER.unpack_from(self.buffer, self.start)
-        if magic != MAGIC or kind not in (REQUEST, ANSWER):
+        if magic != MAGIC or kind not in KINDS:
             raise FrameError("not a wpk tensor-link frame")
         if meta_len > len(self.buffer) - HEADER.size:
             raise FrameError(f"frame metadata of {meta_len} bytes is over the limit of "
@@ -273,7 +281,7 @@ class FrameReader:
             return None
         begin = self.start + HEADER.size
         meta, declared = _parse_meta(self.view[begin:begin + meta_len].tobytes())
-        if declared != payload_len:
+        if declared != payload_len and kind != LANE_REQUEST:  # (its payload: an offset)
             raise FrameError("frame payload does not match its tensor descriptors")
         if payload_len > self.max_payload:
             raise FrameError(f"frame payload of {payload_len} bytes is over the limit of "

@@ -17,6 +17,7 @@ Service that forwards only the gRPC port): that is retried every FALLBACK_RETRY_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import sys
 import threading
@@ -32,12 +33,22 @@ from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import REQUEST, encode
 from wpk.runtime.link import PIPELINE_PARAM, InferenceError
 from wpk.runtime.metrics import TierMetrics
-from wpk.runtime.tensor_link import (EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection,
-                                     send_timeout)
+from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, Expiry,
+                                     LinkConnection, LoopConnection, send_timeout)
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.wire import build_request, parse_response, payload_bytes
 
 FALLBACK_RETRY_S = 30.0
+
+
+def over_loopback(sock: socket.socket) -> bool:
+    """Whether `sock` reaches its peer over loopback: only such a connection is replaced by a
+    shared-memory lane (see lane). A next tier reached over a network, even one on this host
+    (another network namespace, a shaped link in wpk-emulate), keeps that network's cost."""
+    try:
+        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
 CONNECT_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped reading) fails
 
@@ -118,6 +129,7 @@ class TcpLink:
         self.expiry = Expiry()
         self.connection: LinkConnection | LoopConnection | None = None
         self.port: int | None = None           # the next tier's tensor-link port, once known
+        self.lanes = False                     # ... and whether it maps shared-memory lanes
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
         self._connecting = asyncio.Lock()
         self._recheck: asyncio.Task | None = None  # looking for the tensor link again
@@ -208,8 +220,9 @@ class TcpLink:
                 self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
                 return None
         count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
-        self.connection = LoopConnection(sock, self.loop, count) if self.on_loop else \
-            LinkConnection(sock, self.expiry, count)
+        lanes = self.lanes and over_loopback(sock)
+        self.connection = LoopConnection(sock, self.loop, count, lanes) if self.on_loop \
+            else LinkConnection(sock, self.expiry, count, lanes)
         self.fallback_until = 0.0
         return self.connection
 
@@ -229,6 +242,7 @@ class TcpLink:
                                                                   timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise InferenceError(error.code(), error.details() or "no answer") from None
+        self.lanes = LANE_EXTENSION in response.extensions
         for extension in response.extensions:
             if extension.startswith(EXTENSION_PREFIX):
                 try:

@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link-port", type=cli_args.port, default=0,
                         help="port of this tier's tensor link (default 0: any free port)")
     parser.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
-                        help="do not serve Triton's system shared-memory extension (served by "
-                        "default: clients on this host pass tensors through /dev/shm regions)")
+                        help="do not serve Triton's system shared-memory extension, nor map "
+                        "the previous tier's shared-memory lanes (both by default: clients "
+                        "and tiers on this host pass tensors through /dev/shm)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS: ca.pem, TIER.pem and TIER.key in DIR (wpk-deploy "
                         "--tls writes them); peers without a certificate from that CA are "

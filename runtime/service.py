@@ -39,7 +39,7 @@ from wpk.runtime.outbox import Outbox
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.slice import load_runner
-from wpk.runtime.tensor_link import EXTENSION_PREFIX, LinkServer, Reply
+from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION, LinkServer, Reply
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
 from wpk.runtime.wire import (build_response, parameter_value, parse_inputs, payload_bytes,
                               requested_outputs, set_parameter)
@@ -239,7 +239,8 @@ class TierService:
             try:
                 self.link_server = LinkServer(host, link_port, self.serve_frame,
                                               max_payload=max_frame_bytes,
-                                              where=f"tier {self.tier.name!r}")
+                                              where=f"tier {self.tier.name!r}",
+                                              lanes=self.shared_memory is not None)
             except OSError as error:
                 raise WpkError(f"tier {self.tier.name!r}: cannot listen for the tensor link "
                                f"on {host}:{link_port} ({error.strerror})") from None
@@ -267,6 +268,8 @@ class TierService:
         extensions = [SHM_EXTENSION] if self.shared_memory is not None else []
         if self.link_server:
             extensions.append(f"{EXTENSION_PREFIX}{self.link_server.port}")
+            if self.link_server.lanes:
+                extensions.append(LANE_EXTENSION)
         return pb.ServerMetadataResponse(name=f"wpk ({self.name}.{self.tier.name})",
                                          version=__version__, extensions=extensions)
 

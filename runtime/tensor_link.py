@@ -10,6 +10,9 @@ loop is paid). The handler answers through a `Reply`, from whichever thread has 
 multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
 each request's `done` callback. A broken connection fails every pending request with
 UNAVAILABLE; `Expiry` fails those whose deadline passes first with DEADLINE_EXCEEDED.
+Between tiers on one host, large payloads travel through a shared-memory lane (see lane)
+instead of the socket, where the LinkServer maps lanes (`lanes`, advertised as
+LANE_EXTENSION).
 """
 from __future__ import annotations
 
@@ -24,12 +27,16 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import (ANSWER, MAX_PAYLOAD_BYTES, REQUEST, Frame, FrameError,
-                                FrameReader, encode, send_parts, unsent)
+from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
+                                Frame, FrameError, FrameReader, encode, encode_meta,
+                                send_parts, unsent)
+from wpk.runtime.lane import LANE_MIN_BYTES, LaneReader, LaneWriter
 from wpk.runtime.link import CODES, InferenceError
 from wpk.runtime.tensors import TensorError
 
 EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
+LANE_EXTENSION = "wpk-tensor-lane"      # ... and the one saying it maps lanes (see lane)
+LANE_OPEN_TIMEOUT_S = 5.0
 
 Done = Callable[[object], None]
 
@@ -97,6 +104,7 @@ class _ServerConnection:
             self.peer = "?"
         self.lock = threading.Lock()
         self.closed = False
+        self.lane: LaneReader | None = None  # the sender's, once it opened one
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="wpk-link-in")
 
@@ -111,12 +119,30 @@ class _ServerConnection:
                 self._shutdown()
                 self.sock.close()
 
+    def _open_lane(self, frame: Frame) -> None:
+        """Map the sender's lane (see lane) and say whether it worked."""
+        reply = Reply(self, frame.request_id)
+        if not self.owner.lanes:
+            return reply.fail(grpc.StatusCode.UNIMPLEMENTED, "lanes are disabled here")
+        try:
+            self.lane = LaneReader(frame.meta)
+        except OSError as error:  # not on this host, or not ours to read
+            return reply.fail(grpc.StatusCode.UNAVAILABLE, f"cannot map the lane: {error}")
+        reply.ok({})
+
     def _run(self) -> None:
         reader = FrameReader(self.sock, max_payload=self.owner.max_payload)
         try:
             while True:
                 frame = reader.read()
-                if frame.kind != REQUEST:
+                if frame.kind == LANE_OPEN:
+                    self._open_lane(frame)
+                    continue
+                if frame.kind == LANE_REQUEST:
+                    if self.lane is None:
+                        raise FrameError("lane request on a connection without a lane")
+                    frame = self.lane.resolve(frame)
+                elif frame.kind != REQUEST:
                     raise FrameError("answer frame sent to a tier")
                 self.handle(frame, Reply(self, frame.request_id))
         except (EOFError, OSError):
@@ -146,11 +172,13 @@ class _ServerConnection:
 
 class LinkServer:
     """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`.
-    `max_payload`: larger frames close their connection; `where` starts log lines."""
+    `max_payload`: larger frames close their connection; `where` starts log lines;
+    `lanes`: accept the shared-memory lanes of senders on this host."""
 
     def __init__(self, host: str, port: int, handle: Handler, *,
-                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = ""):
+                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = "", lanes: bool = True):
         self.handle = handle
+        self.lanes = lanes   # map the lanes senders on this host open (see lane)
         self.max_payload = max_payload
         self.where = f"{where}: " if where else ""
         self.listener = socket.create_server((host, port))
@@ -303,7 +331,45 @@ def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | Non
     _call(callback, outcome)
 
 
-class LinkConnection:
+class _Lanes:
+    """The sending side's lane (see lane), for both connection kinds: opened once the
+    connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes."""
+
+    lane: LaneWriter | None = None
+
+    def _through_lane(self, request_id: int, parts: list) -> list:
+        """`parts` with the payload moved into the lane, where it can go; else `parts`."""
+        lane = self.lane
+        if lane is not None:
+            return lane.place(request_id, parts) or parts
+        if self.lanes:
+            payload = sum(memoryview(p).nbytes for p in parts[1:])
+            if payload >= LANE_MIN_BYTES:
+                self._open_lane(payload)
+        return parts
+
+    def _open_lane(self, payload: int) -> None:
+        self.lanes = False   # one try per connection
+        try:
+            lane = LaneWriter(payload)
+        except OSError as error:   # no /dev/shm, or too little room in it
+            _log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
+            return
+        self.lane = lane
+        self.send(lambda rid: encode_meta(LANE_OPEN, rid, lane.open_meta()),
+                  LANE_OPEN_TIMEOUT_S,
+                  lambda outcome: lane.attached(not isinstance(outcome, Exception)))
+
+    def _answered(self, request_id: int) -> None:
+        if self.lane is not None:
+            self.lane.release(request_id)
+
+    def _close_lane(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+
+
+class LinkConnection(_Lanes):
     """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
     once per request, with the answer's arrays or an InferenceError, from the reader thread
     (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
@@ -311,9 +377,11 @@ class LinkConnection:
     threaded = True
 
     def __init__(self, sock: socket.socket, expiry: Expiry,
-                 on_bytes: Callable[[int], None] | None = None):
+                 on_bytes: Callable[[int], None] | None = None, lanes: bool = False):
+        """`lanes`: the receiver maps shared-memory lanes (it advertises LANE_EXTENSION)."""
         _nodelay(sock)
         self.sock = sock
+        self.lanes = lanes
         self.expiry = expiry
         self.on_bytes = on_bytes
         self.pending: dict[int, Done] = {}
@@ -326,7 +394,7 @@ class LinkConnection:
     def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
         """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
         request_id = next(self._ids)
-        parts = parts_for(request_id)
+        parts = self._through_lane(request_id, parts_for(request_id))
         if timeout is not None:
             entry: list = []   # known before the expiry thread can fire for this request
             self.pending[request_id] = lambda outcome: (entry and self.expiry.discard(entry[0]),
@@ -359,6 +427,7 @@ class LinkConnection:
                 frame = reader.read()
                 if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
                     raise FrameError("request frame sent to a client")
+                self._answered(frame.request_id)
                 callback = self.pending.pop(frame.request_id, None)
                 if callback is not None:  # None: expired meanwhile, the caller has its answer
                     _deliver(frame, callback, self.on_bytes)
@@ -376,6 +445,7 @@ class LinkConnection:
         """End the connection: every pending request gets `error`."""
         if self.error is None:
             self.error = error
+            self._close_lane()
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -390,7 +460,7 @@ class LinkConnection:
         self._reader.join(1.0)
 
 
-class LoopConnection:
+class LoopConnection(_Lanes):
     """A connection driven by an asyncio loop, for a tier whose requests start on the loop
     (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
     so `done` runs on the loop with no reader thread and no hand-off between threads; writes
@@ -400,10 +470,12 @@ class LoopConnection:
     threaded = False
     MAX_IOV = 512
 
-    def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None):
+    def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None,
+                 lanes: bool = False):
         _nodelay(sock)
         sock.setblocking(False)
         self.sock, self.loop, self.on_bytes = sock, loop, on_bytes
+        self.lanes = lanes
         self.fd = sock.fileno()
         self.reader = FrameReader(sock)
         self.pending: dict[int, Done] = {}
@@ -418,7 +490,7 @@ class LoopConnection:
             done(self.error)
             return
         request_id = next(self._ids)
-        parts = parts_for(request_id)
+        parts = self._through_lane(request_id, parts_for(request_id))
         self.pending[request_id] = done
         if timeout is not None:
             self.timers[request_id] = self.loop.call_later(timeout, self.expire, request_id)
@@ -463,6 +535,7 @@ class LoopConnection:
                 self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE,
                                          "connection lost (request frame sent to a client)"))
                 return
+            self._answered(frame.request_id)
             callback = self.pending.pop(frame.request_id, None)
             timer = self.timers.pop(frame.request_id, None)
             if timer is not None:
@@ -480,6 +553,7 @@ class LoopConnection:
     def fail(self, error: InferenceError) -> None:
         if self.error is None:
             self.error = error
+            self._close_lane()
             self.loop.remove_reader(self.fd)
             if self._backlog:
                 self.loop.remove_writer(self.fd)

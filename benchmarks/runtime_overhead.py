@@ -18,7 +18,7 @@ between them round by round.
     metrics: the client hop (latency less the entry tier's stay) and each tier's stay less
     its slice and the next tier's stay;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
-    >= 80 %). Every tier and every baseline runs ONNX Runtime with the same thread count.
+    >= 80 %), and at 8 in flight with the client's input in shared memory. Every tier and every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
     the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it, and the
     CPU time each tier process and the client spend per request (cores / their sum bounds
@@ -265,7 +265,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             stays = {k: [mean_seconds(handle.metrics_url, "wpk_request_seconds")
                          for handle in d.tiers] for k, d in zip(links, deployments)}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
-            rates: dict = {(k, n): [] for k in links for n in IN_FLIGHT}
+            rates: dict = {(k, n): [] for k in links for n in (*IN_FLIGHT, "shm")}
             cpu = {k: {"pids": [h.process.pid for h in d.tiers] + [os.getpid()]}
                    for k, d in zip(links, deployments)}
             stage_alone: list[float] = []
@@ -275,6 +275,9 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                         rates[(k, n)].append(await pipeline_rate(
                             stream[k], plan.name, feeds, n, slice_time,
                             cpu[k] if n == CPU_IN_FLIGHT else None))
+                        if n == CPU_IN_FLIGHT:
+                            rates[(k, "shm")].append(await pipeline_rate(
+                                shm_stream[k], plan.name, feeds, n, slice_time))
                     sample(stages[slowest], slice_time, stage_alone)
             for client in clients:
                 await client.close()
@@ -308,6 +311,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             "own_us": own_times(stream, measured["stays"][k], measured["in_tier"][k]),
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
             "rates": {n: measured["rates"][(k, n)] for n in IN_FLIGHT},
+            "rate_shm": measured["rates"][(k, "shm")],
             "cpu_per_request": measured["cpu"][k],
             "stage_rate": measured["stage_rate"], "ceiling": ceiling})
     return results
@@ -408,6 +412,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
     for column in ("model", "link", "slowest stage", "cpu ceiling", *(f"{k} in flight" for k in
                                                               (1, 2, 4, 8, 16)),
                    "best / slowest", "best / ceiling", ">= 80 %",
+                   f"{CPU_IN_FLIGHT} in flight, input in shm / slowest",
                    f"CPU ms/request at {CPU_IN_FLIGHT} in flight: tiers + client"):
         table.add_column(column, justify="right")
     for r in results:
@@ -417,6 +422,7 @@ def report(results: list[dict], threads: int, bare: tuple[float, float], codec: 
                       f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
                       "yes" if best / r["stage_rate"] >= 0.8 else
                       ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"),
+                      f"{r['rate_shm']:.0f} ({r['rate_shm'] / r['stage_rate']:.0%})",
                       " + ".join(f"{c * 1e3:.2f}" for c in r["cpu_per_request"][:-1])
                       + f" + {r['cpu_per_request'][-1] * 1e3:.2f}")
     console.print(table)

@@ -12,11 +12,18 @@ included: a request that expired may still be read.
 Only connections over loopback are given lanes (next_tier.over_loopback): a next tier
 reached over a network keeps that network's cost, also where it shares this host's /dev/shm
 (wpk-emulate's shaped links between network namespaces). The sender opens a lane with a
-LANE_OPEN frame (meta {"lane": name, "bytes": size}) once
-the connection carries a payload of LANE_MIN_BYTES or more; the receiver maps the object and
-answers OK, or fails (another host, another /dev/shm, lanes disabled), and the connection then
-goes on sending payloads inline. On the OK the sender unlinks the name: the mapping lives on
-in both processes and nothing is left in /dev/shm whatever happens to them afterwards.
+LANE_OPEN frame (meta {"lane": name, "bytes": size, "slot": slot size}) once the connection
+carries a payload of LANE_MIN_BYTES or more; the receiver maps the object, unlinks its name
+and answers OK, or fails (another host, another /dev/shm, lanes disabled), and the
+connection then goes on sending payloads inline. Once mapped, the memory lives on in both
+processes and nothing is left in /dev/shm; a sender killed in the moment between creating
+the object and the receiver mapping it leaves a name behind, which the next process that
+creates a lane removes (the name carries the creator's pid).
+
+Trust: the receiver maps only regular files owned by its own user, opened without following
+links, from a peer on loopback. A peer running as that same user could still shrink the
+object after the receiver mapped it, and the receiver would then die of SIGBUS reading it;
+such a peer can harm the tier in many other ways, and `--no-shared-memory` refuses lanes.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
 from typing import Sequence
@@ -41,6 +49,35 @@ MAX_LANE_BYTES = 256 * 1024 * 1024   # inline (Docker's /dev/shm is 64 MB by def
 # lane that does not fit is not created, posix_fallocate says so before any page is used)
 SLOT_ALIGN = 64 * 1024
 _OFFSET = struct.Struct("<Q")    # a LANE_REQUEST's payload on the socket: the slot's offset
+_swept = False
+
+
+def _sweep_dead_lanes() -> None:
+    """Remove the names of lanes whose creator died before its receiver mapped them (once per
+    process; only our own user's)."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not NAME.fullmatch(name):
+            continue
+        try:
+            pid = int(name[len(PREFIX):].split("-")[0], 16)
+            os.kill(pid, 0)
+        except ProcessLookupError:   # its creator is gone
+            path = os.path.join(SHM_DIR, name)
+            try:
+                if os.lstat(path).st_uid == os.geteuid():
+                    os.unlink(path)
+            except OSError:
+                pass
+        except (ValueError, OSError):   # alive, or not ours to signal
+            continue
 
 
 class LaneWriter:
@@ -53,6 +90,7 @@ class LaneWriter:
         self.size = self.slot_bytes * slots
         if self.size > MAX_LANE_BYTES:
             raise OSError(f"a lane of {self.size} bytes is over {MAX_LANE_BYTES}")
+        _sweep_dead_lanes()
         self.name = f"{PREFIX}{os.getpid():x}-{secrets.token_hex(8)}"
         self.path = os.path.join(SHM_DIR, self.name)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -72,11 +110,11 @@ class LaneWriter:
         self.lock = threading.Lock()
 
     def open_meta(self) -> dict:
-        return {"lane": self.name, "bytes": self.size}
+        return {"lane": self.name, "bytes": self.size, "slot": self.slot_bytes}
 
     def attached(self, ok: bool) -> None:
-        """The receiver's answer to LANE_OPEN: the name goes either way (both processes
-        that need the memory have it mapped)."""
+        """The receiver's answer to LANE_OPEN: the name goes either way (the receiver has
+        unlinked it already if it mapped the lane)."""
         self.unlink()
         self.ready = ok
 
@@ -130,27 +168,43 @@ class LaneReader:
     be opened (not on this host) and FrameError for a name that is not a lane's."""
 
     def __init__(self, meta: dict):
-        name, size = meta.get("lane"), meta.get("bytes")
+        name, size, slot = meta.get("lane"), meta.get("bytes"), meta.get("slot")
         if not isinstance(name, str) or not NAME.fullmatch(name) or \
-                not isinstance(size, int) or not 0 < size <= MAX_LANE_BYTES:
+                not isinstance(size, int) or not 0 < size <= MAX_LANE_BYTES or \
+                not isinstance(slot, int) or not 0 < slot <= size or size % slot:
             raise FrameError("malformed lane")
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+        path = os.path.join(SHM_DIR, name)
+        # no links followed, and a FIFO under that name cannot block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            if os.fstat(fd).st_size != size:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
+                raise OSError(f"{path} is not a lane of this user")
+            if status.st_size != size:
                 raise OSError(f"lane {name} is not {size} bytes")
             mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        try:
+            os.unlink(path)   # mapped: the name is no longer needed (see the module's doc)
+        except OSError:
+            pass
         self.memory = np.frombuffer(mapping, np.uint8)   # holds the mapping
+        self.slot_bytes = slot
 
-    def resolve(self, frame: Frame) -> Frame:
-        """A LANE_REQUEST frame as a plain request whose payload is a view of its slot."""
+    def resolve(self, frame: Frame, max_payload: int) -> Frame:
+        """A LANE_REQUEST frame as a plain request whose payload is a view of its slot;
+        `max_payload`: the tier's largest payload, as for frames on the socket."""
         if frame.payload.nbytes != _OFFSET.size:
             raise FrameError("lane request without its offset")
         offset = _OFFSET.unpack(frame.payload.tobytes())[0]
         declared = sum(int(d[5]) for d in frame.meta.get("t", ()))
-        if offset + declared > self.memory.nbytes:
-            raise FrameError("lane request outside its lane")
+        if offset % self.slot_bytes or offset + declared > self.memory.nbytes or \
+                declared > self.slot_bytes:
+            raise FrameError("lane request outside its slot")
+        if declared > max_payload:
+            raise FrameError(f"frame payload of {declared} bytes is over the limit of "
+                             f"{max_payload} bytes")
         frame.payload = self.memory[offset:offset + declared]
         frame.kind = REQUEST
         return frame

@@ -17,6 +17,7 @@ LANE_EXTENSION).
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import itertools
 import socket
 import sys
@@ -99,9 +100,11 @@ class _ServerConnection:
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
         try:
-            self.peer = "%s:%s" % sock.getpeername()[:2]
-        except OSError:
-            self.peer = "?"
+            address = sock.getpeername()[:2]
+            self.peer = "%s:%s" % address
+            self.loopback = ipaddress.ip_address(address[0]).is_loopback
+        except (OSError, ValueError):
+            self.peer, self.loopback = "?", False
         self.lock = threading.Lock()
         self.closed = False
         self.lane: LaneReader | None = None  # the sender's, once it opened one
@@ -120,10 +123,15 @@ class _ServerConnection:
                 self.sock.close()
 
     def _open_lane(self, frame: Frame) -> None:
-        """Map the sender's lane (see lane) and say whether it worked."""
+        """Map the sender's lane (see lane) and say whether it worked: only for a sender on
+        loopback, once per connection."""
+        if self.lane is not None:
+            raise FrameError("a second lane on one connection")
         reply = Reply(self, frame.request_id)
         if not self.owner.lanes:
             return reply.fail(grpc.StatusCode.UNIMPLEMENTED, "lanes are disabled here")
+        if not self.loopback:
+            return reply.fail(grpc.StatusCode.PERMISSION_DENIED, "lanes are for loopback peers")
         try:
             self.lane = LaneReader(frame.meta)
         except OSError as error:  # not on this host, or not ours to read
@@ -141,7 +149,7 @@ class _ServerConnection:
                 if frame.kind == LANE_REQUEST:
                     if self.lane is None:
                         raise FrameError("lane request on a connection without a lane")
-                    frame = self.lane.resolve(frame)
+                    frame = self.lane.resolve(frame, self.owner.max_payload)
                 elif frame.kind != REQUEST:
                     raise FrameError("answer frame sent to a tier")
                 self.handle(frame, Reply(self, frame.request_id))
@@ -336,20 +344,27 @@ class _Lanes:
     connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes."""
 
     lane: LaneWriter | None = None
+    _lane_lock = threading.Lock()   # one lane opened at a time, whichever connection
 
     def _through_lane(self, request_id: int, parts: list) -> list:
-        """`parts` with the payload moved into the lane, where it can go; else `parts`."""
+        """`parts` with the payload moved into the lane, where it can go; else `parts`.
+        (A payload sent inline may be a view of the lane this tier received it in; if the
+        send blocks past its request's deadline, the upstream may reuse that slot while
+        bytes still leave from it: the next tier then gets a torn tensor, but its answer is
+        thrown away, the request having failed already.)"""
         lane = self.lane
         if lane is not None:
             return lane.place(request_id, parts) or parts
         if self.lanes:
             payload = sum(memoryview(p).nbytes for p in parts[1:])
             if payload >= LANE_MIN_BYTES:
-                self._open_lane(payload)
+                with self._lane_lock:   # senders on several threads: one lane, one LANE_OPEN
+                    opening, self.lanes = self.lanes, False
+                if opening:
+                    self._open_lane(payload)
         return parts
 
     def _open_lane(self, payload: int) -> None:
-        self.lanes = False   # one try per connection
         try:
             lane = LaneWriter(payload)
         except OSError as error:   # no /dev/shm, or too little room in it

@@ -90,6 +90,8 @@ class LaneWriter:
         self.size = self.slot_bytes * slots
         if self.size > MAX_LANE_BYTES:
             raise OSError(f"a lane of {self.size} bytes is over {MAX_LANE_BYTES}")
+        if not hasattr(os, "posix_fallocate"):   # not Linux: no lanes, payloads go inline
+            raise OSError("no posix_fallocate on this system")
         _sweep_dead_lanes()
         self.name = f"{PREFIX}{os.getpid():x}-{secrets.token_hex(8)}"
         self.path = os.path.join(SHM_DIR, self.name)

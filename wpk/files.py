@@ -31,13 +31,18 @@ def read_text(path: str | os.PathLike, kind: str = "") -> str:
 
 def writable_file(path: str | os.PathLike, kind: str = "") -> Path:
     """`path` as a Path if a file can be written there (checked before a long run, so that
-    its results are not lost at the end): not a directory, in an existing directory."""
+    its results are not lost at the end): not a directory; its folder is created if missing
+    (as `-o` folders are: `--report out/model.png` on a fresh checkout)."""
     path = Path(path)
     label = f"{kind} file" if kind else "output file"
     if path.is_dir():
         raise WpkError(f"{path}: is a directory, not a {label}")
     if not path.parent.is_dir():
-        raise WpkError(f"{path}: cannot write the {label}: {path.parent} is not a directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a file where a folder should be, or no permission
+            raise WpkError(f"{path}: cannot write the {label}: {path.parent} is not a "
+                           f"directory and cannot be made one") from None
     if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise WpkError(f"{path}: cannot write the {label} (permission denied)")
     return path

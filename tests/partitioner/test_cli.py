@@ -14,14 +14,16 @@ def run_cli(*args):
 
 
 def test_cli_writes_plan_report_and_tables(resnet_path, tmp_path, capsys):
-    out = tmp_path / "plan"
+    """As the README's first command does on a fresh checkout: the report goes into a folder
+    that does not exist yet, beside the plan's."""
+    out = tmp_path / "out" / "resnet_like"
+    report = tmp_path / "out" / "resnet_like.png"
     code = main([str(resnet_path), "--tiers", "device,edge,cloud", "-o", str(out),
-                 "--report", str(tmp_path / "r.png"), "--pareto", "--top", "2",
-                 "--no-calibrate"])
+                 "--report", str(report), "--pareto", "--top", "2", "--no-calibrate"])
     assert code == 0
     text = capsys.readouterr().out
     assert "end-to-end latency" in text and "verified" in text and "Pareto" in text
-    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert report.stat().st_size > 10_000
     plan = json.loads((out / "plan.json").read_text())
     for tier in plan["tiers"]:
         assert (out / tier["slice"]).exists()
@@ -149,7 +151,7 @@ def _write(path, text):
     (["--report", "{tmp}/report.xyz"], "report.xyz"),
     (["--max-latency-ms", "nan"], "--max-latency-ms"),
     (["-o", "{tmp}/blocked"], "cannot write"),
-    (["--report", "{tmp}/nowhere/r.png"], "nowhere is not a directory"),
+    (["--report", "{tmp}/binary.yaml/r.png"], "binary.yaml is not a directory"),
     (["--tiers", ""], "an empty tier name"),
     (["--codec", "device-edge="], "bad codec 'device-edge='"),
     (["--input-shape", "features=2x7"], "features=2x7 does not fit the model: node gemm_"),

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile-local", metavar="TIER",
                         help="profile the model on this machine and use it for TIER")
     parser.add_argument("--top", type=cli_args.non_negative_int, default=0, metavar="N",
-                        help="print the N best configurations")
+                        help="print up to N best configurations (each candidate machine's "
+                        "optimum and next-best cuts beside the plan's)")
     parser.add_argument("--pareto", action="store_true",
                         help="print the latency / bytes-beyond-edge front")
     parser.add_argument("-o", "--output", help="output directory (default: <model>_plan)")

@@ -257,7 +257,9 @@ def _tier_of(server: str | None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wpk-probe", description=__doc__.splitlines()[0],
-        epilog="example: wpk-probe 10.0.0.7:8001 --from device --to edge >> tiers.yaml")
+        epilog="example: wpk-probe 10.0.0.7:8001 --from device --to edge, then paste the "
+               "printed entry under the tiers file's links: (appending a second links: key "
+               "would replace the first)")
     parser.add_argument("address", metavar="HOST:PORT", type=cli_args.host_port,
                         help="a running tier server")
     parser.add_argument("--from", dest="src", default="device",

@@ -9,7 +9,7 @@ Several subscriptions: each --subscribe starts a route; --format, --publish, --m
 --subscribe they are defaults for all routes:
   wpk-bridge --broker ... --pipeline ... --model mlp --result json \\
       --subscribe 'plant/+/vibration' --format npy  --publish 'plant/{1}/health' \\
-      --subscribe 'spBv1.0/plant/DDATA/+/+' --format sparkplug --publish 'plant/{4}/health'
+      --subscribe 'spBv1.0/plant/+/+/+' --format sparkplug --publish 'plant/{4}/health'
 A YAML file (--config) can hold the same settings; command-line options override it.
 """
 from __future__ import annotations

@@ -116,9 +116,13 @@ class LaneWriter:
 
     def attached(self, ok: bool) -> None:
         """The receiver's answer to LANE_OPEN: the name goes either way (the receiver has
-        unlinked it already if it mapped the lane)."""
+        unlinked it already if it mapped the lane); a refused lane gives its pages back
+        (reserved in /dev/shm, they would be held as long as the connection lives)."""
         self.unlink()
         self.ready = ok
+        if not ok:
+            self.memory = None   # nothing was placed: no view of the mapping is left
+            self.mapping.close()
 
     def unlink(self) -> None:
         try:

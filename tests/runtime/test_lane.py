@@ -103,6 +103,7 @@ def test_a_receiver_that_maps_no_lanes_gets_every_payload_inline():
     doubler.server.close()
     assert answers[1] == [(2.0 * i, 2 * i) for i in range(8)]
     assert not lane.ready and lane.placed == 0 and doubler.lane_payloads == 0
+    assert lane.mapping.closed   # the refused lane's pages went back at once
     assert lane_files() <= before
 
 

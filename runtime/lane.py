@@ -9,7 +9,7 @@ where it lies. The receiver's arrays are views of the slot (no copy: ONNX Runtim
 lane), so a slot is reused only after its request's answer has come back, late answers
 included: a request that expired may still be read.
 
-Only connections over loopback are given lanes (next_tier.over_loopback): a next tier
+Only connections over loopback are given lanes (over_loopback): a next tier
 reached over a network keeps that network's cost, also where it shares this host's /dev/shm
 (wpk-emulate's shaped links between network namespaces). The sender opens a lane with a
 LANE_OPEN frame (meta {"lane": name, "bytes": size, "slot": slot size}) once the connection
@@ -27,10 +27,12 @@ such a peer can harm the tier in many other ways, and `--no-shared-memory` refus
 """
 from __future__ import annotations
 
+import ipaddress
 import mmap
 import os
 import re
 import secrets
+import socket
 import stat
 import struct
 import threading
@@ -78,6 +80,16 @@ def _sweep_dead_lanes() -> None:
                 pass
         except (ValueError, OSError):   # alive, or not ours to signal
             continue
+
+
+def over_loopback(sock: socket.socket) -> bool:
+    """Whether `sock` reaches its peer over loopback: only such a connection gets a lane, on
+    either side. A tier reached over a network, even one on this host (another network
+    namespace, a shaped link in wpk-emulate), keeps that network's cost."""
+    try:
+        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 class LaneWriter:

@@ -17,7 +17,6 @@ Service that forwards only the gRPC port): that is retried every FALLBACK_RETRY_
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import sys
 import threading
@@ -31,6 +30,7 @@ from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import REQUEST, encode
+from wpk.runtime.lane import over_loopback
 from wpk.runtime.link import PIPELINE_PARAM, InferenceError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, Expiry,
@@ -39,16 +39,6 @@ from wpk.runtime.tensors import TensorError
 from wpk.runtime.wire import build_request, parse_response, payload_bytes
 
 FALLBACK_RETRY_S = 30.0
-
-
-def over_loopback(sock: socket.socket) -> bool:
-    """Whether `sock` reaches its peer over loopback: only such a connection is replaced by a
-    shared-memory lane (see lane). A next tier reached over a network, even one on this host
-    (another network namespace, a shaped link in wpk-emulate), keeps that network's cost."""
-    try:
-        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
-    except (OSError, ValueError, IndexError):
-        return False
 CONNECT_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped reading) fails
 

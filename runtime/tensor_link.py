@@ -17,7 +17,6 @@ LANE_EXTENSION).
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import itertools
 import socket
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
                                 Frame, FrameError, FrameReader, encode, encode_meta,
                                 send_parts, unsent)
-from wpk.runtime.lane import LANE_MIN_BYTES, LaneReader, LaneWriter
+from wpk.runtime.lane import LANE_MIN_BYTES, LaneReader, LaneWriter, over_loopback
 from wpk.runtime.link import CODES, InferenceError
 from wpk.runtime.tensors import TensorError
 
@@ -100,11 +99,10 @@ class _ServerConnection:
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
         try:
-            address = sock.getpeername()[:2]
-            self.peer = "%s:%s" % address
-            self.loopback = ipaddress.ip_address(address[0]).is_loopback
-        except (OSError, ValueError):
-            self.peer, self.loopback = "?", False
+            self.peer = "%s:%s" % sock.getpeername()[:2]
+        except OSError:
+            self.peer = "?"
+        self.loopback = over_loopback(sock)
         self.lock = threading.Lock()
         self.closed = False
         self.lane: LaneReader | None = None  # the sender's, once it opened one

@@ -210,7 +210,7 @@ def local_network_address() -> str | None:
 
 
 def test_only_connections_over_loopback_get_lanes():
-    from wpk.runtime.next_tier import over_loopback
+    from wpk.runtime.lane import over_loopback
 
     listener = socket.create_server(("0.0.0.0", 0))
     port = listener.getsockname()[1]

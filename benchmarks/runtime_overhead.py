@@ -2,11 +2,14 @@
 3-tier local pipeline (three wpk-serve processes on 127.0.0.1), measured side by side.
 
     python benchmarks/runtime_overhead.py [--models mlp,resnet_like,mobilenet_like] [--seconds 2]
-                                          [--link tcp,grpc]
+                                          [--link tcp,grpc] [--cpu-latency-us 0]
 
 Each link kind (`--link`: the tensor link `tcp`, gRPC streams `grpc`, or both, default) gets
 its own 3-tier deployment; with both, they run side by side and every measurement alternates
-between them round by round.
+between them round by round. With `--cpu-latency-us US` (root) every link is also measured
+with the machine's idle CPUs held to wake within US microseconds (wpk-serve's option of the
+same name, see wpk.runtime.cpu_latency), alternating round by round with the machine as it
+is: rows "tcp" and "tcp, cpu US us".
 
 (a) whole model, one ORT session, one request at a time;
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
@@ -18,7 +21,8 @@ between them round by round.
     metrics: the client hop (latency less the entry tier's stay) and each tier's stay less
     its slice and the next tier's stay;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
-    >= 80 %), and at 8 in flight with the client's input in shared memory. Every tier and every baseline runs ONNX Runtime with the same thread count.
+    >= 80 %), and at 8 in flight with the client's input in shared memory. Every tier and
+    every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
     the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it, and the
     CPU time each tier process and the client spend per request (cores / their sum bounds
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -50,6 +55,8 @@ from wpk.examples import EXAMPLES  # noqa: E402
 from wpk.plan import load_plan, slice_path  # noqa: E402
 from wpk.runtime import protocol as pb  # noqa: E402
 from wpk.runtime.client import InferenceClient  # noqa: E402
+from wpk.errors import WpkError  # noqa: E402
+from wpk.runtime.cpu_latency import CpuLatencyLimit, cpu_latency_limit  # noqa: E402
 
 console = Console()
 
@@ -148,17 +155,32 @@ async def pipeline_rate(client: InferenceClient, model: str, feeds, in_flight: i
     return count / elapsed
 
 
-def mean_seconds(metrics_url: str, metric: str = "wpk_slice_seconds") -> float:
-    """Mean of a tier server's histogram so far (every label summed), from its /metrics:
-    `wpk_slice_seconds` (its slice alone) or `wpk_request_seconds` (a request's whole stay
-    in the tier, the next tiers' time included)."""
+def histogram_totals(metrics_url: str, metric: str) -> tuple[float, float]:
+    """(sum, count) of a tier server's histogram so far (every label summed), from its
+    /metrics: `wpk_slice_seconds` (its slice alone) or `wpk_request_seconds` (a request's
+    whole stay in the tier, the next tiers' time included)."""
     import re
     import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     total = sum(map(float, re.findall(metric + r"_sum\{[^}]*\} (\S+)", text)))
     count = sum(map(float, re.findall(metric + r"_count\{[^}]*\} (\S+)", text)))
-    return total / max(count, 1)
+    return total, count
+
+
+@contextlib.contextmanager
+def histogram_deltas(deployment: LocalDeployment, slices: list[list[float]],
+                     stays: list[list[float]]):
+    """Adds to [sum, count] per tier what its slice and stay histograms gained in the block."""
+    urls = [handle.metrics_url for handle in deployment.tiers]
+    kinds = ((slices, "wpk_slice_seconds"), (stays, "wpk_request_seconds"))
+    before = [[histogram_totals(url, metric) for url in urls] for _, metric in kinds]
+    yield
+    for (sums, metric), was in zip(kinds, before):
+        for tier_sums, url, (total, count) in zip(sums, urls, was):
+            now_total, now_count = histogram_totals(url, metric)
+            tier_sums[0] += now_total - total
+            tier_sums[1] += now_count - count
 
 
 ROUNDS = 5            # measurements alternate between what is compared, round by round,
@@ -200,10 +222,22 @@ async def second_tier_caller(link: str, deployment: LocalDeployment, plan, array
     return call
 
 
+def variants_of(links: list[str], cpu_latency_us: int | None) -> list[tuple[str, str, int | None]]:
+    """(label, link, wake-up latency limit held while measuring it) of each thing compared:
+    every link as it is and, with `cpu_latency_us`, again under that limit."""
+    plain = [(link, link, None) for link in links]
+    if cpu_latency_us is None:
+        return plain
+    return plain + [(f"{link}, cpu {cpu_latency_us} us", link, cpu_latency_us)
+                    for link in links]
+
+
 def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
-                codec: str, links: list[str], serve_args: list[str] | None = None) -> list[dict]:
-    """One result per link kind; the deployments of every link run side by side and the
-    measurements alternate between them round by round."""
+                codec: str, links: list[str], serve_args: list[str] | None = None,
+                cpu_latency_us: int | None = None) -> list[dict]:
+    """One result per variant (see variants_of); the deployments of every link run side by
+    side and the measurements alternate between the variants round by round."""
+    variants = variants_of(links, cpu_latency_us)
     plan_dir = make_plan_dir(name, root, codec)
     plan = load_plan(plan_dir)
     whole = session(plan_dir.parent / f"{name}.onnx", threads)
@@ -226,20 +260,23 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             deployment.start()
 
         async def measure() -> dict:
-            unary = {k: InferenceClient(d.entry, timeout=30) for k, d in zip(links, deployments)}
+            on = dict(zip(links, deployments))
+            unary = {k: InferenceClient(d.entry, timeout=30) for k, d in on.items()}
             stream = {k: InferenceClient(d.entry, timeout=30, stream=True)
-                      for k, d in zip(links, deployments)}
+                      for k, d in on.items()}
             # the same clients with the input in shared memory (Triton's extension)
             shm_unary = {k: InferenceClient(d.entry, timeout=30, shared_memory=True)
-                         for k, d in zip(links, deployments)}
+                         for k, d in on.items()}
             shm_stream = {k: InferenceClient(d.entry, timeout=30, stream=True,
                                              shared_memory=True)
-                          for k, d in zip(links, deployments)}
-            second = {k: await second_tier_caller(k, d, plan, arrays)
-                      for k, d in zip(links, deployments)}
+                          for k, d in on.items()}
+            second = {k: await second_tier_caller(k, d, plan, arrays) for k, d in on.items()}
             t = {"whole": [], **{i: [] for i in range(len(stages))},
-                 **{(k, m): [] for k in links
+                 **{(v, m): [] for v, _, _ in variants
                     for m in ("unary", "stream", "second", "shm_unary", "shm_stream")}}
+            # the tiers' own histograms, summed over each variant's turns: (sum, count)
+            slices = {v: [[0.0, 0.0] for _ in plan.tiers] for v, _, _ in variants}
+            stays = {v: [[0.0, 0.0] for _ in plan.tiers] for v, _, _ in variants}
             slice_time = seconds / ROUNDS / 2
             clients = (*unary.values(), *stream.values(), *shm_unary.values(),
                        *shm_stream.values())
@@ -249,42 +286,40 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                 sample(lambda: whole.run(None, feeds), slice_time, t["whole"])
                 for i, run in enumerate(stages):
                     sample(run, slice_time, t[i])
-                for k in links:
-                    await sample_async(lambda: unary[k].infer(plan.name, feeds), slice_time,
-                                       t[(k, "unary")])
-                    await sample_async(lambda: stream[k].infer(plan.name, feeds), slice_time,
-                                       t[(k, "stream")])
-                    await sample_async(lambda: shm_unary[k].infer(plan.name, feeds),
-                                       slice_time, t[(k, "shm_unary")])
-                    await sample_async(lambda: shm_stream[k].infer(plan.name, feeds),
-                                       slice_time, t[(k, "shm_stream")])
-                    await sample_async(second[k], slice_time, t[(k, "second")])
+                for v, k, limit in variants:
+                    with cpu_latency_limit(limit):
+                        with histogram_deltas(on[k], slices[v], stays[v]):
+                            for m, client in (("unary", unary[k]), ("stream", stream[k]),
+                                              ("shm_unary", shm_unary[k]),
+                                              ("shm_stream", shm_stream[k])):
+                                await sample_async(lambda: client.infer(plan.name, feeds),
+                                                   slice_time, t[(v, m)])
+                        await sample_async(second[k], slice_time, t[(v, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
-            in_tier = {k: [mean_seconds(handle.metrics_url) for handle in d.tiers]
-                       for k, d in zip(links, deployments)}
-            stays = {k: [mean_seconds(handle.metrics_url, "wpk_request_seconds")
-                         for handle in d.tiers] for k, d in zip(links, deployments)}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
-            rates: dict = {(k, n): [] for k in links for n in (*IN_FLIGHT, "shm")}
-            cpu = {k: {"pids": [h.process.pid for h in d.tiers] + [os.getpid()]}
-                   for k, d in zip(links, deployments)}
+            rates: dict = {(v, n): [] for v, _, _ in variants for n in (*IN_FLIGHT, "shm")}
+            cpu = {v: {"pids": [h.process.pid for h in on[k].tiers] + [os.getpid()]}
+                   for v, k, _ in variants}
             stage_alone: list[float] = []
             for _ in range(ROUNDS):
                 for n in IN_FLIGHT:
-                    for k in links:
-                        rates[(k, n)].append(await pipeline_rate(
-                            stream[k], plan.name, feeds, n, slice_time,
-                            cpu[k] if n == CPU_IN_FLIGHT else None))
-                        if n == CPU_IN_FLIGHT:
-                            rates[(k, "shm")].append(await pipeline_rate(
-                                shm_stream[k], plan.name, feeds, n, slice_time))
+                    for v, k, limit in variants:
+                        with cpu_latency_limit(limit):
+                            rates[(v, n)].append(await pipeline_rate(
+                                stream[k], plan.name, feeds, n, slice_time,
+                                cpu[v] if n == CPU_IN_FLIGHT else None))
+                            if n == CPU_IN_FLIGHT:
+                                rates[(v, "shm")].append(await pipeline_rate(
+                                    shm_stream[k], plan.name, feeds, n, slice_time))
                     sample(stages[slowest], slice_time, stage_alone)
             for client in clients:
                 await client.close()
-            return {"latency": latency, "in_tier": in_tier, "stays": stays, "cpu": {
-                        k: [c / max(v["requests"], 1) for c in v["seconds"]]
-                        for k, v in cpu.items()},
-                    "rates": {key: statistics.median(v) for key, v in rates.items()},
+            mean = lambda sums: [total / max(count, 1) for total, count in sums]  # noqa: E731
+            return {"latency": latency, "in_tier": {v: mean(s) for v, s in slices.items()},
+                    "stays": {v: mean(s) for v, s in stays.items()}, "cpu": {
+                        v: [c / max(u["requests"], 1) for c in u["seconds"]]
+                        for v, u in cpu.items()},
+                    "rates": {key: statistics.median(r) for key, r in rates.items()},
                     "stage_rate": 1 / statistics.median(stage_alone)}
 
         measured = asyncio.run(measure())
@@ -296,7 +331,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
     hops = len(plan.tiers)
     ceiling = min(measured["stage_rate"], (os.cpu_count() or 1) / sum(stage_times))
     results = []
-    for k in links:
+    for k, _, _ in variants:
         unary, stream = latency[(k, "unary")], latency[(k, "stream")]
         results.append({
             "name": name, "link": k, "t_whole": latency["whole"], "stages": stage_times,
@@ -321,7 +356,8 @@ def own_times(latency: float, stays: list[float], slices: list[float]) -> list[f
     """Where one request's overhead goes (us), from the tiers' own metrics: the client hop
     (the client's latency less the entry tier's stay), then each tier's stay less its slice
     and the next tier's stay (for the entry and middle tiers this includes the hop to the
-    next tier). Means over every request a tier served, whichever client sent it."""
+    next tier). Means over the requests of the latency clients (stays: measured by the
+    tiers; `latency`: the median the client saw)."""
     downstream = [*stays[1:], 0.0]
     return [(latency - stays[0]) * 1e6, *((stay - piece - after) * 1e6 for stay, piece, after
                                          in zip(stays, slices, downstream))]
@@ -355,9 +391,10 @@ async def echo_server(port: int) -> None:
     await server.wait_for_termination()
 
 
-def bare_grpc_hops(port: int, seconds: float) -> tuple[float, float]:
+def bare_grpc_hops(port: int, seconds: float, limits: list[int | None]
+                   ) -> dict[int | None, tuple[float, float]]:
     """Median round trip (s) of an empty ModelInfer to a do-nothing server in another process:
-    unary call, and one message on a stream."""
+    unary call, and one message on a stream; under each wake-up latency limit of `limits`."""
     import subprocess
 
     server = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)],
@@ -378,15 +415,25 @@ def bare_grpc_hops(port: int, seconds: float) -> tuple[float, float]:
                     times.append(time.perf_counter() - start)
                 return statistics.median(times)
 
-        return asyncio.run(measure(False)), asyncio.run(measure(True))
+        async def measure_all() -> dict[int | None, tuple[float, float]]:
+            hops = {}
+            for limit in limits:
+                with cpu_latency_limit(limit):
+                    hops[limit] = await measure(False), await measure(True)
+            return hops
+
+        return asyncio.run(measure_all())
     finally:
         server.kill()
         server.wait()
 
 
-def report(results: list[dict], threads: int, bare: tuple[float, float], codec: str) -> None:
-    console.print(f"bare gRPC hop on this machine now (empty message, server in another "
-                  f"process): unary {bare[0] * 1e6:.0f} us, stream {bare[1] * 1e6:.0f} us")
+def report(results: list[dict], threads: int, bare: dict[int | None, tuple[float, float]],
+           codec: str) -> None:
+    for limit, (unary, stream) in bare.items():
+        held = "" if limit is None else f", idle CPUs held to wake within {limit} us"
+        console.print(f"bare gRPC hop on this machine now (empty message, server in another "
+                      f"process{held}): unary {unary * 1e6:.0f} us, stream {stream * 1e6:.0f} us")
     table = Table(title=f"(a)+(b) latency, one request at a time (ORT threads per tier: "
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "link", "whole ORT ms", "stages alone ms", "stages in tiers ms",
@@ -440,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="tier-to-tier links to compare, side by side (tcp, grpc or both)")
     parser.add_argument("--run", choices=("auto", "inline", "thread", "alone"), default="auto",
                         help="wpk-serve --run for every tier (where slices run)")
+    parser.add_argument("--cpu-latency-us", type=int, metavar="US",
+                        help="also measure everything with idle CPUs held to wake within US "
+                        "us (what wpk-serve --cpu-latency-us does; needs root), alternating "
+                        "round by round with the machine as it is")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
@@ -448,13 +499,20 @@ def main(argv: list[str] | None = None) -> int:
     links = [k.strip() for k in args.link.split(",") if k.strip()]
     if not links or any(k not in ("tcp", "grpc") for k in links):
         parser.error(f"--link {args.link!r}: expected tcp, grpc or tcp,grpc")
-    bare = bare_grpc_hops(args.port + 50, min(args.seconds, 1.0))
+    if args.cpu_latency_us is not None:
+        try:
+            CpuLatencyLimit(args.cpu_latency_us).close()
+        except WpkError as error:
+            parser.error(str(error))
+    limits = [None] if args.cpu_latency_us is None else [None, args.cpu_latency_us]
+    bare = bare_grpc_hops(args.port + 50, min(args.seconds, 1.0), limits)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             console.print(f"[dim]measuring {name}...[/dim]")
             results += bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
-                                   args.codec, links, ["--run", args.run])
+                                   args.codec, links, ["--run", args.run],
+                                   args.cpu_latency_us)
     report(results, args.threads, bare, args.codec)
     return 0
 

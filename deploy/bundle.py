@@ -2,7 +2,8 @@
 
     OUT/<tier>/
       plan/plan.json, plan/<tier>.onnx   this tier's view of the plan and its slice only
-      tier.env                           settings start.sh reads (ports, next tier, TLS)
+      tier.env                           settings start.sh reads (ports, next tier, TLS,
+                                         WPK_CPU_LATENCY_US: see wpk-serve --cpu-latency-us)
       start.sh                           runs wpk-serve for this tier
       wpk-<model>-<tier>.service         systemd unit (installed by install.sh)
       install.sh                         copies the bundle to /opt/wpk/<model>/<tier>, enables it
@@ -40,6 +41,9 @@ set -- "$HERE/plan" --tier "$WPK_TIER" --host "$WPK_HOST" --port "$WPK_PORT" \\
     --metrics-port "$WPK_METRICS_PORT"
 if [ -n "${{WPK_NEXT:-}}" ]; then set -- "$@" --next "$WPK_NEXT"; fi
 if [ -n "${{WPK_LINK_PORT:-}}" ]; then set -- "$@" --link-port "$WPK_LINK_PORT"; fi
+if [ -n "${{WPK_CPU_LATENCY_US:-}}" ]; then
+    set -- "$@" --cpu-latency-us "$WPK_CPU_LATENCY_US"
+fi
 if [ -n "${{WPK_TLS_DIR:-}}" ]; then
     case "$WPK_TLS_DIR" in /*) ;; *) WPK_TLS_DIR="$HERE/$WPK_TLS_DIR" ;; esac
     set -- "$@" --tls-dir "$WPK_TLS_DIR"
@@ -177,7 +181,8 @@ def write_bundle(plan_dir: str | Path, out: str | Path, *, tls_dir: str | Path |
         env = {"WPK_TIER": tier.name, "WPK_HOST": "0.0.0.0", "WPK_PORT": layout.GRPC_PORT,
                "WPK_LINK_PORT": link_port or "", "WPK_METRICS_PORT": layout.METRICS_PORT,
                "WPK_NEXT": layout.next_address(plan, tier.name) or "",
-               "WPK_TLS_DIR": "tls" if tls_dir is not None else ""}
+               "WPK_TLS_DIR": "tls" if tls_dir is not None else "",
+               "WPK_CPU_LATENCY_US": ""}   # e.g. 0: see wpk-serve --cpu-latency-us
         if tls_dir is not None:
             (directory / "tls").mkdir()
             for name in (tls.CA_CERT, f"{tier.name}.pem", f"{tier.name}.key"):

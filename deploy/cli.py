@@ -23,6 +23,7 @@ def run_local(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from wpk.deploy.local import LocalDeployment
+    from wpk.runtime.cpu_latency import cpu_latency_limit
 
     console = Console()
     stop = threading.Event()
@@ -31,7 +32,8 @@ def run_local(args: argparse.Namespace) -> int:
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
                                  threads=args.threads, metrics=not args.no_metrics,
                                  link=args.link)
-    with deployment:
+    # one request covers every tier: they all run on this machine
+    with cpu_latency_limit(args.cpu_latency_us), deployment:
         table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
         for column in ("tier", "address", "models", "metrics", "pid"):
             table.add_column(column, overflow="fold")
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                        help="how the tiers pass tensors: tcp, the tensor link (default), or "
                        "grpc streams (see wpk-serve --link)")
+    local.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
+                       help="while the tiers run, keep idle CPUs able to wake within US "
+                       "microseconds (see wpk-serve --cpu-latency-us; needs root)")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
     local.add_argument("--mqtt", metavar="HOST:PORT", type=cli_args.host_port,
@@ -148,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOCAL_ONLY = ("port", "host", "threads", "link", "no_metrics", "mqtt", "bridge_config", "name")
+LOCAL_ONLY = ("port", "host", "threads", "link", "no_metrics", "mqtt", "bridge_config", "name",
+              "cpu_latency_us")
 SHIPPED_ONLY = ("tls", "registry", "tag", "namespace")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

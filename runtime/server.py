@@ -14,6 +14,7 @@ from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
+from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.metrics import serve_metrics
 from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, TierService
 from wpk.runtime import protocol, tls
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=int,
                         default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
                         help="largest gRPC message sent or received, MiB (default 256)")
+    parser.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
+                        help="while serving, keep this machine's idle CPUs able to wake within "
+                        "US microseconds (Linux PM QoS, /dev/cpu_dma_latency; needs root): each "
+                        "hop wakes a sleeping tier, and a deep idle state makes that slow. 0 is "
+                        "quickest and costs the most power")
     parser.add_argument("--hop-timeout", type=cli_args.positive_float,
                         default=DEFAULT_HOP_TIMEOUT_S,
                         help="seconds to wait for the next tier when the caller set no "
@@ -153,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers talk "
                        "over gRPC (leave --link out, or say --link grpc)")
     announce = lambda line: print(line, flush=True)  # noqa: E731
-    with one_line_warnings():  # e.g. an OpenVINO slice served by ONNX Runtime: one line
+    with one_line_warnings(), cpu_latency_limit(args.cpu_latency_us):
+        # (one_line_warnings: e.g. an OpenVINO slice served by ONNX Runtime: one line)
         asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
                           next_address=args.next_address, name=args.name, threads=args.threads,
                           workers=args.workers, metrics_port=args.metrics_port,

@@ -88,6 +88,13 @@ def test_bundle_gives_every_receiving_tier_a_fixed_tensor_link_port(three_tier_p
     assert argv[argv.index("--link-port") + 1] == "9102"
 
 
+def test_bundle_passes_a_cpu_latency_limit_only_when_one_is_set(three_tier_plan, tmp_path):
+    directory = bundle.write_bundle(three_tier_plan, tmp_path / "out")[0]
+    assert "--cpu-latency-us" not in _start_sh_argv(directory)
+    argv = _start_sh_argv(directory, WPK_CPU_LATENCY_US="0")
+    assert argv[argv.index("--cpu-latency-us") + 1] == "0"
+
+
 def test_bundle_with_tls_ships_each_tier_its_own_key_and_never_the_ca_key(three_tier_plan,
                                                                           tmp_path):
     dirs = bundle.write_bundle(three_tier_plan, tmp_path / "out", tls_dir=tmp_path / "pki")

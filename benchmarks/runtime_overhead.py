@@ -57,6 +57,7 @@ from wpk.runtime import protocol as pb  # noqa: E402
 from wpk.runtime.client import InferenceClient  # noqa: E402
 from wpk.errors import WpkError  # noqa: E402
 from wpk.runtime.cpu_latency import CpuLatencyLimit, cpu_latency_limit  # noqa: E402
+from wpk.runtime.cpus import available_cpus, split_cores  # noqa: E402
 
 console = Console()
 
@@ -222,22 +223,28 @@ async def second_tier_caller(link: str, deployment: LocalDeployment, plan, array
     return call
 
 
-def variants_of(links: list[str], cpu_latency_us: int | None) -> list[tuple[str, str, int | None]]:
-    """(label, link, wake-up latency limit held while measuring it) of each thing compared:
-    every link as it is and, with `cpu_latency_us`, again under that limit."""
-    plain = [(link, link, None) for link in links]
-    if cpu_latency_us is None:
-        return plain
-    return plain + [(f"{link}, cpu {cpu_latency_us} us", link, cpu_latency_us)
-                    for link in links]
+Setup = tuple[str, bool]   # (link, pinned): one deployment
+
+
+def variants_of(links: list[str], cpu_latency_us: int | None, pin: bool
+                ) -> list[tuple[str, Setup, int | None]]:
+    """(label, deployment, wake-up latency limit held while measuring it) of each thing
+    compared: every link as it is, with `pin` also with its tiers pinned (a deployment of
+    its own), and with `cpu_latency_us` each of those again under that limit."""
+    setups = [(link, pinned) for pinned in ((False, True) if pin else (False,))
+              for link in links]
+    limits = (None,) if cpu_latency_us is None else (None, cpu_latency_us)
+    return [(link + (", pinned" if pinned else "")
+             + ("" if limit is None else f", cpu {limit} us"), (link, pinned), limit)
+            for limit in limits for link, pinned in setups]
 
 
 def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                 codec: str, links: list[str], serve_args: list[str] | None = None,
-                cpu_latency_us: int | None = None) -> list[dict]:
+                cpu_latency_us: int | None = None, pin: bool = False) -> list[dict]:
     """One result per variant (see variants_of); the deployments of every link run side by
     side and the measurements alternate between the variants round by round."""
-    variants = variants_of(links, cpu_latency_us)
+    variants = variants_of(links, cpu_latency_us, pin)
     plan_dir = make_plan_dir(name, root, codec)
     plan = load_plan(plan_dir)
     whole = session(plan_dir.parent / f"{name}.onnx", threads)
@@ -252,15 +259,19 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
     for run in [lambda: whole.run(None, feeds), *stages]:
         sample(run, 0.2, [])  # warm up
 
+    setups = list(dict.fromkeys(setup for _, setup, _ in variants))
+    cpus = split_cores([max(t.predicted_compute_ms, 1e-3) for t in plan.tiers],
+                       available_cpus()) if pin else None
     deployments = [LocalDeployment(plan_dir, port=port + 10 * i, threads=threads, metrics=True,
-                                   link=link, serve_args=serve_args)
-                   for i, link in enumerate(links)]
+                                   link=link, serve_args=serve_args,
+                                   cpus=cpus if pinned else None)
+                   for i, (link, pinned) in enumerate(setups)]
     try:
         for deployment in deployments:
             deployment.start()
 
         async def measure() -> dict:
-            on = dict(zip(links, deployments))
+            on = dict(zip(setups, deployments))
             unary = {k: InferenceClient(d.entry, timeout=30) for k, d in on.items()}
             stream = {k: InferenceClient(d.entry, timeout=30, stream=True)
                       for k, d in on.items()}
@@ -270,7 +281,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             shm_stream = {k: InferenceClient(d.entry, timeout=30, stream=True,
                                              shared_memory=True)
                           for k, d in on.items()}
-            second = {k: await second_tier_caller(k, d, plan, arrays) for k, d in on.items()}
+            second = {k: await second_tier_caller(k[0], d, plan, arrays) for k, d in on.items()}
             t = {"whole": [], **{i: [] for i in range(len(stages))},
                  **{(v, m): [] for v, _, _ in variants
                     for m in ("unary", "stream", "second", "shm_unary", "shm_stream")}}
@@ -491,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure everything with idle CPUs held to wake within US "
                         "us (what wpk-serve --cpu-latency-us does; needs root), alternating "
                         "round by round with the machine as it is")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="also deploy every link with each tier pinned to CPUs of its own "
+                        "(wpk-deploy --local --pin-cpus), measured side by side with the unpinned "
+                        "deployment (needs a CPU per tier)")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
@@ -504,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
             CpuLatencyLimit(args.cpu_latency_us).close()
         except WpkError as error:
             parser.error(str(error))
+    if args.pin_cpus:
+        try:
+            split_cores([1.0] * 3, available_cpus())
+        except WpkError as error:
+            parser.error(f"--pin-cpus: {error}")
     limits = [None] if args.cpu_latency_us is None else [None, args.cpu_latency_us]
     bare = bare_grpc_hops(args.port + 50, min(args.seconds, 1.0), limits)
     results = []
@@ -512,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[dim]measuring {name}...[/dim]")
             results += bench_model(name, Path(tmp), args.threads, args.seconds, args.port,
                                    args.codec, links, ["--run", args.run],
-                                   args.cpu_latency_us)
+                                   args.cpu_latency_us, args.pin_cpus)
     report(results, args.threads, bare, args.codec)
     return 0
 

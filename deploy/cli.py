@@ -24,22 +24,25 @@ def run_local(args: argparse.Namespace) -> int:
 
     from wpk.deploy.local import LocalDeployment
     from wpk.runtime.cpu_latency import cpu_latency_limit
+    from wpk.runtime.cpus import format_cpu_list
 
     console = Console()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    cpus = pinned_cpus(args.plan_dir) if args.pin_cpus else None
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
                                  threads=args.threads, metrics=not args.no_metrics,
-                                 link=args.link)
+                                 link=args.link, cpus=cpus)
     # one request covers every tier: they all run on this machine
     with cpu_latency_limit(args.cpu_latency_us), deployment:
         table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
-        for column in ("tier", "address", "models", "metrics", "pid"):
+        for column in ("tier", "address", "models", "metrics", "pid", "cpus"):
             table.add_column(column, overflow="fold")
-        for handle in deployment.tiers:
+        for index, handle in enumerate(deployment.tiers):
             table.add_row(handle.tier, handle.address, ", ".join(handle.models),
-                          handle.metrics_url or "-", str(handle.process.pid))
+                          handle.metrics_url or "-", str(handle.process.pid),
+                          format_cpu_list(cpus[index]) if cpus else "any")
         console.print(table)
         console.print(f"entry: {deployment.entry} (model {deployment.tiers[0].models[0]!r}); "
                       f"Ctrl-C stops all tiers")
@@ -56,6 +59,16 @@ def run_local(args: argparse.Namespace) -> int:
             if bridge is not None and bridge.poll() is None:
                 bridge.terminate()
                 bridge.wait(10)
+
+
+def pinned_cpus(plan_dir: str) -> list[frozenset[int]]:
+    """--pin-cpus: this process's CPUs split among the plan's tiers, whole physical cores about in
+    proportion to each tier's predicted compute (see runtime.cpus)."""
+    from wpk.plan import load_plan
+    from wpk.runtime.cpus import available_cpus, split_cores
+
+    tiers = load_plan(plan_dir).tiers
+    return split_cores([max(t.predicted_compute_ms, 1e-3) for t in tiers], available_cpus())
 
 
 def _wait_local(deployment, bridge, stop, console) -> int:
@@ -134,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                        help="how the tiers pass tensors: tcp, the tensor link (default), or "
                        "grpc streams (see wpk-serve --link)")
+    local.add_argument("--pin-cpus", action="store_true",
+                       help="give every tier CPUs of its own (wpk-serve --cpus): whole "
+                       "physical cores, about in proportion to its predicted compute")
     local.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
                        help="while the tiers run, keep idle CPUs able to wake within US "
                        "microseconds (see wpk-serve --cpu-latency-us; needs root)")
@@ -154,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LOCAL_ONLY = ("port", "host", "threads", "link", "no_metrics", "mqtt", "bridge_config", "name",
-              "cpu_latency_us")
+              "cpu_latency_us", "pin_cpus")
 SHIPPED_ONLY = ("tls", "registry", "tag", "namespace")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

@@ -15,9 +15,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from wpk.errors import WpkError
 from wpk.plan import load_plan
+from wpk.runtime.cpus import format_cpu_list
 
 READY_LINE = re.compile(r"ready on (?P<address>\S+) \(models: (?P<models>[^)]*)\)"
                         r"(?: metrics (?P<metrics>\S+))?")
@@ -38,13 +40,17 @@ class LocalDeployment:
     def __init__(self, plan_dir: str | Path, *, port: int = 8001, host: str = "127.0.0.1",
                  name: str | None = None, threads: int = 0, metrics: bool = True,
                  serve_args: list[str] | None = None, start_timeout: float = 60.0,
-                 link: str = "tcp"):
-        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp or grpc)."""
+                 link: str = "tcp", cpus: Sequence[frozenset[int]] | None = None):
+        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp or grpc); `cpus`: the
+        CPUs each tier runs on, in plan order (`wpk-serve --cpus`; see runtime.cpus)."""
         self.plan_dir = Path(plan_dir)
         self.plan = load_plan(self.plan_dir)
         self.port, self.host, self.name = port, host, name
         self.threads, self.metrics, self.link = threads, metrics, link
         self.serve_args = list(serve_args or [])
+        if cpus is not None and len(cpus) != len(self.plan.tiers):
+            raise WpkError(f"{len(cpus)} CPU sets for {len(self.plan.tiers)} tiers")
+        self.cpus = list(cpus) if cpus is not None else None
         self.start_timeout = start_timeout
         self.tiers: list[TierProcess] = []
 
@@ -71,6 +77,8 @@ class LocalDeployment:
             cmd += ["--name", self.name]
         if self.metrics:
             cmd += ["--metrics-port", "0"]
+        if self.cpus is not None:
+            cmd += ["--cpus", format_cpu_list(self.cpus[self.plan.tier_index(tier)])]
         return cmd + self.serve_args
 
     def start(self) -> list[TierProcess]:

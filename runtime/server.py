@@ -15,6 +15,7 @@ from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
+from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
 from wpk.runtime.metrics import serve_metrics
 from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, TierService
 from wpk.runtime import protocol, tls
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=int,
                         default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
                         help="largest gRPC message sent or received, MiB (default 256)")
+    parser.add_argument("--cpus", type=cpu_list, metavar="LIST",
+                        help="run this tier on these CPUs only, e.g. 2-3 or 0,4 (taskset's "
+                        "syntax); with --threads 0, ONNX Runtime then uses one thread per "
+                        "physical core among them")
     parser.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
                         help="while serving, keep this machine's idle CPUs able to wake within "
                         "US microseconds (Linux PM QoS, /dev/cpu_dma_latency; needs root): each "
@@ -158,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls_dir and args.link == "tcp":
         raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers talk "
                        "over gRPC (leave --link out, or say --link grpc)")
+    threads = args.threads
+    if args.cpus is not None:   # before ONNX Runtime and gRPC start their threads
+        pin_process(args.cpus)
+        threads = threads or len(physical_cores(args.cpus))
     announce = lambda line: print(line, flush=True)  # noqa: E731
     with one_line_warnings(), cpu_latency_limit(args.cpu_latency_us):
         # (one_line_warnings: e.g. an OpenVINO slice served by ONNX Runtime: one line)
         asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
-                          next_address=args.next_address, name=args.name, threads=args.threads,
+                          next_address=args.next_address, name=args.name, threads=threads,
                           workers=args.workers, metrics_port=args.metrics_port,
                           max_message_bytes=args.max_message_mb * 1024 * 1024,
                           hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,

@@ -9,7 +9,10 @@ its own 3-tier deployment; with both, they run side by side and every measuremen
 between them round by round. With `--cpu-latency-us US` (root) every link is also measured
 with the machine's idle CPUs held to wake within US microseconds (wpk-serve's option of the
 same name, see wpk.runtime.cpu_latency), alternating round by round with the machine as it
-is: rows "tcp" and "tcp, cpu US us".
+is: rows "tcp" and "tcp, cpu US us". With `--pin-cpus` every link gets a second deployment
+whose tiers are pinned (wpk-deploy --local --pin-cpus), measured side by side: rows "tcp,
+pinned". The baselines (whole model, stages alone) are measured once, unpinned and without
+the limit, and serve every row.
 
 (a) whole model, one ORT session, one request at a time;
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
@@ -56,7 +59,8 @@ from wpk.plan import load_plan, slice_path  # noqa: E402
 from wpk.runtime import protocol as pb  # noqa: E402
 from wpk.runtime.client import InferenceClient  # noqa: E402
 from wpk.errors import WpkError  # noqa: E402
-from wpk.runtime.cpu_latency import CpuLatencyLimit, cpu_latency_limit  # noqa: E402
+from wpk.runtime.cpu_latency import (CpuLatencyLimit, cpu_latency_limit,  # noqa: E402
+                                     current_limit)
 from wpk.runtime.cpus import available_cpus, split_cores  # noqa: E402
 
 console = Console()
@@ -519,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
             CpuLatencyLimit(args.cpu_latency_us).close()
         except WpkError as error:
             parser.error(str(error))
+        held = current_limit()
+        if held is not None and held <= args.cpu_latency_us:
+            console.print(f"[yellow]another process holds a CPU latency limit of {held} us "
+                          f"already: rows with and without --cpu-latency-us measure the same "
+                          f"machine[/yellow]")
     if args.pin_cpus:
         try:
             split_cores([1.0] * 3, available_cpus())

@@ -11,6 +11,7 @@ CPU lists use the kernel's own syntax (`taskset -c`, `/sys/.../cpulist`): "0-3,8
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -19,16 +20,23 @@ from wpk.errors import WpkError
 SYS_CPU = Path("/sys/devices/system/cpu")
 
 
+MAX_CPU = 65535   # above any kernel's CPU count: a larger number is a typo, not a CPU
+_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
 def parse_cpu_list(text: str) -> frozenset[int]:
     """"0-3,8" -> {0, 1, 2, 3, 8}; ValueError saying what is wrong."""
     cpus: set[int] = set()
     for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        match = _RANGE.fullmatch(part.strip())
+        if match is None:
             raise ValueError(f"{text!r} is not a CPU list like 0-3,8")
-        low, high = int(first), int(last) if dash else int(first)
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
         if high < low:
             raise ValueError(f"{text!r}: {part.strip()} runs backwards")
+        if high > MAX_CPU:
+            raise ValueError(f"{text!r}: CPU {high} is beyond any machine's (0-{MAX_CPU})")
         cpus.update(range(low, high + 1))
     return frozenset(cpus)
 
@@ -55,16 +63,19 @@ def available_cpus() -> frozenset[int]:
 
 def physical_cores(cpus: frozenset[int] | set[int], sys_cpu: Path = SYS_CPU
                    ) -> list[list[int]]:
-    """`cpus` grouped by the physical core they belong to (hyperthreads together), in CPU
-    order; a CPU whose topology is not readable is a core of its own."""
-    cores: dict[tuple, list[int]] = {}
+    """`cpus` grouped by the physical core they belong to (the kernel's list of a CPU's
+    hyperthread siblings), in CPU order; a CPU whose topology is not readable is a core of
+    its own."""
+    cores: dict[str, list[int]] = {}
     for cpu in sorted(cpus):
         topology = sys_cpu / f"cpu{cpu}" / "topology"
-        try:
-            key: tuple = (int((topology / "physical_package_id").read_text()),
-                          int((topology / "core_id").read_text()))
-        except (OSError, ValueError):
-            key = ("cpu", cpu)
+        key = f"cpu{cpu}"
+        for name in ("core_cpus_list", "thread_siblings_list"):   # newer name, older name
+            try:
+                key = (topology / name).read_text().strip()
+                break
+            except OSError:
+                continue
         cores.setdefault(key, []).append(cpu)
     return list(cores.values())
 
@@ -73,10 +84,11 @@ def split_cores(weights: Sequence[float], cpus: frozenset[int] | set[int],
                 sys_cpu: Path = SYS_CPU) -> list[frozenset[int]]:
     """One CPU set per weight, disjoint, about proportional to the weights (each tier's
     predicted compute): whole physical cores while there are at least as many cores as
-    weights, else single CPUs. WpkError when there are fewer CPUs than weights."""
+    weights, else single CPUs taken core after core (so some tiers then share a core's
+    hyperthreads). WpkError when there are fewer CPUs than weights."""
     units = physical_cores(cpus, sys_cpu)
-    if len(units) < len(weights):
-        units = [[cpu] for cpu in sorted(cpus)]
+    if len(units) < len(weights):   # single CPUs, core after core: runs of them stay within
+        units = [[cpu] for core in units for cpu in core]   # a core where they can
     if len(units) < len(weights):
         raise WpkError(f"pinning {len(weights)} tiers needs {len(weights)} CPUs; this process "
                        f"may use {len(units)} ({format_cpu_list(cpus)})")
@@ -112,12 +124,18 @@ def pin_process(cpus: frozenset[int]) -> None:
     if missing:
         raise WpkError(f"--cpus {format_cpu_list(cpus)}: CPU {format_cpu_list(missing)} is "
                        f"not available here (this process may use {format_cpu_list(allowed)})")
-    for task in os.listdir("/proc/self/task"):   # e.g. numpy's BLAS threads, already started
-        try:
-            os.sched_setaffinity(int(task), cpus)
-        except (ProcessLookupError, PermissionError):
-            pass   # a thread that ended meanwhile
     os.sched_setaffinity(0, cpus)
+    pinned: set[str] = set()
+    while True:   # e.g. numpy's BLAS threads, already started; again for any they started
+        tasks = set(os.listdir("/proc/self/task")) - pinned
+        if not tasks:
+            return
+        for task in tasks:
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except (ProcessLookupError, PermissionError):
+                pass   # a thread that ended meanwhile
+        pinned |= tasks
 
 
 def cpu_list(text: str) -> frozenset[int]:

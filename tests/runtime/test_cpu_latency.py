@@ -3,9 +3,12 @@ the limit ends with it; bad values and unusable devices are one-line errors."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,24 @@ def test_a_held_limit_is_in_force_until_closed():
         assert current_limit() == before
 
 
+def wait_for_line(process: subprocess.Popen, text: str, timeout: float) -> None:
+    """Read the process's stdout until a line contains `text`; fails (with its stderr) when
+    it exits first or `timeout` passes."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put("")],
+                     daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            raise AssertionError(f"no {text!r} within {timeout} s") from None
+        if not line:
+            raise AssertionError(f"exited before {text!r}: {process.stderr.read()}")
+        if text in line:
+            return
+
+
 @writable
 @pytest.mark.parametrize("command, ready", [
     (["wpk.runtime.server", "--tier", "cloud", "--port", "0"], "ready on"),
@@ -49,11 +70,7 @@ def test_a_tier_and_a_local_deployment_hold_the_limit_while_they_run(plans, comm
                                 "--cpu-latency-us", str(LIMIT_US)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in process.stdout:
-            if line.startswith(ready) or ready in line:
-                break
-        else:
-            raise AssertionError(process.stderr.read())
+        wait_for_line(process, ready, timeout=60)
         assert current_limit() == LIMIT_US
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
@@ -88,3 +105,4 @@ def test_cli_misuse_is_one_line(plans, tmp_path, command, message):
                             timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 or "usage:" in result.stderr

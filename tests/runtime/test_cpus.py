@@ -25,7 +25,8 @@ def test_cpu_lists_read_and_write_the_kernel_syntax(text, cpus):
 
 @pytest.mark.parametrize("text, message", [
     ("", "is not a CPU list"), ("a", "is not a CPU list"), ("1-", "is not a CPU list"),
-    ("3-1", "3-1 runs backwards")])
+    ("\u00b2", "is not a CPU list"), ("3-1", "3-1 runs backwards"),
+    ("0-4000000000", "CPU 4000000000 is beyond any machine's")])
 def test_bad_cpu_lists_say_why(text, message):
     with pytest.raises(ValueError, match=message):
         parse_cpu_list(text)
@@ -38,9 +39,14 @@ def fake_topology(root: Path, cores: int, threads_per_core: int) -> frozenset[in
     for cpu in cpus:
         topology = root / f"cpu{cpu}" / "topology"
         topology.mkdir(parents=True)
-        (topology / "physical_package_id").write_text("0\n")
-        (topology / "core_id").write_text(f"{cpu % cores}\n")
+        siblings = format_cpu_list({cpu % cores + cores * t for t in range(threads_per_core)})
+        (topology / "thread_siblings_list").write_text(siblings + "\n")
     return frozenset(cpus)
+
+
+def shares_no_core(tier_cpus: frozenset[int], cores: int) -> bool:
+    """Every core `tier_cpus` touches is wholly in it (with the fake topology)."""
+    return all({cpu % cores, cpu % cores + cores} <= tier_cpus for cpu in tier_cpus)
 
 
 def test_tiers_get_whole_cores_in_proportion_to_their_compute(tmp_path):
@@ -49,13 +55,13 @@ def test_tiers_get_whole_cores_in_proportion_to_their_compute(tmp_path):
     sets = split_cores([4.0, 2.0, 1.0], cpus, tmp_path)
     assert [len(s) for s in sets] == [8, 4, 4]  # cores 4 + 2 + 2, two hyperthreads each
     assert set().union(*sets) == cpus and sum(map(len, sets)) == len(cpus)  # disjoint
-    for tier_cpus in sets:   # no core is shared: a tier has both threads of each core
-        assert all({cpu % 8, cpu % 8 + 8} <= tier_cpus for cpu in tier_cpus)
+    assert all(shares_no_core(tier_cpus, 8) for tier_cpus in sets)
 
 
-def test_fewer_cores_than_tiers_split_hyperthreads_and_fewer_cpus_is_an_error(tmp_path):
+def test_fewer_cores_than_tiers_split_cores_last_and_fewer_cpus_is_an_error(tmp_path):
     cpus = fake_topology(tmp_path, cores=2, threads_per_core=2)
-    assert [len(s) for s in split_cores([1, 1, 1], cpus, tmp_path)] == [2, 1, 1]
+    sets = split_cores([1, 1, 1], cpus, tmp_path)
+    assert sets == [frozenset({0, 2}), frozenset({1}), frozenset({3})]  # one core kept whole
     with pytest.raises(WpkError, match="pinning 5 tiers needs 5 CPUs; this process may use 4"):
         split_cores([1] * 5, cpus, tmp_path)
     # unreadable topology: every CPU is a core of its own

@@ -104,8 +104,8 @@ def _apportion(weights: list[float], total: int) -> list[int]:
     """`total` units shared by `weights`: at least one each, the rest by largest remainder."""
     counts = [1] * len(weights)
     spare = total - len(weights)
-    mass = sum(weights) or float(len(weights))
-    shares = [(w if sum(weights) else 1.0) / mass * spare for w in weights]
+    mass = sum(weights)
+    shares = [(w / mass if mass else 1 / len(weights)) * spare for w in weights]
     for index, share in enumerate(shares):
         counts[index] += int(share)
     left = total - sum(counts)

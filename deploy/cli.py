@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "grpc streams (see wpk-serve --link)")
     local.add_argument("--pin-cpus", action="store_true",
                        help="give every tier CPUs of its own (wpk-serve --cpus): whole "
-                       "physical cores, about in proportion to its predicted compute")
+                       "physical cores where there are enough, about in proportion to its "
+                       "predicted compute")
     local.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
                        help="while the tiers run, keep idle CPUs able to wake within US "
                        "microseconds (see wpk-serve --cpu-latency-us; needs root)")

@@ -61,7 +61,7 @@ from wpk.runtime.client import InferenceClient  # noqa: E402
 from wpk.errors import WpkError  # noqa: E402
 from wpk.runtime.cpu_latency import (CpuLatencyLimit, cpu_latency_limit,  # noqa: E402
                                      current_limit)
-from wpk.runtime.cpus import available_cpus, split_cores  # noqa: E402
+from wpk.runtime.cpus import available_cpus, split_cores, split_for_plan  # noqa: E402
 
 console = Console()
 
@@ -264,8 +264,7 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
         sample(run, 0.2, [])  # warm up
 
     setups = list(dict.fromkeys(setup for _, setup, _ in variants))
-    cpus = split_cores([max(t.predicted_compute_ms, 1e-3) for t in plan.tiers],
-                       available_cpus()) if pin else None
+    cpus = split_for_plan(plan) if pin else None
     deployments = [LocalDeployment(plan_dir, port=port + 10 * i, threads=threads, metrics=True,
                                    link=link, serve_args=serve_args,
                                    cpus=cpus if pinned else None)

@@ -24,13 +24,14 @@ def run_local(args: argparse.Namespace) -> int:
 
     from wpk.deploy.local import LocalDeployment
     from wpk.runtime.cpu_latency import cpu_latency_limit
-    from wpk.runtime.cpus import format_cpu_list
+    from wpk.plan import load_plan
+    from wpk.runtime.cpus import format_cpu_list, split_for_plan
 
     console = Console()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cpus = pinned_cpus(args.plan_dir) if args.pin_cpus else None
+    cpus = split_for_plan(load_plan(args.plan_dir)) if args.pin_cpus else None
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
                                  threads=args.threads, metrics=not args.no_metrics,
                                  link=args.link, cpus=cpus)
@@ -59,16 +60,6 @@ def run_local(args: argparse.Namespace) -> int:
             if bridge is not None and bridge.poll() is None:
                 bridge.terminate()
                 bridge.wait(10)
-
-
-def pinned_cpus(plan_dir: str) -> list[frozenset[int]]:
-    """--pin-cpus: this process's CPUs split among the plan's tiers, whole physical cores about in
-    proportion to each tier's predicted compute (see runtime.cpus)."""
-    from wpk.plan import load_plan
-    from wpk.runtime.cpus import available_cpus, split_cores
-
-    tiers = load_plan(plan_dir).tiers
-    return split_cores([max(t.predicted_compute_ms, 1e-3) for t in tiers], available_cpus())
 
 
 def _wait_local(deployment, bridge, stop, console) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from wpk.errors import WpkError
+from wpk.plan import Plan
 
 SYS_CPU = Path("/sys/devices/system/cpu")
 
@@ -98,6 +99,14 @@ def split_cores(weights: Sequence[float], cpus: frozenset[int] | set[int],
         sets.append(frozenset(cpu for unit in units[start:start + count] for cpu in unit))
         start += count
     return sets
+
+
+def split_for_plan(plan: Plan) -> list[frozenset[int]]:
+    """This process's CPUs split among `plan`'s tiers (split_cores), about in proportion to
+    each tier's predicted compute on its planned hardware; a tier predicted to compute
+    nothing still gets its share of one (its event loop runs there)."""
+    return split_cores([max(t.predicted_compute_ms, 1e-3) for t in plan.tiers],
+                       available_cpus())
 
 
 def _apportion(weights: list[float], total: int) -> list[int]:

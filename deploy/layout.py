@@ -55,8 +55,9 @@ def next_address(plan: Plan, tier: str, default_host: str | None = None) -> str 
 
 
 def link_port(plan: Plan, tier: str, use_tls: bool) -> int | None:
-    """The tensor-link port `tier` listens on, or None: the first tier has no previous tier
-    to serve, and TLS tiers pass tensors over their (encrypted) gRPC link instead."""
+    """The fixed tensor-link port `tier` listens on, or None: the first tier has no previous
+    tier to serve (its link, for clients on its own host, takes a free port), and TLS tiers
+    pass tensors over their (encrypted) gRPC link instead."""
     return None if use_tls or plan.tier_index(tier) == 0 else LINK_PORT
 
 

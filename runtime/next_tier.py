@@ -107,9 +107,10 @@ class TcpLink:
 
     def __init__(self, address: str, grpc_link: GrpcLink, codec: Codec, metrics: TierMetrics,
                  on_loop: bool = False):
-        """`on_loop`: the connection is driven by the event loop (for a tier whose requests
-        all start there: the entry tier); else a reader thread answers (middle tiers, whose
-        requests come from the previous tier's tensor link in a thread)."""
+        """`on_loop`: `forward()`'s connection is driven by the event loop (for requests that
+        start there: the entry tier's gRPC handlers); else a reader thread answers. `submit()`
+        from other threads (requests from the previous tier's tensor link, or a client's on
+        the entry tier's) always uses a threaded connection of its own."""
         self.on_loop = on_loop
         self.host = address.rsplit(":", 1)[0].strip("[]")
         self.grpc = grpc_link
@@ -117,7 +118,9 @@ class TcpLink:
         self.codec = codec
         self.metrics = metrics
         self.expiry = Expiry()
-        self.connection: LinkConnection | LoopConnection | None = None
+        # one connection per kind, made on first use: threaded (True) and loop-driven (False)
+        self.connections: dict[bool, LinkConnection | LoopConnection | None] = {
+            True: None, False: None}
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.lanes = False                     # ... and whether it maps shared-memory lanes
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
@@ -149,13 +152,20 @@ class TcpLink:
         except TensorError as error:  # a dtype the protocol cannot name
             done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
 
-    def _open(self) -> LinkConnection | LoopConnection | None:
-        return self.connection if self.connection is not None and \
-            self.connection.error is None else None
+    @property
+    def connection(self) -> LinkConnection | LoopConnection | None:
+        """The connection `forward()` uses (None before the first request, or on gRPC)."""
+        return self.connections[not self.on_loop]
+
+    def _open(self, threaded: bool) -> LinkConnection | LoopConnection | None:
+        connection = self.connections[threaded]
+        return connection if connection is not None and connection.error is None else None
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None) -> dict[str, np.ndarray]:
-        connection = self._open() or await self._connect(timeout)
+        """On the loop; the answer's arrays, or raises InferenceError."""
+        threaded = not self.on_loop
+        connection = self._open(threaded) or await self._connect(timeout, threaded)
         if connection is None:
             return await self.grpc.forward(model, arrays, timeout)
         loop = self.loop
@@ -169,16 +179,30 @@ class TcpLink:
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
-        connection = self._open()
-        if connection is not None and connection.threaded:  # the hot path: no loop involved
+        connection = self._open(True)
+        if connection is not None:  # the hot path: no loop involved
             self._send(connection, model, arrays, timeout, done)
             return
-        future = asyncio.run_coroutine_threadsafe(self.forward(model, arrays, timeout),
-                                                  self.loop)
-        future.add_done_callback(lambda f: done(_outcome(f)))
+        asyncio.run_coroutine_threadsafe(self._submit_later(model, arrays, timeout, done),
+                                         self.loop)
+
+    async def _submit_later(self, model: str, arrays: Mapping[str, np.ndarray],
+                            timeout: float | None, done: Done) -> None:
+        """`submit()` without an open threaded connection: connect first (on the loop)."""
+        try:
+            connection = await self._connect(timeout, threaded=True)
+            if connection is None:
+                outcome = await self.grpc.forward(model, arrays, timeout)
+            else:
+                return self._send(connection, model, arrays, timeout, done)
+        except InferenceError as error:
+            outcome = error
+        except Exception as error:  # every request gets an answer, whatever went wrong
+            outcome = InferenceError(grpc.StatusCode.INTERNAL, repr(error))
+        done(outcome)
 
     # -- connecting -------------------------------------------------------------------------
-    async def _connect(self, timeout: float | None
+    async def _connect(self, timeout: float | None, threaded: bool
                        ) -> LinkConnection | LoopConnection | None:
         """The open connection, a new one, or None: use gRPC. Raises InferenceError when the
         next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
@@ -188,12 +212,12 @@ class TcpLink:
                 self._recheck = asyncio.ensure_future(self._retry())
             return None
         async with self._connecting:
-            connection = self._open()
+            connection = self._open(threaded)
             if connection is not None or self.fallback_until:
                 return connection
-            return await self._attempt(timeout)
+            return await self._attempt(timeout, threaded)
 
-    async def _attempt(self, timeout: float | None
+    async def _attempt(self, timeout: float | None, threaded: bool
                        ) -> LinkConnection | LoopConnection | None:
         """Dial the known port, or ask for it first (it changes when the tier restarts)."""
         sock = await self._dial(self.port, timeout) if self.port is not None else None
@@ -211,16 +235,17 @@ class TcpLink:
                 return None
         count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
         lanes = self.lanes and over_loopback(sock)
-        self.connection = LoopConnection(sock, self.loop, count, lanes) if self.on_loop \
-            else LinkConnection(sock, self.expiry, count, lanes)
+        connection = LinkConnection(sock, self.expiry, count, lanes) if threaded \
+            else LoopConnection(sock, self.loop, count, lanes)
+        self.connections[threaded] = connection
         self.fallback_until = 0.0
-        return self.connection
+        return connection
 
     async def _retry(self) -> None:
         try:
             async with self._connecting:
                 try:
-                    await self._attempt(CONNECT_TIMEOUT_S)
+                    await self._attempt(CONNECT_TIMEOUT_S, threaded=not self.on_loop)
                 except InferenceError:  # not answering now: stay on gRPC a while longer
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
         finally:
@@ -262,6 +287,7 @@ class TcpLink:
         if self._recheck is not None:
             self._recheck.cancel()
         self.expiry.close()
-        if self.connection is not None:
-            self.connection.close()
+        for connection in self.connections.values():
+            if connection is not None:
+                connection.close()
         await self.grpc.close()

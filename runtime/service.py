@@ -235,7 +235,7 @@ class TierService:
                 # the entry tier's requests start on the loop: its link is loop-driven
                 self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
                                     on_loop=self.entry)
-        if self.link_kind == "tcp" and not self.entry:
+        if self.link_kind == "tcp":  # the entry tier too: clients on its host (see link_client)
             try:
                 self.link_server = LinkServer(host, link_port, self.serve_frame,
                                               max_payload=max_frame_bytes,

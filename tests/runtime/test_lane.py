@@ -21,6 +21,7 @@ from .test_pipeline import model_feeds
 from wpk.runtime.frames import (HEADER, LANE_REQUEST, REQUEST, Frame, FrameError,
                                 FrameReader, encode, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LANE_SLOTS, LaneReader, LaneWriter
+from wpk.runtime.link_client import LinkClient
 from wpk.runtime.tensor_link import Expiry, LinkConnection, LinkServer, LoopConnection
 
 
@@ -188,10 +189,24 @@ def test_a_pipeline_with_large_cut_tensors_uses_lanes_and_matches_the_model(tmp_
             for name, value in expected.items():
                 np.testing.assert_allclose(answer.as_numpy(name), value, rtol=1e-5, atol=1e-6)
         lanes = [pipeline.services[t].link.connection.lane for t in ("device", "edge")]
+
+        async def over_the_entry_link():   # the client's 196 KB input: a lane of its own
+            async with LinkClient(pipeline.entry, timeout=30) as client:
+                for seed in range(6):
+                    feeds = model_feeds(plan, seed=seed)
+                    answer = await client.infer("resnet_like", feeds)
+                    for name, value in reference(plan, feeds).items():
+                        np.testing.assert_allclose(answer[name], value, rtol=1e-5, atol=1e-6)
+                return client._link.connection.lane, \
+                    pipeline.services["device"].link.connections[True].lane
+
+        client_lane, entry_thread_lane = asyncio.run(over_the_entry_link())
     finally:
         pipeline.close()
     forwarded = [t.forward for t in pipeline.plan.tiers[:2]]
     assert all(lane is not None and lane.placed >= 5 for lane in lanes), forwarded
+    assert client_lane is not None and client_lane.placed >= 5
+    assert entry_thread_lane is not None and entry_thread_lane.placed >= 5
     assert lane_files() <= before
     assert os.path.isdir("/dev/shm")
 

@@ -6,7 +6,8 @@ same pipeline called directly, in one run.
 Starts Mosquitto (config from wpk.runtime.bridge.broker), partitions an example model into a
 device/edge/cloud plan with wpk-partition (pins put work on every tier), deploys it locally
 (wpk-serve processes), and runs `wpk-bridge` as its own process. Measured:
-- pipeline alone: KServe v2 gRPC calls from InferenceClient, one at a time (latency) and with
+- pipeline alone: KServe v2 gRPC calls from InferenceClient (or, with --tensor-link, frames
+  over the entry tier's tensor link from LinkClient), one at a time (latency) and with
   `--in-flight` concurrent calls (throughput);
 - through MQTT: raw tensors published at QoS 1, JSON results received at QoS 1; one at a time
   (end-to-end latency: publish -> result received), paced at half the pipeline's burst
@@ -42,6 +43,7 @@ from wpk.plan import load_plan
 from wpk.runtime.bridge.broker import Mosquitto, free_port
 from wpk.runtime.bridge.link import no_delay
 from wpk.runtime.client import InferenceClient
+from wpk.runtime.link_client import LinkClient
 
 console = Console()
 PACED_FRACTION = 0.5  # paced phases send at this fraction of the pipeline's burst throughput
@@ -73,11 +75,14 @@ def median_of(rounds: list[dict[str, tuple]]) -> dict[str, tuple]:
 
 
 async def pipeline_alone(address: str, model: str, inputs: list[np.ndarray], name: str,
-                         in_flight: int, rate: float | None, stream: bool = False
+                         in_flight: int, rate: float | None, transport: str = "unary"
                          ) -> dict[str, tuple]:
     """One round of the three phases; `rate` None: pace at PACED_FRACTION of this round's
-    burst throughput."""
-    async with InferenceClient(address, timeout=30, stream=stream) as client:
+    burst throughput. `transport`: unary, stream (InferenceClient) or tensor-link
+    (LinkClient)."""
+    client = LinkClient(address, timeout=30) if transport == "tensor-link" else \
+        InferenceClient(address, timeout=30, stream=transport == "stream")
+    async with client:
         for x in inputs[:20]:
             await client.infer(model, {name: x})
         latencies = []
@@ -205,11 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                         "phases use a quarter)")
     parser.add_argument("--stream", action="store_true",
                         help="bridge and direct client use ModelStreamInfer (else unary)")
+    parser.add_argument("--tensor-link", action="store_true",
+                        help="bridge and direct client enter over the entry tier's tensor "
+                        "link (wpk-bridge --tensor-link, LinkClient)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds (pipeline alone, then MQTT); medians shown")
     parser.add_argument("--in-flight", type=int, default=8,
                         help="concurrent pipeline requests (bridge --max-in-flight)")
     args = parser.parse_args(argv)
+    transport = "tensor-link" if args.tensor_link else "stream" if args.stream else "unary"
 
     with tempfile.TemporaryDirectory(prefix="wpk-mqtt-bench-") as tmp:
         workdir = Path(tmp)
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"input {graph_input.name} {shape} "
                           f"({inputs[0].nbytes} B), broker {broker.address}")
             first = asyncio.run(pipeline_alone(entry, plan.name, inputs, graph_input.name,
-                                               args.in_flight, None, args.stream))
+                                               args.in_flight, None, transport))
             rate = PACED_FRACTION * first["concurrent"][0]
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
@@ -241,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--subscribe", "bench/+/in", "--format", "raw", "--publish", "bench/{1}/out",
                  "--result", "json", "--max-in-flight", str(args.in_flight),
                  "--queue-size", str(max(args.messages, 100))]
-                + (["--stream"] if args.stream else []),
+                + (["--stream"] if args.stream else [])
+                + (["--tensor-link"] if args.tensor_link else []),
                 stderr=subprocess.DEVNULL)
             load = MqttLoad(broker.port)
             load.warm_up(inputs[0].astype("<f4").tobytes())
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):  # interleaved: both paths see the same noise
                 alone_rounds.append(asyncio.run(pipeline_alone(
                     entry, plan.name, inputs, graph_input.name, args.in_flight, rate,
-                    args.stream)))
+                    transport)))
                 mqtt_rounds.append(load.measure(round_, inputs, rate))
             alone, through = median_of(alone_rounds), median_of(mqtt_rounds)
         finally:
@@ -262,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
 
     table = Table(title=f"{args.model}: {args.messages} messages, {args.in_flight} in flight, "
-                        f"{'stream' if args.stream else 'unary'} gRPC, median of "
+                        f"{transport}, median of "
                         f"{args.rounds} interleaved rounds")
     for column in ("path", "mode", "msgs/s", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "path" else "left")
-    for path, results in (("pipeline alone (gRPC)", alone), ("MQTT: broker+bridge+pipeline",
-                                                             through)):
+    for path, results in ((f"pipeline alone ({transport})", alone),
+                          ("MQTT: broker+bridge+pipeline", through)):
         for mode, label in (("sequential", "one at a time"),
                             ("paced", f"paced at {rate:,.0f}/s"),
                             ("concurrent", f"burst, {args.in_flight} in flight")):

@@ -31,14 +31,14 @@ from .formats import INPUT_FORMATS, RESULT_FORMATS
 ROUTE_KEYS = ("publish", "format", "model", "result", "input", "output", "metrics")
 # the other top-level keys of a --config file (each also a command-line flag)
 SETTING_KEYS = {"broker", "pipeline", "client-id", "username", "password", "tls", "tls-ca",
-                "tls-cert", "tls-key", "tls-insecure", "stream", "pipeline-tls",
+                "tls-cert", "tls-key", "tls-insecure", "stream", "tensor-link", "pipeline-tls",
                 "pipeline-identity", "pipeline-server-name", "queue-size", "queue-policy",
                 "max-in-flight", "error-topic"}
 
 
 # what each key of a --config file holds (the rest are strings)
 INT_KEYS = {"queue-size", "max-in-flight"}
-BOOL_KEYS = {"tls", "tls-insecure", "stream"}
+BOOL_KEYS = {"tls", "tls-insecure", "stream", "tensor-link"}
 LIST_KEYS = {"metrics"}
 
 
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream", action="store_true", default=None,
                         help="send requests over one ModelStreamInfer stream (wpk tiers, "
                         "Triton; faster) instead of unary ModelInfer calls (any KServe v2)")
+    parser.add_argument("--tensor-link", action="store_true", default=None,
+                        help="send requests over the entry tier's tensor link (wpk tiers; "
+                        "fastest, for a bridge on the entry tier's host or LAN; where there is "
+                        "none, over one ModelStreamInfer stream)")
     parser.add_argument("--pipeline-tls", metavar="DIR",
                         help="mutual TLS to the entry tier with certificates from DIR (as "
                         "wpk-deploy --tls writes them)")
@@ -196,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     config = BridgeConfig(
         broker=broker, pipeline=pipeline, routes=routes,
         pipeline_stream=bool(pick("stream", False)),
+        pipeline_tensor_link=bool(pick("tensor-link", False)),
         pipeline_tls=pick("pipeline-tls"),
         pipeline_identity=pick("pipeline-identity", "bridge"),
         pipeline_server_name=pick("pipeline-server-name"),

@@ -79,6 +79,7 @@ class BridgeConfig:
     broker: BrokerConfig
     pipeline: str                    # HOST:PORT of the pipeline's first tier (KServe v2 gRPC)
     pipeline_stream: bool = False    # ModelStreamInfer (wpk tiers, Triton) instead of unary
+    pipeline_tensor_link: bool = False   # the entry tier's tensor link (wpk tiers; plain TCP)
     # Mutual TLS to the entry tier (tiers served with wpk-serve --tls-dir): the directory
     # wpk-deploy --tls writes, the identity whose NAME.pem/NAME.key the bridge presents, and
     # the entry tier's name its certificate is checked against.
@@ -110,6 +111,9 @@ class BridgeConfig:
         broker_tls = self.broker.tls or self.broker.tls_ca or self.broker.tls_cert
         if self.broker.tls_insecure and not broker_tls:
             raise WpkError("--tls-insecure relaxes TLS to the broker: add --tls (or --tls-ca)")
+        if self.pipeline_tensor_link and self.pipeline_tls:
+            raise WpkError("--tensor-link with --pipeline-tls: the tensor link is plain TCP; "
+                           "a TLS entry tier is reached over gRPC (drop --tensor-link)")
         if self.error_topic is not None and ("+" in self.error_topic or
                                              "#" in self.error_topic):
             raise WpkError(f"--error-topic {self.error_topic!r}: a topic to publish to has no "

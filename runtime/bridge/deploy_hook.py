@@ -1,7 +1,8 @@
 """Run `wpk-bridge` next to a local deployment: `wpk-deploy PLAN --local --mqtt HOST:PORT`.
 
 The deploy CLI calls `start_bridge` once the tiers are up and treats the returned process like
-a tier (polled, stopped with SIGTERM). Without `--bridge-config` one JSON route is set up:
+a tier (polled, stopped with SIGTERM). Without `--bridge-config` one JSON route is set up,
+and requests enter over the entry tier's tensor link (`--tensor-link`):
     wpk/<model>/<source>/input  ->  wpk/<model>/<source>/result   (errors: wpk/<model>/errors)
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ def bridge_command(mqtt: str, entry: str, model: str, config: str | Path | None 
         if not Path(config).is_file():
             raise WpkError(f"--bridge-config {config}: no such file")
         return command + ["--config", str(config)]
-    return command + ["--error-topic", f"wpk/{model}/errors",
+    # the entry tier runs on this host: its tensor link is the cheapest way in
+    return command + ["--tensor-link", "--error-topic", f"wpk/{model}/errors",
                       "--subscribe", f"wpk/{model}/+/input", "--format", "json",
                       "--publish", f"wpk/{model}/{{2}}/result"]
 

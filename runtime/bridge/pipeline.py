@@ -2,7 +2,9 @@
 
 `Pipeline` is the abstraction the bridge depends on; `KServePipeline` implements it with
 `wpk.runtime.client.InferenceClient` over the Open Inference Protocol (KServe v2 gRPC) spoken
-by the entry tier of a wpk pipeline, or by any KServe v2 server (Triton, MLServer, ...).
+by the entry tier of a wpk pipeline, or by any KServe v2 server (Triton, MLServer, ...), and
+with `tensor_link=True` sends the inferences over a wpk entry tier's tensor link instead
+(`wpk.runtime.link_client`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.link import InferenceError
+from wpk.runtime.link_client import LinkClient
 
 from .tensors import ModelSignature, TensorSpec
 
@@ -48,11 +51,17 @@ class KServePipeline:
     """
 
     def __init__(self, address: str, timeout_s: float = 30.0, stream: bool = False,
-                 credentials=None, server_name: str | None = None):
-        """`credentials`/`server_name`: mutual TLS as `wpk.runtime.tls` sets it up."""
+                 credentials=None, server_name: str | None = None, tensor_link: bool = False):
+        """`credentials`/`server_name`: mutual TLS as `wpk.runtime.tls` sets it up.
+        `tensor_link`: inferences over the entry tier's tensor link (plain TCP, no TLS);
+        metadata still over gRPC."""
+        if tensor_link and credentials is not None:
+            raise ValueError("the tensor link is plain TCP: no TLS credentials")
         self.address = address
-        self.client = InferenceClient(address, timeout=timeout_s, stream=stream,
-                                      credentials=credentials, server_name=server_name)
+        self.link_client = LinkClient(address, timeout=timeout_s) if tensor_link else None
+        self.client = self.link_client.grpc if self.link_client is not None else \
+            InferenceClient(address, timeout=timeout_s, stream=stream,
+                            credentials=credentials, server_name=server_name)
 
     @classmethod
     def from_config(cls, config, timeout_s: float = 30.0) -> "KServePipeline":
@@ -64,7 +73,8 @@ class KServePipeline:
             credentials = tls.channel_credentials(tls.load(config.pipeline_tls,
                                                            config.pipeline_identity))
         return cls(config.pipeline, timeout_s=timeout_s, stream=config.pipeline_stream,
-                   credentials=credentials, server_name=config.pipeline_server_name)
+                   credentials=credentials, server_name=config.pipeline_server_name,
+                   tensor_link=config.pipeline_tensor_link)
 
     async def _call(self, call):
         try:
@@ -84,7 +94,8 @@ class KServePipeline:
         return ModelSignature(model, specs(metadata.inputs), specs(metadata.outputs))
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return await self._call(self.client.infer(model, inputs))
+        client = self.link_client or self.client
+        return await self._call(client.infer(model, inputs))
 
     async def close(self) -> None:
-        await self.client.close()
+        await (self.link_client or self.client).close()

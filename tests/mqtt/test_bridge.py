@@ -161,14 +161,15 @@ def test_malformed_payloads_go_to_error_topic_and_bridge_stays_up(broker, pipeli
         bridge.stop()
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("transport", ["unary", "stream", "tensor-link"])
 def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, own_pipeline,
-                                                                reference, stream):
+                                                                reference, transport):
     own_pipeline.start()
     route = Route("plant/+/camera", "plant/{1}/inference", format="json",
                   model=own_pipeline.model)
-    bridge = BridgeThread(make_config(broker, own_pipeline, [route],
-                                      pipeline_stream=stream)).start()
+    bridge = BridgeThread(make_config(
+        broker, own_pipeline, [route], pipeline_stream=transport == "stream",
+        pipeline_tensor_link=transport == "tensor-link")).start()
     client = Client(broker.port, "t-kill", ["plant/+/inference"])
     try:
         n = 120
@@ -186,6 +187,8 @@ def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, own_pipe
         assert [r["id"] for r in results] == list(range(n))  # one topic: order kept
         assert bridge.stats.errors == 0 and bridge.stats.dropped == 0
         assert bridge.stats.retries > 0
+        if transport == "tensor-link":   # back on the restarted entry tier's tensor link
+            assert bridge.bridge.pipeline.link_client.transport == "tcp"
     finally:
         client.close()
         bridge.stop()

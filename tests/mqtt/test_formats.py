@@ -150,6 +150,9 @@ def test_cli_config_file(tmp_path):
                     "  - {subscribe: 'x/+', publish: 'y/{1}', format: npy}\n")
     config = parse_cli(["--config", str(path)])
     assert config.queue_size == 50 and config.queue_policy == "drop-oldest"
+    assert not config.pipeline_tensor_link
+    path.write_text(path.read_text() + "tensor-link: true\n")
+    assert parse_cli(["--config", str(path)]).pipeline_tensor_link
     assert config.routes[0].format == "npy" and config.routes[0].model == "m"
 
 
@@ -171,6 +174,8 @@ def test_cli_config_file(tmp_path):
       "--tls-insecure"], "add --tls"),
     (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{1}", "--model", "m",
       "--error-topic", "e/#"], "has no wildcards"),
+    (["--pipeline", "h:1", "--subscribe", "a/+", "--publish", "r/{1}", "--model", "m",
+      "--tensor-link", "--pipeline-tls", "/tmp"], "the tensor link is plain TCP"),
 ])
 def test_cli_errors_are_one_line(argv, message):
     with pytest.raises(WpkError, match=message):

@@ -17,14 +17,17 @@ the limit, and serve every row.
 (a) whole model, one ORT session, one request at a time;
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
     (pipeline latency - sum of the stages run alone) / hops, hops = 3 (client->device,
-    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; the same
-    with the client's input in system shared memory instead of in the gRPC message; and the
+    device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; for the
+    KServe clients (unary, stream) and for the client that enters over the entry tier's
+    tensor link (wpk.runtime.link_client, "link"); the same with the client's input in
+    system shared memory instead of in the gRPC message; and the
     tier-to-tier hops alone: the second tier sent what the first forwards, over the link
     under test, (latency - its stages) / 2; and where the overhead goes, from the tiers' own
     metrics: the client hop (latency less the entry tier's stay) and each tier's stay less
     its slice and the next tier's stay;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
-    >= 80 %), and at 8 in flight with the client's input in shared memory. Every tier and
+    >= 80 %), with the stream client and the link client, and at 8 in flight with the
+    stream client's input in shared memory. Every tier and
     every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
     the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it, and the
@@ -40,7 +43,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -58,6 +60,7 @@ from wpk.examples import EXAMPLES  # noqa: E402
 from wpk.plan import load_plan, slice_path  # noqa: E402
 from wpk.runtime import protocol as pb  # noqa: E402
 from wpk.runtime.client import InferenceClient  # noqa: E402
+from wpk.runtime.link_client import LinkClient  # noqa: E402
 from wpk.errors import WpkError  # noqa: E402
 from wpk.runtime.cpu_latency import (CpuLatencyLimit, cpu_latency_limit,  # noqa: E402
                                      current_limit)
@@ -193,38 +196,20 @@ IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alik
 CPU_IN_FLIGHT = 8     # CPU time per request is measured at this many in flight
 
 
-async def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
-    """A coroutine function sending the second tier what the first one forwards, the way the
-    first tier does (tensor link, or a ModelStreamInfer stream with wpk_pipeline): timing it
-    gives the cost of the tier-to-tier hops alone, without the client's KServe hop."""
-    from wpk.runtime.frames import REQUEST, encode
-    from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION, LoopConnection
-
+def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
+    """(a coroutine function sending the second tier what the first one forwards, the way
+    the first tier does: tensor link, or a ModelStreamInfer stream with wpk_pipeline; its
+    client): timing it gives the cost of the tier-to-tier hops alone, without the client's
+    hop."""
     tier = plan.tiers[1]
     feeds = {n: arrays[n] for n in tier.inputs}
     model = f"{plan.name}.{tier.name}"
     address = deployment.tiers[1].address
     if link == "grpc":
         client = InferenceClient(address, timeout=30, stream=True)
-        return lambda: client.infer(model, feeds, parameters={"wpk_pipeline": True})
-    async with InferenceClient(address, timeout=30) as client:
-        response = await client.stub.ServerMetadata(pb.ServerMetadataRequest())
-    port = int(next(e for e in response.extensions if e.startswith(EXTENSION_PREFIX))
-               .split(":")[1])
-    loop = asyncio.get_running_loop()
-    connection = LoopConnection(socket.create_connection((address.rsplit(":", 1)[0], port)),
-                                loop, lanes=LANE_EXTENSION in response.extensions)
-
-    async def call():
-        future = loop.create_future()
-        connection.send(lambda rid: encode(REQUEST, rid, feeds, model=model, timeout_ms=30e3),
-                        30.0, future.set_result)
-        outcome = await future
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    return call
+        return lambda: client.infer(model, feeds, parameters={"wpk_pipeline": True}), client
+    client = LinkClient(address, timeout=30)
+    return lambda: client.infer(model, feeds), client
 
 
 Setup = tuple[str, bool]   # (link, pinned): one deployment
@@ -284,18 +269,22 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
             shm_stream = {k: InferenceClient(d.entry, timeout=30, stream=True,
                                              shared_memory=True)
                           for k, d in on.items()}
-            second = {k: await second_tier_caller(k[0], d, plan, arrays) for k, d in on.items()}
+            # the client that enters over the entry tier's tensor link (gRPC where none)
+            link = {k: LinkClient(d.entry, timeout=30) for k, d in on.items()}
+            second = {k: second_tier_caller(k[0], d, plan, arrays) for k, d in on.items()}
             t = {"whole": [], **{i: [] for i in range(len(stages))},
                  **{(v, m): [] for v, _, _ in variants
-                    for m in ("unary", "stream", "second", "shm_unary", "shm_stream")}}
+                    for m in ("unary", "stream", "link", "second", "shm_unary", "shm_stream")}}
             # the tiers' own histograms, summed over each variant's turns: (sum, count)
             slices = {v: [[0.0, 0.0] for _ in plan.tiers] for v, _, _ in variants}
             stays = {v: [[0.0, 0.0] for _ in plan.tiers] for v, _, _ in variants}
             slice_time = seconds / ROUNDS / 2
-            clients = (*unary.values(), *stream.values(), *shm_unary.values(),
-                       *shm_stream.values())
+            clients = (*unary.values(), *stream.values(), *link.values(),
+                       *shm_unary.values(), *shm_stream.values())
             for client in clients:
                 await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
+            for call, _ in second.values():
+                await sample_async(call, 0.2, [])
             for _ in range(ROUNDS):
                 sample(lambda: whole.run(None, feeds), slice_time, t["whole"])
                 for i, run in enumerate(stages):
@@ -304,36 +293,38 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                     with cpu_latency_limit(limit):
                         with histogram_deltas(on[k], slices[v], stays[v]):
                             for m, client in (("unary", unary[k]), ("stream", stream[k]),
-                                              ("shm_unary", shm_unary[k]),
+                                              ("link", link[k]), ("shm_unary", shm_unary[k]),
                                               ("shm_stream", shm_stream[k])):
                                 await sample_async(lambda: client.infer(plan.name, feeds),
                                                    slice_time, t[(v, m)])
-                        await sample_async(second[k], slice_time, t[(v, "second")])
+                        await sample_async(second[k][0], slice_time, t[(v, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
-            rates: dict = {(v, n): [] for v, _, _ in variants for n in (*IN_FLIGHT, "shm")}
-            cpu = {v: {"pids": [h.process.pid for h in on[k].tiers] + [os.getpid()]}
-                   for v, k, _ in variants}
+            rates: dict = {(v, n, c): [] for v, _, _ in variants for n in (*IN_FLIGHT, "shm")
+                           for c in ("stream", "link")}
+            cpu = {(v, c): {"pids": [h.process.pid for h in on[k].tiers] + [os.getpid()]}
+                   for v, k, _ in variants for c in ("stream", "link")}
             stage_alone: list[float] = []
             for _ in range(ROUNDS):
                 for n in IN_FLIGHT:
                     for v, k, limit in variants:
                         with cpu_latency_limit(limit):
-                            rates[(v, n)].append(await pipeline_rate(
-                                stream[k], plan.name, feeds, n, slice_time,
-                                cpu[v] if n == CPU_IN_FLIGHT else None))
+                            for c, client in (("stream", stream[k]), ("link", link[k])):
+                                rates[(v, n, c)].append(await pipeline_rate(
+                                    client, plan.name, feeds, n, slice_time,
+                                    cpu[(v, c)] if n == CPU_IN_FLIGHT else None))
                             if n == CPU_IN_FLIGHT:
-                                rates[(v, "shm")].append(await pipeline_rate(
+                                rates[(v, "shm", "stream")].append(await pipeline_rate(
                                     shm_stream[k], plan.name, feeds, n, slice_time))
                     sample(stages[slowest], slice_time, stage_alone)
-            for client in clients:
+            for client in (*clients, *(c for _, c in second.values())):
                 await client.close()
             mean = lambda sums: [total / max(count, 1) for total, count in sums]  # noqa: E731
             return {"latency": latency, "in_tier": {v: mean(s) for v, s in slices.items()},
                     "stays": {v: mean(s) for v, s in stays.items()}, "cpu": {
                         v: [c / max(u["requests"], 1) for c in u["seconds"]]
                         for v, u in cpu.items()},
-                    "rates": {key: statistics.median(r) for key, r in rates.items()},
+                    "rates": {key: statistics.median(r) for key, r in rates.items() if r},
                     "stage_rate": 1 / statistics.median(stage_alone)}
 
         measured = asyncio.run(measure())
@@ -346,22 +337,26 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
     ceiling = min(measured["stage_rate"], (os.cpu_count() or 1) / sum(stage_times))
     results = []
     for k, _, _ in variants:
-        unary, stream = latency[(k, "unary")], latency[(k, "stream")]
+        unary, stream, link = (latency[(k, c)] for c in ("unary", "stream", "link"))
         results.append({
             "name": name, "link": k, "t_whole": latency["whole"], "stages": stage_times,
-            "t_pipe": unary, "t_pipe_stream": stream, "in_tier": measured["in_tier"][k],
+            "t_pipe": unary, "t_pipe_stream": stream, "t_pipe_link": link,
+            "in_tier": measured["in_tier"][k],
             "per_hop_us": (unary - sum(stage_times)) / hops * 1e6,
             "per_hop_stream_us": (stream - sum(stage_times)) / hops * 1e6,
+            "per_hop_link_us": (link - sum(stage_times)) / hops * 1e6,
             "per_hop_shm_us": (latency[(k, "shm_unary")] - sum(stage_times)) / hops * 1e6,
             "per_hop_shm_stream_us": (latency[(k, "shm_stream")] - sum(stage_times)) / hops
             * 1e6,
             "per_hop_in_tier_us": (stream - sum(measured["in_tier"][k])) / hops * 1e6,
+            "per_hop_link_in_tier_us": (link - sum(measured["in_tier"][k])) / hops * 1e6,
             "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
             "own_us": own_times(stream, measured["stays"][k], measured["in_tier"][k]),
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
-            "rates": {n: measured["rates"][(k, n)] for n in IN_FLIGHT},
-            "rate_shm": measured["rates"][(k, "shm")],
-            "cpu_per_request": measured["cpu"][k],
+            "rates": {c: {n: measured["rates"][(k, n, c)] for n in IN_FLIGHT}
+                      for c in ("stream", "link")},
+            "rate_shm": measured["rates"][(k, "shm", "stream")],
+            "cpu_per_request": {c: measured["cpu"][(k, c)] for c in ("stream", "link")},
             "stage_rate": measured["stage_rate"], "ceiling": ceiling})
     return results
 
@@ -451,41 +446,51 @@ def report(results: list[dict], threads: int, bare: dict[int | None, tuple[float
     table = Table(title=f"(a)+(b) latency, one request at a time (ORT threads per tier: "
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "link", "whole ORT ms", "stages alone ms", "stages in tiers ms",
-                   "pipeline ms (unary | stream client)", "per hop us (unary | stream)",
+                   "pipeline ms (unary | stream | link client)",
+                   "per hop us (unary | stream | link)",
                    "per hop us, input in shm (unary | stream)",
-                   "per hop us (stream), in-tier compute", "tier->tier hop us",
-                   "own us: client hop | each tier", "bytes in -> links", "< 300 us"):
+                   "per hop us less in-tier compute (stream | link)", "tier->tier hop us",
+                   "own us (stream): client hop | each tier", "bytes in -> links",
+                   "< 300 us (stream | link)"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["name"], r["link"], f"{r['t_whole'] * 1e3:.2f}",
                       " + ".join(f"{t * 1e3:.2f}" for t in r["stages"]),
                       " + ".join(f"{t * 1e3:.2f}" for t in r["in_tier"]),
-                      f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f}",
-                      f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f}",
+                      f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f} | "
+                      f"{r['t_pipe_link'] * 1e3:.2f}",
+                      f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f} | "
+                      f"{r['per_hop_link_us']:.0f}",
                       f"{r['per_hop_shm_us']:.0f} | {r['per_hop_shm_stream_us']:.0f}",
-                      f"{r['per_hop_in_tier_us']:.0f}", f"{r['tier_hop_us']:.0f}",
+                      f"{r['per_hop_in_tier_us']:.0f} | {r['per_hop_link_in_tier_us']:.0f}",
+                      f"{r['tier_hop_us']:.0f}",
                       " | ".join(f"{t:.0f}" for t in r["own_us"]),
                       f"{r['input_bytes'] / 1e3:.0f}k -> "
                       + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),
-                      "yes" if r["per_hop_stream_us"] < 300 else "NO")
+                      " | ".join("yes" if r[key] < 300 else "NO"
+                                 for key in ("per_hop_stream_us", "per_hop_link_us")))
     console.print(table)
-    table = Table(title="(c) pipelined throughput, requests/s, vs the slowest stage alone")
-    for column in ("model", "link", "slowest stage", "cpu ceiling", *(f"{k} in flight" for k in
-                                                              (1, 2, 4, 8, 16)),
+    table = Table(title="(c) pipelined throughput, requests/s, vs the slowest stage alone "
+                        "(stream client, then link client)")
+    for column in ("model", "link", "client", "slowest stage", "cpu ceiling",
+                   *(f"{k} in flight" for k in IN_FLIGHT),
                    "best / slowest", "best / ceiling", ">= 80 %",
                    f"{CPU_IN_FLIGHT} in flight, input in shm / slowest",
                    f"CPU ms/request at {CPU_IN_FLIGHT} in flight: tiers + client"):
         table.add_column(column, justify="right")
     for r in results:
-        best = max(r["rates"].values())
-        table.add_row(r["name"], r["link"], f"{r['stage_rate']:.0f}", f"{r['ceiling']:.0f}",
-                      *(f"{v:.0f}" for v in r["rates"].values()),
-                      f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
-                      "yes" if best / r["stage_rate"] >= 0.8 else
-                      ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"),
-                      f"{r['rate_shm']:.0f} ({r['rate_shm'] / r['stage_rate']:.0%})",
-                      " + ".join(f"{c * 1e3:.2f}" for c in r["cpu_per_request"][:-1])
-                      + f" + {r['cpu_per_request'][-1] * 1e3:.2f}")
+        for client, rates in r["rates"].items():
+            best = max(rates.values())
+            cpu = r["cpu_per_request"][client]
+            table.add_row(r["name"], r["link"], client, f"{r['stage_rate']:.0f}",
+                          f"{r['ceiling']:.0f}", *(f"{v:.0f}" for v in rates.values()),
+                          f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
+                          "yes" if best / r["stage_rate"] >= 0.8 else
+                          ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"),
+                          f"{r['rate_shm']:.0f} ({r['rate_shm'] / r['stage_rate']:.0%})"
+                          if client == "stream" else "",
+                          " + ".join(f"{c * 1e3:.2f}" for c in cpu[:-1])
+                          + f" + {cpu[-1] * 1e3:.2f}")
     console.print(table)
 
 

@@ -38,11 +38,12 @@ def run_local(args: argparse.Namespace) -> int:
     # one request covers every tier: they all run on this machine
     with cpu_latency_limit(args.cpu_latency_us), deployment:
         table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
-        for column in ("tier", "address", "models", "metrics", "pid", "cpus"):
+        for column in ("tier", "address", "models", "tensor link", "metrics", "pid", "cpus"):
             table.add_column(column, overflow="fold")
         for index, handle in enumerate(deployment.tiers):
             table.add_row(handle.tier, handle.address, ", ".join(handle.models),
-                          handle.metrics_url or "-", str(handle.process.pid),
+                          handle.link_address or "-", handle.metrics_url or "-",
+                          str(handle.process.pid),
                           format_cpu_list(cpus[index]) if cpus else "any")
         console.print(table)
         console.print(f"entry: {deployment.entry} (model {deployment.tiers[0].models[0]!r}); "

@@ -22,7 +22,7 @@ from wpk.plan import load_plan
 from wpk.runtime.cpus import format_cpu_list
 
 READY_LINE = re.compile(r"ready on (?P<address>\S+) \(models: (?P<models>[^)]*)\)"
-                        r"(?: metrics (?P<metrics>\S+))?")
+                        r"(?: metrics (?P<metrics>\S+))?(?: tensor-link (?P<link>\S+))?")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TierProcess:
     address: str = ""
     models: tuple[str, ...] = ()
     metrics_url: str | None = None
+    link_address: str | None = None   # its tensor link (None: it serves gRPC only)
 
 
 class LocalDeployment:
@@ -126,6 +127,7 @@ class LocalDeployment:
                     handle.address = match["address"]
                     handle.models = tuple(m.strip() for m in match["models"].split(","))
                     handle.metrics_url = match["metrics"]
+                    handle.link_address = match["link"]
                     return
         finally:
             selector.close()

@@ -28,6 +28,8 @@ def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans, link
         # the tensor link advertises its port; gRPC links have none
         assert any(e.startswith("wpk-tensor-link:") for e in extensions) == (link == "tcp")
         assert deployment.entry == f"127.0.0.1:{port}"
+        # every tier's tensor link is on its ready line, the entry tier's included
+        assert all((t.link_address is not None) == (link == "tcp") for t in deployment.tiers)
         assert [t.tier for t in deployment.tiers] == ["device", "edge", "cloud"]
         assert deployment.tiers[0].models == ("mlp", "mlp.device")
         feeds = model_feeds(plans["mlp"])
@@ -58,7 +60,7 @@ def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
             if line.startswith("entry:"):
                 break
         assert f"entry: 127.0.0.1:{port} (model 'mlp')" in "".join(lines)
-        pids = [int(line.split("│")[5]) for line in lines if line.count("│") >= 6
+        pids = [int(line.split("│")[6]) for line in lines if line.count("│") >= 7
                 and line.split("│")[1].strip() in ("device", "edge", "cloud")]
         assert len(pids) == 3
         feeds = model_feeds(plans["mlp"])

@@ -234,15 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         deployment = LocalDeployment(plan_dir, port=free_port(), threads=1, metrics=False)
         bridge = None
         load = None
-        try:
+        loop = asyncio.new_event_loop()   # one loop for every round: grpc.aio channels do not
+        try:                              # survive the loop switches of repeated asyncio.run
             deployment.start()
             entry = deployment.entry
             console.print(f"{plan.name}: {len(plan.tiers)} tiers "
                           f"({', '.join(t.name for t in plan.tiers)}), entry {entry}, "
                           f"input {graph_input.name} {shape} "
                           f"({inputs[0].nbytes} B), broker {broker.address}")
-            first = asyncio.run(pipeline_alone(entry, plan.name, inputs, graph_input.name,
-                                               args.in_flight, None, transport))
+            first = loop.run_until_complete(pipeline_alone(
+                entry, plan.name, inputs, graph_input.name, args.in_flight, None, transport))
             rate = PACED_FRACTION * first["concurrent"][0]
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             load.warm_up(inputs[0].astype("<f4").tobytes())
             alone_rounds, mqtt_rounds = [], []
             for round_ in range(args.rounds):  # interleaved: both paths see the same noise
-                alone_rounds.append(asyncio.run(pipeline_alone(
+                alone_rounds.append(loop.run_until_complete(pipeline_alone(
                     entry, plan.name, inputs, graph_input.name, args.in_flight, rate,
                     transport)))
                 mqtt_rounds.append(load.measure(round_, inputs, rate))
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 bridge.wait(10)
             deployment.stop()
             broker.stop()
+            loop.close()
 
     table = Table(title=f"{args.model}: {args.messages} messages, {args.in_flight} in flight, "
                         f"{transport}, median of "

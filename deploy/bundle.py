@@ -13,10 +13,11 @@
 
 Copy a tier's directory to its machine and run `sudo ./install.sh` (or just `./start.sh`).
 The next tier's address comes from the tier spec (`address:` in tiers.yaml); otherwise it is
-the next tier's name on port 8001: edit `WPK_NEXT` in tier.env to point elsewhere. Tiers
-after the first also listen on the tensor-link port 8002 (`WPK_LINK_PORT`), which the previous
-tier dials on the host of its `WPK_NEXT`: open both ports between consecutive tiers. With
---tls tensors travel over the gRPC port only.
+the next tier's name on port 8001: edit `WPK_NEXT` in tier.env to point elsewhere. Every
+tier also listens on the tensor-link port 8002 (`WPK_LINK_PORT`), which the previous tier
+dials on the host of its `WPK_NEXT` (and, on the first tier, clients such as
+wpk-bridge --tensor-link): open both ports between consecutive tiers. With --tls tensors
+travel over the gRPC port only.
 """
 from __future__ import annotations
 

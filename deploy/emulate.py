@@ -265,7 +265,7 @@ class Emulation:
         return process
 
     def _link_port(self, tier: str) -> int | None:
-        """The tensor-link port `tier` serves (None: the first tier, or TLS: gRPC only)."""
+        """The tensor-link port `tier` serves (None: TLS, gRPC only)."""
         return layout.link_port(self.plan, tier, self.tls_dir is not None)
 
     def _start_server(self, tier: str, next_address: str | None) -> None:

@@ -8,10 +8,11 @@
 Each tier runs the image built from its bundle (`wpk-deploy --bundle`, Dockerfile inside),
 whose /opt/wpk/... holds its slice; the plan it reads is mounted from the ConfigMap. The pod
 serves the Open Inference Protocol on port 8001 and Prometheus metrics on 9090; the next tier
-is reached through its Service (`wpk-<model>-<next>:8001`). Tiers after the first also serve
-the tensor link on 8002 (`--link-port`), a container port and a Service port of the same
-number: the tier advertises the port it listens on, and the previous tier dials it on the
-Service name it uses for `--next`. With --tls tiers pass tensors over gRPC: no such port.
+is reached through its Service (`wpk-<model>-<next>:8001`). Every tier also serves the
+tensor link on 8002 (`--link-port`), a container port and a Service port of the same
+number: the tier advertises the port it listens on, and the previous tier (or, on the first
+tier, a client such as wpk-bridge --tensor-link) dials it on the Service name it uses. With
+--tls tiers pass tensors over gRPC: no such port.
 Node selectors and GPU requests (`nvidia.com/gpu`) come from the tier spec (`node_selector`,
 `gpus`, as recorded in plan.json tiers[].hardware).
 

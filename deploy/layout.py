@@ -55,10 +55,11 @@ def next_address(plan: Plan, tier: str, default_host: str | None = None) -> str 
 
 
 def link_port(plan: Plan, tier: str, use_tls: bool) -> int | None:
-    """The fixed tensor-link port `tier` listens on, or None: the first tier has no previous
-    tier to serve (its link, for clients on its own host, takes a free port), and TLS tiers
-    pass tensors over their (encrypted) gRPC link instead."""
-    return None if use_tls or plan.tier_index(tier) == 0 else LINK_PORT
+    """The fixed tensor-link port `tier` listens on (every tier: the previous tier's frames,
+    or on the first tier clients' such as wpk-bridge --tensor-link), or None: TLS tiers pass
+    tensors over their (encrypted) gRPC link instead."""
+    plan.tier(tier)  # raises a clear error for an unknown tier
+    return None if use_tls else LINK_PORT
 
 
 def tier_plan_json(plan: Plan, tier: str) -> dict[str, Any]:

@@ -69,21 +69,18 @@ def _start_sh_argv(directory, **env) -> list[str]:
     return result.stdout.split()
 
 
-def test_bundle_gives_every_receiving_tier_a_fixed_tensor_link_port(three_tier_plan, tmp_path):
+def test_bundle_gives_every_tier_a_fixed_tensor_link_port(three_tier_plan, tmp_path):
     dirs = {d.name: d for d in bundle.write_bundle(three_tier_plan, tmp_path / "out")}
     for tier, directory in dirs.items():
         argv = _start_sh_argv(directory)
         manifest = json.loads((directory / "manifest.json").read_text())
         expose = [line for line in (directory / "Dockerfile").read_text().splitlines()
                   if line.startswith("EXPOSE")]
-        if tier == "device":  # the entry tier has no previous tier: no tensor link to serve
-            assert "--link-port" not in argv and manifest["link_port"] is None
-            assert expose == ["EXPOSE 8001 9090"]
-        else:
-            assert argv[argv.index("--link-port") + 1] == "8002"
-            assert manifest["link_port"] == 8002
-            assert expose == ["EXPOSE 8001 8002 9090"]
-            assert "tensor link 8002" in (directory / f"wpk-mlp-{tier}.service").read_text()
+        # the entry tier's link serves clients on its host or LAN (wpk-bridge --tensor-link)
+        assert argv[argv.index("--link-port") + 1] == "8002"
+        assert manifest["link_port"] == 8002
+        assert expose == ["EXPOSE 8001 8002 9090"]
+        assert "tensor link 8002" in (directory / f"wpk-mlp-{tier}.service").read_text()
     argv = _start_sh_argv(dirs["edge"], WPK_LINK_PORT="9102")  # overridable like the others
     assert argv[argv.index("--link-port") + 1] == "9102"
 
@@ -209,9 +206,7 @@ def test_manifests_expose_the_tensor_link_under_the_advertised_port(three_tier_p
     docs = _documents(tmp_path / "k8s")
     check_documents(docs)
     services, containers = _ports(docs, "Service"), _ports(docs, "Deployment")
-    assert "tensor-link" not in services["device"] and "tensor-link" not in containers["device"]
-    assert "--link-port" not in containers["device"]["args"]
-    for tier in ("edge", "cloud"):
+    for tier in ("device", "edge", "cloud"):   # the entry's serves clients (--tensor-link)
         args = containers[tier]["args"]
         assert args[args.index("--link-port") + 1] == "8002"
         assert containers[tier]["tensor-link"] == 8002
@@ -288,13 +283,12 @@ def test_bundled_tiers_started_by_their_scripts_serve_the_model(three_tier_plan,
     dirs = {d.name: d for d in bundle.write_bundle(three_tier_plan, tmp_path / "out")}
     plan = load_plan(three_tier_plan)
     processes = []
-    link_ports = {"cloud": free_port(), "edge": free_port()}  # both on one host here
+    link_ports = {tier: free_port() for tier in ("cloud", "edge", "device")}  # one host here
     try:
         next_address = ""
         for tier in ("cloud", "edge", "device"):  # each tier learns where the next listens
             env = {"WPK_NEXT": next_address}
-            if tier in link_ports:
-                env["WPK_LINK_PORT"] = str(link_ports[tier])
+            env["WPK_LINK_PORT"] = str(link_ports[tier])
             process, next_address = _start_tier(dirs[tier], env)
             processes.append(process)
         spec = plan.model["inputs"][0]

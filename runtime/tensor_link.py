@@ -43,8 +43,14 @@ Done = Callable[[object], None]
 
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
 MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (frames.STAGING_BYTES holds them)
-ANSWER_SEND_TIMEOUT_S = 10.0   # an answer blocked this long (the caller stopped reading) ends
-# its connection, instead of stalling the thread that answers (the next hop's reader)
+ANSWER_SEND_TIMEOUT_S = 10.0   # answers that make no progress this long (the caller stopped
+# reading) end their connection
+READ_PAUSE_BYTES = 8 << 20     # a connection stops reading requests while more answer bytes
+# than this wait for its caller to read them (backpressure on that caller alone)
+MAX_PAYLOAD_SLACK = 1 << 20    # answers waiting beyond max payload + this end their connection
+MAX_CONNECTIONS = 128          # a LinkServer refuses connections beyond this many (one thread
+# each: the entry tier's link also serves clients)
+REFUSAL_LOG_S = 10.0           # at most one "refused" line per this many seconds
 
 
 def send_timeout(sock: socket.socket, seconds: float) -> None:
@@ -96,6 +102,15 @@ def _log(line: str) -> None:
 
 
 class _ServerConnection:
+    """One caller's connection: a thread reads its requests and hands them to the handler.
+
+    Answers come from any thread (often one that serves many callers: the reader of the
+    next tier's answers), so `send()` never blocks: what the socket does not take at once
+    waits in a backlog that a writer thread of this connection drains. A caller that stops
+    reading thus holds up only itself: its connection stops reading requests once
+    READ_PAUSE_BYTES of answers wait, and ends when its answers make no progress for
+    ANSWER_SEND_TIMEOUT_S or more than the tier's max payload waits."""
+
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
         try:
@@ -103,22 +118,79 @@ class _ServerConnection:
         except OSError:
             self.peer = "?"
         self.loopback = over_loopback(sock)
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()   # closed, backlog, writing
+        self.write_lock = threading.Lock()  # held around every write; the fd closes under it
         self.closed = False
+        self.backlog: list[memoryview] = []  # answer bytes the socket has not taken yet
+        self.backlog_bytes = 0
+        self.writing = False                 # the writer thread is sending part of them
+        self.writer: threading.Thread | None = None
         self.lane: LaneReader | None = None  # the sender's, once it opened one
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="wpk-link-in")
 
     def send(self, parts: list) -> None:
-        with self.lock:  # closed under the lock: a late answer never meets a reused fd
+        """Queue one frame's buffers for the caller; never blocks on the caller."""
+        views = [memoryview(p) for p in parts]
+        with self.lock:
             if self.closed:
                 return
+            if not self.backlog and not self.writing:   # nothing ahead of it: try at once
+                with self.write_lock:
+                    try:
+                        sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:   # the caller has gone
+                        sent = -1
+                if sent < 0:
+                    return self._abandon()
+                views = unsent(views, sent)
+                if not views:
+                    return
+            self.backlog.extend(views)
+            self.backlog_bytes += sum(v.nbytes for v in views)
+            if self.backlog_bytes > self.owner.max_payload + MAX_PAYLOAD_SLACK:
+                return self._abandon()  # reading far slower than it asks: end it
+            if self.writer is None:
+                self.writer = threading.Thread(target=self._write, daemon=True,
+                                               name="wpk-link-answers")
+                self.writer.start()
+            self.lock.notify_all()
+
+    def _write(self) -> None:
+        """Drain the backlog with blocking writes (SO_SNDTIMEO: ANSWER_SEND_TIMEOUT_S)."""
+        while True:
+            with self.lock:
+                while not self.backlog and not self.closed:
+                    self.lock.wait()
+                if self.closed:
+                    return
+                views, self.backlog = self.backlog, []
+                self.writing = True
             try:
-                send_parts(self.sock, parts)
-            except OSError:  # the caller has gone or stopped reading; part of a frame may
-                self.closed = True  # have gone out: the stream is unusable, end it
-                self._shutdown()
-                self.sock.close()
+                with self.write_lock:
+                    send_parts(self.sock, views)
+            except OSError:   # the caller has gone, or stopped reading: part of a frame
+                with self.lock:  # may have gone out: the stream is unusable, end it
+                    self.writing = False
+                    return self._abandon()
+            with self.lock:
+                self.writing = False
+                self.backlog_bytes -= sum(v.nbytes for v in views)
+                self.lock.notify_all()
+
+    def _abandon(self) -> None:
+        """End the connection (with self.lock held): the reader and the writer stop."""
+        self.closed = True
+        self.backlog, self.backlog_bytes = [], 0
+        self._shutdown()
+        self.lock.notify_all()
+
+    def _wait_for_answers_to_drain(self) -> None:
+        with self.lock:
+            while self.backlog_bytes > READ_PAUSE_BYTES and not self.closed:
+                self.lock.wait()
 
     def _open_lane(self, frame: Frame) -> None:
         """Map the sender's lane (see lane) and say whether it worked: only for a sender on
@@ -151,6 +223,7 @@ class _ServerConnection:
                 elif frame.kind != REQUEST:
                     raise FrameError("answer frame sent to a tier")
                 self.handle(frame, Reply(self, frame.request_id))
+                self._wait_for_answers_to_drain()
         except (EOFError, OSError):
             pass
         except FrameError as error:  # garbled or hostile bytes: drop this connection only
@@ -169,10 +242,11 @@ class _ServerConnection:
             pass
 
     def close(self) -> None:
-        self._shutdown()
+        self._shutdown()   # a write in progress fails at once
         with self.lock:
-            if not self.closed:
-                self.closed = True
+            self._abandon()
+        with self.write_lock:   # no write is inside the fd now, and none will enter
+            if self.sock.fileno() >= 0:
                 self.sock.close()
 
 
@@ -190,6 +264,8 @@ class LinkServer:
         self.listener = socket.create_server((host, port))
         self.port = self.listener.getsockname()[1]
         self.connections: set[_ServerConnection] = set()
+        self.refused = 0                 # connections turned away at MAX_CONNECTIONS
+        self._refusal_logged = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True,
                                         name="wpk-link-accept")
@@ -201,6 +277,9 @@ class LinkServer:
                 sock, _ = self.listener.accept()
             except OSError:
                 return  # closed
+            if len(self.connections) >= MAX_CONNECTIONS:
+                self._refuse(sock)
+                continue
             _nodelay(sock)
             send_timeout(sock, ANSWER_SEND_TIMEOUT_S)
             connection = _ServerConnection(sock, self.handle, self)
@@ -210,6 +289,14 @@ class LinkServer:
                 self.connections.discard(connection)
                 return
             connection.thread.start()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        self.refused += 1
+        sock.close()
+        if time.monotonic() - self._refusal_logged >= REFUSAL_LOG_S:
+            self._refusal_logged = time.monotonic()
+            _log(f"{self.where}tensor link: {MAX_CONNECTIONS} connections open; refused "
+                 f"{self.refused} so far")
 
     def close(self) -> None:
         self._closed = True

@@ -448,3 +448,25 @@ def test_an_object_shrunk_after_registration_is_an_error_not_sigbus():
         os.unlink(f"/dev/shm/{key}")
     assert run.returncode == 0, run.stderr[-500:]
     assert "shrank to 0 bytes after it was registered" in run.stdout
+
+
+def test_connections_beyond_the_cap_are_refused_and_the_others_served(monkeypatch):
+    """Each connection costs a thread: past MAX_CONNECTIONS new ones are closed at once
+    (counted, one line logged); those already open keep working."""
+    from wpk.runtime import tensor_link
+
+    monkeypatch.setattr(tensor_link, "MAX_CONNECTIONS", 2)
+    server = LinkServer("127.0.0.1", 0, lambda frame, reply: reply.ok({"y": np.ones(2)}))
+    opened = []
+    try:
+        for _ in range(3):
+            opened.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        assert opened[2].recv(1) == b""                 # refused: closed without a byte
+        assert server.refused == 1 and len(server.connections) == 2
+        send_parts(opened[0], encode(REQUEST, 7, {"a": np.ones(2)}, model="m"))
+        frame = FrameReader(opened[0]).read()
+        assert frame.kind == ANSWER and frame.request_id == 7
+    finally:
+        for sock in opened:
+            sock.close()
+        server.close()

@@ -5,8 +5,11 @@
             the connection's lane: see lane), status (gRPC code number, 0 = OK),
             2 spare bytes, meta_len (u32), request id (u64), timeout_ms (f64; < 0: none),
             payload_len (u64)
-    meta    JSON (UTF-8), meta_len bytes: a request {"m": model, "t": [descriptor...]}, an
-            answer {"t": [descriptor...]} or, when status != 0, {"e": message};
+    meta    JSON (UTF-8), meta_len bytes: a request {"m": model, "t": [descriptor...]}
+            (a tier's request runs the pipeline from the tier serving the model; with
+            "k": 1, a client's, the model answers as ModelInfer would: a slice model its
+            slice's outputs), an answer {"t": [descriptor...]} or, when status != 0,
+            {"e": message};
             descriptor = [name, datatype, shape, codec, scale, nbytes] (codec "raw": plain
             row-major bytes; scale: the int8 codec's, else 0)
     payload the tensors' bytes, one after the other in descriptor order (payload_len bytes)
@@ -122,21 +125,23 @@ def _meta_bytes(meta: dict) -> bytes:
 
 def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, *,
            model: str | None = None, timeout_ms: float = -1.0, status: int = 0,
-           error: str | None = None, encoder: Encoder | None = None) -> list:
+           error: str | None = None, encoder: Encoder | None = None,
+           kserve: bool = False) -> list:
     """Buffers of one frame, ready for `send_parts` (tensor buffers are not copied; with an
-    `encoder` each tensor is encoded first)."""
+    `encoder` each tensor is encoded first). `kserve`: a client's request (meta "k")."""
     if error is not None:
         meta_bytes, parts, payload = _meta_bytes({"e": error}), [], 0
     elif encoder is None:  # plain raw tensors: the metadata depends on shapes only
         arrays = arrays or {}
         parts = [_buffer(array) for array in arrays.values()]
-        key = (model, tuple((name, array.dtype, array.shape) for name, array in arrays.items()))
+        key = (model, kserve,
+               tuple((name, array.dtype, array.shape) for name, array in arrays.items()))
         known = _encoded.get(key)
         if known is None:
             descriptors = [[name, datatype_of(array.dtype), list(array.shape), "raw", 0.0,
                             part.nbytes] for (name, array), part in zip(arrays.items(), parts)]
-            meta = {"t": descriptors} if model is None else {"t": descriptors, "m": model}
-            known = _encoded.put(key, (_meta_bytes(meta), sum(p.nbytes for p in parts)))
+            known = _encoded.put(key, (_meta_bytes(_request_meta(descriptors, model, kserve)),
+                                       sum(p.nbytes for p in parts)))
         meta_bytes, payload = known
     else:
         descriptors, parts = [], []
@@ -147,11 +152,20 @@ def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, 
                                 str(params.get(CODEC_PARAM, "raw")),
                                 float(params.get(SCALE_PARAM, 0.0)), data.nbytes])
             parts.append(data)
-        meta = {"t": descriptors} if model is None else {"t": descriptors, "m": model}
-        meta_bytes, payload = _meta_bytes(meta), sum(p.nbytes for p in parts)
+        meta_bytes = _meta_bytes(_request_meta(descriptors, model, kserve))
+        payload = sum(p.nbytes for p in parts)
     header = HEADER.pack(MAGIC, kind, status, 0, len(meta_bytes), request_id, timeout_ms,
                          payload)
     return [header + meta_bytes, *parts]
+
+
+def _request_meta(descriptors: list, model: str | None, kserve: bool) -> dict:
+    meta: dict = {"t": descriptors}
+    if model is not None:
+        meta["m"] = model
+    if kserve:
+        meta["k"] = 1
+    return meta
 
 
 def encode_meta(kind: int, request_id: int, meta: dict) -> list:

@@ -9,12 +9,13 @@ included, and names its port in ServerMetadata. A client on the same host or LAN
 bridge on the device, a local application, a benchmark) skips one Python gRPC call per
 request this way: one frame out, one frame back, large inputs through a shared-memory lane
 on loopback. Where the server has no tensor link (another KServe server, a wpk tier run with
-`--link grpc` or TLS) or its port cannot be reached, requests go over one ModelStreamInfer
-stream instead, and the tensor link is looked for again every 30 s.
+`--link grpc`, or with `--tls-dir`: give `credentials`) or its port cannot be reached,
+requests go over one ModelStreamInfer stream instead, and the tensor link is looked for
+again every 30 s.
 
-Semantics follow the tiers' own link: a request runs the pipeline from the tier that serves
-`model` to the end (for the entry tier's pipeline model, the whole model; for a tier's slice
-model `<name>.<tier>`, that slice and every tier after it, as `wpk_pipeline` asks over gRPC).
+Answers are what ModelInfer gives: the entry tier's pipeline model answers the model's
+outputs, a slice model `<name>.<tier>` its slice's outputs; with `pipeline=True` a slice
+model runs the pipeline from its tier to the end (the `wpk_pipeline` parameter over gRPC).
 Failures raise `InferenceError`, as InferenceClient's do. Metadata, health and shared-memory
 calls are KServe calls: use `client.grpc`, an InferenceClient on the same address.
 """
@@ -38,12 +39,16 @@ class LinkClient:
     tensors this client sends (wpk tiers decode them). Use from one event loop."""
 
     def __init__(self, address: str, *, timeout: float | None = None, codec: str = "raw",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, credentials=None,
+                 server_name: str | None = None):
+        """`credentials`/`server_name`: TLS for the gRPC calls, as InferenceClient takes
+        them (TLS tiers serve no tensor link: requests then go over the stream)."""
         self.address = address
         self.timeout = timeout
         self.codec = Codec.parse(codec)
         self.grpc = InferenceClient(address, timeout=timeout, stream=True,
-                                    max_message_bytes=max_message_bytes)
+                                    max_message_bytes=max_message_bytes,
+                                    credentials=credentials, server_name=server_name)
         self.metrics = TierMetrics("client")   # bytes sent and received, for the curious
         self._link: TcpLink | None = None      # made on first use, on the caller's loop
 
@@ -68,13 +73,13 @@ class LinkClient:
         return self._link
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
-                    outputs: Sequence[str] | None = None, *,
-                    timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Run the pipeline from `model`'s tier on `inputs`; returns the outputs (all, or
-        those named) by name."""
+                    outputs: Sequence[str] | None = None, *, timeout: float | None = None,
+                    pipeline: bool = False) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs` (with `pipeline`, a slice model runs the pipeline from
+        its tier); returns the outputs (all, or those named) by name."""
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
-        answer = await self._tcp_link().forward(model, arrays,
-                                                self.timeout if timeout is None else timeout)
+        answer = await self._tcp_link().forward(
+            model, arrays, self.timeout if timeout is None else timeout, pipeline=pipeline)
         if outputs is None:
             return answer
         unknown = [name for name in outputs if name not in answer]

@@ -2,7 +2,8 @@
 tensor link, `tensor_link`, found through the next tier's gRPC ServerMetadata).
 
 Both offer the same two calls:
-- `await forward(model, arrays, timeout)` on the tier's event loop -> the answer's arrays;
+- `await forward(model, arrays, timeout, pipeline=True)` on the tier's event loop -> the
+  answer's arrays (pipeline=False: a client's request, answered as ModelInfer would);
 - `submit(model, arrays, timeout, done)` from any thread; `done(outcome)` gets the arrays or
   an InferenceError, from some thread.
 Both raise / report only InferenceError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own
@@ -79,9 +80,9 @@ class GrpcLink:
         self.loop = loop
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
-                      timeout: float | None) -> dict[str, np.ndarray]:
+                      timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
         request = build_request(model, arrays, encoder=self.encoder,
-                                parameters={PIPELINE_PARAM: True})
+                                parameters={PIPELINE_PARAM: True} if pipeline else None)
         self.metrics.add_bytes("forward", request.nbytes)
         response = await self.client.infer_message(request, timeout=timeout)
         self.metrics.add_bytes("return", payload_bytes(response))
@@ -124,6 +125,7 @@ class TcpLink:
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.lanes = False                     # ... and whether it maps shared-memory lanes
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
+        self._fallback_kind = not on_loop      # ... after this kind of connection failed
         self._connecting = asyncio.Lock()
         self._recheck: asyncio.Task | None = None  # looking for the tensor link again
         self._local = threading.local()        # one Encoder per thread (zstd contexts)
@@ -138,12 +140,13 @@ class TcpLink:
             encoder = self._local.encoder = Encoder(self.codec)
         return encoder
 
-    def _send(self, connection: LinkConnection | LoopConnection, model: str, arrays: Mapping[str, np.ndarray],
-              timeout: float | None, done: Done) -> None:
+    def _send(self, connection: LinkConnection | LoopConnection, model: str,
+              arrays: Mapping[str, np.ndarray], timeout: float | None, done: Done,
+              pipeline: bool = True) -> None:
         def parts_for(request_id: int) -> list:
             parts = encode(REQUEST, request_id, arrays, model=model,
                            timeout_ms=-1.0 if timeout is None else timeout * 1000.0,
-                           encoder=self._encoder())
+                           encoder=self._encoder(), kserve=not pipeline)
             self.metrics.add_bytes("forward", sum(memoryview(p).nbytes for p in parts[1:]))
             return parts
 
@@ -162,19 +165,19 @@ class TcpLink:
         return connection if connection is not None and connection.error is None else None
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
-                      timeout: float | None) -> dict[str, np.ndarray]:
+                      timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
         """On the loop; the answer's arrays, or raises InferenceError."""
         threaded = not self.on_loop
         connection = self._open(threaded) or await self._connect(timeout, threaded)
         if connection is None:
-            return await self.grpc.forward(model, arrays, timeout)
+            return await self.grpc.forward(model, arrays, timeout, pipeline)
         loop = self.loop
         future = loop.create_future()
         if connection.threaded:
             done = lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)  # noqa
         else:
             done = lambda outcome: _settle(future, outcome)  # noqa: E731
-        self._send(connection, model, arrays, timeout, done)
+        self._send(connection, model, arrays, timeout, done, pipeline)
         return await future
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
@@ -211,28 +214,40 @@ class TcpLink:
             if time.monotonic() >= self.fallback_until and self._recheck is None:
                 self._recheck = asyncio.ensure_future(self._retry())
             return None
-        async with self._connecting:
+        started = time.monotonic()
+        try:   # another request may be connecting: wait for it within this one's deadline
+            await asyncio.wait_for(self._connecting.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"deadline exceeded connecting to {self.host}") from None
+        try:
             connection = self._open(threaded)
             if connection is not None or self.fallback_until:
                 return connection
-            return await self._attempt(timeout, threaded)
+            left = None if timeout is None else max(timeout - (time.monotonic() - started),
+                                                    0.001)
+            return await self._attempt(left, threaded)
+        finally:
+            self._connecting.release()
 
     async def _attempt(self, timeout: float | None, threaded: bool
                        ) -> LinkConnection | LoopConnection | None:
         """Dial the known port, or ask for it first (it changes when the tier restarts)."""
+        existing = self._open(threaded)
+        if existing is not None:   # (a recheck after the other kind's dial failed)
+            self.fallback_until = 0.0
+            return existing
         sock = await self._dial(self.port, timeout) if self.port is not None else None
         if sock is None:
             self.port = await self._discover(timeout)
             if self.port is None:  # not a wpk tier, or one run with --link grpc
-                self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
-                return None
+                return self._fall_back(threaded)
             sock = await self._dial(self.port, timeout)
             if sock is None:
                 print(f"wpk: tensor link {self.host}:{self.port} unreachable; using gRPC, "
                       f"trying again every {FALLBACK_RETRY_S:.0f} s", file=sys.stderr,
                       flush=True)
-                self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
-                return None
+                return self._fall_back(threaded)
         count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
         lanes = self.lanes and over_loopback(sock)
         connection = LinkConnection(sock, self.expiry, count, lanes) if threaded \
@@ -241,11 +256,16 @@ class TcpLink:
         self.fallback_until = 0.0
         return connection
 
+    def _fall_back(self, threaded: bool) -> None:
+        """Use gRPC for FALLBACK_RETRY_S; then `_retry` dials this kind again."""
+        self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+        self._fallback_kind = threaded
+
     async def _retry(self) -> None:
         try:
             async with self._connecting:
                 try:
-                    await self._attempt(CONNECT_TIMEOUT_S, threaded=not self.on_loop)
+                    await self._attempt(CONNECT_TIMEOUT_S, threaded=self._fallback_kind)
                 except InferenceError:  # not answering now: stay on gRPC a while longer
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
         finally:

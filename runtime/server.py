@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port of this tier's tensor link (default 0: any free port)")
     parser.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                         help="do not serve Triton's system shared-memory extension, nor map "
-                        "the previous tier's shared-memory lanes (both by default: clients "
-                        "and tiers on this host pass tensors through /dev/shm)")
+                        "the shared-memory lanes of the previous tier or of clients on the "
+                        "tensor link (both by default: clients and tiers on this host pass "
+                        "tensors through /dev/shm)")
     parser.add_argument("--tls-dir", metavar="DIR",
                         help="mutual TLS: ca.pem, TIER.pem and TIER.key in DIR (wpk-deploy "
                         "--tls writes them); peers without a certificate from that CA are "

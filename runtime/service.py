@@ -222,8 +222,9 @@ class TierService:
     async def start(self, host: str = "127.0.0.1", link_port: int = 0,
                     max_frame_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         """Open the link to the next tier (connected on first use) and, with the tensor link,
-        listen for the previous tier's frames on `host`:`link_port` (0: a free port); a
-        frame over `max_frame_bytes` closes its connection."""
+        listen for the previous tier's frames (on the entry tier, clients') on
+        `host`:`link_port` (0: a free port); a frame over `max_frame_bytes` closes its
+        connection."""
         loop = asyncio.get_running_loop()
         self.loop = loop
         if self.next_address:
@@ -523,12 +524,26 @@ class TierService:
         details = error.details
         return Abort(status, details if "tier '" in details else f"{where}: {details}")
 
-    # -- the tensor link (from the previous tier) -------------------------------------------
+    # -- the tensor link (from the previous tier, or a client) -------------------------------
+    def _in_order(self, model: ServedModel, produced: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray] | Abort:
+        """The pipeline model's outputs, in the model's order (or INTERNAL if one is
+        missing, as over gRPC)."""
+        missing = [n for n in model.outputs if n not in produced]
+        if missing:
+            return Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the pipeline "
+                         f"produced no {', '.join(missing)}")
+        return {n: produced[n] for n in model.outputs}
+
     def serve_frame(self, frame: Frame, reply: Reply) -> None:
-        """One request from the previous tier's tensor link, in the connection's thread: run
-        the slice here, forward from here, answer from whichever thread has the answer."""
+        """One request from the tensor link, in the connection's thread: run the slice here,
+        forward from here, answer from whichever thread has the answer. A tier's request
+        runs the pipeline from here; a client's ("k", see frames) is answered as ModelInfer
+        would answer it: a slice model with its slice's outputs, the pipeline model with
+        the model's outputs in their order."""
         started = time.perf_counter()
         model_name = str(frame.meta.get("m", ""))
+        kserve = bool(frame.meta.get("k"))
         deadline = time.monotonic() + frame.timeout_ms / 1000.0 if frame.timeout_ms >= 0 \
             else None
 
@@ -544,17 +559,19 @@ class TierService:
         try:
             self.metrics.add_bytes("in", frame.nbytes)
             model = self._model(model_name)
-            results, forward = self._split(
-                self._slice(frame.arrays(model_name, model.inputs), deadline))
+            produced = self._slice(frame.arrays(model_name, model.inputs), deadline)
+            if kserve and not model.pipeline:
+                return finish({n: produced[n] for n in model.outputs})
+            results, forward = self._split(produced)
             if forward is None:
-                return finish(results)
+                return finish(self._in_order(model, results) if kserve else results)
             timeout = self._hop_timeout(deadline)
 
             def answered(outcome) -> None:
                 if isinstance(outcome, InferenceError):
                     return finish(self._forward_error(outcome, timeout))
                 results.update(outcome)
-                finish(results)
+                finish(self._in_order(model, results) if kserve else results)
 
             assert self.link is not None
             self.link.submit(self.next_model, forward, timeout, answered)

@@ -3,6 +3,9 @@ servers on 127.0.0.1, real ONNX Runtime sessions)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -64,15 +67,17 @@ def test_many_requests_over_the_entry_link_match_the_whole_model(dag_pipeline, p
     answers, transport = asyncio.run(run_all())
     assert transport == "tcp"
     for feed, answer in zip(feeds, answers):
-        check(answer, reference(plans["dag"], feed))
+        want = reference(plans["dag"], feed)
+        check(answer, want)
+        assert list(answer) == list(want)     # the model's output order, as over gRPC
     connections = dag_pipeline.services["device"].link.connections
     assert connections[True].threaded and not connections[False].threaded
     assert connections[True].error is None and connections[False].error is None
 
 
-def test_a_slice_model_runs_the_pipeline_from_its_tier(dag_pipeline, plans):
-    """`dag.edge` over the link at the edge tier: the edge's slice and the cloud's, as
-    `wpk_pipeline` gives over gRPC."""
+def test_a_slice_model_answers_as_over_grpc(dag_pipeline, plans):
+    """`dag.edge` over the link at the edge tier: its slice's outputs, as ModelInfer gives;
+    with pipeline=True the edge's slice and the cloud's, as `wpk_pipeline` gives."""
     tier = dag_pipeline.plan.tiers[1]
     arrays = dict(model_feeds(plans["dag"], seed=7))
     for t in dag_pipeline.plan.tiers[:1]:   # what the device forwards, computed here
@@ -86,14 +91,19 @@ def test_a_slice_model_runs_the_pipeline_from_its_tier(dag_pipeline, plans):
     inputs = {n: arrays[n] for n in tier.inputs}
 
     async def both():
+        model = f"{DAG}.edge"
         async with LinkClient(dag_pipeline.address["edge"], timeout=30) as client, \
                 InferenceClient(dag_pipeline.address["edge"], timeout=30) as grpc_client:
-            return (await client.infer(f"{DAG}.edge", inputs),
-                    await grpc_client.infer(f"{DAG}.edge", inputs,
-                                            parameters={"wpk_pipeline": True}))
+            return ((await client.infer(model, inputs), await grpc_client.infer(model, inputs)),
+                    (await client.infer(model, inputs, pipeline=True),
+                     await grpc_client.infer(model, inputs,
+                                             parameters={"wpk_pipeline": True})))
 
-    over_link, over_grpc = asyncio.run(both())
-    check(over_link, over_grpc)
+    (slice_link, slice_grpc), (rest_link, rest_grpc) = asyncio.run(both())
+    check(slice_link, slice_grpc)
+    assert list(slice_link) == list(slice_grpc)     # the same outputs, in the same order
+    check(rest_link, rest_grpc)
+    assert set(rest_link) != set(slice_link)
 
 
 def test_bad_requests_get_precise_errors(dag_pipeline, plans):
@@ -184,3 +194,130 @@ def test_entry_tier_down_is_unavailable(plans):
             return await failure(client.infer("mlp", model_feeds(plans["mlp"])))
 
     assert asyncio.run(scenario()).code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch):
+    """A caller floods the entry tier's link with requests for 200 KB answers and reads
+    none. Answers to everyone else come from the same threads (the next tier's reader):
+    they must not wait behind it. Its own connection ends once its answers stall."""
+    from wpk.examples import mlp
+    from wpk.runtime import tensor_link
+    from wpk.runtime.frames import REQUEST, encode, send_parts
+
+    from .conftest import make_plan
+
+    monkeypatch.setattr(tensor_link, "ANSWER_SEND_TIMEOUT_S", 1.0)
+    plan = make_plan(mlp(features=256, hidden=(128, 64, 32), classes=50000), tmp_path / "wide",
+                     {"relu_4": "device", "gemm_7": "edge", "relu_8": "edge",
+                      "gemm_11": "cloud"})
+    pipeline = Pipeline(plan)
+    mute = socket.socket()
+    try:
+        feeds = model_feeds(plan)
+        want = reference(plan, feeds)
+        server = pipeline.services["device"].link_server
+        mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        mute.connect(("127.0.0.1", server.port))
+        mute_address = "%s:%s" % mute.getsockname()[:2]
+
+        def flood():
+            try:
+                for i in range(400):
+                    send_parts(mute, encode(REQUEST, i + 1, feeds, model="mlp"))
+            except OSError:
+                pass   # its connection was ended: what the test waits for
+
+        threading.Thread(target=flood, daemon=True).start()
+        time.sleep(0.3)
+
+        async def others():
+            async with LinkClient(pipeline.entry, timeout=20) as link_client, \
+                    InferenceClient(pipeline.entry, stream=True, timeout=20) as grpc_client:
+                slowest = 0.0
+                for _ in range(30):
+                    for client in (link_client, grpc_client):
+                        started = time.monotonic()
+                        check(await client.infer("mlp", feeds), want)
+                        slowest = max(slowest, time.monotonic() - started)
+                return slowest
+
+        assert asyncio.run(others()) < 2.0
+        deadline = time.monotonic() + 15
+        while any(c.peer == mute_address for c in list(server.connections)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(c.peer == mute_address for c in server.connections)
+    finally:
+        mute.close()
+        pipeline.close()
+
+
+def test_requests_waiting_for_a_slow_connect_keep_their_own_deadline():
+    """ServerMetadata hangs: four requests at once each fail at their own deadline, not one
+    after another (each waiting for the previous one's attempt)."""
+    from .conftest import fake_tier
+
+    class Slow:
+        def ServerMetadata(self, request, context):
+            time.sleep(5)
+            return pb.ServerMetadataResponse(name="slow")
+
+        def __getattr__(self, method):
+            return lambda request, context: pb.METHODS[method][1]()
+
+    server, address = fake_tier(Slow(), workers=8)
+    try:
+        async def four():
+            async with LinkClient(address, timeout=1.0) as client:
+                started = time.monotonic()
+                failures = await asyncio.gather(*(
+                    failure(client.infer("m", {"x": np.zeros(4, np.float32)}))
+                    for _ in range(4)))
+                return failures, time.monotonic() - started
+
+        failures, elapsed = asyncio.run(four())
+        assert [f.code for f in failures] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+        assert elapsed < 2.5, elapsed
+    finally:
+        server.stop(0)
+
+
+def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans):
+    """The entry tier's threaded dial fails (gRPC for a while); the recheck must dial the
+    threaded kind again, not replace the open loop-driven connection."""
+    pipeline = Pipeline(plans["mlp"])
+    try:
+        feeds = model_feeds(plans["mlp"])
+        link = pipeline.services["device"].link
+
+        async def scenario():
+            async with InferenceClient(pipeline.entry, timeout=10, stream=True) as grpc_client, \
+                    LinkClient(pipeline.entry, timeout=10) as client:
+                await grpc_client.infer("mlp", feeds)        # the loop-driven kind opens
+                loop_connection = link.connections[False]
+                real_dial, failures = link._dial, [None, None]
+
+                async def dial(port, timeout):               # two dials time out
+                    if failures:
+                        failures.pop()
+                        return None
+                    return await real_dial(port, timeout)
+
+                link._dial = dial
+                await client.infer("mlp", feeds)             # over gRPC: the dial failed
+                assert link.fallback_until and link.connections[True] is None
+                link.fallback_until = time.monotonic() - 1   # as if 30 s had passed
+                await client.infer("mlp", feeds)             # starts the recheck
+                for _ in range(50):
+                    if link.connections[True] is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                await client.infer("mlp", feeds)
+                return loop_connection, client.transport
+
+        loop_connection, transport = asyncio.run(scenario())
+        assert link.connections[False] is loop_connection and loop_connection.error is None
+        assert link.connections[True] is not None and link.connections[True].error is None
+        assert transport == "tcp"
+    finally:
+        pipeline.close()

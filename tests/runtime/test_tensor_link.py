@@ -20,6 +20,7 @@ from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import ANSWER, REQUEST, FrameReader, encode, send_parts
 from wpk.runtime.link import InferenceError
+from wpk.runtime.link_client import LinkClient
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, Expiry, LinkConnection, LinkServer,
                                      LoopConnection)
 from wpk.runtime.tensors import TensorError
@@ -330,12 +331,17 @@ def test_tls_tiers_use_the_grpc_link(plans, tmp_path):
 
         async def call():
             async with InferenceClient(pipeline.entry, credentials=creds,
-                                       server_name="device", timeout=10) as client:
-                return await client.infer("mlp", feeds)
+                                       server_name="device", timeout=10) as client, \
+                    LinkClient(pipeline.entry, credentials=creds, server_name="device",
+                               timeout=10) as link_client:   # no tensor link: the stream
+                return (await client.infer("mlp", feeds), await link_client.infer("mlp", feeds),
+                        link_client.transport)
 
-        np.testing.assert_allclose(asyncio.run(call())["softmax_16_out"],
-                                   reference(plans["mlp"], feeds)["softmax_16_out"],
-                                   rtol=1e-5, atol=1e-6)
+        over_grpc, over_link_client, transport = asyncio.run(call())
+        want = reference(plans["mlp"], feeds)["softmax_16_out"]
+        for answer in (over_grpc, over_link_client):
+            np.testing.assert_allclose(answer["softmax_16_out"], want, rtol=1e-5, atol=1e-6)
+        assert transport == "grpc"
     finally:
         pipeline.close()
 

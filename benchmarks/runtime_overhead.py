@@ -209,7 +209,7 @@ def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
         client = InferenceClient(address, timeout=30, stream=True)
         return lambda: client.infer(model, feeds, parameters={"wpk_pipeline": True}), client
     client = LinkClient(address, timeout=30)
-    return lambda: client.infer(model, feeds), client
+    return lambda: client.infer(model, feeds, pipeline=True), client
 
 
 Setup = tuple[str, bool]   # (link, pinned): one deployment

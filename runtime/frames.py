@@ -206,17 +206,18 @@ def unsent(views: list[memoryview], sent: int) -> list[memoryview]:
     return rest
 
 
+MAX_IOV = 512   # buffers per sendmsg (Linux refuses more than IOV_MAX, 1024)
+
+
 def send_parts(sock: socket.socket, parts: Sequence) -> int:
-    """Write every buffer of `parts` (one sendmsg, more only after a partial write); returns
-    the bytes sent."""
+    """Write every buffer of `parts` (one sendmsg per MAX_IOV buffers, more only after a
+    partial write); returns the bytes sent."""
     views = [memoryview(p) for p in parts]
-    total = left = sum(v.nbytes for v in views)
-    while True:
-        sent = sock.sendmsg(views)
-        left -= sent
-        if not left:
-            return total
-        views = unsent(views, sent)
+    total = sum(v.nbytes for v in views)
+    while views:
+        now = views[:MAX_IOV]
+        views = unsent(now, sock.sendmsg(now)) + views[MAX_IOV:]
+    return total
 
 
 class FrameReader:

@@ -34,14 +34,16 @@ from wpk.runtime.frames import REQUEST, encode
 from wpk.runtime.lane import over_loopback
 from wpk.runtime.link import PIPELINE_PARAM, InferenceError
 from wpk.runtime.metrics import TierMetrics
-from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, Expiry,
+from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, REFUSED, Expiry,
                                      LinkConnection, LoopConnection, send_timeout)
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.wire import build_request, parse_response, payload_bytes
 
 FALLBACK_RETRY_S = 30.0
 CONNECT_TIMEOUT_S = 2.0
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped reading) fails
+DISCOVER_TIMEOUT_S = 10.0   # ServerMetadata's wait when the request has no deadline
 
 Done = Callable[[object], None]
 
@@ -150,10 +152,45 @@ class TcpLink:
             self.metrics.add_bytes("forward", sum(memoryview(p).nbytes for p in parts[1:]))
             return parts
 
+        def done_or_again(outcome) -> None:
+            if isinstance(outcome, InferenceError) and connection.error is outcome \
+                    and not connection.answered and outcome.code in (REFUSED, UNAVAILABLE):
+                # a new connection refused (too many open) or closed before it answered
+                # anything: send the request again, over gRPC for a while (inference has no
+                # side effects; a tier that is down gives UNAVAILABLE there too)
+                self._refused(connection)
+                asyncio.run_coroutine_threadsafe(   # again: over gRPC now
+                    self._again(model, arrays, timeout, done, pipeline), self.loop)
+                return
+            done(outcome)
+
         try:
-            connection.send(parts_for, timeout, done)
+            connection.send(parts_for, timeout, done_or_again)
         except TensorError as error:  # a dtype the protocol cannot name
             done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
+
+    async def _again(self, model: str, arrays: Mapping[str, np.ndarray],
+                     timeout: float | None, done: Done, pipeline: bool) -> None:
+        """Send a request again (its connection was refused), on the loop; `done` gets the
+        outcome there."""
+        try:
+            outcome = await self.forward(model, arrays, timeout, pipeline)
+        except InferenceError as error:
+            outcome = error
+        except Exception as error:  # every request gets an answer, whatever went wrong
+            outcome = InferenceError(grpc.StatusCode.INTERNAL, repr(error))
+        done(outcome)
+
+    def _refused(self, connection: LinkConnection | LoopConnection) -> None:
+        """The next tier refused `connection` or closed it before any answer: gRPC for a
+        while. From any thread; once per connection."""
+        kind = connection.threaded
+        if self.connections[kind] is connection:
+            self.connections[kind] = None
+            print(f"wpk: tensor link {self.host}:{self.port} ended a new connection before "
+                  f"answering ({connection.error.details}); using gRPC, trying again every "
+                  f"{FALLBACK_RETRY_S:.0f} s", file=sys.stderr, flush=True)
+            self._fall_back(kind)
 
     @property
     def connection(self) -> LinkConnection | LoopConnection | None:
@@ -190,14 +227,14 @@ class TcpLink:
                                          self.loop)
 
     async def _submit_later(self, model: str, arrays: Mapping[str, np.ndarray],
-                            timeout: float | None, done: Done) -> None:
+                            timeout: float | None, done: Done, pipeline: bool = True) -> None:
         """`submit()` without an open threaded connection: connect first (on the loop)."""
         try:
             connection = await self._connect(timeout, threaded=True)
             if connection is None:
-                outcome = await self.grpc.forward(model, arrays, timeout)
+                outcome = await self.grpc.forward(model, arrays, timeout, pipeline)
             else:
-                return self._send(connection, model, arrays, timeout, done)
+                return self._send(connection, model, arrays, timeout, done, pipeline)
         except InferenceError as error:
             outcome = error
         except Exception as error:  # every request gets an answer, whatever went wrong
@@ -272,9 +309,10 @@ class TcpLink:
             self._recheck = None
 
     async def _discover(self, timeout: float | None) -> int | None:
-        try:
-            response = await self.grpc.client.stub.ServerMetadata(pb.ServerMetadataRequest(),
-                                                                  timeout=timeout)
+        try:   # bounded even without a deadline: it holds up every request connecting
+            response = await self.grpc.client.stub.ServerMetadata(
+                pb.ServerMetadataRequest(),
+                timeout=DISCOVER_TIMEOUT_S if timeout is None else timeout)
         except grpc.aio.AioRpcError as error:
             raise InferenceError(error.code(), error.details() or "no answer") from None
         self.lanes = LANE_EXTENSION in response.extensions

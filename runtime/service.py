@@ -563,15 +563,16 @@ class TierService:
             if kserve and not model.pipeline:
                 return finish({n: produced[n] for n in model.outputs})
             results, forward = self._split(produced)
+            ordered = kserve or model.pipeline   # a client's request: the model's outputs
             if forward is None:
-                return finish(self._in_order(model, results) if kserve else results)
+                return finish(self._in_order(model, results) if ordered else results)
             timeout = self._hop_timeout(deadline)
 
             def answered(outcome) -> None:
                 if isinstance(outcome, InferenceError):
                     return finish(self._forward_error(outcome, timeout))
                 results.update(outcome)
-                finish(self._in_order(model, results) if kserve else results)
+                finish(self._in_order(model, results) if ordered else results)
 
             assert self.link is not None
             self.link.submit(self.next_model, forward, timeout, answered)

@@ -27,8 +27,8 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
-                                Frame, FrameError, FrameReader, encode, encode_meta,
+from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_IOV, MAX_PAYLOAD_BYTES,
+                                REQUEST, Frame, FrameError, FrameReader, encode, encode_meta,
                                 send_parts, unsent)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneReader, LaneWriter, over_loopback
 from wpk.runtime.link import CODES, InferenceError
@@ -47,9 +47,9 @@ ANSWER_SEND_TIMEOUT_S = 10.0   # answers that make no progress this long (the ca
 # reading) end their connection
 READ_PAUSE_BYTES = 8 << 20     # a connection stops reading requests while more answer bytes
 # than this wait for its caller to read them (backpressure on that caller alone)
-MAX_PAYLOAD_SLACK = 1 << 20    # answers waiting beyond max payload + this end their connection
 MAX_CONNECTIONS = 128          # a LinkServer refuses connections beyond this many (one thread
-# each: the entry tier's link also serves clients)
+# each: the entry tier's link also serves clients); the refused fall back to gRPC
+REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED   # the status of a refusal (request id 0)
 REFUSAL_LOG_S = 10.0           # at most one "refused" line per this many seconds
 
 
@@ -109,7 +109,7 @@ class _ServerConnection:
     waits in a backlog that a writer thread of this connection drains. A caller that stops
     reading thus holds up only itself: its connection stops reading requests once
     READ_PAUSE_BYTES of answers wait, and ends when its answers make no progress for
-    ANSWER_SEND_TIMEOUT_S or more than the tier's max payload waits."""
+    ANSWER_SEND_TIMEOUT_S."""
 
     def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
         self.sock, self.handle, self.owner = sock, handle, owner
@@ -136,22 +136,23 @@ class _ServerConnection:
             if self.closed:
                 return
             if not self.backlog and not self.writing:   # nothing ahead of it: try at once
+                now, later = views[:MAX_IOV], views[MAX_IOV:]
                 with self.write_lock:
                     try:
-                        sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+                        sent = self.sock.sendmsg(now, (), socket.MSG_DONTWAIT)
                     except (BlockingIOError, InterruptedError):
                         sent = 0
                     except OSError:   # the caller has gone
                         sent = -1
                 if sent < 0:
                     return self._abandon()
-                views = unsent(views, sent)
+                views = unsent(now, sent) + later
                 if not views:
                     return
+            # Kept however large: the arrays are in memory already (the backlog only
+            # references them); a caller that stops reading ends by the send timeout.
             self.backlog.extend(views)
             self.backlog_bytes += sum(v.nbytes for v in views)
-            if self.backlog_bytes > self.owner.max_payload + MAX_PAYLOAD_SLACK:
-                return self._abandon()  # reading far slower than it asks: end it
             if self.writer is None:
                 self.writer = threading.Thread(target=self._write, daemon=True,
                                                name="wpk-link-answers")
@@ -171,20 +172,23 @@ class _ServerConnection:
             try:
                 with self.write_lock:
                     send_parts(self.sock, views)
-            except OSError:   # the caller has gone, or stopped reading: part of a frame
-                with self.lock:  # may have gone out: the stream is unusable, end it
-                    self.writing = False
-                    return self._abandon()
+            except BaseException:   # the caller has gone, or stopped reading (OSError), or
+                with self.lock:     # worse: part of a frame may have gone out, the stream
+                    self.writing = False  # is unusable, end it
+                    self._abandon()
+                return
             with self.lock:
                 self.writing = False
                 self.backlog_bytes -= sum(v.nbytes for v in views)
                 self.lock.notify_all()
 
     def _abandon(self) -> None:
-        """End the connection (with self.lock held): the reader and the writer stop."""
-        self.closed = True
+        """End the connection (with self.lock held): the reader and the writer stop. The
+        fd is shut down once, before close() can close it (it needs self.lock first)."""
+        if not self.closed:
+            self.closed = True
+            self._shutdown()
         self.backlog, self.backlog_bytes = [], 0
-        self._shutdown()
         self.lock.notify_all()
 
     def _wait_for_answers_to_drain(self) -> None:
@@ -242,9 +246,8 @@ class _ServerConnection:
             pass
 
     def close(self) -> None:
-        self._shutdown()   # a write in progress fails at once
         with self.lock:
-            self._abandon()
+            self._abandon()     # a write in progress fails at once
         with self.write_lock:   # no write is inside the fd now, and none will enter
             if self.sock.fileno() >= 0:
                 self.sock.close()
@@ -291,7 +294,15 @@ class LinkServer:
             connection.thread.start()
 
     def _refuse(self, sock: socket.socket) -> None:
+        """Say why (an error answer to request id 0: the caller falls back to gRPC), close."""
         self.refused += 1
+        try:
+            sock.settimeout(1.0)
+            send_parts(sock, encode(ANSWER, 0, None, status=REFUSED.value[0],
+                                    error=f"{self.where}{MAX_CONNECTIONS} tensor-link "
+                                          f"connections open"))
+        except OSError:
+            pass
         sock.close()
         if time.monotonic() - self._refusal_logged >= REFUSAL_LOG_S:
             self._refusal_logged = time.monotonic()
@@ -424,11 +435,21 @@ def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | Non
     _call(callback, outcome)
 
 
+def _refusal(frame: Frame) -> InferenceError | None:
+    """The error of a connection-level answer (request id 0: the server refused us)."""
+    if frame.request_id == 0 and frame.status:
+        return InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                              str(frame.meta.get("e", "")))
+    return None
+
+
 class _Lanes:
     """The sending side's lane (see lane), for both connection kinds: opened once the
-    connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes."""
+    connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes.
+    (Also `answered`: whether any answer came back on the connection.)"""
 
     lane: LaneWriter | None = None
+    answered = False
     _lane_lock = threading.Lock()   # one lane opened at a time, whichever connection
 
     def _through_lane(self, request_id: int, parts: list) -> list:
@@ -527,6 +548,11 @@ class LinkConnection(_Lanes):
                 frame = reader.read()
                 if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
                     raise FrameError("request frame sent to a client")
+                refusal = _refusal(frame)
+                if refusal is not None:
+                    error = refusal
+                    break
+                self.answered = True
                 self._answered(frame.request_id)
                 callback = self.pending.pop(frame.request_id, None)
                 if callback is not None:  # None: expired meanwhile, the caller has its answer
@@ -568,7 +594,7 @@ class LoopConnection(_Lanes):
     are loop timers. Use from the loop's thread only."""
 
     threaded = False
-    MAX_IOV = 512
+    MAX_IOV = MAX_IOV
 
     def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None,
                  lanes: bool = False):
@@ -635,6 +661,11 @@ class LoopConnection(_Lanes):
                 self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE,
                                          "connection lost (request frame sent to a client)"))
                 return
+            refusal = _refusal(frame)
+            if refusal is not None:
+                self.fail(refusal)
+                return
+            self.answered = True
             self._answered(frame.request_id)
             callback = self.pending.pop(frame.request_id, None)
             timer = self.timers.pop(frame.request_id, None)

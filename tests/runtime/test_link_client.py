@@ -321,3 +321,31 @@ def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans
         assert transport == "tcp"
     finally:
         pipeline.close()
+
+
+def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
+    """Every tier refuses tensor-link connections (all MAX_CONNECTIONS taken): requests,
+    the first ones included, are answered over gRPC instead of failing."""
+    from wpk.runtime import tensor_link
+
+    monkeypatch.setattr(tensor_link, "MAX_CONNECTIONS", 0)
+    pipeline = Pipeline(plans["mlp"])
+    try:
+        feeds = model_feeds(plans["mlp"])
+        want = reference(plans["mlp"], feeds)
+
+        async def requests():
+            async with LinkClient(pipeline.entry, timeout=10) as client, \
+                    InferenceClient(pipeline.entry, stream=True, timeout=10) as grpc_client:
+                answers = await asyncio.gather(*(client.infer("mlp", feeds) for _ in range(4)),
+                                               grpc_client.infer("mlp", feeds))
+                return answers, client.transport
+
+        answers, transport = asyncio.run(requests())
+        for answer in answers:
+            check(answer, want)
+        assert transport == "grpc"
+        assert pipeline.services["device"].link.fallback_until > 0   # device -> edge too
+        assert all(pipeline.services[t].link_server.refused > 0 for t in ("device", "edge"))
+    finally:
+        pipeline.close()

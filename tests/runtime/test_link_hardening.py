@@ -461,7 +461,11 @@ def test_connections_beyond_the_cap_are_refused_and_the_others_served(monkeypatc
     try:
         for _ in range(3):
             opened.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
-        assert opened[2].recv(1) == b""                 # refused: closed without a byte
+        refusal = FrameReader(opened[2]).read()   # refused: says so (request id 0), closes
+        assert (refusal.kind, refusal.request_id) == (ANSWER, 0)
+        assert refusal.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "2 tensor-link connections open" in refusal.meta["e"]
+        assert opened[2].recv(1) == b""
         assert server.refused == 1 and len(server.connections) == 2
         send_parts(opened[0], encode(REQUEST, 7, {"a": np.ones(2)}, model="m"))
         frame = FrameReader(opened[0]).read()
@@ -469,4 +473,32 @@ def test_connections_beyond_the_cap_are_refused_and_the_others_served(monkeypatc
     finally:
         for sock in opened:
             sock.close()
+        server.close()
+
+
+def test_more_queued_answers_than_one_sendmsg_takes_arrive_whole_and_in_order():
+    """1500 answers (4500 buffers) wait while the caller reads nothing: the writer sends them
+    MAX_IOV buffers at a time (Linux refuses over 1024 in one sendmsg)."""
+    server = LinkServer("127.0.0.1", 0, lambda frame, reply: None)
+    caller = socket.socket()
+    try:
+        caller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        caller.connect(("127.0.0.1", server.port))
+        deadline = time.monotonic() + 5
+        while not server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        connection = next(iter(server.connections))
+        connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        arrays = {"a": np.ones(256, np.float32), "b": np.arange(256, dtype=np.float32)}
+        for i in range(1500):
+            connection.send(encode(ANSWER, i + 1, arrays))
+        assert len(connection.backlog) > 1024
+        reader = FrameReader(caller)
+        for i in range(1500):
+            frame = reader.read()
+            assert frame.request_id == i + 1
+            np.testing.assert_array_equal(frame.arrays("answer")["b"], arrays["b"])
+        assert not connection.closed
+    finally:
+        caller.close()
         server.close()

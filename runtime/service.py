@@ -39,7 +39,8 @@ from wpk.runtime.outbox import Outbox
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.slice import load_runner
-from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION, LinkServer, Reply
+from wpk.runtime.link_server import LinkServer, Reply
+from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
 from wpk.runtime.wire import (build_response, parameter_value, parse_inputs, payload_bytes,
                               requested_outputs, set_parameter)

@@ -1,18 +1,12 @@
 """The tensor link: a tier's fast data plane towards the next tier, over plain TCP.
 
-`LinkServer` (the downstream side) accepts connections on its own port; one thread per
-connection reads request frames and hands each to the tier's handler in that same thread (the
-slice runs there: ONNX Runtime releases the GIL, and no hand-off to another thread or an event
-loop is paid). The handler answers through a `Reply`, from whichever thread has the answer
-(the next tier's reader thread, when the tier forwards).
-
 `LinkConnection` (the upstream side) is one persistent full-duplex connection: requests are
 multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
-each request's `done` callback. A broken connection fails every pending request with
-UNAVAILABLE; `Expiry` fails those whose deadline passes first with DEADLINE_EXCEEDED.
-Between tiers on one host, large payloads travel through a shared-memory lane (see lane)
-instead of the socket, where the LinkServer maps lanes (`lanes`, advertised as
-LANE_EXTENSION).
+each request's `done` callback; `LoopConnection` is the same driven by an asyncio loop. A
+broken connection fails every pending request with UNAVAILABLE; `Expiry` fails those whose
+deadline passes first with DEADLINE_EXCEEDED. Between tiers on one host, large payloads
+travel through a shared-memory lane (see lane) instead of the socket, where the receiver
+maps lanes (advertised as LANE_EXTENSION). The downstream side is link_server.LinkServer.
 """
 from __future__ import annotations
 
@@ -25,12 +19,10 @@ import time
 from typing import Callable
 
 import grpc
-import numpy as np
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_IOV, MAX_PAYLOAD_BYTES,
-                                REQUEST, Frame, FrameError, FrameReader, encode, encode_meta,
-                                send_parts, unsent)
-from wpk.runtime.lane import LANE_MIN_BYTES, LaneReader, LaneWriter, over_loopback
+from wpk.runtime.frames import (ANSWER, LANE_OPEN, MAX_IOV, Frame, FrameError, FrameReader,
+                                encode_meta, send_parts, unsent)
+from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
 from wpk.runtime.link import CODES, InferenceError
 from wpk.runtime.tensors import TensorError
 
@@ -42,15 +34,8 @@ Done = Callable[[object], None]
 
 
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
-MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (frames.STAGING_BYTES holds them)
-ANSWER_SEND_TIMEOUT_S = 10.0   # answers that make no progress this long (the caller stopped
-# reading) end their connection
-READ_PAUSE_BYTES = 8 << 20     # a connection stops reading requests while more answer bytes
-# than this wait for its caller to read them (backpressure on that caller alone)
-MAX_CONNECTIONS = 128          # a LinkServer refuses connections beyond this many (one thread
-# each: the entry tier's link also serves clients); the refused fall back to gRPC
-REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED   # the status of a refusal (request id 0)
-REFUSAL_LOG_S = 10.0           # at most one "refused" line per this many seconds
+REFUSED = grpc.StatusCode.RESOURCE_EXHAUSTED   # the status of a refused connection (an
+# answer to request id 0, from link_server)
 
 
 def send_timeout(sock: socket.socket, seconds: float) -> None:
@@ -61,7 +46,7 @@ def send_timeout(sock: socket.socket, seconds: float) -> None:
                     int((seconds - whole) * 1e6).to_bytes(8, sys.byteorder))
 
 
-def _nodelay(sock: socket.socket) -> None:
+def nodelay(sock: socket.socket) -> None:
     """No Nagle delay; TCP keepalive, so that a peer gone without a word (host down, network
     cut) ends the connection within ~25 s: its pending requests fail with UNAVAILABLE and
     the next request reconnects, instead of frames vanishing into a half-open connection."""
@@ -73,251 +58,8 @@ def _nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
-class Reply:
-    """Answers one request frame on the connection it came from (once)."""
-
-    __slots__ = ("connection", "request_id")
-
-    def __init__(self, connection: "_ServerConnection", request_id: int):
-        self.connection, self.request_id = connection, request_id
-
-    def ok(self, arrays: dict[str, np.ndarray]) -> int:
-        """Send the answer's tensors (raw); returns their bytes."""
-        parts = encode(ANSWER, self.request_id, arrays)
-        self.connection.send(parts)
-        return sum(memoryview(p).nbytes for p in parts[1:])
-
-    def fail(self, code: grpc.StatusCode, message: str) -> None:
-        if len(message) > MAX_ERROR_CHARS:  # the frame's metadata must fit the peer's staging
-            message = message[:MAX_ERROR_CHARS] + " [...]"
-        self.connection.send(encode(ANSWER, self.request_id, None, status=code.value[0],
-                                    error=message))
-
-
-Handler = Callable[[Frame, Reply], None]
-
-
-def _log(line: str) -> None:
+def log(line: str) -> None:
     print(f"wpk: {line}", file=sys.stderr, flush=True)
-
-
-class _ServerConnection:
-    """One caller's connection: a thread reads its requests and hands them to the handler.
-
-    Answers come from any thread (often one that serves many callers: the reader of the
-    next tier's answers), so `send()` never blocks: what the socket does not take at once
-    waits in a backlog that a writer thread of this connection drains. A caller that stops
-    reading thus holds up only itself: its connection stops reading requests once
-    READ_PAUSE_BYTES of answers wait, and ends when its answers make no progress for
-    ANSWER_SEND_TIMEOUT_S."""
-
-    def __init__(self, sock: socket.socket, handle: Handler, owner: "LinkServer"):
-        self.sock, self.handle, self.owner = sock, handle, owner
-        try:
-            self.peer = "%s:%s" % sock.getpeername()[:2]
-        except OSError:
-            self.peer = "?"
-        self.loopback = over_loopback(sock)
-        self.lock = threading.Condition()   # closed, backlog, writing
-        self.write_lock = threading.Lock()  # held around every write; the fd closes under it
-        self.closed = False
-        self.backlog: list[memoryview] = []  # answer bytes the socket has not taken yet
-        self.backlog_bytes = 0
-        self.writing = False                 # the writer thread is sending part of them
-        self.writer: threading.Thread | None = None
-        self.lane: LaneReader | None = None  # the sender's, once it opened one
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name="wpk-link-in")
-
-    def send(self, parts: list) -> None:
-        """Queue one frame's buffers for the caller; never blocks on the caller."""
-        views = [memoryview(p) for p in parts]
-        with self.lock:
-            if self.closed:
-                return
-            if not self.backlog and not self.writing:   # nothing ahead of it: try at once
-                now, later = views[:MAX_IOV], views[MAX_IOV:]
-                with self.write_lock:
-                    try:
-                        sent = self.sock.sendmsg(now, (), socket.MSG_DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:   # the caller has gone
-                        sent = -1
-                if sent < 0:
-                    return self._abandon()
-                views = unsent(now, sent) + later
-                if not views:
-                    return
-            # Kept however large: the arrays are in memory already (the backlog only
-            # references them); a caller that stops reading ends by the send timeout.
-            self.backlog.extend(views)
-            self.backlog_bytes += sum(v.nbytes for v in views)
-            if self.writer is None:
-                self.writer = threading.Thread(target=self._write, daemon=True,
-                                               name="wpk-link-answers")
-                self.writer.start()
-            self.lock.notify_all()
-
-    def _write(self) -> None:
-        """Drain the backlog with blocking writes (SO_SNDTIMEO: ANSWER_SEND_TIMEOUT_S)."""
-        while True:
-            with self.lock:
-                while not self.backlog and not self.closed:
-                    self.lock.wait()
-                if self.closed:
-                    return
-                views, self.backlog = self.backlog, []
-                self.writing = True
-            try:
-                with self.write_lock:
-                    send_parts(self.sock, views)
-            except BaseException:   # the caller has gone, or stopped reading (OSError), or
-                with self.lock:     # worse: part of a frame may have gone out, the stream
-                    self.writing = False  # is unusable, end it
-                    self._abandon()
-                return
-            with self.lock:
-                self.writing = False
-                self.backlog_bytes -= sum(v.nbytes for v in views)
-                self.lock.notify_all()
-
-    def _abandon(self) -> None:
-        """End the connection (with self.lock held): the reader and the writer stop. The
-        fd is shut down once, before close() can close it (it needs self.lock first)."""
-        if not self.closed:
-            self.closed = True
-            self._shutdown()
-        self.backlog, self.backlog_bytes = [], 0
-        self.lock.notify_all()
-
-    def _wait_for_answers_to_drain(self) -> None:
-        with self.lock:
-            while self.backlog_bytes > READ_PAUSE_BYTES and not self.closed:
-                self.lock.wait()
-
-    def _open_lane(self, frame: Frame) -> None:
-        """Map the sender's lane (see lane) and say whether it worked: only for a sender on
-        loopback, once per connection."""
-        if self.lane is not None:
-            raise FrameError("a second lane on one connection")
-        reply = Reply(self, frame.request_id)
-        if not self.owner.lanes:
-            return reply.fail(grpc.StatusCode.UNIMPLEMENTED, "lanes are disabled here")
-        if not self.loopback:
-            return reply.fail(grpc.StatusCode.PERMISSION_DENIED, "lanes are for loopback peers")
-        try:
-            self.lane = LaneReader(frame.meta)
-        except OSError as error:  # not on this host, or not ours to read
-            return reply.fail(grpc.StatusCode.UNAVAILABLE, f"cannot map the lane: {error}")
-        reply.ok({})
-
-    def _run(self) -> None:
-        reader = FrameReader(self.sock, max_payload=self.owner.max_payload)
-        try:
-            while True:
-                frame = reader.read()
-                if frame.kind == LANE_OPEN:
-                    self._open_lane(frame)
-                    continue
-                if frame.kind == LANE_REQUEST:
-                    if self.lane is None:
-                        raise FrameError("lane request on a connection without a lane")
-                    frame = self.lane.resolve(frame, self.owner.max_payload)
-                elif frame.kind != REQUEST:
-                    raise FrameError("answer frame sent to a tier")
-                self.handle(frame, Reply(self, frame.request_id))
-                self._wait_for_answers_to_drain()
-        except (EOFError, OSError):
-            pass
-        except FrameError as error:  # garbled or hostile bytes: drop this connection only
-            _log(f"{self.owner.where}tensor link from {self.peer}: {error}; connection closed")
-        except Exception as error:  # e.g. MemoryError: never leave the connection half alive
-            _log(f"{self.owner.where}tensor link from {self.peer}: {error!r}; connection "
-                 f"closed")
-        finally:
-            self.close()
-            self.owner.connections.discard(self)
-
-    def _shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full buffer
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        with self.lock:
-            self._abandon()     # a write in progress fails at once
-        with self.write_lock:   # no write is inside the fd now, and none will enter
-            if self.sock.fileno() >= 0:
-                self.sock.close()
-
-
-class LinkServer:
-    """Listens on (host, port) (0: a free port, in `.port`); serves frames to `handle`.
-    `max_payload`: larger frames close their connection; `where` starts log lines;
-    `lanes`: accept the shared-memory lanes of senders on this host."""
-
-    def __init__(self, host: str, port: int, handle: Handler, *,
-                 max_payload: int = MAX_PAYLOAD_BYTES, where: str = "", lanes: bool = True):
-        self.handle = handle
-        self.lanes = lanes   # map the lanes senders on this host open (see lane)
-        self.max_payload = max_payload
-        self.where = f"{where}: " if where else ""
-        self.listener = socket.create_server((host, port))
-        self.port = self.listener.getsockname()[1]
-        self.connections: set[_ServerConnection] = set()
-        self.refused = 0                 # connections turned away at MAX_CONNECTIONS
-        self._refusal_logged = 0.0
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept, daemon=True,
-                                        name="wpk-link-accept")
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            if len(self.connections) >= MAX_CONNECTIONS:
-                self._refuse(sock)
-                continue
-            _nodelay(sock)
-            send_timeout(sock, ANSWER_SEND_TIMEOUT_S)
-            connection = _ServerConnection(sock, self.handle, self)
-            self.connections.add(connection)
-            if self._closed:  # accepted while close() ran: it may not have seen this one
-                connection.close()
-                self.connections.discard(connection)
-                return
-            connection.thread.start()
-
-    def _refuse(self, sock: socket.socket) -> None:
-        """Say why (an error answer to request id 0: the caller falls back to gRPC), close."""
-        self.refused += 1
-        try:
-            sock.settimeout(1.0)
-            send_parts(sock, encode(ANSWER, 0, None, status=REFUSED.value[0],
-                                    error=f"{self.where}{MAX_CONNECTIONS} tensor-link "
-                                          f"connections open"))
-        except OSError:
-            pass
-        sock.close()
-        if time.monotonic() - self._refusal_logged >= REFUSAL_LOG_S:
-            self._refusal_logged = time.monotonic()
-            _log(f"{self.where}tensor link: {MAX_CONNECTIONS} connections open; refused "
-                 f"{self.refused} so far")
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        for connection in list(self.connections):
-            connection.close()
 
 
 MAX_WAIT_S = 3600.0
@@ -413,7 +155,7 @@ def _call(callback: Done, outcome: object) -> None:
     try:
         callback(outcome)
     except Exception as error:
-        _log(f"tensor link: answer callback failed: {error!r}")
+        log(f"tensor link: answer callback failed: {error!r}")
 
 
 def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
@@ -474,7 +216,7 @@ class _Lanes:
         try:
             lane = LaneWriter(payload)
         except OSError as error:   # no /dev/shm, or too little room in it
-            _log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
+            log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
             return
         self.lane = lane
         self.send(lambda rid: encode_meta(LANE_OPEN, rid, lane.open_meta()),
@@ -500,7 +242,7 @@ class LinkConnection(_Lanes):
     def __init__(self, sock: socket.socket, expiry: Expiry,
                  on_bytes: Callable[[int], None] | None = None, lanes: bool = False):
         """`lanes`: the receiver maps shared-memory lanes (it advertises LANE_EXTENSION)."""
-        _nodelay(sock)
+        nodelay(sock)
         self.sock = sock
         self.lanes = lanes
         self.expiry = expiry
@@ -598,7 +340,7 @@ class LoopConnection(_Lanes):
 
     def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None,
                  lanes: bool = False):
-        _nodelay(sock)
+        nodelay(sock)
         sock.setblocking(False)
         self.sock, self.loop, self.on_bytes = sock, loop, on_bytes
         self.lanes = lanes

@@ -22,7 +22,8 @@ from wpk.runtime.frames import (HEADER, LANE_REQUEST, REQUEST, Frame, FrameError
                                 FrameReader, encode, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LANE_SLOTS, LaneReader, LaneWriter
 from wpk.runtime.link_client import LinkClient
-from wpk.runtime.tensor_link import Expiry, LinkConnection, LinkServer, LoopConnection
+from wpk.runtime.link_server import LinkServer
+from wpk.runtime.tensor_link import Expiry, LinkConnection, LoopConnection
 
 
 def lane_files() -> set[str]:

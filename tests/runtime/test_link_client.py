@@ -201,12 +201,12 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
     none. Answers to everyone else come from the same threads (the next tier's reader):
     they must not wait behind it. Its own connection ends once its answers stall."""
     from wpk.examples import mlp
-    from wpk.runtime import tensor_link
+    from wpk.runtime import link_server
     from wpk.runtime.frames import REQUEST, encode, send_parts
 
     from .conftest import make_plan
 
-    monkeypatch.setattr(tensor_link, "ANSWER_SEND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(link_server, "ANSWER_SEND_TIMEOUT_S", 1.0)
     plan = make_plan(mlp(features=256, hidden=(128, 64, 32), classes=50000), tmp_path / "wide",
                      {"relu_4": "device", "gemm_7": "edge", "relu_8": "edge",
                       "gemm_11": "cloud"})
@@ -326,9 +326,9 @@ def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans
 def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
     """Every tier refuses tensor-link connections (all MAX_CONNECTIONS taken): requests,
     the first ones included, are answered over gRPC instead of failing."""
-    from wpk.runtime import tensor_link
+    from wpk.runtime import link_server
 
-    monkeypatch.setattr(tensor_link, "MAX_CONNECTIONS", 0)
+    monkeypatch.setattr(link_server, "MAX_CONNECTIONS", 0)
     pipeline = Pipeline(plans["mlp"])
     try:
         feeds = model_feeds(plans["mlp"])

@@ -20,7 +20,8 @@ from wpk.runtime.frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, Fram
                                 send_parts)
 from wpk.runtime.link import InferenceError
 from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry
-from wpk.runtime.tensor_link import Expiry, LinkConnection, LinkServer, LoopConnection
+from wpk.runtime.link_server import LinkServer
+from wpk.runtime.tensor_link import Expiry, LinkConnection, LoopConnection
 from wpk.runtime.tensors import TensorError
 
 
@@ -256,9 +257,9 @@ def test_a_caller_that_stops_reading_answers_loses_its_connection(monkeypatch):
     """Answers to a caller that reads nothing fill the socket: the send gives up after
     ANSWER_SEND_TIMEOUT_S and ends that connection (its thread is free again), instead of
     blocking the answering thread for ever."""
-    from wpk.runtime import tensor_link
+    from wpk.runtime import link_server
 
-    monkeypatch.setattr(tensor_link, "ANSWER_SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(link_server, "ANSWER_SEND_TIMEOUT_S", 0.3)
     big = {"y": np.ones(1 << 18, np.float32)}    # 1 MiB per answer
     server = LinkServer("127.0.0.1", 0, lambda frame, reply: reply.ok(big))
     try:
@@ -453,9 +454,9 @@ def test_an_object_shrunk_after_registration_is_an_error_not_sigbus():
 def test_connections_beyond_the_cap_are_refused_and_the_others_served(monkeypatch):
     """Each connection costs a thread: past MAX_CONNECTIONS new ones are closed at once
     (counted, one line logged); those already open keep working."""
-    from wpk.runtime import tensor_link
+    from wpk.runtime import link_server
 
-    monkeypatch.setattr(tensor_link, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(link_server, "MAX_CONNECTIONS", 2)
     server = LinkServer("127.0.0.1", 0, lambda frame, reply: reply.ok({"y": np.ones(2)}))
     opened = []
     try:

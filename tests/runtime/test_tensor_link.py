@@ -21,8 +21,8 @@ from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import ANSWER, REQUEST, FrameReader, encode, send_parts
 from wpk.runtime.link import InferenceError
 from wpk.runtime.link_client import LinkClient
-from wpk.runtime.tensor_link import (EXTENSION_PREFIX, Expiry, LinkConnection, LinkServer,
-                                     LoopConnection)
+from wpk.runtime.link_server import LinkServer
+from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
 from wpk.runtime.tensors import TensorError
 
 

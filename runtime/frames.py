@@ -209,6 +209,17 @@ def unsent(views: list[memoryview], sent: int) -> list[memoryview]:
 MAX_IOV = 512   # buffers per sendmsg (Linux refuses more than IOV_MAX, 1024)
 
 
+def send_nowait(sock: socket.socket, views: list[memoryview]) -> list[memoryview]:
+    """Send what the socket takes now, without waiting (at most MAX_IOV buffers); returns
+    the views of what is left. Raises OSError when the connection failed."""
+    now, later = views[:MAX_IOV], views[MAX_IOV:]
+    try:
+        sent = sock.sendmsg(now, (), socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    return unsent(now, sent) + later
+
+
 def send_parts(sock: socket.socket, parts: Sequence) -> int:
     """Write every buffer of `parts` (one sendmsg per MAX_IOV buffers, more only after a
     partial write); returns the bytes sent."""

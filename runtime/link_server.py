@@ -17,9 +17,9 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_IOV, MAX_PAYLOAD_BYTES,
-                                REQUEST, Frame, FrameError, FrameReader, encode, send_parts,
-                                unsent)
+from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
+                                Frame, FrameError, FrameReader, encode, send_nowait,
+                                send_parts)
 from wpk.runtime.lane import LaneReader, over_loopback
 from wpk.runtime.tensor_link import REFUSED, log, nodelay, send_timeout
 
@@ -57,8 +57,6 @@ class Reply:
 Handler = Callable[[Frame, Reply], None]
 
 
-
-
 class _ServerConnection:
     """One caller's connection: a thread reads its requests and hands them to the handler.
 
@@ -94,17 +92,11 @@ class _ServerConnection:
             if self.closed:
                 return
             if not self.backlog and not self.writing:   # nothing ahead of it: try at once
-                now, later = views[:MAX_IOV], views[MAX_IOV:]
                 with self.write_lock:
                     try:
-                        sent = self.sock.sendmsg(now, (), socket.MSG_DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
+                        views = send_nowait(self.sock, views)
                     except OSError:   # the caller has gone
-                        sent = -1
-                if sent < 0:
-                    return self._abandon()
-                views = unsent(now, sent) + later
+                        return self._abandon()
                 if not views:
                     return
             # Kept however large: the arrays are in memory already (the backlog only
@@ -192,7 +184,7 @@ class _ServerConnection:
             log(f"{self.owner.where}tensor link from {self.peer}: {error}; connection closed")
         except Exception as error:  # e.g. MemoryError: never leave the connection half alive
             log(f"{self.owner.where}tensor link from {self.peer}: {error!r}; connection "
-                 f"closed")
+                f"closed")
         finally:
             self.close()
             self.owner.connections.discard(self)
@@ -265,7 +257,7 @@ class LinkServer:
         if time.monotonic() - self._refusal_logged >= REFUSAL_LOG_S:
             self._refusal_logged = time.monotonic()
             log(f"{self.where}tensor link: {MAX_CONNECTIONS} connections open; refused "
-                 f"{self.refused} so far")
+                f"{self.refused} so far")
 
     def close(self) -> None:
         self._closed = True

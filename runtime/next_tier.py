@@ -60,6 +60,12 @@ def _outcome(future) -> object:
     return InferenceError(grpc.StatusCode.INTERNAL, repr(error))
 
 
+def _run_on(loop: asyncio.AbstractEventLoop, coroutine, done: Done) -> None:
+    """Run `coroutine` on `loop` (from any thread); `done` gets its outcome on the loop."""
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    future.add_done_callback(lambda f: done(_outcome(f)))
+
+
 def _settle(future: asyncio.Future, outcome: object) -> None:
     if future.done():
         return
@@ -95,9 +101,7 @@ class GrpcLink:
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
-        future = asyncio.run_coroutine_threadsafe(self.forward(model, arrays, timeout),
-                                                  self.loop)
-        future.add_done_callback(lambda f: done(_outcome(f)))
+        _run_on(self.loop, self.forward(model, arrays, timeout), done)
 
     async def close(self) -> None:
         await self.client.close()
@@ -159,8 +163,7 @@ class TcpLink:
                 # anything: send the request again, over gRPC for a while (inference has no
                 # side effects; a tier that is down gives UNAVAILABLE there too)
                 self._refused(connection)
-                asyncio.run_coroutine_threadsafe(   # again: over gRPC now
-                    self._again(model, arrays, timeout, done, pipeline), self.loop)
+                _run_on(self.loop, self.forward(model, arrays, timeout, pipeline), done)
                 return
             done(outcome)
 
@@ -168,18 +171,6 @@ class TcpLink:
             connection.send(parts_for, timeout, done_or_again)
         except TensorError as error:  # a dtype the protocol cannot name
             done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
-
-    async def _again(self, model: str, arrays: Mapping[str, np.ndarray],
-                     timeout: float | None, done: Done, pipeline: bool) -> None:
-        """Send a request again (its connection was refused), on the loop; `done` gets the
-        outcome there."""
-        try:
-            outcome = await self.forward(model, arrays, timeout, pipeline)
-        except InferenceError as error:
-            outcome = error
-        except Exception as error:  # every request gets an answer, whatever went wrong
-            outcome = InferenceError(grpc.StatusCode.INTERNAL, repr(error))
-        done(outcome)
 
     def _refused(self, connection: LinkConnection | LoopConnection) -> None:
         """The next tier refused `connection` or closed it before any answer: gRPC for a

@@ -391,11 +391,11 @@ class TierService:
             targets = self._output_targets(request, model_name) if request.outputs else {}
             if pipeline:
                 produced = await self._run_pipeline(arrays, deadline)
-                available = list(model.outputs if model.pipeline else produced)
-                missing = [o for o in available if o not in produced]
-                if missing:
-                    raise Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the "
-                                f"pipeline produced no {', '.join(missing)}")
+                if model.pipeline:
+                    produced = self._in_order(model, produced)
+                    if isinstance(produced, Abort):
+                        raise produced
+                available = list(produced)
             else:
                 produced = await self._run_slice(arrays, deadline)
                 available = list(model.outputs)
@@ -506,6 +506,16 @@ class TierService:
             return results, None
         return results, {n: produced[n] for n in self.tier.forward}
 
+    def _in_order(self, model: ServedModel, produced: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray] | Abort:
+        """The pipeline model's outputs, in the model's order (or INTERNAL if one is
+        missing), over gRPC and the tensor link alike."""
+        missing = [n for n in model.outputs if n not in produced]
+        if missing:
+            return Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the pipeline "
+                         f"produced no {', '.join(missing)}")
+        return {n: produced[n] for n in model.outputs}
+
     def _forward_error(self, error: InferenceError, timeout: float) -> Abort:
         """What the caller gets when the next tier failed: the status, naming the tier."""
         where = f"tier {self.next_tier!r} at {self.next_address}"
@@ -526,16 +536,6 @@ class TierService:
         return Abort(status, details if "tier '" in details else f"{where}: {details}")
 
     # -- the tensor link (from the previous tier, or a client) -------------------------------
-    def _in_order(self, model: ServedModel, produced: dict[str, np.ndarray]
-                  ) -> dict[str, np.ndarray] | Abort:
-        """The pipeline model's outputs, in the model's order (or INTERNAL if one is
-        missing, as over gRPC)."""
-        missing = [n for n in model.outputs if n not in produced]
-        if missing:
-            return Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the pipeline "
-                         f"produced no {', '.join(missing)}")
-        return {n: produced[n] for n in model.outputs}
-
     def serve_frame(self, frame: Frame, reply: Reply) -> None:
         """One request from the tensor link, in the connection's thread: run the slice here,
         forward from here, answer from whichever thread has the answer. A tier's request

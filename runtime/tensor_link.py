@@ -20,8 +20,8 @@ from typing import Callable
 
 import grpc
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, MAX_IOV, Frame, FrameError, FrameReader,
-                                encode_meta, send_parts, unsent)
+from wpk.runtime.frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader, encode_meta,
+                                send_nowait, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
 from wpk.runtime.link import CODES, InferenceError
 from wpk.runtime.tensors import TensorError
@@ -158,11 +158,16 @@ def _call(callback: Done, outcome: object) -> None:
         log(f"tensor link: answer callback failed: {error!r}")
 
 
+def _frame_error(frame: Frame) -> InferenceError:
+    """The error an answer frame with a status carries."""
+    return InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+                          str(frame.meta.get("e", "")))
+
+
 def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
     """Hand an answer frame to its request's callback (arrays, or the error it carries)."""
     if frame.status:
-        _call(callback, InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
-                                       str(frame.meta.get("e", ""))))
+        _call(callback, _frame_error(frame))
         return
     if on_bytes is not None:
         on_bytes(frame.nbytes)
@@ -179,10 +184,7 @@ def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | Non
 
 def _refusal(frame: Frame) -> InferenceError | None:
     """The error of a connection-level answer (request id 0: the server refused us)."""
-    if frame.request_id == 0 and frame.status:
-        return InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
-                              str(frame.meta.get("e", "")))
-    return None
+    return _frame_error(frame) if frame.request_id == 0 and frame.status else None
 
 
 class _Lanes:
@@ -336,7 +338,6 @@ class LoopConnection(_Lanes):
     are loop timers. Use from the loop's thread only."""
 
     threaded = False
-    MAX_IOV = MAX_IOV
 
     def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None,
                  lanes: bool = False):
@@ -369,15 +370,11 @@ class LoopConnection(_Lanes):
             self._write(views)
 
     def _write(self, views: list[memoryview]) -> None:
-        now, later = views[:self.MAX_IOV], views[self.MAX_IOV:]
         try:
-            sent = self.sock.sendmsg(now)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            rest = send_nowait(self.sock, views)
         except OSError as error:
             self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
             return
-        rest = unsent(now, sent) + later
         if rest:
             if not self._backlog:
                 self.loop.add_writer(self.fd, self._writable)

@@ -491,9 +491,10 @@ def test_more_queued_answers_than_one_sendmsg_takes_arrive_whole_and_in_order():
         connection = next(iter(server.connections))
         connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         arrays = {"a": np.ones(256, np.float32), "b": np.arange(256, dtype=np.float32)}
-        for i in range(1500):
-            connection.send(encode(ANSWER, i + 1, arrays))
-        assert len(connection.backlog) > 1024
+        with connection.lock:   # the writer waits for it: it then takes them all in one go
+            for i in range(1500):
+                connection.send(encode(ANSWER, i + 1, arrays))
+            assert len(connection.backlog) > 1024
         reader = FrameReader(caller)
         for i in range(1500):
             frame = reader.read()

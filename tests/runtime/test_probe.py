@@ -91,10 +91,10 @@ def test_bounded_in_requests_and_seconds():
         few = probe(server.address, max_requests=12, rtt_samples=20, repeats=5, min_kb=1024)
         assert few.requests <= 12 and len(few.samples) >= 2
         start = time.perf_counter()
-        quick = probe(server.address, max_seconds=0.3, max_mb=256, min_kb=1024)
+        quick = probe(server.address, max_seconds=1.0, max_mb=256, min_kb=1024)
         # unbounded, five 256 MB transfers alone take seconds; the budget stops well before
-        assert time.perf_counter() - start < 3.0
-        assert quick.seconds < 3.0
+        assert time.perf_counter() - start < 4.0
+        assert quick.seconds < 4.0
         assert quick.samples[-1]["bytes"] < 256 << 20
 
 

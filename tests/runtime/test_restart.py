@@ -56,12 +56,16 @@ def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans, 
             state = {"done": False}
             load = asyncio.ensure_future(load_until(client, "mlp", feeds, lambda: state["done"],
                                                     outcomes))
+            deadline = time.monotonic() + 30
             while sum(1 for o in outcomes if o[1] == "OK") < 20:
+                assert time.monotonic() < deadline, "fewer than 20 answers before the kill"
                 await asyncio.sleep(0.01)
             marks["killed"] = time.monotonic()
             cloud.send_signal(signal.SIGKILL)   # requests are in flight over edge -> cloud
             await asyncio.get_running_loop().run_in_executor(None, cloud.wait)
+            deadline = time.monotonic() + 30
             while sum(1 for o in outcomes if o[0] > marks["killed"] and o[1] != "OK") < 20:
+                assert time.monotonic() < deadline, "fewer than 20 failures after the kill"
                 await asyncio.sleep(0.01)
             cloud = await asyncio.get_running_loop().run_in_executor(
                 None, start_tier, plans["mlp"], "cloud", port, link)

@@ -16,6 +16,7 @@ import tritonclient.grpc as triton
 from .conftest import Pipeline, fake_tier, reference
 from .test_pipeline import expect_error, model_feeds, triton_infer
 from wpk.runtime import protocol as pb
+from wpk.runtime import service as service_module
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import ANSWER, REQUEST, FrameReader, encode, send_parts
@@ -279,19 +280,20 @@ class HungLinkPeer:
         self.link.close()
 
 
-def test_hung_tensor_link_gives_deadline_exceeded_naming_the_tier(plans):
+def test_hung_tensor_link_gives_deadline_exceeded_naming_the_tier(plans, monkeypatch):
+    monkeypatch.setattr(service_module, "DEADLINE_MARGIN_S", 0.3)   # room on a loaded machine
     peer = HungLinkPeer()
     pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address})
     try:
         feeds = model_feeds(plans["resnet"])
         message = expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, "tier 'edge' at " + peer.address,
                                triton_infer, pipeline.entry, "resnet_like", feeds,
-                               client_timeout=0.5)
+                               client_timeout=2.0)
         assert "deadline exceeded waiting for" in message
         started = time.monotonic()
         expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, "tier 'edge'", triton_infer,
                      pipeline.entry, "resnet_like", feeds)   # no deadline: --hop-timeout
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 5
         assert pipeline.services["device"].link.connection is not None  # it was the tcp link
         assert triton.InferenceServerClient(pipeline.entry).is_server_live()
     finally:

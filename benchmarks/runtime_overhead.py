@@ -492,6 +492,12 @@ def report(results: list[dict], threads: int, bare: dict[int | None, tuple[float
                           " + ".join(f"{c * 1e3:.2f}" for c in cpu[:-1])
                           + f" + {cpu[-1] * 1e3:.2f}")
     console.print(table)
+    for r in {r["name"]: r for r in results}.values():
+        if r["ceiling"] < 0.8 * r["stage_rate"]:
+            console.print(f"{r['name']}: the 80 % target is out of reach on this machine even "
+                          f"with no overhead at all: {os.cpu_count()} cores / the stages' sum "
+                          f"give at most {r['ceiling']:.0f} req/s, under 80 % of the slowest "
+                          f"stage's {r['stage_rate']:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:

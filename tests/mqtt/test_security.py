@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from wpk.runtime.bridge.broker import wait_port
 from wpk.runtime.bridge.config import BridgeConfig, BrokerConfig, Route
 
 from .helpers import BridgeThread, Client, Mosquitto, check_results, free_port, json_input
@@ -47,6 +48,7 @@ def secure_broker(tmp_path):
         "require_certificate true", ""]))
     # broker_config() says allow_anonymous true first; the later line wins in Mosquitto.
     broker.start()
+    wait_port(tls_port)   # start() waits for the plain listener only
     yield broker, tls_port, certs
     broker.stop()
 

@@ -195,7 +195,12 @@ class TcpLink:
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
         """On the loop; the answer's arrays, or raises InferenceError."""
-        threaded = not self.on_loop
+        return await self._forward(model, arrays, timeout, pipeline, threaded=not self.on_loop)
+
+    async def _forward(self, model: str, arrays: Mapping[str, np.ndarray],
+                       timeout: float | None, pipeline: bool, threaded: bool
+                       ) -> dict[str, np.ndarray]:
+        """`forward()` over this kind of connection (connected first where none is open)."""
         connection = self._open(threaded) or await self._connect(timeout, threaded)
         if connection is None:
             return await self.grpc.forward(model, arrays, timeout, pipeline)
@@ -214,23 +219,8 @@ class TcpLink:
         if connection is not None:  # the hot path: no loop involved
             self._send(connection, model, arrays, timeout, done)
             return
-        asyncio.run_coroutine_threadsafe(self._submit_later(model, arrays, timeout, done),
-                                         self.loop)
-
-    async def _submit_later(self, model: str, arrays: Mapping[str, np.ndarray],
-                            timeout: float | None, done: Done, pipeline: bool = True) -> None:
-        """`submit()` without an open threaded connection: connect first (on the loop)."""
-        try:
-            connection = await self._connect(timeout, threaded=True)
-            if connection is None:
-                outcome = await self.grpc.forward(model, arrays, timeout, pipeline)
-            else:
-                return self._send(connection, model, arrays, timeout, done, pipeline)
-        except InferenceError as error:
-            outcome = error
-        except Exception as error:  # every request gets an answer, whatever went wrong
-            outcome = InferenceError(grpc.StatusCode.INTERNAL, repr(error))
-        done(outcome)
+        # no open threaded connection: connect on the loop (this answer then passes it)
+        _run_on(self.loop, self._forward(model, arrays, timeout, True, threaded=True), done)
 
     # -- connecting -------------------------------------------------------------------------
     async def _connect(self, timeout: float | None, threaded: bool

@@ -564,7 +564,7 @@ class TierService:
             if kserve and not model.pipeline:
                 return finish({n: produced[n] for n in model.outputs})
             results, forward = self._split(produced)
-            ordered = kserve or model.pipeline   # a client's request: the model's outputs
+            ordered = model.pipeline   # (a client's request for a slice model ended above)
             if forward is None:
                 return finish(self._in_order(model, results) if ordered else results)
             timeout = self._hop_timeout(deadline)

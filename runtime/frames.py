@@ -140,7 +140,7 @@ def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, 
         if known is None:
             descriptors = [[name, datatype_of(array.dtype), list(array.shape), "raw", 0.0,
                             part.nbytes] for (name, array), part in zip(arrays.items(), parts)]
-            known = _encoded.put(key, (_meta_bytes(_request_meta(descriptors, model, kserve)),
+            known = _encoded.put(key, (_meta_bytes(_tensor_meta(descriptors, model, kserve)),
                                        sum(p.nbytes for p in parts)))
         meta_bytes, payload = known
     else:
@@ -152,14 +152,15 @@ def encode(kind: int, request_id: int, arrays: Mapping[str, np.ndarray] | None, 
                                 str(params.get(CODEC_PARAM, "raw")),
                                 float(params.get(SCALE_PARAM, 0.0)), data.nbytes])
             parts.append(data)
-        meta_bytes = _meta_bytes(_request_meta(descriptors, model, kserve))
+        meta_bytes = _meta_bytes(_tensor_meta(descriptors, model, kserve))
         payload = sum(p.nbytes for p in parts)
     header = HEADER.pack(MAGIC, kind, status, 0, len(meta_bytes), request_id, timeout_ms,
                          payload)
     return [header + meta_bytes, *parts]
 
 
-def _request_meta(descriptors: list, model: str | None, kserve: bool) -> dict:
+def _tensor_meta(descriptors: list, model: str | None, kserve: bool) -> dict:
+    """A request's or an answer's meta (see the module's doc)."""
     meta: dict = {"t": descriptors}
     if model is not None:
         meta["m"] = model

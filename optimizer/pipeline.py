@@ -19,6 +19,7 @@ import onnx
 
 from wpk.errors import WpkError, ort_error_line
 from wpk.graph import load_model
+from wpk.naming import name_nodes
 from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
@@ -114,7 +115,10 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     options = options or Options()
     progress = progress or Progress()
     start = time.perf_counter()
-    original = source if isinstance(source, onnx.ModelProto) else load_model(source)
+    original = onnx.ModelProto()
+    original.CopyFrom(source if isinstance(source, onnx.ModelProto) else load_model(source))
+    # every pass finds nodes by name: unnamed and duplicate-named nodes get wpk's stable names
+    name_nodes(original)
     name = name or (Path(source).stem if not isinstance(source, onnx.ModelProto)
                     else original.graph.name)
     out_dir = Path(out_dir)

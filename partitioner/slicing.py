@@ -10,7 +10,8 @@ import onnx
 from onnx import helper
 
 from wpk.errors import WpkError, ort_error_line
-from wpk.graph import Graph
+from wpk.feeds import random_feeds
+from wpk.graph import Graph, node_reads
 
 
 @dataclass
@@ -74,7 +75,7 @@ def slice_model(graph: Graph, piece: TierSlice, name: str) -> onnx.ModelProto:
     source = graph.model
     by_name = {node.name: node for node in source.graph.node}
     nodes = [by_name[graph.nodes[v].name] for v in piece.nodes]
-    used = {i for node in nodes for i in node.input if i}
+    used = {i for node in nodes for i in node_reads(node)}
     initializers = [init for init in source.graph.initializer if init.name in used]
     value_infos = {v.name: v for v in list(source.graph.input) + list(source.graph.value_info)
                    + list(source.graph.output)}
@@ -98,18 +99,9 @@ def slice_model(graph: Graph, piece: TierSlice, name: str) -> onnx.ModelProto:
 
 # -- verification --------------------------------------------------------------------------
 def random_inputs(graph: Graph, seed: int) -> dict[str, np.ndarray]:
-    """Model inputs drawn at random (normal floats, small non-negative integers)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name in graph.inputs:
-        info = graph.tensors[name]
-        if np.issubdtype(info.dtype, np.floating):
-            feeds[name] = rng.standard_normal(info.shape).astype(info.dtype)
-        elif info.dtype == np.bool_:
-            feeds[name] = rng.integers(0, 2, info.shape).astype(bool)
-        else:
-            feeds[name] = rng.integers(0, 2, info.shape).astype(info.dtype)
-    return feeds
+    """Model inputs drawn at random (normal floats, integers and booleans of 0 or 1)."""
+    return random_feeds({name: (graph.tensors[name].shape, graph.tensors[name].dtype)
+                         for name in graph.inputs}, seed, integer_values=2)
 
 
 def _session(model: onnx.ModelProto):

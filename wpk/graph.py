@@ -142,23 +142,25 @@ class Graph:
             self.tensors[init.name] = TensorInfo(
                 init.name, tuple(int(d) for d in init.dims), _tensor_dtype(init.data_type), True)
         for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-            if value.name in self.tensors or not value.type.HasField("tensor_type"):
-                continue
-            self.tensors[value.name] = self._tensor_from_value_info(value)
+            if value.name not in self.tensors and _static_shape(value) is not None:
+                self.tensors[value.name] = TensorInfo(
+                    value.name, _static_shape(value),
+                    _tensor_dtype(value.type.tensor_type.elem_type))
         self.inputs: list[str] = [v.name for v in graph.input if v.name not in initializer_names]
         self.outputs: list[str] = [v.name for v in graph.output]
         self.initializers: frozenset[str] = frozenset(initializer_names)
 
         nodes = _topological_order(list(graph.node), set(self.inputs) | initializer_names)
         self.nodes: list[NodeInfo] = []
+        read = {t for node in nodes for t in node_reads(node)} | {v.name for v in graph.output}
         for index, node in enumerate(nodes):
-            ins = tuple(n for n in node.input if n)
-            outs = tuple(n for n in node.output if n)
+            ins = node_reads(node)
+            # an output that nothing reads (a Dropout's mask) is never sent: it needs no shape
+            outs = tuple(n for n in node.output if n and n in read)
             for tensor in ins + outs:
                 if tensor not in self.tensors:
-                    raise WpkError(
-                        f"{name}: tensor {tensor!r} (node {node.name}) has no inferred shape; "
-                        "fix the input shapes with --input-shape NAME=1x3x224x224")
+                    raise WpkError(f"{name}: tensor {tensor!r} (node {node.name}) has no "
+                                   "known shape")
             self.nodes.append(NodeInfo(
                 index, node.name, node.op_type, ins, outs,
                 _node_flops(node, self.tensors),
@@ -178,23 +180,6 @@ class Graph:
             if output not in self.tensors:
                 raise WpkError(f"{name}: output {output!r} is not a tensor with a known shape")
 
-    @staticmethod
-    def _tensor_from_value_info(value: onnx.ValueInfoProto) -> TensorInfo:
-        tensor_type = value.type.tensor_type
-        if not tensor_type.HasField("shape"):   # not a scalar: nothing is known of its rank
-            raise WpkError(f"tensor {value.name!r} has no inferred shape (an operator shape "
-                           "inference does not know, or an input without a shape: fix it with "
-                           "--input-shape NAME=1x3x224x224)")
-        dims = []
-        for dim in tensor_type.shape.dim:
-            if not dim.HasField("dim_value") or dim.dim_value <= 0:
-                label = dim.dim_param or "?"
-                raise WpkError(
-                    f"tensor {value.name!r} has a dynamic dimension {label!r}; fix it with "
-                    f"--input-shape NAME=1x3x224x224")
-            dims.append(int(dim.dim_value))
-        return TensorInfo(value.name, tuple(dims), _tensor_dtype(tensor_type.elem_type))
-
     # -- construction -------------------------------------------------------------------
     @classmethod
     def load(cls, source: str | os.PathLike | onnx.ModelProto,
@@ -213,7 +198,8 @@ class Graph:
         name_nodes(model)
         if input_shapes:
             _fix_input_shapes(model, input_shapes, label)
-        return cls(_infer_shapes(model, input_shapes, label), label, sha, path)
+        model = _complete_shapes(_infer_shapes(model, input_shapes, label), label)
+        return cls(model, label, sha, path)
 
     # -- queries ------------------------------------------------------------------------
     def tensor_bytes(self, name: str) -> int:
@@ -259,19 +245,20 @@ def _fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
 def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """Nodes in a topological order (the file's own order when it already is one)."""
     produced_by = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    reads = [node_reads(n) for n in nodes]
     seen: set[str] = set(available)
     in_order = True
-    for node in nodes:
-        if any(i and i not in seen and i in produced_by for i in node.input):
+    for node, node_inputs in zip(nodes, reads):
+        if any(i not in seen and i in produced_by for i in node_inputs):
             in_order = False
             break
         seen.update(o for o in node.output if o)
     if in_order:
         return nodes
-    pending = [sum(1 for i in set(n.input) if i in produced_by) for n in nodes]
+    pending = [sum(1 for i in set(r) if i in produced_by) for r in reads]
     users: dict[int, list[int]] = {}
-    for j, node in enumerate(nodes):
-        for i in set(node.input):
+    for j, node_inputs in enumerate(reads):
+        for i in set(node_inputs):
             if i in produced_by:
                 users.setdefault(produced_by[i], []).append(j)
     ready = [j for j, p in enumerate(pending) if p == 0]
@@ -286,6 +273,124 @@ def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list
     if len(order) != len(nodes):
         raise WpkError("the model's graph has a cycle")
     return [nodes[j] for j in order]
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """The tensor's shape when every dimension is a known positive number, else None."""
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    dims = value.type.tensor_type.shape.dim
+    if any(not d.HasField("dim_value") or d.dim_value < 0 for d in dims):
+        return None
+    return tuple(int(d.dim_value) for d in dims)
+
+
+def _subgraph_reads(body: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (an If branch, a Loop body) reads from the scopes around it."""
+    defined = ({v.name for v in body.input} | {i.name for i in body.initializer}
+               | {i.values.name for i in body.sparse_initializer}
+               | {o for n in body.node for o in n.output})
+    reads = {i for n in body.node for i in node_reads(n)}
+    return reads - defined
+
+
+def node_reads(node: onnx.NodeProto) -> tuple[str, ...]:
+    """Every tensor a node reads: its inputs, and the outer-scope tensors its subgraphs use
+    (a Loop body reading a weight of the main graph must run where that weight is)."""
+    implicit: set[str] = set()
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            implicit |= _subgraph_reads(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            for body in attribute.graphs:
+                implicit |= _subgraph_reads(body)
+    explicit = [name for name in node.input if name]
+    return tuple(dict.fromkeys(explicit + sorted(implicit - set(explicit))))
+
+
+def _complete_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """Give every tensor that can cross a cut a static shape.
+
+    ONNX's shape inference leaves some unknown (operators it cannot follow, shapes computed
+    from data); those come from one real run of ONNX Runtime at the fixed input shapes, and
+    are written into the model's value_info. A shape that depends on the input's values
+    (NonZero) is then the one these random inputs gave. Outputs that nothing reads need no
+    shape and are not measured.
+    """
+    graph = model.graph
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    for value in inputs:
+        if _static_shape(value) is None:
+            dims = value.type.tensor_type.shape.dim
+            dynamic = [repr(d.dim_param or "?") for d in dims if not d.HasField("dim_value")]
+            what = (f"a dynamic dimension {dynamic[0]}" if len(dynamic) == 1
+                    else f"dynamic dimensions {', '.join(dynamic)}" if dynamic else "no shape")
+            example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "N"
+                               for d in dims) or "N"
+            raise WpkError(f"{label}: input {value.name!r} has {what}; fix it with "
+                           f"--input-shape {value.name}={example}, each N a number")
+    read = {t for node in graph.node for t in node_reads(node)} | {v.name for v in graph.output}
+    missing = [t for node in graph.node for t in list(node_reads(node)) + list(node.output)
+               if t and t in read and t not in initializers
+               and (t not in known or _static_shape(known[t]) is None)]
+    missing = list(dict.fromkeys(missing))
+    if not missing:
+        return model
+    measured = _measured_shapes(model, inputs, missing, label)
+    kept = [v for v in graph.value_info if v.name not in measured]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    for name, (shape, dtype) in measured.items():
+        typed = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype),
+                                              list(shape))
+        outputs = [v for v in graph.output if v.name == name]
+        if outputs:
+            outputs[0].CopyFrom(typed)
+        else:
+            graph.value_info.append(typed)
+    return model
+
+
+def _measured_shapes(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto],
+                     names: Sequence[str], label: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of `names` from one ONNX Runtime run on random inputs."""
+    import onnxruntime as ort
+
+    from wpk.errors import ort_error_line
+    from wpk.feeds import random_feeds
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {v.name for v in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feeds = random_feeds({v.name: (_static_shape(v), _tensor_dtype(v.type.tensor_type.elem_type))
+                          for v in inputs}, seed=0)
+    try:
+        session = ort.InferenceSession(_serialized(probe), options,
+                                       providers=["CPUExecutionProvider"])
+        arrays = session.run(list(names), feeds)
+    except Exception as error:  # ORT's own exception types
+        raise WpkError(f"{label}: ONNX shape inference leaves tensor {names[0]!r} without a "
+                       "static shape, and ONNX Runtime could not run the model on random "
+                       f"inputs to measure it: {ort_error_line(error)}") from None
+    shapes = {}
+    for name, array in zip(names, arrays):
+        array = np.asarray(array)
+        if array.dtype.kind not in "biuf":
+            raise WpkError(f"{label}: tensor {name!r} holds {array.dtype.name} values, which "
+                           "wpk cannot price or send; it plans numeric tensors only")
+        shapes[name] = (tuple(int(d) for d in array.shape), array.dtype)
+    return shapes
+
+
+def _serialized(model: onnx.ModelProto) -> bytes:
+    """The model as bytes ONNX Runtime reads (weights inline, as `load_model` loads them)."""
+    return model.SerializeToString()
 
 
 def conv_weight_index(op_type: str) -> int:

@@ -32,6 +32,7 @@ import onnxruntime as ort
 
 from wpk.attribution import build_kernel_map
 from wpk.errors import WpkError, ort_error_line
+from wpk.feeds import random_feeds
 from wpk.graph import Graph
 from wpk.hostinfo import host_info, physical_cores
 from wpk.profile_format import (PROFILE_VERSION, Profile, ProfileMismatchWarning,
@@ -84,15 +85,8 @@ def resolve_provider(provider: str) -> str:
 
 def random_inputs(graph: Graph) -> dict[str, np.ndarray]:
     """Inputs of the right shapes and types: normal floats, zeros for integers (safe indices)."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for name in graph.inputs:
-        info = graph.tensors[name]
-        if np.issubdtype(info.dtype, np.floating):
-            feeds[name] = rng.standard_normal(info.shape).astype(info.dtype)
-        else:
-            feeds[name] = np.zeros(info.shape, dtype=info.dtype)
-    return feeds
+    return random_feeds({name: (graph.tensors[name].shape, graph.tensors[name].dtype)
+                         for name in graph.inputs}, seed=0)
 
 
 def _session(model_file: Path, provider: str, threads: int, optimization: str,

@@ -117,14 +117,17 @@ def test_measured_latency_is_within_25_percent_of_the_prediction(cut_plan):
 @needs_runtime
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_cleans_up_on_sigterm_and_ctrl_c(cut_plan, sig):
+    # Far more requests than can finish before the signal: on a loaded machine 50 were done
+    # (and the emulation gone) before the first poll saw them in flight.
     process = subprocess.Popen([PY, "-m", "wpk.deploy.emulate", str(cut_plan), "--link",
-                                "device-edge=2mbit,5ms", "--requests", "50"],
+                                "device-edge=2mbit,5ms", "--requests", "100000"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"wpk{process.pid}."
     pids: set[int] = set()
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:  # until both tier servers run in their namespaces
+            assert process.poll() is None, f"emulation ended early: {process.stderr.read()}"
             namespaces = [ns for ns in list_namespaces() if ns.startswith(prefix)]
             pids = set()
             for ns in namespaces:

@@ -123,6 +123,24 @@ def test_cli_on_a_model_file(small_cnn, tmp_path):
     assert "small:" in result.stdout and (tmp_path / "out" / "optimized.json").exists()
 
 
+def test_cli_on_a_model_whose_nodes_have_no_names(small_cnn, tmp_path):
+    """Legal ONNX that many exporters write: every pass must find nodes by wpk's names."""
+    unnamed = onnx.ModelProto()
+    unnamed.CopyFrom(small_cnn)
+    for node in unnamed.graph.node:
+        node.name = ""
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(unnamed, str(path))
+    result = _run_cli(str(path), "-o", str(tmp_path / "out"), "--budget-trials", "4",
+                      "--ops", "2", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    session = wpk.optimizer.load(tmp_path / "out")
+    expected = _session(small_cnn).run(None, _feed(4))
+    got = session.run([session.get_outputs()[0].name], _feed(4))
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-3, atol=1e-4)
+
+
 def test_cli_on_a_plan_sets_the_tier_optimized_field(small_cnn, tmp_path):
     from wpk.plan import Plan, TierPlan, load_plan
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.files import read_text, writable_file
+from wpk.graph import fixed_shapes, parse_input_shapes
 from wpk.optimizer import calibration, pipeline
 from wpk.optimizer.database import DEFAULT_LOG
 from wpk.optimizer.search import STRATEGIES
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="sample inputs for the guard")
     parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
     parser.add_argument("--seed", type=cli_args.non_negative_int, default=0)
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                        help="fix a dynamic input dimension of a model file (repeatable); the "
+                             "optimized model takes that shape")
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -194,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
                       console: Console) -> int:
     targets = _targets(args)
+    shapes = parse_input_shapes(args.input_shape)
+    if shapes and targets[0][3] is not None:
+        raise WpkError("--input-shape is for a model file; a plan's slices have fixed shapes")
     for _label, _path, out, _tier in targets:   # before any tuning: never someone's files
         pipeline.check_output_dir(out)
     per_target = _calibration(args, targets)   # checked before any tuning starts
@@ -210,8 +217,9 @@ def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
                   TimeElapsedColumn(), console=console, transient=False,
                   disable=args.quiet) as progress:
         for label, path, out, tier in targets:
+            source = fixed_shapes(path, shapes, label) if shapes else path
             reports.append(pipeline.optimize(
-                path, out, dataclasses.replace(options, calibration_data=per_target.get(label)),
+                source, out, dataclasses.replace(options, calibration_data=per_target.get(label)),
                 RichProgress(progress, label), name=label))
             if tier:  # recorded at once: a later tier failing keeps this one's work
                 _record_optimized(Path(args.target), tier)

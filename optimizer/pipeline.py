@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from wpk.errors import WpkError, ort_error_line
-from wpk.graph import load_model
+from wpk.graph import infer_shapes, load_model
 from wpk.naming import name_nodes
 from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
@@ -91,7 +91,7 @@ class Progress:
 
 
 def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = infer_shapes(model, {}, model.graph.name or "model")
     consts = {i.name for i in model.graph.initializer}
 
     def arg(value: onnx.ValueInfoProto) -> dict:

@@ -41,11 +41,15 @@ class OpChoice:
 
 
 def shapes_of(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes of the model's float32 tensors. Our kernels compute in float32 alone: a
+    node whose input is fp16 or int8 finds no shape here and is left to ONNX Runtime."""
     inferred = shape_inference.infer_shapes(model)
     shapes = {}
     for value in list(inferred.graph.input) + list(inferred.graph.value_info) + \
             list(inferred.graph.output):
         dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            continue
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = tuple(d.dim_value for d in dims)
     return shapes

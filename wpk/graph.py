@@ -87,7 +87,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def _infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+def fixed_shapes(path: str | os.PathLike, shapes: Mapping[str, Sequence[int]],
+                 label: str) -> onnx.ModelProto:
+    """The model at `path` with the given input shapes fixed."""
+    model = load_model(path)
+    fix_input_shapes(model, shapes, label)
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
                   label: str) -> onnx.ModelProto:
     """ONNX shape inference. With shapes the user gave, strict first (one inference either
     way when it passes): shapes that contradict the model (an input of 7 features into a
@@ -197,8 +205,8 @@ class Graph:
             label = name or path.stem
         name_nodes(model)
         if input_shapes:
-            _fix_input_shapes(model, input_shapes, label)
-        model = _complete_shapes(_infer_shapes(model, input_shapes, label), label)
+            fix_input_shapes(model, input_shapes, label)
+        model = _complete_shapes(infer_shapes(model, input_shapes, label), label)
         return cls(model, label, sha, path)
 
     # -- queries ------------------------------------------------------------------------
@@ -222,8 +230,9 @@ class Graph:
         return f"Graph({self.name!r}, {len(self.nodes)} nodes, {self.total_flops / 1e9:.2f} GFLOP)"
 
 
-def _fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
-                      label: str) -> None:
+def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                     label: str) -> None:
+    """Set the given inputs' shapes (in place), dropping inferred shapes they would contradict."""
     inputs = {v.name: v for v in model.graph.input}
     for tensor, dims in shapes.items():
         if tensor not in inputs:
@@ -366,7 +375,7 @@ def _measured_shapes(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProt
     present = {v.name for v in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4   # a failed run is reported below, in one line
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     feeds = random_feeds({v.name: (_static_shape(v), _tensor_dtype(v.type.tensor_type.elem_type))
                           for v in inputs}, seed=0)

@@ -42,6 +42,9 @@ TIER_SETS = ("device,edge", "device,edge,cloud")
 # both are timed interleaved in one run, and 2 cores shared with the rest of the machine
 # move a single median by a few per cent
 NOISE = 0.05
+# the optimizer's bounded budget per model (CI lowers it)
+OPTIMIZE_TRIALS = 8
+OPTIMIZE_SECONDS = 60
 
 
 @dataclass
@@ -134,14 +137,13 @@ def stage_profile(row: Row, work: Path) -> Outcome:
                            f"median {median:.2f} ms ({100 * off:.1f} % apart)")
 
 
-def stage_optimize(row: Row, work: Path, budget_trials: int = 8, budget_seconds: int = 60
-                   ) -> Outcome:
+def stage_optimize(row: Row, work: Path) -> Outcome:
     from wpk.optimizer.cli import main
 
     out = work / "optimized"
     shapes = [a for s in row.model.shape_args() for a in ("--input-shape", s)]
     code, message = run_cli(main, [str(row.path), "-o", str(out), "--budget-trials",
-                                   str(budget_trials), "--budget-seconds", str(budget_seconds),
+                                   str(OPTIMIZE_TRIALS), "--budget-seconds", str(OPTIMIZE_SECONDS),
                                    "--ops", "2", "-q", *shapes])
     if code != 0:
         return _refusal_or_failure(code, message, "wpk-optimize")
@@ -219,7 +221,7 @@ def stage_deploy(row: Row, work: Path) -> Outcome:
                                            triton.np_to_triton_dtype(array.dtype))
                 tensor.set_data_from_numpy(array)
                 inputs.append(tensor)
-            result = client.infer(plan.model, inputs, client_timeout=120)
+            result = client.infer(plan.name, inputs, client_timeout=120)
     except WpkError as error:
         return Outcome("refused", str(error))
     worst = 0.0

@@ -142,9 +142,9 @@ def stage_optimize(row: Row, work: Path) -> Outcome:
 
     out = work / "optimized"
     shapes = [a for s in row.model.shape_args() for a in ("--input-shape", s)]
-    code, message = run_cli(main, [str(row.path), "-o", str(out), "--budget-trials",
-                                   str(OPTIMIZE_TRIALS), "--budget-seconds", str(OPTIMIZE_SECONDS),
-                                   "--ops", "2", "-q", *shapes])
+    budget = ["--budget-trials", str(OPTIMIZE_TRIALS), "--budget-seconds", str(OPTIMIZE_SECONDS)]
+    code, message = run_cli(main, [str(row.path), "-o", str(out), *budget, "--ops", "2", "-q",
+                                   *shapes])
     if code != 0:
         return _refusal_or_failure(code, message, "wpk-optimize")
     report = json.loads((out / "report.json").read_text())
@@ -310,26 +310,29 @@ def main() -> int:
     if args.only:
         wanted = set(args.only.split(","))
         models = [m for m in models if m.name in wanted]
-    rows = []
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="wpk-zoo-") as scratch:
         for model in models:
             row = run_model(model, Path(scratch) / model.name, stages)
             rows.append(row)
             print(f"{model.name}: " + "; ".join(f"{s} {row.outcomes[s].cell()}"
                                               for s in stages), flush=True)
+            if args.markdown:   # after every model: a long run stopped early keeps its rows
+                _write_markdown(Path(args.markdown), rows, stages)
     failed = [r.model.name for r in rows if not r.ok]
     summary = f"{len(rows) - len(failed)} passed, {len(failed)} failed"
     print(summary if not failed else f"{summary}: {', '.join(failed)}")
-    if args.markdown:
-        groups = {}
-        for row in rows:
-            groups.setdefault(row.model.group, []).append(row)
-        text = [f"Measured {machine_line()}; command: `python benchmarks/model_zoo.py "
-                f"{' '.join(sys.argv[1:])}`.", ""]
-        for group, members in groups.items():
-            text.append(markdown(members, stages, group))
-        Path(args.markdown).write_text("\n".join(text))
     return 1 if failed else 0
+
+
+def _write_markdown(path: Path, rows: list[Row], stages: tuple[str, ...]) -> None:
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.model.group, []).append(row)
+    text = [f"Measured {machine_line()}; command: `python benchmarks/model_zoo.py "
+            f"{' '.join(sys.argv[1:])}`.", ""]
+    text += [markdown(members, stages, group) for group, members in groups.items()]
+    path.write_text("\n".join(text))
 
 
 if __name__ == "__main__":

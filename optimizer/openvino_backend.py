@@ -7,6 +7,10 @@ bf16 on its own, which would slip a lossy result past the fp32 accuracy guard.
 from __future__ import annotations
 
 import importlib
+import json
+import signal
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -97,6 +101,29 @@ def error_line(error: BaseException) -> str:
     went wrong: that last line, shortened."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[-1].lstrip("- ") if lines else type(error).__name__)[:160]
+
+
+# Compiles one segment and exits; run with the current directory off sys.path, so that a
+# folder named `wpk` there cannot shadow the installed package.
+_COMPILE_CHILD = ("import json, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+                  "from pathlib import Path; "
+                  "from wpk.optimizer.openvino_backend import OpenVinoSegment; "
+                  "OpenVinoSegment(Path(sys.argv[1]), json.loads(sys.argv[2]))")
+
+
+def crash_reason(directory: Path, entry: dict, timeout_s: float = 600) -> str | None:
+    """Why compiling this segment would kill the process, or None. OpenVINO's CPU plugin
+    is native code: some graphs crash it (2026.4 segfaulted on a QDQ int8 SqueezeNet), so
+    it compiles in a child first, and a crash costs a candidate, never the caller."""
+    try:
+        result = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, str(directory),
+                                 json.dumps(entry)], capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"OpenVINO took over {timeout_s:.0f} s to compile it"
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        return f"OpenVINO crashed compiling it ({name})"
+    return None   # a Python error is raised again, with its message, by the real compile
 
 
 def _hint_name(value: Any) -> str:

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from wpk.graph import node_reads
+
 FOLDABLE_SKIP = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                  "Multinomial", "If", "Loop", "Scan"}
 
@@ -25,9 +27,8 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def _consumers(model: onnx.ModelProto) -> Counter:
     count: Counter = Counter()
     for node in model.graph.node:
-        for name in node.input:
-            if name:
-                count[name] += 1
+        for name in node_reads(node):
+            count[name] += 1
     for out in model.graph.output:
         count[out.name] += 1
     return count
@@ -38,7 +39,8 @@ def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     out = copy.deepcopy(model)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input} | {o.name for o in out.graph.output}
+    used = {name for node in nodes for name in node_reads(node)} | \
+        {o.name for o in out.graph.output}
     del out.graph.initializer[:]
     out.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name)
                                  for name, value in initializers.items() if name in used)
@@ -138,9 +140,13 @@ def fuse_conv_relu(model: onnx.ModelProto) -> onnx.ModelProto:
 def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop nodes (and Identity/Dropout pass-throughs) whose outputs reach no graph output."""
     needed = {o.name for o in model.graph.output}
+    # names a subgraph reads from this scope cannot be renamed by rewriting node inputs
+    read_by_subgraphs = {name for node in model.graph.node
+                         for name in set(node_reads(node)) - set(node.input)}
     alias: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type in ("Identity", "Dropout") and node.output[0] not in needed and \
+                node.output[0] not in read_by_subgraphs and \
                 len([o for o in node.output if o]) == 1:
             alias[node.output[0]] = node.input[0]
     kept = []
@@ -149,7 +155,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(n for n in node.input if n)
+            needed.update(node_reads(node))
     nodes = []
     for node in reversed(kept):
         node = copy.deepcopy(node)

@@ -527,6 +527,10 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
         try:
             directory, segment = _write_openvino(tmp / key, ctx, model, config, precision,
                                                  hint, threads)
+            crash = ovb.crash_reason(directory, segment)
+            if crash:
+                report.candidates[key] = {"error": crash}
+                continue
             ovb.OpenVinoSegment(directory, segment)  # compile now, not in the guard
         except ovb.PrecisionMismatch as error:  # e.g. no bf16 on this CPU: nothing new
             report.candidates[key] = {"skipped": str(error)}

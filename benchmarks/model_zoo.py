@@ -45,6 +45,9 @@ NOISE = 0.05
 # the optimizer's bounded budget per model (CI lowers it)
 OPTIMIZE_TRIALS = 8
 OPTIMIZE_SECONDS = 60
+# a slowdown fails the optimize stage in the benchmark; the tests check correctness alone
+# (timings on a shared CI machine are no verdict)
+CHECK_SPEED = True
 
 
 @dataclass
@@ -152,7 +155,7 @@ def stage_optimize(row: Row, work: Path) -> Outcome:
     chosen = report["chosen"]
     if worst > 1e-3:
         return Outcome("FAILED", f"{chosen}: outputs differ by {worst:.3g} relative")
-    if ratio < 1 - NOISE:
+    if CHECK_SPEED and ratio < 1 - NOISE:
         return Outcome("FAILED", f"{chosen}: {ratio:.2f}x ORT defaults (slower)")
     return Outcome("ok", f"{chosen}, {ratio:.2f}x ORT defaults (interleaved)")
 

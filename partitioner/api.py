@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wpk.errors import WpkError
+from wpk.files import check_outputs
 from wpk.graph import Graph
 from wpk.plan import LinkPlan, Plan, TensorSpec, TierPlan
 from wpk.tiers import Tiers, load_tiers
@@ -133,8 +134,12 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
               measured: Mapping[str, Sequence[TierCosts]] | None = None,
               efficiency: Efficiency | None = None, use_calibration: bool = True,
               out_dir: str | Path | None = None, verify: bool = True, top: int = 0,
-              with_front: bool = False) -> PartitionResult:
+              with_front: bool = False, force: bool = False,
+              other_inputs: Sequence[str | Path] = ()) -> PartitionResult:
     """Choose the cuts, write the slices and plan.json to `out_dir` (if given), return all.
+
+    Files already in `out_dir` that the plan would write are an earlier result, replaced only
+    with `force`; the model, the tiers file and `other_inputs` (profiles) are never written.
 
     `measured` maps a tier name to one or more measured cost columns (candidate machines);
     other tiers use the roofline estimate.
@@ -154,6 +159,10 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
     if not isinstance(tiers, Tiers):
         tiers = load_tiers(tiers, tiers_file, links, codecs)
     deliver = tiers.index(deliver_to) if deliver_to else 0
+    if out_dir is not None:   # before the search: its work is not lost to a refusal
+        check_outputs([Path(out_dir) / "plan.json"]
+                      + [Path(out_dir) / f"{name}.onnx" for name in tiers.names],
+                      [graph.path, tiers_file, *other_inputs], force=force)
     if efficiency is None:
         efficiency = calibrate() if use_calibration else Efficiency()
     candidates: list[list[TierCosts]] = []

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, print_warning
-from wpk.files import writable_file
+from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
 from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pareto", action="store_true",
                         help="print the latency / bytes-beyond-edge front")
     parser.add_argument("-o", "--output", help="output directory (default: <model>_plan)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier plan, slices or report at the outputs")
     parser.add_argument("--report", metavar="PNG", help="draw per-layer costs and the cuts")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking the chained slices against the whole model")
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         report = Path(args.report)
         report = writable_file(report if report.suffix else report.with_suffix(".png"),
                                "report")
+        check_outputs([report], [args.model, args.tiers_file], force=args.force)
     if tier_names is None and args.tiers_file is None:
         tier_names = ["device", "edge", "cloud"]
     graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         objective=args.objective, max_latency_ms=args.max_latency_ms, privacy=args.privacy,
         deliver_to=args.deliver_to, pins=_pins(args.pin), measured=measured,
         use_calibration=not args.no_calibrate, out_dir=out_dir, verify=not args.no_verify,
-        top=args.top, with_front=args.pareto)
+        top=args.top, with_front=args.pareto, force=args.force,
+        other_inputs=[path for _tier, path in _pairs(args.profile, "--profile")])
     if args.json:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import re
 import sys
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 class WpkError(Exception):
@@ -80,3 +81,15 @@ def one_line_warnings(category: type[Warning] = Warning,
 
         warnings.showwarning = show
         yield
+
+
+def refuse_unknown_keys(keys: Iterable[object], known: Iterable[str], where: str,
+                        what: str = "key", otherwise: str = "") -> None:
+    """A hand-written file's first unknown key as one line, with the closest known one
+    (`linkz` -> did you mean 'links'?), or `otherwise` where none is close."""
+    known = sorted(known)
+    for key in sorted({str(k) for k in keys} - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else (f" ({otherwise})" if otherwise
+                                                              else f" (known: {', '.join(known)})")
+        raise WpkError(f"{where}: unknown {what} {key!r}{hint}")

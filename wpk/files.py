@@ -1,8 +1,10 @@
-"""Reading the user's files: every way a path can be wrong is one line naming the file."""
+"""Reading and writing the user's files: every way a path can be wrong is one line naming
+the file."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 from wpk.errors import WpkError
 
@@ -60,3 +62,22 @@ def read_yaml(path: str | os.PathLike, kind: str = ""):
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise WpkError(f"{Path(path)}: malformed YAML{where}") from None
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike],
+                  *, force: bool) -> None:
+    """The rule for every command that writes files, checked before any work starts: an
+    output is never one of the command's own inputs (not even with --force: the input would
+    be gone), and a file already there is an earlier result, replaced only with --force."""
+    existing_inputs = [Path(p) for p in inputs if p is not None and Path(p).is_file()]
+    for output in map(Path, outputs):
+        if not output.exists():
+            continue
+        if output.is_dir():
+            raise WpkError(f"{output}: cannot write it: a directory has that name")
+        if any(os.path.samefile(output, source) for source in existing_inputs):
+            raise WpkError(f"{output}: is an input of this command; writing there would "
+                           f"destroy it: choose another output")
+        if not force:
+            raise WpkError(f"{output}: exists (an earlier result); pass --force to replace "
+                           f"it, or choose another output")

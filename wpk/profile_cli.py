@@ -7,11 +7,13 @@ core dependencies (onnx, onnxruntime, numpy, jsonschema, rich).
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 from pathlib import Path
 
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
+from wpk.files import check_outputs
 from wpk.graph import parse_input_shapes
 from wpk.profiling import (DEFAULT_RUNS, DEFAULT_WARMUP, PROVIDER_ALIASES, profile_model,
                            save_profile)
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime graph optimization level (default: all, as deployed)")
     parser.add_argument("--top", type=cli_args.non_negative_int, default=10,
                         help="print the N slowest nodes (default: 10; 0 prints none)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier profile file")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     return parser
 
@@ -70,13 +73,16 @@ def _summary(document: dict, path: Path, top: int) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    document = profile_model(
-        args.model, provider=args.provider, threads=args.threads, warmup=args.warmup,
-        runs=args.runs, input_shapes=parse_input_shapes(args.input_shape), name=args.name,
-        progress=not args.quiet and sys.stderr.isatty(), optimization=args.optimization)
-    output = Path(args.output or f"{document['device']['name']}.json")
+    # the output is checked before the measurement, whose minutes it would otherwise waste
+    name = args.name or platform.node() or "unnamed"
+    output = Path(args.output or f"{name}.json")
     if output.is_dir():
         raise WpkError(f"{output}: is a directory, expected a file name for the profile")
+    check_outputs([output], [args.model], force=args.force)
+    document = profile_model(
+        args.model, provider=args.provider, threads=args.threads, warmup=args.warmup,
+        runs=args.runs, input_shapes=parse_input_shapes(args.input_shape), name=name,
+        progress=not args.quiet and sys.stderr.isatty(), optimization=args.optimization)
     save_profile(document, output)
     if not args.quiet:
         _summary(document, output, args.top)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from wpk.errors import WpkError
+from wpk.errors import WpkError, refuse_unknown_keys
 from wpk.files import read_yaml
 from wpk.plan import CODEC_BYTE_FACTOR, parse_codec
 
@@ -131,9 +131,7 @@ def make_tier(name: str, preset: str | None = None, role: str | None = None,
                            f"(known: {', '.join(sorted(HARDWARE_PRESETS))})")
         values.update(HARDWARE_PRESETS[preset])
         values["hardware"] = preset
-    unknown = set(overrides) - _TIER_FIELDS
-    if unknown:
-        raise WpkError(f"tier {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
+    refuse_unknown_keys(overrides, _TIER_FIELDS, f"tier {name!r}", "field")
     values.update(overrides)
     values["role"] = role or base_role or values.get("role", "edge")
     _check_tier_fields(name, values)
@@ -141,6 +139,7 @@ def make_tier(name: str, preset: str | None = None, role: str | None = None,
     return TierSpec(name=name, **values)
 
 
+_LINK_KEYS = ("from", "to", "bandwidth", "bandwidth_mbps", "rtt", "rtt_ms", "codec")
 _NUMBER_FIELDS = ("peak_gflops", "mem_bandwidth_gbps", "op_overhead_us", "cores", "memory_mb",
                   "gpus")
 ROLES = ("device", "edge", "cloud")
@@ -328,6 +327,7 @@ def _read_tiers_file(path: Path):
     data = read_yaml(path, "tiers")
     if not isinstance(data, dict) or not isinstance(data.get("tiers"), list):
         raise WpkError(f"{path}: expected a mapping with a 'tiers' list")
+    refuse_unknown_keys(data, ("tiers", "links"), str(path))
     order, tiers = [], {}
     for i, entry in enumerate(data["tiers"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -341,6 +341,12 @@ def _read_tiers_file(path: Path):
                 or not isinstance(entry.get("to"), str):
             raise WpkError(f"{path}: links[{i}] needs 'from' and 'to' (tier names)")
         where = f"{path}: link {entry['from']}-{entry['to']}"
+        refuse_unknown_keys(entry, _LINK_KEYS, where)
+        if entry["from"] == entry["to"]:
+            raise WpkError(f"{where}: joins a tier to itself (a link joins two tiers)")
+        if (entry["from"], entry["to"]) in links:
+            raise WpkError(f"{where}: given twice (links[{i}] repeats an earlier link); "
+                           "keep one")
         bandwidth = entry.get("bandwidth", entry.get("bandwidth_mbps"))
         rtt = entry.get("rtt", entry.get("rtt_ms"))
         if bandwidth is None or rtt is None:
@@ -356,4 +362,8 @@ def _read_tiers_file(path: Path):
         for end, name in zip(("from", "to"), ends):
             if name not in tiers and name not in TIER_PRESETS:
                 raise WpkError(f"{path}: link {end} unknown tier {name!r}")
+        if all(end in order for end in ends) and order.index(ends[0]) > order.index(ends[1]):
+            raise WpkError(f"{path}: link {ends[0]}-{ends[1]} goes backwards: data flows in "
+                           f"the order of the tiers ({' -> '.join(order)}), so a link goes "
+                           f"from {ends[1]} to {ends[0]}")
     return order, tiers, links

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import logging
 import os
 import signal
 from pathlib import Path
 
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, refuse_unknown_keys
 from wpk.files import read_yaml
 
 from .config import QUEUE_POLICIES, BridgeConfig, BrokerConfig, Route, parse_address
@@ -159,10 +158,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     for index, entry in enumerate(file_routes):
         if isinstance(entry, dict):
             check_types(entry, f"{args.config}: routes[{index}]")
-    for key in sorted(set(settings) - known, key=str):
-        close = difflib.get_close_matches(str(key), known, n=1)
-        raise WpkError(f"{args.config}: unknown setting {key!r}"
-                       + (f" (did you mean {close[0]!r}?)" if close else " (see docs/mqtt.md)"))
+    refuse_unknown_keys(settings, known, str(args.config), "setting", "see docs/mqtt.md")
     defaults = {k: settings.pop(k) for k in ROUTE_KEYS if k in settings}
     defaults.update(args.route_defaults)
 

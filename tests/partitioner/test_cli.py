@@ -148,6 +148,12 @@ def _write(path, text):
     (["--tiers-file", "{tmp}/overhead.yaml"], "op_overhead_us must not be negative"),
     (["--tiers-file", "{tmp}/link_to.yaml"], "link to unknown tier 'egde'"),
     (["--tiers-file", "{tmp}/link_list.yaml"], "links[0] needs 'from' and 'to'"),
+    (["--tiers-file", "{tmp}/linkz.yaml"], "unknown key 'linkz' (did you mean 'links'?)"),
+    (["--tiers-file", "{tmp}/jitter.yaml"], "link device-edge: unknown key 'jitter'"),
+    (["--tiers-file", "{tmp}/twice.yaml"], "link device-edge: given twice"),
+    (["--tiers-file", "{tmp}/backwards.yaml"], "link edge-device goes backwards"),
+    (["--tiers-file", "{tmp}/itself.yaml"], "link edge-edge: joins a tier to itself"),
+    (["--tiers-file", "{tmp}/field.yaml"], "unknown field 'cors' (did you mean 'cores'?)"),
     (["--report", "{tmp}/report.xyz"], "report.xyz"),
     (["--max-latency-ms", "nan"], "--max-latency-ms"),
     (["-o", "{tmp}/blocked"], "cannot write"),
@@ -169,6 +175,15 @@ def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):
            "links:\n  - {from: device, to: egde, bandwidth: 1mbit, rtt: 1ms}\n")
     _write(tmp_path / "link_list.yaml", "tiers:\n  - {name: device}\n  - {name: edge}\n"
            "links:\n  - {from: [device], to: edge, bandwidth: 1mbit, rtt: 1ms}\n")
+    two = "tiers:\n  - {name: device}\n  - {name: edge}\n"
+    link = "  - {from: device, to: edge, bandwidth: 20mbit, rtt: 5ms}\n"
+    _write(tmp_path / "linkz.yaml", two + "linkz:\n" + link)
+    _write(tmp_path / "jitter.yaml", two + "links:\n" + link.replace("}", ", jitter: 1ms}"))
+    _write(tmp_path / "twice.yaml", two + "links:\n" + link + link.replace("20mbit", "1kbit"))
+    _write(tmp_path / "backwards.yaml", two + "links:\n" + link.replace(
+        "from: device, to: edge", "from: edge, to: device"))
+    _write(tmp_path / "itself.yaml", two + "links:\n" + link.replace("device", "edge"))
+    _write(tmp_path / "field.yaml", "tiers:\n  - {name: device, cors: 4}\n")
     (tmp_path / "blocked" / "device.onnx").mkdir(parents=True)  # a slice cannot be written
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "-o" not in args:
@@ -201,3 +216,39 @@ def test_a_new_plan_over_an_optimized_one_warns_that_they_no_longer_apply(mlp_pa
     assert main([str(mlp_path), "--no-calibrate", "--tiers", "device,edge", "-o",
                  str(tmp_path)]) == 0
     assert "the new plan does not use them (run wpk-optimize again)" in capsys.readouterr().err
+
+
+def test_an_input_model_in_the_output_directory_is_never_overwritten(mlp_path, tmp_path,
+                                                                     capsys):
+    """`wpk-partition d/edge.onnx -o d` once replaced the model with its own edge slice."""
+    model = tmp_path / "edge.onnx"
+    model.write_bytes(mlp_path.read_bytes())
+    for extra in ([], ["--force"]):
+        code = main([str(model), "--no-calibrate", "--tiers", "device,edge", "-o",
+                     str(tmp_path), *extra])
+        assert code == 2
+        assert "is an input of this command" in capsys.readouterr().err
+        assert model.read_bytes() == mlp_path.read_bytes()
+        assert not (tmp_path / "plan.json").exists()
+
+
+def test_an_earlier_plan_is_replaced_only_with_force(mlp_path, tmp_path, capsys):
+    out = tmp_path / "plan"
+    args = [str(mlp_path), "--no-calibrate", "--tiers", "device,edge", "-o", str(out)]
+    assert main(args) == 0
+    first = (out / "plan.json").read_text()
+    (out / "plan.json").write_text(first.replace('"latency"', '"latency" '))
+    assert main(args + ["--objective", "throughput"]) == 2
+    assert "plan.json: exists (an earlier result); pass --force" in capsys.readouterr().err
+    assert (out / "plan.json").read_text() != first                 # untouched
+    assert main(args + ["--objective", "throughput", "--force"]) == 0
+    assert json.loads((out / "plan.json").read_text())["objective"]["name"] == "throughput"
+
+
+def test_an_existing_report_is_refused_before_any_work(mlp_path, tmp_path, capsys):
+    report = tmp_path / "r.png"
+    report.write_bytes(b"an earlier report")
+    code = main([str(mlp_path), "--no-calibrate", "--tiers", "device,edge", "-o",
+                 str(tmp_path / "out"), "--report", str(report)])
+    assert code == 2 and "r.png: exists" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and report.read_bytes() == b"an earlier report"

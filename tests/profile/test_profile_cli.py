@@ -28,6 +28,25 @@ def test_cli_default_output_is_the_device_name(example_models, tmp_path, monkeyp
     assert load_profile(tmp_path / "pi4.json").device_name == "pi4"
 
 
+def test_cli_never_writes_over_its_model_nor_silently_over_a_profile(example_models, tmp_path,
+                                                                     capsys):
+    """`wpk-profile m.onnx -o m.onnx` once replaced the model with JSON."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(example_models["mlp"].read_bytes())
+    for extra in ([], ["--force"]):
+        assert main([str(model), "-o", str(model), "-q", "--runs", "1", *extra]) == 2
+        assert "is an input of this command" in capsys.readouterr().err
+        assert model.read_bytes() == example_models["mlp"].read_bytes()
+    out = tmp_path / "p.json"
+    assert main([str(model), "-o", str(out), "-q", "--runs", "1", "--name", "a"]) == 0
+    assert main([str(model), "-o", str(out), "-q", "--runs", "1", "--name", "b"]) == 2
+    assert "p.json: exists (an earlier result); pass --force" in capsys.readouterr().err
+    assert load_profile(out).device_name == "a"
+    assert main([str(model), "-o", str(out), "-q", "--runs", "1", "--name", "b",
+                 "--force"]) == 0
+    assert load_profile(out).device_name == "b"
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys, example_models):
     assert main([str(tmp_path / "absent.onnx"), "-q"]) == 2
     err = capsys.readouterr().err

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--port", type=cli_args.port, default=8001,
                        help="entry tier's gRPC port (default 8001); others take free ports")
     local.add_argument("--host", default="127.0.0.1", help="address every tier binds")
-    local.add_argument("--threads", type=cli_args.non_negative_int, default=0,
+    local.add_argument("--threads", type=cli_args.threads, default=0,
                        help="ONNX Runtime threads per tier (0: ORT's default)")
     local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
                        help="how the tiers pass tensors: tcp, the tensor link (default), or "

@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the plan's links)")
     parser.add_argument("--requests", type=int, default=10, help="timed requests (default 10)")
     parser.add_argument("--warmup", type=cli_args.non_negative_int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=cli_args.threads, default=1,
                         help="ONNX Runtime threads per tier (default 1)")
     parser.add_argument("--cpu", action="append", default=[], metavar="TIER=FRACTION",
                         help="limit a tier to a fraction of one CPU (cgroup quota), e.g. "

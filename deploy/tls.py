@@ -79,8 +79,14 @@ def generate(directory: str | Path, tiers: Sequence[str],
                       encryption_algorithm=serialization.NoEncryption())
 
     if (directory / CA_CERT).exists() and (directory / CA_KEY).exists():
-        ca_cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
-        ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
+        try:
+            ca_cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+            ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
+        except (ValueError, TypeError) as error:   # not PEM, or an encrypted key
+            reason = str(error).split(".")[0] or type(error).__name__
+            raise WpkError(f"{directory}: {CA_CERT} and {CA_KEY} are not a PEM certificate and "
+                           f"its unencrypted key ({reason}); fix them or pass a new directory "
+                           "to --tls") from None
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from wpk.errors import WpkError, ort_error_line
-from wpk.graph import infer_shapes, load_model
+from wpk.graph import infer_shapes, load_model, without_initializer_inputs
 from wpk.naming import name_nodes
 from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
@@ -119,6 +119,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     original.CopyFrom(source if isinstance(source, onnx.ModelProto) else load_model(source))
     # every pass finds nodes by name: unnamed and duplicate-named nodes get wpk's stable names
     name_nodes(original)
+    without_initializer_inputs(original)
     name = name or (Path(source).stem if not isinstance(source, onnx.ModelProto)
                     else original.graph.name)
     out_dir = Path(out_dir)

@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"separated by commas, like device,edge,cloud)")
     report = None
     if args.report:  # checked before the search, so that its work is not lost at the end
-        report = Path(args.report)
-        report = writable_file(report if report.suffix else report.with_suffix(".png"),
-                               "report")
+        from wpk.partitioner.report import report_path
+
+        report = writable_file(report_path(args.report), "report")
         check_outputs([report], [args.model, args.tiers_file], force=args.force)
     if tier_names is None and args.tiers_file is None:
         tier_names = ["device", "edge", "cloud"]

@@ -8,6 +8,25 @@ import numpy as np
 from wpk.errors import WpkError
 
 
+def report_path(text: str) -> Path:
+    """The file `--report` names, checked before any work: not a directory, and in a format
+    matplotlib writes (no suffix means PNG)."""
+    path = Path(text)
+    if path.is_dir():
+        raise WpkError(f"--report {text}: is a directory; name the image to write, e.g. "
+                       f"{path / 'report.png'}")
+    path = path if path.suffix else path.with_suffix(".png")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise WpkError("--report needs matplotlib: pip install 'wpk[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise WpkError(f"--report {text}: matplotlib cannot write {path.suffix} files (it "
+                       f"writes {', '.join(sorted(formats))})")
+    return path
+
+
 def draw_report(result, path: Path) -> None:
     """Node times per tier (log scale) in topological order; the background shows the
     tier each node was placed on, the bars below the bytes each cut tensor weighs."""

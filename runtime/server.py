@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         type=cli_args.host_port,
                         help="the next tier's server (required unless this tier is the last)")
     parser.add_argument("--name", help="model name to serve (default: the plan's)")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=cli_args.threads, default=0,
                         help="ONNX Runtime intra-op threads (0: ORT's default)")
     parser.add_argument("--spin", action="store_true",
                         help="let ONNX Runtime's threads spin-wait between runs (ORT's own "
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused")
     parser.add_argument("--metrics-port", type=cli_args.port, default=None,
                         help="serve Prometheus /metrics on this port (0: any free port)")
-    parser.add_argument("--max-message-mb", type=int,
+    parser.add_argument("--max-message-mb", type=MESSAGE_MB,
                         default=DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024),
                         help="largest gRPC message sent or received, MiB (default 256)")
     parser.add_argument("--cpus", type=cpu_list, metavar="LIST",
@@ -156,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# gRPC counts a message's bytes in a signed 32-bit integer
+MESSAGE_MB = cli_args.int_between(1, (2**31 - 1) // 2**20, "gRPC's limit is 2 GiB")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads < 0 or args.workers < 1 or args.max_message_mb < 1:
-        raise WpkError("--threads must be >= 0, --workers and --max-message-mb >= 1")
+    if args.threads < 0 or args.workers < 1:
+        raise WpkError("--threads must be >= 0, --workers >= 1")
     if args.tls_dir and args.link == "tcp":
         raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers talk "
                        "over gRPC (leave --link out, or say --link grpc)")

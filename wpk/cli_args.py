@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
 def _number(text: str, kind: type) -> int | float:
@@ -38,6 +39,19 @@ def _bounded(kind: type, low: int, strict: bool, rule: str, name: str):
     return parse
 
 
+def int_between(low: int, high: int, why: str):
+    """An argparse type: an integer from `low` to `high`; `why` says where `high` comes
+    from."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high} ({why})")
+        return value
+
+    parse.__name__ = f"int_between_{low}_{high}"
+    return parse
+
+
 positive_int = _bounded(int, 1, False, "must be at least 1", "positive_int")
 non_negative_int = _bounded(int, 0, False, "must be 0 or more", "non_negative_int")
 positive_float = _bounded(float, 0, True, "must be more than 0", "positive_float")
@@ -63,3 +77,10 @@ def host_port(text: str) -> str:
     """An argparse type: HOST:PORT (see split_host_port), kept as the user wrote it."""
     split_host_port(text)
     return text
+
+
+# More intra-op threads than this only slow ONNX Runtime down, and a huge count makes it
+# spend minutes starting threads before the first run.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+threads = int_between(0, MAX_THREADS, f"0 picks one per physical core; at most 4 x this "
+                                      f"machine's {os.cpu_count() or 1} logical cores")

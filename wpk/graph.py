@@ -87,6 +87,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop graph inputs that name an initializer (in place). Files of IR version 3 list every
+    weight as an input too; to ONNX Runtime they are then inputs a caller may override, and
+    a model cut or rewritten from them asks for them as inputs. wpk treats them as the
+    constants they are."""
+    weights = {i.name for i in model.graph.initializer}
+    if any(v.name in weights for v in model.graph.input):
+        kept = [v for v in model.graph.input if v.name not in weights]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)   # IR 4 lets initializers stand alone
+    return model
+
+
 def fixed_shapes(path: str | os.PathLike, shapes: Mapping[str, Sequence[int]],
                  label: str) -> onnx.ModelProto:
     """The model at `path` with the given input shapes fixed."""

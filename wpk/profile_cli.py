@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", default="cpu",
                         help=f"ONNX Runtime execution provider: {', '.join(PROVIDER_ALIASES)} "
                              "or a full name such as CUDAExecutionProvider (default: cpu)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=cli_args.threads,
                         help="intra-op threads (default: physical cores, as ONNX Runtime)")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                         help=f"untimed runs first (default: {DEFAULT_WARMUP})")

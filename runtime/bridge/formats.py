@@ -129,9 +129,11 @@ class JsonFormat:
 
     def parse(self, topic: str, payload: bytes) -> Parsed:
         try:
-            document = json.loads(payload)
+            document = json.loads(payload, parse_constant=_not_json)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise PayloadError(f"invalid JSON: {error}") from None
+        except RecursionError:
+            raise PayloadError("invalid JSON: nested too deeply") from None
         if not isinstance(document, dict) or "inputs" not in document:
             raise PayloadError('JSON payload needs an "inputs" object')
         arrays = _json_inputs(document["inputs"])
@@ -143,6 +145,11 @@ class JsonFormat:
 
     def to_inputs(self, parsed: Parsed, signature: ModelSignature) -> dict[str, np.ndarray]:
         return _fit_all(signature, parsed.body)
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json module reads NaN and Infinity, which JSON does not have."""
+    raise PayloadError(f"invalid JSON: {constant} is not a JSON number")
 
 
 def _json_inputs(inputs: Any) -> dict[str, np.ndarray]:
@@ -174,6 +181,8 @@ def _json_inputs(inputs: Any) -> dict[str, np.ndarray]:
             reason = "ragged nesting: not a rectangular array" if "inhomogeneous" in str(error) \
                 else str(error)
             raise PayloadError(f"input {name!r}: {reason}") from None
+        except RecursionError:
+            raise PayloadError(f"input {name!r}: nested too deeply") from None
         if array.dtype.kind not in "biuf":
             raise PayloadError(f"input {name!r}: not a (rectangular) array of numbers")
         arrays[name] = array
@@ -196,6 +205,18 @@ def make_input_format(name: str, *, input_name: str | None = None,
 
 # ---- results -------------------------------------------------------------------------------
 
+def _json_values(array: np.ndarray) -> Any:
+    """Nested lists; a NaN or infinity becomes the string "NaN", "Infinity" or "-Infinity",
+    as protobuf's JSON mapping writes them (JSON itself has no such numbers)."""
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return array.tolist()
+    values = array.astype(object)
+    values[np.isnan(array)] = "NaN"
+    values[np.isposinf(array)] = "Infinity"
+    values[np.isneginf(array)] = "-Infinity"
+    return values.tolist()
+
+
 def little_endian_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
@@ -205,8 +226,8 @@ def encode_result(result_format: str, outputs: dict[str, np.ndarray], meta: dict
     """JSON: meta plus `"outputs": {name: nested list}`; raw/npy: one output tensor."""
     if result_format == "json":
         document = dict(meta)
-        document["outputs"] = {name: array.tolist() for name, array in outputs.items()}
-        return json.dumps(document, separators=(",", ":")).encode()
+        document["outputs"] = {name: _json_values(array) for name, array in outputs.items()}
+        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     if output_name is None:
         if len(outputs) != 1:
             raise ValueError(f"{result_format} results carry one tensor; the model has outputs "

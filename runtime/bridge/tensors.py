@@ -30,8 +30,9 @@ class TensorSpec:
         has at most one free dimension: sensors often send a flat list of readings.
         """
         if array.dtype != self.dtype:
-            if array.dtype.kind in "OSU":
-                raise ValueError(f"input {self.name!r}: expected {self.datatype} numbers")
+            if array.dtype.kind not in "biuf":   # strings, objects; complex would lose a part
+                raise ValueError(f"input {self.name!r}: expected {self.datatype} numbers, "
+                                 f"got {array.dtype.name} values")
             array = array.astype(self.dtype)
         if self._accepts(array.shape):
             return np.ascontiguousarray(array)

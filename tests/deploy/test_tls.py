@@ -110,6 +110,19 @@ def test_missing_files_are_named(tmp_path):
         tls.load(tmp_path, "edge")
 
 
+@pytest.mark.parametrize("junk", ["ca.pem", "ca.key"])
+def test_a_junk_ca_is_one_line_through_wpk_deploy(three_tier_plan, tmp_path, junk, capsys):
+    from wpk.deploy.cli import main
+
+    tls.generate(tmp_path / "pki", ["device"])
+    (tmp_path / "pki" / junk).write_text("not a PEM file\n")
+    assert main([str(three_tier_plan), "--bundle", str(tmp_path / "b"), "--tls",
+                 str(tmp_path / "pki")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wpk: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "ca.pem and ca.key are not a PEM certificate and its unencrypted key" in err
+
+
 # -- real tier servers (wpk-serve --tls-dir) -----------------------------------------------
 def _serve(plan_dir, tier, tls_dir=None, next_address=None):
     import subprocess

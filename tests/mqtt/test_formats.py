@@ -117,6 +117,30 @@ def test_sparkplug_seq_gap_counted_and_bad_topics():
             fmt.parse(topic, make_payload([]))
 
 
+@pytest.mark.parametrize("payload, message", [
+    (b'{"inputs": {"x": [1, NaN, 3, 4]}}', "NaN is not a JSON number"),
+    (b'{"inputs": {"x": [1, 2, -Infinity, 4]}}', "-Infinity is not a JSON number"),
+    (b'{"inputs": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "nested too deeply"),
+])
+def test_json_that_is_not_json_or_too_deep_is_a_payload_error(payload, message):
+    with pytest.raises(PayloadError, match=message):
+        decode(JsonFormat(), payload)
+
+
+def test_complex_values_are_refused_not_cast_to_real():
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([[1 + 2j, 3, 4, 5]]))
+    with pytest.raises(PayloadError, match="expected FP32 numbers, got complex128"):
+        decode(NpyFormat(), buffer.getvalue())
+
+
+def test_json_results_stay_json_when_a_model_outputs_nan_or_infinity():
+    outputs = {"y": np.array([1.5, np.nan, np.inf, -np.inf], dtype=np.float32)}
+    document = json.loads(encode_result("json", outputs, {"id": 1}),
+                          parse_constant=lambda c: pytest.fail(f"{c} in the result"))
+    assert document["outputs"]["y"] == [1.5, "NaN", "Infinity", "-Infinity"]
+
+
 def test_results_json_raw_npy():
     outputs = {"y": np.array([1.0, 2.0], np.float32)}
     document = json.loads(encode_result("json", outputs, {"seq": 3}))

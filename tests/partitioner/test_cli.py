@@ -154,7 +154,9 @@ def _write(path, text):
     (["--tiers-file", "{tmp}/backwards.yaml"], "link edge-device goes backwards"),
     (["--tiers-file", "{tmp}/itself.yaml"], "link edge-edge: joins a tier to itself"),
     (["--tiers-file", "{tmp}/field.yaml"], "unknown field 'cors' (did you mean 'cores'?)"),
-    (["--report", "{tmp}/report.xyz"], "report.xyz"),
+    (["--report", "{tmp}/report.xyz"], "matplotlib cannot write .xyz files"),
+    (["--report", "{tmp}/r.txt"], "matplotlib cannot write .txt files"),
+    (["--report", "{tmp}"], "is a directory; name the image to write"),
     (["--max-latency-ms", "nan"], "--max-latency-ms"),
     (["-o", "{tmp}/blocked"], "cannot write"),
     (["--report", "{tmp}/binary.yaml/r.png"], "binary.yaml is not a directory"),
@@ -193,6 +195,7 @@ def test_more_bad_input_is_one_line(args, message, mlp_path, tmp_path, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("wpk: error:"), err
     assert message in err
+    assert not (tmp_path / "out").exists()         # refused before any work was written
 
 
 def test_onnx_runtime_errors_lose_their_wrapping_and_keep_what_to_do():

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from wpk.profile_cli import main
 from wpk.profile_format import load_profile
 
@@ -57,6 +59,18 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, example_models):
     assert "bad shape" in capsys.readouterr().err
     assert main([str(example_models["mlp"]), "-o", str(tmp_path), "-q", "--runs", "1"]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_an_absurd_thread_count_is_refused_at_once(example_models, tmp_path, capsys):
+    """--threads 100000 once hung ONNX Runtime for minutes starting threads."""
+    import os
+
+    with pytest.raises(SystemExit) as stop:   # at parse time, before ONNX Runtime starts
+        main([str(example_models["mlp"]), "-o", str(tmp_path / "p.json"), "--threads",
+              "100000", "-q"])
+    assert stop.value.code == 2 and not (tmp_path / "p.json").exists()
+    assert f"at most 4 x this machine's {os.cpu_count()} logical cores" in \
+        capsys.readouterr().err
 
 
 BLOCKED = ["grpc", "grpc_tools", "tritonclient", "matplotlib", "paho", "paho.mqtt", "deap",

@@ -27,6 +27,8 @@ def serve(*args: str) -> subprocess.CompletedProcess:
     (["--hop-timeout", "0"], "argument --hop-timeout: 0 must be more than 0"),
     (["--hop-timeout", "inf"], "'inf' is not a finite number"),
     (["--tls-dir", ".", "--link", "tcp"], "--link tcp with --tls-dir"),
+    (["--max-message-mb", "3000"], "3000 is not from 1 to 2047 (gRPC's limit is 2 GiB)"),
+    (["--max-message-mb", "0"], "0 is not from 1 to 2047"),
 ])
 def test_bad_flag_values_are_refused(plans, flags, message):
     result = serve(str(plans["mlp"]), "--tier", "cloud", *flags)

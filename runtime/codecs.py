@@ -117,13 +117,19 @@ def decode(data: bytes, dtype: np.dtype, shape: tuple[int, ...], codec_name: str
         codec = Codec.parse(codec_name)
     except WpkError as error:
         raise DecodeError(str(error)) from None
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise DecodeError(f"{SCALE_PARAM} must be a finite number, not {scale!r}")
     count = math.prod(shape)
     width = {"raw": dtype.itemsize, "fp16": 2, "int8": 1}[codec.base]
     expected = count * width
     if codec.zstd:
         import zstandard
 
-        size = zstandard.frame_content_size(data) if len(data) >= 4 else -1
+        try:
+            size = zstandard.frame_content_size(data) if len(data) >= 4 else -1
+        except zstandard.ZstdError:   # no zstd frame header at all
+            raise DecodeError(f"{codec.name} contents are not a zstd frame") from None
         if size != expected:
             raise DecodeError(f"{codec.name} frame holds {size} bytes, expected {expected}")
         try:

@@ -199,6 +199,29 @@ def test_bad_messages_get_precise_errors(resnet_pipeline):
                                   "'resnet' (models: resnet_like, resnet_like.device)")
 
 
+@pytest.mark.parametrize("codec, scale, message", [
+    ("raw+zstd", None, "raw+zstd contents are not a zstd frame"),
+    ("int8", "half", "wpk_scale must be a finite number, not 'half'"),
+    ("int8", float("nan"), "wpk_scale must be a finite number, not nan"),
+    ("gzip", None, "gzip"),
+])
+def test_bad_codec_parameters_are_the_clients_fault(resnet_pipeline, codec, scale, message):
+    """Garbage behind wpk_codec, or a scale that is no number, once came back UNKNOWN with a
+    Python exception's name: they are INVALID_ARGUMENT, in plain words."""
+    stub_call = _raw_call(resnet_pipeline.entry)
+    bad = pb.ModelInferRequest(model_name="resnet_like", raw_input_contents=[b"\x07" * 3072])
+    tensor = bad.inputs.add(name="image", datatype="FP32", shape=[1, 3, 32, 32])
+    tensor.parameters["wpk_codec"].string_param = codec
+    if isinstance(scale, str):
+        tensor.parameters["wpk_scale"].string_param = scale
+    elif scale is not None:
+        tensor.parameters["wpk_scale"].double_param = scale
+    status, text = stub_call(bad)
+    assert status == grpc.StatusCode.INVALID_ARGUMENT, text
+    assert text.startswith("model 'resnet_like' input 'image': ") and message in text, text
+    assert "Error" not in text and "Traceback" not in text
+
+
 def _raw_call(address: str):
     def call(message):
         with grpc.insecure_channel(address) as channel:

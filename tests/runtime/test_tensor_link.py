@@ -96,6 +96,12 @@ def test_bad_tensor_descriptions_are_named():
     with pytest.raises(TensorError, match="missing input 'y'"):
         frame.arrays("m", {"x": TensorMeta("x", "FP32", (2, 2)),
                            "y": TensorMeta("y", "FP32", (1,))})
+    # codec parameters a client got wrong: TensorError (INVALID_ARGUMENT), not INTERNAL
+    for codec, scale, message in (("raw+zstd", 0, "not a zstd frame"),
+                                  ("int8", "half", "wpk_scale must be a finite number")):
+        frame.meta["t"] = [["x", "FP32", [2, 2], codec, scale, 16]]
+        with pytest.raises(TensorError, match=f"model 'm' input 'x': .*{message}"):
+            frame.arrays("m", {"x": TensorMeta("x", "FP32", (2, 2))})
 
 
 class Shuffler:

@@ -60,7 +60,8 @@ def _export(module, args: tuple, names: list[str], path: Path, exporter: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=64)
+            batch = torch.export.Dim.DYNAMIC   # its range is torch's to find (a fixed min
+            # of 1 trips convnext_tiny's export)
             shapes = tuple({0: batch} for _ in names)
             torch.onnx.export(module, args, str(path), input_names=names, dynamo=True,
                               dynamic_shapes=shapes, external_data=False)

@@ -11,7 +11,8 @@ from onnx import helper
 
 from wpk.errors import WpkError, ort_error_line
 from wpk.feeds import random_feeds
-from wpk.graph import Graph, node_reads
+from wpk.graph import Graph
+from wpk.subgraphs import node_reads
 
 
 @dataclass

@@ -21,6 +21,8 @@ from onnx import helper, shape_inference
 from wpk.errors import WpkError
 from wpk.files import existing_file
 from wpk.naming import name_nodes
+from wpk.shapes import complete_shapes, fold_shape_arithmetic, static_shape
+from wpk.subgraphs import node_reads
 
 
 @dataclass(frozen=True)
@@ -164,9 +166,9 @@ class Graph:
             self.tensors[init.name] = TensorInfo(
                 init.name, tuple(int(d) for d in init.dims), _tensor_dtype(init.data_type), True)
         for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-            if value.name not in self.tensors and _static_shape(value) is not None:
+            if value.name not in self.tensors and static_shape(value) is not None:
                 self.tensors[value.name] = TensorInfo(
-                    value.name, _static_shape(value),
+                    value.name, static_shape(value),
                     _tensor_dtype(value.type.tensor_type.elem_type))
         self.inputs: list[str] = [v.name for v in graph.input if v.name not in initializer_names]
         self.outputs: list[str] = [v.name for v in graph.output]
@@ -220,7 +222,8 @@ class Graph:
         name_nodes(model)
         if input_shapes:
             fix_input_shapes(model, input_shapes, label)
-        model = _complete_shapes(infer_shapes(model, input_shapes, label), label)
+        model = fold_shape_arithmetic(complete_shapes(infer_shapes(model, input_shapes, label),
+                                                      label))
         return cls(model, label, sha, path)
 
     # -- queries ------------------------------------------------------------------------
@@ -298,122 +301,6 @@ def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list
     return [nodes[j] for j in order]
 
 
-def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
-    """The tensor's shape when every dimension is a known positive number, else None."""
-    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
-        return None
-    dims = value.type.tensor_type.shape.dim
-    if any(not d.HasField("dim_value") or d.dim_value < 0 for d in dims):
-        return None
-    return tuple(int(d.dim_value) for d in dims)
-
-
-def _subgraph_reads(body: onnx.GraphProto) -> set[str]:
-    """Names a subgraph (an If branch, a Loop body) reads from the scopes around it."""
-    defined = ({v.name for v in body.input} | {i.name for i in body.initializer}
-               | {i.values.name for i in body.sparse_initializer}
-               | {o for n in body.node for o in n.output})
-    reads = {i for n in body.node for i in node_reads(n)}
-    return reads - defined
-
-
-def node_reads(node: onnx.NodeProto) -> tuple[str, ...]:
-    """Every tensor a node reads: its inputs, and the outer-scope tensors its subgraphs use
-    (a Loop body reading a weight of the main graph must run where that weight is)."""
-    implicit: set[str] = set()
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            implicit |= _subgraph_reads(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            for body in attribute.graphs:
-                implicit |= _subgraph_reads(body)
-    explicit = [name for name in node.input if name]
-    return tuple(dict.fromkeys(explicit + sorted(implicit - set(explicit))))
-
-
-def _complete_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
-    """Give every tensor that can cross a cut a static shape.
-
-    ONNX's shape inference leaves some unknown (operators it cannot follow, shapes computed
-    from data); those come from one real run of ONNX Runtime at the fixed input shapes, and
-    are written into the model's value_info. A shape that depends on the input's values
-    (NonZero) is then the one these random inputs gave. Outputs that nothing reads need no
-    shape and are not measured.
-    """
-    graph = model.graph
-    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
-    initializers = {i.name for i in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers]
-    for value in inputs:
-        if _static_shape(value) is None:
-            dims = value.type.tensor_type.shape.dim
-            dynamic = [repr(d.dim_param or "?") for d in dims if not d.HasField("dim_value")]
-            what = (f"a dynamic dimension {dynamic[0]}" if len(dynamic) == 1
-                    else f"dynamic dimensions {', '.join(dynamic)}" if dynamic else "no shape")
-            example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "N"
-                               for d in dims) or "N"
-            raise WpkError(f"{label}: input {value.name!r} has {what}; fix it with "
-                           f"--input-shape {value.name}={example}, each N a number")
-    read = {t for node in graph.node for t in node_reads(node)} | {v.name for v in graph.output}
-    missing = [t for node in graph.node for t in list(node_reads(node)) + list(node.output)
-               if t and t in read and t not in initializers
-               and (t not in known or _static_shape(known[t]) is None)]
-    missing = list(dict.fromkeys(missing))
-    if not missing:
-        return model
-    measured = _measured_shapes(model, inputs, missing, label)
-    kept = [v for v in graph.value_info if v.name not in measured]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    for name, (shape, dtype) in measured.items():
-        typed = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype),
-                                              list(shape))
-        outputs = [v for v in graph.output if v.name == name]
-        if outputs:
-            outputs[0].CopyFrom(typed)
-        else:
-            graph.value_info.append(typed)
-    return model
-
-
-def _measured_shapes(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto],
-                     names: Sequence[str], label: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of `names` from one ONNX Runtime run on random inputs."""
-    import onnxruntime as ort
-
-    from wpk.errors import ort_error_line
-    from wpk.feeds import random_feeds
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {v.name for v in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4   # a failed run is reported below, in one line
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    feeds = random_feeds({v.name: (_static_shape(v), _tensor_dtype(v.type.tensor_type.elem_type))
-                          for v in inputs}, seed=0)
-    try:
-        session = ort.InferenceSession(_serialized(probe), options,
-                                       providers=["CPUExecutionProvider"])
-        arrays = session.run(list(names), feeds)
-    except Exception as error:  # ORT's own exception types
-        raise WpkError(f"{label}: ONNX shape inference leaves tensor {names[0]!r} without a "
-                       "static shape, and ONNX Runtime could not run the model on random "
-                       f"inputs to measure it: {ort_error_line(error)}") from None
-    shapes = {}
-    for name, array in zip(names, arrays):
-        array = np.asarray(array)
-        if array.dtype.kind not in "biuf":
-            raise WpkError(f"{label}: tensor {name!r} holds {array.dtype.name} values, which "
-                           "wpk cannot price or send; it plans numeric tensors only")
-        shapes[name] = (tuple(int(d) for d in array.shape), array.dtype)
-    return shapes
-
-
-def _serialized(model: onnx.ModelProto) -> bytes:
-    """The model as bytes ONNX Runtime reads (weights inline, as `load_model` loads them)."""
-    return model.SerializeToString()
 
 
 def conv_weight_index(op_type: str) -> int:

@@ -95,3 +95,31 @@ def test_a_branch_reading_outer_weights_runs_where_those_weights_are_sent(tmp_pa
     feeds = random_inputs(graph, seed=0)
     _, results = run_plan_directory(out, feeds)
     np.testing.assert_allclose(results["y"], whole_model(path, feeds)["y"])
+
+
+def test_shape_arithmetic_is_folded_so_no_batch_size_crosses_a_cut(tmp_path):
+    """Exporters compute a reshape's target from the batch dimension at run time. With the
+    input shape fixed that is a constant: left in, the batch size crossed the cut and the
+    next tier's warm-up on zeros asked for a batch of 0 (BERT from torch's dynamo exporter)."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Shape", ["a"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+             helper.make_node("Unsqueeze", ["batch", "zero1"], ["batch1"], name="unsqueeze"),
+             helper.make_node("Concat", ["batch1", "minus_one"], ["target"], name="concat",
+                              axis=0),
+             helper.make_node("Reshape", ["a", "target"], ["y"], name="reshape")]
+    constants = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                 numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+                 numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    path = _save(tmp_path, nodes, [_float("x", ["batch", 4, 6])], [_float("y", None)],
+                 initializers=constants)
+    graph = Graph.load(path, {"x": (3, 4, 6)})
+    assert [n.op_type for n in graph.nodes] == ["Relu", "Reshape"]
+    assert graph.tensors["y"].shape == (3, 24)
+    out = tmp_path / "plan"
+    partition(graph, ["device", "edge"], out_dir=out, use_calibration=False,
+              pins={"reshape": "edge"})
+    assert load_plan(out).tier("edge").slice_inputs == ["a"]
+    feeds = random_inputs(graph, seed=0)
+    _, results = run_plan_directory(out, feeds)
+    np.testing.assert_allclose(results["y"], feeds["x"].clip(0).reshape(3, 24))

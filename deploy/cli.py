@@ -64,17 +64,20 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def _wait_local(deployment, bridge, stop, console) -> int:
-    """Until Ctrl-C (0), or until a tier or the bridge exits (1)."""
-    while not stop.wait(0.5):
+    """Until Ctrl-C (0), or until the bridge exits (1). A tier that exits is restarted with
+    a growing delay while the others keep serving (see LocalDeployment.revive)."""
+    from rich.markup import escape
+
+    def report(line: str) -> None:
+        console.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True)
+
+    while not stop.wait(0.2):
         if bridge is not None and bridge.poll() is not None:
             console.print(f"[red]MQTT bridge exited with code {bridge.returncode}; "
                           "stopping the tiers[/red]")
             return 1
-        dead = deployment.poll()
-        if dead is not None:
-            console.print(f"[red]tier {dead.tier} exited with code "
-                          f"{dead.process.returncode}; stopping the others[/red]")
-            return 1
+        deployment.revive(report)
+        sys.stdout.flush()
     console.print("stopping all tiers")
     return 0
 

@@ -3,6 +3,10 @@
 Tiers start from the last to the first, so each knows the address of the next: the entry
 tier listens on the given port, the others on free ports that each server reports on its
 ready line. `stop()` sends SIGTERM to all, then SIGKILL to any still alive after a grace time.
+
+`revive()` is the supervisor's step, as the bundles' systemd units restart a tier: a tier that
+exited is started again on the same ports (so the tier before it finds it where it was), after
+a delay that grows while it keeps crashing; the other tiers keep serving meanwhile.
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from wpk.errors import WpkError
 from wpk.plan import load_plan
@@ -23,6 +27,12 @@ from wpk.runtime.cpus import format_cpu_list
 
 READY_LINE = re.compile(r"ready on (?P<address>\S+) \(models: (?P<models>[^)]*)\)"
                         r"(?: metrics (?P<metrics>\S+))?(?: tensor-link (?P<link>\S+))?")
+
+
+# Seconds before restarting a tier that exited, by how many times in a row it crashed soon
+# after starting (like systemd's RestartSec, growing).
+RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+SOON_AFTER_START_S = 10.0
 
 
 @dataclass
@@ -33,6 +43,10 @@ class TierProcess:
     models: tuple[str, ...] = ()
     metrics_url: str | None = None
     link_address: str | None = None   # its tensor link (None: it serves gRPC only)
+    restarts: int = 0                 # how many times the supervisor started it again
+    crashes_in_a_row: int = 0         # exits soon after starting, for the restart delay
+    started_at: float = field(default_factory=time.monotonic)
+    restart_due: float | None = None  # when an exited tier is started again
 
 
 class LocalDeployment:
@@ -67,9 +81,14 @@ class LocalDeployment:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def command(self, tier: str, port: int, next_address: str | None) -> list[str]:
+    def command(self, tier: str, port: int, next_address: str | None, link_port: int = 0,
+                restarts: int = 0, metrics_port: int = 0) -> list[str]:
         cmd = [sys.executable, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
                "--port", str(port), "--host", self.host, "--threads", str(self.threads)]
+        if link_port:
+            cmd += ["--link-port", str(link_port)]
+        if restarts:
+            cmd += ["--restart-count", str(restarts)]
         if self.link != "tcp":   # tcp is wpk-serve's own choice (gRPC where serve_args add TLS)
             cmd += ["--link", self.link]
         if next_address:
@@ -77,7 +96,7 @@ class LocalDeployment:
         if self.name:
             cmd += ["--name", self.name]
         if self.metrics:
-            cmd += ["--metrics-port", "0"]
+            cmd += ["--metrics-port", str(metrics_port)]
         if self.cpus is not None:
             cmd += ["--cpus", format_cpu_list(self.cpus[self.plan.tier_index(tier)])]
         return cmd + self.serve_args
@@ -88,11 +107,8 @@ class LocalDeployment:
         try:
             for index in reversed(range(len(self.plan.tiers))):
                 tier = self.plan.tiers[index].name
-                port = self.port if index == 0 else 0
-                process = subprocess.Popen(
-                    self.command(tier, port, next_address), stdout=subprocess.PIPE,
-                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                handle = TierProcess(tier, process)
+                handle = self._launch(tier, self.command(
+                    tier, self.port if index == 0 else 0, next_address))
                 started.insert(0, handle)
                 self._wait_ready(handle)
                 next_address = handle.address
@@ -102,6 +118,62 @@ class LocalDeployment:
             raise
         self.tiers = started
         return started
+
+    @staticmethod
+    def _launch(tier: str, command: list[str]) -> TierProcess:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return TierProcess(tier, process)
+
+    def restart(self, index: int) -> TierProcess:
+        """Start tier `index` again on the ports it had (gRPC, tensor link, metrics: the tier
+        before it, and a Prometheus scraping it, find it where it was); its new handle."""
+        old = self.tiers[index]
+        if old.process.stdout is not None:
+            old.process.stdout.close()
+        port = int(old.address.rpartition(":")[2])
+        link_port = int(old.link_address.rpartition(":")[2]) if old.link_address else 0
+        metrics_port = int(re.search(r":(\d+)", old.metrics_url.rpartition("//")[2])[1]) \
+            if old.metrics_url else 0
+        following = self.tiers[index + 1].address if index + 1 < len(self.tiers) else None
+        handle = self._launch(old.tier, self.command(old.tier, port, following, link_port,
+                                                     old.restarts + 1, metrics_port))
+        handle.restarts = old.restarts + 1
+        handle.crashes_in_a_row = old.crashes_in_a_row
+        handle.address, handle.link_address = old.address, old.link_address  # until ready
+        handle.models, handle.metrics_url = old.models, old.metrics_url
+        self.tiers[index] = handle
+        self._wait_ready(handle)
+        return handle
+
+    def revive(self, report: Callable[[str], None]) -> None:
+        """One supervisor step: schedule a restart for each tier that exited, and start those
+        whose delay is over. `report` gets a line per event (the console, a log)."""
+        now = time.monotonic()
+        for index, handle in enumerate(self.tiers):
+            code = handle.process.poll()
+            if code is None:
+                continue
+            if handle.restart_due is None:
+                soon = now - handle.started_at < SOON_AFTER_START_S
+                handle.crashes_in_a_row = handle.crashes_in_a_row + 1 if soon else 0
+                delay = RESTART_DELAYS_S[min(handle.crashes_in_a_row,
+                                             len(RESTART_DELAYS_S) - 1)]
+                handle.restart_due = now + delay
+                report(f"tier {handle.tier} exited with code {code}; restarting it in "
+                       f"{delay:g} s (the other tiers keep serving)")
+                continue
+            if now < handle.restart_due:
+                continue
+            try:
+                new = self.restart(index)
+            except WpkError as error:   # it died again while starting: try later, longer
+                dead = self.tiers[index]
+                dead.started_at, dead.restart_due = now, None
+                report(f"tier {handle.tier}: restart failed: {error}")
+                continue
+            report(f"tier {new.tier} restarted (restart {new.restarts}, pid "
+                   f"{new.process.pid}) on {new.address}")
 
     def _wait_ready(self, handle: TierProcess) -> None:
         deadline = time.monotonic() + self.start_timeout

@@ -10,6 +10,8 @@ loop the gRPC server already has (prometheus_client's `start_http_server` adds a
     wpk_bytes_total{tier,direction}            counter of message bytes (tensor data of what
         we build, whole messages of what we receive); direction is in (from the caller), out
         (to the caller), forward (to the next tier), return (answers from the next tier)
+    wpk_tier_restarts{tier}                    gauge: times a supervisor restarted this tier
+        (wpk-deploy --local passes the count to the process it starts)
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class TierMetrics:
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.slice = Histogram()
         self.message_bytes: dict[str, int] = {"in": 0, "out": 0, "forward": 0, "return": 0}
+        self.restarts = 0
         self.lock = threading.Lock()
 
     def observe(self, model: str, code: str, seconds: float) -> None:
@@ -100,6 +103,9 @@ class TierMetrics:
                   "# TYPE wpk_bytes_total counter"]
         for direction, value in self.message_bytes.items():
             lines.append(f"wpk_bytes_total{_labels(tier=tier, direction=direction)} {value}")
+        lines += ["# HELP wpk_tier_restarts Times a supervisor restarted this tier.",
+                  "# TYPE wpk_tier_restarts gauge",
+                  f"wpk_tier_restarts{_labels(tier=tier)} {self.restarts}"]
         return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
                 tls_dir: str | None = None, spin: bool = False, link: str = "tcp",
-                link_port: int = 0, shared_memory: bool = True,
+                link_port: int = 0, shared_memory: bool = True, restarts: int = 0,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -48,6 +48,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                           workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
                           link=link, shared_memory=shared_memory,
                           channel_credentials=tls.channel_credentials(creds) if creds else None)
+    service.metrics.restarts = restarts
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((protocol.generic_handler(service), health_handler()))
     try:
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "
                         "(ModelStreamInfer streams only). With --tls-dir: grpc")
+    parser.add_argument("--restart-count", type=cli_args.non_negative_int, default=0,
+                        metavar="N", help="how many times a supervisor has restarted this tier "
+                        "(reported as wpk_tier_restarts; wpk-deploy --local sets it)")
     parser.add_argument("--link-port", type=cli_args.port, default=0,
                         help="port of this tier's tensor link (default 0: any free port)")
     parser.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_message_bytes=args.max_message_mb * 1024 * 1024,
                           hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
                           spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
-                          shared_memory=args.shared_memory, announce=announce))
+                          shared_memory=args.shared_memory, restarts=args.restart_count,
+                          announce=announce))
     return 0
 
 

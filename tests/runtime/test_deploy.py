@@ -74,6 +74,61 @@ def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
             process.kill()
 
 
+def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
+    """A killed edge tier once took the whole local deployment down. It is the embedded
+    default: the dead tier comes back on its ports, the others never stop, and the restart
+    shows on the console and in the tier's metrics."""
+    import queue
+    import threading
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),
+                                "--local", "--port", str(port), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                     daemon=True).start()
+
+    def read_until(fragment: str, timeout: float = 60) -> list[str]:
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                break
+            if fragment in seen[-1]:
+                return seen
+        raise AssertionError(f"no {fragment!r} in: {''.join(seen)}")
+
+    try:
+        table = read_until("entry:")
+        rows = {line.split("│")[1].strip(): line.split("│") for line in table
+                if line.count("│") >= 7}
+        pids = {tier: int(cells[6]) for tier, cells in rows.items()}
+        edge_metrics = rows["edge"][5].strip()
+        feeds = model_feeds(plans["mlp"])
+        triton_infer(f"127.0.0.1:{port}", "mlp", feeds)
+        os.kill(pids["edge"], signal.SIGKILL)
+        read_until("tier edge exited with code -9; restarting it in")
+        read_until("tier edge restarted (restart 1")
+        answer = triton_infer(f"127.0.0.1:{port}", "mlp", feeds, client_timeout=30)
+        assert answer.as_numpy("softmax_16_out").sum() == pytest.approx(1.0, abs=1e-5)
+        for tier in ("device", "cloud"):          # never stopped
+            os.kill(pids[tier], 0)
+        assert process.poll() is None
+        metrics_port = edge_metrics.rpartition(":")[2].split("/")[0]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        assert 'wpk_tier_restarts{tier="edge"} 1' in text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           timeout=60)

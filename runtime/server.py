@@ -17,7 +17,7 @@ from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
 from wpk.runtime.metrics import serve_metrics
-from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, TierService
+from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, DEFAULT_MAX_IN_FLIGHT, TierService
 from wpk.runtime import protocol, tls
 from wpk.runtime.health import health_handler
 
@@ -27,7 +27,12 @@ READY_MARK = "ready on"
 def server_options(max_message_bytes: int) -> list[tuple]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.so_reuseport", 0),
+            # gRPC's core cancels calls beyond ~1000 not yet handed to the server (a bare
+            # CANCELLED): let them all reach TierService, which answers the ones beyond
+            # --max-in-flight with RESOURCE_EXHAUSTED in words
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 100_000)]
 
 
 async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int = 8001,
@@ -37,6 +42,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
                 tls_dir: str | None = None, spin: bool = False, link: str = "tcp",
                 link_port: int = 0, shared_memory: bool = True, restarts: int = 0,
+                max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -47,6 +53,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
                           workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
                           link=link, shared_memory=shared_memory,
+                          max_in_flight=max_in_flight,
                           channel_credentials=tls.channel_credentials(creds) if creds else None)
     service.metrics.restarts = restarts
     server = grpc.aio.server(options=server_options(max_message_bytes))
@@ -125,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
                         "a second port, found through ServerMetadata; default), or grpc "
                         "(ModelStreamInfer streams only). With --tls-dir: grpc")
+    parser.add_argument("--max-in-flight", type=cli_args.positive_int,
+                        default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
+                        help="gRPC requests this tier holds at once; more are answered "
+                        f"RESOURCE_EXHAUSTED so that clients back off (default "
+                        f"{DEFAULT_MAX_IN_FLIGHT})")
     parser.add_argument("--restart-count", type=cli_args.non_negative_int, default=0,
                         metavar="N", help="how many times a supervisor has restarted this tier "
                         "(reported as wpk_tier_restarts; wpk-deploy --local sets it)")
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                           hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
                           spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
                           shared_memory=args.shared_memory, restarts=args.restart_count,
+                          max_in_flight=args.max_in_flight,
                           announce=announce))
     return 0
 

@@ -97,6 +97,10 @@ class ServedModel:
     pipeline: bool               # True: the whole pipeline from this tier on
 
 
+# gRPC requests a tier holds between receipt and answer; beyond it, RESOURCE_EXHAUSTED
+DEFAULT_MAX_IN_FLIGHT = 1024
+
+
 class Abort(Exception):
     """Ends a request with a gRPC status; `details` names the tier."""
 
@@ -110,7 +114,7 @@ class TierService:
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
                  hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
                  channel_credentials=None, spin: bool = False, link: str = "tcp",
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
         """`link`: "tcp", the tensor link (tensor_link) to the next tier and from the previous
         one; "grpc": gRPC streams only. With TLS (`channel_credentials`) the link is gRPC.
         `shared_memory`: serve Triton's system shared-memory extension (clients on this host
@@ -151,6 +155,7 @@ class TierService:
             raise WpkError(f"--run {run!r}: expected auto, inline, thread or alone")
         self.placement = self._placement(run)
         self.in_flight = 0   # gRPC requests between receipt and answer
+        self.max_in_flight = max_in_flight
         self.in_worker = 0   # slices handed to the worker and not finished (a request that
         # gave up on its slice leaves it running there)
         self.slice_runs = {"loop": 0, "worker": 0}   # where the gRPC path's slices ran
@@ -382,6 +387,10 @@ class TierService:
         `remaining`: seconds left of the caller's deadline (None: no deadline)."""
         model_name = request.model_name
         deadline = None if remaining is None else time.monotonic() + remaining
+        if self.in_flight >= self.max_in_flight:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"tier {self.tier.name!r}: {self.in_flight} requests in flight, the "
+                        f"most it holds (wpk-serve --max-in-flight); retry later")
         self.in_flight += 1
         try:
             self.metrics.add_bytes("in", payload_bytes(request))

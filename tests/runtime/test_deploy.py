@@ -129,6 +129,48 @@ def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
             process.kill()
 
 
+@pytest.mark.parametrize("limit", [8, None])
+def test_a_flood_on_one_connection_gets_answers_or_resource_exhausted_never_cancelled(plans,
+                                                                                   limit):
+    """3,000 requests at once on one connection: gRPC's core used to cancel those beyond
+    about 1,000 it had not handed over (a bare CANCELLED). Each gets an answer, or, beyond
+    --max-in-flight, RESOURCE_EXHAUSTED saying so, so that a client knows to back off."""
+    import asyncio
+    from collections import Counter
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pb_grpc
+
+    feeds = model_feeds(plans["mlp"])
+    request = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[
+        array.tobytes() for array in feeds.values()])
+    for name, array in feeds.items():
+        request.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
+
+    async def flood(address: str) -> Counter:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def one() -> str:
+                try:
+                    await stub.ModelInfer(request, timeout=120)
+                    return "OK"
+                except grpc.aio.AioRpcError as error:
+                    return f"{error.code().name}: {error.details()}"
+            return Counter(await asyncio.gather(*[one() for _ in range(3000)]))
+
+    serve_args = ["--max-in-flight", str(limit)] if limit else []
+    with LocalDeployment(plans["mlp"], port=free_port(), threads=1,
+                         serve_args=serve_args) as deployment:
+        outcomes = asyncio.run(flood(deployment.entry))
+    refused = ("RESOURCE_EXHAUSTED: tier 'device': 8 requests in flight, the most it holds "
+               "(wpk-serve --max-in-flight); retry later")
+    assert set(outcomes) <= {"OK", refused}, outcomes
+    assert outcomes["OK"] >= (8 if limit else 3000), outcomes
+    if limit:
+        assert outcomes[refused] > 0, outcomes
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           timeout=60)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import time
@@ -56,6 +57,17 @@ class _RouteState:
         self.template = TopicTemplate(route.publish)
         self.seq: collections.Counter[str] = collections.Counter()
         self.tails: dict[str, asyncio.Future] = {}  # source topic -> last input's `done`
+
+
+# The user property every result carries: the same input, delivered again after a broker or
+# bridge restart (QoS 1 is at least once), gives a result with the same key.
+IDEMPOTENCY_PROPERTY = "wpk-idempotency-key"
+
+
+def idempotency_key(topic: str, payload: bytes) -> str:
+    """A digest of the input's topic and bytes: stable across redeliveries and restarts. Two
+    inputs with the same bytes on one topic share it; their results are the same too."""
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).hexdigest()
 
 
 @dataclass(eq=False)
@@ -175,6 +187,7 @@ class Bridge:
         if not parsed.infer:
             self._finish(held)
             return
+        held.extra["key"] = idempotency_key(message.topic, message.payload)
         held.extra["seq"] = state.seq[message.topic]
         state.seq[message.topic] += 1
         previous = state.tails.get(message.topic)
@@ -275,15 +288,18 @@ class Bridge:
         now = time.time()
         origin = parsed.source_timestamp_ms
         latency_ms = now * 1e3 - origin if origin is not None else (now - held.received_at) * 1e3
-        meta = {"topic": held.topic, "seq": held.extra["seq"], "model": route.model,
+        meta = {"topic": held.topic, "seq": held.extra["seq"], "key": held.extra["key"],
+                "model": route.model,
                 "latency_ms": round(latency_ms, 3),
                 "latency_from": "source" if origin is not None else "bridge",
                 "received_at_ms": round(held.received_at * 1e3, 3), **parsed.echo}
         payload = encode_result(route.result, outputs, meta, route.output)
+        # the key on every result (JSON has it inside too): consumers drop duplicates by it
+        properties.UserProperty = [(IDEMPOTENCY_PROPERTY, meta["key"])]
         if route.result != "json":  # JSON carries these itself; packing properties costs
-            properties.UserProperty = [("source_topic", held.topic), ("seq", str(meta["seq"])),
-                                       ("latency_ms", str(meta["latency_ms"]))]
-        await self.link.publish(topic, payload, properties)
+            properties.UserProperty += [("source_topic", held.topic), ("seq", str(meta["seq"])),
+                                        ("latency_ms", str(meta["latency_ms"]))]
+        await self.link.publish(topic, payload, properties, qos=self.config.result_qos)
 
     async def _reject(self, held: _Held, state: _RouteState, reason: str) -> None:
         try:

@@ -32,11 +32,11 @@ ROUTE_KEYS = ("publish", "format", "model", "result", "input", "output", "metric
 SETTING_KEYS = {"broker", "pipeline", "client-id", "username", "password", "tls", "tls-ca",
                 "tls-cert", "tls-key", "tls-insecure", "stream", "tensor-link", "pipeline-tls",
                 "pipeline-identity", "pipeline-server-name", "queue-size", "queue-policy",
-                "max-in-flight", "error-topic"}
+                "max-in-flight", "error-topic", "result-qos"}
 
 
 # what each key of a --config file holds (the rest are strings)
-INT_KEYS = {"queue-size", "max-in-flight"}
+INT_KEYS = {"queue-size", "max-in-flight", "result-qos"}
 BOOL_KEYS = {"tls", "tls-insecure", "stream", "tensor-link"}
 LIST_KEYS = {"metrics"}
 
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "default) or drop-oldest")
     delivery.add_argument("--max-in-flight", type=int,
                           help="concurrent requests to the pipeline (default 8)")
+    delivery.add_argument("--result-qos", type=int, choices=(1, 2),
+                          help="QoS of published results: 1 (default, at least once) or 2 "
+                          "(each publish reaches the broker exactly once); a result published "
+                          "again for a redelivered input has the same wpk-idempotency-key")
     delivery.add_argument("--error-topic", help="where malformed inputs are reported "
                           "(default wpk/bridge/<client-id>/errors)")
     security = parser.add_argument_group("broker security")
@@ -201,7 +205,8 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         pipeline_identity=pick("pipeline-identity", "bridge"),
         pipeline_server_name=pick("pipeline-server-name"),
         queue_size=int(pick("queue-size", 1000)), queue_policy=pick("queue-policy", "block"),
-        max_in_flight=int(pick("max-in-flight", 8)), error_topic=pick("error-topic"))
+        max_in_flight=int(pick("max-in-flight", 8)), error_topic=pick("error-topic"),
+        result_qos=int(pick("result-qos", 1)))
     config.check()
     return config
 

@@ -90,6 +90,7 @@ class BridgeConfig:
     queue_size: int = 1000           # inputs held while the pipeline is slow or away
     queue_policy: str = "block"      # block: the broker keeps the rest; drop-oldest: count+drop
     max_in_flight: int = 8           # concurrent requests to the pipeline
+    result_qos: int = 1              # 2: each result reaches the broker exactly once
     error_topic: str | None = None   # default wpk/bridge/<client_id>/errors
     retry_max_s: float = 2.0         # cap of the backoff between retries to the pipeline
     stats_interval_s: float = 30.0
@@ -106,6 +107,9 @@ class BridgeConfig:
             raise WpkError(f"--queue-size {self.queue_size}: must be 1..{MAX_RECEIVE - 1}")
         if self.max_in_flight < 1:
             raise WpkError("--max-in-flight must be at least 1")
+        if self.result_qos not in (1, 2):
+            raise WpkError(f"--result-qos {self.result_qos}: 1 (at least once) or 2 (exactly "
+                           "once to the broker)")
         if bool(self.broker.tls_cert) != bool(self.broker.tls_key):
             raise WpkError("--tls-cert and --tls-key go together")
         broker_tls = self.broker.tls or self.broker.tls_ca or self.broker.tls_cert

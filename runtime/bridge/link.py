@@ -220,9 +220,10 @@ class MqttLink:
             future.set_result(None)
 
     async def publish(self, topic: str, payload: bytes,
-                      properties: Properties | None = None) -> None:
-        """Publish at QoS 1 and wait for the broker's PUBACK."""
-        info = self.client.publish(topic, payload, qos=1, properties=properties)
+                      properties: Properties | None = None, qos: int = 1) -> None:
+        """Publish at QoS 1 (until the broker's PUBACK) or 2 (until its PUBCOMP: the broker
+        then has it exactly once)."""
+        info = self.client.publish(topic, payload, qos=qos, properties=properties)
         # on_publish comes from loop_read in a later loop iteration (and is deferred with
         # call_soon besides), so registering after publish() cannot miss it.
         if info.is_published():

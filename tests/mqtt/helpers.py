@@ -128,7 +128,7 @@ class Client:
     """A test-side MQTT v5 client: persistent session, collects what arrives on its topics."""
 
     def __init__(self, port: int, client_id: str, topics: list[str] = (),
-                 username: str | None = None, password: str | None = None):
+                 username: str | None = None, password: str | None = None, qos: int = 1):
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -137,7 +137,7 @@ class Client:
         if username is not None:
             self.client.username_pw_set(username, password)
         self.client.max_inflight_messages_set(200)
-        self.topics = list(topics)
+        self.topics, self.qos = list(topics), qos
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -151,7 +151,7 @@ class Client:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if self.topics:
-            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.topics])
+            client.subscribe([(t, SubscribeOptions(qos=self.qos)) for t in self.topics])
         self.connected.set()
 
     def _on_message(self, client, userdata, message):
@@ -188,3 +188,8 @@ class Client:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def idempotency_keys(messages) -> list[str]:
+    """Each result's wpk-idempotency-key user property."""
+    return [dict(m.properties.UserProperty)["wpk-idempotency-key"] for m in messages]

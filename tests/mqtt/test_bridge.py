@@ -17,8 +17,10 @@ from paho.mqtt.properties import Properties
 from wpk.runtime.bridge.config import BridgeConfig, BrokerConfig, Route
 from wpk.runtime.bridge.sparkplug import make_metric, make_payload
 
+from wpk.runtime.bridge.bridge import idempotency_key
+
 from .helpers import (FEATURES, BridgeThread, Client, check_results, features,
-                      json_input)
+                      idempotency_keys, json_input)
 
 
 def make_config(broker, pipeline, routes, **kwargs) -> BridgeConfig:
@@ -74,8 +76,31 @@ def test_json_inputs_n_in_n_out_in_order(broker, pipeline, reference):
         assert {m.topic for m in client.messages} == {"plant/line0/inference",
                                                       "plant/line1/inference"}
         assert all(r["latency_ms"] >= 0 and r["model"] == pipeline.model for r in results)
+        # the idempotency key: in the user property and the document, from topic and bytes
+        keys = idempotency_keys(client.messages)
+        assert keys == [r["key"] for r in results] and len(set(keys)) == n
+        assert {(r["topic"], r["id"], r["key"]) for r in results} == {
+            (f"plant/line{i % 2}/camera", i,
+             idempotency_key(f"plant/line{i % 2}/camera", json_input(i))) for i in range(n)}
         wait_until(lambda: bridge.stats.results == n)   # counted on the broker's PUBACK
         assert bridge.stats.errors == 0
+    finally:
+        client.close()
+        bridge.stop()
+
+
+def test_results_at_qos_2_reach_the_broker_exactly_once(broker, pipeline, reference):
+    route = Route("qos2/in", "qos2/out", format="json", model=pipeline.model)
+    bridge = BridgeThread(make_config(broker, pipeline, [route], result_qos=2)).start()
+    client = Client(broker.port, "t-qos2", ["qos2/out"], qos=2)
+    try:
+        n = 30
+        for i in range(n):
+            client.publish("qos2/in", json_input(i), wait=False)
+        client.wait_count(n)
+        check_results(client.json_messages(), range(n), reference)
+        assert {m.qos for m in client.messages} == {2}
+        wait_until(lambda: bridge.stats.results == n)   # counted on the broker's PUBCOMP
     finally:
         client.close()
         bridge.stop()
@@ -227,6 +252,11 @@ def test_broker_restarted_mid_stream_bridge_reconnects_and_loses_nothing(
                         timeout_s=10)
         check_results(client.json_messages(), range(n), reference)  # at least once, correct
         assert bridge.stats.reconnects >= 1 and bridge.stats.errors == 0
+        # a result published again for a redelivered input carries the same key
+        key_of: dict[int, set[str]] = {}
+        for result, key in zip(client.json_messages(), idempotency_keys(client.messages)):
+            key_of.setdefault(result["id"], set()).add(key)
+        assert all(len(keys) == 1 for keys in key_of.values())
     finally:
         client.close()
         bridge.stop()

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk import examples
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     models = ["mlp", "resnet_like"] if args.quick else args.models.split(",")
     bandwidths = [10.0, 100.0] if args.quick else [float(b) for b in args.bandwidths.split(",")]
-    console = Console(width=160)
+    console = make_console()
     table = Table(title=f"measured end-to-end latency, ms (device at {args.device_cpu:g} CPU; "
                         f"RTT {RTT_MS['device-edge']:g} ms device-edge, "
                         f"{RTT_MS['edge-cloud']:g} ms edge-cloud)")

@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.deploy.local import LocalDeployment
@@ -45,7 +45,7 @@ from wpk.runtime.bridge.link import no_delay
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.link_client import LinkClient
 
-console = Console()
+console = make_console()
 PACED_FRACTION = 0.5  # paced phases send at this fraction of the pipeline's burst throughput
 
 

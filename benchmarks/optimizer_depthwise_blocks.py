@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.examples import mobilenet_like
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    console = Console()
+    console = make_console()
     ok, why = ort_ops.runs_here()
     if not ok:
         console.print(f"skipped: {why}")

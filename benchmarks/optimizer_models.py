@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 import wpk.optimizer
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--fp32-only", action="store_true",
                         help="skip the lossy search (a quick check of the fp32 target)")
     args = parser.parse_args()
-    console = Console()
+    console = make_console()
     table = Table(title=f"example models: ONNX Runtime defaults vs WPK ({hardware_id()})")
     for col in ("model", "default ms", "fp32 ms", "fp32 speedup", "fp32 chosen",
                 "lossy ms", "lossy speedup (chosen)", "lossy rel. error", "lossy top-1"):

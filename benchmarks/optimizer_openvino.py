@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 import wpk.optimizer
@@ -37,7 +37,7 @@ def main() -> None:
     reason = missing_reason()
     if reason:
         sys.exit(f"optimizer_openvino: {reason}")
-    console = Console(width=150)
+    console = make_console()
     variants = ["ov f32", "ov bf16", "ov f16", "ort int8", "ov int8"]
     table = Table(title=f"OpenVINO vs ONNX Runtime defaults ({hardware_id()}); speedup "
                         f"(relative error)")

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.optimizer import ops, winograd
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="ga")
     parser.add_argument("--log", default=None, help="tuning log to reuse (default: fresh)")
     args = parser.parse_args()
-    console = Console()
+    console = make_console()
     log = TuningLog(args.log or tempfile.mktemp(suffix=".jsonl"))
     table = Table(title=f"per-operator: ONNX Runtime vs generated kernels ({hardware_id()})")
     for col in ("operator", "ORT ms", "ours ms", "ours/ORT speedup", "Winograd ms",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.examples import resnet_like
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     ok, why = winograd.supported()
-    console = Console()
+    console = make_console()
     if not ok:
         console.print(f"skipped: {why}")
         return

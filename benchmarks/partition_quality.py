@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.examples import write_examples
@@ -26,7 +26,7 @@ BANDWIDTHS_MBPS = [1, 10, 100, 1000]
 
 def main() -> None:
     efficiency = calibrate()
-    console = Console(width=170)
+    console = make_console()
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_examples(tmp):
             graph = Graph.load(path)

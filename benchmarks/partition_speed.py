@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.examples import random_dag
@@ -46,7 +46,7 @@ def main() -> None:
         if size == 1000:
             verdict = "meets" if plan_s < 2.0 else "MISSES"
             table.caption = f"1,000 nodes: {plan_s:.2f} s ({verdict} the 2 s target)"
-    Console().print(table)
+    make_console().print(table)
 
 
 if __name__ == "__main__":

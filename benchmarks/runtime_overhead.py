@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.deploy.local import LocalDeployment  # noqa: E402
@@ -66,7 +66,7 @@ from wpk.runtime.cpu_latency import (CpuLatencyLimit, cpu_latency_limit,  # noqa
                                      current_limit)
 from wpk.runtime.cpus import available_cpus, split_cores, split_for_plan  # noqa: E402
 
-console = Console()
+console = make_console()
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:

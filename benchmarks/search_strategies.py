@@ -9,7 +9,7 @@ import argparse
 import math
 
 import numpy as np
-from rich.console import Console
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk.optimizer import codegen_c, ops
@@ -46,7 +46,7 @@ def main() -> None:
     table.add_column("strategy")
     for c in checkpoints:
         table.add_column(f"N={c}")
-    console = Console()
+    console = make_console()
     for name, cls in STRATEGIES.items():
         curves = []
         for seed in range(args.seeds):

@@ -19,7 +19,7 @@ from wpk.files import existing_file
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from wpk.console import make_console
     from rich.table import Table
 
     from wpk.deploy.local import LocalDeployment
@@ -27,7 +27,7 @@ def run_local(args: argparse.Namespace) -> int:
     from wpk.plan import load_plan
     from wpk.runtime.cpus import format_cpu_list, split_for_plan
 
-    console = Console()
+    console = make_console()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

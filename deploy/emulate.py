@@ -417,7 +417,7 @@ def _drain(process: subprocess.Popen) -> None:
 
 # -- CLI ----------------------------------------------------------------------------------
 def render(result: EmulationResult, links: Sequence[EmulatedLink]) -> None:
-    from rich.console import Console
+    from wpk.console import make_console
     from rich.table import Table
 
     table = Table(title="measured vs predicted, ms (plan: plan.json as written, for its tier "
@@ -430,7 +430,7 @@ def render(result: EmulationResult, links: Sequence[EmulatedLink]) -> None:
     table.add_row("end-to-end", fmt(result.plan_predicted_ms), fmt(result.predicted_ms),
                   fmt(result.measured_ms),
                   f"median of {len(result.requests_ms)} requests")
-    Console(width=max(Console().width, 110)).print(table)
+    make_console().print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:

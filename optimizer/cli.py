@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+
+from wpk.console import make_console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         operator_limit=max(args.ops, 1), samples=args.samples, log_path=args.log,
         seed=args.seed, openvino=not args.no_openvino,
         winograd=not args.no_winograd)
-    console = Console(stderr=True, quiet=args.quiet)
+    console = make_console(stderr=True, quiet=args.quiet)
     with _warnings_to(console):          # restores warnings.showwarning for in-process callers
         return _optimize_targets(args, options, console)
 

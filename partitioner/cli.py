@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+
+from wpk.console import make_console
 from rich.table import Table
 
 from wpk import cli_args
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:
-        print_result(result, Console())
+        print_result(result, make_console())
     if report is not None:
         from wpk.partitioner.report import draw_report
 

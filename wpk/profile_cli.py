@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(document: dict, path: Path, top: int) -> None:
-    from rich.console import Console
+    from wpk.console import make_console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     device, total = document["device"], document["total_ms"]
     nodes = document["nodes"]
     if top > 0:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import deploy_table
+
 from wpk.deploy.local import LocalDeployment
 from wpk.errors import WpkError
 from wpk.runtime.cpus import (available_cpus, format_cpu_list, parse_cpu_list,
@@ -103,20 +105,19 @@ def test_cpus_this_process_may_not_use_are_one_line(plans):
 def test_wpk_deploy_pin_cpus_splits_this_machine_or_says_it_cannot(plans):
     process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),
                                 "--local", "--port", "0", "--pin-cpus"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "COLUMNS": "200"})
+                               stderr=subprocess.PIPE, text=True)
     try:
         if len(available_cpus()) < 3:
             assert process.wait(timeout=60) == 2
             assert "pinning 3 tiers needs 3 CPUs" in process.stderr.read()
             return
-        rows = []
+        lines = []
         for line in process.stdout:
             if line.startswith("entry:"):
                 break
-            cells = [c.strip() for c in line.split("│")]
-            if len(cells) > 6 and cells[1] in ("device", "edge", "cloud"):
-                rows.append((int(cells[5]), parse_cpu_list(cells[6])))
+            lines.append(line)
+        rows = [(int(cells[5]), parse_cpu_list(cells[6]))
+                for cells in deploy_table(lines).values()]
         assert len(rows) == 3
         for pid, cpus in rows:
             assert threads_cpus(pid) == {format_cpu_list(cpus)}

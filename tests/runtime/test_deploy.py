@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from .conftest import free_port
+from .conftest import deploy_table, free_port
 from .test_pipeline import model_feeds, triton_infer
 from wpk.deploy.local import LocalDeployment
 from wpk.errors import WpkError
@@ -49,8 +49,7 @@ def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),
                                 "--local", "--port", str(port), "--threads", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "COLUMNS": "200"})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
         for line in process.stdout:
@@ -58,8 +57,7 @@ def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
             if line.startswith("entry:"):
                 break
         assert f"entry: 127.0.0.1:{port} (model 'mlp')" in "".join(lines)
-        pids = [int(line.split("│")[6]) for line in lines if line.count("│") >= 7
-                and line.split("│")[1].strip() in ("device", "edge", "cloud")]
+        pids = [int(cells[5]) for cells in deploy_table(lines).values()]
         assert len(pids) == 3
         feeds = model_feeds(plans["mlp"])
         triton_infer(f"127.0.0.1:{port}", "mlp", feeds)
@@ -85,8 +83,7 @@ def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),
                                 "--local", "--port", str(port), "--threads", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "COLUMNS": "200"})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
                      daemon=True).start()
@@ -104,10 +101,9 @@ def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
 
     try:
         table = read_until("entry:")
-        rows = {line.split("│")[1].strip(): line.split("│") for line in table
-                if line.count("│") >= 7}
-        pids = {tier: int(cells[6]) for tier, cells in rows.items()}
-        edge_metrics = rows["edge"][5].strip()
+        rows = deploy_table(table)
+        pids = {tier: int(cells[5]) for tier, cells in rows.items()}
+        edge_metrics = rows["edge"][4]
         feeds = model_feeds(plans["mlp"])
         triton_infer(f"127.0.0.1:{port}", "mlp", feeds)
         os.kill(pids["edge"], signal.SIGKILL)

@@ -20,9 +20,13 @@ class WpkConsole(Console):
     """A rich Console that prints tables for whoever reads them (see the module's doc)."""
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
+        piped = not self.is_terminal
         for item in objects:
             if isinstance(item, Table):
-                _readable(item, piped=not self.is_terminal)
+                _readable(item, piped)
+                if piped and item.title:   # a table's title wraps at the table's width
+                    super().print(item.title, soft_wrap=True)
+                    item.title = None
         super().print(*objects, **kwargs)
 
 
@@ -37,7 +41,6 @@ def _readable(table: Table, piped: bool) -> None:
         table.padding = (0, 2, 0, 0)
         for column in table.columns:
             column.no_wrap = True
-        table.title_justify = "left"
 
 
 def make_console(stderr: bool = False, **kwargs: Any) -> WpkConsole:

@@ -68,8 +68,7 @@ def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_deploy(process)
 
 
 def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
@@ -121,8 +120,7 @@ def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_deploy(process)
 
 
 @pytest.mark.parametrize("limit", [8, None])
@@ -165,6 +163,16 @@ def test_a_flood_on_one_connection_gets_answers_or_resource_exhausted_never_canc
     assert outcomes["OK"] >= (8 if limit else 3000), outcomes
     if limit:
         assert outcomes[refused] > 0, outcomes
+
+
+def stop_deploy(process: subprocess.Popen) -> None:
+    """SIGTERM first: wpk-deploy then stops its tiers (SIGKILL would orphan them)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -155,7 +155,8 @@ class LocalDeployment:
             if code is None:
                 continue
             if handle.restart_due is None:
-                soon = now - handle.started_at < SOON_AFTER_START_S
+                # a restarted tier that dies again at once waits longer each time
+                soon = handle.restarts > 0 and now - handle.started_at < SOON_AFTER_START_S
                 handle.crashes_in_a_row = handle.crashes_in_a_row + 1 if soon else 0
                 delay = RESTART_DELAYS_S[min(handle.crashes_in_a_row,
                                              len(RESTART_DELAYS_S) - 1)]

@@ -106,7 +106,7 @@ def test_wpk_deploy_restarts_a_crashed_tier_and_the_others_keep_serving(plans):
         feeds = model_feeds(plans["mlp"])
         triton_infer(f"127.0.0.1:{port}", "mlp", feeds)
         os.kill(pids["edge"], signal.SIGKILL)
-        read_until("tier edge exited with code -9; restarting it in")
+        read_until("tier edge exited with code -9; restarting it in 0.5 s")
         read_until("tier edge restarted (restart 1")
         answer = triton_infer(f"127.0.0.1:{port}", "mlp", feeds, client_timeout=30)
         assert answer.as_numpy("softmax_16_out").sum() == pytest.approx(1.0, abs=1e-5)

@@ -44,7 +44,7 @@ from wpk.deploy import layout
 from wpk.deploy.netns import Topology, remove_stale, require_root
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
-from wpk.files import writable_file
+from wpk.files import check_outputs, writable_file
 from wpk.plan import Plan
 from wpk.tiers import parse_link_spec
 
@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mutual TLS between tiers with the certificates in DIR (generated "
                              "there if missing; without DIR: a temporary CA)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier --json file")
     return parser
 
 
@@ -480,9 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     require_root()
     if args.requests < 1:
         raise WpkError("--requests must be at least 1")
-    if args.json:
-        writable_file(args.json, "JSON")
     plan, _ = layout.load(args.plan_dir)
+    if args.json:   # before minutes of emulation: never over the plan or an earlier result
+        writable_file(args.json, "JSON")
+        check_outputs([args.json], [Path(args.plan_dir) / "plan.json"], force=args.force)
     if len(plan.tiers) < 2:
         raise WpkError(f"{args.plan_dir}: the plan runs on one tier ({plan.tiers[0].name}): "
                        "there is no link to emulate")

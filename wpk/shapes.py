@@ -30,7 +30,6 @@ def static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(int(d.dim_value) for d in dims)
 
 
-
 def complete_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     """Give every tensor that can cross a cut a static shape.
 

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -292,7 +293,6 @@ def machine_line() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    import os
     return (f"{time.strftime('%Y-%m-%d')}, {cpu} x{os.cpu_count()}, Python "
             f"{platform.python_version()}, ONNX Runtime {ort.__version__}, commit {commit}")
 

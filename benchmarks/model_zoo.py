@@ -314,6 +314,7 @@ def main() -> int:
         wanted = set(args.only.split(","))
         models = [m for m in models if m.name in wanted]
     rows: list[Row] = []
+    measured = machine_line()   # the commit the run starts from, not the one it ends at
     with tempfile.TemporaryDirectory(prefix="wpk-zoo-") as scratch:
         for model in models:
             row = run_model(model, Path(scratch) / model.name, stages)
@@ -321,18 +322,19 @@ def main() -> int:
             print(f"{model.name}: " + "; ".join(f"{s} {row.outcomes[s].cell()}"
                                               for s in stages), flush=True)
             if args.markdown:   # after every model: a long run stopped early keeps its rows
-                _write_markdown(Path(args.markdown), rows, stages)
+                _write_markdown(Path(args.markdown), rows, stages, measured)
     failed = [r.model.name for r in rows if not r.ok]
     summary = f"{len(rows) - len(failed)} passed, {len(failed)} failed"
     print(summary if not failed else f"{summary}: {', '.join(failed)}")
     return 1 if failed else 0
 
 
-def _write_markdown(path: Path, rows: list[Row], stages: tuple[str, ...]) -> None:
+def _write_markdown(path: Path, rows: list[Row], stages: tuple[str, ...],
+                    measured: str) -> None:
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(row.model.group, []).append(row)
-    text = [f"Measured {machine_line()}; command: `python benchmarks/model_zoo.py "
+    text = [f"Measured {measured}; command: `python benchmarks/model_zoo.py "
             f"{' '.join(sys.argv[1:])}`.", ""]
     text += [markdown(members, stages, group) for group, members in groups.items()]
     path.write_text("\n".join(text))

@@ -2,19 +2,18 @@
 really run where they were put (every thread of the process)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import deploy_table
-
 from wpk.deploy.local import LocalDeployment
 from wpk.errors import WpkError
 from wpk.runtime.cpus import (available_cpus, format_cpu_list, parse_cpu_list,
                               physical_cores, split_cores)
+
+from .conftest import deploy_table
 
 
 @pytest.mark.parametrize("text, cpus", [

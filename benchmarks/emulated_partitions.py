@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from wpk.console import make_console
 from rich.table import Table
 
 from wpk import examples
+from wpk.console import make_console
 from wpk.deploy.cpulimit import CpuLimit
 from wpk.deploy.emulate import Emulation, emulated_links
 from wpk.graph import Graph

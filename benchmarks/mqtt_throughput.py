@@ -33,9 +33,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.deploy.local import LocalDeployment
 from wpk.examples import EXAMPLES
 from wpk.partitioner.cli import main as partition_main

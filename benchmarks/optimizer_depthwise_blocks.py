@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.examples import mobilenet_like
 from wpk.optimizer import ort_ops, passes, winograd
 from wpk.optimizer.measure import compare_ms, hardware_id

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from wpk.console import make_console
 from rich.table import Table
 
 import wpk.optimizer
+from wpk.console import make_console
 from wpk.examples import EXAMPLES
 from wpk.optimizer import accuracy, pipeline
 from wpk.optimizer.measure import compare_ms, hardware_id

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from wpk.console import make_console
 from rich.table import Table
 
 import wpk.optimizer
+from wpk.console import make_console
 from wpk.examples import EXAMPLES
 from wpk.optimizer import accuracy, passes, pipeline
 from wpk.optimizer.measure import compare_ms, hardware_id

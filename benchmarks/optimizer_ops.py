@@ -14,9 +14,9 @@ import tempfile
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.optimizer import ops, winograd
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.kernels import BoundKernel, spec_for_node

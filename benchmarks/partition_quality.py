@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.examples import write_examples
 from wpk.graph import Graph
 from wpk.partitioner.api import partition

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
-
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.examples import random_dag
 from wpk.graph import Graph
 from wpk.partitioner.api import partition

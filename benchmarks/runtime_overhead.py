@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.deploy.local import LocalDeployment  # noqa: E402
 from wpk.examples import EXAMPLES  # noqa: E402
 from wpk.plan import load_plan, slice_path  # noqa: E402

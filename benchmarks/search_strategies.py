@@ -9,9 +9,9 @@ import argparse
 import math
 
 import numpy as np
-from wpk.console import make_console
 from rich.table import Table
 
+from wpk.console import make_console
 from wpk.optimizer import codegen_c, ops
 from wpk.optimizer.build import CKernel
 from wpk.optimizer.measure import compare_ms, hardware_id

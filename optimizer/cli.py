@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-
-from wpk.console import make_console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from wpk import cli_args
+from wpk.console import make_console
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.files import read_text, writable_file
 from wpk.graph import fixed_shapes, parse_input_shapes

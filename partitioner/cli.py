@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-
-from wpk.console import make_console
 from rich.table import Table
 
 from wpk import cli_args
+from wpk.console import make_console
 from wpk.errors import WpkError, cli_entry, print_warning
 from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes

@@ -176,9 +176,9 @@ class Graph:
 
         nodes = _topological_order(list(graph.node), set(self.inputs) | initializer_names)
         self.nodes: list[NodeInfo] = []
-        read = {t for node in nodes for t in node_reads(node)} | {v.name for v in graph.output}
-        for index, node in enumerate(nodes):
-            ins = node_reads(node)
+        reads = [node_reads(node) for node in nodes]   # subgraphs walked once per node
+        read = {t for node_inputs in reads for t in node_inputs} | {v.name for v in graph.output}
+        for index, (node, ins) in enumerate(zip(nodes, reads)):
             # an output that nothing reads (a Dropout's mask) is never sent: it needs no shape
             outs = tuple(n for n in node.output if n and n in read)
             for tensor in ins + outs:

@@ -53,8 +53,10 @@ def complete_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
                                for d in dims) or "N"
             raise WpkError(f"{label}: input {value.name!r} has {what}; fix it with "
                            f"--input-shape {value.name}={example}, each N a number")
-    read = {t for node in graph.node for t in node_reads(node)} | {v.name for v in graph.output}
-    missing = [t for node in graph.node for t in list(node_reads(node)) + list(node.output)
+    reads = [node_reads(node) for node in graph.node]   # subgraphs walked once per node
+    read = {t for node_inputs in reads for t in node_inputs} | {v.name for v in graph.output}
+    missing = [t for node, node_inputs in zip(graph.node, reads)
+               for t in list(node_inputs) + list(node.output)
                if t and t in read and t not in initializers
                and (t not in known or static_shape(known[t]) is None)]
     missing = list(dict.fromkeys(missing))

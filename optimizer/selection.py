@@ -226,6 +226,9 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
     consts = {i.name for i in model.graph.initializer}
     graph_inputs = [i.name for i in model.graph.input if i.name not in consts]
     graph_outputs = [o.name for o in model.graph.output]
+    # a fused kernel runs where its *last* node was: its inputs (a residual Add's other
+    # operand, produced by a downsample Conv between the Conv and the Add) exist by then
+    last_node = {id(by_node[n.name]): n.name for n in model.graph.node if n.name in by_node}
     steps: list[tuple[str, Any]] = []
     run: list[onnx.NodeProto] = []
     for node in model.graph.node:
@@ -233,11 +236,12 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
         if spec is None:
             run.append(node)
             continue
+        if node.name != last_node[id(spec)]:
+            continue
         if run:
             steps.append(("ort", run))
             run = []
-        if not steps or steps[-1][1] is not spec:
-            steps.append(("kernel", spec))
+        steps.append(("kernel", spec))
     if run:
         steps.append(("ort", run))
     # which tensors each step needs later

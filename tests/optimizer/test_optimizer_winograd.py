@@ -180,3 +180,28 @@ def test_pool_runs_every_item_exactly_once_also_from_concurrent_callers():
         t.join()
     for counts in arrays:
         assert (counts == 50).all()
+
+
+def test_residual_from_a_later_downsample_conv_runs_after_it(tmp_path):
+    """torch's ResNet export order: conv2, then the downsample Conv whose output the fused
+    Conv+Add+Relu kernel reads as its residual (crashed the "mixed" candidate)."""
+    from wpk.examples import ModelBuilder
+
+    b = ModelBuilder("downsample_block", seed=5)
+    image = b.input("image", [1, 16, 14, 14])
+    y = b.conv(image, 16, 32, 3, stride=2)
+    y = b.conv(y, 32, 32, 3, relu=False)            # the Winograd site, before ...
+    shortcut = b.conv(image, 16, 32, 1, stride=2, relu=False)   # ... its residual's producer
+    model = b.build([b.node("Relu", [b.node("Add", [y, shortcut])])])
+    order = [n.op_type for n in model.graph.node]
+    assert order.index("Add") > 2 and order.count("Conv") == 3
+    choices = select_winograd(model, load_initializers(model), dict(DEFAULT_SESSION),
+                              margin=float("inf"))
+    fused = [c for c in choices if c.spec.params["residual"]]
+    assert len(fused) == 1 and fused[0].chosen == "kernel"
+    save_segmented(model, [c.spec for c in fused], tmp_path)
+    feed = {"image": np.random.default_rng(1).random((1, 16, 14, 14), dtype=np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    out = load(tmp_path).run(None, feed)[0]
+    assert np.linalg.norm(out - expected) / np.linalg.norm(expected) < 1e-4

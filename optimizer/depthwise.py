@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wpk.optimizer import activations
+
 BLOCK = 16
 DW_PIXELS = 8          # depthwise output pixels per register block
 EXPAND_PIXELS = {1: 14, 2: 12, 4: 7}   # expansion pixels per register block, by hidden blocks
@@ -39,14 +41,15 @@ class DepthwiseShape:
     kernel: int = 3
     stride: int = 1
     pads: tuple[int, int, int, int] = (1, 1, 1, 1)   # top, left, bottom, right
-    relu_expand: bool = True
-    relu: bool = False
+    # activations (`activations.py`: "relu", "clip:LO:HI" or ""; booleans read as Relu/none)
+    relu_expand: str | bool = "relu"
+    relu: str | bool = ""
     threads: int = 2
     hb: int = 1                          # hidden blocks per expansion register tile (and per
     #                                      work item where the projection is not fused)
     cout: int = 0                        # channels of the fused 1x1 projection (0: none)
     residual: bool = False               # the projection adds a residual input R
-    relu_project: bool = False
+    relu_project: str | bool = ""
     bands: int = 0                       # row bands (work items) where the projection is
     #                                      fused; 0: two per thread
 
@@ -90,11 +93,13 @@ class DepthwiseShape:
 def depthwise_shape(params: dict) -> DepthwiseShape:
     return DepthwiseShape(c=params["c"], h=params["h"], w=params["w"], cin=params.get("cin", 0),
                           kernel=params.get("kernel", 3), stride=params.get("stride", 1),
-                          pads=tuple(params["pads"]), relu_expand=params.get("relu_expand", True),
-                          relu=params.get("relu", False), threads=params.get("threads", 2),
+                          pads=tuple(params["pads"]),
+                          relu_expand=activations.normalize(params.get("relu_expand", True)),
+                          relu=activations.normalize(params.get("relu", False)),
+                          threads=params.get("threads", 2),
                           hb=params.get("hb", 1), cout=params.get("cout", 0),
                           residual=params.get("residual", False),
-                          relu_project=params.get("relu_project", False),
+                          relu_project=activations.normalize(params.get("relu_project", False)),
                           bands=params.get("bands", 0))
 
 
@@ -146,7 +151,7 @@ def _expand_row(s: DepthwiseShape) -> str:
     """C of `expand_row(x, p, iy, ring_row)`: expansion of input row iy for the item's HB
     hidden blocks into a ring row [HB][WP][16] (data columns from PL)."""
     px = balanced_tile(s.w, EXPAND_PIXELS.get(s.hb, max(1, 24 // s.hb)))
-    relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu_expand else ""
+    relu = activations.avx512(s.relu_expand)
     if not s.cin:   # no expansion: copy the row into the padded ring
         return """
 static inline void expand_row(const float* __restrict__ x, const float* __restrict__ p, int g,
@@ -207,7 +212,7 @@ def _project_tile(s: DepthwiseShape) -> str:
     cob = s.cout_padded // BLOCK
     co = max(d for d in (1, 2, 3, 4) if cob % d == 0)
     pxp = balanced_tile(s.out_hw[1], PROJECT_PIXELS[co])
-    relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu_project else ""
+    relu = activations.avx512(s.relu_project)
     residual = "a = _mm512_add_ps(a, _mm512_loadu_ps(r + off));" if s.residual else ""
     return f"""
 #define COB {cob}
@@ -270,7 +275,7 @@ def lower(shape: DepthwiseShape, name: str) -> str:
     # blocks of hidden channels per work item: all of them where the projection is fused
     item_blocks = s.c // BLOCK if s.cout else s.hb
     dw_offset = s.c * s.cin_padded + s.c if s.cin else 0
-    relu = "a = _mm512_max_ps(a, _mm512_setzero_ps());" if s.relu else ""
+    relu = activations.avx512(s.relu)
     scratch = k * item_blocks * wp * BLOCK + (s.c * ow if s.cout else 0)
     # the new expanded rows of all the item's blocks would not stay in L1 until the
     # depthwise taps read them: expand and convolve one group of blocks at a time instead

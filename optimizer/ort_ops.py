@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from wpk.errors import WpkError
-from wpk.optimizer import build, depthwise, pool, winograd
+from wpk.optimizer import activations, build, depthwise, pool, winograd
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
@@ -518,15 +518,51 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
-def convs_by_bias(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """The Conv nodes of `model` by bias initializer name: ONNX Runtime's NCHWc nodes keep the
-    bias name of the Conv they came from (and reorder the weights), so the bias leads back to
-    the original weights."""
-    by_bias: dict[str, list[onnx.NodeProto]] = {}
+def _fingerprint(weight: np.ndarray) -> tuple[int, bytes]:
+    """What ONNX Runtime's NCHWc reordering keeps of a weight: its nonzero values (it moves
+    them and pads with zeros)."""
+    values = np.sort(np.asarray(weight, np.float32).ravel())
+    values = values[values != 0]
+    return values.size, hashlib.sha1(values.tobytes()).digest()
+
+
+def original_convs(optimized: onnx.ModelProto, model: onnx.ModelProto, consts: dict,
+                   shapes: dict) -> dict[str, tuple[onnx.NodeProto, np.ndarray, np.ndarray]]:
+    """For each NCHWc Conv of `optimized` (ONNX Runtime's saved graph of `model`) that still
+    computes exactly what one Conv of `model` did: that Conv, its weight and its bias (zeros
+    where it has none), by NCHWc node name.
+
+    Found by the weights' values, never by initializer names: exporters share one bias
+    initializer between Convs (torch de-duplicates the all-zero biases of identity
+    BatchNorms), and ONNX Runtime renames the biases it pads. A node whose weights match no
+    Conv, or several Convs that differ, or whose bias is not the original's (ONNX Runtime
+    folded a Mul, Add or BatchNorm into it) is left out. `consts` and `shapes`: `model`'s
+    initializers and static shapes."""
+    candidates: dict[tuple[int, bytes], list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
-            by_bias.setdefault(node.input[2], []).append(node)
-    return by_bias
+        if node.op_type == "Conv" and node.input[1] in consts and \
+                (len(node.input) < 3 or not node.input[2] or node.input[2] in consts):
+            candidates.setdefault(_fingerprint(consts[node.input[1]]), []).append(node)
+    stored = {i.name: i for i in optimized.graph.initializer}
+    found = {}
+    for node in optimized.graph.node:
+        if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or node.input[1] not in stored:
+            continue
+        originals = candidates.get(_fingerprint(numpy_helper.to_array(stored[node.input[1]])),
+                                   [])
+        matches = []
+        for conv in originals:
+            weight = consts[conv.input[1]]
+            bias = consts[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else \
+                np.zeros(weight.shape[0], np.float32)
+            if _same_parameters(optimized, node, weight, bias):
+                matches.append((conv, weight, bias))
+        first = matches[0] if matches else None
+        if first and all(np.array_equal(m[1], first[1]) and np.array_equal(m[2], first[2]) and
+                         shapes.get(m[0].input[0]) == shapes.get(first[0].input[0])
+                         for m in matches):
+            found[node.name] = matches[0]
+    return found
 
 
 def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
@@ -534,30 +570,28 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     """KernelSpecs (layout "nchwc") for the 3x3 stride-1 NCHWc convolutions of `optimized`,
     ONNX Runtime's own saved graph of `model` at level 'all'.
 
-    Its NCHWc Conv nodes keep the bias initializer of the Conv they came from but hold the
-    weights reordered; the original weights and input shape come from `model`'s Conv with
-    the same bias. A fused Sum input is the residual; activation Relu is fused too.
+    Its NCHWc Conv nodes hold the weights reordered; the original weights and input shape
+    come from the Conv of `model` they were made from (`original_convs`). A fused Sum input
+    is the residual; activation Relu is fused too.
     """
     from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
     from wpk.optimizer.selection import shapes_of
 
     consts, shapes = load_initializers(model), shapes_of(model)
-    by_bias = convs_by_bias(model)
+    originals = original_convs(optimized, model, consts, shapes)
     specs = []
     for node in optimized.graph.node:
-        if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) < 3:
+        if node.name not in originals or len(node.input) < 3:
             continue
         attrs = _attrs(node)
         if list(attrs.get("kernel_shape", [])) != [3, 3] or \
                 list(attrs.get("strides", [1, 1])) != [1, 1] or \
                 list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or \
-                attrs.get("activation", "Relu") != "Relu" or attrs.get("auto_pad", "NOTSET") \
-                not in ("NOTSET", ""):
+                activations.from_ort_attributes(attrs) is None or \
+                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
             continue
-        originals = by_bias.get(node.input[2], [])
-        if len(originals) != 1 or originals[0].input[1] not in consts:
-            continue
-        weight, x_shape = consts[originals[0].input[1]], shapes.get(originals[0].input[0])
+        conv, weight, bias = originals[node.name]
+        x_shape = shapes.get(conv.input[0])
         if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
                 len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
             continue
@@ -573,13 +607,14 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
         residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
         name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
         params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m,
-                      relu="activation" in attrs, residual=residual is not None, split=split,
+                      relu=activations.from_ort_attributes(attrs),
+                      residual=residual is not None, split=split,
                       threads=threads or os.cpu_count() or 1, name=name, layout="nchwc")
         sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
             + [node.output[0]]
         specs.append(KernelSpec("winograd", params, sources, node.output[0], node.name,
                                 weights={"Wt": weight.astype(np.float32),
-                                         "B": consts[node.input[2]].astype(np.float32)}))
+                                         "B": bias.astype(np.float32)}))
     return specs
 
 
@@ -592,14 +627,13 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
     convolution (with ONNX Runtime's fused Sum as the residual), fused with it too: the
     whole inverted residual. A site keeps its `params["name"]` either way.
 
-    As in `nchwc_sites`, the original weights are found through the bias initializer (ONNX
-    Runtime keeps its name); a Conv whose bias was renamed (padded) is not a site.
+    As in `nchwc_sites`, the original weights come from `original_convs`.
     """
     from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
     from wpk.optimizer.selection import shapes_of
 
     consts, shapes = load_initializers(model), shapes_of(model)
-    by_bias = convs_by_bias(model)
+    originals = original_convs(optimized, model, consts, shapes)
     producer = {o: n for n in optimized.graph.node for o in n.output}
     consumers: dict[str, int] = {}
     for n in optimized.graph.node:
@@ -608,8 +642,7 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
     graph_outputs = {o.name for o in optimized.graph.output}
 
     def original(node: onnx.NodeProto) -> onnx.NodeProto | None:
-        hits = by_bias.get(node.input[2], []) if len(node.input) > 2 else []
-        return hits[0] if len(hits) == 1 and hits[0].input[1] in consts else None
+        return originals[node.name][0] if node.name in originals else None
 
     def blocked(tensor: str) -> bool:   # produced by an NCHWc node: whole 16-channel blocks
         source = producer.get(tensor)
@@ -630,7 +663,7 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
         if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
                 c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
                 list(attrs.get("dilations", [1, 1])) != [1, 1] or \
-                attrs.get("activation", "Relu") != "Relu" or x_shape is None or \
+                activations.from_ort_attributes(attrs) is None or x_shape is None or \
                 len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
                 not blocked(node.input[0]):
             continue
@@ -639,9 +672,10 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
         if min(pads) < 0 or max(pads) >= kernel[0]:
             continue
         params = dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
-                      relu="activation" in attrs, relu_expand=False, hb=hb,
+                      relu=activations.from_ort_attributes(attrs), relu_expand="", hb=hb,
                       threads=threads or os.cpu_count() or 1)
-        weights = {"Wd": weight.astype(np.float32), "B": consts[node.input[2]].astype(np.float32)}
+        weights = {"Wd": weight.astype(np.float32),
+                   "B": originals[node.name][2].astype(np.float32)}
         names, source = [node.name], node.input[0]
         expand = producer.get(node.input[0])
         expand_conv = original(expand) if expand is not None else None
@@ -654,11 +688,12 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
                     list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
                     list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
                     e_attrs.get("group", 1) == 1 and \
-                    e_attrs.get("activation", "Relu") == "Relu" and \
+                    activations.from_ort_attributes(e_attrs) is not None and \
                     not any(e_attrs.get("pads", [0, 0, 0, 0])):
-                params.update(cin=int(we.shape[1]), relu_expand="activation" in e_attrs)
+                params.update(cin=int(we.shape[1]),
+                              relu_expand=activations.from_ort_attributes(e_attrs))
                 weights.update(We=we.astype(np.float32),
-                               Be=consts[expand.input[2]].astype(np.float32))
+                               Be=originals[expand.name][2].astype(np.float32))
                 names, source = [expand.name, node.name], expand.input[0]
         if params["c"] // 16 % hb:
             continue
@@ -673,7 +708,7 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
             p_attrs = _attrs(proj_node)
             weight_p = consts[proj_conv.input[1]]
             params.update(cout=int(weight_p.shape[0]), residual=residual is not None,
-                          relu_project="activation" in p_attrs)
+                          relu_project=activations.from_ort_attributes(p_attrs))
             weights["Wp"] = weight_p.astype(np.float32)
             if len(proj_conv.input) > 2 and proj_conv.input[2]:
                 weights["Bp"] = consts[proj_conv.input[2]].astype(np.float32)
@@ -723,7 +758,7 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
     if list(attrs.get("kernel_shape", [])) != [1, 1] or \
             list(attrs.get("strides", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or \
             any(attrs.get("pads", [0, 0, 0, 0])) or \
-            attrs.get("activation", "Relu") != "Relu":
+            activations.from_ort_attributes(attrs) is None:
         return None
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
@@ -731,7 +766,7 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
             readers.setdefault(i, []).append(n)
     tensor = conv.output[0]
     after = readers.get(tensor, [])
-    if len(after) == 1 and after[0].op_type == "Relu":
+    if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):   # ReLU6 as Clip(0, 6)
         tensor = after[0].output[0]
     convs = [n for n in readers.get(tensor, []) if n.op_type == "Conv"]
     if len(convs) != 1 or len(readers.get(tensor, [])) != 1 or convs[0].input[1] not in consts:

@@ -31,6 +31,8 @@ from fractions import Fraction as F
 import numpy as np
 import onnx
 
+from wpk.optimizer import activations
+
 # Lavin & Gray's matrices (points 0, +-1, +-2 / +-1/2 for m = 4).
 MATRICES = {
     2: dict(
@@ -62,7 +64,7 @@ class WinogradShape:
     w: int
     pads: tuple[int, int, int, int]  # top, left, bottom, right
     m: int = 4                        # output tile size: 2 or 4
-    relu: bool = False
+    relu: str | bool = False                # activation: `activations.py` ("relu", "clip:..")
     residual: bool = False
     threads: int = 2
     split: str = "tiles"              # threads own tiles (all phases, no barrier) or channels
@@ -231,7 +233,7 @@ def lower(shape: WinogradShape, name: str) -> str:
     out_tf = "\n".join(_transform(mats["AT"], "q", "o", a))
     residual = "v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mx, res + off));" \
         if s.residual else ""
-    relu = "v = _mm512_max_ps(v, _mm512_setzero_ps());" if s.relu else ""
+    relu = activations.avx512(s.relu, "v")
     if s.split == "tiles":
         jobs = f"""
 static void band_item(int item, int slot, void* arg) {{

@@ -197,7 +197,7 @@ def test_selected_slice_loads_and_falls_back_to_plain_onnxruntime(tmp_path, monk
     assert inside is not None and len(inside.specs) == 2
     # the second convolution carries ORT's fused Sum (the skip) and Relu into the kernel
     assert [(s.params["residual"], s.params["relu"]) for s in inside.specs] == \
-        [(False, True), (True, True)]
+        [(False, "relu"), (True, "relu")]
     directory = save_custom_ops(model, inside, tmp_path / "opt")
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(names, feed)[0]

@@ -1,0 +1,75 @@
+"""Writes the torch-exported blocks the optimizer's pattern tests load (the .onnx files beside
+this script): torchvision's own block classes, exported by torch's TorchScript exporter at
+opset 17, as a user's real network would be. Kept small (few channels) so that they live in
+the repository; the tests need no torch.
+
+    pip install torch torchvision && python tests/optimizer/blocks/export_blocks.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _randomize_batchnorm(module, torch) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            n = layer.num_features
+            layer.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+            layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            layer.weight.data.copy_(1 + 0.1 * torch.randn(n, generator=generator))
+            layer.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
+
+
+def blocks(torch, torchvision):
+    """name -> (module, input shape)."""
+    from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, resnet
+
+    torch.manual_seed(0)
+    made = {}
+    # identity BatchNorms (as `weights=None` leaves them): every folded bias is zero and
+    # torch shares one initializer between the Convs
+    made["resnet_basic_identity_bn"] = (resnet.BasicBlock(
+        32, 32, stride=2, downsample=torch.nn.Sequential(
+            torch.nn.Conv2d(32, 32, 1, stride=2, bias=False), torch.nn.BatchNorm2d(32))),
+        (1, 32, 28, 28))
+    # ReLU6, exported as Clip(0, 6); with the skip (stride 1) and without (stride 2)
+    made["mobilenet_v2_residual"] = (mobilenetv2.InvertedResidual(32, 32, 1, 6), (1, 32, 28, 28))
+    made["mobilenet_v2_stride2"] = (mobilenetv2.InvertedResidual(32, 48, 2, 6), (1, 32, 28, 28))
+    # SiLU (Sigmoid * x) and squeeze-excitation with a broadcast Mul
+    config = efficientnet.MBConvConfig(6, 3, 1, 32, 32, 1, 1.0, 1.0)
+    made["efficientnet_mbconv"] = (efficientnet.MBConv(config, 0.0, torch.nn.BatchNorm2d),
+                                   (1, 32, 28, 28))
+    # HardSwish and squeeze-excitation with Hardsigmoid
+    config3 = mobilenetv3.InvertedResidualConfig(32, 3, 96, 32, True, "HS", 1, 1, 1.0)
+    made["mobilenet_v3_hardswish_se"] = (mobilenetv3.InvertedResidual(
+        config3, torch.nn.BatchNorm2d), (1, 32, 28, 28))
+    for module, _ in made.values():
+        _randomize_batchnorm(module, torch) if module is not made[
+            "resnet_basic_identity_bn"][0] else None
+        module.eval()
+    return made
+
+
+def main() -> None:
+    import torch
+    try:
+        import torchvision
+    except RuntimeError:   # its C extension beside a CPU-only torch: the blocks need none of it
+        for op in ("nms", "qnms"):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, "
+                                 "float iou_threshold) -> Tensor")
+        import torchvision
+    for name, (module, shape) in blocks(torch, torchvision).items():
+        path = HERE / f"{name}.onnx"
+        with torch.no_grad():
+            torch.onnx.export(module, (torch.randn(*shape),), str(path), input_names=["x"],
+                              output_names=["y"], dynamo=False, opset_version=17)
+        print(f"{path.name}: {path.stat().st_size // 1024} KiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -154,17 +154,17 @@ def _ms(value: float | None) -> str:
 def _summary(console: Console, label: str, report: pipeline.Report) -> None:
     table = Table(title=f"{label}: chose {report.chosen} ({report.speedup:.2f}x)",
                   title_justify="left")
-    for column in ("candidate", "precision", "ms", "default ms", "max rel. error", "kept?",
-                   "what"):
+    for column in ("candidate", "precision", "ms", "default ms", "speedup (95 % interval)",
+                   "max rel. error", "kept?", "what"):
         table.add_column(column)
     for key, cand in report.candidates.items():
         if "error" in cand or "skipped" in cand:
-            table.add_row(key, "", "", "", "", "failed" if "error" in cand else "skipped",
+            table.add_row(key, "", "", "", "", "", "failed" if "error" in cand else "skipped",
                           escape(cand.get("error") or cand["skipped"]))
             continue
         rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
         table.add_row(key, cand["precision"], _ms(cand.get("ms")), _ms(cand.get("default_ms")),
-                      f"{rel:.2e}", "yes" if cand["within_budget"] else "over budget",
+                      pipeline.speedup_cell(cand), f"{rel:.2e}", "yes" if cand["within_budget"] else "over budget",
                       escape(cand["describe"]))
     console.print(table)
     if report.operators:

@@ -5,6 +5,7 @@ import functools
 import os
 import platform
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -26,6 +27,31 @@ def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
     return float(np.median(samples) * 1e3)
 
 
+def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeats: int,
+                 warmup: int, settle_s: float) -> dict[str, list[list[float]]]:
+    """Seconds of each run, per candidate and round: candidates take turns block by block
+    (who goes first rotates), so that background load hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[list[float]]] = {name: [] for name in fns}
+    names = list(fns)
+    for index in range(rounds):
+        # rotate who goes first: whoever follows another session pays for its idle threads
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            fn = fns[name]
+            if settle_s:
+                time.sleep(settle_s)
+            fn()  # one unmeasured run lets other sessions' spinning threads go idle first
+            block = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                block.append(time.perf_counter() - start)
+            samples[name].append(block)
+    return samples
+
+
 def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: int = 10,
                warmup: int = 3, percentile: float = 20.0,
                settle_s: float = 0.0) -> dict[str, float]:
@@ -37,24 +63,77 @@ def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: i
     `settle_s`: pause before each block, for candidates from different runtimes: ONNX
     Runtime's intra-op threads keep spinning for 10-50 ms after its last run (measured on
     2 cores), which halved OpenVINO's speed in the block that followed."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for index in range(rounds):
-        # rotate who goes first: whoever follows another session pays for its idle threads
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            fn = fns[name]
-            if settle_s:
-                time.sleep(settle_s)
-            fn()  # one unmeasured run lets other sessions' spinning threads go idle first
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    return {name: float(np.percentile(values, percentile) * 1e3)
-            for name, values in samples.items()}
+    samples = _interleaved(fns, rounds, repeats, warmup, settle_s)
+    return {name: float(np.percentile([t for block in blocks for t in block], percentile) * 1e3)
+            for name, blocks in samples.items()}
+
+
+@dataclass
+class Ratio:
+    """How much faster a candidate is than a baseline, from interleaved rounds: each round
+    times both back to back (a block of runs each, the median of a block is the round's
+    time), the per-round ratios baseline / candidate are the evidence, their median the
+    estimate, and a bootstrap of that median its 95 % interval. Per-round ratios cancel
+    what a neighbour's load does to both within a round; a pooled percentile would not."""
+
+    speedups: list[float]               # baseline / candidate, one per round
+    baseline_ms: float                  # medians over the rounds
+    candidate_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return float(np.median(self.speedups))
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        values = np.asarray(self.speedups)
+        if values.size < 3:
+            return float(values.min()), float(values.max())
+        draws = np.random.default_rng(0).choice(values, (2000, values.size))
+        medians = np.median(draws, axis=1)
+        return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+    def merged(self, other: "Ratio") -> "Ratio":
+        n, m = len(self.speedups), len(other.speedups)
+        return Ratio(self.speedups + other.speedups,
+                     (self.baseline_ms * n + other.baseline_ms * m) / (n + m),
+                     (self.candidate_ms * n + other.candidate_ms * m) / (n + m))
+
+    def faster_by(self, factor: float) -> bool:
+        """Faster by at least `factor` (e.g. 1.05) in the estimate, and faster at all
+        throughout the 95 % interval."""
+        return self.speedup >= factor and self.interval[0] > 1.0
+
+    def describe(self) -> str:
+        low, high = self.interval
+        return f"{self.speedup:.2f}x (95 % interval {low:.2f}-{high:.2f}x, " \
+               f"{len(self.speedups)} rounds)"
+
+    def to_json(self) -> dict:
+        low, high = self.interval
+        return {"speedup": self.speedup, "speedup_low": low, "speedup_high": high,
+                "rounds": len(self.speedups), "ms": self.candidate_ms,
+                "default_ms": self.baseline_ms}
+
+
+def compare_ratio(baseline: Callable[[], object], candidate: Callable[[], object],
+                  rounds: int = 8, repeats: int = 10, warmup: int = 3,
+                  settle_s: float = 0.0) -> Ratio:
+    """`candidate` against `baseline` in interleaved rounds (see `Ratio`)."""
+    samples = _interleaved({"baseline": baseline, "candidate": candidate}, rounds, repeats,
+                           warmup, settle_s)
+    base = [float(np.median(block)) for block in samples["baseline"]]
+    cand = [float(np.median(block)) for block in samples["candidate"]]
+    return Ratio([b / c for b, c in zip(base, cand)], float(np.median(base)) * 1e3,
+                 float(np.median(cand)) * 1e3)
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS does not say)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,12 +29,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from wpk.errors import WpkError
-from wpk.optimizer import activations, build, depthwise, pool, winograd
+from wpk.optimizer import activations, build, channel_scale, depthwise, pool, winograd
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
 # custom op type per kernel kind (KernelSpec.op)
-OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv"}
+OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv",
+            "channel_scale": "ChannelScale"}
 LIBRARY_FILE = "wpk_ops.so"
 # Bumped when a saved library must not be trusted any more; an optimized directory records
 # the build its library came from. 2: built with build.NO_INVENTED_STORES (build 1 libraries
@@ -329,7 +330,13 @@ class OpKernel:
 
 
 def op_kernel(spec, index: int) -> OpKernel:
-    """The kernel for `spec` (a KernelSpec of op "winograd" or "nchwc_depthwise")."""
+    """The kernel for `spec` (a KernelSpec of op "winograd", "nchwc_depthwise" or
+    "channel_scale")."""
+    if spec.op == "channel_scale":
+        name = f"wpk_channel_scale_{index}"
+        cs = channel_scale.channel_scale_shape(spec.params)
+        return OpKernel(name, OP_TYPES[spec.op], channel_scale.lower(cs, name),
+                        (cs.c, cs.h, cs.w), (cs.c, cs.h, cs.w), cs.c, 0, False, cs.threads)
     if spec.op == "nchwc_depthwise":
         name = f"wpk_depthwise_{index}"
         d = depthwise.depthwise_shape(spec.params)
@@ -348,8 +355,12 @@ def op_kernel(spec, index: int) -> OpKernel:
                     s.threads)
 
 
-def op_parameters(spec) -> tuple[np.ndarray, np.ndarray | None]:
-    """The initializers a kernel reads: U (its packed parameters) and B (bias, or None)."""
+def op_parameters(spec) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The initializers a kernel reads: U (its packed parameters) and B (bias, or None).
+    U is None where the kernel's second input is a tensor of the graph (a channel scale's
+    scale, `spec.sources[1]`)."""
+    if spec.op == "channel_scale":
+        return None, None
     bias = spec.weights.get("B")
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
     if spec.op == "nchwc_depthwise":
@@ -464,6 +475,12 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
                 raise WpkError(f"custom operators: node {name!r} is in two kernels "
                                f"({replaced[name][1].node} and {spec.node})")
             replaced[name] = (index, spec)
+    # each kernel runs where its last node was: every input it reads exists by then (a
+    # channel scale's scale is computed after the tensor it scales)
+    last_node = {}
+    for node in model.graph.node:
+        if node.name in replaced:
+            last_node[replaced[node.name][0]] = node.name
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
@@ -476,13 +493,16 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
             out.graph.node.append(node)
             continue
         index, spec = hit
-        if index in emitted:
+        if index in emitted or node.name != last_node[index]:
             continue
         emitted.add(index)
         op_type = OP_TYPES[spec.op]
         u, bias = op_parameters(spec)
         u_name, b_name = f"wpk_kernel_{index}_U", ""
-        out.graph.initializer.append(numpy_helper.from_array(u, u_name))
+        if u is None:
+            u_name = spec.sources[1]
+        else:
+            out.graph.initializer.append(numpy_helper.from_array(u, u_name))
         if bias is not None:
             b_name = f"wpk_kernel_{index}_B"
             out.graph.initializer.append(numpy_helper.from_array(bias, b_name))
@@ -717,6 +737,56 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
             output = proj_node.output[0]
         specs.append(KernelSpec("nchwc_depthwise", params, [*sources, output], output,
                                 "+".join(names), weights=weights))
+    return specs
+
+
+def channel_scale_sites(optimized: onnx.ModelProto, model: onnx.ModelProto,
+                        threads: int | None = None) -> list:
+    """KernelSpecs (op "channel_scale") for the broadcast Muls of `optimized` (ONNX Runtime's
+    saved graph of `model`) that scale a blocked tensor by a [1, C, 1, 1] one between a
+    ReorderOutput and a ReorderInput (a squeeze-excitation block's scaling): the kernel
+    reads the blocked tensor, writes the blocked result, and the Mul, the ReorderInput and
+    (where nothing else reads its output) the ReorderOutput go."""
+    from wpk.optimizer.kernels import KernelSpec
+    from wpk.optimizer.selection import shapes_of
+
+    shapes = shapes_of(model)
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in optimized.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in optimized.graph.output}
+
+    def reorder(node: onnx.NodeProto | None, op_type: str) -> bool:
+        return node is not None and node.domain == NCHWC_DOMAIN and \
+            node.op_type == op_type and not _attrs(node).get("channels_last", 0)
+
+    specs = []
+    for node in optimized.graph.node:
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        after = readers.get(node.output[0], [])
+        if len(after) != 1 or not reorder(after[0], "ReorderInput") or \
+                node.output[0] in graph_outputs:
+            continue
+        for big, small in (node.input, node.input[::-1]):
+            x_shape, s_shape = shapes.get(big), shapes.get(small)
+            source = producer.get(big)
+            if x_shape is None or s_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or \
+                    tuple(s_shape) != (1, x_shape[1], 1, 1) or x_shape[1] % 16 or \
+                    not reorder(source, "ReorderOutput"):
+                continue
+            names = [node.name, after[0].name]
+            if len(readers.get(big, [])) == 1 and big not in graph_outputs:
+                names.insert(0, source.name)
+            _, c, h, w = x_shape
+            name = "s_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+            params = dict(c=c, h=h, w=w, threads=threads or os.cpu_count() or 1, name=name)
+            output = after[0].output[0]
+            specs.append(KernelSpec("channel_scale", params, [source.input[0], small, output],
+                                    output, "+".join(names)))
+            break
     return specs
 
 

@@ -24,16 +24,21 @@ from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
 from wpk.optimizer.kernels import load_initializers
-from wpk.optimizer.measure import compare_ms, hardware_id, time_ms
+from wpk.optimizer.measure import (Ratio, compare_ratio, hardware_id, load_average,
+                                   time_ms)
 from wpk.optimizer.search import Evaluator, make_strategy
 from wpk.optimizer.selection import (InsideOrt, OpChoice, build_segments, select_operators,
                                      select_custom_ops, select_winograd)
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
 
-# a candidate must beat the default by this factor to be kept (noise guard)
-KEEP_MARGIN = 0.95
-# candidates (best first) that get the confirming second head-to-head before giving up
+# a candidate must be this much faster than the default to be kept (worth its complexity)
+KEEP_FACTOR = 1.05
+# interleaved rounds of the first head-to-head of each candidate, and of the confirming one
+# (pooled with the first) that the most promising get
+FIRST_ROUNDS = 8
+CONFIRM_ROUNDS = 12
+# candidates (best first) that get the confirming head-to-head before giving up
 CONFIRM_TRIES = 2
 
 
@@ -73,7 +78,10 @@ class Report:
     operators: list[dict[str, Any]] = field(default_factory=list)
     chosen: str = "default"
     reason: str = ""
-    speedup: float = 1.0
+    speedup: float = 1.0                 # median of per-round ratios (1.0: the default)
+    speedup_interval: list[float] | None = None   # its 95 % interval
+    noisy: bool = False                  # a gain the timing noise did not let us confirm
+    load_average: float | None = None    # the machine's load while the candidates were timed
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -285,16 +293,15 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     progress.phase("accuracy guard and final timing", len(candidates))
     default_slice = load(candidates["default"]["dir"])
     run_default = lambda: default_slice.run(output_names, feed)  # noqa: E731
-    ratios: dict[str, float] = {"default": 1.0}
+    measured: dict[str, Ratio] = {}
 
-    def head_to_head(key: str, candidate=None) -> tuple[float, float]:
+    def head_to_head(key: str, candidate=None, rounds: int = FIRST_ROUNDS) -> Ratio:
         candidate = candidate or load(candidates[key]["dir"])
-        times = compare_ms({"default": run_default,
-                            key: lambda: candidate.run(output_names, feed)},
-                           rounds=6, repeats=10,
-                           settle_s=0.1 if key.startswith("openvino") else 0.0)
-        return times["default"], times[key]
+        return compare_ratio(run_default, lambda: candidate.run(output_names, feed),
+                             rounds=rounds, repeats=10,
+                             settle_s=0.1 if key.startswith("openvino") else 0.0)
 
+    report.load_average = load_average()
     for key, cand in candidates.items():
         if key == "default":
             continue
@@ -307,45 +314,18 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         report.candidates[key] = {"describe": cand["describe"], "precision": cand["precision"],
                                   "accuracy": [e.to_json() for e in errs], "within_budget": ok}
         if ok:
-            default_ms, ms = head_to_head(key, session)
-            report.candidates[key].update(ms=ms, default_ms=default_ms)
-            ratios[key] = ms / default_ms
+            measured[key] = head_to_head(key, session)
+            report.candidates[key].update(measured[key].to_json())
         del session
         progress.advance(key)
     report.candidates = {"default": {"describe": candidates["default"]["describe"],
                                      "precision": "fp32", "accuracy": [],
                                      "within_budget": True}, **report.candidates}
-    # a second, independent head-to-head must agree: never ship a win that was noise. When
-    # the best is not confirmed, the runner-up gets its own second measurement.
-    ranked = sorted((k for k in ratios if k != "default" and ratios[k] <= KEEP_MARGIN),
-                    key=ratios.get)
-    best_key, unconfirmed = "default", []
-    for key in ranked[:CONFIRM_TRIES]:
-        default_ms, ms = head_to_head(key)
-        report.candidates[key]["ms_confirm"] = ms
-        report.candidates[key]["default_ms_confirm"] = default_ms
-        ratios[key] = max(ratios[key], ms / default_ms)
-        if ms <= KEEP_MARGIN * default_ms:
-            best_key = key
-            break
-        unconfirmed.append(key)
-    margin = f"{(1 - KEEP_MARGIN) * 100:.0f} %"
-    fastest = min((k for k in ratios if k != "default"), key=ratios.get, default=None)
-    if best_key != "default":
-        report.reason = (f"{best_key}: {1 / ratios[best_key]:.2f}x the default in two "
-                         f"head-to-head measurements"
-                         + (f" ({', '.join(unconfirmed)} not confirmed)" if unconfirmed else ""))
-    elif ranked:
-        report.reason = (f"best candidate {ranked[0]} ({1 / ratios[ranked[0]]:.2f}x) does not "
-                         f"beat the default by {margin} in a second head-to-head measurement: "
-                         f"keeping the default")
-    elif fastest is not None and ratios[fastest] < 1.0:
-        report.reason = (f"best candidate {fastest} ({1 / ratios[fastest]:.2f}x) does not "
-                         f"beat the default by {margin}: keeping the default")
-    else:
-        report.reason = "nothing beat the default"
+    best_key, report.reason, report.noisy = decide(measured, head_to_head, report.candidates)
+    report.speedup = measured[best_key].speedup if best_key != "default" else 1.0
+    report.speedup_interval = list(measured[best_key].interval) if best_key != "default" \
+        else None
     report.chosen = best_key
-    report.speedup = 1.0 / ratios[best_key]
     _install(candidates[best_key]["dir"], ctx["out_dir"], best_key)
     # final guard: the directory as the runtime will load it
     final = load(ctx["out_dir"])
@@ -359,17 +339,67 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     return report
 
 
+def decide(measured: dict[str, Ratio], remeasure: Callable[..., Ratio],
+           candidates: dict[str, dict[str, Any]]) -> tuple[str, str, bool]:
+    """(chosen key, the reason in words, whether the machine was too noisy to decide).
+
+    A candidate is kept only where the interleaved rounds show it faster than the default by
+    KEEP_FACTOR and faster at all across the 95 % interval of the per-round ratios. The
+    promising ones (best first) get a second, longer measurement pooled with the first, so
+    that one lucky run decides nothing; where the estimate is a gain but the interval
+    reaches below 1.0x, the machine was too noisy to tell and the default is kept."""
+    promising = sorted((k for k, r in measured.items() if r.speedup >= KEEP_FACTOR),
+                       key=lambda k: -measured[k].speedup)
+    noisy, unconfirmed = [], []
+    for key in promising[:CONFIRM_TRIES]:
+        pooled = measured[key].merged(remeasure(key, rounds=CONFIRM_ROUNDS))
+        measured[key] = pooled
+        candidates[key].update(pooled.to_json(), confirmed=pooled.faster_by(KEEP_FACTOR))
+        if pooled.faster_by(KEEP_FACTOR):
+            return key, (f"{key}: {pooled.describe()} faster than the default"
+                         + (f" ({', '.join(unconfirmed + noisy)} not confirmed)"
+                            if unconfirmed or noisy else "")), False
+        (noisy if pooled.speedup >= KEEP_FACTOR else unconfirmed).append(key)
+    gain = f"{(KEEP_FACTOR - 1) * 100:.0f} %"
+    if noisy:
+        key = noisy[0]
+        return "default", (f"too noisy to decide: {key} measured {measured[key].describe()}, "
+                           f"an interval that does not rule out no gain; keeping the default "
+                           f"(measure on an idle machine)"), True
+    if unconfirmed:
+        key = unconfirmed[0]
+        return "default", (f"best candidate {key} did not hold a {gain} gain when measured "
+                           f"again ({measured[key].describe()}): keeping the default"), False
+    fastest = max(measured, key=lambda k: measured[k].speedup, default=None)
+    if fastest is not None and measured[fastest].speedup > 1.0:
+        return "default", (f"best candidate {fastest} ({measured[fastest].describe()}) does "
+                           f"not beat the default by {gain}: keeping the default"), False
+    return "default", "nothing beat the default", False
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def speedup_cell(cand: dict[str, Any]) -> str:
+    """A candidate's speedup over the default with its 95 % interval and rounds, or "-"."""
+    if "speedup" not in cand:
+        return "-"
+    return (f"{cand['speedup']:.2f}x ({cand['speedup_low']:.2f}-{cand['speedup_high']:.2f}, "
+            f"{cand['rounds']} rounds)")
+
+
 def render_markdown(report: Report) -> str:
     """The human-readable report: what was tried, what was chosen and why."""
+    load = "" if report.load_average is None else \
+        f" Load average while timing: {report.load_average:.2f} on {os.cpu_count()} cores."
     lines = [f"# {report.model}: chose `{report.chosen}` ({report.speedup:.2f}x vs ORT defaults)",
-             "", f"Measured on: {report.hardware}. {report.reason}.", "",
+             "", f"Measured on: {report.hardware}.{load} {report.reason}.", "",
              "Graph passes: " + ("; ".join(report.passes) or "no change"), "",
-             "| candidate | precision | ms | default ms (same run) | confirm ms | max rel. error "
-             "| top-1 | kept | what |",
+             "Speedups are medians of per-round ratios from rounds that time the candidate and "
+             "the default back to back, with the 95 % interval of that median.", "",
+             "| candidate | precision | ms | default ms (same rounds) | speedup (95 % interval) "
+             "| max rel. error | top-1 | kept | what |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, cand in report.candidates.items():
         if "error" in cand or "skipped" in cand:
@@ -380,7 +410,7 @@ def render_markdown(report: Report) -> str:
         rel = max((a["relative"] for a in cand["accuracy"]), default=0.0)
         top1 = [a["top1_agreement"] for a in cand["accuracy"] if a["top1_agreement"] is not None]
         lines.append(f"| {key} | {cand['precision']} | {_ms(cand.get('ms'))} | "
-                     f"{_ms(cand.get('default_ms'))} | {_ms(cand.get('ms_confirm'))} | {rel:.2e} | "
+                     f"{_ms(cand.get('default_ms'))} | {speedup_cell(cand)} | {rel:.2e} | "
                      f"{min(top1) if top1 else '-'} | "
                      f"{'yes' if cand['within_budget'] else 'over budget'} | {cand['describe']} |")
     search = report.session_search
@@ -459,13 +489,14 @@ def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
 
 def _add_custom_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
                     config: Config, offline: onnx.ModelProto) -> list[OpChoice]:
-    """Generated kernels (Winograd, fused depthwise) as custom operators in ONNX Runtime's own
-    saved graph (one session, no segments): the candidate "custom-ops", with the plain model
-    kept beside it for machines where the kernels cannot run."""
+    """Generated kernels (Winograd, fused depthwise, channel scale) as custom operators in
+    ONNX Runtime's own saved graph (one session, no segments): the candidate "custom-ops",
+    with the plain model kept beside it for machines where the kernels cannot run."""
     from wpk.optimizer import ort_ops
 
     progress: Progress = ctx["progress"]
-    kinds = ("winograd", "nchwc_depthwise") if ctx["options"].winograd else ("nchwc_depthwise",)
+    kinds = ("nchwc_depthwise", "channel_scale") + \
+        (("winograd",) if ctx["options"].winograd else ())
     inside = select_custom_ops(ctx["model"], offline, config, ctx["feeds"][0],
                                ctx["output_names"], on_op=lambda name: progress.advance(name),
                                time_left=ctx["left"], kinds=kinds)

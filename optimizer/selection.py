@@ -295,6 +295,8 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
                        projected: KernelSpec | None = None) -> dict[str, KernelSpec]:
     """The kernel variants worth timing at `site`, by a short key naming the knobs;
     `projected` is the same depthwise site fused with its projection too, where it can be."""
+    if site.op == "channel_scale":
+        return {"scale": site}
     if site.op == "nchwc_depthwise":
         blocks = site.params["c"] // 16
         variants = {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
@@ -315,10 +317,10 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
 def preferred_variant(site: KernelSpec, keys: dict[str, int], kernels: bool = False
                       ) -> str | None:
     """The variant a site starts from in the descent (None: ONNX Runtime's kernel): the whole
-    inverted residual (or else the first variant) for depthwise sites, whose kernels win far
-    more often than not; ONNX Runtime for Winograd sites, which lose on some shapes (their
-    first variant where `kernels`)."""
-    if not keys or (site.op != "nchwc_depthwise" and not kernels):
+    inverted residual (or else the first variant) for depthwise sites, and the one kernel of
+    channel-scale sites, which win far more often than not; ONNX Runtime for Winograd sites,
+    which lose on some shapes (their first variant where `kernels`)."""
+    if not keys or (site.op == "winograd" and not kernels):
         return None
     return next((k for k in keys if k.startswith("project")), next(iter(keys)))
 
@@ -329,7 +331,8 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
                       on_op: Callable[[str], None] | None = None,
                       variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
                       time_left: Callable[[], float | None] = lambda: None,
-                      kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise"),
+                      kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise",
+                                                "channel_scale"),
                       passes: int = 2, start_with_kernels: bool = False
                       ) -> InsideOrt | None:
     """For each site of `offline` (ONNX Runtime's saved graph of `model`) our kernels cover
@@ -347,7 +350,8 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     if not ort_ops.runs_here()[0]:
         return None
     sites = (ort_ops.nchwc_sites(offline, model) if "winograd" in kinds else []) + \
-        (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else [])
+        (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else []) + \
+        (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else [])
     if not sites:
         return None
     projected = {s.params["name"]: s for s in ort_ops.depthwise_sites(offline, model,
@@ -444,11 +448,12 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         fastest = best if best != "ort" else \
             (min(kernel_times, key=kernel_times.get) if kernel_times else None)
         spec = pool[keys[fastest]] if fastest else site
-        knobs = ("hb", "cout", "bands") if spec.op == "nchwc_depthwise" else ("m", "split")
+        knobs = {"nchwc_depthwise": ("hb", "cout", "bands"), "winograd": ("m", "split")
+                 }.get(spec.op, ())
         choices[site_index] = OpChoice(
             spec.node, f"{spec.op}-op", spec.signature(), times.get("ort", math.inf),
             kernel_times[fastest] if fastest else math.inf,
-            {k: spec.params.get(k) for k in knobs} if fastest else None,
+            {k: spec.params.get(k) for k in knobs} if fastest and knobs else None,
             "ort" if best == "ort" else "kernel", len(times), 0, spec)
         return changed
 

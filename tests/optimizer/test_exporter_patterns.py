@@ -71,3 +71,19 @@ def test_relu6_exported_as_clip_fuses_into_the_inverted_residual(name, tmp_path)
     projected = ort_ops.depthwise_sites(offline, model, project=True)
     assert [s.params["cout"] for s in projected] == [32 if "residual" in name else 48]
     _run_with_every_kernel(model, offline, tmp_path, {"nchwc_depthwise": 1})
+
+
+@pytest.mark.parametrize("name", ["efficientnet_mbconv", "mobilenet_v3_hardswish_se"])
+def test_squeeze_excitation_scales_in_the_blocked_layout(name, tmp_path):
+    """The SE block's broadcast Mul: ONNX Runtime leaves the blocked layout for it (a
+    ReorderOutput and a ReorderInput of the block's largest tensor); the channel-scale
+    kernel takes their place."""
+    model, offline = _block(name, tmp_path)
+    sites = ort_ops.channel_scale_sites(offline, model)
+    assert len(sites) == 1 and len(sites[0].node.split("+")) == 3
+    reorders = [n.op_type for n in offline.graph.node if n.op_type.startswith("Reorder")]
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), {"x": np.zeros(
+        (1, 32, 28, 28), np.float32)}, ["y"], passes=0, start_with_kernels=True)
+    kept = [n.op_type for n in inside.model.graph.node if n.op_type.startswith("Reorder")]
+    assert len(kept) == len(reorders) - 2
+    _run_with_every_kernel(model, offline, tmp_path, {"channel_scale": 1})

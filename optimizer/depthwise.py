@@ -289,6 +289,7 @@ def lower(shape: DepthwiseShape, name: str) -> str:
     return f"""#include <immintrin.h>
 #include <stddef.h>
 #include <stdlib.h>
+{activations.C_HELPERS}
 extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
 extern float* wpk_thread_scratch(size_t floats);
 extern void wpk_kernel_failed(const char* why);

@@ -661,13 +661,50 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
             consumers[i] = consumers.get(i, 0) + 1
     graph_outputs = {o.name for o in optimized.graph.output}
 
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in optimized.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
     def original(node: onnx.NodeProto) -> onnx.NodeProto | None:
         return originals[node.name][0] if node.name in originals else None
 
+    def sole_reader(tensor: str) -> onnx.NodeProto | None:
+        after = readers.get(tensor, [])
+        return after[0] if len(after) == 1 and tensor not in graph_outputs else None
+
+    def activation_of(conv: onnx.NodeProto) -> tuple[str | None, list[onnx.NodeProto]]:
+        """The activation after NCHWc `conv` (None: one our kernels do not fuse) and the
+        nodes that compute conv + activation: ONNX Runtime's fused one, or the QuickGelu
+        node it makes of x * Sigmoid(x) where that alone reads the Conv's output."""
+        act = activations.from_ort_attributes(_attrs(conv))
+        after = sole_reader(conv.output[0])
+        if act == "" and after is not None and after.op_type == "QuickGelu" and \
+                after.domain == "com.microsoft":
+            return activations.swish(_attrs(after).get("alpha", 1.702)), [conv, after]
+        return act, [conv]
+
     def blocked(tensor: str) -> bool:   # produced by an NCHWc node: whole 16-channel blocks
         source = producer.get(tensor)
+        if source is not None and source.op_type == "QuickGelu":   # element-wise: as its input
+            return blocked(source.input[0])
         return source is not None and source.domain == NCHWC_DOMAIN and \
             source.op_type != "ReorderOutput"     # which gives plain NCHW back
+
+    def expansion(tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], str] | None:
+        """(the 1x1 NCHWc Conv, its nodes, activation) computing `tensor` for the depthwise
+        Conv alone, or None."""
+        source = producer.get(tensor)
+        if source is not None and source.op_type == "QuickGelu":
+            source = producer.get(source.input[0])
+        if source is None or source.domain != NCHWC_DOMAIN or source.op_type != "Conv" or \
+                len(source.input) != 3 or original(source) is None:
+            return None
+        act, nodes = activation_of(source)
+        if act is None or nodes[-1].output[0] != tensor or sole_reader(tensor) is None or \
+                not blocked(source.input[0]):
+            return None
+        return source, nodes, act
 
     specs = []
     for node in optimized.graph.node:
@@ -676,15 +713,15 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
         attrs, conv = _attrs(node), original(node)
         if conv is None:
             continue
+        act, dw_nodes = activation_of(node)
         weight, x_shape = consts[conv.input[1]], shapes.get(conv.input[0])
         c = int(weight.shape[0])
         kernel = list(attrs.get("kernel_shape", []))
         stride = list(attrs.get("strides", [1, 1]))
         if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
                 c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
-                list(attrs.get("dilations", [1, 1])) != [1, 1] or \
-                activations.from_ort_attributes(attrs) is None or x_shape is None or \
-                len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
+                list(attrs.get("dilations", [1, 1])) != [1, 1] or act is None or \
+                x_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
                 not blocked(node.input[0]):
             continue
         _, _, h, w = x_shape
@@ -692,36 +729,30 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
         if min(pads) < 0 or max(pads) >= kernel[0]:
             continue
         params = dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
-                      relu=activations.from_ort_attributes(attrs), relu_expand="", hb=hb,
-                      threads=threads or os.cpu_count() or 1)
+                      relu=act, relu_expand="", hb=hb, threads=threads or os.cpu_count() or 1)
         weights = {"Wd": weight.astype(np.float32),
                    "B": originals[node.name][2].astype(np.float32)}
-        names, source = [node.name], node.input[0]
-        expand = producer.get(node.input[0])
-        expand_conv = original(expand) if expand is not None else None
-        if expand is not None and expand.domain == NCHWC_DOMAIN and expand.op_type == "Conv" \
-                and len(expand.input) == 3 and expand_conv is not None and \
-                consumers.get(expand.output[0]) == 1 and expand.output[0] not in graph_outputs \
-                and blocked(expand.input[0]):
-            e_attrs, we = _attrs(expand), consts[expand_conv.input[1]]
+        names, source = [n.name for n in dw_nodes], node.input[0]
+        expand = expansion(node.input[0])
+        if expand is not None:
+            e_node, e_nodes, e_act = expand
+            e_attrs, we = _attrs(e_node), consts[original(e_node).input[1]]
             if we.ndim == 4 and we.shape[0] == c and we.shape[2:] == (1, 1) and \
                     list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
                     list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
                     e_attrs.get("group", 1) == 1 and \
-                    activations.from_ort_attributes(e_attrs) is not None and \
                     not any(e_attrs.get("pads", [0, 0, 0, 0])):
-                params.update(cin=int(we.shape[1]),
-                              relu_expand=activations.from_ort_attributes(e_attrs))
+                params.update(cin=int(we.shape[1]), relu_expand=e_act)
                 weights.update(We=we.astype(np.float32),
-                               Be=originals[expand.name][2].astype(np.float32))
-                names, source = [expand.name, node.name], expand.input[0]
+                               Be=originals[e_node.name][2].astype(np.float32))
+                names, source = [n.name for n in e_nodes] + names, e_node.input[0]
         if params["c"] // 16 % hb:
             continue
         params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
-        sources, output = [source, "weight:U", "weight:B"], node.output[0]
+        sources, output = [source, "weight:U", "weight:B"], dw_nodes[-1].output[0]
         if project:
-            projection = _projection(node, conv, optimized, model, consumers, graph_outputs,
-                                     consts, shapes)
+            projection = _projection(dw_nodes[-1], conv, optimized, model, consumers,
+                                     graph_outputs, consts, shapes)
             if projection is None:
                 continue
             proj_node, proj_conv, residual = projection
@@ -836,7 +867,7 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
             readers.setdefault(i, []).append(n)
     tensor = conv.output[0]
     after = readers.get(tensor, [])
-    if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):   # ReLU6 as Clip(0, 6)
+    if len(after) == 1 and after[0].op_type in ("Relu", "Clip", "HardSwish"):  # ReLU6: Clip
         tensor = after[0].output[0]
     convs = [n for n in readers.get(tensor, []) if n.op_type == "Conv"]
     if len(convs) != 1 or len(readers.get(tensor, [])) != 1 or convs[0].input[1] not in consts:

@@ -370,6 +370,7 @@ static void run(struct job* j) {{
 #include <stdlib.h>
 #include <string.h>
 {TRANSPOSE16}
+{activations.C_HELPERS}
 extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
 extern int wpk_pool_slots(void);
 struct job {{ const float* x; const float* U; const float* bias; const float* res; float* y;

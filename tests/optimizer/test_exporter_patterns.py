@@ -86,4 +86,18 @@ def test_squeeze_excitation_scales_in_the_blocked_layout(name, tmp_path):
         (1, 32, 28, 28), np.float32)}, ["y"], passes=0, start_with_kernels=True)
     kept = [n.op_type for n in inside.model.graph.node if n.op_type.startswith("Reorder")]
     assert len(kept) == len(reorders) - 2
-    _run_with_every_kernel(model, offline, tmp_path, {"channel_scale": 1})
+    _run_with_every_kernel(model, offline, tmp_path, {"channel_scale": 1, "nchwc_depthwise": 1})
+
+
+@pytest.mark.parametrize("name, activation", [("efficientnet_mbconv", "swish:1.0"),
+                                              ("mobilenet_v3_hardswish_se", "hardswish")])
+def test_silu_and_hardswish_fuse_into_the_depthwise_kernel(name, activation, tmp_path):
+    """SiLU (torch: x * Sigmoid(x); ONNX Runtime: a QuickGelu node after the Conv) and
+    HardSwish (fused into ONNX Runtime's Conv) after the expansion and the depthwise Conv."""
+    model, offline = _block(name, tmp_path)
+    sites = ort_ops.depthwise_sites(offline, model)
+    assert [(s.params["relu_expand"], s.params["relu"]) for s in sites] == \
+        [(activation, activation)]
+    quick_gelus = {n.name for n in offline.graph.node if n.op_type == "QuickGelu"}
+    assert len(quick_gelus & set(sites[0].node.split("+"))) == (2 if activation.startswith("swish")
+                                                                  else 0)

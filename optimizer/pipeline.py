@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -326,6 +327,10 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
     report.speedup_interval = list(measured[best_key].interval) if best_key != "default" \
         else None
     report.chosen = best_key
+    for key, kinds in (("custom-ops", True), ("mixed", False)):
+        if key in measured:
+            report.candidates[key].update(operator_gains(report.operators, kinds,
+                                                         measured[key]))
     _install(candidates[best_key]["dir"], ctx["out_dir"], best_key)
     # final guard: the directory as the runtime will load it
     final = load(ctx["out_dir"])
@@ -337,6 +342,21 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
                                                            default=str) + "\n")
     (ctx["out_dir"] / "report.md").write_text(render_markdown(report))
     return report
+
+
+def operator_gains(operators: list[dict[str, Any]], inside_ort: bool, ratio: Ratio
+                   ) -> dict[str, Any]:
+    """What the chosen kernels of one candidate save one by one (ONNX Runtime's time minus
+    the kernel's, as per-operator selection measured it: in the whole slice for kernels
+    inside ONNX Runtime, alone for segment kernels), next to what the candidate saves end to
+    end: where the sum is larger, the difference is what integration costs (layout
+    conversions, segment boundaries, the thread pool's hand-offs, caches)."""
+    kernels = [op for op in operators if op["chosen"] == "kernel" and
+               op["op"].endswith("-op") == inside_ort and
+               math.isfinite(op["ort_ms"]) and math.isfinite(op["kernel_ms"])]
+    return {"kernels": len(kernels),
+            "operator_gains_ms": sum(op["ort_ms"] - op["kernel_ms"] for op in kernels),
+            "end_to_end_gain_ms": ratio.baseline_ms - ratio.candidate_ms}
 
 
 def decide(measured: dict[str, Ratio], remeasure: Callable[..., Ratio],
@@ -413,6 +433,11 @@ def render_markdown(report: Report) -> str:
                      f"{_ms(cand.get('default_ms'))} | {speedup_cell(cand)} | {rel:.2e} | "
                      f"{min(top1) if top1 else '-'} | "
                      f"{'yes' if cand['within_budget'] else 'over budget'} | {cand['describe']} |")
+    for key, cand in report.candidates.items():
+        if "operator_gains_ms" in cand:
+            lines += ["", f"{key}: its {cand['kernels']} kernel(s) saved "
+                          f"{cand['operator_gains_ms']:.3f} ms together when timed one by one; "
+                          f"end to end it saves {cand['end_to_end_gain_ms']:.3f} ms."]
     search = report.session_search
     lines += ["", f"Session search ({search.get('strategy')}): {search.get('measured')} measured, "
                   f"{search.get('reused')} from the tuning log, best {search.get('best')} "

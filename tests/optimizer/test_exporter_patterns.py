@@ -101,3 +101,14 @@ def test_silu_and_hardswish_fuse_into_the_depthwise_kernel(name, activation, tmp
     quick_gelus = {n.name for n in offline.graph.node if n.op_type == "QuickGelu"}
     assert len(quick_gelus & set(sites[0].node.split("+"))) == (2 if activation.startswith("swish")
                                                                   else 0)
+
+
+def test_batchnorm_left_as_nodes_is_folded_and_the_block_still_fuses(tmp_path):
+    """An export with constant folding off keeps BatchNormalization nodes: wpk's pass folds
+    them into the Convs, and the inverted residual is then a site like the folded export."""
+    original = onnx.load(str(BLOCKS / "mobilenet_v2_unfused_bn.onnx"))
+    assert sum(n.op_type == "BatchNormalization" for n in original.graph.node) == 3
+    model, offline = _block("mobilenet_v2_unfused_bn", tmp_path)
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    assert len(ort_ops.depthwise_sites(offline, model, project=True)) == 1
+    _run_with_every_kernel(model, offline, tmp_path, {"nchwc_depthwise": 1})

@@ -63,11 +63,16 @@ def main() -> None:
             torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, "
                                  "float iou_threshold) -> Tensor")
         import torchvision
-    for name, (module, shape) in blocks(torch, torchvision).items():
+    made = blocks(torch, torchvision)
+    # the same inverted residual with its BatchNorms left as nodes (constant folding off, as
+    # some export scripts have it)
+    made["mobilenet_v2_unfused_bn"] = made["mobilenet_v2_residual"]
+    for name, (module, shape) in made.items():
         path = HERE / f"{name}.onnx"
         with torch.no_grad():
             torch.onnx.export(module, (torch.randn(*shape),), str(path), input_names=["x"],
-                              output_names=["y"], dynamo=False, opset_version=17)
+                              output_names=["y"], dynamo=False, opset_version=17,
+                              do_constant_folding="unfused" not in name)
         print(f"{path.name}: {path.stat().st_size // 1024} KiB", file=sys.stderr)
 
 

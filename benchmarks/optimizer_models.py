@@ -19,6 +19,7 @@ what the chosen kernels saved one by one against what the slice saves end to end
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,51 @@ def commit() -> str:
         return "unknown"
 
 
+def optimize_cli(model_path: Path, out: Path, openvino: bool, args) -> dict:
+    """`wpk-optimize` as a user runs it, in its own process (OpenVINO's and ONNX Runtime's
+    thread pools end with it); its report."""
+    command = [sys.executable, "-m", "wpk.optimizer.cli", str(model_path), "-o", str(out),
+               "--budget-trials", str(args.trials), "--budget-seconds", str(args.seconds),
+               "--log", str(out.parent / "tuning.jsonl")] + ([] if openvino else
+                                                             ["--no-openvino"])
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "report.json").read_text())
+
+
+def one_model(name: str, work: Path, args) -> dict:
+    """Export, optimize twice (OpenVINO off / on), and time side by side: one table row."""
+    model = export(name, work / "models")
+    path = work / f"{name}.onnx"
+    onnx.save(model, str(path))
+    variants = {"wpk": False} if args.no_openvino_runs else {"wpk": False, "wpk+ov": True}
+    reports = {key: optimize_cli(path, work / f"{name}-{key}", openvino, args)
+               for key, openvino in variants.items()}
+    names = [o.name for o in model.graph.output]
+    feed = feed_for(model)
+    default = make_session(model.SerializeToString(), DEFAULT_SESSION)
+    run_default = lambda: default.run(names, feed)  # noqa: E731
+    row = {"model": name, "reports": {}, "cells": {}}
+    # wpk's own candidates first: nothing of OpenVINO is loaded in this process yet
+    for key in variants:
+        optimized = wpk.optimizer.load(work / f"{name}-{key}")
+        ratio, per_run = pooled(run_default, lambda: optimized.run(names, feed), args.runs,
+                                args.rounds, 0.1 if "ov" in key else 0.0)
+        row["cells"][key] = cell(ratio, per_run)
+        row["default_ms"] = ratio.baseline_ms
+        del optimized
+    if not args.no_openvino_runs:
+        alone = wpk.optimizer.load(pipeline.save_openvino(model, work / f"{name}-ov"))
+        row["cells"]["ov"] = cell(*pooled(run_default, lambda: alone.run(names, feed),
+                                          args.runs, args.rounds, 0.1))
+    for key, report in reports.items():
+        cand = report["candidates"].get(report["chosen"], {})
+        row["reports"][key] = {"chosen": report["chosen"], "reason": report["reason"],
+                               "gains": cand.get("operator_gains_ms"),
+                               "end_to_end": cand.get("end_to_end_gain_ms"),
+                               "kernels": cand.get("kernels")}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
@@ -107,57 +153,46 @@ def main() -> None:
     parser.add_argument("--no-openvino-runs", action="store_true",
                         help="only the run with OpenVINO off (and no OpenVINO reference)")
     parser.add_argument("--markdown", help="also write the table as markdown to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)    # internal: one model, JSON out
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_model(args.one, Path(args.work), args)))
+        return
     console = make_console()
     columns = ("model", "ORT ms", "wpk (OpenVINO off)", "chosen", "wpk (all)", "chosen",
                "OpenVINO alone", "kernels: one by one vs end to end (ms)")
     table = Table(title=f"wpk-optimize vs ONNX Runtime defaults, fp32 ({hardware_id()})")
     for col in columns:
         table.add_column(col)
-    rows = []
+    rows, reasons = [], []
     work = Path(tempfile.mkdtemp(prefix="wpk-bench-"))
-    log = str(work / "tuning.jsonl")
     started = time.strftime("%Y-%m-%d %H:%M")
     for name in args.models.split(","):
-        model = export(name, work / "models")
-        names = [o.name for o in model.graph.output]
-        feed = feed_for(model)
-        variants = {"wpk": False} if args.no_openvino_runs else {"wpk": False, "wpk+ov": True}
-        reports = {}
-        for key, openvino in variants.items():
-            console.print(f"{name}: optimizing ({key})")
-            reports[key] = pipeline.optimize(model, work / f"{name}-{key}", pipeline.Options(
-                budget=pipeline.Budget(args.trials, args.seconds), openvino=openvino,
-                log_path=log), name=name)
-        default = make_session(model.SerializeToString(), DEFAULT_SESSION)
-        run_default = lambda: default.run(names, feed)  # noqa: E731
-        cells = {}
-        for key in variants:
-            optimized = wpk.optimizer.load(work / f"{name}-{key}")
-            ratio, per_run = pooled(run_default, lambda: optimized.run(names, feed), args.runs,
-                                    args.rounds, 0.1 if "ov" in key else 0.0)
-            cells[key] = (ratio, per_run)
-            del optimized
-        if not args.no_openvino_runs:
-            alone = wpk.optimizer.load(pipeline.save_openvino(model, work / f"{name}-ov"))
-            cells["ov"] = pooled(run_default, lambda: alone.run(names, feed), args.runs,
-                                 args.rounds, 0.1)
-            del alone
-        gains = []
-        for key, report in reports.items():
-            cand = report.candidates.get(report.chosen, {})
-            if "operator_gains_ms" in cand:
-                gains.append(f"{key}: {cand['operator_gains_ms']:.2f} vs "
-                             f"{cand['end_to_end_gain_ms']:.2f} ({cand['kernels']} kernels)")
-        row = [name, f"{cells['wpk'][0].baseline_ms:.2f}", cell(*cells["wpk"]),
-               reports["wpk"].chosen]
-        row += [cell(*cells["wpk+ov"]), reports["wpk+ov"].chosen, cell(*cells["ov"])] \
+        console.print(f"{name}: export, wpk-optimize (OpenVINO off, then on), timing")
+        # each model in a process of its own: thread pools and caches of one model's runs
+        # (OpenVINO's above all) never weigh on the next one's
+        forwarded = ["--trials", str(args.trials), "--seconds", str(args.seconds), "--runs",
+                     str(args.runs), "--rounds", str(args.rounds)] + \
+            (["--no-openvino-runs"] if args.no_openvino_runs else [])
+        done = subprocess.run([sys.executable, __file__, *forwarded, "--one", name,
+                               "--work", str(work)], check=True, stdout=subprocess.PIPE,
+                              text=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        reports, cells = result["reports"], result["cells"]
+        gains = [f"{key}: {r['gains']:.2f} vs {r['end_to_end']:.2f} ({r['kernels']} kernels)"
+                 for key, r in reports.items() if r["gains"] is not None]
+        row = [name, f"{result['default_ms']:.2f}", cells["wpk"], reports["wpk"]["chosen"]]
+        row += [cells["wpk+ov"], reports["wpk+ov"]["chosen"], cells["ov"]] \
             if "ov" in cells else ["-", "-", "-"]
         row.append("; ".join(gains) or "-")
         rows.append(row)
+        reasons += [f"{name} ({key}): {r['reason']}" for key, r in reports.items()]
         table.add_row(*row)
         console.print(" | ".join(row))
     console.print(table)
+    for reason in reasons:
+        console.print(reason)
     if args.markdown:
         lines = [f"Machine: {hardware_id()}; commit {commit()}; started {started}; command: "
                  f"`python benchmarks/optimizer_models.py --models {args.models} "
@@ -165,6 +200,8 @@ def main() -> None:
                  f"--rounds {args.rounds}`", "",
                  "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", "Why each was chosen (the optimizer's own report):", ""]
+        lines += [f"- {reason}" for reason in reasons]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 

@@ -35,7 +35,7 @@ from wpk.console import make_console
 from wpk.feeds import random_feeds
 from wpk.graph import fix_input_shapes
 from wpk.optimizer import pipeline
-from wpk.optimizer.measure import Ratio, compare_ratio, hardware_id
+from wpk.optimizer.measure import DECIDE_SETTLE_S, Ratio, compare_ratio, hardware_id
 from wpk.optimizer.session import DEFAULT_SESSION, make_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -126,7 +126,7 @@ def one_model(name: str, work: Path, args) -> dict:
     for key in variants:
         optimized = wpk.optimizer.load(work / f"{name}-{key}")
         ratio, per_run = pooled(run_default, lambda: optimized.run(names, feed), args.runs,
-                                args.rounds, 0.1 if "ov" in key else 0.0)
+                                args.rounds, 0.1 if "ov" in key else DECIDE_SETTLE_S)
         row["cells"][key] = cell(ratio, per_run)
         row["default_ms"] = ratio.baseline_ms
         del optimized

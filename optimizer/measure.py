@@ -27,6 +27,15 @@ def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
     return float(np.median(samples) * 1e3)
 
 
+# a pause before each timed block when sessions take turns: ONNX Runtime's intra-op threads
+# spin for some tens of milliseconds after a run, and the session timed next shares the cores
+# with them. Two identical MobileNetV2 sessions on 2 cores, 10 rounds (2026-12-06): per-round
+# ratios from 0.43 to 2.08 without a pause (whoever went second lost), 0.98-1.03 with 20-50
+# ms. Per-operator timing uses the shorter pause, decisions the longer.
+SETTLE_S = 0.03
+DECIDE_SETTLE_S = 0.05
+
+
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeats: int,
                  warmup: int, settle_s: float) -> dict[str, list[list[float]]]:
     """Seconds of each run, per candidate and round: candidates take turns block by block
@@ -54,15 +63,15 @@ def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeats: int
 
 def compare_ms(fns: dict[str, Callable[[], object]], rounds: int = 5, repeats: int = 10,
                warmup: int = 3, percentile: float = 20.0,
-               settle_s: float = 0.0) -> dict[str, float]:
+               settle_s: float = SETTLE_S) -> dict[str, float]:
     """Interleave candidates block by block so that background load hits them alike, and
     return a low percentile of each one's samples: on a shared machine the distribution is
     bimodal (the second core free or busy), and the low percentile compares the candidates
     in the same (free) mode instead of by how often a neighbour got in the way.
 
-    `settle_s`: pause before each block, for candidates from different runtimes: ONNX
-    Runtime's intra-op threads keep spinning for 10-50 ms after its last run (measured on
-    2 cores), which halved OpenVINO's speed in the block that followed."""
+    `settle_s`: pause before each block (see SETTLE_S): ONNX Runtime's intra-op threads keep
+    spinning for 10-50 ms after its last run (measured on 2 cores), which halved the speed
+    of whatever ran in the block that followed (another session, OpenVINO)."""
     samples = _interleaved(fns, rounds, repeats, warmup, settle_s)
     return {name: float(np.percentile([t for block in blocks for t in block], percentile) * 1e3)
             for name, blocks in samples.items()}
@@ -118,7 +127,7 @@ class Ratio:
 
 def compare_ratio(baseline: Callable[[], object], candidate: Callable[[], object],
                   rounds: int = 8, repeats: int = 10, warmup: int = 3,
-                  settle_s: float = 0.0) -> Ratio:
+                  settle_s: float = DECIDE_SETTLE_S) -> Ratio:
     """`candidate` against `baseline` in interleaved rounds (see `Ratio`)."""
     samples = _interleaved({"baseline": baseline, "candidate": candidate}, rounds, repeats,
                            warmup, settle_s)

@@ -25,8 +25,8 @@ from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
 from wpk.optimizer.kernels import load_initializers
-from wpk.optimizer.measure import (Ratio, compare_ratio, hardware_id, load_average,
-                                   time_ms)
+from wpk.optimizer.measure import (DECIDE_SETTLE_S, Ratio, compare_ratio, hardware_id,
+                                   load_average, time_ms)
 from wpk.optimizer.search import Evaluator, make_strategy
 from wpk.optimizer.selection import (InsideOrt, OpChoice, build_segments, select_operators,
                                      select_custom_ops, select_winograd)
@@ -300,7 +300,7 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         candidate = candidate or load(candidates[key]["dir"])
         return compare_ratio(run_default, lambda: candidate.run(output_names, feed),
                              rounds=rounds, repeats=10,
-                             settle_s=0.1 if key.startswith("openvino") else 0.0)
+                             settle_s=0.1 if key.startswith("openvino") else DECIDE_SETTLE_S)
 
     report.load_average = load_average()
     for key, cand in candidates.items():

@@ -56,6 +56,8 @@ class TierMetrics:
         self.slice = Histogram()
         self.message_bytes: dict[str, int] = {"in": 0, "out": 0, "forward": 0, "return": 0}
         self.restarts = 0
+        self.batches = 0          # batched slice runs (wpk-serve --max-batch)
+        self.batch_rows = 0       # rows they ran
         self.lock = threading.Lock()
 
     def observe(self, model: str, code: str, seconds: float) -> None:
@@ -66,6 +68,11 @@ class TierMetrics:
     def observe_slice(self, seconds: float) -> None:
         with self.lock:
             self.slice.observe(seconds)
+
+    def observe_batch(self, rows: int) -> None:
+        with self.lock:
+            self.batches += 1
+            self.batch_rows += rows
 
     def add_bytes(self, direction: str, count: int) -> None:
         with self.lock:
@@ -105,7 +112,13 @@ class TierMetrics:
             lines.append(f"wpk_bytes_total{_labels(tier=tier, direction=direction)} {value}")
         lines += ["# HELP wpk_tier_restarts Times a supervisor restarted this tier.",
                   "# TYPE wpk_tier_restarts gauge",
-                  f"wpk_tier_restarts{_labels(tier=tier)} {self.restarts}"]
+                  f"wpk_tier_restarts{_labels(tier=tier)} {self.restarts}",
+                  "# HELP wpk_batches_total Batched slice runs (wpk-serve --max-batch).",
+                  "# TYPE wpk_batches_total counter",
+                  f"wpk_batches_total{_labels(tier=tier)} {self.batches}",
+                  "# HELP wpk_batch_rows_total Requests' rows those runs computed.",
+                  "# TYPE wpk_batch_rows_total counter",
+                  f"wpk_batch_rows_total{_labels(tier=tier)} {self.batch_rows}"]
         return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ import sys
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
+from wpk.runtime.batching import BatchPolicy
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
@@ -43,6 +44,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
                 tls_dir: str | None = None, spin: bool = False, link: str = "tcp",
                 link_port: int = 0, shared_memory: bool = True, restarts: int = 0,
                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                batching: BatchPolicy | None = None,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
                 announce=print) -> None:
     """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
@@ -53,7 +55,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
                           workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
                           link=link, shared_memory=shared_memory,
-                          max_in_flight=max_in_flight,
+                          max_in_flight=max_in_flight, batching=batching,
                           channel_credentials=tls.channel_credentials(creds) if creds else None)
     service.metrics.restarts = restarts
     server = grpc.aio.server(options=server_options(max_message_bytes))
@@ -137,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gRPC requests this tier holds at once; more are answered "
                         f"RESOURCE_EXHAUSTED so that clients back off (default "
                         f"{DEFAULT_MAX_IN_FLIGHT})")
+    parser.add_argument("--max-batch", type=MAX_BATCH, default=1, metavar="N",
+                        help="run up to N requests that arrive together as one batch of the "
+                        "slice (many devices feeding one tier; the slice must take a batch "
+                        "dimension, which the tier proves on start). Default 1: no batching")
+    parser.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US, default=1000,
+                        metavar="US", help="with --max-batch: how long the oldest request "
+                        "may wait for others to join its batch (default 1000)")
     parser.add_argument("--restart-count", type=cli_args.non_negative_int, default=0,
                         metavar="N", help="how many times a supervisor has restarted this tier "
                         "(reported as wpk_tier_restarts; wpk-deploy --local sets it)")
@@ -172,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_BATCH = cli_args.int_between(1, 4096, "batches beyond 4096 rows only add queueing")
+QUEUE_DELAY_US = cli_args.int_between(0, 10_000_000, "at most 10 s")
 # gRPC counts a message's bytes in a signed 32-bit integer
 MESSAGE_MB = cli_args.int_between(1, (2**31 - 1) // 2**20, "gRPC's limit is 2 GiB")
 
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                           spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
                           shared_memory=args.shared_memory, restarts=args.restart_count,
                           max_in_flight=args.max_in_flight,
+                          batching=BatchPolicy(args.max_batch,
+                                               args.max_queue_delay_us / 1e6),
                           announce=announce))
     return 0
 

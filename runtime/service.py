@@ -38,7 +38,8 @@ from wpk.runtime.next_tier import GrpcLink, TcpLink
 from wpk.runtime.outbox import Outbox
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry, uses_shared_memory
-from wpk.runtime.slice import load_runner
+from wpk.runtime.batching import Batcher, BatchPolicy, check_batched
+from wpk.runtime.slice import load_batched_runner, load_runner
 from wpk.runtime.link_server import LinkServer, Reply
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError, TensorMeta, dtype_of
@@ -114,11 +115,13 @@ class TierService:
                  *, name: str | None = None, threads: int = 0, workers: int = 1,
                  hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
                  channel_credentials=None, spin: bool = False, link: str = "tcp",
-                 shared_memory: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 shared_memory: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 batching: BatchPolicy | None = None):
         """`link`: "tcp", the tensor link (tensor_link) to the next tier and from the previous
         one; "grpc": gRPC streams only. With TLS (`channel_credentials`) the link is gRPC.
         `shared_memory`: serve Triton's system shared-memory extension (clients on this host
-        map /dev/shm objects into the server: off where clients are not trusted)."""
+        map /dev/shm objects into the server: off where clients are not trusted).
+        `batching`: run requests that arrive together as one batch (see batching.py)."""
         self.plan = plan
         self.tier = plan.tier(tier)
         index = plan.tier_index(tier)
@@ -159,6 +162,36 @@ class TierService:
         self.in_worker = 0   # slices handed to the worker and not finished (a request that
         # gave up on its slice leaves it running there)
         self.slice_runs = {"loop": 0, "worker": 0}   # where the gRPC path's slices ran
+        self.batching = batching if batching is not None and batching.max_batch > 1 else None
+        self.batch_runner = self._batch_runner(threads, spin, plan_dir) if self.batching \
+            else None
+        self.batcher: Batcher | None = None     # made in start(), on the event loop
+
+    def _batch_runner(self, threads: int, spin: bool, plan_dir: str | Path):
+        """The slice with a batch dimension, proven to give what single runs give."""
+        if self.runner is None:
+            raise WpkError(f"tier {self.tier.name!r} runs no slice: --max-batch has nothing "
+                           f"to batch")
+        runner = load_batched_runner(plan_dir, self.tier, threads, spin)
+        rng = np.random.default_rng(0)
+        rows = []
+        for _ in range(2):
+            feeds = {}
+            for name in self.tier.slice_inputs:
+                meta = self._meta(name)
+                if not meta.shape or meta.shape[0] != 1:
+                    raise WpkError(f"tier {self.tier.name!r}: --max-batch needs slice inputs "
+                                   f"with a batch dimension of 1, and {name!r} has shape "
+                                   f"{list(meta.shape)}")
+                dtype = dtype_of(meta.datatype)
+                shape = [d if d > 0 else 1 for d in meta.shape]
+                feeds[name] = rng.standard_normal(shape).astype(dtype) \
+                    if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+            rows.append(feeds)
+        check_batched(lambda f: runner.run(self.slice_outputs, f),
+                      lambda f: self.runner.run(self.slice_outputs, f), rows,
+                      f"tier {self.tier.name!r}")
+        return runner
 
     def _placement(self, run: str) -> str:
         """Where the slice runs: "inline" on the event loop, "thread" in a worker, "alone" on
@@ -233,6 +266,10 @@ class TierService:
         connection."""
         loop = asyncio.get_running_loop()
         self.loop = loop
+        if self.batching is not None:
+            self.batcher = Batcher(self._run_batch, self.batching, lambda: Abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"tier {self.tier.name!r}: deadline "
+                f"exceeded while waiting for a batch"))
         if self.next_address:
             client = InferenceClient(self.next_address, stream=True,
                                      credentials=self.channel_credentials,
@@ -253,6 +290,8 @@ class TierService:
                                f"on {host}:{link_port} ({error.strerror})") from None
 
     async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
         if self.link_server is not None:
             self.link_server.close()
         if self.link is not None:
@@ -443,6 +482,11 @@ class TierService:
         worker (see `_placement`)."""
         if self.runner is None:
             return self._slice(arrays, deadline)
+        if self.batcher is not None:
+            produced = dict(arrays)
+            produced.update(await self.batcher.run({n: arrays[n] for n in self.tier.slice_inputs},
+                                                   deadline))
+            return produced
         if self.placement == "inline" or (self.placement == "alone" and self.in_flight <= 1
                                           and self.in_worker == 0):
             self.slice_runs["loop"] += 1
@@ -456,6 +500,20 @@ class TierService:
 
     def _worker_done(self) -> None:
         self.in_worker -= 1
+
+    async def _run_batch(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batched slice run, in a worker (the loop keeps collecting the next batch)."""
+        def run() -> dict[str, np.ndarray]:
+            started = time.monotonic()
+            try:
+                values = self.batch_runner.run(self.slice_outputs, feeds)
+            except Exception as error:  # ORT's own exception types
+                raise Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: slice failed "
+                            f"on a batch: {ort_error_line(error)}") from None
+            self.metrics.observe_slice(time.monotonic() - started)
+            self.metrics.observe_batch(next(iter(feeds.values())).shape[0])
+            return dict(zip(self.slice_outputs, values))
+        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 
     def _slice(self, arrays: dict[str, np.ndarray],
                deadline: float | None = None) -> dict[str, np.ndarray]:
@@ -569,7 +627,12 @@ class TierService:
         try:
             self.metrics.add_bytes("in", frame.nbytes)
             model = self._model(model_name)
-            produced = self._slice(frame.arrays(model_name, model.inputs), deadline)
+            arrays = frame.arrays(model_name, model.inputs)
+            if self.batcher is not None:   # this connection's thread waits for its batch
+                produced = asyncio.run_coroutine_threadsafe(
+                    self._run_slice(arrays, deadline), self.loop).result()
+            else:
+                produced = self._slice(arrays, deadline)
             if kserve and not model.pipeline:
                 return finish({n: produced[n] for n in model.outputs})
             results, forward = self._split(produced)

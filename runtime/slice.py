@@ -53,3 +53,35 @@ def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0,
     except Exception as error:  # ORT raises its own exception types
         raise WpkError(f"tier {tier.name!r}: cannot load slice {path}: "
                        f"{ort_error_line(error)}") from None
+
+
+def load_batched_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0,
+                        spin: bool = False) -> Runner:
+    """ORT session for `tier`'s plain slice with a symbolic batch dimension (see
+    `batching.batchable`), for `wpk-serve --max-batch`. An optimized slice is refused: its
+    kernels and layouts are tuned for the planned shapes."""
+    import onnx
+    import onnxruntime as ort
+
+    from wpk.runtime.batching import batchable
+
+    if tier.optimized:
+        raise WpkError(f"tier {tier.name!r}: --max-batch needs the plain slice, and this tier "
+                       f"serves an optimized one ({tier.optimized}, tuned for the planned "
+                       f"batch): serve it without --max-batch, or re-plan without optimizing")
+    base = Path(plan_dir)
+    base = base.parent if base.is_file() else base
+    path = slice_path(base, tier)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        model = batchable(onnx.load(str(path)))
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types
+        raise WpkError(f"tier {tier.name!r}: cannot load slice {path} with a batch "
+                       f"dimension: {ort_error_line(error)}") from None

@@ -65,9 +65,9 @@ class Pipeline:
     def __init__(self, plan_dir: Path, *, hop_timeout: float = 5.0,
                  next_override: dict[str, str] | None = None, metrics: bool = False,
                  link: str | dict[str, str] = "tcp", tls_dir: Path | None = None,
-                 run: str = "auto"):
+                 run: str = "auto", batching: dict | None = None):
         """`link`: every tier's `--link`, or one per tier name (tcp where not named);
-        `run`: every tier's `--run`."""
+        `run`: every tier's `--run`; `batching`: a BatchPolicy by tier name."""
         self.plan_dir = plan_dir
         self.plan = load_plan(plan_dir)
         self.loop = asyncio.new_event_loop()
@@ -80,6 +80,7 @@ class Pipeline:
         self.link = link if isinstance(link, dict) else {t.name: link for t in self.plan.tiers}
         self.tls_dir = tls_dir
         self.run = run
+        self.batching = batching or {}
         self.services: dict[str, object] = {}   # tier -> its TierService (to look inside)
         self._run(self._start(hop_timeout, next_override or {}, metrics))
 
@@ -97,7 +98,8 @@ class Pipeline:
                 next_address=next_override.get(tier.name, next_address), threads=1,
                 hop_timeout=hop_timeout, metrics_port=0 if metrics else None, run=self.run,
                 link=self.link.get(tier.name, "tcp"), tls_dir=str(self.tls_dir) if self.tls_dir else None,
-                ready=ready, stop=stop, announce=lines.append))
+                batching=self.batching.get(tier.name), ready=ready, stop=stop,
+                announce=lines.append))
             done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())],
                                          return_when=asyncio.FIRST_COMPLETED)
             if task in done:

@@ -41,15 +41,10 @@ def load_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0,
                            f"{ort_error_line(error)}") from None
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = slice_path(base, tier)
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), _options(threads, spin),
+                                    providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types
         raise WpkError(f"tier {tier.name!r}: cannot load slice {path}: "
                        f"{ort_error_line(error)}") from None
@@ -72,16 +67,23 @@ def load_batched_runner(plan_dir: str | Path, tier: TierPlan, threads: int = 0,
     base = Path(plan_dir)
     base = base.parent if base.is_file() else base
     path = slice_path(base, tier)
+    try:
+        model = batchable(onnx.load(str(path)))
+        return ort.InferenceSession(model.SerializeToString(), _options(threads, spin),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types
+        raise WpkError(f"tier {tier.name!r}: cannot load slice {path} with a batch "
+                       f"dimension: {ort_error_line(error)}") from None
+
+
+def _options(threads: int, spin: bool):
+    """ONNX Runtime's session options for a tier's slice (see load_runner's `spin`)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        model = batchable(onnx.load(str(path)))
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT raises its own exception types
-        raise WpkError(f"tier {tier.name!r}: cannot load slice {path} with a batch "
-                       f"dimension: {ort_error_line(error)}") from None
+    return options

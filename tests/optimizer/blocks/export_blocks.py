@@ -11,17 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def _randomize_batchnorm(module, torch) -> None:
-    generator = torch.Generator().manual_seed(0)
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-            n = layer.num_features
-            layer.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-            layer.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-            layer.weight.data.copy_(1 + 0.1 * torch.randn(n, generator=generator))
-            layer.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
+sys.path.insert(0, str(HERE.parents[2]))   # the repository: benchmarks.zoo_torch
 
 
 def blocks(torch, torchvision):
@@ -47,9 +37,11 @@ def blocks(torch, torchvision):
     config3 = mobilenetv3.InvertedResidualConfig(32, 3, 96, 32, True, "HS", 1, 1, 1.0)
     made["mobilenet_v3_hardswish_se"] = (mobilenetv3.InvertedResidual(
         config3, torch.nn.BatchNorm2d), (1, 32, 28, 28))
-    for module, _ in made.values():
-        _randomize_batchnorm(module, torch) if module is not made[
-            "resnet_basic_identity_bn"][0] else None
+    from benchmarks.zoo_torch import _randomized_batchnorm
+
+    for name, (module, _) in made.items():
+        if name != "resnet_basic_identity_bn":
+            _randomized_batchnorm(module)
         module.eval()
     return made
 

@@ -538,6 +538,15 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
+def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes of `model` that read each tensor, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _fingerprint(weight: np.ndarray) -> tuple[int, bytes]:
     """What ONNX Runtime's NCHWc reordering keeps of a weight: its nonzero values (it moves
     them and pads with zeros)."""
@@ -655,16 +664,9 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
     consts, shapes = load_initializers(model), shapes_of(model)
     originals = original_convs(optimized, model, consts, shapes)
     producer = {o: n for n in optimized.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in optimized.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    readers = _readers(optimized)
+    consumers = {tensor: len(nodes) for tensor, nodes in readers.items()}
     graph_outputs = {o.name for o in optimized.graph.output}
-
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in optimized.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
 
     def original(node: onnx.NodeProto) -> onnx.NodeProto | None:
         return originals[node.name][0] if node.name in originals else None
@@ -783,10 +785,7 @@ def channel_scale_sites(optimized: onnx.ModelProto, model: onnx.ModelProto,
 
     shapes = shapes_of(model)
     producer = {o: n for n in optimized.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in optimized.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(optimized)
     graph_outputs = {o.name for o in optimized.graph.output}
 
     def reorder(node: onnx.NodeProto | None, op_type: str) -> bool:
@@ -861,10 +860,7 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
             any(attrs.get("pads", [0, 0, 0, 0])) or \
             activations.from_ort_attributes(attrs) is None:
         return None
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(model)
     tensor = conv.output[0]
     after = readers.get(tensor, [])
     if len(after) == 1 and after[0].op_type in ("Relu", "Clip", "HardSwish"):  # ReLU6: Clip

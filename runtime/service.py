@@ -27,6 +27,7 @@ import numpy as np
 
 from wpk import __version__
 from wpk.errors import WpkError, ort_error_line
+from wpk.feeds import random_feeds
 from wpk.plan import Plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
@@ -173,21 +174,15 @@ class TierService:
             raise WpkError(f"tier {self.tier.name!r} runs no slice: --max-batch has nothing "
                            f"to batch")
         runner = load_batched_runner(plan_dir, self.tier, threads, spin)
-        rng = np.random.default_rng(0)
-        rows = []
-        for _ in range(2):
-            feeds = {}
-            for name in self.tier.slice_inputs:
-                meta = self._meta(name)
-                if not meta.shape or meta.shape[0] != 1:
-                    raise WpkError(f"tier {self.tier.name!r}: --max-batch needs slice inputs "
-                                   f"with a batch dimension of 1, and {name!r} has shape "
-                                   f"{list(meta.shape)}")
-                dtype = dtype_of(meta.datatype)
-                shape = [d if d > 0 else 1 for d in meta.shape]
-                feeds[name] = rng.standard_normal(shape).astype(dtype) \
-                    if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
-            rows.append(feeds)
+        specs = {}
+        for name in self.tier.slice_inputs:
+            meta = self._meta(name)
+            if not meta.shape or meta.shape[0] != 1:
+                raise WpkError(f"tier {self.tier.name!r}: --max-batch needs slice inputs "
+                               f"with a batch dimension of 1, and {name!r} has shape "
+                               f"{list(meta.shape)}")
+            specs[name] = ([d if d > 0 else 1 for d in meta.shape], dtype_of(meta.datatype))
+        rows = [random_feeds(specs, seed) for seed in range(2)]
         check_batched(lambda f: runner.run(self.slice_outputs, f),
                       lambda f: self.runner.run(self.slice_outputs, f), rows,
                       f"tier {self.tier.name!r}")

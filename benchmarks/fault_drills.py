@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.mqtt_throughput import make_plan  # noqa: E402
 from wpk.console import make_console  # noqa: E402
 from wpk.deploy.local import LocalDeployment  # noqa: E402
-from wpk.runtime.bridge.broker import Mosquitto, free_port  # noqa: E402
+from wpk.bridge.broker import Mosquitto, free_port  # noqa: E402
 
 console = make_console()
 
@@ -162,7 +162,7 @@ class Results:
 
 def start_bridge(broker: Mosquitto, entry: str, model: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
+        [sys.executable, "-m", "wpk.bridge.cli", "--broker", broker.address,
          "--pipeline", entry, "--model", model, "--client-id", "drill-bridge",
          "--subscribe", "drill/+/in", "--format", "json", "--publish", "drill/{1}/out",
          "--queue-size", "5000"], stderr=subprocess.DEVNULL)

@@ -3,7 +3,7 @@ same pipeline called directly, in one run.
 
     python benchmarks/mqtt_throughput.py [--model mlp] [--messages 2000] [--in-flight 8]
 
-Starts Mosquitto (config from wpk.runtime.bridge.broker), partitions an example model into a
+Starts Mosquitto (config from wpk.bridge.broker), partitions an example model into a
 device/edge/cloud plan with wpk-partition (pins put work on every tier), deploys it locally
 (wpk-serve processes), and runs `wpk-bridge` as its own process. Measured:
 - pipeline alone: KServe v2 gRPC calls from InferenceClient (or, with --tensor-link, frames
@@ -40,8 +40,8 @@ from wpk.deploy.local import LocalDeployment
 from wpk.examples import EXAMPLES
 from wpk.partitioner.cli import main as partition_main
 from wpk.plan import load_plan
-from wpk.runtime.bridge.broker import Mosquitto, free_port
-from wpk.runtime.bridge.link import no_delay
+from wpk.bridge.broker import Mosquitto, free_port
+from wpk.bridge.link import no_delay
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.link_client import LinkClient
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry, plan.name, inputs, graph_input.name, args.in_flight, None, transport))
             rate = PACED_FRACTION * first["concurrent"][0]
             bridge = subprocess.Popen(
-                [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
+                [sys.executable, "-m", "wpk.bridge.cli", "--broker", broker.address,
                  "--pipeline", entry, "--model", plan.name, "--client-id", "wpk-bench-bridge",
                  "--subscribe", "bench/+/in", "--format", "raw", "--publish", "bench/{1}/out",
                  "--result", "json", "--max-in-flight", str(args.in_flight),

@@ -39,7 +39,8 @@ def _torchvision():
 
 
 def _randomized_batchnorm(module) -> None:
-    """Trained BatchNorms have distinct statistics: so must these (see FACTS on exports)."""
+    """Trained BatchNorms have distinct statistics: so must these (with the all-zero bias of
+    identity BatchNorms, torch shares one initializer between Convs, which hid every site)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)

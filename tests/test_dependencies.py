@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import pkgutil
 import re
 import sys
 import tomllib
@@ -40,15 +39,12 @@ def _declared() -> set[str]:
     return {_normalized(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) for r in requirements}
 
 
-def _product_dirs() -> dict[str, Path]:
-    """Import package -> folder, as pyproject.toml maps them."""
-    mapping = PYPROJECT["tool"]["setuptools"]["package-dir"]
-    return {package: ROOT / folder for package, folder in mapping.items()}
+PACKAGE = ROOT / "wpk"
 
 
 def _product_files() -> list[Path]:
-    return sorted({f for folder in _product_dirs().values() for f in folder.rglob("*.py")
-                   if "_generated" not in f.parts})
+    """Every module of the package (folder path = import path), generated code aside."""
+    return sorted(f for f in PACKAGE.rglob("*.py") if "_generated" not in f.parts)
 
 
 def _third_party_imports(path: Path) -> set[str]:
@@ -75,13 +71,8 @@ def test_every_third_party_import_of_the_product_is_declared():
 
 
 def _modules() -> list[str]:
-    names = []
-    for package, folder in _product_dirs().items():
-        names.append(package)
-        for info in pkgutil.iter_modules([str(folder)]):
-            if not info.ispkg:
-                names.append(f"{package}.{info.name}")
-    return sorted(set(names))
+    return sorted(".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for f in _product_files())
 
 
 @pytest.mark.parametrize("module", _modules())

@@ -13,8 +13,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from wpk.runtime.bridge.broker import MOSQUITTO, Mosquitto, free_port  # noqa: F401
-from wpk.runtime.bridge.link import no_delay
+from wpk.bridge.broker import MOSQUITTO, Mosquitto, free_port  # noqa: F401
+from wpk.bridge.link import no_delay
 
 
 FEATURES = 64  # input width of the test model (an `mlp` example)
@@ -78,8 +78,8 @@ class BridgeThread:
     """A Bridge running on its own asyncio loop in a thread (stats readable from the test)."""
 
     def __init__(self, config):
-        from wpk.runtime.bridge.bridge import Bridge
-        from wpk.runtime.bridge.pipeline import KServePipeline
+        from wpk.bridge.bridge import Bridge
+        from wpk.bridge.pipeline import KServePipeline
 
         self.config = config
         self.loop = asyncio.new_event_loop()

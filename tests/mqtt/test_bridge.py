@@ -14,10 +14,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from wpk.runtime.bridge.config import BridgeConfig, BrokerConfig, Route
-from wpk.runtime.bridge.sparkplug import make_metric, make_payload
+from wpk.bridge.config import BridgeConfig, BrokerConfig, Route
+from wpk.bridge.sparkplug import make_metric, make_payload
 
-from wpk.runtime.bridge.bridge import idempotency_key
+from wpk.bridge.bridge import idempotency_key
 
 from .helpers import (FEATURES, BridgeThread, Client, check_results, features,
                       idempotency_keys, json_input)
@@ -307,7 +307,7 @@ def test_drop_oldest_policy_counts_and_reports_drops(broker, own_pipeline, refer
 
 def start_cli_bridge(broker, pipeline, client_id: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", broker.address,
+        [sys.executable, "-m", "wpk.bridge.cli", "--broker", broker.address,
          "--pipeline", pipeline.address, "--model", pipeline.model, "--client-id", client_id,
          "--subscribe", "plant/+/camera", "--format", "json",
          "--publish", "plant/{1}/inference"], stderr=subprocess.PIPE, text=True)

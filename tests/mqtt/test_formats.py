@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from wpk.errors import WpkError
-from wpk.runtime.bridge.cli import build_parser, config_from_args
-from wpk.runtime.bridge.formats import (JsonFormat, NpyFormat, PayloadError, RawFormat,
+from wpk.bridge.cli import build_parser, config_from_args
+from wpk.bridge.formats import (JsonFormat, NpyFormat, PayloadError, RawFormat,
                                         encode_result)
-from wpk.runtime.bridge.sparkplug import DataType, SparkplugFormat, make_metric, make_payload
-from wpk.runtime.bridge.tensors import ModelSignature, TensorSpec
-from wpk.runtime.bridge.topics import TopicTemplate, matches
+from wpk.bridge.sparkplug import DataType, SparkplugFormat, make_metric, make_payload
+from wpk.bridge.tensors import ModelSignature, TensorSpec
+from wpk.bridge.topics import TopicTemplate, matches
 
 ONE = ModelSignature("m", (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1,)),))
 TWO = ModelSignature("m2", (TensorSpec("a", "INT64", (2,)), TensorSpec("b", "FP32", (1, 3))),
@@ -229,7 +229,7 @@ def test_config_file_errors_name_the_file(text, message, tmp_path):
 
 
 def test_cli_exit_code_and_message():
-    run = subprocess.run([sys.executable, "-m", "wpk.runtime.bridge.cli", "--pipeline", "h:1",
+    run = subprocess.run([sys.executable, "-m", "wpk.bridge.cli", "--pipeline", "h:1",
                           "--subscribe", "a/+", "--publish", "b/{5}", "--model", "m"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1
@@ -238,6 +238,6 @@ def test_cli_exit_code_and_message():
 
 def test_generated_sparkplug_code_is_current():
     pytest.importorskip("grpc_tools")
-    run = subprocess.run([sys.executable, "-m", "wpk.runtime.bridge.protogen", "--check"],
+    run = subprocess.run([sys.executable, "-m", "wpk.bridge.protogen", "--check"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from wpk.runtime.bridge.broker import wait_port
-from wpk.runtime.bridge.config import BridgeConfig, BrokerConfig, Route
+from wpk.bridge.broker import wait_port
+from wpk.bridge.config import BridgeConfig, BrokerConfig, Route
 
 from .helpers import BridgeThread, Client, Mosquitto, check_results, free_port, json_input
 

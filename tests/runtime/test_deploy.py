@@ -45,6 +45,19 @@ def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans, link
     assert all(t.process.poll() is not None for t in deployment.tiers)
 
 
+def test_tiers_start_from_a_directory_that_holds_a_folder_named_wpk(plans, tmp_path,
+                                                                    monkeypatch):
+    """The parent of a clone called `wpk`: `python -m` put that folder first on the tiers'
+    import path, and every tier failed with "cannot import name '__version__' from 'wpk'"."""
+    (tmp_path / "wpk").mkdir()
+    (tmp_path / "wpk" / "README.md").write_text("a clone, not the package\n")
+    monkeypatch.chdir(tmp_path)
+    with LocalDeployment(plans["mlp"], port=free_port(), threads=1) as deployment:
+        feeds = model_feeds(plans["mlp"])
+        assert triton_infer(deployment.entry, "mlp", feeds).as_numpy("softmax_16_out") \
+            .sum() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),

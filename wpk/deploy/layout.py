@@ -16,7 +16,7 @@ from wpk.errors import WpkError
 from wpk.plan import PLAN_FILE, Plan, TierPlan, load_plan
 
 GRPC_PORT = 8001       # KServe v2 / Triton's gRPC port
-# The tensor link (binary frames between tiers, runtime/tensor_link.py): fixed, so firewalls,
+# The tensor link (binary frames between tiers, wpk/runtime/tensor_link.py): fixed, so firewalls,
 # images and Services can open it. The tier advertises the port it listens on and the previous
 # tier dials it on the host it reaches the gRPC port by: wherever that host is a Service or a
 # NAT, the port must be forwarded unchanged. gRPC + 1 (Triton's metrics port; ours is 9090).

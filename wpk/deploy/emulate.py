@@ -4,7 +4,7 @@ Each tier of the plan runs `wpk-serve` in its own network namespace; consecutive
 joined by a veth pair shaped with `tc tbf` (bandwidth, both directions) and a user-space delay
 relay (`wpk.deploy.delay_relay`: RTT/2 each way, since this kernel has no netem). A client in
 the first tier's namespace (the sensor sits on the device) sends requests through the pipeline.
-Tensors travel between tiers over the tensor link (runtime/tensor_link.py): each receiving tier
+Tensors travel between tiers over the tensor link (wpk/runtime/tensor_link.py): each receiving tier
 serves it on LINK_PORT, and its relay forwards that port as well as the gRPC one, over the same
 shaped veth with the same delay, so what is measured is the link the runtime really uses. With
 TLS the tiers pass tensors over gRPC, and only the gRPC port is relayed.
@@ -45,6 +45,7 @@ from wpk.deploy.netns import Topology, remove_stale, require_root
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
 from wpk.files import check_outputs, writable_file
+from wpk.launch import module_command
 from wpk.plan import Plan
 from wpk.tiers import parse_link_spec
 
@@ -268,9 +269,10 @@ class Emulation:
         return layout.link_port(self.plan, tier, self.tls_dir is not None)
 
     def _start_server(self, tier: str, next_address: str | None) -> None:
-        argv = [self.python, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
-                "--host", "127.0.0.1", "--port", str(SERVER_PORT),
-                "--metrics-port", str(METRICS_PORT), "--threads", str(self.threads)]
+        argv = module_command("wpk.runtime.server", str(self.plan_dir), "--tier", tier,
+                              "--host", "127.0.0.1", "--port", str(SERVER_PORT),
+                              "--metrics-port", str(METRICS_PORT),
+                              "--threads", str(self.threads), python=self.python)
         if next_address:
             argv += ["--next", next_address]
         link_port = self._link_port(tier)
@@ -290,9 +292,10 @@ class Emulation:
 
     def _start_relay(self, link_index: int) -> None:
         link, veth = self.links[link_index], self.topology.links[link_index]
-        argv = [self.python, "-m", "wpk.deploy.delay_relay",
-                "--listen", f"{veth.dst_addr}:{RELAY_PORT}",
-                "--to", f"127.0.0.1:{SERVER_PORT}", "--delay-ms", str(link.rtt_ms / 2)]
+        argv = module_command("wpk.deploy.delay_relay",
+                              "--listen", f"{veth.dst_addr}:{RELAY_PORT}",
+                              "--to", f"127.0.0.1:{SERVER_PORT}",
+                              "--delay-ms", str(link.rtt_ms / 2), python=self.python)
         link_port = self._link_port(veth.dst_tier)
         if link_port is not None:
             # The upstream dials the host of its --next (this relay) on the advertised port.
@@ -314,7 +317,7 @@ class Emulation:
 
     # -- measuring ----------------------------------------------------------------------
     def _client(self, tier: str, args: list[str], timeout: float) -> dict:
-        argv = [self.python, "-m", "wpk.deploy.emulate_client", *args]
+        argv = module_command("wpk.deploy.emulate_client", *args, python=self.python)
         result = self.topology.run_in(tier, argv, capture_output=True, text=True,
                                       timeout=timeout)
         if result.returncode != 0:

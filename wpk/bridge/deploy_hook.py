@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from wpk.errors import WpkError
+from wpk.launch import module_command
 
 from .config import parse_address
 
 
-def bridge_command(mqtt: str, entry: str, model: str, config: str | Path | None = None,
-                   client_id: str | None = None) -> list[str]:
+def bridge_arguments(mqtt: str, entry: str, model: str, config: str | Path | None = None,
+                     client_id: str | None = None) -> list[str]:
+    """wpk-bridge's command line for a deployment's entry tier."""
     parse_address(mqtt, "--mqtt", 1883)
-    command = [sys.executable, "-m", "wpk.runtime.bridge.cli", "--broker", mqtt,
-               "--pipeline", entry, "--model", model,
-               "--client-id", client_id or f"wpk-bridge-{model}"]
+    arguments = ["--broker", mqtt, "--pipeline", entry, "--model", model,
+                 "--client-id", client_id or f"wpk-bridge-{model}"]
     if config is not None:
         if not Path(config).is_file():
             raise WpkError(f"--bridge-config {config}: no such file")
-        return command + ["--config", str(config)]
+        return arguments + ["--config", str(config)]
     # the entry tier runs on this host: its tensor link is the cheapest way in
-    return command + ["--tensor-link", "--error-topic", f"wpk/{model}/errors",
-                      "--subscribe", f"wpk/{model}/+/input", "--format", "json",
-                      "--publish", f"wpk/{model}/{{2}}/result"]
+    return arguments + ["--tensor-link", "--error-topic", f"wpk/{model}/errors",
+                        "--subscribe", f"wpk/{model}/+/input", "--format", "json",
+                        "--publish", f"wpk/{model}/{{2}}/result"]
 
 
 def check_bridge(mqtt: str, model: str, config: str | Path | None = None) -> None:
@@ -38,13 +38,14 @@ def check_bridge(mqtt: str, model: str, config: str | Path | None = None) -> Non
     pipeline address is not known yet: a stand-in takes its place)."""
     from .cli import build_parser, config_from_args
 
-    argv = bridge_command(mqtt, "127.0.0.1:8001", model, config)[3:]   # after python -m cli
+    argv = bridge_arguments(mqtt, "127.0.0.1:8001", model, config)
     config_from_args(build_parser().parse_args(argv))
 
 
 def start_bridge(mqtt: str, entry: str, model: str,
                  config: str | Path | None = None) -> subprocess.Popen:
     """Start the bridge process (its log goes to this process's stderr)."""
-    return subprocess.Popen(bridge_command(mqtt, entry, model, config),
+    return subprocess.Popen(module_command("wpk.bridge.cli",
+                                           *bridge_arguments(mqtt, entry, model, config)),
                             stdin=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

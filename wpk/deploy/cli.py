@@ -49,8 +49,8 @@ def run_local(args: argparse.Namespace) -> int:
         console.print(f"entry: {deployment.entry} (model {deployment.tiers[0].models[0]!r}); "
                       f"Ctrl-C stops all tiers")
         bridge = None
-        if args.mqtt:  # the MQTT bridge (wpk.runtime.bridge) feeds the entry tier
-            from wpk.runtime.bridge.deploy_hook import start_bridge
+        if args.mqtt:  # the MQTT bridge (wpk.bridge) feeds the entry tier
+            from wpk.bridge.deploy_hook import start_bridge
             bridge = start_bridge(args.mqtt, deployment.entry, deployment.tiers[0].models[0],
                                   args.bridge_config)
             console.print(f"MQTT bridge: broker {args.mqtt} (pid {bridge.pid})")
@@ -187,7 +187,7 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         raise WpkError("--bridge-config needs --mqtt HOST:PORT (the broker the bridge uses)")
     if args.bridge_config:   # read by the bridge once the tiers run: checked now
         from wpk.plan import load_plan
-        from wpk.runtime.bridge.deploy_hook import check_bridge
+        from wpk.bridge.deploy_hook import check_bridge
 
         existing_file(args.bridge_config, "bridge config")
         check_bridge(args.mqtt, args.name or load_plan(args.plan_dir).name, args.bridge_config)

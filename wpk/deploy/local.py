@@ -15,13 +15,13 @@ import re
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from wpk.errors import WpkError
+from wpk.launch import module_command
 from wpk.plan import load_plan
 from wpk.runtime.cpus import format_cpu_list
 
@@ -83,8 +83,9 @@ class LocalDeployment:
 
     def command(self, tier: str, port: int, next_address: str | None, link_port: int = 0,
                 restarts: int = 0, metrics_port: int = 0) -> list[str]:
-        cmd = [sys.executable, "-m", "wpk.runtime.server", str(self.plan_dir), "--tier", tier,
-               "--port", str(port), "--host", self.host, "--threads", str(self.threads)]
+        cmd = module_command("wpk.runtime.server", str(self.plan_dir), "--tier", tier,
+                             "--port", str(port), "--host", self.host,
+                             "--threads", str(self.threads))
         if link_port:
             cmd += ["--link-port", str(link_port)]
         if restarts:

@@ -1,7 +1,7 @@
 """Generate the bridge's protobuf modules from `proto/*.proto` (never edit the output by hand).
 
-    python -m wpk.runtime.bridge.protogen          # rewrite runtime/bridge/_generated/
-    python -m wpk.runtime.bridge.protogen --check  # exit 1 if the committed files are stale
+    python -m wpk.bridge.protogen          # rewrite wpk/bridge/_generated/
+    python -m wpk.bridge.protogen --check  # exit 1 if the committed files are stale
 
 Needs `grpcio-tools` (the `test` extra pins a version whose protobuf matches the runtime's).
 """
@@ -34,7 +34,7 @@ def generate(output_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wpk.runtime.bridge.protogen",
+    parser = argparse.ArgumentParser(prog="python -m wpk.bridge.protogen",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="compare with the committed modules instead of writing them")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                  if not (OUTPUT_DIR / p.name).exists()
                  or not filecmp.cmp(p, OUTPUT_DIR / p.name, shallow=False)]
     if stale:
-        print(f"stale generated code: {', '.join(stale)}; run python -m wpk.runtime.bridge.protogen",
+        print(f"stale generated code: {', '.join(stale)}; run python -m wpk.bridge.protogen",
               file=sys.stderr)
         return 1
     print("generated code is current")

@@ -13,8 +13,13 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from wpk.optimizer.cost_model import CostModel
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.space import Config, Space, config_key
+
+
+EXPLORE = 0.25      # share of measurements given to proposals the cost model did not rank first
+SCREEN = 4          # proposals per measurement where a strategy screens with the cost model
 
 
 class BudgetExhausted(Exception):
@@ -39,10 +44,12 @@ class Evaluator:
     max_trials: int | None = None        # new measurements allowed (log hits are free)
     max_seconds: float | None = None
     on_trial: Callable[[Trial], None] | None = None
+    learn: bool = True                   # rank proposals with a cost model (`cost_model.py`)
     history: list[Trial] = field(default_factory=list)
     measured: int = 0
     _seen: dict[str, float] = field(default_factory=dict)
     _start: float = field(default_factory=time.perf_counter)
+    _model: CostModel | None = None
 
     def exhausted(self) -> bool:
         if self.max_trials is not None and self.measured >= self.max_trials:
@@ -71,11 +78,39 @@ class Evaluator:
         else:
             ms = cached
         self._seen[key] = ms
+        if self._model is not None:
+            self._model.observe(self.task, config, ms)
         trial = Trial(config, ms, cached is not None)
         self.history.append(trial)
         if self.on_trial:
             self.on_trial(trial)
         return ms
+
+    def shortlist(self, space: Space, proposals: list[Config], keep: int,
+                  rng: np.random.Generator) -> list[Config]:
+        """Which `keep` of `proposals` to measure: unseen and valid, the cost model's most
+        promising first, each slot given to a random one with probability EXPLORE (a model
+        fitted on few samples is confidently wrong often enough). Without `learn`, the
+        first `keep` in proposal order."""
+        fresh: dict[str, Config] = {}
+        for config in proposals:
+            key = config_key(config)
+            if key not in self._seen and key not in fresh and space.valid(config):
+                fresh[key] = config
+        candidates = list(fresh.values())
+        if not self.learn:
+            return candidates[:keep]
+        if self._model is None or self._model.space is not space:
+            self._model = CostModel(space)
+            self._model.observe_log(self.log, self.hardware)
+            for trial in self.history:
+                self._model.observe(self.task, trial.config, trial.ms)
+        ranked = self._model.rank(self.task, candidates)
+        chosen: list[Config] = []
+        while ranked and len(chosen) < keep:
+            index = int(rng.integers(len(ranked))) if rng.random() < EXPLORE else 0
+            chosen.append(ranked.pop(index))
+        return chosen
 
     @property
     def best(self) -> Trial | None:
@@ -165,8 +200,23 @@ class GeneticSearch:
         toolbox = base.Toolbox()
         toolbox.register("select", tools.selTournament, tournsize=3)
 
+        def breed(wrapped: list, count: int) -> list[list[int]]:
+            chosen = [list(w) for w in toolbox.select(wrapped, count)]
+            for a, b in zip(chosen[::2], chosen[1::2]):
+                if rng.random() < self.crossover:
+                    tools.cxUniform(a, b, indpb=0.5)
+            children = [mutate(c) if rng.random() < self.mutation + 0.4 else c
+                        for c in chosen]
+            # a child identical to a measured config costs nothing; nudge duplicates once
+            return [mutate(c) if evaluate.seen(space.from_indices(c)) else c
+                    for c in children]
+
         def run() -> None:
             pop = [space.to_indices(c) for c in self.seeds]
+            if evaluate.learn:   # a tuning log of similar tasks may rank the first ones too
+                proposals = [space.sample(np_rng) for _ in range(SCREEN * self.population)]
+                pop += [space.to_indices(c) for c in evaluate.shortlist(
+                    space, proposals, self.population - len(pop), np_rng)]
             while len(pop) < self.population:
                 pop.append(space.to_indices(space.sample(np_rng)))
             scores = [fitness(ind) for ind in pop]
@@ -175,19 +225,24 @@ class GeneticSearch:
                 elite = [list(ranked[0][1])]
                 # deap's selTournament wants objects with .fitness; wrap minimally
                 wrapped = [_Ind(ind, s) for s, ind in zip(scores, pop)]
-                chosen = [list(w) for w in toolbox.select(wrapped, len(pop) - 1)]
-                for a, b in zip(chosen[::2], chosen[1::2]):
-                    if rng.random() < self.crossover:
-                        tools.cxUniform(a, b, indpb=0.5)
-                children = [mutate(c) if rng.random() < self.mutation + 0.4 else c
-                            for c in chosen]
-                # a child identical to a measured config costs nothing; nudge duplicates once
-                children = [mutate(c) if evaluate.seen(space.from_indices(c)) else c
-                            for c in children]
+                children = breed(wrapped, len(pop) - 1)
+                if evaluate.learn:   # breed more, measure the cost model's shortlist
+                    proposals = [space.from_indices(c) for _ in range(SCREEN)
+                                 for c in breed(wrapped, len(pop) - 1)]
+                    picked = [space.to_indices(c) for c in
+                              evaluate.shortlist(space, proposals, len(pop) - 1, np_rng)]
+                    children = picked + children[:len(pop) - 1 - len(picked)]
                 pop = elite + children
                 scores = [fitness(ind) for ind in pop]
 
-        return _guarded(run, evaluate)
+        # deap's operators draw from the global `random`: seed it for this search only, so
+        # that a seed gives the same search every time
+        state = random.getstate()
+        random.seed(self.seed)
+        try:
+            return _guarded(run, evaluate)
+        finally:
+            random.setstate(state)
 
 
 class _Ind(list):
@@ -224,18 +279,27 @@ class ReinforceSearch:
             e = np.exp(l - l.max())
             return e / e.sum()
 
+        def draw() -> Config:
+            for attempt in range(20):
+                config = space.from_indices([int(self.rng.choice(len(l), p=probs(l)))
+                                             for l in logits])
+                if space.valid(config) and (not evaluate.seen(config) or attempt > 10):
+                    break
+            return config
+
         def run() -> None:
             for config in self.seeds:
                 evaluate(config)
             baseline: float | None = None
             for _ in range(self.episodes):
+                configs = [draw() for _ in range(self.batch)]
+                if evaluate.learn:   # sample more from the policy, measure the shortlist
+                    proposals = [draw() for _ in range(self.batch * SCREEN)]
+                    picked = evaluate.shortlist(space, proposals, self.batch, self.rng)
+                    configs = picked + configs[:self.batch - len(picked)]
                 batch = []
-                for _ in range(self.batch):
-                    for _attempt in range(20):
-                        choice = [int(self.rng.choice(len(l), p=probs(l))) for l in logits]
-                        config = space.from_indices(choice)
-                        if space.valid(config) and (not evaluate.seen(config) or _attempt > 10):
-                            break
+                for config in configs:
+                    choice = space.to_indices(config)
                     ms = evaluate(config) if space.valid(config) else math.inf
                     reward = -math.log(ms) if math.isfinite(ms) and ms > 0 else -50.0
                     batch.append((choice, reward))

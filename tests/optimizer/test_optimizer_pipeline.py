@@ -234,3 +234,13 @@ def test_zero_time_budget_still_writes_a_working_slice(small_cnn, tmp_path):
     got = wpk.optimizer.load(tmp_path / "opt").run(None, _feed())[0]
     np.testing.assert_allclose(got, _session(small_cnn).run(None, _feed())[0], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_the_per_operator_table_shows_a_fused_sites_first_node_and_its_size():
+    from wpk.optimizer.cli import short_node_name
+
+    fused = "+".join(f"/features/features.5/block/block.{i}/block.{i}.0/Conv_output_0_nchwc"
+                     for i in range(4))
+    shown = short_node_name(fused)
+    assert len(shown) < 60 and shown.endswith("block.0.0/Conv_output_0_nchwc (+3)")
+    assert short_node_name("/layer1/Conv") == "/layer1/Conv"

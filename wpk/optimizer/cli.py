@@ -172,10 +172,19 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
         for column in ("node", "op", "ORT ms", "ours ms", "chosen"):
             ops_table.add_column(column)
         for op in report.operators:
-            ops_table.add_row(op["node"], op["op"], f"{op['ort_ms']:.3f}",
+            ops_table.add_row(escape(short_node_name(op["node"])), op["op"], f"{op['ort_ms']:.3f}",
                               f"{op['kernel_ms']:.3f}", op["chosen"])
         console.print(ops_table)
     console.print(f"[bold]{label}[/]: {report.reason}")
+
+
+def short_node_name(name: str, width: int = 48) -> str:
+    """A fused site's name is its nodes' names joined by "+" (hundreds of characters for a
+    torch export): the table shows the first node's name, its end kept, and how many more
+    nodes the site holds (report.json keeps the full names)."""
+    first, *rest = name.split("+")
+    shown = first if len(first) <= width else "…" + first[-(width - 1):]
+    return f"{shown} (+{len(rest)})" if rest else shown
 
 
 @cli_entry

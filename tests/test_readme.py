@@ -19,6 +19,21 @@ def bash_blocks(text: str) -> list[str]:
     return re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
 
 
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    """`[text](path)` in README.md and docs/**/*.md names a file that exists, relative to the
+    markdown file (anchors and web addresses aside; code blocks hold no links)."""
+    root = README.parent
+    broken = []
+    for page in [README, *sorted((root / "docs").rglob("*.md"))]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
 def test_the_readme_opens_with_the_two_commands():
     first = [line for line in bash_blocks(README.read_text())[0].splitlines()
              if line.strip() and not line.startswith("#")]

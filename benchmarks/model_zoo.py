@@ -1,7 +1,7 @@
 """Every stage of wpk on every model of the conformance corpus, with its outcome in a table.
 
     python benchmarks/model_zoo.py [--torch] [--only NAME,...] [--stages partition,profile,...]
-                                   [--markdown docs/model-zoo.md]
+                                   [--markdown docs/measurements/DATE-model-zoo.md]
 
 Stages, each `ok`, `refused` (a one-line error a user can act on) or `FAILED` (a traceback,
 a wrong answer, a slowdown):

@@ -314,3 +314,22 @@ def test_sessions_come_and_go_without_leaking_kernel_scratch(tmp_path):
         one_session()
     # leaking the scratch of each thread would be 35 MB here
     assert resident_mb() - before < 10
+
+
+def test_the_profiler_names_every_chosen_kernel_and_the_nodes_it_replaces(tmp_path):
+    """The descent's verdicts come from ONNX Runtime's per-node profile: each custom node and
+    each replaced node must be found there by name, or no site gets a verdict."""
+    from wpk.optimizer.selection import profiled_ratios
+
+    model, _ = passes.run_passes(_inverted_residual_net())
+    offline = _offline(model, tmp_path)
+    feed = {"x": RNG.standard_normal((1, 16, 24, 24)).astype(np.float32)}
+    names = [o.name for o in model.graph.output]
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, names,
+                               kinds=("nchwc_depthwise",), passes=0)
+    library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(inside.specs)])
+    chosen = {i: i for i in range(len(inside.specs))}
+    ratios = profiled_ratios(offline, inside.specs, chosen, dict(DEFAULT_SESSION), feed, names,
+                             library)
+    assert sorted(ratios) == [0, 1]
+    assert all(0.01 < r < 100 for r in ratios.values()), ratios

@@ -1,5 +1,6 @@
-"""Graph passes over ONNX models: constant folding, Conv+BatchNorm folding, Conv+Relu fusion,
-dead-node removal, and ONNX Runtime's own offline optimization saved to a file.
+"""Graph passes over ONNX models: shape and constant folding, Conv+BatchNorm folding, attention
+fusion, Conv+Relu fusion, dead-node removal, and ONNX Runtime's own offline optimization saved
+to a file.
 
 Every pass takes and returns an `onnx.ModelProto` (a new one; the input is not modified) and
 keeps the model's outputs bit-for-bit or within float rounding.
@@ -167,11 +168,38 @@ def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return _rebuild(model, nodes, _initializers(model))
 
 
+def fold_shapes(model: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
+    """Shape arithmetic as constants, where the inputs' shapes are static: each round of
+    shape inference knows more shapes once the last round's Reshape targets are constants
+    (a torch export of BERT needs four). Exporters' attention blocks are matched on the
+    result (`attention.py`)."""
+    from onnx import shape_inference
+
+    from wpk.shapes import fold_shape_arithmetic
+
+    for _ in range(rounds):
+        before = len(model.graph.node)
+        try:
+            model = fold_shape_arithmetic(shape_inference.infer_shapes(model))
+        except Exception:   # an operator shape inference does not know: as far as it got
+            break
+        if len(model.graph.node) == before:
+            break
+    return model
+
+
+def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+    from wpk.optimizer.attention import fuse_attention as fuse
+
+    return fuse(model)
+
+
 def run_passes(model: onnx.ModelProto, conv_relu: bool = False) -> tuple[onnx.ModelProto,
                                                                         list[str]]:
     """The default pipeline; returns the new model and a line per pass that changed it."""
     log = []
-    for name, fn in [("fold-constants", fold_constants), ("fold-batchnorm", fold_batchnorm),
+    for name, fn in [("fold-shapes", fold_shapes), ("fold-constants", fold_constants),
+                     ("fold-batchnorm", fold_batchnorm), ("fuse-attention", fuse_attention),
                      ("remove-dead-nodes", remove_dead_nodes)] + \
             ([("fuse-conv-relu", fuse_conv_relu)] if conv_relu else []):
         before = len(model.graph.node)

@@ -1,9 +1,10 @@
 """Writes the torch-exported blocks the optimizer's pattern tests load (the .onnx files beside
-this script): torchvision's own block classes, exported by torch's TorchScript exporter at
+this script): torchvision's own block classes and transformers' BERT encoder layers, exported by
+torch's TorchScript exporter at
 opset 17, as a user's real network would be. Kept small (few channels) so that they live in
 the repository; the tests need no torch.
 
-    pip install torch torchvision && python tests/optimizer/blocks/export_blocks.py
+    pip install torch torchvision transformers && python tests/optimizer/blocks/export_blocks.py
 """
 from __future__ import annotations
 
@@ -65,6 +66,38 @@ def main() -> None:
             torch.onnx.export(module, (torch.randn(*shape),), str(path), input_names=["x"],
                               output_names=["y"], dynamo=False, opset_version=17,
                               do_constant_folding="unfused" not in name)
+        print(f"{path.name}: {path.stat().st_size // 1024} KiB", file=sys.stderr)
+    export_encoders(torch)
+
+
+def export_encoders(torch) -> None:
+    """Two-layer BERT-style encoders from transformers, with its default attention (torch's
+    scaled_dot_product_attention) and with its "eager" one: the two patterns exporters write
+    for attention. Inputs input_ids and attention_mask [1, 16], output y [1, 16, 32]."""
+    from transformers import BertConfig, BertModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, attention: str) -> None:
+            super().__init__()
+            config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, vocab_size=100,
+                                max_position_embeddings=32)
+            config._attn_implementation = attention
+            self.bert = BertModel(config)
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             return_dict=False)[0]
+
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        module = Encoder(attention).eval()
+        path = HERE / f"bert_{attention}_encoder.onnx"
+        ids = torch.randint(0, 100, (1, 16))
+        with torch.no_grad():
+            torch.onnx.export(module, (ids, torch.ones(1, 16, dtype=torch.long)), str(path),
+                              input_names=["input_ids", "attention_mask"], output_names=["y"],
+                              dynamo=False, opset_version=17)
         print(f"{path.name}: {path.stat().st_size // 1024} KiB", file=sys.stderr)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from wpk.errors import WpkError
 from wpk.files import check_outputs
 from wpk.graph import Graph
-from wpk.plan import LinkPlan, Plan, TensorSpec, TierPlan
+from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
+from wpk.tensor_spec import TensorSpec
 from wpk.tiers import Tiers, load_tiers
 from wpk.partitioner import search, slicing
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
@@ -225,9 +226,9 @@ def _distinct(configurations: list[Configuration]) -> list[Configuration]:
     return out
 
 
-def _tensor_json(graph: Graph, name: str) -> dict:
+def _tensor_spec(graph: Graph, name: str) -> TensorSpec:
     info = graph.tensors[name]
-    return TensorSpec(name, list(info.shape), info.dtype.name).__dict__
+    return TensorSpec.of(name, info.shape, info.dtype)
 
 
 def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
@@ -281,15 +282,12 @@ def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
         "tiers_used": [p.name for p in tier_plans],
     }
     return Plan(
-        model={"name": graph.name, "file": str(graph.path.resolve()) if graph.path else None,
-               "sha256": graph.sha256,
-               "inputs": [_tensor_json(graph, n) for n in graph.inputs],
-               "outputs": [_tensor_json(graph, n) for n in graph.outputs]},
-        objective={"name": objective, "privacy": privacy,
-                   "deliver_to": tiers[problem.deliver_to].name,
-                   "max_latency_ms": max_latency_ms},
+        model=SourceModel(graph.name, str(graph.path.resolve()) if graph.path else None,
+                          graph.sha256, tuple(_tensor_spec(graph, n) for n in graph.inputs),
+                          tuple(_tensor_spec(graph, n) for n in graph.outputs)),
+        objective=Objective(objective, privacy, tiers[problem.deliver_to].name, max_latency_ms),
         tiers=tier_plans, links=link_plans, predicted=predicted,
-        tensors={name: _tensor_json(graph, name) for name in sorted(crossing)})
+        tensors={name: _tensor_spec(graph, name) for name in sorted(crossing)})
 
 
 def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> Path:

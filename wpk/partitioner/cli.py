@@ -146,8 +146,8 @@ def print_result(result: PartitionResult, console: Console) -> None:
     predicted = plan.predicted
     console.print(f"[bold]{plan.name}[/]: {len(result.graph.nodes)} nodes, "
                   f"{result.graph.total_flops / 1e9:.2f} GFLOP; objective "
-                  f"[bold]{result.objective}[/], privacy {plan.objective['privacy']}, "
-                  f"results to {plan.objective['deliver_to']}")
+                  f"[bold]{result.objective}[/], privacy {plan.objective.privacy}, "
+                  f"results to {plan.objective.deliver_to}")
     tiers = Table(title="tiers", title_justify="left")
     for column in ("tier", "machine", "times from", "ops", "compute ms", "bytes out"):
         tiers.add_column(column, justify="right" if column in ("ops", "compute ms", "bytes out")

@@ -15,8 +15,9 @@ from wpk.errors import WpkError, cli_entry, print_warning
 from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
-from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
+from wpk.partitioner.api import PartitionResult, execute
 from wpk.partitioner.measured import measured_costs_from_args, warn_to_stderr
+from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,36 +88,48 @@ def _pins(items: list[str]) -> dict[str, str]:
     return pins
 
 
+def _tier_names(args: argparse.Namespace) -> list[str] | None:
+    """--tiers a,b,c; the default three tiers when neither it nor a tiers file is given."""
+    if args.tiers is None:
+        return None if args.tiers_file is not None else ["device", "edge", "cloud"]
+    names = [t.strip() for t in args.tiers.split(",")]
+    if not all(names):
+        raise WpkError(f"--tiers {args.tiers!r}: an empty tier name (expected names "
+                       f"separated by commas, like device,edge,cloud)")
+    return names
+
+
+def request_from_args(args: argparse.Namespace) -> PartitionRequest:
+    """The one place the command line becomes a request (profiles are read here)."""
+    tier_names = _tier_names(args)
+    graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
+    profiles = _pairs(args.profile, "--profile")
+    # warnings go with the tables, or to stderr when stdout carries JSON
+    extra = {"warn": warn_to_stderr} if args.json else {}
+    measured = measured_costs_from_args(graph, profiles, args.profile_local, args.input_shape,
+                                        **extra)
+    return PartitionRequest(
+        model=graph, tiers=tier_names, tiers_file=args.tiers_file, links=args.link,
+        codecs=args.codec, objective=args.objective, max_latency_ms=args.max_latency_ms,
+        privacy=args.privacy, deliver_to=args.deliver_to, pins=_pins(args.pin),
+        measured=measured, use_calibration=not args.no_calibrate,
+        out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
+        verify=not args.no_verify, force=args.force,
+        other_inputs=[path for _tier, path in profiles], top=args.top, with_front=args.pareto)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tier_names = None
-    if args.tiers is not None:
-        tier_names = [t.strip() for t in args.tiers.split(",")]
-        if not all(tier_names):
-            raise WpkError(f"--tiers {args.tiers!r}: an empty tier name (expected names "
-                           f"separated by commas, like device,edge,cloud)")
+    _tier_names(args)    # a bad --tiers is refused before the report check
     report = None
     if args.report:  # checked before the search, so that its work is not lost at the end
         from wpk.partitioner.report import report_path
 
         report = writable_file(report_path(args.report), "report")
         check_outputs([report], [args.model, args.tiers_file], force=args.force)
-    if tier_names is None and args.tiers_file is None:
-        tier_names = ["device", "edge", "cloud"]
-    graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
-    # warnings go with the tables, or to stderr when stdout carries JSON
-    extra = {"warn": warn_to_stderr} if args.json else {}
-    measured = measured_costs_from_args(graph, _pairs(args.profile, "--profile"),
-                                        args.profile_local, args.input_shape, **extra)
-    out_dir = Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan")
-    result = partition(
-        graph, tier_names, tiers_file=args.tiers_file, links=args.link, codecs=args.codec,
-        objective=args.objective, max_latency_ms=args.max_latency_ms, privacy=args.privacy,
-        deliver_to=args.deliver_to, pins=_pins(args.pin), measured=measured,
-        use_calibration=not args.no_calibrate, out_dir=out_dir, verify=not args.no_verify,
-        top=args.top, with_front=args.pareto, force=args.force,
-        other_inputs=[path for _tier, path in _pairs(args.profile, "--profile")])
+    request = request_from_args(args)
+    result = execute(request)
     if args.json:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:
@@ -126,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         draw_report(result, report)
         print(f"report: {report}", file=sys.stderr if args.json else sys.stdout)
-    stale = out_dir / "optimized"   # wpk-optimize's output for the plan this one replaced
+    stale = Path(request.out_dir) / "optimized"   # wpk-optimize's output for the replaced plan
     if stale.is_dir() and any(stale.iterdir()):
         print_warning(f"{stale}: optimized slices of the previous plan in this directory; the "
                       f"new plan does not use them (run wpk-optimize again)")

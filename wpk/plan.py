@@ -47,10 +47,10 @@ class SourceModel(JsonRecord):
     """The model the plan was cut from, and what it takes and gives."""
 
     name: str
-    file: str | None                 # absolute path when partitioned, if known
-    sha256: str | None
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    file: str | None = None          # absolute path when partitioned, if known
+    sha256: str | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.file, "sha256": self.sha256,
@@ -59,18 +59,19 @@ class SourceModel(JsonRecord):
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SourceModel":
-        return cls(data["name"], data["file"], data["sha256"],
-                   tuple(TensorSpec.from_json(t) for t in data["inputs"]),
-                   tuple(TensorSpec.from_json(t) for t in data["outputs"]))
+        """Only `name` is required: hand-written plans may leave the rest out."""
+        return cls(data["name"], data.get("file"), data.get("sha256"),
+                   tuple(TensorSpec.from_json(t) for t in data.get("inputs", ())),
+                   tuple(TensorSpec.from_json(t) for t in data.get("outputs", ())))
 
 
 @dataclass(frozen=True)
 class Objective(JsonRecord):
     """What the cut was chosen for, under which constraints."""
 
-    name: str                        # latency, throughput or bandwidth
-    privacy: str                     # raw-input-on-device or none
-    deliver_to: str                  # tier that receives the model outputs
+    name: str = "latency"            # latency, throughput or bandwidth
+    privacy: str = "raw-input-on-device"   # or none
+    deliver_to: str | None = None    # tier that receives the model outputs (None: the first)
     max_latency_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -79,7 +80,10 @@ class Objective(JsonRecord):
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Objective":
-        return cls(data["name"], data["privacy"], data["deliver_to"], data["max_latency_ms"])
+        """Every field has a default: hand-written plans may leave them out."""
+        defaults = cls()
+        return cls(data.get("name", defaults.name), data.get("privacy", defaults.privacy),
+                   data.get("deliver_to"), data.get("max_latency_ms"))
 
 
 @dataclass
@@ -144,6 +148,15 @@ class Plan:
     tensors: dict[str, TensorSpec] = field(default_factory=dict)  # every crossing tensor
     version: int = PLAN_VERSION
 
+    def __post_init__(self) -> None:
+        """Accept the JSON (dict) forms too, as callers wrote before the plan had types."""
+        if isinstance(self.model, Mapping):
+            self.model = SourceModel.from_json(self.model)
+        if isinstance(self.objective, Mapping):
+            self.objective = Objective.from_json(self.objective)
+        self.tensors = {name: TensorSpec.from_json(spec) if isinstance(spec, Mapping) else spec
+                        for name, spec in self.tensors.items()}
+
     # -- access -------------------------------------------------------------------------
     @property
     def name(self) -> str:
@@ -206,7 +219,7 @@ def validate_plan(data: Any, where: str) -> None:
                        f"(this wpk reads version {PLAN_VERSION})")
     check(data, "plan", where)
     specs = [(f"model.{side}[{i}]", spec) for side in ("inputs", "outputs")
-             for i, spec in enumerate(data["model"][side])]
+             for i, spec in enumerate(data["model"].get(side, ()))]
     specs += [(f"tensors.{name}", spec) for name, spec in data.get("tensors", {}).items()]
     for field_name, spec in specs:
         try:

@@ -24,6 +24,8 @@ V1_PLANS = sorted((Path(__file__).parent / "data").glob("plan_v1_*.json"))
     ('{"version": 7}', "unsupported plan version"),
     ('{"version": 1, "tiers": [], "links": ["x"], "model": {}, "objective": {}, '
      '"predicted": {}}', "plan.json: model: 'name' is missing"),
+    ('{"version": 1, "tiers": [], "links": [], "model": {"name": "m"}, "objective": {}, '
+     '"predicted": {}}', "plan.json: tiers: \\[\\] should be non-empty"),
     ('{"version": 1, "tiers": 5, "links": [], "predicted": {}}',
      "plan.json: top level: 'model' is missing"),
     ("{", "not valid JSON"),
@@ -99,7 +101,8 @@ def _broken(mutate) -> dict:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["model"].pop("sha256"), "model: 'sha256' is missing"),
+    (lambda d: d["model"].pop("name"), "model: 'name' is missing"),
+    (lambda d: d["model"].update(sha256=5), "model.sha256: 5 is not of type"),
     (lambda d: d["objective"].update(name="fastest"), "objective.name: 'fastest' is not one of"),
     (lambda d: d["tiers"][1].update(slice=3), "tiers[1].slice: 3 is not of type"),
     (lambda d: d["tiers"][0].update(colour="red"), "tiers[0]: unknown field 'colour'"),
@@ -128,3 +131,16 @@ def test_a_bad_plan_is_one_line_from_a_cli(tmp_path, capsys):
     assert optimize_main([str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "objective.privacy" in err and "plan.json" in err
+
+
+def test_a_hand_written_plan_with_only_a_model_name_loads(tmp_path):
+    """Before the plan had types any model and objective dicts loaded; the name is needed."""
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "version": 1, "model": {"name": "small"}, "objective": {}, "tiers": [{
+            "name": "edge", "slice": None, "nodes": [], "inputs": ["x"], "outputs": ["x"],
+            "slice_inputs": [], "slice_outputs": [], "forward": [], "results": ["x"],
+            "passthrough": ["x"], "predicted_compute_ms": 0}], "links": [], "predicted": {}}))
+    plan = load_plan(tmp_path)
+    assert plan.model == SourceModel("small") and plan.objective == Objective()
+    assert Plan(model={"name": "small"}, objective={}, tiers=plan.tiers, links=[],
+                predicted={}).to_json() == plan.to_json()

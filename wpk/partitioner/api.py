@@ -16,7 +16,6 @@ from wpk.errors import WpkError
 from wpk.files import check_outputs
 from wpk.graph import Graph
 from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
-from wpk.tensor_spec import TensorSpec
 from wpk.tiers import Tiers, load_tiers
 from wpk.partitioner import search, slicing
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
@@ -248,11 +247,6 @@ def _distinct(configurations: list[Configuration]) -> list[Configuration]:
     return out
 
 
-def _tensor_spec(graph: Graph, name: str) -> TensorSpec:
-    info = graph.tensors[name]
-    return TensorSpec.of(name, info.shape, info.dtype)
-
-
 def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
                best: Configuration, objective: str, privacy: str,
                max_latency_ms: float | None, single: dict[str, search.Evaluation]) -> Plan:
@@ -305,11 +299,11 @@ def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
     }
     return Plan(
         model=SourceModel(graph.name, str(graph.path.resolve()) if graph.path else None,
-                          graph.sha256, tuple(_tensor_spec(graph, n) for n in graph.inputs),
-                          tuple(_tensor_spec(graph, n) for n in graph.outputs)),
+                          graph.sha256, tuple(graph.tensor_spec(n) for n in graph.inputs),
+                          tuple(graph.tensor_spec(n) for n in graph.outputs)),
         objective=Objective(objective, privacy, tiers[problem.deliver_to].name, max_latency_ms),
         tiers=tier_plans, links=link_plans, predicted=predicted,
-        tensors={name: _tensor_spec(graph, name) for name in sorted(crossing)})
+        tensors={name: graph.tensor_spec(name) for name in sorted(crossing)})
 
 
 def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> Path:

@@ -19,8 +19,10 @@ from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
 from wpk.tiers import Tiers, load_tiers
 from wpk.partitioner import search, slicing
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
-from wpk.partitioner.request import (OBJECTIVES, PRIVACY_MODES,  # noqa: F401 (re-exported)
-                                     PartitionRequest)
+from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
+
+__all__ = ["OBJECTIVES", "PRIVACY_MODES", "Configuration", "PartitionRequest", "PartitionResult",
+           "build_problem", "execute", "partition", "write_plan"]
 
 
 @dataclass

@@ -155,7 +155,7 @@ def _bytes(n: float) -> str:
 
 
 def print_result(result: PartitionResult, console: Console) -> None:
-    plan, e = result.plan, result.best.evaluation
+    plan = result.plan
     predicted = plan.predicted
     console.print(f"[bold]{plan.name}[/]: {len(result.graph.nodes)} nodes, "
                   f"{result.graph.total_flops / 1e9:.2f} GFLOP; objective "

@@ -2,7 +2,8 @@
 slice or a link takes and gives.
 
 `dtype` is a numpy dtype name ("float32"); `kserve_datatype` is the Open Inference Protocol
-name ("FP32"). A dimension below 1 means "any size" (`fits` accepts every size there).
+name ("FP32") and `ort_type` ONNX Runtime's ("tensor(float)"). A dimension below 1 means
+"any size" (`fits` accepts every size there).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ KSERVE_DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
 }
 _KSERVE_NAMES = {dtype: name for name, dtype in KSERVE_DATATYPES.items()}
+# ONNX Runtime's NodeArg.type names where they are not "tensor(<numpy name>)"
+_ORT_TYPE_NAMES = {"float32": "float", "float64": "double"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,16 @@ class TensorSpec(JsonRecord):
         """From any dtype spelling numpy knows (np.float32, "float32", np.dtype)."""
         return cls(name, tuple(shape), np.dtype(dtype).name)
 
+    @classmethod
+    def from_kserve(cls, name: str, datatype: str, shape: Iterable[int]) -> "TensorSpec":
+        """From Open Inference Protocol metadata ("FP32"); ValueError for unknown datatypes."""
+        try:
+            dtype = KSERVE_DATATYPES[datatype]
+        except KeyError:
+            raise ValueError(f"unsupported datatype {datatype!r} "
+                             f"(supported: {', '.join(KSERVE_DATATYPES)})") from None
+        return cls(name, tuple(shape), dtype.name)
+
     @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
@@ -47,6 +60,11 @@ class TensorSpec(JsonRecord):
     def kserve_datatype(self) -> str:
         """Open Inference Protocol datatype name; KeyError for dtypes it has none for."""
         return _KSERVE_NAMES[self.numpy_dtype]
+
+    @property
+    def ort_type(self) -> str:
+        """ONNX Runtime's type string, as InferenceSession.get_inputs()[i].type gives it."""
+        return f"tensor({_ORT_TYPE_NAMES.get(self.dtype, self.dtype)})"
 
     @property
     def nbytes(self) -> int:

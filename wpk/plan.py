@@ -20,26 +20,13 @@ import numpy as np
 from wpk.errors import WpkError
 from wpk.files import read_text
 from wpk.json_schema import check
+# codecs were defined here first: wpk.runtime.codecs still imports them from wpk.plan
+from wpk.link_codecs import CODEC_BASES, CODEC_BYTE_FACTOR, parse_codec  # noqa: F401
 from wpk.records import JsonRecord
 from wpk.tensor_spec import TensorSpec
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
-
-# Wire codecs a link may declare: a base encoding, optionally followed by "+zstd".
-CODEC_BASES = ("raw", "fp16", "int8")
-# Bytes on the wire per byte of a float32 tensor, before zstd (whose gain depends on data).
-CODEC_BYTE_FACTOR = {"raw": 1.0, "fp16": 0.5, "int8": 0.25}
-
-
-def parse_codec(spec: str | None) -> tuple[str, bool]:
-    """"fp16+zstd" -> ("fp16", True); "zstd" -> ("raw", True); WpkError on anything else."""
-    parts = [p.strip() for p in (spec or "raw").lower().split("+") if p.strip()]
-    bases = [p for p in parts if p != "zstd"]
-    if len(bases) > 1 or any(b not in CODEC_BASES for b in bases) or parts.count("zstd") > 1:
-        raise WpkError(f"unknown codec {spec!r} (use raw, fp16 or int8, optionally "
-                       "followed by +zstd)")
-    return (bases[0] if bases else "raw"), "zstd" in parts
 
 
 @dataclass(frozen=True)

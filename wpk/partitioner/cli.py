@@ -15,6 +15,7 @@ from wpk.errors import WpkError, cli_entry, print_warning
 from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
+from wpk.plan import Plan
 from wpk.partitioner.api import PartitionResult, execute
 from wpk.partitioner.measured import measured_costs_from_args, warn_to_stderr
 from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
@@ -156,11 +157,33 @@ def _bytes(n: float) -> str:
 
 def print_result(result: PartitionResult, console: Console) -> None:
     plan = result.plan
-    predicted = plan.predicted
     console.print(f"[bold]{plan.name}[/]: {len(result.graph.nodes)} nodes, "
                   f"{result.graph.total_flops / 1e9:.2f} GFLOP; objective "
                   f"[bold]{result.objective}[/], privacy {plan.objective.privacy}, "
                   f"results to {plan.objective.deliver_to}")
+    console.print(_tiers_table(plan))
+    if plan.links:
+        console.print(_links_table(plan))
+    computing = [tier for tier in plan.tiers if tier.nodes]
+    if len(computing) == 1:
+        console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
+                      f"run on [bold]{computing[0].name}[/]; the plan has one slice.")
+    _print_predictions(result, console)
+    if plan.verification:
+        v = plan.verification
+        console.print(f"verified: chained slices match the whole model on {v['samples']} random "
+                      f"inputs (max abs error {v['max_abs_error']:.2e}, rtol {v['rtol']}, "
+                      f"atol {v['atol']})")
+    if result.top:
+        _print_top(result, console)
+    if result.front:
+        console.print(_front_table(result))
+    if result.out_dir is not None:
+        console.print(f"wrote {result.out_dir}/plan.json and "
+                      f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
+
+
+def _tiers_table(plan: Plan) -> Table:
     tiers = Table(title="tiers", title_justify="left")
     for column in ("tier", "machine", "times from", "ops", "compute ms", "bytes out"):
         tiers.add_column(column, justify="right" if column in ("ops", "compute ms", "bytes out")
@@ -170,23 +193,26 @@ def print_result(result: PartitionResult, console: Console) -> None:
         tiers.add_row(tier.name, tier.machine or tier.hardware.get("hardware", "custom"),
                       tier.cost_source, str(len(tier.nodes)), f"{tier.predicted_compute_ms:.3f}",
                       _bytes(out_bytes))
-    console.print(tiers)
-    if plan.links:
-        links = Table(title="links", title_justify="left")
-        for column in ("link", "bandwidth", "RTT", "codec", "tensors", "bytes out",
-                       "bytes back", "transfer ms"):
-            links.add_column(column, justify="left" if column in ("link", "tensors") else "right")
-        for link in plan.links:
-            via = f" (via {', '.join(link.via)})" if link.via else ""
-            links.add_row(f"{link.src} -> {link.dst}{via}", f"{link.bandwidth_mbps:g} Mbit/s",
-                          f"{link.rtt_ms:g} ms", link.codec, ", ".join(link.tensors) or "-",
-                          _bytes(link.bytes), _bytes(link.return_bytes),
-                          f"{link.predicted_transfer_ms:.3f}")
-        console.print(links)
-    computing = [tier for tier in plan.tiers if tier.nodes]
-    if len(computing) == 1:
-        console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
-                      f"run on [bold]{computing[0].name}[/]; the plan has one slice.")
+    return tiers
+
+
+def _links_table(plan: Plan) -> Table:
+    links = Table(title="links", title_justify="left")
+    for column in ("link", "bandwidth", "RTT", "codec", "tensors", "bytes out",
+                   "bytes back", "transfer ms"):
+        links.add_column(column, justify="left" if column in ("link", "tensors") else "right")
+    for link in plan.links:
+        via = f" (via {', '.join(link.via)})" if link.via else ""
+        links.add_row(f"{link.src} -> {link.dst}{via}", f"{link.bandwidth_mbps:g} Mbit/s",
+                      f"{link.rtt_ms:g} ms", link.codec, ", ".join(link.tensors) or "-",
+                      _bytes(link.bytes), _bytes(link.return_bytes),
+                      f"{link.predicted_transfer_ms:.3f}")
+    return links
+
+
+def _print_predictions(result: PartitionResult, console: Console) -> None:
+    """The predicted latency and throughput, against the best single tier allowed."""
+    predicted = result.plan.predicted
     best_single = predicted["best_single_tier"]
     line = f"end-to-end latency [bold]{predicted['latency_ms']:.3f} ms[/]"
     if best_single:
@@ -209,25 +235,17 @@ def print_result(result: PartitionResult, console: Console) -> None:
                   f"{predicted['bottleneck_stage']}, {predicted['bottleneck_ms']:.3f} ms); "
                   f"bytes beyond the edge {_bytes(predicted['bytes_beyond_edge'])} vs raw input "
                   f"{_bytes(predicted['raw_input_bytes'])}")
-    if plan.verification:
-        v = plan.verification
-        console.print(f"verified: chained slices match the whole model on {v['samples']} random "
-                      f"inputs (max abs error {v['max_abs_error']:.2e}, rtol {v['rtol']}, "
-                      f"atol {v['atol']})")
-    if result.top:
-        _print_top(result, console)
-    if result.front:
-        front = Table(title="latency / bytes beyond the edge (Pareto front)", title_justify="left")
-        for column in ("latency ms", "bytes beyond edge", "cut (nodes per tier)"):
-            front.add_column(column, justify="right")
-        for point in result.front:
-            counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
-            front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
-                          " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
-        console.print(front)
-    if result.out_dir is not None:
-        console.print(f"wrote {result.out_dir}/plan.json and "
-                      f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
+
+
+def _front_table(result: PartitionResult) -> Table:
+    front = Table(title="latency / bytes beyond the edge (Pareto front)", title_justify="left")
+    for column in ("latency ms", "bytes beyond edge", "cut (nodes per tier)"):
+        front.add_column(column, justify="right")
+    for point in result.front:
+        counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
+        front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
+                      " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
+    return front
 
 
 def _print_top(result: PartitionResult, console: Console) -> None:

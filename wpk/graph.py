@@ -23,6 +23,7 @@ from wpk.files import existing_file
 from wpk.naming import name_nodes
 from wpk.shapes import complete_shapes, fold_shape_arithmetic, static_shape
 from wpk.subgraphs import node_reads
+from wpk.tensor_spec import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,11 @@ class Graph:
     # -- queries ------------------------------------------------------------------------
     def tensor_bytes(self, name: str) -> int:
         return self.tensors[name].nbytes
+
+    def tensor_spec(self, name: str) -> TensorSpec:
+        """The tensor as plans and tiers describe it: name, shape, numpy dtype name."""
+        info = self.tensors[name]
+        return TensorSpec.of(name, info.shape, info.dtype)
 
     def node(self, name: str) -> NodeInfo:
         try:

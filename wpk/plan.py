@@ -6,51 +6,71 @@ order. A request enters the first tier with the model's inputs; each tier runs i
 merged with whatever the next tier answered. Tensors that skip a tier are `passthrough`:
 listed in that tier's inputs and outputs, handed on as they came. The slice's
 ONNX inputs are `slice_inputs` (a subset of `inputs`) and its ONNX outputs `slice_outputs`.
-See docs/plan-format.md for every field.
+See docs/plan-format.md for every field; wpk/schemas/plan.schema.json is checked on read.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 from wpk.errors import WpkError
 from wpk.files import read_text
+from wpk.json_schema import check
+# codecs were defined here first: wpk.runtime.codecs still imports them from wpk.plan
+from wpk.link_codecs import CODEC_BASES, CODEC_BYTE_FACTOR, parse_codec  # noqa: F401
+from wpk.records import JsonRecord
+from wpk.tensor_spec import TensorSpec
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
 
-# Wire codecs a link may declare: a base encoding, optionally followed by "+zstd".
-CODEC_BASES = ("raw", "fp16", "int8")
-# Bytes on the wire per byte of a float32 tensor, before zstd (whose gain depends on data).
-CODEC_BYTE_FACTOR = {"raw": 1.0, "fp16": 0.5, "int8": 0.25}
 
+@dataclass(frozen=True)
+class SourceModel(JsonRecord):
+    """The model the plan was cut from, and what it takes and gives."""
 
-def parse_codec(spec: str | None) -> tuple[str, bool]:
-    """"fp16+zstd" -> ("fp16", True); "zstd" -> ("raw", True); WpkError on anything else."""
-    parts = [p.strip() for p in (spec or "raw").lower().split("+") if p.strip()]
-    bases = [p for p in parts if p != "zstd"]
-    if len(bases) > 1 or any(b not in CODEC_BASES for b in bases) or parts.count("zstd") > 1:
-        raise WpkError(f"unknown codec {spec!r} (use raw, fp16 or int8, optionally "
-                       "followed by +zstd)")
-    return (bases[0] if bases else "raw"), "zstd" in parts
-
-
-@dataclass
-class TensorSpec:
     name: str
-    shape: list[int]
-    dtype: str  # numpy dtype name, e.g. "float32"
+    file: str | None = None          # absolute path when partitioned, if known
+    sha256: str | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
 
-    @property
-    def nbytes(self) -> int:
-        import numpy as np
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file, "sha256": self.sha256,
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs]}
 
-        count = 1
-        for d in self.shape:
-            count *= d
-        return count * np.dtype(self.dtype).itemsize
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "SourceModel":
+        """Only `name` is required: hand-written plans may leave the rest out."""
+        return cls(data["name"], data.get("file"), data.get("sha256"),
+                   tuple(TensorSpec.from_json(t) for t in data.get("inputs", ())),
+                   tuple(TensorSpec.from_json(t) for t in data.get("outputs", ())))
+
+
+@dataclass(frozen=True)
+class Objective(JsonRecord):
+    """What the cut was chosen for, under which constraints."""
+
+    name: str = "latency"            # latency, throughput or bandwidth
+    privacy: str = "raw-input-on-device"   # or none
+    deliver_to: str | None = None    # tier that receives the model outputs (None: the first)
+    max_latency_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "privacy": self.privacy, "deliver_to": self.deliver_to,
+                "max_latency_ms": self.max_latency_ms}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Objective":
+        """Every field has a default: hand-written plans may leave them out."""
+        defaults = cls()
+        return cls(data.get("name", defaults.name), data.get("privacy", defaults.privacy),
+                   data.get("deliver_to"), data.get("max_latency_ms"))
 
 
 @dataclass
@@ -73,6 +93,9 @@ class TierPlan:
     address: str | None = None
     optimized: str | None = None     # directory (relative) written by wpk-optimize, if any
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass
 class LinkPlan:
@@ -94,22 +117,37 @@ class LinkPlan:
         data["to"] = data.pop("dst")
         return data
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "LinkPlan":
+        fields = dict(data)
+        fields["src"], fields["dst"] = fields.pop("from"), fields.pop("to")
+        return cls(**fields)
+
 
 @dataclass
 class Plan:
-    model: dict[str, Any]            # name, file, sha256, inputs, outputs (TensorSpec dicts)
-    objective: dict[str, Any]        # name, privacy, deliver_to, max_latency_ms
+    model: SourceModel
+    objective: Objective
     tiers: list[TierPlan]
     links: list[LinkPlan]
-    predicted: dict[str, Any]
+    predicted: dict[str, Any]        # latency_ms, throughput_rps, ...: see docs/plan-format.md
     verification: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)  # every crossing tensor
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)  # every crossing tensor
     version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        """Accept the JSON (dict) forms too, as callers wrote before the plan had types."""
+        if isinstance(self.model, Mapping):
+            self.model = SourceModel.from_json(self.model)
+        if isinstance(self.objective, Mapping):
+            self.objective = Objective.from_json(self.objective)
+        self.tensors = {name: TensorSpec.from_json(spec) if isinstance(spec, Mapping) else spec
+                        for name, spec in self.tensors.items()}
 
     # -- access -------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.model["name"]
+        return self.model.name
 
     def tier(self, name: str) -> TierPlan:
         for tier in self.tiers:
@@ -122,17 +160,17 @@ class Plan:
         return self.tiers.index(self.tier(name))
 
     def tensor_spec(self, name: str) -> TensorSpec:
-        return TensorSpec(**self.tensors[name])
+        return self.tensors[name]
 
     # -- JSON ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "model": self.model,
-            "objective": self.objective,
-            "tiers": [asdict(t) for t in self.tiers],
+            "model": self.model.to_json(),
+            "objective": self.objective.to_json(),
+            "tiers": [t.to_json() for t in self.tiers],
             "links": [link.to_json() for link in self.links],
-            "tensors": self.tensors,
+            "tensors": {name: spec.to_json() for name, spec in self.tensors.items()},
             "predicted": self.predicted,
             "verification": self.verification,
         }
@@ -143,25 +181,44 @@ class Plan:
         return path
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str = PLAN_FILE) -> "Plan":
-        if not isinstance(data, dict):
-            raise WpkError(f"{where}: not a plan (expected a JSON object)")
-        if data.get("version") != PLAN_VERSION:
-            raise WpkError(f"{where}: unsupported plan version {data.get('version')!r} "
-                           f"(this wpk reads version {PLAN_VERSION})")
+    def from_json(cls, data: Any, where: str = PLAN_FILE) -> "Plan":
+        """A plan from its JSON form; every fault is a one-line WpkError naming `where`."""
+        validate_plan(data, where)
         try:
-            tiers = [TierPlan(**t) for t in data["tiers"]]
-            links = []
-            for link in data["links"]:
-                link = dict(link)
-                link["src"], link["dst"] = link.pop("from"), link.pop("to")
-                links.append(LinkPlan(**link))
-            return cls(model=data["model"], objective=data["objective"], tiers=tiers,
-                       links=links, predicted=data["predicted"],
-                       verification=data.get("verification", {}),
-                       tensors=data.get("tensors", {}), version=data["version"])
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            return cls(model=SourceModel.from_json(data["model"]),
+                       objective=Objective.from_json(data["objective"]),
+                       tiers=[TierPlan(**t) for t in data["tiers"]],
+                       links=[LinkPlan.from_json(link) for link in data["links"]],
+                       predicted=data["predicted"], verification=data.get("verification", {}),
+                       tensors={name: TensorSpec.from_json(spec)
+                                for name, spec in data.get("tensors", {}).items()},
+                       version=data["version"])
+        except (KeyError, TypeError, ValueError) as error:  # past the schema: a bug, said so
             raise WpkError(f"{where}: malformed plan ({error})") from None
+
+
+def validate_plan(data: Any, where: str) -> None:
+    """The schema (wpk/schemas/plan.schema.json), then what it cannot say: dtypes, codecs."""
+    if not isinstance(data, dict):
+        raise WpkError(f"{where}: not a plan (expected a JSON object)")
+    if data.get("version") != PLAN_VERSION:
+        raise WpkError(f"{where}: unsupported plan version {data.get('version')!r} "
+                       f"(this wpk reads version {PLAN_VERSION})")
+    check(data, "plan", where)
+    specs = [(f"model.{side}[{i}]", spec) for side in ("inputs", "outputs")
+             for i, spec in enumerate(data["model"].get(side, ()))]
+    specs += [(f"tensors.{name}", spec) for name, spec in data.get("tensors", {}).items()]
+    for field_name, spec in specs:
+        try:
+            np.dtype(spec["dtype"])
+        except TypeError:
+            raise WpkError(f"{where}: {field_name}.dtype: {spec['dtype']!r} is not a "
+                           f"numpy dtype name") from None
+    for i, link in enumerate(data["links"]):
+        try:
+            parse_codec(link.get("codec", "raw"))
+        except WpkError as error:
+            raise WpkError(f"{where}: links[{i}].codec: {error}") from None
 
 
 def load_plan(directory: str | Path) -> Plan:

@@ -9,33 +9,23 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-import jsonschema
-
 from wpk.errors import WpkError
 from wpk.files import read_text
+from wpk.json_schema import SCHEMA_DIR, check, load_schema
 
 PROFILE_VERSION = 1
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "profile.schema.json"
+SCHEMA_PATH = SCHEMA_DIR / "profile.schema.json"
 
 
 class ProfileMismatchWarning(UserWarning):
     """A profile's node names match the model but it was made from another file (sha256)."""
 
 
-@lru_cache(maxsize=1)
 def profile_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def _where(error: jsonschema.ValidationError) -> str:
-    path = ""
-    for part in error.absolute_path:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "top level"
+    return load_schema("profile")
 
 
 def validate_profile(document: Any, source: str) -> None:
@@ -44,16 +34,7 @@ def validate_profile(document: Any, source: str) -> None:
             and document["version"] != PROFILE_VERSION:
         raise WpkError(f"{source}: unsupported profile version {document['version']!r} "
                        f"(this wpk reads version {PROFILE_VERSION})")
-    validator = jsonschema.Draft202012Validator(profile_schema())
-    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = min(errors, key=lambda e: len(e.absolute_path))
-        message = error.message
-        if error.validator == "required":
-            message = message.replace(" is a required property", " is missing")
-        elif error.validator == "minimum" and len(message) > 120:
-            message = f"{error.instance!r} is below {error.validator_value}"
-        raise WpkError(f"{source}: {_where(error)}: {message[:160]}")
+    check(document, "profile", source)
     seen: set[str] = set()
     for node in document["nodes"]:
         if node["name"] in seen:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from wpk.errors import WpkError, refuse_unknown_keys
 from wpk.files import read_yaml
-from wpk.plan import CODEC_BYTE_FACTOR, parse_codec
+from wpk.link_codecs import CODEC_BYTE_FACTOR, parse_codec
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class LinkSpec:
     dst: str
     bandwidth_mbps: float  # megabits per second
     rtt_ms: float
-    codec: str = "raw"     # wire encoding of the tensors crossing it (see wpk.plan.parse_codec)
+    codec: str = "raw"     # wire encoding of the tensors crossing it (see wpk.link_codecs)
 
     @property
     def name(self) -> str:

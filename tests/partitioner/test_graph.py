@@ -72,3 +72,14 @@ def test_bad_input_shapes(spec, message):
 def test_input_shape_for_unknown_input():
     with pytest.raises(WpkError, match="not an input"):
         Graph.load(_unnamed_model(), {"nope": (1, 4)})
+
+
+def test_a_graph_tensor_as_a_tensor_spec(mlp_path):
+    from wpk.graph import Graph
+    from wpk.tensor_spec import TensorSpec
+
+    spec = Graph.load(mlp_path).tensor_spec("features")
+    assert spec == TensorSpec("features", (1, 2048), "float32")
+    assert spec.nbytes == 8192 and spec.kserve_datatype == "FP32"
+    assert spec.fits((1, 2048)) and not spec.fits((2, 2048))
+    assert TensorSpec("x", (-1, 4), "float32").fits((7, 4))

@@ -1,11 +1,11 @@
 """`partition()`: model + tiers + objective -> verified slices and a plan.
 
-This is the partitioner's Python API; `wpk-partition` is a thin CLI over it.
+This is the partitioner's Python API; `wpk-partition` is a thin CLI over it. `execute` takes
+a `PartitionRequest`; `partition(...)` is the same with the request's fields as keywords.
 """
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,13 +15,14 @@ import numpy as np
 from wpk.errors import WpkError
 from wpk.files import check_outputs
 from wpk.graph import Graph
-from wpk.plan import LinkPlan, Plan, TensorSpec, TierPlan
+from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
 from wpk.tiers import Tiers, load_tiers
 from wpk.partitioner import search, slicing
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
+from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
-OBJECTIVES = ("latency", "throughput", "bandwidth")
-PRIVACY_MODES = ("raw-input-on-device", "none")
+__all__ = ["OBJECTIVES", "PRIVACY_MODES", "Configuration", "PartitionRequest", "PartitionResult",
+           "build_problem", "execute", "partition", "write_plan"]
 
 
 @dataclass
@@ -138,66 +139,39 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
               other_inputs: Sequence[str | Path] = ()) -> PartitionResult:
     """Choose the cuts, write the slices and plan.json to `out_dir` (if given), return all.
 
+    The keyword form of `execute(PartitionRequest(...))`: each keyword is the request field
+    of that name (see wpk.partitioner.request).
+    """
+    return execute(PartitionRequest(
+        model=model, input_shapes=input_shapes, tiers=tiers, tiers_file=tiers_file,
+        links=links, codecs=codecs, objective=objective, max_latency_ms=max_latency_ms,
+        privacy=privacy, deliver_to=deliver_to, pins=dict(pins or {}), measured=measured,
+        efficiency=efficiency, use_calibration=use_calibration, out_dir=out_dir, verify=verify,
+        force=force, other_inputs=other_inputs, top=top, with_front=with_front))
+
+
+def execute(request: PartitionRequest) -> PartitionResult:
+    """Carry out `request`: the search, the plan, and (with `out_dir`) the files.
+
     Files already in `out_dir` that the plan would write are an earlier result, replaced only
     with `force`; the model, the tiers file and `other_inputs` (profiles) are never written.
-
-    `measured` maps a tier name to one or more measured cost columns (candidate machines);
-    other tiers use the roofline estimate.
     """
-    if objective not in OBJECTIVES:
-        raise WpkError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
-    if privacy not in PRIVACY_MODES:
-        raise WpkError(f"unknown privacy mode {privacy!r} (choose from "
-                       f"{', '.join(PRIVACY_MODES)})")
-    if max_latency_ms is not None and not 0 < max_latency_ms < math.inf:
-        raise WpkError(f"--max-latency-ms must be a positive number, not {max_latency_ms:g}")
-    if objective == "bandwidth" and max_latency_ms is None:
-        raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
-    graph = model if isinstance(model, Graph) else Graph.load(model, input_shapes)
+    request.check()
+    model = request.model
+    graph = model if isinstance(model, Graph) else Graph.load(model, request.input_shapes)
     if not graph.nodes:
         raise WpkError(f"{graph.name}: the model has no nodes")
-    if not isinstance(tiers, Tiers):
-        tiers = load_tiers(tiers, tiers_file, links, codecs)
-    deliver = tiers.index(deliver_to) if deliver_to else 0
+    tiers = request.tiers if isinstance(request.tiers, Tiers) else load_tiers(
+        request.tiers, request.tiers_file, request.links, request.codecs)
+    deliver = tiers.index(request.deliver_to) if request.deliver_to else 0
+    out_dir = Path(request.out_dir) if request.out_dir is not None else None
     if out_dir is not None:   # before the search: its work is not lost to a refusal
-        check_outputs([Path(out_dir) / "plan.json"]
-                      + [Path(out_dir) / f"{name}.onnx" for name in tiers.names],
-                      [graph.path, tiers_file, *other_inputs], force=force)
-    if efficiency is None:
-        efficiency = calibrate() if use_calibration else Efficiency()
-    candidates: list[list[TierCosts]] = []
-    for tier in tiers.tiers:
-        if measured and tier.name in measured:
-            candidates.append(list(measured[tier.name]))
-        else:
-            candidates.append([estimated_costs(graph, tier, efficiency)])
-    unknown = set(measured or {}) - set(tiers.names)
-    if unknown:
-        raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
-                       f"(tiers: {', '.join(tiers.names)})")
-    for tier_candidates in candidates:
-        for costs in tier_candidates:
-            if len(costs.node_ms) != len(graph.nodes):
-                raise WpkError(f"tier {costs.tier}: {len(costs.node_ms)} node times for "
-                               f"{len(graph.nodes)} nodes")
-
-    found: list[Configuration] = []      # the search's answer for each choice of machines
-    shown: list[Configuration] = []      # more cuts for --top / --pareto: shown, never chosen,
-    fronts: list[search.Evaluation] = []  # so that what is printed does not change the plan
-    for machines in itertools.product(*candidates):
-        problem = build_problem(graph, tiers, machines, privacy=privacy != "none",
-                                deliver_to=deliver, pins=pins)
-        tiers_found = search.solve(problem, objective, max_latency_ms)
-        found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
-        if top > 1 or with_front:
-            front = search.pareto(problem)
-            if with_front:
-                fronts.extend(front)
-            others = front + [search.evaluate(problem, t)
-                              for t in search.alternatives(problem, tiers_found)] \
-                if top > 1 else front
-            shown.extend(Configuration(machines, problem, e) for e in others
-                         if max_latency_ms is None or e.latency_ms <= max_latency_ms)
+        check_outputs([out_dir / "plan.json"] + [out_dir / f"{name}.onnx" for name in tiers.names],
+                      [graph.path, request.tiers_file, *request.other_inputs],
+                      force=request.force)
+    candidates = _cost_candidates(graph, tiers, request)
+    found, shown, fronts = _search(graph, tiers, candidates, deliver, request)
+    objective = request.objective
     best = min(found, key=lambda c: c.key(objective))
     ranked = _distinct(sorted([best] + found + shown, key=lambda c: c.key(objective)))
     single = _evaluate_single_tiers(best.problem, tiers)
@@ -207,12 +181,62 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
               if tiers.links[k].codec != tiers.links[k + 1].codec]
     pieces = slicing.tier_slices(graph, best.evaluation.tiers, best.evaluation.forward_tensors,
                                  best.problem.deliver_to, relays)
-    plan = _make_plan(graph, tiers, pieces, best, objective, privacy, max_latency_ms, single)
+    plan = _make_plan(graph, tiers, pieces, best, objective, request.privacy,
+                      request.max_latency_ms, single)
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
-                             ranked[:top] if top else [], search.non_dominated(fronts))
+                             ranked[:request.top] if request.top else [],
+                             search.non_dominated(fronts))
     if out_dir is not None:
-        write_plan(result, Path(out_dir), verify=verify)
+        write_plan(result, out_dir, verify=request.verify)
     return result
+
+
+def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest
+                     ) -> list[list[TierCosts]]:
+    """Per tier, the cost columns to choose among: measured machines, else the roofline."""
+    measured = request.measured or {}
+    unknown = set(measured) - set(tiers.names)
+    efficiency = request.efficiency
+    if efficiency is None:
+        efficiency = calibrate() if request.use_calibration else Efficiency()
+    candidates = [list(measured[tier.name]) if tier.name in measured
+                  else [estimated_costs(graph, tier, efficiency)] for tier in tiers.tiers]
+    if unknown:
+        raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
+                       f"(tiers: {', '.join(tiers.names)})")
+    for tier_candidates in candidates:
+        for costs in tier_candidates:
+            if len(costs.node_ms) != len(graph.nodes):
+                raise WpkError(f"tier {costs.tier}: {len(costs.node_ms)} node times for "
+                               f"{len(graph.nodes)} nodes")
+    return candidates
+
+
+def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliver: int,
+            request: PartitionRequest
+            ) -> tuple[list[Configuration], list[Configuration], list[search.Evaluation]]:
+    """The search's answer for each choice of machines; with --top / --pareto also more
+    cuts to show (never chosen, so that what is printed does not change the plan)."""
+    found: list[Configuration] = []
+    shown: list[Configuration] = []
+    fronts: list[search.Evaluation] = []
+    bound = request.max_latency_ms
+    for machines in itertools.product(*candidates):
+        problem = build_problem(graph, tiers, machines,
+                                privacy=request.keeps_raw_input_on_device,
+                                deliver_to=deliver, pins=request.pins)
+        tiers_found = search.solve(problem, request.objective, bound)
+        found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
+        if request.ranks_alternatives:
+            front = search.pareto(problem)
+            if request.with_front:
+                fronts.extend(front)
+            others = front + [search.evaluate(problem, t)
+                              for t in search.alternatives(problem, tiers_found)] \
+                if request.top > 1 else front
+            shown.extend(Configuration(machines, problem, e) for e in others
+                         if bound is None or e.latency_ms <= bound)
+    return found, shown, fronts
 
 
 def _distinct(configurations: list[Configuration]) -> list[Configuration]:
@@ -223,11 +247,6 @@ def _distinct(configurations: list[Configuration]) -> list[Configuration]:
             seen.add(key)
             out.append(c)
     return out
-
-
-def _tensor_json(graph: Graph, name: str) -> dict:
-    info = graph.tensors[name]
-    return TensorSpec(name, list(info.shape), info.dtype.name).__dict__
 
 
 def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
@@ -281,15 +300,12 @@ def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
         "tiers_used": [p.name for p in tier_plans],
     }
     return Plan(
-        model={"name": graph.name, "file": str(graph.path.resolve()) if graph.path else None,
-               "sha256": graph.sha256,
-               "inputs": [_tensor_json(graph, n) for n in graph.inputs],
-               "outputs": [_tensor_json(graph, n) for n in graph.outputs]},
-        objective={"name": objective, "privacy": privacy,
-                   "deliver_to": tiers[problem.deliver_to].name,
-                   "max_latency_ms": max_latency_ms},
+        model=SourceModel(graph.name, str(graph.path.resolve()) if graph.path else None,
+                          graph.sha256, tuple(graph.tensor_spec(n) for n in graph.inputs),
+                          tuple(graph.tensor_spec(n) for n in graph.outputs)),
+        objective=Objective(objective, privacy, tiers[problem.deliver_to].name, max_latency_ms),
         tiers=tier_plans, links=link_plans, predicted=predicted,
-        tensors={name: _tensor_json(graph, name) for name in sorted(crossing)})
+        tensors={name: graph.tensor_spec(name) for name in sorted(crossing)})
 
 
 def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> Path:

@@ -15,8 +15,10 @@ from wpk.errors import WpkError, cli_entry, print_warning
 from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
-from wpk.partitioner.api import OBJECTIVES, PRIVACY_MODES, PartitionResult, partition
+from wpk.plan import Plan
+from wpk.partitioner.api import PartitionResult, execute
 from wpk.partitioner.measured import measured_costs_from_args, warn_to_stderr
+from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,36 +89,48 @@ def _pins(items: list[str]) -> dict[str, str]:
     return pins
 
 
+def _tier_names(args: argparse.Namespace) -> list[str] | None:
+    """--tiers a,b,c; the default three tiers when neither it nor a tiers file is given."""
+    if args.tiers is None:
+        return None if args.tiers_file is not None else ["device", "edge", "cloud"]
+    names = [t.strip() for t in args.tiers.split(",")]
+    if not all(names):
+        raise WpkError(f"--tiers {args.tiers!r}: an empty tier name (expected names "
+                       f"separated by commas, like device,edge,cloud)")
+    return names
+
+
+def request_from_args(args: argparse.Namespace) -> PartitionRequest:
+    """The one place the command line becomes a request (profiles are read here)."""
+    tier_names = _tier_names(args)
+    graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
+    profiles = _pairs(args.profile, "--profile")
+    # warnings go with the tables, or to stderr when stdout carries JSON
+    extra = {"warn": warn_to_stderr} if args.json else {}
+    measured = measured_costs_from_args(graph, profiles, args.profile_local, args.input_shape,
+                                        **extra)
+    return PartitionRequest(
+        model=graph, tiers=tier_names, tiers_file=args.tiers_file, links=args.link,
+        codecs=args.codec, objective=args.objective, max_latency_ms=args.max_latency_ms,
+        privacy=args.privacy, deliver_to=args.deliver_to, pins=_pins(args.pin),
+        measured=measured, use_calibration=not args.no_calibrate,
+        out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
+        verify=not args.no_verify, force=args.force,
+        other_inputs=[path for _tier, path in profiles], top=args.top, with_front=args.pareto)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tier_names = None
-    if args.tiers is not None:
-        tier_names = [t.strip() for t in args.tiers.split(",")]
-        if not all(tier_names):
-            raise WpkError(f"--tiers {args.tiers!r}: an empty tier name (expected names "
-                           f"separated by commas, like device,edge,cloud)")
+    _tier_names(args)    # a bad --tiers is refused before the report check
     report = None
     if args.report:  # checked before the search, so that its work is not lost at the end
         from wpk.partitioner.report import report_path
 
         report = writable_file(report_path(args.report), "report")
         check_outputs([report], [args.model, args.tiers_file], force=args.force)
-    if tier_names is None and args.tiers_file is None:
-        tier_names = ["device", "edge", "cloud"]
-    graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
-    # warnings go with the tables, or to stderr when stdout carries JSON
-    extra = {"warn": warn_to_stderr} if args.json else {}
-    measured = measured_costs_from_args(graph, _pairs(args.profile, "--profile"),
-                                        args.profile_local, args.input_shape, **extra)
-    out_dir = Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan")
-    result = partition(
-        graph, tier_names, tiers_file=args.tiers_file, links=args.link, codecs=args.codec,
-        objective=args.objective, max_latency_ms=args.max_latency_ms, privacy=args.privacy,
-        deliver_to=args.deliver_to, pins=_pins(args.pin), measured=measured,
-        use_calibration=not args.no_calibrate, out_dir=out_dir, verify=not args.no_verify,
-        top=args.top, with_front=args.pareto, force=args.force,
-        other_inputs=[path for _tier, path in _pairs(args.profile, "--profile")])
+    request = request_from_args(args)
+    result = execute(request)
     if args.json:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
         draw_report(result, report)
         print(f"report: {report}", file=sys.stderr if args.json else sys.stdout)
-    stale = out_dir / "optimized"   # wpk-optimize's output for the plan this one replaced
+    stale = Path(request.out_dir) / "optimized"   # wpk-optimize's output for the replaced plan
     if stale.is_dir() and any(stale.iterdir()):
         print_warning(f"{stale}: optimized slices of the previous plan in this directory; the "
                       f"new plan does not use them (run wpk-optimize again)")
@@ -142,12 +156,34 @@ def _bytes(n: float) -> str:
 
 
 def print_result(result: PartitionResult, console: Console) -> None:
-    plan, e = result.plan, result.best.evaluation
-    predicted = plan.predicted
+    plan = result.plan
     console.print(f"[bold]{plan.name}[/]: {len(result.graph.nodes)} nodes, "
                   f"{result.graph.total_flops / 1e9:.2f} GFLOP; objective "
-                  f"[bold]{result.objective}[/], privacy {plan.objective['privacy']}, "
-                  f"results to {plan.objective['deliver_to']}")
+                  f"[bold]{result.objective}[/], privacy {plan.objective.privacy}, "
+                  f"results to {plan.objective.deliver_to}")
+    console.print(_tiers_table(plan))
+    if plan.links:
+        console.print(_links_table(plan))
+    computing = [tier for tier in plan.tiers if tier.nodes]
+    if len(computing) == 1:
+        console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
+                      f"run on [bold]{computing[0].name}[/]; the plan has one slice.")
+    _print_predictions(result, console)
+    if plan.verification:
+        v = plan.verification
+        console.print(f"verified: chained slices match the whole model on {v['samples']} random "
+                      f"inputs (max abs error {v['max_abs_error']:.2e}, rtol {v['rtol']}, "
+                      f"atol {v['atol']})")
+    if result.top:
+        _print_top(result, console)
+    if result.front:
+        console.print(_front_table(result))
+    if result.out_dir is not None:
+        console.print(f"wrote {result.out_dir}/plan.json and "
+                      f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
+
+
+def _tiers_table(plan: Plan) -> Table:
     tiers = Table(title="tiers", title_justify="left")
     for column in ("tier", "machine", "times from", "ops", "compute ms", "bytes out"):
         tiers.add_column(column, justify="right" if column in ("ops", "compute ms", "bytes out")
@@ -157,23 +193,26 @@ def print_result(result: PartitionResult, console: Console) -> None:
         tiers.add_row(tier.name, tier.machine or tier.hardware.get("hardware", "custom"),
                       tier.cost_source, str(len(tier.nodes)), f"{tier.predicted_compute_ms:.3f}",
                       _bytes(out_bytes))
-    console.print(tiers)
-    if plan.links:
-        links = Table(title="links", title_justify="left")
-        for column in ("link", "bandwidth", "RTT", "codec", "tensors", "bytes out",
-                       "bytes back", "transfer ms"):
-            links.add_column(column, justify="left" if column in ("link", "tensors") else "right")
-        for link in plan.links:
-            via = f" (via {', '.join(link.via)})" if link.via else ""
-            links.add_row(f"{link.src} -> {link.dst}{via}", f"{link.bandwidth_mbps:g} Mbit/s",
-                          f"{link.rtt_ms:g} ms", link.codec, ", ".join(link.tensors) or "-",
-                          _bytes(link.bytes), _bytes(link.return_bytes),
-                          f"{link.predicted_transfer_ms:.3f}")
-        console.print(links)
-    computing = [tier for tier in plan.tiers if tier.nodes]
-    if len(computing) == 1:
-        console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
-                      f"run on [bold]{computing[0].name}[/]; the plan has one slice.")
+    return tiers
+
+
+def _links_table(plan: Plan) -> Table:
+    links = Table(title="links", title_justify="left")
+    for column in ("link", "bandwidth", "RTT", "codec", "tensors", "bytes out",
+                   "bytes back", "transfer ms"):
+        links.add_column(column, justify="left" if column in ("link", "tensors") else "right")
+    for link in plan.links:
+        via = f" (via {', '.join(link.via)})" if link.via else ""
+        links.add_row(f"{link.src} -> {link.dst}{via}", f"{link.bandwidth_mbps:g} Mbit/s",
+                      f"{link.rtt_ms:g} ms", link.codec, ", ".join(link.tensors) or "-",
+                      _bytes(link.bytes), _bytes(link.return_bytes),
+                      f"{link.predicted_transfer_ms:.3f}")
+    return links
+
+
+def _print_predictions(result: PartitionResult, console: Console) -> None:
+    """The predicted latency and throughput, against the best single tier allowed."""
+    predicted = result.plan.predicted
     best_single = predicted["best_single_tier"]
     line = f"end-to-end latency [bold]{predicted['latency_ms']:.3f} ms[/]"
     if best_single:
@@ -196,25 +235,17 @@ def print_result(result: PartitionResult, console: Console) -> None:
                   f"{predicted['bottleneck_stage']}, {predicted['bottleneck_ms']:.3f} ms); "
                   f"bytes beyond the edge {_bytes(predicted['bytes_beyond_edge'])} vs raw input "
                   f"{_bytes(predicted['raw_input_bytes'])}")
-    if plan.verification:
-        v = plan.verification
-        console.print(f"verified: chained slices match the whole model on {v['samples']} random "
-                      f"inputs (max abs error {v['max_abs_error']:.2e}, rtol {v['rtol']}, "
-                      f"atol {v['atol']})")
-    if result.top:
-        _print_top(result, console)
-    if result.front:
-        front = Table(title="latency / bytes beyond the edge (Pareto front)", title_justify="left")
-        for column in ("latency ms", "bytes beyond edge", "cut (nodes per tier)"):
-            front.add_column(column, justify="right")
-        for point in result.front:
-            counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
-            front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
-                          " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
-        console.print(front)
-    if result.out_dir is not None:
-        console.print(f"wrote {result.out_dir}/plan.json and "
-                      f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
+
+
+def _front_table(result: PartitionResult) -> Table:
+    front = Table(title="latency / bytes beyond the edge (Pareto front)", title_justify="left")
+    for column in ("latency ms", "bytes beyond edge", "cut (nodes per tier)"):
+        front.add_column(column, justify="right")
+    for point in result.front:
+        counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
+        front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
+                      " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
+    return front
 
 
 def _print_top(result: PartitionResult, console: Console) -> None:

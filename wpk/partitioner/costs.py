@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from wpk import settings
 from wpk.graph import Graph, NodeInfo, conv_weight_index
 from wpk.tiers import TierSpec
 
@@ -87,8 +88,7 @@ CALIBRATION_VERSION = 1
 
 
 def _cache_path() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "wpk" / "calibration.json"
+    return settings.cache_dir() / "calibration.json"
 
 
 def _machine_key() -> str:

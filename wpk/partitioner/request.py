@@ -1,0 +1,69 @@
+"""`PartitionRequest`: everything one partitioning needs, built once (by `wpk-partition` or a
+caller of `partition(...)`) and passed down whole instead of as a chain of arguments."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from wpk.errors import WpkError
+from wpk.graph import Graph
+from wpk.tiers import Tiers
+from wpk.partitioner.costs import Efficiency, TierCosts
+
+OBJECTIVES = ("latency", "throughput", "bandwidth")
+PRIVACY_MODES = ("raw-input-on-device", "none")
+
+
+@dataclass(frozen=True)
+class PartitionRequest:
+    """What to cut, across which tiers, for what, priced how, and what to write."""
+
+    # what to cut
+    model: str | Path | Graph
+    input_shapes: Mapping[str, Sequence[int]] | None = None   # fixes dynamic inputs
+    # across which tiers: names or a Tiers, else the tiers file's; then link/codec overrides
+    tiers: Sequence[str] | Tiers | None = None
+    tiers_file: str | Path | None = None
+    links: Sequence[str] = ()            # "SRC-DST=BW,RTT"
+    codecs: Sequence[str] = ()           # "SRC-DST=CODEC"
+    # for what
+    objective: str = "latency"
+    max_latency_ms: float | None = None
+    privacy: str = "raw-input-on-device"
+    deliver_to: str | None = None        # tier that needs the results (default: the first)
+    pins: Mapping[str, str] = field(default_factory=dict)    # node -> tier
+    # priced how: measured cost columns per tier (several = candidate machines), else roofline
+    measured: Mapping[str, Sequence[TierCosts]] | None = None
+    efficiency: Efficiency | None = None  # roofline efficiencies; None: calibrate or defaults
+    use_calibration: bool = True
+    # what to write and show
+    out_dir: str | Path | None = None    # None: decide only, write nothing
+    verify: bool = True                  # check the chained slices against the whole model
+    force: bool = False                  # replace an earlier plan at out_dir
+    other_inputs: Sequence[str | Path] = ()   # files never to overwrite (profiles)
+    top: int = 0                         # also rank up to this many configurations
+    with_front: bool = False             # also compute the latency / bytes Pareto front
+
+    def check(self) -> None:
+        """The goal's own consistency, before any file is read."""
+        if self.objective not in OBJECTIVES:
+            raise WpkError(f"unknown objective {self.objective!r} (choose from "
+                           f"{', '.join(OBJECTIVES)})")
+        if self.privacy not in PRIVACY_MODES:
+            raise WpkError(f"unknown privacy mode {self.privacy!r} (choose from "
+                           f"{', '.join(PRIVACY_MODES)})")
+        bound = self.max_latency_ms
+        if bound is not None and not 0 < bound < math.inf:
+            raise WpkError(f"--max-latency-ms must be a positive number, not {bound:g}")
+        if self.objective == "bandwidth" and bound is None:
+            raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
+
+    @property
+    def keeps_raw_input_on_device(self) -> bool:
+        return self.privacy != "none"
+
+    @property
+    def ranks_alternatives(self) -> bool:
+        return self.top > 1 or self.with_front

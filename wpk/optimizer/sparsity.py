@@ -193,21 +193,6 @@ def detect_matrix(matrix: np.ndarray, channels_last: np.ndarray | None = None) -
     if size == 0 or zeros == 0:
         return []
     found: list[Found] = []
-    # N:M, in the ONNX order and (Conv) channels-last
-    best: tuple[float, int, int, str] | None = None
-    for layout, view in (("", matrix), (" channels-last", channels_last)):
-        if view is None:
-            continue
-        for m in NM_GROUPS:
-            n = nm_holds(view, m)
-            if n is not None and n < m and 1 - n / m >= NM_EXPLAINED * zeros / size:
-                key = (1 - n / m, -m)
-                if best is None or key > (best[0], -best[2]):
-                    best = (1 - n / m, n, m, layout)
-    if best is not None:
-        _, n, m, layout = best
-        found.append(Found(f"{n}:{m}", float(1 - n / m),
-                           f"at most {n} non-zeros in every {m} along K{layout}"))
 
     def enough(count: int) -> bool:
         return count > 0 and count >= EXPLAINED * zeros
@@ -231,6 +216,22 @@ def detect_matrix(matrix: np.ndarray, channels_last: np.ndarray | None = None) -
                                    f"{columns / size:.1%} in zero columns, {rows / size:.1%} "
                                    f"in zero rows of {width}-column tiles"))
                 break
+    # N:M, in the ONNX order and (Conv) channels-last, where channels or tiles do not
+    # already explain the zeros (then N:M holds by accident)
+    best: tuple[float, int, int, str] | None = None
+    for layout, view in (("", matrix), (" channels-last", channels_last)):
+        if view is None:
+            continue
+        for m in NM_GROUPS:
+            n = nm_holds(view, m)
+            if n is not None and n < m and 1 - n / m >= NM_EXPLAINED * zeros / size:
+                key = (1 - n / m, -m)
+                if best is None or key > (best[0], -best[2]):
+                    best = (1 - n / m, n, m, layout)
+    if best is not None and not found:
+        _, n, m, layout = best
+        found.append(Found(f"{n}:{m}", float(1 - n / m),
+                           f"at most {n} non-zeros in every {m} along K{layout}"))
     for side in BLOCK_SIDES:
         covered = block_zero_count(matrix, side)
         if enough(covered):

@@ -200,3 +200,26 @@ def test_torch_2_4_fine_tuned_under_the_mask_stays_2_4(tmp_path):
         optimizer.step()
     prune.remove(net[5], "weight")
     assert _by_weight(_export(net, tmp_path / "ft.onnx"))["5.weight"] == "2:4"
+
+
+@pytest.mark.slow
+def test_the_digits_example_runs_end_to_end(tmp_path):
+    """examples/sparsity/digits.py, shortened (it asserts detection and the optimized model's
+    outputs itself); needs torch and scikit-learn's bundled digits."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "WPK_TUNING_LOG": str(tmp_path / "tuning.jsonl")}
+    result = subprocess.run([sys.executable, str(root / "examples" / "sparsity" / "digits.py"),
+                             "--out", str(tmp_path / "out"), "--epochs", "3",
+                             "--finetune-epochs", "1"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "hold structured sparsity (2:4)" in result.stdout
+    assert "hold structured sparsity (tile:16)" in result.stdout
+    assert "2:4 wpk-optimized: max abs difference vs ONNX Runtime" in result.stdout

@@ -37,10 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("model", help="the ONNX model to prune (or to inspect with --detect)")
     parser.add_argument("-o", "--output", help="the pruned model's path (.onnx)")
-    parser.add_argument("--pattern", help="2:4, N:M (N non-zeros kept in every M along the "
-                                          "reduction axis), tile or tile:G (default G 128)")
-    parser.add_argument("--ratio", help="share of weights to zero, in (0, 1) (tile-wise; "
-                                        "N:M's is 1 - N/M)")
+    parser.add_argument("--pattern", metavar="2:4|N:M|tile[:G]",
+                        help="2:4, N:M (N non-zeros kept in every M along the reduction axis), "
+                             "tile or tile:G (default G 128)")
+    parser.add_argument("--ratio", metavar="R",
+                        help="share of weights to zero, in (0, 1) (tile-wise; N:M's is 1 - N/M)")
     parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="NODE",
                         help="keep these nodes dense too (repeatable)")
     parser.add_argument("--prune-first-last", action="store_true",
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                   force=args.force)
     writable_file(output, "pruned model")
     model = load_model(model_path)
+    if model.ByteSize() >= 2 ** 31:       # measured in memory, written in one protobuf
+        raise WpkError(f"{model_path}: {model.ByteSize() / 2 ** 30:.1f} GiB; wpk-prune handles "
+                       f"models under 2 GiB (protobuf's limit)")
     labels = _labels(args.labels) if args.labels else None
     samples, source, random_inputs = _samples(args, model_path, model)
     pruned, layers = pruning.prune(model, pattern, ratio, skip=args.skip,

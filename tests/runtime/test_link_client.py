@@ -15,7 +15,7 @@ from .conftest import Pipeline, reference
 from .test_pipeline import model_feeds
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.link import InferenceError
+from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.tensor_link import EXTENSION_PREFIX
 
@@ -29,8 +29,8 @@ def check(answer: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(answer[name], value, rtol=1e-5, atol=1e-6)
 
 
-async def failure(call) -> InferenceError:
-    with pytest.raises(InferenceError) as info:
+async def failure(call) -> TierError:
+    with pytest.raises(TierError) as info:
         await call
     return info.value
 

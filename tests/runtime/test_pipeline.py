@@ -16,7 +16,8 @@ from .conftest import Pipeline, fake_tier, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
 from wpk.runtime import service as service_module
-from wpk.runtime.client import InferenceClient, InferenceError
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.status import TierError
 from wpk.runtime.codecs import Codec
 
 
@@ -357,7 +358,7 @@ def test_tritonclient_stream_api_against_the_entry_tier(plans, resnet_pipeline):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline, stream):
-    from wpk.runtime.client import InferenceError
+    from wpk.runtime.status import TierError
 
     feeds = model_feeds(plans["resnet"], seed=7)
 
@@ -365,9 +366,9 @@ def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline
         async with InferenceClient(resnet_pipeline.entry, stream=stream, timeout=10) as client:
             outputs = await client.infer("resnet_like", feeds)
             meta = await client.model_metadata("resnet_like")
-            with pytest.raises(InferenceError) as missing:
+            with pytest.raises(TierError) as missing:
                 await client.infer("nope", feeds)
-            with pytest.raises(InferenceError) as wrong:
+            with pytest.raises(TierError) as wrong:
                 await client.infer("resnet_like", {"image": feeds["image"][..., :16]})
             return outputs, meta, missing.value, wrong.value
 
@@ -449,7 +450,7 @@ def test_a_deadline_past_before_the_slice_runs_gives_deadline_exceeded(plans, re
         async with InferenceClient(resnet_pipeline.address[tier], stream=True) as client:
             return await client.infer(model, feeds, **kwargs)
 
-    with pytest.raises(InferenceError) as info:
+    with pytest.raises(TierError) as info:
         # 1 ns left: gone by the time the tier looks at it (and no client-side timer)
         asyncio.run(call(parameters={"wpk_timeout_ms": 1e-6}))
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, info.value

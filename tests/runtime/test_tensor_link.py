@@ -20,7 +20,7 @@ from wpk.runtime import service as service_module
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import ANSWER, REQUEST, FrameReader, encode, send_parts
-from wpk.runtime.link import InferenceError
+from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
@@ -209,7 +209,7 @@ def test_a_late_answer_gives_deadline_exceeded_and_the_connection_goes_on(kind):
 
     late, waited, fine = asyncio.run(scenario())
     server.close()
-    assert isinstance(late, InferenceError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(late, TierError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.15 < waited < 2.0
     np.testing.assert_array_equal(fine["a"], np.ones(3))
 

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.link import InferenceError
+from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 
 from .tensors import ModelSignature, TensorSpec
@@ -79,7 +79,7 @@ class KServePipeline:
     async def _call(self, call):
         try:
             return await call
-        except InferenceError as error:  # the client and its stream link raise only this
+        except TierError as error:  # the client and its stream link raise only this
             detail = f"{self.address}: {error.code.name}: {error.details}"
             if error.code in TRANSIENT_CODES:
                 raise PipelineUnavailable(detail) from None

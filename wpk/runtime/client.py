@@ -3,7 +3,7 @@
     async with InferenceClient("127.0.0.1:8001") as client:
         outputs = await client.infer("resnet_like", {"image": image}, timeout=5)
 
-Arrays in, arrays out. Failures raise `InferenceError` with `.code` (a grpc.StatusCode) and
+Arrays in, arrays out. Failures raise `TierError` with `.code` (a grpc.StatusCode) and
 `.details`: UNAVAILABLE / DEADLINE_EXCEEDED are worth retrying, INVALID_ARGUMENT / NOT_FOUND
 are not. `stream=True` sends inferences over one ModelStreamInfer stream (faster per request;
 wpk tiers and Triton support it). `shared_memory=True` passes the inputs through POSIX shared
@@ -20,7 +20,8 @@ import numpy as np
 
 from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.link import InferenceError, StreamLink
+from wpk.runtime.link import StreamLink
+from wpk.runtime.status import TierError
 from wpk.runtime.shm_inputs import InputSlots
 from wpk.runtime.tensors import TensorMeta
 from wpk.runtime.wire import build_request, parse_response
@@ -92,7 +93,7 @@ class InferenceClient:
         try:
             return await getattr(self.stub, method)(request, timeout=self._timeout(timeout))
         except grpc.aio.AioRpcError as error:
-            raise InferenceError(error.code(), error.details() or "") from None
+            raise TierError(error.code(), error.details() or "") from None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -155,3 +156,6 @@ class InferenceClient:
         if self.link is not None:
             return await self.link.infer(request, self._timeout(timeout))
         return await self._call("ModelInfer", request, timeout)
+
+
+InferenceError = TierError   # the name docs/runtime.md and earlier callers import from here

@@ -16,7 +16,7 @@ again every 30 s.
 Answers are what ModelInfer gives: the entry tier's pipeline model answers the model's
 outputs, a slice model `<name>.<tier>` its slice's outputs; with `pipeline=True` a slice
 model runs the pipeline from its tier to the end (the `wpk_pipeline` parameter over gRPC).
-Failures raise `InferenceError`, as InferenceClient's do. Metadata, health and shared-memory
+Failures raise `TierError`, as InferenceClient's do. Metadata, health and shared-memory
 calls are KServe calls: use `client.grpc`, an InferenceClient on the same address.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES, InferenceClient
 from wpk.runtime.codecs import Codec
-from wpk.runtime.link import InferenceError
+from wpk.runtime.status import TierError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.next_tier import GrpcLink, TcpLink
 
@@ -84,7 +84,7 @@ class LinkClient:
             return answer
         unknown = [name for name in outputs if name not in answer]
         if unknown:
-            raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"model {model!r} has no output {', '.join(unknown)} "
                                  f"(outputs: {', '.join(answer)})")
         return {name: answer[name] for name in outputs}

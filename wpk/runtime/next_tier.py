@@ -5,8 +5,8 @@ Both offer the same two calls:
 - `await forward(model, arrays, timeout, pipeline=True)` on the tier's event loop -> the
   answer's arrays (pipeline=False: a client's request, answered as ModelInfer would);
 - `submit(model, arrays, timeout, done)` from any thread; `done(outcome)` gets the arrays or
-  an InferenceError, from some thread.
-Both raise / report only InferenceError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own
+  an TierError, from some thread.
+Both raise / report only TierError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own
 status); the service turns them into messages naming the tier.
 
 `TcpLink` discovers the next tier's tensor-link port once per connection: ServerMetadata's
@@ -32,7 +32,8 @@ from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.frames import REQUEST, encode
 from wpk.runtime.lane import over_loopback
-from wpk.runtime.link import PIPELINE_PARAM, InferenceError
+from wpk.runtime.link import PIPELINE_PARAM
+from wpk.runtime.status import TierError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, REFUSED, Expiry,
                                      LinkConnection, LoopConnection, send_timeout)
@@ -49,15 +50,15 @@ Done = Callable[[object], None]
 
 
 def _outcome(future) -> object:
-    """A finished concurrent future as an outcome: its result, or an InferenceError."""
+    """A finished concurrent future as an outcome: its result, or an TierError."""
     if future.cancelled():
-        return InferenceError(grpc.StatusCode.CANCELLED, "cancelled")
+        return TierError(grpc.StatusCode.CANCELLED, "cancelled")
     error = future.exception()
     if error is None:
         return future.result()
-    if isinstance(error, InferenceError):
+    if isinstance(error, TierError):
         return error
-    return InferenceError(grpc.StatusCode.INTERNAL, repr(error))
+    return TierError(grpc.StatusCode.INTERNAL, repr(error))
 
 
 def _run_on(loop: asyncio.AbstractEventLoop, coroutine, done: Done) -> None:
@@ -69,7 +70,7 @@ def _run_on(loop: asyncio.AbstractEventLoop, coroutine, done: Done) -> None:
 def _settle(future: asyncio.Future, outcome: object) -> None:
     if future.done():
         return
-    if isinstance(outcome, InferenceError):
+    if isinstance(outcome, TierError):
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
@@ -97,7 +98,7 @@ class GrpcLink:
         try:
             return parse_response(response)
         except TensorError as error:
-            raise InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {error}") from None
+            raise TierError(grpc.StatusCode.INTERNAL, f"bad answer: {error}") from None
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
@@ -157,7 +158,7 @@ class TcpLink:
             return parts
 
         def done_or_again(outcome) -> None:
-            if isinstance(outcome, InferenceError) and connection.error is outcome \
+            if isinstance(outcome, TierError) and connection.error is outcome \
                     and not connection.answered and outcome.code in (REFUSED, UNAVAILABLE):
                 # a new connection refused (too many open) or closed before it answered
                 # anything: send the request again, over gRPC for a while (inference has no
@@ -170,7 +171,7 @@ class TcpLink:
         try:
             connection.send(parts_for, timeout, done_or_again)
         except TensorError as error:  # a dtype the protocol cannot name
-            done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
+            done(TierError(grpc.StatusCode.INTERNAL, str(error)))
 
     def _refused(self, connection: LinkConnection | LoopConnection) -> None:
         """The next tier refused `connection` or closed it before any answer: gRPC for a
@@ -194,7 +195,7 @@ class TcpLink:
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
-        """On the loop; the answer's arrays, or raises InferenceError."""
+        """On the loop; the answer's arrays, or raises TierError."""
         return await self._forward(model, arrays, timeout, pipeline, threaded=not self.on_loop)
 
     async def _forward(self, model: str, arrays: Mapping[str, np.ndarray],
@@ -225,7 +226,7 @@ class TcpLink:
     # -- connecting -------------------------------------------------------------------------
     async def _connect(self, timeout: float | None, threaded: bool
                        ) -> LinkConnection | LoopConnection | None:
-        """The open connection, a new one, or None: use gRPC. Raises InferenceError when the
+        """The open connection, a new one, or None: use gRPC. Raises TierError when the
         next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
         DEADLINE_EXCEEDED)."""
         if self.fallback_until:  # on gRPC: look again now and then, off the request path
@@ -236,7 +237,7 @@ class TcpLink:
         try:   # another request may be connecting: wait for it within this one's deadline
             await asyncio.wait_for(self._connecting.acquire(), timeout)
         except asyncio.TimeoutError:
-            raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"deadline exceeded connecting to {self.host}") from None
         try:
             connection = self._open(threaded)
@@ -284,7 +285,7 @@ class TcpLink:
             async with self._connecting:
                 try:
                     await self._attempt(CONNECT_TIMEOUT_S, threaded=self._fallback_kind)
-                except InferenceError:  # not answering now: stay on gRPC a while longer
+                except TierError:  # not answering now: stay on gRPC a while longer
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
         finally:
             self._recheck = None
@@ -295,7 +296,7 @@ class TcpLink:
                 pb.ServerMetadataRequest(),
                 timeout=DISCOVER_TIMEOUT_S if timeout is None else timeout)
         except grpc.aio.AioRpcError as error:
-            raise InferenceError(error.code(), error.details() or "no answer") from None
+            raise TierError(error.code(), error.details() or "no answer") from None
         self.lanes = LANE_EXTENSION in response.extensions
         for extension in response.extensions:
             if extension.startswith(EXTENSION_PREFIX):

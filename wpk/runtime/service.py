@@ -32,13 +32,14 @@ from wpk.plan import Plan
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.frames import MAX_PAYLOAD_BYTES, Frame
-from wpk.runtime.link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM, InferenceError
+from wpk.runtime.link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM
 from wpk.runtime.codecs import Codec
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.next_tier import GrpcLink, TcpLink
 from wpk.runtime.outbox import Outbox
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
-from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry, uses_shared_memory
+from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
+from wpk.runtime.status import TierError
 from wpk.runtime.batching import Batcher, BatchPolicy, check_batched
 from wpk.runtime.slice import load_batched_runner, load_runner
 from wpk.runtime.link_server import LinkServer, Reply
@@ -101,14 +102,6 @@ class ServedModel:
 
 # gRPC requests a tier holds between receipt and answer; beyond it, RESOURCE_EXHAUSTED
 DEFAULT_MAX_IN_FLIGHT = 1024
-
-
-class Abort(Exception):
-    """Ends a request with a gRPC status; `details` names the tier."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 class TierService:
@@ -248,7 +241,7 @@ class TierService:
     def _model(self, name: str) -> ServedModel:
         model = self.models.get(name)
         if model is None:
-            raise Abort(grpc.StatusCode.NOT_FOUND,
+            raise TierError(grpc.StatusCode.NOT_FOUND,
                         f"tier {self.tier.name!r} has no model {name!r} "
                         f"(models: {', '.join(self.models)})")
         return model
@@ -262,7 +255,7 @@ class TierService:
         loop = asyncio.get_running_loop()
         self.loop = loop
         if self.batching is not None:
-            self.batcher = Batcher(self._run_batch, self.batching, lambda: Abort(
+            self.batcher = Batcher(self._run_batch, self.batching, lambda: TierError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"tier {self.tier.name!r}: deadline "
                 f"exceeded while waiting for a batch"))
         if self.next_address:
@@ -317,7 +310,7 @@ class TierService:
     async def ModelMetadata(self, request, context):
         try:
             model = self._model(request.name)
-        except Abort as abort:
+        except TierError as abort:
             await context.abort(abort.code, abort.details)
         response = pb.ModelMetadataResponse(name=model.name, versions=["1"],
                                             platform="onnxruntime_onnx")
@@ -338,7 +331,7 @@ class TierService:
         registry = await self._shared_memory(context)
         try:
             registry.register(request.name, request.key, request.offset, request.byte_size)
-        except RegionError as error:
+        except TierError as error:
             await context.abort(error.code, error.details)
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -346,7 +339,7 @@ class TierService:
         registry = await self._shared_memory(context)
         try:
             regions = registry.status(request.name)
-        except RegionError as error:
+        except TierError as error:
             await context.abort(error.code, error.details)
         response = pb.SystemSharedMemoryStatusResponse()
         for region in regions:
@@ -372,7 +365,7 @@ class TierService:
         code = grpc.StatusCode.OK
         try:
             return await self._infer(request, context.time_remaining())
-        except Abort as abort:
+        except TierError as abort:
             code = abort.code
             await context.abort(abort.code, abort.details)
         finally:
@@ -393,7 +386,7 @@ class TierService:
                 remaining = parameter_value(param) / 1000.0 if param is not None else None
                 message = await self._infer(request, remaining, stream=True)
             except Exception as error:  # every request gets an answer, whatever went wrong
-                abort = error if isinstance(error, Abort) else Abort(
+                abort = error if isinstance(error, TierError) else TierError(
                     grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: {error!r}")
                 code = abort.code
                 message = pb.ModelStreamInferResponse(error_message=abort.details)
@@ -417,12 +410,12 @@ class TierService:
             outbox.cancel()
 
     async def _infer(self, request, remaining: float | None, stream: bool = False):
-        """One inference; raises Abort with the status and message the caller gets.
+        """One inference; raises TierError with the status and message the caller gets.
         `remaining`: seconds left of the caller's deadline (None: no deadline)."""
         model_name = request.model_name
         deadline = None if remaining is None else time.monotonic() + remaining
         if self.in_flight >= self.max_in_flight:
-            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise TierError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"tier {self.tier.name!r}: {self.in_flight} requests in flight, the "
                         f"most it holds (wpk-serve --max-in-flight); retry later")
         self.in_flight += 1
@@ -436,7 +429,7 @@ class TierService:
                 produced = await self._run_pipeline(arrays, deadline)
                 if model.pipeline:
                     produced = self._in_order(model, produced)
-                    if isinstance(produced, Abort):
+                    if isinstance(produced, TierError):
                         raise produced
                 available = list(produced)
             else:
@@ -453,7 +446,7 @@ class TierService:
             self.metrics.add_bytes("out", payload_bytes(response))
             return response
         except TensorError as error:
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         finally:
             self.in_flight -= 1
 
@@ -503,7 +496,7 @@ class TierService:
             try:
                 values = self.batch_runner.run(self.slice_outputs, feeds)
             except Exception as error:  # ORT's own exception types
-                raise Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: slice failed "
+                raise TierError(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: slice failed "
                             f"on a batch: {ort_error_line(error)}") from None
             self.metrics.observe_slice(time.monotonic() - started)
             self.metrics.observe_batch(next(iter(feeds.values())).shape[0])
@@ -521,12 +514,12 @@ class TierService:
         feeds = {n: arrays[n] for n in self.tier.slice_inputs}
         started = time.monotonic()
         if deadline is not None and started >= deadline:
-            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"tier {self.tier.name!r}: deadline exceeded before its slice ran")
         try:
             values = self.runner.run(self.slice_outputs, feeds)
         except Exception as error:  # ORT's own exception types
-            raise Abort(grpc.StatusCode.INTERNAL,
+            raise TierError(grpc.StatusCode.INTERNAL,
                         f"tier {self.tier.name!r}: slice failed: {ort_error_line(error)}"
                         ) from None
         self.metrics.observe_slice(time.monotonic() - started)
@@ -540,7 +533,7 @@ class TierService:
             return self.hop_timeout
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"tier {self.tier.name!r}: deadline exceeded after its slice, before "
                         f"forwarding to tier {self.next_tier!r}")
         return max(remaining - min(DEADLINE_MARGIN_S, remaining * 0.1), 0.0)
@@ -554,7 +547,7 @@ class TierService:
         assert self.link is not None
         try:
             answer = await self.link.forward(self.next_model, forward, timeout)
-        except InferenceError as error:
+        except TierError as error:
             raise self._forward_error(error, timeout) from None
         results.update(answer)
         return results
@@ -569,33 +562,33 @@ class TierService:
         return results, {n: produced[n] for n in self.tier.forward}
 
     def _in_order(self, model: ServedModel, produced: dict[str, np.ndarray]
-                  ) -> dict[str, np.ndarray] | Abort:
+                  ) -> dict[str, np.ndarray] | TierError:
         """The pipeline model's outputs, in the model's order (or INTERNAL if one is
         missing), over gRPC and the tensor link alike."""
         missing = [n for n in model.outputs if n not in produced]
         if missing:
-            return Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the pipeline "
+            return TierError(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: the pipeline "
                          f"produced no {', '.join(missing)}")
         return {n: produced[n] for n in model.outputs}
 
-    def _forward_error(self, error: InferenceError, timeout: float) -> Abort:
+    def _forward_error(self, error: TierError, timeout: float) -> TierError:
         """What the caller gets when the next tier failed: the status, naming the tier."""
         where = f"tier {self.next_tier!r} at {self.next_address}"
         status = error.code
         if status == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Abort(status, f"deadline exceeded waiting for {where} "
+            return TierError(status, f"deadline exceeded waiting for {where} "
                                  f"(after {timeout * 1000:.0f} ms)")
         if status == grpc.StatusCode.UNAVAILABLE:
-            return Abort(status, f"{where} is unavailable: {error.details}")
+            return TierError(status, f"{where} is unavailable: {error.details}")
         if status == grpc.StatusCode.CANCELLED:
-            return Abort(status, f"call to {where} was cancelled")
+            return TierError(status, f"call to {where} was cancelled")
         if status in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             # not the caller's fault: the tiers disagree (different plans deployed?)
-            return Abort(grpc.StatusCode.INTERNAL, f"{where} rejected what tier "
+            return TierError(grpc.StatusCode.INTERNAL, f"{where} rejected what tier "
                          f"{self.tier.name!r} forwarded: {error.details}")
         # a message from further down already names its tier; keep its status code
         details = error.details
-        return Abort(status, details if "tier '" in details else f"{where}: {details}")
+        return TierError(status, details if "tier '" in details else f"{where}: {details}")
 
     # -- the tensor link (from the previous tier, or a client) -------------------------------
     def serve_frame(self, frame: Frame, reply: Reply) -> None:
@@ -610,8 +603,8 @@ class TierService:
         deadline = time.monotonic() + frame.timeout_ms / 1000.0 if frame.timeout_ms >= 0 \
             else None
 
-        def finish(outcome: dict[str, np.ndarray] | Abort) -> None:
-            if isinstance(outcome, Abort):
+        def finish(outcome: dict[str, np.ndarray] | TierError) -> None:
+            if isinstance(outcome, TierError):
                 code = outcome.code
                 reply.fail(code, outcome.details)
             else:
@@ -637,16 +630,16 @@ class TierService:
             timeout = self._hop_timeout(deadline)
 
             def answered(outcome) -> None:
-                if isinstance(outcome, InferenceError):
+                if isinstance(outcome, TierError):
                     return finish(self._forward_error(outcome, timeout))
                 results.update(outcome)
                 finish(self._in_order(model, results) if ordered else results)
 
             assert self.link is not None
             self.link.submit(self.next_model, forward, timeout, answered)
-        except Abort as abort:
+        except TierError as abort:
             finish(abort)
         except TensorError as error:
-            finish(Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
+            finish(TierError(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
         except Exception as error:  # every request gets an answer, whatever went wrong
-            finish(Abort(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: {error!r}"))
+            finish(TierError(grpc.StatusCode.INTERNAL, f"tier {self.tier.name!r}: {error!r}"))

@@ -41,7 +41,7 @@ class Slot:
 
 class InputSlots:
     """Registered regions for the inputs of the requests in flight. `call(method, request)`
-    sends one shared-memory RPC to the server (raising InferenceError)."""
+    sends one shared-memory RPC to the server (raising TierError)."""
 
     _regions = itertools.count()
 

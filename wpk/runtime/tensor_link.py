@@ -23,7 +23,7 @@ import grpc
 from wpk.runtime.frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader, encode_meta,
                                 send_nowait, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
-from wpk.runtime.link import CODES, InferenceError
+from wpk.runtime.status import TierError, code_of
 from wpk.runtime.tensors import TensorError
 
 EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
@@ -158,9 +158,9 @@ def _call(callback: Done, outcome: object) -> None:
         log(f"tensor link: answer callback failed: {error!r}")
 
 
-def _frame_error(frame: Frame) -> InferenceError:
+def _frame_error(frame: Frame) -> TierError:
     """The error an answer frame with a status carries."""
-    return InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
+    return TierError(code_of(frame.status),
                           str(frame.meta.get("e", "")))
 
 
@@ -174,15 +174,15 @@ def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | Non
     try:
         arrays = frame.arrays("answer")
     except TensorError as bad:
-        outcome: object = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}")
+        outcome: object = TierError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}")
     except Exception as bad:  # descriptors that are JSON but not tensors
-        outcome = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad!r}")
+        outcome = TierError(grpc.StatusCode.INTERNAL, f"bad answer: {bad!r}")
     else:
         outcome = arrays
     _call(callback, outcome)
 
 
-def _refusal(frame: Frame) -> InferenceError | None:
+def _refusal(frame: Frame) -> TierError | None:
     """The error of a connection-level answer (request id 0: the server refused us)."""
     return _frame_error(frame) if frame.request_id == 0 and frame.status else None
 
@@ -236,7 +236,7 @@ class _Lanes:
 
 class LinkConnection(_Lanes):
     """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
-    once per request, with the answer's arrays or an InferenceError, from the reader thread
+    once per request, with the answer's arrays or an TierError, from the reader thread
     (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
 
     threaded = True
@@ -250,7 +250,7 @@ class LinkConnection(_Lanes):
         self.expiry = expiry
         self.on_bytes = on_bytes
         self.pending: dict[int, Done] = {}
-        self.error: InferenceError | None = None
+        self.error: TierError | None = None
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._reader = threading.Thread(target=self._read, daemon=True, name="wpk-link-out")
@@ -272,7 +272,7 @@ class LinkConnection(_Lanes):
                 if self.error is None:
                     send_parts(self.sock, parts)
         except OSError as error:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
         if self.error is not None:  # failed before or while we sent
             callback = self.pending.pop(request_id, None)
             if callback is not None:
@@ -281,12 +281,12 @@ class LinkConnection(_Lanes):
     def expire(self, request_id: int) -> None:
         callback = self.pending.pop(request_id, None)
         if callback is not None:
-            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                            "deadline exceeded"))
 
     def _read(self) -> None:
         reader = FrameReader(self.sock)
-        error = InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
+        error = TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
         try:
             while True:
                 frame = reader.read()
@@ -304,14 +304,14 @@ class LinkConnection(_Lanes):
         except EOFError:
             pass
         except (OSError, FrameError) as failure:
-            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
+            error = TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
         except Exception as failure:  # the reader must not die leaving requests waiting
-            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure!r})")
+            error = TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure!r})")
         self.fail(error)
         with self._send_lock:  # no sender is inside the socket now, and none will enter
             self.sock.close()
 
-    def fail(self, error: InferenceError) -> None:
+    def fail(self, error: TierError) -> None:
         """End the connection: every pending request gets `error`."""
         if self.error is None:
             self.error = error
@@ -326,7 +326,7 @@ class LinkConnection(_Lanes):
                 _call(callback, self.error)
 
     def close(self) -> None:
-        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
+        self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))
         self._reader.join(1.0)
 
 
@@ -349,7 +349,7 @@ class LoopConnection(_Lanes):
         self.reader = FrameReader(sock)
         self.pending: dict[int, Done] = {}
         self.timers: dict[int, object] = {}
-        self.error: InferenceError | None = None
+        self.error: TierError | None = None
         self._ids = itertools.count(1)
         self._backlog: list[memoryview] = []   # bytes waiting for the socket to drain
         loop.add_reader(self.fd, self._readable)
@@ -373,7 +373,7 @@ class LoopConnection(_Lanes):
         try:
             rest = send_nowait(self.sock, views)
         except OSError as error:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
             return
         if rest:
             if not self._backlog:
@@ -390,14 +390,14 @@ class LoopConnection(_Lanes):
         try:
             frames = self.reader.poll()
         except EOFError:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
             return
         except (OSError, FrameError) as failure:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
             return
         for frame in frames:
             if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-                self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE,
+                self.fail(TierError(grpc.StatusCode.UNAVAILABLE,
                                          "connection lost (request frame sent to a client)"))
                 return
             refusal = _refusal(frame)
@@ -417,10 +417,10 @@ class LoopConnection(_Lanes):
         self.timers.pop(request_id, None)
         callback = self.pending.pop(request_id, None)
         if callback is not None:
-            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                            "deadline exceeded"))
 
-    def fail(self, error: InferenceError) -> None:
+    def fail(self, error: TierError) -> None:
         if self.error is None:
             self.error = error
             self._close_lane()
@@ -437,4 +437,4 @@ class LoopConnection(_Lanes):
             _call(callback, self.error)
 
     def close(self) -> None:
-        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
+        self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))

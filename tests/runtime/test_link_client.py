@@ -47,7 +47,7 @@ def test_entry_tier_advertises_its_tensor_link(dag_pipeline):
         async with InferenceClient(dag_pipeline.entry) as client:
             return (await client.stub.ServerMetadata(pb.ServerMetadataRequest())).extensions
 
-    port = dag_pipeline.services["device"].link_server.port
+    port = dag_pipeline.link_servers["device"].port
     assert f"{EXTENSION_PREFIX}{port}" in asyncio.run(extensions())
 
 
@@ -215,7 +215,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
     try:
         feeds = model_feeds(plan)
         want = reference(plan, feeds)
-        server = pipeline.services["device"].link_server
+        server = pipeline.link_servers["device"]
         mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         mute.connect(("127.0.0.1", server.port))
         mute_address = "%s:%s" % mute.getsockname()[:2]
@@ -345,6 +345,6 @@ def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
             check(answer, want)
         assert transport == "grpc"
         assert pipeline.services["device"].link.fallback_until > 0   # device -> edge too
-        assert all(pipeline.services[t].link_server.refused > 0 for t in ("device", "edge"))
+        assert all(pipeline.link_servers[t].refused > 0 for t in ("device", "edge"))
     finally:
         pipeline.close()

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from .conftest import Pipeline, fake_tier, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
-from wpk.runtime import service as service_module
+from wpk.runtime import tier_core
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.status import TierError
 from wpk.runtime.codecs import Codec
@@ -259,7 +259,7 @@ class SlowPeer:
 def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans, link, monkeypatch):
     """(With the tensor link, the hung peer's ServerMetadata is what times out.) The tier's
     margin is widened so that a loaded machine still gets its error to the caller first."""
-    monkeypatch.setattr(service_module, "DEADLINE_MARGIN_S", 0.3)
+    monkeypatch.setattr(tier_core, "DEADLINE_MARGIN_S", 0.3)
     peer = SlowPeer()
     pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address},
                         link=link)
@@ -389,13 +389,13 @@ def test_optimized_tier_loads_through_the_optimizer_or_fails_in_one_line(plans, 
     import sys
 
     from wpk.errors import WpkError
-    from wpk.runtime.service import TierService
+    from wpk.runtime.tier_core import TierCore
 
     plan_dir = tmp_path / "plan"
     shutil.copytree(plans["mlp"], plan_dir)
     # a plan without `optimized` never imports the optimizer
-    code = ("import sys; from wpk.plan import load_plan; from wpk.runtime.service import "
-            f"TierService; TierService(load_plan({str(plan_dir)!r}), {str(plan_dir)!r}, 'cloud', "
+    code = ("import sys; from wpk.plan import load_plan; from wpk.runtime.tier_core import "
+            f"TierCore; TierCore(load_plan({str(plan_dir)!r}), {str(plan_dir)!r}, 'cloud', "
             "None); print('wpk.optimizer' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
@@ -403,10 +403,10 @@ def test_optimized_tier_loads_through_the_optimizer_or_fails_in_one_line(plans, 
     data["tiers"][2]["optimized"] = "cloud.opt"
     (plan_dir / "plan.json").write_text(json.dumps(data))
     with pytest.raises(WpkError, match="tier 'cloud'.*cloud.opt"):
-        TierService(load_plan(plan_dir), plan_dir, "cloud", None)
+        TierCore(load_plan(plan_dir), plan_dir, "cloud", None)
     (plan_dir / "cloud.opt").mkdir()
     try:
-        service = TierService(load_plan(plan_dir), plan_dir, "cloud", None)
+        service = TierCore(load_plan(plan_dir), plan_dir, "cloud", None)
     except WpkError as error:  # no optimizer yet, or an empty directory it rejects
         assert "tier 'cloud'" in str(error)
     else:
@@ -526,9 +526,9 @@ def test_alone_never_runs_a_slice_beside_one_a_gone_request_left_in_the_worker(p
     leaves that slice running: the next request, alone in flight, must queue behind it in the
     worker (`--workers 1`: one slice at a time), not start a second slice on the loop."""
     from wpk.plan import load_plan
-    from wpk.runtime.service import TierService
+    from wpk.runtime.tier_core import TierCore
 
-    service = TierService(load_plan(plans["resnet"]), plans["resnet"], "cloud", None,
+    service = TierCore(load_plan(plans["resnet"]), plans["resnet"], "cloud", None,
                           run="alone")
     release, running = threading.Event(), []
     overlaps, threads = [], []

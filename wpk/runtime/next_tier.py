@@ -1,5 +1,6 @@
-"""How a tier reaches the next one: `GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the
-tensor link, `tensor_link`, found through the next tier's gRPC ServerMetadata).
+"""How a tier reaches the next one: the `NextTier` protocol, one implementation per transport:
+`GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the tensor link, `tensor_link`, found
+through the next tier's gRPC ServerMetadata). `connect_next_tier` makes the one `--link` names.
 
 Both offer the same two calls:
 - `await forward(model, arrays, timeout, pipeline=True)` on the tier's event loop -> the
@@ -22,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 import grpc
 import numpy as np
@@ -47,6 +48,34 @@ SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped re
 DISCOVER_TIMEOUT_S = 10.0   # ServerMetadata's wait when the request has no deadline
 
 Done = Callable[[object], None]
+LINKS = ("tcp", "grpc")   # wpk-serve --link
+
+
+class NextTier(Protocol):
+    """The next tier, over some transport. Raises / reports only TierError."""
+
+    kind: str   # "tcp" or "grpc", as --link names it
+
+    async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
+                      timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
+        """On the tier's loop: the answer's arrays (pipeline=False: as ModelInfer answers)."""
+
+    def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
+               done: Done) -> None:
+        """From any thread; `done(outcome)` gets the arrays or a TierError, from some thread."""
+
+    async def close(self) -> None: ...
+
+
+def connect_next_tier(address: str, kind: str, codec: Codec, metrics: TierMetrics,
+                      credentials=None, server_name: str | None = None,
+                      on_loop: bool = False) -> NextTier:
+    """On the serving loop: the link of this `kind` to the tier at `address` (connected on
+    first use). The tensor link falls back to gRPC where it cannot be used."""
+    client = InferenceClient(address, stream=True, credentials=credentials,
+                             server_name=server_name)
+    grpc_link = GrpcLink(client, codec, metrics, asyncio.get_running_loop())
+    return TcpLink(address, grpc_link, codec, metrics, on_loop) if kind == "tcp" else grpc_link
 
 
 def _outcome(future) -> object:

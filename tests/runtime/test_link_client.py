@@ -202,7 +202,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
     they must not wait behind it. Its own connection ends once its answers stall."""
     from wpk.examples import mlp
     from wpk.runtime import link_server
-    from wpk.runtime.frames import REQUEST, encode, send_parts
+    from wpk.runtime.link_frames import REQUEST, encode, send_parts
 
     from .conftest import make_plan
 

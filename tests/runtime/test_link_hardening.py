@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader, encode,
+from wpk.runtime.link_frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader, encode,
                                 send_parts)
 from wpk.runtime.status import TierError
 from wpk.runtime.shared_memory import SharedMemoryRegistry

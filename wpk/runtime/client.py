@@ -20,11 +20,11 @@ import numpy as np
 
 from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.link import StreamLink
+from wpk.runtime.stream_link import StreamLink
 from wpk.runtime.status import TierError
 from wpk.runtime.shm_inputs import InputSlots
 from wpk.runtime.tensors import TensorMeta
-from wpk.runtime.wire import build_request, parse_response
+from wpk.runtime.infer_messages import build_request, parse_response
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

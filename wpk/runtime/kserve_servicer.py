@@ -13,9 +13,9 @@ import grpc
 
 from wpk import __version__
 from wpk.runtime import protocol as pb
-from wpk.runtime.link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM
+from wpk.runtime.stream_link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM
 from wpk.runtime.link_server import LinkServer
-from wpk.runtime.outbox import Outbox
+from wpk.runtime.stream_writer import StreamWriter
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.shared_memory_rpcs import SharedMemoryRpcs
@@ -23,7 +23,7 @@ from wpk.runtime.status import TierError
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.tier_core import TierCore
-from wpk.runtime.wire import (build_response, parameter_value, parse_inputs, payload_bytes,
+from wpk.runtime.infer_messages import (build_response, parameter_value, parse_inputs, payload_bytes,
                               requested_outputs, set_parameter)
 
 
@@ -84,9 +84,9 @@ class KServeServicer(SharedMemoryRpcs):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's streaming inference: each request runs concurrently; answers carry its id
-        and are written in the order they are ready (see outbox)."""
+        and are written in the order they are ready (see stream_writer)."""
         running: set[asyncio.Task] = set()
-        outbox = Outbox(context.write, lambda error: None)  # a failed write: the caller has
+        writer = StreamWriter(context.write, lambda error: None)  # a failed write: the caller has
         # gone, nobody is left to answer
 
         async def answer(request) -> None:
@@ -106,7 +106,7 @@ class KServeServicer(SharedMemoryRpcs):
                 set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
             self.core.metrics.observe(request.model_name, code.name,
                                       time.perf_counter() - started)
-            await outbox.send(message)
+            await writer.send(message)
 
         try:
             async for request in request_iterator:
@@ -115,11 +115,11 @@ class KServeServicer(SharedMemoryRpcs):
                 task.add_done_callback(running.discard)
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-            await outbox.flush()
+            await writer.flush()
         finally:
             for task in running:
                 task.cancel()
-            outbox.cancel()
+            writer.cancel()
 
     async def _infer(self, request, remaining: float | None, stream: bool = False):
         """One inference; raises TierError with the status and message the caller gets.

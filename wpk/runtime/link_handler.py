@@ -1,7 +1,7 @@
-"""The tensor link's adapter over a `TierCore`: each request frame (see frames) runs in its
+"""The tensor link's adapter over a `TierCore`: each request frame (see link_frames) runs in its
 connection's thread (see link_server), from the previous tier or a client.
 
-A tier's frame runs the pipeline from here; a client's ("k", see frames) is answered as
+A tier's frame runs the pipeline from here; a client's ("k", see link_frames) is answered as
 ModelInfer would answer it: a slice model with its slice's outputs, the pipeline model with
 the model's outputs in their order. Every frame gets an answer: arrays, or the TierError's
 code and message.
@@ -13,7 +13,7 @@ import time
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import Frame
+from wpk.runtime.link_frames import Frame
 from wpk.runtime.link_server import Reply
 from wpk.runtime.status import TierError
 from wpk.runtime.tensors import TensorError

@@ -31,15 +31,15 @@ import numpy as np
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.frames import REQUEST, encode
+from wpk.runtime.link_frames import REQUEST, encode
 from wpk.runtime.lane import over_loopback
-from wpk.runtime.link import PIPELINE_PARAM
+from wpk.runtime.stream_link import PIPELINE_PARAM
 from wpk.runtime.status import TierError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, REFUSED, Expiry,
                                      LinkConnection, LoopConnection, send_timeout)
 from wpk.runtime.tensors import TensorError
-from wpk.runtime.wire import build_request, parse_response, payload_bytes
+from wpk.runtime.infer_messages import build_request, parse_response, payload_bytes
 
 FALLBACK_RETRY_S = 30.0
 CONNECT_TIMEOUT_S = 2.0

@@ -10,8 +10,8 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
-from wpk.runtime.prebuilt import serialize
-from wpk.runtime.received import request_parser, response_parser, stream_response_parser
+from wpk.runtime.zero_copy_messages import serialize
+from wpk.runtime.zero_copy_messages import request_parser, response_parser, stream_response_parser
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -91,7 +91,7 @@ def method_path(method: str) -> str:
 
 def _deserializer(cls, zero_copy: bool):
     """`cls.FromString`, or with `zero_copy` for the inference messages a parser that leaves
-    their raw tensor contents in the received bytes (see `received`)."""
+    their raw tensor contents in the received bytes (see zero_copy_messages)."""
     if zero_copy and cls is ModelInferRequest:
         return request_parser(cls)
     if zero_copy and cls is ModelInferResponse:
@@ -104,7 +104,7 @@ def _deserializer(cls, zero_copy: bool):
 def generic_handler(servicer: object):
     """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
     (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`).
-    Inference requests arrive as `received.Received` messages (raw contents not copied)."""
+    Inference requests arrive as `zero_copy_messages.Received` messages (raw contents not copied)."""
     import grpc
 
     handlers = {
@@ -129,7 +129,7 @@ def generic_handler(servicer: object):
 
 class Stub:
     """Client-side callables for each method, on a grpc (aio or sync) channel. With
-    `zero_copy`, inference answers arrive as `received.Received` messages (raw contents left
+    `zero_copy`, inference answers arrive as `zero_copy_messages.Received` messages (raw contents left
     in the received bytes, as memoryviews) instead of plain protobuf messages."""
 
     def __init__(self, channel, zero_copy: bool = False):

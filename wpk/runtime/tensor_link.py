@@ -20,7 +20,7 @@ from typing import Callable
 
 import grpc
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader, encode_meta,
+from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader, encode_meta,
                                 send_nowait, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
 from wpk.runtime.status import TierError, code_of

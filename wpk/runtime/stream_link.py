@@ -15,9 +15,9 @@ import itertools
 import grpc
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.outbox import Outbox
+from wpk.runtime.stream_writer import StreamWriter
 from wpk.runtime.status import TierError, code_of
-from wpk.runtime.wire import parameter_value, set_parameter
+from wpk.runtime.infer_messages import parameter_value, set_parameter
 
 PIPELINE_PARAM = "wpk_pipeline"
 TIMEOUT_PARAM = "wpk_timeout_ms"
@@ -53,7 +53,7 @@ class _Stream:
         self.pending: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
         self.error: TierError | None = None   # set once the stream has ended
-        self.outbox = Outbox(call.write, self._write_failed)
+        self.writer = StreamWriter(call.write, self._write_failed)
 
     def _write_failed(self, error: BaseException) -> None:
         if isinstance(error, grpc.aio.AioRpcError):
@@ -123,9 +123,9 @@ class StreamLink:
         stream = self._current()
         stream.pending[request_id] = future
         try:
-            # serialized now; written now, or by the request writing before us (see outbox);
+            # serialized now; written now, or by the request writing before us (see stream_writer);
             # a failed write fails the stream's requests
-            await stream.outbox.send(request)
+            await stream.writer.send(request)
             response = await future
             response.id = caller_id
             return response
@@ -141,7 +141,7 @@ class StreamLink:
         stream, self._stream = self._stream, None
         if stream is None:
             return
-        stream.outbox.cancel()
+        stream.writer.cancel()
         stream.call.cancel()
         if stream.reader is not None:
             stream.reader.cancel()

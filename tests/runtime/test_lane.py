@@ -198,7 +198,7 @@ def test_a_pipeline_with_large_cut_tensors_uses_lanes_and_matches_the_model(tmp_
                     answer = await client.infer("resnet_like", feeds)
                     for name, value in reference(plan, feeds).items():
                         np.testing.assert_allclose(answer[name], value, rtol=1e-5, atol=1e-6)
-                return client._link.connection.lane, \
+                return client._tcp_link.connection.lane, \
                     pipeline.services["device"].link.connections[True].lane
 
         client_lane, entry_thread_lane = asyncio.run(over_the_entry_link())

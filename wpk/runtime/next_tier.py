@@ -1,14 +1,9 @@
 """How a tier reaches the next one: the `NextTier` protocol, one implementation per transport:
 `GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the tensor link, `tensor_link`, found
-through the next tier's gRPC ServerMetadata). `connect_next_tier` makes the one `--link` names.
-
-Both offer the same two calls:
-- `await forward(model, arrays, timeout, pipeline=True)` on the tier's event loop -> the
-  answer's arrays (pipeline=False: a client's request, answered as ModelInfer would);
-- `submit(model, arrays, timeout, done)` from any thread; `done(outcome)` gets the arrays or
-  an TierError, from some thread.
-Both raise / report only TierError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own
-status); the service turns them into messages naming the tier.
+through the next tier's gRPC ServerMetadata). `InferenceClient(tensor_link=True)` uses
+`TcpLink` too, to enter a pipeline over the entry tier's tensor link. Both raise / report
+only TierError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own status); the tier core
+turns them into messages naming the tier.
 
 `TcpLink` discovers the next tier's tensor-link port once per connection: ServerMetadata's
 `extensions` holds `wpk-tensor-link:PORT` (standard clients ignore unknown extensions). A
@@ -29,7 +24,6 @@ import grpc
 import numpy as np
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.link_frames import REQUEST, encode
 from wpk.runtime.lane import over_loopback
@@ -52,7 +46,7 @@ LINKS = ("tcp", "grpc")   # wpk-serve --link
 
 
 class NextTier(Protocol):
-    """The next tier, over some transport. Raises / reports only TierError."""
+    """The next tier, over some transport."""
 
     kind: str   # "tcp" or "grpc", as --link names it
 
@@ -67,19 +61,8 @@ class NextTier(Protocol):
     async def close(self) -> None: ...
 
 
-def connect_next_tier(address: str, kind: str, codec: Codec, metrics: TierMetrics,
-                      credentials=None, server_name: str | None = None,
-                      on_loop: bool = False) -> NextTier:
-    """On the serving loop: the link of this `kind` to the tier at `address` (connected on
-    first use). The tensor link falls back to gRPC where it cannot be used."""
-    client = InferenceClient(address, stream=True, credentials=credentials,
-                             server_name=server_name)
-    grpc_link = GrpcLink(client, codec, metrics, asyncio.get_running_loop())
-    return TcpLink(address, grpc_link, codec, metrics, on_loop) if kind == "tcp" else grpc_link
-
-
 def _outcome(future) -> object:
-    """A finished concurrent future as an outcome: its result, or an TierError."""
+    """A finished concurrent future as an outcome: its result, or a TierError."""
     if future.cancelled():
         return TierError(grpc.StatusCode.CANCELLED, "cancelled")
     error = future.exception()
@@ -106,11 +89,12 @@ def _settle(future: asyncio.Future, outcome: object) -> None:
 
 
 class GrpcLink:
-    """The next tier over one ModelStreamInfer stream (requests carry `wpk_pipeline`)."""
+    """The next tier over one ModelStreamInfer stream (requests carry `wpk_pipeline`) of
+    `client`, an InferenceClient (not imported here: it uses this module)."""
 
     kind = "grpc"
 
-    def __init__(self, client: InferenceClient, codec: Codec, metrics: TierMetrics,
+    def __init__(self, client, codec: Codec, metrics: TierMetrics,
                  loop: asyncio.AbstractEventLoop):
         self.client = client
         self.encoder = Encoder(codec) if codec != Codec() else None  # used on the loop only
@@ -267,7 +251,7 @@ class TcpLink:
             await asyncio.wait_for(self._connecting.acquire(), timeout)
         except asyncio.TimeoutError:
             raise TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"deadline exceeded connecting to {self.host}") from None
+                            f"deadline exceeded connecting to {self.host}") from None
         try:
             connection = self._open(threaded)
             if connection is not None or self.fallback_until:

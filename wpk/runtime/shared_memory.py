@@ -76,21 +76,21 @@ class SharedMemoryRegistry:
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         if not name:
             raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region needs a name")
+                            f"{self.where}: shared memory region needs a name")
         if name in self.regions:
             held = self.regions[name]
             raise TierError(grpc.StatusCode.ALREADY_EXISTS,
-                              f"{self.where}: shared memory region {name!r} is already "
-                              f"registered (key {held.key!r}); unregister it first")
+                            f"{self.where}: shared memory region {name!r} is already "
+                            f"registered (key {held.key!r}); unregister it first")
         file_name = key[1:] if key.startswith("/") else key
         if not file_name or "/" in file_name or "\0" in file_name or file_name in (".", ".."):
             raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region {name!r}: key {key!r} is "
-                              f"not a POSIX shared memory name ('/name')")
+                            f"{self.where}: shared memory region {name!r}: key {key!r} is "
+                            f"not a POSIX shared memory name ('/name')")
         if byte_size <= 0:
             raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region {name!r}: byte_size must "
-                              f"be > 0")
+                            f"{self.where}: shared memory region {name!r}: byte_size must "
+                            f"be > 0")
         try:
             # no symlinks: a link in /dev/shm must not let a client map (and have outputs
             # written into) any file this server can write
@@ -98,27 +98,27 @@ class SharedMemoryRegistry:
                          os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as error:
             raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region {name!r}: cannot open key "
-                              f"{key!r} ({error.strerror})") from None
+                            f"{self.where}: shared memory region {name!r}: cannot open key "
+                            f"{key!r} ({error.strerror})") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{self.where}: shared memory region {name!r}: key {key!r} "
-                                  f"is not a shared memory object")
+                                f"{self.where}: shared memory region {name!r}: key {key!r} "
+                                f"is not a shared memory object")
             size = info.st_size
             if offset + byte_size > size:
                 raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{self.where}: shared memory region {name!r}: offset "
-                                  f"{offset} + byte_size {byte_size} runs past the end of key "
-                                  f"{key!r} ({size} bytes)")
+                                f"{self.where}: shared memory region {name!r}: offset "
+                                f"{offset} + byte_size {byte_size} runs past the end of key "
+                                f"{key!r} ({size} bytes)")
             try:
                 mapping = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
             except (OSError, OverflowError, ValueError) as error:  # ENOMEM, EMFILE, ...
                 raise TierError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"{self.where}: shared memory region {name!r}: cannot map "
-                                  f"{offset + byte_size} bytes of key {key!r} ({error})"
-                                  ) from None
+                                f"{self.where}: shared memory region {name!r}: cannot map "
+                                f"{offset + byte_size} bytes of key {key!r} ({error})"
+                                ) from None
         finally:
             os.close(fd)
         view = memoryview(mapping)[offset:offset + byte_size]
@@ -131,7 +131,7 @@ class SharedMemoryRegistry:
             return list(self.regions.values())
         if name not in self.regions:
             raise TierError(grpc.StatusCode.NOT_FOUND,
-                              f"{self.where}: no shared memory region {name!r} is registered")
+                            f"{self.where}: no shared memory region {name!r} is registered")
         return [self.regions[name]]
 
     def unregister(self, name: str = "") -> None:

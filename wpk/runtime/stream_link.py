@@ -32,7 +32,7 @@ def status_of(response) -> grpc.StatusCode:
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                            "deadline exceeded"))
+                                       "deadline exceeded"))
 
 
 def stream_error(error: grpc.aio.AioRpcError) -> TierError:
@@ -95,7 +95,7 @@ class StreamLink:
                     continue  # the caller gave up (deadline) before the answer came
                 if message.error_message:
                     future.set_exception(TierError(status_of(message.infer_response),
-                                                        message.error_message))
+                                                   message.error_message))
                 else:
                     future.set_result(message.infer_response)
         except grpc.aio.AioRpcError as rpc_error:

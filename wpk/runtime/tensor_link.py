@@ -161,7 +161,7 @@ def _call(callback: Done, outcome: object) -> None:
 def _frame_error(frame: Frame) -> TierError:
     """The error an answer frame with a status carries."""
     return TierError(code_of(frame.status),
-                          str(frame.meta.get("e", "")))
+                     str(frame.meta.get("e", "")))
 
 
 def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
@@ -236,7 +236,7 @@ class _Lanes:
 
 class LinkConnection(_Lanes):
     """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
-    once per request, with the answer's arrays or an TierError, from the reader thread
+    once per request, with the answer's arrays or a TierError, from the reader thread
     (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
 
     threaded = True
@@ -282,7 +282,7 @@ class LinkConnection(_Lanes):
         callback = self.pending.pop(request_id, None)
         if callback is not None:
             _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           "deadline exceeded"))
+                                      "deadline exceeded"))
 
     def _read(self) -> None:
         reader = FrameReader(self.sock)
@@ -398,7 +398,7 @@ class LoopConnection(_Lanes):
         for frame in frames:
             if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
                 self.fail(TierError(grpc.StatusCode.UNAVAILABLE,
-                                         "connection lost (request frame sent to a client)"))
+                                    "connection lost (request frame sent to a client)"))
                 return
             refusal = _refusal(frame)
             if refusal is not None:
@@ -418,7 +418,7 @@ class LoopConnection(_Lanes):
         callback = self.pending.pop(request_id, None)
         if callback is not None:
             _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           "deadline exceeded"))
+                                      "deadline exceeded"))
 
     def fail(self, error: TierError) -> None:
         if self.error is None:

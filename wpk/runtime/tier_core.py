@@ -34,7 +34,8 @@ from wpk.runtime.batching import Batcher, BatchPolicy, check_batched
 from wpk.runtime.codecs import Codec
 from wpk.runtime.cpus import usable_cores
 from wpk.runtime.metrics import TierMetrics
-from wpk.runtime.next_tier import LINKS, NextTier, connect_next_tier
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.next_tier import LINKS, GrpcLink, NextTier, TcpLink
 from wpk.runtime.slice import load_batched_runner, load_runner
 from wpk.runtime.status import TierError
 from wpk.runtime.tensors import TensorMeta, dtype_of
@@ -216,9 +217,13 @@ class TierCore:
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.where}: deadline exceeded while "
                 f"waiting for a batch"))
         if self.next_address:
-            self.link = connect_next_tier(self.next_address, self.link_kind, self.codec,
-                                          self.metrics, self.channel_credentials,
-                                          self.next_tier, on_loop=self.entry)
+            client = InferenceClient(self.next_address, stream=True,
+                                     credentials=self.channel_credentials,
+                                     server_name=self.next_tier)
+            self.link = GrpcLink(client, self.codec, self.metrics, self.loop)
+            if self.link_kind == "tcp":
+                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
+                                    on_loop=self.entry)
 
     async def stop(self) -> None:
         if self.batcher is not None:

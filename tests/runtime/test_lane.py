@@ -18,8 +18,8 @@ import tritonclient.grpc as triton
 
 from .conftest import Pipeline, make_plan, reference
 from .test_pipeline import model_feeds
-from wpk.runtime.link_frames import (HEADER, LANE_REQUEST, REQUEST, Frame, FrameError,
-                                FrameReader, encode, send_parts)
+from wpk.runtime.link_frames import (HEADER, LANE_REQUEST, REQUEST, Frame, FrameError, FrameReader,
+                                     encode, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LANE_SLOTS, LaneReader, LaneWriter
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer

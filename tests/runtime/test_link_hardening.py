@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.link_frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader, encode,
-                                send_parts)
+from wpk.runtime.link_frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader,
+                                     encode, send_parts)
 from wpk.runtime.status import TierError
 from wpk.runtime.shared_memory import SharedMemoryRegistry
 from wpk.runtime.link_server import LinkServer

@@ -111,6 +111,34 @@ def test_metadata_reports_real_names_types_shapes(resnet_pipeline):
                  "nope")
 
 
+def test_readiness_and_health_follow_the_tier_core(resnet_pipeline):
+    """ServerReady, ModelReady and grpc.health.v1 read one flag of the core: serving from
+    start until the server begins to stop (health probes then see NOT_SERVING)."""
+    from wpk.runtime.health import NOT_SERVING, SERVING, HealthCheckRequest, HealthCheckResponse
+
+    address = resnet_pipeline.address["edge"]
+    client = triton.InferenceServerClient(address)
+
+    def health() -> int:
+        with grpc.insecure_channel(address) as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                        request_serializer=HealthCheckRequest.SerializeToString,
+                                        response_deserializer=HealthCheckResponse.FromString)
+            return check(HealthCheckRequest(service=""), timeout=5).status
+
+    core = resnet_pipeline.services["edge"]
+    assert client.is_server_ready() and client.is_model_ready("resnet_like.edge")
+    assert health() == SERVING
+    core.serving = False
+    try:
+        assert not client.is_server_ready() and not client.is_model_ready("resnet_like.edge")
+        assert health() == NOT_SERVING
+        assert client.is_server_live()
+    finally:
+        core.serving = True
+    assert client.is_server_ready() and health() == SERVING
+
+
 def test_typed_contents_are_accepted(plans, resnet_pipeline):
     feeds = model_feeds(plans["resnet"], seed=3)
     request = pb.ModelInferRequest(model_name="resnet_like")

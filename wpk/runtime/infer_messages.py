@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.parameters import parameter_value, set_parameter  # noqa: F401 (re-exported)
+from wpk.runtime.protocol import parameter_value, set_parameter  # noqa: F401 (re-exported)
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
 from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,

@@ -23,8 +23,8 @@ from wpk.runtime.status import TierError
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.tier_core import TierCore
-from wpk.runtime.infer_messages import (build_response, parameter_value, parse_inputs, payload_bytes,
-                              requested_outputs, set_parameter)
+from wpk.runtime.infer_messages import (build_response, parameter_value, parse_inputs,
+                                        payload_bytes, requested_outputs, set_parameter)
 
 
 class KServeServicer(SharedMemoryRpcs):
@@ -43,10 +43,11 @@ class KServeServicer(SharedMemoryRpcs):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=True)
+        return pb.ServerReadyResponse(ready=self.core.serving)
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=request.name in self.core.models)
+        ready = self.core.serving and request.name in self.core.models
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
         extensions = [SHM_EXTENSION] if self.shared_memory is not None else []

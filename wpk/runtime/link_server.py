@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 
 from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
-                                Frame, FrameError, FrameReader, encode, send_nowait,
-                                send_parts)
+                                     Frame, FrameError, FrameReader, encode, send_nowait,
+                                     send_parts)
 from wpk.runtime.lane import LaneReader, over_loopback
 from wpk.runtime.tensor_link import REFUSED, log, nodelay, send_timeout
 

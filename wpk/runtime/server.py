@@ -85,7 +85,8 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
             raise WpkError(f"tier {tier!r}: cannot listen for the tensor link on "
                            f"{host}:{link_port} ({error.strerror})") from None
     servicer = KServeServicer(core, registry, link_server)
-    server.add_generic_rpc_handlers((protocol.generic_handler(servicer), health_handler()))
+    server.add_generic_rpc_handlers((protocol.generic_handler(servicer),
+                                     health_handler(lambda: core.serving)))
     metrics_server = None
     try:
         metrics_text = ""
@@ -114,6 +115,7 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
             ready.set()
         await stop.wait()
     finally:
+        core.serving = False   # health checks say NOT_SERVING while calls drain
         await server.stop(grace=1.0)
         if metrics_server is not None:
             metrics_server.close()

@@ -26,7 +26,7 @@ from typing import Mapping
 import grpc
 import numpy as np
 
-from wpk.runtime.parameters import parameter_value
+from wpk.runtime.protocol import parameter_value
 from wpk.runtime.status import TierError
 from wpk.runtime.tensors import TensorError, dtype_of, shape_text
 

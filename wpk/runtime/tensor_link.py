@@ -20,8 +20,8 @@ from typing import Callable
 
 import grpc
 
-from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader, encode_meta,
-                                send_nowait, send_parts)
+from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader,
+                                     encode_meta, send_nowait, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
 from wpk.runtime.status import TierError, code_of
 from wpk.runtime.tensors import TensorError
@@ -187,14 +187,42 @@ def _refusal(frame: Frame) -> TierError | None:
     return _frame_error(frame) if frame.request_id == 0 and frame.status else None
 
 
-class _Lanes:
-    """The sending side's lane (see lane), for both connection kinds: opened once the
-    connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes.
-    (Also `answered`: whether any answer came back on the connection.)"""
+class _Connection:
+    """What both connection kinds share: answers handed to their requests, expiry, and the
+    sending side's lane (see lane), opened once the connection carries a payload of
+    LANE_MIN_BYTES or more, where the receiver maps lanes. `answered`: whether any answer
+    came back on the connection."""
 
     lane: LaneWriter | None = None
     answered = False
+    pending: dict[int, Done]
+    on_bytes: Callable[[int], None] | None
     _lane_lock = threading.Lock()   # one lane opened at a time, whichever connection
+
+    def _pop(self, request_id: int) -> Done | None:
+        return self.pending.pop(request_id, None)
+
+    def _take(self, frame: Frame) -> TierError | None:
+        """Hand an answer frame to its request; returns the error that ends the connection
+        (a request frame, a refusal), if any."""
+        if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+            return TierError(grpc.StatusCode.UNAVAILABLE,
+                             "connection lost (request frame sent to a client)")
+        refusal = _refusal(frame)
+        if refusal is not None:
+            return refusal
+        self.answered = True
+        if self.lane is not None:
+            self.lane.release(frame.request_id)
+        callback = self._pop(frame.request_id)
+        if callback is not None:  # None: expired meanwhile, the caller has its answer
+            _deliver(frame, callback, self.on_bytes)
+        return None
+
+    def expire(self, request_id: int) -> None:
+        callback = self._pop(request_id)
+        if callback is not None:
+            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
 
     def _through_lane(self, request_id: int, parts: list) -> list:
         """`parts` with the payload moved into the lane, where it can go; else `parts`.
@@ -225,16 +253,12 @@ class _Lanes:
                   LANE_OPEN_TIMEOUT_S,
                   lambda outcome: lane.attached(not isinstance(outcome, Exception)))
 
-    def _answered(self, request_id: int) -> None:
-        if self.lane is not None:
-            self.lane.release(request_id)
-
     def _close_lane(self) -> None:
         if self.lane is not None:
             self.lane.close()
 
 
-class LinkConnection(_Lanes):
+class LinkConnection(_Connection):
     """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
     once per request, with the answer's arrays or a TierError, from the reader thread
     (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
@@ -278,29 +302,15 @@ class LinkConnection(_Lanes):
             if callback is not None:
                 _call(callback, self.error)
 
-    def expire(self, request_id: int) -> None:
-        callback = self.pending.pop(request_id, None)
-        if callback is not None:
-            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      "deadline exceeded"))
-
     def _read(self) -> None:
         reader = FrameReader(self.sock)
         error = TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
         try:
             while True:
-                frame = reader.read()
-                if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-                    raise FrameError("request frame sent to a client")
-                refusal = _refusal(frame)
-                if refusal is not None:
-                    error = refusal
+                ended = self._take(reader.read())
+                if ended is not None:
+                    error = ended
                     break
-                self.answered = True
-                self._answered(frame.request_id)
-                callback = self.pending.pop(frame.request_id, None)
-                if callback is not None:  # None: expired meanwhile, the caller has its answer
-                    _deliver(frame, callback, self.on_bytes)
         except EOFError:
             pass
         except (OSError, FrameError) as failure:
@@ -330,7 +340,7 @@ class LinkConnection(_Lanes):
         self._reader.join(1.0)
 
 
-class LoopConnection(_Lanes):
+class LoopConnection(_Connection):
     """A connection driven by an asyncio loop, for a tier whose requests start on the loop
     (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
     so `done` runs on the loop with no reader thread and no hand-off between threads; writes
@@ -396,29 +406,16 @@ class LoopConnection(_Lanes):
             self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
             return
         for frame in frames:
-            if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-                self.fail(TierError(grpc.StatusCode.UNAVAILABLE,
-                                    "connection lost (request frame sent to a client)"))
+            ended = self._take(frame)
+            if ended is not None:
+                self.fail(ended)
                 return
-            refusal = _refusal(frame)
-            if refusal is not None:
-                self.fail(refusal)
-                return
-            self.answered = True
-            self._answered(frame.request_id)
-            callback = self.pending.pop(frame.request_id, None)
-            timer = self.timers.pop(frame.request_id, None)
-            if timer is not None:
-                timer.cancel()
-            if callback is not None:
-                _deliver(frame, callback, self.on_bytes)
 
-    def expire(self, request_id: int) -> None:
-        self.timers.pop(request_id, None)
-        callback = self.pending.pop(request_id, None)
-        if callback is not None:
-            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      "deadline exceeded"))
+    def _pop(self, request_id: int) -> Done | None:
+        timer = self.timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()   # (harmless where it is the timer firing)
+        return self.pending.pop(request_id, None)
 
     def fail(self, error: TierError) -> None:
         if self.error is None:

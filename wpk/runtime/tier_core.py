@@ -124,6 +124,7 @@ class TierCore:
         self.batch_runner = self._batch_runner(threads, spin, plan_dir) if self.batching \
             else None
         self.batcher: Batcher | None = None     # made in start(), on the event loop
+        self.serving = False   # health: from start() until the server begins to stop
 
     # -- the slice, loaded and proven ------------------------------------------------------
     def _batch_runner(self, threads: int, spin: bool, plan_dir: str | Path):
@@ -224,8 +225,10 @@ class TierCore:
             if self.link_kind == "tcp":
                 self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
                                     on_loop=self.entry)
+        self.serving = True
 
     async def stop(self) -> None:
+        self.serving = False
         if self.batcher is not None:
             await self.batcher.stop()
         if self.link is not None:

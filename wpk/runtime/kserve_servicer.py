@@ -19,7 +19,7 @@ from wpk.runtime.stream_writer import StreamWriter
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.shared_memory_rpcs import SharedMemoryRpcs
-from wpk.runtime.status import TierError
+from wpk.runtime.status import TierError, failure
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.tier_core import TierCore
@@ -76,9 +76,10 @@ class KServeServicer(SharedMemoryRpcs):
         code = grpc.StatusCode.OK
         try:
             return await self._infer(request, context.time_remaining())
-        except TierError as error:
-            code = error.code
-            await context.abort(error.code, error.details)
+        except Exception as error:  # the gRPC edge: a TierError becomes the call's status
+            failed = failure(error, self.where)
+            code = failed.code
+            await context.abort(code, failed.details)
         finally:
             self.core.metrics.observe(request.model_name, code.name,
                                       time.perf_counter() - started)
@@ -98,10 +99,9 @@ class KServeServicer(SharedMemoryRpcs):
                 remaining = parameter_value(param) / 1000.0 if param is not None else None
                 message = await self._infer(request, remaining, stream=True)
             except Exception as error:  # every request gets an answer, whatever went wrong
-                failure = error if isinstance(error, TierError) else TierError(
-                    grpc.StatusCode.INTERNAL, f"{self.where}: {error!r}")
-                code = failure.code
-                message = pb.ModelStreamInferResponse(error_message=failure.details)
+                failed = failure(error, self.where)
+                code = failed.code
+                message = pb.ModelStreamInferResponse(error_message=failed.details)
                 message.infer_response.id = request.id
                 message.infer_response.model_name = request.model_name
                 set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
@@ -123,8 +123,8 @@ class KServeServicer(SharedMemoryRpcs):
             writer.cancel()
 
     async def _infer(self, request, remaining: float | None, stream: bool = False):
-        """One inference; raises TierError with the status and message the caller gets.
-        `remaining`: seconds left of the caller's deadline (None: no deadline)."""
+        """One inference; raises TierError (or TensorError: INVALID_ARGUMENT, see
+        status.failure) with the status and message the caller gets. `remaining`: seconds left of the caller's deadline (None: no deadline)."""
         core, model_name = self.core, request.model_name
         deadline = None if remaining is None else time.monotonic() + remaining
         core.admit()
@@ -146,8 +146,6 @@ class KServeServicer(SharedMemoryRpcs):
                                       stream=stream, in_shared_memory=in_shared_memory)
             core.metrics.add_bytes("out", payload_bytes(response))
             return response
-        except TensorError as error:
-            raise TierError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         finally:
             core.in_flight -= 1
 

@@ -15,8 +15,7 @@ import numpy as np
 
 from wpk.runtime.link_frames import Frame
 from wpk.runtime.link_server import Reply
-from wpk.runtime.status import TierError
-from wpk.runtime.tensors import TensorError
+from wpk.runtime.status import TierError, failure
 from wpk.runtime.tier_core import TierCore
 
 
@@ -46,9 +45,5 @@ class LinkHandler:
             arrays = frame.arrays(model_name, model.inputs)
             pipeline = model.pipeline or not frame.meta.get("k")
             core.infer_here(model, arrays, deadline, pipeline, finish)
-        except TierError as error:
-            finish(error)
-        except TensorError as error:
-            finish(TierError(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
         except Exception as error:  # every request gets an answer, whatever went wrong
-            finish(TierError(grpc.StatusCode.INTERNAL, f"{core.where}: {error!r}"))
+            finish(failure(error, core.where))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from wpk.runtime.tensors import TensorError
+
 
 class TierError(Exception):
     """A failed request: `code` (grpc.StatusCode) and `details` (the message the caller
@@ -20,6 +22,16 @@ class TierError(Exception):
 
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def failure(error: Exception, where: str) -> TierError:
+    """Any exception as the status a caller gets: a TierError as it is, a bad tensor
+    INVALID_ARGUMENT, anything else INTERNAL naming `where` (every request gets an answer)."""
+    if isinstance(error, TierError):
+        return error
+    if isinstance(error, TensorError):
+        return TierError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    return TierError(grpc.StatusCode.INTERNAL, f"{where}: {error!r}")
 
 
 def code_of(number: object) -> grpc.StatusCode:

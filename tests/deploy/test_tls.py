@@ -147,7 +147,7 @@ async def _infer(plan, address, creds):
 
     from wpk.runtime import protocol as pb
     from wpk.runtime.client import channel_options
-    from wpk.runtime.wire import build_request, parse_response
+    from wpk.runtime.infer_messages import build_request, parse_response
 
     spec = plan.model["inputs"][0]
     x = np.ones(spec["shape"], dtype=np.float32)

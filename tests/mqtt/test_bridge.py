@@ -228,7 +228,7 @@ def test_pipeline_killed_and_restarted_mid_stream_loses_nothing(broker, own_pipe
         assert bridge.stats.errors == 0 and bridge.stats.dropped == 0
         assert bridge.stats.retries > 0
         if transport == "tensor-link":   # back on the restarted entry tier's tensor link
-            assert bridge.bridge.pipeline.link_client.transport == "tcp"
+            assert bridge.bridge.pipeline.client.transport == "tcp"
     finally:
         client.close()
         bridge.stop()

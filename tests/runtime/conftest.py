@@ -81,7 +81,8 @@ class Pipeline:
         self.tls_dir = tls_dir
         self.run = run
         self.batching = batching or {}
-        self.services: dict[str, object] = {}   # tier -> its TierService (to look inside)
+        self.services: dict[str, object] = {}   # tier -> its TierCore (to look inside)
+        self.link_servers: dict[str, object] = {}   # tier -> its LinkServer (None: --link grpc)
         self._run(self._start(hop_timeout, next_override or {}, metrics))
 
     def _run(self, coroutine, timeout: float = 60):
@@ -106,6 +107,7 @@ class Pipeline:
                 task.result()  # raises the start-up error
             self.address[tier.name] = f"127.0.0.1:{ready.port}"
             self.services[tier.name] = ready.service
+            self.link_servers[tier.name] = ready.link_server
             if metrics:
                 self.metrics_url[tier.name] = lines[0].split(" metrics ")[1].split()[0]
             self._stops[tier.name], self._tasks[tier.name] = stop, task

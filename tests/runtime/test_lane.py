@@ -18,8 +18,8 @@ import tritonclient.grpc as triton
 
 from .conftest import Pipeline, make_plan, reference
 from .test_pipeline import model_feeds
-from wpk.runtime.frames import (HEADER, LANE_REQUEST, REQUEST, Frame, FrameError,
-                                FrameReader, encode, send_parts)
+from wpk.runtime.link_frames import (HEADER, LANE_REQUEST, REQUEST, Frame, FrameError, FrameReader,
+                                     encode, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LANE_SLOTS, LaneReader, LaneWriter
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer
@@ -198,7 +198,7 @@ def test_a_pipeline_with_large_cut_tensors_uses_lanes_and_matches_the_model(tmp_
                     answer = await client.infer("resnet_like", feeds)
                     for name, value in reference(plan, feeds).items():
                         np.testing.assert_allclose(answer[name], value, rtol=1e-5, atol=1e-6)
-                return client._link.connection.lane, \
+                return client._tcp_link.connection.lane, \
                     pipeline.services["device"].link.connections[True].lane
 
         client_lane, entry_thread_lane = asyncio.run(over_the_entry_link())
@@ -272,7 +272,7 @@ def test_the_receiver_maps_only_regular_lane_files_of_its_own_user(tmp_path):
 
 
 def test_a_second_lane_on_one_connection_closes_it_and_senders_open_one_lane():
-    from wpk.runtime.frames import LANE_OPEN, encode_meta
+    from wpk.runtime.link_frames import LANE_OPEN, encode_meta
 
     server = LinkServer("127.0.0.1", 0, lambda frame, reply: reply.ok({}))
     lanes = [LaneWriter(LANE_MIN_BYTES), LaneWriter(LANE_MIN_BYTES)]
@@ -305,7 +305,7 @@ def test_a_second_lane_on_one_connection_closes_it_and_senders_open_one_lane():
 
 
 def test_lanes_are_for_loopback_peers_only():
-    from wpk.runtime.frames import LANE_OPEN, encode_meta
+    from wpk.runtime.link_frames import LANE_OPEN, encode_meta
 
     address = local_network_address()
     if address is None:

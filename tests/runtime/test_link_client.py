@@ -15,7 +15,7 @@ from .conftest import Pipeline, reference
 from .test_pipeline import model_feeds
 from wpk.runtime import protocol as pb
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.link import InferenceError
+from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.tensor_link import EXTENSION_PREFIX
 
@@ -29,8 +29,8 @@ def check(answer: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(answer[name], value, rtol=1e-5, atol=1e-6)
 
 
-async def failure(call) -> InferenceError:
-    with pytest.raises(InferenceError) as info:
+async def failure(call) -> TierError:
+    with pytest.raises(TierError) as info:
         await call
     return info.value
 
@@ -47,7 +47,7 @@ def test_entry_tier_advertises_its_tensor_link(dag_pipeline):
         async with InferenceClient(dag_pipeline.entry) as client:
             return (await client.stub.ServerMetadata(pb.ServerMetadataRequest())).extensions
 
-    port = dag_pipeline.services["device"].link_server.port
+    port = dag_pipeline.link_servers["device"].port
     assert f"{EXTENSION_PREFIX}{port}" in asyncio.run(extensions())
 
 
@@ -202,7 +202,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
     they must not wait behind it. Its own connection ends once its answers stall."""
     from wpk.examples import mlp
     from wpk.runtime import link_server
-    from wpk.runtime.frames import REQUEST, encode, send_parts
+    from wpk.runtime.link_frames import REQUEST, encode, send_parts
 
     from .conftest import make_plan
 
@@ -215,7 +215,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
     try:
         feeds = model_feeds(plan)
         want = reference(plan, feeds)
-        server = pipeline.services["device"].link_server
+        server = pipeline.link_servers["device"]
         mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         mute.connect(("127.0.0.1", server.port))
         mute_address = "%s:%s" % mute.getsockname()[:2]
@@ -345,6 +345,6 @@ def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
             check(answer, want)
         assert transport == "grpc"
         assert pipeline.services["device"].link.fallback_until > 0   # device -> edge too
-        assert all(pipeline.services[t].link_server.refused > 0 for t in ("device", "edge"))
+        assert all(pipeline.link_servers[t].refused > 0 for t in ("device", "edge"))
     finally:
         pipeline.close()

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader, encode,
-                                send_parts)
-from wpk.runtime.link import InferenceError
-from wpk.runtime.shared_memory import RegionError, SharedMemoryRegistry
+from wpk.runtime.link_frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError, FrameReader,
+                                     encode, send_parts)
+from wpk.runtime.status import TierError
+from wpk.runtime.shared_memory import SharedMemoryRegistry
 from wpk.runtime.link_server import LinkServer
 from wpk.runtime.tensor_link import Expiry, LinkConnection, LoopConnection
 from wpk.runtime.tensors import TensorError
@@ -148,7 +148,7 @@ def test_an_answer_whose_descriptors_are_not_tensors_fails_only_its_request(kind
         first, second = run_requests(kind, tier.port, 2)
     finally:
         tier.close()
-    assert isinstance(first, InferenceError) and first.code == grpc.StatusCode.INTERNAL
+    assert isinstance(first, TierError) and first.code == grpc.StatusCode.INTERNAL
     assert "bad answer" in first.details
     np.testing.assert_array_equal(second["a"], np.full(3, 1.0))
 
@@ -161,9 +161,9 @@ def test_a_request_frame_coming_back_fails_the_pending_request_once(kind):
         first, second = run_requests(kind, tier.port, 2)
     finally:
         tier.close()
-    assert isinstance(first, InferenceError) and first.code == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(first, TierError) and first.code == grpc.StatusCode.UNAVAILABLE
     assert "request frame sent to a client" in first.details
-    assert isinstance(second, InferenceError) and second.code == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(second, TierError) and second.code == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("kind", ["thread", "loop"])
@@ -220,11 +220,11 @@ def test_a_shared_memory_key_that_is_a_symlink_out_of_dev_shm_is_refused(tmp_pat
     os.symlink(target, f"/dev/shm/{link}")
     registry = SharedMemoryRegistry("tier 'test'")
     try:
-        with pytest.raises(RegionError) as info:
+        with pytest.raises(TierError) as info:
             registry.register("r", f"/{link}", 0, 4096)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "tier 'test'" in info.value.details and link in info.value.details
-        with pytest.raises(RegionError, match="not a POSIX shared memory name"):
+        with pytest.raises(TierError, match="not a POSIX shared memory name"):
             registry.register("r", "/bad\0name", 0, 16)
         assert not registry.regions
     finally:
@@ -337,7 +337,7 @@ def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once
         listener.close()
     assert sorted(seen) == list(range(50))   # each once
     answered = [o for o in outcomes if isinstance(o, dict)]
-    failed = [o for o in outcomes if isinstance(o, InferenceError)]
+    failed = [o for o in outcomes if isinstance(o, TierError)]
     assert len(answered) == 10 and len(failed) == 40
     assert all(f.code == grpc.StatusCode.UNAVAILABLE for f in failed)
 
@@ -350,7 +350,7 @@ def test_a_region_too_large_to_map_is_a_clear_error():
     registry = SharedMemoryRegistry("tier 'test'")
     try:
         os.ftruncate(fd, 1 << 47)
-        with pytest.raises(RegionError) as info:
+        with pytest.raises(TierError) as info:
             registry.register("huge", f"/{key}", 0, 1 << 47)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "tier 'test'" in info.value.details and "'huge'" in info.value.details

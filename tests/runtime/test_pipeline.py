@@ -15,8 +15,9 @@ from tritonclient.utils import InferenceServerException
 from .conftest import Pipeline, fake_tier, reference
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
-from wpk.runtime import service as service_module
-from wpk.runtime.client import InferenceClient, InferenceError
+from wpk.runtime import tier_core
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.status import TierError
 from wpk.runtime.codecs import Codec
 
 
@@ -108,6 +109,34 @@ def test_metadata_reports_real_names_types_shapes(resnet_pipeline):
     assert list(edge.inputs[0].shape) == [1, 8, 8, 8]
     expect_error(grpc.StatusCode.NOT_FOUND, "has no model 'nope'", client.get_model_metadata,
                  "nope")
+
+
+def test_readiness_and_health_follow_the_tier_core(resnet_pipeline):
+    """ServerReady, ModelReady and grpc.health.v1 read one flag of the core: serving from
+    start until the server begins to stop (health probes then see NOT_SERVING)."""
+    from wpk.runtime.health import NOT_SERVING, SERVING, HealthCheckRequest, HealthCheckResponse
+
+    address = resnet_pipeline.address["edge"]
+    client = triton.InferenceServerClient(address)
+
+    def health() -> int:
+        with grpc.insecure_channel(address) as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                        request_serializer=HealthCheckRequest.SerializeToString,
+                                        response_deserializer=HealthCheckResponse.FromString)
+            return check(HealthCheckRequest(service=""), timeout=5).status
+
+    core = resnet_pipeline.services["edge"]
+    assert client.is_server_ready() and client.is_model_ready("resnet_like.edge")
+    assert health() == SERVING
+    core.serving = False
+    try:
+        assert not client.is_server_ready() and not client.is_model_ready("resnet_like.edge")
+        assert health() == NOT_SERVING
+        assert client.is_server_live()
+    finally:
+        core.serving = True
+    assert client.is_server_ready() and health() == SERVING
 
 
 def test_typed_contents_are_accepted(plans, resnet_pipeline):
@@ -258,7 +287,7 @@ class SlowPeer:
 def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans, link, monkeypatch):
     """(With the tensor link, the hung peer's ServerMetadata is what times out.) The tier's
     margin is widened so that a loaded machine still gets its error to the caller first."""
-    monkeypatch.setattr(service_module, "DEADLINE_MARGIN_S", 0.3)
+    monkeypatch.setattr(tier_core, "DEADLINE_MARGIN_S", 0.3)
     peer = SlowPeer()
     pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address},
                         link=link)
@@ -357,7 +386,7 @@ def test_tritonclient_stream_api_against_the_entry_tier(plans, resnet_pipeline):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline, stream):
-    from wpk.runtime.client import InferenceError
+    from wpk.runtime.status import TierError
 
     feeds = model_feeds(plans["resnet"], seed=7)
 
@@ -365,9 +394,9 @@ def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline
         async with InferenceClient(resnet_pipeline.entry, stream=stream, timeout=10) as client:
             outputs = await client.infer("resnet_like", feeds)
             meta = await client.model_metadata("resnet_like")
-            with pytest.raises(InferenceError) as missing:
+            with pytest.raises(TierError) as missing:
                 await client.infer("nope", feeds)
-            with pytest.raises(InferenceError) as wrong:
+            with pytest.raises(TierError) as wrong:
                 await client.infer("resnet_like", {"image": feeds["image"][..., :16]})
             return outputs, meta, missing.value, wrong.value
 
@@ -388,13 +417,13 @@ def test_optimized_tier_loads_through_the_optimizer_or_fails_in_one_line(plans, 
     import sys
 
     from wpk.errors import WpkError
-    from wpk.runtime.service import TierService
+    from wpk.runtime.tier_core import TierCore
 
     plan_dir = tmp_path / "plan"
     shutil.copytree(plans["mlp"], plan_dir)
     # a plan without `optimized` never imports the optimizer
-    code = ("import sys; from wpk.plan import load_plan; from wpk.runtime.service import "
-            f"TierService; TierService(load_plan({str(plan_dir)!r}), {str(plan_dir)!r}, 'cloud', "
+    code = ("import sys; from wpk.plan import load_plan; from wpk.runtime.tier_core import "
+            f"TierCore; TierCore(load_plan({str(plan_dir)!r}), {str(plan_dir)!r}, 'cloud', "
             "None); print('wpk.optimizer' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
@@ -402,10 +431,10 @@ def test_optimized_tier_loads_through_the_optimizer_or_fails_in_one_line(plans, 
     data["tiers"][2]["optimized"] = "cloud.opt"
     (plan_dir / "plan.json").write_text(json.dumps(data))
     with pytest.raises(WpkError, match="tier 'cloud'.*cloud.opt"):
-        TierService(load_plan(plan_dir), plan_dir, "cloud", None)
+        TierCore(load_plan(plan_dir), plan_dir, "cloud", None)
     (plan_dir / "cloud.opt").mkdir()
     try:
-        service = TierService(load_plan(plan_dir), plan_dir, "cloud", None)
+        service = TierCore(load_plan(plan_dir), plan_dir, "cloud", None)
     except WpkError as error:  # no optimizer yet, or an empty directory it rejects
         assert "tier 'cloud'" in str(error)
     else:
@@ -449,7 +478,7 @@ def test_a_deadline_past_before_the_slice_runs_gives_deadline_exceeded(plans, re
         async with InferenceClient(resnet_pipeline.address[tier], stream=True) as client:
             return await client.infer(model, feeds, **kwargs)
 
-    with pytest.raises(InferenceError) as info:
+    with pytest.raises(TierError) as info:
         # 1 ns left: gone by the time the tier looks at it (and no client-side timer)
         asyncio.run(call(parameters={"wpk_timeout_ms": 1e-6}))
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
@@ -525,9 +554,9 @@ def test_alone_never_runs_a_slice_beside_one_a_gone_request_left_in_the_worker(p
     leaves that slice running: the next request, alone in flight, must queue behind it in the
     worker (`--workers 1`: one slice at a time), not start a second slice on the loop."""
     from wpk.plan import load_plan
-    from wpk.runtime.service import TierService
+    from wpk.runtime.tier_core import TierCore
 
-    service = TierService(load_plan(plans["resnet"]), plans["resnet"], "cloud", None,
+    service = TierCore(load_plan(plans["resnet"]), plans["resnet"], "cloud", None,
                           run="alone")
     release, running = threading.Event(), []
     overlaps, threads = [], []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wpk.runtime.service import cgroup_cpu_quota, usable_cores
+from wpk.runtime.cpus import cgroup_cpu_quota, usable_cores
 
 
 def _own_cgroup() -> str:

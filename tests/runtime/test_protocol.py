@@ -4,8 +4,8 @@ import pytest
 
 from wpk.runtime import gen_proto
 from wpk.runtime import protocol as pb
-from wpk.runtime.prebuilt import serialize
-from wpk.runtime.wire import build_request, build_response, parse_response
+from wpk.runtime.zero_copy_messages import serialize
+from wpk.runtime.infer_messages import build_request, build_response, parse_response
 
 
 def test_generated_descriptor_is_up_to_date():

@@ -13,7 +13,8 @@ import pytest
 
 from .conftest import Pipeline, free_port
 from .test_pipeline import model_feeds
-from wpk.runtime.client import InferenceClient, InferenceError
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.status import TierError
 
 
 def start_tier(plan_dir, tier: str, port: int, link: str = "tcp") -> subprocess.Popen:
@@ -33,7 +34,7 @@ async def load_until(client: InferenceClient, model: str, feeds, done, outcomes:
             try:
                 await client.infer(model, feeds, timeout=4)
                 outcomes.append((time.monotonic(), "OK", ""))
-            except InferenceError as error:
+            except TierError as error:
                 outcomes.append((time.monotonic(), error.code.name, error.details))
                 await asyncio.sleep(0.005)
     await asyncio.gather(*(worker() for _ in range(workers)))

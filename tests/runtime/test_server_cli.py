@@ -72,9 +72,9 @@ def test_bad_values_fail(kind, text):
 def test_next_on_a_tier_that_forwards_nothing_is_a_warning(plans):
     """The last tier with --next: started (a deployment script may always pass it), but told."""
     from wpk.plan import load_plan
-    from wpk.runtime.service import TierService
+    from wpk.runtime.tier_core import TierCore
 
     with pytest.warns(UserWarning, match="tier 'cloud' forwards nothing to a next tier"):
-        service = TierService(load_plan(plans["mlp"]), plans["mlp"], "cloud", "127.0.0.1:9")
+        service = TierCore(load_plan(plans["mlp"]), plans["mlp"], "cloud", "127.0.0.1:9")
     assert service.next_address is None
     service.executor.shutdown()

@@ -16,7 +16,8 @@ from .conftest import Pipeline, reference
 from .test_pipeline import expect_error, model_feeds
 from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
-from wpk.runtime.client import InferenceClient, InferenceError
+from wpk.runtime.client import InferenceClient
+from wpk.runtime.status import TierError
 
 _names = itertools.count()
 OUTPUT = "gemm_77_out"  # resnet_like's logits
@@ -251,7 +252,7 @@ def test_inference_client_sends_inputs_through_shared_memory(plans, resnet_pipel
             assert 1 <= len(regions) <= len(feeds)  # second round reused the first's
             keys = [key for key, _, _ in regions.values()]
             assert all(os.path.exists(f"/dev/shm{key}") for key in keys)
-            with pytest.raises(InferenceError) as info:  # errors still carry the status
+            with pytest.raises(TierError) as info:  # errors still carry the status
                 await client.infer("resnet_like", {"image": np.zeros((1, 3), np.float32)})
             assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         async with InferenceClient(resnet_pipeline.entry, timeout=10) as other:
@@ -278,11 +279,11 @@ def test_no_shared_memory_turns_the_extension_off(plans, region):
             async with InferenceClient(f"127.0.0.1:{ready.port}", timeout=10) as client:
                 metadata = await client.stub.ServerMetadata(pb.ServerMetadataRequest())
                 assert "system_shared_memory" not in metadata.extensions
-                with pytest.raises(InferenceError) as info:
+                with pytest.raises(TierError) as info:
                     await client.shared_memory_status()
                 assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
                 assert "system shared memory is disabled" in info.value.details
-                with pytest.raises(InferenceError) as info:
+                with pytest.raises(TierError) as info:
                     await client._call("SystemSharedMemoryRegister",
                                        pb.SystemSharedMemoryRegisterRequest(
                                            name=name, key=key, byte_size=image.nbytes), 10)
@@ -294,7 +295,7 @@ def test_no_shared_memory_turns_the_extension_off(plans, region):
                                                 shape=meta.shape)
                     tensor.parameters["shared_memory_region"].string_param = name
                     tensor.parameters["shared_memory_byte_size"].int64_param = 4
-                with pytest.raises(InferenceError) as info:
+                with pytest.raises(TierError) as info:
                     await client.infer_message(request)
                 assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
                 assert "shared memory is disabled on this server" in info.value.details

@@ -16,11 +16,11 @@ import tritonclient.grpc as triton
 from .conftest import Pipeline, fake_tier, reference
 from .test_pipeline import expect_error, model_feeds, triton_infer
 from wpk.runtime import protocol as pb
-from wpk.runtime import service as service_module
+from wpk.runtime import tier_core
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.frames import ANSWER, REQUEST, FrameReader, encode, send_parts
-from wpk.runtime.link import InferenceError
+from wpk.runtime.link_frames import ANSWER, REQUEST, FrameReader, encode, send_parts
+from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
@@ -209,7 +209,7 @@ def test_a_late_answer_gives_deadline_exceeded_and_the_connection_goes_on(kind):
 
     late, waited, fine = asyncio.run(scenario())
     server.close()
-    assert isinstance(late, InferenceError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(late, TierError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.15 < waited < 2.0
     np.testing.assert_array_equal(fine["a"], np.ones(3))
 
@@ -259,7 +259,7 @@ def test_grpc_link_selected_and_a_tier_without_tensor_link_is_reached_over_grpc(
         assert pipeline.services["device"].link.connection is not None   # device -> edge: tcp
         edge_link = pipeline.services["edge"].link
         assert edge_link.kind == "tcp" and edge_link.connection is None  # edge -> cloud: grpc
-        assert pipeline.services["cloud"].link_server is None
+        assert pipeline.link_servers["cloud"] is None
     finally:
         pipeline.close()
 
@@ -287,7 +287,7 @@ class HungLinkPeer:
 
 
 def test_hung_tensor_link_gives_deadline_exceeded_naming_the_tier(plans, monkeypatch):
-    monkeypatch.setattr(service_module, "DEADLINE_MARGIN_S", 0.3)   # room on a loaded machine
+    monkeypatch.setattr(tier_core, "DEADLINE_MARGIN_S", 0.3)   # room on a loaded machine
     peer = HungLinkPeer()
     pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address})
     try:
@@ -332,8 +332,8 @@ def test_tls_tiers_use_the_grpc_link(plans, tmp_path):
     pki = generate(tmp_path / "pki", ["device", "edge", "cloud", "client"])
     pipeline = Pipeline(plans["mlp"], tls_dir=pki)
     try:
-        assert all(s.link_kind == "grpc" and s.link_server is None
-                   for s in pipeline.services.values())
+        assert all(s.link_kind == "grpc" for s in pipeline.services.values())
+        assert all(s is None for s in pipeline.link_servers.values())
         feeds = model_feeds(plans["mlp"])
         creds = tls.channel_credentials(tls.load(pki, "client"))
 
@@ -357,7 +357,7 @@ def test_tls_tiers_use_the_grpc_link(plans, tmp_path):
 def test_garbage_on_the_tensor_link_port_drops_that_connection_only(plans):
     pipeline = Pipeline(plans["mlp"])
     try:
-        port = pipeline.services["edge"].link_server.port
+        port = pipeline.link_servers["edge"].port
         with socket.create_connection(("127.0.0.1", port), timeout=5) as intruder:
             intruder.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
             assert intruder.recv(100) == b""        # closed on the intruder
@@ -392,7 +392,7 @@ def test_an_unreachable_tensor_link_port_falls_back_to_grpc(plans):
                                    rtol=1e-5, atol=1e-6)
         link = front.services["device"].link
         assert link.kind == "tcp" and link.connection is None and link.fallback_until > 0
-        assert link.port == behind.services["edge"].link_server.port   # it was advertised
+        assert link.port == behind.link_servers["edge"].port   # it was advertised
     finally:
         relay.kill()
         relay.wait()

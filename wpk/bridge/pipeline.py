@@ -4,7 +4,7 @@
 `wpk.runtime.client.InferenceClient` over the Open Inference Protocol (KServe v2 gRPC) spoken
 by the entry tier of a wpk pipeline, or by any KServe v2 server (Triton, MLServer, ...), and
 with `tensor_link=True` sends the inferences over a wpk entry tier's tensor link instead
-(`wpk.runtime.link_client`).
+(`InferenceClient(tensor_link=True)`).
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import grpc
 import numpy as np
 
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.link import InferenceError
-from wpk.runtime.link_client import LinkClient
+from wpk.runtime.status import TierError
 
 from .tensors import ModelSignature, TensorSpec
 
@@ -58,10 +57,9 @@ class KServePipeline:
         if tensor_link and credentials is not None:
             raise ValueError("the tensor link is plain TCP: no TLS credentials")
         self.address = address
-        self.link_client = LinkClient(address, timeout=timeout_s) if tensor_link else None
-        self.client = self.link_client.grpc if self.link_client is not None else \
-            InferenceClient(address, timeout=timeout_s, stream=stream,
-                            credentials=credentials, server_name=server_name)
+        self.client = InferenceClient(address, timeout=timeout_s, stream=stream,
+                                      credentials=credentials, server_name=server_name,
+                                      tensor_link=tensor_link)
 
     @classmethod
     def from_config(cls, config, timeout_s: float = 30.0) -> "KServePipeline":
@@ -79,7 +77,7 @@ class KServePipeline:
     async def _call(self, call):
         try:
             return await call
-        except InferenceError as error:  # the client and its stream link raise only this
+        except TierError as error:  # the client and its stream link raise only this
             detail = f"{self.address}: {error.code.name}: {error.details}"
             if error.code in TRANSIENT_CODES:
                 raise PipelineUnavailable(detail) from None
@@ -94,8 +92,7 @@ class KServePipeline:
         return ModelSignature(model, specs(metadata.inputs), specs(metadata.outputs))
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        client = self.link_client or self.client
-        return await self._call(client.infer(model, inputs))
+        return await self._call(self.client.infer(model, inputs))
 
     async def close(self) -> None:
-        await (self.link_client or self.client).close()
+        await self.client.close()

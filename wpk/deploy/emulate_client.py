@@ -54,7 +54,7 @@ async def time_requests(target: str, model: str, arrays: dict[str, np.ndarray], 
 
     from wpk.runtime import protocol as pb
     from wpk.runtime.client import channel_options
-    from wpk.runtime.wire import build_request
+    from wpk.runtime.infer_messages import build_request
 
     options = channel_options()
     if tls_dir:

@@ -3,15 +3,24 @@
     async with InferenceClient("127.0.0.1:8001") as client:
         outputs = await client.infer("resnet_like", {"image": image}, timeout=5)
 
-Arrays in, arrays out. Failures raise `InferenceError` with `.code` (a grpc.StatusCode) and
+Arrays in, arrays out. Failures raise `TierError` with `.code` (a grpc.StatusCode) and
 `.details`: UNAVAILABLE / DEADLINE_EXCEEDED are worth retrying, INVALID_ARGUMENT / NOT_FOUND
 are not. `stream=True` sends inferences over one ModelStreamInfer stream (faster per request;
 wpk tiers and Triton support it). `shared_memory=True` passes the inputs through POSIX shared
 memory regions registered with the server instead of in the message (servers on this host
 only; wpk tiers and Triton support it; see shm_inputs).
+
+`tensor_link=True` enters a wpk pipeline over the server's tensor link, the binary data plane
+the tiers pass tensors on (see next_tier.TcpLink): one frame out, one frame back, large inputs
+through a shared-memory lane on loopback; a client on the tier's host or LAN (the MQTT bridge,
+a local application) skips one Python gRPC call per request. Where the server has none
+(another KServe server, a wpk tier run with `--link grpc` or `--tls-dir`) or its port cannot
+be reached, inferences go over one ModelStreamInfer stream, and the tensor link is looked for
+again every 30 s. Metadata, health and shared-memory calls are gRPC calls either way.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -20,10 +29,13 @@ import numpy as np
 
 from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.link import InferenceError, StreamLink
+from wpk.runtime.metrics import TierMetrics
+from wpk.runtime.next_tier import GrpcLink, TcpLink
+from wpk.runtime.stream_link import PIPELINE_PARAM, StreamLink
+from wpk.runtime.status import TierError
 from wpk.runtime.shm_inputs import InputSlots
 from wpk.runtime.tensors import TensorMeta
-from wpk.runtime.wire import build_request, parse_response
+from wpk.runtime.infer_messages import build_request, parse_response
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -53,10 +65,13 @@ class InferenceClient:
     def __init__(self, address: str, *, timeout: float | None = None, codec: str = "raw",
                  stream: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  credentials=None, server_name: str | None = None,
-                 shared_memory: bool = False):
+                 shared_memory: bool = False, tensor_link: bool = False):
         """`credentials`: grpc.ChannelCredentials for TLS (see wpk.runtime.tls), checking the
         server's certificate against `server_name` when given. `shared_memory`: send inputs
-        through shared memory (not with a codec)."""
+        through shared memory (not with a codec). `tensor_link`: infer over the tensor link
+        (use from one event loop; TLS tiers serve none: their inferences go over the stream)."""
+        if tensor_link and shared_memory:
+            raise ValueError("tensor_link=True sends frames, not shared-memory regions")
         self.address = address
         self.timeout = timeout
         options = channel_options(max_message_bytes)
@@ -67,9 +82,12 @@ class InferenceClient:
                 options.append(("grpc.ssl_target_name_override", server_name))
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = pb.Stub(self.channel, zero_copy=True)
-        codec_spec = Codec.parse(codec)
-        self.encoder = Encoder(codec_spec) if codec_spec != Codec() else None
-        self.link = StreamLink(self.channel) if stream else None
+        self.codec = Codec.parse(codec)
+        self.encoder = Encoder(self.codec) if self.codec != Codec() else None
+        self.link = StreamLink(self.channel) if stream or tensor_link else None
+        self.tensor_link = tensor_link
+        self.metrics = TierMetrics("client")   # bytes over the tensor link, for the curious
+        self._tcp_link: TcpLink | None = None  # made on first use, on the caller's loop
         if shared_memory and self.encoder is not None:
             raise ValueError("shared_memory=True sends raw tensors: no codec")
         self.input_slots = InputSlots(lambda method, request: self._call(method, request, None)) \
@@ -82,6 +100,10 @@ class InferenceClient:
         await self.close()
 
     async def close(self) -> None:
+        tcp_link, self._tcp_link = self._tcp_link, None
+        if tcp_link is not None:
+            await tcp_link.close()   # its gRPC fallback closes this client (again, here)
+            return
         if self.input_slots is not None:
             await self.input_slots.close()
         if self.link is not None:
@@ -92,7 +114,7 @@ class InferenceClient:
         try:
             return await getattr(self.stub, method)(request, timeout=self._timeout(timeout))
         except grpc.aio.AioRpcError as error:
-            raise InferenceError(error.code(), error.details() or "") from None
+            raise TierError(error.code(), error.details() or "") from None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -118,11 +140,24 @@ class InferenceClient:
         return ModelMetadata(response.name, response.platform, metas(response.inputs),
                              metas(response.outputs))
 
+    @property
+    def transport(self) -> str:
+        """"tcp" while inferences go over the tensor link, else "grpc" (or not yet known)."""
+        link = self._tcp_link
+        return "tcp" if link is not None and link.connection is not None \
+            and link.connection.error is None else "grpc"
+
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
                     outputs: Sequence[str] | None = None, *, timeout: float | None = None,
                     parameters: Mapping[str, str | float | bool | int] | None = None,
-                    request_id: str = "") -> dict[str, np.ndarray]:
-        """Run `model` on `inputs`; returns the outputs (all, or those named) by name."""
+                    request_id: str = "", pipeline: bool = False) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs`; returns the outputs (all, or those named) by name. With
+        `pipeline`, a wpk slice model `<name>.<tier>` runs the pipeline from its tier on.
+        Over the tensor link, `parameters` and `request_id` are not sent."""
+        if self.tensor_link:
+            return await self._infer_linked(model, inputs, outputs, timeout, pipeline)
+        if pipeline:
+            parameters = {**(parameters or {}), PIPELINE_PARAM: True}
         if self.input_slots is not None:
             return await self._infer_shared(model, inputs, outputs, timeout, parameters,
                                             request_id)
@@ -130,6 +165,20 @@ class InferenceClient:
                                 parameters=parameters, request_id=request_id)
         response = await self.infer_message(request, timeout=timeout)
         return parse_response(response)
+
+    async def _infer_linked(self, model, inputs, outputs, timeout, pipeline):
+        if self._tcp_link is None:
+            grpc_link = GrpcLink(self, self.codec, self.metrics, asyncio.get_running_loop())
+            self._tcp_link = TcpLink(self.address, grpc_link, self.codec, self.metrics,
+                                     on_loop=True)
+        arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
+        answer = await self._tcp_link.forward(model, arrays, self._timeout(timeout), pipeline)
+        unknown = [name for name in outputs or () if name not in answer]
+        if unknown:
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"model {model!r} has no output {', '.join(unknown)} "
+                            f"(outputs: {', '.join(answer)})")
+        return answer if outputs is None else {name: answer[name] for name in outputs}
 
     async def _infer_shared(self, model, inputs, outputs, timeout, parameters, request_id):
         slots = self.input_slots
@@ -155,3 +204,6 @@ class InferenceClient:
         if self.link is not None:
             return await self.link.infer(request, self._timeout(timeout))
         return await self._call("ModelInfer", request, timeout)
+
+
+InferenceError = TierError   # the name docs/runtime.md and earlier callers import from here

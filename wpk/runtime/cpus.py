@@ -10,6 +10,7 @@ CPU lists use the kernel's own syntax (`taskset -c`, `/sys/.../cpulist`): "0-3,8
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -155,3 +156,26 @@ def cpu_list(text: str) -> frozenset[int]:
         return parse_cpu_list(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its affinity mask (taskset, a cpuset), capped by a cgroup v2
+    CPU quota (`docker --cpus`, Kubernetes limits), rounded up."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return min(cores, math.ceil(quota)) if quota else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup v2 `cpu.max` allows (None: no quota, or no
+    cgroup v2)."""
+    try:
+        line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines()
+                    if x.startswith("0::"))
+        quota, period = (root / line[3:].lstrip("/") / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, StopIteration, ValueError):
+        return None

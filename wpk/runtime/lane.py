@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from wpk.runtime.frames import HEADER, LANE_REQUEST, REQUEST, Frame, FrameError
+from wpk.runtime.link_frames import HEADER, LANE_REQUEST, REQUEST, Frame, FrameError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "wpk-lane-"
@@ -143,7 +143,7 @@ class LaneWriter:
             pass
 
     def place(self, request_id: int, parts: Sequence) -> list | None:
-        """A request frame's `parts` (from frames.encode) with the payload copied into a free
+        """A request frame's `parts` (from link_frames.encode) with the payload copied into a free
         slot: a LANE_REQUEST frame whose socket payload is the slot's offset. None: send it
         inline (lane not ready, payload too small or too large, every slot in use)."""
         if not self.ready:

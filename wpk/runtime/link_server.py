@@ -17,13 +17,13 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
-                                Frame, FrameError, FrameReader, encode, send_nowait,
-                                send_parts)
+from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, LANE_REQUEST, MAX_PAYLOAD_BYTES, REQUEST,
+                                     Frame, FrameError, FrameReader, encode, send_nowait,
+                                     send_parts)
 from wpk.runtime.lane import LaneReader, over_loopback
 from wpk.runtime.tensor_link import REFUSED, log, nodelay, send_timeout
 
-MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (frames.STAGING_BYTES holds them)
+MAX_ERROR_CHARS = 16 * 1024   # longer error messages are cut (link_frames.STAGING_BYTES holds them)
 ANSWER_SEND_TIMEOUT_S = 10.0   # answers that make no progress this long (the caller stopped
 # reading) end their connection
 READ_PAUSE_BYTES = 8 << 20     # a connection stops reading requests while more answer bytes

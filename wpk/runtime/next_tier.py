@@ -1,13 +1,9 @@
-"""How a tier reaches the next one: `GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the
-tensor link, `tensor_link`, found through the next tier's gRPC ServerMetadata).
-
-Both offer the same two calls:
-- `await forward(model, arrays, timeout, pipeline=True)` on the tier's event loop -> the
-  answer's arrays (pipeline=False: a client's request, answered as ModelInfer would);
-- `submit(model, arrays, timeout, done)` from any thread; `done(outcome)` gets the arrays or
-  an InferenceError, from some thread.
-Both raise / report only InferenceError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own
-status); the service turns them into messages naming the tier.
+"""How a tier reaches the next one: the `NextTier` protocol, one implementation per transport:
+`GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the tensor link, `tensor_link`, found
+through the next tier's gRPC ServerMetadata). `InferenceClient(tensor_link=True)` uses
+`TcpLink` too, to enter a pipeline over the entry tier's tensor link. Both raise / report
+only TierError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own status); the tier core
+turns them into messages naming the tier.
 
 `TcpLink` discovers the next tier's tensor-link port once per connection: ServerMetadata's
 `extensions` holds `wpk-tensor-link:PORT` (standard clients ignore unknown extensions). A
@@ -22,22 +18,22 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 import grpc
 import numpy as np
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.frames import REQUEST, encode
+from wpk.runtime.link_frames import REQUEST, encode
 from wpk.runtime.lane import over_loopback
-from wpk.runtime.link import PIPELINE_PARAM, InferenceError
+from wpk.runtime.stream_link import PIPELINE_PARAM
+from wpk.runtime.status import TierError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, REFUSED, Expiry,
                                      LinkConnection, LoopConnection, send_timeout)
 from wpk.runtime.tensors import TensorError
-from wpk.runtime.wire import build_request, parse_response, payload_bytes
+from wpk.runtime.infer_messages import build_request, parse_response, payload_bytes
 
 FALLBACK_RETRY_S = 30.0
 CONNECT_TIMEOUT_S = 2.0
@@ -46,18 +42,35 @@ SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped re
 DISCOVER_TIMEOUT_S = 10.0   # ServerMetadata's wait when the request has no deadline
 
 Done = Callable[[object], None]
+LINKS = ("tcp", "grpc")   # wpk-serve --link
+
+
+class NextTier(Protocol):
+    """The next tier, over some transport."""
+
+    kind: str   # "tcp" or "grpc", as --link names it
+
+    async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
+                      timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
+        """On the tier's loop: the answer's arrays (pipeline=False: as ModelInfer answers)."""
+
+    def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
+               done: Done) -> None:
+        """From any thread; `done(outcome)` gets the arrays or a TierError, from some thread."""
+
+    async def close(self) -> None: ...
 
 
 def _outcome(future) -> object:
-    """A finished concurrent future as an outcome: its result, or an InferenceError."""
+    """A finished concurrent future as an outcome: its result, or a TierError."""
     if future.cancelled():
-        return InferenceError(grpc.StatusCode.CANCELLED, "cancelled")
+        return TierError(grpc.StatusCode.CANCELLED, "cancelled")
     error = future.exception()
     if error is None:
         return future.result()
-    if isinstance(error, InferenceError):
+    if isinstance(error, TierError):
         return error
-    return InferenceError(grpc.StatusCode.INTERNAL, repr(error))
+    return TierError(grpc.StatusCode.INTERNAL, repr(error))
 
 
 def _run_on(loop: asyncio.AbstractEventLoop, coroutine, done: Done) -> None:
@@ -69,18 +82,19 @@ def _run_on(loop: asyncio.AbstractEventLoop, coroutine, done: Done) -> None:
 def _settle(future: asyncio.Future, outcome: object) -> None:
     if future.done():
         return
-    if isinstance(outcome, InferenceError):
+    if isinstance(outcome, TierError):
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
 
 
 class GrpcLink:
-    """The next tier over one ModelStreamInfer stream (requests carry `wpk_pipeline`)."""
+    """The next tier over one ModelStreamInfer stream (requests carry `wpk_pipeline`) of
+    `client`, an InferenceClient (not imported here: it uses this module)."""
 
     kind = "grpc"
 
-    def __init__(self, client: InferenceClient, codec: Codec, metrics: TierMetrics,
+    def __init__(self, client, codec: Codec, metrics: TierMetrics,
                  loop: asyncio.AbstractEventLoop):
         self.client = client
         self.encoder = Encoder(codec) if codec != Codec() else None  # used on the loop only
@@ -97,7 +111,7 @@ class GrpcLink:
         try:
             return parse_response(response)
         except TensorError as error:
-            raise InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {error}") from None
+            raise TierError(grpc.StatusCode.INTERNAL, f"bad answer: {error}") from None
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
@@ -157,7 +171,7 @@ class TcpLink:
             return parts
 
         def done_or_again(outcome) -> None:
-            if isinstance(outcome, InferenceError) and connection.error is outcome \
+            if isinstance(outcome, TierError) and connection.error is outcome \
                     and not connection.answered and outcome.code in (REFUSED, UNAVAILABLE):
                 # a new connection refused (too many open) or closed before it answered
                 # anything: send the request again, over gRPC for a while (inference has no
@@ -170,7 +184,7 @@ class TcpLink:
         try:
             connection.send(parts_for, timeout, done_or_again)
         except TensorError as error:  # a dtype the protocol cannot name
-            done(InferenceError(grpc.StatusCode.INTERNAL, str(error)))
+            done(TierError(grpc.StatusCode.INTERNAL, str(error)))
 
     def _refused(self, connection: LinkConnection | LoopConnection) -> None:
         """The next tier refused `connection` or closed it before any answer: gRPC for a
@@ -194,7 +208,7 @@ class TcpLink:
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
-        """On the loop; the answer's arrays, or raises InferenceError."""
+        """On the loop; the answer's arrays, or raises TierError."""
         return await self._forward(model, arrays, timeout, pipeline, threaded=not self.on_loop)
 
     async def _forward(self, model: str, arrays: Mapping[str, np.ndarray],
@@ -225,7 +239,7 @@ class TcpLink:
     # -- connecting -------------------------------------------------------------------------
     async def _connect(self, timeout: float | None, threaded: bool
                        ) -> LinkConnection | LoopConnection | None:
-        """The open connection, a new one, or None: use gRPC. Raises InferenceError when the
+        """The open connection, a new one, or None: use gRPC. Raises TierError when the
         next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
         DEADLINE_EXCEEDED)."""
         if self.fallback_until:  # on gRPC: look again now and then, off the request path
@@ -236,8 +250,8 @@ class TcpLink:
         try:   # another request may be connecting: wait for it within this one's deadline
             await asyncio.wait_for(self._connecting.acquire(), timeout)
         except asyncio.TimeoutError:
-            raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"deadline exceeded connecting to {self.host}") from None
+            raise TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"deadline exceeded connecting to {self.host}") from None
         try:
             connection = self._open(threaded)
             if connection is not None or self.fallback_until:
@@ -284,7 +298,7 @@ class TcpLink:
             async with self._connecting:
                 try:
                     await self._attempt(CONNECT_TIMEOUT_S, threaded=self._fallback_kind)
-                except InferenceError:  # not answering now: stay on gRPC a while longer
+                except TierError:  # not answering now: stay on gRPC a while longer
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
         finally:
             self._recheck = None
@@ -295,7 +309,7 @@ class TcpLink:
                 pb.ServerMetadataRequest(),
                 timeout=DISCOVER_TIMEOUT_S if timeout is None else timeout)
         except grpc.aio.AioRpcError as error:
-            raise InferenceError(error.code(), error.details() or "no answer") from None
+            raise TierError(error.code(), error.details() or "no answer") from None
         self.lanes = LANE_EXTENSION in response.extensions
         for extension in response.extensions:
             if extension.startswith(EXTENSION_PREFIX):

@@ -1,6 +1,7 @@
 """Open Inference Protocol messages and the service's method table.
 
-Messages of Triton's shared-memory extension are here too (`SHARED_MEMORY_METHODS`).
+Messages of Triton's shared-memory extension are here too (`SHARED_MEMORY_METHODS`), and the
+request and tensor parameters (`map<string, InferParameter>`) to and from Python values.
 Message classes are built from the generated descriptor (`_open_inference_desc`, see
 `gen_proto`) in a private descriptor pool, so this module coexists with tritonclient's own
 `inference.*` classes in one process. The wire format is the specification's.
@@ -10,8 +11,8 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
-from wpk.runtime.prebuilt import serialize
-from wpk.runtime.received import request_parser, response_parser, stream_response_parser
+from wpk.runtime.zero_copy_messages import serialize
+from wpk.runtime.zero_copy_messages import request_parser, response_parser, stream_response_parser
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -85,13 +86,31 @@ assert [m.name for m in _pool.FindServiceByName(SERVICE).methods] == \
     list(METHODS) + list(STREAM_METHODS) + list(SHARED_MEMORY_METHODS)
 
 
+def set_parameter(target, key: str, value: str | float | bool | int) -> None:
+    """Store a Python value in a protobuf `map<string, InferParameter>`."""
+    param = target[key]
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
+def parameter_value(param):
+    choice = param.WhichOneof("parameter_choice")
+    return getattr(param, choice) if choice else None
+
+
 def method_path(method: str) -> str:
     return f"/{SERVICE}/{method}"
 
 
 def _deserializer(cls, zero_copy: bool):
     """`cls.FromString`, or with `zero_copy` for the inference messages a parser that leaves
-    their raw tensor contents in the received bytes (see `received`)."""
+    their raw tensor contents in the received bytes (see zero_copy_messages)."""
     if zero_copy and cls is ModelInferRequest:
         return request_parser(cls)
     if zero_copy and cls is ModelInferResponse:
@@ -104,7 +123,8 @@ def _deserializer(cls, zero_copy: bool):
 def generic_handler(servicer: object):
     """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
     (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`).
-    Inference requests arrive as `received.Received` messages (raw contents not copied)."""
+    Inference requests arrive as `zero_copy_messages.Received` messages (raw contents not
+    copied)."""
     import grpc
 
     handlers = {
@@ -129,8 +149,8 @@ def generic_handler(servicer: object):
 
 class Stub:
     """Client-side callables for each method, on a grpc (aio or sync) channel. With
-    `zero_copy`, inference answers arrive as `received.Received` messages (raw contents left
-    in the received bytes, as memoryviews) instead of plain protobuf messages."""
+    `zero_copy`, inference answers arrive as `zero_copy_messages.Received` messages (raw
+    contents left in the received bytes, as memoryviews) instead of plain protobuf messages."""
 
     def __init__(self, channel, zero_copy: bool = False):
         for name, (request, response) in METHODS.items():

@@ -18,7 +18,11 @@ from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
 from wpk.runtime.metrics import serve_metrics
-from wpk.runtime.service import DEFAULT_HOP_TIMEOUT_S, DEFAULT_MAX_IN_FLIGHT, TierService
+from wpk.runtime.kserve_servicer import KServeServicer
+from wpk.runtime.link_handler import LinkHandler
+from wpk.runtime.link_server import LinkServer
+from wpk.runtime.shared_memory import SharedMemoryRegistry
+from wpk.runtime.tier_core import DEFAULT_HOP_TIMEOUT_S, DEFAULT_MAX_IN_FLIGHT, TierCore
 from wpk.runtime import protocol, tls
 from wpk.runtime.health import health_handler
 
@@ -30,7 +34,7 @@ def server_options(max_message_bytes: int) -> list[tuple]:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             # gRPC's core cancels calls beyond ~1000 not yet handed to the server (a bare
-            # CANCELLED): let them all reach TierService, which answers the ones beyond
+            # CANCELLED): let them all reach the tier core, which answers the ones beyond
             # --max-in-flight with RESOURCE_EXHAUSTED in words
             ("grpc.server.max_pending_requests", 100_000),
             ("grpc.server.max_pending_requests_hard_limit", 100_000)]
@@ -52,14 +56,13 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
 
     plan = load_plan(plan_dir)
     creds = tls.load(tls_dir, tier) if tls_dir else None
-    service = TierService(plan, plan_dir, tier, next_address, name=name, threads=threads,
-                          workers=workers, hop_timeout=hop_timeout, run=run, spin=spin,
-                          link=link, shared_memory=shared_memory,
-                          max_in_flight=max_in_flight, batching=batching,
-                          channel_credentials=tls.channel_credentials(creds) if creds else None)
-    service.metrics.restarts = restarts
+    core = TierCore(plan, plan_dir, tier, next_address, name=name, threads=threads,
+                    workers=workers, hop_timeout=hop_timeout, run=run, spin=spin, link=link,
+                    max_in_flight=max_in_flight, batching=batching,
+                    channel_credentials=tls.channel_credentials(creds) if creds else None)
+    core.metrics.restarts = restarts
+    registry = SharedMemoryRegistry(core.where) if shared_memory else None
     server = grpc.aio.server(options=server_options(max_message_bytes))
-    server.add_generic_rpc_handlers((protocol.generic_handler(service), health_handler()))
     try:
         if creds is not None:
             bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials(creds))
@@ -70,38 +73,57 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     if bound == 0:
         raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (the port in use, or "
                        f"an address this machine does not have?)")
-    await service.start(host, link_port, max_message_bytes)
+    await core.start()
+    link_server = None
+    if core.link_kind == "tcp":  # the entry tier too: clients on its host (see link_client)
+        try:
+            link_server = LinkServer(host, link_port, LinkHandler(core),
+                                     max_payload=max_message_bytes, where=core.where,
+                                     lanes=shared_memory)
+        except OSError as error:
+            await core.stop()
+            raise WpkError(f"tier {tier!r}: cannot listen for the tensor link on "
+                           f"{host}:{link_port} ({error.strerror})") from None
+    servicer = KServeServicer(core, registry, link_server)
+    server.add_generic_rpc_handlers((protocol.generic_handler(servicer),
+                                     health_handler(lambda: core.serving)))
     metrics_server = None
     try:
         metrics_text = ""
         if metrics_port is not None:
             try:
-                metrics_server = await serve_metrics(service.metrics, host, metrics_port)
+                metrics_server = await serve_metrics(core.metrics, host, metrics_port)
             except OSError as error:
                 raise WpkError(f"tier {tier!r}: cannot serve metrics on {host}:{metrics_port} "
                                f"({error.strerror or error})") from None
             metrics_bound = metrics_server.sockets[0].getsockname()[1]
             metrics_text = f" metrics http://{host}:{metrics_bound}/metrics"
         await server.start()
-        if service.link_server is not None:
-            metrics_text += f" tensor-link {host}:{service.link_server.port}"
+        if link_server is not None:
+            metrics_text += f" tensor-link {host}:{link_server.port}"
         if stop is None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-        announce(f"wpk-serve: tier {tier} of {service.name} {READY_MARK} {host}:{bound} "
-                 f"(models: {', '.join(service.models)}){metrics_text}")
-        if ready is not None:
+        announce(f"wpk-serve: tier {tier} of {core.name} {READY_MARK} {host}:{bound} "
+                 f"(models: {', '.join(core.models)}){metrics_text}")
+        if ready is not None:   # what tests look inside
             ready.port = bound  # type: ignore[attr-defined]
-            ready.service = service  # type: ignore[attr-defined]
+            ready.service = core  # type: ignore[attr-defined]
+            ready.link_server = link_server  # type: ignore[attr-defined]
             ready.set()
         await stop.wait()
     finally:
+        core.serving = False   # health checks say NOT_SERVING while calls drain
         await server.stop(grace=1.0)
         if metrics_server is not None:
             metrics_server.close()
-        await service.stop()
+        if link_server is not None:
+            link_server.close()
+        await core.stop()
+        if registry is not None:
+            registry.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

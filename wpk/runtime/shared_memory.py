@@ -26,7 +26,8 @@ from typing import Mapping
 import grpc
 import numpy as np
 
-from wpk.runtime.parameters import parameter_value
+from wpk.runtime.protocol import parameter_value
+from wpk.runtime.status import TierError
 from wpk.runtime.tensors import TensorError, dtype_of, shape_text
 
 REGION_PARAM = "shared_memory_region"
@@ -34,14 +35,6 @@ OFFSET_PARAM = "shared_memory_offset"
 BYTE_SIZE_PARAM = "shared_memory_byte_size"
 EXTENSION = "system_shared_memory"   # in ServerMetadata.extensions, as Triton names it
 SHM_DIR = "/dev/shm"
-
-
-class RegionError(Exception):
-    """A register / status / unregister call that cannot be done: its gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 @dataclass
@@ -82,50 +75,50 @@ class SharedMemoryRegistry:
     # -- the extension's RPCs ----------------------------------------------------------------
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         if not name:
-            raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region needs a name")
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{self.where}: shared memory region needs a name")
         if name in self.regions:
             held = self.regions[name]
-            raise RegionError(grpc.StatusCode.ALREADY_EXISTS,
-                              f"{self.where}: shared memory region {name!r} is already "
-                              f"registered (key {held.key!r}); unregister it first")
+            raise TierError(grpc.StatusCode.ALREADY_EXISTS,
+                            f"{self.where}: shared memory region {name!r} is already "
+                            f"registered (key {held.key!r}); unregister it first")
         file_name = key[1:] if key.startswith("/") else key
         if not file_name or "/" in file_name or "\0" in file_name or file_name in (".", ".."):
-            raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region {name!r}: key {key!r} is "
-                              f"not a POSIX shared memory name ('/name')")
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{self.where}: shared memory region {name!r}: key {key!r} is "
+                            f"not a POSIX shared memory name ('/name')")
         if byte_size <= 0:
-            raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region {name!r}: byte_size must "
-                              f"be > 0")
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{self.where}: shared memory region {name!r}: byte_size must "
+                            f"be > 0")
         try:
             # no symlinks: a link in /dev/shm must not let a client map (and have outputs
             # written into) any file this server can write
             fd = os.open(os.path.join(SHM_DIR, file_name),
                          os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as error:
-            raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{self.where}: shared memory region {name!r}: cannot open key "
-                              f"{key!r} ({error.strerror})") from None
+            raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{self.where}: shared memory region {name!r}: cannot open key "
+                            f"{key!r} ({error.strerror})") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{self.where}: shared memory region {name!r}: key {key!r} "
-                                  f"is not a shared memory object")
+                raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{self.where}: shared memory region {name!r}: key {key!r} "
+                                f"is not a shared memory object")
             size = info.st_size
             if offset + byte_size > size:
-                raise RegionError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{self.where}: shared memory region {name!r}: offset "
-                                  f"{offset} + byte_size {byte_size} runs past the end of key "
-                                  f"{key!r} ({size} bytes)")
+                raise TierError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{self.where}: shared memory region {name!r}: offset "
+                                f"{offset} + byte_size {byte_size} runs past the end of key "
+                                f"{key!r} ({size} bytes)")
             try:
                 mapping = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
             except (OSError, OverflowError, ValueError) as error:  # ENOMEM, EMFILE, ...
-                raise RegionError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"{self.where}: shared memory region {name!r}: cannot map "
-                                  f"{offset + byte_size} bytes of key {key!r} ({error})"
-                                  ) from None
+                raise TierError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.where}: shared memory region {name!r}: cannot map "
+                                f"{offset + byte_size} bytes of key {key!r} ({error})"
+                                ) from None
         finally:
             os.close(fd)
         view = memoryview(mapping)[offset:offset + byte_size]
@@ -137,8 +130,8 @@ class SharedMemoryRegistry:
         if not name:
             return list(self.regions.values())
         if name not in self.regions:
-            raise RegionError(grpc.StatusCode.NOT_FOUND,
-                              f"{self.where}: no shared memory region {name!r} is registered")
+            raise TierError(grpc.StatusCode.NOT_FOUND,
+                            f"{self.where}: no shared memory region {name!r} is registered")
         return [self.regions[name]]
 
     def unregister(self, name: str = "") -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from wpk.runtime import protocol as pb
 from wpk.runtime.shared_memory import BYTE_SIZE_PARAM, OFFSET_PARAM, REGION_PARAM
 from wpk.runtime.tensors import datatype_of
-from wpk.runtime.wire import set_parameter
+from wpk.runtime.infer_messages import set_parameter
 
 ALIGN = 64            # each input starts on a cache line
 MIN_REGION = 1 << 16
@@ -41,7 +41,7 @@ class Slot:
 
 class InputSlots:
     """Registered regions for the inputs of the requests in flight. `call(method, request)`
-    sends one shared-memory RPC to the server (raising InferenceError)."""
+    sends one shared-memory RPC to the server (raising TierError)."""
 
     _regions = itertools.count()
 

@@ -20,10 +20,10 @@ from typing import Callable
 
 import grpc
 
-from wpk.runtime.frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader, encode_meta,
-                                send_nowait, send_parts)
+from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader,
+                                     encode_meta, send_nowait, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
-from wpk.runtime.link import CODES, InferenceError
+from wpk.runtime.status import TierError, code_of
 from wpk.runtime.tensors import TensorError
 
 EXTENSION_PREFIX = "wpk-tensor-link:"   # ServerMetadata extension advertising the port
@@ -158,10 +158,10 @@ def _call(callback: Done, outcome: object) -> None:
         log(f"tensor link: answer callback failed: {error!r}")
 
 
-def _frame_error(frame: Frame) -> InferenceError:
+def _frame_error(frame: Frame) -> TierError:
     """The error an answer frame with a status carries."""
-    return InferenceError(CODES.get(frame.status, grpc.StatusCode.UNKNOWN),
-                          str(frame.meta.get("e", "")))
+    return TierError(code_of(frame.status),
+                     str(frame.meta.get("e", "")))
 
 
 def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | None) -> None:
@@ -174,27 +174,55 @@ def _deliver(frame: Frame, callback: Done, on_bytes: Callable[[int], None] | Non
     try:
         arrays = frame.arrays("answer")
     except TensorError as bad:
-        outcome: object = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}")
+        outcome: object = TierError(grpc.StatusCode.INTERNAL, f"bad answer: {bad}")
     except Exception as bad:  # descriptors that are JSON but not tensors
-        outcome = InferenceError(grpc.StatusCode.INTERNAL, f"bad answer: {bad!r}")
+        outcome = TierError(grpc.StatusCode.INTERNAL, f"bad answer: {bad!r}")
     else:
         outcome = arrays
     _call(callback, outcome)
 
 
-def _refusal(frame: Frame) -> InferenceError | None:
+def _refusal(frame: Frame) -> TierError | None:
     """The error of a connection-level answer (request id 0: the server refused us)."""
     return _frame_error(frame) if frame.request_id == 0 and frame.status else None
 
 
-class _Lanes:
-    """The sending side's lane (see lane), for both connection kinds: opened once the
-    connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes.
-    (Also `answered`: whether any answer came back on the connection.)"""
+class _Connection:
+    """What both connection kinds share: answers handed to their requests, expiry, and the
+    sending side's lane (see lane), opened once the connection carries a payload of
+    LANE_MIN_BYTES or more, where the receiver maps lanes. `answered`: whether any answer
+    came back on the connection."""
 
     lane: LaneWriter | None = None
     answered = False
+    pending: dict[int, Done]
+    on_bytes: Callable[[int], None] | None
     _lane_lock = threading.Lock()   # one lane opened at a time, whichever connection
+
+    def _pop(self, request_id: int) -> Done | None:
+        return self.pending.pop(request_id, None)
+
+    def _take(self, frame: Frame) -> TierError | None:
+        """Hand an answer frame to its request; returns the error that ends the connection
+        (a request frame, a refusal), if any."""
+        if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+            return TierError(grpc.StatusCode.UNAVAILABLE,
+                             "connection lost (request frame sent to a client)")
+        refusal = _refusal(frame)
+        if refusal is not None:
+            return refusal
+        self.answered = True
+        if self.lane is not None:
+            self.lane.release(frame.request_id)
+        callback = self._pop(frame.request_id)
+        if callback is not None:  # None: expired meanwhile, the caller has its answer
+            _deliver(frame, callback, self.on_bytes)
+        return None
+
+    def expire(self, request_id: int) -> None:
+        callback = self._pop(request_id)
+        if callback is not None:
+            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
 
     def _through_lane(self, request_id: int, parts: list) -> list:
         """`parts` with the payload moved into the lane, where it can go; else `parts`.
@@ -225,18 +253,14 @@ class _Lanes:
                   LANE_OPEN_TIMEOUT_S,
                   lambda outcome: lane.attached(not isinstance(outcome, Exception)))
 
-    def _answered(self, request_id: int) -> None:
-        if self.lane is not None:
-            self.lane.release(request_id)
-
     def _close_lane(self) -> None:
         if self.lane is not None:
             self.lane.close()
 
 
-class LinkConnection(_Lanes):
+class LinkConnection(_Connection):
     """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
-    once per request, with the answer's arrays or an InferenceError, from the reader thread
+    once per request, with the answer's arrays or a TierError, from the reader thread
     (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
 
     threaded = True
@@ -250,7 +274,7 @@ class LinkConnection(_Lanes):
         self.expiry = expiry
         self.on_bytes = on_bytes
         self.pending: dict[int, Done] = {}
-        self.error: InferenceError | None = None
+        self.error: TierError | None = None
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._reader = threading.Thread(target=self._read, daemon=True, name="wpk-link-out")
@@ -272,46 +296,32 @@ class LinkConnection(_Lanes):
                 if self.error is None:
                     send_parts(self.sock, parts)
         except OSError as error:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
         if self.error is not None:  # failed before or while we sent
             callback = self.pending.pop(request_id, None)
             if callback is not None:
                 _call(callback, self.error)
 
-    def expire(self, request_id: int) -> None:
-        callback = self.pending.pop(request_id, None)
-        if callback is not None:
-            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           "deadline exceeded"))
-
     def _read(self) -> None:
         reader = FrameReader(self.sock)
-        error = InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
+        error = TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer")
         try:
             while True:
-                frame = reader.read()
-                if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-                    raise FrameError("request frame sent to a client")
-                refusal = _refusal(frame)
-                if refusal is not None:
-                    error = refusal
+                ended = self._take(reader.read())
+                if ended is not None:
+                    error = ended
                     break
-                self.answered = True
-                self._answered(frame.request_id)
-                callback = self.pending.pop(frame.request_id, None)
-                if callback is not None:  # None: expired meanwhile, the caller has its answer
-                    _deliver(frame, callback, self.on_bytes)
         except EOFError:
             pass
         except (OSError, FrameError) as failure:
-            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
+            error = TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})")
         except Exception as failure:  # the reader must not die leaving requests waiting
-            error = InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure!r})")
+            error = TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure!r})")
         self.fail(error)
         with self._send_lock:  # no sender is inside the socket now, and none will enter
             self.sock.close()
 
-    def fail(self, error: InferenceError) -> None:
+    def fail(self, error: TierError) -> None:
         """End the connection: every pending request gets `error`."""
         if self.error is None:
             self.error = error
@@ -326,11 +336,11 @@ class LinkConnection(_Lanes):
                 _call(callback, self.error)
 
     def close(self) -> None:
-        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
+        self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))
         self._reader.join(1.0)
 
 
-class LoopConnection(_Lanes):
+class LoopConnection(_Connection):
     """A connection driven by an asyncio loop, for a tier whose requests start on the loop
     (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
     so `done` runs on the loop with no reader thread and no hand-off between threads; writes
@@ -349,7 +359,7 @@ class LoopConnection(_Lanes):
         self.reader = FrameReader(sock)
         self.pending: dict[int, Done] = {}
         self.timers: dict[int, object] = {}
-        self.error: InferenceError | None = None
+        self.error: TierError | None = None
         self._ids = itertools.count(1)
         self._backlog: list[memoryview] = []   # bytes waiting for the socket to drain
         loop.add_reader(self.fd, self._readable)
@@ -373,7 +383,7 @@ class LoopConnection(_Lanes):
         try:
             rest = send_nowait(self.sock, views)
         except OSError as error:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
             return
         if rest:
             if not self._backlog:
@@ -390,37 +400,24 @@ class LoopConnection(_Lanes):
         try:
             frames = self.reader.poll()
         except EOFError:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
             return
         except (OSError, FrameError) as failure:
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
             return
         for frame in frames:
-            if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-                self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE,
-                                         "connection lost (request frame sent to a client)"))
+            ended = self._take(frame)
+            if ended is not None:
+                self.fail(ended)
                 return
-            refusal = _refusal(frame)
-            if refusal is not None:
-                self.fail(refusal)
-                return
-            self.answered = True
-            self._answered(frame.request_id)
-            callback = self.pending.pop(frame.request_id, None)
-            timer = self.timers.pop(frame.request_id, None)
-            if timer is not None:
-                timer.cancel()
-            if callback is not None:
-                _deliver(frame, callback, self.on_bytes)
 
-    def expire(self, request_id: int) -> None:
-        self.timers.pop(request_id, None)
-        callback = self.pending.pop(request_id, None)
-        if callback is not None:
-            _call(callback, InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           "deadline exceeded"))
+    def _pop(self, request_id: int) -> Done | None:
+        timer = self.timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()   # (harmless where it is the timer firing)
+        return self.pending.pop(request_id, None)
 
-    def fail(self, error: InferenceError) -> None:
+    def fail(self, error: TierError) -> None:
         if self.error is None:
             self.error = error
             self._close_lane()
@@ -437,4 +434,4 @@ class LoopConnection(_Lanes):
             _call(callback, self.error)
 
     def close(self) -> None:
-        self.fail(InferenceError(grpc.StatusCode.CANCELLED, "link closed"))
+        self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))

@@ -10,18 +10,13 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.parameters import parameter_value, set_parameter  # noqa: F401 (re-exported)
-from wpk.runtime.prebuilt import Prebuilt
-from wpk.runtime.received import Received
+from wpk.runtime.protocol import parameter_value, set_parameter  # noqa: F401 (re-exported)
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
 from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,
                                  check_tensor, datatype_of, dtype_of)
-
-
-RAW_INPUT_FIELD = 7        # ModelInferRequest.raw_input_contents
-RAW_OUTPUT_FIELD = 6       # ModelInferResponse.raw_output_contents
-STREAM_RESPONSE_FIELD = 2  # ModelStreamInferResponse.infer_response
+from wpk.runtime.zero_copy_messages import (RAW_INPUT_FIELD, RAW_OUTPUT_FIELD,
+                                            STREAM_RESPONSE_FIELD, Prebuilt, Received)
 
 
 def build_request(model: str, arrays: Mapping[str, np.ndarray],
@@ -29,7 +24,7 @@ def build_request(model: str, arrays: Mapping[str, np.ndarray],
                   parameters: Mapping[str, str | float | bool | int] | None = None,
                   request_id: str = "") -> Prebuilt:
     """A ModelInferRequest with raw contents (encoded by `encoder` when given); the tensor
-    data is copied once, when gRPC serializes it (see `prebuilt`)."""
+    data is copied once, when gRPC serializes it (see zero_copy_messages)."""
     request = pb.ModelInferRequest(model_name=model, id=request_id)
     for key, value in (parameters or {}).items():
         set_parameter(request.parameters, key, value)

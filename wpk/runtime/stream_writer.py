@@ -1,12 +1,13 @@
-"""`Outbox`: messages written to one gRPC stream in order, without a queue of waiting writers.
+"""`StreamWriter`: messages written to one gRPC stream in order, without a queue of waiting
+writers (once called Outbox).
 
 grpc.aio allows one write in flight per stream, and `await call.write()` returns only when
 gRPC reports the write complete, which under load comes 0.5-1.5 ms after the bytes left
 (measured in the 3-tier pipeline on 2 cores). Behind a lock, every answer waited for all the
-writes before its own to be reported complete. With an Outbox the first sender writes at once
-(no extra task, no extra loop turn: one request at a time costs what a plain write costs) and
-also writes whatever others queued meanwhile; the others queue their message (serialized now,
-so they may change or reuse the object) and go on at once.
+writes before its own to be reported complete. With a StreamWriter the first sender writes at
+once (no extra task, no extra loop turn: one request at a time costs what a plain write
+costs) and also writes whatever others queued meanwhile; the others queue their message
+(serialized now, so they may change or reuse the object) and go on at once.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import asyncio
 from collections import deque
 from typing import Awaitable, Callable
 
-from wpk.runtime.prebuilt import serialize
+from wpk.runtime.zero_copy_messages import serialize
 
 
-class Outbox:
+class StreamWriter:
     """`write(data)`: the stream's write coroutine (its serializer must pass bytes through);
     `on_error(exception)`: called once when a write fails; what was queued is dropped and
     later messages are ignored (the stream is gone)."""

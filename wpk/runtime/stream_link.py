@@ -15,45 +15,34 @@ import itertools
 import grpc
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.outbox import Outbox
-from wpk.runtime.wire import parameter_value, set_parameter
+from wpk.runtime.stream_writer import StreamWriter
+from wpk.runtime.status import TierError, code_of
+from wpk.runtime.infer_messages import parameter_value, set_parameter
 
 PIPELINE_PARAM = "wpk_pipeline"
 TIMEOUT_PARAM = "wpk_timeout_ms"
 STATUS_PARAM = "wpk_status"
 
 
-class InferenceError(Exception):
-    """A failed inference: `code` (grpc.StatusCode) and `details` (the server's message)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
-
-
-CODES = {code.value[0]: code for code in grpc.StatusCode}   # number -> grpc.StatusCode
-
-
 def status_of(response) -> grpc.StatusCode:
     param = response.parameters.get(STATUS_PARAM)
-    value = parameter_value(param) if param is not None else None
-    return CODES.get(value, grpc.StatusCode.UNKNOWN)
+    return code_of(parameter_value(param) if param is not None else None)
 
 
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
-        future.set_exception(InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                            "deadline exceeded"))
+        future.set_exception(TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       "deadline exceeded"))
 
 
-def stream_error(error: grpc.aio.AioRpcError) -> InferenceError:
+def stream_error(error: grpc.aio.AioRpcError) -> TierError:
     """The error a broken stream gives its requests. grpc's own transport failures (the peer
     died mid-write: INTERNAL "Internal error from Core") are UNAVAILABLE: the tier is away,
     and the same request may succeed once it is back."""
     code, details = error.code(), error.details() or "stream failed"
     if code == grpc.StatusCode.INTERNAL and details.endswith("from Core"):
-        return InferenceError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({details})")
-    return InferenceError(code, details)
+        return TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({details})")
+    return TierError(code, details)
 
 
 class _Stream:
@@ -63,17 +52,17 @@ class _Stream:
         self.call = call
         self.pending: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
-        self.error: InferenceError | None = None   # set once the stream has ended
-        self.outbox = Outbox(call.write, self._write_failed)
+        self.error: TierError | None = None   # set once the stream has ended
+        self.writer = StreamWriter(call.write, self._write_failed)
 
     def _write_failed(self, error: BaseException) -> None:
         if isinstance(error, grpc.aio.AioRpcError):
             self.fail(stream_error(error))
         else:  # the stream ended before or while we wrote ("RPC already finished"): its
             # reader fails the requests with the stream's status; we may get here first
-            self.fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
+            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
 
-    def fail(self, error: InferenceError) -> None:
+    def fail(self, error: TierError) -> None:
         self.error = self.error or error
         for future in self.pending.values():
             if not future.done():
@@ -98,21 +87,21 @@ class StreamLink:
         return stream
 
     async def _read(self, stream: _Stream) -> None:
-        error = InferenceError(grpc.StatusCode.UNAVAILABLE, "stream closed")
+        error = TierError(grpc.StatusCode.UNAVAILABLE, "stream closed")
         try:
             async for message in stream.call:
                 future = stream.pending.pop(message.infer_response.id, None)
                 if future is None or future.done():
                     continue  # the caller gave up (deadline) before the answer came
                 if message.error_message:
-                    future.set_exception(InferenceError(status_of(message.infer_response),
-                                                        message.error_message))
+                    future.set_exception(TierError(status_of(message.infer_response),
+                                                   message.error_message))
                 else:
                     future.set_result(message.infer_response)
         except grpc.aio.AioRpcError as rpc_error:
             error = stream_error(rpc_error)
         except asyncio.CancelledError:
-            error = InferenceError(grpc.StatusCode.CANCELLED, "link closed")
+            error = TierError(grpc.StatusCode.CANCELLED, "link closed")
         finally:
             if self._stream is stream:
                 self._stream = None
@@ -120,7 +109,7 @@ class StreamLink:
 
     async def infer(self, request, timeout: float | None):
         """Send one ModelInferRequest; returns the ModelInferResponse (with the request's id;
-        on the stream the link uses its own ids). Raises only InferenceError: a stream that
+        on the stream the link uses its own ids). Raises only TierError: a stream that
         ends under a request fails it with UNAVAILABLE (or the stream's own status)."""
         caller_id = request.id
         request_id = str(next(self._ids))
@@ -134,9 +123,9 @@ class StreamLink:
         stream = self._current()
         stream.pending[request_id] = future
         try:
-            # serialized now; written now, or by the request writing before us (see outbox);
+            # serialized now; written now, or by the request writing before us (see stream_writer);
             # a failed write fails the stream's requests
-            await stream.outbox.send(request)
+            await stream.writer.send(request)
             response = await future
             response.id = caller_id
             return response
@@ -152,7 +141,7 @@ class StreamLink:
         stream, self._stream = self._stream, None
         if stream is None:
             return
-        stream.outbox.cancel()
+        stream.writer.cancel()
         stream.call.cancel()
         if stream.reader is not None:
             stream.reader.cancel()

@@ -1,10 +1,10 @@
-"""Outbox: one writer at a time, messages in order, other senders never wait."""
+"""StreamWriter: one writer at a time, messages in order, other senders never wait."""
 import asyncio
 
 import pytest
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.outbox import Outbox
+from wpk.runtime.stream_writer import StreamWriter
 
 
 def test_messages_go_out_in_order_and_only_the_first_sender_waits():
@@ -15,7 +15,7 @@ def test_messages_go_out_in_order_and_only_the_first_sender_waits():
             await gate.wait()  # a slow write completion
             written.append(pb.ModelInferRequest.FromString(data).id)
 
-        outbox = Outbox(write, lambda error: pytest.fail(f"unexpected {error!r}"))
+        outbox = StreamWriter(write, lambda error: pytest.fail(f"unexpected {error!r}"))
         message = pb.ModelInferRequest(id="1")
         first = asyncio.ensure_future(outbox.send(message))
         await asyncio.sleep(0)
@@ -38,7 +38,7 @@ def test_a_failed_write_is_reported_once_and_later_messages_are_dropped():
         async def write(data: bytes) -> None:
             raise RuntimeError("stream gone")
 
-        outbox = Outbox(write, errors.append)
+        outbox = StreamWriter(write, errors.append)
         await outbox.send(pb.ModelInferRequest(id="1"))
         await outbox.send(pb.ModelInferRequest(id="2"))
         await outbox.flush()
@@ -58,7 +58,7 @@ def test_a_cancelled_writer_hands_the_queue_on():
                 await gate.wait()
             written.append(pb.ModelInferRequest.FromString(data).id)
 
-        outbox = Outbox(write, lambda error: None)
+        outbox = StreamWriter(write, lambda error: None)
         first = asyncio.ensure_future(outbox.send(pb.ModelInferRequest(id="1")))
         await asyncio.sleep(0)
         await outbox.send(pb.ModelInferRequest(id="2"))

@@ -4,9 +4,9 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from wpk.runtime import protocol as pb
-from wpk.runtime.received import (Received, request_parser, response_parser,
-                                  stream_response_parser)
-from wpk.runtime.wire import build_request, build_response, parse_response, payload_bytes
+from wpk.runtime.zero_copy_messages import (Received, request_parser, response_parser,
+                                            stream_response_parser)
+from wpk.runtime.infer_messages import build_request, build_response, parse_response, payload_bytes
 
 
 def _same_fields(received, canonical, raw_name: str) -> None:

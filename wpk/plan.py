@@ -20,8 +20,7 @@ import numpy as np
 from wpk.errors import WpkError
 from wpk.files import read_text
 from wpk.json_schema import check
-# codecs were defined here first: wpk.runtime.codecs still imports them from wpk.plan
-from wpk.link_codecs import CODEC_BASES, CODEC_BYTE_FACTOR, parse_codec  # noqa: F401
+from wpk.link_codecs import parse_codec
 from wpk.records import JsonRecord
 from wpk.tensor_spec import TensorSpec
 

@@ -25,9 +25,7 @@ MODELS = {model.name: model for model in corpus()}
 
 @pytest.fixture(autouse=True)
 def _kernel_cache(tmp_path_factory, monkeypatch):
-    from wpk.optimizer import build
-
-    monkeypatch.setattr(build, "CACHE", tmp_path_factory.getbasetemp() / "kernels")
+    monkeypatch.setenv("WPK_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
 
 
 @pytest.mark.slow

@@ -7,9 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 @pytest.fixture(autouse=True)
 def _kernel_cache(tmp_path_factory, monkeypatch):
     """Generated kernels compile into a per-session cache (shared by all tests)."""
-    from wpk.optimizer import build
-
-    monkeypatch.setattr(build, "CACHE", tmp_path_factory.getbasetemp() / "kernels")
+    monkeypatch.setenv("WPK_KERNEL_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
 
 
 def _single_node_session(op: str, x_shape, weights: dict, inputs: list[str], **attrs):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 from pathlib import Path
 
+from wpk import settings as environment
 from wpk.errors import WpkError, cli_entry, refuse_unknown_keys
 from wpk.files import read_yaml
 
@@ -182,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     broker = BrokerConfig(
         host=host, port=port, client_id=client_id,
         username=pick("username"),
-        password=pick("password", os.environ.get("WPK_MQTT_PASSWORD")),
+        password=pick("password", environment.mqtt_password()),
         tls=bool(pick("tls", False)), tls_ca=pick("tls-ca"), tls_cert=pick("tls-cert"), tls_key=pick("tls-key"),
         tls_insecure=bool(args.tls_insecure or settings.get("tls-insecure", False)))
     for name in ("tls_ca", "tls_cert", "tls_key"):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wpk import settings
 from wpk.errors import WpkError
 
-CACHE = Path(os.environ.get("WPK_KERNEL_CACHE", Path(tempfile.gettempdir()) / "wpk-kernels"))
 # Generated kernels share the cores with ONNX Runtime's own thread pool: OpenMP threads that
 # spin-wait between kernels would steal them (catastrophic on 2 cores). Sleep instead; this must
 # be set before libgomp loads, i.e. before the first kernel library is opened.
@@ -31,7 +31,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-err
 
 def compiler() -> str:
     """The C compiler ($CC, default gcc), or a one-line error if there is none."""
-    name = os.environ.get("CC", "gcc")
+    name = settings.c_compiler()
     if shutil.which(name) is None:
         raise WpkError(f"no C compiler {name!r} found: generated CPU kernels need gcc")
     return name
@@ -51,10 +51,11 @@ def compile_c(source: str, name: str, flags: list[str] = CFLAGS, suffix: str = "
     output's path: a shared library by default, an object file with flags [..., "-c"] and
     suffix ".o"."""
     digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    output = CACHE / f"{name}_{digest}{suffix}"
+    cache = settings.kernel_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    output = cache / f"{name}_{digest}{suffix}"
     if not output.exists():
-        src = CACHE / f"{name}_{digest}.c"
+        src = cache / f"{name}_{digest}.c"
         src.write_text(source)
         # per process and thread: kernels of one library compile in parallel threads
         tmp = output.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")

@@ -16,13 +16,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from wpk import settings
 from wpk import cli_args
 from wpk.console import make_console
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.files import read_text, writable_file
 from wpk.graph import fixed_shapes, parse_input_shapes
 from wpk.optimizer import calibration, pipeline
-from wpk.optimizer.database import DEFAULT_LOG
 from wpk.optimizer.search import STRATEGIES
 
 OPTIMIZED_DIR = "optimized"
@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="do not try Winograd kernels on 3x3 stride-1 convolutions")
     parser.add_argument("--samples", type=cli_args.positive_int, default=3,
                         help="sample inputs for the guard")
-    parser.add_argument("--log", default=str(DEFAULT_LOG), help="tuning log (JSON lines)")
+    parser.add_argument("--log", default=str(settings.tuning_log()),
+                        help="tuning log (JSON lines; default $WPK_TUNING_LOG, else "
+                             "~/.cache/wpk/tuning.jsonl)")
     parser.add_argument("--seed", type=cli_args.non_negative_int, default=0)
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
                         help="fix a dynamic input dimension of a model file (repeatable); the "

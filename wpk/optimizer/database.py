@@ -14,9 +14,6 @@ from typing import Any
 
 from wpk.optimizer.space import Config, config_key
 
-DEFAULT_LOG = Path(os.environ.get("WPK_TUNING_LOG",
-                                  Path.home() / ".cache" / "wpk" / "tuning.jsonl"))
-
 
 class TuningLog:
     """Measurements keyed by (task signature, hardware, configuration)."""

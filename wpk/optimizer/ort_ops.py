@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from wpk import settings
 from wpk.errors import WpkError
 from wpk.optimizer import activations, build, channel_scale, depthwise, pool, winograd
 
@@ -397,7 +398,7 @@ def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
         objects = list(pool.map(lambda item: build.compile_c(
             item[1], item[0], [*OBJECT_FLAGS, "-c"], suffix=".o", libraries=()), sources))
     digest = hashlib.sha256("\0".join(o.name for o in objects).encode()).hexdigest()[:16]
-    library = build.CACHE / f"ort_ops_{digest}.so"
+    library = settings.kernel_cache() / f"ort_ops_{digest}.so"
     if not library.exists():
         tmp = library.with_suffix(f".{os.getpid()}.tmp")
         build.run_compiler([build.compiler(), *LINK_FLAGS, *map(str, objects), "-o", str(tmp),

@@ -14,6 +14,8 @@ import ctypes
 import functools
 import os
 
+from wpk import settings
+
 # Per-thread scratch for generated kernels (freed when the thread ends: ONNX Runtime's pool
 # threads end with their session) and a way for a kernel to report failure to its caller.
 # Included by this pool and by the custom-operator glue (`ort_ops.py`), under PREFIX.
@@ -183,8 +185,6 @@ void wpk_pool_run(wpk_item_fn fn, void* ctx, int total) {
 }
 """
 
-SPIN_US = int(os.environ.get("WPK_POOL_SPIN_US", "25"))
-PIN = int(os.environ.get("WPK_POOL_PIN", "0"))  # 1: pin worker i to logical CPU i + 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -195,5 +195,6 @@ def load_pool(threads: int | None = None) -> ctypes.CDLL:
     path = compile_c(POOL_SOURCE + thread_scratch_source("wpk"), "wpk_pool")
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     library.wpk_pool_configure(ctypes.c_int(threads or os.cpu_count() or 1),
-                               ctypes.c_long(SPIN_US), ctypes.c_int(PIN))
+                               ctypes.c_long(settings.pool_spin_us()),
+                               ctypes.c_int(int(settings.pool_pin())))
     return library

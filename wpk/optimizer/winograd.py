@@ -31,6 +31,7 @@ from fractions import Fraction as F
 import numpy as np
 import onnx
 
+from wpk import settings
 from wpk.optimizer import activations
 
 # Lavin & Gray's matrices (points 0, +-1, +-2 / +-1/2 for m = 4).
@@ -123,7 +124,7 @@ def supported() -> tuple[bool, str]:
         flags = ""
     if " avx512f" not in flags:
         return False, "Winograd kernels need AVX-512F, which this CPU lacks"
-    if shutil.which(os.environ.get("CC", "gcc")) is None:
+    if shutil.which(settings.c_compiler()) is None:
         return False, "Winograd kernels need gcc"
     return True, ""
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wpk.errors import WpkError
-from wpk.plan import CODEC_BASES, parse_codec
+from wpk.link_codecs import CODEC_BASES, parse_codec
 
 FP16_MAX = 65504.0
 CODEC_PARAM = "wpk_codec"

@@ -12,6 +12,7 @@ import ast
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "wpk"
@@ -91,3 +92,19 @@ def test_the_reader_resolves_relative_and_lazy_imports(tmp_path):
     found = _imports(source, tmp_path)
     assert ("wpk.plan", 1, True) in found and ("wpk.runtime.slice", 4, False) in found
     assert LAYERS.index(_layer("wpk.runtime.slice")) > LAYERS.index(_layer("wpk.partitioner.search"))
+
+
+def test_an_import_graph_tool_resolves_every_import_to_a_file_and_agrees():
+    """grimp (import-linter's engine) builds the package's import graph on its own: every
+    module it finds is a file of wpk/, every import resolves to one, and its layer check
+    agrees with ours."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("wpk")
+    files = {_module(path) for path in PACKAGE.rglob("*.py")}
+    assert graph.modules == files
+    unresolved = {(importer, imported) for importer in graph.modules
+                  for imported in graph.find_modules_directly_imported_by(importer)
+                  if imported not in files}
+    assert not unresolved
+    higher_first = tuple(f"wpk.{layer}" for layer in reversed(LAYERS[1:]))
+    assert not graph.find_illegal_dependencies_for_layers(layers=higher_first)

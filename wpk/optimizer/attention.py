@@ -108,6 +108,26 @@ def _scaled(g: _Graph, name: str, nodes: list) -> tuple[str, float]:
     return name, 1.0
 
 
+def _scores_and_bias(g: _Graph, name: str, shape: tuple[int, ...], nodes: list
+                     ) -> tuple[str, str] | None:
+    """The softmax's input split into (scores, additive mask): the mask ("" where there is
+    none) must broadcast to [B, N, S, L] over its first two dimensions only."""
+    add = g.made_by(name, "Add")
+    if add is None or not g.only_reader(name):
+        return name, ""
+    which = next((i for i in (0, 1) if _product(g, add.input[i], [])), None)
+    if which is None:
+        return None
+    batch, heads, length_q, length_k = shape
+    bias = add.input[1 - which]
+    bias_shape = g.shapes.get(bias)
+    if bias_shape is None or len(bias_shape) != 4 or bias_shape[0] not in (1, batch) or \
+            bias_shape[1] not in (1, heads) or bias_shape[2:] != (length_q, length_k):
+        return None
+    nodes.append(add)
+    return add.input[which], bias
+
+
 def _product(g: _Graph, name: str, nodes: list) -> tuple[onnx.NodeProto, float] | None:
     """The MatMul(Q, K) that makes the scores `name`, and the scalar they are scaled by after
     it (transformers' "eager" attention: `MatMul(Q, K) * s`)."""
@@ -163,21 +183,11 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> _Match | None:
         return None
     batch, heads, length_q, length_k = scores_shape
     nodes: list[onnx.NodeProto] = [softmax]
-    scores, bias = softmax.input[0], ""
-    add = g.made_by(scores, "Add")
-    if add is not None and g.only_reader(scores):
-        which = next((i for i in (0, 1) if _product(g, add.input[i], [])), None)
-        if which is None:
-            return None
-        scores, bias = add.input[which], add.input[1 - which]
-        bias_shape = g.shapes.get(bias)
-        if bias_shape is None or len(bias_shape) != 4 or bias_shape[0] not in (1, batch) or \
-                bias_shape[1] not in (1, heads) or bias_shape[2:] != (length_q, length_k):
-            return None
-        nodes.append(add)
-    found_product = _product(g, scores, nodes)
+    scored = _scores_and_bias(g, softmax.input[0], scores_shape, nodes)
+    found_product = _product(g, scored[0], nodes) if scored else None
     if found_product is None:
         return None
+    bias = scored[1]
     product, scale = found_product
     q_heads, scale_q = _scaled(g, product.input[0], nodes)
     k_heads, scale_k = _scaled(g, product.input[1], nodes)

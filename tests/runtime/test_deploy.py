@@ -58,6 +58,29 @@ def test_tiers_start_from_a_directory_that_holds_a_folder_named_wpk(plans, tmp_p
             .sum() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_wpk_deploy_max_batch_reaches_every_tier(plans):
+    """--max-batch on wpk-deploy becomes each tier's wpk-serve --max-batch: their metrics
+    count batches once requests have passed."""
+    import urllib.request
+
+    from wpk.deploy.cli import batching_arguments, build_parser
+
+    args = build_parser().parse_args([str(plans["mlp"]), "--local", "--max-batch", "4",
+                                      "--max-queue-delay-us", "500"])
+    assert batching_arguments(args) == ["--max-batch", "4", "--max-queue-delay-us", "500"]
+    assert batching_arguments(build_parser().parse_args([str(plans["mlp"]), "--local"])) == []
+    with LocalDeployment(plans["mlp"], port=free_port(), threads=1,
+                         serve_args=batching_arguments(args)) as deployment:
+        feeds = model_feeds(plans["mlp"])
+        for _ in range(3):
+            triton_infer(deployment.entry, "mlp", feeds)
+        for handle in deployment.tiers:
+            text = urllib.request.urlopen(handle.metrics_url, timeout=5).read().decode()
+            batches = [line for line in text.splitlines()
+                       if line.startswith("wpk_batches_total")]
+            assert batches and float(batches[0].split()[-1]) >= 3, (handle.tier, batches)
+
+
 def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),

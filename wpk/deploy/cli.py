@@ -16,6 +16,7 @@ from typing import Callable
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
 from wpk.files import existing_file
+from wpk.runtime.batching import DEFAULT_QUEUE_DELAY_US, MAX_BATCH, QUEUE_DELAY_US
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -34,7 +35,7 @@ def run_local(args: argparse.Namespace) -> int:
     cpus = split_for_plan(load_plan(args.plan_dir)) if args.pin_cpus else None
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
                                  threads=args.threads, metrics=not args.no_metrics,
-                                 link=args.link, cpus=cpus)
+                                 link=args.link, cpus=cpus, serve_args=batching_arguments(args))
     # one request covers every tier: they all run on this machine
     with cpu_latency_limit(args.cpu_latency_us), deployment:
         table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
@@ -149,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
                        help="while the tiers run, keep idle CPUs able to wake within US "
                        "microseconds (see wpk-serve --cpu-latency-us; needs root)")
+    local.add_argument("--max-batch", type=MAX_BATCH, default=1, metavar="N",
+                       help="every tier batches up to N requests that arrive together (see "
+                       "wpk-serve --max-batch; a tier whose slice takes no batch dimension "
+                       "refuses to start, naming it)")
+    local.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US,
+                       default=DEFAULT_QUEUE_DELAY_US, metavar="US",
+                       help="with --max-batch: how long the oldest request may wait for "
+                       f"others (default {DEFAULT_QUEUE_DELAY_US})")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
     local.add_argument("--mqtt", metavar="HOST:PORT", type=cli_args.host_port,
@@ -200,6 +209,14 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.registry is not None and not REGISTRY.fullmatch(args.registry):
         raise WpkError(f"--registry {args.registry!r}: expected a registry prefix like "
                        f"registry.local:5000/wpk")
+
+
+def batching_arguments(args: argparse.Namespace) -> list[str]:
+    """What every tier's wpk-serve gets for --max-batch (nothing without batching)."""
+    if args.max_batch <= 1:
+        return []
+    return ["--max-batch", str(args.max_batch),
+            "--max-queue-delay-us", str(args.max_queue_delay_us)]
 
 
 @cli_entry

@@ -27,7 +27,13 @@ from typing import Awaitable, Callable
 import numpy as np
 import onnx
 
+from wpk import cli_args
 from wpk.errors import WpkError
+
+# the command-line checks of --max-batch and --max-queue-delay-us (wpk-serve, wpk-deploy)
+MAX_BATCH = cli_args.int_between(1, 4096, "batches beyond 4096 rows only add queueing")
+QUEUE_DELAY_US = cli_args.int_between(0, 10_000_000, "at most 10 s")
+DEFAULT_QUEUE_DELAY_US = 1000
 
 BATCH_DIM = "wpk_batch"
 

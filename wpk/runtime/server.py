@@ -13,7 +13,7 @@ import sys
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
-from wpk.runtime.batching import BatchPolicy
+from wpk.runtime.batching import DEFAULT_QUEUE_DELAY_US, MAX_BATCH, QUEUE_DELAY_US, BatchPolicy
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run up to N requests that arrive together as one batch of the "
                         "slice (many devices feeding one tier; the slice must take a batch "
                         "dimension, which the tier proves on start). Default 1: no batching")
-    parser.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US, default=1000,
-                        metavar="US", help="with --max-batch: how long the oldest request "
-                        "may wait for others to join its batch (default 1000)")
+    parser.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US,
+                        default=DEFAULT_QUEUE_DELAY_US, metavar="US",
+                        help="with --max-batch: how long the oldest request may wait for "
+                        f"others to join its batch (default {DEFAULT_QUEUE_DELAY_US})")
     parser.add_argument("--restart-count", type=cli_args.non_negative_int, default=0,
                         metavar="N", help="how many times a supervisor has restarted this tier "
                         "(reported as wpk_tier_restarts; wpk-deploy --local sets it)")
@@ -203,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MAX_BATCH = cli_args.int_between(1, 4096, "batches beyond 4096 rows only add queueing")
-QUEUE_DELAY_US = cli_args.int_between(0, 10_000_000, "at most 10 s")
 # gRPC counts a message's bytes in a signed 32-bit integer
 MESSAGE_MB = cli_args.int_between(1, (2**31 - 1) // 2**20, "gRPC's limit is 2 GiB")
 

@@ -94,6 +94,7 @@ class _Match:
     heads: int
     scale: float
     guarded: bool
+    packed: "_Packed | None" = None   # the three projections, where they can be one GEMM
 
 
 def _scaled(g: _Graph, name: str, nodes: list) -> tuple[str, float]:
@@ -232,26 +233,72 @@ def _merged_heads(g: _Graph, name: str, nodes: list) -> str | None:
     return reshape.output[0]
 
 
+@dataclass
+class _Packed:
+    """Self-attention's three projections (MatMul by a constant, plus a constant bias) of
+    one input, as one [D, 3D] weight and [3D] bias for ONNX Runtime's `Attention` (one GEMM
+    in place of three)."""
+
+    input: str
+    weights: np.ndarray
+    bias: np.ndarray
+    nodes: list[onnx.NodeProto]
+
+
+def _projection(g: _Graph, name: str
+                ) -> tuple[str, np.ndarray, np.ndarray, list[onnx.NodeProto]] | None:
+    """`name` = Add(MatMul(x, W), b) with W and b constants and nothing else reading the
+    MatMul or the Add: (x, W, b, those two nodes)."""
+    add = g.made_by(name, "Add")
+    if add is None or len(g.readers.get(name, [])) != 1 or name in g.outputs:
+        return None
+    for i in (0, 1):
+        bias, product = g.constants.get(add.input[1 - i]), g.made_by(add.input[i], "MatMul")
+        if bias is None or product is None or g.only_reader(add.input[i]) is None:
+            continue
+        weights = g.constants.get(product.input[1])
+        if weights is not None and weights.ndim == 2 and bias.shape == weights.shape[1:] and \
+                weights.dtype == bias.dtype == np.float32:
+            return product.input[0], weights, bias, [product, add]
+    return None
+
+
+def _packed(g: _Graph, match: _Match) -> _Packed | None:
+    parts = [_projection(g, name) for name in (match.query, match.key, match.value)]
+    if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
+        return None
+    return _Packed(parts[0][0], np.concatenate([p[1] for p in parts], axis=1),
+                   np.concatenate([p[2] for p in parts]), [n for p in parts for n in p[3]])
+
+
 def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with every matched attention block as one MultiHeadAttention node (a new
-    model; unchanged when nothing matches)."""
+    """`model` with every matched attention block as one `Attention` node (self-attention
+    whose projections can be packed) or `MultiHeadAttention` node (a new model; unchanged
+    when nothing matches)."""
     g = _Graph.of(model)
     matches, taken = [], set()
     for node in model.graph.node:
         if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
             continue
         match = _match(g, node)
-        if match is not None and not {id(n) for n in match.nodes} & taken:
-            matches.append(match)
-            taken |= {id(n) for n in match.nodes}
+        if match is None or {id(n) for n in match.nodes} & taken:
+            continue
+        packed = _packed(g, match)
+        if packed is not None and not {id(n) for n in packed.nodes} & taken:
+            match.nodes += packed.nodes
+            match.packed = packed
+        matches.append(match)
+        taken |= {id(n) for n in match.nodes}
     if not matches:
         return model
     out = copy.deepcopy(model)
-    fused_at = {id(m.nodes[-1]): m for m in matches}   # the block's last node: its inputs exist
+    order = {id(node): i for i, node in enumerate(model.graph.node)}
+    # each block where its last node was: every tensor it reads exists by then
+    fused_at = {max((id(n) for n in m.nodes), key=order.__getitem__): m for m in matches}
     nodes = []
     for node in model.graph.node:
         if id(node) in fused_at:
-            nodes += _fused_nodes(fused_at[id(node)], len(nodes))
+            nodes += _fused_nodes(fused_at[id(node)], len(nodes), out.graph)
         elif id(node) not in taken:
             nodes.append(node)
     del out.graph.node[:]
@@ -261,12 +308,19 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _fused_nodes(match: _Match, index: int) -> list[onnx.NodeProto]:
+def _fused_nodes(match: _Match, index: int, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     name = f"wpk_attention_{index}"
     raw = f"{name}_out" if match.guarded else match.output
-    fused = helper.make_node(
-        "MultiHeadAttention", [match.query, match.key, match.value, "", "", match.bias], [raw],
-        name=name, domain=MS_DOMAIN, num_heads=match.heads, scale=match.scale)
+    if match.packed is not None:
+        graph.initializer.extend([numpy_helper.from_array(match.packed.weights, f"{name}_W"),
+                                  numpy_helper.from_array(match.packed.bias, f"{name}_B")])
+        fused = helper.make_node(
+            "Attention", [match.packed.input, f"{name}_W", f"{name}_B", "", "", match.bias],
+            [raw], name=name, domain=MS_DOMAIN, num_heads=match.heads, scale=match.scale)
+    else:
+        fused = helper.make_node(
+            "MultiHeadAttention", [match.query, match.key, match.value, "", "", match.bias],
+            [raw], name=name, domain=MS_DOMAIN, num_heads=match.heads, scale=match.scale)
     if not match.guarded:
         return [fused]
     zero = helper.make_node("Constant", [], [f"{name}_zero"], name=f"{name}_zero",

@@ -328,12 +328,13 @@ def preferred_variant(site: KernelSpec, keys: dict[str, int], kernels: bool = Fa
 CLEAR_WIN = 0.9   # a kernel this much faster than the nodes it replaces (profiled) stays in
 
 
-def profiled_ratios(offline: onnx.ModelProto, pool: list[KernelSpec], chosen: dict[int, int],
+def profiled_times(offline: onnx.ModelProto, pool: list[KernelSpec], chosen: dict[int, int],
                     session_config: Config, feed: dict[str, np.ndarray],
-                    output_names: list[str], library: Path) -> dict[int, float]:
-    """Per chosen site: our kernel's time over that of the ONNX Runtime nodes it replaces,
-    each timed by ONNX Runtime's profiler in its place in the whole slice (sites the profile
-    does not name are left out).
+                    output_names: list[str], library: Path
+                    ) -> dict[int, tuple[float, float]]:
+    """Per chosen site: (our kernel's time, that of the ONNX Runtime nodes it replaces) in
+    µs, each timed by ONNX Runtime's profiler in its place in the whole slice (sites the
+    profile does not name are left out).
 
     Why: a site saves 1-5 % of a slice, the size of the noise of whole-slice timings; a
     descent on those alone keeps whichever state the noise first put a site in (half of
@@ -347,14 +348,14 @@ def profiled_ratios(offline: onnx.ModelProto, pool: list[KernelSpec], chosen: di
     ort_us = node_times_us(offline.SerializeToString(), session_config, feed, output_names)
     ours_us = node_times_us(rewritten.SerializeToString(), session_config, feed, output_names,
                             custom_ops=str(library))
-    ratios = {}
+    times = {}
     for site_index, index in chosen.items():
         spec = pool[index]
         replaced = [ort_us.get(name) for name in spec.node.split("+")]
         ours = ours_us.get(f"{spec.node}:{ort_ops.OP_TYPES[spec.op]}")
         if ours is not None and None not in replaced and sum(replaced) > 0:
-            ratios[site_index] = ours / sum(replaced)
-    return ratios
+            times[site_index] = (ours, sum(replaced))
+    return times
 
 
 def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
@@ -445,13 +446,15 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     if current is None:
         chosen, current = {}, session({})
     settled: set[int] = set()
+    profiled: dict[int, tuple[float, float]] = {}
     if passes and chosen:
         # slower in place than ONNX Runtime's nodes: out; clearly faster: only its variants
         # are compared from here on
-        ratios = profiled_ratios(offline, pool, chosen, session_config, feed, output_names,
-                                 library)
-        chosen = {i: index for i, index in chosen.items() if ratios.get(i, 0.0) < 1.0}
-        settled = {i for i, ratio in ratios.items() if ratio < CLEAR_WIN}
+        profiled = profiled_times(offline, pool, chosen, session_config, feed, output_names,
+                                  library)
+        chosen = {i: index for i, index in chosen.items()
+                  if i not in profiled or profiled[i][0] < profiled[i][1]}
+        settled = {i for i, (ours, theirs) in profiled.items() if ours < CLEAR_WIN * theirs}
         current = works(chosen) or session({})
     choices: dict[int, OpChoice] = {}
 
@@ -478,6 +481,11 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         times = compare_ms(run, rounds=5, repeats=20)
         current_key = next((k for k, v in keys.items() if v == mine), "ort")
         times[current_key] = times.pop("current")
+        if site_index in settled:   # ONNX Runtime's nodes in place, from the profile
+            ours, theirs = profiled[site_index]
+            times_ort = times[current_key] + (theirs - ours) / 1000.0
+        else:
+            times_ort = times.get("ort", math.inf)
         best = min(times, key=times.get)
         changed = best != current_key and times[best] < margin * times[current_key]
         if changed:
@@ -492,7 +500,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         knobs = {"nchwc_depthwise": ("hb", "cout", "bands"), "winograd": ("m", "split")
                  }.get(spec.op, ())
         choices[site_index] = OpChoice(
-            spec.node, f"{spec.op}-op", spec.signature(), times.get("ort", math.inf),
+            spec.node, f"{spec.op}-op", spec.signature(), times_ort,
             kernel_times[fastest] if fastest else math.inf,
             {k: spec.params.get(k) for k in knobs} if fastest and knobs else None,
             "ort" if best == "ort" else "kernel", len(times), 0, spec)

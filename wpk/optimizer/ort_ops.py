@@ -648,6 +648,65 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     return specs
 
 
+class _NchwcGraph:
+    """ONNX Runtime's saved graph `optimized` of `model`, with what the depthwise site finder
+    asks of it: the original Conv behind each NCHWc Conv, each tensor's producer and readers,
+    and the activations ONNX Runtime fused."""
+
+    def __init__(self, optimized: onnx.ModelProto, model: onnx.ModelProto) -> None:
+        from wpk.optimizer.kernels import load_initializers
+        from wpk.optimizer.selection import shapes_of
+
+        self.optimized, self.model = optimized, model
+        self.consts, self.shapes = load_initializers(model), shapes_of(model)
+        self.originals = original_convs(optimized, model, self.consts, self.shapes)
+        self.producer = {o: n for n in optimized.graph.node for o in n.output}
+        self.readers = _readers(optimized)
+        self.consumers = {tensor: len(nodes) for tensor, nodes in self.readers.items()}
+        self.graph_outputs = {o.name for o in optimized.graph.output}
+
+    def original(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        return self.originals[node.name][0] if node.name in self.originals else None
+
+    def sole_reader(self, tensor: str) -> onnx.NodeProto | None:
+        after = self.readers.get(tensor, [])
+        return after[0] if len(after) == 1 and tensor not in self.graph_outputs else None
+
+    def activation_of(self, conv: onnx.NodeProto) -> tuple[str | None, list[onnx.NodeProto]]:
+        """The activation after NCHWc `conv` (None: one our kernels do not fuse) and the
+        nodes that compute conv + activation: ONNX Runtime's fused one, or the QuickGelu
+        node it makes of x * Sigmoid(x) where that alone reads the Conv's output."""
+        act = activations.from_ort_attributes(_attrs(conv))
+        after = self.sole_reader(conv.output[0])
+        if act == "" and after is not None and after.op_type == "QuickGelu" and \
+                after.domain == "com.microsoft":
+            return activations.swish(_attrs(after).get("alpha", 1.702)), [conv, after]
+        return act, [conv]
+
+    def blocked(self, tensor: str) -> bool:
+        """Whether `tensor` is produced by an NCHWc node: whole 16-channel blocks."""
+        source = self.producer.get(tensor)
+        if source is not None and source.op_type == "QuickGelu":   # element-wise: as its input
+            return self.blocked(source.input[0])
+        return source is not None and source.domain == NCHWC_DOMAIN and \
+            source.op_type != "ReorderOutput"     # which gives plain NCHW back
+
+    def expansion(self, tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], str] | None:
+        """(the 1x1 NCHWc Conv, its nodes, activation) computing `tensor` for the depthwise
+        Conv alone, or None."""
+        source = self.producer.get(tensor)
+        if source is not None and source.op_type == "QuickGelu":
+            source = self.producer.get(source.input[0])
+        if source is None or source.domain != NCHWC_DOMAIN or source.op_type != "Conv" or \
+                len(source.input) != 3 or self.original(source) is None:
+            return None
+        act, nodes = self.activation_of(source)
+        if act is None or nodes[-1].output[0] != tensor or self.sole_reader(tensor) is None or \
+                not self.blocked(source.input[0]):
+            return None
+        return source, nodes, act
+
+
 def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int = 1,
                     threads: int | None = None, project: bool = False) -> list:
     """KernelSpecs (op "nchwc_depthwise") for the depthwise NCHWc convolutions of `optimized`
@@ -659,119 +718,114 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
 
     As in `nchwc_sites`, the original weights come from `original_convs`.
     """
-    from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
-    from wpk.optimizer.selection import shapes_of
-
-    consts, shapes = load_initializers(model), shapes_of(model)
-    originals = original_convs(optimized, model, consts, shapes)
-    producer = {o: n for n in optimized.graph.node for o in n.output}
-    readers = _readers(optimized)
-    consumers = {tensor: len(nodes) for tensor, nodes in readers.items()}
-    graph_outputs = {o.name for o in optimized.graph.output}
-
-    def original(node: onnx.NodeProto) -> onnx.NodeProto | None:
-        return originals[node.name][0] if node.name in originals else None
-
-    def sole_reader(tensor: str) -> onnx.NodeProto | None:
-        after = readers.get(tensor, [])
-        return after[0] if len(after) == 1 and tensor not in graph_outputs else None
-
-    def activation_of(conv: onnx.NodeProto) -> tuple[str | None, list[onnx.NodeProto]]:
-        """The activation after NCHWc `conv` (None: one our kernels do not fuse) and the
-        nodes that compute conv + activation: ONNX Runtime's fused one, or the QuickGelu
-        node it makes of x * Sigmoid(x) where that alone reads the Conv's output."""
-        act = activations.from_ort_attributes(_attrs(conv))
-        after = sole_reader(conv.output[0])
-        if act == "" and after is not None and after.op_type == "QuickGelu" and \
-                after.domain == "com.microsoft":
-            return activations.swish(_attrs(after).get("alpha", 1.702)), [conv, after]
-        return act, [conv]
-
-    def blocked(tensor: str) -> bool:   # produced by an NCHWc node: whole 16-channel blocks
-        source = producer.get(tensor)
-        if source is not None and source.op_type == "QuickGelu":   # element-wise: as its input
-            return blocked(source.input[0])
-        return source is not None and source.domain == NCHWC_DOMAIN and \
-            source.op_type != "ReorderOutput"     # which gives plain NCHW back
-
-    def expansion(tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], str] | None:
-        """(the 1x1 NCHWc Conv, its nodes, activation) computing `tensor` for the depthwise
-        Conv alone, or None."""
-        source = producer.get(tensor)
-        if source is not None and source.op_type == "QuickGelu":
-            source = producer.get(source.input[0])
-        if source is None or source.domain != NCHWC_DOMAIN or source.op_type != "Conv" or \
-                len(source.input) != 3 or original(source) is None:
-            return None
-        act, nodes = activation_of(source)
-        if act is None or nodes[-1].output[0] != tensor or sole_reader(tensor) is None or \
-                not blocked(source.input[0]):
-            return None
-        return source, nodes, act
-
+    graph = _NchwcGraph(optimized, model)
     specs = []
     for node in optimized.graph.node:
-        if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) != 3:
-            continue
-        attrs, conv = _attrs(node), original(node)
-        if conv is None:
-            continue
-        act, dw_nodes = activation_of(node)
-        weight, x_shape = consts[conv.input[1]], shapes.get(conv.input[0])
-        c = int(weight.shape[0])
-        kernel = list(attrs.get("kernel_shape", []))
-        stride = list(attrs.get("strides", [1, 1]))
-        if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
-                c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
-                list(attrs.get("dilations", [1, 1])) != [1, 1] or act is None or \
-                x_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
-                not blocked(node.input[0]):
-            continue
-        _, _, h, w = x_shape
-        pads = _pads(node, (h, w), tuple(kernel), tuple(stride), (1, 1))
-        if min(pads) < 0 or max(pads) >= kernel[0]:
-            continue
-        params = dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
-                      relu=act, relu_expand="", hb=hb, threads=threads or os.cpu_count() or 1)
-        weights = {"Wd": weight.astype(np.float32),
-                   "B": originals[node.name][2].astype(np.float32)}
-        names, source = [n.name for n in dw_nodes], node.input[0]
-        expand = expansion(node.input[0])
-        if expand is not None:
-            e_node, e_nodes, e_act = expand
-            e_attrs, we = _attrs(e_node), consts[original(e_node).input[1]]
-            if we.ndim == 4 and we.shape[0] == c and we.shape[2:] == (1, 1) and \
-                    list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
-                    list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
-                    e_attrs.get("group", 1) == 1 and \
-                    not any(e_attrs.get("pads", [0, 0, 0, 0])):
-                params.update(cin=int(we.shape[1]), relu_expand=e_act)
-                weights.update(We=we.astype(np.float32),
-                               Be=originals[e_node.name][2].astype(np.float32))
-                names, source = [n.name for n in e_nodes] + names, e_node.input[0]
-        if params["c"] // 16 % hb:
-            continue
-        params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
-        sources, output = [source, "weight:U", "weight:B"], dw_nodes[-1].output[0]
-        if project:
-            projection = _projection(dw_nodes[-1], conv, optimized, model, consumers,
-                                     graph_outputs, consts, shapes)
-            if projection is None:
-                continue
-            proj_node, proj_conv, residual = projection
-            p_attrs = _attrs(proj_node)
-            weight_p = consts[proj_conv.input[1]]
-            params.update(cout=int(weight_p.shape[0]), residual=residual is not None,
-                          relu_project=activations.from_ort_attributes(p_attrs))
-            weights["Wp"] = weight_p.astype(np.float32)
-            if len(proj_conv.input) > 2 and proj_conv.input[2]:
-                weights["Bp"] = consts[proj_conv.input[2]].astype(np.float32)
-            names.append(proj_node.name)
-            sources += [residual] if residual else []
-            output = proj_node.output[0]
-        specs.append(KernelSpec("nchwc_depthwise", params, [*sources, output], output,
-                                "+".join(names), weights=weights))
+        spec = _depthwise_site(graph, node, hb, threads, project)
+        if spec is not None:
+            specs.append(spec)
     return specs
+
+
+def _depthwise_site(graph: _NchwcGraph, node: onnx.NodeProto, hb: int, threads: int | None,
+                    project: bool):
+    """The KernelSpec for NCHWc `node` as in `depthwise_sites`, or None where it is no site."""
+    from wpk.optimizer.kernels import KernelSpec
+
+    if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) != 3:
+        return None
+    conv = graph.original(node)
+    if conv is None:
+        return None
+    act, dw_nodes = graph.activation_of(node)
+    params = _depthwise_params(graph, node, conv, act, hb, threads)
+    if params is None:
+        return None
+    weights = {"Wd": graph.consts[conv.input[1]].astype(np.float32),
+               "B": graph.originals[node.name][2].astype(np.float32)}
+    names, source = [n.name for n in dw_nodes], node.input[0]
+    expanded = _fuse_expansion(graph, node.input[0], params, weights)
+    if expanded is not None:
+        expansion_names, source = expanded
+        names = expansion_names + names
+    if params["c"] // 16 % hb:
+        return None
+    params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+    sources, output = [source, "weight:U", "weight:B"], dw_nodes[-1].output[0]
+    if project:
+        projection = _projection(dw_nodes[-1], conv, graph.optimized, graph.model,
+                                 graph.consumers, graph.graph_outputs, graph.consts,
+                                 graph.shapes)
+        if projection is None:
+            return None
+        output = _fuse_projection(graph, projection, params, weights)
+        names.append(projection[0].name)
+        sources += [projection[2]] if projection[2] else []
+    return KernelSpec("nchwc_depthwise", params, [*sources, output], output, "+".join(names),
+                      weights=weights)
+
+
+def _depthwise_params(graph: _NchwcGraph, node: onnx.NodeProto, conv: onnx.NodeProto,
+                      act: str | None, hb: int, threads: int | None) -> dict | None:
+    """The kernel parameters of depthwise NCHWc `node` (original `conv`, fused activation
+    `act`) before any expansion is fused, or None where our kernel does not cover it."""
+    from wpk.optimizer.kernels import _pads
+
+    attrs = _attrs(node)
+    weight, x_shape = graph.consts[conv.input[1]], graph.shapes.get(conv.input[0])
+    c = int(weight.shape[0])
+    kernel = list(attrs.get("kernel_shape", []))
+    stride = list(attrs.get("strides", [1, 1]))
+    if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
+            c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
+            list(attrs.get("dilations", [1, 1])) != [1, 1] or act is None or \
+            x_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
+            not graph.blocked(node.input[0]):
+        return None
+    _, _, h, w = x_shape
+    pads = _pads(node, (h, w), tuple(kernel), tuple(stride), (1, 1))
+    if min(pads) < 0 or max(pads) >= kernel[0]:
+        return None
+    return dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
+                relu=act, relu_expand="", hb=hb, threads=threads or os.cpu_count() or 1)
+
+
+def _fuse_expansion(graph: _NchwcGraph, tensor: str, params: dict,
+                    weights: dict[str, np.ndarray]) -> tuple[list[str], str] | None:
+    """Fuses the 1x1 expansion Conv computing `tensor` (the depthwise input) into the site's
+    `params` and `weights` where there is one our kernel covers: (the names of its nodes, the
+    tensor the fused kernel reads), or None."""
+    expand = graph.expansion(tensor)
+    if expand is None:
+        return None
+    e_node, e_nodes, e_act = expand
+    e_attrs, we = _attrs(e_node), graph.consts[graph.original(e_node).input[1]]
+    if we.ndim == 4 and we.shape[0] == params["c"] and we.shape[2:] == (1, 1) and \
+            list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
+            list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
+            e_attrs.get("group", 1) == 1 and \
+            not any(e_attrs.get("pads", [0, 0, 0, 0])):
+        params.update(cin=int(we.shape[1]), relu_expand=e_act)
+        weights.update(We=we.astype(np.float32),
+                       Be=graph.originals[e_node.name][2].astype(np.float32))
+        return [n.name for n in e_nodes], e_node.input[0]
+    return None
+
+
+def _fuse_projection(graph: _NchwcGraph,
+                     projection: tuple[onnx.NodeProto, onnx.NodeProto, str | None],
+                     params: dict, weights: dict[str, np.ndarray]) -> str:
+    """Adds the 1x1 projection (`_projection`'s answer) to the site's `params` and
+    `weights`: the tensor the fused kernel now writes."""
+    proj_node, proj_conv, residual = projection
+    p_attrs = _attrs(proj_node)
+    weight_p = graph.consts[proj_conv.input[1]]
+    params.update(cout=int(weight_p.shape[0]), residual=residual is not None,
+                  relu_project=activations.from_ort_attributes(p_attrs))
+    weights["Wp"] = weight_p.astype(np.float32)
+    if len(proj_conv.input) > 2 and proj_conv.input[2]:
+        weights["Bp"] = graph.consts[proj_conv.input[2]].astype(np.float32)
+    return proj_node.output[0]
 
 
 def channel_scale_sites(optimized: onnx.ModelProto, model: onnx.ModelProto,

@@ -20,7 +20,6 @@ KNOWN = {
     "wpk/optimizer/codegen_c.py": {"lower_c"},
     "wpk/optimizer/depthwise.py": {"lower"},
     "wpk/optimizer/kernels.py": {"spec_for_node"},
-    "wpk/optimizer/ops.py": {"make_schedule"},
     "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites", "_projection"},
     "wpk/optimizer/pipeline.py": {"_search_and_write"},
     "wpk/optimizer/selection.py": {"build_segments", "select_custom_ops"},

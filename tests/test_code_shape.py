@@ -21,7 +21,6 @@ KNOWN = {
     "wpk/optimizer/depthwise.py": {"lower"},
     "wpk/optimizer/kernels.py": {"spec_for_node"},
     "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites", "_projection"},
-    "wpk/optimizer/selection.py": {"build_segments"},
     "wpk/optimizer/winograd.py": {"lower", "winograd_spec"},
     "wpk/partitioner/search.py": {"min_latency"},
     "wpk/partitioner/slicing.py": {"tier_slices"},

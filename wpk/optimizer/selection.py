@@ -217,43 +217,10 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
     """Cut the model into ORT runs and kernel steps (topological order); write their files."""
     from onnx.utils import Extractor
 
-    inferred = shape_inference.infer_shapes(model)
-    extractor = Extractor(inferred)
-    by_node = {}
-    for spec in kernels:
-        for name in spec.node.split("+"):
-            by_node[name] = spec
+    extractor = Extractor(shape_inference.infer_shapes(model))
     consts = {i.name for i in model.graph.initializer}
-    graph_inputs = [i.name for i in model.graph.input if i.name not in consts]
-    graph_outputs = [o.name for o in model.graph.output]
-    # a fused kernel runs where its *last* node was: its inputs (a residual Add's other
-    # operand, produced by a downsample Conv between the Conv and the Add) exist by then
-    last_node = {id(by_node[n.name]): n.name for n in model.graph.node if n.name in by_node}
-    steps: list[tuple[str, Any]] = []
-    run: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        spec = by_node.get(node.name)
-        if spec is None:
-            run.append(node)
-            continue
-        if node.name != last_node[id(spec)]:
-            continue
-        if run:
-            steps.append(("ort", run))
-            run = []
-        steps.append(("kernel", spec))
-    if run:
-        steps.append(("ort", run))
-    # which tensors each step needs later
-    needed_after: list[set[str]] = []
-    later: set[str] = set(graph_outputs)
-    for kind, item in reversed(steps):
-        needed_after.append(set(later))
-        if kind == "ort":
-            later |= {n for node in item for n in node.input if n and n not in consts}
-        else:
-            later |= set(item.sources[:-1])
-    needed_after.reverse()
+    steps = _segment_steps(model, kernels)
+    needed_after = _needed_after(steps, [o.name for o in model.graph.output], consts)
     segments = []
     for index, ((kind, item), needed) in enumerate(zip(steps, needed_after)):
         if kind == "kernel":
@@ -270,8 +237,50 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
         path = f"segment{index}.onnx"
         onnx.save(sub, str(directory / path))
         segments.append({"type": "ort", "model": path, "inputs": inputs, "outputs": outputs})
-    del graph_inputs
     return segments
+
+
+def _segment_steps(model: onnx.ModelProto, kernels: list[KernelSpec]
+                   ) -> list[tuple[str, Any]]:
+    """("ort", the nodes of one ONNX Runtime run) and ("kernel", spec) steps in graph order.
+    A fused kernel runs where its *last* node was: its inputs (a residual Add's other
+    operand, produced by a downsample Conv between the Conv and the Add) exist by then."""
+    by_node = {}
+    for spec in kernels:
+        for name in spec.node.split("+"):
+            by_node[name] = spec
+    last_node = {id(by_node[n.name]): n.name for n in model.graph.node if n.name in by_node}
+    steps: list[tuple[str, Any]] = []
+    run: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        spec = by_node.get(node.name)
+        if spec is None:
+            run.append(node)
+            continue
+        if node.name != last_node[id(spec)]:
+            continue
+        if run:
+            steps.append(("ort", run))
+            run = []
+        steps.append(("kernel", spec))
+    if run:
+        steps.append(("ort", run))
+    return steps
+
+
+def _needed_after(steps: list[tuple[str, Any]], graph_outputs: list[str], consts: set[str]
+                  ) -> list[set[str]]:
+    """Per step: the tensors later steps (or the graph's outputs) read."""
+    needed_after: list[set[str]] = []
+    later: set[str] = set(graph_outputs)
+    for kind, item in reversed(steps):
+        needed_after.append(set(later))
+        if kind == "ort":
+            later |= {n for node in item for n in node.input if n and n not in consts}
+        else:
+            later |= set(item.sources[:-1])
+    needed_after.reverse()
+    return needed_after
 
 
 @dataclass

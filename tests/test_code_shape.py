@@ -19,7 +19,6 @@ KNOWN = {
     "wpk/graph.py": {"Graph.__init__"},
     "wpk/optimizer/codegen_c.py": {"lower_c"},
     "wpk/optimizer/depthwise.py": {"lower"},
-    "wpk/optimizer/kernels.py": {"spec_for_node"},
     "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites", "_projection"},
     "wpk/optimizer/winograd.py": {"lower", "winograd_spec"},
     "wpk/partitioner/search.py": {"min_latency"},

@@ -17,7 +17,6 @@ MAX_LINES = 79
 KNOWN = {
     "wpk/attribution.py": {"_Mapper.build_aliases"},
     "wpk/graph.py": {"Graph.__init__"},
-    "wpk/optimizer/codegen_c.py": {"lower_c"},
     "wpk/optimizer/depthwise.py": {"lower"},
     "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites", "_projection"},
     "wpk/optimizer/winograd.py": {"lower", "winograd_spec"},

@@ -19,7 +19,7 @@ KNOWN = {
     "wpk/graph.py": {"Graph.__init__"},
     "wpk/optimizer/depthwise.py": {"lower"},
     "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites", "_projection"},
-    "wpk/optimizer/winograd.py": {"lower", "winograd_spec"},
+    "wpk/optimizer/winograd.py": {"lower"},
     "wpk/partitioner/search.py": {"min_latency"},
     "wpk/partitioner/slicing.py": {"tier_slices"},
     "wpk/profiling.py": {"profile_model"},

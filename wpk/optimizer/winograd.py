@@ -531,35 +531,19 @@ def winograd_spec(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto
                   threads: int | None = None):
     """A KernelSpec running `conv` (3x3, stride 1, dilation 1, group 1, fp32, constant
     weights) and the Add / Relu after it as one Winograd kernel, or None."""
-    from wpk.optimizer.kernels import KernelSpec, _attr, _pads
+    from wpk.optimizer.kernels import KernelSpec, _pads
 
-    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or \
-            conv.input[1] not in consts or conv.input[0] not in shapes:
+    if not _winograd_conv(conv, shapes, consts):
         return None
     weight = consts[conv.input[1]]
-    x_shape = shapes[conv.input[0]]
-    if weight.ndim != 4 or weight.shape[2:] != (3, 3) or len(x_shape) != 4 or x_shape[0] != 1:
-        return None
-    if tuple(_attr(conv, "strides", [1, 1])) != (1, 1) or \
-            tuple(_attr(conv, "dilations", [1, 1])) != (1, 1) or _attr(conv, "group", 1) != 1:
-        return None
     bias = len(conv.input) > 2 and bool(conv.input[2])
-    if bias and conv.input[2] not in consts:
-        return None
-    _, c, h, w = x_shape
+    _, c, h, w = shapes[conv.input[0]]
     pads = _pads(conv, (h, w), (3, 3), (1, 1), (1, 1))
     if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or w + pads[1] + pads[3] < 3:
         return None
-    nodes, residual, out = conv_pattern(conv, consumers, graph_outputs)
     oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
-    if residual is not None and (residual in consts or
-                                 shapes.get(residual) != (1, weight.shape[0], oh, ow)):
-        nodes, residual = nodes[:1], None    # broadcast or constant adds stay in ONNX Runtime
-        out = conv.output[0]
-        nxt = consumers.get(out, [])
-        if len(nxt) == 1 and nxt[0].op_type == "Relu" and out not in graph_outputs:
-            nodes.append(nxt[0])
-            out = nxt[0].output[0]
+    nodes, residual, out = _fused_tail(conv, consumers, graph_outputs, shapes, consts,
+                                       (1, weight.shape[0], oh, ow))
     relu = nodes[-1].op_type == "Relu"
     name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in conv.name or conv.output[0])
     params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m, relu=relu,
@@ -572,6 +556,44 @@ def winograd_spec(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto
         ([residual] if residual else []) + [out]
     return KernelSpec("winograd", params, sources, out, "+".join(n.name for n in nodes),
                       weights=weights)
+
+
+def _winograd_conv(conv: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
+                   consts: dict[str, np.ndarray]) -> bool:
+    """Whether `conv` is one the Winograd kernel computes (padding aside): a plain 3x3
+    stride-1 undilated ungrouped Conv of one image, its weights (and bias) constant."""
+    from wpk.optimizer.kernels import _attr
+
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or \
+            conv.input[1] not in consts or conv.input[0] not in shapes:
+        return False
+    weight = consts[conv.input[1]]
+    x_shape = shapes[conv.input[0]]
+    if weight.ndim != 4 or weight.shape[2:] != (3, 3) or len(x_shape) != 4 or x_shape[0] != 1:
+        return False
+    if tuple(_attr(conv, "strides", [1, 1])) != (1, 1) or \
+            tuple(_attr(conv, "dilations", [1, 1])) != (1, 1) or _attr(conv, "group", 1) != 1:
+        return False
+    bias = len(conv.input) > 2 and bool(conv.input[2])
+    return not (bias and conv.input[2] not in consts)
+
+
+def _fused_tail(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+                graph_outputs: set[str], shapes: dict[str, tuple[int, ...]],
+                consts: dict[str, np.ndarray], y_shape: tuple[int, ...]
+                ) -> tuple[list[onnx.NodeProto], str | None, str]:
+    """`conv_pattern`, less a residual Add whose other operand is not a computed tensor of
+    the Conv's output shape `y_shape`: broadcast or constant adds stay in ONNX Runtime (a
+    Relu straight after the Conv is still fused)."""
+    nodes, residual, out = conv_pattern(conv, consumers, graph_outputs)
+    if residual is not None and (residual in consts or shapes.get(residual) != y_shape):
+        nodes, residual = nodes[:1], None
+        out = conv.output[0]
+        nxt = consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type == "Relu" and out not in graph_outputs:
+            nodes.append(nxt[0])
+            out = nxt[0].output[0]
+    return nodes, residual, out
 
 
 class WinogradKernel:

@@ -25,7 +25,6 @@ KNOWN = {
     "wpk/profiling.py": {"profile_model"},
     "wpk/runtime/probe.py": {"probe"},
     "wpk/runtime/server.py": {"serve"},
-    "wpk/shapes.py": {"complete_shapes"},
 }
 
 

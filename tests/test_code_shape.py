@@ -18,7 +18,7 @@ KNOWN = {
     "wpk/attribution.py": {"_Mapper.build_aliases"},
     "wpk/graph.py": {"Graph.__init__"},
     "wpk/optimizer/depthwise.py": {"lower"},
-    "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites", "_projection"},
+    "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites"},
     "wpk/optimizer/winograd.py": {"lower"},
     "wpk/partitioner/search.py": {"min_latency"},
     "wpk/partitioner/slicing.py": {"tier_slices"},

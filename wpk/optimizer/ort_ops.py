@@ -753,9 +753,7 @@ def _depthwise_site(graph: _NchwcGraph, node: onnx.NodeProto, hb: int, threads: 
     params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
     sources, output = [source, "weight:U", "weight:B"], dw_nodes[-1].output[0]
     if project:
-        projection = _projection(dw_nodes[-1], conv, graph.optimized, graph.model,
-                                 graph.consumers, graph.graph_outputs, graph.consts,
-                                 graph.shapes)
+        projection = _projection(graph, dw_nodes[-1], conv)
         if projection is None:
             return None
         output = _fuse_projection(graph, projection, params, weights)
@@ -895,17 +893,31 @@ def _same_parameters(optimized: onnx.ModelProto, node: onnx.NodeProto, weight: n
         original[original != 0].size else False
 
 
-def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.ModelProto,
-                model: onnx.ModelProto, consumers: dict[str, int], graph_outputs: set[str],
-                consts: dict, shapes: dict):
+def _projection(graph: _NchwcGraph, node: onnx.NodeProto, conv: onnx.NodeProto):
     """(ONNX Runtime's NCHWc projection node, its original Conv, residual tensor or None) for
     the depthwise NCHWc `node` (original `conv`), or None where its output feeds anything
     but one 1x1 stride-1 NCHWc Conv. The original projection is the Conv that reads the
     original depthwise output (after its Relu, where there is one): ONNX Runtime renames the
     bias of a projection whose channels it pads, so the bias cannot tell."""
-    if consumers.get(node.output[0]) != 1 or node.output[0] in graph_outputs:
+    proj = _nchwc_projection(graph, node)
+    if proj is None:
         return None
-    proj = next((n for n in optimized.graph.node if node.output[0] in n.input), None)
+    original = _original_projection(graph, conv)
+    if original is None:
+        return None
+    proj_conv, weight, bias = original
+    if not _same_parameters(graph.optimized, proj, weight, bias):
+        return None       # ONNX Runtime folded something (a Mul, an Add) into the projection
+    residual = proj.input[3] if len(proj.input) > 3 and proj.input[3] else None
+    return proj, proj_conv, residual
+
+
+def _nchwc_projection(graph: _NchwcGraph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The 1x1 stride-1 NCHWc Conv (with an activation our kernel fuses) that alone reads
+    `node`'s output, or None."""
+    if graph.consumers.get(node.output[0]) != 1 or node.output[0] in graph.graph_outputs:
+        return None
+    proj = next((n for n in graph.optimized.graph.node if node.output[0] in n.input), None)
     if proj is None or proj.domain != NCHWC_DOMAIN or proj.op_type != "Conv" or \
             proj.input[0] != node.output[0]:
         return None
@@ -915,7 +927,16 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
             any(attrs.get("pads", [0, 0, 0, 0])) or \
             activations.from_ort_attributes(attrs) is None:
         return None
-    readers = _readers(model)
+    return proj
+
+
+def _original_projection(graph: _NchwcGraph, conv: onnx.NodeProto
+                         ) -> tuple[onnx.NodeProto, np.ndarray, np.ndarray] | None:
+    """(the Conv of the original model that alone reads depthwise `conv`'s output, after
+    its activation where it has one; its weight; its bias, zeros where it has none), or None
+    where that is no 1x1 Conv with constant parameters."""
+    consts = graph.consts
+    readers = _readers(graph.model)
     tensor = conv.output[0]
     after = readers.get(tensor, [])
     if len(after) == 1 and after[0].op_type in ("Relu", "Clip", "HardSwish"):  # ReLU6: Clip
@@ -931,7 +952,4 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
         return None
     bias = consts[convs[0].input[2]] if len(convs[0].input) > 2 and convs[0].input[2] else \
         np.zeros(weight.shape[0], np.float32)
-    if not _same_parameters(optimized, proj, weight, bias):
-        return None       # ONNX Runtime folded something (a Mul, an Add) into the projection
-    residual = proj.input[3] if len(proj.input) > 3 and proj.input[3] else None
-    return proj, convs[0], residual
+    return convs[0], weight, bias

@@ -20,7 +20,6 @@ KNOWN = {
     "wpk/optimizer/depthwise.py": {"lower"},
     "wpk/optimizer/ort_ops.py": {"custom_op_model", "nchwc_sites"},
     "wpk/optimizer/winograd.py": {"lower"},
-    "wpk/partitioner/search.py": {"min_latency"},
     "wpk/partitioner/slicing.py": {"tier_slices"},
     "wpk/profiling.py": {"profile_model"},
     "wpk/runtime/probe.py": {"probe"},

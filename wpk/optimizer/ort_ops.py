@@ -604,7 +604,7 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     come from the Conv of `model` they were made from (`original_convs`). A fused Sum input
     is the residual; activation Relu is fused too.
     """
-    from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
+    from wpk.optimizer.kernels import load_initializers
     from wpk.optimizer.selection import shapes_of
 
     consts, shapes = load_initializers(model), shapes_of(model)
@@ -613,39 +613,56 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     for node in optimized.graph.node:
         if node.name not in originals or len(node.input) < 3:
             continue
-        attrs = _attrs(node)
-        if list(attrs.get("kernel_shape", [])) != [3, 3] or \
-                list(attrs.get("strides", [1, 1])) != [1, 1] or \
-                list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or \
-                activations.from_ort_attributes(attrs) is None or \
-                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            continue
-        conv, weight, bias = originals[node.name]
-        x_shape = shapes.get(conv.input[0])
-        if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
-                len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
-            continue
-        if weight.shape[0] % 16 or weight.shape[1] % 16:
-            # whole blocks only: with fewer channels ONNX Runtime feeds NCHW (an image) to
-            # an NCHWc Conv, and with padded blocks it renames (pads) the bias
-            continue
-        _, c, h, w = x_shape
-        pads = _pads(node, (h, w), (3, 3), (1, 1), (1, 1))
-        if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or \
-                w + pads[1] + pads[3] < 3:
-            continue
-        residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
-        params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m,
-                      relu=activations.from_ort_attributes(attrs),
-                      residual=residual is not None, split=split,
-                      threads=threads or os.cpu_count() or 1, name=name, layout="nchwc")
-        sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
-            + [node.output[0]]
-        specs.append(KernelSpec("winograd", params, sources, node.output[0], node.name,
-                                weights={"Wt": weight.astype(np.float32),
-                                         "B": bias.astype(np.float32)}))
+        spec = _nchwc_winograd_site(node, originals[node.name], shapes, m, split, threads)
+        if spec is not None:
+            specs.append(spec)
     return specs
+
+
+def _winograd_attributes(attrs: dict) -> bool:
+    """Whether an NCHWc Conv's attributes are the Winograd kernel's: 3x3, stride 1,
+    undilated, ungrouped, explicit padding, an activation it fuses."""
+    return not (list(attrs.get("kernel_shape", [])) != [3, 3] or
+                list(attrs.get("strides", [1, 1])) != [1, 1] or
+                list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or
+                activations.from_ort_attributes(attrs) is None or
+                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""))
+
+
+def _nchwc_winograd_site(node: onnx.NodeProto,
+                         original: tuple[onnx.NodeProto, np.ndarray, np.ndarray],
+                         shapes: dict, m: int, split: str, threads: int | None):
+    """The Winograd KernelSpec for NCHWc Conv `node` (`original`: the Conv of the model it
+    was made from, its weight and bias), or None where the kernel does not cover it."""
+    from wpk.optimizer.kernels import KernelSpec, _pads
+
+    attrs = _attrs(node)
+    if not _winograd_attributes(attrs):
+        return None
+    conv, weight, bias = original
+    x_shape = shapes.get(conv.input[0])
+    if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
+            len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
+        return None
+    if weight.shape[0] % 16 or weight.shape[1] % 16:
+        # whole blocks only: with fewer channels ONNX Runtime feeds NCHW (an image) to
+        # an NCHWc Conv, and with padded blocks it renames (pads) the bias
+        return None
+    _, c, h, w = x_shape
+    pads = _pads(node, (h, w), (3, 3), (1, 1), (1, 1))
+    if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or \
+            w + pads[1] + pads[3] < 3:
+        return None
+    residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+    params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m,
+                  relu=activations.from_ort_attributes(attrs),
+                  residual=residual is not None, split=split,
+                  threads=threads or os.cpu_count() or 1, name=name, layout="nchwc")
+    sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
+        + [node.output[0]]
+    return KernelSpec("winograd", params, sources, node.output[0], node.name,
+                      weights={"Wt": weight.astype(np.float32), "B": bias.astype(np.float32)})
 
 
 class _NchwcGraph:

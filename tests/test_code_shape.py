@@ -17,7 +17,6 @@ MAX_LINES = 79
 KNOWN = {
     "wpk/attribution.py": {"_Mapper.build_aliases"},
     "wpk/optimizer/depthwise.py": {"lower"},
-    "wpk/optimizer/ort_ops.py": {"custom_op_model"},
     "wpk/optimizer/winograd.py": {"lower"},
     "wpk/partitioner/slicing.py": {"tier_slices"},
     "wpk/profiling.py": {"profile_model"},

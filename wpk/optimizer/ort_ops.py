@@ -23,6 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -469,13 +470,7 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     and bias become initializers, unused initializers are dropped); specs[j] runs as kernel
     indices[j] of the library (default: j)."""
     indices = list(range(len(specs))) if indices is None else indices
-    replaced = {}
-    for index, spec in zip(indices, specs):
-        for name in spec.node.split("+"):
-            if name in replaced:
-                raise WpkError(f"custom operators: node {name!r} is in two kernels "
-                               f"({replaced[name][1].node} and {spec.node})")
-            replaced[name] = (index, spec)
+    replaced = _replaced_nodes(specs, indices)
     # each kernel runs where its last node was: every input it reads exists by then (a
     # channel scale's scale is computed after the tensor it scales)
     last_node = {}
@@ -497,22 +492,7 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
         if index in emitted or node.name != last_node[index]:
             continue
         emitted.add(index)
-        op_type = OP_TYPES[spec.op]
-        u, bias = op_parameters(spec)
-        u_name, b_name = f"wpk_kernel_{index}_U", ""
-        if u is None:
-            u_name = spec.sources[1]
-        else:
-            out.graph.initializer.append(numpy_helper.from_array(u, u_name))
-        if bias is not None:
-            b_name = f"wpk_kernel_{index}_B"
-            out.graph.initializer.append(numpy_helper.from_array(bias, b_name))
-        inputs = [spec.sources[0], u_name, b_name]
-        if spec.params.get("residual"):
-            inputs.append(spec.sources[-2])
-        out.graph.node.append(helper.make_node(op_type, inputs, [spec.output],
-                                               name=f"{spec.node}:{op_type}", domain=DOMAIN,
-                                               kernel=index))
+        _append_kernel_node(out, index, spec)
         # the output's shape, stated: ONNX Runtime cannot infer it for a custom op, and
         # without it the memory planner leaves the tensor (and the graph's plan) to run time
         if spec.output not in graph_outputs:
@@ -521,6 +501,46 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     if len(emitted) != len(specs):
         missing = [s.node for i, s in zip(indices, specs) if i not in emitted]
         raise WpkError(f"custom operators: nodes {missing} are not in the model")
+    _finish_custom_op_model(out, shaped)
+    return out
+
+
+def _replaced_nodes(specs: list, indices: list[int]) -> dict[str, tuple[int, Any]]:
+    """Node name -> (kernel index, spec) of the kernel that replaces it."""
+    replaced: dict[str, tuple[int, Any]] = {}
+    for index, spec in zip(indices, specs):
+        for name in spec.node.split("+"):
+            if name in replaced:
+                raise WpkError(f"custom operators: node {name!r} is in two kernels "
+                               f"({replaced[name][1].node} and {spec.node})")
+            replaced[name] = (index, spec)
+    return replaced
+
+
+def _append_kernel_node(out: onnx.ModelProto, index: int, spec) -> None:
+    """Kernel `index`'s custom node and its parameters (as initializers) into `out`."""
+    op_type = OP_TYPES[spec.op]
+    u, bias = op_parameters(spec)
+    u_name, b_name = f"wpk_kernel_{index}_U", ""
+    if u is None:
+        u_name = spec.sources[1]
+    else:
+        out.graph.initializer.append(numpy_helper.from_array(u, u_name))
+    if bias is not None:
+        b_name = f"wpk_kernel_{index}_B"
+        out.graph.initializer.append(numpy_helper.from_array(bias, b_name))
+    inputs = [spec.sources[0], u_name, b_name]
+    if spec.params.get("residual"):
+        inputs.append(spec.sources[-2])
+    out.graph.node.append(helper.make_node(op_type, inputs, [spec.output],
+                                           name=f"{spec.node}:{op_type}", domain=DOMAIN,
+                                           kernel=index))
+
+
+def _finish_custom_op_model(out: onnx.ModelProto,
+                            shaped: dict[str, onnx.ValueInfoProto]) -> None:
+    """The custom nodes' output shapes stated, unused initializers dropped, our domain
+    imported."""
     kept_info = [v for v in out.graph.value_info if v.name not in shaped]
     del out.graph.value_info[:]
     out.graph.value_info.extend([*kept_info, *shaped.values()])
@@ -530,7 +550,6 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     out.graph.initializer.extend(kept)
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return out
 
 
 

@@ -17,7 +17,6 @@ MAX_LINES = 79
 KNOWN = {
     "wpk/optimizer/depthwise.py": {"lower"},
     "wpk/optimizer/winograd.py": {"lower"},
-    "wpk/profiling.py": {"profile_model"},
     "wpk/runtime/probe.py": {"probe"},
     "wpk/runtime/server.py": {"serve"},
 }

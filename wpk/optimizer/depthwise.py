@@ -346,7 +346,8 @@ struct job {{ const float* x; const float* p; const float* b; const float* r; fl
 def _dw_tile(s: DepthwiseShape) -> str:
     """The depthwise register tile, its activation fused."""
     relu = activations.avx512(s.relu)
-    return f"""/* output pixels ox..ox+P-1 of row oy, hidden block j, from the ring rows of taps ky0..ky1-1 */
+    return f"""\
+/* output pixels ox..ox+P-1 of row oy, hidden block j, from the ring rows of taps ky0..ky1-1 */
 static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* wv, __m512 bias,
                            int j, int ox, float* __restrict__ out) {{
   __m512 acc[P];

@@ -103,12 +103,20 @@ class _Mapper:
         return node.op_type in (original.op_type, "Fused" + original.op_type)
 
     def build_aliases(self) -> None:
+        self._alias_known_tensors()
+        self._alias_backwards()
+        self._alias_forwards()
+
+    def _alias_known_tensors(self) -> None:
+        """Tensors of the optimized graph that kept their original names."""
         tensors = self.graph.tensors
         for node in self.opt_nodes:
             for name in list(node.input) + list(node.output):
                 if name and name in tensors:
                     self.alias[name] = name
-        # Backwards: a consumer standing for a known original node names its data input.
+
+    def _alias_backwards(self) -> None:
+        """A consumer standing for a known original node names its data input."""
         for node in self.opt_nodes:
             original = self.identity(node)
             if original is None or not self.compatible(node, original):
@@ -122,7 +130,9 @@ class _Mapper:
                 source = original.input[position]
                 if source and source not in self.graph.initializers:
                     self.alias[name] = source
-        # Forwards: through layout-only nodes, else from the producer's original node.
+
+    def _alias_forwards(self) -> None:
+        """Through layout-only nodes, else from the producer's original node."""
         for node in self.opt_nodes:
             original = self.identity(node)
             for position, name in enumerate(node.output):

@@ -151,6 +151,20 @@ def _tensor_dtype(elem_type: int) -> np.dtype:
         raise WpkError(f"unsupported tensor element type {elem_type}") from None
 
 
+def _known_tensors(graph: onnx.GraphProto) -> dict[str, TensorInfo]:
+    """The initializers, and the inputs, value_info and outputs with a static shape."""
+    tensors: dict[str, TensorInfo] = {}
+    for init in graph.initializer:
+        tensors[init.name] = TensorInfo(
+            init.name, tuple(int(d) for d in init.dims), _tensor_dtype(init.data_type), True)
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.name not in tensors and static_shape(value) is not None:
+            tensors[value.name] = TensorInfo(
+                value.name, static_shape(value),
+                _tensor_dtype(value.type.tensor_type.elem_type))
+    return tensors
+
+
 class Graph:
     """A shape-inferred ONNX model with per-node costs. Build it with `Graph.load`."""
 
@@ -162,34 +176,11 @@ class Graph:
         self.path = path
         graph = model.graph
         initializer_names = {init.name for init in graph.initializer}
-        self.tensors: dict[str, TensorInfo] = {}
-        for init in graph.initializer:
-            self.tensors[init.name] = TensorInfo(
-                init.name, tuple(int(d) for d in init.dims), _tensor_dtype(init.data_type), True)
-        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-            if value.name not in self.tensors and static_shape(value) is not None:
-                self.tensors[value.name] = TensorInfo(
-                    value.name, static_shape(value),
-                    _tensor_dtype(value.type.tensor_type.elem_type))
+        self.tensors: dict[str, TensorInfo] = _known_tensors(graph)
         self.inputs: list[str] = [v.name for v in graph.input if v.name not in initializer_names]
         self.outputs: list[str] = [v.name for v in graph.output]
         self.initializers: frozenset[str] = frozenset(initializer_names)
-
-        nodes = _topological_order(list(graph.node), set(self.inputs) | initializer_names)
-        self.nodes: list[NodeInfo] = []
-        reads = [node_reads(node) for node in nodes]   # subgraphs walked once per node
-        read = {t for node_inputs in reads for t in node_inputs} | {v.name for v in graph.output}
-        for index, (node, ins) in enumerate(zip(nodes, reads)):
-            # an output that nothing reads (a Dropout's mask) is never sent: it needs no shape
-            outs = tuple(n for n in node.output if n and n in read)
-            for tensor in ins + outs:
-                if tensor not in self.tensors:
-                    raise WpkError(f"{name}: tensor {tensor!r} (node {node.name}) has no "
-                                   "known shape")
-            self.nodes.append(NodeInfo(
-                index, node.name, node.op_type, ins, outs,
-                _node_flops(node, self.tensors),
-                sum(self.tensors[t].nbytes for t in ins + outs)))
+        self.nodes: list[NodeInfo] = self._node_infos(graph, initializer_names)
         self.node_index: dict[str, int] = {n.name: n.index for n in self.nodes}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -198,12 +189,38 @@ class Graph:
                 self.producer[tensor] = node.index
             for tensor in dict.fromkeys(node.inputs):
                 self.consumers.setdefault(tensor, []).append(node.index)
+        self._check_outputs()
+
+    def _node_infos(self, graph: onnx.GraphProto, initializer_names: set[str]
+                    ) -> list[NodeInfo]:
+        """The nodes in topological order, with what they read and write, and their costs."""
+        nodes = _topological_order(list(graph.node), set(self.inputs) | initializer_names)
+        infos: list[NodeInfo] = []
+        reads = [node_reads(node) for node in nodes]   # subgraphs walked once per node
+        read = {t for node_inputs in reads for t in node_inputs} | {v.name for v in graph.output}
+        for index, (node, ins) in enumerate(zip(nodes, reads)):
+            # an output that nothing reads (a Dropout's mask) is never sent: it needs no shape
+            outs = tuple(n for n in node.output if n and n in read)
+            for tensor in ins + outs:
+                if tensor not in self.tensors:
+                    raise WpkError(f"{self.name}: tensor {tensor!r} (node {node.name}) has no "
+                                   "known shape")
+            infos.append(NodeInfo(
+                index, node.name, node.op_type, ins, outs,
+                _node_flops(node, self.tensors),
+                sum(self.tensors[t].nbytes for t in ins + outs)))
+        return infos
+
+    def _check_outputs(self) -> None:
+        """Every graph output is computed by a node (or is an input) and has a shape."""
         for output in self.outputs:
             if output not in self.producer and output not in self.inputs:
-                raise WpkError(f"{name}: output {output!r} is computed by no node (a constant "
-                               "or a dangling name); wpk can only plan computed outputs")
+                raise WpkError(f"{self.name}: output {output!r} is computed by no node (a "
+                               "constant or a dangling name); wpk can only plan computed "
+                               "outputs")
             if output not in self.tensors:
-                raise WpkError(f"{name}: output {output!r} is not a tensor with a known shape")
+                raise WpkError(f"{self.name}: output {output!r} is not a tensor with a known "
+                               "shape")
 
     # -- construction -------------------------------------------------------------------
     @classmethod

@@ -179,13 +179,7 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
     `name` is the device's name in the profile (default: this host's name); `threads` the
     intra-op threads (default: physical cores, as ORT's own default).
     """
-    if runs < 1 or warmup < 0:
-        raise WpkError("--runs must be at least 1 and --warmup at least 0")
-    if threads is not None and threads < 1:
-        raise WpkError("--threads must be at least 1")
-    if optimization not in OPTIMIZATION_LEVELS:
-        raise WpkError(f"unknown optimization level {optimization!r} "
-                       f"({', '.join(OPTIMIZATION_LEVELS)})")
+    _check_arguments(runs, warmup, threads, optimization)
     graph = Graph.load(model_path, input_shapes)
     full_provider = resolve_provider(provider)
     threads = threads or physical_cores()
@@ -198,39 +192,11 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
         onnx.save(graph.model, str(model_file), save_as_external_data=large)
         session, optimized = _open_session(model_file, full_provider, threads, optimization,
                                            workdir, graph.name)
-        walls: list[float] = []
-        bar, task = _progress(progress, warmup + runs, f"profiling {graph.name}")
-        with bar:
-            for i in range(warmup + runs):
-                start = time.perf_counter()
-                try:
-                    session.run(None, feeds)
-                except Exception as error:
-                    text = str(error).strip().splitlines()
-                    raise WpkError(f"{graph.name}: run failed: "
-                                   f"{text[0][:200] if text else type(error).__name__}") from None
-                walls.append((time.perf_counter() - start) * 1000.0)
-                bar.advance(task)
+        walls = _timed_runs(session, feeds, warmup + runs, graph.name, progress)
         trace = json.loads(Path(session.end_profiling()).read_text())
 
     walls = walls[warmup:]
-    per_run = _kernel_times_per_run(trace, runs)
-    kernel_median = {k: float(np.median([run.get(k, 0.0) for run in per_run]))
-                     for k in {k for run in per_run for k in run}}
-    kernel_map = build_kernel_map(graph, optimized, kernel_median)
-    node_runs = []
-    for wall, kernels in zip(walls, per_run):
-        overhead = max(wall - sum(kernels.values()), 0.0) / max(len(kernels), 1)
-        node_runs.append(kernel_map.attribute({k: ms + overhead for k, ms in kernels.items()}))
-    node_ms = np.median(np.array(node_runs), axis=0)
-    # Per-node medians drop each run's stray slow kernel; the typical run has one. Scale so
-    # the nodes add up to the whole-model median (the factor is recorded).
-    total_median = float(np.median(walls))
-    raw_sum = float(node_ms.sum())
-    scale = total_median / raw_sum if raw_sum > 0 else 1.0
-    node_ms = node_ms * scale
-    stats = dict(kernel_map.stats, scale=round(scale, 4))
-
+    node_ms, total_median, stats = _node_times(graph, optimized, trace, walls, runs)
     host = host_info()
     return {
         "version": PROFILE_VERSION,
@@ -249,3 +215,56 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
         "nodes": [{"name": node.name, "op_type": node.op_type, "ms": round(float(ms), 6)}
                   for node, ms in zip(graph.nodes, node_ms)],
     }
+
+
+def _check_arguments(runs: int, warmup: int, threads: int | None, optimization: str) -> None:
+    if runs < 1 or warmup < 0:
+        raise WpkError("--runs must be at least 1 and --warmup at least 0")
+    if threads is not None and threads < 1:
+        raise WpkError("--threads must be at least 1")
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise WpkError(f"unknown optimization level {optimization!r} "
+                       f"({', '.join(OPTIMIZATION_LEVELS)})")
+
+
+def _timed_runs(session, feeds: dict[str, np.ndarray], count: int, label: str,
+                progress: bool) -> list[float]:
+    """Wall times (ms) of `count` runs of `session` on `feeds`, under a progress bar."""
+    walls: list[float] = []
+    bar, task = _progress(progress, count, f"profiling {label}")
+    with bar:
+        for _ in range(count):
+            start = time.perf_counter()
+            try:
+                session.run(None, feeds)
+            except Exception as error:
+                text = str(error).strip().splitlines()
+                raise WpkError(f"{label}: run failed: "
+                               f"{text[0][:200] if text else type(error).__name__}") from None
+            walls.append((time.perf_counter() - start) * 1000.0)
+            bar.advance(task)
+    return walls
+
+
+def _node_times(graph: Graph, optimized: onnx.ModelProto | None,
+                trace: list[dict[str, Any]], walls: list[float], runs: int
+                ) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """(per-node median ms, the whole-model median, the attribution's stats) from the
+    profiler's `trace` and the measured runs' wall times."""
+    per_run = _kernel_times_per_run(trace, runs)
+    kernel_median = {k: float(np.median([run.get(k, 0.0) for run in per_run]))
+                     for k in {k for run in per_run for k in run}}
+    kernel_map = build_kernel_map(graph, optimized, kernel_median)
+    node_runs = []
+    for wall, kernels in zip(walls, per_run):
+        overhead = max(wall - sum(kernels.values()), 0.0) / max(len(kernels), 1)
+        node_runs.append(kernel_map.attribute({k: ms + overhead for k, ms in kernels.items()}))
+    node_ms = np.median(np.array(node_runs), axis=0)
+    # Per-node medians drop each run's stray slow kernel; the typical run has one. Scale so
+    # the nodes add up to the whole-model median (the factor is recorded).
+    total_median = float(np.median(walls))
+    raw_sum = float(node_ms.sum())
+    scale = total_median / raw_sum if raw_sum > 0 else 1.0
+    node_ms = node_ms * scale
+    stats = dict(kernel_map.stats, scale=round(scale, 4))
+    return node_ms, total_median, stats

@@ -40,29 +40,46 @@ def complete_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     shape and are not measured.
     """
     graph = model.graph
-    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     for value in inputs:
         if static_shape(value) is None:
-            dims = value.type.tensor_type.shape.dim
-            dynamic = [repr(d.dim_param or "?") for d in dims if not d.HasField("dim_value")]
-            what = (f"a dynamic dimension {dynamic[0]}" if len(dynamic) == 1
-                    else f"dynamic dimensions {', '.join(dynamic)}" if dynamic else "no shape")
-            example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "N"
-                               for d in dims) or "N"
-            raise WpkError(f"{label}: input {value.name!r} has {what}; fix it with "
-                           f"--input-shape {value.name}={example}, each N a number")
+            raise WpkError(_dynamic_input_message(value, label))
+    missing = _unshaped_tensors(graph, initializers)
+    if not missing:
+        return model
+    _write_shapes(graph, _measured_shapes(model, inputs, missing, label))
+    return model
+
+
+def _dynamic_input_message(value: onnx.ValueInfoProto, label: str) -> str:
+    """What to tell a user whose model input has no static shape: the flag that fixes it."""
+    dims = value.type.tensor_type.shape.dim
+    dynamic = [repr(d.dim_param or "?") for d in dims if not d.HasField("dim_value")]
+    what = (f"a dynamic dimension {dynamic[0]}" if len(dynamic) == 1
+            else f"dynamic dimensions {', '.join(dynamic)}" if dynamic else "no shape")
+    example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "N"
+                       for d in dims) or "N"
+    return (f"{label}: input {value.name!r} has {what}; fix it with "
+            f"--input-shape {value.name}={example}, each N a number")
+
+
+def _unshaped_tensors(graph: onnx.GraphProto, initializers: set[str]) -> list[str]:
+    """The tensors something reads (or the graph outputs) that have no static shape yet,
+    in graph order."""
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
     reads = [node_reads(node) for node in graph.node]   # subgraphs walked once per node
     read = {t for node_inputs in reads for t in node_inputs} | {v.name for v in graph.output}
     missing = [t for node, node_inputs in zip(graph.node, reads)
                for t in list(node_inputs) + list(node.output)
                if t and t in read and t not in initializers
                and (t not in known or static_shape(known[t]) is None)]
-    missing = list(dict.fromkeys(missing))
-    if not missing:
-        return model
-    measured = _measured_shapes(model, inputs, missing, label)
+    return list(dict.fromkeys(missing))
+
+
+def _write_shapes(graph: onnx.GraphProto,
+                  measured: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """The measured shapes into the graph: its outputs', or value_info (replacing any)."""
     kept = [v for v in graph.value_info if v.name not in measured]
     del graph.value_info[:]
     graph.value_info.extend(kept)
@@ -74,7 +91,6 @@ def complete_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
             outputs[0].CopyFrom(typed)
         else:
             graph.value_info.append(typed)
-    return model
 
 
 def _measured_shapes(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto],

@@ -56,50 +56,18 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
     while acc_start > 0 and kinds[acc_start - 1] == "reduce":
         acc_start -= 1
     fused = all(k == "spatial" for k in kinds[:acc_start]) and acc_start < len(loops)
-    op = "+=" if c.combine == "sum" else None
     lets = "".join(f"const int {name} = {expr}; " for name, expr in c.lets)
 
     def update(target: str) -> str:
-        # a plain compare vectorizes; fmaxf without -ffast-math is a libm call per element
-        step = f"{target} += ({c.term});" if op else \
-            f"{{ const float t_ = ({c.term}); {target} = t_ > {target} ? t_ : {target}; }}"
-        return f"if ({c.guard}) {step}" if c.guard else step
+        return _update(c, target)
 
     lines = ["#include <math.h>", "#include <float.h>", "#include <stdlib.h>",
              f"void {c.name}({params}) {{"]
     threads = schedule.threads
     pad_loop: list[str] = []
     if c.padding is not None:
-        p = c.padding
-        n, ch, h, w = p.shape
-        hp, wp = h + p.pads[0] + p.pads[2], w + p.pads[1] + p.pads[3]
-        lines.append(f"float* __restrict__ {p.target} = (float*)aligned_alloc(64, "
-                     f"((sizeof(float) * {n * ch * hp * wp} + 63) / 64) * 64);")
-        pad_loop = [
-            "#pragma omp for schedule(static)" if threads > 1 else "",
-            f"for (int q = 0; q < {n * ch}; ++q) for (int y = 0; y < {hp}; ++y) {{",
-            f"const int iy = y - {p.pads[0]};",
-            "#pragma omp simd",
-            f"for (int x = 0; x < {wp}; ++x) {{ const int ix = x - {p.pads[1]}; "
-            f"{p.target}[(q * {hp} + y) * {wp} + x] = ((unsigned)iy < {h}u && "
-            f"(unsigned)ix < {w}u) ? {p.source}[(q * {h} + iy) * {w} + ix] : {p.fill}; }}",
-            "}"]
-
-    def spatial_nest(body: list[str]) -> list[str]:
-        # simple nest over the spatial axes in definition order (init / epilogue passes)
-        nest: list[str] = []
-        spatial = c.spatial
-        for i, axis in enumerate(spatial):
-            if i == 0 and threads > 1:
-                collapse = " collapse(2)" if len(spatial) > 2 else ""
-                nest.append(f"#pragma omp for schedule(static){collapse}")
-            if i == len(spatial) - 1:
-                nest.append("#pragma omp simd")
-            nest.append(f"for (int {axis.name} = 0; {axis.name} < {axis.extent}; "
-                        f"++{axis.name}) {{")
-        nest += body + ["}"] * len(spatial)
-        return nest
-
+        lines.append(_padding_alloc(c))
+        pad_loop = _padding_loop(c, threads)
     if threads > 1:  # one fork/join per call: every pass below is an `omp for` inside it
         lines += [f"#pragma omp parallel num_threads({threads})", "{"]
     lines += pad_loop
@@ -108,45 +76,116 @@ def lower_c(compute: Compute, schedule: Schedule) -> str:
         lines += _lower_tiled(c, schedule, extent_of, tile, lets, update)
         return _close_function(lines, c, threads)
     if not fused:
-        lines += spatial_nest([f"{out}[{c.out_index}] = {c.init};"])
+        lines += _spatial_nest(c, threads, [f"{out}[{c.out_index}] = {c.init};"])
+    lines += _open_reduction(c, schedule, extent_of, acc_start, fused)
+    lines.append(lets + (update("acc") if acc_start < len(loops)
+                         else update(f"{out}[{c.out_index}]")))
+    lines += _close_reduction(c, len(loops), acc_start, fused)
+    if not fused and c.epilogue:
+        lines += _spatial_nest(c, threads, [f"{{ float v = {out}[{c.out_index}]; "
+                                            f"{out}[{c.out_index}] = {c.epilogue}; }}"])
+    return _close_function(lines, c, threads)
 
+
+def _update(c: Compute, target: str) -> str:
+    """The statement that combines one term into `target` (sum or max), under the guard."""
+    # a plain compare vectorizes; fmaxf without -ffast-math is a libm call per element
+    step = f"{target} += ({c.term});" if c.combine == "sum" else \
+        f"{{ const float t_ = ({c.term}); {target} = t_ > {target} ? t_ : {target}; }}"
+    return f"if ({c.guard}) {step}" if c.guard else step
+
+
+def _padded_hw(c: Compute) -> tuple[int, int]:
+    p = c.padding
+    _, _, h, w = p.shape
+    return h + p.pads[0] + p.pads[2], w + p.pads[1] + p.pads[3]
+
+
+def _padding_alloc(c: Compute) -> str:
+    """The allocation of the padded copy of the input."""
+    p = c.padding
+    n, ch, _, _ = p.shape
+    hp, wp = _padded_hw(c)
+    return (f"float* __restrict__ {p.target} = (float*)aligned_alloc(64, "
+            f"((sizeof(float) * {n * ch * hp * wp} + 63) / 64) * 64);")
+
+
+def _padding_loop(c: Compute, threads: int) -> list[str]:
+    """The pass that fills the padded copy (inside the parallel region)."""
+    p = c.padding
+    n, ch, h, w = p.shape
+    hp, wp = _padded_hw(c)
+    return [
+        "#pragma omp for schedule(static)" if threads > 1 else "",
+        f"for (int q = 0; q < {n * ch}; ++q) for (int y = 0; y < {hp}; ++y) {{",
+        f"const int iy = y - {p.pads[0]};",
+        "#pragma omp simd",
+        f"for (int x = 0; x < {wp}; ++x) {{ const int ix = x - {p.pads[1]}; "
+        f"{p.target}[(q * {hp} + y) * {wp} + x] = ((unsigned)iy < {h}u && "
+        f"(unsigned)ix < {w}u) ? {p.source}[(q * {h} + iy) * {w} + ix] : {p.fill}; }}",
+        "}"]
+
+
+def _spatial_nest(c: Compute, threads: int, body: list[str]) -> list[str]:
+    """A simple nest over the spatial axes in definition order (init / epilogue passes)."""
+    nest: list[str] = []
+    spatial = c.spatial
+    for i, axis in enumerate(spatial):
+        if i == 0 and threads > 1:
+            collapse = " collapse(2)" if len(spatial) > 2 else ""
+            nest.append(f"#pragma omp for schedule(static){collapse}")
+        if i == len(spatial) - 1:
+            nest.append("#pragma omp simd")
+        nest.append(f"for (int {axis.name} = 0; {axis.name} < {axis.extent}; "
+                    f"++{axis.name}) {{")
+    nest += body + ["}"] * len(spatial)
+    return nest
+
+
+def _open_reduction(c: Compute, schedule: Schedule, extent_of: dict[str, int],
+                    acc_start: int, fused: bool) -> list[str]:
+    """The scheduled loops, opened outermost first, with the accumulator declared where the
+    trailing reduce loops begin."""
+    loops = schedule.loops
+    lines: list[str] = []
     defined: set[str] = set()
-    depth_lines: list[str] = []
     for i, loop in enumerate(loops):
         if i == acc_start:
             if fused:
-                depth_lines.append(f"float acc = {c.init};")
+                lines.append(f"float acc = {c.init};")
             else:
-                depth_lines.append(f"float acc = {out}[{c.out_index}];")
+                lines.append(f"float acc = {c.output.name}[{c.out_index}];")
         if i > acc_start and schedule.vectorized and loops[acc_start - 1].name == \
                 schedule.vectorized and loop.extent <= 16 and \
                 loop.name not in schedule.unrolled:
-            depth_lines.append(f"#pragma GCC unroll {loop.extent}")  # under an outer simd loop
+            lines.append(f"#pragma GCC unroll {loop.extent}")  # under an outer simd loop
         if loop.name == schedule.vectorized:
             if i >= acc_start:
                 clause = "+" if c.combine == "sum" else "max"
-                depth_lines.append(f"#pragma omp simd reduction({clause}:acc)")
+                lines.append(f"#pragma omp simd reduction({clause}:acc)")
             else:
-                depth_lines.append("#pragma omp simd")
-        depth_lines += _loop_header(loop, schedule, extent_of)
-        depth_lines += _define_axes(loop, defined, c)
-    depth_lines.append(lets + (update("acc") if acc_start < len(loops)
-                               else update(f"{out}[{c.out_index}]")))
-    for i in reversed(range(len(loops))):
-        depth_lines.append("}")
+                lines.append("#pragma omp simd")
+        lines += _loop_header(loop, schedule, extent_of)
+        lines += _define_axes(loop, defined, c)
+    return lines
+
+
+def _close_reduction(c: Compute, depth: int, acc_start: int, fused: bool) -> list[str]:
+    """The `depth` loops closed, innermost first, with the accumulator stored (through the
+    epilogue where it is fused) where it was declared."""
+    out = c.output.name
+    lines: list[str] = []
+    for i in reversed(range(depth)):
+        lines.append("}")
         if i == acc_start:
             if fused:
                 if c.epilogue:
-                    depth_lines.append(f"{{ float v = acc; {out}[{c.out_index}] = {c.epilogue}; }}")
+                    lines.append(f"{{ float v = acc; {out}[{c.out_index}] = {c.epilogue}; }}")
                 else:
-                    depth_lines.append(f"{out}[{c.out_index}] = acc;")
+                    lines.append(f"{out}[{c.out_index}] = acc;")
             else:
-                depth_lines.append(f"{out}[{c.out_index}] = acc;")
-    lines += depth_lines
-    if not fused and c.epilogue:
-        lines += spatial_nest([f"{{ float v = {out}[{c.out_index}]; "
-                               f"{out}[{c.out_index}] = {c.epilogue}; }}"])
-    return _close_function(lines, c, threads)
+                lines.append(f"{out}[{c.out_index}] = acc;")
+    return lines
 
 
 def _close_function(lines: list[str], c, threads: int) -> str:

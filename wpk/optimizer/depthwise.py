@@ -261,31 +261,55 @@ static inline void project_row(const float* __restrict__ dwrow, const float* __r
 }}"""
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The sizes the generated source of one shape is written with."""
+    oh: int
+    ow: int
+    wp: int                 # padded input row width
+    pixels: int             # depthwise output pixels per register block
+    bands: int
+    band_rows: int
+    item_blocks: int        # blocks of hidden channels per work item
+    dw_offset: int          # where the depthwise weights start in the parameters
+    scratch: int            # floats of per-thread scratch
+    interleave: bool        # expand and convolve one group of blocks at a time
+
+
+def _layout(s: DepthwiseShape) -> _Layout:
+    oh, ow = s.out_hw
+    k = s.kernel
+    _, left, _, right = s.pads
+    wp = s.w + left + right
+    bands = bands_for(s)
+    # blocks of hidden channels per work item: all of them where the projection is fused
+    item_blocks = s.c // BLOCK if s.cout else s.hb
+    # the new expanded rows of all the item's blocks would not stay in L1 until the
+    # depthwise taps read them: expand and convolve one group of blocks at a time instead
+    interleave = item_blocks * s.stride * wp * BLOCK * 4 > L1_BUDGET
+    return _Layout(oh=oh, ow=ow, wp=wp, pixels=balanced_tile(ow, DW_PIXELS), bands=bands,
+                   band_rows=-(-oh // bands), item_blocks=item_blocks,
+                   dw_offset=s.c * s.cin_padded + s.c if s.cin else 0,
+                   scratch=k * item_blocks * wp * BLOCK + (s.c * ow if s.cout else 0),
+                   interleave=interleave)
+
+
 def lower(shape: DepthwiseShape, name: str) -> str:
     """C source of `void name(x, parameters, bias, residual, y)` for `shape`."""
     s = shape
     assert s.c % BLOCK == 0 and (s.c // BLOCK) % s.hb == 0, "whole hidden blocks per item"
-    oh, ow = s.out_hw
-    k, st = s.kernel, s.stride
-    top, left, _, right = s.pads
-    wp = s.w + left + right
-    pixels = balanced_tile(ow, DW_PIXELS)
-    bands = bands_for(s)
-    band_rows = -(-oh // bands)
-    # blocks of hidden channels per work item: all of them where the projection is fused
-    item_blocks = s.c // BLOCK if s.cout else s.hb
-    dw_offset = s.c * s.cin_padded + s.c if s.cin else 0
-    relu = activations.avx512(s.relu)
-    scratch = k * item_blocks * wp * BLOCK + (s.c * ow if s.cout else 0)
-    # the new expanded rows of all the item's blocks would not stay in L1 until the
-    # depthwise taps read them: expand and convolve one group of blocks at a time instead
-    interleave = item_blocks * st * wp * BLOCK * 4 > L1_BUDGET
-    if s.cout:
-        dw_out = "dwrow + (size_t)j * OW * 16"
-        finish_row = "project_row(dwrow, jb->p, jb->r, jb->y, oy);"
-    else:
-        dw_out = "jb->y + ((size_t)cb * OH + oy) * OW * 16"
-        finish_row = ""
+    layout = _layout(s)
+    return (_header(s, layout) + f"{_expand_row(s)}\n{_project_tile(s)}\n\n"
+            + _dw_tile(s) + "\n\n" + _item_fn(s, layout) + "\n\n" + _entry(s, layout, name))
+
+
+def _header(s: DepthwiseShape, layout: _Layout) -> str:
+    """Includes, the pool and scratch hooks, the job struct and the shape's #defines."""
+    oh, ow, wp, k, st = layout.oh, layout.ow, layout.wp, s.kernel, s.stride
+    top, left = s.pads[0], s.pads[1]
+    pixels, bands, band_rows = layout.pixels, layout.bands, layout.band_rows
+    item_blocks, dw_offset = layout.item_blocks, layout.dw_offset
+    scratch, interleave = layout.scratch, layout.interleave
     return f"""#include <immintrin.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -316,9 +340,13 @@ struct job {{ const float* x; const float* p; const float* b; const float* r; fl
 #define PROJECT_OFFSET {dw_offset + s.c * k * k}
 #define SCRATCH {scratch}
 #define INTERLEAVE {int(interleave)}
-{_expand_row(s)}
-{_project_tile(s)}
+"""
 
+
+def _dw_tile(s: DepthwiseShape) -> str:
+    """The depthwise register tile, its activation fused."""
+    relu = activations.avx512(s.relu)
+    return f"""\
 /* output pixels ox..ox+P-1 of row oy, hidden block j, from the ring rows of taps ky0..ky1-1 */
 static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* wv, __m512 bias,
                            int j, int ox, float* __restrict__ out) {{
@@ -336,9 +364,20 @@ static inline void dw_tile(float* const* rows, int ky0, int ky1, const __m512* w
     {relu}
     _mm512_storeu_ps(out + q * 16, a);
   }}
-}}
+}}"""
 
-static void item_fn(int item, int slot, void* ctx) {{
+
+def _item_fn(s: DepthwiseShape, layout: _Layout) -> str:
+    """One work item: a band of rows of one group of hidden blocks (all of them where the
+    projection is fused), through the ring of expanded rows."""
+    dw_offset = layout.dw_offset
+    if s.cout:
+        dw_out = "dwrow + (size_t)j * OW * 16"
+        finish_row = "project_row(dwrow, jb->p, jb->r, jb->y, oy);"
+    else:
+        dw_out = "jb->y + ((size_t)cb * OH + oy) * OW * 16"
+        finish_row = ""
+    return f"""static void item_fn(int item, int slot, void* ctx) {{
   (void)slot;
   struct job* jb = (struct job*)ctx;
   const int g = item / BANDS, band = item % BANDS;
@@ -396,9 +435,13 @@ static void item_fn(int item, int slot, void* ctx) {{
     if (next_row < iy0 + ky1) next_row = iy0 + ky1;
     {finish_row}
   }}
-}}
+}}"""
 
-void {name}(const float* x, const float* p, const float* bias, const float* residual,
+
+def _entry(s: DepthwiseShape, layout: _Layout, name: str) -> str:
+    """The kernel's entry point: one pool run over the work items."""
+    item_blocks = layout.item_blocks
+    return f"""void {name}(const float* x, const float* p, const float* bias, const float* residual,
             float* y) {{
   struct job jb = {{x, p, bias, residual, y, 0}};
   wpk_pool_run(item_fn, &jb, {s.c // BLOCK // item_blocks} * BANDS);

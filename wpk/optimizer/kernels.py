@@ -86,55 +86,77 @@ def spec_for_node(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]],
     except KeyError:
         return None
     if node.op_type == "Conv":
-        if len(x_shape) != 4 or node.input[1] not in consts:
-            return None
-        weight = consts[node.input[1]].astype(np.float32)
-        n, c, h, w = x_shape
-        m, _, kh, kw = weight.shape
-        strides = tuple(_attr(node, "strides", [1, 1]))
-        dilations = tuple(_attr(node, "dilations", [1, 1]))
-        params = dict(n=n, c=c, h=h, w=w, m=m, kh=kh, kw=kw, stride=strides,
-                      pads=_pads(node, (h, w), (kh, kw), strides, dilations),
-                      dilations=dilations, group=_attr(node, "group", 1),
-                      bias=len(node.input) > 2 and bool(node.input[2]), relu=relu, name=name)
-        weights = {"Wt": weight}
-        sources = [node.input[0], "weight:Wt"]
-        if params["bias"]:
-            if node.input[2] not in consts:
-                return None
-            weights["B"] = consts[node.input[2]].astype(np.float32)
-            sources.append("weight:B")
-        return KernelSpec("conv2d", params, sources + [out], out, node.name, weights=weights)
+        return _conv_spec(node, x_shape, consts, relu, out, name)
     if node.op_type in ("Gemm", "MatMul"):
-        if node.input[1] not in consts or len(x_shape) != 2:
-            return None
-        b = consts[node.input[1]].astype(np.float32)
-        if b.ndim != 2:
-            return None
-        trans_a = bool(_attr(node, "transA", 0)) if node.op_type == "Gemm" else False
-        trans_b = bool(_attr(node, "transB", 0)) if node.op_type == "Gemm" else False
-        m = x_shape[1] if trans_a else x_shape[0]
-        k = x_shape[0] if trans_a else x_shape[1]
-        n_out = b.shape[0] if trans_b else b.shape[1]
-        weights = {"Bm": b}
-        bias = None
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            if node.input[2] not in consts:
-                return None
-            c_val = consts[node.input[2]].astype(np.float32)
-            if c_val.size == n_out:
-                bias, weights["C"] = "row", c_val.reshape(n_out)
-            elif c_val.size == m * n_out:
-                bias, weights["C"] = "full", c_val.reshape(m, n_out)
-            else:
-                bias, weights["C"] = "full", np.broadcast_to(c_val, (m, n_out)).copy()
-        params = dict(m=m, n=n_out, k=k, trans_a=trans_a, trans_b=trans_b,
-                      alpha=float(_attr(node, "alpha", 1.0)), beta=float(_attr(node, "beta", 1.0)),
-                      bias=bias, relu=relu, name=name)
-        sources = [node.input[0], "weight:Bm"] + (["weight:C"] if bias else []) + [out]
-        return KernelSpec("gemm", params, sources, out, node.name, weights=weights)
+        return _gemm_spec(node, x_shape, consts, relu, out, name)
     if relu or len(x_shape) != 4:
         return None
+    return _pool_spec(node, x_shape, out, name)
+
+
+def _conv_spec(node: onnx.NodeProto, x_shape: tuple[int, ...],
+               consts: Mapping[str, np.ndarray], relu: bool, out: str, name: str
+               ) -> KernelSpec | None:
+    if len(x_shape) != 4 or node.input[1] not in consts:
+        return None
+    weight = consts[node.input[1]].astype(np.float32)
+    n, c, h, w = x_shape
+    m, _, kh, kw = weight.shape
+    strides = tuple(_attr(node, "strides", [1, 1]))
+    dilations = tuple(_attr(node, "dilations", [1, 1]))
+    params = dict(n=n, c=c, h=h, w=w, m=m, kh=kh, kw=kw, stride=strides,
+                  pads=_pads(node, (h, w), (kh, kw), strides, dilations),
+                  dilations=dilations, group=_attr(node, "group", 1),
+                  bias=len(node.input) > 2 and bool(node.input[2]), relu=relu, name=name)
+    weights = {"Wt": weight}
+    sources = [node.input[0], "weight:Wt"]
+    if params["bias"]:
+        if node.input[2] not in consts:
+            return None
+        weights["B"] = consts[node.input[2]].astype(np.float32)
+        sources.append("weight:B")
+    return KernelSpec("conv2d", params, sources + [out], out, node.name, weights=weights)
+
+
+def _gemm_spec(node: onnx.NodeProto, x_shape: tuple[int, ...],
+               consts: Mapping[str, np.ndarray], relu: bool, out: str, name: str
+               ) -> KernelSpec | None:
+    """Gemm, or MatMul of a matrix by a constant one."""
+    if node.input[1] not in consts or len(x_shape) != 2:
+        return None
+    b = consts[node.input[1]].astype(np.float32)
+    if b.ndim != 2:
+        return None
+    trans_a = bool(_attr(node, "transA", 0)) if node.op_type == "Gemm" else False
+    trans_b = bool(_attr(node, "transB", 0)) if node.op_type == "Gemm" else False
+    m = x_shape[1] if trans_a else x_shape[0]
+    k = x_shape[0] if trans_a else x_shape[1]
+    n_out = b.shape[0] if trans_b else b.shape[1]
+    weights = {"Bm": b}
+    bias = None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in consts:
+            return None
+        bias, weights["C"] = _gemm_bias(consts[node.input[2]].astype(np.float32), m, n_out)
+    params = dict(m=m, n=n_out, k=k, trans_a=trans_a, trans_b=trans_b,
+                  alpha=float(_attr(node, "alpha", 1.0)), beta=float(_attr(node, "beta", 1.0)),
+                  bias=bias, relu=relu, name=name)
+    sources = [node.input[0], "weight:Bm"] + (["weight:C"] if bias else []) + [out]
+    return KernelSpec("gemm", params, sources, out, node.name, weights=weights)
+
+
+def _gemm_bias(c_val: np.ndarray, m: int, n_out: int) -> tuple[str, np.ndarray]:
+    """Gemm's C as the kernel takes it: ("row", one value per output column) or ("full",
+    the whole m x n_out matrix, broadcast where C is smaller)."""
+    if c_val.size == n_out:
+        return "row", c_val.reshape(n_out)
+    if c_val.size == m * n_out:
+        return "full", c_val.reshape(m, n_out)
+    return "full", np.broadcast_to(c_val, (m, n_out)).copy()
+
+
+def _pool_spec(node: onnx.NodeProto, x_shape: tuple[int, ...], out: str, name: str
+               ) -> KernelSpec | None:
     n, c, h, w = x_shape
     if node.op_type in ("MaxPool", "AveragePool"):
         if _attr(node, "ceil_mode", 0) or any(d != 1 for d in _attr(node, "dilations", [1, 1])) \

@@ -173,7 +173,24 @@ def seed_configs(compute: Compute, cores: int | None = None) -> list[Config]:
 
 
 def make_schedule(compute: Compute, config: Config) -> Schedule:
+    """The schedule `config` (a point of `schedule_space`) describes for `compute`."""
     sched = Schedule(compute)
+    loops = _loop_order(sched, compute, config)
+    if sorted(loops) != sorted(l.name for l in sched.loops):
+        raise ScheduleError(f"order {config['order']} does not cover every loop")
+    by_name = {l.name: l for l in sched.loops}
+    sched.loops = [by_name[name] for name in loops]
+    # parallelize the outermost loop (batch is usually 1: then the channel loop goes first)
+    if sched.loops[0].extent == 1 and len(sched.loops) > 1 and sched.loops[1].kind == "spatial":
+        first = sched.loops.pop(0)
+        sched.loops.insert(1, first)
+    _annotate(sched, config)
+    return sched
+
+
+def _loop_order(sched: Schedule, compute: Compute, config: Config) -> list[str]:
+    """Splits the channel and last spatial axes of `sched` as `config` tiles them; the loop
+    names in the order `config["order"]` puts them, outermost first."""
     spatial = [a.name for a in compute.spatial]
     reduce = [a.name for a in compute.reduce]
     channel = _channel_axis(compute)
@@ -187,34 +204,22 @@ def make_schedule(compute: Compute, config: Config) -> Schedule:
     head = [s for s in spatial[:1] if s != channel]
     rest = [s for s in middle if s not in head]
     split_c = c_outer != c_inner
-    split_x = x_outer != x_inner
-    c_loops = [c_outer] if not split_c else [c_outer]
-    x_loops = [x_outer] if split_x else []
+    outer = head + [c_outer] + rest
+    x_loops = [x_outer] if x_outer != x_inner else []
+    c_tile = [c_inner] if split_c else []
+    x_tile = [x_inner]
     order = config["order"]
     if order == "reduce-inner":
-        loops = head + c_loops + rest + x_loops + ([c_inner] if split_c else []) + \
-            [x_inner if split_x else last] + reduce
-    elif order == "reduce-middle":
-        loops = head + c_loops + rest + x_loops + reduce + ([c_inner] if split_c else []) + \
-            [x_inner if split_x else last]
-    else:  # tiled: channel tile and x tile inside the reduction (register blocking)
-        loops = head + c_loops + rest + x_loops + reduce + ([c_inner] if split_c else []) + \
-            [x_inner if split_x else last]
-        if split_c:
-            loops = head + [c_outer] + rest + x_loops + reduce + [c_inner] + \
-                [x_inner if split_x else last]
-        else:
-            loops = head + ([channel] if channel else []) + rest + reduce + x_loops + \
-                [x_inner if split_x else last]
-    loops = [l for l in dict.fromkeys(loops) if l]
-    if sorted(loops) != sorted(l.name for l in sched.loops):
-        raise ScheduleError(f"order {order} does not cover every loop")
-    by_name = {l.name: l for l in sched.loops}
-    sched.loops = [by_name[name] for name in loops]
-    # parallelize the outermost loop (batch is usually 1: then the channel loop goes first)
-    if sched.loops[0].extent == 1 and len(sched.loops) > 1 and sched.loops[1].kind == "spatial":
-        first = sched.loops.pop(0)
-        sched.loops.insert(1, first)
+        loops = outer + x_loops + c_tile + x_tile + reduce
+    elif order == "reduce-middle" or split_c:   # tiled with a channel tile: the same order
+        loops = outer + x_loops + reduce + c_tile + x_tile
+    else:  # tiled: the x tile inside the reduction (register blocking)
+        loops = outer + reduce + x_loops + x_tile
+    return [l for l in dict.fromkeys(loops) if l]
+
+
+def _annotate(sched: Schedule, config: Config) -> None:
+    """Marks the parallel, vectorized and unrolled loops of `sched` as `config` asks."""
     if config["threads"] > 1:
         sched.parallel(sched.loops[0].name, config["threads"])
     if config["vectorize"] == "spatial":  # outer-loop vectorization over the last spatial loop
@@ -225,7 +230,6 @@ def make_schedule(compute: Compute, config: Config) -> Schedule:
     if config["unroll"] > 1 and len(sched.loops) > 1:
         candidates = [l.name for l in sched.loops if l.name != sched.vectorized]
         sched.unroll(candidates[-1], config["unroll"])
-    return sched
 
 
 def random_buffers(compute: Compute, rng: np.random.Generator) -> list[np.ndarray]:

@@ -23,6 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -469,13 +470,7 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     and bias become initializers, unused initializers are dropped); specs[j] runs as kernel
     indices[j] of the library (default: j)."""
     indices = list(range(len(specs))) if indices is None else indices
-    replaced = {}
-    for index, spec in zip(indices, specs):
-        for name in spec.node.split("+"):
-            if name in replaced:
-                raise WpkError(f"custom operators: node {name!r} is in two kernels "
-                               f"({replaced[name][1].node} and {spec.node})")
-            replaced[name] = (index, spec)
+    replaced = _replaced_nodes(specs, indices)
     # each kernel runs where its last node was: every input it reads exists by then (a
     # channel scale's scale is computed after the tensor it scales)
     last_node = {}
@@ -497,22 +492,7 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
         if index in emitted or node.name != last_node[index]:
             continue
         emitted.add(index)
-        op_type = OP_TYPES[spec.op]
-        u, bias = op_parameters(spec)
-        u_name, b_name = f"wpk_kernel_{index}_U", ""
-        if u is None:
-            u_name = spec.sources[1]
-        else:
-            out.graph.initializer.append(numpy_helper.from_array(u, u_name))
-        if bias is not None:
-            b_name = f"wpk_kernel_{index}_B"
-            out.graph.initializer.append(numpy_helper.from_array(bias, b_name))
-        inputs = [spec.sources[0], u_name, b_name]
-        if spec.params.get("residual"):
-            inputs.append(spec.sources[-2])
-        out.graph.node.append(helper.make_node(op_type, inputs, [spec.output],
-                                               name=f"{spec.node}:{op_type}", domain=DOMAIN,
-                                               kernel=index))
+        _append_kernel_node(out, index, spec)
         # the output's shape, stated: ONNX Runtime cannot infer it for a custom op, and
         # without it the memory planner leaves the tensor (and the graph's plan) to run time
         if spec.output not in graph_outputs:
@@ -521,6 +501,46 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     if len(emitted) != len(specs):
         missing = [s.node for i, s in zip(indices, specs) if i not in emitted]
         raise WpkError(f"custom operators: nodes {missing} are not in the model")
+    _finish_custom_op_model(out, shaped)
+    return out
+
+
+def _replaced_nodes(specs: list, indices: list[int]) -> dict[str, tuple[int, Any]]:
+    """Node name -> (kernel index, spec) of the kernel that replaces it."""
+    replaced: dict[str, tuple[int, Any]] = {}
+    for index, spec in zip(indices, specs):
+        for name in spec.node.split("+"):
+            if name in replaced:
+                raise WpkError(f"custom operators: node {name!r} is in two kernels "
+                               f"({replaced[name][1].node} and {spec.node})")
+            replaced[name] = (index, spec)
+    return replaced
+
+
+def _append_kernel_node(out: onnx.ModelProto, index: int, spec) -> None:
+    """Kernel `index`'s custom node and its parameters (as initializers) into `out`."""
+    op_type = OP_TYPES[spec.op]
+    u, bias = op_parameters(spec)
+    u_name, b_name = f"wpk_kernel_{index}_U", ""
+    if u is None:
+        u_name = spec.sources[1]
+    else:
+        out.graph.initializer.append(numpy_helper.from_array(u, u_name))
+    if bias is not None:
+        b_name = f"wpk_kernel_{index}_B"
+        out.graph.initializer.append(numpy_helper.from_array(bias, b_name))
+    inputs = [spec.sources[0], u_name, b_name]
+    if spec.params.get("residual"):
+        inputs.append(spec.sources[-2])
+    out.graph.node.append(helper.make_node(op_type, inputs, [spec.output],
+                                           name=f"{spec.node}:{op_type}", domain=DOMAIN,
+                                           kernel=index))
+
+
+def _finish_custom_op_model(out: onnx.ModelProto,
+                            shaped: dict[str, onnx.ValueInfoProto]) -> None:
+    """The custom nodes' output shapes stated, unused initializers dropped, our domain
+    imported."""
     kept_info = [v for v in out.graph.value_info if v.name not in shaped]
     del out.graph.value_info[:]
     out.graph.value_info.extend([*kept_info, *shaped.values()])
@@ -530,7 +550,6 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
     out.graph.initializer.extend(kept)
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return out
 
 
 
@@ -604,7 +623,7 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     come from the Conv of `model` they were made from (`original_convs`). A fused Sum input
     is the residual; activation Relu is fused too.
     """
-    from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
+    from wpk.optimizer.kernels import load_initializers
     from wpk.optimizer.selection import shapes_of
 
     consts, shapes = load_initializers(model), shapes_of(model)
@@ -613,39 +632,115 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     for node in optimized.graph.node:
         if node.name not in originals or len(node.input) < 3:
             continue
-        attrs = _attrs(node)
-        if list(attrs.get("kernel_shape", [])) != [3, 3] or \
-                list(attrs.get("strides", [1, 1])) != [1, 1] or \
-                list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or \
-                activations.from_ort_attributes(attrs) is None or \
-                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            continue
-        conv, weight, bias = originals[node.name]
-        x_shape = shapes.get(conv.input[0])
-        if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
-                len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
-            continue
-        if weight.shape[0] % 16 or weight.shape[1] % 16:
-            # whole blocks only: with fewer channels ONNX Runtime feeds NCHW (an image) to
-            # an NCHWc Conv, and with padded blocks it renames (pads) the bias
-            continue
-        _, c, h, w = x_shape
-        pads = _pads(node, (h, w), (3, 3), (1, 1), (1, 1))
-        if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or \
-                w + pads[1] + pads[3] < 3:
-            continue
-        residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
-        params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m,
-                      relu=activations.from_ort_attributes(attrs),
-                      residual=residual is not None, split=split,
-                      threads=threads or os.cpu_count() or 1, name=name, layout="nchwc")
-        sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
-            + [node.output[0]]
-        specs.append(KernelSpec("winograd", params, sources, node.output[0], node.name,
-                                weights={"Wt": weight.astype(np.float32),
-                                         "B": bias.astype(np.float32)}))
+        spec = _nchwc_winograd_site(node, originals[node.name], shapes, m, split, threads)
+        if spec is not None:
+            specs.append(spec)
     return specs
+
+
+def _winograd_attributes(attrs: dict) -> bool:
+    """Whether an NCHWc Conv's attributes are the Winograd kernel's: 3x3, stride 1,
+    undilated, ungrouped, explicit padding, an activation it fuses."""
+    return not (list(attrs.get("kernel_shape", [])) != [3, 3] or
+                list(attrs.get("strides", [1, 1])) != [1, 1] or
+                list(attrs.get("dilations", [1, 1])) != [1, 1] or attrs.get("group", 1) != 1 or
+                activations.from_ort_attributes(attrs) is None or
+                attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""))
+
+
+def _nchwc_winograd_site(node: onnx.NodeProto,
+                         original: tuple[onnx.NodeProto, np.ndarray, np.ndarray],
+                         shapes: dict, m: int, split: str, threads: int | None):
+    """The Winograd KernelSpec for NCHWc Conv `node` (`original`: the Conv of the model it
+    was made from, its weight and bias), or None where the kernel does not cover it."""
+    from wpk.optimizer.kernels import KernelSpec, _pads
+
+    attrs = _attrs(node)
+    if not _winograd_attributes(attrs):
+        return None
+    conv, weight, bias = original
+    x_shape = shapes.get(conv.input[0])
+    if weight.ndim != 4 or weight.shape[2:] != (3, 3) or x_shape is None or \
+            len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != weight.shape[1]:
+        return None
+    if weight.shape[0] % 16 or weight.shape[1] % 16:
+        # whole blocks only: with fewer channels ONNX Runtime feeds NCHW (an image) to
+        # an NCHWc Conv, and with padded blocks it renames (pads) the bias
+        return None
+    _, c, h, w = x_shape
+    pads = _pads(node, (h, w), (3, 3), (1, 1), (1, 1))
+    if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or \
+            w + pads[1] + pads[3] < 3:
+        return None
+    residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+    params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m,
+                  relu=activations.from_ort_attributes(attrs),
+                  residual=residual is not None, split=split,
+                  threads=threads or os.cpu_count() or 1, name=name, layout="nchwc")
+    sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
+        + [node.output[0]]
+    return KernelSpec("winograd", params, sources, node.output[0], node.name,
+                      weights={"Wt": weight.astype(np.float32), "B": bias.astype(np.float32)})
+
+
+class _NchwcGraph:
+    """ONNX Runtime's saved graph `optimized` of `model`, with what the depthwise site finder
+    asks of it: the original Conv behind each NCHWc Conv, each tensor's producer and readers,
+    and the activations ONNX Runtime fused."""
+
+    def __init__(self, optimized: onnx.ModelProto, model: onnx.ModelProto) -> None:
+        from wpk.optimizer.kernels import load_initializers
+        from wpk.optimizer.selection import shapes_of
+
+        self.optimized, self.model = optimized, model
+        self.consts, self.shapes = load_initializers(model), shapes_of(model)
+        self.originals = original_convs(optimized, model, self.consts, self.shapes)
+        self.producer = {o: n for n in optimized.graph.node for o in n.output}
+        self.readers = _readers(optimized)
+        self.consumers = {tensor: len(nodes) for tensor, nodes in self.readers.items()}
+        self.graph_outputs = {o.name for o in optimized.graph.output}
+
+    def original(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        return self.originals[node.name][0] if node.name in self.originals else None
+
+    def sole_reader(self, tensor: str) -> onnx.NodeProto | None:
+        after = self.readers.get(tensor, [])
+        return after[0] if len(after) == 1 and tensor not in self.graph_outputs else None
+
+    def activation_of(self, conv: onnx.NodeProto) -> tuple[str | None, list[onnx.NodeProto]]:
+        """The activation after NCHWc `conv` (None: one our kernels do not fuse) and the
+        nodes that compute conv + activation: ONNX Runtime's fused one, or the QuickGelu
+        node it makes of x * Sigmoid(x) where that alone reads the Conv's output."""
+        act = activations.from_ort_attributes(_attrs(conv))
+        after = self.sole_reader(conv.output[0])
+        if act == "" and after is not None and after.op_type == "QuickGelu" and \
+                after.domain == "com.microsoft":
+            return activations.swish(_attrs(after).get("alpha", 1.702)), [conv, after]
+        return act, [conv]
+
+    def blocked(self, tensor: str) -> bool:
+        """Whether `tensor` is produced by an NCHWc node: whole 16-channel blocks."""
+        source = self.producer.get(tensor)
+        if source is not None and source.op_type == "QuickGelu":   # element-wise: as its input
+            return self.blocked(source.input[0])
+        return source is not None and source.domain == NCHWC_DOMAIN and \
+            source.op_type != "ReorderOutput"     # which gives plain NCHW back
+
+    def expansion(self, tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], str] | None:
+        """(the 1x1 NCHWc Conv, its nodes, activation) computing `tensor` for the depthwise
+        Conv alone, or None."""
+        source = self.producer.get(tensor)
+        if source is not None and source.op_type == "QuickGelu":
+            source = self.producer.get(source.input[0])
+        if source is None or source.domain != NCHWC_DOMAIN or source.op_type != "Conv" or \
+                len(source.input) != 3 or self.original(source) is None:
+            return None
+        act, nodes = self.activation_of(source)
+        if act is None or nodes[-1].output[0] != tensor or self.sole_reader(tensor) is None or \
+                not self.blocked(source.input[0]):
+            return None
+        return source, nodes, act
 
 
 def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int = 1,
@@ -659,119 +754,112 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
 
     As in `nchwc_sites`, the original weights come from `original_convs`.
     """
-    from wpk.optimizer.kernels import KernelSpec, _pads, load_initializers
-    from wpk.optimizer.selection import shapes_of
-
-    consts, shapes = load_initializers(model), shapes_of(model)
-    originals = original_convs(optimized, model, consts, shapes)
-    producer = {o: n for n in optimized.graph.node for o in n.output}
-    readers = _readers(optimized)
-    consumers = {tensor: len(nodes) for tensor, nodes in readers.items()}
-    graph_outputs = {o.name for o in optimized.graph.output}
-
-    def original(node: onnx.NodeProto) -> onnx.NodeProto | None:
-        return originals[node.name][0] if node.name in originals else None
-
-    def sole_reader(tensor: str) -> onnx.NodeProto | None:
-        after = readers.get(tensor, [])
-        return after[0] if len(after) == 1 and tensor not in graph_outputs else None
-
-    def activation_of(conv: onnx.NodeProto) -> tuple[str | None, list[onnx.NodeProto]]:
-        """The activation after NCHWc `conv` (None: one our kernels do not fuse) and the
-        nodes that compute conv + activation: ONNX Runtime's fused one, or the QuickGelu
-        node it makes of x * Sigmoid(x) where that alone reads the Conv's output."""
-        act = activations.from_ort_attributes(_attrs(conv))
-        after = sole_reader(conv.output[0])
-        if act == "" and after is not None and after.op_type == "QuickGelu" and \
-                after.domain == "com.microsoft":
-            return activations.swish(_attrs(after).get("alpha", 1.702)), [conv, after]
-        return act, [conv]
-
-    def blocked(tensor: str) -> bool:   # produced by an NCHWc node: whole 16-channel blocks
-        source = producer.get(tensor)
-        if source is not None and source.op_type == "QuickGelu":   # element-wise: as its input
-            return blocked(source.input[0])
-        return source is not None and source.domain == NCHWC_DOMAIN and \
-            source.op_type != "ReorderOutput"     # which gives plain NCHW back
-
-    def expansion(tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto], str] | None:
-        """(the 1x1 NCHWc Conv, its nodes, activation) computing `tensor` for the depthwise
-        Conv alone, or None."""
-        source = producer.get(tensor)
-        if source is not None and source.op_type == "QuickGelu":
-            source = producer.get(source.input[0])
-        if source is None or source.domain != NCHWC_DOMAIN or source.op_type != "Conv" or \
-                len(source.input) != 3 or original(source) is None:
-            return None
-        act, nodes = activation_of(source)
-        if act is None or nodes[-1].output[0] != tensor or sole_reader(tensor) is None or \
-                not blocked(source.input[0]):
-            return None
-        return source, nodes, act
-
+    graph = _NchwcGraph(optimized, model)
     specs = []
     for node in optimized.graph.node:
-        if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) != 3:
-            continue
-        attrs, conv = _attrs(node), original(node)
-        if conv is None:
-            continue
-        act, dw_nodes = activation_of(node)
-        weight, x_shape = consts[conv.input[1]], shapes.get(conv.input[0])
-        c = int(weight.shape[0])
-        kernel = list(attrs.get("kernel_shape", []))
-        stride = list(attrs.get("strides", [1, 1]))
-        if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
-                c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
-                list(attrs.get("dilations", [1, 1])) != [1, 1] or act is None or \
-                x_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
-                not blocked(node.input[0]):
-            continue
-        _, _, h, w = x_shape
-        pads = _pads(node, (h, w), tuple(kernel), tuple(stride), (1, 1))
-        if min(pads) < 0 or max(pads) >= kernel[0]:
-            continue
-        params = dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
-                      relu=act, relu_expand="", hb=hb, threads=threads or os.cpu_count() or 1)
-        weights = {"Wd": weight.astype(np.float32),
-                   "B": originals[node.name][2].astype(np.float32)}
-        names, source = [n.name for n in dw_nodes], node.input[0]
-        expand = expansion(node.input[0])
-        if expand is not None:
-            e_node, e_nodes, e_act = expand
-            e_attrs, we = _attrs(e_node), consts[original(e_node).input[1]]
-            if we.ndim == 4 and we.shape[0] == c and we.shape[2:] == (1, 1) and \
-                    list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
-                    list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
-                    e_attrs.get("group", 1) == 1 and \
-                    not any(e_attrs.get("pads", [0, 0, 0, 0])):
-                params.update(cin=int(we.shape[1]), relu_expand=e_act)
-                weights.update(We=we.astype(np.float32),
-                               Be=originals[e_node.name][2].astype(np.float32))
-                names, source = [n.name for n in e_nodes] + names, e_node.input[0]
-        if params["c"] // 16 % hb:
-            continue
-        params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
-        sources, output = [source, "weight:U", "weight:B"], dw_nodes[-1].output[0]
-        if project:
-            projection = _projection(dw_nodes[-1], conv, optimized, model, consumers,
-                                     graph_outputs, consts, shapes)
-            if projection is None:
-                continue
-            proj_node, proj_conv, residual = projection
-            p_attrs = _attrs(proj_node)
-            weight_p = consts[proj_conv.input[1]]
-            params.update(cout=int(weight_p.shape[0]), residual=residual is not None,
-                          relu_project=activations.from_ort_attributes(p_attrs))
-            weights["Wp"] = weight_p.astype(np.float32)
-            if len(proj_conv.input) > 2 and proj_conv.input[2]:
-                weights["Bp"] = consts[proj_conv.input[2]].astype(np.float32)
-            names.append(proj_node.name)
-            sources += [residual] if residual else []
-            output = proj_node.output[0]
-        specs.append(KernelSpec("nchwc_depthwise", params, [*sources, output], output,
-                                "+".join(names), weights=weights))
+        spec = _depthwise_site(graph, node, hb, threads, project)
+        if spec is not None:
+            specs.append(spec)
     return specs
+
+
+def _depthwise_site(graph: _NchwcGraph, node: onnx.NodeProto, hb: int, threads: int | None,
+                    project: bool):
+    """The KernelSpec for NCHWc `node` as in `depthwise_sites`, or None where it is no site."""
+    from wpk.optimizer.kernels import KernelSpec
+
+    if node.domain != NCHWC_DOMAIN or node.op_type != "Conv" or len(node.input) != 3:
+        return None
+    conv = graph.original(node)
+    if conv is None:
+        return None
+    act, dw_nodes = graph.activation_of(node)
+    params = _depthwise_params(graph, node, conv, act, hb, threads)
+    if params is None:
+        return None
+    weights = {"Wd": graph.consts[conv.input[1]].astype(np.float32),
+               "B": graph.originals[node.name][2].astype(np.float32)}
+    names, source = [n.name for n in dw_nodes], node.input[0]
+    expanded = _fuse_expansion(graph, node.input[0], params, weights)
+    if expanded is not None:
+        expansion_names, source = expanded
+        names = expansion_names + names
+    if params["c"] // 16 % hb:
+        return None
+    params["name"] = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+    sources, output = [source, "weight:U", "weight:B"], dw_nodes[-1].output[0]
+    if project:
+        projection = _projection(graph, dw_nodes[-1], conv)
+        if projection is None:
+            return None
+        output = _fuse_projection(graph, projection, params, weights)
+        names.append(projection[0].name)
+        sources += [projection[2]] if projection[2] else []
+    return KernelSpec("nchwc_depthwise", params, [*sources, output], output, "+".join(names),
+                      weights=weights)
+
+
+def _depthwise_params(graph: _NchwcGraph, node: onnx.NodeProto, conv: onnx.NodeProto,
+                      act: str | None, hb: int, threads: int | None) -> dict | None:
+    """The kernel parameters of depthwise NCHWc `node` (original `conv`, fused activation
+    `act`) before any expansion is fused, or None where our kernel does not cover it."""
+    from wpk.optimizer.kernels import _pads
+
+    attrs = _attrs(node)
+    weight, x_shape = graph.consts[conv.input[1]], graph.shapes.get(conv.input[0])
+    c = int(weight.shape[0])
+    kernel = list(attrs.get("kernel_shape", []))
+    stride = list(attrs.get("strides", [1, 1]))
+    if weight.ndim != 4 or weight.shape[1] != 1 or attrs.get("group", 1) != c or \
+            c % 16 or kernel not in ([3, 3], [5, 5]) or stride not in ([1, 1], [2, 2]) or \
+            list(attrs.get("dilations", [1, 1])) != [1, 1] or act is None or \
+            x_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or x_shape[1] != c or \
+            not graph.blocked(node.input[0]):
+        return None
+    _, _, h, w = x_shape
+    pads = _pads(node, (h, w), tuple(kernel), tuple(stride), (1, 1))
+    if min(pads) < 0 or max(pads) >= kernel[0]:
+        return None
+    return dict(c=c, h=h, w=w, cin=0, kernel=kernel[0], stride=stride[0], pads=pads,
+                relu=act, relu_expand="", hb=hb, threads=threads or os.cpu_count() or 1)
+
+
+def _fuse_expansion(graph: _NchwcGraph, tensor: str, params: dict,
+                    weights: dict[str, np.ndarray]) -> tuple[list[str], str] | None:
+    """Fuses the 1x1 expansion Conv computing `tensor` (the depthwise input) into the site's
+    `params` and `weights` where there is one our kernel covers: (the names of its nodes, the
+    tensor the fused kernel reads), or None."""
+    expand = graph.expansion(tensor)
+    if expand is None:
+        return None
+    e_node, e_nodes, e_act = expand
+    e_attrs, we = _attrs(e_node), graph.consts[graph.original(e_node).input[1]]
+    if we.ndim == 4 and we.shape[0] == params["c"] and we.shape[2:] == (1, 1) and \
+            list(e_attrs.get("kernel_shape", [1, 1])) == [1, 1] and \
+            list(e_attrs.get("strides", [1, 1])) == [1, 1] and \
+            e_attrs.get("group", 1) == 1 and \
+            not any(e_attrs.get("pads", [0, 0, 0, 0])):
+        params.update(cin=int(we.shape[1]), relu_expand=e_act)
+        weights.update(We=we.astype(np.float32),
+                       Be=graph.originals[e_node.name][2].astype(np.float32))
+        return [n.name for n in e_nodes], e_node.input[0]
+    return None
+
+
+def _fuse_projection(graph: _NchwcGraph,
+                     projection: tuple[onnx.NodeProto, onnx.NodeProto, str | None],
+                     params: dict, weights: dict[str, np.ndarray]) -> str:
+    """Adds the 1x1 projection (`_projection`'s answer) to the site's `params` and
+    `weights`: the tensor the fused kernel now writes."""
+    proj_node, proj_conv, residual = projection
+    p_attrs = _attrs(proj_node)
+    weight_p = graph.consts[proj_conv.input[1]]
+    params.update(cout=int(weight_p.shape[0]), residual=residual is not None,
+                  relu_project=activations.from_ort_attributes(p_attrs))
+    weights["Wp"] = weight_p.astype(np.float32)
+    if len(proj_conv.input) > 2 and proj_conv.input[2]:
+        weights["Bp"] = graph.consts[proj_conv.input[2]].astype(np.float32)
+    return proj_node.output[0]
 
 
 def channel_scale_sites(optimized: onnx.ModelProto, model: onnx.ModelProto,
@@ -841,17 +929,31 @@ def _same_parameters(optimized: onnx.ModelProto, node: onnx.NodeProto, weight: n
         original[original != 0].size else False
 
 
-def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.ModelProto,
-                model: onnx.ModelProto, consumers: dict[str, int], graph_outputs: set[str],
-                consts: dict, shapes: dict):
+def _projection(graph: _NchwcGraph, node: onnx.NodeProto, conv: onnx.NodeProto):
     """(ONNX Runtime's NCHWc projection node, its original Conv, residual tensor or None) for
     the depthwise NCHWc `node` (original `conv`), or None where its output feeds anything
     but one 1x1 stride-1 NCHWc Conv. The original projection is the Conv that reads the
     original depthwise output (after its Relu, where there is one): ONNX Runtime renames the
     bias of a projection whose channels it pads, so the bias cannot tell."""
-    if consumers.get(node.output[0]) != 1 or node.output[0] in graph_outputs:
+    proj = _nchwc_projection(graph, node)
+    if proj is None:
         return None
-    proj = next((n for n in optimized.graph.node if node.output[0] in n.input), None)
+    original = _original_projection(graph, conv)
+    if original is None:
+        return None
+    proj_conv, weight, bias = original
+    if not _same_parameters(graph.optimized, proj, weight, bias):
+        return None       # ONNX Runtime folded something (a Mul, an Add) into the projection
+    residual = proj.input[3] if len(proj.input) > 3 and proj.input[3] else None
+    return proj, proj_conv, residual
+
+
+def _nchwc_projection(graph: _NchwcGraph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The 1x1 stride-1 NCHWc Conv (with an activation our kernel fuses) that alone reads
+    `node`'s output, or None."""
+    if graph.consumers.get(node.output[0]) != 1 or node.output[0] in graph.graph_outputs:
+        return None
+    proj = next((n for n in graph.optimized.graph.node if node.output[0] in n.input), None)
     if proj is None or proj.domain != NCHWC_DOMAIN or proj.op_type != "Conv" or \
             proj.input[0] != node.output[0]:
         return None
@@ -861,7 +963,16 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
             any(attrs.get("pads", [0, 0, 0, 0])) or \
             activations.from_ort_attributes(attrs) is None:
         return None
-    readers = _readers(model)
+    return proj
+
+
+def _original_projection(graph: _NchwcGraph, conv: onnx.NodeProto
+                         ) -> tuple[onnx.NodeProto, np.ndarray, np.ndarray] | None:
+    """(the Conv of the original model that alone reads depthwise `conv`'s output, after
+    its activation where it has one; its weight; its bias, zeros where it has none), or None
+    where that is no 1x1 Conv with constant parameters."""
+    consts = graph.consts
+    readers = _readers(graph.model)
     tensor = conv.output[0]
     after = readers.get(tensor, [])
     if len(after) == 1 and after[0].op_type in ("Relu", "Clip", "HardSwish"):  # ReLU6: Clip
@@ -877,7 +988,4 @@ def _projection(node: onnx.NodeProto, conv: onnx.NodeProto, optimized: onnx.Mode
         return None
     bias = consts[convs[0].input[2]] if len(convs[0].input) > 2 and convs[0].input[2] else \
         np.zeros(weight.shape[0], np.float32)
-    if not _same_parameters(optimized, proj, weight, bias):
-        return None       # ONNX Runtime folded something (a Mul, an Add) into the projection
-    residual = proj.input[3] if len(proj.input) > 3 and proj.input[3] else None
-    return proj, convs[0], residual
+    return convs[0], weight, bias

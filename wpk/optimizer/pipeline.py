@@ -117,6 +117,84 @@ def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
             [arg(outputs.get(o.name, o)) for o in model.graph.output])
 
 
+@dataclass
+class _SliceIO:
+    """What every manifest names: the slice, the machine, its inputs and outputs."""
+    name: str
+    hardware: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+
+@dataclass
+class _Job:
+    """One `optimize` run: what its steps read."""
+    options: Options
+    progress: Progress
+    report: Report
+    log: TuningLog
+    io: _SliceIO
+    feeds: list[dict[str, np.ndarray]]               # the accuracy guard's
+    calibration_feeds: list[dict[str, np.ndarray]]   # int8 calibration's
+    original: onnx.ModelProto
+    model: onnx.ModelProto                           # after the graph passes (if they held)
+    model_bytes: bytes
+    reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]]   # ORT defaults
+    out_dir: Path
+    start: float
+    deadline: float | None
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.io.output_names
+
+    def left(self) -> float | None:
+        """Seconds left of the time budget (None: no time limit)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+
+    def evaluator(self, task: str, measure: Callable[[Config], float], trials: int
+                  ) -> Evaluator:
+        remaining = self.left()
+        return Evaluator(task, measure, self.io.hardware, self.log, max_trials=trials,
+                         max_seconds=None if remaining is None else remaining,
+                         on_trial=lambda t: self.progress.advance(f"{task[:40]} {t.ms:.3f} ms"))
+
+    def strategy(self, seeds: list[Config]):
+        return make_strategy(self.options.strategy, self.options.seed, seeds)
+
+
+@dataclass
+class Candidate:
+    """One way to run the slice, written to its own directory and measured exactly as
+    loaded: its precision (which accuracy budget applies), its description in the report,
+    and how long the machine settles before each timing round."""
+    directory: Path
+    precision: str
+    describe: str
+    settle_s: float = DECIDE_SETTLE_S
+
+
+@dataclass
+class _Run:
+    """What the candidate kinds share: the session configuration the search chose, the
+    candidates so far (sessions are opened one pair at a time at the end: many live thread
+    pools on the same cores would slow each other down and bias the comparison) and the
+    operators already running inside ONNX Runtime."""
+    job: _Job
+    tmp: Path
+    config: Config
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    inside_ort: list[OpChoice] = field(default_factory=list)
+
+    def add(self, key: str, directory: Path, precision: str, describe: str,
+            settle_s: float = DECIDE_SETTLE_S) -> None:
+        self.candidates[key] = Candidate(directory, precision, describe, settle_s)
+
+
 def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
              options: Options | None = None, progress: Progress | None = None,
              name: str | None = None) -> Report:
@@ -137,7 +215,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     report = Report(model=name, hardware=hardware)
     log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
     inputs, outputs = _io(original)
-    output_names = [o["name"] for o in outputs]
+    io = _SliceIO(name, hardware, inputs, outputs)
     specs = [(i["name"], i["shape"], calibration.np_dtype(i["type"])) for i in inputs]
     if options.calibration_data is not None:  # real samples: calibration, held-out guard part
         data = calibration.load(options.calibration_data, specs)
@@ -149,13 +227,22 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
                               "guard_samples": len(feeds), "held_out": False}
     out_dir.mkdir(parents=True, exist_ok=True)
     deadline = None if options.budget.seconds is None else start + options.budget.seconds
-    original_bytes = original.SerializeToString()
-
-    def left() -> float | None:
-        return None if deadline is None else max(0.0, deadline - time.perf_counter())
-
-    # -- reference and graph passes ---------------------------------------------------------
     progress.phase("graph passes")
+    reference, model, model_bytes = _graph_passes(original, name, io.output_names, feeds,
+                                                  report)
+    job = _Job(options, progress, report, log, io, feeds, calibration_feeds, original, model,
+               model_bytes, reference, out_dir, start, deadline)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _search_and_write(job, Path(tmp))
+
+
+def _graph_passes(original: onnx.ModelProto, name: str, output_names: list[str],
+                  feeds: list[dict[str, np.ndarray]], report: Report
+                  ) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+                             onnx.ModelProto, bytes]:
+    """(the reference: `original` under ONNX Runtime's defaults, the model after wpk's graph
+    passes, its bytes); the passes are dropped where they change the outputs."""
+    original_bytes = original.SerializeToString()
     try:
         default = make_session(original_bytes, DEFAULT_SESSION)
     except Exception as error:  # ORT's own exception types: the model, not our bug
@@ -169,14 +256,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     if not accuracy.within(errors, accuracy.FP32_RELATIVE):
         model, model_bytes = original, original_bytes
         report.passes.append("passes changed outputs beyond fp32 rounding: dropped")
-    ctx = {"options": options, "progress": progress, "report": report, "log": log,
-           "feeds": feeds, "calibration_feeds": calibration_feeds,
-           "output_names": output_names, "model": model,
-           "model_bytes": model_bytes, "original": original, "reference": reference,
-           "left": left, "hardware": hardware, "name": name, "inputs": inputs,
-           "outputs": outputs, "out_dir": out_dir, "start": start}
-    with tempfile.TemporaryDirectory() as tmp:
-        return _search_and_write(ctx, Path(tmp))
+    return reference, model, model_bytes
 
 
 def describe_session(config: Config) -> str:
@@ -186,140 +266,157 @@ def describe_session(config: Config) -> str:
     return f"{provider} t={threads} {mode} {config['graph_level']}"
 
 
-def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
-    options: Options = ctx["options"]
-    progress: Progress = ctx["progress"]
-    report: Report = ctx["report"]
-    log: TuningLog = ctx["log"]
-    feeds, output_names = ctx["feeds"], ctx["output_names"]
-    model, model_bytes = ctx["model"], ctx["model_bytes"]
-    reference = ctx["reference"]
-    left = ctx["left"]
-    hardware = ctx["hardware"]
-    feed = feeds[0]
+def _search_and_write(job: _Job, tmp: Path) -> Report:
+    """The session search, each candidate kind in turn, then the accuracy guard and the
+    timing that chooses one; the chosen candidate is installed in `job.out_dir`."""
+    run = _Run(job, tmp, _search_session(job))
+    for add_candidates in CANDIDATE_KINDS:
+        add_candidates(run)
+    best_key = _guard_and_decide(run)
+    _install_and_report(run, best_key)
+    return job.report
 
-    def evaluator(task: str, measure: Callable[[Config], float], trials: int) -> Evaluator:
-        remaining = left()
-        return Evaluator(task, measure, hardware, log, max_trials=trials,
-                         max_seconds=None if remaining is None else remaining,
-                         on_trial=lambda t: progress.advance(f"{task[:40]} {t.ms:.3f} ms"))
 
-    def strategy(seeds: list[Config]):
-        return make_strategy(options.strategy, options.seed, seeds)
-
-    # -- session configuration search ------------------------------------------------------
+def _search_session(job: _Job) -> Config:
+    """The best ONNX Runtime session configuration the search strategy finds for the model
+    (ORT's defaults where it measures nothing)."""
+    options, report = job.options, job.report
     space = session_space()
     trials = min(options.budget.share(0.25), sum(1 for _ in space))
-    progress.phase("session configuration", trials)
+    job.progress.phase("session configuration", trials)
+    model_bytes, output_names, feed = job.model_bytes, job.output_names, job.feeds[0]
 
     def measure_session(config: Config) -> float:
         session = make_session(model_bytes, config)
         return time_ms(lambda: session.run(output_names, feed), repeats=15, max_seconds=1.5)
 
     digest = hashlib.sha256(model_bytes).hexdigest()[:16]
-    search = evaluator(f"session:{digest}", measure_session, trials)
-    best = strategy([dict(DEFAULT_SESSION)]).search(space, search)
+    search = job.evaluator(f"session:{digest}", measure_session, trials)
+    best = job.strategy([dict(DEFAULT_SESSION)]).search(space, search)
     best_config = best.config if best else dict(DEFAULT_SESSION)
     report.session_search = {"strategy": options.strategy, "measured": search.measured,
                              "reused": sum(1 for t in search.history if t.reused),
                              "best": best_config, "best_ms": best.ms if best else None,
                              "trials": [{"config": t.config, "ms": t.ms}
                                         for t in search.history]}
+    return best_config
 
-    # -- candidates: each written to its own directory and measured exactly as loaded --------
-    candidates: dict[str, dict[str, Any]] = {}
 
-    def add(key: str, directory: Path, precision: str, describe: str) -> None:
-        # sessions are opened one pair at a time at the end: many live thread pools on the
-        # same cores would slow each other down and bias the comparison
-        candidates[key] = {"dir": directory, "precision": precision, "describe": describe}
+def _ort_candidates(run: _Run) -> None:
+    """ONNX Runtime: with its defaults, with the passes and the searched configuration, and
+    (on the CPU) with its own offline-optimized graph."""
+    job, config = run.job, run.config
+    run.add("default", _write_single(run.tmp / "default", job.io, job.original,
+                                     dict(DEFAULT_SESSION), "fp32", offline=False),
+            "fp32", "ONNX Runtime defaults")
+    run.add("tuned", _write_single(run.tmp / "tuned", job.io, job.model, config, "fp32",
+                                   offline=False),
+            "fp32", "passes + " + describe_session(config))
+    if config["provider"] == "CPUExecutionProvider":
+        run.add("offline", _write_single(run.tmp / "offline", job.io, job.model, config,
+                                         "fp32", offline=True),
+                "fp32", "passes + ORT offline graph, " + describe_session(config))
 
-    add("default", _write_single(tmp / "default", ctx, ctx["original"], dict(DEFAULT_SESSION),
-                                 "fp32", offline=False), "fp32", "ONNX Runtime defaults")
-    add("tuned", _write_single(tmp / "tuned", ctx, model, best_config, "fp32", offline=False),
-        "fp32", "passes + " + describe_session(best_config))
-    if best_config["provider"] == "CPUExecutionProvider":
-        add("offline", _write_single(tmp / "offline", ctx, model, best_config, "fp32",
-                                     offline=True),
-            "fp32", "passes + ORT offline graph, " + describe_session(best_config))
 
-    if options.accuracy_budget is not None:
-        progress.phase("int8 static quantization")
-        try:
-            int8_model = onnx.load(str(_quantize_int8(model, ctx["calibration_feeds"], tmp)))
-            add("int8", _write_single(tmp / "int8", ctx, int8_model, best_config, "int8",
-                                      offline=False),
-                "int8", "static QDQ int8, " + describe_session(best_config))
-        except Exception as error:  # quantization tools fail on some graphs: say so, go on
-            report.candidates["int8"] = {"error": f"{type(error).__name__}: {error}"[:200]}
+def _int8_candidate(run: _Run) -> None:
+    """Static QDQ int8, where an accuracy budget allows lossy results."""
+    job = run.job
+    if job.options.accuracy_budget is None:
+        return
+    job.progress.phase("int8 static quantization")
+    try:
+        int8_model = onnx.load(str(_quantize_int8(job.model, job.calibration_feeds, run.tmp)))
+        run.add("int8", _write_single(run.tmp / "int8", job.io, int8_model, run.config,
+                                      "int8", offline=False),
+                "int8", "static QDQ int8, " + describe_session(run.config))
+    except Exception as error:  # quantization tools fail on some graphs: say so, go on
+        job.report.candidates["int8"] = {"error": f"{type(error).__name__}: {error}"[:200]}
 
-    if options.openvino:
-        progress.phase("OpenVINO (CPU plugin)")
-        _add_openvino(ctx, tmp, add, best_config)
 
-    inside_ort: list[OpChoice] = []
-    offline_model = tmp / "offline" / "model.ort.onnx"
+def _openvino_candidates(run: _Run) -> None:
+    """OpenVINO's CPU plugin, where the options allow it."""
+    if run.job.options.openvino:
+        run.job.progress.phase("OpenVINO (CPU plugin)")
+        _add_openvino(run)
+
+
+def _custom_ops_candidate(run: _Run) -> None:
+    """Generated kernels as custom operators in ONNX Runtime's offline graph, where there is
+    one and per-operator selection has time."""
+    job = run.job
+    options = job.options
+    offline_model = run.tmp / "offline" / "model.ort.onnx"
     if options.per_operator and offline_model.exists() and options.operator_limit > 0 and \
-            left() != 0.0:
-        progress.phase("generated kernels inside ONNX Runtime (whole-slice timing)")
-        inside_ort = _add_custom_ops(ctx, tmp, add, best_config, onnx.load(str(offline_model)))
-        report.operators = [c.to_json() for c in inside_ort]
-    if options.per_operator and best_config["provider"] == "CPUExecutionProvider":
-        consts = load_initializers(model)
-        per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
-        choices: list[OpChoice] = []
-        # Winograd as segments only where it could not run inside ONNX Runtime (the cuts
-        # cost more than the kernels save wherever both are possible)
-        if options.winograd and not any(c.chosen == "kernel" for c in inside_ort) and \
-                options.operator_limit > 0 and left() != 0.0:
-            progress.phase("per-operator selection: Winograd 3x3 convolutions")
-            choices = select_winograd(model, consts, best_config,
-                                      on_op=lambda name: progress.advance(name),
-                                      time_left=left)
-        taken = {name for c in choices if c.chosen == "kernel" for name in c.node.split("+")}
-        progress.phase("per-operator selection", per_op * options.operator_limit)
-        choices += select_operators(model, consts, best_config, strategy, evaluator, per_op,
-                                    options.operator_limit, exclude=taken)
-        report.operators += [c.to_json() for c in choices]
-        won = [c.spec for c in choices if c.chosen == "kernel"]
-        if won:
-            mixed_dir = tmp / "mixed"
-            mixed_dir.mkdir()
-            segments = build_segments(model, won, mixed_dir)
-            _write_manifest(mixed_dir, ctx, best_config, segments, "fp32", "mixed")
-            add("mixed", mixed_dir, "fp32",
-                f"segments: {len(won)} generated kernel(s) + ORT")
+            job.left() != 0.0:
+        job.progress.phase("generated kernels inside ONNX Runtime (whole-slice timing)")
+        run.inside_ort = _add_custom_ops(run, onnx.load(str(offline_model)))
+        job.report.operators = [c.to_json() for c in run.inside_ort]
 
-    # -- accuracy guard and head-to-head timing, each candidate against the default ---------
-    progress.phase("accuracy guard and final timing", len(candidates))
-    default_slice = load(candidates["default"]["dir"])
+
+def _segments_candidate(run: _Run) -> None:
+    """Generated kernels as segments between ONNX Runtime sessions (on the CPU): Winograd
+    only where it could not run inside ONNX Runtime (the cuts cost more than the kernels save
+    wherever both are possible), then the operators per-operator selection times."""
+    job, config = run.job, run.config
+    options, progress = job.options, job.progress
+    if not options.per_operator or config["provider"] != "CPUExecutionProvider":
+        return
+    consts = load_initializers(job.model)
+    per_op = max(2, options.budget.share(0.6) // max(1, options.operator_limit))
+    choices: list[OpChoice] = []
+    if options.winograd and not any(c.chosen == "kernel" for c in run.inside_ort) and \
+            options.operator_limit > 0 and job.left() != 0.0:
+        progress.phase("per-operator selection: Winograd 3x3 convolutions")
+        choices = select_winograd(job.model, consts, config,
+                                  on_op=lambda name: progress.advance(name),
+                                  time_left=job.left)
+    taken = {name for c in choices if c.chosen == "kernel" for name in c.node.split("+")}
+    progress.phase("per-operator selection", per_op * options.operator_limit)
+    choices += select_operators(job.model, consts, config, job.strategy, job.evaluator,
+                                per_op, options.operator_limit, exclude=taken)
+    job.report.operators += [c.to_json() for c in choices]
+    won = [c.spec for c in choices if c.chosen == "kernel"]
+    if won:
+        mixed_dir = run.tmp / "mixed"
+        mixed_dir.mkdir()
+        segments = build_segments(job.model, won, mixed_dir)
+        _write_manifest(mixed_dir, job.io, config, segments, "fp32", "mixed")
+        run.add("mixed", mixed_dir, "fp32", f"segments: {len(won)} generated kernel(s) + ORT")
+
+
+# each adds the candidates of one kind where they apply, in this order (custom operators
+# before segments, which skip Winograd where it already runs inside ONNX Runtime)
+CANDIDATE_KINDS: tuple[Callable[[_Run], None], ...] = (
+    _ort_candidates, _int8_candidate, _openvino_candidates, _custom_ops_candidate,
+    _segments_candidate)
+
+
+def _guard_and_decide(run: _Run) -> str:
+    """Each candidate within its accuracy budget is timed head to head against the default;
+    `decide` chooses. The chosen key (with the report's reason, speedup and gains set)."""
+    job, candidates, report = run.job, run.candidates, run.job.report
+    output_names, feed = job.output_names, job.feeds[0]
+    job.progress.phase("accuracy guard and final timing", len(candidates))
+    default_slice = load(candidates["default"].directory)
     run_default = lambda: default_slice.run(output_names, feed)  # noqa: E731
     measured: dict[str, Ratio] = {}
 
     def head_to_head(key: str, candidate=None, rounds: int = FIRST_ROUNDS) -> Ratio:
-        candidate = candidate or load(candidates[key]["dir"])
+        candidate = candidate or load(candidates[key].directory)
         return compare_ratio(run_default, lambda: candidate.run(output_names, feed),
-                             rounds=rounds, repeats=10,
-                             settle_s=0.1 if key.startswith("openvino") else DECIDE_SETTLE_S)
+                             rounds=rounds, repeats=10, settle_s=candidates[key].settle_s)
 
     report.load_average = load_average()
     for key, cand in candidates.items():
         if key == "default":
             continue
-        session = load(cand["dir"])   # one load (one compile) for accuracy and timing
-        errs = accuracy.compare(reference, lambda f: session.run(output_names, f), feeds,
-                                output_names)
-        budget = accuracy.FP32_RELATIVE if cand["precision"] == "fp32" else \
-            options.accuracy_budget
-        ok = accuracy.within(errs, budget)
-        report.candidates[key] = {"describe": cand["describe"], "precision": cand["precision"],
-                                  "accuracy": [e.to_json() for e in errs], "within_budget": ok}
-        if ok:
+        session = load(cand.directory)   # one load (one compile) for accuracy and timing
+        if _within_budget(job, key, cand, session):
             measured[key] = head_to_head(key, session)
             report.candidates[key].update(measured[key].to_json())
         del session
-        progress.advance(key)
-    report.candidates = {"default": {"describe": candidates["default"]["describe"],
+        job.progress.advance(key)
+    report.candidates = {"default": {"describe": candidates["default"].describe,
                                      "precision": "fp32", "accuracy": [],
                                      "within_budget": True}, **report.candidates}
     best_key, report.reason, report.noisy = decide(measured, head_to_head, report.candidates)
@@ -331,17 +428,34 @@ def _search_and_write(ctx: dict[str, Any], tmp: Path) -> Report:
         if key in measured:
             report.candidates[key].update(operator_gains(report.operators, kinds,
                                                          measured[key]))
-    _install(candidates[best_key]["dir"], ctx["out_dir"], best_key)
-    # final guard: the directory as the runtime will load it
-    final = load(ctx["out_dir"])
-    errs = accuracy.compare(reference, lambda f: final.run(output_names, f), feeds,
-                            output_names)
+    return best_key
+
+
+def _within_budget(job: _Job, key: str, cand: Candidate, session) -> bool:
+    """The accuracy guard for one loaded candidate (its report entry is written here)."""
+    errs = accuracy.compare(job.reference, lambda f: session.run(job.output_names, f),
+                            job.feeds, job.output_names)
+    budget = accuracy.FP32_RELATIVE if cand.precision == "fp32" else \
+        job.options.accuracy_budget
+    ok = accuracy.within(errs, budget)
+    job.report.candidates[key] = {"describe": cand.describe, "precision": cand.precision,
+                                  "accuracy": [e.to_json() for e in errs], "within_budget": ok}
+    return ok
+
+
+def _install_and_report(run: _Run, best_key: str) -> None:
+    """Installs the chosen candidate, guards the directory as the runtime will load it, and
+    writes report.json and report.md beside it."""
+    job, report = run.job, run.job.report
+    _install(run.candidates[best_key].directory, job.out_dir, best_key)
+    final = load(job.out_dir)
+    errs = accuracy.compare(job.reference, lambda f: final.run(job.output_names, f),
+                            job.feeds, job.output_names)
     report.accuracy = [e.to_json() for e in errs]
-    report.seconds = time.perf_counter() - ctx["start"]
-    (ctx["out_dir"] / "report.json").write_text(json.dumps(report.to_json(), indent=2,
-                                                           default=str) + "\n")
-    (ctx["out_dir"] / "report.md").write_text(render_markdown(report))
-    return report
+    report.seconds = time.perf_counter() - job.start
+    (job.out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2,
+                                                        default=str) + "\n")
+    (job.out_dir / "report.md").write_text(render_markdown(report))
 
 
 def operator_gains(operators: list[dict[str, Any]], inside_ort: bool, ratio: Ratio
@@ -484,23 +598,23 @@ def _quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], t
     return out
 
 
-def _write_manifest(directory: Path, ctx: dict[str, Any], config: Config,
+def _write_manifest(directory: Path, io: _SliceIO, config: Config,
                     segments: list[dict[str, Any]], precision: str, chosen: str = "") -> None:
-    manifest = {"version": FORMAT_VERSION, "model": ctx["name"], "hardware": ctx["hardware"],
+    manifest = {"version": FORMAT_VERSION, "model": io.name, "hardware": io.hardware,
                 "precision": precision, "chosen": chosen, "session": config,
-                "inputs": ctx["inputs"], "outputs": ctx["outputs"], "segments": segments}
+                "inputs": io.inputs, "outputs": io.outputs, "segments": segments}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
+def _write_single(directory: Path, io: _SliceIO, model: onnx.ModelProto,
                   config: Config, precision: str, offline: bool) -> Path:
     """A candidate that is one ORT session; with `offline`, ONNX Runtime's own optimization
     for this machine is saved next to it and loaded with optimizations off."""
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(directory / "model.onnx"))
     segment: dict[str, Any] = {"type": "ort", "model": "model.onnx",
-                               "inputs": [i["name"] for i in ctx["inputs"]],
-                               "outputs": ctx["output_names"]}
+                               "inputs": [i["name"] for i in io.inputs],
+                               "outputs": io.output_names}
     if offline:
         try:
             passes.ort_offline_optimize(directory / "model.onnx", directory / "model.ort.onnx",
@@ -508,28 +622,28 @@ def _write_single(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
             segment["offline_model"] = "model.ort.onnx"
         except Exception:
             pass
-    _write_manifest(directory, ctx, config, [segment], precision)
+    _write_manifest(directory, io, config, [segment], precision)
     return directory
 
 
-def _add_custom_ops(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
-                    config: Config, offline: onnx.ModelProto) -> list[OpChoice]:
+def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
     """Generated kernels (Winograd, fused depthwise, channel scale) as custom operators in
     ONNX Runtime's own saved graph (one session, no segments): the candidate "custom-ops",
     with the plain model kept beside it for machines where the kernels cannot run."""
     from wpk.optimizer import ort_ops
 
-    progress: Progress = ctx["progress"]
+    job, config = run.job, run.config
+    progress = job.progress
     kinds = ("nchwc_depthwise", "channel_scale") + \
-        (("winograd",) if ctx["options"].winograd else ())
-    inside = select_custom_ops(ctx["model"], offline, config, ctx["feeds"][0],
-                               ctx["output_names"], on_op=lambda name: progress.advance(name),
-                               time_left=ctx["left"], kinds=kinds)
+        (("winograd",) if job.options.winograd else ())
+    inside = select_custom_ops(job.model, offline, config, job.feeds[0],
+                               job.output_names, on_op=lambda name: progress.advance(name),
+                               time_left=job.left, kinds=kinds)
     if inside is None:
         return []
-    directory = save_custom_ops(ctx["model"], inside, tmp / "custom-ops", config)
+    directory = save_custom_ops(job.model, inside, run.tmp / "custom-ops", config)
     counts = Counter(ort_ops.OP_TYPES[s.op] for s in inside.specs)
-    add("custom-ops", directory, "fp32", "ORT offline graph + custom operators ("
+    run.add("custom-ops", directory, "fp32", "ORT offline graph + custom operators ("
         + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) + "), "
         + describe_session(config))
     return inside.choices
@@ -551,28 +665,27 @@ def save_custom_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Pa
                "custom_ops": ort_ops.LIBRARY_FILE, "library_build": ort_ops.LIBRARY_BUILD,
                "inputs": [i["name"] for i in inputs],
                "outputs": [o["name"] for o in outputs]}
-    ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
-           "outputs": outputs}
-    _write_manifest(out_dir, ctx, config or dict(DEFAULT_SESSION), [segment], "fp32")
+    io = _SliceIO(model.graph.name, hardware_id(), inputs, outputs)
+    _write_manifest(out_dir, io, config or dict(DEFAULT_SESSION), [segment], "fp32")
     return out_dir
 
 
-def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
-                  config: Config) -> None:
+def _add_openvino(run: _Run) -> None:
     """OpenVINO's CPU plugin compiling the whole slice: fp32 always (precision forced); bf16,
     fp16 and ORT's QDQ int8 model only when an accuracy budget allows lossy results."""
     from wpk.optimizer import openvino_backend as ovb
 
-    report: Report = ctx["report"]
+    job, tmp, config = run.job, run.tmp, run.config
+    report = job.report
     reason = ovb.missing_reason()
     if reason:
         ovb.warn_once("optimize", f"OpenVINO candidates skipped: {reason}")
         report.candidates["openvino"] = {"skipped": reason}
         return
-    variants = [("openvino", ctx["model"], "fp32")]
-    if ctx["options"].accuracy_budget is not None:
-        variants += [("openvino-bf16", ctx["model"], "bf16"),
-                     ("openvino-fp16", ctx["model"], "fp16")]
+    variants = [("openvino", job.model, "fp32")]
+    if job.options.accuracy_budget is not None:
+        variants += [("openvino-bf16", job.model, "bf16"),
+                     ("openvino-fp16", job.model, "fp16")]
         if (tmp / "int8" / "model.onnx").exists():
             variants.append(("openvino-int8", onnx.load(str(tmp / "int8" / "model.onnx")),
                              "int8"))
@@ -582,7 +695,7 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
     for key, model, precision in variants:
         hint = ovb.PRECISION_HINTS.get(precision, "f32")
         try:
-            directory, segment = _write_openvino(tmp / key, ctx, model, config, precision,
+            directory, segment = _write_openvino(tmp / key, job.io, model, config, precision,
                                                  hint, threads)
             crash = ovb.crash_reason(directory, segment)
             if crash:
@@ -596,13 +709,13 @@ def _add_openvino(ctx: dict[str, Any], tmp: Path, add: Callable[..., None],
             report.candidates[key] = {"error": f"{type(error).__name__}: "
                                                f"{ovb.error_line(error)}"}
             continue
-        add(key, directory, precision,
-            f"OpenVINO CPU plugin, whole slice, {hint}"
-            + (" on ORT's QDQ int8 model" if precision == "int8" else "")
-            + f", t={threads}")
+        run.add(key, directory, precision,
+                f"OpenVINO CPU plugin, whole slice, {hint}"
+                + (" on ORT's QDQ int8 model" if precision == "int8" else "")
+                + f", t={threads}", settle_s=0.1)
 
 
-def _write_openvino(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto,
+def _write_openvino(directory: Path, io: _SliceIO, model: onnx.ModelProto,
                     config: Config, precision: str, hint: str, threads: int,
                     chosen: str = "") -> tuple[Path, dict[str, Any]]:
     """A candidate run by OpenVINO (the directory and its one segment); `session` keeps the
@@ -611,8 +724,8 @@ def _write_openvino(directory: Path, ctx: dict[str, Any], model: onnx.ModelProto
     onnx.save(model, str(directory / "model.onnx"))
     segment = {"type": "openvino", "model": "model.onnx", "precision_hint": hint,
                "threads": int(threads),
-               "inputs": [i["name"] for i in ctx["inputs"]], "outputs": ctx["output_names"]}
-    _write_manifest(directory, ctx, config, [segment], precision, chosen)
+               "inputs": [i["name"] for i in io.inputs], "outputs": io.output_names}
+    _write_manifest(directory, io, config, [segment], precision, chosen)
     return directory, segment
 
 
@@ -627,9 +740,8 @@ def save_openvino(model: onnx.ModelProto | str | Path, out_dir: str | Path,
     if precision not in PRECISION_HINTS:
         raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISION_HINTS)}")
     inputs, outputs = _io(model)
-    ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
-           "outputs": outputs, "output_names": [o["name"] for o in outputs]}
-    out_dir, _ = _write_openvino(Path(out_dir), ctx, model, dict(DEFAULT_SESSION), precision,
+    io = _SliceIO(model.graph.name, hardware_id(), inputs, outputs)
+    out_dir, _ = _write_openvino(Path(out_dir), io, model, dict(DEFAULT_SESSION), precision,
                                  PRECISION_HINTS[precision], threads, chosen="openvino")
     return out_dir
 
@@ -664,7 +776,6 @@ def save_segmented(model: onnx.ModelProto, specs: list, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs, outputs = _io(model)
     segments = build_segments(model, specs, out_dir)
-    ctx = {"name": model.graph.name, "hardware": hardware_id(), "inputs": inputs,
-           "outputs": outputs}
-    _write_manifest(out_dir, ctx, config or dict(DEFAULT_SESSION), segments, "fp32", "mixed")
+    io = _SliceIO(model.graph.name, hardware_id(), inputs, outputs)
+    _write_manifest(out_dir, io, config or dict(DEFAULT_SESSION), segments, "fp32", "mixed")
     return out_dir

@@ -217,43 +217,10 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
     """Cut the model into ORT runs and kernel steps (topological order); write their files."""
     from onnx.utils import Extractor
 
-    inferred = shape_inference.infer_shapes(model)
-    extractor = Extractor(inferred)
-    by_node = {}
-    for spec in kernels:
-        for name in spec.node.split("+"):
-            by_node[name] = spec
+    extractor = Extractor(shape_inference.infer_shapes(model))
     consts = {i.name for i in model.graph.initializer}
-    graph_inputs = [i.name for i in model.graph.input if i.name not in consts]
-    graph_outputs = [o.name for o in model.graph.output]
-    # a fused kernel runs where its *last* node was: its inputs (a residual Add's other
-    # operand, produced by a downsample Conv between the Conv and the Add) exist by then
-    last_node = {id(by_node[n.name]): n.name for n in model.graph.node if n.name in by_node}
-    steps: list[tuple[str, Any]] = []
-    run: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        spec = by_node.get(node.name)
-        if spec is None:
-            run.append(node)
-            continue
-        if node.name != last_node[id(spec)]:
-            continue
-        if run:
-            steps.append(("ort", run))
-            run = []
-        steps.append(("kernel", spec))
-    if run:
-        steps.append(("ort", run))
-    # which tensors each step needs later
-    needed_after: list[set[str]] = []
-    later: set[str] = set(graph_outputs)
-    for kind, item in reversed(steps):
-        needed_after.append(set(later))
-        if kind == "ort":
-            later |= {n for node in item for n in node.input if n and n not in consts}
-        else:
-            later |= set(item.sources[:-1])
-    needed_after.reverse()
+    steps = _segment_steps(model, kernels)
+    needed_after = _needed_after(steps, [o.name for o in model.graph.output], consts)
     segments = []
     for index, ((kind, item), needed) in enumerate(zip(steps, needed_after)):
         if kind == "kernel":
@@ -270,8 +237,50 @@ def build_segments(model: onnx.ModelProto, kernels: list[KernelSpec], directory:
         path = f"segment{index}.onnx"
         onnx.save(sub, str(directory / path))
         segments.append({"type": "ort", "model": path, "inputs": inputs, "outputs": outputs})
-    del graph_inputs
     return segments
+
+
+def _segment_steps(model: onnx.ModelProto, kernels: list[KernelSpec]
+                   ) -> list[tuple[str, Any]]:
+    """("ort", the nodes of one ONNX Runtime run) and ("kernel", spec) steps in graph order.
+    A fused kernel runs where its *last* node was: its inputs (a residual Add's other
+    operand, produced by a downsample Conv between the Conv and the Add) exist by then."""
+    by_node = {}
+    for spec in kernels:
+        for name in spec.node.split("+"):
+            by_node[name] = spec
+    last_node = {id(by_node[n.name]): n.name for n in model.graph.node if n.name in by_node}
+    steps: list[tuple[str, Any]] = []
+    run: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        spec = by_node.get(node.name)
+        if spec is None:
+            run.append(node)
+            continue
+        if node.name != last_node[id(spec)]:
+            continue
+        if run:
+            steps.append(("ort", run))
+            run = []
+        steps.append(("kernel", spec))
+    if run:
+        steps.append(("ort", run))
+    return steps
+
+
+def _needed_after(steps: list[tuple[str, Any]], graph_outputs: list[str], consts: set[str]
+                  ) -> list[set[str]]:
+    """Per step: the tensors later steps (or the graph's outputs) read."""
+    needed_after: list[set[str]] = []
+    later: set[str] = set(graph_outputs)
+    for kind, item in reversed(steps):
+        needed_after.append(set(later))
+        if kind == "ort":
+            later |= {n for node in item for n in node.input if n and n not in consts}
+        else:
+            later |= set(item.sources[:-1])
+    needed_after.reverse()
+    return needed_after
 
 
 @dataclass
@@ -390,7 +399,21 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     projected = {s.params["name"]: s for s in ort_ops.depthwise_sites(offline, model,
                                                                        project=True)} \
         if "nchwc_depthwise" in kinds else {}
-    # every variant of every site in one library: kernel index = position in `pool`
+    pool, by_site = _variant_pool(sites, projected, variants)
+    descent = _Descent(offline, session_config, feed, output_names, margin, sites, pool,
+                       by_site)
+    descent.start(start_with_kernels)
+    if passes and descent.chosen:
+        descent.profile()
+    descent.descend(passes, time_left, on_op)
+    return descent.result()
+
+
+def _variant_pool(sites: list[KernelSpec], projected: dict[str, KernelSpec],
+                  variants: tuple[tuple[int, str], ...]
+                  ) -> tuple[list[KernelSpec], list[dict[str, int]]]:
+    """Every variant of every site, for one library (kernel index = position in the pool),
+    and per site its variants' pool indices by key."""
     pool: list[KernelSpec] = []
     by_site: list[dict[str, int]] = []
     for site in sites:
@@ -401,127 +424,178 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
             keys[key] = len(pool)
             pool.append(spec)
         by_site.append(keys)
-    library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(pool)])
-    reference = make_session(offline.SerializeToString(), session_config,
-                             offline_optimized=True).run(output_names, feed)
+    return pool, by_site
 
-    def session(chosen: dict[int, int]):
+
+class _Descent:
+    """The coordinate descent of `select_custom_ops`: the pool variant each site runs
+    (`chosen`: site index -> pool index; a site not in it runs ONNX Runtime's nodes), the
+    session that runs them (`current`), and what each site's last visit measured."""
+
+    def __init__(self, offline: onnx.ModelProto, session_config: Config,
+                 feed: dict[str, np.ndarray], output_names: list[str], margin: float,
+                 sites: list[KernelSpec], pool: list[KernelSpec],
+                 by_site: list[dict[str, int]]) -> None:
+        from wpk.optimizer import ort_ops
+
+        self.offline, self.session_config, self.margin = offline, session_config, margin
+        self.feed, self.output_names = feed, output_names
+        self.sites, self.pool, self.by_site = sites, pool, by_site
+        self.library = ort_ops.build_library([ort_ops.op_kernel(s, i)
+                                              for i, s in enumerate(pool)])
+        self.reference = make_session(offline.SerializeToString(), session_config,
+                                      offline_optimized=True).run(output_names, feed)
+        self.chosen: dict[int, int] = {}
+        self.current = None
+        self.settled: set[int] = set()     # clearly faster: only its variants are compared
+        self.profiled: dict[int, tuple[float, float]] = {}   # site: (ours, ORT's) µs in place
+        self.choices: dict[int, OpChoice] = {}
+
+    def session(self, chosen: dict[int, int]):
+        from wpk.optimizer import ort_ops
+
         indices = sorted(chosen.values())
-        rewritten = ort_ops.custom_op_model(offline, [pool[i] for i in indices], indices)
-        return make_session(rewritten.SerializeToString(), session_config,
-                            offline_optimized=True, custom_ops=str(library))
+        rewritten = ort_ops.custom_op_model(self.offline, [self.pool[i] for i in indices],
+                                            indices)
+        return make_session(rewritten.SerializeToString(), self.session_config,
+                            offline_optimized=True, custom_ops=str(self.library))
 
-    def close_enough(outputs: list[np.ndarray]) -> bool:
+    def close_enough(self, outputs: list[np.ndarray]) -> bool:
         return all(np.linalg.norm(o - r) <= winograd.TOLERANCE * max(np.linalg.norm(r), 1e-30)
-                   for o, r in zip(outputs, reference))
+                   for o, r in zip(outputs, self.reference))
 
-    def overlapping(assignment: dict[int, int]) -> bool:
+    def overlapping(self, assignment: dict[int, int]) -> bool:
         """Whether two chosen kernels would replace the same node (MobileNetV1-style chains:
         one block's projection is the next block's expansion)."""
-        names = [n for index in assignment.values() for n in pool[index].node.split("+")]
+        names = [n for index in assignment.values() for n in self.pool[index].node.split("+")]
         return len(names) != len(set(names))
 
-    def works(assignment: dict[int, int]):
+    def works(self, assignment: dict[int, int]):
         """A session of `assignment` (site -> pool index) if it runs within tolerance."""
-        if overlapping(assignment):
+        if self.overlapping(assignment):
             return None
         try:
-            candidate = session(assignment)
-            return candidate if close_enough(candidate.run(output_names, feed)) else None
+            candidate = self.session(assignment)
+            return candidate if self.close_enough(candidate.run(self.output_names, self.feed)) \
+                else None
         except Exception:
             return None       # a variant ONNX Runtime refuses is not a candidate
 
-    # start from every site's preferred variant (a gain too small to see alone still adds
-    # up), or from none where that fails
-    start = {i: preferred_variant(site, keys, start_with_kernels)
-             for i, (site, keys) in enumerate(zip(sites, by_site))}
-    chosen: dict[int, int] = {}
-    for i, key in start.items():
-        if key is not None and not overlapping({**chosen, i: by_site[i][key]}):
-            chosen[i] = by_site[i][key]
-    current = works(chosen)
-    if current is None:       # some kernel fails here: start from those that run alone
-        chosen = {i: index for i, index in chosen.items() if works({i: index}) is not None}
-        current = works(chosen)
-    if current is None:
-        chosen, current = {}, session({})
-    settled: set[int] = set()
-    profiled: dict[int, tuple[float, float]] = {}
-    if passes and chosen:
-        # slower in place than ONNX Runtime's nodes: out; clearly faster: only its variants
-        # are compared from here on
-        profiled = profiled_times(offline, pool, chosen, session_config, feed, output_names,
-                                  library)
-        chosen = {i: index for i, index in chosen.items()
-                  if i not in profiled or profiled[i][0] < profiled[i][1]}
-        settled = {i for i, (ours, theirs) in profiled.items() if ours < CLEAR_WIN * theirs}
-        current = works(chosen) or session({})
-    choices: dict[int, OpChoice] = {}
+    def start(self, start_with_kernels: bool) -> None:
+        """Every site's preferred variant (a gain too small to see alone still adds up), or
+        those that run alone where that fails, or none."""
+        start = {i: preferred_variant(site, keys, start_with_kernels)
+                 for i, (site, keys) in enumerate(zip(self.sites, self.by_site))}
+        chosen: dict[int, int] = {}
+        for i, key in start.items():
+            if key is not None and not self.overlapping({**chosen, i: self.by_site[i][key]}):
+                chosen[i] = self.by_site[i][key]
+        current = self.works(chosen)
+        if current is None:       # some kernel fails here: start from those that run alone
+            chosen = {i: index for i, index in chosen.items()
+                      if self.works({i: index}) is not None}
+            current = self.works(chosen)
+        if current is None:
+            chosen, current = {}, self.session({})
+        self.chosen, self.current = chosen, current
 
-    def revisit(site_index: int) -> bool:
+    def profile(self) -> None:
+        """Sites slower in place than ONNX Runtime's nodes (by its profiler): out; clearly
+        faster: settled, only their variants are compared from here on."""
+        self.profiled = profiled_times(self.offline, self.pool, self.chosen,
+                                       self.session_config, self.feed, self.output_names,
+                                       self.library)
+        self.chosen = {i: index for i, index in self.chosen.items()
+                       if i not in self.profiled or self.profiled[i][0] < self.profiled[i][1]}
+        self.settled = {i for i, (ours, theirs) in self.profiled.items()
+                        if ours < CLEAR_WIN * theirs}
+        self.current = self.works(self.chosen) or self.session({})
+
+    def descend(self, passes: int, time_left: Callable[[], float | None],
+                on_op: Callable[[str], None] | None) -> None:
+        """A second pass gives each site another look in the context the first one settled
+        on (a verdict within the timing noise can go either way); a pass that changes
+        nothing ends it."""
+        for round_ in range(passes):
+            changed = False
+            for site_index, site in enumerate(self.sites):
+                if time_left() == 0.0:
+                    break
+                if on_op and round_ == 0:
+                    on_op(site.node)
+                changed = self.revisit(site_index) or changed
+            if not changed or time_left() == 0.0:
+                break
+
+    def revisit(self, site_index: int) -> bool:
         """Time the site's other variants (and ONNX Runtime's kernel) in the slice as chosen
         so far; switch where that is faster by `margin`. True if the site changed."""
-        nonlocal chosen, current
-        site, keys = sites[site_index], by_site[site_index]
-        mine = chosen.get(site_index)
-        options: dict[str, int | None] = {key: index for key, index in keys.items()
-                                          if index != mine}
-        if mine is not None and site_index not in settled:
-            options["ort"] = None
-        run = {"current": lambda s=current: s.run(output_names, feed)}
-        trials = {}
-        for key, index in options.items():
-            assignment = {k: v for k, v in chosen.items() if k != site_index}
-            if index is not None:
-                assignment[site_index] = index
-            candidate = works(assignment)
-            if candidate is not None:
-                trials[key] = (assignment, candidate)
-                run[key] = lambda s=candidate: s.run(output_names, feed)
-        times = compare_ms(run, rounds=5, repeats=20)
+        keys = self.by_site[site_index]
+        mine = self.chosen.get(site_index)
+        times, trials = self._time_options(site_index, mine)
         current_key = next((k for k, v in keys.items() if v == mine), "ort")
         times[current_key] = times.pop("current")
-        if site_index in settled:   # ONNX Runtime's nodes in place, from the profile
-            ours, theirs = profiled[site_index]
-            times_ort = times[current_key] + (theirs - ours) / 1000.0
-        else:
-            times_ort = times.get("ort", math.inf)
         best = min(times, key=times.get)
-        changed = best != current_key and times[best] < margin * times[current_key]
+        changed = best != current_key and times[best] < self.margin * times[current_key]
         if changed:
-            chosen, current = trials[best]
+            self.chosen, self.current = trials[best]
         else:
             best = current_key
+        self.choices[site_index] = self._choice(site_index, times, best, current_key)
+        return changed
+
+    def _time_options(self, site_index: int, mine: int | None
+                      ) -> tuple[dict[str, float], dict[str, tuple[dict[int, int], Any]]]:
+        """The slice's time ("current": as chosen) and each other option's for the site,
+        timed together; (the assignment, session) of each option that runs."""
+        keys = self.by_site[site_index]
+        options: dict[str, int | None] = {key: index for key, index in keys.items()
+                                          if index != mine}
+        if mine is not None and site_index not in self.settled:
+            options["ort"] = None
+        run = {"current": lambda s=self.current: s.run(self.output_names, self.feed)}
+        trials = {}
+        for key, index in options.items():
+            assignment = {k: v for k, v in self.chosen.items() if k != site_index}
+            if index is not None:
+                assignment[site_index] = index
+            candidate = self.works(assignment)
+            if candidate is not None:
+                trials[key] = (assignment, candidate)
+                run[key] = lambda s=candidate: s.run(self.output_names, self.feed)
+        return compare_ms(run, rounds=5, repeats=20), trials
+
+    def _choice(self, site_index: int, times: dict[str, float], best: str,
+                current_key: str) -> OpChoice:
+        """The report's row for the site: the kernel in use, or the fastest one where ONNX
+        Runtime's stays (a settled site's ONNX Runtime time: the slice's, plus what the
+        profile says its nodes took over the kernel)."""
+        site, keys = self.sites[site_index], self.by_site[site_index]
+        if site_index in self.settled:
+            ours, theirs = self.profiled[site_index]
+            ort_ms = times[current_key] + (theirs - ours) / 1000.0
+        else:
+            ort_ms = times.get("ort", math.inf)
         kernel_times = {k: t for k, t in times.items() if k != "ort"}
-        # report the kernel in use, or the fastest one where ONNX Runtime's stays
         fastest = best if best != "ort" else \
             (min(kernel_times, key=kernel_times.get) if kernel_times else None)
-        spec = pool[keys[fastest]] if fastest else site
+        spec = self.pool[keys[fastest]] if fastest else site
         knobs = {"nchwc_depthwise": ("hb", "cout", "bands"), "winograd": ("m", "split")
                  }.get(spec.op, ())
-        choices[site_index] = OpChoice(
-            spec.node, f"{spec.op}-op", spec.signature(), times_ort,
+        return OpChoice(
+            spec.node, f"{spec.op}-op", spec.signature(), ort_ms,
             kernel_times[fastest] if fastest else math.inf,
             {k: spec.params.get(k) for k in knobs} if fastest and knobs else None,
             "ort" if best == "ort" else "kernel", len(times), 0, spec)
-        return changed
 
-    # a second pass gives each site another look in the context the first one settled on (a
-    # verdict within the timing noise can go either way); a pass that changes nothing ends it
-    for round_ in range(passes):
-        changed = False
-        for site_index, site in enumerate(sites):
-            if time_left() == 0.0:
-                break
-            if on_op and round_ == 0:
-                on_op(site.node)
-            changed = revisit(site_index) or changed
-        if not changed or time_left() == 0.0:
-            break
-    if not chosen:
-        return None
-    indices = sorted(chosen.values())
-    specs = [pool[i] for i in indices]
-    final = ort_ops.build_library([ort_ops.op_kernel(s, j) for j, s in enumerate(specs)])
-    return InsideOrt(specs, final, ort_ops.custom_op_model(offline, specs),
-                     [choices[i] for i in sorted(choices)])
+    def result(self) -> InsideOrt | None:
+        """The chosen kernels in one library of their own, or None where none was kept."""
+        from wpk.optimizer import ort_ops
+
+        if not self.chosen:
+            return None
+        indices = sorted(self.chosen.values())
+        specs = [self.pool[i] for i in indices]
+        final = ort_ops.build_library([ort_ops.op_kernel(s, j) for j, s in enumerate(specs)])
+        return InsideOrt(specs, final, ort_ops.custom_op_model(self.offline, specs),
+                         [self.choices[i] for i in sorted(self.choices)])

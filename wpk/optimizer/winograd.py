@@ -222,6 +222,17 @@ def lower(shape: WinogradShape, name: str) -> str:
     """C source of `void name(const float* x, const float* U, const float* bias,
     const float* residual, float* y)` for this shape (bias and residual may be NULL)."""
     s = shape
+    if s.layout == "nchwc":
+        pack_row, output_body = _nchwc_pack_row(s), _nchwc_output_body(s)
+    else:
+        pack_row, output_body = _nchw_pack_row(s), _nchw_output_body(s)
+    jobs = _tiles_jobs(s) if s.split == "tiles" else _CHANNELS_JOBS
+    return (_header(s) + _SCRATCH + _input_tiles(s, pack_row) + _GEMM_BLOCK
+            + _output_tiles(output_body, jobs) + _entry(name))
+
+
+def _header(s: WinogradShape) -> str:
+    """Includes, the pool hooks, the job struct and the shape's #defines."""
     m, a = s.m, s.alpha
     oh, ow = s.out_hw
     ty, tx = s.tiles
@@ -229,144 +240,7 @@ def lower(shape: WinogradShape, name: str) -> str:
     cb, kb = -(-s.c // 16), -(-s.k // 16)
     kw, tb, band = s.blocking()
     v_rows = band   # tiles: one work item's V and M stay in L2; channels: all tiles
-    mats = MATRICES[m]
-    in_tf = "\n".join(_transform(mats["BT"], "d", "v", a))
-    out_tf = "\n".join(_transform(mats["AT"], "q", "o", a))
-    residual = "v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mx, res + off));" \
-        if s.residual else ""
-    relu = activations.avx512(s.relu, "v")
-    if s.split == "tiles":
-        jobs = f"""
-static void band_item(int item, int slot, void* arg) {{
-  const struct job* j = (const struct job*)arg;
-  float* __restrict__ V = j->scratch + (size_t)slot * (V_SIZE + M_SIZE);
-  float* __restrict__ M = V + V_SIZE;
-  const int b0 = item * {band};
-  const int b1 = b0 + {band} < T ? b0 + {band} : T;
-  for (int cbk = 0; cbk < CB; ++cbk)
-    for (int t = b0; t < b1;) {{
-      const int tyy = t / TX, txa = t % TX;
-      const int txb = TX < txa + (b1 - t) ? TX : txa + (b1 - t);
-      input_tiles(j->x, V, cbk, tyy, txa, txb, t - b0);
-      t += txb - txa;
-    }}
-  const int blocks = (b1 - b0 + TB - 1) / TB;
-  for (int p = 0; p < AA; ++p)
-    for (int kq = 0; kq < KB / KW; ++kq)
-      for (int i = 0; i < blocks; ++i) gemm_block(V, j->U, M, p, kq * 16 * KW, i * TB);
-  for (int kbk = 0; kbk < KB; ++kbk)
-    for (int t = b0; t < b1;) {{
-      const int tyy = t / TX, txa = t % TX;
-      const int txb = TX < txa + (b1 - t) ? TX : txa + (b1 - t);
-      output_tiles(M, j->bias, j->res, j->y, kbk, tyy, txa, txb, t - b0);
-      t += txb - txa;
-    }}
-}}
-
-static void run(struct job* j) {{ wpk_pool_run(band_item, j, (T + {band} - 1) / {band}); }}
-"""
-        per_slot = True
-    else:
-        jobs = f"""
-static void input_item(int item, int slot, void* arg) {{
-  const struct job* j = (const struct job*)arg;
-  (void)slot;
-  input_tiles(j->x, j->scratch, item / TY, item % TY, 0, TX, (item % TY) * TX);
-}}
-
-static void output_item(int kq, int slot, void* arg) {{
-  const struct job* j = (const struct job*)arg;
-  const float* __restrict__ V = j->scratch;
-  float* __restrict__ M = j->scratch + V_SIZE;
-  (void)slot;
-  for (int p = 0; p < AA; ++p)
-    for (int i = 0; i < VR / TB; ++i) gemm_block(V, j->U, M, p, kq * 16 * KW, i * TB);
-  for (int kbk = kq * KW; kbk < (kq + 1) * KW; ++kbk)
-    for (int tyy = 0; tyy < TY; ++tyy)
-      output_tiles(M, j->bias, j->res, j->y, kbk, tyy, 0, TX, tyy * TX);
-}}
-
-static void run(struct job* j) {{
-  wpk_pool_run(input_item, j, CB * TY);
-  wpk_pool_run(output_item, j, KB / KW);
-}}
-"""
-        per_slot = False
-    pad_l = s.pads[1]
-    # one tile's M values -> its m x m outputs o[i][j] (both layouts)
-    transform_tile = f"""    const int t = row0 + txx - txa;
-    __m512 q[{a}][{a}];
-    for (int i = 0; i < {a}; ++i)
-      for (int j = 0; j < {a}; ++j)
-        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
-{out_tf}"""
-    # output channel block kbk's bias, one vector (both layouts)
-    bias_block = """  const int k0 = kbk * 16;
-  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
-  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
-                        : _mm512_setzero_ps();"""
-    if s.layout == "nchwc":
-        # a pixel's 16 channels are one vector: no transpose on the way in or out
-        pack_row = f"""    for (int x0 = ix_lo; x0 < ix_hi; ++x0)
-      _mm512_store_ps(lp[r][x0 + {pad_l}], _mm512_loadu_ps(x + (((size_t)cbk * H + iy) * W + x0) * 16));"""
-        residual_c = "v = _mm512_add_ps(v, _mm512_loadu_ps(res + off));" if s.residual else ""
-        output_body = f"""{bias_block}
-  for (int txx = txa; txx < txb; ++txx) {{
-{transform_tile}
-    for (int i = 0; i < {m}; ++i) {{
-      const int oy = tyy * {m} + i;
-      if (oy >= OH) break;
-      for (int j = 0; j < {m}; ++j) {{
-        const int ox = txx * {m} + j;
-        if (ox >= OW) break;
-        const size_t off = (((size_t)kbk * OH + oy) * OW + ox) * 16;
-        __m512 v = _mm512_add_ps(o[i][j], b);
-        {residual_c}
-        {relu}
-        _mm512_storeu_ps(y + off, v);
-      }}
-    }}
-  }}
-}}"""
-    else:
-        pack_row = f"""    for (int x0 = ix_lo; x0 < ix_hi; x0 += 16) {{
-      const int nx = ix_hi - x0 < 16 ? ix_hi - x0 : 16;
-      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
-      __m512 rr[16];
-      for (int c = 0; c < 16; ++c)
-        rr[c] = c < nc ? _mm512_maskz_loadu_ps(mx, x + ((size_t)(c0 + c) * H + iy) * W + x0)
-                       : _mm512_setzero_ps();
-      tr16(rr);
-      for (int q = 0; q < nx; ++q) _mm512_store_ps(lp[r][x0 + {pad_l} + q], rr[q]);
-    }}"""
-        output_body = f"""  float lb[{m}][TX * {m} + 16][16] __attribute__((aligned(64)));
-{bias_block}
-  for (int txx = txa; txx < txb; ++txx) {{
-{transform_tile}
-    for (int i = 0; i < {m}; ++i)
-      for (int j = 0; j < {m}; ++j)
-        _mm512_store_ps(lb[i][(txx - txa) * {m} + j], _mm512_add_ps(o[i][j], b));
-  }}
-  const int x_end = txb * {m} < OW ? txb * {m} : OW;
-  for (int i = 0; i < {m}; ++i) {{
-    const int oy = tyy * {m} + i;
-    if (oy >= OH) break;
-    for (int x0 = txa * {m}; x0 < x_end; x0 += 16) {{
-      const int nx = x_end - x0 < 16 ? x_end - x0 : 16;
-      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
-      __m512 rr[16];
-      for (int q2 = 0; q2 < 16; ++q2) rr[q2] = _mm512_load_ps(lb[i][x0 - txa * {m} + q2]);
-      tr16(rr);
-      for (int k = 0; k < nk; ++k) {{
-        const size_t off = ((size_t)(k0 + k) * OH + oy) * OW + x0;
-        __m512 v = rr[k];
-        {residual}
-        {relu}
-        _mm512_mask_storeu_ps(y + off, mx, v);
-      }}
-    }}
-  }}
-}}"""
+    per_slot = s.split == "tiles"
     return f"""#include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
@@ -397,13 +271,25 @@ struct job {{ const float* x; const float* U; const float* bias; const float* re
 #define V_SIZE ((size_t)AA * VR * CP)
 #define M_SIZE ((size_t)AA * VR * KP)
 #define SCRATCH ((V_SIZE + M_SIZE) * {"wpk_pool_slots()" if per_slot else 1})
+"""
 
+
+# the shared scratch buffer, and the guard that gives a concurrent caller its own
+_SCRATCH = """
 static float* scratch_buffer = 0;
 static volatile int busy = 0;
 /* unloaded with its library (ONNX Runtime unloads custom-op libraries with their sessions) */
-__attribute__((destructor)) static void release_scratch(void) {{ free(scratch_buffer); }}
+__attribute__((destructor)) static void release_scratch(void) { free(scratch_buffer); }
 
-/* tiles txa..txb-1 of tile row tyy, channel block cbk: pack the input rows they need
+"""
+
+
+def _input_tiles(s: WinogradShape, pack_row: str) -> str:
+    """Packing the input rows of a run of tiles (`pack_row`: one row, by layout) and their
+    input transform."""
+    m, a = s.m, s.alpha
+    in_tf = "\n".join(_transform(MATRICES[m]["BT"], "d", "v", a))
+    return f"""/* tiles txa..txb-1 of tile row tyy, channel block cbk: pack the input rows they need
    (NCHW -> pixel-major, zero padding), input transform, V[p][row0 + i][c] */
 static inline void input_tiles(const float* __restrict__ x, float* __restrict__ V,
                                int cbk, int tyy, int txa, int txb, int row0) {{
@@ -435,27 +321,37 @@ static inline void input_tiles(const float* __restrict__ x, float* __restrict__ 
   }}
 }}
 
+"""
+
+
+_GEMM_BLOCK = """\
 /* M[p][t0:t0+TB][k0:k0+16*KW] = V[p][t0:..][:CIN] * U[p][:CIN][k0:..] (register block) */
 static inline void gemm_block(const float* __restrict__ V, const float* __restrict__ U,
-                              float* __restrict__ M, int p, int k0, int t0) {{
+                              float* __restrict__ M, int p, int k0, int t0) {
   __m512 acc[TB][KW];
   for (int i = 0; i < TB; ++i)
     for (int j = 0; j < KW; ++j) acc[i][j] = _mm512_setzero_ps();
   const float* __restrict__ vp = V + ((size_t)p * VR + t0) * CP;
   const float* __restrict__ up = U + (size_t)p * CP * KP + k0;
-  for (int c = 0; c < CIN; ++c) {{
+  for (int c = 0; c < CIN; ++c) {
     __m512 u[KW];
     for (int j = 0; j < KW; ++j) u[j] = _mm512_loadu_ps(up + (size_t)c * KP + 16 * j);
-    for (int i = 0; i < TB; ++i) {{
+    for (int i = 0; i < TB; ++i) {
       const __m512 v = _mm512_set1_ps(vp[(size_t)i * CP + c]);
       for (int j = 0; j < KW; ++j) acc[i][j] = _mm512_fmadd_ps(v, u[j], acc[i][j]);
-    }}
-  }}
+    }
+  }
   float* __restrict__ mp = M + ((size_t)p * VR + t0) * KP + k0;
   for (int i = 0; i < TB; ++i)
     for (int j = 0; j < KW; ++j) _mm512_store_ps(mp + (size_t)i * KP + 16 * j, acc[i][j]);
-}}
+}
 
+"""
+
+
+def _output_tiles(output_body: str, jobs: str) -> str:
+    """The output transform's function (`output_body`: by layout), then the work items."""
+    return f"""\
 /* tiles txa..txb-1 of tile row tyy, output channel block kbk: output transform + bias,
    transposed back to NCHW rows with the residual added and Relu applied */
 static inline void output_tiles(const float* __restrict__ M, const float* __restrict__ bias,
@@ -463,6 +359,12 @@ static inline void output_tiles(const float* __restrict__ M, const float* __rest
                                 int kbk, int tyy, int txa, int txb, int row0) {{
 {output_body}
 {jobs}
+"""
+
+
+def _entry(name: str) -> str:
+    """The kernel's entry point: the shared scratch, or a private one when it is busy."""
+    return f"""\
 void {name}(const float* x, const float* U, const float* bias, const float* res, float* y) {{
   if (__sync_bool_compare_and_swap(&busy, 0, 1)) {{
     if (!scratch_buffer) {{
@@ -481,6 +383,172 @@ void {name}(const float* x, const float* U, const float* bias, const float* res,
   }}
 }}
 """
+
+
+def _tiles_jobs(s: WinogradShape) -> str:
+    """Split "tiles": each work item runs all phases on its band of tiles, in its slot's
+    scratch (no barrier)."""
+    band = s.blocking()[2]
+    return f"""
+static void band_item(int item, int slot, void* arg) {{
+  const struct job* j = (const struct job*)arg;
+  float* __restrict__ V = j->scratch + (size_t)slot * (V_SIZE + M_SIZE);
+  float* __restrict__ M = V + V_SIZE;
+  const int b0 = item * {band};
+  const int b1 = b0 + {band} < T ? b0 + {band} : T;
+  for (int cbk = 0; cbk < CB; ++cbk)
+    for (int t = b0; t < b1;) {{
+      const int tyy = t / TX, txa = t % TX;
+      const int txb = TX < txa + (b1 - t) ? TX : txa + (b1 - t);
+      input_tiles(j->x, V, cbk, tyy, txa, txb, t - b0);
+      t += txb - txa;
+    }}
+  const int blocks = (b1 - b0 + TB - 1) / TB;
+  for (int p = 0; p < AA; ++p)
+    for (int kq = 0; kq < KB / KW; ++kq)
+      for (int i = 0; i < blocks; ++i) gemm_block(V, j->U, M, p, kq * 16 * KW, i * TB);
+  for (int kbk = 0; kbk < KB; ++kbk)
+    for (int t = b0; t < b1;) {{
+      const int tyy = t / TX, txa = t % TX;
+      const int txb = TX < txa + (b1 - t) ? TX : txa + (b1 - t);
+      output_tiles(M, j->bias, j->res, j->y, kbk, tyy, txa, txb, t - b0);
+      t += txb - txa;
+    }}
+}}
+
+static void run(struct job* j) {{ wpk_pool_run(band_item, j, (T + {band} - 1) / {band}); }}
+"""
+
+
+# split "channels": the input transform over all tiles, then output channel blocks
+_CHANNELS_JOBS = """
+static void input_item(int item, int slot, void* arg) {
+  const struct job* j = (const struct job*)arg;
+  (void)slot;
+  input_tiles(j->x, j->scratch, item / TY, item % TY, 0, TX, (item % TY) * TX);
+}
+
+static void output_item(int kq, int slot, void* arg) {
+  const struct job* j = (const struct job*)arg;
+  const float* __restrict__ V = j->scratch;
+  float* __restrict__ M = j->scratch + V_SIZE;
+  (void)slot;
+  for (int p = 0; p < AA; ++p)
+    for (int i = 0; i < VR / TB; ++i) gemm_block(V, j->U, M, p, kq * 16 * KW, i * TB);
+  for (int kbk = kq * KW; kbk < (kq + 1) * KW; ++kbk)
+    for (int tyy = 0; tyy < TY; ++tyy)
+      output_tiles(M, j->bias, j->res, j->y, kbk, tyy, 0, TX, tyy * TX);
+}
+
+static void run(struct job* j) {
+  wpk_pool_run(input_item, j, CB * TY);
+  wpk_pool_run(output_item, j, KB / KW);
+}
+"""
+
+
+def _transform_tile(s: WinogradShape) -> str:
+    """One tile's M values -> its m x m outputs o[i][j] (both layouts)."""
+    a = s.alpha
+    out_tf = "\n".join(_transform(MATRICES[s.m]["AT"], "q", "o", a))
+    return f"""    const int t = row0 + txx - txa;
+    __m512 q[{a}][{a}];
+    for (int i = 0; i < {a}; ++i)
+      for (int j = 0; j < {a}; ++j)
+        q[i][j] = _mm512_load_ps(M + ((size_t)(i * {a} + j) * VR + t) * KP + k0);
+{out_tf}"""
+
+
+# output channel block kbk's bias, one vector (both layouts)
+_BIAS_BLOCK = """  const int k0 = kbk * 16;
+  const int nk = KOUT - k0 < 16 ? KOUT - k0 : 16;
+  const __m512 b = bias ? _mm512_maskz_loadu_ps((__mmask16)((1u << nk) - 1u), bias + k0)
+                        : _mm512_setzero_ps();"""
+
+
+def _nchwc_pack_row(s: WinogradShape) -> str:
+    """A pixel's 16 channels are one vector: no transpose on the way in."""
+    pad_l = s.pads[1]
+    return f"""    for (int x0 = ix_lo; x0 < ix_hi; ++x0)
+      _mm512_store_ps(lp[r][x0 + {pad_l}], _mm512_loadu_ps(x + (((size_t)cbk * H + iy) * W + x0) * 16));"""
+
+
+def _nchwc_output_body(s: WinogradShape) -> str:
+    """Blocked output: no transpose on the way out."""
+    m = s.m
+    bias_block, transform_tile = _BIAS_BLOCK, _transform_tile(s)
+    residual_c = "v = _mm512_add_ps(v, _mm512_loadu_ps(res + off));" if s.residual else ""
+    relu = activations.avx512(s.relu, "v")
+    return f"""{bias_block}
+  for (int txx = txa; txx < txb; ++txx) {{
+{transform_tile}
+    for (int i = 0; i < {m}; ++i) {{
+      const int oy = tyy * {m} + i;
+      if (oy >= OH) break;
+      for (int j = 0; j < {m}; ++j) {{
+        const int ox = txx * {m} + j;
+        if (ox >= OW) break;
+        const size_t off = (((size_t)kbk * OH + oy) * OW + ox) * 16;
+        __m512 v = _mm512_add_ps(o[i][j], b);
+        {residual_c}
+        {relu}
+        _mm512_storeu_ps(y + off, v);
+      }}
+    }}
+  }}
+}}"""
+
+
+def _nchw_pack_row(s: WinogradShape) -> str:
+    """Sixteen channels of a row transposed to pixel-major."""
+    pad_l = s.pads[1]
+    return f"""    for (int x0 = ix_lo; x0 < ix_hi; x0 += 16) {{
+      const int nx = ix_hi - x0 < 16 ? ix_hi - x0 : 16;
+      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
+      __m512 rr[16];
+      for (int c = 0; c < 16; ++c)
+        rr[c] = c < nc ? _mm512_maskz_loadu_ps(mx, x + ((size_t)(c0 + c) * H + iy) * W + x0)
+                       : _mm512_setzero_ps();
+      tr16(rr);
+      for (int q = 0; q < nx; ++q) _mm512_store_ps(lp[r][x0 + {pad_l} + q], rr[q]);
+    }}"""
+
+
+def _nchw_output_body(s: WinogradShape) -> str:
+    """The tiles' outputs transposed back to NCHW rows, the residual added."""
+    m = s.m
+    bias_block, transform_tile = _BIAS_BLOCK, _transform_tile(s)
+    residual = "v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mx, res + off));" \
+        if s.residual else ""
+    relu = activations.avx512(s.relu, "v")
+    return f"""  float lb[{m}][TX * {m} + 16][16] __attribute__((aligned(64)));
+{bias_block}
+  for (int txx = txa; txx < txb; ++txx) {{
+{transform_tile}
+    for (int i = 0; i < {m}; ++i)
+      for (int j = 0; j < {m}; ++j)
+        _mm512_store_ps(lb[i][(txx - txa) * {m} + j], _mm512_add_ps(o[i][j], b));
+  }}
+  const int x_end = txb * {m} < OW ? txb * {m} : OW;
+  for (int i = 0; i < {m}; ++i) {{
+    const int oy = tyy * {m} + i;
+    if (oy >= OH) break;
+    for (int x0 = txa * {m}; x0 < x_end; x0 += 16) {{
+      const int nx = x_end - x0 < 16 ? x_end - x0 : 16;
+      const __mmask16 mx = (__mmask16)((1u << nx) - 1u);
+      __m512 rr[16];
+      for (int q2 = 0; q2 < 16; ++q2) rr[q2] = _mm512_load_ps(lb[i][x0 - txa * {m} + q2]);
+      tr16(rr);
+      for (int k = 0; k < nk; ++k) {{
+        const size_t off = ((size_t)(k0 + k) * OH + oy) * OW + x0;
+        __m512 v = rr[k];
+        {residual}
+        {relu}
+        _mm512_mask_storeu_ps(y + off, mx, v);
+      }}
+    }}
+  }}
+}}"""
 
 
 def winograd_shape(params: dict) -> WinogradShape:
@@ -531,35 +599,19 @@ def winograd_spec(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto
                   threads: int | None = None):
     """A KernelSpec running `conv` (3x3, stride 1, dilation 1, group 1, fp32, constant
     weights) and the Add / Relu after it as one Winograd kernel, or None."""
-    from wpk.optimizer.kernels import KernelSpec, _attr, _pads
+    from wpk.optimizer.kernels import KernelSpec, _pads
 
-    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or \
-            conv.input[1] not in consts or conv.input[0] not in shapes:
+    if not _winograd_conv(conv, shapes, consts):
         return None
     weight = consts[conv.input[1]]
-    x_shape = shapes[conv.input[0]]
-    if weight.ndim != 4 or weight.shape[2:] != (3, 3) or len(x_shape) != 4 or x_shape[0] != 1:
-        return None
-    if tuple(_attr(conv, "strides", [1, 1])) != (1, 1) or \
-            tuple(_attr(conv, "dilations", [1, 1])) != (1, 1) or _attr(conv, "group", 1) != 1:
-        return None
     bias = len(conv.input) > 2 and bool(conv.input[2])
-    if bias and conv.input[2] not in consts:
-        return None
-    _, c, h, w = x_shape
+    _, c, h, w = shapes[conv.input[0]]
     pads = _pads(conv, (h, w), (3, 3), (1, 1), (1, 1))
     if min(pads) < 0 or max(pads) > 2 or h + pads[0] + pads[2] < 3 or w + pads[1] + pads[3] < 3:
         return None
-    nodes, residual, out = conv_pattern(conv, consumers, graph_outputs)
     oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
-    if residual is not None and (residual in consts or
-                                 shapes.get(residual) != (1, weight.shape[0], oh, ow)):
-        nodes, residual = nodes[:1], None    # broadcast or constant adds stay in ONNX Runtime
-        out = conv.output[0]
-        nxt = consumers.get(out, [])
-        if len(nxt) == 1 and nxt[0].op_type == "Relu" and out not in graph_outputs:
-            nodes.append(nxt[0])
-            out = nxt[0].output[0]
+    nodes, residual, out = _fused_tail(conv, consumers, graph_outputs, shapes, consts,
+                                       (1, weight.shape[0], oh, ow))
     relu = nodes[-1].op_type == "Relu"
     name = "w_" + "".join(ch if ch.isalnum() else "_" for ch in conv.name or conv.output[0])
     params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, pads=pads, m=m, relu=relu,
@@ -572,6 +624,44 @@ def winograd_spec(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto
         ([residual] if residual else []) + [out]
     return KernelSpec("winograd", params, sources, out, "+".join(n.name for n in nodes),
                       weights=weights)
+
+
+def _winograd_conv(conv: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
+                   consts: dict[str, np.ndarray]) -> bool:
+    """Whether `conv` is one the Winograd kernel computes (padding aside): a plain 3x3
+    stride-1 undilated ungrouped Conv of one image, its weights (and bias) constant."""
+    from wpk.optimizer.kernels import _attr
+
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or \
+            conv.input[1] not in consts or conv.input[0] not in shapes:
+        return False
+    weight = consts[conv.input[1]]
+    x_shape = shapes[conv.input[0]]
+    if weight.ndim != 4 or weight.shape[2:] != (3, 3) or len(x_shape) != 4 or x_shape[0] != 1:
+        return False
+    if tuple(_attr(conv, "strides", [1, 1])) != (1, 1) or \
+            tuple(_attr(conv, "dilations", [1, 1])) != (1, 1) or _attr(conv, "group", 1) != 1:
+        return False
+    bias = len(conv.input) > 2 and bool(conv.input[2])
+    return not (bias and conv.input[2] not in consts)
+
+
+def _fused_tail(conv: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+                graph_outputs: set[str], shapes: dict[str, tuple[int, ...]],
+                consts: dict[str, np.ndarray], y_shape: tuple[int, ...]
+                ) -> tuple[list[onnx.NodeProto], str | None, str]:
+    """`conv_pattern`, less a residual Add whose other operand is not a computed tensor of
+    the Conv's output shape `y_shape`: broadcast or constant adds stay in ONNX Runtime (a
+    Relu straight after the Conv is still fused)."""
+    nodes, residual, out = conv_pattern(conv, consumers, graph_outputs)
+    if residual is not None and (residual in consts or shapes.get(residual) != y_shape):
+        nodes, residual = nodes[:1], None
+        out = conv.output[0]
+        nxt = consumers.get(out, [])
+        if len(nxt) == 1 and nxt[0].op_type == "Relu" and out not in graph_outputs:
+            nodes.append(nxt[0])
+            out = nxt[0].output[0]
+    return nodes, residual, out
 
 
 class WinogradKernel:

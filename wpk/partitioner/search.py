@@ -136,22 +136,22 @@ _S, _T = "s", "t"
 _UNITS_PER_MS = 1_000_000
 
 
-def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
-    """The assignment minimizing latency + byte_weight_ms * bytes beyond the edge (exact)."""
-    n, n_tiers = problem.n_nodes, problem.n_tiers
-    if np.any(problem.lowest > problem.highest):
-        bad = int(np.argmax(problem.lowest > problem.highest))
-        raise WpkError(f"no tier is allowed for node #{bad}: its constraints contradict")
-    if n_tiers == 1 or n == 0:
-        return np.zeros(n, dtype=int)
-    graph = nx.DiGraph()
-    INF = None  # networkx: an edge without 'capacity' has infinite capacity
+class _CutGraph:
+    """The s-t graph whose minimum cut is the best assignment: x[v,k] on the sink side means
+    node v runs beyond boundary k (on tier k or higher)."""
 
-    def add(u, v, capacity_ms: float | None) -> None:
+    def __init__(self) -> None:
+        self.graph = nx.DiGraph()
+        self.graph.add_node(_S)
+        self.graph.add_node(_T)
+
+    def add(self, u, v, capacity_ms: float | None) -> None:
+        """An edge u -> v (None: infinite capacity, a constraint); capacities add up."""
         # Integer capacities (ns): networkx reads the cut off saturated edges, which float
         # round-off can hide.
+        graph = self.graph
         capacity = None if capacity_ms is None else int(round(capacity_ms * _UNITS_PER_MS))
-        if capacity is None:
+        if capacity is None:   # networkx: an edge without 'capacity' has infinite capacity
             if graph.has_edge(u, v):
                 graph[u][v].pop("capacity", None)
             else:
@@ -165,63 +165,39 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
         else:
             graph.add_edge(u, v, capacity=capacity)
 
-    def unary(var, cost_if_one: float) -> None:
+    def unary(self, var, cost_if_one: float) -> None:
         """cost_if_one * x (a negative cost is a constant plus |cost| * (1 - x))."""
         if cost_if_one > 0:
-            add(_S, var, cost_if_one)      # cut when var lies on the sink side (x = 1)
+            self.add(_S, var, cost_if_one)      # cut when var lies on the sink side (x = 1)
         elif cost_if_one < 0:
-            add(var, _T, -cost_if_one)     # cut when var lies on the source side (x = 0)
+            self.add(var, _T, -cost_if_one)     # cut when var lies on the source side (x = 0)
 
-    d = problem.deliver_to
-    graph.add_node(_S)
-    graph.add_node(_T)
+
+def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
+    """The assignment minimizing latency + byte_weight_ms * bytes beyond the edge (exact)."""
+    n, n_tiers = problem.n_nodes, problem.n_tiers
+    if np.any(problem.lowest > problem.highest):
+        bad = int(np.argmax(problem.lowest > problem.highest))
+        raise WpkError(f"no tier is allowed for node #{bad}: its constraints contradict")
+    if n_tiers == 1 or n == 0:
+        return np.zeros(n, dtype=int)
+    cut = _CutGraph()
     for k in range(1, n_tiers):
         link = k - 1
         per_byte = problem.link_ms_per_byte[link] + (
             byte_weight_ms if problem.link_beyond_edge[link] else 0.0)
-        for v in range(n):
-            x = ("x", v, k)
-            graph.add_node(x)
-            unary(x, problem.node_ms[v, k] - problem.node_ms[v, k - 1])
-            if problem.lowest[v] >= k:
-                add(x, _T, INF)            # forced to 1
-            if problem.highest[v] < k:
-                add(_S, x, INF)            # forced to 0
-            if k > 1:
-                add(("x", v, k - 1), x, INF)   # x[v,k] <= x[v,k-1]
+        _add_node_terms(cut, problem, k)
         for i, tensor in enumerate(problem.tensors):
-            weight = tensor.nbytes * per_byte
-            src = ("x", tensor.producer, k) if tensor.producer >= 0 else None
-            for c in tensor.consumers:         # monotone: x[p,k] <= x[c,k]
-                if src is not None:
-                    add(("x", c, k), src, INF)
-            needed_anyway = tensor.is_output and d >= k
-            if needed_anyway:                  # crosses link k unless made beyond it
-                if src is None:
-                    continue                   # constant
-                add(src, _T, weight)           # paid when x[p,k] = 0
-            elif tensor.consumers:
-                if len(tensor.consumers) == 1:
-                    need = ("x", tensor.consumers[0], k)
-                else:
-                    need = ("z", i, k)         # z >= x[c,k] for every consumer
-                    for c in tensor.consumers:
-                        add(need, ("x", c, k), INF)
-                if src is None:
-                    add(_S, need, weight)      # paid when needed beyond k
-                else:
-                    add(src, need, weight)     # paid when x[p,k] = 0 and needed
-            if tensor.is_output and k > d and src is not None:
-                unary(src, weight)             # result travels back over link k
+            _add_tensor_terms(cut, problem, k, i, tensor, tensor.nbytes * per_byte)
         # RTT of link k: paid once if anything lies beyond boundary k (both ways when the
         # results come back; forward only, as a constant, when they are delivered beyond).
-        if d < k:
+        if problem.deliver_to < k:
             y = ("y", k)
-            add(_S, y, float(problem.link_rtt_ms[link]))
+            cut.add(_S, y, float(problem.link_rtt_ms[link]))
             for v in range(n):
-                add(y, ("x", v, k), INF)
+                cut.add(y, ("x", v, k), None)
     try:
-        _, (source_side, _) = nx.minimum_cut(graph, _S, _T)
+        _, (source_side, _) = nx.minimum_cut(cut.graph, _S, _T)
     except nx.NetworkXUnbounded:
         raise WpkError("the constraints cannot all hold (pins, privacy and the graph's "
                        "edges contradict)") from None
@@ -229,6 +205,50 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
     for v in range(n):
         tiers[v] = sum(1 for k in range(1, n_tiers) if ("x", v, k) not in source_side)
     return tiers
+
+
+def _add_node_terms(cut: _CutGraph, problem: Problem, k: int) -> None:
+    """Per node at boundary k: what running beyond it saves or costs, the pins, and
+    x[v,k] <= x[v,k-1]."""
+    for v in range(problem.n_nodes):
+        x = ("x", v, k)
+        cut.graph.add_node(x)
+        cut.unary(x, problem.node_ms[v, k] - problem.node_ms[v, k - 1])
+        if problem.lowest[v] >= k:
+            cut.add(x, _T, None)            # forced to 1
+        if problem.highest[v] < k:
+            cut.add(_S, x, None)            # forced to 0
+        if k > 1:
+            cut.add(("x", v, k - 1), x, None)   # x[v,k] <= x[v,k-1]
+
+
+def _add_tensor_terms(cut: _CutGraph, problem: Problem, k: int, i: int, tensor: TensorEdge,
+                      weight: float) -> None:
+    """Tensor i at boundary k: monotone edges, and `weight` (its cost over link k) paid
+    where it crosses that link."""
+    d = problem.deliver_to
+    src = ("x", tensor.producer, k) if tensor.producer >= 0 else None
+    for c in tensor.consumers:         # monotone: x[p,k] <= x[c,k]
+        if src is not None:
+            cut.add(("x", c, k), src, None)
+    needed_anyway = tensor.is_output and d >= k
+    if needed_anyway:                  # crosses link k unless made beyond it
+        if src is None:
+            return                     # constant
+        cut.add(src, _T, weight)       # paid when x[p,k] = 0
+    elif tensor.consumers:
+        if len(tensor.consumers) == 1:
+            need = ("x", tensor.consumers[0], k)
+        else:
+            need = ("z", i, k)         # z >= x[c,k] for every consumer
+            for c in tensor.consumers:
+                cut.add(need, ("x", c, k), None)
+        if src is None:
+            cut.add(_S, need, weight)  # paid when needed beyond k
+        else:
+            cut.add(src, need, weight)  # paid when x[p,k] = 0 and needed
+    if tensor.is_output and k > d and src is not None:
+        cut.unary(src, weight)         # result travels back over link k
 
 
 # -- throughput: slowest stage, DP over cut positions in topological order -----------------

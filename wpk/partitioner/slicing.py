@@ -53,22 +53,29 @@ def tier_slices(graph: Graph, tiers: np.ndarray, forward_tensors: Sequence[Seque
             source_tier[out] = int(tiers[node.index])
     slices = []
     for position, t in enumerate(used):
-        nodes = [v for v in range(len(graph.nodes)) if tiers[v] == t]
-        if t == 0:
-            inputs = [name for name in graph.inputs if name in graph.consumers
-                      or name in graph.outputs]
-        else:
-            inputs = list(forward_tensors[t - 1])
         forward = list(forward_tensors[t]) if position < len(used) - 1 else []
         results = [o for o in graph.outputs
                    if (source_tier[o] == t and t >= deliver_to)
                    or (source_tier[o] < deliver_to and t == deliver_to)]
-        produced = {out for v in nodes for out in graph.nodes[v].outputs}
-        consumed = {i for v in nodes for i in graph.nodes[v].inputs}
-        slice_inputs = [name for name in inputs if name in consumed]
-        slice_outputs = [name for name in dict.fromkeys(forward + results) if name in produced]
-        slices.append(TierSlice(t, nodes, inputs, forward, results, slice_inputs, slice_outputs))
+        slices.append(_tier_slice(graph, tiers, t, forward_tensors, forward, results))
     return slices
+
+
+def _tier_slice(graph: Graph, tiers: np.ndarray, t: int,
+                forward_tensors: Sequence[Sequence[str]], forward: list[str],
+                results: list[str]) -> TierSlice:
+    """Tier t's slice, given what it sends on (`forward`) and the `results` it gives."""
+    nodes = [v for v in range(len(graph.nodes)) if tiers[v] == t]
+    if t == 0:
+        inputs = [name for name in graph.inputs if name in graph.consumers
+                  or name in graph.outputs]
+    else:
+        inputs = list(forward_tensors[t - 1])
+    produced = {out for v in nodes for out in graph.nodes[v].outputs}
+    consumed = {i for v in nodes for i in graph.nodes[v].inputs}
+    slice_inputs = [name for name in inputs if name in consumed]
+    slice_outputs = [name for name in dict.fromkeys(forward + results) if name in produced]
+    return TierSlice(t, nodes, inputs, forward, results, slice_inputs, slice_outputs)
 
 
 def slice_model(graph: Graph, piece: TierSlice, name: str) -> onnx.ModelProto:

@@ -291,7 +291,7 @@ def test_no_shared_memory_turns_the_extension_off(plans, region):
                 (model,) = ready.service.models.values()  # mlp.cloud
                 request = pb.ModelInferRequest(model_name=model.name)
                 for meta in model.inputs.values():
-                    tensor = request.inputs.add(name=meta.name, datatype=meta.datatype,
+                    tensor = request.inputs.add(name=meta.name, datatype=meta.kserve_datatype,
                                                 shape=meta.shape)
                     tensor.parameters["shared_memory_region"].string_param = name
                     tensor.parameters["shared_memory_byte_size"].int64_param = 4

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wpk.runtime.tensors import DATATYPES
+from wpk.tensor_spec import KSERVE_DATATYPES
 
 # KServe v2 / Open Inference Protocol datatype names, as the tier servers use them.
-KSERVE_TO_NUMPY = DATATYPES
+KSERVE_TO_NUMPY = KSERVE_DATATYPES
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def test_a_tier_slice_model_reads_shared_memory(plans, resnet_pipeline, region):
     cloud = plan.tiers[-1]
     client = triton.InferenceServerClient(resnet_pipeline.address[cloud.name])
     rng = np.random.default_rng(3)
-    arrays = {n: rng.standard_normal([d if d > 0 else 1 for d in plan.tensors[n]["shape"]])
+    arrays = {n: rng.standard_normal([d if d > 0 else 1 for d in plan.tensors[n].shape])
               .astype(np.float32) for n in cloud.inputs}
     total = sum(a.nbytes for a in arrays.values())
     name, key, handle = region(total)

@@ -231,7 +231,7 @@ def test_pipeline_on_the_tensor_link_many_concurrent_requests(plans):
 
         answers = asyncio.run(run_all())
         import onnxruntime as ort
-        session = ort.InferenceSession(pipeline.plan.model["file"],
+        session = ort.InferenceSession(pipeline.plan.model.file,
                                        providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         for feed, answer in zip(feeds, answers):   # each answer is its own request's

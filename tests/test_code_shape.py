@@ -29,8 +29,6 @@ KNOWN = {
     "wpk/partitioner/search.py": {"min_latency"},
     "wpk/partitioner/slicing.py": {"tier_slices"},
     "wpk/profiling.py": {"profile_model"},
-    "wpk/runtime/probe.py": {"probe"},
-    "wpk/runtime/server.py": {"serve"},
     "wpk/shapes.py": {"complete_shapes"},
 }
 

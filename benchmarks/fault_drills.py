@@ -78,8 +78,8 @@ def tier_drill(plan_dir: Path, rate: float, seconds: float) -> dict:
     with Supervised(plan_dir) as supervised:
         deployment = supervised.deployment
         plan = deployment.plan
-        shape = plan.model["inputs"][0]["shape"]
-        name = plan.model["inputs"][0]["name"]
+        shape = list(plan.model.inputs[0].shape)
+        name = plan.model.inputs[0].name
         x = triton.InferInput(name, shape, "FP32")
         x.set_data_from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
         client = triton.InferenceServerClient(deployment.entry)
@@ -172,8 +172,8 @@ def mqtt_drill(plan_dir: Path, workdir: Path, fault: str, messages: int) -> dict
     broker = Mosquitto(workdir / f"broker-{fault}").start()
     with Supervised(plan_dir) as supervised:
         entry, plan = supervised.deployment.entry, supervised.deployment.plan
-        shape = plan.model["inputs"][0]["shape"]
-        name = plan.model["inputs"][0]["name"]
+        shape = list(plan.model.inputs[0].shape)
+        name = plan.model.inputs[0].name
         bridge = start_bridge(broker, entry, plan.name)
         results = Results(broker.port, "drill/+/out")
         publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="drill-sensor",

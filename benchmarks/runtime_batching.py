@@ -96,8 +96,8 @@ def main() -> None:
     plan_dir = make_plan(Path(tempfile.mkdtemp(prefix="wpk-batching-")), args.image)
     plan = load_plan(plan_dir)
     cloud = plan.tier("cloud")
-    feeds = {name: np.random.default_rng(0).standard_normal(plan.tensors[name]["shape"])
-             .astype(plan.tensors[name]["dtype"]) for name in cloud.inputs}
+    feeds = {name: np.random.default_rng(0).standard_normal(plan.tensors[name].shape)
+             .astype(plan.tensors[name].dtype) for name in cloud.inputs}
     model = f"{plan.name}.cloud"
     batched_args = ["--max-batch", str(args.max_batch), "--max-queue-delay-us",
                     str(args.max_queue_delay_us)]

@@ -3,7 +3,8 @@ Inference Protocol and ONNX Runtime use."""
 import numpy as np
 import pytest
 
-from wpk.tensor_spec import KSERVE_DATATYPES, TensorSpec
+from wpk.tensor_spec import (KSERVE_DATATYPES, TensorSpec, kserve_datatype_of,
+                             numpy_dtype_of_ort, ort_type_of)
 
 
 def test_dtype_spellings_become_numpy_names():
@@ -28,7 +29,28 @@ def test_an_unknown_kserve_datatype_is_one_line():
                                         ("float16", "tensor(float16)"),
                                         ("int64", "tensor(int64)"), ("bool", "tensor(bool)")])
 def test_ort_type_names(dtype, ort):
-    assert TensorSpec("x", (1,), dtype).ort_type == ort
+    assert TensorSpec("x", (1,), dtype).ort_type == ort == ort_type_of(dtype)
+    assert numpy_dtype_of_ort(ort) == np.dtype(dtype)
+
+
+def test_numpy_names_in_ort_type_text_are_read_too():
+    assert numpy_dtype_of_ort("tensor(float64)") == np.dtype(np.float64)
+
+
+def test_a_dtype_without_kserve_datatype_is_one_line():
+    with pytest.raises(ValueError, match="^dtype complex64 has no Open Inference Protocol "
+                                         "datatype$"):
+        kserve_datatype_of("complex64")
+    with pytest.raises(ValueError, match="has no Open Inference Protocol datatype"):
+        TensorSpec("x", (1,), "complex64").kserve_datatype
+
+
+def test_derived_spellings_stay_out_of_equality_and_json():
+    spec = TensorSpec("x", (2,), "float32")
+    assert spec.kserve_datatype == "FP32" and spec.numpy_dtype == np.float32
+    same = TensorSpec("x", (2,), "float32")
+    assert spec == same and hash(spec) == hash(same)
+    assert spec.to_json() == {"name": "x", "shape": [2], "dtype": "float32"}
 
 
 def test_free_dimensions_fit_any_size_and_json_keeps_its_order():
@@ -36,3 +58,11 @@ def test_free_dimensions_fit_any_size_and_json_keeps_its_order():
     assert spec.fits((5, 3)) and not spec.fits((5, 4)) and not spec.fits((3,))
     assert list(spec.to_json()) == ["name", "shape", "dtype"]
     assert TensorSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("shape, count, concrete", [((-1, 4), 8, (2, 4)), ((-1, 4), 6, None),
+                                                    ((2, 4), 8, (2, 4)), ((2, 4), 7, None),
+                                                    ((-1, -1), 4, None), ((), 1, ()),
+                                                    ((0, 3), 9, (3, 3))])
+def test_concrete_shape_solves_one_free_dimension(shape, count, concrete):
+    assert TensorSpec("x", shape, "float32").concrete_shape(count) == concrete

@@ -30,7 +30,8 @@ PLAN_FILE = "plan.json"
 
 @dataclass(frozen=True)
 class SourceModel(JsonRecord):
-    """The model the plan was cut from, and what it takes and gives."""
+    """A model's name and what it takes and gives: in a plan, the model the plan was cut from;
+    in the bridge, a served model as its ModelMetadata describes it (no file, no hash)."""
 
     name: str
     file: str | None = None          # absolute path when partitioned, if known

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,39 @@ KSERVE_DATATYPES: dict[str, np.dtype] = {
 _KSERVE_NAMES = {dtype: name for name, dtype in KSERVE_DATATYPES.items()}
 # ONNX Runtime's NodeArg.type names where they are not "tensor(<numpy name>)"
 _ORT_TYPE_NAMES = {"float32": "float", "float64": "double"}
+_ORT_TYPE_DTYPES = {ort: dtype for dtype, ort in _ORT_TYPE_NAMES.items()}
+
+
+def numpy_dtype_of(datatype: str) -> np.dtype:
+    """The numpy dtype of an Open Inference Protocol datatype ("FP32" -> float32);
+    ValueError, in one line, for datatypes wpk does not serve."""
+    try:
+        return KSERVE_DATATYPES[datatype]
+    except KeyError:
+        raise ValueError(f"unsupported datatype {datatype!r} "
+                         f"(supported: {', '.join(KSERVE_DATATYPES)})") from None
+
+
+def kserve_datatype_of(dtype: np.dtype | str) -> str:
+    """The Open Inference Protocol datatype of a numpy dtype ("float32" -> "FP32");
+    ValueError, in one line, for dtypes it has none for."""
+    try:
+        return _KSERVE_NAMES[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+def ort_type_of(dtype: np.dtype | str) -> str:
+    """ONNX Runtime's type text of a numpy dtype ("float64" -> "tensor(double)")."""
+    name = np.dtype(dtype).name
+    return f"tensor({_ORT_TYPE_NAMES.get(name, name)})"
+
+
+def numpy_dtype_of_ort(type_text: str) -> np.dtype:
+    """The numpy dtype of ONNX Runtime's type text ("tensor(float)" -> float32); numpy's own
+    names inside the parentheses ("tensor(float64)") are read too."""
+    inner = type_text[len("tensor("):-1]
+    return np.dtype(_ORT_TYPE_DTYPES.get(inner, inner))
 
 
 @dataclass(frozen=True)
@@ -45,26 +79,21 @@ class TensorSpec(JsonRecord):
     @classmethod
     def from_kserve(cls, name: str, datatype: str, shape: Iterable[int]) -> "TensorSpec":
         """From Open Inference Protocol metadata ("FP32"); ValueError for unknown datatypes."""
-        try:
-            dtype = KSERVE_DATATYPES[datatype]
-        except KeyError:
-            raise ValueError(f"unsupported datatype {datatype!r} "
-                             f"(supported: {', '.join(KSERVE_DATATYPES)})") from None
-        return cls(name, tuple(shape), dtype.name)
+        return cls(name, tuple(shape), numpy_dtype_of(datatype).name)
 
-    @property
+    @cached_property  # (kept beside the fields; not part of equality or the JSON form)
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
-    @property
+    @cached_property  # servers compare it on every request
     def kserve_datatype(self) -> str:
-        """Open Inference Protocol datatype name; KeyError for dtypes it has none for."""
-        return _KSERVE_NAMES[self.numpy_dtype]
+        """Open Inference Protocol datatype name; ValueError for dtypes it has none for."""
+        return kserve_datatype_of(self.numpy_dtype)
 
     @property
     def ort_type(self) -> str:
         """ONNX Runtime's type string, as InferenceSession.get_inputs()[i].type gives it."""
-        return f"tensor({_ORT_TYPE_NAMES.get(self.dtype, self.dtype)})"
+        return ort_type_of(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +103,19 @@ class TensorSpec(JsonRecord):
         """Whether an array of `shape` is this tensor (a dimension below 1 takes any size)."""
         return len(shape) == len(self.shape) and all(
             want < 1 or want == got for want, got in zip(self.shape, shape))
+
+    def concrete_shape(self, n_elements: int) -> tuple[int, ...] | None:
+        """The shape holding `n_elements` values, one free dimension solved for; None when
+        there is no such shape (or more than one free dimension)."""
+        fixed = math.prod(d for d in self.shape if d >= 1)
+        free = [i for i, d in enumerate(self.shape) if d < 1]
+        if not free:
+            return self.shape if fixed == n_elements else None
+        if len(free) > 1 or n_elements % fixed:
+            return None
+        shape = list(self.shape)
+        shape[free[0]] = n_elements // fixed
+        return tuple(shape)
 
     # -- JSON: {"name", "shape", "dtype"} in that order -----------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -291,16 +291,16 @@ def test_bundled_tiers_started_by_their_scripts_serve_the_model(three_tier_plan,
             env["WPK_LINK_PORT"] = str(link_ports[tier])
             process, next_address = _start_tier(dirs[tier], env)
             processes.append(process)
-        spec = plan.model["inputs"][0]
-        x = np.random.default_rng(1).standard_normal(spec["shape"]).astype(np.float32)
+        spec = plan.model.inputs[0]
+        x = np.random.default_rng(1).standard_normal(spec.shape).astype(np.float32)
 
         async def infer():
             async with InferenceClient(next_address) as client:
-                return await client.infer(plan.name, {spec["name"]: x}, timeout=20)
+                return await client.infer(plan.name, {spec.name: x}, timeout=20)
 
         outputs = asyncio.run(infer())
-        expected = ort.InferenceSession(plan.model["file"]).run(None, {spec["name"]: x})[0]
-        name = plan.model["outputs"][0]["name"]
+        expected = ort.InferenceSession(plan.model.file).run(None, {spec.name: x})[0]
+        name = plan.model.outputs[0].name
         np.testing.assert_allclose(outputs[name], expected, rtol=1e-4, atol=1e-5)
         # the tensors went over the tensor links, on the ports the bundles set
         assert _established_to(link_ports["edge"]) == 1

@@ -149,11 +149,11 @@ async def _infer(plan, address, creds):
     from wpk.runtime.client import channel_options
     from wpk.runtime.infer_messages import build_request, parse_response
 
-    spec = plan.model["inputs"][0]
-    x = np.ones(spec["shape"], dtype=np.float32)
+    spec = plan.model.inputs[0]
+    x = np.ones(spec.shape, dtype=np.float32)
     options = channel_options() + tls.target_name_options("device")
     async with grpc.aio.secure_channel(address, creds, options) as channel:
-        response = await pb.Stub(channel).ModelInfer(build_request(plan.name, {spec["name"]: x}),
+        response = await pb.Stub(channel).ModelInfer(build_request(plan.name, {spec.name: x}),
                                                      timeout=20)
     return parse_response(response)
 
@@ -181,7 +181,7 @@ def test_tls_pipeline_serves_a_client_with_our_certificate(three_tier_plan, pki,
     plan = load_plan(three_tier_plan)
     outputs = asyncio.run(_infer(plan, tls_pipeline["device"],
                                  tls.channel_credentials(tls.load(pki[0], "device"))))
-    assert set(outputs) == {o["name"] for o in plan.model["outputs"]}
+    assert set(outputs) == {o.name for o in plan.model.outputs}
 
 
 def test_a_tier_without_the_right_certificate_is_refused(three_tier_plan, pki, tls_pipeline):

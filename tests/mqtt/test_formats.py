@@ -14,12 +14,15 @@ from wpk.bridge.cli import build_parser, config_from_args
 from wpk.bridge.formats import (JsonFormat, NpyFormat, PayloadError, RawFormat,
                                         encode_result)
 from wpk.bridge.sparkplug import DataType, SparkplugFormat, make_metric, make_payload
-from wpk.bridge.tensors import ModelSignature, TensorSpec
 from wpk.bridge.topics import TopicTemplate, matches
+from wpk.plan import SourceModel
+from wpk.tensor_spec import TensorSpec
 
-ONE = ModelSignature("m", (TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1,)),))
-TWO = ModelSignature("m2", (TensorSpec("a", "INT64", (2,)), TensorSpec("b", "FP32", (1, 3))),
-                     (TensorSpec("y", "FP32", (1,)),))
+ONE = SourceModel("m", inputs=(TensorSpec.from_kserve("x", "FP32", (-1, 4)),),
+                  outputs=(TensorSpec.from_kserve("y", "FP32", (-1,)),))
+TWO = SourceModel("m2", inputs=(TensorSpec.from_kserve("a", "INT64", (2,)),
+                                TensorSpec.from_kserve("b", "FP32", (1, 3))),
+                  outputs=(TensorSpec.from_kserve("y", "FP32", (1,)),))
 
 
 def decode(fmt, payload, signature=ONE, topic="t"):

@@ -164,7 +164,7 @@ def reference(plan_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     """The whole model under one ONNX Runtime session."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(load_plan(plan_dir).model["file"],
+    session = ort.InferenceSession(load_plan(plan_dir).model.file,
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

@@ -132,7 +132,7 @@ def test_tier_batches_concurrent_callers_over_grpc(plans):
                                        providers=["CPUExecutionProvider"])
         tensors = pipeline.plan.tensors
         feeds = [{name: np.random.default_rng(seed).standard_normal(
-            tensors[name]["shape"]).astype(tensors[name]["dtype"]) for name in edge.inputs}
+            tensors[name].shape).astype(tensors[name].dtype) for name in edge.inputs}
             for seed in range(12)]
         results: dict[int, object] = {}
 

@@ -33,8 +33,8 @@ def triton_infer(address: str, model: str, feeds: dict[str, np.ndarray], **kwarg
 
 def model_feeds(plan_dir, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {t["name"]: rng.standard_normal(t["shape"]).astype(t["dtype"])
-            for t in load_plan(plan_dir).model["inputs"]}
+    return {t.name: rng.standard_normal(t.shape).astype(t.dtype)
+            for t in load_plan(plan_dir).model.inputs}
 
 
 def expect_error(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) -> str:
@@ -69,7 +69,7 @@ def test_tritonclient_through_pipeline_matches_whole_model(plans, name, link):
 def test_requested_output_subset_and_request_id(plans, resnet_pipeline):
     # resnet has one output: ask for it by name, and check the id is echoed
     feeds = model_feeds(plans["resnet"], seed=1)
-    output = resnet_pipeline.plan.model["outputs"][0]["name"]
+    output = resnet_pipeline.plan.model.outputs[0].name
     result = triton_infer(resnet_pipeline.entry, "resnet_like", feeds,
                           outputs=[triton.InferRequestedOutput(output)], request_id="r-42")
     assert result.get_response().id == "r-42"
@@ -470,7 +470,7 @@ def test_a_deadline_past_before_the_slice_runs_gives_deadline_exceeded(plans, re
     if tier == "device":
         feeds = model_feeds(plans["resnet"])
     else:
-        feeds = {n: np.ones(plan.tensors[n]["shape"], dtype=plan.tensors[n]["dtype"])
+        feeds = {n: np.ones(plan.tensors[n].shape, dtype=plan.tensors[n].dtype)
                  for n in plan.tier(tier).inputs}
     before = slice_runs(resnet_pipeline, tier)
 
@@ -499,8 +499,8 @@ def test_deliver_to_a_later_tier_still_answers_the_caller(tmp_path, deliver_to):
                          {"relu_17": "device", "relu_26": "edge", "add_27": "edge",
                           "add_40": "cloud"}, deliver_to=deliver_to)
     plan = load_plan(plan_dir)
-    outputs = [t["name"] for t in plan.model["outputs"]]
-    assert plan.objective["deliver_to"] == deliver_to
+    outputs = [t.name for t in plan.model.outputs]
+    assert plan.objective.deliver_to == deliver_to
     assert plan.tiers[0].results == []             # nothing is delivered on the device
     delivered = set(plan.tier(deliver_to).results)
     assert delivered | {o for t in plan.tiers[plan.tier_index(deliver_to) + 1:]

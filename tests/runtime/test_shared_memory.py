@@ -139,7 +139,7 @@ def test_a_tier_slice_model_reads_shared_memory(plans, resnet_pipeline, region):
     cloud = plan.tiers[-1]
     client = triton.InferenceServerClient(resnet_pipeline.address[cloud.name])
     rng = np.random.default_rng(3)
-    arrays = {n: rng.standard_normal([d if d > 0 else 1 for d in plan.tensors[n]["shape"]])
+    arrays = {n: rng.standard_normal([d if d > 0 else 1 for d in plan.tensors[n].shape])
               .astype(np.float32) for n in cloud.inputs}
     total = sum(a.nbytes for a in arrays.values())
     name, key, handle = region(total)
@@ -291,7 +291,7 @@ def test_no_shared_memory_turns_the_extension_off(plans, region):
                 (model,) = ready.service.models.values()  # mlp.cloud
                 request = pb.ModelInferRequest(model_name=model.name)
                 for meta in model.inputs.values():
-                    tensor = request.inputs.add(name=meta.name, datatype=meta.datatype,
+                    tensor = request.inputs.add(name=meta.name, datatype=meta.kserve_datatype,
                                                 shape=meta.shape)
                     tensor.parameters["shared_memory_region"].string_param = name
                     tensor.parameters["shared_memory_byte_size"].int64_param = 4

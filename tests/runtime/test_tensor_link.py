@@ -90,18 +90,18 @@ def test_bad_tensor_descriptions_are_named():
     with left, right:
         send_parts(left, encode(REQUEST, 1, {"x": np.zeros((2, 2), np.float32)}, model="m"))
         frame = FrameReader(right).read()
-    from wpk.runtime.tensors import TensorMeta
+    from wpk.tensor_spec import TensorSpec
     with pytest.raises(TensorError, match=r"model 'm' input 'x': shape \[2,2\], expected \[3\]"):
-        frame.arrays("m", {"x": TensorMeta("x", "FP32", (3,))})
+        frame.arrays("m", {"x": TensorSpec.from_kserve("x", "FP32", (3,))})
     with pytest.raises(TensorError, match="missing input 'y'"):
-        frame.arrays("m", {"x": TensorMeta("x", "FP32", (2, 2)),
-                           "y": TensorMeta("y", "FP32", (1,))})
+        frame.arrays("m", {"x": TensorSpec.from_kserve("x", "FP32", (2, 2)),
+                           "y": TensorSpec.from_kserve("y", "FP32", (1,))})
     # codec parameters a client got wrong: TensorError (INVALID_ARGUMENT), not INTERNAL
     for codec, scale, message in (("raw+zstd", 0, "not a zstd frame"),
                                   ("int8", "half", "wpk_scale must be a finite number")):
         frame.meta["t"] = [["x", "FP32", [2, 2], codec, scale, 16]]
         with pytest.raises(TensorError, match=f"model 'm' input 'x': .*{message}"):
-            frame.arrays("m", {"x": TensorMeta("x", "FP32", (2, 2))})
+            frame.arrays("m", {"x": TensorSpec.from_kserve("x", "FP32", (2, 2))})
 
 
 class Shuffler:
@@ -231,7 +231,7 @@ def test_pipeline_on_the_tensor_link_many_concurrent_requests(plans):
 
         answers = asyncio.run(run_all())
         import onnxruntime as ort
-        session = ort.InferenceSession(pipeline.plan.model["file"],
+        session = ort.InferenceSession(pipeline.plan.model.file,
                                        providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         for feed, answer in zip(feeds, answers):   # each answer is its own request's

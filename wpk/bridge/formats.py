@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .tensors import KSERVE_TO_NUMPY, ModelSignature
+from wpk.plan import SourceModel
+from wpk.tensor_spec import KSERVE_DATATYPES
+
+from .tensors import fit, model_input, single_input
 
 INPUT_FORMATS = ("raw", "npy", "json", "sparkplug")
 RESULT_FORMATS = ("json", "raw", "npy")
@@ -40,17 +43,17 @@ class InputFormat(Protocol):
 
     def parse(self, topic: str, payload: bytes) -> Parsed: ...
 
-    def to_inputs(self, parsed: Parsed, signature: ModelSignature) -> dict[str, np.ndarray]: ...
+    def to_inputs(self, parsed: Parsed, signature: SourceModel) -> dict[str, np.ndarray]: ...
 
 
-def _fit(signature: ModelSignature, name: str, array: np.ndarray) -> np.ndarray:
+def _fit(signature: SourceModel, name: str, array: np.ndarray) -> np.ndarray:
     try:
-        return signature.input(name).fit(array)
+        return fit(model_input(signature, name), array)
     except ValueError as error:
         raise PayloadError(str(error)) from None
 
 
-def _fit_all(signature: ModelSignature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _fit_all(signature: SourceModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     missing = [s.name for s in signature.inputs if s.name not in arrays]
     extra = sorted(set(arrays) - {s.name for s in signature.inputs})
     if missing or extra:
@@ -74,23 +77,24 @@ class RawFormat:
             raise PayloadError("empty payload")
         return Parsed(payload)
 
-    def to_inputs(self, parsed: Parsed, signature: ModelSignature) -> dict[str, np.ndarray]:
+    def to_inputs(self, parsed: Parsed, signature: SourceModel) -> dict[str, np.ndarray]:
         try:
-            spec = signature.input(self.input_name) if self.input_name \
-                else signature.single_input(self.name)
+            spec = model_input(signature, self.input_name) if self.input_name \
+                else single_input(signature, self.name)
         except ValueError as error:
             raise PayloadError(str(error)) from None
         payload: bytes = parsed.body
-        itemsize = spec.dtype.itemsize
+        itemsize = spec.numpy_dtype.itemsize
         if len(payload) % itemsize:
             raise PayloadError(f"raw payload of {len(payload)} bytes is not a whole number of "
-                               f"{spec.datatype} values for input {spec.name!r}")
+                               f"{spec.kserve_datatype} values for input {spec.name!r}")
         shape = spec.concrete_shape(len(payload) // itemsize)
         if shape is None:
             raise PayloadError(f"raw payload of {len(payload)} bytes does not fit input "
-                               f"{spec.name!r} {list(spec.shape)} {spec.datatype}")
-        array = np.frombuffer(payload, dtype=spec.dtype.newbyteorder("<")).reshape(shape)
-        return {spec.name: array.astype(spec.dtype, copy=False)}
+                               f"{spec.name!r} {list(spec.shape)} {spec.kserve_datatype}")
+        dtype = spec.numpy_dtype
+        array = np.frombuffer(payload, dtype=dtype.newbyteorder("<")).reshape(shape)
+        return {spec.name: array.astype(dtype, copy=False)}
 
 
 class NpyFormat:
@@ -111,11 +115,11 @@ class NpyFormat:
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             raise PayloadError(f"not a .npy/.npz payload: {error}") from None
 
-    def to_inputs(self, parsed: Parsed, signature: ModelSignature) -> dict[str, np.ndarray]:
+    def to_inputs(self, parsed: Parsed, signature: SourceModel) -> dict[str, np.ndarray]:
         if isinstance(parsed.body, dict):
             return _fit_all(signature, parsed.body)
         try:
-            name = self.input_name or signature.single_input(self.name).name
+            name = self.input_name or single_input(signature, self.name).name
         except ValueError as error:
             raise PayloadError(str(error)) from None
         return {name: _fit(signature, name, parsed.body)}
@@ -143,7 +147,7 @@ class JsonFormat:
             raise PayloadError('"timestamp" must be milliseconds since the Unix epoch')
         return Parsed(arrays, source_timestamp_ms=timestamp, echo=echo)
 
-    def to_inputs(self, parsed: Parsed, signature: ModelSignature) -> dict[str, np.ndarray]:
+    def to_inputs(self, parsed: Parsed, signature: SourceModel) -> dict[str, np.ndarray]:
         return _fit_all(signature, parsed.body)
 
 
@@ -168,7 +172,7 @@ def _json_inputs(inputs: Any) -> dict[str, np.ndarray]:
         if isinstance(value, dict):  # {"data": [...], "shape": [...], "datatype": "FP32"}
             if "data" not in value:
                 raise PayloadError(f'input {name!r}: object without "data"')
-            dtype = KSERVE_TO_NUMPY.get(value.get("datatype", ""), None)
+            dtype = KSERVE_DATATYPES.get(value.get("datatype", ""), None)
             shape = value.get("shape")
             value = value["data"]
         else:

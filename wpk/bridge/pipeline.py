@@ -13,10 +13,10 @@ from typing import Protocol
 import grpc
 import numpy as np
 
+from wpk.plan import SourceModel
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.status import TierError
 
-from .tensors import ModelSignature, TensorSpec
 
 # Worth retrying later: the pipeline (or a tier behind it) is away, restarting or overloaded.
 # CANCELLED: a tier that is shutting down cancels the calls it has in flight.
@@ -34,7 +34,7 @@ class InferenceRejected(Exception):
 
 
 class Pipeline(Protocol):
-    async def signature(self, model: str) -> ModelSignature: ...
+    async def signature(self, model: str) -> SourceModel: ...
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -83,13 +83,10 @@ class KServePipeline:
                 raise PipelineUnavailable(detail) from None
             raise InferenceRejected(detail) from None
 
-    async def signature(self, model: str) -> ModelSignature:
+    async def signature(self, model: str) -> SourceModel:
+        """The model's name and what it takes and gives, from its ModelMetadata."""
         metadata = await self._call(self.client.model_metadata(model))
-
-        def specs(tensors) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape))
-                         for t in tensors)
-        return ModelSignature(model, specs(metadata.inputs), specs(metadata.outputs))
+        return SourceModel(model, inputs=tuple(metadata.inputs), outputs=tuple(metadata.outputs))
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self._call(self.client.infer(model, inputs))

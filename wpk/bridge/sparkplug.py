@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wpk.plan import SourceModel
+
 from ._generated import sparkplug_b_pb2 as pb
 from .formats import Parsed, PayloadError
-from .tensors import ModelSignature
+from .tensors import fit, model_input
 
 log = logging.getLogger("wpk.bridge.sparkplug")
 
@@ -213,14 +215,14 @@ class SparkplugFormat:
             else:
                 entity.values[name] = value
 
-    def to_inputs(self, parsed: Parsed, signature: ModelSignature) -> dict[str, np.ndarray]:
+    def to_inputs(self, parsed: Parsed, signature: SourceModel) -> dict[str, np.ndarray]:
         values: dict[str, np.ndarray] = parsed.body
         names = [spec.name for spec in signature.inputs]
         if all(name in values for name in names):
             out = {}
             for name in names:
                 try:
-                    out[name] = signature.input(name).fit(values[name])
+                    out[name] = fit(model_input(signature, name), values[name])
                 except ValueError as error:
                     raise PayloadError(str(error)) from None
             return out
@@ -233,7 +235,7 @@ class SparkplugFormat:
             raise PayloadError(f"no current value for metric(s) {', '.join(missing)}")
         vector = np.concatenate([np.ravel(values[n]).astype(np.float64) for n in order])
         try:
-            return {names[0]: signature.inputs[0].fit(vector)}
+            return {names[0]: fit(signature.inputs[0], vector)}
         except ValueError as error:
             raise PayloadError(f"{len(order)} metrics -> {vector.size} values: {error}") from None
 

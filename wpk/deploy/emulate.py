@@ -98,7 +98,7 @@ def emulated_links(plan: Plan, overrides: Sequence[str] = ()) -> list[EmulatedLi
     for text in overrides:
         src, dst, bandwidth, rtt = parse_link_spec(text)
         given[(src, dst)] = (bandwidth, rtt)
-    deliver = plan.objective.get("deliver_to") or plan.tiers[0].name
+    deliver = plan.objective.deliver_to or plan.tiers[0].name
     deliver_index = plan.tier_index(deliver) if deliver in [t.name for t in plan.tiers] else 0
     links, used = [], set()
     for index, link in enumerate(plan.links):

@@ -31,19 +31,19 @@ def random_inputs(plan_dir: str, model: str) -> dict[str, np.ndarray]:
     """Random arrays for the entry model (the plan's name) or a tier-local model (name.tier)."""
     plan = load_plan(plan_dir)
     if model == plan.name:
-        specs = plan.model["inputs"]
+        specs = plan.model.inputs
     else:
         tier = plan.tier(model.rsplit(".", 1)[-1])
         specs = [plan.tensors[name] for name in tier.inputs]
     rng = np.random.default_rng(0)
     arrays = {}
     for spec in specs:
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec["shape"]]
-        dtype = np.dtype(spec["dtype"])
+        shape = [d if d > 0 else 1 for d in spec.shape]
+        dtype = spec.numpy_dtype
         if dtype.kind == "f":
-            arrays[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            arrays[spec["name"]] = rng.integers(0, 2, size=shape).astype(dtype)
+            arrays[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return arrays
 
 

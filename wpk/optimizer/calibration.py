@@ -17,6 +17,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from wpk.errors import WpkError
+from wpk.tensor_spec import numpy_dtype_of_ort
 
 InputSpec = tuple[str, Sequence[Any], np.dtype]   # name, shape (ints, None or names), dtype
 
@@ -254,6 +255,4 @@ def _session(path: str | Path, what: str) -> Any:
 
 def np_dtype(type_text: str) -> np.dtype:
     """ONNX Runtime's type text (`tensor(float)`, `tensor(int64)`) as a numpy dtype."""
-    inner = type_text[len("tensor("):-1]
-    return np.dtype("float32" if inner == "float" else "float64" if inner == "double"
-                    else inner)
+    return numpy_dtype_of_ort(type_text)

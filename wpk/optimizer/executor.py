@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from wpk.errors import WpkError
+from wpk.tensor_spec import ort_type_of
 
 MANIFEST = "optimized.json"
 FORMAT_VERSION = 1
@@ -22,11 +23,14 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class TensorArg:
-    """What InferenceSession.get_inputs()/get_outputs() return: name, shape, type."""
+    """ONNX Runtime's NodeArg, which `load(DIR)` sessions return from get_inputs() /
+    get_outputs() as ORT's own sessions do: name, shape with ORT's free dimensions (a name or
+    None, which wpk.tensor_spec.TensorSpec's int shape cannot keep), and ORT's type text
+    (`TensorSpec.ort_type`, `wpk.tensor_spec.numpy_dtype_of_ort` read it)."""
 
     name: str
     shape: list[Any]
-    type: str = "tensor(float)"
+    type: str = ort_type_of("float32")
 
 
 class OrtSegment:

@@ -21,6 +21,7 @@ import onnx
 from wpk.errors import WpkError, ort_error_line
 from wpk.graph import infer_shapes, load_model, without_initializer_inputs
 from wpk.naming import name_nodes
+from wpk.tensor_spec import ort_type_of
 from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
@@ -110,7 +111,7 @@ def _io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else \
             "float32"
         return {"name": value.name, "shape": shape,
-                "type": f"tensor({'float' if dtype == 'float32' else dtype})"}
+                "type": ort_type_of(dtype)}
 
     outputs = {o.name: o for o in list(inferred.graph.value_info) + list(inferred.graph.output)}
     return ([arg(i) for i in inferred.graph.input if i.name not in consts],

@@ -34,7 +34,7 @@ from wpk.runtime.next_tier import GrpcLink, TcpLink
 from wpk.runtime.stream_link import PIPELINE_PARAM, StreamLink
 from wpk.runtime.status import TierError
 from wpk.runtime.shm_inputs import InputSlots
-from wpk.runtime.tensors import TensorMeta
+from wpk.tensor_spec import TensorSpec
 from wpk.runtime.infer_messages import build_request, parse_response
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -54,8 +54,8 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 class ModelMetadata:
     name: str
     platform: str
-    inputs: list[TensorMeta]
-    outputs: list[TensorMeta]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
 
 
 class InferenceClient:
@@ -134,8 +134,8 @@ class InferenceClient:
     async def model_metadata(self, model: str, timeout: float | None = None) -> ModelMetadata:
         response = await self._call("ModelMetadata", pb.ModelMetadataRequest(name=model), timeout)
 
-        def metas(tensors) -> list[TensorMeta]:
-            return [TensorMeta(t.name, t.datatype, tuple(t.shape)) for t in tensors]
+        def metas(tensors) -> list[TensorSpec]:
+            return [TensorSpec.from_kserve(t.name, t.datatype, t.shape) for t in tensors]
 
         return ModelMetadata(response.name, response.platform, metas(response.inputs),
                              metas(response.outputs))

@@ -13,10 +13,11 @@ from wpk.runtime import protocol as pb
 from wpk.runtime.protocol import parameter_value, set_parameter  # noqa: F401 (re-exported)
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
-from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, array_from_typed,
+from wpk.runtime.tensors import (TensorError, array_from_raw, array_from_typed,
                                  check_tensor, datatype_of, dtype_of)
 from wpk.runtime.zero_copy_messages import (RAW_INPUT_FIELD, RAW_OUTPUT_FIELD,
                                             STREAM_RESPONSE_FIELD, Prebuilt, Received)
+from wpk.tensor_spec import TensorSpec
 
 
 def build_request(model: str, arrays: Mapping[str, np.ndarray],
@@ -59,7 +60,7 @@ def _tensor_array(model: str, tensor, data: bytes | None) -> np.ndarray:
         raise TensorError(f"model {model!r} input {tensor.name!r}: {error}") from None
 
 
-def parse_inputs(request, model: str, inputs: Mapping[str, TensorMeta],
+def parse_inputs(request, model: str, inputs: Mapping[str, TensorSpec],
                  shared_memory: SharedMemoryRegistry | None = None) -> dict[str, np.ndarray]:
     """The request's tensors as arrays, checked against `inputs` (names, types, shapes, sizes).
     Inputs naming a `shared_memory_region` are views of that region in `shared_memory`; the

@@ -67,7 +67,7 @@ class KServeServicer(SharedMemoryRpcs):
                                             platform="onnxruntime_onnx")
         for target, metas in ((response.inputs, model.inputs), (response.outputs, model.outputs)):
             for meta in metas.values():
-                target.add(name=meta.name, datatype=meta.datatype, shape=meta.shape)
+                target.add(name=meta.name, datatype=meta.kserve_datatype, shape=meta.shape)
         return response
 
     # -- inference ---------------------------------------------------------------------

@@ -30,8 +30,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from wpk.runtime.codecs import CODEC_PARAM, SCALE_PARAM, DecodeError, Encoder, decode
-from wpk.runtime.tensors import (TensorError, TensorMeta, array_from_raw, check_tensor,
-                                 datatype_of, dtype_of)
+from wpk.runtime.tensors import TensorError, array_from_raw, check_tensor, datatype_of, dtype_of
+from wpk.tensor_spec import TensorSpec
 
 MAGIC = b"WPK1"
 HEADER = struct.Struct("<4sBBHIQdQ")
@@ -59,7 +59,7 @@ class Frame:
     def nbytes(self) -> int:
         return int(self.payload.nbytes)
 
-    def arrays(self, model: str, expected: Mapping[str, TensorMeta] | None = None
+    def arrays(self, model: str, expected: Mapping[str, TensorSpec] | None = None
                ) -> dict[str, np.ndarray]:
         """The frame's tensors, decoded and (with `expected`) checked like a ModelInfer
         request's inputs; raises TensorError naming the model and tensor."""

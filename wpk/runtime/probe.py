@@ -168,14 +168,8 @@ def probe(address: str, *, rtt_samples: int = 20, repeats: int = 5, min_kb: int 
           max_mb: float = 16, max_seconds: float = 10.0, max_requests: int = 200,
           connect_timeout: float = 5.0) -> ProbeResult:
     """Measure the link to `address` (see the module docstring)."""
-    if ":" not in address:
-        raise WpkError(f"{address!r}: expected HOST:PORT")
-    if repeats < 1 or rtt_samples < 1 or max_requests < 4 or max_seconds <= 0:
-        raise WpkError("--repeats and --rtt-samples must be >= 1, --max-requests >= 4, "
-                       "--max-seconds > 0")
-    max_bytes = int(max_mb * 1024 * 1024)
-    if max_bytes < 4 * min_kb * 1024:
-        raise WpkError("--max-mb must allow at least two sizes (>= 4 x --min-kb)")
+    max_bytes = _checked_max_bytes(address, rtt_samples, repeats, min_kb, max_mb, max_seconds,
+                                   max_requests)
     client = _Probe(address, max_seconds, max_requests)
     started = time.perf_counter()
     try:
@@ -183,50 +177,9 @@ def probe(address: str, *, rtt_samples: int = 20, repeats: int = 5, min_kb: int 
         live = pb.ServerLiveRequest()
         client.call("ServerLive", live, connect_timeout)  # warm the connection
         server = client.server_name(connect_timeout)
-        # RTT: small calls, at most a fifth of the time and a quarter of the requests.
-        rtts: list[float] = []
-        rtt_budget = client.remaining() * 0.2
-        rtt_start = time.perf_counter()
-        while len(rtts) < rtt_samples and len(rtts) < max_requests // 4 and \
-                (not rtts or time.perf_counter() - rtt_start < rtt_budget):
-            rtts.append(client.call("ServerLive", live, connect_timeout)[0])
-        # Bandwidth: growing sizes while the budget allows.
-        rng = np.random.default_rng()
-        sizes, medians = [], []
-        capped = None
-        size = min_kb * 1024
-        while size <= max_bytes:
-            request_bytes = len(infer_request(PROBE_MODEL, b"")) + size + 4
-            if sizes:
-                # Pessimistic: no fixed cost, and twice the measured rate, because large
-                # messages cost more than linearly (page faults, copies), and building the
-                # request costs about one transfer.
-                predicted = 2 * medians[-1] * request_bytes / sizes[-1]
-                if len(sizes) >= 2:
-                    slope, intercept, _ = _fit(sizes, medians)
-                    predicted = max(predicted, intercept + slope * request_bytes)
-            else:
-                predicted = statistics.median(rtts)
-            count = min(repeats, int(client.remaining() / max(predicted, 1e-6)) - 1,
-                        client.max_requests - client.requests)
-            if count < min(2, repeats):
-                break
-            request = infer_request(PROBE_MODEL, rng.bytes(size))
-            times = []
-            for _ in range(count):
-                if len(times) >= min(2, repeats) and client.remaining() <= 0:
-                    break  # the prediction was short: keep what fits, never overrun further
-                elapsed, code = client.call("ModelInfer", request,
-                                            max(10 * predicted, 2 * connect_timeout))
-                if code == client.grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    capped = len(request)
-                    break
-                times.append(elapsed)
-            if capped is not None:
-                break
-            sizes.append(len(request))
-            medians.append(statistics.median(times))
-            size *= 4
+        rtts = _time_round_trips(client, live, rtt_samples, connect_timeout)
+        sizes, medians, capped = _time_transfers(client, rtts, min_kb * 1024, max_bytes,
+                                                 repeats, connect_timeout)
     finally:
         client.close()
     if len(sizes) < 2:
@@ -245,6 +198,90 @@ def probe(address: str, *, rtt_samples: int = 20, repeats: int = 5, min_kb: int 
         requests=client.requests, seconds=time.perf_counter() - started,
         samples=[{"bytes": s, "ms": round(m * 1e3, 4)} for s, m in zip(sizes, medians)],
         capped_at_bytes=capped)
+
+
+def _checked_max_bytes(address: str, rtt_samples: int, repeats: int, min_kb: int,
+                       max_mb: float, max_seconds: float, max_requests: int) -> int:
+    """The largest payload in bytes, once the address and budgets make sense (else WpkError)."""
+    if ":" not in address:
+        raise WpkError(f"{address!r}: expected HOST:PORT")
+    if repeats < 1 or rtt_samples < 1 or max_requests < 4 or max_seconds <= 0:
+        raise WpkError("--repeats and --rtt-samples must be >= 1, --max-requests >= 4, "
+                       "--max-seconds > 0")
+    max_bytes = int(max_mb * 1024 * 1024)
+    if max_bytes < 4 * min_kb * 1024:
+        raise WpkError("--max-mb must allow at least two sizes (>= 4 x --min-kb)")
+    return max_bytes
+
+
+def _time_round_trips(client: _Probe, live: Any, rtt_samples: int,
+                      timeout: float) -> list[float]:
+    """Seconds of small ServerLive calls: at most a fifth of the time and a quarter of the
+    requests."""
+    rtts: list[float] = []
+    rtt_budget = client.remaining() * 0.2
+    rtt_start = time.perf_counter()
+    while len(rtts) < rtt_samples and len(rtts) < client.max_requests // 4 and \
+            (not rtts or time.perf_counter() - rtt_start < rtt_budget):
+        rtts.append(client.call("ServerLive", live, timeout)[0])
+    return rtts
+
+
+def _time_transfers(client: _Probe, rtts: list[float], first_size: int, max_bytes: int,
+                    repeats: int, connect_timeout: float
+                    ) -> tuple[list[int], list[float], int | None]:
+    """Growing payloads (x4) while the budget allows: (request bytes, median seconds) per
+    size, and the request size the server refused as too large, if it did."""
+    rng = np.random.default_rng()
+    sizes: list[int] = []
+    medians: list[float] = []
+    size = first_size
+    while size <= max_bytes:
+        request_bytes = len(infer_request(PROBE_MODEL, b"")) + size + 4
+        predicted = _predicted_seconds(sizes, medians, rtts, request_bytes)
+        count = min(repeats, int(client.remaining() / max(predicted, 1e-6)) - 1,
+                    client.max_requests - client.requests)
+        if count < min(2, repeats):
+            break
+        request = infer_request(PROBE_MODEL, rng.bytes(size))
+        times, capped = _time_one_size(client, request, count, repeats,
+                                       max(10 * predicted, 2 * connect_timeout))
+        if capped is not None:
+            return sizes, medians, capped
+        sizes.append(len(request))
+        medians.append(statistics.median(times))
+        size *= 4
+    return sizes, medians, None
+
+
+def _predicted_seconds(sizes: list[int], medians: list[float], rtts: list[float],
+                       request_bytes: int) -> float:
+    """How long one call of `request_bytes` may take, judged from the sizes timed so far."""
+    if not sizes:
+        return statistics.median(rtts)
+    # Pessimistic: no fixed cost, and twice the measured rate, because large messages cost
+    # more than linearly (page faults, copies), and building the request costs about one
+    # transfer.
+    predicted = 2 * medians[-1] * request_bytes / sizes[-1]
+    if len(sizes) >= 2:
+        slope, intercept, _ = _fit(sizes, medians)
+        predicted = max(predicted, intercept + slope * request_bytes)
+    return predicted
+
+
+def _time_one_size(client: _Probe, request: bytes, count: int, repeats: int,
+                   timeout: float) -> tuple[list[float], int | None]:
+    """Seconds of up to `count` ModelInfer calls carrying `request`; stops early when the
+    budget is spent (keeping at least two) or the server refuses the size (its bytes)."""
+    times: list[float] = []
+    for _ in range(count):
+        if len(times) >= min(2, repeats) and client.remaining() <= 0:
+            break  # the prediction was short: keep what fits, never overrun further
+        elapsed, code = client.call("ModelInfer", request, timeout)
+        if code == client.grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return times, len(request)
+        times.append(elapsed)
+    return times, None
 
 
 def _tier_of(server: str | None) -> str | None:

@@ -63,27 +63,10 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     core.metrics.restarts = restarts
     registry = SharedMemoryRegistry(core.where) if shared_memory else None
     server = grpc.aio.server(options=server_options(max_message_bytes))
-    try:
-        if creds is not None:
-            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials(creds))
-        else:
-            bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
-        bound = 0
-    if bound == 0:
-        raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (the port in use, or "
-                       f"an address this machine does not have?)")
+    bound = _listen(server, tier, host, port, creds)
     await core.start()
-    link_server = None
-    if core.link_kind == "tcp":  # the entry tier too: clients on its host (see link_client)
-        try:
-            link_server = LinkServer(host, link_port, LinkHandler(core),
-                                     max_payload=max_message_bytes, where=core.where,
-                                     lanes=shared_memory)
-        except OSError as error:
-            await core.stop()
-            raise WpkError(f"tier {tier!r}: cannot listen for the tensor link on "
-                           f"{host}:{link_port} ({error.strerror})") from None
+    link_server = await _start_link_server(core, tier, host, link_port, max_message_bytes,
+                                           lanes=shared_memory)
     servicer = KServeServicer(core, registry, link_server)
     server.add_generic_rpc_handlers((protocol.generic_handler(servicer),
                                      health_handler(lambda: core.serving)))
@@ -91,28 +74,15 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
     try:
         metrics_text = ""
         if metrics_port is not None:
-            try:
-                metrics_server = await serve_metrics(core.metrics, host, metrics_port)
-            except OSError as error:
-                raise WpkError(f"tier {tier!r}: cannot serve metrics on {host}:{metrics_port} "
-                               f"({error.strerror or error})") from None
-            metrics_bound = metrics_server.sockets[0].getsockname()[1]
-            metrics_text = f" metrics http://{host}:{metrics_bound}/metrics"
+            metrics_server, metrics_text = await _start_metrics(core, tier, host, metrics_port)
         await server.start()
         if link_server is not None:
             metrics_text += f" tensor-link {host}:{link_server.port}"
-        if stop is None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop if stop is not None else _stop_on_signals()
         announce(f"wpk-serve: tier {tier} of {core.name} {READY_MARK} {host}:{bound} "
                  f"(models: {', '.join(core.models)}){metrics_text}")
-        if ready is not None:   # what tests look inside
-            ready.port = bound  # type: ignore[attr-defined]
-            ready.service = core  # type: ignore[attr-defined]
-            ready.link_server = link_server  # type: ignore[attr-defined]
-            ready.set()
+        if ready is not None:
+            _show_tests(ready, bound, core, link_server)
         await stop.wait()
     finally:
         core.serving = False   # health checks say NOT_SERVING while calls drain
@@ -124,6 +94,66 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
         await core.stop()
         if registry is not None:
             registry.close()
+
+
+def _listen(server, tier: str, host: str, port: int, creds) -> int:
+    """Add the gRPC port (TLS with `creds`) to `server`; the port bound, or WpkError."""
+    try:
+        if creds is not None:
+            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials(creds))
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (the port in use, or "
+                       f"an address this machine does not have?)")
+    return bound
+
+
+async def _start_link_server(core: TierCore, tier: str, host: str, link_port: int,
+                             max_message_bytes: int, *, lanes: bool) -> LinkServer | None:
+    """The tensor link's listener when the tier speaks it (the entry tier too: clients on its
+    host use it, see link_client); on a port it cannot have, the core stops and WpkError."""
+    if core.link_kind != "tcp":
+        return None
+    try:
+        return LinkServer(host, link_port, LinkHandler(core), max_payload=max_message_bytes,
+                          where=core.where, lanes=lanes)
+    except OSError as error:
+        await core.stop()
+        raise WpkError(f"tier {tier!r}: cannot listen for the tensor link on "
+                       f"{host}:{link_port} ({error.strerror})") from None
+
+
+async def _start_metrics(core: TierCore, tier: str, host: str,
+                         metrics_port: int) -> tuple[asyncio.AbstractServer, str]:
+    """The Prometheus endpoint, and the words the ready line says about it."""
+    try:
+        metrics_server = await serve_metrics(core.metrics, host, metrics_port)
+    except OSError as error:
+        raise WpkError(f"tier {tier!r}: cannot serve metrics on {host}:{metrics_port} "
+                       f"({error.strerror or error})") from None
+    metrics_bound = metrics_server.sockets[0].getsockname()[1]
+    return metrics_server, f" metrics http://{host}:{metrics_bound}/metrics"
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _show_tests(ready: asyncio.Event, bound: int, core: TierCore,
+                link_server: LinkServer | None) -> None:
+    """Hang what tests look inside on `ready`, then set it."""
+    ready.port = bound  # type: ignore[attr-defined]
+    ready.service = core  # type: ignore[attr-defined]
+    ready.link_server = link_server  # type: ignore[attr-defined]
+    ready.set()
 
 
 def build_parser() -> argparse.ArgumentParser:

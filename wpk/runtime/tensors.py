@@ -6,20 +6,11 @@ it into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-# KServe v2 datatype <-> numpy dtype (BYTES and BF16 are not served by wpk tiers)
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
-_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+from wpk.tensor_spec import TensorSpec, kserve_datatype_of, numpy_dtype_of
 
 # which InferTensorContents field holds each datatype when contents are typed
 TYPED_FIELD = {
@@ -37,48 +28,36 @@ class TensorError(ValueError):
 def datatype_of(dtype: np.dtype | str) -> str:
     """KServe datatype name of a numpy dtype ("float32" -> "FP32")."""
     try:
-        return _NAMES[np.dtype(dtype)]
-    except (KeyError, TypeError):
-        raise TensorError(f"dtype {dtype} has no Open Inference Protocol datatype") from None
+        return kserve_datatype_of(dtype)
+    except ValueError as error:
+        raise TensorError(str(error)) from None
 
 
 def dtype_of(datatype: str) -> np.dtype:
     try:
-        return DATATYPES[datatype]
-    except KeyError:
-        raise TensorError(f"unsupported datatype {datatype!r} "
-                          f"(supported: {', '.join(DATATYPES)})") from None
+        return numpy_dtype_of(datatype)
+    except ValueError as error:
+        raise TensorError(str(error)) from None
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    """What a model takes or returns: -1 marks a dimension of any size."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    @classmethod
-    def from_spec(cls, name: str, dtype: str, shape: Iterable) -> "TensorMeta":
-        dims = tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
-        return cls(name, datatype_of(dtype), dims)
-
-    def fits(self, shape: Sequence[int]) -> bool:
-        return len(shape) == len(self.shape) and all(
-            want < 0 or want == got for want, got in zip(self.shape, shape))
+def served_spec(name: str, dtype: str, shape: Iterable[int]) -> TensorSpec:
+    """A plan's tensor as a tier serves it: -1 marks a dimension of any size (as in
+    ModelMetadata); TensorError for a dtype the Open Inference Protocol has no datatype for."""
+    datatype_of(dtype)
+    return TensorSpec.of(name, (d if d > 0 else -1 for d in shape), dtype)
 
 
 def shape_text(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def check_tensor(model: str, meta: TensorMeta, datatype: str, shape: Sequence[int]) -> None:
-    if datatype != meta.datatype:
-        raise TensorError(f"model {model!r} input {meta.name!r}: datatype {datatype}, "
-                          f"expected {meta.datatype}")
-    if any(d < 0 for d in shape) or not meta.fits(shape):
-        raise TensorError(f"model {model!r} input {meta.name!r}: shape {shape_text(shape)}, "
-                          f"expected {shape_text(meta.shape)}")
+def check_tensor(model: str, spec: TensorSpec, datatype: str, shape: Sequence[int]) -> None:
+    if datatype != spec.kserve_datatype:
+        raise TensorError(f"model {model!r} input {spec.name!r}: datatype {datatype}, "
+                          f"expected {spec.kserve_datatype}")
+    if any(d < 0 for d in shape) or not spec.fits(shape):
+        raise TensorError(f"model {model!r} input {spec.name!r}: shape {shape_text(shape)}, "
+                          f"expected {shape_text(spec.shape)}")
 
 
 def array_from_raw(model: str, name: str, datatype: str, shape: Sequence[int],

@@ -38,7 +38,8 @@ from wpk.runtime.client import InferenceClient
 from wpk.runtime.next_tier import LINKS, GrpcLink, NextTier, TcpLink
 from wpk.runtime.slice import load_batched_runner, load_runner
 from wpk.runtime.status import TierError
-from wpk.runtime.tensors import TensorMeta, dtype_of
+from wpk.runtime.tensors import served_spec
+from wpk.tensor_spec import TensorSpec
 
 Arrays = dict[str, np.ndarray]
 DEFAULT_HOP_TIMEOUT_S = 60.0    # when the caller sets no deadline
@@ -66,8 +67,8 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
 @dataclass(frozen=True)
 class ServedModel:
     name: str
-    inputs: dict[str, TensorMeta]
-    outputs: dict[str, TensorMeta]
+    inputs: dict[str, TensorSpec]     # -1 marks a dimension of any size
+    outputs: dict[str, TensorSpec]
     pipeline: bool               # True: the whole pipeline from this tier on
 
 
@@ -138,7 +139,7 @@ class TierCore:
             if not meta.shape or meta.shape[0] != 1:
                 raise WpkError(f"{self.where}: --max-batch needs slice inputs with a batch "
                                f"dimension of 1, and {name!r} has shape {list(meta.shape)}")
-            specs[name] = ([d if d > 0 else 1 for d in meta.shape], dtype_of(meta.datatype))
+            specs[name] = ([d if d > 0 else 1 for d in meta.shape], meta.numpy_dtype)
         rows = [random_feeds(specs, seed) for seed in range(2)]
         check_batched(lambda f: runner.run(self.slice_outputs, f),
                       lambda f: self.runner.run(self.slice_outputs, f), rows, self.where)
@@ -163,7 +164,7 @@ class TierCore:
         for name in self.tier.slice_inputs:
             meta = self._meta(name)
             feeds[name] = np.zeros([d if d > 0 else 1 for d in meta.shape],
-                                   dtype=dtype_of(meta.datatype))
+                                   dtype=meta.numpy_dtype)
         times = []
         try:
             for _ in range(runs):
@@ -176,16 +177,16 @@ class TierCore:
         return sorted(times)[len(times) // 2]
 
     # -- model table ---------------------------------------------------------------------
-    def _meta(self, tensor: str) -> TensorMeta:
+    def _meta(self, tensor: str) -> TensorSpec:
         spec = self.plan.tensors.get(tensor)
         if spec is None:
-            for entry in self.plan.model.get("inputs", []) + self.plan.model.get("outputs", []):
-                if entry["name"] == tensor:
+            for entry in self.plan.model.inputs + self.plan.model.outputs:
+                if entry.name == tensor:
                     spec = entry
         if spec is None:
             raise WpkError(f"plan.json: tensor {tensor!r} of {self.where} is not described "
                            f"in `tensors`")
-        return TensorMeta.from_spec(tensor, spec["dtype"], spec["shape"])
+        return served_spec(tensor, spec.dtype, spec.shape)
 
     def _models(self, entry: bool) -> dict[str, ServedModel]:
         tier = self.tier
@@ -194,8 +195,8 @@ class TierCore:
         if entry:
             model = self.plan.model
             models[self.name] = ServedModel(
-                self.name, {t["name"]: self._meta(t["name"]) for t in model["inputs"]},
-                {t["name"]: self._meta(t["name"]) for t in model["outputs"]}, pipeline=True)
+                self.name, {t.name: self._meta(t.name) for t in model.inputs},
+                {t.name: self._meta(t.name) for t in model.outputs}, pipeline=True)
         models[f"{self.name}.{tier.name}"] = ServedModel(
             f"{self.name}.{tier.name}", {n: self._meta(n) for n in tier.inputs},
             {n: self._meta(n) for n in outputs}, pipeline=False)

@@ -165,7 +165,7 @@ def test_torch_ln_structured_pruning_is_channel_sparsity(tmp_path, dim):
 def test_torch_masks_in_2_4_and_tile_and_block_patterns_are_found(tmp_path):
     """torch.nn.utils.prune.custom_from_mask with the masks of each pattern: the mask is
     torch's, its pattern is found in the exported ONNX weights."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch.nn.utils import prune
 
     net = _torch_net()
@@ -187,7 +187,7 @@ def test_torch_masks_in_2_4_and_tile_and_block_patterns_are_found(tmp_path):
 
 def test_torch_2_4_fine_tuned_under_the_mask_stays_2_4(tmp_path):
     """Train a few steps with the mask fixed (torch's reparametrization): zeros stay zero."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch.nn.utils import prune
 
     net = _torch_net()

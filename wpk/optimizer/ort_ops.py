@@ -31,13 +31,13 @@ from onnx import helper, numpy_helper
 
 from wpk import settings
 from wpk.errors import WpkError
-from wpk.optimizer import activations, build, channel_scale, depthwise, pool, winograd
+from wpk.optimizer import activations, build, channel_scale, depthwise, direct_conv, pool, winograd
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
 # custom op type per kernel kind (KernelSpec.op)
 OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv",
-            "channel_scale": "ChannelScale"}
+            "channel_scale": "ChannelScale", "nchwc_direct": "DirectConv"}
 LIBRARY_FILE = "wpk_ops.so"
 # Bumped when a saved library must not be trusted any more; an optimized directory records
 # the build its library came from. 2: built with build.NO_INVENTED_STORES (build 1 libraries
@@ -339,6 +339,14 @@ def op_kernel(spec, index: int) -> OpKernel:
         cs = channel_scale.channel_scale_shape(spec.params)
         return OpKernel(name, OP_TYPES[spec.op], channel_scale.lower(cs, name),
                         (cs.c, cs.h, cs.w), (cs.c, cs.h, cs.w), cs.c, 0, False, cs.threads)
+    if spec.op == "nchwc_direct":
+        name = f"wpk_direct_{index}"
+        d = direct_conv.direct_shape(spec.params)
+        groups = _direct_groups(spec)
+        return OpKernel(name, OP_TYPES[spec.op], direct_conv.lower(d, groups, name),
+                        (d.c, d.h, d.w), (d.k, *d.out_hw),
+                        direct_conv.pack_parameters(d, spec.weights["Wt"], groups).size,
+                        d.k if "B" in spec.weights else 0, d.residual, d.threads)
     if spec.op == "nchwc_depthwise":
         name = f"wpk_depthwise_{index}"
         d = depthwise.depthwise_shape(spec.params)
@@ -365,12 +373,21 @@ def op_parameters(spec) -> tuple[np.ndarray | None, np.ndarray | None]:
         return None, None
     bias = spec.weights.get("B")
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    if spec.op == "nchwc_direct":
+        shape = direct_conv.direct_shape(spec.params)
+        return direct_conv.pack_parameters(shape, spec.weights["Wt"], _direct_groups(spec)), \
+            bias
     if spec.op == "nchwc_depthwise":
         shape = depthwise.depthwise_shape(spec.params)
         w = spec.weights
         return depthwise.pack_parameters(shape, w["Wd"], w.get("We"), w.get("Be"), w.get("Wp"),
                                          w.get("Bp")), bias
     return winograd.transform_weights(spec.weights["Wt"], spec.params["m"]), bias
+
+
+def _direct_groups(spec) -> list:
+    """The direct kernel's output groups for a spec (kept rows follow its weight's zeros)."""
+    return direct_conv.groups_for(direct_conv.direct_shape(spec.params), spec.weights["Wt"])
 
 
 def glue_source(kernels: list[OpKernel], slots: int) -> str:
@@ -681,6 +698,58 @@ def _nchwc_winograd_site(node: onnx.NodeProto,
     sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
         + [node.output[0]]
     return KernelSpec("winograd", params, sources, node.output[0], node.name,
+                      weights={"Wt": weight.astype(np.float32), "B": bias.astype(np.float32)})
+
+
+def direct_sites(optimized: onnx.ModelProto, model: onnx.ModelProto,
+                 threads: int | None = None) -> list:
+    """KernelSpecs (op "nchwc_direct") for the ungrouped NCHWc convolutions of `optimized`
+    (ONNX Runtime's saved graph of `model` at level 'all') in whole 16-channel blocks, with
+    their fused Sum (residual) and activation; original weights as in `nchwc_sites`."""
+    from wpk.optimizer.kernels import load_initializers
+    from wpk.optimizer.selection import shapes_of
+
+    consts, shapes = load_initializers(model), shapes_of(model)
+    originals = original_convs(optimized, model, consts, shapes)
+    specs = []
+    for node in optimized.graph.node:
+        if node.name in originals and len(node.input) >= 3:
+            spec = _direct_site(node, originals[node.name], shapes, threads)
+            if spec is not None:
+                specs.append(spec)
+    return specs
+
+
+def _direct_site(node: onnx.NodeProto, original: tuple[onnx.NodeProto, np.ndarray, np.ndarray],
+                 shapes: dict, threads: int | None):
+    """The direct-convolution KernelSpec for NCHWc Conv `node`, or None where the kernel does
+    not cover it (groups, dilation, auto_pad, partial blocks, an activation it cannot fuse)."""
+    from wpk.optimizer.kernels import KernelSpec, _pads
+
+    attrs = _attrs(node)
+    act = activations.from_ort_attributes(attrs)
+    conv, weight, bias = original
+    x_shape = shapes.get(conv.input[0])
+    if act is None or attrs.get("group", 1) != 1 or \
+            list(attrs.get("dilations", [1, 1])) != [1, 1] or \
+            attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "") or weight.ndim != 4 or \
+            x_shape is None or len(x_shape) != 4 or x_shape[0] != 1 or \
+            x_shape[1] != weight.shape[1] or weight.shape[0] % 16 or weight.shape[1] % 16:
+        return None
+    _, c, h, w = x_shape
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    stride = tuple(int(v) for v in attrs.get("strides", [1, 1]))
+    pads = _pads(node, (h, w), (kh, kw), stride, (1, 1))
+    if min(pads) < 0 or h + pads[0] + pads[2] < kh or w + pads[1] + pads[3] < kw:
+        return None
+    residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    name = "d_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
+    params = dict(c=c, k=int(weight.shape[0]), h=h, w=w, kh=kh, kw=kw, stride=stride,
+                  pads=pads, act=act, residual=residual is not None,
+                  threads=threads or os.cpu_count() or 1, name=name)
+    sources = [node.input[0], "weight:Wt", "weight:B"] + ([residual] if residual else []) \
+        + [node.output[0]]
+    return KernelSpec("nchwc_direct", params, sources, node.output[0], node.name,
                       weights={"Wt": weight.astype(np.float32), "B": bias.astype(np.float32)})
 
 

@@ -628,14 +628,15 @@ def _write_single(directory: Path, io: _SliceIO, model: onnx.ModelProto,
 
 
 def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
-    """Generated kernels (Winograd, fused depthwise, channel scale) as custom operators in
-    ONNX Runtime's own saved graph (one session, no segments): the candidate "custom-ops",
-    with the plain model kept beside it for machines where the kernels cannot run."""
+    """Generated kernels (Winograd, fused depthwise, channel scale, sparse direct convolution)
+    as custom operators in ONNX Runtime's own saved graph (one session, no segments): the
+    candidate "custom-ops", with the plain model kept beside it for machines where the
+    kernels cannot run."""
     from wpk.optimizer import ort_ops
 
     job, config = run.job, run.config
     progress = job.progress
-    kinds = ("nchwc_depthwise", "channel_scale") + \
+    kinds = ("nchwc_depthwise", "channel_scale", "nchwc_direct") + \
         (("winograd",) if job.options.winograd else ())
     inside = select_custom_ops(job.model, offline, config, job.feeds[0],
                                job.output_names, on_op=lambda name: progress.advance(name),

@@ -306,6 +306,8 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
     `projected` is the same depthwise site fused with its projection too, where it can be."""
     if site.op == "channel_scale":
         return {"scale": site}
+    if site.op == "nchwc_direct":
+        return {"direct": site}
     if site.op == "nchwc_depthwise":
         blocks = site.params["c"] // 16
         variants = {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
@@ -329,6 +331,8 @@ def preferred_variant(site: KernelSpec, keys: dict[str, int], kernels: bool = Fa
     inverted residual (or else the first variant) for depthwise sites, and the one kernel of
     channel-scale sites, which win far more often than not; ONNX Runtime for Winograd sites,
     which lose on some shapes (their first variant where `kernels`)."""
+    if "direct" in keys:          # sparse weights: skipping their zero rows wins by far
+        return "direct"
     if not keys or (site.op == "winograd" and not kernels):
         return None
     return next((k for k in keys if k.startswith("project")), next(iter(keys)))
@@ -374,7 +378,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
                       variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
                       time_left: Callable[[], float | None] = lambda: None,
                       kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise",
-                                                "channel_scale"),
+                                                "channel_scale", "nchwc_direct"),
                       passes: int = 2, start_with_kernels: bool = False
                       ) -> InsideOrt | None:
     """For each site of `offline` (ONNX Runtime's saved graph of `model`) our kernels cover
@@ -394,12 +398,15 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     sites = (ort_ops.nchwc_sites(offline, model) if "winograd" in kinds else []) + \
         (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else []) + \
         (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else [])
+    sparse = sparse_sites(offline, model) if "nchwc_direct" in kinds else {}
+    sites += [site for node, site in sparse.items()
+              if not any(s.node == node for s in sites)]
     if not sites:
         return None
     projected = {s.params["name"]: s for s in ort_ops.depthwise_sites(offline, model,
                                                                        project=True)} \
         if "nchwc_depthwise" in kinds else {}
-    pool, by_site = _variant_pool(sites, projected, variants)
+    pool, by_site = _variant_pool(sites, projected, variants, sparse)
     descent = _Descent(offline, session_config, feed, output_names, margin, sites, pool,
                        by_site)
     descent.start(start_with_kernels)
@@ -409,18 +416,41 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     return descent.result()
 
 
+SPARSE_KEPT = 0.8   # a convolution is a sparse site where its kernel keeps at most this work
+
+
+def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, KernelSpec]:
+    """The direct-convolution sites (by node) whose weights let the kernel skip enough zero
+    rows (tile-wise, block or channel sparsity, `direct_conv.kept_fraction`); dense weights
+    are left to ONNX Runtime's own convolutions, which run near this CPU's peak."""
+    from wpk.optimizer import direct_conv, ort_ops
+
+    found = {}
+    for site in ort_ops.direct_sites(offline, model):
+        shape = direct_conv.direct_shape(site.params)
+        groups = direct_conv.groups_for(shape, site.weights["Wt"])
+        if direct_conv.kept_fraction(shape, groups) <= SPARSE_KEPT:
+            found[site.node] = site
+    return found
+
+
 def _variant_pool(sites: list[KernelSpec], projected: dict[str, KernelSpec],
-                  variants: tuple[tuple[int, str], ...]
+                  variants: tuple[tuple[int, str], ...],
+                  sparse: dict[str, KernelSpec] | None = None
                   ) -> tuple[list[KernelSpec], list[dict[str, int]]]:
     """Every variant of every site, for one library (kernel index = position in the pool),
-    and per site its variants' pool indices by key."""
+    and per site its variants' pool indices by key (a sparse convolution's direct kernel is
+    one more variant of its Winograd site)."""
     pool: list[KernelSpec] = []
     by_site: list[dict[str, int]] = []
     for site in sites:
         keys = {}
         alternative = projected.get(site.params["name"]) if site.op == "nchwc_depthwise" \
             else None
-        for key, spec in custom_op_variants(site, variants, alternative).items():
+        options = custom_op_variants(site, variants, alternative)
+        if site.op == "winograd" and sparse and site.node in sparse:
+            options["direct"] = sparse[site.node]
+        for key, spec in options.items():
             keys[key] = len(pool)
             pool.append(spec)
         by_site.append(keys)

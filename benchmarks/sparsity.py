@@ -1,6 +1,7 @@
-"""Sparse convolutions: wpk's direct NCHWc kernel (kept weight rows only, `direct_conv.py`)
-against ONNX Runtime's dense convolution on the same weights, per ResNet-50 layer shape and
-pattern, measured side by side in interleaved rounds in one run.
+"""Sparse convolutions and GEMMs: wpk's direct kernels (kept weight rows only,
+`direct_conv.py`) against ONNX Runtime's dense operator on the same weights, per ResNet-50
+convolution and BERT-base projection shape and pattern, measured side by side in interleaved
+rounds in one run.
 
 Patterns: dense (the kernel as a plain direct convolution), tile-wise at 50/75/90 % (the
 masks `wpk-prune --pattern tile` makes, G = 128), and 2:4. Both sides run as one-node ONNX
@@ -40,6 +41,13 @@ LAYERS = [
     ("3x3 512->512 @7", 512, 512, 7, 3, 1),
     ("1x1 512->2048 @7", 512, 2048, 7, 1, 1),
 ]
+# (label, rows M, K, N): BERT-base's projections at sequence 128, and a GEMV
+GEMMS = [
+    ("gemm 128x768x768 (QKV/out)", 128, 768, 768),
+    ("gemm 128x768x3072 (FFN up)", 128, 768, 3072),
+    ("gemm 128x3072x768 (FFN down)", 128, 3072, 768),
+    ("gemv 1x2048x2048 (MLP)", 1, 2048, 2048),
+]
 PATTERNS = [("dense", None), ("tile 50%", 0.5), ("tile 75%", 0.75), ("tile 90%", 0.9),
             ("2:4", "2:4")]
 
@@ -71,12 +79,28 @@ def conv_model(c: int, k: int, side: int, kernel: int, stride: int,
     return onnx.shape_inference.infer_shapes(model)
 
 
+def gemm_model(m: int, k: int, n: int, weight: np.ndarray) -> onnx.ModelProto:
+    """MatMul + bias Add on a [1, M, K] input, as transformers export their projections;
+    `weight` is (N, K)."""
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["Y0"], name="proj"),
+             helper.make_node("Add", ["Y0", "B"], ["Y"], name="bias")]
+    graph = helper.make_graph(
+        nodes, "gemm", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "W"),
+         numpy_helper.from_array(np.linspace(-0.1, 0.1, n, dtype=np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return onnx.shape_inference.infer_shapes(model)
+
+
 def sessions(model: onnx.ModelProto, work: Path, threads: int):
     """(ONNX Runtime's dense session, the session with wpk's kernel, kept work share)."""
     onnx.save(model, str(work / "m.onnx"))
     passes.ort_offline_optimize(work / "m.onnx", work / "m.ort.onnx")
     offline = onnx.load(str(work / "m.ort.onnx"))
-    sites = ort_ops.direct_sites(offline, model, threads=threads)
+    sites = ort_ops.direct_sites(offline, model, threads=threads) or \
+        ort_ops.gemm_sites(offline, model, threads=threads)
     library = ort_ops.build_library([ort_ops.op_kernel(sites[0], 0)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -95,12 +119,17 @@ def sessions(model: onnx.ModelProto, work: Path, threads: int):
 
 
 def measure_layer(layer, pattern, rounds: int, threads: int, work: Path) -> dict:
-    label, c, k, side, kernel, stride = layer
     rng = np.random.default_rng(0)
-    weight = pruned_weight((k, c, kernel, kernel), pattern, rng)
-    model = conv_model(c, k, side, kernel, stride, weight)
+    if len(layer) == 4:                      # a GEMM
+        label, m, c, k = layer
+        weight = pruned_weight((k, c), pattern, rng)
+        model, x_shape = gemm_model(m, c, k, weight), (1, m, c)
+    else:
+        label, c, k, side, kernel, stride = layer
+        weight = pruned_weight((k, c, kernel, kernel), pattern, rng)
+        model, x_shape = conv_model(c, k, side, kernel, stride, weight), (1, c, side, side)
     dense, ours, kept = sessions(model, work, threads)
-    feed = {"X": rng.standard_normal((1, c, side, side)).astype(np.float32)}
+    feed = {"X": rng.standard_normal(x_shape).astype(np.float32)}
     expected, got = dense.run(None, feed)[0], ours.run(None, feed)[0]
     error = float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
     ratio = compare_ratio(lambda: dense.run(None, feed), lambda: ours.run(None, feed),
@@ -159,9 +188,9 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", help="labels (substrings) to run")
     parser.add_argument("--patterns", nargs="*", help="pattern names to run")
     parser.add_argument("--markdown", type=Path)
-    parser.add_argument("--end-to-end", metavar="MODEL", help="also prune MODEL (a torchvision "
-                        "name as in optimizer_models.py, e.g. resnet50) tile-wise, optimize it "
-                        "and time it against ONNX Runtime")
+    parser.add_argument("--end-to-end", metavar="MODEL", nargs="*", default=[],
+                        help="also prune each MODEL (as in optimizer_models.py: resnet50, "
+                        "bert, ...) tile-wise, optimize it and time it against ONNX Runtime")
     parser.add_argument("--ratio", type=float, default=0.75, help="with --end-to-end")
     parser.add_argument("--trials", type=int, default=16, help="wpk-optimize's budget")
     parser.add_argument("--seconds", type=float, default=200.0, help="wpk-optimize's budget")
@@ -173,7 +202,7 @@ def main() -> None:
     console = make_console()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for layer in LAYERS:
+        for layer in LAYERS + GEMMS:
             if args.skip_layers or args.layers and not any(s in layer[0] for s in args.layers):
                 continue
             for name, pattern in PATTERNS:
@@ -185,11 +214,10 @@ def main() -> None:
                 console.print(f"{row['layer']:<20} {name:<9} kept {row['kept']:4.0%}  "
                               f"ORT {row['ort_ms']:.3f} ms  wpk {row['wpk_ms']:.3f} ms  "
                               f"{row['speedup']:.2f}x [{row['low']:.2f}-{row['high']:.2f}]")
-        e2e = end_to_end(args.end_to_end, args.ratio, Path(tmp), args) \
-            if args.end_to_end else None
+        e2e_rows = [end_to_end(name, args.ratio, Path(tmp), args) for name in args.end_to_end]
     header = f"{hardware_id()}, {args.threads} threads, {args.rounds} interleaved rounds"
     text = markdown(rows, header) if rows else header + "\n"
-    if e2e:
+    for e2e in e2e_rows:
         text += (f"\nEnd to end: {e2e['model']} pruned tile-wise to {e2e['ratio']:.0%} by "
                  f"wpk-prune, wpk-optimize chose {e2e['chosen']} ({e2e['kernels']} kernels): "
                  f"{e2e['vs_pruned']} over ONNX Runtime on the same pruned model "

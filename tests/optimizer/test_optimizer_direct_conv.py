@@ -157,7 +157,7 @@ def test_search_takes_sparse_convolutions_and_leaves_dense_ones(tmp_path):
     # no timing: every site starts from its preferred variant, the direct kernel for sparse
     # weights (also at the 3x3 site, where Winograd variants are the alternatives)
     inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, names, passes=0,
-                               start_with_kernels=True, kinds=("winograd", "nchwc_direct"))
+                               start_with_kernels=True, kinds=("winograd", "direct"))
     assert inside is not None
     assert sorted(s.op for s in inside.specs) == ["nchwc_direct", "nchwc_direct"]
     expected = ort.InferenceSession(model.SerializeToString(),
@@ -168,3 +168,60 @@ def test_search_takes_sparse_convolutions_and_leaves_dense_ones(tmp_path):
     got = ort.InferenceSession(inside.model.SerializeToString(), options,
                                providers=["CPUExecutionProvider"]).run(names, feed)[0]
     assert np.linalg.norm(got - expected) <= winograd.TOLERANCE * np.linalg.norm(expected)
+
+
+def _gemm_model(m: int, k: int, n: int, op: str, weight: np.ndarray) -> onnx.ModelProto:
+    """MatMul + Add (a transformer's projection, rank-3 input) or Gemm with transB (rank 2)."""
+    bias = numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), "B")
+    if op == "MatMul":
+        nodes = [helper.make_node("MatMul", ["X", "W"], ["Y0"], name="proj"),
+                 helper.make_node("Add", ["Y0", "B"], ["Y"], name="bias")]
+        x_shape, w = [1, m, k], numpy_helper.from_array(weight.T.copy(), "W")
+    else:
+        nodes = [helper.make_node("Gemm", ["X", "W", "B"], ["Y"], name="fc", transB=1)]
+        x_shape, w = [m, k], numpy_helper.from_array(weight, "W")
+    graph = helper.make_graph(nodes, "gemm",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [w, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return onnx.shape_inference.infer_shapes(model)
+
+
+GEMM_CASES = [
+    # m, k, n, op, weights (as (n, k))
+    (128, 96, 64, "MatMul", "tile"),
+    (7, 40, 48, "Gemm", "tile"),        # rows fewer than a tile, K not a multiple of 16
+    (1, 64, 32, "MatMul", "dense"),     # one row (a GEMV)
+    (30, 32, 96, "Gemm", "dead-block"),
+]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_direct_gemm_matches_onnxruntime_inside_its_session(case, tmp_path):
+    m, k, n, op, pattern = case
+    weight = _weight(n, k, 1, pattern).reshape(n, k)
+    model = _gemm_model(m, k, n, op, weight)
+    offline = _offline(model, tmp_path)
+    sites = ort_ops.gemm_sites(offline, model)
+    assert len(sites) == 1 and sites[0].params["layout"] == "rows"
+    library = ort_ops.build_library([ort_ops.op_kernel(sites[0], 0)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    rewritten = ort_ops.custom_op_model(offline, sites)
+    assert [n.op_type for n in rewritten.graph.node].count("DirectGemm") == 1
+    session = ort.InferenceSession(rewritten.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"X": RNG.standard_normal(session.get_inputs()[0].shape).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = session.run(None, feed)[0]
+    assert got.shape == expected.shape
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
+
+
+def test_gemms_without_whole_output_blocks_are_left_to_onnxruntime(tmp_path):
+    model = _gemm_model(4, 32, 40, "Gemm", _weight(40, 32, 1, "tile").reshape(40, 32))
+    assert ort_ops.gemm_sites(_offline(model, tmp_path), model) == []

@@ -19,6 +19,10 @@ broadcast of an input value per pixel and kept row, one weight vector per block 
 Padding: the input is copied once into a zero-bordered buffer (the calling thread's scratch),
 so the hot loop has no bounds checks. A 1x1 stride-1 unpadded convolution runs over its
 pixels as one flat row.
+
+A GEMM (MatMul or Gemm with a constant weight) is the same kernel in the "rows" layout: X
+[M, K] and Y [M, N] row-major, a pixel is a row of X (M = w, K = c, N = k), a reduction row is a
+column of X; its weight is passed as (N, K, 1, 1).
 """
 from __future__ import annotations
 
@@ -58,9 +62,16 @@ class DirectShape:
     act: str = ""
     residual: bool = False
     threads: int = 2
+    layout: str = "nchwc"     # or "rows": a GEMM, X [w, c] and Y [w, k] row-major (module doc)
+
+    @property
+    def rows_layout(self) -> bool:
+        return self.layout == "rows"
 
     @property
     def out_hw(self) -> tuple[int, int]:
+        if self.rows_layout:
+            return 1, self.w
         oh = (self.h + self.pads[0] + self.pads[2] - self.kh) // self.stride[0] + 1
         ow = (self.w + self.pads[1] + self.pads[3] - self.kw) // self.stride[1] + 1
         return oh, ow
@@ -73,8 +84,8 @@ class DirectShape:
     def flat(self) -> bool:
         """A 1x1 stride-1 unpadded convolution on rows too short for a full tile: its
         pixels are walked as one row."""
-        return (self.kh, self.kw, *self.stride) == (1, 1, 1, 1) and not self.padded and \
-            self.out_hw[1] < 12
+        return self.rows_layout or (self.kh, self.kw, *self.stride) == (1, 1, 1, 1) and \
+            not self.padded and self.out_hw[1] < 12
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -88,6 +99,14 @@ class DirectShape:
         """Output rows and pixels per row as the kernel walks them."""
         oh, ow = self.out_hw
         return (1, oh * ow) if self.flat else (oh, ow)
+
+    @property
+    def steps(self) -> tuple[int, int, str]:
+        """Floats between neighbouring pixels of a tile in X and in Y, and (C expression)
+        between neighbouring output blocks in Y."""
+        if self.rows_layout:
+            return self.c, self.k, "16"
+        return (1 if self.flat else self.stride[1]) * BLOCK, BLOCK, "(long)ROWS * COLS * 16"
 
 
 @dataclass(frozen=True)
@@ -105,11 +124,14 @@ def direct_shape(params: dict) -> DirectShape:
     return DirectShape(c=params["c"], k=params["k"], h=params["h"], w=params["w"],
                        kh=params["kh"], kw=params["kw"], stride=tuple(params["stride"]),
                        pads=tuple(params["pads"]), act=activations.normalize(params["act"]),
-                       residual=bool(params["residual"]), threads=params.get("threads", 2))
+                       residual=bool(params["residual"]), threads=params.get("threads", 2),
+                       layout=params.get("layout", "nchwc"))
 
 
 def _row_offsets(s: DirectShape) -> np.ndarray:
     """Offset into the input buffer of every reduction row (c, r, s), ONNX's order."""
+    if s.rows_layout:
+        return np.arange(s.c)
     _, wp = s.input_hw
     hp = s.input_hw[0]
     c = np.arange(s.c).reshape(-1, 1, 1)
@@ -203,7 +225,7 @@ def _tables(groups: list[Group]) -> str:
 def _tile(s: DirectShape, blocks: int, p: int) -> str:
     """The register tile for `blocks` output blocks and `p` pixels, kept rows only."""
     act = activations.avx512(s.act, "a")
-    step = s.stride[1] * BLOCK if not s.flat else BLOCK
+    step, out_step, _ = s.steps
     residual = "a = _mm512_add_ps(a, _mm512_loadu_ps(r + o));" if s.residual else ""
     return f"""
 static inline __attribute__((always_inline)) void tile{blocks}_{p}(
@@ -218,7 +240,8 @@ static inline __attribute__((always_inline)) void tile{blocks}_{p}(
     }}
   }} else {{
     for (int b = 0; b < {blocks}; ++b)
-      for (int j = 0; j < {p}; ++j) acc[b][j] = _mm512_loadu_ps(y + b * block_stride + j * 16);
+      for (int j = 0; j < {p}; ++j)
+        acc[b][j] = _mm512_loadu_ps(y + b * block_stride + j * {out_step});
   }}
   for (int i = 0; i < count; ++i) {{
     const float* __restrict__ xi = xb + offs[i];
@@ -231,12 +254,13 @@ static inline __attribute__((always_inline)) void tile{blocks}_{p}(
   }}
   if (!last) {{   /* a partial sum: the next chunk of rows goes on from it */
     for (int b = 0; b < {blocks}; ++b)
-      for (int j = 0; j < {p}; ++j) _mm512_storeu_ps(y + b * block_stride + j * 16, acc[b][j]);
+      for (int j = 0; j < {p}; ++j)
+        _mm512_storeu_ps(y + b * block_stride + j * {out_step}, acc[b][j]);
     return;
   }}
   for (int b = 0; b < {blocks}; ++b)
     for (int j = 0; j < {p}; ++j) {{
-      const long o = b * block_stride + j * 16;
+      const long o = b * block_stride + j * {out_step};
       const float* __restrict__ r = res;
       __m512 a = acc[b][j];
       {residual}
@@ -250,7 +274,7 @@ static inline __attribute__((always_inline)) void tile{blocks}_{p}(
 
 def lower(s: DirectShape, groups: list[Group], name: str) -> str:
     """C source of `void name(x, u, bias, residual, y)` for `s` and its kept rows."""
-    assert s.c % BLOCK == 0 and s.k % BLOCK == 0, "whole channel blocks"
+    assert (s.rows_layout or s.c % BLOCK == 0) and s.k % BLOCK == 0, "whole channel blocks"
     rows, cols = s.rows_cols
     hp, wp = s.input_hw
     chunks = group_chunks(groups)
@@ -289,7 +313,7 @@ def _tiles_and_calls(s: DirectShape, groups: list[Group]) -> tuple[str, str]:
     """The tile functions the groups need (a full tile and a row's tail per block count),
     and the code that walks one output row with them."""
     cols = s.rows_cols[1]
-    pixel_step = (s.stride[1] if not s.flat else 1) * BLOCK
+    pixel_step, out_step, _ = s.steps
     calls, tiles = [], []
     for blocks in sorted({g.blocks for g in groups}):
         p = pixels_per_tile(s, blocks)
@@ -298,12 +322,12 @@ def _tiles_and_calls(s: DirectShape, groups: list[Group]) -> tuple[str, str]:
                 "r0 == 0, r1 == count")
         tail_call = f"""
       tile{blocks}_{tail}(xrow + (long)ox * {pixel_step}, {args[0]}, res ? res + ox * 16 : 0,
-                   yrow + ox * 16, {args[1]});""" if tail else ""
+                   yrow + (long)ox * {out_step}, {args[1]});""" if tail else ""
         calls.append(f"""    if (BLOCKS[g] == {blocks}) {{
       int ox = 0;
       for (; ox + {p} <= COLS; ox += {p})
         tile{blocks}_{p}(xrow + (long)ox * {pixel_step}, {args[0]}, res ? res + ox * 16 : 0,
-                     yrow + ox * 16, {args[1]});{tail_call}
+                     yrow + (long)ox * {out_step}, {args[1]});{tail_call}
     }}""")
         tiles.append(_tile(s, blocks, p))
         if tail:
@@ -322,7 +346,7 @@ static void item_fn(int item, int slot, void* ctx) {{
   (void)slot;
   const struct job* jb = (const struct job*)ctx;
   const int chunk = item / BANDS, band = item % BANDS;
-  const long block_stride = (long)ROWS * COLS * 16;
+  const long block_stride = {s.steps[2]};
   const int last = band * BAND_ROWS + BAND_ROWS < ROWS ? band * BAND_ROWS + BAND_ROWS : ROWS;
   for (int g = CHUNK_FIRST[chunk]; g < CHUNK_END[chunk]; ++g) {{
     const int* offs = OFFSETS + ROW_START[g];
@@ -334,7 +358,7 @@ static void item_fn(int item, int slot, void* ctx) {{
       const int r1 = r0 + chunk_rows < count ? r0 + chunk_rows : count;
       for (int oy = band * BAND_ROWS; oy < last; ++oy) {{
         const float* xrow = {source_x} + (long)oy * {row_step};
-        float* yrow = jb->y + (long)FIRST[g] * block_stride + (long)oy * COLS * 16;
+        float* yrow = jb->y + (long)FIRST[g] * block_stride + (long)oy * COLS * {s.steps[1]};
         const float* res =
             jb->r ? jb->r + (long)FIRST[g] * block_stride + (long)oy * COLS * 16 : 0;
 {calls}
@@ -380,7 +404,11 @@ def _pad_call(s: DirectShape, hp: int, wp: int) -> str:
 
 def reference(s: DirectShape, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
               residual: np.ndarray | None = None) -> np.ndarray:
-    """NumPy NCHW reference (tests): conv + bias (+ residual), then the activation."""
+    """NumPy reference (tests): NCHW conv (or the GEMM) + bias (+ residual), then the
+    activation."""
+    if s.rows_layout:
+        y = x.reshape(s.w, s.c).astype(np.float64) @ weight.reshape(s.k, s.c).T.astype(np.float64)
+        return activations.apply(s.act, y + (0 if bias is None else bias)).astype(np.float32)
     oh, ow = s.out_hw
     xp = np.pad(x, ((0, 0), (0, 0), (s.pads[0], s.pads[2]), (s.pads[1], s.pads[3])))
     y = np.zeros((1, s.k, oh, ow), np.float64)

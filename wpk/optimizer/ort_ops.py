@@ -37,7 +37,10 @@ DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
 # custom op type per kernel kind (KernelSpec.op)
 OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv",
-            "channel_scale": "ChannelScale", "nchwc_direct": "DirectConv"}
+            "channel_scale": "ChannelScale", "nchwc_direct": "DirectConv",
+            "direct_gemm": "DirectGemm"}
+# kernel kinds of `direct_conv`'s generator: NCHWc convolutions and row-major GEMMs
+DIRECT_OPS = ("nchwc_direct", "direct_gemm")
 LIBRARY_FILE = "wpk_ops.so"
 # Bumped when a saved library must not be trusted any more; an optimized directory records
 # the build its library came from. 2: built with build.NO_INVENTED_STORES (build 1 libraries
@@ -141,7 +144,7 @@ void wpk_ort_pool_run(item_fn fn, void* ctx, int total) {
 /* ---- the compiled kernels ------------------------------------------------------------------ */
 typedef void (*kernel_fn)(const float*, const float*, const float*, const float*, float*);
 struct kernel { const char* name; kernel_fn fn; int op; int64_t c, h, w, k, oh, ow, u_size;
-                int bias, residual; };
+                int bias, residual; int y_rank; int64_t y_shape[4]; };
 static const char* const op_names[] = {%(op_names)s};
 #define OP_COUNT ((int)(sizeof(op_names) / sizeof(op_names[0])))
 %(declarations)s
@@ -265,12 +268,15 @@ static OrtStatus* op_compute(void* state, OrtKernelContext* ctx) {
   const int64_t x_dims[4] = {1, k->c, k->h, k->w};
   const int64_t y_dims[4] = {1, k->k, k->oh, k->ow};
   void *x = NULL, *u = NULL, *b = NULL, *r = NULL, *y = NULL;
-  TRY(float_input(ctx, k, 0, x_dims, 4, k->c * k->h * k->w, "X", &x));
+  /* y_rank 0: NCHW(c) [1, c, h, w] -> [1, k, oh, ow]; else a GEMM: X of any shape with
+     h * w * c elements (rows of c), Y of shape y_shape */
+  TRY(float_input(ctx, k, 0, k->y_rank ? NULL : x_dims, 4, k->c * k->h * k->w, "X", &x));
   TRY(float_input(ctx, k, 1, NULL, 0, k->u_size, "U", &u));
   if (k->bias) TRY(float_input(ctx, k, 2, NULL, 0, k->bias, "B", &b));
   if (k->residual) TRY(float_input(ctx, k, 3, y_dims, 4, k->k * k->oh * k->ow, "R", &r));
   OrtValue* out = NULL;
-  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_t)(ctx, 0, y_dims, 4, &out));
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_t)(ctx, 0, k->y_rank ? k->y_shape : y_dims,
+                                                      k->y_rank ? (size_t)k->y_rank : 4, &out));
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_t)(out, &y));
   running_context = ctx;
   wpk_ort_failure = NULL;
@@ -329,6 +335,7 @@ class OpKernel:
     bias: int                 # bias elements (0: none)
     residual: bool
     threads: int
+    y_shape: tuple[int, ...] = ()   # a GEMM's output shape (X: any shape of its size)
 
 
 def op_kernel(spec, index: int) -> OpKernel:
@@ -339,14 +346,15 @@ def op_kernel(spec, index: int) -> OpKernel:
         cs = channel_scale.channel_scale_shape(spec.params)
         return OpKernel(name, OP_TYPES[spec.op], channel_scale.lower(cs, name),
                         (cs.c, cs.h, cs.w), (cs.c, cs.h, cs.w), cs.c, 0, False, cs.threads)
-    if spec.op == "nchwc_direct":
+    if spec.op in DIRECT_OPS:
         name = f"wpk_direct_{index}"
         d = direct_conv.direct_shape(spec.params)
         groups = _direct_groups(spec)
         return OpKernel(name, OP_TYPES[spec.op], direct_conv.lower(d, groups, name),
                         (d.c, d.h, d.w), (d.k, *d.out_hw),
                         direct_conv.pack_parameters(d, spec.weights["Wt"], groups).size,
-                        d.k if "B" in spec.weights else 0, d.residual, d.threads)
+                        d.k if "B" in spec.weights else 0, d.residual, d.threads,
+                        tuple(spec.params.get("y_shape", ())))
     if spec.op == "nchwc_depthwise":
         name = f"wpk_depthwise_{index}"
         d = depthwise.depthwise_shape(spec.params)
@@ -373,7 +381,7 @@ def op_parameters(spec) -> tuple[np.ndarray | None, np.ndarray | None]:
         return None, None
     bias = spec.weights.get("B")
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
-    if spec.op == "nchwc_direct":
+    if spec.op in DIRECT_OPS:
         shape = direct_conv.direct_shape(spec.params)
         return direct_conv.pack_parameters(shape, spec.weights["Wt"], _direct_groups(spec)), \
             bias
@@ -399,7 +407,8 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
     op_types = list(OP_TYPES.values())
     rows = [f'  {{"{k.name}", {k.name}, {op_types.index(k.op_type)}, '
             f'{", ".join(map(str, (*k.x_chw, *k.y_chw)))}, {k.u_size}, {k.bias}, '
-            f'{int(k.residual)}}},' for k in kernels]
+            f'{int(k.residual)}, {len(k.y_shape)}, '
+            f'{{{", ".join(map(str, k.y_shape or (0,)))}}}}},' for k in kernels]
     return GLUE % dict(indices=indices, slots=max(1, slots), declarations=declarations,
                        scratch=pool.thread_scratch_source("wpk_ort"),
                        table="\n".join(rows) or "  {0}", domain=DOMAIN, api_level=API_LEVEL,
@@ -513,8 +522,9 @@ def custom_op_model(model: onnx.ModelProto, specs: list,
         # the output's shape, stated: ONNX Runtime cannot infer it for a custom op, and
         # without it the memory planner leaves the tensor (and the graph's plan) to run time
         if spec.output not in graph_outputs:
+            kernel = op_kernel(spec, index)
             shaped[spec.output] = helper.make_tensor_value_info(
-                spec.output, onnx.TensorProto.FLOAT, [1, *op_kernel(spec, index).y_chw])
+                spec.output, onnx.TensorProto.FLOAT, list(kernel.y_shape) or [1, *kernel.y_chw])
     if len(emitted) != len(specs):
         missing = [s.node for i, s in zip(indices, specs) if i not in emitted]
         raise WpkError(f"custom operators: nodes {missing} are not in the model")
@@ -751,6 +761,86 @@ def _direct_site(node: onnx.NodeProto, original: tuple[onnx.NodeProto, np.ndarra
         + [node.output[0]]
     return KernelSpec("nchwc_direct", params, sources, node.output[0], node.name,
                       weights={"Wt": weight.astype(np.float32), "B": bias.astype(np.float32)})
+
+
+def gemm_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
+               threads: int | None = None) -> list:
+    """KernelSpecs (op "direct_gemm") for the MatMul and plain Gemm nodes of `offline`
+    (ONNX Runtime's saved graph of `model`) with a constant rank-2 weight of whole 16-column
+    blocks and a static input, each with the bias Add after a MatMul fused in."""
+    from wpk.optimizer.selection import shapes_of
+
+    consts = {i.name: i for i in offline.graph.initializer}
+    shapes = {**shapes_of(offline), **shapes_of(model)}
+    readers = _readers(offline)
+    outputs = {o.name for o in offline.graph.output}
+    specs = []
+    for node in offline.graph.node:
+        spec = _gemm_site(node, consts, shapes, readers, outputs, threads)
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def _gemm_weights(node: onnx.NodeProto, consts: dict
+                  ) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(weight as (N, K), bias or None) of a MatMul or plain Gemm, or None."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or \
+            len(node.input) < 2 or node.input[1] not in consts:
+        return None
+    attrs = _attrs(node)
+    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or
+                                   attrs.get("beta", 1.0) != 1.0):
+        return None
+    weight = numpy_helper.to_array(consts[node.input[1]])
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    matrix = weight if attrs.get("transB", 0) else weight.T
+    bias = None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in consts:
+            return None
+        bias = numpy_helper.to_array(consts[node.input[2]])
+        if bias.size != matrix.shape[0] or bias.ndim > 1 and bias.shape[0] != 1:
+            return None
+        bias = bias.reshape(-1)
+    return matrix, bias
+
+
+def _gemm_site(node: onnx.NodeProto, consts: dict, shapes: dict, readers: dict,
+               outputs: set, threads: int | None):
+    """The direct GEMM KernelSpec for `node` (and its bias Add), or None."""
+    from wpk.optimizer.kernels import KernelSpec
+
+    found = _gemm_weights(node, consts)
+    x_shape = shapes.get(node.input[0])
+    if found is None or not node.name or not x_shape or \
+            any(not isinstance(d, int) or d < 1 for d in x_shape):
+        return None
+    matrix, bias = found
+    n, k = matrix.shape
+    if n % 16 or x_shape[-1] != k:
+        return None
+    nodes, output = [node.name], node.output[0]
+    after = readers.get(output, [])
+    if bias is None and node.op_type == "MatMul" and len(after) == 1 and output not in outputs \
+            and after[0].op_type == "Add":
+        other = after[0].input[1] if after[0].input[0] == output else after[0].input[0]
+        value = numpy_helper.to_array(consts[other]) if other in consts else None
+        if value is not None and value.size == n and value.shape[-1] == n:
+            bias, output = value.reshape(-1).astype(np.float32), after[0].output[0]
+            nodes.append(after[0].name)
+    rows = int(np.prod(x_shape[:-1]))
+    params = dict(c=k, k=n, h=1, w=rows, kh=1, kw=1, stride=(1, 1), pads=(0, 0, 0, 0), act="",
+                  residual=False, threads=threads or os.cpu_count() or 1, layout="rows",
+                  y_shape=(*x_shape[:-1], n),
+                  name="g_" + "".join(ch if ch.isalnum() else "_" for ch in node.name))
+    weights = {"Wt": np.ascontiguousarray(matrix, np.float32).reshape(n, k, 1, 1)}
+    if bias is not None:
+        weights["B"] = np.ascontiguousarray(bias, np.float32)
+    sources = [node.input[0], "weight:Wt"] + (["weight:B"] if bias is not None else []) + \
+        [output]
+    return KernelSpec("direct_gemm", params, sources, output, "+".join(nodes), weights=weights)
 
 
 class _NchwcGraph:

@@ -636,7 +636,7 @@ def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
 
     job, config = run.job, run.config
     progress = job.progress
-    kinds = ("nchwc_depthwise", "channel_scale", "nchwc_direct") + \
+    kinds = ("nchwc_depthwise", "channel_scale", "direct") + \
         (("winograd",) if job.options.winograd else ())
     inside = select_custom_ops(job.model, offline, config, job.feeds[0],
                                job.output_names, on_op=lambda name: progress.advance(name),

@@ -306,7 +306,7 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
     `projected` is the same depthwise site fused with its projection too, where it can be."""
     if site.op == "channel_scale":
         return {"scale": site}
-    if site.op == "nchwc_direct":
+    if site.op in ("nchwc_direct", "direct_gemm"):
         return {"direct": site}
     if site.op == "nchwc_depthwise":
         blocks = site.params["c"] // 16
@@ -378,7 +378,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
                       variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
                       time_left: Callable[[], float | None] = lambda: None,
                       kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise",
-                                                "channel_scale", "nchwc_direct"),
+                                                "channel_scale", "direct"),
                       passes: int = 2, start_with_kernels: bool = False
                       ) -> InsideOrt | None:
     """For each site of `offline` (ONNX Runtime's saved graph of `model`) our kernels cover
@@ -398,7 +398,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     sites = (ort_ops.nchwc_sites(offline, model) if "winograd" in kinds else []) + \
         (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else []) + \
         (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else [])
-    sparse = sparse_sites(offline, model) if "nchwc_direct" in kinds else {}
+    sparse = sparse_sites(offline, model) if "direct" in kinds else {}
     sites += [site for node, site in sparse.items()
               if not any(s.node == node for s in sites)]
     if not sites:
@@ -420,13 +420,13 @@ SPARSE_KEPT = 0.8   # a convolution is a sparse site where its kernel keeps at m
 
 
 def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, KernelSpec]:
-    """The direct-convolution sites (by node) whose weights let the kernel skip enough zero
-    rows (tile-wise, block or channel sparsity, `direct_conv.kept_fraction`); dense weights
-    are left to ONNX Runtime's own convolutions, which run near this CPU's peak."""
+    """The direct convolution and GEMM sites (by node) whose weights let the kernel skip
+    enough zero rows (tile-wise, block or channel sparsity, `direct_conv.kept_fraction`);
+    dense weights are left to ONNX Runtime's own kernels, which run near this CPU's peak."""
     from wpk.optimizer import direct_conv, ort_ops
 
     found = {}
-    for site in ort_ops.direct_sites(offline, model):
+    for site in ort_ops.direct_sites(offline, model) + ort_ops.gemm_sites(offline, model):
         shape = direct_conv.direct_shape(site.params)
         groups = direct_conv.groups_for(shape, site.weights["Wt"])
         if direct_conv.kept_fraction(shape, groups) <= SPARSE_KEPT:

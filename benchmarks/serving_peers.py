@@ -243,15 +243,19 @@ def python_library_env() -> dict[str, str]:
 def start_pytriton(w: Workload, stack: contextlib.ExitStack) -> tuple[str, str]:
     grpc_port, http_port = free_port(), free_port()
     command = [sys.executable, __file__, "--pytriton-serve", str(w.path), "--name", w.name,
-               "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+               "--workspace", str(w.work / "pytriton")]
     address = stack.enter_context(server_process(
         command, w.work / "pytriton.log", f"127.0.0.1:{grpc_port}", w.name, signal.SIGINT,
         python_library_env()))
     return address, w.name
 
 
-def serve_pytriton(model_path: Path, name: str, grpc_port: int, http_port: int) -> None:
-    """Runs in the server process: ONNX Runtime bound to Triton as a Python callable."""
+def serve_pytriton(model_path: Path, name: str, grpc_port: int, http_port: int,
+                   workspace: Path) -> None:
+    """Runs in the server process: ONNX Runtime bound to Triton as a Python callable. Its
+    workspace (sockets, model store) lies in the benchmark's scratch space, removed even
+    when a stop runs out of time."""
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
@@ -265,9 +269,11 @@ def serve_pytriton(model_path: Path, name: str, grpc_port: int, http_port: int) 
         dtype = np.float32 if arg.type == "tensor(float)" else np.int64
         return Tensor(name=arg.name, dtype=dtype, shape=(-1,) * len(arg.shape))
 
+    # Triton waits exit_timeout_secs (default 30) for open connections when it stops
     config = TritonConfig(grpc_address="127.0.0.1", grpc_port=grpc_port,
-                          http_address="127.0.0.1", http_port=http_port, allow_metrics=False)
-    with Triton(config=config) as triton:
+                          http_address="127.0.0.1", http_port=http_port, allow_metrics=False,
+                          exit_timeout_secs=int(STOP_TIMEOUT_S / 4))
+    with Triton(config=config, workspace=workspace) as triton:
         triton.bind(model_name=name, infer_func=infer,
                     inputs=[spec(i) for i in sess.get_inputs()],
                     outputs=[spec(o) for o in sess.get_outputs()],
@@ -547,6 +553,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--grpc-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--http-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workspace", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.contenders.split(",")) - set(CONTENDERS)
     if unknown:
@@ -559,7 +566,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.pytriton_serve:
-        serve_pytriton(args.pytriton_serve, args.name, args.grpc_port, args.http_port)
+        serve_pytriton(args.pytriton_serve, args.name, args.grpc_port, args.http_port,
+                       args.workspace)
         return 0
     keys = [k for k in CONTENDERS if k in args.contenders.split(",")]
     rows: list[list[str]] = []

@@ -99,13 +99,15 @@ def random_feeds(sess) -> dict[str, np.ndarray]:
 ONE_MACHINE_TIERS = Path(__file__).parents[1] / "examples" / "one-machine.yaml"
 
 
-def make_plan_dir(name: str, root: Path, codec: str = "raw") -> Path:
+def make_plan_dir(name: str, root: Path, codec: str = "raw",
+                  model: onnx.ModelProto | None = None) -> Path:
     """A 3-tier plan from wpk.partitioner, cuts pinned where the FLOPs split in thirds (all
-    tiers run on this machine, so balanced stages are what pipelining needs)."""
+    tiers run on this machine, so balanced stages are what pipelining needs). `model`: the
+    network to plan (default: the built-in example `name`)."""
     from wpk.partitioner.api import partition
 
     model_path = root / f"{name}.onnx"
-    onnx.save(EXAMPLES[name](), str(model_path))
+    onnx.save(EXAMPLES[name]() if model is None else model, str(model_path))
     names, cut_1, cut_2 = balanced_cuts(model_path)
     pins = {names[cut_1 - 1]: "device", names[cut_1]: "edge", names[cut_2 - 1]: "edge",
             names[cut_2]: "cloud"}

@@ -196,6 +196,24 @@ def test_cli_on_a_plan_sets_the_tier_optimized_field(small_cnn, tmp_path):
     assert session.run(None, _feed())[0].shape == (1, 5)
 
 
+def test_the_flags_are_read_once_into_an_optimize_job(small_cnn, tmp_path):
+    from wpk.optimizer.cli import OptimizeJob, Target, _parser
+
+    path = tmp_path / "small.onnx"
+    onnx.save(small_cnn, str(path))
+    args = _parser().parse_args([str(path), "-o", str(tmp_path / "out"), "--ops", "0",
+                                 "--no-openvino", "--budget-trials", "5",
+                                 "--accuracy-budget", "0.02", "--input-shape", "image=1x3x19x17",
+                                 "--log", str(tmp_path / "log.jsonl"), "-q"])
+    job = OptimizeJob.from_args(args)
+    assert job.targets == [Target("small", path, tmp_path / "out", None)]
+    assert not job.from_plan and job.quiet and job.input_shapes == {"image": (1, 3, 19, 17)}
+    options = job.options
+    assert (options.per_operator, options.openvino, options.winograd) == (False, False, True)
+    assert options.budget == pipeline.Budget(5, None) and options.accuracy_budget == 0.02
+    assert options.log_path == str(tmp_path / "log.jsonl")
+
+
 @pytest.mark.parametrize("args,message", [
     (["missing.onnx", "-o", "x"], "no such file"),
     (["{plan}", "--tier", "cloud"], "no tier 'cloud'"),

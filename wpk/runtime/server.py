@@ -15,7 +15,7 @@ from typing import Any
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
-from wpk.runtime.batching import DEFAULT_QUEUE_DELAY_US, MAX_BATCH, QUEUE_DELAY_US, BatchPolicy
+from wpk.runtime.batching import BatchPolicy, add_batching_arguments, batch_policy_from_args
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
@@ -87,7 +87,7 @@ class ServeConfig:
                    spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
                    shared_memory=args.shared_memory, restarts=args.restart_count,
                    max_in_flight=args.max_in_flight,
-                   batching=BatchPolicy(args.max_batch, args.max_queue_delay_us / 1e6))
+                   batching=batch_policy_from_args(args))
 
 
 async def serve(plan_dir: str, tier: str, *, ready: asyncio.Event | None = None,
@@ -245,14 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gRPC requests this tier holds at once; more are answered "
                         f"RESOURCE_EXHAUSTED so that clients back off (default "
                         f"{DEFAULT_MAX_IN_FLIGHT})")
-    parser.add_argument("--max-batch", type=MAX_BATCH, default=1, metavar="N",
-                        help="run up to N requests that arrive together as one batch of the "
-                        "slice (many devices feeding one tier; the slice must take a batch "
-                        "dimension, which the tier proves on start). Default 1: no batching")
-    parser.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US,
-                        default=DEFAULT_QUEUE_DELAY_US, metavar="US",
-                        help="with --max-batch: how long the oldest request may wait for "
-                        f"others to join its batch (default {DEFAULT_QUEUE_DELAY_US})")
+    add_batching_arguments(parser)
     parser.add_argument("--restart-count", type=cli_args.non_negative_int, default=0,
                         metavar="N", help="how many times a supervisor has restarted this tier "
                         "(reported as wpk_tier_restarts; wpk-deploy --local sets it)")

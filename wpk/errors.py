@@ -83,13 +83,33 @@ def one_line_warnings(category: type[Warning] = Warning,
         yield
 
 
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name `name` is most likely a typo of (difflib), or None where none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return close[0] if close else None
+
+
 def refuse_unknown_keys(keys: Iterable[object], known: Iterable[str], where: str,
                         what: str = "key", otherwise: str = "") -> None:
     """A hand-written file's first unknown key as one line, with the closest known one
     (`linkz` -> did you mean 'links'?), or `otherwise` where none is close."""
     known = sorted(known)
     for key in sorted({str(k) for k in keys} - set(known)):
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else (f" ({otherwise})" if otherwise
-                                                              else f" (known: {', '.join(known)})")
+        close = closest(key, known)
+        hint = f" (did you mean {close!r}?)" if close else (f" ({otherwise})" if otherwise
+                                                           else f" (known: {', '.join(known)})")
         raise WpkError(f"{where}: unknown {what} {key!r}{hint}")
+
+
+def refuse_unknown_choice(value: str, choices: Iterable[str], what: str,
+                          where: str = "") -> None:
+    """`value` must be one of `choices` (in their order); otherwise one line naming them all,
+    and the closest first where one is: "unknown format 'jsn' (did you mean 'json'? choose
+    from json, raw, npy)"."""
+    choices = list(choices)
+    if value in choices:
+        return
+    close = closest(str(value), choices)
+    hint = f"did you mean {close!r}? " if close else ""
+    prefix = f"{where}: " if where else ""
+    raise WpkError(f"{prefix}unknown {what} {value!r} ({hint}choose from {', '.join(choices)})")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from wpk.errors import WpkError
+from wpk.errors import WpkError, refuse_unknown_choice
 from wpk.graph import Graph
 from wpk.tiers import Tiers
 from wpk.partitioner.costs import Efficiency, TierCosts
@@ -48,12 +48,8 @@ class PartitionRequest:
 
     def check(self) -> None:
         """The goal's own consistency, before any file is read."""
-        if self.objective not in OBJECTIVES:
-            raise WpkError(f"unknown objective {self.objective!r} (choose from "
-                           f"{', '.join(OBJECTIVES)})")
-        if self.privacy not in PRIVACY_MODES:
-            raise WpkError(f"unknown privacy mode {self.privacy!r} (choose from "
-                           f"{', '.join(PRIVACY_MODES)})")
+        refuse_unknown_choice(self.objective, OBJECTIVES, "objective")
+        refuse_unknown_choice(self.privacy, PRIVACY_MODES, "privacy mode")
         bound = self.max_latency_ms
         if bound is not None and not 0 < bound < math.inf:
             raise WpkError(f"--max-latency-ms must be a positive number, not {bound:g}")

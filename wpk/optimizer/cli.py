@@ -45,9 +45,7 @@ class RichProgress(pipeline.Progress):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wpk-optimize", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = cli_args.documented_parser("wpk-optimize", __doc__)
     parser.add_argument("target", help="plan directory (from wpk-partition) or an .onnx model")
     parser.add_argument("-o", "--output", help="output directory (model mode)")
     parser.add_argument("--tier", action="append", default=[],
@@ -67,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="heaviest operators to try generated kernels on (0: none)")
     parser.add_argument("--calibration-data", metavar="FILE",
                         help="real input samples for int8 calibration and the accuracy guard: "
-                             ".npz with one array per model input (first axis = samples) or a "
-                             "directory of INPUT.npy files")
+                             + calibration.DATA_FILES_HELP)
     parser.add_argument("--no-openvino", action="store_true",
                         help="do not try OpenVINO's CPU plugin as a candidate")
     parser.add_argument("--no-winograd", action="store_true",

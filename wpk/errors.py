@@ -7,11 +7,46 @@ import functools
 import re
 import sys
 import warnings
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 
 class WpkError(Exception):
     """A problem with the user's input (file, tensor, tier, constraint), stated in one line."""
+
+
+class ParameterError(WpkError):
+    """A bad value of a library function's parameter, in the words of whoever set it.
+
+    `template` names each parameter in braces (`"{max_latency_ms} must be positive"`; other
+    braces are left alone): the message a Python caller reads spells it as the parameter
+    (`max_latency_ms`); a command-line tool whose flag set it re-raises it spelled as the
+    flag (`flags_for`)."""
+
+    def __init__(self, template: str, *parameters: str):
+        self.template, self.parameters = template, parameters
+        super().__init__(self._spelled({name: name for name in parameters}))
+
+    def _spelled(self, names: Mapping[str, str]) -> str:
+        text = self.template
+        for parameter, name in names.items():
+            text = text.replace("{" + parameter + "}", name)
+        return text
+
+    def naming_flags(self, flags: Mapping[str, str] | None = None) -> WpkError:
+        """The same message with each parameter as its flag (`flags`, else --dashed-name)."""
+        flags = flags or {}
+        return WpkError(self._spelled({
+            name: flags.get(name, "--" + name.replace("_", "-")) for name in self.parameters}))
+
+
+@contextlib.contextmanager
+def flags_for(flags: Mapping[str, str] | None = None) -> Iterator[None]:
+    """In a command-line tool: a ParameterError from the library it calls names the flags
+    (`flags`: parameter -> flag where it is not --dashed-name)."""
+    try:
+        yield
+    except ParameterError as error:
+        raise error.naming_flags(flags) from None
 
 
 def cli_entry(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

@@ -132,7 +132,8 @@ def test_bandwidth_objective_sends_fewer_bytes_beyond_edge(resnet_path):
 
 
 def test_bandwidth_objective_needs_an_slo(resnet_path):
-    with pytest.raises(WpkError, match="--max-latency-ms"):
+    """Called from Python, the message names the parameter; wpk-partition names its flag."""
+    with pytest.raises(WpkError, match="needs a latency bound: max_latency_ms$"):
         partition(resnet_path, ["device", "edge"], objective="bandwidth", use_calibration=False)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from wpk.errors import WpkError, refuse_unknown_choice
+from wpk.errors import ParameterError, refuse_unknown_choice
 from wpk.graph import Graph
 from wpk.tiers import Tiers
 from wpk.partitioner.costs import Efficiency, TierCosts
@@ -52,9 +52,11 @@ class PartitionRequest:
         refuse_unknown_choice(self.privacy, PRIVACY_MODES, "privacy mode")
         bound = self.max_latency_ms
         if bound is not None and not 0 < bound < math.inf:
-            raise WpkError(f"--max-latency-ms must be a positive number, not {bound:g}")
+            raise ParameterError(f"{{max_latency_ms}} must be a positive number, not {bound:g}",
+                                 "max_latency_ms")
         if self.objective == "bandwidth" and bound is None:
-            raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
+            raise ParameterError("the bandwidth objective needs a latency bound: "
+                                 "{max_latency_ms}", "max_latency_ms")
 
     @property
     def keeps_raw_input_on_device(self) -> bool:

@@ -108,3 +108,17 @@ def test_flags_that_contradict_each_other_are_refused_by_the_config(plans):
                                       "--link", "tcp"])
     with pytest.raises(WpkError, match="--link tcp with --tls-dir"):
         ServeConfig.from_args(args)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"link": "tpc"}, r"unknown link 'tpc' \(did you mean 'tcp'\? choose from tcp, grpc\)"),
+    ({"run": "inlined"}, r"unknown run placement 'inlined' \(did you mean 'inline'\? "),
+])
+def test_a_tier_core_from_python_names_its_unknown_choices(plans, options, message):
+    """Python callers (serve(...), TierCore) are told in the parameter's words, no flag."""
+    from wpk.errors import WpkError
+    from wpk.plan import load_plan
+    from wpk.runtime.tier_core import TierCore
+
+    with pytest.raises(WpkError, match=message):
+        TierCore(load_plan(plans["mlp"]), plans["mlp"], "cloud", None, **options)

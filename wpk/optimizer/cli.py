@@ -119,7 +119,7 @@ class OptimizeJob:
             winograd=not args.no_winograd)
         targets = _targets(args)
         shapes = parse_input_shapes(args.input_shape)
-        if shapes and targets[0].tier is not None:
+        if shapes and not _is_model_file(Path(args.target)):
             raise WpkError("--input-shape is for a model file; a plan's slices have fixed "
                            "shapes")
         for target in targets:   # before any tuning: never someone's files
@@ -130,7 +130,11 @@ class OptimizeJob:
     @property
     def from_plan(self) -> bool:
         """Whether the targets are tiers of a plan (not a model file)."""
-        return self.targets[0].tier is not None
+        return not _is_model_file(self.target)
+
+
+def _is_model_file(target: Path) -> bool:
+    return target.is_file() and target.suffix == ".onnx"
 
 
 def _targets(args: argparse.Namespace) -> list[Target]:
@@ -138,7 +142,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
     target = Path(args.target)
     if not target.exists():
         raise WpkError(f"{target}: no such file or directory")
-    if target.is_file() and target.suffix == ".onnx":
+    if _is_model_file(target):
         if args.tier or args.all_local:
             raise WpkError("--tier/--all-local need a plan directory, not a model file")
         out = Path(args.output) if args.output else target.with_suffix("")

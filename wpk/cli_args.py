@@ -84,3 +84,13 @@ def host_port(text: str) -> str:
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 threads = int_between(0, MAX_THREADS, f"0 picks one per physical core; at most 4 x this "
                                       f"machine's {os.cpu_count() or 1} logical cores")
+
+
+def documented_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is `doc`'s first line and whose epilog is the rest after
+    the blank line (usage examples kept as written): a command's module docstring is its
+    --help."""
+    lines = doc.splitlines()
+    return argparse.ArgumentParser(prog=prog, description=lines[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n".join(lines[2:]))

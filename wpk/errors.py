@@ -7,11 +7,46 @@ import functools
 import re
 import sys
 import warnings
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 
 class WpkError(Exception):
     """A problem with the user's input (file, tensor, tier, constraint), stated in one line."""
+
+
+class ParameterError(WpkError):
+    """A bad value of a library function's parameter, in the words of whoever set it.
+
+    `template` names each parameter in braces (`"{max_latency_ms} must be positive"`; other
+    braces are left alone): the message a Python caller reads spells it as the parameter
+    (`max_latency_ms`); a command-line tool whose flag set it re-raises it spelled as the
+    flag (`flags_for`)."""
+
+    def __init__(self, template: str, *parameters: str):
+        self.template, self.parameters = template, parameters
+        super().__init__(self._spelled({name: name for name in parameters}))
+
+    def _spelled(self, names: Mapping[str, str]) -> str:
+        text = self.template
+        for parameter, name in names.items():
+            text = text.replace("{" + parameter + "}", name)
+        return text
+
+    def naming_flags(self, flags: Mapping[str, str] | None = None) -> WpkError:
+        """The same message with each parameter as its flag (`flags`, else --dashed-name)."""
+        flags = flags or {}
+        return WpkError(self._spelled({
+            name: flags.get(name, "--" + name.replace("_", "-")) for name in self.parameters}))
+
+
+@contextlib.contextmanager
+def flags_for(flags: Mapping[str, str] | None = None) -> Iterator[None]:
+    """In a command-line tool: a ParameterError from the library it calls names the flags
+    (`flags`: parameter -> flag where it is not --dashed-name)."""
+    try:
+        yield
+    except ParameterError as error:
+        raise error.naming_flags(flags) from None
 
 
 def cli_entry(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -83,13 +118,33 @@ def one_line_warnings(category: type[Warning] = Warning,
         yield
 
 
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name `name` is most likely a typo of (difflib), or None where none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return close[0] if close else None
+
+
 def refuse_unknown_keys(keys: Iterable[object], known: Iterable[str], where: str,
                         what: str = "key", otherwise: str = "") -> None:
     """A hand-written file's first unknown key as one line, with the closest known one
     (`linkz` -> did you mean 'links'?), or `otherwise` where none is close."""
     known = sorted(known)
     for key in sorted({str(k) for k in keys} - set(known)):
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else (f" ({otherwise})" if otherwise
-                                                              else f" (known: {', '.join(known)})")
+        close = closest(key, known)
+        hint = f" (did you mean {close!r}?)" if close else (f" ({otherwise})" if otherwise
+                                                           else f" (known: {', '.join(known)})")
         raise WpkError(f"{where}: unknown {what} {key!r}{hint}")
+
+
+def refuse_unknown_choice(value: str, choices: Iterable[str], what: str,
+                          where: str = "") -> None:
+    """`value` must be one of `choices` (in their order); otherwise one line naming them all,
+    and the closest first where one is: "unknown format 'jsn' (did you mean 'json'? choose
+    from json, raw, npy)"."""
+    choices = list(choices)
+    if value in choices:
+        return
+    close = closest(str(value), choices)
+    hint = f"did you mean {close!r}? " if close else ""
+    prefix = f"{where}: " if where else ""
+    raise WpkError(f"{prefix}unknown {what} {value!r} ({hint}choose from {', '.join(choices)})")

@@ -5,10 +5,12 @@ probe that fails leaves its field out instead of failing the measurement.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +80,65 @@ def gpu_names() -> list[str]:
     return []
 
 
+def _cpuinfo_model_name() -> str | None:
+    """The first `model name` line of /proc/cpuinfo (None where there is none)."""
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() if ":" in line else ""
+    return None
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """The one set of facts that every identity of this machine is derived from.
+
+    Two string formats are stored on disk and must keep matching what earlier versions
+    wrote, so both are kept, each derived from these facts:
+    - `hardware_id()`: the optimizer's tuning logs and reports ('<cpu> x<cores> ort<ver>');
+    - `calibration_key()`: the partitioner's efficiency cache ('<machine>|<processor>|...').
+    A profile's `device.host` (`host_info`) takes its machine and core count from here too.
+    """
+
+    machine: str                 # platform.machine(): 'x86_64', 'aarch64', ...
+    processor: str               # platform.processor() (often empty on Linux)
+    cpuinfo_model_name: str | None  # /proc/cpuinfo's 'model name', where the kernel has one
+    logical_cores: int | None    # os.cpu_count()
+    onnxruntime: str             # onnxruntime.__version__
+
+    @property
+    def cpu(self) -> str:
+        """The CPU name the hardware id uses: cpuinfo's model name, else what platform says."""
+        if self.cpuinfo_model_name is not None:
+            return self.cpuinfo_model_name
+        return self.processor or self.machine
+
+    def hardware_id(self) -> str:
+        """A short fingerprint: CPU model, logical cores, onnxruntime version."""
+        return f"{self.cpu} x{self.logical_cores} ort{self.onnxruntime}"
+
+    def calibration_key(self) -> str:
+        """The key the partitioner's calibration cache is stored under."""
+        return f"{self.machine}|{self.processor}|{self.logical_cores}|{self.onnxruntime}"
+
+
+@functools.lru_cache(maxsize=1)
+def machine_facts() -> MachineFacts:
+    """This machine's facts, read once per process."""
+    import onnxruntime
+
+    return MachineFacts(platform.machine(), platform.processor(), _cpuinfo_model_name(),
+                        os.cpu_count(), onnxruntime.__version__)
+
+
 def host_info() -> dict[str, Any]:
     """The `device.host` object of a profile."""
+    facts = machine_facts()
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "os": f"{platform.system()} {platform.release()}",
-        "machine": platform.machine(),
+        "machine": facts.machine,
         "cpu": cpu_model(),
-        "logical_cores": os.cpu_count() or 1,
+        "logical_cores": facts.logical_cores or 1,
         "physical_cores": physical_cores(),
     }
     memory = memory_mb()

@@ -21,7 +21,6 @@ from wpk.errors import WpkError
 from wpk.files import read_text
 from wpk.json_schema import check
 from wpk.link_codecs import parse_codec
-from wpk.records import JsonRecord
 from wpk.tensor_spec import TensorSpec
 
 PLAN_VERSION = 1
@@ -29,7 +28,7 @@ PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
-class SourceModel(JsonRecord):
+class SourceModel:
     """A model's name and what it takes and gives: in a plan, the model the plan was cut from;
     in the bridge, a served model as its ModelMetadata describes it (no file, no hash)."""
 
@@ -53,7 +52,7 @@ class SourceModel(JsonRecord):
 
 
 @dataclass(frozen=True)
-class Objective(JsonRecord):
+class Objective:
     """What the cut was chosen for, under which constraints."""
 
     name: str = "latency"            # latency, throughput or bandwidth

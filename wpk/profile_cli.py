@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from wpk import cli_args
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, flags_for
 from wpk.files import check_outputs
 from wpk.graph import parse_input_shapes
 from wpk.profiling import (DEFAULT_RUNS, DEFAULT_WARMUP, PROVIDER_ALIASES, profile_model,
@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if output.is_dir():
         raise WpkError(f"{output}: is a directory, expected a file name for the profile")
     check_outputs([output], [args.model], force=args.force)
-    document = profile_model(
-        args.model, provider=args.provider, threads=args.threads, warmup=args.warmup,
-        runs=args.runs, input_shapes=parse_input_shapes(args.input_shape), name=name,
-        progress=not args.quiet and sys.stderr.isatty(), optimization=args.optimization)
+    with flags_for():   # its argument checks name the flags that set them
+        document = profile_model(
+            args.model, provider=args.provider, threads=args.threads, warmup=args.warmup,
+            runs=args.runs, input_shapes=parse_input_shapes(args.input_shape), name=name,
+            progress=not args.quiet and sys.stderr.isatty(), optimization=args.optimization)
     save_profile(document, output)
     if not args.quiet:
         _summary(document, output, args.top)

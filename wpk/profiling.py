@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from wpk.attribution import build_kernel_map
-from wpk.errors import WpkError, ort_error_line
+from wpk.errors import ParameterError, WpkError, ort_error_line
 from wpk.feeds import random_feeds
 from wpk.graph import Graph
 from wpk.hostinfo import host_info, physical_cores
@@ -219,9 +219,10 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
 
 def _check_arguments(runs: int, warmup: int, threads: int | None, optimization: str) -> None:
     if runs < 1 or warmup < 0:
-        raise WpkError("--runs must be at least 1 and --warmup at least 0")
+        raise ParameterError("{runs} must be at least 1 and {warmup} at least 0", "runs",
+                             "warmup")
     if threads is not None and threads < 1:
-        raise WpkError("--threads must be at least 1")
+        raise ParameterError("{threads} must be at least 1", "threads")
     if optimization not in OPTIMIZATION_LEVELS:
         raise WpkError(f"unknown optimization level {optimization!r} "
                        f"({', '.join(OPTIMIZATION_LEVELS)})")

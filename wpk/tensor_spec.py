@@ -14,7 +14,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from wpk.records import JsonRecord
 
 # Open Inference Protocol (KServe v2) datatype <-> numpy dtype (BYTES and BF16 are not served)
 KSERVE_DATATYPES: dict[str, np.dtype] = {
@@ -62,7 +61,7 @@ def numpy_dtype_of_ort(type_text: str) -> np.dtype:
 
 
 @dataclass(frozen=True)
-class TensorSpec(JsonRecord):
+class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name, e.g. "float32"

@@ -231,6 +231,19 @@ def test_config_file_errors_name_the_file(text, message, tmp_path):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"format": "jsn"}, r"subscription 'a/\+': unknown format 'jsn' \(did you mean 'json'\? "
+                        r"choose from raw, npy, json, sparkplug\)"),
+    ({"result": "zip"}, r"unknown result format 'zip' \(choose from json, "),
+])
+def test_a_routes_unknown_format_names_the_choices_and_the_closest(fields, message):
+    from wpk.bridge.config import Route
+
+    route = Route("a/+", "b/{1}", model="m", **fields)
+    with pytest.raises(WpkError, match=message):
+        route.check()
+
+
 def test_cli_exit_code_and_message():
     run = subprocess.run([sys.executable, "-m", "wpk.bridge.cli", "--pipeline", "h:1",
                           "--subscribe", "a/+", "--publish", "b/{5}", "--model", "m"],

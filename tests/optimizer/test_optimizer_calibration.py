@@ -333,3 +333,15 @@ def test_cli_odd_inputs_are_one_line(small_cnn, tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"wpk: error: {message}")
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wpk_optimize_and_wpk_prune_describe_the_calibration_files_alike():
+    """Both commands take the files `calibration` reads, and say so in the same words; each
+    one's --help is its module docstring (first line, then the usage examples)."""
+    from wpk.optimizer import cli, prune_cli
+
+    for module, parser in ((cli, cli._parser()), (prune_cli, prune_cli._parser())):
+        text = " ".join(parser.format_help().split())
+        assert " ".join(calibration.DATA_FILES_HELP.split()) in text
+        assert parser.description == module.__doc__.splitlines()[0]
+        assert " ".join(module.__doc__.splitlines()[2].split()) in text

@@ -90,6 +90,7 @@ def test_optimize_gives_original_outputs_and_a_report(small_cnn, tmp_path):
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-5)
     saved = json.loads((tmp_path / "opt" / "report.json").read_text())
     assert saved["chosen"] == report.chosen
+    assert report.candidate_kind == _kind_of(report.chosen) == session.candidate_kind
     assert report.chosen in (tmp_path / "opt" / "report.md").read_text()
     # a second run starts from every measurement of the first (tuning log) and goes further
     again = pipeline.optimize(small_cnn, tmp_path / "opt2", options, name="small")
@@ -98,6 +99,41 @@ def test_optimize_gives_original_outputs_and_a_report(small_cnn, tmp_path):
     assert again.session_search["best_ms"] <= first["best_ms"]
     assert sum(op["reused"] for op in again.operators) >= \
         sum(op["measured"] for op in report.operators if op["kernel_ms"] != float("inf"))
+
+
+def _kind_of(chosen: str) -> str:
+    """The candidate kind that adds each candidate key."""
+    if chosen.startswith("openvino"):
+        return "openvino"
+    return {"default": "onnxruntime", "tuned": "onnxruntime", "offline": "onnxruntime",
+            "int8": "int8", "custom-ops": "custom-ops", "mixed": "segments"}[chosen]
+
+
+def test_the_manifest_names_the_candidate_kind_and_old_manifests_still_load(small_cnn,
+                                                                            tmp_path):
+    from wpk.optimizer.session import DEFAULT_SESSION
+
+    io = pipeline._SliceIO("small", "here", *pipeline._io(small_cnn))
+    tuned = pipeline._write_single(tmp_path / "tuned", io, small_cnn, dict(DEFAULT_SESSION),
+                                   "fp32", offline=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    pipeline._install(tuned, out, "tuned", "onnxruntime")
+    manifest = json.loads((out / "optimized.json").read_text())
+    assert manifest["chosen"] == "tuned" and manifest["candidate_kind"] == "onnxruntime"
+    assert wpk.optimizer.load(out).candidate_kind == "onnxruntime"
+    del manifest["candidate_kind"]   # as written before manifests named the kind
+    (out / "optimized.json").write_text(json.dumps(manifest))
+    old = wpk.optimizer.load(out)
+    assert old.candidate_kind is None
+    expected = _session(small_cnn).run(None, _feed())[0]
+    np.testing.assert_allclose(old.run(None, _feed())[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kind_names_manifests_store_stay_the_same():
+    assert list(pipeline.CANDIDATE_KINDS) == ["onnxruntime", "int8", "openvino", "custom-ops",
+                                              "segments"]
+    assert all(callable(add) for add in pipeline.CANDIDATE_KINDS.values())
 
 
 def test_int8_only_within_the_accuracy_budget(small_cnn, tmp_path):
@@ -158,6 +194,24 @@ def test_cli_on_a_plan_sets_the_tier_optimized_field(small_cnn, tmp_path):
     assert plan.tier("edge").optimized == "optimized/edge"
     session = wpk.optimizer.load(tmp_path / plan.tier("edge").optimized)
     assert session.run(None, _feed())[0].shape == (1, 5)
+
+
+def test_the_flags_are_read_once_into_an_optimize_job(small_cnn, tmp_path):
+    from wpk.optimizer.cli import OptimizeJob, Target, _parser
+
+    path = tmp_path / "small.onnx"
+    onnx.save(small_cnn, str(path))
+    args = _parser().parse_args([str(path), "-o", str(tmp_path / "out"), "--ops", "0",
+                                 "--no-openvino", "--budget-trials", "5",
+                                 "--accuracy-budget", "0.02", "--input-shape", "image=1x3x19x17",
+                                 "--log", str(tmp_path / "log.jsonl"), "-q"])
+    job = OptimizeJob.from_args(args)
+    assert job.targets == [Target("small", path, tmp_path / "out", None)]
+    assert not job.from_plan and job.quiet and job.input_shapes == {"image": (1, 3, 19, 17)}
+    options = job.options
+    assert (options.per_operator, options.openvino, options.winograd) == (False, False, True)
+    assert options.budget == pipeline.Budget(5, None) and options.accuracy_budget == 0.02
+    assert options.log_path == str(tmp_path / "log.jsonl")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -231,6 +285,7 @@ def test_zero_time_budget_still_writes_a_working_slice(small_cnn, tmp_path):
     options = pipeline.Options(budget=pipeline.Budget(trials=50, seconds=0.0), samples=1)
     report = pipeline.optimize(small_cnn, tmp_path / "opt", options)
     assert report.session_search["measured"] == 0 and report.chosen in report.candidates
+    assert wpk.optimizer.load(tmp_path / "opt").candidate_kind == _kind_of(report.chosen)
     got = wpk.optimizer.load(tmp_path / "opt").run(None, _feed())[0]
     np.testing.assert_allclose(got, _session(small_cnn).run(None, _feed())[0], rtol=1e-4,
                                atol=1e-5)

@@ -157,7 +157,9 @@ def _write(path, text):
     (["--report", "{tmp}/report.xyz"], "matplotlib cannot write .xyz files"),
     (["--report", "{tmp}/r.txt"], "matplotlib cannot write .txt files"),
     (["--report", "{tmp}"], "is a directory; name the image to write"),
-    (["--max-latency-ms", "nan"], "--max-latency-ms"),
+    (["--max-latency-ms", "nan"], "--max-latency-ms must be a positive number, not nan"),
+    (["--objective", "bandwidth"], "the bandwidth objective needs a latency bound: "
+                                   "--max-latency-ms"),
     (["-o", "{tmp}/blocked"], "cannot write"),
     (["--report", "{tmp}/binary.yaml/r.png"], "binary.yaml is not a directory"),
     (["--tiers", ""], "an empty tier name"),

@@ -83,15 +83,19 @@ def test_the_schema_accepts_what_the_partitioner_writes(tmp_path, mlp_path):
     assert load_plan(tmp_path).to_json() == result.plan.to_json()
 
 
-def test_dict_style_reads_keep_working():
-    """Callers written when model, objective and tensors were dicts."""
+def test_model_objective_and_tensors_read_as_typed_records():
+    """The plan's model, objective and tensors are records with attributes (the dict-style
+    reads of format version 0 are gone)."""
     plan = Plan.from_json(_v1(V1_PLANS[0]))
-    first = plan.model["inputs"][0]
-    assert first == {"name": "features", "shape": [1, 2048], "dtype": "float32"}
-    assert plan.model.get("nope", 5) == 5 and "sha256" in plan.model
-    assert plan.objective["deliver_to"] == plan.objective.deliver_to
+    first = plan.model.inputs[0]
+    assert (first.name, first.shape, first.dtype) == ("features", (1, 2048), "float32")
+    assert first.to_json() == {"name": "features", "shape": [1, 2048], "dtype": "float32"}
+    assert plan.model.sha256 is not None
+    assert plan.objective.deliver_to == plan.to_json()["objective"]["deliver_to"]
     spec = plan.tensors["features"]
-    assert spec["shape"] == [1, 2048] and spec.shape == (1, 2048) and spec.nbytes == 8192
+    assert spec.shape == (1, 2048) and spec.nbytes == 8192
+    with pytest.raises(TypeError):
+        plan.model["inputs"]  # noqa: B018
 
 
 def _broken(mutate) -> dict:

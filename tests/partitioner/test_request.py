@@ -16,7 +16,9 @@ def test_partition_keywords_are_the_request_fields():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"objective": "cheapest"}, "unknown objective 'cheapest'"),
+    ({"objective": "cheapest"},
+     r"unknown objective 'cheapest' \(choose from latency, throughput, bandwidth\)"),
+    ({"objective": "latncy"}, r"unknown objective 'latncy' \(did you mean 'latency'\? choose"),
     ({"privacy": "some"}, "unknown privacy mode 'some'"),
     ({"max_latency_ms": -1.0}, "must be a positive number"),
     ({"objective": "bandwidth"}, "needs a latency bound"),

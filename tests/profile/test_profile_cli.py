@@ -59,6 +59,11 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, example_models):
     assert "bad shape" in capsys.readouterr().err
     assert main([str(example_models["mlp"]), "-o", str(tmp_path), "-q", "--runs", "1"]) == 2
     assert "is a directory" in capsys.readouterr().err
+    # the library's check names its parameters; the command line names the flags
+    assert main([str(example_models["mlp"]), "-o", str(tmp_path / "p.json"), "-q", "--runs",
+                 "0"]) == 2
+    assert capsys.readouterr().err == \
+        "wpk: error: --runs must be at least 1 and --warmup at least 0\n"
 
 
 def test_an_absurd_thread_count_is_refused_at_once(example_models, tmp_path, capsys):

@@ -149,8 +149,8 @@ def test_without_optimizations_kernels_are_the_nodes(example_models):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(runs=0), "--runs"),
-    (dict(threads=0), "--threads"),
+    (dict(runs=0), "^runs must be at least 1 and warmup at least 0$"),
+    (dict(threads=0), "^threads must be at least 1$"),
     (dict(provider="nosuch"), "provider 'nosuch' is not in this onnxruntime"),
     (dict(optimization="max"), "unknown optimization level"),
     (dict(input_shapes={"nope": (1, 2)}), "'nope', which is not an input"),

@@ -166,3 +166,23 @@ def test_tier_batches_concurrent_callers_over_grpc(plans):
         assert service.metrics.batch_rows == before
     finally:
         pipeline.close()
+
+
+def test_serve_and_deploy_take_the_same_batching_flags(plans):
+    """One definition of --max-batch / --max-queue-delay-us: the same checks, defaults and
+    policy on wpk-serve and wpk-deploy."""
+    from wpk.deploy.cli import build_parser as deploy_parser
+    from wpk.runtime.batching import batch_policy_from_args
+    from wpk.runtime.server import build_parser as serve_parser
+
+    serve_args = serve_parser().parse_args([str(plans["mlp"]), "--tier", "cloud",
+                                            "--max-batch", "4", "--max-queue-delay-us", "250"])
+    deploy_args = deploy_parser().parse_args([str(plans["mlp"]), "--local", "--max-batch", "4",
+                                              "--max-queue-delay-us", "250"])
+    assert batch_policy_from_args(serve_args) == batch_policy_from_args(deploy_args) == \
+        BatchPolicy(4, 0.00025)
+    for parser in (serve_parser(), deploy_parser()):
+        assert (parser.get_default("max_batch"), parser.get_default("max_queue_delay_us")) == \
+            (1, 1000)
+    with pytest.raises(SystemExit):
+        deploy_parser().parse_args([str(plans["mlp"]), "--local", "--max-batch", "5000"])

@@ -78,3 +78,47 @@ def test_next_on_a_tier_that_forwards_nothing_is_a_warning(plans):
         service = TierCore(load_plan(plans["mlp"]), plans["mlp"], "cloud", "127.0.0.1:9")
     assert service.next_address is None
     service.executor.shutdown()
+
+
+def test_the_flags_are_read_once_into_a_serve_config(plans):
+    from wpk.runtime.batching import BatchPolicy
+    from wpk.runtime.server import ServeConfig, build_parser
+
+    args = build_parser().parse_args([
+        str(plans["mlp"]), "--tier", "cloud", "--port", "0", "--next", "edge:9000",
+        "--max-batch", "8", "--max-queue-delay-us", "500", "--max-message-mb", "4",
+        "--restart-count", "2", "--no-shared-memory", "--link", "grpc", "--cpus", "0"])
+    config = ServeConfig.from_args(args)
+    assert (config.plan_dir, config.tier, config.port) == (str(plans["mlp"]), "cloud", 0)
+    assert config.next_address == "edge:9000" and config.link == "grpc"
+    assert config.batching == BatchPolicy(8, 0.0005)
+    assert config.max_message_bytes == 4 * 1024 * 1024
+    assert config.restarts == 2 and config.shared_memory is False
+    assert config.threads == 1          # one CPU given, --threads 0: one physical core
+    default = ServeConfig.from_args(build_parser().parse_args([str(plans["mlp"]), "--tier",
+                                                               "cloud"]))
+    assert default == ServeConfig(str(plans["mlp"]), "cloud", batching=BatchPolicy(1, 0.001))
+
+
+def test_flags_that_contradict_each_other_are_refused_by_the_config(plans):
+    from wpk.errors import WpkError
+    from wpk.runtime.server import ServeConfig, build_parser
+
+    args = build_parser().parse_args([str(plans["mlp"]), "--tier", "cloud", "--tls-dir", ".",
+                                      "--link", "tcp"])
+    with pytest.raises(WpkError, match="--link tcp with --tls-dir"):
+        ServeConfig.from_args(args)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"link": "tpc"}, r"unknown link 'tpc' \(did you mean 'tcp'\? choose from tcp, grpc\)"),
+    ({"run": "inlined"}, r"unknown run placement 'inlined' \(did you mean 'inline'\? "),
+])
+def test_a_tier_core_from_python_names_its_unknown_choices(plans, options, message):
+    """Python callers (serve(...), TierCore) are told in the parameter's words, no flag."""
+    from wpk.errors import WpkError
+    from wpk.plan import load_plan
+    from wpk.runtime.tier_core import TierCore
+
+    with pytest.raises(WpkError, match=message):
+        TierCore(load_plan(plans["mlp"]), plans["mlp"], "cloud", None, **options)

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from wpk.cli_args import split_host_port
-from wpk.errors import WpkError
+from wpk.errors import WpkError, refuse_unknown_choice
 
 from .formats import INPUT_FORMATS, RESULT_FORMATS
 from .topics import TopicTemplate, check_filter
@@ -41,12 +41,9 @@ class Route:
         if self.publish is None:
             raise WpkError(f"subscription {self.subscribe!r}: no --publish topic template")
         TopicTemplate(self.publish).check_against(self.subscribe)
-        if self.format not in INPUT_FORMATS:
-            raise WpkError(f"subscription {self.subscribe!r}: unknown format {self.format!r} "
-                           f"(choose from {', '.join(INPUT_FORMATS)})")
-        if self.result not in RESULT_FORMATS:
-            raise WpkError(f"subscription {self.subscribe!r}: unknown result format "
-                           f"{self.result!r} (choose from {', '.join(RESULT_FORMATS)})")
+        where = f"subscription {self.subscribe!r}"
+        refuse_unknown_choice(self.format, INPUT_FORMATS, "format", where)
+        refuse_unknown_choice(self.result, RESULT_FORMATS, "result format", where)
         if not self.model:
             raise WpkError(f"subscription {self.subscribe!r}: no --model")
         if self.format == "sparkplug" and not self.subscribe.startswith(("spBv1.0/", "+/", "#")):

@@ -16,7 +16,7 @@ from typing import Callable
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry
 from wpk.files import existing_file
-from wpk.runtime.batching import DEFAULT_QUEUE_DELAY_US, MAX_BATCH, QUEUE_DELAY_US
+from wpk.runtime.batching import add_batching_arguments
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -150,14 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--cpu-latency-us", type=cli_args.non_negative_int, metavar="US",
                        help="while the tiers run, keep idle CPUs able to wake within US "
                        "microseconds (see wpk-serve --cpu-latency-us; needs root)")
-    local.add_argument("--max-batch", type=MAX_BATCH, default=1, metavar="N",
-                       help="every tier batches up to N requests that arrive together (see "
-                       "wpk-serve --max-batch; a tier whose slice takes no batch dimension "
-                       "refuses to start, naming it)")
-    local.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US,
-                       default=DEFAULT_QUEUE_DELAY_US, metavar="US",
-                       help="with --max-batch: how long the oldest request may wait for "
-                       f"others (default {DEFAULT_QUEUE_DELAY_US})")
+    add_batching_arguments(local, "every tier batches up to N requests that arrive together "
+                           "(see wpk-serve --max-batch; a tier whose slice takes no batch "
+                           "dimension refuses to start, naming it)")
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
     local.add_argument("--mqtt", metavar="HOST:PORT", type=cli_args.host_port,

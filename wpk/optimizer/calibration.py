@@ -21,6 +21,10 @@ from wpk.tensor_spec import numpy_dtype_of_ort
 
 InputSpec = tuple[str, Sequence[Any], np.dtype]   # name, shape (ints, None or names), dtype
 
+# what --calibration-data (wpk-optimize, wpk-prune) takes, as its help says it
+DATA_FILES_HELP = ".npz with one array per model input (first axis = samples) or a directory of " \
+    "INPUT.npy files"
+
 # at least this many samples before a part is held out for the guard
 HOLD_OUT_FROM = 8
 # the guard runs every candidate on every guard sample: bound its cost

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.markup import escape
@@ -43,9 +45,7 @@ class RichProgress(pipeline.Progress):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wpk-optimize", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = cli_args.documented_parser("wpk-optimize", __doc__)
     parser.add_argument("target", help="plan directory (from wpk-partition) or an .onnx model")
     parser.add_argument("-o", "--output", help="output directory (model mode)")
     parser.add_argument("--tier", action="append", default=[],
@@ -65,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="heaviest operators to try generated kernels on (0: none)")
     parser.add_argument("--calibration-data", metavar="FILE",
                         help="real input samples for int8 calibration and the accuracy guard: "
-                             ".npz with one array per model input (first axis = samples) or a "
-                             "directory of INPUT.npy files")
+                             + calibration.DATA_FILES_HELP)
     parser.add_argument("--no-openvino", action="store_true",
                         help="do not try OpenVINO's CPU plugin as a candidate")
     parser.add_argument("--no-winograd", action="store_true",
@@ -84,18 +83,72 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None]]:
-    """(label, slice path, output dir, tier name or None)."""
+class Target(NamedTuple):
+    """One slice to optimize: its label, ONNX file, output directory and tier (None for a
+    model file)."""
+    label: str
+    path: Path
+    out: Path
+    tier: str | None
+
+
+@dataclass(frozen=True)
+class OptimizeJob:
+    """One wpk-optimize run, read from its flags once (`from_args`) and handed down: what
+    to optimize and where to write it, the pipeline's options, the inputs' shapes."""
+    target: Path                       # the plan (directory or plan.json) or the model file
+    targets: list[Target]
+    options: pipeline.Options
+    input_shapes: dict[str, tuple[int, ...]]
+    calibration_data: str | None
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "OptimizeJob":
+        """The parsed flags, checked before any tuning (WpkError naming the flag): the
+        accuracy budget, the tuning log, the targets and their output directories."""
+        if args.accuracy_budget is not None and not 0 < args.accuracy_budget < 1:
+            raise WpkError("--accuracy-budget is a relative error in (0, 1), e.g. 0.02")
+        _check_log(Path(args.log))
+        options = pipeline.Options(
+            strategy=args.strategy,
+            budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
+            accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
+            operator_limit=max(args.ops, 1), samples=args.samples, log_path=args.log,
+            seed=args.seed, openvino=not args.no_openvino,
+            winograd=not args.no_winograd)
+        targets = _targets(args)
+        shapes = parse_input_shapes(args.input_shape)
+        if shapes and not _is_model_file(Path(args.target)):
+            raise WpkError("--input-shape is for a model file; a plan's slices have fixed "
+                           "shapes")
+        for target in targets:   # before any tuning: never someone's files
+            pipeline.check_output_dir(target.out)
+        return cls(Path(args.target), targets, options, shapes, args.calibration_data,
+                   args.quiet)
+
+    @property
+    def from_plan(self) -> bool:
+        """Whether the targets are tiers of a plan (not a model file)."""
+        return not _is_model_file(self.target)
+
+
+def _is_model_file(target: Path) -> bool:
+    return target.is_file() and target.suffix == ".onnx"
+
+
+def _targets(args: argparse.Namespace) -> list[Target]:
+    """Each slice the flags name: a model file's, or the plan's tiers'."""
     target = Path(args.target)
     if not target.exists():
         raise WpkError(f"{target}: no such file or directory")
-    if target.is_file() and target.suffix == ".onnx":
+    if _is_model_file(target):
         if args.tier or args.all_local:
             raise WpkError("--tier/--all-local need a plan directory, not a model file")
         out = Path(args.output) if args.output else target.with_suffix("")
         if out.exists() and out.is_file():
             raise WpkError(f"{out}: exists and is a file")
-        return [(target.stem, target, out, None)]
+        return [Target(target.stem, target, out, None)]
     from wpk.plan import load_plan, slice_path
 
     if args.output:
@@ -116,8 +169,8 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, Path, Path, str | None
     for tier in tiers:
         if not tier.slice:
             raise WpkError(f"tier {tier.name!r} has no slice to optimize")
-        out.append((tier.name, slice_path(base, tier), base / OPTIMIZED_DIR / tier.name,
-                    tier.name))
+        out.append(Target(tier.name, slice_path(base, tier), base / OPTIMIZED_DIR / tier.name,
+                          tier.name))
     return out
 
 
@@ -129,22 +182,21 @@ def _warnings_to(console: Console):
         f"[yellow]wpk: warning:[/] {escape(message)}", soft_wrap=True))
 
 
-def _calibration(args: argparse.Namespace, targets: list[tuple[str, Path, Path, str | None]]
-                 ) -> dict[str, calibration.Calibration]:
+def _calibration(job: OptimizeJob) -> dict[str, calibration.Calibration]:
     """Each target's calibration samples: the file's arrays for a model; for a plan, the
     whole model's inputs carried through the earlier tiers' slices to each tier's inputs."""
-    if not args.calibration_data:
+    data, targets = job.calibration_data, job.targets
+    if not data:
         return {}
-    if targets and targets[0][3] is None:
+    if not job.from_plan:
         label, path, _out, _tier = targets[0]
-        return {label: calibration.load(args.calibration_data, calibration.model_inputs(path))}
+        return {label: calibration.load(data, calibration.model_inputs(path))}
     from wpk.plan import load_plan
 
-    target = Path(args.target)
+    target = job.target
     per_tier = calibration.for_plan(load_plan(target), target if target.is_dir() else
-                                    target.parent, args.calibration_data,
-                                    tiers=[tier for *_, tier in targets])
-    return {label: calibration.split(per_tier[tier], f"{args.calibration_data} (through the "
+                                    target.parent, data, tiers=[t.tier for t in targets])
+    return {label: calibration.split(per_tier[tier], f"{data} (through the "
                                                      f"slices before tier {tier!r})")
             for label, _path, _out, tier in targets if tier in per_tier}
 
@@ -191,32 +243,16 @@ def short_node_name(name: str, width: int = 48) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.accuracy_budget is not None and not 0 < args.accuracy_budget < 1:
-        raise WpkError("--accuracy-budget is a relative error in (0, 1), e.g. 0.02")
-    _check_log(Path(args.log))
-    options = pipeline.Options(
-        strategy=args.strategy,
-        budget=pipeline.Budget(args.budget_trials, args.budget_seconds),
-        accuracy_budget=args.accuracy_budget, per_operator=args.ops > 0,
-        operator_limit=max(args.ops, 1), samples=args.samples, log_path=args.log,
-        seed=args.seed, openvino=not args.no_openvino,
-        winograd=not args.no_winograd)
-    console = make_console(stderr=True, quiet=args.quiet)
+    job = OptimizeJob.from_args(_parser().parse_args(argv))
+    console = make_console(stderr=True, quiet=job.quiet)
     with _warnings_to(console):          # restores warnings.showwarning for in-process callers
-        return _optimize_targets(args, options, console)
+        return _optimize_targets(job, console)
 
 
-def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
-                      console: Console) -> int:
-    targets = _targets(args)
-    shapes = parse_input_shapes(args.input_shape)
-    if shapes and targets[0][3] is not None:
-        raise WpkError("--input-shape is for a model file; a plan's slices have fixed shapes")
-    for _label, _path, out, _tier in targets:   # before any tuning: never someone's files
-        pipeline.check_output_dir(out)
-    per_target = _calibration(args, targets)   # checked before any tuning starts
-    if args.accuracy_budget is not None:
+def _optimize_targets(job: OptimizeJob, console: Console) -> int:
+    targets, shapes, options = job.targets, job.input_shapes, job.options
+    per_target = _calibration(job)   # checked before any tuning starts
+    if options.accuracy_budget is not None:
         for label, data in per_target.items():
             if not data.held_out:
                 console.print(f"[yellow]wpk: warning:[/] {escape(label)}: "
@@ -227,14 +263,14 @@ def _optimize_targets(args: argparse.Namespace, options: pipeline.Options,
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False,
-                  disable=args.quiet) as progress:
+                  disable=job.quiet) as progress:
         for label, path, out, tier in targets:
             source = fixed_shapes(path, shapes, label) if shapes else path
             reports.append(pipeline.optimize(
                 source, out, dataclasses.replace(options, calibration_data=per_target.get(label)),
                 RichProgress(progress, label), name=label))
             if tier:  # recorded at once: a later tier failing keeps this one's work
-                _record_optimized(Path(args.target), tier)
+                _record_optimized(job.target, tier)
     for (label, _path, out, _tier), report in zip(targets, reports):
         _summary(console, label, report)
     for (label, _path, out, _tier), report in zip(targets, reports):

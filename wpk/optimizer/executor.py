@@ -200,6 +200,12 @@ class OptimizedSession:
     def precision(self) -> str:
         return self.manifest.get("precision", "fp32")
 
+    @property
+    def candidate_kind(self) -> str | None:
+        """Which candidate kind wpk-optimize chose ('onnxruntime', 'custom-ops', ...); None
+        for directories written before manifests named it, or not by a decision."""
+        return self.manifest.get("candidate_kind")
+
 
 def _openvino_or_ort(directory: Path, entry: dict, session_config: dict,
                      spinning: bool) -> Any:

@@ -1,14 +1,14 @@
 """Runner: time a callable on this machine, and name this machine's hardware."""
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from wpk.hostinfo import machine_facts
 
 
 def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
@@ -145,18 +145,6 @@ def load_average() -> float | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
 def hardware_id() -> str:
-    """A short fingerprint: CPU model, logical cores, onnxruntime version (and GPU if any)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return f"{model} x{os.cpu_count()} ort{onnxruntime.__version__}"
+    """The tuning logs' fingerprint of this machine (see `wpk.hostinfo.MachineFacts`)."""
+    return machine_facts().hardware_id()

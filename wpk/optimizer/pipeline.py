@@ -79,6 +79,7 @@ class Report:
     session_search: dict[str, Any] = field(default_factory=dict)
     operators: list[dict[str, Any]] = field(default_factory=list)
     chosen: str = "default"
+    candidate_kind: str = ""             # the CANDIDATE_KINDS name that added `chosen`
     reason: str = ""
     speedup: float = 1.0                 # median of per-round ratios (1.0: the default)
     speedup_interval: list[float] | None = None   # its 95 % interval
@@ -172,11 +173,12 @@ class _Job:
 class Candidate:
     """One way to run the slice, written to its own directory and measured exactly as
     loaded: its precision (which accuracy budget applies), its description in the report,
-    and how long the machine settles before each timing round."""
+    how long the machine settles before each timing round, and the kind that added it."""
     directory: Path
     precision: str
     describe: str
     settle_s: float = DECIDE_SETTLE_S
+    kind: str = ""
 
 
 @dataclass
@@ -184,16 +186,17 @@ class _Run:
     """What the candidate kinds share: the session configuration the search chose, the
     candidates so far (sessions are opened one pair at a time at the end: many live thread
     pools on the same cores would slow each other down and bias the comparison) and the
-    operators already running inside ONNX Runtime."""
+    operators already running inside ONNX Runtime; `kind` is the candidate kind adding now."""
     job: _Job
     tmp: Path
     config: Config
     candidates: dict[str, Candidate] = field(default_factory=dict)
     inside_ort: list[OpChoice] = field(default_factory=list)
+    kind: str = ""
 
     def add(self, key: str, directory: Path, precision: str, describe: str,
             settle_s: float = DECIDE_SETTLE_S) -> None:
-        self.candidates[key] = Candidate(directory, precision, describe, settle_s)
+        self.candidates[key] = Candidate(directory, precision, describe, settle_s, self.kind)
 
 
 def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
@@ -271,7 +274,8 @@ def _search_and_write(job: _Job, tmp: Path) -> Report:
     """The session search, each candidate kind in turn, then the accuracy guard and the
     timing that chooses one; the chosen candidate is installed in `job.out_dir`."""
     run = _Run(job, tmp, _search_session(job))
-    for add_candidates in CANDIDATE_KINDS:
+    for kind, add_candidates in CANDIDATE_KINDS.items():
+        run.kind = kind
         add_candidates(run)
     best_key = _guard_and_decide(run)
     _install_and_report(run, best_key)
@@ -386,10 +390,12 @@ def _segments_candidate(run: _Run) -> None:
 
 
 # each adds the candidates of one kind where they apply, in this order (custom operators
-# before segments, which skip Winograd where it already runs inside ONNX Runtime)
-CANDIDATE_KINDS: tuple[Callable[[_Run], None], ...] = (
-    _ort_candidates, _int8_candidate, _openvino_candidates, _custom_ops_candidate,
-    _segments_candidate)
+# before segments, which skip Winograd where it already runs inside ONNX Runtime); the name
+# of the chosen candidate's kind is its manifest's `candidate_kind`
+CANDIDATE_KINDS: dict[str, Callable[[_Run], None]] = {
+    "onnxruntime": _ort_candidates, "int8": _int8_candidate,
+    "openvino": _openvino_candidates, "custom-ops": _custom_ops_candidate,
+    "segments": _segments_candidate}
 
 
 def _guard_and_decide(run: _Run) -> str:
@@ -448,7 +454,9 @@ def _install_and_report(run: _Run, best_key: str) -> None:
     """Installs the chosen candidate, guards the directory as the runtime will load it, and
     writes report.json and report.md beside it."""
     job, report = run.job, run.job.report
-    _install(run.candidates[best_key].directory, job.out_dir, best_key)
+    best = run.candidates[best_key]
+    report.candidate_kind = best.kind
+    _install(best.directory, job.out_dir, best_key, best.kind)
     final = load(job.out_dir)
     errs = accuracy.compare(job.reference, lambda f: final.run(job.output_names, f),
                             job.feeds, job.output_names)
@@ -758,8 +766,9 @@ def check_output_dir(out_dir: Path) -> None:
                        f"directory for the optimized slice")
 
 
-def _install(candidate: Path, out_dir: Path, chosen: str) -> None:
-    """Copy the chosen candidate's files into the output directory (replacing old ones)."""
+def _install(candidate: Path, out_dir: Path, chosen: str, kind: str) -> None:
+    """Copy the chosen candidate's files into the output directory (replacing old ones); its
+    manifest names the candidate (`chosen`) and its kind (`candidate_kind`)."""
     for stale in out_dir.iterdir():
         if stale.is_file() and (stale.suffix in (".onnx", ".npz", ".so") or stale.name == MANIFEST):
             stale.unlink()
@@ -767,6 +776,7 @@ def _install(candidate: Path, out_dir: Path, chosen: str) -> None:
         shutil.copy(path, out_dir / path.name)
     manifest = json.loads((out_dir / MANIFEST).read_text())
     manifest["chosen"] = chosen
+    manifest["candidate_kind"] = kind
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -27,14 +27,13 @@ from wpk.console import make_console
 from wpk.errors import WpkError, cli_entry
 from wpk.files import check_outputs, existing_file, writable_file
 from wpk.graph import load_model
+from wpk.optimizer import calibration
 from wpk.optimizer import prune as pruning
 from wpk.optimizer.sparsity import detect
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wpk-prune", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = cli_args.documented_parser("wpk-prune", __doc__)
     parser.add_argument("model", help="the ONNX model to prune (or to inspect with --detect)")
     parser.add_argument("-o", "--output", help="the pruned model's path (.onnx)")
     parser.add_argument("--pattern", metavar="2:4|N:M|tile[:G]",
@@ -51,9 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"keep layers with fewer weights dense (default "
                              f"{pruning.MIN_WEIGHTS})")
     parser.add_argument("--calibration-data", metavar="FILE",
-                        help="real inputs for the deviation (and accuracy): .npz with one array "
-                             "per model input (first axis = samples) or a directory of "
-                             "INPUT.npy files; default: random inputs, said so")
+                        help="real inputs for the deviation (and accuracy): "
+                             + calibration.DATA_FILES_HELP + "; default: random inputs, said so")
     parser.add_argument("--labels", metavar="NPY",
                         help="class index per sample (.npy) for accuracy and top-1 agreement")
     parser.add_argument("--detect", action="store_true",
@@ -89,8 +87,6 @@ def _samples(args: argparse.Namespace, model_path: Path, model) -> tuple[list, s
     if not args.calibration_data:
         return pruning.random_samples(model), \
             f"{pruning.RANDOM_SAMPLES} random normal inputs (no --calibration-data)", True
-    from wpk.optimizer import calibration
-
     samples = calibration.to_samples(calibration.read_arrays(args.calibration_data),
                                      calibration.model_inputs(model_path),
                                      str(args.calibration_data))

@@ -322,8 +322,7 @@ STRATEGIES: dict[str, type] = {"random": RandomSearch, "ga": GeneticSearch,
 
 
 def make_strategy(name: str, seed: int = 0, seeds: list[Config] | None = None):
-    from wpk.errors import WpkError
+    from wpk.errors import refuse_unknown_choice
 
-    if name not in STRATEGIES:
-        raise WpkError(f"unknown search strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    refuse_unknown_choice(name, STRATEGIES, "search strategy")
     return STRATEGIES[name](seed=seed, seeds=seeds)

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from wpk.errors import WpkError
+from wpk.errors import ParameterError, WpkError
 from wpk.files import check_outputs
 from wpk.graph import Graph
 from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
@@ -76,9 +76,10 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
     if privacy:
         shipped = [name for name in graph.inputs if name in graph.outputs]
         if shipped and deliver_to > 0:
-            raise WpkError(f"impossible constraint: output {shipped[0]!r} is the raw input, "
-                           f"which must stay on the device, but results go to "
-                           f"{tiers[deliver_to].name} (--privacy none allows it)")
+            raise ParameterError(f"impossible constraint: output {shipped[0]!r} is the raw "
+                                 f"input, which must stay on the device, but results go to "
+                                 f"{tiers[deliver_to].name} ({{privacy}} none allows it)",
+                                 "privacy")
         for name in graph.inputs:
             for consumer in graph.consumers.get(name, ()):
                 highest[consumer] = 0
@@ -86,8 +87,8 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
         v = graph.node(node_name).index
         t = tiers.index(tier_name)
         if t < lowest[v] or t > highest[v]:
-            raise WpkError(f"--pin {node_name}={tier_name} is impossible: node {node_name} "
-                           "reads the raw input, which must stay on the device")
+            raise WpkError(f"node {node_name} cannot be pinned to {tier_name}: it reads the "
+                           "raw input, which must stay on the device")
         lowest[v] = highest[v] = t
     _check_pins_consistent(graph, lowest, highest, tiers)
     links = tiers.links

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from wpk import cli_args
 from wpk.console import make_console
-from wpk.errors import WpkError, cli_entry, print_warning
+from wpk.errors import WpkError, cli_entry, flags_for, print_warning
 from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         report = writable_file(report_path(args.report), "report")
         check_outputs([report], [args.model, args.tiers_file], force=args.force)
     request = request_from_args(args)
-    result = execute(request)
+    with flags_for():   # the request's checks name the flags that set them
+        result = execute(request)
     if args.json:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:

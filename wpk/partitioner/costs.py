@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from wpk import settings
 from wpk.graph import Graph, NodeInfo, conv_weight_index
+from wpk.hostinfo import machine_facts
 from wpk.tiers import TierSpec
 
 # Fraction of the roofline (max(FLOPs / peak, bytes / bandwidth)) that ONNX Runtime kernels
@@ -92,9 +92,8 @@ def _cache_path() -> Path:
 
 
 def _machine_key() -> str:
-    import onnxruntime
-
-    return f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{onnxruntime.__version__}"
+    """The calibration cache's key for this machine (see `wpk.hostinfo.MachineFacts`)."""
+    return machine_facts().calibration_key()
 
 
 def _best_time(run, repeats: int = 7) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from wpk.errors import WpkError
+from wpk.errors import ParameterError, refuse_unknown_choice
 from wpk.graph import Graph
 from wpk.tiers import Tiers
 from wpk.partitioner.costs import Efficiency, TierCosts
@@ -48,17 +48,15 @@ class PartitionRequest:
 
     def check(self) -> None:
         """The goal's own consistency, before any file is read."""
-        if self.objective not in OBJECTIVES:
-            raise WpkError(f"unknown objective {self.objective!r} (choose from "
-                           f"{', '.join(OBJECTIVES)})")
-        if self.privacy not in PRIVACY_MODES:
-            raise WpkError(f"unknown privacy mode {self.privacy!r} (choose from "
-                           f"{', '.join(PRIVACY_MODES)})")
+        refuse_unknown_choice(self.objective, OBJECTIVES, "objective")
+        refuse_unknown_choice(self.privacy, PRIVACY_MODES, "privacy mode")
         bound = self.max_latency_ms
         if bound is not None and not 0 < bound < math.inf:
-            raise WpkError(f"--max-latency-ms must be a positive number, not {bound:g}")
+            raise ParameterError(f"{{max_latency_ms}} must be a positive number, not {bound:g}",
+                                 "max_latency_ms")
         if self.objective == "bandwidth" and bound is None:
-            raise WpkError("the bandwidth objective needs a latency bound: --max-latency-ms")
+            raise ParameterError("the bandwidth objective needs a latency bound: "
+                                 "{max_latency_ms}", "max_latency_ms")
 
     @property
     def keeps_raw_input_on_device(self) -> bool:

@@ -25,7 +25,7 @@ from typing import Sequence
 import networkx as nx
 import numpy as np
 
-from wpk.errors import WpkError
+from wpk.errors import ParameterError, WpkError
 
 
 @dataclass(frozen=True)
@@ -363,8 +363,9 @@ def min_bytes(problem: Problem, max_latency_ms: float | None) -> np.ndarray:
     front = pareto(problem)
     ok = [e for e in front if max_latency_ms is None or e.latency_ms <= max_latency_ms + 1e-9]
     if not ok:
-        raise WpkError(f"impossible constraint: the fastest plan takes "
-                       f"{front[0].latency_ms:.2f} ms > --max-latency-ms {max_latency_ms:g}")
+        raise ParameterError(f"impossible constraint: the fastest plan takes "
+                             f"{front[0].latency_ms:.2f} ms > {{max_latency_ms}} "
+                             f"{max_latency_ms:g}", "max_latency_ms")
     return min(ok, key=lambda e: (e.bytes_beyond_edge, e.latency_ms)).tiers
 
 
@@ -415,8 +416,9 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
     if objective in ("latency", "throughput"):
         fastest = evaluate(problem, min_latency(problem))
         if max_latency_ms is not None and fastest.latency_ms > max_latency_ms:
-            raise WpkError(f"impossible constraint: the fastest plan takes "
-                           f"{fastest.latency_ms:.2f} ms > --max-latency-ms {max_latency_ms:g}")
+            raise ParameterError(f"impossible constraint: the fastest plan takes "
+                                 f"{fastest.latency_ms:.2f} ms > {{max_latency_ms}} "
+                                 f"{max_latency_ms:g}", "max_latency_ms")
         if objective == "latency":
             return fastest.tiers
         candidates = [evaluate(problem, max_throughput(problem)), fastest]

@@ -18,6 +18,7 @@ batch of two gives what two single runs give, before a tier accepts `--max-batch
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections import deque
@@ -42,6 +43,28 @@ BATCH_DIM = "wpk_batch"
 class BatchPolicy:
     max_batch: int                 # rows per slice run (the sum of the requests' first dims)
     max_queue_delay_s: float       # how long the oldest request may wait for others
+
+
+SERVE_MAX_BATCH_HELP = ("run up to N requests that arrive together as one batch of the slice "
+                        "(many devices feeding one tier; the slice must take a batch "
+                        "dimension, which the tier proves on start). Default 1: no batching")
+
+
+def add_batching_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                           max_batch_help: str = SERVE_MAX_BATCH_HELP) -> None:
+    """--max-batch and --max-queue-delay-us, defined once for every command that takes
+    them (wpk-serve; wpk-deploy, which hands them on to each tier's wpk-serve)."""
+    parser.add_argument("--max-batch", type=MAX_BATCH, default=1, metavar="N",
+                        help=max_batch_help)
+    parser.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US,
+                        default=DEFAULT_QUEUE_DELAY_US, metavar="US",
+                        help="with --max-batch: how long the oldest request may wait for "
+                        f"others to join its batch (default {DEFAULT_QUEUE_DELAY_US})")
+
+
+def batch_policy_from_args(args: argparse.Namespace) -> BatchPolicy:
+    """The policy the two flags of `add_batching_arguments` describe."""
+    return BatchPolicy(args.max_batch, args.max_queue_delay_us / 1e6)
 
 
 @dataclass

@@ -9,11 +9,13 @@ import argparse
 import asyncio
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.plan import load_plan
-from wpk.runtime.batching import DEFAULT_QUEUE_DELAY_US, MAX_BATCH, QUEUE_DELAY_US, BatchPolicy
+from wpk.runtime.batching import BatchPolicy, add_batching_arguments, batch_policy_from_args
 from wpk.runtime.client import DEFAULT_MAX_MESSAGE_BYTES
 from wpk.runtime.cpu_latency import cpu_latency_limit
 from wpk.runtime.cpus import cpu_list, physical_cores, pin_process
@@ -40,47 +42,96 @@ def server_options(max_message_bytes: int) -> list[tuple]:
             ("grpc.server.max_pending_requests_hard_limit", 100_000)]
 
 
-async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int = 8001,
-                next_address: str | None = None, name: str | None = None,
-                threads: int = 0, workers: int = 1, metrics_port: int | None = None,
-                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                hop_timeout: float = DEFAULT_HOP_TIMEOUT_S, run: str = "auto",
-                tls_dir: str | None = None, spin: bool = False, link: str = "tcp",
-                link_port: int = 0, shared_memory: bool = True, restarts: int = 0,
-                max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                batching: BatchPolicy | None = None,
-                ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
-                announce=print) -> None:
-    """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything one tier's server is started with: wpk-serve's flags, read once
+    (`from_args`) and handed down, instead of a score of parameters on every function."""
+
+    plan_dir: str
+    tier: str
+    host: str = "127.0.0.1"
+    port: int = 8001
+    next_address: str | None = None
+    name: str | None = None
+    threads: int = 0
+    workers: int = 1
+    metrics_port: int | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    hop_timeout: float = DEFAULT_HOP_TIMEOUT_S
+    run: str = "auto"
+    tls_dir: str | None = None
+    spin: bool = False
+    link: str = "tcp"
+    link_port: int = 0
+    shared_memory: bool = True
+    restarts: int = 0
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    batching: BatchPolicy | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServeConfig":
+        """wpk-serve's parsed flags, checked together (WpkError naming the flags)."""
+        if args.threads < 0 or args.workers < 1:
+            raise WpkError("--threads must be >= 0, --workers >= 1")
+        if args.tls_dir and args.link == "tcp":
+            raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers "
+                           "talk over gRPC (leave --link out, or say --link grpc)")
+        # on --cpus, ONNX Runtime's default is one thread per physical core among them
+        threads = args.threads or (len(physical_cores(args.cpus)) if args.cpus is not None
+                                   else 0)
+        return cls(args.plan_dir, args.tier, host=args.host, port=args.port,
+                   next_address=args.next_address, name=args.name, threads=threads,
+                   workers=args.workers, metrics_port=args.metrics_port,
+                   max_message_bytes=args.max_message_mb * 1024 * 1024,
+                   hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
+                   spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
+                   shared_memory=args.shared_memory, restarts=args.restart_count,
+                   max_in_flight=args.max_in_flight,
+                   batching=batch_policy_from_args(args))
+
+
+async def serve(plan_dir: str, tier: str, *, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None, announce=print, **options: Any) -> None:
+    """Serve one tier until `stop` is set (or SIGINT/SIGTERM when `stop` is None); `options`
+    are `ServeConfig`'s fields (host, port, next_address, threads, ...)."""
+    await serve_tier(ServeConfig(plan_dir, tier, **options), ready=ready, stop=stop,
+                     announce=announce)
+
+
+async def serve_tier(config: ServeConfig, *, ready: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None, announce=print) -> None:
+    """Serve the tier `config` describes until `stop` is set (or SIGINT/SIGTERM when `stop`
+    is None); `ready` is set once it listens, with what tests look inside hung on it."""
     import grpc
 
-    plan = load_plan(plan_dir)
-    creds = tls.load(tls_dir, tier) if tls_dir else None
-    core = TierCore(plan, plan_dir, tier, next_address, name=name, threads=threads,
-                    workers=workers, hop_timeout=hop_timeout, run=run, spin=spin, link=link,
-                    max_in_flight=max_in_flight, batching=batching,
+    plan = load_plan(config.plan_dir)
+    creds = tls.load(config.tls_dir, config.tier) if config.tls_dir else None
+    core = TierCore(plan, config.plan_dir, config.tier, config.next_address, name=config.name,
+                    threads=config.threads, workers=config.workers,
+                    hop_timeout=config.hop_timeout, run=config.run, spin=config.spin,
+                    link=config.link, max_in_flight=config.max_in_flight,
+                    batching=config.batching,
                     channel_credentials=tls.channel_credentials(creds) if creds else None)
-    core.metrics.restarts = restarts
-    registry = SharedMemoryRegistry(core.where) if shared_memory else None
-    server = grpc.aio.server(options=server_options(max_message_bytes))
-    bound = _listen(server, tier, host, port, creds)
+    core.metrics.restarts = config.restarts
+    registry = SharedMemoryRegistry(core.where) if config.shared_memory else None
+    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    bound = _listen(server, config, creds)
     await core.start()
-    link_server = await _start_link_server(core, tier, host, link_port, max_message_bytes,
-                                           lanes=shared_memory)
+    link_server = await _start_link_server(core, config)
     servicer = KServeServicer(core, registry, link_server)
     server.add_generic_rpc_handlers((protocol.generic_handler(servicer),
                                      health_handler(lambda: core.serving)))
     metrics_server = None
     try:
         metrics_text = ""
-        if metrics_port is not None:
-            metrics_server, metrics_text = await _start_metrics(core, tier, host, metrics_port)
+        if config.metrics_port is not None:
+            metrics_server, metrics_text = await _start_metrics(core, config)
         await server.start()
         if link_server is not None:
-            metrics_text += f" tensor-link {host}:{link_server.port}"
+            metrics_text += f" tensor-link {config.host}:{link_server.port}"
         stop = stop if stop is not None else _stop_on_signals()
-        announce(f"wpk-serve: tier {tier} of {core.name} {READY_MARK} {host}:{bound} "
-                 f"(models: {', '.join(core.models)}){metrics_text}")
+        announce(f"wpk-serve: tier {config.tier} of {core.name} {READY_MARK} "
+                 f"{config.host}:{bound} (models: {', '.join(core.models)}){metrics_text}")
         if ready is not None:
             _show_tests(ready, bound, core, link_server)
         await stop.wait()
@@ -96,43 +147,46 @@ async def serve(plan_dir: str, tier: str, *, host: str = "127.0.0.1", port: int 
             registry.close()
 
 
-def _listen(server, tier: str, host: str, port: int, creds) -> int:
+def _listen(server, config: ServeConfig, creds) -> int:
     """Add the gRPC port (TLS with `creds`) to `server`; the port bound, or WpkError."""
+    address = f"{config.host}:{config.port}"
     try:
         if creds is not None:
-            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials(creds))
+            bound = server.add_secure_port(address, tls.server_credentials(creds))
         else:
-            bound = server.add_insecure_port(f"{host}:{port}")
+            bound = server.add_insecure_port(address)
     except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
         bound = 0
     if bound == 0:
-        raise WpkError(f"tier {tier!r}: cannot listen on {host}:{port} (the port in use, or "
+        raise WpkError(f"tier {config.tier!r}: cannot listen on {address} (the port in use, or "
                        f"an address this machine does not have?)")
     return bound
 
 
-async def _start_link_server(core: TierCore, tier: str, host: str, link_port: int,
-                             max_message_bytes: int, *, lanes: bool) -> LinkServer | None:
+async def _start_link_server(core: TierCore, config: ServeConfig) -> LinkServer | None:
     """The tensor link's listener when the tier speaks it (the entry tier too: clients on its
-    host use it, see link_client); on a port it cannot have, the core stops and WpkError."""
+    host use it, see link_client); on a port it cannot have, the core stops and WpkError.
+    Shared-memory lanes go with `config.shared_memory`."""
     if core.link_kind != "tcp":
         return None
     try:
-        return LinkServer(host, link_port, LinkHandler(core), max_payload=max_message_bytes,
-                          where=core.where, lanes=lanes)
+        return LinkServer(config.host, config.link_port, LinkHandler(core),
+                          max_payload=config.max_message_bytes, where=core.where,
+                          lanes=config.shared_memory)
     except OSError as error:
         await core.stop()
-        raise WpkError(f"tier {tier!r}: cannot listen for the tensor link on "
-                       f"{host}:{link_port} ({error.strerror})") from None
+        raise WpkError(f"tier {config.tier!r}: cannot listen for the tensor link on "
+                       f"{config.host}:{config.link_port} ({error.strerror})") from None
 
 
-async def _start_metrics(core: TierCore, tier: str, host: str,
-                         metrics_port: int) -> tuple[asyncio.AbstractServer, str]:
+async def _start_metrics(core: TierCore, config: ServeConfig
+                         ) -> tuple[asyncio.AbstractServer, str]:
     """The Prometheus endpoint, and the words the ready line says about it."""
+    host, metrics_port = config.host, config.metrics_port
     try:
         metrics_server = await serve_metrics(core.metrics, host, metrics_port)
     except OSError as error:
-        raise WpkError(f"tier {tier!r}: cannot serve metrics on {host}:{metrics_port} "
+        raise WpkError(f"tier {config.tier!r}: cannot serve metrics on {host}:{metrics_port} "
                        f"({error.strerror or error})") from None
     metrics_bound = metrics_server.sockets[0].getsockname()[1]
     return metrics_server, f" metrics http://{host}:{metrics_bound}/metrics"
@@ -191,14 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gRPC requests this tier holds at once; more are answered "
                         f"RESOURCE_EXHAUSTED so that clients back off (default "
                         f"{DEFAULT_MAX_IN_FLIGHT})")
-    parser.add_argument("--max-batch", type=MAX_BATCH, default=1, metavar="N",
-                        help="run up to N requests that arrive together as one batch of the "
-                        "slice (many devices feeding one tier; the slice must take a batch "
-                        "dimension, which the tier proves on start). Default 1: no batching")
-    parser.add_argument("--max-queue-delay-us", type=QUEUE_DELAY_US,
-                        default=DEFAULT_QUEUE_DELAY_US, metavar="US",
-                        help="with --max-batch: how long the oldest request may wait for "
-                        f"others to join its batch (default {DEFAULT_QUEUE_DELAY_US})")
+    add_batching_arguments(parser)
     parser.add_argument("--restart-count", type=cli_args.non_negative_int, default=0,
                         metavar="N", help="how many times a supervisor has restarted this tier "
                         "(reported as wpk_tier_restarts; wpk-deploy --local sets it)")
@@ -241,29 +288,13 @@ MESSAGE_MB = cli_args.int_between(1, (2**31 - 1) // 2**20, "gRPC's limit is 2 Gi
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads < 0 or args.workers < 1:
-        raise WpkError("--threads must be >= 0, --workers >= 1")
-    if args.tls_dir and args.link == "tcp":
-        raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers talk "
-                       "over gRPC (leave --link out, or say --link grpc)")
-    threads = args.threads
+    config = ServeConfig.from_args(args)
     if args.cpus is not None:   # before ONNX Runtime and gRPC start their threads
         pin_process(args.cpus)
-        threads = threads or len(physical_cores(args.cpus))
     announce = lambda line: print(line, flush=True)  # noqa: E731
     with one_line_warnings(), cpu_latency_limit(args.cpu_latency_us):
         # (one_line_warnings: e.g. an OpenVINO slice served by ONNX Runtime: one line)
-        asyncio.run(serve(args.plan_dir, args.tier, host=args.host, port=args.port,
-                          next_address=args.next_address, name=args.name, threads=threads,
-                          workers=args.workers, metrics_port=args.metrics_port,
-                          max_message_bytes=args.max_message_mb * 1024 * 1024,
-                          hop_timeout=args.hop_timeout, run=args.run, tls_dir=args.tls_dir,
-                          spin=args.spin, link=args.link or "tcp", link_port=args.link_port,
-                          shared_memory=args.shared_memory, restarts=args.restart_count,
-                          max_in_flight=args.max_in_flight,
-                          batching=BatchPolicy(args.max_batch,
-                                               args.max_queue_delay_us / 1e6),
-                          announce=announce))
+        asyncio.run(serve_tier(config, announce=announce))
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from wpk.errors import WpkError, ort_error_line
+from wpk.errors import WpkError, ort_error_line, refuse_unknown_choice
 from wpk.feeds import random_feeds
 from wpk.plan import Plan
 from wpk.runtime.batching import Batcher, BatchPolicy, check_batched
@@ -103,8 +103,7 @@ class TierCore:
             warnings.warn(f"tier {tier!r} forwards nothing to a next tier: --next "
                           f"{next_address} is not used")
         self.next_address = next_address if self.tier.forward else None
-        if link not in LINKS:
-            raise WpkError(f"--link {link!r}: expected {' or '.join(LINKS)}")
+        refuse_unknown_choice(link, LINKS, "link")
         self.link_kind = "grpc" if channel_credentials is not None else link
         self.link: NextTier | None = None
         self.codec = Codec.parse(plan.links[index].codec) if self.next_tier else Codec()
@@ -113,8 +112,7 @@ class TierCore:
         self.slice_outputs = list(self.tier.slice_outputs)
         self.models = self._models(self.entry)
         self.slice_seconds = self._warm_up()
-        if run not in ("auto", "inline", "thread", "alone"):
-            raise WpkError(f"--run {run!r}: expected auto, inline, thread or alone")
+        refuse_unknown_choice(run, ("auto", "inline", "thread", "alone"), "run placement")
         self.placement = self._placement(run)
         self.in_flight = 0   # gRPC requests between receipt and answer
         self.max_in_flight = max_in_flight

@@ -77,6 +77,17 @@ def _normalized(weights: Mapping[int, float]) -> dict[int, float]:
     return {i: w / total for i, w in weights.items()}
 
 
+GENERATED_DOMAIN = "ai.wpk"    # wpk-optimize's custom operators
+
+
+def ort_name(node: onnx.NodeProto) -> str:
+    """The name of the ONNX Runtime node `node` stands for: a wpk custom operator is named
+    '<first node it replaces>[+<more>]:<op type>'."""
+    if node.domain == GENERATED_DOMAIN:
+        return node.name.rsplit(":", 1)[0].split("+")[0]
+    return node.name
+
+
 class _Mapper:
     def __init__(self, graph: Graph, optimized: onnx.ModelProto):
         self.graph = graph
@@ -89,7 +100,7 @@ class _Mapper:
 
     def identity(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
         """The original node an optimized node stands for, from ORT's naming."""
-        name = node.name.split("/")[0]  # 'fused MatMul_0/MatMulAddFusion'
+        name = ort_name(node).split("/")[0]  # 'fused MatMul_0/MatMulAddFusion'
         if name.startswith("fused ") and name[6:] in self.original:
             return self.original[name[6:]]
         if name in self.original:
@@ -141,7 +152,8 @@ class _Mapper:
                 if node.op_type in LAYOUT_OPS and node.input:
                     self.alias[name] = self.alias.get(node.input[0])
                 elif original is not None and position < len(original.output):
-                    named_after = node.name[:-6] if node.name.endswith("_nchwc") else None
+                    name = ort_name(node)
+                    named_after = name[:-6] if name.endswith("_nchwc") else None
                     self.alias[name] = named_after if position == 0 and named_after \
                         else original.output[position] or None
 

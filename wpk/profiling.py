@@ -90,8 +90,11 @@ def random_inputs(graph: Graph) -> dict[str, np.ndarray]:
 
 
 def _session(model_file: Path, provider: str, threads: int, optimization: str,
-             trace_prefix: Path, optimized_file: Path | None) -> ort.InferenceSession:
+             trace_prefix: Path, optimized_file: Path | None,
+             custom_ops: Path | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if custom_ops is not None:
+        options.register_custom_ops_library(str(custom_ops))
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
@@ -109,17 +112,18 @@ def _session(model_file: Path, provider: str, threads: int, optimization: str,
 
 
 def _open_session(model_file: Path, provider: str, threads: int, optimization: str,
-                  workdir: Path, label: str) -> tuple[ort.InferenceSession, onnx.ModelProto | None]:
+                  workdir: Path, label: str, custom_ops: Path | None = None
+                  ) -> tuple[ort.InferenceSession, onnx.ModelProto | None]:
     """A profiling session plus the optimized graph it runs (None if ORT cannot save it)."""
     optimized_file = workdir / "optimized.onnx"
     ort.set_default_logger_severity(3)   # a failing session's profiler notices: not for users
     try:
         session = _session(model_file, provider, threads, optimization, workdir / "trace",
-                           optimized_file)
+                           optimized_file, custom_ops)
     except Exception as first_error:  # compiled EP partitions cannot be serialized
         try:
             session = _session(model_file, provider, threads, optimization,
-                               workdir / "trace", None)
+                               workdir / "trace", None, custom_ops)
         except Exception:
             raise WpkError(f"{label}: onnxruntime cannot load the model with {provider}: "
                            f"{ort_error_line(first_error)}") from None
@@ -173,11 +177,15 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
                   runs: int = DEFAULT_RUNS,
                   input_shapes: Mapping[str, Sequence[int]] | None = None,
                   name: str | None = None, progress: bool = True,
-                  optimization: str = "all") -> dict[str, Any]:
+                  optimization: str = "all", run_model: Path | None = None,
+                  custom_ops: Path | None = None) -> dict[str, Any]:
     """Measure `model_path` here; returns the profile document (see docs/profile-format.md).
 
     `name` is the device's name in the profile (default: this host's name); `threads` the
-    intra-op threads (default: physical cores, as ORT's own default).
+    intra-op threads (default: physical cores, as ORT's own default). `run_model`: run this
+    equivalent graph instead (an optimized slice, e.g. with the custom operators of
+    `custom_ops`, a library to register) and attribute its kernels to `model_path`'s nodes,
+    so that a plan prices the slice as it will really run.
     """
     _check_arguments(runs, warmup, threads, optimization)
     graph = Graph.load(model_path, input_shapes)
@@ -190,8 +198,9 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
         model_file = workdir / "model.onnx"
         large = graph.model.ByteSize() > 1_500_000_000
         onnx.save(graph.model, str(model_file), save_as_external_data=large)
-        session, optimized = _open_session(model_file, full_provider, threads, optimization,
-                                           workdir, graph.name)
+        session, optimized = _open_session(Path(run_model) if run_model else model_file,
+                                           full_provider, threads, optimization, workdir,
+                                           graph.name, custom_ops)
         walls = _timed_runs(session, feeds, warmup + runs, graph.name, progress)
         trace = json.loads(Path(session.end_profiling()).read_text())
 
@@ -212,6 +221,9 @@ def profile_model(model_path: str | os.PathLike, provider: str = "cpu",
         "optimization": optimization,
         "input_shapes": {t: list(graph.tensors[t].shape) for t in graph.inputs},
         "attribution": stats,
+        **({"ran": {"model": Path(run_model).name,
+                    "custom_ops": Path(custom_ops).name if custom_ops else None}}
+           if run_model else {}),
         "nodes": [{"name": node.name, "op_type": node.op_type, "ms": round(float(ms), 6)}
                   for node, ms in zip(graph.nodes, node_ms)],
     }

@@ -22,7 +22,7 @@ from wpk import settings
 from wpk import cli_args
 from wpk.console import make_console
 from wpk.errors import WpkError, cli_entry, one_line_warnings
-from wpk.files import read_text, writable_file
+from wpk.files import check_outputs, read_text, writable_file
 from wpk.graph import fixed_shapes, parse_input_shapes
 from wpk.optimizer import calibration, pipeline
 from wpk.optimizer.search import STRATEGIES
@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
                         help="fix a dynamic input dimension of a model file (repeatable); the "
                              "optimized model takes that shape")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="model file only: also write a wpk-profile file of the optimized "
+                             "model as it runs here (its generated kernels' times on the "
+                             "model's own nodes), for wpk-partition --profile TIER=FILE")
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -102,6 +106,7 @@ class OptimizeJob:
     input_shapes: dict[str, tuple[int, ...]]
     calibration_data: str | None
     quiet: bool = False
+    profile: Path | None = None       # a profile of the optimized model to write (model mode)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "OptimizeJob":
@@ -124,8 +129,14 @@ class OptimizeJob:
                            "shapes")
         for target in targets:   # before any tuning: never someone's files
             pipeline.check_output_dir(target.out)
+        profile = Path(args.profile) if args.profile else None
+        if profile is not None:
+            if not _is_model_file(Path(args.target)):
+                raise WpkError("--profile is for a model file; profile a plan's tiers with "
+                               "wpk-profile on each tier's machine")
+            check_outputs([profile], [args.target], force=True)
         return cls(Path(args.target), targets, options, shapes, args.calibration_data,
-                   args.quiet)
+                   args.quiet, profile)
 
     @property
     def from_plan(self) -> bool:
@@ -229,7 +240,15 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
             ops_table.add_row(escape(short_node_name(op["node"])), op["op"], f"{op['ort_ms']:.3f}",
                               f"{op['kernel_ms']:.3f}", op["chosen"])
         console.print(ops_table)
+    if report.sparsity:
+        kernels = sum(1 for op in report.operators if op["op"] in SPARSE_KERNEL_OPS and
+                      op["chosen"] == "kernel")
+        console.print(f"[bold]{label}[/]: sparsity in the weights: {report.sparsity['line']}; "
+                      f"{kernels} sparse kernel{'s' * (kernels != 1)} chosen")
     console.print(f"[bold]{label}[/]: {report.reason}")
+
+
+SPARSE_KERNEL_OPS = ("nchwc_direct-op", "direct_gemm-op")   # OpChoice.op of the direct kernels
 
 
 def short_node_name(name: str, width: int = 48) -> str:
@@ -276,7 +295,22 @@ def _optimize_targets(job: OptimizeJob, console: Console) -> int:
     for (label, _path, out, _tier), report in zip(targets, reports):
         print(f"{label}: {out} ({report.chosen}, {report.speedup:.2f}x vs ONNX Runtime "
               f"defaults)")
+    if job.profile is not None:
+        _write_profile(job, console)
     return 0
+
+
+def _write_profile(job: OptimizeJob, console: Console) -> None:
+    """The optimized model's per-node times here, as a wpk-profile file."""
+    from wpk.optimizer.slice_profile import profile_optimized
+    from wpk.profile_format import save_profile
+
+    label, path, out, _tier = job.targets[0]
+    document = profile_optimized(path, out, input_shapes=job.input_shapes or None,
+                                 progress=not job.quiet and sys.stderr.isatty())
+    save_profile(document, job.profile)
+    print(f"{label}: profile {job.profile} ({document['total_ms']['median']:.3f} ms here, "
+          f"ran {document['ran']['model']})")
 
 
 def _check_log(path: Path) -> None:

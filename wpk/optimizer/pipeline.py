@@ -87,6 +87,7 @@ class Report:
     load_average: float | None = None    # the machine's load while the candidates were timed
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    sparsity: dict[str, Any] = field(default_factory=dict)   # `sparsity_summary`
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -234,6 +235,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     progress.phase("graph passes")
     reference, model, model_bytes = _graph_passes(original, name, io.output_names, feeds,
                                                   report)
+    report.sparsity = sparsity_summary(model)
     job = _Job(options, progress, report, log, io, feeds, calibration_feeds, original, model,
                model_bytes, reference, out_dir, start, deadline)
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,6 +263,20 @@ def _graph_passes(original: onnx.ModelProto, name: str, output_names: list[str],
         model, model_bytes = original, original_bytes
         report.passes.append("passes changed outputs beyond fp32 rounding: dropped")
     return reference, model, model_bytes
+
+
+def sparsity_summary(model: onnx.ModelProto) -> dict[str, Any]:
+    """The structured sparsity already in the weights (`sparsity.detect`): per pattern, how
+    many layers hold it, and the layers with zeros; empty for a dense model."""
+    from wpk.optimizer import sparsity
+
+    layers = [layer for layer in sparsity.detect(model) if layer.zeros > 0]
+    if not layers:
+        return {}
+    patterns = Counter(layer.summary for layer in layers)
+    return {"patterns": dict(patterns), "layers": [layer.to_json() for layer in layers],
+            "line": "; ".join(f"{count} layer{'s' * (count > 1)} {pattern}"
+                              for pattern, count in patterns.most_common())}
 
 
 def describe_session(config: Config) -> str:
@@ -539,6 +555,7 @@ def render_markdown(report: Report) -> str:
     lines = [f"# {report.model}: chose `{report.chosen}` ({report.speedup:.2f}x vs ORT defaults)",
              "", f"Measured on: {report.hardware}.{load} {report.reason}.", "",
              "Graph passes: " + ("; ".join(report.passes) or "no change"), "",
+             "Sparsity in the weights: " + (report.sparsity.get("line") or "none") + ".", "",
              "Speedups are medians of per-round ratios from rounds that time the candidate and "
              "the default back to back, with the 95 % interval of that median.", "",
              "| candidate | precision | ms | default ms (same rounds) | speedup (95 % interval) "

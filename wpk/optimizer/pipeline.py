@@ -670,6 +670,9 @@ def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
         return []
     directory = save_custom_ops(job.model, inside, run.tmp / "custom-ops", config)
     counts = Counter(ort_ops.OP_TYPES[s.op] for s in inside.specs)
+    if job.report.sparsity:
+        job.report.sparsity["kernels"] = sum(1 for s in inside.specs
+                                             if s.op in ort_ops.DIRECT_OPS)
     run.add("custom-ops", directory, "fp32", "ORT offline graph + custom operators ("
         + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) + "), "
         + describe_session(config))

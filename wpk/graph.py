@@ -207,7 +207,7 @@ class Graph:
                                    "known shape")
             infos.append(NodeInfo(
                 index, node.name, node.op_type, ins, outs,
-                _node_flops(node, self.tensors),
+                node_flops(node, self.tensors),
                 sum(self.tensors[t].nbytes for t in ins + outs)))
         return infos
 
@@ -344,7 +344,7 @@ _ELEMENTWISE_COST = {"Sigmoid": 4, "Tanh": 4, "Erf": 4, "Gelu": 8, "Softmax": 5,
                      "BatchNormalization": 2, "InstanceNormalization": 5}
 
 
-def _node_flops(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> float:
+def node_flops(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> float:
     """Floating-point operations of one node (multiply-add = 2)."""
     outs = [tensors[o] for o in node.output if o in tensors]
     ins = [tensors[i] for i in node.input if i in tensors]

@@ -60,6 +60,24 @@ class Profile:
     host: dict[str, Any] = field(default_factory=dict)
     onnxruntime: str | None = None
     measured_at: str | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as it ran
+
+    def batch_for(self, graph) -> int | None:
+        """How many requests each run of this profile held for `graph`: 1 when it ran at
+        the graph's input shapes, N when at N times a batch-1 input along the first axis;
+        None when the file does not say (no `input_shapes`) or the shapes are others."""
+        batches = set()
+        for name in graph.inputs:
+            got, want = self.input_shapes.get(name), graph.tensors[name].shape
+            if got is None or len(got) != len(want) or got[1:] != want[1:]:
+                return None
+            if got == want:
+                batches.add(1)
+            elif want[:1] == (1,):
+                batches.add(got[0])
+            else:
+                return None
+        return batches.pop() if len(batches) == 1 else None
 
     @property
     def label(self) -> str:
@@ -80,7 +98,9 @@ class Profile:
             runs=document["runs"],
             op_types={n["name"]: n["op_type"] for n in document["nodes"] if "op_type" in n},
             host=dict(device.get("host", {})), onnxruntime=device.get("onnxruntime"),
-            measured_at=document.get("measured_at"))
+            measured_at=document.get("measured_at"),
+            input_shapes={name: tuple(shape)
+                          for name, shape in document.get("input_shapes", {}).items()})
 
     def mismatch(self, graph) -> str | None:
         """A warning text when this profile was made from another file than `graph`'s."""

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "docs/runtime.md)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="latency")
     parser.add_argument("--max-latency-ms", type=float, help="latency bound (SLO)")
+    parser.add_argument("--max-batch", type=int, default=1, metavar="N",
+                        help="with --objective throughput: many devices feed the tiers, and "
+                             "each tier whose slice takes a batch runs batches of up to N "
+                             "requests (wpk-serve --max-batch; wpk-deploy --local follows the "
+                             "plan). Default 1: no batching")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="raw-input-on-device",
                         help="raw-input-on-device (default): the model input never crosses a link")
     parser.add_argument("--deliver-to", metavar="TIER",
@@ -108,12 +113,12 @@ def request_from_args(args: argparse.Namespace) -> PartitionRequest:
     # warnings go with the tables, or to stderr when stdout carries JSON
     extra = {"warn": warn_to_stderr} if args.json else {}
     measured = measured_costs_from_args(graph, profiles, args.profile_local, args.input_shape,
-                                        **extra)
+                                        batch=max(args.max_batch, 1), **extra)
     return PartitionRequest(
         model=graph, tiers=tier_names, tiers_file=args.tiers_file, links=args.link,
         codecs=args.codec, objective=args.objective, max_latency_ms=args.max_latency_ms,
         privacy=args.privacy, deliver_to=args.deliver_to, pins=_pins(args.pin),
-        measured=measured, use_calibration=not args.no_calibrate,
+        max_batch=args.max_batch, measured=measured, use_calibration=not args.no_calibrate,
         out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
         verify=not args.no_verify, force=args.force,
         other_inputs=[path for _tier, path in profiles], top=args.top, with_front=args.pareto)
@@ -170,6 +175,8 @@ def print_result(result: PartitionResult, console: Console) -> None:
         console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
                       f"run on [bold]{computing[0].name}[/]; the plan has one slice.")
     _print_predictions(result, console)
+    if plan.objective.max_batch > 1:
+        _print_batching(plan, console)
     if plan.verification:
         v = plan.verification
         console.print(f"verified: chained slices match the whole model on {v['samples']} random "
@@ -236,6 +243,30 @@ def _print_predictions(result: PartitionResult, console: Console) -> None:
                   f"{predicted['bottleneck_stage']}, {predicted['bottleneck_ms']:.3f} ms); "
                   f"bytes beyond the edge {_bytes(predicted['bytes_beyond_edge'])} vs raw input "
                   f"{_bytes(predicted['raw_input_bytes'])}")
+
+
+def _print_batching(plan: Plan, console: Console) -> None:
+    """Per tier the batch assumed and its requests/s; the throughput with and without."""
+    batching = plan.predicted["batching"]
+    table = Table(title=f"dynamic batching: up to {batching['max_batch']} requests per run",
+                  title_justify="left")
+    for column in ("tier", "batch", "ms per request", "req/s", "why batch 1"):
+        table.add_column(column, justify="left" if column in ("tier", "why batch 1")
+                         else "right")
+    for name, tier in batching["tiers"].items():
+        rate = tier["throughput_rps"]
+        table.add_row(name, str(tier["batch"]), f"{tier['stage_ms']:.3f}",
+                      f"{rate:.1f}" if rate else "-", tier["why_batch_1"] or "")
+    console.print(table)
+    same, alone = batching["unbatched_same_cuts"], batching["unbatched_best"]
+    with_batching = plan.predicted["throughput_rps"]
+    line = (f"throughput with batching [bold]{with_batching} req/s[/] (slowest stage "
+            f"{plan.predicted['bottleneck_stage']}); without batching: these cuts "
+            f"{same['throughput_rps']} req/s (slowest {same['bottleneck_stage']}), the best "
+            f"unbatched plan {alone['throughput_rps']} req/s")
+    if with_batching and alone["throughput_rps"]:
+        line += f": {with_batching / alone['throughput_rps']:.2f}x with batching"
+    console.print(line)
 
 
 def _front_table(result: PartitionResult) -> Table:

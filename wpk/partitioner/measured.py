@@ -38,13 +38,15 @@ def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = 
     name = label or profile.device_name
     return measured_costs(tier, node_ms, f"measured ({name})", machine=name,
                           profile={"name": profile.device_name, "sha256": profile.sha256,
-                                   "file": str(path)})
+                                   "file": str(path)}, batch=profile.batch_for(graph))
 
 
 def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
                              profile_local: str | None, input_shape_specs: Sequence[str] = (),
-                             warn: Warn = _print_warning) -> dict[str, list[TierCosts]]:
-    """Tier name -> candidate machines' cost columns, from the CLI's profile options."""
+                             warn: Warn = _print_warning, batch: int = 1
+                             ) -> dict[str, list[TierCosts]]:
+    """Tier name -> candidate machines' cost columns, from the CLI's profile options
+    (`--profile-local` profiles this machine at `batch` requests per run)."""
     measured: dict[str, list[TierCosts]] = {}
     for tier, file in profiles:
         path = Path(file)
@@ -54,8 +56,11 @@ def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
             raise WpkError("--profile-local needs the model as a file")
         from wpk.profiling import profile_model
 
+        shapes = parse_input_shapes(input_shape_specs)
+        if batch > 1:
+            shapes = {name: (batch, *graph.tensors[name].shape[1:]) for name in graph.inputs}
         document = profile_model(graph.path, name=f"local-{profile_local}",
-                                 input_shapes=parse_input_shapes(input_shape_specs) or None)
+                                 input_shapes=shapes or None)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "local-profile.json"
             path.write_text(json.dumps(document))

@@ -13,6 +13,7 @@ from wpk.tiers import Tiers
 from wpk.partitioner.costs import Efficiency, TierCosts
 
 OBJECTIVES = ("latency", "throughput", "bandwidth")
+MAX_BATCH = 4096      # as wpk-serve --max-batch takes
 PRIVACY_MODES = ("raw-input-on-device", "none")
 
 
@@ -34,6 +35,7 @@ class PartitionRequest:
     privacy: str = "raw-input-on-device"
     deliver_to: str | None = None        # tier that needs the results (default: the first)
     pins: Mapping[str, str] = field(default_factory=dict)    # node -> tier
+    max_batch: int = 1                   # throughput: tiers run batches of up to this many
     # priced how: measured cost columns per tier (several = candidate machines), else roofline
     measured: Mapping[str, Sequence[TierCosts]] | None = None
     efficiency: Efficiency | None = None  # roofline efficiencies; None: calibrate or defaults
@@ -57,6 +59,23 @@ class PartitionRequest:
         if self.objective == "bandwidth" and bound is None:
             raise ParameterError("the bandwidth objective needs a latency bound: "
                                  "{max_latency_ms}", "max_latency_ms")
+        self._check_batch()
+
+    def _check_batch(self) -> None:
+        batch = self.max_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or \
+                not 1 <= batch <= MAX_BATCH:
+            raise ParameterError(f"{{max_batch}} must be an integer from 1 to {MAX_BATCH}, "
+                                 f"not {batch!r}", "max_batch")
+        if batch > 1 and self.objective != "throughput":
+            raise ParameterError(f"{{max_batch}} {batch} plans for throughput under dynamic "
+                                 f"batching: it needs {{objective}} throughput, not "
+                                 f"{self.objective}", "max_batch", "objective")
+        if batch > 1 and self.max_latency_ms is not None:
+            raise ParameterError("{max_latency_ms} bounds a lone request's latency, which a "
+                                 "request waiting for and running in a batch does not keep: "
+                                 "give {max_latency_ms} or {max_batch}, not both",
+                                 "max_latency_ms", "max_batch")
 
     @property
     def keeps_raw_input_on_device(self) -> bool:

@@ -153,6 +153,33 @@ def test_a_profile_at_batch_n_prices_the_batched_tier(mlp_path, tmp_path):
     assert "at batch 8; batch 1 scaled by the roofline" in edge.cost_source
 
 
+def test_profiles_of_one_machine_at_batch_1_and_n_give_both_columns(mlp_path, tmp_path, capsys):
+    """`--profile edge=b1.json --profile edge=b8.json` of the same machine: one candidate,
+    a lone request's times from the one, the batched times from the other."""
+    graph = Graph.load(mlp_path)
+    lone = batch_profile(tmp_path / "b1.json", graph, "box", 1.0, 1)
+    eight = batch_profile(tmp_path / "b8.json", graph, "box", 2.0, 8)
+    out = tmp_path / "plan"
+    assert main([str(mlp_path), "--tiers", "device,edge", "--link", "device-edge=10gbit,0.1ms",
+                 "--objective", "throughput", "--max-batch", "8", "--no-calibrate",
+                 "--profile", f"edge={lone}", "--profile", f"edge={eight}",
+                 "-o", str(out)]) == 0
+    plan = load_plan(out)
+    edge = plan.tier("edge")
+    assert edge.cost_source == "measured (box) at batch 1 and 8"
+    assert edge.profile["file"] == str(eight) and edge.profile["batch_1_file"] == str(lone)
+    assert edge.predicted_compute_ms == pytest.approx(len(edge.nodes) * 1.0)
+    assert plan.predicted["batching"]["tiers"]["edge"]["stage_ms"] == \
+        pytest.approx(len(edge.nodes) * 2.0 / 8)
+    # two profiles of one machine at one batch are a mistake, not two candidates
+    again = batch_profile(tmp_path / "b8-again.json", graph, "box", 2.0, 8)
+    assert main([str(mlp_path), "--tiers", "device,edge", "--objective", "throughput",
+                 "--max-batch", "8", "--no-calibrate", "--profile", f"edge={eight}",
+                 "--profile", f"edge={again}", "-o", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{again}: a second profile of machine 'box' at batch 8 for tier edge")
+
+
 def _measured(graph, tier, path):
     from wpk.partitioner.measured import costs_from_profile
 

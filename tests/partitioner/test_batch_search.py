@@ -13,10 +13,10 @@ from tests.partitioner.test_search import random_problem, tricky_problem
 
 
 def with_batching(problem: search.Problem, rng, max_batch: int = 8) -> search.Problem:
-    """`problem` with per-request times at batch `max_batch` (0.1 to 1.2 times the lone
-    time: batching mostly gains, sometimes loses), some nodes that cannot batch and some
+    """`problem` with per-request times at batch `max_batch` (0.2 to 1.8 times the lone
+    time per node: batching gains on some tiers, loses on others), some nodes that cannot batch and some
     tensors without the batch dimension."""
-    gain = rng.uniform(0.1, 1.2, size=problem.node_ms.shape)
+    gain = rng.uniform(0.2, 1.8, size=problem.node_ms.shape)
     tensors = [dataclasses.replace(t, carries_batch=bool(rng.random() > 0.2))
                for t in problem.tensors]
     return dataclasses.replace(problem, tensors=tensors, batched_ms=problem.node_ms * gain,
@@ -96,6 +96,20 @@ def test_a_tier_batches_only_where_every_node_and_every_crossing_tensor_allows()
     assert list(evaluation.stage_compute_ms) == [2.0, 0.0, 0.25]
     assert list(evaluation.compute_ms) == [2.0, 0.0, 1.0]     # a lone request's compute
     assert evaluation.bottleneck_ms == 2.0
+    problem.batched_ms[2, 2] = 1.0                           # no faster in a batch: alone
+    assert list(search.tier_batches(problem, [0, 0, 2])) == [1, 1, 1]
+
+
+def test_batching_never_predicts_less_throughput():
+    """A tier batches only where that is faster per request: the batched optimum is never
+    below the unbatched one (over the cuts the DP searches)."""
+    rng = np.random.default_rng(8)
+    for _ in range(40):
+        problem = with_batching(random_problem(rng, int(rng.integers(2, 8)), 3), rng)
+        alone = dataclasses.replace(problem, max_batch=1)
+        batched = search.evaluate(problem, search.solve(problem, "throughput"))
+        unbatched = search.evaluate(alone, search.solve(alone, "throughput"))
+        assert batched.bottleneck_ms <= unbatched.bottleneck_ms + 1e-9
 
 
 def test_without_batching_nothing_changes():

@@ -19,7 +19,7 @@ from wpk.graph import Graph
 from wpk.plan import BATCHING_VERSION, LinkPlan, Objective, Plan, SourceModel, TierPlan
 from wpk.tiers import Tiers, load_tiers
 from wpk.partitioner import search, slicing
-from wpk.partitioner.batch import BatchView, batch_view, check_batch, with_batching
+from wpk.partitioner.batch import BatchView, batch_view, pair_measured, with_batching
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
 from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
@@ -225,19 +225,17 @@ def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest,
     efficiency = request.efficiency
     if efficiency is None:
         efficiency = calibrate() if request.use_calibration else Efficiency()
-    candidates = [list(measured[tier.name]) if tier.name in measured
-                  else [estimated_costs(graph, tier, efficiency)] for tier in tiers.tiers]
     if unknown:
         raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
                        f"(tiers: {', '.join(tiers.names)})")
-    for tier_candidates in candidates:
-        for costs in tier_candidates:
+    for column in measured.values():
+        for costs in column:
             if len(costs.node_ms) != len(graph.nodes):
                 raise WpkError(f"tier {costs.tier}: {len(costs.node_ms)} node times for "
                                f"{len(graph.nodes)} nodes")
-    for column in measured.values():
-        for costs in column:
-            check_batch(costs, graph, request.max_batch)
+    candidates = [pair_measured(measured[tier.name], graph, request.max_batch)
+                  if tier.name in measured else [estimated_costs(graph, tier, efficiency)]
+                  for tier in tiers.tiers]
     if batch is None:
         return candidates
     return [[with_batching(costs, graph, batch, tier, efficiency) for costs in column]

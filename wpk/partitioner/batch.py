@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -151,9 +152,11 @@ def with_batching(costs: TierCosts, graph: Graph, view: BatchView, tier: TierSpe
 
     Estimated costs: the roofline at batch 1 and at batch N (divided by N). Costs measured
     at batch N (a profile taken with `--input-shape NAME=Nx...`): those times divided by N,
-    and a lone request's times scaled from them by the roofline's ratio of batch 1 to
-    batch N on this tier's hardware. Costs measured at another batch are refused before
-    this (`check_batch`)."""
+    and, unless a profile of the same machine at batch 1 gave them (`pair_measured`), a
+    lone request's times scaled from them by the roofline's ratio of batch 1 to batch N on
+    this tier's hardware. Costs measured at another batch are refused before this."""
+    if costs.batched_ms is not None:        # both measured
+        return costs
     n = view.max_batch
     lone_estimate = roofline_ms(graph, tier, efficiency)
     batch_estimate = roofline_ms(graph, tier, efficiency, view.nodes)
@@ -165,11 +168,50 @@ def with_batching(costs: TierCosts, graph: Graph, view: BatchView, tier: TierSpe
     return dataclasses.replace(costs, batched_ms=batch_estimate / n)
 
 
+def pair_measured(column: Sequence[TierCosts], graph: Graph, max_batch: int
+                  ) -> list[TierCosts]:
+    """One tier's measured columns for a plan at `max_batch`: each machine (profile device
+    name) profiled at batch N, and maybe at batch 1 too; a machine with both is one column
+    whose lone-request times are the batch-1 profile's. Anything else is refused in one
+    line naming the file."""
+    if max_batch == 1:
+        for costs in column:
+            check_batch(costs, graph, max_batch)
+        return list(column)
+    machines: dict[str, list[TierCosts]] = {}
+    for costs in column:
+        machines.setdefault(costs.machine or costs.tier, []).append(costs)
+    paired = []
+    for name, group in machines.items():
+        by_batch: dict[int | None, TierCosts] = {}
+        for costs in group:
+            if costs.batch in by_batch:
+                raise WpkError(f"{_where(costs)}: a second profile of machine {name!r} at "
+                               f"batch {costs.batch} for tier {costs.tier}")
+            if costs.batch not in (1, max_batch):
+                check_batch(costs, graph, max_batch)        # refused
+            by_batch[costs.batch] = costs
+        if max_batch not in by_batch:
+            check_batch(by_batch[1], graph, max_batch)      # refused: batch 1 alone
+        at_n, alone = by_batch[max_batch], by_batch.get(1)
+        if alone is not None:
+            at_n = dataclasses.replace(
+                at_n, node_ms=alone.node_ms, batch=1, batched_ms=at_n.node_ms / max_batch,
+                source=f"{at_n.source} at batch 1 and {max_batch}",
+                profile=dict(at_n.profile or {}, batch_1_file=_where(alone)))
+        paired.append(at_n)
+    return paired
+
+
+def _where(costs: TierCosts) -> str:
+    return (costs.profile or {}).get("file") or f"tier {costs.tier}'s measured costs"
+
+
 def check_batch(costs: TierCosts, graph: Graph, max_batch: int) -> None:
     """Measured times must be of the batch the plan assumes: one line naming the file."""
     if costs.batch == max_batch or (costs.batch is None and max_batch == 1):
         return
-    where = (costs.profile or {}).get("file") or f"tier {costs.tier}'s measured costs"
+    where = _where(costs)
     shapes = " ".join(f"--input-shape {name}=" + "x".join(
         map(str, (max_batch, *graph.tensors[name].shape[1:]))) for name in graph.inputs)
     taken = "at an unrecorded batch" if costs.batch is None else f"at batch {costs.batch}"

@@ -17,8 +17,8 @@ tier[u] <= tier[v]. A `Problem` holds everything the cost of an assignment depen
   evaluated too and the better kept.
 - Dynamic batching (`Problem.max_batch` > 1): a tier whose nodes can all run in a batch,
   and which no tensor without the batch dimension enters or leaves, runs batches of
-  `max_batch` requests; its stage is then the per-request time at that batch
-  (`batched_ms`). Whether a tier batches depends on the cut, so it is decided per segment in
+  `max_batch` requests where that is faster per request; its stage is then the
+  per-request time at that batch (`batched_ms`). Whether a tier batches depends on the cut, so it is decided per segment in
   the throughput DP and per tier in `evaluate`, by the same rule (`tier_batches`). Latency is
   a lone request's (batch 1) throughout.
 - `pareto` / `min_bytes`: sweeps the weight on bytes beyond the edge.
@@ -140,17 +140,23 @@ def evaluate(problem: Problem, tiers: Sequence[int]) -> Evaluation:
     batch = tier_batches(problem, tiers)
     stage = compute.copy()
     if problem.batching:
-        batched = np.zeros(problem.n_tiers)
-        np.add.at(batched, tiers, problem.batched_ms[np.arange(problem.n_nodes), tiers])
-        stage = np.where(batch > 1, batched, compute)
+        stage = np.where(batch > 1, _batched_compute(problem, tiers), compute)
     return Evaluation(tiers, latency, compute, fwd, ret, serialization, transfer, used, beyond,
                       fwd_names, ret_names, batch, stage)
+
+
+def _batched_compute(problem: Problem, tiers: np.ndarray) -> np.ndarray:
+    """Per tier: compute per request if it ran all its nodes in batches."""
+    batched = np.zeros(problem.n_tiers)
+    np.add.at(batched, tiers, problem.batched_ms[np.arange(problem.n_nodes), tiers])
+    return batched
 
 
 def tier_batches(problem: Problem, tiers: Sequence[int]) -> np.ndarray:
     """The batch each tier runs under `tiers`: `max_batch` for a tier with nodes, all of them
     batchable, that no tensor without the batch dimension enters or leaves (a model output
-    counts as leaving); 1 for every other tier."""
+    counts as leaving), and whose nodes take less time per request in a batch than alone;
+    1 for every other tier."""
     tiers = np.asarray(tiers, dtype=int)
     batch = np.ones(problem.n_tiers, dtype=int)
     if not problem.batching or not len(tiers):
@@ -170,7 +176,9 @@ def tier_batches(problem: Problem, tiers: Sequence[int]) -> np.ndarray:
         can[list(away)] = False
         if away or tensor.is_output:
             can[src] = False
-    batch[can] = problem.max_batch
+    lone = np.zeros(problem.n_tiers)
+    np.add.at(lone, tiers, problem.node_ms[np.arange(problem.n_nodes), tiers])
+    batch[can & (_batched_compute(problem, tiers) < lone)] = problem.max_batch
     return batch
 
 
@@ -326,8 +334,8 @@ def _crossing_bytes(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
 
 class _Segments:
     """Stage times of runs of consecutive nodes [q, p) (topological order) on one tier: a
-    lone request's compute, and the per-request stage, batched where the run may batch
-    (the rule of `tier_batches`, for a tier that runs exactly those nodes)."""
+    lone request's compute, and the per-request stage, batched where the run may batch and
+    that is faster (the rule of `tier_batches`, for a tier that runs exactly those nodes)."""
 
     def __init__(self, problem: Problem):
         n, n_tiers = problem.n_nodes, problem.n_tiers
@@ -373,7 +381,7 @@ class _Segments:
         if may_batch is None:
             return lone, lone
         batched = self.prefix_batched[p, t] - self.prefix_batched[q, t]
-        return np.where(may_batch[q], batched, lone), lone
+        return np.where(may_batch[q], np.minimum(batched, lone), lone), lone
 
 
 class _ThroughputSearch:

@@ -1,0 +1,202 @@
+"""Plans for throughput with and without dynamic batching (`wpk-partition --max-batch`),
+predicted vs measured requests per second when deployed on this machine.
+
+resnet_like (wpk's CNN example, 64x64 input) is profiled here at batch 1 and at batch N
+(ORT, 1 thread, one machine name); `wpk-partition --objective throughput` plans it over two
+tiers on this machine (fast links) from the batch-1 profile, and with `--max-batch N` from
+both (lone requests' times from the one, batched times from the other). Each plan is
+deployed as `wpk-deploy --local --threads 1` would start it (the batched plan: each tier it
+batches with `--max-batch N`, gRPC streams between the tiers), and also the batched plan's
+cuts without batching (`wpk-deploy --max-batch 1`). Simulated
+devices (one gRPC channel each, a batch of one per request) keep requests in flight against
+one deployment at a time, the deployments taking turns round by round; the table gives the
+median requests per second over the rounds next to the plan's prediction, and per tier, from
+its /metrics over all rounds, the batch that formed and the slice's time per request next
+to the plan's stage time (the plan prices the slices and links, not the serving around
+them).
+
+    python benchmarks/throughput_batching_plan.py [--max-batch 8] [--image 64] [--devices 8]
+        [--in-flight 32] [--rounds 3] [--seconds 3] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import re
+import statistics
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.runtime_batching import load
+from wpk.console import make_console
+from wpk.deploy.cli import build_parser as deploy_parser
+from wpk.deploy.cli import batching_arguments, local_link, plan_batching_arguments
+from wpk.deploy.local import LocalDeployment
+from wpk.examples import resnet_like
+from wpk.partitioner.cli import main as partition_main
+from wpk.plan import load_plan
+from wpk.profiling import profile_model, save_profile
+
+TIERS = """# two tiers on this machine, fast links: each tier gets one ORT thread (a core of two)
+tiers:
+  - {name: device, preset: edge-cpu}
+  - {name: edge, preset: edge-cpu}
+links:
+  - {from: device, to: edge, bandwidth: 10gbit, rtt: 0.1ms}
+"""
+
+
+def profiles(model: Path, batch: int, image: int, work: Path) -> dict[int, Path]:
+    """This machine's profile of `model` at batch 1 and at `batch` (1 thread, as served)."""
+    files = {}
+    for b in (1, batch):
+        document = profile_model(model, threads=1, name="here", progress=False,
+                                 input_shapes={"image": (b, 3, image, image)}, runs=50)
+        files[b] = save_profile(document, work / f"profile-b{b}.json")
+    return files
+
+
+def plan(model: Path, tiers: Path, profiles: list[Path], batch: int, out: Path) -> Path:
+    args = [str(model), "--tiers-file", str(tiers), "--objective", "throughput", "-o", str(out)]
+    for tier in ("device", "edge"):
+        args += [arg for profile in profiles for arg in ("--profile", f"{tier}={profile}")]
+    if batch > 1:
+        args += ["--max-batch", str(batch)]
+    print("wpk-partition", " ".join(args))
+    assert partition_main(args) == 0
+    return out
+
+
+def deployment(plan_dir: Path, flags: list[str]) -> LocalDeployment:
+    """As `wpk-deploy PLAN --local --threads 1 FLAGS` starts the tiers."""
+    args = deploy_parser().parse_args([str(plan_dir), "--local", "--threads", "1", *flags])
+    loaded = load_plan(plan_dir)
+    link = local_link(args, loaded, Console(file=io.StringIO()))
+    return LocalDeployment(plan_dir, port=0, threads=1, link=link, metrics=True,
+                           serve_args=batching_arguments(args),
+                           tier_args=plan_batching_arguments(args, loaded))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--image", type=int, default=64)
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, help="keep the model, profiles and plans here")
+    args = parser.parse_args()
+    console = make_console()
+    work = args.out or Path(tempfile.mkdtemp(prefix="wpk-batch-plan-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "resnet_like.onnx"
+    onnx.save(resnet_like(image_size=args.image), str(model))
+    tiers = work / "tiers.yaml"
+    tiers.write_text(TIERS)
+    files = profiles(model, args.max_batch, args.image, work)
+    plans = {1: plan(model, tiers, [files[1]], 1, work / "plan-b1"),
+             args.max_batch: plan(model, tiers, [files[1], files[args.max_batch]],
+                                  args.max_batch, work / f"plan-b{args.max_batch}")}
+    runs = _runs(plans, args.max_batch)
+    rates, tiers = _measure(runs, args, console)
+    _table(runs, rates, tiers, args, console)
+
+
+def _runs(plans: dict[int, Path], batch: int) -> dict[str, tuple[Path, list[str], float]]:
+    """label -> (plan, wpk-deploy flags, predicted req/s)."""
+    unbatched, batched = load_plan(plans[1]), load_plan(plans[batch])
+    same_cuts = batched.predicted["batching"]["unbatched_same_cuts"]["throughput_rps"]
+    return {
+        "plan without --max-batch": (plans[1], [], unbatched.predicted["throughput_rps"]),
+        f"plan with --max-batch {batch}": (plans[batch], [],
+                                           batched.predicted["throughput_rps"]),
+        f"plan with --max-batch {batch}, deployed with --max-batch 1":
+            (plans[batch], ["--max-batch", "1"], same_cuts)}
+
+
+def scrape(running: LocalDeployment) -> dict[str, dict[str, float]]:
+    """Per tier: slice seconds (sum, count), batched runs and their rows, from /metrics."""
+    found = {}
+    for handle in running.tiers:
+        text = urllib.request.urlopen(handle.metrics_url, timeout=5).read().decode()
+        values = {}
+        for name in ("wpk_slice_seconds_sum", "wpk_slice_seconds_count", "wpk_batches_total",
+                     "wpk_batch_rows_total"):
+            match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+            values[name] = float(match[1]) if match else 0.0
+        found[handle.tier] = values
+    return found
+
+
+def _measure(runs, args, console) -> tuple[dict[str, list[float]], dict[str, dict]]:
+    rates: dict[str, list[float]] = {label: [] for label in runs}
+    started = {label: deployment(plan_dir, flags).__enter__()
+               for label, (plan_dir, flags, _) in runs.items()}
+    before = {label: scrape(running) for label, running in started.items()}
+    try:
+        for round_ in range(args.rounds):
+            order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+            for label in order:
+                running = started[label]
+                plan = running.plan
+                feeds = {spec.name: np.random.default_rng(0).standard_normal(spec.shape)
+                         .astype(spec.dtype) for spec in plan.model.inputs}
+                rate = asyncio.run(load(running.entry, plan.name, feeds, args.devices,
+                                        args.in_flight, args.seconds))
+                rates[label].append(rate)
+                console.print(f"round {round_ + 1}: {label}: {rate:.0f} req/s")
+        after = {label: scrape(running) for label, running in started.items()}
+    finally:
+        for running in started.values():
+            running.stop()
+    tiers = {label: {tier: {k: after[label][tier][k] - before[label][tier][k]
+                            for k in after[label][tier]} for tier in after[label]}
+             for label in runs}
+    return rates, tiers
+
+
+def _per_tier(plan, counters: dict[str, dict[str, float]]) -> list[str]:
+    """'tier: batch formed, slice ms per request (planned)' for each tier with a slice."""
+    batching = plan.predicted.get("batching", {}).get("tiers", {})
+    cells = []
+    for tier in plan.tiers:
+        if not tier.slice:
+            continue
+        c = counters[tier.name]
+        rows = c["wpk_batch_rows_total"] or c["wpk_slice_seconds_count"]
+        formed = rows / c["wpk_batches_total"] if c["wpk_batches_total"] else 1.0
+        measured = c["wpk_slice_seconds_sum"] / rows * 1e3 if rows else float("nan")
+        planned = batching[tier.name]["stage_ms"] if tier.name in batching \
+            else tier.predicted_compute_ms
+        cells.append(f"{tier.name}: batch {formed:.1f}, {measured:.3f} ms ({planned:.3f})")
+    return cells
+
+
+def _table(runs, rates, tiers, args, console) -> None:
+    table = Table(title=f"resnet_like {args.image}x{args.image}, two tiers on this machine, "
+                        f"{args.devices} devices, {args.in_flight} in flight")
+    for column in ("deployment", "tiers' max batch", "link", "predicted req/s",
+                   "measured req/s (median)", "rounds", "measured / predicted",
+                   "per tier: batch formed, slice ms per request (plan's stage ms)"):
+        table.add_column(column)
+    for label, (plan_dir, flags, predicted) in runs.items():
+        running = deployment(plan_dir, flags)
+        batches = {t.name: (t.batch if running.tier_args else 1) for t in running.plan.tiers}
+        median = statistics.median(rates[label])
+        table.add_row(label, ", ".join(f"{k} {v}" for k, v in batches.items()), running.link,
+                      f"{predicted:.0f}", f"{median:.0f}",
+                      " ".join(f"{r:.0f}" for r in rates[label]), f"{median / predicted:.2f}",
+                      "; ".join(_per_tier(running.plan, tiers[label])))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

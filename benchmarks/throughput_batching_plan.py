@@ -2,9 +2,12 @@
 predicted vs measured requests per second when deployed on this machine.
 
 resnet_like (wpk's CNN example, 64x64 input) is profiled here at batch 1 and at batch N
-(ORT, 1 thread, one machine name); `wpk-partition --objective throughput` plans it over two
+(ORT, 1 thread, one machine name; three profiles of each, in turns, node by node the
+median); `wpk-partition --objective throughput` plans it over two
 tiers on this machine (fast links) from the batch-1 profile, and with `--max-batch N` from
-both (lone requests' times from the one, batched times from the other). Each plan is
+both (lone requests' times from the one, batched times from the other); with `--costs
+roofline`, from the roofline estimate instead (the tiers' `edge-cpu` preset with default
+efficiencies: not fitted to this machine, so only the ratios carry over). Each plan is
 deployed as `wpk-deploy --local --threads 1` would start it (the batched plan: each tier it
 batches with `--max-batch N`, gRPC streams between the tiers), and also the batched plan's
 cuts without batching (`wpk-deploy --max-batch 1`). Simulated
@@ -15,8 +18,8 @@ its /metrics over all rounds, the batch that formed and the slice's time per req
 to the plan's stage time (the plan prices the slices and links, not the serving around
 them).
 
-    python benchmarks/throughput_batching_plan.py [--max-batch 8] [--image 64] [--devices 8]
-        [--in-flight 32] [--rounds 3] [--seconds 3] [--out DIR]
+    python benchmarks/throughput_batching_plan.py [--costs profile|roofline] [--max-batch 8]
+        [--image 64] [--devices 8] [--in-flight 32] [--rounds 3] [--seconds 3] [--out DIR]
 """
 from __future__ import annotations
 
@@ -53,18 +56,34 @@ links:
 """
 
 
-def profiles(model: Path, batch: int, image: int, work: Path) -> dict[int, Path]:
-    """This machine's profile of `model` at batch 1 and at `batch` (1 thread, as served)."""
+def profiles(model: Path, batch: int, image: int, work: Path, repeats: int = 3
+             ) -> dict[int, Path]:
+    """This machine's profile of `model` at batch 1 and at `batch` (1 thread, as served):
+    `repeats` profiles of each, taken in turns so that both see the same changes in the
+    machine's load, each node's time the median over them."""
+    documents: dict[int, list[dict]] = {1: [], batch: []}
+    for _ in range(repeats):
+        for b in documents:
+            documents[b].append(profile_model(
+                model, threads=1, name="here", progress=False, runs=30,
+                input_shapes={"image": (b, 3, image, image)}))
     files = {}
-    for b in (1, batch):
-        document = profile_model(model, threads=1, name="here", progress=False,
-                                 input_shapes={"image": (b, 3, image, image)}, runs=50)
-        files[b] = save_profile(document, work / f"profile-b{b}.json")
+    for b, taken in documents.items():
+        combined = dict(taken[0])
+        combined["nodes"] = [dict(node, ms=round(float(np.median(
+            [d["nodes"][i]["ms"] for d in taken])), 6)) for i, node in enumerate(taken[0]["nodes"])]
+        combined["total_ms"] = {"median": round(float(np.median(
+            [d["total_ms"]["median"] for d in taken])), 6)}
+        files[b] = save_profile(combined, work / f"profile-b{b}.json")
     return files
 
 
 def plan(model: Path, tiers: Path, profiles: list[Path], batch: int, out: Path) -> Path:
+    """wpk-partition for throughput, from `profiles` (none: the roofline, default
+    efficiencies)."""
     args = [str(model), "--tiers-file", str(tiers), "--objective", "throughput", "-o", str(out)]
+    if not profiles:
+        args.append("--no-calibrate")
     for tier in ("device", "edge"):
         args += [arg for profile in profiles for arg in ("--profile", f"{tier}={profile}")]
     if batch > 1:
@@ -86,6 +105,7 @@ def deployment(plan_dir: Path, flags: list[str]) -> LocalDeployment:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--costs", choices=("profile", "roofline"), default="profile")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--image", type=int, default=64)
     parser.add_argument("--devices", type=int, default=8)
@@ -101,10 +121,11 @@ def main() -> None:
     onnx.save(resnet_like(image_size=args.image), str(model))
     tiers = work / "tiers.yaml"
     tiers.write_text(TIERS)
-    files = profiles(model, args.max_batch, args.image, work)
-    plans = {1: plan(model, tiers, [files[1]], 1, work / "plan-b1"),
-             args.max_batch: plan(model, tiers, [files[1], files[args.max_batch]],
-                                  args.max_batch, work / f"plan-b{args.max_batch}")}
+    files = profiles(model, args.max_batch, args.image, work) if args.costs == "profile" \
+        else {}
+    plans = {1: plan(model, tiers, [files[1]] if files else [], 1, work / "plan-b1"),
+             args.max_batch: plan(model, tiers, list(files.values()), args.max_batch,
+                                  work / f"plan-b{args.max_batch}")}
     runs = _runs(plans, args.max_batch)
     rates, tiers = _measure(runs, args, console)
     _table(runs, rates, tiers, args, console)
@@ -163,9 +184,10 @@ def _measure(runs, args, console) -> tuple[dict[str, list[float]], dict[str, dic
     return rates, tiers
 
 
-def _per_tier(plan, counters: dict[str, dict[str, float]]) -> list[str]:
-    """'tier: batch formed, slice ms per request (planned)' for each tier with a slice."""
-    batching = plan.predicted.get("batching", {}).get("tiers", {})
+def _per_tier(plan, counters: dict[str, dict[str, float]], batched: bool) -> list[str]:
+    """'tier: batch formed, slice ms per request (planned)' for each tier with a slice;
+    planned at the plan's batch when deployed `batched`, else a lone request's."""
+    batching = plan.predicted.get("batching", {}).get("tiers", {}) if batched else {}
     cells = []
     for tier in plan.tiers:
         if not tier.slice:
@@ -182,7 +204,8 @@ def _per_tier(plan, counters: dict[str, dict[str, float]]) -> list[str]:
 
 def _table(runs, rates, tiers, args, console) -> None:
     table = Table(title=f"resnet_like {args.image}x{args.image}, two tiers on this machine, "
-                        f"{args.devices} devices, {args.in_flight} in flight")
+                        f"{args.devices} devices, {args.in_flight} in flight, costs from "
+                        f"{args.costs}")
     for column in ("deployment", "tiers' max batch", "link", "predicted req/s",
                    "measured req/s (median)", "rounds", "measured / predicted",
                    "per tier: batch formed, slice ms per request (plan's stage ms)"):
@@ -194,7 +217,8 @@ def _table(runs, rates, tiers, args, console) -> None:
         table.add_row(label, ", ".join(f"{k} {v}" for k, v in batches.items()), running.link,
                       f"{predicted:.0f}", f"{median:.0f}",
                       " ".join(f"{r:.0f}" for r in rates[label]), f"{median / predicted:.2f}",
-                      "; ".join(_per_tier(running.plan, tiers[label])))
+                      "; ".join(_per_tier(running.plan, tiers[label],
+                                          bool(running.tier_args))))
     console.print(table)
 
 

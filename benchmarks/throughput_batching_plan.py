@@ -2,13 +2,13 @@
 predicted vs measured requests per second when deployed on this machine.
 
 resnet_like (wpk's CNN example, 64x64 input) is profiled here at batch 1 and at batch N
-(ORT, 1 thread, one machine name; three profiles of each, in turns, node by node the
+(ORT, `--threads` threads as the tiers will run, one machine name; three profiles of each, in turns, node by node the
 median); `wpk-partition --objective throughput` plans it over two
 tiers on this machine (fast links) from the batch-1 profile, and with `--max-batch N` from
 both (lone requests' times from the one, batched times from the other); with `--costs
 roofline`, from the roofline estimate instead (the tiers' `edge-cpu` preset with default
 efficiencies: not fitted to this machine, so only the ratios carry over). Each plan is
-deployed as `wpk-deploy --local --threads 1` would start it (the batched plan: each tier it
+deployed as `wpk-deploy --local --threads T` would start it (the batched plan: each tier it
 batches with `--max-batch N`, gRPC streams between the tiers), and also the batched plan's
 cuts without batching (`wpk-deploy --max-batch 1`). Simulated
 devices (one gRPC channel each, a batch of one per request) keep requests in flight against
@@ -19,7 +19,8 @@ to the plan's stage time (the plan prices the slices and links, not the serving 
 them).
 
     python benchmarks/throughput_batching_plan.py [--costs profile|roofline] [--max-batch 8]
-        [--image 64] [--devices 8] [--in-flight 32] [--rounds 3] [--seconds 3] [--out DIR]
+        [--threads 1] [--image 64] [--devices 8] [--in-flight 32] [--rounds 3] [--seconds 3]
+        [--out DIR]
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from wpk.partitioner.cli import main as partition_main
 from wpk.plan import load_plan
 from wpk.profiling import profile_model, save_profile
 
-TIERS = """# two tiers on this machine, fast links: each tier gets one ORT thread (a core of two)
+TIERS = """# two tiers on this machine, fast links (with --threads 1, a core of two each)
 tiers:
   - {name: device, preset: edge-cpu}
   - {name: edge, preset: edge-cpu}
@@ -56,16 +57,16 @@ links:
 """
 
 
-def profiles(model: Path, batch: int, image: int, work: Path, repeats: int = 3
+def profiles(model: Path, batch: int, image: int, work: Path, threads: int, repeats: int = 3
              ) -> dict[int, Path]:
-    """This machine's profile of `model` at batch 1 and at `batch` (1 thread, as served):
+    """This machine's profile of `model` at batch 1 and at `batch` (`threads`, as served):
     `repeats` profiles of each, taken in turns so that both see the same changes in the
     machine's load, each node's time the median over them."""
     documents: dict[int, list[dict]] = {1: [], batch: []}
     for _ in range(repeats):
         for b in documents:
             documents[b].append(profile_model(
-                model, threads=1, name="here", progress=False, runs=30,
+                model, threads=threads, name="here", progress=False, runs=30,
                 input_shapes={"image": (b, 3, image, image)}))
     files = {}
     for b, taken in documents.items():
@@ -93,12 +94,13 @@ def plan(model: Path, tiers: Path, profiles: list[Path], batch: int, out: Path) 
     return out
 
 
-def deployment(plan_dir: Path, flags: list[str]) -> LocalDeployment:
-    """As `wpk-deploy PLAN --local --threads 1 FLAGS` starts the tiers."""
-    args = deploy_parser().parse_args([str(plan_dir), "--local", "--threads", "1", *flags])
+def deployment(plan_dir: Path, flags: list[str], threads: int) -> LocalDeployment:
+    """As `wpk-deploy PLAN --local --threads THREADS FLAGS` starts the tiers."""
+    args = deploy_parser().parse_args([str(plan_dir), "--local", "--threads", str(threads),
+                                       *flags])
     loaded = load_plan(plan_dir)
     link = local_link(args, loaded, Console(file=io.StringIO()))
-    return LocalDeployment(plan_dir, port=0, threads=1, link=link, metrics=True,
+    return LocalDeployment(plan_dir, port=0, threads=threads, link=link, metrics=True,
                            serve_args=batching_arguments(args),
                            tier_args=plan_batching_arguments(args, loaded))
 
@@ -107,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--costs", choices=("profile", "roofline"), default="profile")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="ORT threads per tier")
     parser.add_argument("--image", type=int, default=64)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=32)
@@ -121,7 +124,8 @@ def main() -> None:
     onnx.save(resnet_like(image_size=args.image), str(model))
     tiers = work / "tiers.yaml"
     tiers.write_text(TIERS)
-    files = profiles(model, args.max_batch, args.image, work) if args.costs == "profile" \
+    files = profiles(model, args.max_batch, args.image, work, args.threads) \
+        if args.costs == "profile" \
         else {}
     plans = {1: plan(model, tiers, [files[1]] if files else [], 1, work / "plan-b1"),
              args.max_batch: plan(model, tiers, list(files.values()), args.max_batch,
@@ -159,7 +163,7 @@ def scrape(running: LocalDeployment) -> dict[str, dict[str, float]]:
 
 def _measure(runs, args, console) -> tuple[dict[str, list[float]], dict[str, dict]]:
     rates: dict[str, list[float]] = {label: [] for label in runs}
-    started = {label: deployment(plan_dir, flags).__enter__()
+    started = {label: deployment(plan_dir, flags, args.threads).__enter__()
                for label, (plan_dir, flags, _) in runs.items()}
     before = {label: scrape(running) for label, running in started.items()}
     try:
@@ -205,13 +209,13 @@ def _per_tier(plan, counters: dict[str, dict[str, float]], batched: bool) -> lis
 def _table(runs, rates, tiers, args, console) -> None:
     table = Table(title=f"resnet_like {args.image}x{args.image}, two tiers on this machine, "
                         f"{args.devices} devices, {args.in_flight} in flight, costs from "
-                        f"{args.costs}")
+                        f"{args.costs}, {args.threads} ORT thread(s) per tier")
     for column in ("deployment", "tiers' max batch", "link", "predicted req/s",
                    "measured req/s (median)", "rounds", "measured / predicted",
                    "per tier: batch formed, slice ms per request (plan's stage ms)"):
         table.add_column(column)
     for label, (plan_dir, flags, predicted) in runs.items():
-        running = deployment(plan_dir, flags)
+        running = deployment(plan_dir, flags, args.threads)
         batches = {t.name: (t.batch if running.tier_args else 1) for t in running.plan.tiers}
         median = statistics.median(rates[label])
         table.add_row(label, ", ".join(f"{k} {v}" for k, v in batches.items()), running.link,

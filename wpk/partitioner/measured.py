@@ -46,7 +46,8 @@ def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
                              warn: Warn = _print_warning, batch: int = 1
                              ) -> dict[str, list[TierCosts]]:
     """Tier name -> candidate machines' cost columns, from the CLI's profile options
-    (`--profile-local` profiles this machine at `batch` requests per run)."""
+    (`--profile-local` profiles this machine; with `batch` above 1, at batch 1 and at
+    `batch` requests per run, one machine that `pair_measured` makes one column of)."""
     measured: dict[str, list[TierCosts]] = {}
     for tier, file in profiles:
         path = Path(file)
@@ -54,19 +55,24 @@ def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
     if profile_local:
         if graph.path is None:
             raise WpkError("--profile-local needs the model as a file")
-        from wpk.profiling import profile_model
-
-        shapes = parse_input_shapes(input_shape_specs)
-        if batch > 1:
-            shapes = {name: (batch, *graph.tensors[name].shape[1:]) for name in graph.inputs}
-        document = profile_model(graph.path, name=f"local-{profile_local}",
-                                 input_shapes=shapes or None)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "local-profile.json"
-            path.write_text(json.dumps(document))
-            costs = costs_from_profile(graph, profile_local, path, f"local-{profile_local}", warn)
-        measured.setdefault(profile_local, []).append(costs)
+        given = parse_input_shapes(input_shape_specs)
+        for rows in dict.fromkeys((1, batch)):
+            shapes = given if rows == 1 else \
+                {name: (rows, *graph.tensors[name].shape[1:]) for name in graph.inputs}
+            measured.setdefault(profile_local, []).append(
+                _local_costs(graph, profile_local, shapes, warn))
     return measured
+
+
+def _local_costs(graph: Graph, tier: str, shapes: dict, warn: Warn) -> TierCosts:
+    """This machine's profile of the model at `shapes`, as a cost column for `tier`."""
+    from wpk.profiling import profile_model
+
+    document = profile_model(graph.path, name=f"local-{tier}", input_shapes=shapes or None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "local-profile.json"
+        path.write_text(json.dumps(document))
+        return costs_from_profile(graph, tier, path, f"local-{tier}", warn)
 
 
 def warn_to_stderr(message: str) -> None:

@@ -49,6 +49,7 @@ class Problem:
     lowest: np.ndarray                   # [n_nodes] lowest tier allowed per node
     highest: np.ndarray                  # [n_nodes] highest tier allowed per node
     deliver_to: int = 0                  # tier that needs the model outputs
+    private: frozenset[str] = frozenset()  # tensors that may not cross link 0 (leakage bound)
 
     @property
     def n_nodes(self) -> int:
@@ -128,7 +129,16 @@ def feasible(problem: Problem, tiers: Sequence[int]) -> bool:
         src = 0 if tensor.producer < 0 else tiers[tensor.producer]
         if any(tiers[c] < src for c in tensor.consumers):
             return False
+        if tensor.name in problem.private and src == 0 and _needed_beyond_device(
+                problem, tiers, tensor):
+            return False
     return True
+
+
+def _needed_beyond_device(problem: Problem, tiers: np.ndarray, tensor: TensorEdge) -> bool:
+    """Does some consumer (or the tier receiving the outputs) lie beyond tier 0?"""
+    return any(tiers[c] > 0 for c in tensor.consumers) or (
+        tensor.is_output and problem.deliver_to > 0)
 
 
 # -- exact minimum latency by minimum s-t cut -----------------------------------------------
@@ -196,6 +206,7 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
             cut.add(_S, y, float(problem.link_rtt_ms[link]))
             for v in range(n):
                 cut.add(y, ("x", v, k), None)
+    _add_private_terms(cut, problem)
     try:
         _, (source_side, _) = nx.minimum_cut(cut.graph, _S, _T)
     except nx.NetworkXUnbounded:
@@ -205,6 +216,26 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
     for v in range(n):
         tiers[v] = sum(1 for k in range(1, n_tiers) if ("x", v, k) not in source_side)
     return tiers
+
+
+def _add_private_terms(cut: _CutGraph, problem: Problem) -> None:
+    """A private tensor never crosses link 0: its producer and consumers sit on the same side
+    of boundary 1 (an infinite edge each way), so the cut stays exact."""
+    for tensor in problem.tensors:
+        if tensor.name not in problem.private:
+            continue
+        beyond = tensor.is_output and problem.deliver_to > 0
+        if tensor.producer < 0:
+            for c in tensor.consumers:
+                cut.add(_S, ("x", c, 1), None)      # read on the device only
+            if beyond:
+                cut.add(_S, _T, None)               # the raw output must leave: impossible
+            continue
+        src = ("x", tensor.producer, 1)
+        for c in tensor.consumers:
+            cut.add(src, ("x", c, 1), None)         # x[c,1] <= x[p,1] (>= is monotonicity)
+        if beyond:
+            cut.add(src, _T, None)                  # made beyond the device
 
 
 def _add_node_terms(cut: _CutGraph, problem: Problem, k: int) -> None:
@@ -269,6 +300,18 @@ def _crossing_bytes(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return fwd, ret
 
 
+def _private_crossings(problem: Problem) -> np.ndarray:
+    """Boundary-0 positions p (nodes before p on the device) where a private tensor crosses."""
+    n = problem.n_nodes
+    mask = np.zeros(n + 1, dtype=bool)
+    for tensor in problem.tensors:
+        if tensor.name in problem.private:
+            end = n if (tensor.is_output and problem.deliver_to > 0) \
+                else max(tensor.consumers, default=-1)
+            mask[tensor.producer + 1:end + 1] = True
+    return mask
+
+
 def max_throughput(problem: Problem) -> np.ndarray:
     """Assignment minimizing the slowest stage, over cuts along the topological order; among
     those as good, the lowest latency (two passes of one DP: bottleneck, then latency)."""
@@ -276,6 +319,8 @@ def max_throughput(problem: Problem) -> np.ndarray:
     prefix = np.vstack([np.zeros(n_tiers), np.cumsum(problem.node_ms, axis=0)])  # [n+1, T]
     fwd, ret = _crossing_bytes(problem)
     link_stage = (fwd + ret) * problem.link_ms_per_byte[:, None]               # [T-1, n+1]
+    if n_tiers > 1:
+        link_stage[0, _private_crossings(problem)] = np.inf   # a private tensor would cross
     # latency of link k when boundary k sits before node p: serialization plus half an RTT
     # per direction crossed (forward when anything lies beyond or results go there; back
     # when something beyond answers results that come back)
@@ -388,7 +433,7 @@ def alternatives(problem: Problem, tiers: np.ndarray, limit: int = 12) -> list[n
         lowest[v] = highest[v] = tier
         moved = Problem(problem.node_ms, problem.tensors, problem.link_ms_per_byte,
                         problem.link_rtt_ms, problem.link_beyond_edge, lowest, highest,
-                        problem.deliver_to)
+                        problem.deliver_to, problem.private)
         try:
             found.append(min_latency(moved))
         except WpkError:

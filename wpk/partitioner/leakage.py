@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -112,6 +113,10 @@ def sample_shapes(model_path: str | Path, path: str | Path) -> dict[str, tuple[i
 
 
 def _open_npz(path: str | Path):
+    if not Path(path).is_file():
+        raise WpkError(f"{path}: no calibration data here (expected an .npz file)")
+    if not zipfile.is_zipfile(path):
+        raise WpkError(f"{path}: not an .npz file (numpy.savez: one array per model input)")
     try:
         return np.load(str(path), allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -306,3 +311,20 @@ def measure(graph: Graph, samples: Mapping[str, np.ndarray], source: str,
             psnr, ssim)
     report.tensors = {name: report.tensors[name] for name in names}
     return report
+
+
+SYNTHETIC_SAMPLES = 128
+
+
+def calibration_report(graph: Graph, path: str | Path | None, limit: int | None = None,
+                       warn: Callable[[str], None] | None = None,
+                       progress: Callable[[str], None] | None = None) -> LeakageReport:
+    """Leakage on the calibration file's samples; without one, on random normal inputs,
+    labelled synthetic and warned about (figures on noise say little about real inputs)."""
+    if path is not None:
+        return measure(graph, load_samples(path, graph, limit), str(path), progress=progress)
+    if warn is not None:
+        warn("no --calibration-data: leakage is measured on random normal inputs (synthetic; "
+             "real inputs can leak far more)")
+    samples = synthetic_samples(graph, limit or SYNTHETIC_SAMPLES)
+    return measure(graph, samples, "synthetic", progress=progress)

@@ -59,17 +59,26 @@ class Objective:
     privacy: str = "raw-input-on-device"   # or none
     deliver_to: str | None = None    # tier that receives the model outputs (None: the first)
     max_latency_ms: float | None = None
+    max_leakage: str | None = None   # bound on the tensors leaving the device: "dcor=0.3"
+    leakage_data: str | None = None  # the calibration file leakage was measured on, or
+    #                                  "synthetic"; None when not measured
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "privacy": self.privacy, "deliver_to": self.deliver_to,
+        data = {"name": self.name, "privacy": self.privacy, "deliver_to": self.deliver_to,
                 "max_latency_ms": self.max_latency_ms}
+        if self.max_leakage is not None:   # only when set: plans without them read as before
+            data["max_leakage"] = self.max_leakage
+        if self.leakage_data is not None:
+            data["leakage_data"] = self.leakage_data
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Objective":
         """Every field has a default: hand-written plans may leave them out."""
         defaults = cls()
         return cls(data.get("name", defaults.name), data.get("privacy", defaults.privacy),
-                   data.get("deliver_to"), data.get("max_latency_ms"))
+                   data.get("deliver_to"), data.get("max_latency_ms"),
+                   data.get("max_leakage"), data.get("leakage_data"))
 
 
 @dataclass
@@ -109,11 +118,16 @@ class LinkPlan:
     predicted_transfer_ms: float     # forward + return serialization + RTT share
     via: list[str] = field(default_factory=list)  # unused tiers the link passes through
     codec: str = "raw"
+    # links from the device, when leakage was measured: per forward tensor, what it gives
+    # away about the input (dcor, dcor_low, dcor_high, psnr_db, ssim)
+    leakage: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["from"] = data.pop("src")
         data["to"] = data.pop("dst")
+        if data["leakage"] is None:
+            del data["leakage"]
         return data
 
     @classmethod

@@ -17,8 +17,9 @@ from wpk.files import check_outputs
 from wpk.graph import Graph
 from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
 from wpk.tiers import Tiers, load_tiers
-from wpk.partitioner import search, slicing
+from wpk.partitioner import leakage_plan, search, slicing
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
+from wpk.partitioner.leakage import LeakageReport
 from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
 __all__ = ["OBJECTIVES", "PRIVACY_MODES", "Configuration", "PartitionRequest", "PartitionResult",
@@ -59,7 +60,8 @@ class PartitionResult:
 
 def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
                   privacy: bool = True, deliver_to: int = 0,
-                  pins: Mapping[str, str] | None = None) -> search.Problem:
+                  pins: Mapping[str, str] | None = None,
+                  private: frozenset[str] = frozenset()) -> search.Problem:
     """The search problem: compute per node and tier, tensors, links, constraints."""
     n, n_tiers = len(graph.nodes), len(tiers)
     node_ms = np.column_stack([c.node_ms for c in costs]) if n else np.zeros((0, n_tiers))
@@ -96,7 +98,8 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
     rtt = np.array([l.rtt_ms for l in links])
     beyond = np.array([tiers[k].role == "cloud" or tiers[k + 1].role == "cloud"
                        for k in range(len(links))], dtype=bool)
-    return search.Problem(node_ms, tensors, per_byte, rtt, beyond, lowest, highest, deliver_to)
+    return search.Problem(node_ms, tensors, per_byte, rtt, beyond, lowest, highest, deliver_to,
+                          private)
 
 
 def _check_pins_consistent(graph: Graph, lowest: np.ndarray, highest: np.ndarray,
@@ -137,7 +140,10 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
               efficiency: Efficiency | None = None, use_calibration: bool = True,
               out_dir: str | Path | None = None, verify: bool = True, top: int = 0,
               with_front: bool = False, force: bool = False,
-              other_inputs: Sequence[str | Path] = ()) -> PartitionResult:
+              other_inputs: Sequence[str | Path] = (), max_leakage: str | None = None,
+              calibration_data: str | Path | None = None,
+              leakage_samples: int | None = None,
+              leakage: LeakageReport | None = None) -> PartitionResult:
     """Choose the cuts, write the slices and plan.json to `out_dir` (if given), return all.
 
     The keyword form of `execute(PartitionRequest(...))`: each keyword is the request field
@@ -148,7 +154,9 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
         links=links, codecs=codecs, objective=objective, max_latency_ms=max_latency_ms,
         privacy=privacy, deliver_to=deliver_to, pins=dict(pins or {}), measured=measured,
         efficiency=efficiency, use_calibration=use_calibration, out_dir=out_dir, verify=verify,
-        force=force, other_inputs=other_inputs, top=top, with_front=with_front))
+        force=force, other_inputs=other_inputs, top=top, with_front=with_front,
+        max_leakage=max_leakage, calibration_data=calibration_data,
+        leakage_samples=leakage_samples, leakage=leakage))
 
 
 def execute(request: PartitionRequest) -> PartitionResult:
@@ -171,7 +179,13 @@ def execute(request: PartitionRequest) -> PartitionResult:
                       [graph.path, request.tiers_file, *request.other_inputs],
                       force=request.force)
     candidates = _cost_candidates(graph, tiers, request)
-    found, shown, fronts = _search(graph, tiers, candidates, deliver, request)
+    report = leakage_plan.report_for(graph, request)
+    private = leakage_plan.private_for(report, request.max_leakage)
+    if private:
+        leakage_plan.check_bound(lambda p: build_problem(
+            graph, tiers, [c[0] for c in candidates], privacy=request.keeps_raw_input_on_device,
+            deliver_to=deliver, pins=request.pins, private=p), report, request.max_leakage)
+    found, shown, fronts = _search(graph, tiers, candidates, deliver, request, private)
     objective = request.objective
     best = min(found, key=lambda c: c.key(objective))
     ranked = _distinct(sorted([best] + found + shown, key=lambda c: c.key(objective)))
@@ -184,6 +198,7 @@ def execute(request: PartitionRequest) -> PartitionResult:
                                  best.problem.deliver_to, relays)
     plan = _make_plan(graph, tiers, pieces, best, objective, request.privacy,
                       request.max_latency_ms, single)
+    leakage_plan.record(plan, report, request.max_leakage, tiers.names[0])
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:request.top] if request.top else [],
                              search.non_dominated(fronts))
@@ -214,7 +229,7 @@ def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest
 
 
 def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliver: int,
-            request: PartitionRequest
+            request: PartitionRequest, private: frozenset[str] = frozenset()
             ) -> tuple[list[Configuration], list[Configuration], list[search.Evaluation]]:
     """The search's answer for each choice of machines; with --top / --pareto also more
     cuts to show (never chosen, so that what is printed does not change the plan)."""
@@ -225,7 +240,7 @@ def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliv
     for machines in itertools.product(*candidates):
         problem = build_problem(graph, tiers, machines,
                                 privacy=request.keeps_raw_input_on_device,
-                                deliver_to=deliver, pins=request.pins)
+                                deliver_to=deliver, pins=request.pins, private=private)
         tiers_found = search.solve(problem, request.objective, bound)
         found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
         if request.ranks_alternatives:

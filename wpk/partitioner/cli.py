@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-latency-ms", type=float, help="latency bound (SLO)")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="raw-input-on-device",
                         help="raw-input-on-device (default): the model input never crosses a link")
+    parser.add_argument("--max-leakage", metavar="METRIC=VALUE",
+                        help="bound what leaves the device: every tensor crossing its link must "
+                             "have dcor, psnr (dB) or ssim at most VALUE (e.g. dcor=0.3; see "
+                             "docs/privacy.md)")
+    parser.add_argument("--calibration-data", metavar="NPZ",
+                        help="real inputs to measure leakage on: one array per model input, "
+                             "samples first (without it: random inputs, labelled synthetic)")
+    parser.add_argument("--leakage-samples", type=cli_args.positive_int, metavar="N",
+                        help="measure leakage on the first N calibration samples")
     parser.add_argument("--deliver-to", metavar="TIER",
                         help="tier that needs the results (default: the first tier)")
     parser.add_argument("--pin", action="append", default=[], metavar="NODE=TIER",
@@ -116,7 +125,10 @@ def request_from_args(args: argparse.Namespace) -> PartitionRequest:
         measured=measured, use_calibration=not args.no_calibrate,
         out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
         verify=not args.no_verify, force=args.force,
-        other_inputs=[path for _tier, path in profiles], top=args.top, with_front=args.pareto)
+        other_inputs=[path for _tier, path in profiles] + (
+            [args.calibration_data] if args.calibration_data else []),
+        top=args.top, with_front=args.pareto, max_leakage=args.max_leakage,
+        calibration_data=args.calibration_data, leakage_samples=args.leakage_samples)
 
 
 @cli_entry
@@ -165,6 +177,7 @@ def print_result(result: PartitionResult, console: Console) -> None:
     console.print(_tiers_table(plan))
     if plan.links:
         console.print(_links_table(plan))
+    _print_leakage(plan, console)
     computing = [tier for tier in plan.tiers if tier.nodes]
     if len(computing) == 1:
         console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
@@ -209,6 +222,22 @@ def _links_table(plan: Plan) -> Table:
                       _bytes(link.bytes), _bytes(link.return_bytes),
                       f"{link.predicted_transfer_ms:.3f}")
     return links
+
+
+def _print_leakage(plan: Plan, console: Console) -> None:
+    """What the tensors leaving the device give away about the input, when measured."""
+    source = plan.objective.leakage_data
+    if source is None:
+        return
+    label = "SYNTHETIC random inputs" if source == "synthetic" else source
+    bound = f", bound {plan.objective.max_leakage}" if plan.objective.max_leakage else ""
+    figures = [(name, f) for link in plan.links for name, f in (link.leakage or {}).items()]
+    if not figures:
+        console.print(f"leakage ({label}{bound}): nothing leaves the device")
+    for name, f in figures:
+        console.print(f"leakage of {name} leaving the device ({label}{bound}): dCor "
+                      f"{f['dcor']:.3f} [{f['dcor_low']:.2f}, {f['dcor_high']:.2f}], "
+                      f"reconstruction PSNR {f['psnr_db']:.1f} dB, SSIM {f['ssim']:.3f}")
 
 
 def _print_predictions(result: PartitionResult, console: Console) -> None:

@@ -110,3 +110,14 @@ def test_bounds_and_calibration_files(tmp_path):
     assert leakage.load_samples(path, graph)[graph.inputs[0]].shape == (10, 1, 3, 16, 16)
     onnx.save(graph.model, tmp_path / "m.onnx")
     assert leakage.sample_shapes(tmp_path / "m.onnx", path) == {graph.inputs[0]: (1, 3, 16, 16)}
+
+
+def test_a_constant_tensor_decodes_to_the_mean_and_leaks_nothing():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 6))
+    constant = np.ones((40, 7)) * 3.0
+    train, test = np.arange(20), np.arange(20, 40)
+    with np.errstate(all="raise"):
+        guess = stats.ridge_reconstruct(constant @ constant.T, x, train, test)
+    np.testing.assert_allclose(guess, np.repeat(x[train].mean(axis=0)[None], 20, axis=0))
+    assert stats.dcor(dist(x), dist(constant)) == 0.0

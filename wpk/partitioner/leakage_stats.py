@@ -69,18 +69,21 @@ def dcor_band(a: np.ndarray, b: np.ndarray, reps: int = 100, level: float = 0.95
 
 # -- reconstruction attack --------------------------------------------------------------------
 def _kernel_blocks(gram: np.ndarray, train: np.ndarray, test: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Train/train and test/train kernels of the features centred on the training mean, plus
-    a constant feature of their typical size (a nearly free intercept that keeps the kernel
-    full rank along the constant direction, so leave-one-out stays exact)."""
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Train/train and test/train kernels of the features centred on the training mean and
+    scaled to unit mean norm, plus a constant feature of that size (a nearly free intercept
+    that keeps the kernel full rank along the constant direction, so leave-one-out stays
+    exact). None when the features do not vary: nothing to decode."""
     k = gram[np.ix_(train, train)]
     ks = gram[np.ix_(test, train)]
     col = k.mean(axis=0)
     total = k.mean()
     k = k - k.mean(axis=1)[:, None] - col[None, :] + total
     ks = ks - ks.mean(axis=1)[:, None] - col[None, :] + total
-    bias = max(float(np.trace(k)) / len(train), 1e-300)
-    return k + bias, ks + bias
+    scale = float(np.trace(k)) / len(train)
+    if not scale > 1e-12 * max(float(np.abs(np.diag(gram)).max()), 1e-300):
+        return None
+    return k / scale + 1.0, ks / scale + 1.0
 
 
 def _loo_error(s: np.ndarray, u: np.ndarray, proj: np.ndarray, lam: float) -> float:
@@ -96,9 +99,12 @@ def ridge_reconstruct(gram: np.ndarray, targets: np.ndarray, train: np.ndarray,
                       test: np.ndarray) -> np.ndarray:
     """The test rows of `targets` as a linear decoder fitted on the train rows predicts them
     from the tensor (dual form: only the Gram matrix of the tensor is needed)."""
-    k, ks = _kernel_blocks(gram.astype(np.float64), train, test)
+    blocks = _kernel_blocks(gram.astype(np.float64), train, test)
     y = targets[train].astype(np.float64)
     mean = y.mean(axis=0)
+    if blocks is None:
+        return np.repeat(mean[None, :], len(test), axis=0)
+    k, ks = blocks
     y = y - mean
     s, u = np.linalg.eigh((k + k.T) / 2)
     s = np.maximum(s, 0.0)

@@ -78,13 +78,15 @@ def plot_leakage(report, graph, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(graph.producer.get(name, -1) + 1, t) for name, t in report.tensors.items()]
+    varying = _input_dependent(graph)
+    rows = [(graph.producer.get(name, -1) + 1, t) for name, t in report.tensors.items()
+            if name in varying]
     x = np.array([r[0] for r in rows])
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.fill_between(x, [t.dcor_low for _, t in rows], [t.dcor_high for _, t in rows],
                     color="tab:blue", alpha=0.25, step="mid", label="dCor 95% band")
     ax.plot(x, [t.dcor for _, t in rows], ".", color="tab:blue", ms=3, label="dCor")
-    ax.set_xlabel("cut position (producer node, topological order)")
+    ax.set_xlabel("cut position (producer node, topological order; constants left out)")
     ax.set_ylabel("distance correlation with the input")
     ax.set_ylim(0, 1.05)
     right = ax.twinx()
@@ -96,6 +98,15 @@ def plot_leakage(report, graph, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _input_dependent(graph) -> set[str]:
+    """Tensors computed from the input (the rest are constants: they leak nothing)."""
+    found = set(graph.inputs)
+    for node in graph.nodes:
+        if any(t in found for t in node.inputs):
+            found.update(node.outputs)
+    return found
 
 
 def plot_reconstructions(graph, samples, names: list[str], path: Path, count: int = 5) -> None:
@@ -124,7 +135,7 @@ def plot_reconstructions(graph, samples, names: list[str], path: Path, count: in
     plt.close(fig)
 
 
-def bound_table(model: Path, report, bounds: list[float]) -> list[dict]:
+def bound_table(model: Path, report, bounds: list[float], link: str) -> list[dict]:
     """Latency of the device/edge plan (640x640 input) under each dCor bound."""
     from wpk.errors import WpkError
     from wpk.partitioner.api import partition
@@ -132,21 +143,21 @@ def bound_table(model: Path, report, bounds: list[float]) -> list[dict]:
     rows = []
     for bound in [None] + bounds:
         try:
-            result = partition(model, ["device", "edge"], links=["device-edge=20mbit,10ms"],
+            result = partition(model, ["device", "edge"], links=[link],
                                input_shapes={"x": (1, 3, 640, 640)}, use_calibration=False,
                                verify=False, leakage=report,
                                max_leakage=None if bound is None else f"dcor={bound}")
         except WpkError as error:
             rows.append({"bound": bound, "error": str(error)})
             continue
-        link = result.plan.links[0] if result.plan.links else None
-        crossing = (link.leakage or {}) if link else {}
-        rows.append({"bound": bound, "latency_ms": result.plan.predicted["latency_ms"],
+        used = result.plan.links[0] if result.plan.links else None
+        crossing = (used.leakage or {}) if used else {}
+        rows.append({"link": link, "bound": bound, "latency_ms": result.plan.predicted["latency_ms"],
                      "device_nodes": len(result.plan.tiers[0].nodes),
                      "tensors": list(crossing),
                      "max_dcor": max((f["dcor"] for f in crossing.values()), default=None),
                      "max_psnr_db": max((f["psnr_db"] for f in crossing.values()), default=None),
-                     "bytes": link.bytes if link else 0})
+                     "bytes": used.bytes if used else 0})
     return rows
 
 
@@ -167,21 +178,27 @@ def main() -> int:
     start = time.perf_counter()
     report = leakage.measure(graph, samples, f"scikit-image crops {args.size}px",
                              reps=args.reps, progress=lambda s: print(s, file=sys.stderr))
+    print(f"{sum(n in _input_dependent(graph) for n in report.tensors)} of them computed "
+          f"from the input")
     print(f"model {model.name}: {len(graph.nodes)} nodes, {len(report.tensors)} candidate "
           f"tensors, {args.samples} samples, measured in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"report": report.to_json()}, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     plot_leakage(report, graph, args.out / "privacy-leakage-ppocr-det.png")
     names = list(report.tensors)
-    shallow, deep = names[1], _deepest_feature(graph, report)
+    first_reader = graph.nodes[graph.consumers[graph.inputs[0]][0]]
+    shallow, deep = first_reader.outputs[0], _deepest_feature(graph, report)
     plot_reconstructions(graph, samples, [shallow, deep],
                          args.out / "privacy-reconstruction-ppocr-det.png")
     for name in [names[0], shallow, deep]:
         t = report.tensors[name]
         print(f"{name}: dCor {t.dcor:.3f} [{t.dcor_low:.2f}, {t.dcor_high:.2f}] "
               f"PSNR {t.psnr_db:.1f} dB SSIM {t.ssim:.3f}")
-    rows = bound_table(model, report, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    rows = [row for link in ("device-edge=1gbit,2ms", "device-edge=100mbit,5ms")
+            for row in bound_table(model, report, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], link)]
     for row in rows:
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"report": report.to_json(), "bounds": rows}, indent=1))
     return 0

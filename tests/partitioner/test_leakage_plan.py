@@ -83,3 +83,19 @@ def test_cli_writes_the_figures_into_a_plan_that_loads(tmp_path, capsys):
     assert err.count("\n") == 1 and "--max-leakage psnr=0; the tightest possible is psnr=" in err
     assert main(args + ["--force", "--max-leakage", "size=3"]) == 2
     assert "bad --max-leakage 'size=3'" in capsys.readouterr().err
+
+
+def test_the_leakage_front_is_exact_point_by_point(graph_and_report):
+    graph, report = graph_and_report
+    result = partition(graph, ["device", "edge"], links=LINK, use_calibration=False,
+                       pins={"gemm_77": "edge"}, leakage=report, verify=False, with_front=True)
+    front = result.leakage_front
+    assert len(front) >= 3 and result.leakage_metric == "dcor"
+    assert front[0][0] == pytest.approx(result.plan.predicted["latency_ms"])
+    for (latency, worst, _), (next_latency, next_worst, _) in zip(front, front[1:]):
+        assert next_worst < worst and next_latency >= latency - 1e-9
+    for latency, worst, _ in front[1:]:     # each point: the fastest plan within its leakage
+        plan = plan_with(graph, report, f"dcor={worst}")
+        assert plan.predicted["latency_ms"] == pytest.approx(latency, abs=1e-6)
+    with pytest.raises(WpkError, match="tightest possible"):
+        plan_with(graph, report, f"dcor={front[-1][1] - 1e-9}")

@@ -56,6 +56,9 @@ class PartitionResult:
     top: list[Configuration] = field(default_factory=list)
     front: list[search.Evaluation] = field(default_factory=list)
     out_dir: Path | None = None
+    # with --pareto and leakage measured: (latency ms, highest figure leaving the device, tiers)
+    leakage_front: list[tuple[float, float | None, np.ndarray]] = field(default_factory=list)
+    leakage_metric: str = "dcor"
 
 
 def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
@@ -202,6 +205,9 @@ def execute(request: PartitionRequest) -> PartitionResult:
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:request.top] if request.top else [],
                              search.non_dominated(fronts))
+    if request.with_front and report is not None:
+        result.leakage_metric = leakage_plan.front_metric(request.max_leakage)
+        result.leakage_front = leakage_plan.front(best.problem, report, result.leakage_metric)
     if out_dir is not None:
         write_plan(result, out_dir, verify=request.verify)
     return result

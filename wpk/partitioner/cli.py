@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print up to N best configurations (each candidate machine's "
                         "optimum and next-best cuts beside the plan's)")
     parser.add_argument("--pareto", action="store_true",
-                        help="print the latency / bytes-beyond-edge front")
+                        help="print the latency / bytes-beyond-edge front (and, with leakage "
+                             "measured, the latency / leakage front)")
     parser.add_argument("-o", "--output", help="output directory (default: <model>_plan)")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier plan, slices or report at the outputs")
@@ -192,6 +193,8 @@ def print_result(result: PartitionResult, console: Console) -> None:
         _print_top(result, console)
     if result.front:
         console.print(_front_table(result))
+    if result.leakage_front:
+        console.print(_leakage_front_table(result))
     if result.out_dir is not None:
         console.print(f"wrote {result.out_dir}/plan.json and "
                       f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
@@ -274,6 +277,19 @@ def _front_table(result: PartitionResult) -> Table:
     for point in result.front:
         counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
         front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
+                      " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
+    return front
+
+
+def _leakage_front_table(result: PartitionResult) -> Table:
+    metric = result.leakage_metric
+    front = Table(title=f"latency / leakage leaving the device (front, {metric})",
+                  title_justify="left")
+    for column in ("latency ms", f"highest {metric} leaving the device", "cut (nodes per tier)"):
+        front.add_column(column, justify="right")
+    for latency, worst, tiers in result.leakage_front:
+        counts = [int((tiers == i).sum()) for i in range(len(result.tiers))]
+        front.add_row(f"{latency:.3f}", "nothing leaves" if worst is None else f"{worst:.3f}",
                       " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
     return front
 

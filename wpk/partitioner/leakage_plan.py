@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Callable
 
+import numpy as np
+
 from wpk.errors import ParameterError, WpkError, print_warning
 from wpk.graph import Graph
 from wpk.plan import Plan
@@ -78,6 +80,33 @@ def record(plan: Plan, report: leakage.LeakageReport | None, bound: str | None,
                             if name in report.tensors}
 
 
+def front_metric(bound: str | None) -> str:
+    """The figure a front is drawn in: the bound's, else dCor."""
+    return leakage.parse_bound(bound)[0] if bound else "dcor"
+
+
 def _figures(t: leakage.TensorLeakage) -> dict[str, float]:
     data = t.to_json()
     return {key: data[key] for key in ("dcor", "dcor_low", "dcor_high", "psnr_db", "ssim")}
+
+
+def front(problem: search.Problem, report: leakage.LeakageReport, metric: str
+          ) -> list[tuple[float, float | None, np.ndarray]]:
+    """The latency / leakage front, as (latency ms, highest figure leaving the device, tiers):
+    the fastest plan, then the fastest that leaks strictly less than it, and so on until
+    nothing leaves the device or no plan leaks less (each point an exact min-cut)."""
+    points: list[tuple[float, float | None, np.ndarray]] = []
+    private = problem.private
+    while True:
+        try:
+            tiers = search.min_latency(dataclasses.replace(problem, private=private))
+        except WpkError:
+            return points
+        evaluation = search.evaluate(problem, tiers)
+        crossing = evaluation.forward_tensors[0] if evaluation.forward_tensors else []
+        worst = max((report.tensors[t].value(metric) for t in crossing if t in report.tensors),
+                    default=None)
+        points.append((evaluation.latency_ms, worst, tiers))
+        if worst is None:
+            return points
+        private = private | {n for n, t in report.tensors.items() if t.value(metric) >= worst}

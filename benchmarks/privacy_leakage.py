@@ -169,6 +169,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
+    missing = _missing(("rapidocr_onnxruntime", "skimage", "matplotlib"))
+    if missing:
+        print(f"skipped: needs {', '.join(missing)} (pip install rapidocr-onnxruntime "
+              f"scikit-image matplotlib)")
+        return 0
     from wpk.graph import Graph
     from wpk.partitioner import leakage
 
@@ -202,6 +207,12 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"report": report.to_json(), "bounds": rows}, indent=1))
     return 0
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def _deepest_feature(graph, report) -> str:

@@ -73,3 +73,22 @@ def test_feasible_refuses_a_private_tensor_on_the_device_link():
         private=frozenset({"a"}))
     assert search.feasible(problem, [0, 0]) and search.feasible(problem, [1, 1])
     assert not search.feasible(problem, [0, 1])
+
+
+def test_throughput_objective_falls_back_to_the_min_cut_plan_when_no_ordered_cut_fits():
+    rng = np.random.default_rng(0)
+    fallbacks = 0
+    for _ in range(200):
+        problem = with_private(rng, random_problem(rng, int(rng.integers(3, 8)), 2,
+                                                   deliver_to=int(rng.integers(2))))
+        try:
+            search.min_latency(problem)
+        except WpkError:
+            continue
+        found = search.solve(problem, "throughput")
+        assert search.feasible(problem, found)
+        try:
+            search.max_throughput(problem)
+        except WpkError:
+            fallbacks += 1
+    assert fallbacks > 0

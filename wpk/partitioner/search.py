@@ -466,7 +466,10 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
                                  f"{max_latency_ms:g}", "max_latency_ms")
         if objective == "latency":
             return fastest.tiers
-        candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        try:
+            candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        except WpkError:   # no cut along the topological order meets the constraints
+            candidates = [fastest]
         if max_latency_ms is not None:   # the fastest plan always meets it (checked above)
             candidates = [c for c in candidates if c.latency_ms <= max_latency_ms]
         return min(candidates, key=lambda e: (round(e.bottleneck_ms, 9), e.latency_ms)).tiers

@@ -64,12 +64,19 @@ class Objective:
     deliver_to: str | None = None    # tier that receives the model outputs (None: the first)
     max_latency_ms: float | None = None
     max_batch: int = 1               # throughput planned for batches of up to this many
+    max_leakage: str | None = None   # bound on the tensors leaving the device: "dcor=0.3"
+    leakage_data: str | None = None  # the calibration file leakage was measured on, or
+    #                                  "synthetic"; None when not measured
 
     def to_json(self) -> dict[str, Any]:
         data = {"name": self.name, "privacy": self.privacy, "deliver_to": self.deliver_to,
                 "max_latency_ms": self.max_latency_ms}
         if self.max_batch > 1:       # version 2 only
             data["max_batch"] = self.max_batch
+        if self.max_leakage is not None:   # only when set: plans without them read as before
+            data["max_leakage"] = self.max_leakage
+        if self.leakage_data is not None:
+            data["leakage_data"] = self.leakage_data
         return data
 
     @classmethod
@@ -78,7 +85,9 @@ class Objective:
         defaults = cls()
         return cls(data.get("name", defaults.name), data.get("privacy", defaults.privacy),
                    data.get("deliver_to"), data.get("max_latency_ms"),
-                   data.get("max_batch", defaults.max_batch))
+                   max_batch=data.get("max_batch", defaults.max_batch),
+                   max_leakage=data.get("max_leakage"),
+                   leakage_data=data.get("leakage_data"))
 
 
 @dataclass
@@ -122,11 +131,16 @@ class LinkPlan:
     predicted_transfer_ms: float     # forward + return serialization + RTT share
     via: list[str] = field(default_factory=list)  # unused tiers the link passes through
     codec: str = "raw"
+    # links from the device, when leakage was measured: per forward tensor, what it gives
+    # away about the input (dcor, dcor_low, dcor_high, psnr_db, ssim)
+    leakage: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["from"] = data.pop("src")
         data["to"] = data.pop("dst")
+        if data["leakage"] is None:
+            del data["leakage"]
         return data
 
     @classmethod

@@ -18,9 +18,10 @@ from wpk.files import check_outputs
 from wpk.graph import Graph
 from wpk.plan import BATCHING_VERSION, LinkPlan, Objective, Plan, SourceModel, TierPlan
 from wpk.tiers import Tiers, load_tiers
-from wpk.partitioner import search, slicing
+from wpk.partitioner import leakage_plan, search, slicing
 from wpk.partitioner.batch import BatchView, batch_view, pair_measured, with_batching
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
+from wpk.partitioner.leakage import LeakageReport
 from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
 __all__ = ["OBJECTIVES", "PRIVACY_MODES", "Configuration", "PartitionRequest", "PartitionResult",
@@ -58,14 +59,19 @@ class PartitionResult:
     front: list[search.Evaluation] = field(default_factory=list)
     out_dir: Path | None = None
     batch: BatchView | None = None       # with --max-batch: what can batch, and its costs
+    # with --pareto and leakage measured: (latency ms, highest figure leaving the device, tiers)
+    leakage_front: list[tuple[float, float | None, np.ndarray]] = field(default_factory=list)
+    leakage_metric: str = "dcor"
 
 
 def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
                   privacy: bool = True, deliver_to: int = 0,
                   pins: Mapping[str, str] | None = None,
-                  batch: BatchView | None = None) -> search.Problem:
+                  batch: BatchView | None = None,
+                  private: frozenset[str] = frozenset()) -> search.Problem:
     """The search problem: compute per node and tier, tensors, links, constraints; with
-    `batch` (and costs that have `batched_ms`), tiers may run batches."""
+    `batch` (and costs that have `batched_ms`), tiers may run batches; tensors in
+    `private` may not cross the device's link."""
     n, n_tiers = len(graph.nodes), len(tiers)
     node_ms = np.column_stack([c.node_ms for c in costs]) if n else np.zeros((0, n_tiers))
     tensors = _tensor_edges(graph, batch)
@@ -95,7 +101,7 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
     beyond = np.array([tiers[k].role == "cloud" or tiers[k + 1].role == "cloud"
                        for k in range(len(links))], dtype=bool)
     problem = search.Problem(node_ms, tensors, per_byte, rtt, beyond, lowest, highest,
-                             deliver_to)
+                             deliver_to, private=private)
     if batch is not None and batch.max_batch > 1 and n:
         problem.batched_ms = np.column_stack([c.batched_ms for c in costs])
         problem.batchable = batch.batchable.copy()
@@ -156,7 +162,10 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
               efficiency: Efficiency | None = None, use_calibration: bool = True,
               out_dir: str | Path | None = None, verify: bool = True, top: int = 0,
               with_front: bool = False, force: bool = False,
-              other_inputs: Sequence[str | Path] = ()) -> PartitionResult:
+              other_inputs: Sequence[str | Path] = (), max_leakage: str | None = None,
+              calibration_data: str | Path | None = None,
+              leakage_samples: int | None = None,
+              leakage: LeakageReport | None = None) -> PartitionResult:
     """Choose the cuts, write the slices and plan.json to `out_dir` (if given), return all.
 
     The keyword form of `execute(PartitionRequest(...))`: each keyword is the request field
@@ -168,7 +177,9 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
         privacy=privacy, deliver_to=deliver_to, pins=dict(pins or {}), max_batch=max_batch,
         measured=measured,
         efficiency=efficiency, use_calibration=use_calibration, out_dir=out_dir, verify=verify,
-        force=force, other_inputs=other_inputs, top=top, with_front=with_front))
+        force=force, other_inputs=other_inputs, top=top, with_front=with_front,
+        max_leakage=max_leakage, calibration_data=calibration_data,
+        leakage_samples=leakage_samples, leakage=leakage))
 
 
 def execute(request: PartitionRequest) -> PartitionResult:
@@ -192,7 +203,15 @@ def execute(request: PartitionRequest) -> PartitionResult:
                       force=request.force)
     batch = batch_view(graph, request.max_batch) if request.max_batch > 1 else None
     candidates = _cost_candidates(graph, tiers, request, batch)
-    found, shown, fronts = _search(graph, tiers, candidates, deliver, request, batch)
+    report = leakage_plan.report_for(graph, request)
+    private = leakage_plan.private_for(report, request.max_leakage)
+    if private:
+        leakage_plan.check_bound(lambda p: build_problem(
+            graph, tiers, [c[0] for c in candidates],
+            privacy=request.keeps_raw_input_on_device,
+            deliver_to=deliver, pins=request.pins, private=p), report, request.max_leakage)
+    found, shown, fronts = _search(graph, tiers, candidates, deliver, request, batch,
+                                   private)
     objective = request.objective
     best = min(found, key=lambda c: c.key(objective))
     ranked = _distinct(sorted([best] + found + shown, key=lambda c: c.key(objective)))
@@ -207,9 +226,14 @@ def execute(request: PartitionRequest) -> PartitionResult:
                       request.max_latency_ms, single)
     if batch is not None:
         record_batching(plan, graph, tiers, pieces, best, batch)
+    leakage_plan.record(plan, report, request.max_leakage, tiers.names[0])
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:request.top] if request.top else [],
                              search.non_dominated(fronts), batch=batch)
+    if request.with_front and report is not None:
+        result.leakage_metric = leakage_plan.front_metric(request.max_leakage)
+        result.leakage_front = leakage_plan.front(best.problem, report,
+                                                  result.leakage_metric)
     if out_dir is not None:
         write_plan(result, out_dir, verify=request.verify)
     return result
@@ -243,7 +267,8 @@ def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest,
 
 
 def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliver: int,
-            request: PartitionRequest, batch: BatchView | None = None
+            request: PartitionRequest, batch: BatchView | None = None,
+            private: frozenset[str] = frozenset()
             ) -> tuple[list[Configuration], list[Configuration], list[search.Evaluation]]:
     """The search's answer for each choice of machines; with --top / --pareto also more
     cuts to show (never chosen, so that what is printed does not change the plan)."""
@@ -254,7 +279,8 @@ def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliv
     for machines in itertools.product(*candidates):
         problem = build_problem(graph, tiers, machines,
                                 privacy=request.keeps_raw_input_on_device,
-                                deliver_to=deliver, pins=request.pins, batch=batch)
+                                deliver_to=deliver, pins=request.pins, batch=batch,
+                                private=private)
         tiers_found = search.solve(problem, request.objective, bound)
         found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
         if request.ranks_alternatives:

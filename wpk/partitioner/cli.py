@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "plan). Default 1: no batching")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="raw-input-on-device",
                         help="raw-input-on-device (default): the model input never crosses a link")
+    parser.add_argument("--max-leakage", metavar="METRIC=VALUE",
+                        help="bound what leaves the device: every tensor crossing its link must "
+                             "have dcor, psnr (dB) or ssim at most VALUE (e.g. dcor=0.3; see "
+                             "docs/privacy.md)")
+    parser.add_argument("--calibration-data", metavar="NPZ",
+                        help="real inputs to measure leakage on: one array per model input, "
+                             "samples first (without it: random inputs, labelled synthetic)")
+    parser.add_argument("--leakage-samples", type=cli_args.positive_int, metavar="N",
+                        help="measure leakage on the first N calibration samples")
     parser.add_argument("--deliver-to", metavar="TIER",
                         help="tier that needs the results (default: the first tier)")
     parser.add_argument("--pin", action="append", default=[], metavar="NODE=TIER",
@@ -60,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print up to N best configurations (each candidate machine's "
                         "optimum and next-best cuts beside the plan's)")
     parser.add_argument("--pareto", action="store_true",
-                        help="print the latency / bytes-beyond-edge front")
+                        help="print the latency / bytes-beyond-edge front (and, with leakage "
+                             "measured, the latency / leakage front)")
     parser.add_argument("-o", "--output", help="output directory (default: <model>_plan)")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier plan, slices or report at the outputs")
@@ -121,7 +131,10 @@ def request_from_args(args: argparse.Namespace) -> PartitionRequest:
         max_batch=args.max_batch, measured=measured, use_calibration=not args.no_calibrate,
         out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
         verify=not args.no_verify, force=args.force,
-        other_inputs=[path for _tier, path in profiles], top=args.top, with_front=args.pareto)
+        other_inputs=[path for _tier, path in profiles] + (
+            [args.calibration_data] if args.calibration_data else []),
+        top=args.top, with_front=args.pareto, max_leakage=args.max_leakage,
+        calibration_data=args.calibration_data, leakage_samples=args.leakage_samples)
 
 
 @cli_entry
@@ -170,6 +183,7 @@ def print_result(result: PartitionResult, console: Console) -> None:
     console.print(_tiers_table(plan))
     if plan.links:
         console.print(_links_table(plan))
+    _print_leakage(plan, console)
     computing = [tier for tier in plan.tiers if tier.nodes]
     if len(computing) == 1:
         console.print(f"One tier is best for everything: all {len(result.graph.nodes)} nodes "
@@ -186,6 +200,8 @@ def print_result(result: PartitionResult, console: Console) -> None:
         _print_top(result, console)
     if result.front:
         console.print(_front_table(result))
+    if result.leakage_front:
+        console.print(_leakage_front_table(result))
     if result.out_dir is not None:
         console.print(f"wrote {result.out_dir}/plan.json and "
                       f"{', '.join(t.slice for t in plan.tiers if t.slice)}")
@@ -216,6 +232,22 @@ def _links_table(plan: Plan) -> Table:
                       _bytes(link.bytes), _bytes(link.return_bytes),
                       f"{link.predicted_transfer_ms:.3f}")
     return links
+
+
+def _print_leakage(plan: Plan, console: Console) -> None:
+    """What the tensors leaving the device give away about the input, when measured."""
+    source = plan.objective.leakage_data
+    if source is None:
+        return
+    label = "SYNTHETIC random inputs" if source == "synthetic" else source
+    bound = f", bound {plan.objective.max_leakage}" if plan.objective.max_leakage else ""
+    figures = [(name, f) for link in plan.links for name, f in (link.leakage or {}).items()]
+    if not figures:
+        console.print(f"leakage ({label}{bound}): nothing leaves the device")
+    for name, f in figures:
+        console.print(f"leakage of {name} leaving the device ({label}{bound}): dCor "
+                      f"{f['dcor']:.3f} [{f['dcor_low']:.2f}, {f['dcor_high']:.2f}], "
+                      f"reconstruction PSNR {f['psnr_db']:.1f} dB, SSIM {f['ssim']:.3f}")
 
 
 def _print_predictions(result: PartitionResult, console: Console) -> None:
@@ -276,6 +308,19 @@ def _front_table(result: PartitionResult) -> Table:
     for point in result.front:
         counts = [int((point.tiers == i).sum()) for i in range(len(result.tiers))]
         front.add_row(f"{point.latency_ms:.3f}", _bytes(point.bytes_beyond_edge),
+                      " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
+    return front
+
+
+def _leakage_front_table(result: PartitionResult) -> Table:
+    metric = result.leakage_metric
+    front = Table(title=f"latency / leakage leaving the device (front, {metric})",
+                  title_justify="left")
+    for column in ("latency ms", f"highest {metric} leaving the device", "cut (nodes per tier)"):
+        front.add_column(column, justify="right")
+    for latency, worst, tiers in result.leakage_front:
+        counts = [int((tiers == i).sum()) for i in range(len(result.tiers))]
+        front.add_row(f"{latency:.3f}", "nothing leaves" if worst is None else f"{worst:.3f}",
                       " / ".join(f"{t.name} {c}" for t, c in zip(result.tiers.tiers, counts)))
     return front
 

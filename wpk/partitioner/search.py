@@ -63,6 +63,7 @@ class Problem:
     batched_ms: np.ndarray | None = None  # [n_nodes, n_tiers]
     batchable: np.ndarray | None = None   # [n_nodes] bool
     max_batch: int = 1
+    private: frozenset[str] = frozenset()  # tensors that may not cross link 0 (leakage bound)
 
     @property
     def batching(self) -> bool:
@@ -191,7 +192,16 @@ def feasible(problem: Problem, tiers: Sequence[int]) -> bool:
         src = 0 if tensor.producer < 0 else tiers[tensor.producer]
         if any(tiers[c] < src for c in tensor.consumers):
             return False
+        if tensor.name in problem.private and src == 0 and _needed_beyond_device(
+                problem, tiers, tensor):
+            return False
     return True
+
+
+def _needed_beyond_device(problem: Problem, tiers: np.ndarray, tensor: TensorEdge) -> bool:
+    """Does some consumer (or the tier receiving the outputs) lie beyond tier 0?"""
+    return any(tiers[c] > 0 for c in tensor.consumers) or (
+        tensor.is_output and problem.deliver_to > 0)
 
 
 # -- exact minimum latency by minimum s-t cut -----------------------------------------------
@@ -259,6 +269,7 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
             cut.add(_S, y, float(problem.link_rtt_ms[link]))
             for v in range(n):
                 cut.add(y, ("x", v, k), None)
+    _add_private_terms(cut, problem)
     try:
         _, (source_side, _) = nx.minimum_cut(cut.graph, _S, _T)
     except nx.NetworkXUnbounded:
@@ -268,6 +279,26 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
     for v in range(n):
         tiers[v] = sum(1 for k in range(1, n_tiers) if ("x", v, k) not in source_side)
     return tiers
+
+
+def _add_private_terms(cut: _CutGraph, problem: Problem) -> None:
+    """A private tensor never crosses link 0: its producer and consumers sit on the same side
+    of boundary 1 (an infinite edge each way), so the cut stays exact."""
+    for tensor in problem.tensors:
+        if tensor.name not in problem.private:
+            continue
+        beyond = tensor.is_output and problem.deliver_to > 0
+        if tensor.producer < 0:
+            for c in tensor.consumers:
+                cut.add(_S, ("x", c, 1), None)      # read on the device only
+            if beyond:
+                cut.add(_S, _T, None)               # the raw output must leave: impossible
+            continue
+        src = ("x", tensor.producer, 1)
+        for c in tensor.consumers:
+            cut.add(src, ("x", c, 1), None)         # x[c,1] <= x[p,1] (>= is monotonicity)
+        if beyond:
+            cut.add(src, _T, None)                  # made beyond the device
 
 
 def _add_node_terms(cut: _CutGraph, problem: Problem, k: int) -> None:
@@ -330,6 +361,18 @@ def _crossing_bytes(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
             if tensor.is_output and k >= d:
                 ret[k, :first] += tensor.nbytes
     return fwd, ret
+
+
+def _private_crossings(problem: Problem) -> np.ndarray:
+    """Boundary-0 positions p (nodes before p on the device) where a private tensor crosses."""
+    n = problem.n_nodes
+    mask = np.zeros(n + 1, dtype=bool)
+    for tensor in problem.tensors:
+        if tensor.name in problem.private:
+            end = n if (tensor.is_output and problem.deliver_to > 0) \
+                else max(tensor.consumers, default=-1)
+            mask[tensor.producer + 1:end + 1] = True
+    return mask
 
 
 class _Segments:
@@ -395,6 +438,8 @@ class _ThroughputSearch:
         self.segments = _Segments(problem)
         fwd, ret = _crossing_bytes(problem)
         self.link_stage = (fwd + ret) * problem.link_ms_per_byte[:, None]        # [T-1, n+1]
+        if n_tiers > 1:     # a private tensor would cross the device's link there
+            self.link_stage[0, _private_crossings(problem)] = np.inf
         # latency of link k when boundary k sits before node p: serialization plus half an
         # RTT per direction crossed (forward when anything lies beyond or results go there;
         # back when something beyond answers results that come back)
@@ -554,7 +599,10 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
                                  f"{max_latency_ms:g}", "max_latency_ms")
         if objective == "latency":
             return fastest.tiers
-        candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        try:
+            candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        except WpkError:   # no cut along the topological order meets the constraints
+            candidates = [fastest]
         if max_latency_ms is not None:   # the fastest plan always meets it (checked above)
             candidates = [c for c in candidates if c.latency_ms <= max_latency_ms]
         return min(candidates, key=lambda e: (round(e.bottleneck_ms, 9), e.latency_ms)).tiers

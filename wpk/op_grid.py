@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 GRIDS = ("default", "full")
 OPSET = 17
@@ -56,7 +56,7 @@ class OpCase:
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = 9
-        return model
+        return shape_inference.infer_shapes(model)   # the output's shape, as files have it
 
 
 def _dims(shape: tuple[int, ...]) -> str:

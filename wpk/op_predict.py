@@ -111,8 +111,8 @@ class Predictor:
                 candidates += self._nearest_kernels("conv", size)
             candidates += ["conv-k3"]
         else:
-            candidates = list(STAND_INS.get(kind, ("binary",)))
-        return next((c for c in candidates if c in self.curves), None)
+            candidates = list(STAND_INS.get(kind, ()))
+        return next((c for c in candidates + ["binary"] if c in self.curves), None)
 
     def _nearest_kernels(self, kind: str, size: int) -> list[str]:
         """The table's `kind` families, nearest kernel size first."""

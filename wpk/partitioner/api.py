@@ -202,7 +202,7 @@ def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest
     candidates = [list(measured[tier.name]) if tier.name in measured
                   else [estimated_costs(graph, tier, efficiency)] for tier in tiers.tiers]
     if unknown:
-        raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
+        raise WpkError(f"profile or latency table for unknown tier {sorted(unknown)[0]!r} "
                        f"(tiers: {', '.join(tiers.names)})")
     for tier_candidates in candidates:
         for costs in tier_candidates:

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="append", default=[], metavar="TIER=FILE",
                         help="plan TIER with node times measured by wpk-profile; repeat a tier "
                              "for candidate machines")
+    parser.add_argument("--latency-table", action="append", default=[], metavar="TIER=FILE",
+                        help="plan TIER with node times predicted from a latency table "
+                             "(wpk-profile --ops on its machine); repeat a tier for "
+                             "candidate machines")
     parser.add_argument("--profile-local", metavar="TIER",
                         help="profile the model on this machine and use it for TIER")
     parser.add_argument("--top", type=cli_args.non_negative_int, default=0, metavar="N",
@@ -105,10 +109,11 @@ def request_from_args(args: argparse.Namespace) -> PartitionRequest:
     tier_names = _tier_names(args)
     graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
     profiles = _pairs(args.profile, "--profile")
+    tables = _pairs(args.latency_table, "--latency-table")
     # warnings go with the tables, or to stderr when stdout carries JSON
     extra = {"warn": warn_to_stderr} if args.json else {}
     measured = measured_costs_from_args(graph, profiles, args.profile_local, args.input_shape,
-                                        **extra)
+                                        tables=tables, **extra)
     return PartitionRequest(
         model=graph, tiers=tier_names, tiers_file=args.tiers_file, links=args.link,
         codecs=args.codec, objective=args.objective, max_latency_ms=args.max_latency_ms,
@@ -116,7 +121,8 @@ def request_from_args(args: argparse.Namespace) -> PartitionRequest:
         measured=measured, use_calibration=not args.no_calibrate,
         out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
         verify=not args.no_verify, force=args.force,
-        other_inputs=[path for _tier, path in profiles], top=args.top, with_front=args.pareto)
+        other_inputs=[path for _tier, path in profiles + tables], top=args.top,
+        with_front=args.pareto)
 
 
 @cli_entry

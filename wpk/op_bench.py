@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -228,9 +228,11 @@ def time_operators(kind: str = "default", provider: str = "cpu", threads: int | 
                    runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP,
                    name: str | None = None, progress: bool = True, optimization: str = "all",
                    cases: Sequence[OpCase] | None = None,
-                   rounds: int = DEFAULT_ROUNDS) -> dict[str, Any]:
+                   rounds: int = DEFAULT_ROUNDS,
+                   between_rounds: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Time the `kind` grid (or `cases`) here, `rounds` times over; returns the table
-    document (docs/op-tables.md)."""
+    document (docs/op-tables.md). `between_rounds(r)` runs after pass r (a benchmark
+    measures its models there, interleaved with the table's passes)."""
     if runs < 1 or warmup < 0 or rounds < 1:
         raise WpkError("--runs and --rounds must be at least 1 and --warmup at least 0")
     full_provider = resolve_provider(provider)
@@ -244,11 +246,13 @@ def time_operators(kind: str = "default", provider: str = "cpu", threads: int | 
         timings: list[list[_Timing]] = [[] for _ in prepared]
         bar, task = progress_bar(progress, rounds * len(prepared), "timing operators")
         with bar:
-            for _ in range(rounds):         # rounds interleaved: a busy minute hits each once
+            for round_ in range(rounds):    # rounds interleaved: a busy minute hits each once
                 for item, case_timings in zip(prepared, timings):
                     case_timings.append(timer.time(item.case.model(), item.case.name,
                                                    int(item.bytes)))
                     bar.advance(task)
+                if between_rounds is not None:
+                    between_rounds(round_)
         entries = [entry for item, case_timings in zip(prepared, timings)
                    for entry in _entries(item, _lowest(case_timings), on_cpu, overhead["run"])]
         document = _document(kind, cases_given, full_provider, threads, runs, warmup, name,

@@ -77,3 +77,23 @@ def test_stand_ins_warn_and_bad_tables_are_one_line(mlp_path, tmp_path, capsys):
                      "-o", str(tmp_path / "b")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_latency_bound_only_one_machine_meets_picks_it(mlp_path, tables, tmp_path, capsys):
+    """With candidate machines for a tier, a bound that the slower one cannot meet is not
+    impossible: the faster one is chosen (it once failed on the first machine tried)."""
+    common = [str(mlp_path), "--tiers", "device,edge", "--link", "device-edge=1gbit,0.1ms",
+              "--no-calibrate", "--latency-table", f"device={tables['pi']}",
+              "--latency-table", f"edge={tables['box-a']}"]
+    assert main(common + ["--latency-table", f"edge={tables['box-b']}",
+                          "-o", str(tmp_path / "both")]) == 0
+    fastest = plan_of(tmp_path / "both")["predicted"]["latency_ms"]
+    bound = f"{fastest * 1.01:.6f}"
+    assert main(common + ["--latency-table", f"edge={tables['box-b']}", "--max-latency-ms",
+                          bound, "-o", str(tmp_path / "bound")]) == 0
+    assert plan_of(tmp_path / "bound")["tiers"][-1]["machine"] == "box-b"
+    assert main(common + ["--max-latency-ms", bound, "-o", str(tmp_path / "slow")]) == 2
+    assert "impossible constraint: the fastest plan takes" in capsys.readouterr().err
+    assert main(common + ["--latency-table", f"edge={tables['box-b']}", "--max-latency-ms",
+                          f"{fastest / 2:.6f}", "-o", str(tmp_path / "none")]) == 2
+    assert f"takes {fastest:.2f} ms on any choice of machines" in capsys.readouterr().err

@@ -264,6 +264,11 @@ class Graph:
         """The value of one of the node's ONNX attributes, or `default`."""
         return _attr(self._protos[node.index], name, default)
 
+    def input_slots(self, node: NodeInfo) -> list[str]:
+        """The node's inputs by position, skipped optional ones as "" (`inputs` drops
+        them)."""
+        return list(self._protos[node.index].input)
+
     @property
     def total_flops(self) -> float:
         return float(sum(n.flops for n in self.nodes))

@@ -109,14 +109,18 @@ class _Walk:
             if channels is None or channels % self.block:
                 return False
             return self._start(node, data, True, _Blocked(channels))
-        if not data or any(t not in self.blocked for t in data):
+        if not data or data[0] not in self.blocked:
             return False
         return self._follow(node, data)
 
     def _start(self, node: NodeInfo, data: list[str], reorder: bool,
                state: _Blocked) -> bool:
+        """A blocked operator: its input reordered in (or, for a convolution that reads
+        the plain layout, a blocked input reordered out); its output blocked."""
         if reorder and data[0] not in self.blocked:
             self._reorder(node, data[0], self.reordered_in)
+        elif not reorder and data[0] in self.blocked:
+            self._reorder(node, data[0], self.reordered_out)
         for out in node.outputs[:1]:
             self.blocked[out] = state
         return True
@@ -124,6 +128,11 @@ class _Walk:
     def _follow(self, node: NodeInfo, data: list[str]) -> bool:
         """Operators that stay blocked when every input already is."""
         op, first = node.op_type, self.blocked[data[0]]
+        if op in ("Add", "Sum", "Mul", "Concat") and (
+                len(data) < len(node.inputs) or any(t not in self.blocked for t in data)):
+            return False        # every input blocked (a constant operand is not)
+        if op in ("Resize", "Upsample") and not self._nearest_integer_resize(node):
+            return False
         if op in ("Add", "Sum", "Mul"):
             if any(self.blocked[t].channels != first.channels for t in data):
                 return False
@@ -150,6 +159,23 @@ class _Walk:
             self.blocked[node.outputs[0]] = _Blocked(first.channels)
             return True
         return False
+
+    def _nearest_integer_resize(self, node: NodeInfo) -> bool:
+        """The only resizing the transformer blocks: nearest, constant integer scales (and
+        for Resize: asymmetric coordinates, floor rounding, scales rather than sizes)."""
+        def text(name: str, default: str) -> str:
+            value = self.graph.attribute(node, name, default)
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        slots = self.graph.input_slots(node)
+        if node.op_type == "Resize":
+            if len(slots) != 3 or text("coordinate_transformation_mode", "half_pixel") \
+                    != "asymmetric" or text("nearest_mode", "round_prefer_floor") != "floor":
+                return False
+            scales = slots[2]
+        else:
+            scales = slots[1] if len(slots) > 1 else ""
+        return text("mode", "nearest") == "nearest" and scales in self.found.constant
 
     def _single_use_conv(self, tensor: str) -> bool:
         state = self.blocked[tensor]

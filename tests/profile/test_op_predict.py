@@ -139,3 +139,22 @@ def test_a_model_whose_weights_come_from_constant_nodes():
     effects = nchwc_effects(g, found, block=16)
     # in: the plain input; out: the model's output leaves the blocked layout
     assert effects.reorders == {g.node("conv").index: [g.tensor_bytes("x"), g.tensor_bytes("y")]}
+
+
+def test_nchwc_rules_for_constant_operands_and_narrow_convolutions():
+    """An Add of a constant stays plain (its input is reordered out); a convolution with
+    fewer input channels than a block reads the plain layout (a blocked input is reordered
+    out for it), as in ORT's transformer."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "three"], ["a"], name="add_const"),
+             helper.make_node("Conv", ["c", "narrow"], ["n"], name="narrow"),
+             helper.make_node("Conv", ["n", "wide"], ["y"], name="wide")]
+    weights = {"w": (8, 16, 1, 1), "three": (1,), "narrow": (16, 8, 1, 1),
+               "wide": (16, 16, 1, 1)}
+    graph = _model(nodes, [("x", (1, 16, 8, 8))], ["a", "y"], weights)
+    effects = nchwc_effects(graph, fusions(graph), block=16)
+    reordered = {graph.nodes[i].name: b for i, b in effects.reorders.items()}
+    c = graph.tensor_bytes("c")
+    # "c" (8 blocked channels) is reordered out once, for the first plain reader
+    assert reordered == {"conv": [graph.tensor_bytes("x")], "add_const": [c],
+                         "wide": [graph.tensor_bytes("y")]}

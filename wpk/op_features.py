@@ -141,6 +141,10 @@ class Fusions:
     constant: set[str] = field(default_factory=set)
     host: dict[str, str] = field(default_factory=dict)   # tensor -> kind of kernel making it
     fused: dict[int, str] = field(default_factory=dict)
+    # set by wpk.op_patterns: a node that runs as another operator (Erf as the Gelu that
+    # replaces its pattern), and bytes a kernel reads beyond its own node (a skip input)
+    replaced: dict[int, NodeFeatures] = field(default_factory=dict)
+    extra_read: dict[int, int] = field(default_factory=dict)
 
     def _sole_reader(self, tensor: str) -> bool:
         return len(self.graph.consumers.get(tensor, ())) == 1 and \

@@ -8,7 +8,8 @@ slopes pulled toward the family's overall slopes (`RIDGE`), so that between poin
 curve interpolates and beyond them it extrapolates along the local slope (time grows
 linearly with work once a kernel is large, and flattens to a floor when it is tiny).
 
-A node ONNX Runtime fuses into another kernel or folds away (`op_features.fused_nodes`)
+A node ONNX Runtime fuses into another kernel or folds away (`op_features.fusions`,
+`op_patterns.all_fusions`)
 costs nothing of its own; every other node costs its kernel plus the table's per-node
 overhead, and the per-run overhead is shared equally by them, so that the node times add
 up to the predicted whole-model time, as a profile's do. A family the table lacks is read
@@ -22,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wpk.graph import Graph
-from wpk.op_features import ACTIVATION_STAND_INS, NodeFeatures, fusions, log_features, node_features
+from wpk.op_features import ACTIVATION_STAND_INS, NodeFeatures, log_features, node_features
 from wpk.op_layout import nchwc_effects
+from wpk.op_patterns import all_fusions
 from wpk.op_table import OpTable, TableEntry
 
 BANDWIDTH = 0.2       # decades: how far a table point still counts
@@ -149,7 +151,7 @@ class Predictor:
 
     def predict(self, graph: Graph) -> Prediction:
         """Every node's time on the table's machine (see the module's docstring)."""
-        found = fusions(graph)
+        found = all_fusions(graph)
         layout = nchwc_effects(graph, found, self.table.nchwc_block)
         fused = {**found.fused, **layout.fused}
         times = np.zeros(len(graph.nodes))
@@ -157,13 +159,14 @@ class Predictor:
         stand_ins: dict[str, str] = {}
         overhead = 0.0
         for node in graph.nodes:
-            features = node_features(node, graph)
+            features = found.replaced.get(node.index) or node_features(node, graph)
             families.append(features.family)
             reordered = layout.reorders.get(node.index, ())
             overhead += len(reordered) * self.table.node_overhead_ms
             reorders = sum(self.reorder_ms(b) + self.table.node_overhead_ms for b in reordered)
-            if node.index in layout.summed:     # the convolution reads one more tensor
-                reorders += self.sum_ms(layout.summed[node.index])
+            extra = layout.summed.get(node.index, 0) + found.extra_read.get(node.index, 0)
+            if extra:                           # the kernel reads one more tensor
+                reorders += self.sum_ms(extra)
             if node.index in fused:
                 times[node.index] = reorders
                 continue

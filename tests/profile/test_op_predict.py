@@ -158,3 +158,28 @@ def test_nchwc_rules_for_constant_operands_and_narrow_convolutions():
     # "c" (8 blocked channels) is reordered out once, for the first plain reader
     assert reordered == {"conv": [graph.tensor_bytes("x")], "add_const": [c],
                          "wide": [graph.tensor_bytes("y")]}
+
+
+def test_transformer_patterns_fuse_as_onnx_runtime_does():
+    """Erf-based GELU becomes one Gelu kernel; Add -> LayerNormalization one
+    SkipLayerNormalization; a Transpose of the last two axes folds into its MatMul."""
+    from wpk.op_patterns import all_fusions
+
+    nodes = [helper.make_node("Add", ["x", "h"], ["s"], name="skip"),
+             helper.make_node("LayerNormalization", ["s", "g", "b"], ["n"], axis=-1, name="ln"),
+             helper.make_node("Div", ["n", "sqrt2"], ["d"], name="div"),
+             helper.make_node("Erf", ["d"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["e1"], name="plus1"),
+             helper.make_node("Mul", ["n", "e1"], ["m"], name="times_x"),
+             helper.make_node("Mul", ["m", "half"], ["gelu"], name="half"),
+             helper.make_node("Transpose", ["gelu"], ["t"], perm=[0, 2, 1], name="t"),
+             helper.make_node("MatMul", ["n", "t"], ["y"], name="mm")]
+    weights = {"g": (16,), "b": (16,), "sqrt2": (1,), "one": (1,), "half": (1,)}
+    graph = _model(nodes, [("x", (1, 16, 16)), ("h", (1, 16, 16))], ["y"], weights)
+    found = all_fusions(graph)
+    names = {graph.nodes[i].name: why for i, why in found.fused.items()}
+    assert names == {"skip": "fused into SkipLayerNormalization", "div": "fused into Gelu",
+                     "plus1": "fused into Gelu", "times_x": "fused into Gelu",
+                     "half": "fused into Gelu", "t": "fused into MatMul"}
+    assert found.replaced[graph.node("erf").index].family == "act-Gelu"
+    assert found.extra_read == {graph.node("ln").index: graph.tensor_bytes("h")}

@@ -4,10 +4,15 @@ Each case of `wpk.op_grid` runs alone in an ONNX Runtime session set up as `wpk-
 sets one up (provider, intra-op threads, graph optimizations, sequential execution, the
 profiler on). What a case costs inside a model is its *kernel* time from ORT's profiler:
 the layout reorders ORT puts around a lone NCHWc convolution (ReorderInput/ReorderOutput)
-and the session's fixed cost are left out, because inside a network of convolutions the
-tensors stay in that layout and a run pays its fixed cost once. Those two costs are
-measured apart, on chains of 1 and 17 tiny nodes, as `overhead_ms.run` (per session run)
-and `overhead_ms.node` (per kernel, beyond its own time).
+are recorded apart (family `reorder`), and the session's fixed costs are left out, because
+inside a network the tensors mostly stay in that layout and a run pays its fixed cost once.
+Those costs are measured apart, on chains of 1 and 17 tiny nodes, as `overhead_ms.run`
+(per session run) and `overhead_ms.node` (per kernel, beyond its own time).
+
+Before each timed run the caches are set as a layer inside a network finds them (weights
+pushed out, input just written). The grid is timed in `rounds` interleaved passes and each
+case keeps its lowest median; three of wpk's example networks then give the in-network
+scale (`wpk.op_calibrate`).
 
 With a GPU provider the profiler sees only kernel launches, so a case's time is its wall
 time less the run overhead.
@@ -18,8 +23,8 @@ import datetime as dt
 import json
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -31,8 +36,8 @@ from wpk.errors import WpkError, ort_error_line
 from wpk.feeds import random_feeds
 from wpk.graph import Graph
 from wpk.hostinfo import host_info, physical_cores
-from wpk.op_features import node_features
 from wpk.op_calibrate import network_scale
+from wpk.op_features import node_features
 from wpk.op_grid import OpCase, grid
 from wpk.op_table import TABLE_VERSION
 from wpk.profiling import (OPTIMIZATION_LEVELS, kernel_times_per_run, progress_bar,
@@ -141,7 +146,8 @@ class _Timing:
 def _relu_chain(length: int) -> onnx.ModelProto:
     names = ["x"] + [f"r{i}" for i in range(length - 1)] + ["y"]
     nodes = [helper.make_node("Relu", [a], [b]) for a, b in zip(names, names[1:])]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9

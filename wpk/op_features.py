@@ -3,14 +3,15 @@
 One function, `node_features`, describes both the single-operator models that
 `wpk-profile --ops` times and every node of a model whose times are predicted, so that the
 table and the predictor always agree on what a family is. A family groups operators whose
-time follows one curve in FLOPs and bytes: `conv-k3` (dense convolutions with a 3x3 kernel),
-`depthwise-k5`, `grouped-k1` (grouped, not depthwise), `gemm` (a matrix product with constant weights), `matmul` (two activations,
-as attention's), `act-Sigmoid`, `binary`, `copy-Concat` (data movement), `view` (reshapes),
-...
+time follows one curve in FLOPs and bytes: `conv-k3` (dense convolutions with a 3x3
+kernel), `depthwise-k5`, `grouped-k1` (grouped, not depthwise), `gemm` (a matrix product
+with constant weights), `matmul` (two activations, as attention's), `act-Sigmoid`,
+`binary`, `copy-Concat` (data movement), `view` (reshapes), ...
 
-`fused_nodes` names the nodes ONNX Runtime folds away or fuses into the kernel of another
-(BatchNormalization and activations after a convolution, a bias Add after a MatMul, Identity,
-constant subgraphs): a model's time is the time of the kernels ORT runs, not of its nodes.
+`fusions` finds the nodes ONNX Runtime folds away or fuses into the kernel of another
+(BatchNormalization and activations after a convolution, a bias Add after a MatMul,
+Identity, constant subgraphs): a model's time is the time of the kernels ORT runs, not of
+its nodes. Transformer patterns are in `wpk.op_patterns`, NCHWc layouts in `wpk.op_layout`.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def subjects(models: list[ZooModel], work: Path) -> list[Subject]:
     return found
 
 
+LOADS: list[float] = []      # the machine's 1-minute load average after each round
+
+
 def measure(items: list[Subject], threads: int, rounds: int) -> dict:
     """The table, with every model profiled once after each of its passes."""
     def profile_all(round_: int) -> None:
@@ -90,8 +94,9 @@ def measure(items: list[Subject], threads: int, rounds: int) -> dict:
             item.profiles.append(profile_model(
                 item.path, threads=threads, progress=False, name="here",
                 input_shapes=item.model.input_shapes or None))
-        print(f"round {round_ + 1}/{rounds}: table pass and {len(items)} profiles",
-              file=sys.stderr)
+        LOADS.append(os.getloadavg()[0])
+        print(f"round {round_ + 1}/{rounds}: table pass and {len(items)} profiles, load "
+              f"average {LOADS[-1]:.1f}", file=sys.stderr)
 
     return time_operators("default", threads=threads, progress=False, name="here",
                           rounds=rounds, between_rounds=profile_all)
@@ -203,7 +208,9 @@ def markdown(table: OpTable, whole: list[WholeRow], planned: list[PlanRow],
     machine = "\n".join(line for line in lscpu.splitlines() if line.startswith(keep))
     lines = [f"# Latency tables: predicted vs measured ({dt.date.today():%Y-%m-%d})", "",
              f"Commit `{commit}`, command `{command}`, Python {platform.python_version()}.",
-             "", "Machine (`lscpu`, shared with other work: interleaved rounds, lowest medians):",
+             "", "Machine (`lscpu`, shared with other work: interleaved rounds, lowest medians;"
+             f" 1-minute load average after each round: "
+             f"{', '.join(f'{load:.1f}' for load in LOADS)} on {os.cpu_count()} CPUs):",
              "", "```", machine, "```", "", "## Summary", "", *_summary(table, whole, planned),
              "", "## Whole models", "",
              "| model | nodes | measured ms | predicted ms | ratio | without scale | stand-ins |",

@@ -75,7 +75,8 @@ def subjects(models: list[ZooModel], work: Path) -> list[Subject]:
     found = []
     for model in models:
         try:
-            path = model.make(work)
+            cached = work / f"{model.name}.onnx"      # a torch export made by an earlier run
+            path = cached if model.group == "torch" and cached.exists() else model.make(work)
             graph = Graph.load(path, model.input_shapes or None)
         except (MissingModel, WpkError) as missing:   # silero_vad: wpk's expected refusal
             print(f"skipped {model.name}: {missing}", file=sys.stderr)

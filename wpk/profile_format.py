@@ -34,6 +34,9 @@ def validate_profile(document: Any, source: str) -> None:
             and document["version"] != PROFILE_VERSION:
         raise WpkError(f"{source}: unsupported profile version {document['version']!r} "
                        f"(this wpk reads version {PROFILE_VERSION})")
+    if isinstance(document, dict) and document.get("kind") == "op-table":
+        raise WpkError(f"{source}: a latency table, not a profile of one model (plan with "
+                       f"--latency-table TIER=FILE)")
     check(document, "profile", source)
     seen: set[str] = set()
     for node in document["nodes"]:

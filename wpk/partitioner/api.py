@@ -250,7 +250,7 @@ def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest,
     if efficiency is None:
         efficiency = calibrate() if request.use_calibration else Efficiency()
     if unknown:
-        raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
+        raise WpkError(f"profile or latency table for unknown tier {sorted(unknown)[0]!r} "
                        f"(tiers: {', '.join(tiers.names)})")
     for column in measured.values():
         for costs in column:
@@ -276,12 +276,19 @@ def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliv
     shown: list[Configuration] = []
     fronts: list[search.Evaluation] = []
     bound = request.max_latency_ms
+    fastest_ms = []             # of the machine choices that cannot meet the bound
     for machines in itertools.product(*candidates):
         problem = build_problem(graph, tiers, machines,
                                 privacy=request.keeps_raw_input_on_device,
                                 deliver_to=deliver, pins=request.pins, batch=batch,
                                 private=private)
-        tiers_found = search.solve(problem, request.objective, bound)
+        try:
+            tiers_found = search.solve(problem, request.objective, bound)
+        except WpkError:
+            if bound is None:
+                raise
+            fastest_ms.append(search.evaluate(problem, search.min_latency(problem)).latency_ms)
+            continue            # another machine may meet it
         found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
         if request.ranks_alternatives:
             front = search.pareto(problem)
@@ -292,6 +299,10 @@ def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliv
                 if request.top > 1 else front
             shown.extend(Configuration(machines, problem, e) for e in others
                          if bound is None or e.latency_ms <= bound)
+    if not found:
+        where = " on any choice of machines" if len(fastest_ms) > 1 else ""
+        raise WpkError(f"impossible constraint: the fastest plan takes {min(fastest_ms):.2f} ms"
+                       f"{where} > --max-latency-ms {bound:g}")
     return found, shown, fronts
 
 

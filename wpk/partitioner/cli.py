@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wpk-partition",
         description="Split an ONNX model across device, edge and cloud tiers so that "
                     "end-to-end latency (or throughput, or bytes beyond the edge) is best.")
-    parser.add_argument("model", help="the ONNX model file")
+    parser.add_argument("model", nargs="?",
+                        help="the ONNX model file (none with --candidate)")
     parser.add_argument("--tiers", default=None,
                         help="tiers in flow order (default device,edge,cloud or the tiers file's)")
     parser.add_argument("--tiers-file", help="YAML file with tier hardware and links")
@@ -36,13 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wire codec of a link: raw, fp16, int8, each optionally +zstd "
                              "(e.g. edge-cloud=fp16+zstd; lossy ones cost accuracy, see "
                              "docs/runtime.md)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="latency")
+    parser.add_argument("--objective", choices=OBJECTIVES + ("accuracy",), default=None,
+                        help="latency (default), throughput, bandwidth; with --candidate: "
+                             "accuracy (default) or latency")
     parser.add_argument("--max-latency-ms", type=float, help="latency bound (SLO)")
     parser.add_argument("--max-batch", type=int, default=1, metavar="N",
                         help="with --objective throughput: many devices feed the tiers, and "
                              "each tier whose slice takes a batch runs batches of up to N "
                              "requests (wpk-serve --max-batch; wpk-deploy --local follows the "
                              "plan). Default 1: no batching")
+    parser.add_argument("--candidate", action="append", default=[], metavar="MODEL:acc=N",
+                        help="a candidate model and its accuracy (repeatable): plan each and "
+                             "pick the most accurate that meets --max-latency-ms (or with "
+                             "--objective latency the fastest at or above --min-acc)")
+    parser.add_argument("--min-acc", type=float, metavar="N",
+                        help="with --candidate: the lowest accuracy accepted")
     parser.add_argument("--privacy", choices=PRIVACY_MODES, default="raw-input-on-device",
                         help="raw-input-on-device (default): the model input never crosses a link")
     parser.add_argument("--max-leakage", metavar="METRIC=VALUE",
@@ -63,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="append", default=[], metavar="TIER=FILE",
                         help="plan TIER with node times measured by wpk-profile; repeat a tier "
                              "for candidate machines")
+    parser.add_argument("--latency-table", action="append", default=[], metavar="TIER=FILE",
+                        help="plan TIER with node times predicted from a latency table "
+                             "(wpk-profile --ops on its machine); repeat a tier for "
+                             "candidate machines")
     parser.add_argument("--profile-local", metavar="TIER",
                         help="profile the model on this machine and use it for TIER")
     parser.add_argument("--top", type=cli_args.non_negative_int, default=0, metavar="N",
@@ -115,41 +128,68 @@ def _tier_names(args: argparse.Namespace) -> list[str] | None:
     return names
 
 
-def request_from_args(args: argparse.Namespace) -> PartitionRequest:
-    """The one place the command line becomes a request (profiles are read here)."""
+def request_from_args(args: argparse.Namespace, graph: Graph | None = None,
+                      model_file: str | None = None) -> PartitionRequest:
+    """The one place the command line becomes a request (cost files are read here);
+    `graph` (of `model_file`) stands in for the model argument (a candidate's)."""
     tier_names = _tier_names(args)
-    graph = Graph.load(args.model, parse_input_shapes(args.input_shape))
+    model_file = model_file or args.model
+    graph = graph or Graph.load(model_file, parse_input_shapes(args.input_shape))
     profiles = _pairs(args.profile, "--profile")
+    tables = _pairs(args.latency_table, "--latency-table")
     # warnings go with the tables, or to stderr when stdout carries JSON
     extra = {"warn": warn_to_stderr} if args.json else {}
     measured = measured_costs_from_args(graph, profiles, args.profile_local, args.input_shape,
-                                        batch=max(args.max_batch, 1), **extra)
+                                        batch=max(args.max_batch, 1), tables=tables, **extra)
     return PartitionRequest(
         model=graph, tiers=tier_names, tiers_file=args.tiers_file, links=args.link,
-        codecs=args.codec, objective=args.objective, max_latency_ms=args.max_latency_ms,
-        privacy=args.privacy, deliver_to=args.deliver_to, pins=_pins(args.pin),
-        max_batch=args.max_batch, measured=measured, use_calibration=not args.no_calibrate,
-        out_dir=Path(args.output) if args.output else Path(f"{Path(args.model).stem}_plan"),
+        codecs=args.codec, objective=args.objective or "latency",
+        max_latency_ms=args.max_latency_ms, privacy=args.privacy,
+        deliver_to=args.deliver_to, pins=_pins(args.pin), max_batch=args.max_batch,
+        measured=measured, use_calibration=not args.no_calibrate,
+        out_dir=Path(args.output) if args.output else Path(f"{Path(model_file).stem}_plan"),
         verify=not args.no_verify, force=args.force,
-        other_inputs=[path for _tier, path in profiles] + (
+        other_inputs=[path for _tier, path in profiles + tables] + (
             [args.calibration_data] if args.calibration_data else []),
         top=args.top, with_front=args.pareto, max_leakage=args.max_leakage,
         calibration_data=args.calibration_data, leakage_samples=args.leakage_samples)
+
+
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """One model or candidates, and the flags that only candidates take."""
+    if args.candidate:
+        if args.model:
+            raise WpkError(f"give the model either as the argument ({args.model}) or as "
+                           f"--candidate, not both")
+        return
+    if not args.model:
+        raise WpkError("name the model to partition (or give --candidate models)")
+    if args.objective == "accuracy" or args.min_acc is not None:
+        flag = "--min-acc" if args.min_acc is not None else "--objective accuracy"
+        raise WpkError(f"{flag} chooses among --candidate models; with one model there is "
+                       f"nothing to choose")
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _tier_names(args)    # a bad --tiers is refused before the report check
+    _check_model_arguments(args)
     report = None
     if args.report:  # checked before the search, so that its work is not lost at the end
         from wpk.partitioner.report import report_path
 
         report = writable_file(report_path(args.report), "report")
-        check_outputs([report], [args.model, args.tiers_file], force=args.force)
-    request = request_from_args(args)
+        check_outputs([report], [args.model, args.tiers_file, *args.candidate],
+                      force=args.force)
     with flags_for():   # the request's checks name the flags that set them
-        result = execute(request)
+        if args.candidate:
+            from wpk.partitioner.candidate_cli import choose_candidate
+
+            request, result = choose_candidate(args)
+        else:
+            request = request_from_args(args)
+            result = execute(request)
     if args.json:
         print(json.dumps(result.plan.to_json(), indent=2))
     else:

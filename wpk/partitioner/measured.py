@@ -1,7 +1,10 @@
-"""Measured cost columns from profiles (`--profile TIER=FILE`, `--profile-local TIER`).
+"""Cost columns from files: measured profiles (`--profile TIER=FILE`, `--profile-local
+TIER`) and times predicted from latency tables (`--latency-table TIER=FILE`).
 
 `--profile-local TIER` is a shortcut for "run wpk-profile here, then plan with the file": it
-writes the same profile document and reads it back through the same loader.
+writes the same profile document and reads it back through the same loader. A latency table
+(`wpk-profile --ops`) prices any model: its times are predicted by `wpk.op_predict` from
+single operators timed on the tier's machine, with no run of the model there.
 """
 from __future__ import annotations
 
@@ -41,14 +44,36 @@ def costs_from_profile(graph: Graph, tier: str, path: Path, label: str | None = 
                                    "file": str(path)}, batch=profile.batch_for(graph))
 
 
+def costs_from_table(graph: Graph, tier: str, path: Path,
+                     warn: Warn = _print_warning) -> TierCosts:
+    """One tier's column predicted from a latency table (validated; families the table
+    lacks are priced by stand-ins, with a warning naming them)."""
+    from wpk.op_predict import Predictor
+    from wpk.op_table import load_table
+
+    table = load_table(path)
+    prediction = Predictor(table).predict(graph)
+    if prediction.stand_ins:
+        stand_ins = ", ".join(f"{family} as {used}"
+                              for family, used in sorted(prediction.stand_ins.items()))
+        warn(f"{path}: {graph.name} has operators the table did not time; priced {stand_ins}")
+    name = table.device_name
+    return measured_costs(tier, prediction.node_ms, f"predicted ({name}, latency table)",
+                          machine=name, profile={"name": name, "file": str(path),
+                                                 "kind": "latency-table"})
+
+
 def measured_costs_from_args(graph: Graph, profiles: Sequence[tuple[str, str]],
                              profile_local: str | None, input_shape_specs: Sequence[str] = (),
-                             warn: Warn = _print_warning, batch: int = 1
+                             warn: Warn = _print_warning, batch: int = 1,
+                             tables: Sequence[tuple[str, str]] = ()
                              ) -> dict[str, list[TierCosts]]:
-    """Tier name -> candidate machines' cost columns, from the CLI's profile options
-    (`--profile-local` profiles this machine; with `batch` above 1, at batch 1 and at
-    `batch` requests per run, one machine that `pair_measured` makes one column of)."""
+    """Tier name -> candidate machines' cost columns, from the CLI's profile and latency
+    table options (`--profile-local` profiles this machine; with `batch` above 1, at batch 1
+    and at `batch` requests per run, one machine that `pair_measured` makes one column of)."""
     measured: dict[str, list[TierCosts]] = {}
+    for tier, file in tables:
+        measured.setdefault(tier, []).append(costs_from_table(graph, tier, Path(file), warn))
     for tier, file in profiles:
         path = Path(file)
         measured.setdefault(tier, []).append(costs_from_profile(graph, tier, path, warn=warn))

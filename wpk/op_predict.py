@@ -106,10 +106,10 @@ class Predictor:
             stand_in = ACTIVATION_STAND_INS.get(detail)
             candidates = [f"act-{stand_in}"] if stand_in else []
             candidates += ["act-Relu", "binary"]
-        elif kind in ("conv", "depthwise", "grouped"):
+        elif kind in ("conv", "depthwise", "grouped", "transposed"):
             size = int(detail[1:]) if detail[1:].isdigit() else 3
             candidates = self._nearest_kernels(kind, size)
-            if kind == "grouped":
+            if kind in ("grouped", "transposed"):
                 candidates += self._nearest_kernels("conv", size)
             candidates += ["conv-k3"]
         else:
@@ -153,7 +153,7 @@ class Predictor:
         """Every node's time on the table's machine (see the module's docstring)."""
         found = all_fusions(graph)
         layout = nchwc_effects(graph, found, self.table.nchwc_block)
-        fused = {**found.fused, **layout.fused}
+        fused = found.fused
         times = np.zeros(len(graph.nodes))
         families: list[str] = []
         stand_ins: dict[str, str] = {}
@@ -164,9 +164,8 @@ class Predictor:
             reordered = layout.reorders.get(node.index, ())
             overhead += len(reordered) * self.table.node_overhead_ms
             reorders = sum(self.reorder_ms(b) + self.table.node_overhead_ms for b in reordered)
-            extra = layout.summed.get(node.index, 0) + found.extra_read.get(node.index, 0)
-            if extra:                           # the kernel reads one more tensor
-                reorders += self.sum_ms(extra)
+            if node.index in found.extra_read:      # the kernel reads one more tensor
+                reorders += self.sum_ms(found.extra_read[node.index])
             if node.index in fused:
                 times[node.index] = reorders
                 continue

@@ -48,7 +48,7 @@ def test_the_grids_build_valid_single_operator_models():
         assert len(graph.nodes) == 1
         families.add(node_features(graph.nodes[0], graph).family)
     assert {"conv-k1", "conv-k3", "conv-k5", "conv-k7", "depthwise-k3", "depthwise-k5",
-            "grouped-k1", "gemm", "matmul", "softmax", "layernorm", "maxpool", "avgpool",
+            "grouped-k3", "transposed-k2", "gemm", "matmul", "softmax", "layernorm", "maxpool", "avgpool",
             "reduce", "binary", "act-Relu", "act-Gelu", "copy-Concat", "lrn"} <= families
     with pytest.raises(ValueError):
         grid("huge")

@@ -9,8 +9,8 @@ inside a network the tensors mostly stay in that layout and a run pays its fixed
 Those costs are measured apart, on chains of 1 and 17 tiny nodes, as `overhead_ms.run`
 (per session run) and `overhead_ms.node` (per kernel, beyond its own time).
 
-Before each timed run the caches are set as a layer inside a network finds them (weights
-pushed out, input just written). The grid is timed in `rounds` interleaved passes and each
+Before each timed run the caches are set as a layer inside a network finds them (a large
+layer's weights pushed out, the input just written). The grid is timed in `rounds` interleaved passes and each
 case keeps its lowest median; three of wpk's example networks then give the in-network
 scale (`wpk.op_calibrate`).
 
@@ -78,13 +78,16 @@ class _Timer:
         self.flush = np.zeros(0, np.float32)
 
     def _as_in_a_network(self, feeds: dict[str, np.ndarray], nbytes: int) -> None:
-        """Caches as a layer inside a network finds them: its weights pushed out by the
-        layers before it (twice its bytes, at least twice the core's own cache, are
-        written over), its input just written by the layer before it."""
-        size = min(max(2 * nbytes, 2 * core_cache_bytes()), FLUSH_LIMIT) // 4
-        if len(self.flush) < size:
-            self.flush = np.zeros(size, np.float32)
-        self.flush[:size] += 1.0
+        """Caches as a layer inside a network finds them: a layer larger than the core's
+        own cache finds its weights pushed out by the layers before it (twice its bytes
+        are written over); a smaller one, like its neighbours, stays in the caches
+        (nothing is written over: flushing would charge it for code and page tables a
+        network keeps warm). Either finds its input just written by the layer before."""
+        if nbytes > core_cache_bytes():
+            size = min(2 * nbytes, FLUSH_LIMIT) // 4
+            if len(self.flush) < size:
+                self.flush = np.zeros(size, np.float32)
+            self.flush[:size] += 1.0
         for array in feeds.values():
             array.sum()
 

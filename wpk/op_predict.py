@@ -24,6 +24,7 @@ import numpy as np
 
 from wpk.graph import Graph
 from wpk.op_features import ACTIVATION_STAND_INS, NodeFeatures, log_features, node_features
+from wpk.op_calibrate import footprint_bytes, scale_for
 from wpk.op_layout import nchwc_effects
 from wpk.op_patterns import all_fusions
 from wpk.op_table import OpTable, TableEntry
@@ -90,9 +91,10 @@ class Prediction:
 class Predictor:
     """A latency table made ready to price any model's nodes."""
 
-    def __init__(self, table: OpTable):
+    def __init__(self, table: OpTable, calibrated: bool = True):
         self.table = table
-        self.scale = table.scale
+        self.calibrated = calibrated
+        self.scale = table.scale if calibrated else 1.0
         self.curves = {family: FamilyCurve(entries)
                        for family, entries in table.families().items()}
 
@@ -149,8 +151,16 @@ class Predictor:
         query = log_features(NodeFeatures(family, nbytes / 4, 3.0 * nbytes))
         return self.scale * 10 ** self.curves[family].predict(query) / 3
 
+    def scale_for(self, graph: Graph) -> float:
+        """The in-network scale for this model: by its footprint where the table has the
+        fit, else the table's one scale (1 uncalibrated)."""
+        if not self.calibrated or self.table.footprint is None:
+            return self.scale
+        return scale_for(self.table.footprint, footprint_bytes(graph))
+
     def predict(self, graph: Graph) -> Prediction:
         """Every node's time on the table's machine (see the module's docstring)."""
+        self.scale = self.scale_for(graph)
         found = all_fusions(graph)
         layout = nchwc_effects(graph, found, self.table.nchwc_block)
         fused = found.fused

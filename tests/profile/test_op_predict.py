@@ -194,3 +194,22 @@ def test_a_constant_first_operand_is_not_folded_into_the_convolution():
     graph = _model(nodes, [("x", (1, 16, 8, 8))], ["y"], {"w": (16, 16, 1, 1), "s": (1,)})
     fused = {graph.nodes[i].name for i in fusions(graph).fused}
     assert fused == {"scale_second"}
+
+
+def test_the_in_network_scale_follows_the_footprint_fit():
+    """Between the calibration networks' footprints the scale follows the fitted line;
+    beyond them it stays at the end values; without a fit the table's one scale."""
+    from wpk.op_calibrate import footprint_bytes, scale_for
+
+    fit = {"center": 7.0, "intercept": 0.0, "slope": 0.2, "low": 6.0, "high": 8.0}
+    assert scale_for(fit, 1e7) == pytest.approx(1.0)
+    assert scale_for(fit, 1e8) == pytest.approx(np.exp(0.2))
+    assert scale_for(fit, 1e12) == pytest.approx(np.exp(0.2))      # flat beyond the range
+    assert scale_for(fit, 1e3) == pytest.approx(np.exp(-0.2))
+    graph = _conv_block()
+    document = power_law_table(scale=1.5)
+    assert Predictor(OpTable.from_document(document)).scale_for(graph) == 1.5
+    document["calibration"]["footprint"] = fit
+    predictor = Predictor(OpTable.from_document(document))
+    assert predictor.scale_for(graph) == pytest.approx(scale_for(fit, footprint_bytes(graph)))
+    assert Predictor(OpTable.from_document(document), calibrated=False).scale_for(graph) == 1

@@ -36,7 +36,7 @@ from wpk.errors import WpkError, ort_error_line
 from wpk.feeds import random_feeds
 from wpk.graph import Graph
 from wpk.hostinfo import host_info, physical_cores
-from wpk.op_calibrate import network_scale
+from wpk.op_calibrate import calibration_networks, network_scale
 from wpk.op_features import node_features
 from wpk.op_grid import OpCase, grid
 from wpk.op_table import TABLE_VERSION
@@ -249,10 +249,12 @@ def time_operators(kind: str = "default", provider: str = "cpu", threads: int | 
     cases_given = cases is not None
     prepared = [_Prepared.of(case) for case in (cases if cases_given else grid(kind))]
     on_cpu = full_provider == "CPUExecutionProvider"
+    networks = calibration_networks()
     with tempfile.TemporaryDirectory(prefix="wpk-ops-") as tmp:
         timer = _Timer(full_provider, threads, optimization, Path(tmp), runs, warmup)
         overhead = _overheads(timer)
         timings: list[list[_Timing]] = [[] for _ in prepared]
+        walls: dict[str, list[float]] = {name: [] for name in networks}
         bar, task = progress_bar(progress, rounds * len(prepared), "timing operators")
         with bar:
             for round_ in range(rounds):    # rounds interleaved: a busy minute hits each once
@@ -260,15 +262,16 @@ def time_operators(kind: str = "default", provider: str = "cpu", threads: int | 
                     case_timings.append(timer.time(item.case.model(), item.case.name,
                                                    int(item.bytes)))
                     bar.advance(task)
+                for label, model in networks.items():
+                    walls[label].append(timer.time(model, label).wall_ms)
                 if between_rounds is not None:
                     between_rounds(round_)
-        entries = [entry for item, case_timings in zip(prepared, timings)
-                   for entry in _entries(item, _lowest(case_timings), on_cpu, overhead["run"])]
-        document = _document(kind, cases_given, full_provider, threads, runs, warmup, name,
-                             optimization, overhead, entries)
-        document["rounds"] = rounds
-        document["calibration"] = network_scale(document, lambda model, label: min(
-            timer.time(model, label).wall_ms for _ in range(rounds)))
+    entries = [entry for item, case_timings in zip(prepared, timings)
+               for entry in _entries(item, _lowest(case_timings), on_cpu, overhead["run"])]
+    document = _document(kind, cases_given, full_provider, threads, runs, warmup, name,
+                         optimization, overhead, entries)
+    document["rounds"] = rounds
+    document["calibration"] = network_scale(document, lambda model, label: min(walls[label]))
     return document
 
 

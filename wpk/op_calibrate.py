@@ -51,7 +51,7 @@ def network_scale(document: dict[str, Any],
 
     predictor = Predictor(OpTable.from_document({**document, "calibration": {"scale": 1.0}}))
     networks: dict[str, dict[str, float]] = {}
-    for name, model in calibration_networks().items():
+    for name, model in calibration_networks().items():   # built alike every time (seeded)
         graph = Graph.load(model, name=name)
         prediction = predictor.predict(graph)
         measured = time_wall(model, name)

@@ -9,12 +9,13 @@ curve interpolates and beyond them it extrapolates along the local slope (time g
 linearly with work once a kernel is large, and flattens to a floor when it is tiny).
 
 A node ONNX Runtime fuses into another kernel or folds away (`op_features.fusions`,
-`op_patterns.all_fusions`)
-costs nothing of its own; every other node costs its kernel plus the table's per-node
-overhead, and the per-run overhead is shared equally by them, so that the node times add
-up to the predicted whole-model time, as a profile's do. A family the table lacks is read
-off a stand-in (an activation of similar cost, `binary` for memory-bound operators); which
-nodes needed one is reported.
+`op_patterns.all_fusions`) costs nothing of its own; every other node costs its kernel
+plus the table's per-node overhead, plus the NCHWc reorders it needs (`op_layout`), and
+the per-run overhead is shared equally by them, so that the node times add up to the
+predicted whole-model time, as a profile's do. Kernel times are multiplied by the table's
+in-network scale at the model's footprint (`op_calibrate`). A family the table lacks is
+read off a stand-in (an activation of similar cost, `binary` for memory-bound operators);
+which nodes needed one is reported.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wpk.graph import Graph
-from wpk.op_features import ACTIVATION_STAND_INS, NodeFeatures, log_features, node_features
 from wpk.op_calibrate import footprint_bytes, scale_for
+from wpk.op_features import ACTIVATION_STAND_INS, NodeFeatures, log_features, node_features
 from wpk.op_layout import nchwc_effects
 from wpk.op_patterns import all_fusions
 from wpk.op_table import OpTable, TableEntry
@@ -89,7 +90,8 @@ class Prediction:
 
 
 class Predictor:
-    """A latency table made ready to price any model's nodes."""
+    """A latency table made ready to price any model's nodes. `scale` is the in-network
+    scale of the model last predicted (the table's own scale before any)."""
 
     def __init__(self, table: OpTable, calibrated: bool = True):
         self.table = table

@@ -110,6 +110,7 @@ class WholeRow:
     measured_ms: float
     predicted_ms: float
     unscaled_ms: float           # without the table's in-network scale
+    scale: float                 # the in-network scale used for this model
     stand_ins: dict[str, str]
 
     @property
@@ -119,15 +120,14 @@ class WholeRow:
 
 def whole_models(table: OpTable, items: list[Subject]) -> list[WholeRow]:
     predictor = Predictor(table)
-    unscaled = Predictor(table)
-    unscaled.scale = 1.0
+    unscaled = Predictor(table, calibrated=False)
     rows = []
     for item in items:
         prediction = predictor.predict(item.graph)
         plain = unscaled.predict(item.graph)
         rows.append(WholeRow(item.model.name, len(item.graph.nodes),
                              item.best["total_ms"]["median"], prediction.total_ms,
-                             plain.total_ms, prediction.stand_ins))
+                             plain.total_ms, predictor.scale, prediction.stand_ins))
     return rows
 
 
@@ -176,13 +176,23 @@ def plans(table: OpTable, items: list[Subject]) -> list[PlanRow]:
     return rows
 
 
+def _scales(table: OpTable) -> str:
+    fit = table.footprint
+    if fit is None:
+        return f"{table.scale:.3f}"
+    low, high = (np.exp(fit["intercept"] + fit["slope"] * (x - fit["center"]))
+                 for x in (fit["low"], fit["high"]))
+    return (f"{low:.3f} at {10 ** fit['low'] / 1e6:.0f} MB touched per run to {high:.3f} at "
+            f"{10 ** fit['high'] / 1e6:.0f} MB")
+
+
 def _summary(table: OpTable, whole: list[WholeRow], planned: list[PlanRow]) -> list[str]:
     errors = np.array([abs(r.ratio - 1) for r in whole])
     unscaled = np.array([abs(r.unscaled_ms / r.measured_ms - 1) for r in whole])
     plan_ratios = np.array([r.ratio for r in planned])
     loo = np.concatenate(list(Predictor(table).leave_one_out().values()))
     return [
-        f"- Table: {len(table.entries)} points, in-network scale {table.scale:.3f}; "
+        f"- Table: {len(table.entries)} points, in-network scale {_scales(table)}; "
         f"leave-one-out error of single operators: median {np.median(abs(loo - 1)):.1%}, "
         f"90th percentile {np.percentile(abs(loo - 1), 90):.1%}.",
         f"- Whole models ({len(whole)}): within {GOAL_WHOLE:.0%} of measured: "
@@ -214,12 +224,14 @@ def markdown(table: OpTable, whole: list[WholeRow], planned: list[PlanRow],
              f"{', '.join(f'{load:.1f}' for load in LOADS)} on {os.cpu_count()} CPUs):",
              "", "```", machine, "```", "", "## Summary", "", *_summary(table, whole, planned),
              "", "## Whole models", "",
-             "| model | nodes | measured ms | predicted ms | ratio | without scale | stand-ins |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| model | nodes | measured ms | predicted ms | ratio | scale | ratio without "
+             "scale | stand-ins |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(whole, key=lambda r: r.ratio):
         stand = ", ".join(f"{k} as {v}" for k, v in sorted(r.stand_ins.items())) or ""
         lines.append(f"| {r.name} | {r.nodes} | {r.measured_ms:.3f} | {r.predicted_ms:.3f} | "
-                     f"{r.ratio:.3f} | {r.unscaled_ms / r.measured_ms:.3f} | {stand} |")
+                     f"{r.ratio:.3f} | {r.scale:.3f} | {r.unscaled_ms / r.measured_ms:.3f} | "
+                     f"{stand} |")
     lines += ["", "## Plans from predicted vs measured times", "",
               "This machine stands for one tier, priced from the table (predicted) or from the "
               "profile (measured); the other tiers are the presets' roofline estimates.", "",

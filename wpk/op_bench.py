@@ -9,8 +9,8 @@ inside a network the tensors mostly stay in that layout and a run pays its fixed
 Those costs are measured apart, on chains of 1 and 17 tiny nodes, as `overhead_ms.run`
 (per session run) and `overhead_ms.node` (per kernel, beyond its own time).
 
-Before each timed run the caches are set as a layer inside a network finds them (weights
-pushed out, input just written). The grid is timed in `rounds` interleaved passes and each
+Before each timed run the caches are set as a layer inside a network finds them (a large
+layer's weights pushed out, the input just written). The grid is timed in `rounds` interleaved passes and each
 case keeps its lowest median; three of wpk's example networks then give the in-network
 scale (`wpk.op_calibrate`).
 
@@ -36,7 +36,7 @@ from wpk.errors import WpkError, ort_error_line
 from wpk.feeds import random_feeds
 from wpk.graph import Graph
 from wpk.hostinfo import host_info, physical_cores
-from wpk.op_calibrate import network_scale
+from wpk.op_calibrate import calibration_networks, network_scale
 from wpk.op_features import node_features
 from wpk.op_grid import OpCase, grid
 from wpk.op_table import TABLE_VERSION
@@ -78,13 +78,16 @@ class _Timer:
         self.flush = np.zeros(0, np.float32)
 
     def _as_in_a_network(self, feeds: dict[str, np.ndarray], nbytes: int) -> None:
-        """Caches as a layer inside a network finds them: its weights pushed out by the
-        layers before it (twice its bytes, at least twice the core's own cache, are
-        written over), its input just written by the layer before it."""
-        size = min(max(2 * nbytes, 2 * core_cache_bytes()), FLUSH_LIMIT) // 4
-        if len(self.flush) < size:
-            self.flush = np.zeros(size, np.float32)
-        self.flush[:size] += 1.0
+        """Caches as a layer inside a network finds them: a layer larger than the core's
+        own cache finds its weights pushed out by the layers before it (twice its bytes
+        are written over); a smaller one, like its neighbours, stays in the caches
+        (nothing is written over: flushing would charge it for code and page tables a
+        network keeps warm). Either finds its input just written by the layer before."""
+        if nbytes > core_cache_bytes():
+            size = min(2 * nbytes, FLUSH_LIMIT) // 4
+            if len(self.flush) < size:
+                self.flush = np.zeros(size, np.float32)
+            self.flush[:size] += 1.0
         for array in feeds.values():
             array.sum()
 
@@ -246,10 +249,12 @@ def time_operators(kind: str = "default", provider: str = "cpu", threads: int | 
     cases_given = cases is not None
     prepared = [_Prepared.of(case) for case in (cases if cases_given else grid(kind))]
     on_cpu = full_provider == "CPUExecutionProvider"
+    networks = calibration_networks()
     with tempfile.TemporaryDirectory(prefix="wpk-ops-") as tmp:
         timer = _Timer(full_provider, threads, optimization, Path(tmp), runs, warmup)
         overhead = _overheads(timer)
         timings: list[list[_Timing]] = [[] for _ in prepared]
+        walls: dict[str, list[float]] = {name: [] for name in networks}
         bar, task = progress_bar(progress, rounds * len(prepared), "timing operators")
         with bar:
             for round_ in range(rounds):    # rounds interleaved: a busy minute hits each once
@@ -257,15 +262,16 @@ def time_operators(kind: str = "default", provider: str = "cpu", threads: int | 
                     case_timings.append(timer.time(item.case.model(), item.case.name,
                                                    int(item.bytes)))
                     bar.advance(task)
+                for label, model in networks.items():
+                    walls[label].append(timer.time(model, label).wall_ms)
                 if between_rounds is not None:
                     between_rounds(round_)
-        entries = [entry for item, case_timings in zip(prepared, timings)
-                   for entry in _entries(item, _lowest(case_timings), on_cpu, overhead["run"])]
-        document = _document(kind, cases_given, full_provider, threads, runs, warmup, name,
-                             optimization, overhead, entries)
-        document["rounds"] = rounds
-        document["calibration"] = network_scale(document, lambda model, label: min(
-            timer.time(model, label).wall_ms for _ in range(rounds)))
+    entries = [entry for item, case_timings in zip(prepared, timings)
+               for entry in _entries(item, _lowest(case_timings), on_cpu, overhead["run"])]
+    document = _document(kind, cases_given, full_provider, threads, runs, warmup, name,
+                         optimization, overhead, entries)
+    document["rounds"] = rounds
+    document["calibration"] = network_scale(document, lambda model, label: min(walls[label]))
     return document
 
 

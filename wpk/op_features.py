@@ -4,9 +4,10 @@ One function, `node_features`, describes both the single-operator models that
 `wpk-profile --ops` times and every node of a model whose times are predicted, so that the
 table and the predictor always agree on what a family is. A family groups operators whose
 time follows one curve in FLOPs and bytes: `conv-k3` (dense convolutions with a 3x3
-kernel), `depthwise-k5`, `grouped-k1` (grouped, not depthwise), `gemm` (a matrix product
-with constant weights), `matmul` (two activations, as attention's), `act-Sigmoid`,
-`binary`, `copy-Concat` (data movement), `view` (reshapes), ...
+kernel), `depthwise-k5`, `grouped-k3` (narrow groups), `transposed-k2` (ConvTranspose),
+`gemm` (a matrix product with constant weights), `matmul` (two activations, as
+attention's), `act-Sigmoid`, `binary`, `copy-Concat` (data movement), `view` (reshapes),
+...
 
 `fusions` finds the nodes ONNX Runtime folds away or fuses into the kernel of another
 (BatchNormalization and activations after a convolution, a bias Add after a MatMul,
@@ -23,6 +24,10 @@ from wpk.graph import Graph, NodeInfo, conv_weight_index
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"})
 MATRIX_OPS = frozenset({"Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"})
 CONV_KERNELS = (1, 3, 5, 7)
+TRANSPOSED_KERNELS = (2, 3, 4)
+# Groups of at least this many input channels run as dense convolutions do (AlexNet's two
+# halves, ShuffleNet's 1x1 groups); narrower ones (ResNeXt's 4 to 32) are `grouped`.
+NARROW_GROUP = 48
 DEPTHWISE_KERNELS = (3, 5, 7)
 
 # Unary operators timed in the grid, and what an operator not in a table counts as.
@@ -54,7 +59,7 @@ SIMPLE_FAMILIES = {
     "GroupNormalization": "layernorm", "BatchNormalization": "batchnorm", "LRN": "lrn",
 }
 # Families timed against FLOPs and bytes; the others against bytes alone.
-COMPUTE_FAMILIES = ("conv", "depthwise", "grouped", "gemm", "matmul")
+COMPUTE_FAMILIES = ("conv", "depthwise", "grouped", "transposed", "gemm", "matmul")
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,10 @@ def _conv_family(node: NodeInfo, graph: Graph) -> str:
     groups = in_channels // max(weight[1], 1) if len(weight) > 1 else 1
     if node.op_type != "ConvTranspose" and groups > 1 and weight[1] == 1:
         return f"depthwise-k{_nearest(kernel, DEPTHWISE_KERNELS)}"
-    if node.op_type != "ConvTranspose" and groups > 1:
+    if node.op_type != "ConvTranspose" and groups > 1 and weight[1] < NARROW_GROUP:
         return f"grouped-k{_nearest(kernel, CONV_KERNELS)}"
+    if node.op_type == "ConvTranspose":
+        return f"transposed-k{_nearest(kernel, TRANSPOSED_KERNELS)}"
     return f"conv-k{_nearest(kernel, CONV_KERNELS)}"
 
 
@@ -124,10 +131,12 @@ def log_features(features: NodeFeatures) -> tuple[float, ...]:
 
 # -- what ONNX Runtime fuses away ---------------------------------------------------------
 # Absorbed by the convolution before them (ConvBNFusion, ConvActivationFusion, ConvAddFusion,
-# ConvMulFusion), or by a matrix product (MatMulAddFusion, GemmActivationFusion,
-# MatMulScaleFusion).
+# ConvMulFusion, ConvAddActivationFusion for a residual Add), or by a matrix product
+# (MatMulAddFusion, GemmActivationFusion, MatMulScaleFusion).
 CONV_EPILOGUE = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid",
-                           "Tanh", "HardSigmoid"})
+                           "Tanh", "HardSigmoid", "HardSwish"})
+ACTIVATION_EPILOGUE = CONV_EPILOGUE - {"BatchNormalization"}
+CONV_HOSTS = ("conv", "depthwise", "grouped")
 GEMM_EPILOGUE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid"})
 CONSTANT_OPERAND = frozenset({"Add", "Mul", "Sub", "Div"})
 
@@ -146,6 +155,7 @@ class Fusions:
     # replaces its pattern), and bytes a kernel reads beyond its own node (a skip input)
     replaced: dict[int, NodeFeatures] = field(default_factory=dict)
     extra_read: dict[int, int] = field(default_factory=dict)
+    activated: set[str] = field(default_factory=set)   # made by a kernel with its activation
 
     def _sole_reader(self, tensor: str) -> bool:
         return len(self.graph.consumers.get(tensor, ())) == 1 and \
@@ -163,12 +173,17 @@ class Fusions:
             return
         host = self.host.get(data[0]) if len(data) == 1 and self._sole_reader(data[0]) \
             else None
-        if host is not None and self._absorbs(host, node):
+        if host is not None and self._absorbs(host, node, data[0]):
             self.fused[node.index] = f"fused into {host}"
             self._pass_host(node, data)
+            if node.op_type in ACTIVATION_EPILOGUE:
+                self.activated.update(node.outputs)
+            return
+        if node.op_type in ("Add", "Sum") and len(data) == len(node.inputs) == 2 \
+                and self._sum_into_conv(node, data):
             return
         kind = _family(node, self.graph).split("-")[0]
-        if kind in COMPUTE_FAMILIES:
+        if kind in COMPUTE_FAMILIES and kind != "transposed":   # no fusions into those
             for out in node.outputs:
                 self.host[out] = kind
 
@@ -178,12 +193,30 @@ class Fusions:
             for out in node.outputs:
                 self.host[out] = host
 
-    def _absorbs(self, host: str, node: NodeInfo) -> bool:
+    def _sum_into_conv(self, node: NodeInfo, data: list[str]) -> bool:
+        """ConvAddActivationFusion: a residual Add of a convolution's (single-use, not yet
+        activated) output folds into it, which then reads the other tensor."""
+        for tensor, other in ((data[0], data[1]), (data[1], data[0])):
+            kind = self.host.get(tensor)
+            if kind in CONV_HOSTS and self._sole_reader(tensor) and \
+                    tensor not in self.activated and \
+                    self.graph.tensors[tensor].shape == self.graph.tensors[other].shape:
+                self.fused[node.index] = f"fused into {kind} (sum)"
+                self.extra_read[node.index] = self.graph.tensor_bytes(other)
+                for out in node.outputs:
+                    self.host[out] = kind
+                return True
+        return False
+
+    def _absorbs(self, host: str, node: NodeInfo, tensor: str) -> bool:
         op = node.op_type
+        if op in ACTIVATION_EPILOGUE and tensor in self.activated:
+            return False               # one activation per kernel
         constant_operand = op in CONSTANT_OPERAND and any(
             t in self.constant for t in node.inputs)
-        if host in ("conv", "depthwise", "grouped"):
-            return op in CONV_EPILOGUE or constant_operand
+        if host in CONV_HOSTS:                            # ConvAddFusion, ConvMulFusion
+            second = len(node.inputs) == 2 and node.inputs[1] in self.constant
+            return op in CONV_EPILOGUE or (constant_operand and second)
         if host == "gemm":
             return op in GEMM_EPILOGUE or constant_operand
         return op in ("Mul", "Div") and constant_operand   # MatMulScaleFusion

@@ -71,6 +71,7 @@ FULL_STAGES = STAGES + ((16, 112), (24, 56), (40, 28), (80, 14), (160, 14), (320
                         (192, 28), (384, 14), (768, 7))
 GROUPED = ((240, 28, 3), (480, 14, 3), (960, 7, 3), (128, 56, 32), (256, 28, 32),
            (512, 14, 32), (1024, 7, 32), (256, 28, 4))
+TRANSPOSED = ((256, 20), (128, 40), (64, 80), (32, 160))
 DEPTHWISE = ((32, 112), (96, 112), (144, 56), (192, 28), (384, 14), (576, 14), (960, 7))
 FULL_DEPTHWISE = DEPTHWISE + ((16, 112), (72, 56), (240, 28), (480, 14), (672, 14),
                               (1152, 7), (120, 28), (200, 14))
@@ -82,6 +83,14 @@ def conv(c_in: int, c_out: int, size: int, kernel: int, stride: int = 1,
     return OpCase(f"{kind} k{kernel} s{stride} {c_in}x{size}x{size}->{c_out}", "Conv",
                   ((1, c_in, size, size),), ((c_out, c_in // groups, kernel, kernel),),
                   {"pads": [kernel // 2] * 4, "strides": [stride, stride], "group": groups})
+
+
+def transposed(c_in: int, c_out: int, size: int, kernel: int) -> OpCase:
+    """ConvTranspose doubling the spatial size (kernel 2, or 4 with padding 1)."""
+    pads = [(kernel - 2) // 2] * 4
+    return OpCase(f"ConvTranspose k{kernel} s2 {c_in}x{size}x{size}->{c_out}", "ConvTranspose",
+                  ((1, c_in, size, size),), ((c_in, c_out, kernel, kernel),),
+                  {"strides": [2, 2], "pads": pads})
 
 
 def _conv_cases(full: bool) -> Iterator[OpCase]:
@@ -109,6 +118,9 @@ def _conv_cases(full: bool) -> Iterator[OpCase]:
             yield conv(c, c, s, 7)
     for c, s, groups in GROUPED:                                 # grouped (ShuffleNet, ResNeXt)
         yield conv(c, c, s, 1 if groups < 8 else 3, groups=groups)
+    for c, s in TRANSPOSED:                                      # decoders' upsampling
+        for kernel in (2, 4) if full else (2,):
+            yield transposed(c, c // 2, s, kernel)
     for c, s in (FULL_DEPTHWISE if full else DEPTHWISE):         # depthwise
         for kernel in (3, 5, 7) if full or s <= 56 else (3, 5):
             yield conv(c, c, s, kernel, groups=c)
@@ -148,7 +160,7 @@ def _matrix_cases(full: bool) -> Iterator[OpCase]:
 
 # -- memory-bound operators -----------------------------------------------------------------
 ELEMENTWISE = ((1, 32, 112, 112), (1, 64, 56, 56), (1, 256, 28, 28), (1, 512, 7, 7),
-               (1, 16, 32, 32))
+               (1, 16, 32, 32), (1, 64, 160, 160))     # the last beyond a core's caches
 FULL_ELEMENTWISE = ELEMENTWISE + ((1, 96, 112, 112), (1, 144, 56, 56), (1, 128, 28, 28),
                                   (1, 1024, 14, 14), (1, 2048, 7, 7), (1, 8, 8, 8),
                                   (1, 128, 768), (1, 197, 3072))

@@ -5,12 +5,12 @@ pooling on channel-blocked tensors (blocks of 8 or 16 channels). Operators that 
 blocked tensors keep them blocked; every other operator that reads one gets a ReorderOutput
 first, and a blocked operator reading a plain tensor gets a ReorderInput. In a network of
 convolutions that is a few reorders at the edges; around a channel shuffle, an LRN or a
-per-channel Mul it is one or two per block. On the same walk the transformer fuses a
-residual Add, and an activation after it, into the convolution before them.
+per-channel Mul it is one or two per block. (The residual Add and activation it can fold
+into a convolution are folded earlier, by the graph-level fusions.)
 
 `nchwc_effects` replays the transformer's rules (onnxruntime/core/optimizer/
 nchwc_transformer.cc) on a `Graph` after the graph-level fusions (`op_features.fusions`):
-which nodes pay for reorders (bytes of each reordered tensor) and which nodes it fuses.
+which nodes pay for reorders (bytes of each reordered tensor).
 The latency table says whether its machine uses NCHWc, and with what block size.
 """
 from __future__ import annotations
@@ -27,20 +27,16 @@ FOLLOWERS = frozenset({"Relu", "Sigmoid", "Tanh", "BatchNormalization", "Resize"
 
 @dataclass
 class _Blocked:
-    """A tensor held in the blocked layout."""
+    """A tensor held in the blocked layout, of this many (logical) channels."""
 
     channels: int
-    conv: int | None = None           # the NCHWc convolution that wrote it, if any
-    activation: bool = False          # that convolution already has an activation fused
 
 
 @dataclass
 class LayoutEffects:
-    """Bytes reordered before each node (node index -> tensor sizes), and nodes fused."""
+    """Bytes reordered before each node (node index -> tensor sizes)."""
 
     reorders: dict[int, list[int]] = field(default_factory=dict)
-    fused: dict[int, str] = field(default_factory=dict)
-    summed: dict[int, int] = field(default_factory=dict)   # fused Add -> bytes it reads
 
 
 class _Walk:
@@ -103,7 +99,7 @@ class _Walk:
             if not blocked:
                 return False
             channels = self.graph.tensors[node.inputs[1]].shape[0]
-            return self._start(node, data, reorder, _Blocked(channels, node.index))
+            return self._start(node, data, reorder, _Blocked(channels))
         if op in POOLS or (op in GLOBAL_POOLS and data and data[0] in self.blocked):
             channels = self._channels(data[0]) if data else None
             if channels is None or channels % self.block:
@@ -136,8 +132,6 @@ class _Walk:
         if op in ("Add", "Sum", "Mul"):
             if any(self.blocked[t].channels != first.channels for t in data):
                 return False
-            if op != "Mul" and len(data) == 2 and self._fuse_sum(node, data):
-                return True
             self.blocked[node.outputs[0]] = _Blocked(first.channels)
             return True
         if op == "Concat":
@@ -151,11 +145,6 @@ class _Walk:
             self._reorder(node, data[0], self.reordered_out)   # becomes a ReorderOutput
             return True
         if op in FOLLOWERS:
-            if op in ("Relu", "Sigmoid", "Tanh") and self._single_use_conv(data[0]) \
-                    and not first.activation:
-                self.effects.fused[node.index] = "fused into conv (NCHWc)"
-                self.blocked[node.outputs[0]] = _Blocked(first.channels, first.conv, True)
-                return True
             self.blocked[node.outputs[0]] = _Blocked(first.channels)
             return True
         return False
@@ -176,22 +165,6 @@ class _Walk:
         else:
             scales = slots[1] if len(slots) > 1 else ""
         return text("mode", "nearest") == "nearest" and scales in self.found.constant
-
-    def _single_use_conv(self, tensor: str) -> bool:
-        state = self.blocked[tensor]
-        return state.conv is not None and len(self.graph.consumers.get(tensor, ())) == 1 \
-            and tensor not in self.graph.outputs
-
-    def _fuse_sum(self, node: NodeInfo, data: list[str]) -> bool:
-        for tensor in data:
-            state = self.blocked[tensor]
-            if self._single_use_conv(tensor) and not state.activation:
-                self.effects.fused[node.index] = "fused into conv (NCHWc sum)"
-                other = data[1] if tensor == data[0] else data[0]
-                self.effects.summed[node.index] = self.graph.tensor_bytes(other)
-                self.blocked[node.outputs[0]] = _Blocked(state.channels, state.conv)
-                return True
-        return False
 
     def finish(self) -> LayoutEffects:
         for output in self.graph.outputs:

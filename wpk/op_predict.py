@@ -9,12 +9,13 @@ curve interpolates and beyond them it extrapolates along the local slope (time g
 linearly with work once a kernel is large, and flattens to a floor when it is tiny).
 
 A node ONNX Runtime fuses into another kernel or folds away (`op_features.fusions`,
-`op_patterns.all_fusions`)
-costs nothing of its own; every other node costs its kernel plus the table's per-node
-overhead, and the per-run overhead is shared equally by them, so that the node times add
-up to the predicted whole-model time, as a profile's do. A family the table lacks is read
-off a stand-in (an activation of similar cost, `binary` for memory-bound operators); which
-nodes needed one is reported.
+`op_patterns.all_fusions`) costs nothing of its own; every other node costs its kernel
+plus the table's per-node overhead, plus the NCHWc reorders it needs (`op_layout`), and
+the per-run overhead is shared equally by them, so that the node times add up to the
+predicted whole-model time, as a profile's do. Kernel times are multiplied by the table's
+in-network scale at the model's footprint (`op_calibrate`). A family the table lacks is
+read off a stand-in (an activation of similar cost, `binary` for memory-bound operators);
+which nodes needed one is reported.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wpk.graph import Graph
+from wpk.op_calibrate import footprint_bytes, scale_for
 from wpk.op_features import ACTIVATION_STAND_INS, NodeFeatures, log_features, node_features
 from wpk.op_layout import nchwc_effects
 from wpk.op_patterns import all_fusions
@@ -88,11 +90,13 @@ class Prediction:
 
 
 class Predictor:
-    """A latency table made ready to price any model's nodes."""
+    """A latency table made ready to price any model's nodes. `scale` is the in-network
+    scale of the model last predicted (the table's own scale before any)."""
 
-    def __init__(self, table: OpTable):
+    def __init__(self, table: OpTable, calibrated: bool = True):
         self.table = table
-        self.scale = table.scale
+        self.calibrated = calibrated
+        self.scale = table.scale if calibrated else 1.0
         self.curves = {family: FamilyCurve(entries)
                        for family, entries in table.families().items()}
 
@@ -106,10 +110,10 @@ class Predictor:
             stand_in = ACTIVATION_STAND_INS.get(detail)
             candidates = [f"act-{stand_in}"] if stand_in else []
             candidates += ["act-Relu", "binary"]
-        elif kind in ("conv", "depthwise", "grouped"):
+        elif kind in ("conv", "depthwise", "grouped", "transposed"):
             size = int(detail[1:]) if detail[1:].isdigit() else 3
             candidates = self._nearest_kernels(kind, size)
-            if kind == "grouped":
+            if kind in ("grouped", "transposed"):
                 candidates += self._nearest_kernels("conv", size)
             candidates += ["conv-k3"]
         else:
@@ -149,11 +153,19 @@ class Predictor:
         query = log_features(NodeFeatures(family, nbytes / 4, 3.0 * nbytes))
         return self.scale * 10 ** self.curves[family].predict(query) / 3
 
+    def scale_for(self, graph: Graph) -> float:
+        """The in-network scale for this model: by its footprint where the table has the
+        fit, else the table's one scale (1 uncalibrated)."""
+        if not self.calibrated or self.table.footprint is None:
+            return self.scale
+        return scale_for(self.table.footprint, footprint_bytes(graph))
+
     def predict(self, graph: Graph) -> Prediction:
         """Every node's time on the table's machine (see the module's docstring)."""
+        self.scale = self.scale_for(graph)
         found = all_fusions(graph)
         layout = nchwc_effects(graph, found, self.table.nchwc_block)
-        fused = {**found.fused, **layout.fused}
+        fused = found.fused
         times = np.zeros(len(graph.nodes))
         families: list[str] = []
         stand_ins: dict[str, str] = {}
@@ -164,9 +176,8 @@ class Predictor:
             reordered = layout.reorders.get(node.index, ())
             overhead += len(reordered) * self.table.node_overhead_ms
             reorders = sum(self.reorder_ms(b) + self.table.node_overhead_ms for b in reordered)
-            extra = layout.summed.get(node.index, 0) + found.extra_read.get(node.index, 0)
-            if extra:                           # the kernel reads one more tensor
-                reorders += self.sum_ms(extra)
+            if node.index in found.extra_read:      # the kernel reads one more tensor
+                reorders += self.sum_ms(found.extra_read[node.index])
             if node.index in fused:
                 times[node.index] = reorders
                 continue

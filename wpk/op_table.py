@@ -45,6 +45,7 @@ class OpTable:
     node_overhead_ms: float
     nchwc_block: int = 0             # ORT's channel block on that machine (0: no NCHWc)
     scale: float = 1.0               # kernel time in a network / alone (calibration.scale)
+    footprint: dict[str, float] | None = None   # the scale against bytes touched per run
     grid: str | None = None
     host: dict[str, Any] = field(default_factory=dict)
     onnxruntime: str | None = None
@@ -67,11 +68,13 @@ class OpTable:
         entries = tuple(TableEntry(e["family"], float(e["flops"]), float(e["bytes"]),
                                    float(e["ms"]), e.get("case", ""), e.get("op_type", ""))
                         for e in document["entries"])
+        calibration = document.get("calibration", {})
         return cls(path, device["name"], device["provider"], device["threads"], entries,
                    float(overhead["run"]), float(overhead["node"]),
                    int(document.get("layout", {}).get("nchwc_block", 0)),
-                   float(document.get("calibration", {}).get("scale", 1.0)), document.get("grid"),
-                   dict(device.get("host", {})), device.get("onnxruntime"))
+                   float(calibration.get("scale", 1.0)), calibration.get("footprint"),
+                   document.get("grid"), dict(device.get("host", {})),
+                   device.get("onnxruntime"))
 
 
 def validate_table(document: Any, source: str) -> None:

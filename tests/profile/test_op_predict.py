@@ -48,19 +48,18 @@ def test_families_of_the_example_models(resnet_path, mobilenet_path):
 
 def test_graph_level_fusions():
     graph = _conv_block()
-    fused = fusions(graph).fused
-    names = {graph.nodes[i].name: why for i, why in fused.items()}
-    # BN and Relu are absorbed by the first Conv; the residual Add is not a graph-level
-    # fusion (it is ORT's NCHWc one), so neither is the Relu after it
-    assert names == {"bn": "fused into conv", "relu": "fused into conv"}
+    found = fusions(graph)
+    names = {graph.nodes[i].name: why for i, why in found.fused.items()}
+    # BN and Relu are absorbed by the first Conv; the residual Add by the second (which
+    # then reads the other tensor), and the Relu after it too
+    assert names == {"bn": "fused into conv", "relu": "fused into conv",
+                     "add": "fused into conv (sum)", "relu2": "fused into conv"}
+    assert found.extra_read == {graph.node("add").index: graph.tensor_bytes("r")}
 
 
-def test_nchwc_fuses_the_residual_and_reorders_before_flatten():
+def test_nchwc_reorders_at_the_edges_of_a_blocked_chain():
     graph = _conv_block()
     effects = nchwc_effects(graph, fusions(graph), block=16)
-    fused = {graph.nodes[i].name for i in effects.fused}
-    assert fused == {"add", "relu2"}
-    assert effects.summed == {graph.node("add").index: graph.tensor_bytes("r")}
     reordered = {graph.nodes[i].name: b for i, b in effects.reorders.items()}
     # the first conv reads the plain input (reorder), Flatten the blocked output (reorder)
     assert reordered == {"conv": [graph.tensor_bytes("x")], "flat": [graph.tensor_bytes("r2")]}
@@ -183,3 +182,34 @@ def test_transformer_patterns_fuse_as_onnx_runtime_does():
                      "half": "fused into Gelu", "t": "fused into MatMul"}
     assert found.replaced[graph.node("erf").index].family == "act-Gelu"
     assert found.extra_read == {graph.node("ln").index: graph.tensor_bytes("h")}
+
+
+def test_a_constant_first_operand_is_not_folded_into_the_convolution():
+    """ORT's ConvMulFusion / ConvAddFusion read the constant as the second input only
+    (PaddlePaddle exports write `Mul(scale, conv)`: it runs as its own kernel)."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Mul", ["s", "c"], ["m"], name="scale_first"),
+             helper.make_node("Conv", ["m", "w"], ["c2"], name="conv2"),
+             helper.make_node("Mul", ["c2", "s"], ["y"], name="scale_second")]
+    graph = _model(nodes, [("x", (1, 16, 8, 8))], ["y"], {"w": (16, 16, 1, 1), "s": (1,)})
+    fused = {graph.nodes[i].name for i in fusions(graph).fused}
+    assert fused == {"scale_second"}
+
+
+def test_the_in_network_scale_follows_the_footprint_fit():
+    """Between the calibration networks' footprints the scale follows the fitted line;
+    beyond them it stays at the end values; without a fit the table's one scale."""
+    from wpk.op_calibrate import footprint_bytes, scale_for
+
+    fit = {"center": 7.0, "intercept": 0.0, "slope": 0.2, "low": 6.0, "high": 8.0}
+    assert scale_for(fit, 1e7) == pytest.approx(1.0)
+    assert scale_for(fit, 1e8) == pytest.approx(np.exp(0.2))
+    assert scale_for(fit, 1e12) == pytest.approx(np.exp(0.2))      # flat beyond the range
+    assert scale_for(fit, 1e3) == pytest.approx(np.exp(-0.2))
+    graph = _conv_block()
+    document = power_law_table(scale=1.5)
+    assert Predictor(OpTable.from_document(document)).scale_for(graph) == 1.5
+    document["calibration"]["footprint"] = fit
+    predictor = Predictor(OpTable.from_document(document))
+    assert predictor.scale_for(graph) == pytest.approx(scale_for(fit, footprint_bytes(graph)))
+    assert Predictor(OpTable.from_document(document), calibrated=False).scale_for(graph) == 1

@@ -48,7 +48,7 @@ def test_the_grids_build_valid_single_operator_models():
         assert len(graph.nodes) == 1
         families.add(node_features(graph.nodes[0], graph).family)
     assert {"conv-k1", "conv-k3", "conv-k5", "conv-k7", "depthwise-k3", "depthwise-k5",
-            "grouped-k1", "gemm", "matmul", "softmax", "layernorm", "maxpool", "avgpool",
+            "grouped-k3", "transposed-k2", "gemm", "matmul", "softmax", "layernorm", "maxpool", "avgpool",
             "reduce", "binary", "act-Relu", "act-Gelu", "copy-Concat", "lrn"} <= families
     with pytest.raises(ValueError):
         grid("huge")
@@ -63,8 +63,11 @@ def test_timed_table_is_valid_and_complete(measured, tmp_path):
     assert all(e["ms"] > 0 and e["runs"] == 6 for e in cases)   # 3 runs x 2 rounds
     assert measured["overhead_ms"]["node"] >= 0 and measured["overhead_ms"]["run"] >= 0
     calibration = measured["calibration"]
-    assert set(calibration["networks"]) == {"resnet_like", "mobilenet_like", "mlp"}
+    assert set(calibration["networks"]) == {"resnet_like_w16", "resnet_like_w64",
+                                            "resnet_like_w128", "mobilenet_like", "mlp"}
     assert 0.5 <= calibration["scale"] <= 2.0
+    fit = calibration["footprint"]
+    assert fit["low"] < fit["center"] < fit["high"]
     path = save_table(measured, tmp_path / "t.json")
     table = load_table(path)
     assert table.device_name == "here" and table.threads == 1

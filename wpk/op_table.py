@@ -7,14 +7,13 @@ read is validated against it, so a table written by another tool is held to the 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from wpk.errors import WpkError
-from wpk.files import read_text
+from wpk.files import read_json, write_json_rows
 from wpk.json_schema import check
 
 TABLE_VERSION = 1
@@ -92,12 +91,7 @@ def validate_table(document: Any, source: str) -> None:
 
 def read_table_document(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate a table file; every fault is a one-line WpkError."""
-    path = Path(path)
-    text = read_text(path, "latency table")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise WpkError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    document = read_json(path, "latency table")
     validate_table(document, str(path))
     return document
 
@@ -109,15 +103,5 @@ def load_table(path: str | os.PathLike) -> OpTable:
 
 def save_table(document: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Validate `document` and write it as JSON, one entry per line."""
-    path = Path(path)
     validate_table(document, str(path))
-    head = {k: v for k, v in document.items() if k != "entries"}
-    lines = [json.dumps(head, indent=1)[:-2] + ',\n "entries": [',
-             ",\n".join("  " + json.dumps(entry) for entry in document["entries"]),
-             " ]\n}\n"]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines))
-    except OSError as error:
-        raise WpkError(f"{path}: cannot write ({error.strerror})") from None
-    return path
+    return write_json_rows(document, "entries", path)

@@ -5,7 +5,6 @@ wpk/schemas/profile.schema.json; every file read is validated against it.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from wpk.errors import WpkError
-from wpk.files import read_text
+from wpk.files import read_json, write_json_rows
 from wpk.json_schema import SCHEMA_DIR, check, load_schema
 
 PROFILE_VERSION = 1
@@ -132,12 +131,7 @@ class Profile:
 
 def read_profile_document(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate a profile file; every fault is a one-line WpkError."""
-    path = Path(path)
-    text = read_text(path, "profile")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise WpkError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    document = read_json(path, "profile")
     validate_profile(document, str(path))
     return document
 
@@ -149,16 +143,5 @@ def load_profile(path: str | os.PathLike) -> Profile:
 
 def save_profile(document: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Validate `document` and write it as indented JSON (one node per line)."""
-    path = Path(path)
     validate_profile(document, str(path))
-    head = {k: v for k, v in document.items() if k != "nodes"}
-    lines = [json.dumps(head, indent=1)[:-2] + ',\n "nodes": [']
-    nodes = [json.dumps(node) for node in document["nodes"]]
-    lines.append(",\n".join("  " + n for n in nodes))
-    lines.append(" ]\n}\n")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines))
-    except OSError as error:
-        raise WpkError(f"{path}: cannot write ({error.strerror})") from None
-    return path
+    return write_json_rows(document, "nodes", path)

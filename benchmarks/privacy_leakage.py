@@ -168,6 +168,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=30, help="bootstrap replicates")
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--conv", type=int, default=8, metavar="K",
+                        help="train the learned decoder on K feature maps (needs torch; 0: no)")
+    parser.add_argument("--decoder-steps", type=int, default=300)
     args = parser.parse_args()
     missing = _missing(("rapidocr_onnxruntime", "skimage", "matplotlib"))
     if missing:
@@ -204,9 +207,59 @@ def main() -> int:
             for row in bound_table(model, report, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], link)]
     for row in rows:
         print(json.dumps(row), flush=True)
+    draw_plan_report(model, report, args.out / "privacy-report-ppocr-det.png",
+                     "device-edge=100mbit,5ms", 0.5)
+    compared = conv_comparison(graph, samples, report, args.conv, args.decoder_steps) \
+        if args.conv and not _missing(("torch",)) else []
+    for row in compared:
+        print(json.dumps(row), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"report": report.to_json(), "bounds": rows}, indent=1))
+        args.json.write_text(json.dumps({"report": report.to_json(), "bounds": rows,
+                                         "conv": compared}, indent=1))
     return 0
+
+
+def conv_comparison(graph, samples, report, count: int, steps: int) -> list[dict]:
+    """The learned decoder (`--attack conv`) beside ridge on `count` feature maps spread
+    along the network (the shallowest and the deepest included)."""
+    from wpk.partitioner import leakage
+
+    varying = _input_dependent(graph)
+    maps = [n for n, t in report.tensors.items() if n in varying and len(t.shape) == 4
+            and n not in graph.inputs]
+    picks = sorted({maps[round(i * (len(maps) - 1) / max(count - 1, 1))]
+                    for i in range(count)}, key=maps.index)
+    attack = leakage.Attack.of(graph, samples)
+    learned: dict[str, tuple[float, float, float]] = {}
+
+    def learn(name, features):
+        started = time.perf_counter()
+        psnr, ssim = attack.learned_scores(features, tuple(graph.tensors[name].shape), steps)
+        learned[name] = (psnr, ssim, time.perf_counter() - started)
+        print(f"{name}: conv decoder {psnr:.1f} dB in {learned[name][2]:.0f} s",
+              file=sys.stderr, flush=True)
+
+    leakage.fetch_grams(graph, samples, picks, on_features=learn)
+    rows = []
+    for name in picks:
+        t = report.tensors[name]
+        rows.append({"tensor": name, "position": graph.producer.get(name, -1) + 1,
+                     "shape": list(t.shape), "dcor": t.dcor, "ridge_psnr_db": t.psnr_db,
+                     "ridge_ssim": t.ssim, "conv_psnr_db": learned[name][0],
+                     "conv_ssim": learned[name][1], "conv_seconds": learned[name][2]})
+    return rows
+
+
+def draw_plan_report(model: Path, report, path: Path, link: str, bound: float | None) -> None:
+    """`wpk-partition --report` for the 640x640 device/edge plan with these figures."""
+    from wpk.partitioner.api import partition
+    from wpk.partitioner.report import draw_report
+
+    result = partition(model, ["device", "edge"], links=[link],
+                       input_shapes={"x": (1, 3, 640, 640)}, use_calibration=False,
+                       verify=False, leakage=report, with_front=True,
+                       max_leakage=None if bound is None else f"dcor={bound}")
+    draw_report(result, path)
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:

@@ -24,7 +24,7 @@ DISTRIBUTION_OF = {"grpc": "grpcio", "grpc_tools": "grpcio-tools", "google": "pr
                    "paho": "paho-mqtt", "yaml": "pyyaml", "cupy": "cupy-cuda12x"}
 # Imported lazily, behind a clear message, by code that works without them.
 OPTIONAL_AT_RUN_TIME = {"pycuda", "cupy", "openvino", "cryptography", "matplotlib", "deap", "grpc",
-                        "google", "zstandard", "paho", "tritonclient"}
+                        "google", "zstandard", "paho", "tritonclient", "torch"}
 
 
 def _normalized(name: str) -> str:

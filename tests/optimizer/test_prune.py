@@ -62,13 +62,25 @@ def test_tile_mask_prunes_whole_columns_and_whole_rows_per_tile():
     assert abs((~mask).mean() - 0.75) < 16 / matrix.size + 1e-9
     dead = ~mask.any(axis=1)
     assert dead.sum() == int(96 * 0.75 * pruning.COLUMN_SHARE)   # whole outputs, globally
-    alive = np.flatnonzero(~dead)
-    for start in range(0, alive.size, 16):                       # inside each tile: whole rows
-        tile = mask[alive[start:start + 16]]
+    for start in range(0, 96, 16):          # inside each tile (aligned to 16): whole rows
+        tile = mask[start:start + 16][~dead[start:start + 16]]
         assert (tile.all(axis=0) | ~tile.any(axis=0)).all()
     # the columns pruned globally are the weakest ones
     norms = np.square(matrix).sum(axis=1)
     assert norms[dead].max() <= norms[~dead].min()
+
+
+def test_tiles_aligned_to_blocks_of_16_leave_the_sparse_kernel_the_pruned_work_only():
+    """With G a multiple of 16, each block of 16 outputs wpk's sparse kernel computes
+    (direct_conv) lies in one tile: its live outputs keep the same rows, so the block skips
+    every row the tile pruned."""
+    rng = np.random.default_rng(5)
+    for g in (16, 32, 128):
+        matrix = rng.standard_normal((256, 192)).astype(np.float32)
+        mask = pruning.tile_mask(matrix, 0.75, g)
+        for block in mask.reshape(16, 16, 192):
+            live = block[block.any(axis=1)]
+            assert (live == live[:1]).all(), g
 
 
 # --- prune(): which layers, what they hold --------------------------------------------------

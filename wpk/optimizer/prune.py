@@ -15,11 +15,15 @@ Patterns:
           M are skipped.
   tile:G  tile-wise sparsity (Guo et al., SC 2020), in B's terms: first whole columns
           (output units) are pruned globally, the lowest L2 norm first, COLUMN_SHARE of the
-          target sparsity; the remaining columns, in order, are cut into tiles of G (the last
-          may be narrower); then whole rows inside a tile (one k across the tile's G outputs)
-          are pruned, ranked by mean squared magnitude over all tiles of the layer together,
-          until the layer reaches the target sparsity (it may pass it by less than one row).
-          Each tile stays a dense GEMM of reduced K. Default G = 128 (the paper's).
+          target sparsity; the outputs are cut into tiles of G in their own order (tile t
+          holds outputs tG .. tG + G - 1; the pruned columns inside a tile stay dead), then
+          whole rows inside a tile (one k across the tile's live outputs) are pruned, ranked
+          by mean squared magnitude over all tiles of the layer together, until the layer
+          reaches the target sparsity (it may pass it by less than one row). Each tile stays
+          a dense GEMM of reduced K. Default G = 128 (the paper's). Tiles start at multiples
+          of G rather than after the live columns are packed, so that with G a multiple of
+          16 every block of 16 outputs of wpk's sparse kernels (direct_conv) lies in one tile
+          and keeps only that tile's rows.
 Skipped by default (listed in the report): the first and the last prunable layer in graph
 order, layers with fewer than `min_weights` weights (too small to gain), weights shared by
 several nodes, grouped convolutions for tile-wise, and the nodes named by `skip`.
@@ -127,18 +131,14 @@ def tile_mask(matrix: np.ndarray, ratio: float, width: int,
     missing = target - dead * k
     if missing <= 0 or alive.size == 0:
         return mask
-    scores, sizes, where = [], [], []
-    for start in range(0, alive.size, width):
-        tile = alive[start:start + width]
-        scores.append(squares[tile].mean(axis=0))       # one per k
-        sizes.append(np.full(k, tile.size))
-        where += [(start, column) for column in range(k)]
-    scores_all, sizes_all = np.concatenate(scores), np.concatenate(sizes)
-    order = np.argsort(scores_all, kind="stable")
-    count = int(np.searchsorted(np.cumsum(sizes_all[order]), missing)) + 1
+    tiles = [tile for start in range(0, outputs, width)
+             if (tile := alive[(alive >= start) & (alive < start + width)]).size]
+    scores = np.concatenate([squares[tile].mean(axis=0) for tile in tiles])   # one per k
+    sizes = np.concatenate([np.full(k, tile.size) for tile in tiles])
+    order = np.argsort(scores, kind="stable")
+    count = int(np.searchsorted(np.cumsum(sizes[order]), missing)) + 1
     for index in order[:count]:
-        start, column = where[index]
-        mask[alive[start:start + width], column] = False
+        mask[tiles[index // k], index % k] = False
     return mask
 
 

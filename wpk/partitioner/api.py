@@ -62,6 +62,7 @@ class PartitionResult:
     # with --pareto and leakage measured: (latency ms, highest figure leaving the device, tiers)
     leakage_front: list[tuple[float, float | None, np.ndarray]] = field(default_factory=list)
     leakage_metric: str = "dcor"
+    leakage: LeakageReport | None = None  # the figures planned with (measured or given)
 
 
 def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
@@ -229,7 +230,7 @@ def execute(request: PartitionRequest) -> PartitionResult:
     leakage_plan.record(plan, report, request.max_leakage, tiers.names[0])
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:request.top] if request.top else [],
-                             search.non_dominated(fronts), batch=batch)
+                             search.non_dominated(fronts), batch=batch, leakage=report)
     if request.with_front and report is not None:
         result.leakage_metric = leakage_plan.front_metric(request.max_leakage)
         result.leakage_front = leakage_plan.front(best.problem, report,

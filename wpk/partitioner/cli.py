@@ -17,6 +17,7 @@ from wpk.graph import Graph, parse_input_shapes
 from wpk.partitioner import search
 from wpk.plan import Plan
 from wpk.partitioner.api import PartitionResult, execute
+from wpk.partitioner.leakage import LeakageReport
 from wpk.partitioner.measured import measured_costs_from_args, warn_to_stderr
 from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "samples first (without it: random inputs, labelled synthetic)")
     parser.add_argument("--leakage-samples", type=cli_args.positive_int, metavar="N",
                         help="measure leakage on the first N calibration samples")
+    parser.add_argument("--leakage", metavar="JSON",
+                        help="leakage figures measured before (wpk-privacy -o, e.g. with "
+                             "--attack conv) instead of measuring them here")
     parser.add_argument("--deliver-to", metavar="TIER",
                         help="tier that needs the results (default: the first tier)")
     parser.add_argument("--pin", action="append", default=[], metavar="NODE=TIER",
@@ -149,10 +153,22 @@ def request_from_args(args: argparse.Namespace, graph: Graph | None = None,
         measured=measured, use_calibration=not args.no_calibrate,
         out_dir=Path(args.output) if args.output else Path(f"{Path(model_file).stem}_plan"),
         verify=not args.no_verify, force=args.force,
-        other_inputs=[path for _tier, path in profiles + tables] + (
-            [args.calibration_data] if args.calibration_data else []),
+        other_inputs=[path for _tier, path in profiles + tables] + [
+            path for path in (args.calibration_data, args.leakage) if path],
         top=args.top, with_front=args.pareto, max_leakage=args.max_leakage,
-        calibration_data=args.calibration_data, leakage_samples=args.leakage_samples)
+        calibration_data=args.calibration_data, leakage_samples=args.leakage_samples,
+        leakage=_leakage_report(args, graph))
+
+
+def _leakage_report(args: argparse.Namespace, graph: Graph) -> LeakageReport | None:
+    """--leakage FILE, for this model; it and --calibration-data are two sources of one
+    thing, so not both."""
+    if not args.leakage:
+        return None
+    if args.calibration_data:
+        raise WpkError("--leakage gives the figures, --calibration-data measures them: "
+                       "give one of the two")
+    return LeakageReport.load(args.leakage, graph)
 
 
 def _check_model_arguments(args: argparse.Namespace) -> None:

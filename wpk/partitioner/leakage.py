@@ -19,12 +19,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from wpk.errors import ParameterError, WpkError
+from wpk.errors import ParameterError, WpkError, refuse_unknown_choice
 from wpk.feeds import random_feeds
 from wpk.graph import Graph
+from wpk.ort_session import cpu_session
 from wpk.partitioner import leakage_stats as stats
 
 METRICS = ("dcor", "psnr", "ssim")       # every figure: larger means more leakage
+ATTACKS = ("ridge", "conv")              # conv: the learned decoder too (leakage_decoder)
 PASS_BYTES = 256 * 2 ** 20               # features held in memory per pass (more spills to disk
 GRAM_BLOCK = 8192                        # disk); columns per block of the Gram product
 
@@ -41,6 +43,7 @@ class TensorLeakage:
     dcor_high: float
     psnr_db: float
     ssim: float
+    decoder: str = "ridge"               # the reconstruction attack the two figures come from
 
     def value(self, metric: str) -> float:
         return {"dcor": self.dcor, "psnr": self.psnr_db, "ssim": self.ssim}[metric]
@@ -63,6 +66,7 @@ class LeakageReport:
     samples: int
     source: str                          # the calibration file, or "synthetic"
     tensors: dict[str, TensorLeakage] = field(default_factory=dict)
+    attack: str = "ridge"                # the attacks run: "ridge", or "conv" (ridge and conv)
 
     @property
     def synthetic(self) -> bool:
@@ -70,11 +74,35 @@ class LeakageReport:
 
     def to_json(self) -> dict:
         return {"model": self.model, "samples": self.samples, "source": self.source,
-                "synthetic": self.synthetic,
+                "synthetic": self.synthetic, "attack": self.attack,
                 "tensors": [t.to_json() for t in self.tensors.values()]}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, graph: Graph) -> "LeakageReport":
+        """A report `wpk-privacy -o` wrote, for `graph`: one-line errors for a file that is
+        not one, or one measured on another model (a tensor this graph does not have)."""
+        from wpk.files import read_json
+
+        data = read_json(path, "leakage report")
+        try:
+            tensors = {t["tensor"]: TensorLeakage(
+                t["tensor"], t.get("producer"), tuple(t["shape"]), *(
+                    float(t[key]) for key in ("dcor", "dcor_low", "dcor_high", "psnr_db",
+                                              "ssim")), str(t.get("decoder", "ridge")))
+                for t in data["tensors"]}
+            report = cls(str(data["model"]), int(data["samples"]), str(data["source"]),
+                         tensors, str(data.get("attack", "ridge")))
+        except (KeyError, TypeError, ValueError) as error:
+            raise WpkError(f"{path}: not a leakage report of wpk-privacy -o ({error!r} is "
+                           f"wrong or missing)") from None
+        strangers = [name for name in tensors if name not in graph.tensors]
+        if strangers:
+            raise WpkError(f"{path}: measured on another model: {graph.path or graph.name} "
+                           f"has no tensor {strangers[0]!r}")
+        return report
 
 
 # -- the bound --------------------------------------------------------------------------------
@@ -193,17 +221,8 @@ def _with_outputs(graph: Graph, names: list[str]) -> onnx.ModelProto:
 
 
 def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as error:   # ORT's own exception types
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WpkError(f"{graph_name(model)}: ONNX Runtime cannot run it to measure leakage: "
-                       f"{first}") from None
+    return cpu_session(model, lambda line: f"{graph_name(model)}: ONNX Runtime cannot run it "
+                       f"to measure leakage: {line}")
 
 
 def graph_name(model: onnx.ModelProto) -> str:
@@ -228,14 +247,20 @@ def _features(n: int, numel: int, budget: int, spill: Path) -> np.ndarray:
                                      dtype=np.float32, shape=(n, numel))
 
 
+Features = Callable[[str, np.ndarray], None]
+
+
 def fetch_grams(graph: Graph, samples: Mapping[str, np.ndarray], names: list[str],
-                budget: int = PASS_BYTES, progress: Callable[[str], None] | None = None
-                ) -> dict[str, np.ndarray]:
-    """One Gram matrix per tensor over the samples, computed pass by pass."""
+                budget: int = PASS_BYTES, progress: Callable[[str], None] | None = None,
+                on_features: Features | None = None) -> dict[str, np.ndarray]:
+    """One Gram matrix per tensor over the samples, computed pass by pass; `on_features`
+    sees each tensor's [n, numel] values while they are at hand (a learned attack)."""
     n = len(next(iter(samples.values())))
     grams: dict[str, np.ndarray] = {}
     for name in [m for m in names if m in graph.inputs]:
         grams[name] = gram(samples[name].reshape(n, -1))
+        if on_features:
+            on_features(name, samples[name].reshape(n, -1).astype(np.float32))
     inner = [m for m in names if m not in graph.inputs]
     passes = plan_passes(graph, inner, n, budget)
     for number, group in enumerate(passes, 1):
@@ -249,6 +274,9 @@ def fetch_grams(graph: Graph, samples: Mapping[str, np.ndarray], names: list[str
                 for store, value in zip(held, session.run(group, feed)):
                     store[i] = np.asarray(value, dtype=np.float32).reshape(-1)
             grams.update((m, gram(store)) for m, store in zip(group, held))
+            if on_features:
+                for m, store in zip(group, held):
+                    on_features(m, store)
             del held
     return grams
 
@@ -281,8 +309,22 @@ class Attack:
         return stats.ridge_reconstruct(tensor_gram, self.inputs, self.train, self.test)
 
     def scores(self, tensor_gram: np.ndarray) -> tuple[float, float]:
-        """(PSNR dB, SSIM) of the reconstruction of the held-out half."""
-        truth, guess = self.inputs[self.test], self.reconstruct(tensor_gram)
+        """(PSNR dB, SSIM) of the ridge decoder's reconstruction of the held-out half."""
+        return self.score(self.reconstruct(tensor_gram))
+
+    def learned_scores(self, features: np.ndarray, shape: tuple[int, ...],
+                       steps: int | None = None) -> tuple[float, float]:
+        """(PSNR dB, SSIM) of the learned decoder's reconstruction (leakage_decoder), from the
+        tensor's [n, numel] values, trained for `steps` (default leakage_decoder.STEPS)."""
+        from wpk.partitioner.leakage_decoder import STEPS, conv_reconstruct
+
+        values = np.asarray(features, dtype=np.float32).reshape((len(features),) + shape[1:]) \
+            if len(shape) == 4 and shape[0] == 1 else np.asarray(features, dtype=np.float32)
+        return self.score(conv_reconstruct(values, self.inputs, self.image, self.train,
+                                           self.test, steps or STEPS))
+
+    def score(self, guess: np.ndarray) -> tuple[float, float]:
+        truth = self.inputs[self.test]
         if self.image is not None:
             shape = (len(truth),) + self.image
             ssim = stats.ssim_images(truth.reshape(shape), guess.reshape(shape), self.data_range)
@@ -293,22 +335,43 @@ class Attack:
 
 def measure(graph: Graph, samples: Mapping[str, np.ndarray], source: str,
             names: list[str] | None = None, reps: int = 100, seed: int = 0,
-            progress: Callable[[str], None] | None = None) -> LeakageReport:
-    """The leakage figures of `names` (default: every candidate cut tensor)."""
+            progress: Callable[[str], None] | None = None,
+            attack_kind: str = "ridge", decoder_steps: int | None = None) -> LeakageReport:
+    """The leakage figures of `names` (default: every candidate cut tensor). `attack_kind`
+    "conv" also trains the learned decoder on each tensor; the stronger reconstruction (by
+    PSNR) is the one reported, and `decoder` says which it was."""
+    refuse_unknown_choice(attack_kind, ATTACKS, "attack")
     names = candidate_tensors(graph) if names is None else names
     n = len(next(iter(samples.values())))
     attack = Attack.of(graph, samples, seed)
     input_dist = stats.distances(attack.inputs @ attack.inputs.T)
-    report = LeakageReport(graph.name, n, source)
-    for name, g in fetch_grams(graph, samples, names, progress=progress).items():
+    report = LeakageReport(graph.name, n, source, attack=attack_kind)
+    learned: dict[str, tuple[float, float]] = {}
+
+    def learn(name: str, features: np.ndarray) -> None:
+        if progress:
+            progress(f"training a decoder on {name}")
+        learned[name] = attack.learned_scores(features, tuple(graph.tensors[name].shape),
+                                              decoder_steps)
+
+    if attack_kind == "conv":
+        from wpk.partitioner.leakage_decoder import torch_or_refuse
+
+        torch_or_refuse()            # before any pass: its work is not lost to the refusal
+    grams = fetch_grams(graph, samples, names, progress=progress,
+                        on_features=learn if attack_kind == "conv" else None)
+    for name, g in grams.items():
         dist = stats.distances(g)
         low, high = stats.dcor_band(input_dist, dist, reps, seed=seed)
         psnr, ssim = attack.scores(g)
+        decoder = "ridge"
+        if name in learned and learned[name][0] > psnr:
+            (psnr, ssim), decoder = learned[name], "conv"
         producer = graph.producer.get(name)
         report.tensors[name] = TensorLeakage(
             name, None if producer is None else graph.nodes[producer].name,
             tuple(graph.tensors[name].shape), stats.dcor(input_dist, dist), low, high,
-            psnr, ssim)
+            psnr, ssim, decoder)
     report.tensors = {name: report.tensors[name] for name in names}
     return report
 
@@ -318,13 +381,17 @@ SYNTHETIC_SAMPLES = 128
 
 def calibration_report(graph: Graph, path: str | Path | None, limit: int | None = None,
                        warn: Callable[[str], None] | None = None,
-                       progress: Callable[[str], None] | None = None) -> LeakageReport:
+                       progress: Callable[[str], None] | None = None,
+                       attack_kind: str = "ridge", decoder_steps: int | None = None
+                       ) -> LeakageReport:
     """Leakage on the calibration file's samples; without one, on random normal inputs,
     labelled synthetic and warned about (figures on noise say little about real inputs)."""
     if path is not None:
-        return measure(graph, load_samples(path, graph, limit), str(path), progress=progress)
+        return measure(graph, load_samples(path, graph, limit), str(path), progress=progress,
+                       attack_kind=attack_kind, decoder_steps=decoder_steps)
     if warn is not None:
         warn("no --calibration-data: leakage is measured on random normal inputs (synthetic; "
              "real inputs can leak far more)")
     samples = synthetic_samples(graph, limit or SYNTHETIC_SAMPLES)
-    return measure(graph, samples, "synthetic", progress=progress)
+    return measure(graph, samples, "synthetic", progress=progress, attack_kind=attack_kind,
+                   decoder_steps=decoder_steps)

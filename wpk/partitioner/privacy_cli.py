@@ -12,7 +12,7 @@ from wpk.console import make_console
 from wpk.errors import cli_entry, print_warning
 from wpk.files import check_outputs, writable_file
 from wpk.graph import Graph, parse_input_shapes
-from wpk.partitioner import leakage
+from wpk.partitioner import leakage, leakage_decoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{leakage.SYNTHETIC_SAMPLES})")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
                         help="fix a dynamic input shape (default: the calibration samples')")
-    parser.add_argument("-o", "--output", metavar="JSON", help="also write the figures here")
+    parser.add_argument("--attack", choices=leakage.ATTACKS, default="ridge",
+                        help="reconstruction attack: ridge (linear, closed form; default) or "
+                             "conv (ridge and a small convolutional decoder trained with torch, "
+                             "the stronger reported; minutes on a large model)")
+    parser.add_argument("--decoder-steps", type=cli_args.positive_int, metavar="N",
+                        default=leakage_decoder.STEPS,
+                        help=f"--attack conv: training steps per tensor (default "
+                             f"{leakage_decoder.STEPS}; more: a stronger attack, slower)")
+    parser.add_argument("-o", "--output", metavar="JSON", help="also write the figures here "
+                        "(wpk-partition --leakage reads them)")
     parser.add_argument("--force", action="store_true", help="replace an earlier output file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
@@ -48,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     graph = Graph.load(args.model, shapes or None)
     progress = None if args.json else (lambda line: print(line, file=sys.stderr))
     report = leakage.calibration_report(graph, args.calibration_data, args.samples,
-                                        print_warning, progress)
+                                        print_warning, progress, args.attack,
+                                        args.decoder_steps)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -63,13 +73,17 @@ def leakage_table(report: leakage.LeakageReport) -> Table:
     label = "SYNTHETIC random inputs" if report.synthetic else report.source
     table = Table(title=f"{report.model}: leakage of each candidate cut tensor "
                         f"({report.samples} samples, {label})", title_justify="left")
-    for column in ("tensor", "producer", "shape", "dCor [95% band]", "PSNR dB", "SSIM"):
+    columns = ["tensor", "producer", "shape", "dCor [95% band]", "PSNR dB", "SSIM"]
+    if report.attack != "ridge":
+        columns.append("decoder")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("tensor", "producer")
                          else "right")
     for t in report.tensors.values():
-        table.add_row(t.tensor, t.producer or "(input)", "x".join(map(str, t.shape)),
-                      f"{t.dcor:.3f} [{t.dcor_low:.2f}, {t.dcor_high:.2f}]",
-                      f"{min(t.psnr_db, 999):.1f}", f"{t.ssim:.3f}")
+        row = [t.tensor, t.producer or "(input)", "x".join(map(str, t.shape)),
+               f"{t.dcor:.3f} [{t.dcor_low:.2f}, {t.dcor_high:.2f}]",
+               f"{min(t.psnr_db, 999):.1f}", f"{t.ssim:.3f}"]
+        table.add_row(*row, *([t.decoder] if report.attack != "ridge" else []))
     return table
 
 

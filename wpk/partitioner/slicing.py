@@ -12,6 +12,7 @@ from onnx import helper
 from wpk.errors import WpkError, ort_error_line
 from wpk.feeds import random_feeds
 from wpk.graph import Graph
+from wpk.ort_session import cpu_session
 from wpk.subgraphs import node_reads
 
 
@@ -113,16 +114,8 @@ def random_inputs(graph: Graph, seed: int) -> dict[str, np.ndarray]:
 
 
 def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT's own exception types
-        raise WpkError(f"plan check: ONNX Runtime cannot run {model.graph.name!r}: "
-                       f"{_first_line(error)} (--no-verify skips the check)") from None
+    return cpu_session(model, lambda line: f"plan check: ONNX Runtime cannot run "
+                       f"{model.graph.name!r}: {line} (--no-verify skips the check)")
 
 
 def _first_line(error: Exception) -> str:

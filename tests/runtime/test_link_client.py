@@ -59,7 +59,7 @@ def test_many_requests_over_the_entry_link_match_the_whole_model(dag_pipeline, p
 
     async def run_all():
         async with LinkClient(dag_pipeline.entry, timeout=30) as client, \
-                InferenceClient(dag_pipeline.entry, stream=True, timeout=30) as grpc_client:
+                InferenceClient(dag_pipeline.entry, timeout=30) as grpc_client:
             calls = [(client if i % 3 else grpc_client).infer(DAG, f)
                      for i, f in enumerate(feeds)]
             return await asyncio.gather(*calls), client.transport
@@ -145,19 +145,48 @@ def test_requested_outputs_only(dag_pipeline, plans):
 
 
 def test_no_tensor_link_at_the_entry_falls_back_to_grpc(plans):
-    pipeline = Pipeline(plans["mlp"], link="grpc")
+    """Another KServe server in front of the entry tier: ModelInfer calls."""
+    from .conftest import GrpcOnly
+
+    pipeline = Pipeline(plans["mlp"])
+    front = GrpcOnly(pipeline.entry)
     try:
         feeds = model_feeds(plans["mlp"])
 
         async def one():
-            async with LinkClient(pipeline.entry, timeout=10) as client:
+            async with LinkClient(front.address, timeout=10) as client:
                 return await client.infer("mlp", feeds), client.transport
 
         answer, transport = asyncio.run(one())
         assert transport == "grpc"
         check(answer, reference(plans["mlp"], feeds))
     finally:
+        front.close()
         pipeline.close()
+
+
+def test_stream_true_names_a_removed_transport_and_means_the_tensor_link(dag_pipeline, plans):
+    """InferenceClient(stream=True) (gRPC streams, removed from the client): one warning,
+    then the tensor link; a request with parameters or an id goes as a ModelInfer call, which
+    carries them (a slice model run as a pipeline, as `wpk_pipeline` says)."""
+    feeds = model_feeds(plans["dag"], seed=5)
+
+    async def calls():
+        with pytest.warns(UserWarning, match=r"stream=True\): gRPC streams were removed"):
+            client = InferenceClient(dag_pipeline.entry, stream=True, timeout=10)
+        async with client:
+            answer = await client.infer(DAG, feeds)
+            transport = client.transport
+            slice_name = f"{DAG}.device"
+            alone = await client.infer(slice_name, feeds)
+            whole = await client.infer(slice_name, feeds, parameters={"wpk_pipeline": True},
+                                       request_id="7")
+            return answer, transport, alone, whole
+
+    answer, transport, alone, whole = asyncio.run(calls())
+    assert transport == "tcp"
+    check(answer, reference(plans["dag"], feeds))
+    assert set(whole) != set(alone)     # the parameter reached the tier: the pipeline ran
 
 
 def test_stopped_downstream_tier_is_unavailable_naming_it_and_deadlines_hold(plans):
@@ -230,7 +259,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
 
         async def others():
             async with LinkClient(pipeline.entry, timeout=20) as link_client, \
-                    InferenceClient(pipeline.entry, stream=True, timeout=20) as grpc_client:
+                    InferenceClient(pipeline.entry, timeout=20) as grpc_client:
                 slowest = 0.0
                 for _ in range(30):
                     for client in (link_client, grpc_client):
@@ -329,7 +358,7 @@ def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
 
         async def requests():
             async with LinkClient(pipeline.entry, timeout=10) as client, \
-                    InferenceClient(pipeline.entry, stream=True, timeout=10) as grpc_client:
+                    InferenceClient(pipeline.entry, timeout=10) as grpc_client:
                 answers = await asyncio.gather(*(client.infer("mlp", feeds) for _ in range(4)),
                                                grpc_client.infer("mlp", feeds))
                 return answers, client.transport

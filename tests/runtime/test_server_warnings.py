@@ -36,3 +36,21 @@ def test_serving_an_openvino_slice_without_openvino_warns_in_one_line(tmp_path):
     assert lines[0].startswith("wpk: warning: ")
     assert "cannot run here" in lines[0] and "ONNX Runtime instead" in lines[0]
     assert "UserWarning" not in stderr and "warn_once" not in stderr
+
+
+def test_link_grpc_a_removed_transport_warns_in_one_line_and_serves_the_tensor_link(plans):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wpk.runtime.server", str(plans["mlp"]), "--tier", "cloud",
+         "--port", "0", "--threads", "1", "--link", "grpc"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = process.stdout.readline()
+        assert "ready on" in ready and " tensor-link " in ready, process.communicate(timeout=30)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert stderr.splitlines() == ["wpk: warning: --link grpc: gRPC streams between tiers "
+                                   "were removed; using the tensor link (--link tcp)"]

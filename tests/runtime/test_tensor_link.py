@@ -173,7 +173,7 @@ def test_pipeline_on_the_tensor_link_many_concurrent_requests(plans):
         feeds = [model_feeds(plans["dag"], seed=100 + i) for i in range(48)]
 
         async def run_all():
-            async with InferenceClient(pipeline.entry, stream=True, timeout=30) as client:
+            async with InferenceClient(pipeline.entry, timeout=30) as client:
                 return await asyncio.gather(*(client.infer(pipeline.plan.name, f) for f in feeds))
 
         answers = asyncio.run(run_all())
@@ -192,19 +192,35 @@ def test_pipeline_on_the_tensor_link_many_concurrent_requests(plans):
         pipeline.close()
 
 
-def test_grpc_link_selected_and_a_tier_without_tensor_link_is_reached_over_grpc(plans):
-    """`--link grpc` everywhere: no tensor link is advertised or used. A tcp tier in front
-    of a grpc one falls back to gRPC (nothing advertised)."""
-    pipeline = Pipeline(plans["mlp"], link={"device": "tcp", "edge": "tcp", "cloud": "grpc"})
+def test_a_tier_without_tensor_link_is_reached_over_grpc(plans):
+    """The cloud tier behind another KServe server (nothing advertised): the edge falls back
+    to ModelInfer calls; device -> edge stays on the tensor link."""
+    pipeline = Pipeline(plans["mlp"], grpc_only=("cloud",))
     try:
         feeds = model_feeds(plans["mlp"])
         want = reference(plans["mlp"], feeds)["softmax_16_out"]
-        np.testing.assert_allclose(triton_infer(pipeline.entry, "mlp", feeds)
-                                   .as_numpy("softmax_16_out"), want, rtol=1e-5, atol=1e-6)
+        for _ in range(3):
+            np.testing.assert_allclose(triton_infer(pipeline.entry, "mlp", feeds)
+                                       .as_numpy("softmax_16_out"), want, rtol=1e-5, atol=1e-6)
         assert pipeline.services["device"].link.connection is not None   # device -> edge: tcp
         edge_link = pipeline.services["edge"].link
         assert edge_link.kind == "tcp" and edge_link.connection is None  # edge -> cloud: grpc
-        assert pipeline.link_servers["cloud"] is None
+        assert edge_link.fallback_until > 0
+    finally:
+        pipeline.close()
+
+
+def test_link_grpc_names_a_removed_transport_and_means_the_tensor_link(plans):
+    """`--link grpc` (gRPC streams between tiers, removed): one warning, then the tensor link."""
+    with pytest.warns(UserWarning, match=r"--link grpc: gRPC streams between tiers were "
+                                         r"removed; using the tensor link"):
+        pipeline = Pipeline(plans["mlp"], link={"device": "grpc"})
+    try:
+        feeds = model_feeds(plans["mlp"])
+        triton_infer(pipeline.entry, "mlp", feeds)
+        assert all(s.link_kind == "tcp" for s in pipeline.services.values())
+        assert pipeline.services["device"].link.connection is not None
+        assert pipeline.link_servers["device"] is not None
     finally:
         pipeline.close()
 
@@ -286,7 +302,7 @@ def test_tls_tiers_use_the_grpc_link(plans, tmp_path):
             async with InferenceClient(pipeline.entry, credentials=creds,
                                        server_name="device", timeout=10) as client, \
                     LinkClient(pipeline.entry, credentials=creds, server_name="device",
-                               timeout=10) as link_client:   # no tensor link: the stream
+                               timeout=10) as link_client:   # no tensor link: ModelInfer
                 return (await client.infer("mlp", feeds), await link_client.infer("mlp", feeds),
                         link_client.transport)
 

@@ -14,7 +14,7 @@ import threading
 from typing import Callable
 
 from wpk import cli_args
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.files import existing_file
 from wpk.runtime.batching import add_batching_arguments
 
@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--threads", type=cli_args.threads, default=0,
                        help="ONNX Runtime threads per tier (0: ORT's default)")
     local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
-                       help="how the tiers pass tensors: tcp, the tensor link (default), or "
-                       "grpc streams (see wpk-serve --link)")
+                       help="how the tiers pass tensors: tcp, the tensor link (the default and "
+                       "the only choice: grpc, gRPC streams, was removed and means tcp, with "
+                       "a warning)")
     local.add_argument("--pin-cpus", action="store_true",
                        help="give every tier CPUs of its own (wpk-serve --cpus): whole "
                        "physical cores where there are enough, about in proportion to its "
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     check_options(parser, args)
     for name, run in TARGETS.items():
         if getattr(args, name, False):
-            return run(args)
+            with one_line_warnings():
+                return run(args)
     raise AssertionError("argparse requires one target")
 
 

@@ -56,12 +56,16 @@ class LocalDeployment:
                  name: str | None = None, threads: int = 0, metrics: bool = True,
                  serve_args: list[str] | None = None, start_timeout: float = 60.0,
                  link: str = "tcp", cpus: Sequence[frozenset[int]] | None = None):
-        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp or grpc); `cpus`: the
-        CPUs each tier runs on, in plan order (`wpk-serve --cpus`; see runtime.cpus)."""
+        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp; "grpc", gRPC streams,
+        was removed and means tcp, with one warning); `cpus`: the CPUs each tier runs on, in
+        plan order (`wpk-serve --cpus`; see runtime.cpus)."""
+        from wpk.runtime.next_tier import link_kind
+
+        link_kind(link, tls=False)   # checks it, and warns once here rather than per tier
         self.plan_dir = Path(plan_dir)
         self.plan = load_plan(self.plan_dir)
         self.port, self.host, self.name = port, host, name
-        self.threads, self.metrics, self.link = threads, metrics, link
+        self.threads, self.metrics = threads, metrics
         self.serve_args = list(serve_args or [])
         if cpus is not None and len(cpus) != len(self.plan.tiers):
             raise WpkError(f"{len(cpus)} CPU sets for {len(self.plan.tiers)} tiers")
@@ -90,8 +94,6 @@ class LocalDeployment:
             cmd += ["--link-port", str(link_port)]
         if restarts:
             cmd += ["--restart-count", str(restarts)]
-        if self.link != "tcp":   # tcp is wpk-serve's own choice (gRPC where serve_args add TLS)
-            cmd += ["--link", self.link]
         if next_address:
             cmd += ["--next", next_address]
         if self.name:

@@ -13,9 +13,7 @@ import grpc
 
 from wpk import __version__
 from wpk.runtime import protocol as pb
-from wpk.runtime.stream_link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM
 from wpk.runtime.link_server import LinkServer
-from wpk.runtime.stream_writer import StreamWriter
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.shared_memory_rpcs import SharedMemoryRpcs
@@ -23,7 +21,8 @@ from wpk.runtime.status import TierError, failure
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.tier_core import TierCore
-from wpk.runtime.infer_messages import (build_response, parameter_value, parse_inputs,
+from wpk.runtime.infer_messages import (PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM,
+                                        build_response, parameter_value, parse_inputs,
                                         payload_bytes, requested_outputs, set_parameter)
 
 
@@ -85,11 +84,19 @@ class KServeServicer(SharedMemoryRpcs):
                                       time.perf_counter() - started)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Triton's streaming inference: each request runs concurrently; answers carry its id
-        and are written in the order they are ready (see stream_writer)."""
+        """Triton's streaming inference (tritonclient's `start_stream`): each request runs
+        concurrently; answers carry its id and are written in the order they are ready, by
+        one writer (grpc.aio allows one write in flight per stream), so that no request's
+        task waits for the writes of others."""
         running: set[asyncio.Task] = set()
-        writer = StreamWriter(context.write, lambda error: None)  # a failed write: the caller has
-        # gone, nobody is left to answer
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def write_answers() -> None:
+            try:
+                while (message := await answers.get()) is not None:
+                    await context.write(message)
+            except Exception:   # the caller has gone: nobody is left to answer
+                pass
 
         async def answer(request) -> None:
             started = time.perf_counter()
@@ -107,8 +114,9 @@ class KServeServicer(SharedMemoryRpcs):
                 set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
             self.core.metrics.observe(request.model_name, code.name,
                                       time.perf_counter() - started)
-            await writer.send(message)
+            answers.put_nowait(message)
 
+        writer = asyncio.ensure_future(write_answers())
         try:
             async for request in request_iterator:
                 task = asyncio.ensure_future(answer(request))
@@ -116,7 +124,8 @@ class KServeServicer(SharedMemoryRpcs):
                 task.add_done_callback(running.discard)
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-            await writer.flush()
+            answers.put_nowait(None)
+            await writer
         finally:
             for task in running:
                 task.cancel()

@@ -11,8 +11,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
-from wpk.runtime.zero_copy_messages import serialize
-from wpk.runtime.zero_copy_messages import request_parser, response_parser, stream_response_parser
+from wpk.runtime.zero_copy_messages import request_parser, response_parser, serialize
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -115,8 +114,6 @@ def _deserializer(cls, zero_copy: bool):
         return request_parser(cls)
     if zero_copy and cls is ModelInferResponse:
         return response_parser(cls)
-    if zero_copy and cls is ModelStreamInferResponse:
-        return stream_response_parser(cls, ModelInferResponse)
     return cls.FromString
 
 

@@ -35,7 +35,7 @@ from wpk.runtime.codecs import Codec
 from wpk.runtime.cpus import usable_cores
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.next_tier import LINKS, GrpcLink, NextTier, TcpLink
+from wpk.runtime.next_tier import GrpcLink, NextTier, TcpLink, link_kind
 from wpk.runtime.slice import load_batched_runner, load_runner
 from wpk.runtime.status import TierError
 from wpk.runtime.tensors import served_spec
@@ -80,7 +80,7 @@ class TierCore:
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  batching: BatchPolicy | None = None):
         """`link`: "tcp", the tensor link to the next tier (and from the previous one, see
-        server); "grpc": gRPC streams only. With TLS (`channel_credentials`) it is gRPC.
+        server); with TLS (`channel_credentials`) it is gRPC (see next_tier.link_kind).
         `batching`: run requests that arrive together as one batch (see batching.py)."""
         self.plan = plan
         self.tier = plan.tier(tier)
@@ -103,8 +103,7 @@ class TierCore:
             warnings.warn(f"tier {tier!r} forwards nothing to a next tier: --next "
                           f"{next_address} is not used")
         self.next_address = next_address if self.tier.forward else None
-        refuse_unknown_choice(link, LINKS, "link")
-        self.link_kind = "grpc" if channel_credentials is not None else link
+        self.link_kind = link_kind(link, channel_credentials is not None)
         self.link: NextTier | None = None
         self.codec = Codec.parse(plan.links[index].codec) if self.next_tier else Codec()
         self.next_model = f"{self.name}.{self.next_tier}" if self.next_tier else ""
@@ -217,8 +216,7 @@ class TierCore:
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.where}: deadline exceeded while "
                 f"waiting for a batch"))
         if self.next_address:
-            client = InferenceClient(self.next_address, stream=True,
-                                     credentials=self.channel_credentials,
+            client = InferenceClient(self.next_address, credentials=self.channel_credentials,
                                      server_name=self.next_tier)
             self.link = GrpcLink(client, self.codec, self.metrics, self.loop)
             if self.link_kind == "tcp":

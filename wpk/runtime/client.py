@@ -5,9 +5,7 @@
 
 Arrays in, arrays out. Failures raise `TierError` with `.code` (a grpc.StatusCode) and
 `.details`: UNAVAILABLE / DEADLINE_EXCEEDED are worth retrying, INVALID_ARGUMENT / NOT_FOUND
-are not. Inferences are unary ModelInfer calls. `shared_memory=True` passes the inputs
-through POSIX shared memory regions registered with the server instead of in the message
-(servers on this host only; wpk tiers and Triton support it; see shm_inputs).
+are not. Inferences are unary ModelInfer calls.
 
 `tensor_link=True` enters a wpk pipeline over the server's tensor link, the binary data plane
 the tiers pass tensors on (see next_tier.TcpLink): one frame out, one frame back, large inputs
@@ -16,8 +14,10 @@ a local application) skips one Python gRPC call per request. Where the server ha
 (another KServe server, a wpk tier run with `--tls-dir`) or its port cannot be reached, and
 for requests that carry `parameters` or a `request_id`, inferences are ModelInfer calls; the
 tensor link is looked for again every 30 s. Metadata, health and shared-memory calls are
-gRPC calls either way. `stream=True` (gRPC streams, which this client no longer uses: the
-tensor link was measured faster) means `tensor_link=True`, with a warning.
+gRPC calls either way. `stream=True` (gRPC streams) and `shared_memory=True` (inputs in
+shared-memory regions registered with the server), which this client no longer uses (the
+tensor link, with its lanes, was measured faster than both), mean `tensor_link=True`, with
+a warning.
 """
 from __future__ import annotations
 
@@ -34,11 +34,12 @@ from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.next_tier import GrpcLink, TcpLink
 from wpk.runtime.status import TierError
-from wpk.runtime.shm_inputs import InputSlots
 from wpk.tensor_spec import TensorSpec
 from wpk.runtime.infer_messages import PIPELINE_PARAM, build_request, parse_response
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+REMOVED = {"stream": "gRPC streams", "shared_memory": "inputs in shared-memory regions"}
+# (the client's removed ways in: each now means the tensor link)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
@@ -68,17 +69,17 @@ class InferenceClient:
                  credentials=None, server_name: str | None = None,
                  shared_memory: bool = False, tensor_link: bool = False):
         """`credentials`: grpc.ChannelCredentials for TLS (see wpk.runtime.tls), checking the
-        server's certificate against `server_name` when given. `shared_memory`: send inputs
-        through shared memory (not with a codec). `tensor_link`: infer over the tensor link
-        (use from one event loop; TLS tiers serve none: their inferences are ModelInfer
-        calls). `stream`: an earlier name for `tensor_link` (one warning)."""
-        if stream:
-            warnings.warn("InferenceClient(stream=True): gRPC streams were removed from wpk's "
-                          "client; using the tensor link (tensor_link=True; ModelInfer calls "
-                          "where the server has none)", stacklevel=2)
-            tensor_link = tensor_link or not shared_memory
-        if tensor_link and shared_memory:
-            raise ValueError("tensor_link=True sends frames, not shared-memory regions")
+        server's certificate against `server_name` when given. `tensor_link`: infer over the
+        tensor link (use from one event loop; TLS tiers serve none: their inferences are
+        ModelInfer calls). `stream`, `shared_memory`: removed ways in that now mean
+        `tensor_link` (one warning each)."""
+        for removed, given in (("stream", stream), ("shared_memory", shared_memory)):
+            if given:
+                warnings.warn(f"InferenceClient({removed}=True): {REMOVED[removed]} were "
+                              f"removed from wpk's client; using the tensor link "
+                              f"(tensor_link=True; ModelInfer calls where the server has "
+                              f"none)", stacklevel=2)
+                tensor_link = True
         self.address = address
         self.timeout = timeout
         options = channel_options(max_message_bytes)
@@ -94,10 +95,6 @@ class InferenceClient:
         self.tensor_link = tensor_link
         self.metrics = TierMetrics("client")   # bytes over the tensor link, for the curious
         self._tcp_link: TcpLink | None = None  # made on first use, on the caller's loop
-        if shared_memory and self.encoder is not None:
-            raise ValueError("shared_memory=True sends raw tensors: no codec")
-        self.input_slots = InputSlots(lambda method, request: self._call(method, request, None)) \
-            if shared_memory else None
 
     async def __aenter__(self) -> "InferenceClient":
         return self
@@ -110,8 +107,6 @@ class InferenceClient:
         if tcp_link is not None:
             await tcp_link.close()   # its gRPC fallback closes this client (again, here)
             return
-        if self.input_slots is not None:
-            await self.input_slots.close()
         await self.channel.close()
 
     async def _call(self, method: str, request, timeout: float | None):
@@ -163,9 +158,6 @@ class InferenceClient:
             return await self._infer_linked(model, inputs, outputs, timeout, pipeline)
         if pipeline:
             parameters = {**(parameters or {}), PIPELINE_PARAM: True}
-        if self.input_slots is not None:
-            return await self._infer_shared(model, inputs, outputs, timeout, parameters,
-                                            request_id)
         request = build_request(model, inputs, outputs, encoder=self.encoder,
                                 parameters=parameters, request_id=request_id)
         response = await self.infer_message(request, timeout=timeout)
@@ -183,19 +175,6 @@ class InferenceClient:
                             f"model {model!r} has no output {', '.join(unknown)} "
                             f"(outputs: {', '.join(answer)})")
         return answer if outputs is None else {name: answer[name] for name in outputs}
-
-    async def _infer_shared(self, model, inputs, outputs, timeout, parameters, request_id):
-        slots = self.input_slots
-        arrays = {name: np.asarray(array) for name, array in inputs.items()}
-        slot = await slots.acquire(slots.nbytes(arrays))
-        try:
-            request = slots.request(slot, model, arrays, outputs, parameters, request_id)
-            response = await self.infer_message(request, timeout=timeout)
-        except BaseException:
-            await slots.retire(slot)  # the server may still be reading it: not reused
-            raise
-        slots.release(slot)
-        return parse_response(response)
 
     async def shared_memory_status(self, name: str = "", timeout: float | None = None) -> dict:
         """Regions registered with the server: name -> (key, offset, byte_size)."""

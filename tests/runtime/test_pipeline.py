@@ -17,7 +17,6 @@ from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
 from wpk.runtime import tier_core
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.status import TierError
 from wpk.runtime.codecs import Codec
 
 

@@ -19,7 +19,7 @@ from wpk.runtime import protocol as pb
 from wpk.runtime import tier_core
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.link_frames import ANSWER, REQUEST, FrameReader, encode, send_parts
+from wpk.runtime.link_frames import REQUEST, FrameReader, encode, send_parts
 from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer

@@ -268,6 +268,50 @@ def test_hung_tensor_link_gives_deadline_exceeded_naming_the_tier(plans, monkeyp
         peer.close()
 
 
+def test_large_frames_to_a_next_tier_that_stops_reading_do_not_hold_up_the_loop(tmp_path):
+    """The entry tier's gRPC handlers forward from its event loop: a frame the socket cannot
+    take (a large payload, no lane: a network's pace, here a peer that never reads) leaves
+    from a worker thread, so the loop still answers (health, other requests) meanwhile."""
+    from wpk.examples import resnet_like
+    from .conftest import make_plan
+
+    plan = make_plan(resnet_like(image_size=128, width=16, classes=10), tmp_path / "r128",
+                     {"conv_12": "device", "relu_13": "edge", "add_17": "cloud"})
+    mute = socket.create_server(("127.0.0.1", 0))   # accepts, never reads a byte
+
+    class Peer:
+        def ServerMetadata(self, request, context):   # a tensor link, no lanes
+            return pb.ServerMetadataResponse(
+                name="mute", extensions=[f"{EXTENSION_PREFIX}{mute.getsockname()[1]}"])
+
+        def __getattr__(self, method):
+            return lambda request, context: pb.METHODS[method][1]()
+
+    server, address = fake_tier(Peer())
+    pipeline = Pipeline(plan, hop_timeout=4.0, next_override={"device": address})
+    feeds = model_feeds(plan)
+    count = -(-(32 << 20) // pipeline.plan.links[0].bytes)   # more than socket buffers hold
+    callers = [threading.Thread(target=lambda: pytest.raises(
+        Exception, triton_infer, pipeline.entry, "resnet_like", feeds, client_timeout=5))
+        for _ in range(count)]
+    try:
+        for caller in callers:
+            caller.start()
+        time.sleep(1.0)
+        live = triton.InferenceServerClient(pipeline.entry)
+        for _ in range(5):
+            started = time.monotonic()
+            assert live.is_server_live(client_timeout=2)
+            assert time.monotonic() - started < 0.5
+            time.sleep(0.1)
+    finally:
+        for caller in callers:
+            caller.join(15)
+        pipeline.close()
+        server.stop(0)
+        mute.close()
+
+
 def test_stopped_downstream_on_the_tensor_link_is_unavailable_at_once(plans):
     """The next tier stops: UNAVAILABLE naming it, at once (a restarted tier is found
     again: tests/runtime/test_restart.py)."""

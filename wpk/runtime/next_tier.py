@@ -29,7 +29,7 @@ from wpk.errors import refuse_unknown_choice
 from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.link_frames import REQUEST, encode
-from wpk.runtime.lane import over_loopback
+from wpk.runtime.lane import LANE_MIN_BYTES, over_loopback
 from wpk.runtime.status import TierError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, REFUSED, Expiry,
@@ -213,14 +213,22 @@ class TcpLink:
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
-        """On the loop; the answer's arrays, or raises TierError."""
+        """On the loop; the answer's arrays, or raises TierError. A frame that could hold up
+        the loop (a large payload that no lane takes: a network's pace) leaves from a worker
+        thread instead."""
         connection = self._open() or await self._connect(timeout)
         if connection is None:
             return await self.grpc.forward(model, arrays, timeout, pipeline)
         loop = self.loop
         future = loop.create_future()
         done = lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)  # noqa
-        self._send(connection, model, arrays, timeout, done, pipeline)
+        lane = connection.lane
+        if sum(a.nbytes for a in arrays.values()) > LANE_MIN_BYTES and \
+                not (lane is not None and lane.ready):
+            await loop.run_in_executor(None, self._send, connection, model, arrays, timeout,
+                                       done, pipeline)
+        else:
+            self._send(connection, model, arrays, timeout, done, pipeline)
         return await future
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,

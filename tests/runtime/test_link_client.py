@@ -54,7 +54,7 @@ def test_entry_tier_advertises_its_tensor_link(dag_pipeline):
 def test_many_requests_over_the_entry_link_match_the_whole_model(dag_pipeline, plans):
     """48 requests in flight at once over the tensor link, interleaved with gRPC requests:
     each gets its own answer (the dag has model outputs on every tier). The entry tier
-    forwards link requests on a threaded connection, gRPC ones on its loop's."""
+    forwards both on its one connection to the next tier."""
     feeds = [model_feeds(plans["dag"], seed=200 + i) for i in range(48)]
 
     async def run_all():
@@ -70,9 +70,7 @@ def test_many_requests_over_the_entry_link_match_the_whole_model(dag_pipeline, p
         want = reference(plans["dag"], feed)
         check(answer, want)
         assert list(answer) == list(want)     # the model's output order, as over gRPC
-    connections = dag_pipeline.services["device"].link.connections
-    assert connections[True].threaded and not connections[False].threaded
-    assert connections[True].error is None and connections[False].error is None
+    assert dag_pipeline.services["device"].link.connection.error is None
 
 
 def test_a_slice_model_answers_as_over_grpc(dag_pipeline, plans):
@@ -311,19 +309,16 @@ def test_requests_waiting_for_a_slow_connect_keep_their_own_deadline():
         server.stop(0)
 
 
-def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans):
-    """The entry tier's threaded dial fails (gRPC for a while); the recheck must dial the
-    threaded kind again, not replace the open loop-driven connection."""
+def test_a_failed_dial_falls_back_to_grpc_and_the_recheck_dials_again(plans):
+    """The entry tier's dial fails (gRPC for a while); once the retry time has come, a
+    recheck dials again and requests go back to the tensor link."""
     pipeline = Pipeline(plans["mlp"])
     try:
         feeds = model_feeds(plans["mlp"])
         link = pipeline.services["device"].link
 
         async def scenario():
-            async with InferenceClient(pipeline.entry, timeout=10) as grpc_client, \
-                    LinkClient(pipeline.entry, timeout=10) as client:
-                await grpc_client.infer("mlp", feeds)        # the loop-driven kind opens
-                loop_connection = link.connections[False]
+            async with LinkClient(pipeline.entry, timeout=10) as client:
                 real_dial, failures = link._dial, [None, None]
 
                 async def dial(port, timeout):               # two dials time out
@@ -334,19 +329,18 @@ def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans
 
                 link._dial = dial
                 await client.infer("mlp", feeds)             # over gRPC: the dial failed
-                assert link.fallback_until and link.connections[True] is None
+                assert link.fallback_until and link.connection is None
                 link.fallback_until = time.monotonic() - 1   # as if 30 s had passed
                 await client.infer("mlp", feeds)             # starts the recheck
                 deadline = time.monotonic() + 15
-                while link.connections[True] is None and time.monotonic() < deadline:
+                while link.connection is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 await client.infer("mlp", feeds)
-                return loop_connection, client.transport
+                return client.transport
 
-        loop_connection, transport = asyncio.run(scenario())
-        assert link.connections[False] is loop_connection and loop_connection.error is None
-        assert link.connections[True] is not None and link.connections[True].error is None
-        assert transport == "tcp"
+        transport = asyncio.run(scenario())
+        assert link.connection is not None and link.connection.error is None
+        assert not link.fallback_until and transport == "tcp"
     finally:
         pipeline.close()
 

@@ -19,11 +19,11 @@ from wpk.runtime import protocol as pb
 from wpk.runtime import tier_core
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.codecs import Codec, Encoder
-from wpk.runtime.link_frames import ANSWER, REQUEST, FrameReader, encode, send_parts
+from wpk.runtime.link_frames import REQUEST, FrameReader, encode, send_parts
 from wpk.runtime.status import TierError
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer
-from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection, LoopConnection
+from wpk.runtime.tensor_link import EXTENSION_PREFIX, Expiry, LinkConnection
 from wpk.runtime.tensors import TensorError
 
 
@@ -57,32 +57,6 @@ def test_frames_round_trip_every_codec_within_its_tolerance(codec):
     assert np.all(np.abs(got["big"].astype(np.float64) - big) <= Codec.parse(codec)
                   .tolerance(big))
     np.testing.assert_array_equal(got["ids"], sent["ids"])
-
-
-def test_poll_assembles_frames_that_arrive_in_pieces():
-    left, right = socket.socketpair()
-    with left, right:
-        right.setblocking(False)
-        reader = FrameReader(right, staging=1024)
-        frames = [b"".join(bytes(memoryview(p)) for p in encode(ANSWER, i, arrays(i)))
-                  for i in range(3)]
-        data = b"".join(frames)
-        got = []
-        for start in range(0, len(data), 100_003):   # pieces cut across headers and payloads
-            left.sendall(data[start:start + 100_003])
-            while True:
-                try:
-                    more = reader.poll()
-                except BlockingIOError:
-                    more = []
-                got += more
-                if not more:
-                    break
-        assert [f.request_id for f in got] == [0, 1, 2]
-        np.testing.assert_array_equal(got[2].arrays("a")["big"], arrays(2)["big"])
-        left.close()
-        with pytest.raises(EOFError):
-            reader.poll()
 
 
 def test_bad_tensor_descriptions_are_named():
@@ -150,33 +124,7 @@ def test_many_requests_in_flight_answers_out_of_order_thread_connection():
         assert float(outcome["x"][0, 0]) == 2 * i and int(outcome["big"][-1]) == 2 * i
 
 
-def test_many_requests_in_flight_answers_out_of_order_loop_connection():
-    shuffler = Shuffler()
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        sock = socket.create_connection(("127.0.0.1", shuffler.server.port))
-        connection = LoopConnection(sock, loop, Expiry())
-
-        async def one(i: int):
-            future = loop.create_future()
-            payload = {"big": np.full(200_000, i, np.float32)}   # 800 KB: writes back up
-            connection.send(lambda rid: encode(REQUEST, rid, payload, model="echo"), 5.0,
-                            future.set_result)
-            outcome = await future
-            return i, float(outcome["big"][123])
-
-        results = await asyncio.gather(*(one(i) for i in range(100)))
-        connection.close()
-        return results
-
-    results = asyncio.run(scenario())
-    shuffler.server.close()
-    assert all(value == 2 * i for i, value in results)
-
-
-@pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_a_late_answer_gives_deadline_exceeded_and_the_connection_goes_on(kind):
+def test_a_late_answer_gives_deadline_exceeded_and_the_connection_goes_on():
     release = threading.Event()
 
     def handle(frame, reply):
@@ -190,8 +138,7 @@ def test_a_late_answer_gives_deadline_exceeded_and_the_connection_goes_on(kind):
     async def scenario():
         loop = asyncio.get_running_loop()
         sock = socket.create_connection(("127.0.0.1", server.port))
-        connection = LoopConnection(sock, loop, Expiry()) if kind == "loop" else \
-            LinkConnection(sock, Expiry())
+        connection = LinkConnection(sock, Expiry())
 
         async def call(model: str, timeout: float):
             future = loop.create_future()
@@ -241,8 +188,6 @@ def test_pipeline_on_the_tensor_link_many_concurrent_requests(plans):
             link = pipeline.services[tier].link
             assert link.kind == "tcp" and link.connection is not None
             assert link.connection.error is None
-        assert not pipeline.services["device"].link.connection.threaded  # entry: on its loop
-        assert pipeline.services["edge"].link.connection.threaded
     finally:
         pipeline.close()
 

@@ -166,8 +166,7 @@ class InferenceClient:
     async def _infer_linked(self, model, inputs, outputs, timeout, pipeline):
         if self._tcp_link is None:
             grpc_link = GrpcLink(self, self.codec, self.metrics, asyncio.get_running_loop())
-            self._tcp_link = TcpLink(self.address, grpc_link, self.codec, self.metrics,
-                                     on_loop=True)
+            self._tcp_link = TcpLink(self.address, grpc_link, self.codec, self.metrics)
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
         answer = await self._tcp_link.forward(model, arrays, self._timeout(timeout), pipeline)
         unknown = [name for name in outputs or () if name not in answer]

@@ -117,30 +117,24 @@ def _deserializer(cls, zero_copy: bool):
     return cls.FromString
 
 
+_TABLES = ((METHODS, "unary_unary"), (STREAM_METHODS, "stream_stream"),
+           (SHARED_MEMORY_METHODS, "unary_unary"))   # (methods, grpc's kind of call)
+
+
 def generic_handler(servicer: object):
     """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
-    (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`).
-    Inference requests arrive as `zero_copy_messages.Received` messages (raw contents not
-    copied)."""
+    (stream and shared-memory methods, when the servicer has them; a stream method gets
+    the request iterator). Inference requests arrive as `zero_copy_messages.Received`
+    messages (raw contents not copied)."""
     import grpc
 
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=_deserializer(request, True),
-            response_serializer=serialize)
-        for name, (request, response) in METHODS.items()
-    }
-    for name, (request, response) in STREAM_METHODS.items():
-        if hasattr(servicer, name):
-            handlers[name] = grpc.stream_stream_rpc_method_handler(
-                getattr(servicer, name), request_deserializer=_deserializer(request, True),
-                response_serializer=serialize)
-    for name, (request, response) in SHARED_MEMORY_METHODS.items():
-        if hasattr(servicer, name):
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
-                getattr(servicer, name), request_deserializer=request.FromString,
-                response_serializer=serialize)
+    handlers = {}
+    for table, kind in _TABLES:
+        for name, (request, _) in table.items():
+            if table is METHODS or hasattr(servicer, name):
+                handlers[name] = getattr(grpc, f"{kind}_rpc_method_handler")(
+                    getattr(servicer, name), request_deserializer=_deserializer(request, True),
+                    response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -150,15 +144,8 @@ class Stub:
     contents left in the received bytes, as memoryviews) instead of plain protobuf messages."""
 
     def __init__(self, channel, zero_copy: bool = False):
-        for name, (request, response) in METHODS.items():
-            setattr(self, name, channel.unary_unary(
-                method_path(name), request_serializer=serialize,
-                response_deserializer=_deserializer(response, zero_copy)))
-        for name, (request, response) in STREAM_METHODS.items():
-            setattr(self, name, channel.stream_stream(
-                method_path(name), request_serializer=serialize,
-                response_deserializer=_deserializer(response, zero_copy)))
-        for name, (request, response) in SHARED_MEMORY_METHODS.items():
-            setattr(self, name, channel.unary_unary(
-                method_path(name), request_serializer=serialize,
-                response_deserializer=response.FromString))
+        for table, kind in _TABLES:
+            for name, (_, response) in table.items():
+                setattr(self, name, getattr(channel, kind)(
+                    method_path(name), request_serializer=serialize,
+                    response_deserializer=_deserializer(response, zero_copy)))

@@ -2,9 +2,8 @@
 
 `LinkConnection` (the upstream side) is one persistent full-duplex connection: requests are
 multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
-each request's `done` callback; `LoopConnection` is the same driven by an asyncio loop. A
-broken connection fails every pending request with UNAVAILABLE; `Expiry` fails those whose
-deadline passes first with DEADLINE_EXCEEDED. Between tiers on one host, large payloads
+each request's `done` callback. A broken connection fails every pending request with
+UNAVAILABLE; `Expiry` fails those whose deadline passes first with DEADLINE_EXCEEDED. Between tiers on one host, large payloads
 travel through a shared-memory lane (see lane) instead of the socket, where the receiver
 maps lanes (advertised as LANE_EXTENSION). The downstream side is link_server.LinkServer.
 """
@@ -21,7 +20,7 @@ from typing import Callable
 import grpc
 
 from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader,
-                                     encode_meta, send_nowait, send_parts)
+                                     encode_meta, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
 from wpk.runtime.status import TierError, code_of
 from wpk.runtime.tensors import TensorError
@@ -187,28 +186,35 @@ def _refusal(frame: Frame) -> TierError | None:
     return _frame_error(frame) if frame.request_id == 0 and frame.status else None
 
 
-class _Connection:
-    """What both connection kinds share: requests registered by id (their deadlines with the
-    link's `Expiry`), answers handed to them, and the sending side's lane (see lane), opened
-    once the connection carries a payload of LANE_MIN_BYTES or more, where the receiver maps
-    lanes (`lanes`: it advertises LANE_EXTENSION). `answered`: whether any answer came back
-    on the connection."""
+class LinkConnection:
+    """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
+    once per request, with the answer's arrays or a TierError, from the reader thread
+    (answers, a broken connection), the expiry thread, or the sender (a failed write).
+    Large payloads go through the sending side's lane (see lane), opened once the connection
+    carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes. `answered`:
+    whether any answer came back on the connection."""
 
     lane: LaneWriter | None = None
     answered = False
     _lane_lock = threading.Lock()   # one lane opened at a time, whichever connection
 
     def __init__(self, sock: socket.socket, expiry: Expiry,
-                 on_bytes: Callable[[int], None] | None, lanes: bool):
+                 on_bytes: Callable[[int], None] | None = None, lanes: bool = False):
+        """`lanes`: the receiver maps shared-memory lanes (it advertises LANE_EXTENSION)."""
         nodelay(sock)
-        self.sock, self.expiry, self.on_bytes, self.lanes = sock, expiry, on_bytes, lanes
+        self.sock = sock
+        self.lanes = lanes
+        self.expiry = expiry
+        self.on_bytes = on_bytes
         self.pending: dict[int, Done] = {}
         self.error: TierError | None = None
+        self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._reader = threading.Thread(target=self._read, daemon=True, name="wpk-link-out")
+        self._reader.start()
 
-    def _register(self, parts_for: Callable[[int], list], timeout: float | None,
-                  done: Done) -> tuple[int, list]:
-        """A new request: (its id, its frame's buffers, through the lane where they go)."""
+    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
+        """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
         request_id = next(self._ids)
         parts = self._through_lane(request_id, parts_for(request_id))
         if timeout is not None:
@@ -218,88 +224,6 @@ class _Connection:
             entry.append(self.expiry.add(time.monotonic() + timeout, self, request_id))
         else:
             self.pending[request_id] = done
-        return request_id, parts
-
-    def _take(self, frame: Frame) -> TierError | None:
-        """Hand an answer frame to its request; returns the error that ends the connection
-        (a request frame, a refusal), if any."""
-        if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-            return TierError(grpc.StatusCode.UNAVAILABLE,
-                             "connection lost (request frame sent to a client)")
-        refusal = _refusal(frame)
-        if refusal is not None:
-            return refusal
-        self.answered = True
-        if self.lane is not None:
-            self.lane.release(frame.request_id)
-        callback = self.pending.pop(frame.request_id, None)
-        if callback is not None:  # None: expired meanwhile, the caller has its answer
-            _deliver(frame, callback, self.on_bytes)
-        return None
-
-    def expire(self, request_id: int) -> None:
-        callback = self.pending.pop(request_id, None)
-        if callback is not None:
-            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
-
-    def _fail_pending(self) -> None:
-        """Every pending request gets the connection's error (from any thread)."""
-        for request_id in list(self.pending):
-            callback = self.pending.pop(request_id, None)
-            if callback is not None:
-                _call(callback, self.error)
-
-    def _through_lane(self, request_id: int, parts: list) -> list:
-        """`parts` with the payload moved into the lane, where it can go; else `parts`.
-        (A payload sent inline may be a view of the lane this tier received it in; if the
-        send blocks past its request's deadline, the upstream may reuse that slot while
-        bytes still leave from it: the next tier then gets a torn tensor, but its answer is
-        thrown away, the request having failed already.)"""
-        lane = self.lane
-        if lane is not None:
-            return lane.place(request_id, parts) or parts
-        if self.lanes:
-            payload = sum(memoryview(p).nbytes for p in parts[1:])
-            if payload >= LANE_MIN_BYTES:
-                with self._lane_lock:   # senders on several threads: one lane, one LANE_OPEN
-                    opening, self.lanes = self.lanes, False
-                if opening:
-                    self._open_lane(payload)
-        return parts
-
-    def _open_lane(self, payload: int) -> None:
-        try:
-            lane = LaneWriter(payload)
-        except OSError as error:   # no /dev/shm, or too little room in it
-            log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
-            return
-        self.lane = lane
-        self.send(lambda rid: encode_meta(LANE_OPEN, rid, lane.open_meta()),
-                  LANE_OPEN_TIMEOUT_S,
-                  lambda outcome: lane.attached(not isinstance(outcome, Exception)))
-
-    def _close_lane(self) -> None:
-        if self.lane is not None:
-            self.lane.close()
-
-
-class LinkConnection(_Connection):
-    """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
-    once per request, with the answer's arrays or a TierError, from the reader thread
-    (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
-
-    threaded = True
-
-    def __init__(self, sock: socket.socket, expiry: Expiry,
-                 on_bytes: Callable[[int], None] | None = None, lanes: bool = False):
-        super().__init__(sock, expiry, on_bytes, lanes)
-        self._send_lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True, name="wpk-link-out")
-        self._reader.start()
-
-    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
-        """`parts_for(request_id)`: the frame's buffers. Never raises: failures go to `done`."""
-        request_id, parts = self._register(parts_for, timeout, done)
         try:
             with self._send_lock:
                 if self.error is None:
@@ -339,89 +263,66 @@ class LinkConnection(_Connection):
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._fail_pending()
+        for request_id in list(self.pending):
+            callback = self.pending.pop(request_id, None)
+            if callback is not None:
+                _call(callback, self.error)
 
     def close(self) -> None:
         self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))
         self._reader.join(1.0)
 
-
-class LoopConnection(_Connection):
-    """A connection driven by an asyncio loop, for a tier whose requests start on the loop
-    (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
-    so `done` runs on the loop with no reader thread and no hand-off between threads; writes
-    that do not fit the socket buffer wait for it to drain (the loop never blocks). Use from
-    the loop's thread only (the expiry thread hands its deadlines to the loop)."""
-
-    threaded = False
-
-    def __init__(self, sock: socket.socket, loop, expiry: Expiry,
-                 on_bytes: Callable[[int], None] | None = None, lanes: bool = False):
-        super().__init__(sock, expiry, on_bytes, lanes)
-        sock.setblocking(False)
-        self.loop, self.fd, self.reader = loop, sock.fileno(), FrameReader(sock)
-        self._backlog: list[memoryview] = []   # bytes waiting for the socket to drain
-        loop.add_reader(self.fd, self._readable)
-
-    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
-        if self.error is not None:
-            done(self.error)
-            return
-        views = [memoryview(p) for p in self._register(parts_for, timeout, done)[1]]
-        if self._backlog:
-            self._backlog.extend(views)
-        else:
-            self._write(views)
-
-    def _write(self, views: list[memoryview]) -> None:
-        try:
-            rest = send_nowait(self.sock, views)
-        except OSError as error:
-            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
-            return
-        if rest:
-            if not self._backlog:
-                self.loop.add_writer(self.fd, self._writable)
-            self._backlog = rest
-
-    def _writable(self) -> None:
-        views, self._backlog = self._backlog, []
-        self.loop.remove_writer(self.fd)
-        if views and self.error is None:
-            self._write(views)
-
-    def _readable(self) -> None:
-        try:
-            frames = self.reader.poll()
-        except EOFError:
-            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
-            return
-        except (OSError, FrameError) as failure:
-            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
-            return
-        for frame in frames:
-            ended = self._take(frame)
-            if ended is not None:
-                self.fail(ended)
-                return
+    def _take(self, frame: Frame) -> TierError | None:
+        """Hand an answer frame to its request; returns the error that ends the connection
+        (a request frame, a refusal), if any."""
+        if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+            return TierError(grpc.StatusCode.UNAVAILABLE,
+                             "connection lost (request frame sent to a client)")
+        refusal = _refusal(frame)
+        if refusal is not None:
+            return refusal
+        self.answered = True
+        if self.lane is not None:
+            self.lane.release(frame.request_id)
+        callback = self.pending.pop(frame.request_id, None)
+        if callback is not None:  # None: expired meanwhile, the caller has its answer
+            _deliver(frame, callback, self.on_bytes)
+        return None
 
     def expire(self, request_id: int) -> None:
-        """From the expiry thread: on the loop (nothing once the loop has closed)."""
+        callback = self.pending.pop(request_id, None)
+        if callback is not None:
+            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+
+    def _through_lane(self, request_id: int, parts: list) -> list:
+        """`parts` with the payload moved into the lane, where it can go; else `parts`.
+        (A payload sent inline may be a view of the lane this tier received it in; if the
+        send blocks past its request's deadline, the upstream may reuse that slot while
+        bytes still leave from it: the next tier then gets a torn tensor, but its answer is
+        thrown away, the request having failed already.)"""
+        lane = self.lane
+        if lane is not None:
+            return lane.place(request_id, parts) or parts
+        if self.lanes:
+            payload = sum(memoryview(p).nbytes for p in parts[1:])
+            if payload >= LANE_MIN_BYTES:
+                with self._lane_lock:   # senders on several threads: one lane, one LANE_OPEN
+                    opening, self.lanes = self.lanes, False
+                if opening:
+                    self._open_lane(payload)
+        return parts
+
+    def _open_lane(self, payload: int) -> None:
         try:
-            self.loop.call_soon_threadsafe(super().expire, request_id)
-        except RuntimeError:
-            pass
+            lane = LaneWriter(payload)
+        except OSError as error:   # no /dev/shm, or too little room in it
+            log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
+            return
+        self.lane = lane
+        self.send(lambda rid: encode_meta(LANE_OPEN, rid, lane.open_meta()),
+                  LANE_OPEN_TIMEOUT_S,
+                  lambda outcome: lane.attached(not isinstance(outcome, Exception)))
 
-    def fail(self, error: TierError) -> None:
-        if self.error is None:
-            self.error = error
-            self._close_lane()
-            self.loop.remove_reader(self.fd)
-            if self._backlog:
-                self.loop.remove_writer(self.fd)
-            self._backlog = []
-            self.sock.close()
-        self._fail_pending()
-
-    def close(self) -> None:
-        self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))
+    def _close_lane(self) -> None:
+        if self.lane is not None:
+            self.lane.close()

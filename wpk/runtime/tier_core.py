@@ -209,7 +209,7 @@ class TierCore:
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
         """On the serving loop: the batcher, and the link to the next tier (connected on
-        first use; the entry tier's requests start on the loop: its link is loop-driven)."""
+        first use)."""
         self.loop = asyncio.get_running_loop()
         if self.batching is not None:
             self.batcher = Batcher(self._run_batch, self.batching, lambda: TierError(
@@ -220,8 +220,7 @@ class TierCore:
                                      server_name=self.next_tier)
             self.link = GrpcLink(client, self.codec, self.metrics, self.loop)
             if self.link_kind == "tcp":
-                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
-                                    on_loop=self.entry)
+                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics)
         self.serving = True
 
     async def stop(self) -> None:

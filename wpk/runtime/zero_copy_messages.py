@@ -99,13 +99,15 @@ def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _split(data: bytes, start: int, end: int, field: int) -> tuple[list[tuple[int, int]],
-                                                                  list[tuple[int, int]]]:
+Spans = list[tuple[int, int]]
+
+
+def _split(data: bytes, field: int) -> tuple[Spans, Spans]:
     """(value spans of length-delimited `field`, spans of every other field's bytes) in
-    data[start:end]; raises _Malformed where the wire format breaks."""
-    found: list[tuple[int, int]] = []
-    rest: list[tuple[int, int]] = []
-    pos = start
+    `data`; raises _Malformed where the wire format breaks."""
+    found: Spans = []
+    rest: Spans = []
+    pos, end = 0, len(data)
     while pos < end:
         tag_start = pos
         tag, pos = _varint(data, pos, end)
@@ -158,34 +160,27 @@ class Received:
         setattr(self.message, name, value)
 
 
-def _parse_raw(cls, data: bytes, start: int, end: int, field: int, raw_name: str):
-    found, rest = _split(data, start, end, field)
-    view = memoryview(data)
-    rest_bytes = b"".join(data[a:b] for a, b in rest)
-    return Received(cls.FromString(rest_bytes), raw_name,
-                    [view[a:b] for a, b in found], end - start)
+def _parser(cls, field: int, raw_name: str) -> Callable[[bytes], object]:
+    """gRPC deserializer for `cls` that leaves the entries of raw-contents `field` in the
+    received bytes (a `Received`); protobuf parses the rest, and anything malformed whole."""
+
+    def parse(data: bytes):
+        try:
+            found, rest = _split(data, field)
+        except _Malformed:
+            return cls.FromString(data)
+        view = memoryview(data)
+        return Received(cls.FromString(b"".join(data[a:b] for a, b in rest)), raw_name,
+                        [view[a:b] for a, b in found], len(data))
+
+    return parse
 
 
 def request_parser(cls) -> Callable[[bytes], object]:
-    """gRPC deserializer for ModelInferRequest (class `cls`) reading raw inputs in place."""
-
-    def parse(data: bytes):
-        try:
-            return _parse_raw(cls, data, 0, len(data), RAW_INPUT_FIELD, "raw_input_contents")
-        except _Malformed:
-            return cls.FromString(data)
-
-    return parse
+    """For ModelInferRequest (class `cls`): raw inputs read in place."""
+    return _parser(cls, RAW_INPUT_FIELD, "raw_input_contents")
 
 
 def response_parser(cls) -> Callable[[bytes], object]:
-    """gRPC deserializer for ModelInferResponse (class `cls`) reading raw outputs in place."""
-
-    def parse(data: bytes):
-        try:
-            return _parse_raw(cls, data, 0, len(data), RAW_OUTPUT_FIELD,
-                              "raw_output_contents")
-        except _Malformed:
-            return cls.FromString(data)
-
-    return parse
+    """For ModelInferResponse (class `cls`): raw outputs read in place."""
+    return _parser(cls, RAW_OUTPUT_FIELD, "raw_output_contents")

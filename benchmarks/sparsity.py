@@ -174,8 +174,8 @@ def end_to_end(name: str, ratio: float, work: Path, args) -> dict:
                              args.e2e_runs, args.rounds, 0.05)
     vs_dense, _ = pooled(lambda: ort_dense.run(names, feed), lambda: ours.run(names, feed),
                          1, args.rounds, 0.05)
-    chosen = report["candidates"].get(report["chosen"], {})
-    return dict(model=name, ratio=ratio, chosen=report["chosen"], kernels=chosen.get("kernels"),
+    return dict(model=name, ratio=ratio, chosen=report["chosen"],
+                kernels=report.get("sparsity", {}).get("kernels"),
                 vs_pruned=vs_pruned.describe(), vs_dense=vs_dense.describe(),
                 ort_ms=vs_pruned.baseline_ms, wpk_ms=vs_pruned.candidate_ms,
                 runs=[round(r, 2) for r in runs])
@@ -219,7 +219,7 @@ def main() -> None:
     text = markdown(rows, header) if rows else header + "\n"
     for e2e in e2e_rows:
         text += (f"\nEnd to end: {e2e['model']} pruned tile-wise to {e2e['ratio']:.0%} by "
-                 f"wpk-prune, wpk-optimize chose {e2e['chosen']} ({e2e['kernels']} kernels): "
+                 f"wpk-prune, wpk-optimize chose {e2e['chosen']} ({e2e['kernels']} sparse kernels): "
                  f"{e2e['vs_pruned']} over ONNX Runtime on the same pruned model "
                  f"({e2e['ort_ms']:.1f} -> {e2e['wpk_ms']:.1f} ms; runs {e2e['runs']}), "
                  f"{e2e['vs_dense']} over ONNX Runtime on the dense model.\n")

@@ -2,9 +2,10 @@
 the file."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from wpk.errors import WpkError
 
@@ -81,3 +82,30 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | o
         if not force:
             raise WpkError(f"{output}: exists (an earlier result); pass --force to replace "
                            f"it, or choose another output")
+
+
+def read_json(path: str | os.PathLike, kind: str = "") -> Any:
+    """The parsed JSON of a file; a missing, unreadable or malformed one is a one-line
+    WpkError naming the file."""
+    text = read_text(path, kind)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise WpkError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+
+
+def write_json_rows(document: Mapping[str, Any], rows_key: str, path: str | os.PathLike
+                    ) -> Path:
+    """`document` as indented JSON with one line per item of its list `rows_key` (profile
+    nodes, latency-table entries: diffable, and readable by eye)."""
+    path = Path(path)
+    head = {k: v for k, v in document.items() if k != rows_key}
+    lines = [json.dumps(head, indent=1)[:-2] + f',\n "{rows_key}": [',
+             ",\n".join("  " + json.dumps(row) for row in document[rows_key]),
+             " ]\n}\n"]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines))
+    except OSError as error:
+        raise WpkError(f"{path}: cannot write ({error.strerror})") from None
+    return path

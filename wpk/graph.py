@@ -195,6 +195,7 @@ class Graph:
                     ) -> list[NodeInfo]:
         """The nodes in topological order, with what they read and write, and their costs."""
         nodes = _topological_order(list(graph.node), set(self.inputs) | initializer_names)
+        self._protos = nodes
         infos: list[NodeInfo] = []
         reads = [node_reads(node) for node in nodes]   # subgraphs walked once per node
         read = {t for node_inputs in reads for t in node_inputs} | {v.name for v in graph.output}
@@ -207,7 +208,7 @@ class Graph:
                                    "known shape")
             infos.append(NodeInfo(
                 index, node.name, node.op_type, ins, outs,
-                _node_flops(node, self.tensors),
+                node_flops(node, self.tensors),
                 sum(self.tensors[t].nbytes for t in ins + outs)))
         return infos
 
@@ -258,6 +259,15 @@ class Graph:
             return self.nodes[self.node_index[name]]
         except KeyError:
             raise WpkError(f"{self.name}: no node named {name!r}") from None
+
+    def attribute(self, node: NodeInfo, name: str, default=None):
+        """The value of one of the node's ONNX attributes, or `default`."""
+        return _attr(self._protos[node.index], name, default)
+
+    def input_slots(self, node: NodeInfo) -> list[str]:
+        """The node's inputs by position, skipped optional ones as "" (`inputs` drops
+        them)."""
+        return list(self._protos[node.index].input)
 
     @property
     def total_flops(self) -> float:
@@ -344,7 +354,7 @@ _ELEMENTWISE_COST = {"Sigmoid": 4, "Tanh": 4, "Erf": 4, "Gelu": 8, "Softmax": 5,
                      "BatchNormalization": 2, "InstanceNormalization": 5}
 
 
-def _node_flops(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> float:
+def node_flops(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> float:
     """Floating-point operations of one node (multiply-add = 2)."""
     outs = [tensors[o] for o in node.output if o in tensors]
     ins = [tensors[i] for i in node.input if i in tensors]

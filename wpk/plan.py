@@ -23,7 +23,11 @@ from wpk.json_schema import check
 from wpk.link_codecs import parse_codec
 from wpk.tensor_spec import TensorSpec
 
-PLAN_VERSION = 1
+# Version 2 adds dynamic batching (objective.max_batch, a tier's batch); a plan without it is
+# written as version 1, which earlier wpk reads. This wpk reads both.
+PLAN_VERSION = 2
+PLAN_VERSIONS = (1, 2)
+BATCHING_VERSION = 2
 PLAN_FILE = "plan.json"
 
 
@@ -59,17 +63,31 @@ class Objective:
     privacy: str = "raw-input-on-device"   # or none
     deliver_to: str | None = None    # tier that receives the model outputs (None: the first)
     max_latency_ms: float | None = None
+    max_batch: int = 1               # throughput planned for batches of up to this many
+    max_leakage: str | None = None   # bound on the tensors leaving the device: "dcor=0.3"
+    leakage_data: str | None = None  # the calibration file leakage was measured on, or
+    #                                  "synthetic"; None when not measured
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "privacy": self.privacy, "deliver_to": self.deliver_to,
+        data = {"name": self.name, "privacy": self.privacy, "deliver_to": self.deliver_to,
                 "max_latency_ms": self.max_latency_ms}
+        if self.max_batch > 1:       # version 2 only
+            data["max_batch"] = self.max_batch
+        if self.max_leakage is not None:   # only when set: plans without them read as before
+            data["max_leakage"] = self.max_leakage
+        if self.leakage_data is not None:
+            data["leakage_data"] = self.leakage_data
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Objective":
         """Every field has a default: hand-written plans may leave them out."""
         defaults = cls()
         return cls(data.get("name", defaults.name), data.get("privacy", defaults.privacy),
-                   data.get("deliver_to"), data.get("max_latency_ms"))
+                   data.get("deliver_to"), data.get("max_latency_ms"),
+                   max_batch=data.get("max_batch", defaults.max_batch),
+                   max_leakage=data.get("max_leakage"),
+                   leakage_data=data.get("leakage_data"))
 
 
 @dataclass
@@ -91,9 +109,13 @@ class TierPlan:
     profile: dict[str, Any] | None = None  # {"name", "sha256"} of the profile planned from
     address: str | None = None
     optimized: str | None = None     # directory (relative) written by wpk-optimize, if any
+    batch: int = 1                   # requests per slice run the plan assumes (version 2)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.batch == 1:          # as version 1 wrote it
+            del data["batch"]
+        return data
 
 
 @dataclass
@@ -109,11 +131,16 @@ class LinkPlan:
     predicted_transfer_ms: float     # forward + return serialization + RTT share
     via: list[str] = field(default_factory=list)  # unused tiers the link passes through
     codec: str = "raw"
+    # links from the device, when leakage was measured: per forward tensor, what it gives
+    # away about the input (dcor, dcor_low, dcor_high, psnr_db, ssim)
+    leakage: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["from"] = data.pop("src")
         data["to"] = data.pop("dst")
+        if data["leakage"] is None:
+            del data["leakage"]
         return data
 
     @classmethod
@@ -132,7 +159,7 @@ class Plan:
     predicted: dict[str, Any]        # latency_ms, throughput_rps, ...: see docs/plan-format.md
     verification: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, TensorSpec] = field(default_factory=dict)  # every crossing tensor
-    version: int = PLAN_VERSION
+    version: int = 1                 # BATCHING_VERSION when the plan assumes batching
 
     def __post_init__(self) -> None:
         """Accept the JSON (dict) forms too, as callers wrote before the plan had types."""
@@ -200,10 +227,16 @@ def validate_plan(data: Any, where: str) -> None:
     """The schema (wpk/schemas/plan.schema.json), then what it cannot say: dtypes, codecs."""
     if not isinstance(data, dict):
         raise WpkError(f"{where}: not a plan (expected a JSON object)")
-    if data.get("version") != PLAN_VERSION:
+    if data.get("version") not in PLAN_VERSIONS:
         raise WpkError(f"{where}: unsupported plan version {data.get('version')!r} "
-                       f"(this wpk reads version {PLAN_VERSION})")
+                       f"(this wpk reads versions {', '.join(map(str, PLAN_VERSIONS))})")
     check(data, "plan", where)
+    if data["version"] < BATCHING_VERSION:
+        batched = ["objective.max_batch"] if "max_batch" in data["objective"] else []
+        batched += [f"tiers[{i}].batch" for i, t in enumerate(data["tiers"]) if "batch" in t]
+        if batched:
+            raise WpkError(f"{where}: {batched[0]} needs plan version {BATCHING_VERSION} "
+                           f"(the file says {data['version']})")
     specs = [(f"model.{side}[{i}]", spec) for side in ("inputs", "outputs")
              for i, spec in enumerate(data["model"].get(side, ()))]
     specs += [(f"tensors.{name}", spec) for name, spec in data.get("tensors", {}).items()]

@@ -1,8 +1,10 @@
 """`wpk-profile`: measure every node of a model on this machine and write a profile file.
 
 Run it on each machine you partition for (a Raspberry Pi, a Jetson, an edge server, a cloud
-VM), copy the files back, and plan with `wpk-partition --profile TIER=FILE`. Needs only the
-core dependencies (onnx, onnxruntime, numpy, jsonschema, rich).
+VM), copy the files back, and plan with `wpk-partition --profile TIER=FILE`. With `--ops`
+it times a grid of single operators instead and writes a latency table, from which any
+model's times on this machine are predicted (`wpk-partition --latency-table TIER=FILE`).
+Needs only the core dependencies (onnx, onnxruntime, numpy, jsonschema, rich).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from wpk import cli_args
 from wpk.errors import WpkError, cli_entry, flags_for
 from wpk.files import check_outputs
 from wpk.graph import parse_input_shapes
+from wpk.op_bench import DEFAULT_ROUNDS
+from wpk.op_grid import GRIDS
 from wpk.profiling import (DEFAULT_RUNS, DEFAULT_WARMUP, PROVIDER_ALIASES, profile_model,
                            save_profile)
 
@@ -22,9 +26,20 @@ from wpk.profiling import (DEFAULT_RUNS, DEFAULT_WARMUP, PROVIDER_ALIASES, profi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wpk-profile", description=__doc__.splitlines()[0],
-        epilog="example: wpk-profile model.onnx -o pi4.json --name pi4 --threads 4")
-    parser.add_argument("model", help="the ONNX model (the same file you will partition)")
-    parser.add_argument("-o", "--output", help="profile file to write (default: NAME.json)")
+        epilog="examples: wpk-profile model.onnx -o pi4.json --name pi4 --threads 4; "
+               "wpk-profile --ops -o pi4-ops.json --name pi4")
+    parser.add_argument("model", nargs="?",
+                        help="the ONNX model (the same file you will partition); none with --ops")
+    parser.add_argument("--ops", action="store_true",
+                        help="time a grid of single operators and write a latency table "
+                             "(docs/op-tables.md) instead of profiling a model")
+    parser.add_argument("--grid", choices=GRIDS, default="default",
+                        help="with --ops: the default grid (a few minutes) or the full one")
+    parser.add_argument("--rounds", type=cli_args.positive_int, default=DEFAULT_ROUNDS,
+                        help=f"with --ops: passes over the grid; each operator keeps its "
+                             f"fastest pass (default: {DEFAULT_ROUNDS})")
+    parser.add_argument("-o", "--output",
+                        help="file to write (default: NAME.json, with --ops NAME-ops.json)")
     parser.add_argument("--name", help="this machine's name in the profile (default: hostname)")
     parser.add_argument("--provider", default="cpu",
                         help=f"ONNX Runtime execution provider: {', '.join(PROVIDER_ALIASES)} "
@@ -34,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                         help=f"untimed runs first (default: {DEFAULT_WARMUP})")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
-                        help=f"timed runs; times are medians over them (default: {DEFAULT_RUNS})")
+                        help=f"timed runs; times are medians over them (default: {DEFAULT_RUNS};"
+                             f" with --ops at most this many per operator, fewer for slow ones)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
                         help="fix a dynamic input shape (repeatable)")
     parser.add_argument("--optimization", default="all",
@@ -70,15 +86,46 @@ def _summary(document: dict, path: Path, top: int) -> None:
                   f"({device['provider']}, threads: {device['threads']}) -> {path}")
 
 
+def _output(args: argparse.Namespace, name: str) -> Path:
+    """The file to write, checked before the measurement, whose minutes it would otherwise
+    waste."""
+    what = "latency table" if args.ops else "profile"
+    output = Path(args.output or (f"{name}-ops.json" if args.ops else f"{name}.json"))
+    if output.is_dir():
+        raise WpkError(f"{output}: is a directory, expected a file name for the {what}")
+    check_outputs([output], [args.model], force=args.force)
+    return output
+
+
+def _ops(args: argparse.Namespace, name: str, output: Path) -> int:
+    """`--ops`: time the operator grid and write the latency table."""
+    from wpk.op_bench import time_operators
+    from wpk.op_table import save_table
+
+    if args.model or args.input_shape:
+        raise WpkError("--ops times a grid of operators, not a model: leave out the model "
+                       "and --input-shape")
+    document = time_operators(args.grid, provider=args.provider, threads=args.threads,
+                              runs=args.runs, warmup=args.warmup, name=name,
+                              progress=not args.quiet and sys.stderr.isatty(),
+                              optimization=args.optimization, rounds=args.rounds)
+    save_table(document, output)
+    if not args.quiet:
+        from wpk.op_summary import print_table_summary
+
+        print_table_summary(document, output)
+    return 0
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # the output is checked before the measurement, whose minutes it would otherwise waste
     name = args.name or platform.node() or "unnamed"
-    output = Path(args.output or f"{name}.json")
-    if output.is_dir():
-        raise WpkError(f"{output}: is a directory, expected a file name for the profile")
-    check_outputs([output], [args.model], force=args.force)
+    if not args.ops and not args.model:
+        raise WpkError("name the model to profile, or pass --ops to time the operator grid")
+    output = _output(args, name)
+    if args.ops:
+        return _ops(args, name, output)
     with flags_for():   # its argument checks name the flags that set them
         document = profile_model(
             args.model, provider=args.provider, threads=args.threads, warmup=args.warmup,

@@ -5,7 +5,6 @@ wpk/schemas/profile.schema.json; every file read is validated against it.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from wpk.errors import WpkError
-from wpk.files import read_text
+from wpk.files import read_json, write_json_rows
 from wpk.json_schema import SCHEMA_DIR, check, load_schema
 
 PROFILE_VERSION = 1
@@ -34,6 +33,9 @@ def validate_profile(document: Any, source: str) -> None:
             and document["version"] != PROFILE_VERSION:
         raise WpkError(f"{source}: unsupported profile version {document['version']!r} "
                        f"(this wpk reads version {PROFILE_VERSION})")
+    if isinstance(document, dict) and document.get("kind") == "op-table":
+        raise WpkError(f"{source}: a latency table, not a profile of one model (plan with "
+                       f"--latency-table TIER=FILE)")
     check(document, "profile", source)
     seen: set[str] = set()
     for node in document["nodes"]:
@@ -60,6 +62,24 @@ class Profile:
     host: dict[str, Any] = field(default_factory=dict)
     onnxruntime: str | None = None
     measured_at: str | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as it ran
+
+    def batch_for(self, graph) -> int | None:
+        """How many requests each run of this profile held for `graph`: 1 when it ran at
+        the graph's input shapes, N when at N times a batch-1 input along the first axis;
+        None when the file does not say (no `input_shapes`) or the shapes are others."""
+        batches = set()
+        for name in graph.inputs:
+            got, want = self.input_shapes.get(name), graph.tensors[name].shape
+            if got is None or len(got) != len(want) or got[1:] != want[1:]:
+                return None
+            if got == want:
+                batches.add(1)
+            elif want[:1] == (1,):
+                batches.add(got[0])
+            else:
+                return None
+        return batches.pop() if len(batches) == 1 else None
 
     @property
     def label(self) -> str:
@@ -80,7 +100,9 @@ class Profile:
             runs=document["runs"],
             op_types={n["name"]: n["op_type"] for n in document["nodes"] if "op_type" in n},
             host=dict(device.get("host", {})), onnxruntime=device.get("onnxruntime"),
-            measured_at=document.get("measured_at"))
+            measured_at=document.get("measured_at"),
+            input_shapes={name: tuple(shape)
+                          for name, shape in document.get("input_shapes", {}).items()})
 
     def mismatch(self, graph) -> str | None:
         """A warning text when this profile was made from another file than `graph`'s."""
@@ -109,12 +131,7 @@ class Profile:
 
 def read_profile_document(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and validate a profile file; every fault is a one-line WpkError."""
-    path = Path(path)
-    text = read_text(path, "profile")
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise WpkError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    document = read_json(path, "profile")
     validate_profile(document, str(path))
     return document
 
@@ -126,16 +143,5 @@ def load_profile(path: str | os.PathLike) -> Profile:
 
 def save_profile(document: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Validate `document` and write it as indented JSON (one node per line)."""
-    path = Path(path)
     validate_profile(document, str(path))
-    head = {k: v for k, v in document.items() if k != "nodes"}
-    lines = [json.dumps(head, indent=1)[:-2] + ',\n "nodes": [']
-    nodes = [json.dumps(node) for node in document["nodes"]]
-    lines.append(",\n".join("  " + n for n in nodes))
-    lines.append(" ]\n}\n")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines))
-    except OSError as error:
-        raise WpkError(f"{path}: cannot write ({error.strerror})") from None
-    return path
+    return write_json_rows(document, "nodes", path)

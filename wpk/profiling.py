@@ -139,7 +139,7 @@ def _open_session(model_file: Path, provider: str, threads: int, optimization: s
     return session, optimized
 
 
-def _kernel_times_per_run(trace: list[dict[str, Any]], runs: int) -> list[dict[str, float]]:
+def kernel_times_per_run(trace: list[dict[str, Any]], runs: int) -> list[dict[str, float]]:
     """Kernel name -> ms for each of the last `runs` model runs in an ORT trace."""
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace
                      if e.get("cat") == "Session" and e.get("name") == "model_run")
@@ -160,7 +160,7 @@ def _kernel_times_per_run(trace: list[dict[str, Any]], runs: int) -> list[dict[s
     return per_run
 
 
-def _progress(enabled: bool, total: int, label: str):
+def progress_bar(enabled: bool, total: int, label: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeRemainingColumn
@@ -244,7 +244,7 @@ def _timed_runs(session, feeds: dict[str, np.ndarray], count: int, label: str,
                 progress: bool) -> list[float]:
     """Wall times (ms) of `count` runs of `session` on `feeds`, under a progress bar."""
     walls: list[float] = []
-    bar, task = _progress(progress, count, f"profiling {label}")
+    bar, task = progress_bar(progress, count, f"profiling {label}")
     with bar:
         for _ in range(count):
             start = time.perf_counter()
@@ -264,7 +264,7 @@ def _node_times(graph: Graph, optimized: onnx.ModelProto | None,
                 ) -> tuple[np.ndarray, float, dict[str, Any]]:
     """(per-node median ms, the whole-model median, the attribution's stats) from the
     profiler's `trace` and the measured runs' wall times."""
-    per_run = _kernel_times_per_run(trace, runs)
+    per_run = kernel_times_per_run(trace, runs)
     kernel_median = {k: float(np.median([run.get(k, 0.0) for run in per_run]))
                      for k in {k for run in per_run for k in run}}
     kernel_map = build_kernel_map(graph, optimized, kernel_median)

@@ -59,6 +59,7 @@ def test_wpk_optimize_reports_sparsity_and_writes_the_profile(tmp_path, capsys):
                  str(tmp_path / "log.jsonl"), "--profile", str(tmp_path / "edge.json")]) == 0
     report = json.loads((tmp_path / "opt" / "report.json").read_text())
     assert report["sparsity"]["patterns"] == {"tile:32": 2}
+    assert 0 <= report["sparsity"]["kernels"] <= 2     # how many the timing kept
     document = json.loads((tmp_path / "edge.json").read_text())
     validate_profile(document, "edge.json")
     assert len(document["nodes"]) == len(onnx.load(str(tmp_path / "model.onnx")).graph.node)

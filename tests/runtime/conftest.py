@@ -225,12 +225,12 @@ def reference(plan_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
 def deploy_table(lines) -> dict[str, list[str]]:
     """The rows of `wpk-deploy --local`'s endpoint table as printed into a pipe (plain text:
     columns apart by two spaces or more), by tier: [tier, address, models, tensor link,
-    metrics, pid, cpus]."""
+    metrics, pid, cpus, batch]."""
     import re
 
     rows = {}
     for line in lines:
         cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) == 7 and cells[0] in ("device", "edge", "cloud"):
+        if len(cells) == 8 and cells[0] in ("device", "edge", "cloud"):
             rows[cells[0]] = cells
     return rows

@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from wpk.errors import WpkError
 from wpk.runtime.batching import Batcher, BatchPolicy, batchable, check_batched
 
-from .conftest import Pipeline
-from .test_pipeline import triton_infer
+from .conftest import Pipeline, reference
+from .test_pipeline import model_feeds, triton_infer
 
 
 class Expired(Exception):
@@ -168,6 +168,35 @@ def test_tier_batches_concurrent_callers_over_grpc(plans):
         pipeline.close()
 
 
+def test_a_tier_batches_what_the_tier_before_sends_over_one_tensor_link(plans):
+    """The edge tier batches requests that reach it from the device tier, all over one
+    tensor-link connection: twelve callers of the whole pipeline each get the whole model's
+    answer on their own input, in fewer edge runs than requests."""
+    plan_dir = plans["resnet"]
+    pipeline = Pipeline(plan_dir, batching={"edge": BatchPolicy(8, 0.2)})
+    try:
+        edge = pipeline.services["edge"]
+        feeds = [model_feeds(plan_dir, seed) for seed in range(12)]
+        results: dict[int, object] = {}
+
+        def call(index: int) -> None:
+            results[index] = triton_infer(pipeline.entry, pipeline.plan.name, feeds[index])
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(results) == list(range(12))
+        for index, feed in enumerate(feeds):
+            for name, want in reference(plan_dir, feed).items():
+                np.testing.assert_allclose(results[index].as_numpy(name), want, rtol=1e-4,
+                                           atol=1e-5)
+        assert edge.metrics.batch_rows == 12
+        assert edge.metrics.batches < 12
+    finally:
+        pipeline.close()
+
+
 def test_serve_and_deploy_take_the_same_batching_flags(plans):
     """One definition of --max-batch / --max-queue-delay-us: the same checks, defaults and
     policy on wpk-serve and wpk-deploy."""
@@ -181,8 +210,8 @@ def test_serve_and_deploy_take_the_same_batching_flags(plans):
                                               "--max-queue-delay-us", "250"])
     assert batch_policy_from_args(serve_args) == batch_policy_from_args(deploy_args) == \
         BatchPolicy(4, 0.00025)
-    for parser in (serve_parser(), deploy_parser()):
+    for parser, batch in ((serve_parser(), 1), (deploy_parser(), None)):   # None: the plan's
         assert (parser.get_default("max_batch"), parser.get_default("max_queue_delay_us")) == \
-            (1, 1000)
+            (batch, 1000)
     with pytest.raises(SystemExit):
         deploy_parser().parse_args([str(plans["mlp"]), "--local", "--max-batch", "5000"])

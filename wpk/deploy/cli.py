@@ -32,20 +32,26 @@ def run_local(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cpus = split_for_plan(load_plan(args.plan_dir)) if args.pin_cpus else None
+    plan = load_plan(args.plan_dir)
+    cpus = split_for_plan(plan) if args.pin_cpus else None
+    tier_args = plan_batching_arguments(args, plan)
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
                                  threads=args.threads, metrics=not args.no_metrics,
-                                 link=args.link, cpus=cpus, serve_args=batching_arguments(args))
+                                 link=args.link, cpus=cpus, serve_args=batching_arguments(args),
+                                 tier_args=tier_args)
+    batches = {t.name: t.batch if tier_args else (args.max_batch or 1) for t in plan.tiers}
     # one request covers every tier: they all run on this machine
     with cpu_latency_limit(args.cpu_latency_us), deployment:
         table = Table(title=f"{deployment.plan.name}: {len(deployment.tiers)} tiers")
-        for column in ("tier", "address", "models", "tensor link", "metrics", "pid", "cpus"):
+        for column in ("tier", "address", "models", "tensor link", "metrics", "pid", "cpus",
+                       "batch"):
             table.add_column(column, overflow="fold")
         for index, handle in enumerate(deployment.tiers):
             table.add_row(handle.tier, handle.address, ", ".join(handle.models),
                           handle.link_address or "-", handle.metrics_url or "-",
                           str(handle.process.pid),
-                          format_cpu_list(cpus[index]) if cpus else "any")
+                          format_cpu_list(cpus[index]) if cpus else "any",
+                          str(batches[handle.tier]))
         console.print(table)
         console.print(f"entry: {deployment.entry} (model {deployment.tiers[0].models[0]!r}); "
                       f"Ctrl-C stops all tiers")
@@ -153,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "microseconds (see wpk-serve --cpu-latency-us; needs root)")
     add_batching_arguments(local, "every tier batches up to N requests that arrive together "
                            "(see wpk-serve --max-batch; a tier whose slice takes no batch "
-                           "dimension refuses to start, naming it)")
+                           "dimension refuses to start, naming it); 1: none. Default: as the "
+                           "plan says (wpk-partition --max-batch)")
+    parser.set_defaults(max_batch=None)     # None: the plan's batch per tier
     local.add_argument("--no-metrics", action="store_true",
                        help="do not serve Prometheus /metrics")
     local.add_argument("--mqtt", metavar="HOST:PORT", type=cli_args.host_port,
@@ -208,11 +216,22 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def batching_arguments(args: argparse.Namespace) -> list[str]:
-    """What every tier's wpk-serve gets for --max-batch (nothing without batching)."""
-    if args.max_batch <= 1:
+    """What every tier's wpk-serve gets for --max-batch (nothing without batching, or when
+    the plan decides: see plan_batching_arguments)."""
+    if args.max_batch is None or args.max_batch <= 1:
         return []
     return ["--max-batch", str(args.max_batch),
             "--max-queue-delay-us", str(args.max_queue_delay_us)]
+
+
+def plan_batching_arguments(args: argparse.Namespace, plan) -> dict[str, list[str]]:
+    """Without --max-batch: each tier the plan batches (wpk-partition --max-batch) gets
+    wpk-serve --max-batch with its batch; the others nothing."""
+    if args.max_batch is not None:
+        return {}
+    return {tier.name: ["--max-batch", str(tier.batch),
+                        "--max-queue-delay-us", str(args.max_queue_delay_us)]
+            for tier in plan.tiers if tier.batch > 1}
 
 
 @cli_entry

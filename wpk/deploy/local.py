@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from wpk.errors import WpkError
 from wpk.launch import module_command
@@ -55,10 +55,13 @@ class LocalDeployment:
     def __init__(self, plan_dir: str | Path, *, port: int = 8001, host: str = "127.0.0.1",
                  name: str | None = None, threads: int = 0, metrics: bool = True,
                  serve_args: list[str] | None = None, start_timeout: float = 60.0,
-                 link: str = "tcp", cpus: Sequence[frozenset[int]] | None = None):
+                 link: str = "tcp", cpus: Sequence[frozenset[int]] | None = None,
+                 tier_args: Mapping[str, Sequence[str]] | None = None):
         """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp; "grpc", gRPC streams,
         was removed and means tcp, with one warning); `cpus`: the CPUs each tier runs on, in
-        plan order (`wpk-serve --cpus`; see runtime.cpus)."""
+        plan order (`wpk-serve --cpus`; see runtime.cpus); `serve_args` go to every tier's
+        wpk-serve, `tier_args` to the named tier's only (the plan's batch per tier:
+        wpk.deploy.cli.plan_batching_arguments)."""
         from wpk.runtime.next_tier import link_kind
 
         link_kind(link, tls=False)   # checks it, and warns once here rather than per tier
@@ -67,6 +70,7 @@ class LocalDeployment:
         self.port, self.host, self.name = port, host, name
         self.threads, self.metrics = threads, metrics
         self.serve_args = list(serve_args or [])
+        self.tier_args = {tier: list(extra) for tier, extra in (tier_args or {}).items()}
         if cpus is not None and len(cpus) != len(self.plan.tiers):
             raise WpkError(f"{len(cpus)} CPU sets for {len(self.plan.tiers)} tiers")
         self.cpus = list(cpus) if cpus is not None else None
@@ -102,7 +106,7 @@ class LocalDeployment:
             cmd += ["--metrics-port", str(metrics_port)]
         if self.cpus is not None:
             cmd += ["--cpus", format_cpu_list(self.cpus[self.plan.tier_index(tier)])]
-        return cmd + self.serve_args
+        return cmd + self.serve_args + self.tier_args.get(tier, [])
 
     def start(self) -> list[TierProcess]:
         started: list[TierProcess] = []

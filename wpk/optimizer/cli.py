@@ -241,14 +241,10 @@ def _summary(console: Console, label: str, report: pipeline.Report) -> None:
                               f"{op['kernel_ms']:.3f}", op["chosen"])
         console.print(ops_table)
     if report.sparsity:
-        kernels = sum(1 for op in report.operators if op["op"] in SPARSE_KERNEL_OPS and
-                      op["chosen"] == "kernel")
+        kernels = report.sparsity.get("kernels", 0)
         console.print(f"[bold]{label}[/]: sparsity in the weights: {report.sparsity['line']}; "
-                      f"{kernels} sparse kernel{'s' * (kernels != 1)} chosen")
+                      f"candidate custom-ops runs {kernels} of them with sparse kernels")
     console.print(f"[bold]{label}[/]: {report.reason}")
-
-
-SPARSE_KERNEL_OPS = ("nchwc_direct-op", "direct_gemm-op")   # OpChoice.op of the direct kernels
 
 
 def short_node_name(name: str, width: int = 48) -> str:

@@ -265,12 +265,15 @@ def _graph_passes(original: onnx.ModelProto, name: str, output_names: list[str],
     return reference, model, model_bytes
 
 
+MIN_ZERO_SHARE = 0.01   # fewer zeros than this in a weight are chance, not sparsity
+
+
 def sparsity_summary(model: onnx.ModelProto) -> dict[str, Any]:
     """The structured sparsity already in the weights (`sparsity.detect`): per pattern, how
     many layers hold it, and the layers with zeros; empty for a dense model."""
     from wpk.optimizer import sparsity
 
-    layers = [layer for layer in sparsity.detect(model) if layer.zeros > 0]
+    layers = [layer for layer in sparsity.detect(model) if layer.zeros >= MIN_ZERO_SHARE]
     if not layers:
         return {}
     patterns = Counter(layer.summary for layer in layers)
@@ -670,6 +673,9 @@ def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
         return []
     directory = save_custom_ops(job.model, inside, run.tmp / "custom-ops", config)
     counts = Counter(ort_ops.OP_TYPES[s.op] for s in inside.specs)
+    if job.report.sparsity:
+        job.report.sparsity["kernels"] = sum(1 for s in inside.specs
+                                             if s.op in ort_ops.DIRECT_OPS)
     run.add("custom-ops", directory, "fp32", "ORT offline graph + custom operators ("
         + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) + "), "
         + describe_session(config))

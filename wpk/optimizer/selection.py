@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from wpk.errors import WpkError
 from wpk.optimizer import ops, winograd
@@ -425,6 +425,8 @@ def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, 
     dense weights are left to ONNX Runtime's own kernels, which run near this CPU's peak."""
     from wpk.optimizer import direct_conv, ort_ops
 
+    if not any(_zero_share(init) >= 1 - SPARSE_KEPT for init in model.graph.initializer):
+        return {}           # no weight could qualify: skip the site finders' work
     found = {}
     for site in ort_ops.direct_sites(offline, model) + ort_ops.gemm_sites(offline, model):
         shape = direct_conv.direct_shape(site.params)
@@ -432,6 +434,14 @@ def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, 
         if direct_conv.kept_fraction(shape, groups) <= SPARSE_KEPT:
             found[site.node] = site
     return found
+
+
+def _zero_share(init: onnx.TensorProto) -> float:
+    """The share of an initializer's elements that are zero (0 for non-float or tiny ones)."""
+    if init.data_type != onnx.TensorProto.FLOAT or np.prod(init.dims, dtype=np.int64) < 256:
+        return 0.0
+    values = numpy_helper.to_array(init)
+    return float(np.count_nonzero(values == 0)) / values.size
 
 
 def _variant_pool(sites: list[KernelSpec], projected: dict[str, KernelSpec],

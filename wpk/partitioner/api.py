@@ -5,6 +5,7 @@ a `PartitionRequest`; `partition(...)` is the same with the request's fields as 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 from wpk.errors import ParameterError, WpkError
 from wpk.files import check_outputs
 from wpk.graph import Graph
-from wpk.plan import LinkPlan, Objective, Plan, SourceModel, TierPlan
+from wpk.plan import BATCHING_VERSION, LinkPlan, Objective, Plan, SourceModel, TierPlan
 from wpk.tiers import Tiers, load_tiers
-from wpk.partitioner import search, slicing
+from wpk.partitioner import leakage_plan, search, slicing
+from wpk.partitioner.batch import BatchView, batch_view, pair_measured, with_batching
 from wpk.partitioner.costs import Efficiency, TierCosts, calibrate, estimated_costs
+from wpk.partitioner.leakage import LeakageReport
 from wpk.partitioner.request import OBJECTIVES, PRIVACY_MODES, PartitionRequest
 
 __all__ = ["OBJECTIVES", "PRIVACY_MODES", "Configuration", "PartitionRequest", "PartitionResult",
@@ -55,22 +58,23 @@ class PartitionResult:
     top: list[Configuration] = field(default_factory=list)
     front: list[search.Evaluation] = field(default_factory=list)
     out_dir: Path | None = None
+    batch: BatchView | None = None       # with --max-batch: what can batch, and its costs
+    # with --pareto and leakage measured: (latency ms, highest figure leaving the device, tiers)
+    leakage_front: list[tuple[float, float | None, np.ndarray]] = field(default_factory=list)
+    leakage_metric: str = "dcor"
 
 
 def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
                   privacy: bool = True, deliver_to: int = 0,
-                  pins: Mapping[str, str] | None = None) -> search.Problem:
-    """The search problem: compute per node and tier, tensors, links, constraints."""
+                  pins: Mapping[str, str] | None = None,
+                  batch: BatchView | None = None,
+                  private: frozenset[str] = frozenset()) -> search.Problem:
+    """The search problem: compute per node and tier, tensors, links, constraints; with
+    `batch` (and costs that have `batched_ms`), tiers may run batches; tensors in
+    `private` may not cross the device's link."""
     n, n_tiers = len(graph.nodes), len(tiers)
     node_ms = np.column_stack([c.node_ms for c in costs]) if n else np.zeros((0, n_tiers))
-    tensors = []
-    for name in list(graph.inputs) + [o for node in graph.nodes for o in node.outputs]:
-        consumers = tuple(graph.consumers.get(name, ()))
-        is_output = name in graph.outputs
-        if not consumers and not is_output:
-            continue
-        tensors.append(search.TensorEdge(name, graph.tensor_bytes(name),
-                                         graph.producer.get(name, -1), consumers, is_output))
+    tensors = _tensor_edges(graph, batch)
     lowest = np.zeros(n, dtype=int)
     highest = np.full(n, n_tiers - 1, dtype=int)
     if privacy:
@@ -96,7 +100,28 @@ def build_problem(graph: Graph, tiers: Tiers, costs: Sequence[TierCosts], *,
     rtt = np.array([l.rtt_ms for l in links])
     beyond = np.array([tiers[k].role == "cloud" or tiers[k + 1].role == "cloud"
                        for k in range(len(links))], dtype=bool)
-    return search.Problem(node_ms, tensors, per_byte, rtt, beyond, lowest, highest, deliver_to)
+    problem = search.Problem(node_ms, tensors, per_byte, rtt, beyond, lowest, highest,
+                             deliver_to, private=private)
+    if batch is not None and batch.max_batch > 1 and n:
+        problem.batched_ms = np.column_stack([c.batched_ms for c in costs])
+        problem.batchable = batch.batchable.copy()
+        problem.max_batch = batch.max_batch
+    return problem
+
+
+def _tensor_edges(graph: Graph, batch: BatchView | None) -> list[search.TensorEdge]:
+    """Every tensor that something reads or that the model gives, as the search sees it."""
+    carrying = batch.carries_batch if batch is not None else None
+    tensors = []
+    for name in list(graph.inputs) + [o for node in graph.nodes for o in node.outputs]:
+        consumers = tuple(graph.consumers.get(name, ()))
+        is_output = name in graph.outputs
+        if not consumers and not is_output:
+            continue
+        tensors.append(search.TensorEdge(name, graph.tensor_bytes(name),
+                                         graph.producer.get(name, -1), consumers, is_output,
+                                         carrying is None or name in carrying))
+    return tensors
 
 
 def _check_pins_consistent(graph: Graph, lowest: np.ndarray, highest: np.ndarray,
@@ -131,13 +156,16 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
               codecs: Sequence[str] = (),
               objective: str = "latency", max_latency_ms: float | None = None,
               privacy: str = "raw-input-on-device", deliver_to: str | None = None,
-              pins: Mapping[str, str] | None = None,
+              pins: Mapping[str, str] | None = None, max_batch: int = 1,
               input_shapes: Mapping[str, Sequence[int]] | None = None,
               measured: Mapping[str, Sequence[TierCosts]] | None = None,
               efficiency: Efficiency | None = None, use_calibration: bool = True,
               out_dir: str | Path | None = None, verify: bool = True, top: int = 0,
               with_front: bool = False, force: bool = False,
-              other_inputs: Sequence[str | Path] = ()) -> PartitionResult:
+              other_inputs: Sequence[str | Path] = (), max_leakage: str | None = None,
+              calibration_data: str | Path | None = None,
+              leakage_samples: int | None = None,
+              leakage: LeakageReport | None = None) -> PartitionResult:
     """Choose the cuts, write the slices and plan.json to `out_dir` (if given), return all.
 
     The keyword form of `execute(PartitionRequest(...))`: each keyword is the request field
@@ -146,9 +174,12 @@ def partition(model: str | Path | Graph, tiers: Sequence[str] | Tiers | None = N
     return execute(PartitionRequest(
         model=model, input_shapes=input_shapes, tiers=tiers, tiers_file=tiers_file,
         links=links, codecs=codecs, objective=objective, max_latency_ms=max_latency_ms,
-        privacy=privacy, deliver_to=deliver_to, pins=dict(pins or {}), measured=measured,
+        privacy=privacy, deliver_to=deliver_to, pins=dict(pins or {}), max_batch=max_batch,
+        measured=measured,
         efficiency=efficiency, use_calibration=use_calibration, out_dir=out_dir, verify=verify,
-        force=force, other_inputs=other_inputs, top=top, with_front=with_front))
+        force=force, other_inputs=other_inputs, top=top, with_front=with_front,
+        max_leakage=max_leakage, calibration_data=calibration_data,
+        leakage_samples=leakage_samples, leakage=leakage))
 
 
 def execute(request: PartitionRequest) -> PartitionResult:
@@ -170,8 +201,17 @@ def execute(request: PartitionRequest) -> PartitionResult:
         check_outputs([out_dir / "plan.json"] + [out_dir / f"{name}.onnx" for name in tiers.names],
                       [graph.path, request.tiers_file, *request.other_inputs],
                       force=request.force)
-    candidates = _cost_candidates(graph, tiers, request)
-    found, shown, fronts = _search(graph, tiers, candidates, deliver, request)
+    batch = batch_view(graph, request.max_batch) if request.max_batch > 1 else None
+    candidates = _cost_candidates(graph, tiers, request, batch)
+    report = leakage_plan.report_for(graph, request)
+    private = leakage_plan.private_for(report, request.max_leakage)
+    if private:
+        leakage_plan.check_bound(lambda p: build_problem(
+            graph, tiers, [c[0] for c in candidates],
+            privacy=request.keeps_raw_input_on_device,
+            deliver_to=deliver, pins=request.pins, private=p), report, request.max_leakage)
+    found, shown, fronts = _search(graph, tiers, candidates, deliver, request, batch,
+                                   private)
     objective = request.objective
     best = min(found, key=lambda c: c.key(objective))
     ranked = _distinct(sorted([best] + found + shown, key=lambda c: c.key(objective)))
@@ -184,37 +224,51 @@ def execute(request: PartitionRequest) -> PartitionResult:
                                  best.problem.deliver_to, relays)
     plan = _make_plan(graph, tiers, pieces, best, objective, request.privacy,
                       request.max_latency_ms, single)
+    if batch is not None:
+        record_batching(plan, graph, tiers, pieces, best, batch)
+    leakage_plan.record(plan, report, request.max_leakage, tiers.names[0])
     result = PartitionResult(graph, tiers, best.problem, best, plan, pieces, objective, single,
                              ranked[:request.top] if request.top else [],
-                             search.non_dominated(fronts))
+                             search.non_dominated(fronts), batch=batch)
+    if request.with_front and report is not None:
+        result.leakage_metric = leakage_plan.front_metric(request.max_leakage)
+        result.leakage_front = leakage_plan.front(best.problem, report,
+                                                  result.leakage_metric)
     if out_dir is not None:
         write_plan(result, out_dir, verify=request.verify)
     return result
 
 
-def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest
-                     ) -> list[list[TierCosts]]:
-    """Per tier, the cost columns to choose among: measured machines, else the roofline."""
+def _cost_candidates(graph: Graph, tiers: Tiers, request: PartitionRequest,
+                     batch: BatchView | None = None) -> list[list[TierCosts]]:
+    """Per tier, the cost columns to choose among: measured machines, else the roofline;
+    measured ones must be of the batch planned for, and with `batch` each column gets its
+    per-request time at that batch too."""
     measured = request.measured or {}
     unknown = set(measured) - set(tiers.names)
     efficiency = request.efficiency
     if efficiency is None:
         efficiency = calibrate() if request.use_calibration else Efficiency()
-    candidates = [list(measured[tier.name]) if tier.name in measured
-                  else [estimated_costs(graph, tier, efficiency)] for tier in tiers.tiers]
     if unknown:
-        raise WpkError(f"profile for unknown tier {sorted(unknown)[0]!r} "
+        raise WpkError(f"profile or latency table for unknown tier {sorted(unknown)[0]!r} "
                        f"(tiers: {', '.join(tiers.names)})")
-    for tier_candidates in candidates:
-        for costs in tier_candidates:
+    for column in measured.values():
+        for costs in column:
             if len(costs.node_ms) != len(graph.nodes):
                 raise WpkError(f"tier {costs.tier}: {len(costs.node_ms)} node times for "
                                f"{len(graph.nodes)} nodes")
-    return candidates
+    candidates = [pair_measured(measured[tier.name], graph, request.max_batch)
+                  if tier.name in measured else [estimated_costs(graph, tier, efficiency)]
+                  for tier in tiers.tiers]
+    if batch is None:
+        return candidates
+    return [[with_batching(costs, graph, batch, tier, efficiency) for costs in column]
+            for tier, column in zip(tiers.tiers, candidates)]
 
 
 def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliver: int,
-            request: PartitionRequest
+            request: PartitionRequest, batch: BatchView | None = None,
+            private: frozenset[str] = frozenset()
             ) -> tuple[list[Configuration], list[Configuration], list[search.Evaluation]]:
     """The search's answer for each choice of machines; with --top / --pareto also more
     cuts to show (never chosen, so that what is printed does not change the plan)."""
@@ -222,11 +276,19 @@ def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliv
     shown: list[Configuration] = []
     fronts: list[search.Evaluation] = []
     bound = request.max_latency_ms
+    fastest_ms = []             # of the machine choices that cannot meet the bound
     for machines in itertools.product(*candidates):
         problem = build_problem(graph, tiers, machines,
                                 privacy=request.keeps_raw_input_on_device,
-                                deliver_to=deliver, pins=request.pins)
-        tiers_found = search.solve(problem, request.objective, bound)
+                                deliver_to=deliver, pins=request.pins, batch=batch,
+                                private=private)
+        try:
+            tiers_found = search.solve(problem, request.objective, bound)
+        except WpkError:
+            if bound is None:
+                raise
+            fastest_ms.append(search.evaluate(problem, search.min_latency(problem)).latency_ms)
+            continue            # another machine may meet it
         found.append(Configuration(machines, problem, search.evaluate(problem, tiers_found)))
         if request.ranks_alternatives:
             front = search.pareto(problem)
@@ -237,6 +299,10 @@ def _search(graph: Graph, tiers: Tiers, candidates: list[list[TierCosts]], deliv
                 if request.top > 1 else front
             shown.extend(Configuration(machines, problem, e) for e in others
                          if bound is None or e.latency_ms <= bound)
+    if not found:
+        where = " on any choice of machines" if len(fastest_ms) > 1 else ""
+        raise WpkError(f"impossible constraint: the fastest plan takes {min(fastest_ms):.2f} ms"
+                       f"{where} > --max-latency-ms {bound:g}")
     return found, shown, fronts
 
 
@@ -307,6 +373,63 @@ def _make_plan(graph: Graph, tiers: Tiers, pieces: Sequence[slicing.TierSlice],
         objective=Objective(objective, privacy, tiers[problem.deliver_to].name, max_latency_ms),
         tiers=tier_plans, links=link_plans, predicted=predicted,
         tensors={name: graph.tensor_spec(name) for name in sorted(crossing)})
+
+
+def record_batching(plan: Plan, graph: Graph, tiers: Tiers,
+                    pieces: Sequence[slicing.TierSlice], best: Configuration,
+                    batch: BatchView) -> None:
+    """With `max_batch`: the batch each tier assumes (plan version 2, so that wpk-deploy
+    starts those tiers with --max-batch), and the prediction with and without batching."""
+    e, problem = best.evaluation, best.problem
+    plan.version = BATCHING_VERSION
+    plan.objective = dataclasses.replace(plan.objective, max_batch=batch.max_batch)
+    per_tier = {}
+    for tier_plan, piece in zip(plan.tiers, pieces):
+        tier_plan.batch = int(e.tier_batch[piece.tier])
+        stage = float(e.stage_compute_ms[piece.tier])
+        per_tier[tier_plan.name] = {
+            "batch": tier_plan.batch, "stage_ms": round(stage, 6),
+            "throughput_rps": round(1000.0 / stage, 3) if stage > 0 else None,
+            "why_batch_1": None if tier_plan.batch > 1 else
+            why_unbatched(graph, problem, e.tiers, piece.tier, batch)}
+    alone = dataclasses.replace(problem, max_batch=1)
+    stages = [t.name for t in tiers.tiers] + [link.name for link in tiers.links]
+    plan.predicted["batching"] = {
+        "max_batch": batch.max_batch, "tiers": per_tier,
+        "unbatched_same_cuts": _rate(search.evaluate(alone, e.tiers), stages),
+        "unbatched_best": _rate(search.evaluate(alone, search.solve(alone, "throughput")),
+                                stages)}
+
+
+def _rate(evaluation: search.Evaluation, stages: Sequence[str]) -> dict:
+    """A plan's throughput as the prediction states it."""
+    ms = evaluation.bottleneck_ms
+    return {"bottleneck_ms": round(ms, 6),
+            "throughput_rps": round(1000.0 / ms, 3) if ms > 0 else None,
+            "bottleneck_stage": stages[int(np.argmax(evaluation.stages_ms))]}
+
+
+def why_unbatched(graph: Graph, problem: search.Problem, tiers: np.ndarray, tier: int,
+                  batch: BatchView) -> str:
+    """Why tier `tier` runs lone requests under `tiers`, in a few words."""
+    on_tier = np.nonzero(tiers == tier)[0]
+    if not len(on_tier):
+        return "no nodes: it only hands tensors on"
+    if batch.reason:
+        return batch.reason
+    stuck = [v for v in on_tier if not problem.batchable[v]]
+    if stuck:
+        node = graph.nodes[int(stuck[0])]
+        return f"node {node.name} ({node.op_type}) cannot run in a batch"
+    for tensor in problem.tensors:
+        if tensor.carries_batch:
+            continue
+        made_here = tensor.producer >= 0 and tiers[tensor.producer] == tier
+        read_here = any(tiers[c] == tier for c in tensor.consumers)
+        if made_here != read_here or (made_here and tensor.is_output) or \
+                (read_here and tensor.producer < 0):
+            return f"tensor {tensor.name} has no batch dimension and crosses to or from it"
+    return "its per-request time is no better in a batch"
 
 
 def write_plan(result: PartitionResult, out_dir: Path, verify: bool = True) -> Path:

@@ -55,12 +55,14 @@ def op_class(node: NodeInfo, graph: Graph) -> str:
     return "memory"
 
 
-def roofline_ms(graph: Graph, tier: TierSpec, efficiency: Efficiency) -> np.ndarray:
-    """Estimated time (ms) of every node of `graph` on `tier`."""
+def roofline_ms(graph: Graph, tier: TierSpec, efficiency: Efficiency,
+                nodes: Sequence[NodeInfo] | None = None) -> np.ndarray:
+    """Estimated time (ms) of every node of `graph` on `tier` (of `nodes`, the graph's nodes
+    with other FLOPs and bytes, e.g. at a batch of requests: `wpk.partitioner.batch`)."""
     times = np.empty(len(graph.nodes))
     peak_flops = tier.peak_gflops * 1e9
     peak_bytes = tier.mem_bandwidth_gbps * 1e9
-    for node in graph.nodes:
+    for node in graph.nodes if nodes is None else nodes:
         bound_s = max(node.flops / peak_flops, node.bytes_touched / peak_bytes)
         times[node.index] = (bound_s / efficiency[op_class(node, graph)] * 1e3
                              + tier.op_overhead_us * 1e-3)
@@ -76,6 +78,10 @@ class TierCosts:
     source: str                    # "estimated", "measured (<profile name>)"
     machine: str | None = None     # candidate machine name, when chosen among several
     profile: dict | None = None    # {"name", "sha256", "file"} when measured
+    batch: int | None = 1          # requests per run that node_ms were timed at (None: unknown)
+    # with dynamic batching (the partitioner sets it): per request, when the tier runs
+    # batches of the plan's max batch; node_ms is then a lone request's time
+    batched_ms: np.ndarray | None = None
 
 
 def estimated_costs(graph: Graph, tier: TierSpec, efficiency: Efficiency) -> TierCosts:
@@ -183,5 +189,7 @@ def calibrate(use_cache: bool = True) -> Efficiency:
 
 
 def measured_costs(tier: str, node_ms: Sequence[float], source: str,
-                   machine: str | None = None, profile: dict | None = None) -> TierCosts:
-    return TierCosts(tier, np.asarray(node_ms, dtype=float), source, machine, profile)
+                   machine: str | None = None, profile: dict | None = None,
+                   batch: int | None = 1) -> TierCosts:
+    """Given times of one run at `batch` requests (a lone request by default)."""
+    return TierCosts(tier, np.asarray(node_ms, dtype=float), source, machine, profile, batch)

@@ -11,8 +11,10 @@ from wpk.errors import ParameterError, refuse_unknown_choice
 from wpk.graph import Graph
 from wpk.tiers import Tiers
 from wpk.partitioner.costs import Efficiency, TierCosts
+from wpk.partitioner.leakage import LeakageReport, parse_bound
 
 OBJECTIVES = ("latency", "throughput", "bandwidth")
+MAX_BATCH = 4096      # as wpk-serve --max-batch takes
 PRIVACY_MODES = ("raw-input-on-device", "none")
 
 
@@ -34,6 +36,14 @@ class PartitionRequest:
     privacy: str = "raw-input-on-device"
     deliver_to: str | None = None        # tier that needs the results (default: the first)
     pins: Mapping[str, str] = field(default_factory=dict)    # node -> tier
+    max_batch: int = 1                   # throughput: tiers run batches of up to this many
+    # how much of the input may leave the device: "dcor=0.3", "psnr=18" or "ssim=0.5" bounds
+    # every tensor crossing the device's link; figures measured on calibration_data (an .npz,
+    # one array per input, samples first; None: random inputs, labelled synthetic) or given
+    max_leakage: str | None = None
+    calibration_data: str | Path | None = None
+    leakage_samples: int | None = None   # the first N samples
+    leakage: LeakageReport | None = None
     # priced how: measured cost columns per tier (several = candidate machines), else roofline
     measured: Mapping[str, Sequence[TierCosts]] | None = None
     efficiency: Efficiency | None = None  # roofline efficiencies; None: calibrate or defaults
@@ -54,9 +64,28 @@ class PartitionRequest:
         if bound is not None and not 0 < bound < math.inf:
             raise ParameterError(f"{{max_latency_ms}} must be a positive number, not {bound:g}",
                                  "max_latency_ms")
+        if self.max_leakage is not None:
+            parse_bound(self.max_leakage)
         if self.objective == "bandwidth" and bound is None:
             raise ParameterError("the bandwidth objective needs a latency bound: "
                                  "{max_latency_ms}", "max_latency_ms")
+        self._check_batch()
+
+    def _check_batch(self) -> None:
+        batch = self.max_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or \
+                not 1 <= batch <= MAX_BATCH:
+            raise ParameterError(f"{{max_batch}} must be an integer from 1 to {MAX_BATCH}, "
+                                 f"not {batch!r}", "max_batch")
+        if batch > 1 and self.objective != "throughput":
+            raise ParameterError(f"{{max_batch}} {batch} plans for throughput under dynamic "
+                                 f"batching: it needs {{objective}} throughput, not "
+                                 f"{self.objective}", "max_batch", "objective")
+        if batch > 1 and self.max_latency_ms is not None:
+            raise ParameterError("{max_latency_ms} bounds a lone request's latency, which a "
+                                 "request waiting for and running in a batch does not keep: "
+                                 "give {max_latency_ms} or {max_batch}, not both",
+                                 "max_latency_ms", "max_batch")
 
     @property
     def keeps_raw_input_on_device(self) -> bool:

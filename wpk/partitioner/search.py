@@ -15,10 +15,17 @@ tier[u] <= tier[v]. A `Problem` holds everything the cost of an assignment depen
   (exact over those cuts, which for chains are all cuts), then, among the cuts that reach
   that bottleneck, the lowest latency by the same DP; the min-latency assignment is
   evaluated too and the better kept.
+- Dynamic batching (`Problem.max_batch` > 1): a tier whose nodes can all run in a batch,
+  and which no tensor without the batch dimension enters or leaves, runs batches of
+  `max_batch` requests where that is faster per request; its stage is then the
+  per-request time at that batch (`batched_ms`). Whether a tier batches depends on the cut, so it is decided per segment in
+  the throughput DP and per tier in `evaluate`, by the same rule (`tier_batches`). Latency is
+  a lone request's (batch 1) throughout.
 - `pareto` / `min_bytes`: sweeps the weight on bytes beyond the edge.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,6 +44,8 @@ class TensorEdge:
     producer: int                 # node index, or -1 for a model input (starts on tier 0)
     consumers: tuple[int, ...]
     is_output: bool = False
+    carries_batch: bool = True    # has the batch dimension; False: a batched tier may not
+    # send or receive it (a shape vector, a constant, a tensor whose rows were mixed)
 
 
 @dataclass
@@ -49,6 +58,16 @@ class Problem:
     lowest: np.ndarray                   # [n_nodes] lowest tier allowed per node
     highest: np.ndarray                  # [n_nodes] highest tier allowed per node
     deliver_to: int = 0                  # tier that needs the model outputs
+    # dynamic batching (throughput): per-request time when the node's tier runs batches of
+    # max_batch, and which nodes may run in a batch at all
+    batched_ms: np.ndarray | None = None  # [n_nodes, n_tiers]
+    batchable: np.ndarray | None = None   # [n_nodes] bool
+    max_batch: int = 1
+    private: frozenset[str] = frozenset()  # tensors that may not cross link 0 (leakage bound)
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch > 1 and self.batched_ms is not None
 
     @property
     def n_nodes(self) -> int:
@@ -74,11 +93,15 @@ class Evaluation:
     bytes_beyond_edge: int
     forward_tensors: list[list[str]] = field(default_factory=list)  # per link
     return_tensors: list[list[str]] = field(default_factory=list)   # per link
+    tier_batch: np.ndarray | None = None        # per tier: the batch it runs (1: none)
+    stage_compute_ms: np.ndarray | None = None  # per tier: compute per request at that batch
 
     @property
     def stages_ms(self) -> np.ndarray:
-        """Pipeline stage times: each tier's compute, each link's serialization (no RTT)."""
-        return np.concatenate([self.compute_ms, self.serialization_ms])
+        """Pipeline stage times per request: each tier's compute (at its batch), each link's
+        serialization (no RTT; a batch of requests carries each request's bytes)."""
+        compute = self.compute_ms if self.stage_compute_ms is None else self.stage_compute_ms
+        return np.concatenate([compute, self.serialization_ms])
 
     @property
     def bottleneck_ms(self) -> float:
@@ -115,8 +138,49 @@ def evaluate(problem: Problem, tiers: Sequence[int]) -> Evaluation:
     transfer = serialization + problem.link_rtt_ms / 2 * (used.astype(float) + returns)
     latency = float(compute.sum() + transfer.sum())
     beyond = int(((fwd + ret) * problem.link_beyond_edge).sum())
+    batch = tier_batches(problem, tiers)
+    stage = compute.copy()
+    if problem.batching:
+        stage = np.where(batch > 1, _batched_compute(problem, tiers), compute)
     return Evaluation(tiers, latency, compute, fwd, ret, serialization, transfer, used, beyond,
-                      fwd_names, ret_names)
+                      fwd_names, ret_names, batch, stage)
+
+
+def _batched_compute(problem: Problem, tiers: np.ndarray) -> np.ndarray:
+    """Per tier: compute per request if it ran all its nodes in batches."""
+    batched = np.zeros(problem.n_tiers)
+    np.add.at(batched, tiers, problem.batched_ms[np.arange(problem.n_nodes), tiers])
+    return batched
+
+
+def tier_batches(problem: Problem, tiers: Sequence[int]) -> np.ndarray:
+    """The batch each tier runs under `tiers`: `max_batch` for a tier with nodes, all of them
+    batchable, that no tensor without the batch dimension enters or leaves (a model output
+    counts as leaving), and whose nodes take less time per request in a batch than alone;
+    1 for every other tier."""
+    tiers = np.asarray(tiers, dtype=int)
+    batch = np.ones(problem.n_tiers, dtype=int)
+    if not problem.batching or not len(tiers):
+        return batch
+    can = np.zeros(problem.n_tiers, dtype=bool)
+    can[tiers] = True
+    can[tiers[~problem.batchable]] = False
+    for tensor in problem.tensors:
+        if tensor.carries_batch:
+            continue
+        readers = {int(tiers[c]) for c in tensor.consumers}
+        if tensor.producer < 0:                  # an input: every tier that reads it
+            can[list(readers)] = False
+            continue
+        src = int(tiers[tensor.producer])
+        away = readers - {src}
+        can[list(away)] = False
+        if away or tensor.is_output:
+            can[src] = False
+    lone = np.zeros(problem.n_tiers)
+    np.add.at(lone, tiers, problem.node_ms[np.arange(problem.n_nodes), tiers])
+    batch[can & (_batched_compute(problem, tiers) < lone)] = problem.max_batch
+    return batch
 
 
 def feasible(problem: Problem, tiers: Sequence[int]) -> bool:
@@ -128,7 +192,16 @@ def feasible(problem: Problem, tiers: Sequence[int]) -> bool:
         src = 0 if tensor.producer < 0 else tiers[tensor.producer]
         if any(tiers[c] < src for c in tensor.consumers):
             return False
+        if tensor.name in problem.private and src == 0 and _needed_beyond_device(
+                problem, tiers, tensor):
+            return False
     return True
+
+
+def _needed_beyond_device(problem: Problem, tiers: np.ndarray, tensor: TensorEdge) -> bool:
+    """Does some consumer (or the tier receiving the outputs) lie beyond tier 0?"""
+    return any(tiers[c] > 0 for c in tensor.consumers) or (
+        tensor.is_output and problem.deliver_to > 0)
 
 
 # -- exact minimum latency by minimum s-t cut -----------------------------------------------
@@ -196,6 +269,7 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
             cut.add(_S, y, float(problem.link_rtt_ms[link]))
             for v in range(n):
                 cut.add(y, ("x", v, k), None)
+    _add_private_terms(cut, problem)
     try:
         _, (source_side, _) = nx.minimum_cut(cut.graph, _S, _T)
     except nx.NetworkXUnbounded:
@@ -205,6 +279,26 @@ def min_latency(problem: Problem, byte_weight_ms: float = 0.0) -> np.ndarray:
     for v in range(n):
         tiers[v] = sum(1 for k in range(1, n_tiers) if ("x", v, k) not in source_side)
     return tiers
+
+
+def _add_private_terms(cut: _CutGraph, problem: Problem) -> None:
+    """A private tensor never crosses link 0: its producer and consumers sit on the same side
+    of boundary 1 (an infinite edge each way), so the cut stays exact."""
+    for tensor in problem.tensors:
+        if tensor.name not in problem.private:
+            continue
+        beyond = tensor.is_output and problem.deliver_to > 0
+        if tensor.producer < 0:
+            for c in tensor.consumers:
+                cut.add(_S, ("x", c, 1), None)      # read on the device only
+            if beyond:
+                cut.add(_S, _T, None)               # the raw output must leave: impossible
+            continue
+        src = ("x", tensor.producer, 1)
+        for c in tensor.consumers:
+            cut.add(src, ("x", c, 1), None)         # x[c,1] <= x[p,1] (>= is monotonicity)
+        if beyond:
+            cut.add(src, _T, None)                  # made beyond the device
 
 
 def _add_node_terms(cut: _CutGraph, problem: Problem, k: int) -> None:
@@ -269,53 +363,133 @@ def _crossing_bytes(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return fwd, ret
 
 
-def max_throughput(problem: Problem) -> np.ndarray:
-    """Assignment minimizing the slowest stage, over cuts along the topological order; among
-    those as good, the lowest latency (two passes of one DP: bottleneck, then latency)."""
-    n, n_tiers = problem.n_nodes, problem.n_tiers
-    prefix = np.vstack([np.zeros(n_tiers), np.cumsum(problem.node_ms, axis=0)])  # [n+1, T]
-    fwd, ret = _crossing_bytes(problem)
-    link_stage = (fwd + ret) * problem.link_ms_per_byte[:, None]               # [T-1, n+1]
-    # latency of link k when boundary k sits before node p: serialization plus half an RTT
-    # per direction crossed (forward when anything lies beyond or results go there; back
-    # when something beyond answers results that come back)
-    beyond = np.arange(n + 1) < n
-    links = np.arange(n_tiers - 1)[:, None]
-    rtt_halves = (beyond | (problem.deliver_to > links)).astype(float) + \
-        (beyond & (links >= problem.deliver_to))
-    link_latency = link_stage + problem.link_rtt_ms[:, None] / 2 * rtt_halves
-    # first_allowed[t][p]: smallest q such that nodes q..p-1 may all run on tier t
-    first_allowed = np.zeros((n_tiers, n + 1), dtype=int)
-    for t in range(n_tiers):
-        blocked = (problem.lowest > t) | (problem.highest < t)
-        last_blocked = -1
-        for p in range(1, n + 1):
-            if blocked[p - 1]:
-                last_blocked = p - 1
-            first_allowed[t, p] = last_blocked + 1
+def _private_crossings(problem: Problem) -> np.ndarray:
+    """Boundary-0 positions p (nodes before p on the device) where a private tensor crosses."""
+    n = problem.n_nodes
+    mask = np.zeros(n + 1, dtype=bool)
+    for tensor in problem.tensors:
+        if tensor.name in problem.private:
+            end = n if (tensor.is_output and problem.deliver_to > 0) \
+                else max(tensor.consumers, default=-1)
+            mask[tensor.producer + 1:end + 1] = True
+    return mask
 
-    def dp(cap: float | None) -> tuple[float, np.ndarray]:
+
+class _Segments:
+    """Stage times of runs of consecutive nodes [q, p) (topological order) on one tier: a
+    lone request's compute, and the per-request stage, batched where the run may batch and
+    that is faster (the rule of `tier_batches`, for a tier that runs exactly those nodes)."""
+
+    def __init__(self, problem: Problem):
+        n, n_tiers = problem.n_nodes, problem.n_tiers
+        self.n = n
+        self.prefix = np.vstack([np.zeros(n_tiers), np.cumsum(problem.node_ms, axis=0)])
+        self.batching = problem.batching
+        if not self.batching:
+            return
+        self.prefix_batched = np.vstack([np.zeros(n_tiers),
+                                         np.cumsum(problem.batched_ms, axis=0)])
+        # floor[p]: [q, p) may batch only if q > floor[p] (a node that cannot batch, or a
+        # tensor without the batch dimension made inside and needed beyond p)
+        floor = np.full(n + 1, -1)
+        for p in range(1, n + 1):
+            floor[p] = p - 1 if not problem.batchable[p - 1] else floor[p - 1]
+        # reads[c]: producers (-1: the model input) of such tensors that node c reads
+        self.reads: list[list[int]] = [[] for _ in range(n)]
+        for tensor in problem.tensors:
+            if tensor.carries_batch:
+                continue
+            for c in tensor.consumers:
+                self.reads[c].append(tensor.producer)
+            if tensor.producer >= 0:
+                last = n if tensor.is_output else max(tensor.consumers, default=-1)
+                span = slice(tensor.producer + 1, last + 1)
+                floor[span] = np.maximum(floor[span], tensor.producer)
+        self.floor = floor
+
+    def batch_masks(self):
+        """For p = 0 .. n in turn: over q = 0 .. n, may [q, p) run batched."""
+        q = np.arange(self.n + 1)
+        entered = np.zeros(self.n + 1, dtype=bool)   # a run from q takes such a tensor in
+        for p in range(self.n + 1):
+            if p > 0:
+                for producer in self.reads[p - 1]:
+                    entered[producer + 1:p] = True
+            yield (q > self.floor[p]) & ~entered
+
+    def stages(self, t: int, p: int, q: np.ndarray, may_batch: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(per-request stage, lone-request compute) of the runs [q, p) on tier t."""
+        lone = self.prefix[p, t] - self.prefix[q, t]
+        if may_batch is None:
+            return lone, lone
+        batched = self.prefix_batched[p, t] - self.prefix_batched[q, t]
+        return np.where(may_batch[q], np.minimum(batched, lone), lone), lone
+
+
+class _ThroughputSearch:
+    """The DP of `max_throughput`: tiers take consecutive runs of nodes in topological
+    order; `run(None)` finds the smallest bottleneck, `run(cap)` the lowest latency with
+    every stage <= cap."""
+
+    def __init__(self, problem: Problem):
+        n, n_tiers = problem.n_nodes, problem.n_tiers
+        self.problem = problem
+        self.segments = _Segments(problem)
+        fwd, ret = _crossing_bytes(problem)
+        self.link_stage = (fwd + ret) * problem.link_ms_per_byte[:, None]        # [T-1, n+1]
+        if n_tiers > 1:     # a private tensor would cross the device's link there
+            self.link_stage[0, _private_crossings(problem)] = np.inf
+        # latency of link k when boundary k sits before node p: serialization plus half an
+        # RTT per direction crossed (forward when anything lies beyond or results go there;
+        # back when something beyond answers results that come back)
+        beyond = np.arange(n + 1) < n
+        links = np.arange(n_tiers - 1)[:, None]
+        rtt_halves = (beyond | (problem.deliver_to > links)).astype(float) + \
+            (beyond & (links >= problem.deliver_to))
+        self.link_latency = self.link_stage + problem.link_rtt_ms[:, None] / 2 * rtt_halves
+        # first_allowed[t][p]: smallest q such that nodes q..p-1 may all run on tier t
+        self.first_allowed = np.zeros((n_tiers, n + 1), dtype=int)
+        for t in range(n_tiers):
+            blocked = (problem.lowest > t) | (problem.highest < t)
+            last_blocked = -1
+            for p in range(1, n + 1):
+                if blocked[p - 1]:
+                    last_blocked = p - 1
+                self.first_allowed[t, p] = last_blocked + 1
+
+    def _tier(self, t: int, best: np.ndarray, cap: float | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """best[p] over nodes [0, p) once tier t has taken its run, and each run's start."""
+        n = self.problem.n_nodes
+        new = np.full(n + 1, np.inf)
+        choice = np.zeros(n + 1, dtype=int)
+        masks = self.segments.batch_masks() if self.segments.batching else None
+        for p in range(n + 1):
+            may_batch = next(masks) if masks is not None else None
+            q = np.arange(self.first_allowed[t, p] if p > 0 else 0, p + 1)
+            stage, lone = self.segments.stages(t, p, q, may_batch)
+            if cap is None:
+                values = np.maximum(best[q], stage)
+            else:
+                values = np.where(stage <= cap, best[q] + lone, np.inf)
+            j = int(np.argmin(values))
+            new[p], choice[p] = values[j], q[j]
+        if t < self.problem.n_tiers - 1:
+            if cap is None:
+                new = np.maximum(new, self.link_stage[t])
+            else:
+                new = np.where(self.link_stage[t] <= cap, new + self.link_latency[t], np.inf)
+        return new, choice
+
+    def run(self, cap: float | None) -> tuple[float, np.ndarray]:
         """cap None: the smallest bottleneck. Else: the lowest latency with every stage <=
         cap. Tiers take consecutive runs of nodes; best[p] covers nodes [0, p)."""
+        n, n_tiers = self.problem.n_nodes, self.problem.n_tiers
         choice = np.zeros((n_tiers, n + 1), dtype=int)
         best = np.where(np.arange(n + 1) == 0, 0.0, np.inf)
         for t in range(n_tiers):
-            new = np.full(n + 1, np.inf)
-            for p in range(n + 1):
-                q = np.arange(first_allowed[t, p] if p > 0 else 0, p + 1)
-                stage = prefix[p, t] - prefix[q, t]
-                if cap is None:
-                    values = np.maximum(best[q], stage)
-                else:
-                    values = np.where(stage <= cap, best[q] + stage, np.inf)
-                j = int(np.argmin(values))
-                new[p], choice[t, p] = values[j], q[j]
-            if t < n_tiers - 1:
-                if cap is None:
-                    new = np.maximum(new, link_stage[t])
-                else:
-                    new = np.where(link_stage[t] <= cap, new + link_latency[t], np.inf)
-            best = new
+            best, choice[t] = self._tier(t, best, cap)
         if not np.isfinite(best[n]):
             raise WpkError("the constraints cannot all hold (pins, privacy and the graph's "
                            "edges contradict)")
@@ -327,8 +501,14 @@ def max_throughput(problem: Problem) -> np.ndarray:
             p = q
         return float(best[n]), tiers
 
-    bottleneck, _ = dp(None)
-    return dp(bottleneck * (1 + 1e-9) + 1e-12)[1]
+
+def max_throughput(problem: Problem) -> np.ndarray:
+    """Assignment minimizing the slowest stage, over cuts along the topological order; among
+    those as good, the lowest latency (two passes of one DP: bottleneck, then latency).
+    With batching, a tier's stage is batched where its run of nodes may batch."""
+    dp = _ThroughputSearch(problem)
+    bottleneck, _ = dp.run(None)
+    return dp.run(bottleneck * (1 + 1e-9) + 1e-12)[1]
 
 
 # -- bytes beyond the edge ------------------------------------------------------------------
@@ -386,9 +566,7 @@ def alternatives(problem: Problem, tiers: np.ndarray, limit: int = 12) -> list[n
             continue
         lowest, highest = problem.lowest.copy(), problem.highest.copy()
         lowest[v] = highest[v] = tier
-        moved = Problem(problem.node_ms, problem.tensors, problem.link_ms_per_byte,
-                        problem.link_rtt_ms, problem.link_beyond_edge, lowest, highest,
-                        problem.deliver_to)
+        moved = dataclasses.replace(problem, lowest=lowest, highest=highest)
         try:
             found.append(min_latency(moved))
         except WpkError:
@@ -421,7 +599,10 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
                                  f"{max_latency_ms:g}", "max_latency_ms")
         if objective == "latency":
             return fastest.tiers
-        candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        try:
+            candidates = [evaluate(problem, max_throughput(problem)), fastest]
+        except WpkError:   # no cut along the topological order meets the constraints
+            candidates = [fastest]
         if max_latency_ms is not None:   # the fastest plan always meets it (checked above)
             candidates = [c for c in candidates if c.latency_ms <= max_latency_ms]
         return min(candidates, key=lambda e: (round(e.bottleneck_ms, 9), e.latency_ms)).tiers
@@ -430,5 +611,6 @@ def solve(problem: Problem, objective: str, max_latency_ms: float | None = None)
     raise WpkError(f"unknown objective {objective!r} (latency, throughput, bandwidth)")
 
 
-__all__ = ["TensorEdge", "Problem", "Evaluation", "evaluate", "feasible", "min_latency",
-           "max_throughput", "pareto", "non_dominated", "min_bytes", "alternatives", "brute_force", "solve"]
+__all__ = ["TensorEdge", "Problem", "Evaluation", "evaluate", "tier_batches", "feasible",
+           "min_latency", "max_throughput", "pareto", "non_dominated", "min_bytes",
+           "alternatives", "brute_force", "solve"]

@@ -37,7 +37,7 @@ from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.client import InferenceClient
 from wpk.runtime.next_tier import GrpcLink, NextTier, TcpLink, link_kind
 from wpk.runtime.slice import load_batched_runner, load_runner
-from wpk.runtime.status import TierError
+from wpk.runtime.status import TierError, failure
 from wpk.runtime.tensors import served_spec
 from wpk.tensor_spec import TensorSpec
 
@@ -260,13 +260,14 @@ class TierCore:
 
     def infer_here(self, model: ServedModel, arrays: Arrays, deadline: float | None,
                    pipeline: bool, done: Callable[[Arrays | TierError], None]) -> None:
-        """`infer` from a connection's thread: the slice runs in it (or in a batch), the
-        forward leaves from it, `done` gets the outcome from whichever thread has it."""
-        if self.batcher is not None:   # this thread waits for its batch
-            produced = asyncio.run_coroutine_threadsafe(
-                self._run_slice(arrays, deadline), self.loop).result()
-        else:
-            produced = self._slice(arrays, deadline)
+        """`infer` from a connection's thread: the slice runs in it, the forward leaves from
+        it, `done` gets the outcome from whichever thread has it. A batching tier instead
+        hands the request to the loop and returns at once, so that the connection's next
+        requests join the same batch (one upstream tier sends all its requests over one
+        connection)."""
+        if self.batcher is not None:
+            return self._infer_on_loop(model, arrays, deadline, pipeline, done)
+        produced = self._slice(arrays, deadline)
         if not pipeline:
             return done({n: produced[n] for n in model.outputs})
         results, forward = self._split(produced)
@@ -282,6 +283,17 @@ class TierCore:
 
         assert self.link is not None
         self.link.submit(self.next_model, forward, timeout, answered)
+
+    def _infer_on_loop(self, model: ServedModel, arrays: Arrays, deadline: float | None,
+                       pipeline: bool, done: Callable[[Arrays | TierError], None]) -> None:
+        def finished(running) -> None:
+            error = running.exception()
+            if error is None:
+                return done(running.result())
+            done(failure(error, self.where))
+
+        asyncio.run_coroutine_threadsafe(self.infer(model, arrays, deadline, pipeline),
+                                         self.loop).add_done_callback(finished)
 
     async def _run_slice(self, arrays: Arrays, deadline: float | None = None) -> Arrays:
         """Slice outputs plus the tier's inputs (passthrough tensors), on the loop or in a

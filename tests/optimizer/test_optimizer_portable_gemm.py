@@ -89,19 +89,21 @@ void wpk_kernel_failed(const char* why) { (void)why; abort(); }
 """
 
 
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("act", ["relu", "clip:-1.0:1.0", "hardswish", "swish:1.0"])
-def test_portable_epilogues_match_numpy(act):
+def test_portable_epilogues_match_numpy(act, march):
     """Bias and every fused activation through the shim (the GEMM sites found today fuse
-    none, but the shim must compute what the AVX-512 intrinsics do)."""
+    none, but the shim must compute what the AVX-512 intrinsics do), with 8-float pieces
+    (AVX2) and with 4-float ones (baseline x86-64's SSE: the layout NEON gets too)."""
     shape = direct_conv.DirectShape(c=40, k=32, h=1, w=9, kh=1, kw=1, act=act, threads=1,
                                     layout="rows")
     weight = _weight(32, 40, 1, "tile")
     groups = direct_conv.groups_for(shape, weight)
     source = direct_conv.lower(shape, groups, "kernel", portable=True) + HARNESS
-    flags = [f for f in ort_ops.object_flags("portable")
-             if not f.startswith(("-D", "-fvisibility"))]   # the harness links by name
+    flags = [f for f in ort_ops.object_flags("portable")   # the harness links by name
+             if not f.startswith(("-D", "-fvisibility", "-march="))]
     library = ctypes.CDLL(str(build.compile_c(source, "portable_epilogue",
-                                              [*flags, "-shared"])))
+                                              [*flags, f"-march={march}", "-shared"])))
     x = RNG.standard_normal((9, 40)).astype(np.float32) * 4
     bias = RNG.standard_normal(32).astype(np.float32)
     y = np.zeros((9, 32), np.float32)

@@ -26,8 +26,9 @@ column of X; its weight is passed as (N, K, 1, 1).
 
 Portable: the source includes `portable_simd.HEADER`, so it also compiles without AVX-512
 (AVX2, SSE, NEON), where a 16-float vector is two, four or four registers: `portable=True`
-takes tiles with fewer accumulators (`PORTABLE_TILE_PIXELS`). Only the rows layout is offered
-there (`ort_ops.PORTABLE_OPS`): ONNX Runtime's NCHWc blocks are 16 channels on AVX-512 only.
+walks a group's blocks one at a time, `PORTABLE_TILE_PIXELS` pixels per tile, so that the
+accumulators fit (the packed weights are the same). Only the rows layout is offered there
+(`ort_ops.PORTABLE_OPS`): ONNX Runtime's NCHWc blocks are 16 channels on AVX-512 only.
 """
 from __future__ import annotations
 

@@ -187,3 +187,15 @@ def test_kernels_call_only_shimmed_intrinsics():
         body = source.replace(portable_simd.HEADER, "")
         called = set(re.findall(r"_mm512_(\w+)\(", body))
         assert called <= set(portable_simd.SHIMMED), called - set(portable_simd.SHIMMED)
+
+
+def test_kernel_isa_setting_picks_the_build(monkeypatch):
+    """Unset, an AVX-512 machine keeps its AVX-512 build; a value outside the three is a
+    one-line error naming the variable."""
+    from wpk.errors import WpkError
+
+    monkeypatch.delenv("WPK_KERNEL_ISA", raising=False)
+    assert ort_ops.library_isa() == ("avx512" if ort_ops.runs_here()[0] else "portable")
+    monkeypatch.setenv("WPK_KERNEL_ISA", "neon")
+    with pytest.raises(WpkError, match="WPK_KERNEL_ISA"):
+        ort_ops.library_isa()

@@ -65,9 +65,10 @@ def _custom_ops_library(directory: Path, entry: dict) -> str | None | bool:
     name = entry.get("custom_ops")
     if not name:
         return None
-    from wpk.optimizer.ort_ops import LIBRARY_BUILD, runs_here
+    from wpk.optimizer.ort_ops import LIBRARY_BUILD, target_runs_here
 
-    ok, why = runs_here()
+    # directories from before the portable build record no target: theirs is AVX-512
+    ok, why = target_runs_here(entry.get("library_target", "x86-64-v4"))
     path = directory / name
     if not ok or not path.is_file():
         _warn_plain(directory, why if not ok else f"{path} is missing")

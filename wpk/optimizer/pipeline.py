@@ -696,6 +696,7 @@ def save_custom_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Pa
     inputs, outputs = _io(model)
     segment = {"type": "ort", "model": "model.onnx", "offline_model": "model.wpk.onnx",
                "custom_ops": ort_ops.LIBRARY_FILE, "library_build": ort_ops.LIBRARY_BUILD,
+               "library_target": ort_ops.library_target(inside.isa),
                "inputs": [i["name"] for i in inputs],
                "outputs": [o["name"] for o in outputs]}
     io = _SliceIO(model.graph.name, hardware_id(), inputs, outputs)

@@ -78,10 +78,9 @@ async def pipeline_alone(address: str, model: str, inputs: list[np.ndarray], nam
                          in_flight: int, rate: float | None, transport: str = "unary"
                          ) -> dict[str, tuple]:
     """One round of the three phases; `rate` None: pace at PACED_FRACTION of this round's
-    burst throughput. `transport`: unary, stream (InferenceClient) or tensor-link
-    (LinkClient)."""
+    burst throughput. `transport`: unary (InferenceClient) or tensor-link (LinkClient)."""
     client = LinkClient(address, timeout=30) if transport == "tensor-link" else \
-        InferenceClient(address, timeout=30, stream=transport == "stream")
+        InferenceClient(address, timeout=30)
     async with client:
         for x in inputs[:20]:
             await client.infer(model, {name: x})
@@ -209,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=2000, help="burst size (sequential "
                         "phases use a quarter)")
     parser.add_argument("--stream", action="store_true",
-                        help="bridge and direct client use ModelStreamInfer (else unary)")
+                        help="an earlier name for --tensor-link (gRPC streams were removed "
+                        "from wpk's client)")
     parser.add_argument("--tensor-link", action="store_true",
                         help="bridge and direct client enter over the entry tier's tensor "
                         "link (wpk-bridge --tensor-link, LinkClient)")
@@ -218,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=8,
                         help="concurrent pipeline requests (bridge --max-in-flight)")
     args = parser.parse_args(argv)
-    transport = "tensor-link" if args.tensor_link else "stream" if args.stream else "unary"
+    if args.stream:
+        console.print("warning: --stream: gRPC streams were removed from wpk's client; "
+                      "measuring --tensor-link")
+        args.tensor_link = True
+    transport = "tensor-link" if args.tensor_link else "unary"
 
     with tempfile.TemporaryDirectory(prefix="wpk-mqtt-bench-") as tmp:
         workdir = Path(tmp)
@@ -251,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
                  "--subscribe", "bench/+/in", "--format", "raw", "--publish", "bench/{1}/out",
                  "--result", "json", "--max-in-flight", str(args.in_flight),
                  "--queue-size", str(max(args.messages, 100))]
-                + (["--stream"] if args.stream else [])
                 + (["--tensor-link"] if args.tensor_link else []),
                 stderr=subprocess.DEVNULL)
             load = MqttLoad(broker.port)

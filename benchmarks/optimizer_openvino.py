@@ -26,6 +26,7 @@ from wpk.optimizer import accuracy, passes, pipeline
 from wpk.optimizer.measure import compare_ms, hardware_id
 from wpk.optimizer.openvino_backend import missing_reason
 from wpk.optimizer.session import DEFAULT_SESSION, make_session
+from wpk.tensor_spec import TensorSpec
 
 
 def main() -> None:
@@ -51,8 +52,8 @@ def main() -> None:
         out_names = [o.name for o in model.graph.output]
         default = make_session(model.SerializeToString(), DEFAULT_SESSION)
         inp = default.get_inputs()[0]
-        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-        feeds = accuracy.sample_inputs([(inp.name, shape, np.dtype(np.float32))], 9, seed=3)
+        spec = TensorSpec.from_ort(inp.name, inp.shape, "tensor(float)")  # free dims: 1
+        feeds = accuracy.sample_inputs([spec], 9, seed=3)
         calibrate, check = feeds[:6], feeds[6:]
         (work / name).mkdir()
         int8_path = pipeline._quantize_int8(model, calibrate, work / name)

@@ -2,11 +2,12 @@
 3-tier local pipeline (three wpk-serve processes on 127.0.0.1), measured side by side.
 
     python benchmarks/runtime_overhead.py [--models mlp,resnet_like,mobilenet_like] [--seconds 2]
-                                          [--link tcp,grpc] [--cpu-latency-us 0]
+                                          [--link tcp] [--cpu-latency-us 0]
 
-Each link kind (`--link`: the tensor link `tcp`, gRPC streams `grpc`, or both, default) gets
-its own 3-tier deployment; with both, they run side by side and every measurement alternates
-between them round by round. With `--cpu-latency-us US` (root) every link is also measured
+Each link kind (`--link`: the tensor link `tcp`, the one tiers use; `grpc`, gRPC streams, was
+removed and is left out with a warning) gets its own 3-tier deployment; with several, they
+run side by side and every measurement alternates between them round by round. With
+`--cpu-latency-us US` (root) every link is also measured
 with the machine's idle CPUs held to wake within US microseconds (wpk-serve's option of the
 same name, see wpk.runtime.cpu_latency), alternating round by round with the machine as it
 is: rows "tcp" and "tcp, cpu US us". With `--pin-cpus` every link gets a second deployment
@@ -18,16 +19,14 @@ the limit, and serve every row.
 (b) the 3-tier pipeline, one request at a time -> per-hop overhead in microseconds:
     (pipeline latency - sum of the stages run alone) / hops, hops = 3 (client->device,
     device->edge, edge->cloud); targets: < 300 us per hop for tensors under 1 MB; for the
-    KServe clients (unary, stream) and for the client that enters over the entry tier's
-    tensor link (wpk.runtime.link_client, "link"); the same with the client's input in
-    system shared memory instead of in the gRPC message; and the
+    KServe client (unary ModelInfer calls) and for the client that enters over the entry
+    tier's tensor link (wpk.runtime.link_client, "link"); and the
     tier-to-tier hops alone: the second tier sent what the first forwards, over the link
     under test, (latency - its stages) / 2; and where the overhead goes, from the tiers' own
     metrics: the client hop (latency less the entry tier's stay) and each tier's stay less
     its slice and the next tier's stay;
 (c) pipeline throughput with 1..16 requests in flight vs. the slowest stage alone (target
-    >= 80 %), with the stream client and the link client, and at 8 in flight with the
-    stream client's input in shared memory. Every tier and
+    >= 80 %), with the unary client and the link client. Every tier and
     every baseline runs ONNX Runtime with the same thread count.
     On a machine with fewer cores than tiers the stages also compete for CPU: the table adds
     the CPU-bound ceiling min(1/slowest, cores/sum of stages) and the ratio to it, and the
@@ -196,21 +195,17 @@ def histogram_deltas(deployment: LocalDeployment, slices: list[list[float]],
 ROUNDS = 5            # measurements alternate between what is compared, round by round,
 IN_FLIGHT = (1, 2, 4, 8, 16)  # so that load from elsewhere hits both sides alike
 CPU_IN_FLIGHT = 8     # CPU time per request is measured at this many in flight
+CLIENTS = ("unary", "link")   # KServe ModelInfer calls; the entry tier's tensor link
 
 
-def second_tier_caller(link: str, deployment: LocalDeployment, plan, arrays):
+def second_tier_caller(deployment: LocalDeployment, plan, arrays):
     """(a coroutine function sending the second tier what the first one forwards, the way
-    the first tier does: tensor link, or a ModelStreamInfer stream with wpk_pipeline; its
-    client): timing it gives the cost of the tier-to-tier hops alone, without the client's
-    hop."""
+    the first tier does, over the tensor link; its client): timing it gives the cost of the
+    tier-to-tier hops alone, without the client's hop."""
     tier = plan.tiers[1]
     feeds = {n: arrays[n] for n in tier.inputs}
     model = f"{plan.name}.{tier.name}"
-    address = deployment.tiers[1].address
-    if link == "grpc":
-        client = InferenceClient(address, timeout=30, stream=True)
-        return lambda: client.infer(model, feeds, parameters={"wpk_pipeline": True}), client
-    client = LinkClient(address, timeout=30)
+    client = LinkClient(deployment.tiers[1].address, timeout=30)
     return lambda: client.infer(model, feeds, pipeline=True), client
 
 
@@ -263,26 +258,16 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
         async def measure() -> dict:
             on = dict(zip(setups, deployments))
             unary = {k: InferenceClient(d.entry, timeout=30) for k, d in on.items()}
-            stream = {k: InferenceClient(d.entry, timeout=30, stream=True)
-                      for k, d in on.items()}
-            # the same clients with the input in shared memory (Triton's extension)
-            shm_unary = {k: InferenceClient(d.entry, timeout=30, shared_memory=True)
-                         for k, d in on.items()}
-            shm_stream = {k: InferenceClient(d.entry, timeout=30, stream=True,
-                                             shared_memory=True)
-                          for k, d in on.items()}
             # the client that enters over the entry tier's tensor link (gRPC where none)
             link = {k: LinkClient(d.entry, timeout=30) for k, d in on.items()}
-            second = {k: second_tier_caller(k[0], d, plan, arrays) for k, d in on.items()}
+            second = {k: second_tier_caller(d, plan, arrays) for k, d in on.items()}
             t = {"whole": [], **{i: [] for i in range(len(stages))},
-                 **{(v, m): [] for v, _, _ in variants
-                    for m in ("unary", "stream", "link", "second", "shm_unary", "shm_stream")}}
+                 **{(v, m): [] for v, _, _ in variants for m in ("unary", "link", "second")}}
             # the tiers' own histograms, summed over each variant's turns: (sum, count)
             slices = {v: [[0.0, 0.0] for _ in plan.tiers] for v, _, _ in variants}
             stays = {v: [[0.0, 0.0] for _ in plan.tiers] for v, _, _ in variants}
             slice_time = seconds / ROUNDS / 2
-            clients = (*unary.values(), *stream.values(), *link.values(),
-                       *shm_unary.values(), *shm_stream.values())
+            clients = (*unary.values(), *link.values())
             for client in clients:
                 await sample_async(lambda: client.infer(plan.name, feeds), 0.2, [])
             for call, _ in second.values():
@@ -294,30 +279,25 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
                 for v, k, limit in variants:
                     with cpu_latency_limit(limit):
                         with histogram_deltas(on[k], slices[v], stays[v]):
-                            for m, client in (("unary", unary[k]), ("stream", stream[k]),
-                                              ("link", link[k]), ("shm_unary", shm_unary[k]),
-                                              ("shm_stream", shm_stream[k])):
+                            for m, client in (("unary", unary[k]), ("link", link[k])):
                                 await sample_async(lambda: client.infer(plan.name, feeds),
                                                    slice_time, t[(v, m)])
                         await sample_async(second[k][0], slice_time, t[(v, "second")])
             latency = {k: statistics.median(v) for k, v in t.items()}
             slowest = max(range(len(stages)), key=lambda i: latency[i])
-            rates: dict = {(v, n, c): [] for v, _, _ in variants for n in (*IN_FLIGHT, "shm")
-                           for c in ("stream", "link")}
+            rates: dict = {(v, n, c): [] for v, _, _ in variants for n in IN_FLIGHT
+                           for c in CLIENTS}
             cpu = {(v, c): {"pids": [h.process.pid for h in on[k].tiers] + [os.getpid()]}
-                   for v, k, _ in variants for c in ("stream", "link")}
+                   for v, k, _ in variants for c in CLIENTS}
             stage_alone: list[float] = []
             for _ in range(ROUNDS):
                 for n in IN_FLIGHT:
                     for v, k, limit in variants:
                         with cpu_latency_limit(limit):
-                            for c, client in (("stream", stream[k]), ("link", link[k])):
+                            for c, client in (("unary", unary[k]), ("link", link[k])):
                                 rates[(v, n, c)].append(await pipeline_rate(
                                     client, plan.name, feeds, n, slice_time,
                                     cpu[(v, c)] if n == CPU_IN_FLIGHT else None))
-                            if n == CPU_IN_FLIGHT:
-                                rates[(v, "shm", "stream")].append(await pipeline_rate(
-                                    shm_stream[k], plan.name, feeds, n, slice_time))
                     sample(stages[slowest], slice_time, stage_alone)
             for client in (*clients, *(c for _, c in second.values())):
                 await client.close()
@@ -339,26 +319,19 @@ def bench_model(name: str, root: Path, threads: int, seconds: float, port: int,
     ceiling = min(measured["stage_rate"], (os.cpu_count() or 1) / sum(stage_times))
     results = []
     for k, _, _ in variants:
-        unary, stream, link = (latency[(k, c)] for c in ("unary", "stream", "link"))
+        unary, link = (latency[(k, c)] for c in CLIENTS)
         results.append({
             "name": name, "link": k, "t_whole": latency["whole"], "stages": stage_times,
-            "t_pipe": unary, "t_pipe_stream": stream, "t_pipe_link": link,
-            "in_tier": measured["in_tier"][k],
+            "t_pipe": unary, "t_pipe_link": link, "in_tier": measured["in_tier"][k],
             "per_hop_us": (unary - sum(stage_times)) / hops * 1e6,
-            "per_hop_stream_us": (stream - sum(stage_times)) / hops * 1e6,
             "per_hop_link_us": (link - sum(stage_times)) / hops * 1e6,
-            "per_hop_shm_us": (latency[(k, "shm_unary")] - sum(stage_times)) / hops * 1e6,
-            "per_hop_shm_stream_us": (latency[(k, "shm_stream")] - sum(stage_times)) / hops
-            * 1e6,
-            "per_hop_in_tier_us": (stream - sum(measured["in_tier"][k])) / hops * 1e6,
+            "per_hop_in_tier_us": (unary - sum(measured["in_tier"][k])) / hops * 1e6,
             "per_hop_link_in_tier_us": (link - sum(measured["in_tier"][k])) / hops * 1e6,
             "tier_hop_us": (latency[(k, "second")] - sum(stage_times[1:])) / (hops - 1) * 1e6,
-            "own_us": own_times(stream, measured["stays"][k], measured["in_tier"][k]),
+            "own_us": own_times(unary, measured["stays"][k], measured["in_tier"][k]),
             "link_bytes": link_bytes, "input_bytes": sum(a.nbytes for a in feeds.values()),
-            "rates": {c: {n: measured["rates"][(k, n, c)] for n in IN_FLIGHT}
-                      for c in ("stream", "link")},
-            "rate_shm": measured["rates"][(k, "shm", "stream")],
-            "cpu_per_request": {c: measured["cpu"][(k, c)] for c in ("stream", "link")},
+            "rates": {c: {n: measured["rates"][(k, n, c)] for n in IN_FLIGHT} for c in CLIENTS},
+            "cpu_per_request": {c: measured["cpu"][(k, c)] for c in CLIENTS},
             "stage_rate": measured["stage_rate"], "ceiling": ceiling})
     return results
 
@@ -380,11 +353,6 @@ class Echo:
     async def ModelInfer(self, request, context):
         return pb.ModelInferResponse(id=request.id)
 
-    async def ModelStreamInfer(self, requests, context):
-        async for request in requests:
-            await context.write(pb.ModelStreamInferResponse(
-                infer_response=pb.ModelInferResponse(id=request.id)))
-
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
@@ -403,9 +371,9 @@ async def echo_server(port: int) -> None:
 
 
 def bare_grpc_hops(port: int, seconds: float, limits: list[int | None]
-                   ) -> dict[int | None, tuple[float, float]]:
-    """Median round trip (s) of an empty ModelInfer to a do-nothing server in another process:
-    unary call, and one message on a stream; under each wake-up latency limit of `limits`."""
+                   ) -> dict[int | None, float]:
+    """Median round trip (s) of an empty ModelInfer call to a do-nothing server in another
+    process, under each wake-up latency limit of `limits`."""
     import subprocess
 
     server = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)],
@@ -413,8 +381,8 @@ def bare_grpc_hops(port: int, seconds: float, limits: list[int | None]
     try:
         server.stdout.readline()
 
-        async def measure(stream: bool) -> float:
-            async with InferenceClient(f"127.0.0.1:{port}", timeout=10, stream=stream) as c:
+        async def measure() -> float:
+            async with InferenceClient(f"127.0.0.1:{port}", timeout=10) as c:
                 request = pb.ModelInferRequest(model_name="echo")
                 for _ in range(50):
                     await c.infer_message(request)
@@ -426,11 +394,11 @@ def bare_grpc_hops(port: int, seconds: float, limits: list[int | None]
                     times.append(time.perf_counter() - start)
                 return statistics.median(times)
 
-        async def measure_all() -> dict[int | None, tuple[float, float]]:
+        async def measure_all() -> dict[int | None, float]:
             hops = {}
             for limit in limits:
                 with cpu_latency_limit(limit):
-                    hops[limit] = await measure(False), await measure(True)
+                    hops[limit] = await measure()
             return hops
 
         return asyncio.run(measure_all())
@@ -439,45 +407,39 @@ def bare_grpc_hops(port: int, seconds: float, limits: list[int | None]
         server.wait()
 
 
-def report(results: list[dict], threads: int, bare: dict[int | None, tuple[float, float]],
+def report(results: list[dict], threads: int, bare: dict[int | None, float],
            codec: str) -> None:
-    for limit, (unary, stream) in bare.items():
+    for limit, unary in bare.items():
         held = "" if limit is None else f", idle CPUs held to wake within {limit} us"
         console.print(f"bare gRPC hop on this machine now (empty message, server in another "
-                      f"process{held}): unary {unary * 1e6:.0f} us, stream {stream * 1e6:.0f} us")
+                      f"process{held}): unary {unary * 1e6:.0f} us")
     table = Table(title=f"(a)+(b) latency, one request at a time (ORT threads per tier: "
                         f"{threads}, {os.cpu_count()} cores, link codec {codec})")
     for column in ("model", "link", "whole ORT ms", "stages alone ms", "stages in tiers ms",
-                   "pipeline ms (unary | stream | link client)",
-                   "per hop us (unary | stream | link)",
-                   "per hop us, input in shm (unary | stream)",
-                   "per hop us less in-tier compute (stream | link)", "tier->tier hop us",
-                   "own us (stream): client hop | each tier", "bytes in -> links",
-                   "< 300 us (stream | link)"):
+                   "pipeline ms (unary | link client)", "per hop us (unary | link)",
+                   "per hop us less in-tier compute (unary | link)", "tier->tier hop us",
+                   "own us (unary): client hop | each tier", "bytes in -> links",
+                   "< 300 us (unary | link)"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["name"], r["link"], f"{r['t_whole'] * 1e3:.2f}",
                       " + ".join(f"{t * 1e3:.2f}" for t in r["stages"]),
                       " + ".join(f"{t * 1e3:.2f}" for t in r["in_tier"]),
-                      f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_stream'] * 1e3:.2f} | "
-                      f"{r['t_pipe_link'] * 1e3:.2f}",
-                      f"{r['per_hop_us']:.0f} | {r['per_hop_stream_us']:.0f} | "
-                      f"{r['per_hop_link_us']:.0f}",
-                      f"{r['per_hop_shm_us']:.0f} | {r['per_hop_shm_stream_us']:.0f}",
+                      f"{r['t_pipe'] * 1e3:.2f} | {r['t_pipe_link'] * 1e3:.2f}",
+                      f"{r['per_hop_us']:.0f} | {r['per_hop_link_us']:.0f}",
                       f"{r['per_hop_in_tier_us']:.0f} | {r['per_hop_link_in_tier_us']:.0f}",
                       f"{r['tier_hop_us']:.0f}",
                       " | ".join(f"{t:.0f}" for t in r["own_us"]),
                       f"{r['input_bytes'] / 1e3:.0f}k -> "
                       + ", ".join(f"{b / 1e3:.0f}k" for b in r["link_bytes"]),
                       " | ".join("yes" if r[key] < 300 else "NO"
-                                 for key in ("per_hop_stream_us", "per_hop_link_us")))
+                                 for key in ("per_hop_us", "per_hop_link_us")))
     console.print(table)
     table = Table(title="(c) pipelined throughput, requests/s, vs the slowest stage alone "
-                        "(stream client, then link client)")
+                        "(unary client, then link client)")
     for column in ("model", "link", "client", "slowest stage", "cpu ceiling",
                    *(f"{k} in flight" for k in IN_FLIGHT),
                    "best / slowest", "best / ceiling", ">= 80 %",
-                   f"{CPU_IN_FLIGHT} in flight, input in shm / slowest",
                    f"CPU ms/request at {CPU_IN_FLIGHT} in flight: tiers + client"):
         table.add_column(column, justify="right")
     for r in results:
@@ -489,8 +451,6 @@ def report(results: list[dict], threads: int, bare: dict[int | None, tuple[float
                           f"{best / r['stage_rate']:.0%}", f"{best / r['ceiling']:.0%}",
                           "yes" if best / r["stage_rate"] >= 0.8 else
                           ("at ceiling" if best / r["ceiling"] >= 0.8 else "NO"),
-                          f"{r['rate_shm']:.0f} ({r['rate_shm'] / r['stage_rate']:.0%})"
-                          if client == "stream" else "",
                           " + ".join(f"{c * 1e3:.2f}" for c in cpu[:-1])
                           + f" + {cpu[-1] * 1e3:.2f}")
     console.print(table)
@@ -510,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=18001)
     parser.add_argument("--codec", default="raw",
                         help="wire codec on every link (raw, fp16, int8, ...+zstd)")
-    parser.add_argument("--link", default="tcp,grpc",
-                        help="tier-to-tier links to compare, side by side (tcp, grpc or both)")
+    parser.add_argument("--link", default="tcp",
+                        help="tier-to-tier links to compare, side by side (tcp; grpc, gRPC "
+                        "streams, was removed: left out with a warning)")
     parser.add_argument("--run", choices=("auto", "inline", "thread", "alone"), default="auto",
                         help="wpk-serve --run for every tier (where slices run)")
     parser.add_argument("--cpu-latency-us", type=int, metavar="US",
@@ -529,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     links = [k.strip() for k in args.link.split(",") if k.strip()]
     if not links or any(k not in ("tcp", "grpc") for k in links):
-        parser.error(f"--link {args.link!r}: expected tcp, grpc or tcp,grpc")
+        parser.error(f"--link {args.link!r}: expected tcp")
+    if "grpc" in links:
+        console.print("warning: --link grpc: gRPC streams between tiers were removed; "
+                      "measuring the tensor link (tcp)")
+        links = ["tcp"]
     if args.cpu_latency_us is not None:
         try:
             CpuLatencyLimit(args.cpu_latency_us).close()

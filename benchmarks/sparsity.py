@@ -10,6 +10,9 @@ the same for both).
 
     PYTHONPATH=. python benchmarks/sparsity.py [--rounds 8] [--markdown FILE]
         [--end-to-end resnet50 [--ratio 0.75]]   (needs the CPU build of torch)
+        [--isa portable]   (the build without AVX-512, `portable_simd.py`: GEMMs only,
+                            compiled for `ort_ops.portable_target()`, x86-64-v3 on AVX2 CPUs;
+                            ONNX Runtime's side keeps its own best kernels for this CPU)
 """
 from __future__ import annotations
 
@@ -94,14 +97,15 @@ def gemm_model(m: int, k: int, n: int, weight: np.ndarray) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-def sessions(model: onnx.ModelProto, work: Path, threads: int):
-    """(ONNX Runtime's dense session, the session with wpk's kernel, kept work share)."""
+def sessions(model: onnx.ModelProto, work: Path, threads: int, isa: str = "avx512"):
+    """(ONNX Runtime's dense session, the session with wpk's kernel in build `isa`, kept
+    work share)."""
     onnx.save(model, str(work / "m.onnx"))
     passes.ort_offline_optimize(work / "m.onnx", work / "m.ort.onnx")
     offline = onnx.load(str(work / "m.ort.onnx"))
     sites = ort_ops.direct_sites(offline, model, threads=threads) or \
         ort_ops.gemm_sites(offline, model, threads=threads)
-    library = ort_ops.build_library([ort_ops.op_kernel(sites[0], 0)])
+    library = ort_ops.build_library([ort_ops.op_kernel(sites[0], 0, isa)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     dense = ort.InferenceSession(offline.SerializeToString(), options,
@@ -118,7 +122,8 @@ def sessions(model: onnx.ModelProto, work: Path, threads: int):
     return dense, ours, kept
 
 
-def measure_layer(layer, pattern, rounds: int, threads: int, work: Path) -> dict:
+def measure_layer(layer, pattern, rounds: int, threads: int, work: Path,
+                  isa: str = "avx512") -> dict:
     rng = np.random.default_rng(0)
     if len(layer) == 4:                      # a GEMM
         label, m, c, k = layer
@@ -128,7 +133,7 @@ def measure_layer(layer, pattern, rounds: int, threads: int, work: Path) -> dict
         label, c, k, side, kernel, stride = layer
         weight = pruned_weight((k, c, kernel, kernel), pattern, rng)
         model, x_shape = conv_model(c, k, side, kernel, stride, weight), (1, c, side, side)
-    dense, ours, kept = sessions(model, work, threads)
+    dense, ours, kept = sessions(model, work, threads, isa)
     feed = {"X": rng.standard_normal(x_shape).astype(np.float32)}
     expected, got = dense.run(None, feed)[0], ours.run(None, feed)[0]
     error = float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
@@ -196,19 +201,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=200.0, help="wpk-optimize's budget")
     parser.add_argument("--e2e-runs", type=int, default=3)
     parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--isa", choices=ort_ops.ISAS, default="avx512",
+                        help="the kernels' build; portable: GEMMs only (no AVX-512 needed)")
     args = parser.parse_args()
-    if not ort_ops.runs_here()[0]:
-        raise SystemExit(f"sparsity benchmark: {ort_ops.runs_here()[1]}")
+    ok, why = ort_ops.runs_here() if args.isa == "avx512" else ort_ops.portable_runs_here()
+    if not ok:
+        raise SystemExit(f"sparsity benchmark: {why}")
     console = make_console()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for layer in LAYERS + GEMMS:
+        for layer in (LAYERS if args.isa == "avx512" else []) + GEMMS:
             if args.skip_layers or args.layers and not any(s in layer[0] for s in args.layers):
                 continue
             for name, pattern in PATTERNS:
                 if args.patterns and name not in args.patterns:
                     continue
-                row = measure_layer(layer, pattern, args.rounds, args.threads, Path(tmp))
+                row = measure_layer(layer, pattern, args.rounds, args.threads, Path(tmp),
+                                    args.isa)
                 row["pattern"] = name
                 rows.append(row)
                 console.print(f"{row['layer']:<20} {name:<9} kept {row['kept']:4.0%}  "
@@ -216,6 +225,8 @@ def main() -> None:
                               f"{row['speedup']:.2f}x [{row['low']:.2f}-{row['high']:.2f}]")
         e2e_rows = [end_to_end(name, args.ratio, Path(tmp), args) for name in args.end_to_end]
     header = f"{hardware_id()}, {args.threads} threads, {args.rounds} interleaved rounds"
+    if args.isa == "portable":
+        header += f", wpk's portable build for {ort_ops.portable_target()}"
     text = markdown(rows, header) if rows else header + "\n"
     for e2e in e2e_rows:
         text += (f"\nEnd to end: {e2e['model']} pruned tile-wise to {e2e['ratio']:.0%} by "

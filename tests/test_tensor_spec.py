@@ -66,3 +66,24 @@ def test_free_dimensions_fit_any_size_and_json_keeps_its_order():
                                                     ((0, 3), 9, (3, 3))])
 def test_concrete_shape_solves_one_free_dimension(shape, count, concrete):
     assert TensorSpec("x", shape, "float32").concrete_shape(count) == concrete
+
+
+def test_from_ort_reads_nodearg_fields_free_dimensions_as_minus_one():
+    spec = TensorSpec.from_ort("x", ["batch", None, 3, 0], "tensor(float)")
+    assert spec == TensorSpec("x", (-1, -1, 3, 0), "float32")
+    assert spec.type == spec.ort_type == "tensor(float)"
+    assert spec.fits((5, 7, 3, 2)) and not spec.fits((5, 7, 4, 2))
+
+
+def test_from_ort_reads_an_ort_session_s_inputs():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["out"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    arg = session.get_inputs()[0]
+    assert TensorSpec.from_ort(arg.name, arg.shape, arg.type) == TensorSpec("ids", (-1, 4), "int64")

@@ -7,6 +7,10 @@ import time, so that a test or a caller can set it late).
                         under XDG_CACHE_HOME: where existing logs are)
     WPK_KERNEL_CACHE    where generated kernels are compiled (default $TMPDIR/wpk-kernels)
     CC                  the C compiler for generated kernels (default gcc)
+    WPK_KERNEL_ISA      the build of custom-operator libraries: auto (default: AVX-512 where
+                        the CPU has it, else the portable build), avx512 or portable (the
+                        portable build, GEMMs only, even on AVX-512 machines: tests,
+                        benchmarks)
     WPK_POOL_SPIN_US    how long a kernel pool worker spins before sleeping, µs (default 25)
     WPK_POOL_PIN        1: pin kernel pool worker i to logical CPU i + 1 (default 0)
     WPK_MQTT_PASSWORD   wpk-bridge's broker password when the command line gives none
@@ -52,6 +56,17 @@ def kernel_cache() -> Path:
 
 def c_compiler() -> str:
     return _text("CC", "gcc")
+
+
+KERNEL_ISAS = ("auto", "avx512", "portable")
+
+
+def kernel_isa() -> str:
+    value = _text("WPK_KERNEL_ISA", "auto").strip().lower()
+    if value not in KERNEL_ISAS:
+        raise WpkError(f"environment variable WPK_KERNEL_ISA={value!r}: expected one of "
+                       f"{', '.join(KERNEL_ISAS)}")
+    return value
 
 
 def pool_spin_us() -> int:

@@ -4,6 +4,12 @@ slice or a link takes and gives.
 `dtype` is a numpy dtype name ("float32"); `kserve_datatype` is the Open Inference Protocol
 name ("FP32") and `ort_type` ONNX Runtime's ("tensor(float)"). A dimension below 1 means
 "any size" (`fits` accepts every size there).
+
+ONNX Runtime's face: `from_ort` reads a NodeArg's name, shape and type text, and `type` is
+`ort_type` under NodeArg's name, so that code written against ORT's get_inputs() (`i.name`,
+`i.type`, `i.shape`) reads TensorSpecs too: optimized sessions (`wpk.optimizer.load`) and
+calibration return them. One difference from ORT: a free dimension is -1, where ORT gives None
+or the dimension's name.
 """
 from __future__ import annotations
 
@@ -80,6 +86,13 @@ class TensorSpec:
         """From Open Inference Protocol metadata ("FP32"); ValueError for unknown datatypes."""
         return cls(name, tuple(shape), numpy_dtype_of(datatype).name)
 
+    @classmethod
+    def from_ort(cls, name: str, shape: Iterable[Any], type_text: str) -> "TensorSpec":
+        """From ONNX Runtime's NodeArg fields: `shape` holds ints, None or dimension names (a
+        free dimension, which becomes -1); `type_text` is "tensor(float)" and the like."""
+        return cls(name, tuple(d if isinstance(d, (int, np.integer)) else -1 for d in shape),
+                   numpy_dtype_of_ort(type_text).name)
+
     @cached_property  # (kept beside the fields; not part of equality or the JSON form)
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
@@ -93,6 +106,11 @@ class TensorSpec:
     def ort_type(self) -> str:
         """ONNX Runtime's type string, as InferenceSession.get_inputs()[i].type gives it."""
         return ort_type_of(self.dtype)
+
+    @property
+    def type(self) -> str:
+        """`ort_type` under ONNX Runtime's NodeArg name for it."""
+        return self.ort_type
 
     @property
     def nbytes(self) -> int:

@@ -12,8 +12,9 @@ import pytest
 
 from wpk.errors import WpkError
 from wpk.optimizer import calibration, pipeline
+from wpk.tensor_spec import TensorSpec
 
-IMAGE = ("image", [1, 3, 19, 17], np.dtype(np.float32))
+IMAGE = TensorSpec("image", (1, 3, 19, 17), "float32")
 
 
 def _real_images(count, seed=0):
@@ -44,7 +45,8 @@ def test_samples_from_either_layout_and_the_held_out_split(tmp_path):
     assert (len(small.calibration), len(small.guard), small.held_out) == (4, 4, False)
     # a symbolic batch dimension takes rows too
     symbolic = calibration.to_samples({"x": np.zeros((6, 4), np.int64)},
-                                      [("x", ["batch", 4], np.dtype(np.int64))], "d")
+                                      [TensorSpec.from_ort("x", ["batch", 4], "tensor(int64)")],
+                                      "d")
     assert len(symbolic) == 6 and symbolic[0]["x"].shape == (1, 4)
 
 
@@ -88,7 +90,7 @@ def test_bad_arrays_name_file_and_tensor(arrays, message, tmp_path):
 def test_float_data_for_an_integer_input_is_rejected(tmp_path):
     with pytest.raises(WpkError, match="array 'ids' is float32, input 'ids' is int64"):
         calibration.to_samples({"ids": np.zeros((2, 4), np.float32)},
-                               [("ids", [1, 4], np.dtype(np.int64))], "ids.npz")
+                               [TensorSpec("ids", (1, 4), "int64")], "ids.npz")
 
 
 def test_unreadable_files(tmp_path):
@@ -264,22 +266,22 @@ def test_a_directory_ignores_other_files_and_arrays(tmp_path):
 def test_values_a_cast_would_change_are_refused(array, spec, message):
     """NaN poisons int8 ranges and makes every candidate's accuracy NaN (all rejected, the
     default shipped without a word); out-of-range integers wrap around silently."""
-    name, shape, dtype = spec
+    spec = TensorSpec.of(*spec)
     with pytest.raises(WpkError) as error:
-        calibration.to_samples({name: array}, [(name, shape, np.dtype(dtype))], "d.npz")
+        calibration.to_samples({spec.name: array}, [spec], "d.npz")
     assert str(error.value).startswith("d.npz: ") and message in str(error.value)
     with pytest.raises(WpkError, match="sample 0"):
-        calibration.load([{name: array}], [(name, shape, np.dtype(dtype))])
+        calibration.load([{spec.name: array}], [spec])
 
 
 def test_integers_cast_across_signedness_when_they_fit():
     samples = calibration.to_samples({"ids": np.array([[1, 255]])},
-                                     [("ids", [1, 2], np.dtype(np.uint8))], "d.npz")
+                                     [TensorSpec("ids", (1, 2), "uint8")], "d.npz")
     assert samples[0]["ids"].dtype == np.uint8 and samples[0]["ids"].tolist() == [[1, 255]]
     with pytest.raises(WpkError, match="calibration feeds \\(sample 0\\): array 'ids' is "
                                        "float32, input 'ids' is int64"):
         calibration.load([{"ids": np.zeros((1, 4), np.float32)}],
-                         [("ids", [1, 4], np.dtype(np.int64))])
+                         [TensorSpec("ids", (1, 4), "int64")])
 
 
 def test_plan_slices_that_do_not_fit_the_data_name_the_tier(small_cnn, tmp_path):

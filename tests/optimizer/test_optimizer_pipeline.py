@@ -299,3 +299,62 @@ def test_the_per_operator_table_shows_a_fused_sites_first_node_and_its_size():
     shown = short_node_name(fused)
     assert len(shown) < 60 and shown.endswith("block.0.0/Conv_output_0_nchwc (+3)")
     assert short_node_name("/layer1/Conv") == "/layer1/Conv"
+
+
+def _two_input_model():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "ids_f"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_optimized_session_inputs_and_outputs_are_tensor_specs(tmp_path):
+    from wpk.optimizer.session import DEFAULT_SESSION
+    from wpk.tensor_spec import TensorSpec
+
+    model = _two_input_model()
+    io = pipeline._SliceIO("two", "here", *pipeline._io(model))
+    pipeline._write_single(tmp_path / "opt", io, model, dict(DEFAULT_SESSION), "fp32",
+                           offline=False)
+    session = wpk.optimizer.load(tmp_path / "opt")
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    assert inputs == [TensorSpec("x", (-1, 4), "float32"), TensorSpec("ids", (-1, 4), "int64")]
+    assert outputs == [TensorSpec("y", (-1, 4), "float32")]
+    assert all(isinstance(t, TensorSpec) for t in inputs + outputs)
+    # ORT's NodeArg face: the same names and type texts as ONNX Runtime's own session
+    plain = _session(model)
+    assert [(i.name, i.type) for i in inputs] == [(i.name, i.type) for i in plain.get_inputs()]
+    feeds = {"x": np.ones((2, 4), np.float32), "ids": np.arange(8).reshape(2, 4)}
+    np.testing.assert_array_equal(session.run(None, feeds)[0], plain.run(None, feeds)[0])
+
+
+def test_manifest_tensors_in_the_old_form_still_load(tmp_path):
+    """optimized.json keeps ONNX Runtime's NodeArg fields as they always were: shapes with
+    dimension names and None, type text, and (earliest manifests) no type for float."""
+    from wpk.optimizer.executor import tensor_specs
+    from wpk.optimizer.session import DEFAULT_SESSION
+    from wpk.tensor_spec import TensorSpec
+
+    old = [{"name": "x", "shape": ["batch", 4], "type": "tensor(float)"},
+           {"name": "ids", "shape": [None, 4], "type": "tensor(int64)"},
+           {"name": "z", "shape": [1, 3]}]
+    assert tensor_specs(old) == [TensorSpec("x", (-1, 4), "float32"),
+                                 TensorSpec("ids", (-1, 4), "int64"),
+                                 TensorSpec("z", (1, 3), "float32")]
+    model = _two_input_model()
+    io = pipeline._SliceIO("two", "here", *pipeline._io(model))
+    directory = pipeline._write_single(tmp_path / "opt", io, model, dict(DEFAULT_SESSION),
+                                       "fp32", offline=False)
+    manifest = json.loads((directory / "optimized.json").read_text())
+    assert manifest["inputs"] == old[:2]          # the format on disk is unchanged
+    manifest["outputs"] = [{"name": "y", "shape": ["batch", 4]}]   # no type: float
+    (directory / "optimized.json").write_text(json.dumps(manifest))
+    assert wpk.optimizer.load(directory).get_outputs() == [TensorSpec("y", (-1, 4), "float32")]

@@ -53,6 +53,50 @@ def fake_tier(servicer, workers: int = 2):
     return server, address
 
 
+class GrpcOnly:
+    """Another KServe v2 server in front of a tier (as Triton would be): it forwards what it
+    is asked and advertises no tensor link, so tiers and clients reach it over gRPC."""
+
+    def __init__(self, target: str):
+        import grpc
+
+        from wpk.runtime import protocol as pb
+        from wpk.runtime.client import channel_options
+
+        self.pb = pb
+        self.channel = grpc.insecure_channel(target, options=channel_options())
+        self.stub = pb.Stub(self.channel)
+        self.server, self.address = fake_tier(self, workers=8)
+
+    def ServerMetadata(self, request, context):
+        return self.pb.ServerMetadataResponse(name="grpc only")   # no wpk-tensor-link:PORT
+
+    def ModelInfer(self, request, context):
+        import grpc
+
+        from wpk.runtime.zero_copy_messages import Received
+
+        if isinstance(request, Received):   # raw contents as received: put them back
+            whole = self.pb.ModelInferRequest()
+            whole.CopyFrom(request.message)
+            whole.raw_input_contents.extend(bytes(b) for b in request.raw_input_contents)
+            request = whole
+        try:
+            return self.stub.ModelInfer(request, timeout=context.time_remaining())
+        except grpc.RpcError as error:
+            context.abort(error.code(), error.details())
+
+    def _forwarded(method: str):
+        return lambda self, request, context: getattr(self.stub, method)(request, timeout=5)
+
+    ServerLive, ServerReady = _forwarded("ServerLive"), _forwarded("ServerReady")
+    ModelReady, ModelMetadata = _forwarded("ModelReady"), _forwarded("ModelMetadata")
+
+    def close(self):
+        self.server.stop(0)
+        self.channel.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,9 +109,11 @@ class Pipeline:
     def __init__(self, plan_dir: Path, *, hop_timeout: float = 5.0,
                  next_override: dict[str, str] | None = None, metrics: bool = False,
                  link: str | dict[str, str] = "tcp", tls_dir: Path | None = None,
-                 run: str = "auto", batching: dict | None = None):
+                 run: str = "auto", batching: dict | None = None,
+                 grpc_only: tuple[str, ...] = ()):
         """`link`: every tier's `--link`, or one per tier name (tcp where not named);
-        `run`: every tier's `--run`; `batching`: a BatchPolicy by tier name."""
+        `run`: every tier's `--run`; `batching`: a BatchPolicy by tier name; `grpc_only`:
+        tiers the previous tier reaches through a `GrpcOnly` server (no tensor link)."""
         self.plan_dir = plan_dir
         self.plan = load_plan(plan_dir)
         self.loop = asyncio.new_event_loop()
@@ -82,7 +128,8 @@ class Pipeline:
         self.run = run
         self.batching = batching or {}
         self.services: dict[str, object] = {}   # tier -> its TierCore (to look inside)
-        self.link_servers: dict[str, object] = {}   # tier -> its LinkServer (None: --link grpc)
+        self.link_servers: dict[str, object] = {}   # tier -> its LinkServer (None: TLS)
+        self.grpc_only = {tier: None for tier in grpc_only}   # tier -> its GrpcOnly
         self._run(self._start(hop_timeout, next_override or {}, metrics))
 
     def _run(self, coroutine, timeout: float = 60):
@@ -112,6 +159,9 @@ class Pipeline:
                 self.metrics_url[tier.name] = lines[0].split(" metrics ")[1].split()[0]
             self._stops[tier.name], self._tasks[tier.name] = stop, task
             next_address = self.address[tier.name]
+            if tier.name in self.grpc_only:
+                self.grpc_only[tier.name] = GrpcOnly(next_address)
+                next_address = self.grpc_only[tier.name].address
 
     @property
     def entry(self) -> str:
@@ -128,6 +178,8 @@ class Pipeline:
         self._run(self._stop([tier]))
 
     def close(self) -> None:
+        for proxy in self.grpc_only.values():
+            proxy.close()
         self._run(self._stop(list(self._tasks)))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from wpk.errors import WpkError
 from wpk.runtime.batching import Batcher, BatchPolicy, batchable, check_batched
 
-from .conftest import Pipeline
-from .test_pipeline import triton_infer
+from .conftest import Pipeline, reference
+from .test_pipeline import model_feeds, triton_infer
 
 
 class Expired(Exception):
@@ -164,6 +164,35 @@ def test_tier_batches_concurrent_callers_over_grpc(plans):
         assert "Deadline" in str(info.value) or "DEADLINE" in str(info.value.status())
         time.sleep(0.3)
         assert service.metrics.batch_rows == before
+    finally:
+        pipeline.close()
+
+
+def test_a_tier_batches_what_the_tier_before_sends_over_one_tensor_link(plans):
+    """The edge tier batches requests that reach it from the device tier, all over one
+    tensor-link connection: twelve callers of the whole pipeline each get the whole model's
+    answer on their own input, in fewer edge runs than requests."""
+    plan_dir = plans["resnet"]
+    pipeline = Pipeline(plan_dir, batching={"edge": BatchPolicy(8, 0.2)})
+    try:
+        edge = pipeline.services["edge"]
+        feeds = [model_feeds(plan_dir, seed) for seed in range(12)]
+        results: dict[int, object] = {}
+
+        def call(index: int) -> None:
+            results[index] = triton_infer(pipeline.entry, pipeline.plan.name, feeds[index])
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(results) == list(range(12))
+        for index, feed in enumerate(feeds):
+            for name, want in reference(plan_dir, feed).items():
+                np.testing.assert_allclose(results[index].as_numpy(name), want, rtol=1e-4,
+                                           atol=1e-5)
+        assert edge.metrics.batch_rows == 12
+        assert edge.metrics.batches < 12
     finally:
         pipeline.close()
 

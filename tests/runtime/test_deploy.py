@@ -17,17 +17,16 @@ from wpk.deploy.local import LocalDeployment
 from wpk.errors import WpkError
 
 
-@pytest.mark.parametrize("link", ["tcp", "grpc"])
-def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans, link):
+def test_local_deployment_serves_and_a_killed_tier_gives_unavailable(plans):
     port = free_port()
-    with LocalDeployment(plans["mlp"], port=port, threads=1, link=link) as deployment:
+    with LocalDeployment(plans["mlp"], port=port, threads=1) as deployment:
         edge = triton.InferenceServerClient(deployment.tiers[1].address)
         extensions = edge.get_server_metadata().extensions
-        # the tensor link advertises its port; gRPC links have none
-        assert any(e.startswith("wpk-tensor-link:") for e in extensions) == (link == "tcp")
+        # the tensor link advertises its port
+        assert any(e.startswith("wpk-tensor-link:") for e in extensions)
         assert deployment.entry == f"127.0.0.1:{port}"
         # every tier's tensor link is on its ready line, the entry tier's included
-        assert all((t.link_address is not None) == (link == "tcp") for t in deployment.tiers)
+        assert all(t.link_address is not None for t in deployment.tiers)
         assert [t.tier for t in deployment.tiers] == ["device", "edge", "cloud"]
         assert deployment.tiers[0].models == ("mlp", "mlp.device")
         feeds = model_feeds(plans["mlp"])
@@ -82,9 +81,11 @@ def test_wpk_deploy_max_batch_reaches_every_tier(plans):
 
 
 def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
+    """(`--link grpc`, a removed transport, is one warning line and the tensor link.)"""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "wpk.deploy.cli", str(plans["mlp"]),
-                                "--local", "--port", str(port), "--threads", "1"],
+                                "--local", "--port", str(port), "--threads", "1",
+                                "--link", "grpc"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -95,10 +96,14 @@ def test_wpk_deploy_prints_endpoints_and_stops_all_on_sigterm(plans):
         assert f"entry: 127.0.0.1:{port} (model 'mlp')" in "".join(lines)
         pids = [int(cells[5]) for cells in deploy_table(lines).values()]
         assert len(pids) == 3
+        assert all(cells[3] != "-" for cells in deploy_table(lines).values())  # tensor links
         feeds = model_feeds(plans["mlp"])
         triton_infer(f"127.0.0.1:{port}", "mlp", feeds)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
+        warned = [line for line in process.stderr.read().splitlines() if "--link grpc" in line]
+        assert len(warned) == 1 and warned[0].startswith("wpk: warning: --link grpc: gRPC "
+                                                         "streams between tiers were removed")
         time.sleep(0.2)
         for pid in pids:
             with pytest.raises(ProcessLookupError):

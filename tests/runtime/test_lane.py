@@ -23,7 +23,7 @@ from wpk.runtime.link_frames import (HEADER, LANE_REQUEST, REQUEST, Frame, Frame
 from wpk.runtime.lane import LANE_MIN_BYTES, LANE_SLOTS, LaneReader, LaneWriter
 from wpk.runtime.link_client import LinkClient
 from wpk.runtime.link_server import LinkServer
-from wpk.runtime.tensor_link import Expiry, LinkConnection, LoopConnection
+from wpk.runtime.tensor_link import Expiry, LinkConnection
 
 
 def lane_files() -> set[str]:
@@ -60,16 +60,14 @@ def burst(connection, loop, count: int):
     return asyncio.gather(*(one(i) for i in range(count)))
 
 
-@pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_large_payloads_go_through_the_lane_and_come_back_right(kind):
+def test_large_payloads_go_through_the_lane_and_come_back_right():
     before = lane_files()
     doubler = Doubler()
 
     async def scenario():
         loop = asyncio.get_running_loop()
         sock = socket.create_connection(("127.0.0.1", doubler.server.port))
-        connection = LoopConnection(sock, loop, lanes=True) if kind == "loop" else \
-            LinkConnection(sock, Expiry(), lanes=True)
+        connection = LinkConnection(sock, Expiry(), lanes=True)
         first = await burst(connection, loop, 1)      # inline: it opens the lane
         answers = [first, *[await burst(connection, loop, 4 * LANE_SLOTS)
                             for _ in range(3)]]        # more in flight than slots
@@ -199,15 +197,15 @@ def test_a_pipeline_with_large_cut_tensors_uses_lanes_and_matches_the_model(tmp_
                     for name, value in reference(plan, feeds).items():
                         np.testing.assert_allclose(answer[name], value, rtol=1e-5, atol=1e-6)
                 return client._tcp_link.connection.lane, \
-                    pipeline.services["device"].link.connections[True].lane
+                    pipeline.services["device"].link.connection.lane
 
-        client_lane, entry_thread_lane = asyncio.run(over_the_entry_link())
+        client_lane, entry_lane = asyncio.run(over_the_entry_link())
     finally:
         pipeline.close()
     forwarded = [t.forward for t in pipeline.plan.tiers[:2]]
     assert all(lane is not None and lane.placed >= 5 for lane in lanes), forwarded
     assert client_lane is not None and client_lane.placed >= 5
-    assert entry_thread_lane is not None and entry_thread_lane.placed >= 5
+    assert entry_lane is not None and entry_lane.placed >= 5
     assert lane_files() <= before
     assert os.path.isdir("/dev/shm")
 

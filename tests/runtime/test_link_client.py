@@ -54,12 +54,12 @@ def test_entry_tier_advertises_its_tensor_link(dag_pipeline):
 def test_many_requests_over_the_entry_link_match_the_whole_model(dag_pipeline, plans):
     """48 requests in flight at once over the tensor link, interleaved with gRPC requests:
     each gets its own answer (the dag has model outputs on every tier). The entry tier
-    forwards link requests on a threaded connection, gRPC ones on its loop's."""
+    forwards both on its one connection to the next tier."""
     feeds = [model_feeds(plans["dag"], seed=200 + i) for i in range(48)]
 
     async def run_all():
         async with LinkClient(dag_pipeline.entry, timeout=30) as client, \
-                InferenceClient(dag_pipeline.entry, stream=True, timeout=30) as grpc_client:
+                InferenceClient(dag_pipeline.entry, timeout=30) as grpc_client:
             calls = [(client if i % 3 else grpc_client).infer(DAG, f)
                      for i, f in enumerate(feeds)]
             return await asyncio.gather(*calls), client.transport
@@ -70,9 +70,7 @@ def test_many_requests_over_the_entry_link_match_the_whole_model(dag_pipeline, p
         want = reference(plans["dag"], feed)
         check(answer, want)
         assert list(answer) == list(want)     # the model's output order, as over gRPC
-    connections = dag_pipeline.services["device"].link.connections
-    assert connections[True].threaded and not connections[False].threaded
-    assert connections[True].error is None and connections[False].error is None
+    assert dag_pipeline.services["device"].link.connection.error is None
 
 
 def test_a_slice_model_answers_as_over_grpc(dag_pipeline, plans):
@@ -147,19 +145,48 @@ def test_requested_outputs_only(dag_pipeline, plans):
 
 
 def test_no_tensor_link_at_the_entry_falls_back_to_grpc(plans):
-    pipeline = Pipeline(plans["mlp"], link="grpc")
+    """Another KServe server in front of the entry tier: ModelInfer calls."""
+    from .conftest import GrpcOnly
+
+    pipeline = Pipeline(plans["mlp"])
+    front = GrpcOnly(pipeline.entry)
     try:
         feeds = model_feeds(plans["mlp"])
 
         async def one():
-            async with LinkClient(pipeline.entry, timeout=10) as client:
+            async with LinkClient(front.address, timeout=10) as client:
                 return await client.infer("mlp", feeds), client.transport
 
         answer, transport = asyncio.run(one())
         assert transport == "grpc"
         check(answer, reference(plans["mlp"], feeds))
     finally:
+        front.close()
         pipeline.close()
+
+
+def test_stream_true_names_a_removed_transport_and_means_the_tensor_link(dag_pipeline, plans):
+    """InferenceClient(stream=True) (gRPC streams, removed from the client): one warning,
+    then the tensor link; a request with parameters or an id goes as a ModelInfer call, which
+    carries them (a slice model run as a pipeline, as `wpk_pipeline` says)."""
+    feeds = model_feeds(plans["dag"], seed=5)
+
+    async def calls():
+        with pytest.warns(UserWarning, match=r"stream=True\): gRPC streams were removed"):
+            client = InferenceClient(dag_pipeline.entry, stream=True, timeout=10)
+        async with client:
+            answer = await client.infer(DAG, feeds)
+            transport = client.transport
+            slice_name = f"{DAG}.device"
+            alone = await client.infer(slice_name, feeds)
+            whole = await client.infer(slice_name, feeds, parameters={"wpk_pipeline": True},
+                                       request_id="7")
+            return answer, transport, alone, whole
+
+    answer, transport, alone, whole = asyncio.run(calls())
+    assert transport == "tcp"
+    check(answer, reference(plans["dag"], feeds))
+    assert set(whole) != set(alone)     # the parameter reached the tier: the pipeline ran
 
 
 def test_stopped_downstream_tier_is_unavailable_naming_it_and_deadlines_hold(plans):
@@ -232,7 +259,7 @@ def test_a_client_that_stops_reading_holds_up_only_itself(tmp_path, monkeypatch)
 
         async def others():
             async with LinkClient(pipeline.entry, timeout=20) as link_client, \
-                    InferenceClient(pipeline.entry, stream=True, timeout=20) as grpc_client:
+                    InferenceClient(pipeline.entry, timeout=20) as grpc_client:
                 slowest = 0.0
                 for _ in range(30):
                     for client in (link_client, grpc_client):
@@ -282,19 +309,16 @@ def test_requests_waiting_for_a_slow_connect_keep_their_own_deadline():
         server.stop(0)
 
 
-def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans):
-    """The entry tier's threaded dial fails (gRPC for a while); the recheck must dial the
-    threaded kind again, not replace the open loop-driven connection."""
+def test_a_failed_dial_falls_back_to_grpc_and_the_recheck_dials_again(plans):
+    """The entry tier's dial fails (gRPC for a while); once the retry time has come, a
+    recheck dials again and requests go back to the tensor link."""
     pipeline = Pipeline(plans["mlp"])
     try:
         feeds = model_feeds(plans["mlp"])
         link = pipeline.services["device"].link
 
         async def scenario():
-            async with InferenceClient(pipeline.entry, timeout=10, stream=True) as grpc_client, \
-                    LinkClient(pipeline.entry, timeout=10) as client:
-                await grpc_client.infer("mlp", feeds)        # the loop-driven kind opens
-                loop_connection = link.connections[False]
+            async with LinkClient(pipeline.entry, timeout=10) as client:
                 real_dial, failures = link._dial, [None, None]
 
                 async def dial(port, timeout):               # two dials time out
@@ -305,19 +329,18 @@ def test_a_recheck_redials_the_kind_that_failed_and_keeps_open_connections(plans
 
                 link._dial = dial
                 await client.infer("mlp", feeds)             # over gRPC: the dial failed
-                assert link.fallback_until and link.connections[True] is None
+                assert link.fallback_until and link.connection is None
                 link.fallback_until = time.monotonic() - 1   # as if 30 s had passed
                 await client.infer("mlp", feeds)             # starts the recheck
                 deadline = time.monotonic() + 15
-                while link.connections[True] is None and time.monotonic() < deadline:
+                while link.connection is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 await client.infer("mlp", feeds)
-                return loop_connection, client.transport
+                return client.transport
 
-        loop_connection, transport = asyncio.run(scenario())
-        assert link.connections[False] is loop_connection and loop_connection.error is None
-        assert link.connections[True] is not None and link.connections[True].error is None
-        assert transport == "tcp"
+        transport = asyncio.run(scenario())
+        assert link.connection is not None and link.connection.error is None
+        assert not link.fallback_until and transport == "tcp"
     finally:
         pipeline.close()
 
@@ -335,7 +358,7 @@ def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
 
         async def requests():
             async with LinkClient(pipeline.entry, timeout=10) as client, \
-                    InferenceClient(pipeline.entry, stream=True, timeout=10) as grpc_client:
+                    InferenceClient(pipeline.entry, timeout=10) as grpc_client:
                 answers = await asyncio.gather(*(client.infer("mlp", feeds) for _ in range(4)),
                                                grpc_client.infer("mlp", feeds))
                 return answers, client.transport

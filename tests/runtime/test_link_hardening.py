@@ -21,7 +21,7 @@ from wpk.runtime.link_frames import (ANSWER, HEADER, MAGIC, REQUEST, FrameError,
 from wpk.runtime.status import TierError
 from wpk.runtime.shared_memory import SharedMemoryRegistry
 from wpk.runtime.link_server import LinkServer
-from wpk.runtime.tensor_link import Expiry, LinkConnection, LoopConnection
+from wpk.runtime.tensor_link import Expiry, LinkConnection
 from wpk.runtime.tensors import TensorError
 
 
@@ -101,16 +101,14 @@ def frame_bytes(parts) -> bytes:
     return b"".join(bytes(memoryview(p)) for p in parts)
 
 
-def run_requests(kind: str, port: int, count: int, timeout: float = 5.0,
-                 done_hook=None) -> list:
-    """Send `count` requests over a `kind` connection; their outcomes in order (None: no
-    outcome within 3 s, i.e. the request hangs)."""
+def run_requests(port: int, count: int, timeout: float = 5.0, done_hook=None) -> list:
+    """Send `count` requests over a connection; their outcomes in order (None: no outcome
+    within 3 s, i.e. the request hangs)."""
 
     async def scenario():
         loop = asyncio.get_running_loop()
         sock = socket.create_connection(("127.0.0.1", port))
-        connection = LoopConnection(sock, loop) if kind == "loop" else \
-            LinkConnection(sock, Expiry())
+        connection = LinkConnection(sock, Expiry())
         outcomes = []
         for i in range(count):
             future = loop.create_future()
@@ -136,8 +134,7 @@ def run_requests(kind: str, port: int, count: int, timeout: float = 5.0,
     return asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_an_answer_whose_descriptors_are_not_tensors_fails_only_its_request(kind):
+def test_an_answer_whose_descriptors_are_not_tensors_fails_only_its_request():
     def answers(frame):
         if frame.request_id == 1:   # valid JSON, sizes add up, but the shape is no shape
             return [raw_frame(ANSWER, 1, {"t": [["a", "FP64", "xy", "raw", 0, 0]]}, 0)]
@@ -145,7 +142,7 @@ def test_an_answer_whose_descriptors_are_not_tensors_fails_only_its_request(kind
 
     tier = FakeTier(answers)
     try:
-        first, second = run_requests(kind, tier.port, 2)
+        first, second = run_requests(tier.port, 2)
     finally:
         tier.close()
     assert isinstance(first, TierError) and first.code == grpc.StatusCode.INTERNAL
@@ -153,12 +150,11 @@ def test_an_answer_whose_descriptors_are_not_tensors_fails_only_its_request(kind
     np.testing.assert_array_equal(second["a"], np.full(3, 1.0))
 
 
-@pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_a_request_frame_coming_back_fails_the_pending_request_once(kind):
+def test_a_request_frame_coming_back_fails_the_pending_request_once():
     tier = FakeTier(lambda frame: [raw_frame(REQUEST, frame.request_id, {"m": "x", "t": []},
                                              0)])
     try:
-        first, second = run_requests(kind, tier.port, 2)
+        first, second = run_requests(tier.port, 2)
     finally:
         tier.close()
     assert isinstance(first, TierError) and first.code == grpc.StatusCode.UNAVAILABLE
@@ -166,8 +162,7 @@ def test_a_request_frame_coming_back_fails_the_pending_request_once(kind):
     assert isinstance(second, TierError) and second.code == grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_a_callback_that_raises_does_not_stop_the_other_answers(kind, capfd):
+def test_a_callback_that_raises_does_not_stop_the_other_answers(capfd):
     tier = FakeTier(lambda frame: [frame_bytes(encode(ANSWER, frame.request_id,
                                                       frame.arrays("m")))])
 
@@ -176,7 +171,7 @@ def test_a_callback_that_raises_does_not_stop_the_other_answers(kind, capfd):
             raise RuntimeError("caller's loop is closed")
 
     try:
-        first, second = run_requests(kind, tier.port, 2, done_hook=hook)
+        first, second = run_requests(tier.port, 2, done_hook=hook)
     finally:
         tier.close()
     np.testing.assert_array_equal(first["a"], np.zeros(3))
@@ -292,8 +287,7 @@ def test_the_expiry_heap_does_not_grow_behind_a_hung_request():
         expiry.close()
 
 
-@pytest.mark.parametrize("kind", ["thread", "loop"])
-def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once(kind):
+def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once():
     """The downstream reads 50 requests, answers 10 of them, then drops the connection:
     10 answers, 40 UNAVAILABLE, each request's callback once, none left waiting."""
     seen = []
@@ -313,8 +307,7 @@ def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once
     async def scenario():
         loop = asyncio.get_running_loop()
         sock = socket.create_connection(listener.getsockname())
-        connection = LoopConnection(sock, loop) if kind == "loop" else \
-            LinkConnection(sock, Expiry())
+        connection = LinkConnection(sock, Expiry())
         futures = []
         for i in range(50):
             future = loop.create_future()
@@ -322,8 +315,7 @@ def test_a_connection_closed_mid_flight_fails_every_pending_request_exactly_once
 
             def done(outcome, i=i, future=future):
                 seen.append(i)
-                loop.call_soon_threadsafe(future.set_result, outcome) if kind == "thread" \
-                    else future.set_result(outcome)
+                loop.call_soon_threadsafe(future.set_result, outcome)
             connection.send(lambda rid, i=i: encode(REQUEST, rid, {"a": np.full(2, i, float)},
                                                     model="m"), 30.0, done)
         outcomes = await asyncio.wait_for(asyncio.gather(*futures), 10)

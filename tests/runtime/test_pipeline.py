@@ -17,7 +17,6 @@ from wpk.plan import load_plan
 from wpk.runtime import protocol as pb
 from wpk.runtime import tier_core
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.status import TierError
 from wpk.runtime.codecs import Codec
 
 
@@ -48,8 +47,10 @@ def expect_error(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) ->
 @pytest.mark.parametrize("name, link", [("resnet", "tcp"), ("mlp", "tcp"), ("dag", "tcp"),
                                         ("resnet", "grpc"), ("dag", "grpc")])
 def test_tritonclient_through_pipeline_matches_whole_model(plans, name, link):
-    pipeline = Pipeline(plans[name], link=link)
-    assert pipeline.services["device"].link.kind == link
+    """("grpc": the edge and the cloud tier behind another KServe server each, no tensor
+    link: the tiers before them fall back to ModelInfer calls.)"""
+    pipeline = Pipeline(plans[name], grpc_only=("edge", "cloud") if link == "grpc" else ())
+    assert pipeline.services["device"].link.kind == "tcp"
     tiers = pipeline.plan.tiers
     if name == "dag":  # what this plan is here for: merging results from every tier
         assert all(t.results for t in tiers) and any(t.passthrough for t in tiers)
@@ -62,6 +63,7 @@ def test_tritonclient_through_pipeline_matches_whole_model(plans, name, link):
         assert [o.name for o in result.get_response().outputs] == list(expected)
         for output, want in expected.items():
             np.testing.assert_allclose(result.as_numpy(output), want, rtol=1e-5, atol=1e-6)
+        assert (pipeline.services["edge"].link.connection is None) == (link == "grpc")
     finally:
         pipeline.close()
 
@@ -263,16 +265,19 @@ def _raw_call(address: str):
 
 
 class SlowPeer:
-    """A gRPC server that takes `delay` seconds to answer anything: a slow downstream tier."""
+    """A gRPC server that takes `delay` seconds to answer anything (but ServerMetadata, with
+    `metadata_too=False`: then it advertises no tensor link at once): a slow downstream
+    tier."""
 
-    def __init__(self, delay: float = 30.0):
+    def __init__(self, delay: float = 30.0, metadata_too: bool = True):
         released = self.released = threading.Event()   # set by close(): handlers end
 
         class Slow:
             def __getattr__(self, method):
                 def handler(request, context):
                     context.set_code(grpc.StatusCode.OK)
-                    released.wait(delay)
+                    if metadata_too or method != "ServerMetadata":
+                        released.wait(delay)
                     return pb.METHODS[method][1]()
                 return handler
 
@@ -285,12 +290,12 @@ class SlowPeer:
 
 @pytest.mark.parametrize("link", ["tcp", "grpc"])
 def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans, link, monkeypatch):
-    """(With the tensor link, the hung peer's ServerMetadata is what times out.) The tier's
-    margin is widened so that a loaded machine still gets its error to the caller first."""
+    """(tcp: the hung peer's ServerMetadata is what times out; grpc: it advertises no tensor
+    link, and the ModelInfer call hangs.) The tier's margin is widened so that a loaded
+    machine still gets its error to the caller first."""
     monkeypatch.setattr(tier_core, "DEADLINE_MARGIN_S", 0.3)
-    peer = SlowPeer()
-    pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address},
-                        link=link)
+    peer = SlowPeer(metadata_too=link == "tcp")
+    pipeline = Pipeline(plans["resnet"], hop_timeout=1.0, next_override={"device": peer.address})
     try:
         feeds = model_feeds(plans["resnet"])
         # the caller's deadline travels down the chain
@@ -309,7 +314,8 @@ def test_hung_downstream_gives_deadline_exceeded_naming_the_tier(plans, link, mo
 
 @pytest.mark.parametrize("link", ["tcp", "grpc"])
 def test_stopped_downstream_gives_unavailable_naming_the_tier(plans, link):
-    pipeline = Pipeline(plans["mlp"], link=link)
+    """(grpc: the cloud tier behind another KServe server, reached with ModelInfer calls.)"""
+    pipeline = Pipeline(plans["mlp"], grpc_only=("cloud",) if link == "grpc" else ())
     try:
         feeds = model_feeds(plans["mlp"])
         triton_infer(pipeline.entry, "mlp", feeds)
@@ -384,14 +390,15 @@ def test_tritonclient_stream_api_against_the_entry_tier(plans, resnet_pipeline):
                                        rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline, stream):
+@pytest.mark.parametrize("link", [False, True])
+def test_inference_client_errors_carry_status_and_message(plans, resnet_pipeline, link):
     from wpk.runtime.status import TierError
 
     feeds = model_feeds(plans["resnet"], seed=7)
 
     async def calls():
-        async with InferenceClient(resnet_pipeline.entry, stream=stream, timeout=10) as client:
+        async with InferenceClient(resnet_pipeline.entry, tensor_link=link,
+                                   timeout=10) as client:
             outputs = await client.infer("resnet_like", feeds)
             meta = await client.model_metadata("resnet_like")
             with pytest.raises(TierError) as missing:
@@ -474,17 +481,24 @@ def test_a_deadline_past_before_the_slice_runs_gives_deadline_exceeded(plans, re
                  for n in plan.tier(tier).inputs}
     before = slice_runs(resnet_pipeline, tier)
 
-    async def call(**kwargs):
-        async with InferenceClient(resnet_pipeline.address[tier], stream=True) as client:
-            return await client.infer(model, feeds, **kwargs)
+    def call(timeout_ms: float):
+        """One request on a ModelStreamInfer stream: (error_message, wpk_status)."""
+        from wpk.runtime.client import channel_options
+        from wpk.runtime.infer_messages import build_request
 
-    with pytest.raises(TierError) as info:
-        # 1 ns left: gone by the time the tier looks at it (and no client-side timer)
-        asyncio.run(call(parameters={"wpk_timeout_ms": 1e-6}))
-    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
-    assert info.value.details == f"tier {tier!r}: deadline exceeded before its slice ran"
+        request = build_request(model, feeds, parameters={"wpk_timeout_ms": timeout_ms})
+        with grpc.insecure_channel(resnet_pipeline.address[tier],
+                                   options=channel_options()) as channel:
+            answer = next(iter(pb.Stub(channel).ModelStreamInfer(iter([request]))))
+        status = answer.infer_response.parameters.get("wpk_status")
+        return answer.error_message, status.int64_param if status is not None else 0
+
+    # 1 ns left: gone by the time the tier looks at it (and no client-side timer)
+    message, status = call(1e-6)
+    assert status == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message
+    assert message == f"tier {tier!r}: deadline exceeded before its slice ran"
     assert slice_runs(resnet_pipeline, tier) == before
-    assert asyncio.run(call(timeout=10))       # with time to spare: answered
+    assert call(10_000.0) == ("", 0)       # with time to spare: answered
     assert slice_runs(resnet_pipeline, tier) == before + 1
 
 
@@ -528,7 +542,7 @@ def test_every_slice_placement_answers_a_burst_exactly(plans, run):
     burst = [model_feeds(plans["resnet"], seed=seed) for seed in range(16)]
 
     async def calls():
-        async with InferenceClient(pipeline.entry, stream=True, timeout=20) as client:
+        async with InferenceClient(pipeline.entry, timeout=20) as client:
             alone = await client.infer("resnet_like", burst[0])
             runs_alone = dict(entry.slice_runs)
             together = await asyncio.gather(*(client.infer("resnet_like", f) for f in burst))

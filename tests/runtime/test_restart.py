@@ -1,5 +1,6 @@
-"""A downstream tier process killed while requests are in flight over the stream link, then
-restarted on the same port: callers see UNAVAILABLE naming it, then succeed again."""
+"""A downstream tier process killed while requests are in flight over the link to it (the
+tensor link; gRPC between TLS tiers), then restarted on the same port: callers see
+UNAVAILABLE naming it, then succeed again."""
 from __future__ import annotations
 
 import asyncio
@@ -17,10 +18,10 @@ from wpk.runtime.client import InferenceClient
 from wpk.runtime.status import TierError
 
 
-def start_tier(plan_dir, tier: str, port: int, link: str = "tcp") -> subprocess.Popen:
+def start_tier(plan_dir, tier: str, port: int, tls_dir=None) -> subprocess.Popen:
+    tls = ["--tls-dir", str(tls_dir)] if tls_dir else []
     process = subprocess.Popen([sys.executable, "-m", "wpk.runtime.server", str(plan_dir),
-                                "--tier", tier, "--port", str(port), "--threads", "1",
-                                "--link", link],
+                                "--tier", tier, "--port", str(port), "--threads", "1", *tls],
                                stdout=subprocess.PIPE, text=True)
     assert "ready on" in process.stdout.readline()
     return process
@@ -41,19 +42,28 @@ async def load_until(client: InferenceClient, model: str, feeds, done, outcomes:
 
 
 @pytest.mark.parametrize("link", ["tcp", "grpc"])
-def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans, link):
+def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans, link,
+                                                                        tmp_path):
     """With the tensor link, the restarted tier listens on a new tensor-link port: the link
-    finds it again through ServerMetadata."""
+    finds it again through ServerMetadata. TLS tiers talk gRPC (ModelInfer calls)."""
+    pki = credentials = None
+    if link == "grpc":
+        from wpk.deploy.tls import generate
+        from wpk.runtime import tls
+
+        pki = generate(tmp_path / "pki", ["device", "edge", "cloud", "client"])
+        credentials = tls.channel_credentials(tls.load(pki, "client"))
     port = free_port()
-    cloud = start_tier(plans["mlp"], "cloud", port, link)
-    pipeline = Pipeline(plans["mlp"], next_override={"edge": f"127.0.0.1:{port}"}, link=link)
+    cloud = start_tier(plans["mlp"], "cloud", port, pki)
+    pipeline = Pipeline(plans["mlp"], next_override={"edge": f"127.0.0.1:{port}"}, tls_dir=pki)
     feeds = model_feeds(plans["mlp"])
     outcomes: list[tuple[float, str, str]] = []
     marks: dict[str, float] = {}
 
     async def scenario():
         nonlocal cloud
-        async with InferenceClient(pipeline.entry, stream=True) as client:
+        async with InferenceClient(pipeline.entry, credentials=credentials,
+                                   server_name="device") as client:
             state = {"done": False}
             load = asyncio.ensure_future(load_until(client, "mlp", feeds, lambda: state["done"],
                                                     outcomes))
@@ -69,7 +79,7 @@ def test_killed_then_restarted_tier_gives_unavailable_then_answers_again(plans, 
                 assert time.monotonic() < deadline, "fewer than 20 failures after the kill"
                 await asyncio.sleep(0.01)
             cloud = await asyncio.get_running_loop().run_in_executor(
-                None, start_tier, plans["mlp"], "cloud", port, link)
+                None, start_tier, plans["mlp"], "cloud", port, pki)
             marks["restarted"] = time.monotonic()
             deadline = time.monotonic() + 10
             while not any(o[0] > marks["restarted"] and o[1] == "OK" for o in outcomes):

@@ -1,5 +1,5 @@
 """Triton's system shared-memory extension on wpk tiers, driven by tritonclient.grpc +
-tritonclient.utils.shared_memory and by InferenceClient(shared_memory=True)."""
+tritonclient.utils.shared_memory."""
 from __future__ import annotations
 
 import asyncio
@@ -234,30 +234,27 @@ def test_cuda_shared_memory_is_unimplemented(triton_client):
                  "tiers", triton_client.get_cuda_shared_memory_status)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_inference_client_sends_inputs_through_shared_memory(plans, resnet_pipeline, stream):
-    """Many requests in flight, each with its own inputs: each answer is its own model run;
-    regions are reused across calls and gone after close()."""
+def test_inference_client_shared_memory_names_a_removed_way_in_and_means_the_tensor_link(
+        plans, resnet_pipeline):
+    """InferenceClient(shared_memory=True) (inputs in registered regions, removed from the
+    client): one warning, then the tensor link (whose lanes carry large inputs on this host);
+    many requests in flight each get their own answer, and no region is registered."""
     feeds = [model_feeds(plans["resnet"], seed=s) for s in range(6)]
     expected = [reference(plans["resnet"], f)[OUTPUT] for f in feeds]
 
     async def run():
-        async with InferenceClient(resnet_pipeline.entry, timeout=10, stream=stream,
-                                   shared_memory=True) as client:
-            for _ in range(2):
-                answers = await asyncio.gather(*(client.infer("resnet_like", f) for f in feeds))
-                for answer, want in zip(answers, expected):
-                    np.testing.assert_allclose(answer[OUTPUT], want, rtol=1e-5, atol=1e-6)
-            regions = await client.shared_memory_status()
-            assert 1 <= len(regions) <= len(feeds)  # second round reused the first's
-            keys = [key for key, _, _ in regions.values()]
-            assert all(os.path.exists(f"/dev/shm{key}") for key in keys)
+        with pytest.warns(UserWarning, match=r"shared_memory=True\): inputs in shared-memory "
+                                             r"regions were removed"):
+            client = InferenceClient(resnet_pipeline.entry, timeout=10, shared_memory=True)
+        async with client:
+            answers = await asyncio.gather(*(client.infer("resnet_like", f) for f in feeds))
+            for answer, want in zip(answers, expected):
+                np.testing.assert_allclose(answer[OUTPUT], want, rtol=1e-5, atol=1e-6)
+            assert client.transport == "tcp"
+            assert not await client.shared_memory_status()
             with pytest.raises(TierError) as info:  # errors still carry the status
                 await client.infer("resnet_like", {"image": np.zeros((1, 3), np.float32)})
             assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        async with InferenceClient(resnet_pipeline.entry, timeout=10) as other:
-            assert not await other.shared_memory_status()
-        assert not any(os.path.exists(f"/dev/shm{key}") for key in keys)
 
     asyncio.run(run())
 

@@ -21,7 +21,7 @@ import signal
 from pathlib import Path
 
 from wpk import settings as environment
-from wpk.errors import WpkError, cli_entry, refuse_unknown_keys
+from wpk.errors import WpkError, cli_entry, one_line_warnings, refuse_unknown_keys
 from wpk.files import read_yaml
 
 from .config import QUEUE_POLICIES, BridgeConfig, BrokerConfig, Route, parse_address
@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--broker", help="MQTT broker HOST:PORT (default 127.0.0.1:1883)")
     parser.add_argument("--pipeline", help="first tier of the pipeline, HOST:PORT (KServe v2)")
     parser.add_argument("--stream", action="store_true", default=None,
-                        help="send requests over one ModelStreamInfer stream (wpk tiers, "
-                        "Triton; faster) instead of unary ModelInfer calls (any KServe v2)")
+                        help="an earlier name for --tensor-link (gRPC streams were removed "
+                        "from wpk's client; a warning says so)")
     parser.add_argument("--tensor-link", action="store_true", default=None,
                         help="send requests over the entry tier's tensor link (wpk tiers; "
                         "fastest, for a bridge on the entry tier's host or LAN; where there is "
-                        "none, over one ModelStreamInfer stream)")
+                        "none, unary ModelInfer calls)")
     parser.add_argument("--pipeline-tls", metavar="DIR",
                         help="mutual TLS to the entry tier with certificates from DIR (as "
                         "wpk-deploy --tls writes them)")
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("wpk.bridge").info(
             "route %s (%s) -> model %s -> %s (%s)", route.subscribe, route.format, route.model,
             route.publish, route.result)
-    asyncio.run(serve(config))
+    with one_line_warnings():
+        asyncio.run(serve(config))
     return 0
 
 

@@ -75,7 +75,7 @@ class BrokerConfig:
 class BridgeConfig:
     broker: BrokerConfig
     pipeline: str                    # HOST:PORT of the pipeline's first tier (KServe v2 gRPC)
-    pipeline_stream: bool = False    # ModelStreamInfer (wpk tiers, Triton) instead of unary
+    pipeline_stream: bool = False    # an earlier name for pipeline_tensor_link (warns)
     pipeline_tensor_link: bool = False   # the entry tier's tensor link (wpk tiers; plain TCP)
     # Mutual TLS to the entry tier (tiers served with wpk-serve --tls-dir): the directory
     # wpk-deploy --tls writes, the identity whose NAME.pem/NAME.key the bridge presents, and

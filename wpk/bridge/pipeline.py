@@ -44,9 +44,8 @@ class Pipeline(Protocol):
 class KServePipeline:
     """The pipeline whose entry tier listens at `address` (`HOST:PORT`).
 
-    `stream=True` multiplexes requests over one ModelStreamInfer stream (wpk tiers and Triton
-    serve it; about half the cost of a unary call); the default unary calls work with every
-    KServe v2 server.
+    Unary ModelInfer calls by default (every KServe v2 server); `stream=True`, gRPC streams
+    that wpk's client no longer uses, means `tensor_link=True` (with a warning).
     """
 
     def __init__(self, address: str, timeout_s: float = 30.0, stream: bool = False,

@@ -14,7 +14,7 @@ import threading
 from typing import Callable
 
 from wpk import cli_args
-from wpk.errors import WpkError, cli_entry
+from wpk.errors import WpkError, cli_entry, one_line_warnings
 from wpk.files import existing_file
 from wpk.runtime.batching import add_batching_arguments
 
@@ -35,10 +35,9 @@ def run_local(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan_dir)
     cpus = split_for_plan(plan) if args.pin_cpus else None
     tier_args = plan_batching_arguments(args, plan)
-    link = local_link(args, plan, console)
     deployment = LocalDeployment(args.plan_dir, port=args.port, host=args.host, name=args.name,
                                  threads=args.threads, metrics=not args.no_metrics,
-                                 link=link, cpus=cpus, serve_args=batching_arguments(args),
+                                 link=args.link, cpus=cpus, serve_args=batching_arguments(args),
                                  tier_args=tier_args)
     batches = {t.name: t.batch if tier_args else (args.max_batch or 1) for t in plan.tiers}
     # one request covers every tier: they all run on this machine
@@ -147,11 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--host", default="127.0.0.1", help="address every tier binds")
     local.add_argument("--threads", type=cli_args.threads, default=0,
                        help="ONNX Runtime threads per tier (0: ORT's default)")
-    local.add_argument("--link", choices=("tcp", "grpc"), default=None,
-                       help="how the tiers pass tensors: tcp, the tensor link (default), or "
-                       "grpc streams (see wpk-serve --link; the default where the plan "
-                       "batches a tier after the first, which forms batches only from gRPC "
-                       "streams)")
+    local.add_argument("--link", choices=("tcp", "grpc"), default="tcp",
+                       help="how the tiers pass tensors: tcp, the tensor link (the default and "
+                       "the only choice: grpc, gRPC streams, was removed and means tcp, with "
+                       "a warning)")
     local.add_argument("--pin-cpus", action="store_true",
                        help="give every tier CPUs of its own (wpk-serve --cpus): whole "
                        "physical cores where there are enough, about in proportion to its "
@@ -236,24 +234,6 @@ def plan_batching_arguments(args: argparse.Namespace, plan) -> dict[str, list[st
             for tier in plan.tiers if tier.batch > 1}
 
 
-def local_link(args: argparse.Namespace, plan, console) -> str:
-    """--link, else tcp; but gRPC streams where the plan batches a tier after the first:
-    a tensor-link connection carries one request at a time, so a tier fed by one upstream
-    tier over it never forms a batch."""
-    later = [t.name for t in plan.tiers[1:] if t.batch > 1] if args.max_batch is None else []
-    if args.link is None:
-        if later:
-            console.print(f"--link grpc: the plan batches {', '.join(later)}, which form "
-                          f"batches only from gRPC streams between the tiers")
-            return "grpc"
-        return "tcp"
-    if args.link == "tcp" and later:
-        console.print(f"[yellow]warning: the plan batches {', '.join(later)}, but over the "
-                      f"tensor link (--link tcp) each gets one request at a time from the "
-                      f"tier before it: no batches form there[/yellow]")
-    return args.link
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -261,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     check_options(parser, args)
     for name, run in TARGETS.items():
         if getattr(args, name, False):
-            return run(args)
+            with one_line_warnings():
+                return run(args)
     raise AssertionError("argparse requires one target")
 
 

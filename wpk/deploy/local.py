@@ -57,14 +57,18 @@ class LocalDeployment:
                  serve_args: list[str] | None = None, start_timeout: float = 60.0,
                  link: str = "tcp", cpus: Sequence[frozenset[int]] | None = None,
                  tier_args: Mapping[str, Sequence[str]] | None = None):
-        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp or grpc); `cpus`: the
-        CPUs each tier runs on, in plan order (`wpk-serve --cpus`; see runtime.cpus);
-        `serve_args` go to every tier's wpk-serve, `tier_args` to the named tier's only (the
-        plan's batch per tier: wpk.deploy.cli.plan_batching_arguments)."""
+        """`link`: how the tiers pass tensors, `wpk-serve --link` (tcp; "grpc", gRPC streams,
+        was removed and means tcp, with one warning); `cpus`: the CPUs each tier runs on, in
+        plan order (`wpk-serve --cpus`; see runtime.cpus); `serve_args` go to every tier's
+        wpk-serve, `tier_args` to the named tier's only (the plan's batch per tier:
+        wpk.deploy.cli.plan_batching_arguments)."""
+        from wpk.runtime.next_tier import link_kind
+
+        link_kind(link, tls=False)   # checks it, and warns once here rather than per tier
         self.plan_dir = Path(plan_dir)
         self.plan = load_plan(self.plan_dir)
         self.port, self.host, self.name = port, host, name
-        self.threads, self.metrics, self.link = threads, metrics, link
+        self.threads, self.metrics = threads, metrics
         self.serve_args = list(serve_args or [])
         self.tier_args = {tier: list(extra) for tier, extra in (tier_args or {}).items()}
         if cpus is not None and len(cpus) != len(self.plan.tiers):
@@ -94,8 +98,6 @@ class LocalDeployment:
             cmd += ["--link-port", str(link_port)]
         if restarts:
             cmd += ["--restart-count", str(restarts)]
-        if self.link != "tcp":   # tcp is wpk-serve's own choice (gRPC where serve_args add TLS)
-            cmd += ["--link", self.link]
         if next_address:
             cmd += ["--next", next_address]
         if self.name:

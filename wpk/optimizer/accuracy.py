@@ -6,6 +6,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from wpk.tensor_spec import TensorSpec
+
 Runner = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
 
 # fp32 rewrites may only move results by float rounding: this is their budget
@@ -23,19 +25,20 @@ class OutputError:
         return asdict(self)
 
 
-def sample_inputs(inputs: Sequence[tuple[str, Sequence[int], np.dtype]], count: int,
+def sample_inputs(inputs: Sequence[TensorSpec], count: int,
                   seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random feeds: floats uniform in [0, 1) (image-like), integers small and non-negative."""
+    """Random feeds, free dimensions as 1: floats uniform in [0, 1) (image-like), integers
+    small and non-negative."""
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(count):
         feed = {}
-        for name, shape, dtype in inputs:
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+        for spec in inputs:
+            shape, dtype = [d if d > 0 else 1 for d in spec.shape], spec.numpy_dtype
             if np.issubdtype(dtype, np.floating):
-                feed[name] = rng.random(shape).astype(dtype)
+                feed[spec.name] = rng.random(shape).astype(dtype)
             else:
-                feed[name] = rng.integers(0, 8, shape).astype(dtype)
+                feed[spec.name] = rng.integers(0, 8, shape).astype(dtype)
         feeds.append(feed)
     return feeds
 

@@ -17,9 +17,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from wpk.errors import WpkError
-from wpk.tensor_spec import numpy_dtype_of_ort
-
-InputSpec = tuple[str, Sequence[Any], np.dtype]   # name, shape (ints, None or names), dtype
+from wpk.tensor_spec import TensorSpec
 
 # what --calibration-data (wpk-optimize, wpk-prune) takes, as its help says it
 DATA_FILES_HELP = ".npz with one array per model input (first axis = samples) or a directory of " \
@@ -78,13 +76,13 @@ def _read(path: Path, read: Callable[[], Any], member: str | None = None) -> Any
         raise WpkError(f"{path}: not {kind} ({reason})") from None
 
 
-def _matches(actual: Sequence[int], expected: Sequence[Any]) -> bool:
+def _matches(actual: Sequence[int], expected: Sequence[int]) -> bool:
     return len(actual) == len(expected) and all(
-        not isinstance(e, int) or e <= 0 or a == e for a, e in zip(actual, expected))
+        e < 1 or a == e for a, e in zip(actual, expected))
 
 
-def _shape_text(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) if d >= 1 else "?" for d in shape) + "]"
 
 
 def _check_dtype(array: np.ndarray, dtype: Any, name: str, source: str) -> None:
@@ -118,20 +116,20 @@ def _converted(array: np.ndarray, dtype: Any, name: str, source: str) -> np.ndar
     return values
 
 
-def to_samples(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
+def to_samples(arrays: Mapping[str, np.ndarray], inputs: Sequence[TensorSpec],
                source: str) -> list[dict[str, np.ndarray]]:
     """Cut each input's array along its first axis into feeds, checking names, shapes, dtypes."""
     if not inputs:
         raise WpkError(f"{source}: the model has no inputs to calibrate")
     per_input: dict[str, list[np.ndarray]] = {}
-    for name, shape, dtype in inputs:
+    for spec in inputs:
+        name, shape, dtype = spec.name, spec.shape, spec.numpy_dtype
         if name not in arrays:
             have = ", ".join(sorted(arrays)) or "none"
             raise WpkError(f"{source}: no array for input {name!r} (arrays: {have})")
         array = np.asarray(arrays[name])
         _check_dtype(array, dtype, name, source)
-        shape = list(shape)
-        batch_free = bool(shape) and (not isinstance(shape[0], int) or shape[0] in (0, 1))
+        batch_free = bool(shape) and shape[0] <= 1      # 1 or free
         if array.ndim == len(shape) + 1 and _matches(array.shape[1:], shape):
             rows = False
         elif batch_free and array.ndim == len(shape) and _matches(array.shape[1:], shape[1:]):
@@ -160,7 +158,7 @@ def split(samples: list[dict[str, np.ndarray]], source: str) -> Calibration:
     return Calibration(source, samples, samples[:GUARD_MAX], held_out=False)
 
 
-def load(data: Any, inputs: Sequence[InputSpec]) -> Calibration:
+def load(data: Any, inputs: Sequence[TensorSpec]) -> Calibration:
     """Calibration data for a model with `inputs`: a path (.npz or .npy directory), arrays by
     input name (first axis = samples), a list of ready feeds (one dict per sample), or a
     `Calibration` already split."""
@@ -177,11 +175,12 @@ def load(data: Any, inputs: Sequence[InputSpec]) -> Calibration:
         samples = [dict(feed) for feed in data]
         if not samples:
             raise WpkError(f"{source}: no samples")
-        for name, _shape, dtype in inputs:
+        for spec in inputs:
+            name = spec.name
             if any(name not in feed for feed in samples):
                 raise WpkError(f"{source}: no value for input {name!r}")
             for i, feed in enumerate(samples):
-                feed[name] = _converted(np.asarray(feed[name]), dtype, name,
+                feed[name] = _converted(np.asarray(feed[name]), spec.numpy_dtype, name,
                                         f"{source} (sample {i})")
     return split(samples, source)
 
@@ -207,8 +206,8 @@ def for_plan(plan: Any, base: Path, path: str | Path, tiers: Collection[str] | N
         if not specs:
             continue
         # an input that no earlier slice computed comes from the file (the model's inputs)
-        fresh = [s for s in specs if env_samples is None or s[0] not in env_samples[0]]
-        absent = [name for name, _, _ in fresh if name not in arrays]
+        fresh = [s for s in specs if env_samples is None or s.name not in env_samples[0]]
+        absent = [s.name for s in fresh if s.name not in arrays]
         if absent:
             raise WpkError(f"{path}: {where} takes {absent[0]!r}, which neither this file "
                            f"(arrays: {', '.join(sorted(arrays)) or 'none'}) nor an earlier "
@@ -218,13 +217,13 @@ def for_plan(plan: Any, base: Path, path: str | Path, tiers: Collection[str] | N
             if env_samples is None:
                 env_samples = first
             elif len(first) != len(env_samples):
-                raise WpkError(f"{path}: {where} takes {fresh[0][0]!r}, which has "
+                raise WpkError(f"{path}: {where} takes {fresh[0].name!r}, which has "
                                f"{len(first)} samples; the earlier inputs have "
                                f"{len(env_samples)}")
             else:
                 for env, extra in zip(env_samples, first):
                     env.update(extra)
-        feeds = [{name: env[name] for name, _, _ in specs} for env in env_samples]
+        feeds = [{s.name: env[s.name] for s in specs} for env in env_samples]
         out[tier.name] = feeds
         names = [o.name for o in session.get_outputs()]
         for i, (env, feed) in enumerate(zip(env_samples, feeds)):
@@ -236,14 +235,14 @@ def for_plan(plan: Any, base: Path, path: str | Path, tiers: Collection[str] | N
     return out
 
 
-def model_inputs(path: str | Path) -> list[InputSpec]:
-    """A model file's inputs as (name, shape, dtype), as ONNX Runtime sees them."""
+def model_inputs(path: str | Path) -> list[TensorSpec]:
+    """A model file's inputs, as ONNX Runtime sees them."""
     return model_specs(_session(path, "this model"))
 
 
-def model_specs(session: Any) -> list[InputSpec]:
-    """An ONNX Runtime session's inputs as (name, shape, dtype)."""
-    return [(i.name, i.shape, np_dtype(i.type)) for i in session.get_inputs()]
+def model_specs(session: Any) -> list[TensorSpec]:
+    """An ONNX Runtime session's inputs (free dimensions as -1)."""
+    return [TensorSpec.from_ort(i.name, i.shape, i.type) for i in session.get_inputs()]
 
 
 def _session(path: str | Path, what: str) -> Any:
@@ -255,8 +254,3 @@ def _session(path: str | Path, what: str) -> Any:
     except Exception as error:  # NoSuchFile, InvalidProtobuf, Fail, ...
         raise WpkError(f"{path}: ONNX Runtime cannot load {what} "
                        f"({str(error).splitlines()[0][:160]})") from None
-
-
-def np_dtype(type_text: str) -> np.dtype:
-    """ONNX Runtime's type text (`tensor(float)`, `tensor(int64)`) as a numpy dtype."""
-    return numpy_dtype_of_ort(type_text)

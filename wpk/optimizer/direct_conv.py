@@ -23,6 +23,12 @@ pixels as one flat row.
 A GEMM (MatMul or Gemm with a constant weight) is the same kernel in the "rows" layout: X
 [M, K] and Y [M, N] row-major, a pixel is a row of X (M = w, K = c, N = k), a reduction row is a
 column of X; its weight is passed as (N, K, 1, 1).
+
+Portable: the source includes `portable_simd.HEADER`, so it also compiles without AVX-512
+(AVX2, SSE, NEON), where a 16-float vector is two, four or four registers: `portable=True`
+walks a group's blocks one at a time, `PORTABLE_TILE_PIXELS` pixels per tile, so that the
+accumulators fit (the packed weights are the same). Only the rows layout is offered there
+(`ort_ops.PORTABLE_OPS`): ONNX Runtime's NCHWc blocks are 16 channels on AVX-512 only.
 """
 from __future__ import annotations
 
@@ -30,13 +36,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wpk.optimizer import activations
+from wpk.optimizer import activations, portable_simd
 
 BLOCK = 16
 # output blocks a tile may share its broadcasts between, and its pixels for each count: at
 # most 24 accumulators of AVX-512's 32 registers, the rest for weights and the broadcast
 MAX_BLOCKS = 4
 TILE_PIXELS = {1: 14, 2: 12, 4: 6}
+# the same without AVX-512, where 16 registers of 32 bytes (AVX2) or 32 of 16 (NEON) hold 8
+# 16-float vectors: one output block at a time (a group's blocks in turn), 6 pixels, so 6
+# accumulators leave room for the weight and the broadcast
+PORTABLE_TILE_PIXELS = 6
 # work items per thread, so that a late thread still finds work
 ITEMS_PER_THREAD = 4
 # packed weights a work item walks its rows with (an L2's share)
@@ -180,9 +190,10 @@ def pack_parameters(s: DirectShape, weight: np.ndarray, groups: list[Group]) -> 
     return np.ascontiguousarray(packed, np.float32) if packed.size else np.zeros(1, np.float32)
 
 
-def pixels_per_tile(s: DirectShape, blocks: int) -> int:
+def pixels_per_tile(s: DirectShape, blocks: int, portable: bool = False) -> int:
     """P: the pixels of one tile, as many as the accumulators allow, at most a row's."""
-    return max(1, min(s.rows_cols[1], TILE_PIXELS[blocks]))
+    pixels = PORTABLE_TILE_PIXELS if portable else TILE_PIXELS[blocks]
+    return max(1, min(s.rows_cols[1], pixels))
 
 
 def group_chunks(groups: list[Group]) -> list[tuple[int, int]]:
@@ -222,13 +233,14 @@ def _tables(groups: list[Group]) -> str:
             f"static const int BLOCKS[] = {{{', '.join(str(g.blocks) for g in groups)}}};\n")
 
 
-def _tile(s: DirectShape, blocks: int, p: int) -> str:
-    """The register tile for `blocks` output blocks and `p` pixels, kept rows only."""
+def _tile(s: DirectShape, name: str, blocks: int, p: int, weight_blocks: int) -> str:
+    """The register tile for `blocks` output blocks and `p` pixels, kept rows only, of a
+    group of `weight_blocks` blocks (its packed weights: that many vectors per row)."""
     act = activations.avx512(s.act, "a")
     step, out_step, _ = s.steps
     residual = "a = _mm512_add_ps(a, _mm512_loadu_ps(r + o));" if s.residual else ""
     return f"""
-static inline __attribute__((always_inline)) void tile{blocks}_{p}(
+static inline __attribute__((always_inline)) void {name}_{p}(
     const float* __restrict__ xb, const int* __restrict__ offs, int count,
     const float* __restrict__ u, const float* __restrict__ bias, const float* __restrict__ res,
     float* __restrict__ y, long block_stride, int first, int last) {{
@@ -246,7 +258,8 @@ static inline __attribute__((always_inline)) void tile{blocks}_{p}(
   for (int i = 0; i < count; ++i) {{
     const float* __restrict__ xi = xb + offs[i];
     __m512 wv[{blocks}];
-    for (int b = 0; b < {blocks}; ++b) wv[b] = _mm512_loadu_ps(u + ((long)i * {blocks} + b) * 16);
+    for (int b = 0; b < {blocks}; ++b)
+      wv[b] = _mm512_loadu_ps(u + ((long)i * {weight_blocks} + b) * 16);
     for (int j = 0; j < {p}; ++j) {{
       const __m512 xv = _mm512_set1_ps(xi[j * {step}]);
       for (int b = 0; b < {blocks}; ++b) acc[b][j] = _mm512_fmadd_ps(xv, wv[b], acc[b][j]);
@@ -272,8 +285,9 @@ static inline __attribute__((always_inline)) void tile{blocks}_{p}(
 """
 
 
-def lower(s: DirectShape, groups: list[Group], name: str) -> str:
-    """C source of `void name(x, u, bias, residual, y)` for `s` and its kept rows."""
+def lower(s: DirectShape, groups: list[Group], name: str, portable: bool = False) -> str:
+    """C source of `void name(x, u, bias, residual, y)` for `s` and its kept rows; with
+    `portable`, tiled for a build without AVX-512 (module doc)."""
     assert (s.rows_layout or s.c % BLOCK == 0) and s.k % BLOCK == 0, "whole channel blocks"
     rows, cols = s.rows_cols
     hp, wp = s.input_hw
@@ -281,9 +295,8 @@ def lower(s: DirectShape, groups: list[Group], name: str) -> str:
     bands = _bands(s, len(chunks))
     band_rows = -(-rows // bands)
     bands = -(-rows // band_rows)
-    tiles, calls = _tiles_and_calls(s, groups)
-    return f"""#include <immintrin.h>
-#include <stddef.h>
+    tiles, calls = _tiles_and_calls(s, groups, portable)
+    return f"""{portable_simd.HEADER}#include <stddef.h>
 #include <string.h>
 {activations.C_HELPERS}
 extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
@@ -309,29 +322,40 @@ void {name}(const float* x, const float* u, const float* bias, const float* resi
 """
 
 
-def _tiles_and_calls(s: DirectShape, groups: list[Group]) -> tuple[str, str]:
+def _tiles_and_calls(s: DirectShape, groups: list[Group], portable: bool) -> tuple[str, str]:
     """The tile functions the groups need (a full tile and a row's tail per block count),
-    and the code that walks one output row with them."""
+    and the code that walks one output row with them. `portable`: a group's blocks one at
+    a time (`PORTABLE_TILE_PIXELS`)."""
     cols = s.rows_cols[1]
     pixel_step, out_step, _ = s.steps
     calls, tiles = [], []
     for blocks in sorted({g.blocks for g in groups}):
-        p = pixels_per_tile(s, blocks)
+        tile_blocks = 1 if portable else blocks
+        name = f"tile{tile_blocks}of{blocks}" if tile_blocks < blocks else f"tile{blocks}"
+        p = pixels_per_tile(s, tile_blocks, portable)
         tail = cols % p
-        args = (f"offs + r0, r1 - r0, u + (long)r0 * {blocks * 16}, bias", "block_stride, "
-                "r0 == 0, r1 == count")
+
+        def call(width: int) -> str:   # tile b (of blocks // tile_blocks) at pixel ox
+            at = "(long)b" if tile_blocks == 1 else f"(long)b * {tile_blocks}"
+            return (f"{name}_{width}(xrow + (long)ox * {pixel_step}, offs + r0, r1 - r0,\n"
+                    f"            u + (long)r0 * {blocks * 16} + {at} * 16, "
+                    f"bias ? bias + {at} * 16 : 0,\n"
+                    f"            res ? res + ox * 16 + {at} * block_stride : 0,\n"
+                    f"            yrow + (long)ox * {out_step} + {at} * block_stride, "
+                    f"block_stride, r0 == 0, r1 == count);")
         tail_call = f"""
-      tile{blocks}_{tail}(xrow + (long)ox * {pixel_step}, {args[0]}, res ? res + ox * 16 : 0,
-                   yrow + (long)ox * {out_step}, {args[1]});""" if tail else ""
+      if (ox < COLS)
+        for (int b = 0; b < {blocks // tile_blocks}; ++b)
+          {call(tail)}""" if tail else ""
         calls.append(f"""    if (BLOCKS[g] == {blocks}) {{
       int ox = 0;
       for (; ox + {p} <= COLS; ox += {p})
-        tile{blocks}_{p}(xrow + (long)ox * {pixel_step}, {args[0]}, res ? res + ox * 16 : 0,
-                     yrow + (long)ox * {out_step}, {args[1]});{tail_call}
+        for (int b = 0; b < {blocks // tile_blocks}; ++b)
+          {call(p)}{tail_call}
     }}""")
-        tiles.append(_tile(s, blocks, p))
+        tiles.append(_tile(s, name, tile_blocks, p, blocks))
         if tail:
-            tiles.append(_tile(s, blocks, tail))
+            tiles.append(_tile(s, name, tile_blocks, tail, blocks))
     return "".join(tiles), "\n".join(calls)
 
 

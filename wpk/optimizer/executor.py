@@ -1,5 +1,6 @@
 """Execute an optimized slice: `load(DIR)` returns a session with ONNX Runtime's
-`run(output_names, feeds)` signature (plus get_inputs / get_outputs / get_providers).
+`run(output_names, feeds)` signature (plus get_inputs / get_outputs, which give
+`wpk.tensor_spec.TensorSpec`s, and get_providers).
 
 An optimized directory holds `optimized.json` and either one ONNX model run by one configured
 ONNX Runtime session, or a list of segments run in order by a segment executor: ONNX Runtime
@@ -8,29 +9,23 @@ sub-sessions for runs of nodes ORT does best, generated kernels for the nodes wh
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from wpk.errors import WpkError
-from wpk.tensor_spec import ort_type_of
+from wpk.tensor_spec import TensorSpec, ort_type_of
 
 MANIFEST = "optimized.json"
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class TensorArg:
-    """ONNX Runtime's NodeArg, which `load(DIR)` sessions return from get_inputs() /
-    get_outputs() as ORT's own sessions do: name, shape with ORT's free dimensions (a name or
-    None, which wpk.tensor_spec.TensorSpec's int shape cannot keep), and ORT's type text
-    (`TensorSpec.ort_type`, `wpk.tensor_spec.numpy_dtype_of_ort` read it)."""
-
-    name: str
-    shape: list[Any]
-    type: str = ort_type_of("float32")
+def tensor_specs(entries: Sequence[Mapping[str, Any]]) -> list[TensorSpec]:
+    """A manifest's "inputs" or "outputs": ONNX Runtime's NodeArg fields as JSON (name, shape
+    with ints, None or dimension names, type text; a missing type is float)."""
+    return [TensorSpec.from_ort(t["name"], t["shape"], t.get("type", ort_type_of("float32")))
+            for t in entries]
 
 
 class OrtSegment:
@@ -70,9 +65,10 @@ def _custom_ops_library(directory: Path, entry: dict) -> str | None | bool:
     name = entry.get("custom_ops")
     if not name:
         return None
-    from wpk.optimizer.ort_ops import LIBRARY_BUILD, runs_here
+    from wpk.optimizer.ort_ops import LIBRARY_BUILD, target_runs_here
 
-    ok, why = runs_here()
+    # directories from before the portable build record no target: theirs is AVX-512
+    ok, why = target_runs_here(entry.get("library_target", "x86-64-v4"))
     path = directory / name
     if not ok or not path.is_file():
         _warn_plain(directory, why if not ok else f"{path} is missing")
@@ -161,8 +157,8 @@ class OptimizedSession:
                                                       spinning=not mixed))
             else:
                 raise WpkError(f"{path}: unknown segment type {entry['type']!r}")
-        self._inputs = [TensorArg(**t) for t in self.manifest["inputs"]]
-        self._outputs = [TensorArg(**t) for t in self.manifest["outputs"]]
+        self._inputs = tensor_specs(self.manifest["inputs"])
+        self._outputs = tensor_specs(self.manifest["outputs"])
         self._output_names = [t.name for t in self._outputs]
         single = self.segments[0] if len(self.segments) == 1 else None
         # one session (ORT or OpenVINO): `run` calls it directly, no executor overhead at all
@@ -182,10 +178,10 @@ class OptimizedSession:
         except KeyError as error:
             raise WpkError(f"optimized slice has no output {error.args[0]!r}") from None
 
-    def get_inputs(self) -> list[TensorArg]:
+    def get_inputs(self) -> list[TensorSpec]:
         return list(self._inputs)
 
-    def get_outputs(self) -> list[TensorArg]:
+    def get_outputs(self) -> list[TensorSpec]:
         return list(self._outputs)
 
     def get_providers(self) -> list[str]:

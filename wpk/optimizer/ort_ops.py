@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,12 @@ OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv",
             "direct_gemm": "DirectGemm"}
 # kernel kinds of `direct_conv`'s generator: NCHWc convolutions and row-major GEMMs
 DIRECT_OPS = ("nchwc_direct", "direct_gemm")
+# kernel kinds a library built without AVX-512 (`portable_simd.py`'s shim) offers: the
+# row-major GEMM only. The others read or write ONNX Runtime's NCHWc tensors, whose blocks
+# are 16 channels (one __m512) only where ONNX Runtime itself runs on AVX-512.
+PORTABLE_OPS = ("direct_gemm",)
+# the two builds of a library: "avx512" (x86-64-v4, every kind) and "portable"
+ISAS = ("avx512", "portable")
 LIBRARY_FILE = "wpk_ops.so"
 # Bumped when a saved library must not be trusted any more; an optimized directory records
 # the build its library came from. 2: built with build.NO_INVENTED_STORES (build 1 libraries
@@ -59,7 +66,8 @@ API_INDEX = dict(
 
 LINK_FLAGS = ["-shared", "-fPIC"]
 # x86-64-v4 (AVX-512 F/BW/CD/DQ/VL), not -march=native: a slice's library then runs on every
-# AVX-512 machine its directory is copied to (`runs_here` checks the flags before loading it)
+# AVX-512 machine its directory is copied to (`runs_here` checks the flags before loading it).
+# The portable build swaps the -march for `portable_target`'s (`object_flags`).
 OBJECT_FLAGS = ["-O3", "-march=x86-64-v4", "-mtune=native", "-fPIC", "-fno-math-errno",
                 *build.NO_INVENTED_STORES,
                 "-fvisibility=hidden",
@@ -336,11 +344,16 @@ class OpKernel:
     residual: bool
     threads: int
     y_shape: tuple[int, ...] = ()   # a GEMM's output shape (X: any shape of its size)
+    isa: str = "avx512"             # the build it was generated for (ISAS)
 
 
-def op_kernel(spec, index: int) -> OpKernel:
-    """The kernel for `spec` (a KernelSpec of op "winograd", "nchwc_depthwise" or
-    "channel_scale")."""
+def op_kernel(spec, index: int, isa: str | None = None) -> OpKernel:
+    """The kernel for `spec` (a KernelSpec of op "winograd", "nchwc_depthwise",
+    "channel_scale", "nchwc_direct" or "direct_gemm") in build `isa` (default: this
+    machine's, `library_isa`; "portable" takes PORTABLE_OPS only)."""
+    isa = isa or library_isa() or "avx512"
+    if isa == "portable":
+        return _portable_kernel(spec, index)
     if spec.op == "channel_scale":
         name = f"wpk_channel_scale_{index}"
         cs = channel_scale.channel_scale_shape(spec.params)
@@ -371,6 +384,21 @@ def op_kernel(spec, index: int) -> OpKernel:
     return OpKernel(name, OP_TYPES["winograd"], winograd.lower(s, name), (c_dim, s.h, s.w),
                     (k_dim, *s.out_hw), u_size, s.k if "B" in spec.weights else 0, s.residual,
                     s.threads)
+
+
+def _portable_kernel(spec, index: int) -> OpKernel:
+    """A PORTABLE_OPS kernel for the build without AVX-512."""
+    if spec.op not in PORTABLE_OPS:
+        raise WpkError(f"custom operators: {spec.op} kernels need AVX-512 (ONNX Runtime's "
+                       f"16-channel NCHWc blocks); the portable build has {PORTABLE_OPS}")
+    name = f"wpk_direct_{index}"
+    d = direct_conv.direct_shape(spec.params)
+    groups = _direct_groups(spec)
+    return OpKernel(name, OP_TYPES[spec.op], direct_conv.lower(d, groups, name, portable=True),
+                    (d.c, d.h, d.w), (d.k, *d.out_hw),
+                    direct_conv.pack_parameters(d, spec.weights["Wt"], groups).size,
+                    d.k if "B" in spec.weights else 0, d.residual, d.threads,
+                    tuple(spec.params.get("y_shape", ())), "portable")
 
 
 def op_parameters(spec) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -417,13 +445,18 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
 
 def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
     """Compile the kernels (in parallel, one per core) and the glue, and link them into one
-    shared library; kernel i of `kernels` is what attribute kernel=i runs."""
+    shared library; kernel i of `kernels` is what attribute kernel=i runs. The kernels'
+    build (`OpKernel.isa`, one for all) picks the compiler flags."""
     slots = slots or max((k.threads for k in kernels), default=1)
+    isas = {k.isa for k in kernels} or {"avx512"}
+    if len(isas) > 1:
+        raise WpkError(f"custom operators: one library cannot mix builds {sorted(isas)}")
+    flags = [*object_flags(isas.pop()), "-c"]
     sources = [(k.name, k.source) for k in kernels]
     sources.append(("glue", glue_source(kernels, slots)))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(lambda item: build.compile_c(
-            item[1], item[0], [*OBJECT_FLAGS, "-c"], suffix=".o", libraries=()), sources))
+            item[1], item[0], flags, suffix=".o", libraries=()), sources))
     digest = hashlib.sha256("\0".join(o.name for o in objects).encode()).hexdigest()[:16]
     library = settings.kernel_cache() / f"ort_ops_{digest}.so"
     if not library.exists():
@@ -435,21 +468,90 @@ def build_library(kernels: list[OpKernel], slots: int | None = None) -> Path:
 
 
 AVX512_V4 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+# x86-64-v3's features as /proc/cpuinfo names them (abm: lzcnt)
+X86_64_V3 = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return frozenset(next((line for line in handle if line.startswith("flags")),
+                                  "").split())
+    except OSError:
+        return frozenset()
+
+
+def object_flags(isa: str) -> list[str]:
+    """The compiler flags of a library's objects in build `isa`."""
+    if isa == "avx512":
+        return OBJECT_FLAGS
+    target = portable_target()
+    machine = [f"-march={target}", "-mtune=native"] if target.startswith("x86-64") else []
+    return [*(f for f in OBJECT_FLAGS if not f.startswith(("-march=", "-mtune="))), *machine]
+
+
+def portable_target() -> str:
+    """What the portable build compiles for here: x86-64-v3 (AVX2, FMA) where the CPU has
+    it, else baseline x86-64; elsewhere the compiler's default for this machine
+    (`platform.machine()`, e.g. aarch64)."""
+    machine = platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        return machine
+    return "x86-64-v3" if all(f in _cpu_flags() for f in X86_64_V3) else "x86-64"
+
+
+def library_target(isa: str) -> str:
+    """The machines a library of build `isa` made here runs on (an optimized directory
+    records it: `target_runs_here`)."""
+    return "x86-64-v4" if isa == "avx512" else portable_target()
+
+
+def target_runs_here(target: str) -> tuple[bool, str]:
+    """(True, '') where a library built for `target` (`library_target`) can run here."""
+    if target == "x86-64-v4":
+        return runs_here()
+    if target == "x86-64-v3":
+        missing = [f for f in X86_64_V3 if f not in _cpu_flags()]
+        if missing:
+            return False, f"its custom operators need {', '.join(missing)} (x86-64-v3)"
+        return True, ""
+    machine = "x86-64" if platform.machine() in ("x86_64", "AMD64") else platform.machine()
+    if target != machine:
+        return False, f"its custom operators were built for {target}, this is {machine}"
+    return True, ""
+
+
+def portable_runs_here() -> tuple[bool, str]:
+    """(True, '') where the portable build can be made and run: a C compiler."""
+    import shutil
+
+    if shutil.which(settings.c_compiler()) is None:
+        return False, f"custom operators need a C compiler ({settings.c_compiler()})"
+    return True, ""
+
+
+def library_isa() -> str | None:
+    """The build this machine's libraries get: "avx512" where `runs_here`, else "portable"
+    (PORTABLE_OPS only) where `portable_runs_here`, else None. WPK_KERNEL_ISA
+    (`settings.kernel_isa`) may ask for one of them (tests, benchmarks)."""
+    wanted = settings.kernel_isa()
+    if wanted in ("auto", "avx512") and runs_here()[0]:
+        return "avx512"
+    if wanted in ("auto", "portable") and portable_runs_here()[0]:
+        return "portable"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
 def runs_here() -> tuple[bool, str]:
-    """(True, '') where a custom-operator library built by `build_library` can run: x86-64
+    """(True, '') where a custom-operator library of the "avx512" build can run: x86-64
     with the AVX-512 subsets of x86-64-v4, and ONNX Runtime's NCHWc blocks of 16 channels."""
     ok, why = winograd.supported()
     if not ok:
         return ok, why
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = set(next((line for line in handle if line.startswith("flags")),
-                             "").split())
-    except OSError:
-        flags = set()
+    flags = _cpu_flags()
     missing = [f for f in AVX512_V4 if f not in flags]
     if missing:
         return False, f"Winograd custom operators need {', '.join(missing)}"

@@ -24,7 +24,7 @@ from wpk.naming import name_nodes
 from wpk.tensor_spec import ort_type_of
 from wpk.optimizer import accuracy, calibration, passes
 from wpk.optimizer.database import TuningLog
-from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load
+from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load, tensor_specs
 from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import (DECIDE_SETTLE_S, Ratio, compare_ratio, hardware_id,
                                    load_average, time_ms)
@@ -221,7 +221,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     log = TuningLog(options.log_path) if options.log_path else TuningLog(None)
     inputs, outputs = _io(original)
     io = _SliceIO(name, hardware, inputs, outputs)
-    specs = [(i["name"], i["shape"], calibration.np_dtype(i["type"])) for i in inputs]
+    specs = tensor_specs(inputs)
     if options.calibration_data is not None:  # real samples: calibration, held-out guard part
         data = calibration.load(options.calibration_data, specs)
         feeds, calibration_feeds = data.guard, data.calibration
@@ -696,6 +696,7 @@ def save_custom_ops(model: onnx.ModelProto, inside: InsideOrt, out_dir: str | Pa
     inputs, outputs = _io(model)
     segment = {"type": "ort", "model": "model.onnx", "offline_model": "model.wpk.onnx",
                "custom_ops": ort_ops.LIBRARY_FILE, "library_build": ort_ops.LIBRARY_BUILD,
+               "library_target": ort_ops.library_target(inside.isa),
                "inputs": [i["name"] for i in inputs],
                "outputs": [o["name"] for o in outputs]}
     io = _SliceIO(model.graph.name, hardware_id(), inputs, outputs)

@@ -291,6 +291,7 @@ class InsideOrt:
     library: Path
     model: onnx.ModelProto            # ONNX Runtime's saved graph with ai.wpk nodes
     choices: list[OpChoice]
+    isa: str = "avx512"               # the library's build (ort_ops.ISAS)
 
 
 # depthwise variants: hidden-channel blocks per work item
@@ -390,15 +391,20 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     faster by `margin`. Whole-slice timing sees what per-operator timing cannot (layouts,
     caches, the thread pool's hand-offs). None when there is nothing to try or no kernel is
     kept. `passes=0` with `start_with_kernels` times nothing: every site runs its preferred
-    variant (for tests)."""
+    variant (for tests). Without AVX-512 (`ort_ops.library_isa` "portable") only the sparse
+    GEMMs are sites: the other kernels work on ONNX Runtime's 16-channel NCHWc blocks."""
     from wpk.optimizer import ort_ops
 
-    if not ort_ops.runs_here()[0]:
+    isa = ort_ops.library_isa()
+    if isa is None:
         return None
+    if isa == "portable":
+        kinds = tuple(k for k in kinds if k == "direct")
     sites = (ort_ops.nchwc_sites(offline, model) if "winograd" in kinds else []) + \
         (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else []) + \
         (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else [])
-    sparse = sparse_sites(offline, model) if "direct" in kinds else {}
+    sparse = sparse_sites(offline, model, gemms_only=isa == "portable") \
+        if "direct" in kinds else {}
     sites += [site for node, site in sparse.items()
               if not any(s.node == node for s in sites)]
     if not sites:
@@ -408,7 +414,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         if "nchwc_depthwise" in kinds else {}
     pool, by_site = _variant_pool(sites, projected, variants, sparse)
     descent = _Descent(offline, session_config, feed, output_names, margin, sites, pool,
-                       by_site)
+                       by_site, isa)
     descent.start(start_with_kernels)
     if passes and descent.chosen:
         descent.profile()
@@ -419,16 +425,19 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
 SPARSE_KEPT = 0.8   # a convolution is a sparse site where its kernel keeps at most this work
 
 
-def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, KernelSpec]:
+def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
+                 gemms_only: bool = False) -> dict[str, KernelSpec]:
     """The direct convolution and GEMM sites (by node) whose weights let the kernel skip
     enough zero rows (tile-wise, block or channel sparsity, `direct_conv.kept_fraction`);
-    dense weights are left to ONNX Runtime's own kernels, which run near this CPU's peak."""
+    dense weights are left to ONNX Runtime's own kernels, which run near this CPU's peak.
+    `gemms_only`: no convolutions (the portable build)."""
     from wpk.optimizer import direct_conv, ort_ops
 
     if not any(_zero_share(init) >= 1 - SPARSE_KEPT for init in model.graph.initializer):
         return {}           # no weight could qualify: skip the site finders' work
     found = {}
-    for site in ort_ops.direct_sites(offline, model) + ort_ops.gemm_sites(offline, model):
+    convolutions = [] if gemms_only else ort_ops.direct_sites(offline, model)
+    for site in convolutions + ort_ops.gemm_sites(offline, model):
         shape = direct_conv.direct_shape(site.params)
         groups = direct_conv.groups_for(shape, site.weights["Wt"])
         if direct_conv.kept_fraction(shape, groups) <= SPARSE_KEPT:
@@ -475,13 +484,13 @@ class _Descent:
     def __init__(self, offline: onnx.ModelProto, session_config: Config,
                  feed: dict[str, np.ndarray], output_names: list[str], margin: float,
                  sites: list[KernelSpec], pool: list[KernelSpec],
-                 by_site: list[dict[str, int]]) -> None:
+                 by_site: list[dict[str, int]], isa: str = "avx512") -> None:
         from wpk.optimizer import ort_ops
 
         self.offline, self.session_config, self.margin = offline, session_config, margin
         self.feed, self.output_names = feed, output_names
-        self.sites, self.pool, self.by_site = sites, pool, by_site
-        self.library = ort_ops.build_library([ort_ops.op_kernel(s, i)
+        self.sites, self.pool, self.by_site, self.isa = sites, pool, by_site, isa
+        self.library = ort_ops.build_library([ort_ops.op_kernel(s, i, isa)
                                               for i, s in enumerate(pool)])
         self.reference = make_session(offline.SerializeToString(), session_config,
                                       offline_optimized=True).run(output_names, feed)
@@ -636,6 +645,7 @@ class _Descent:
             return None
         indices = sorted(self.chosen.values())
         specs = [self.pool[i] for i in indices]
-        final = ort_ops.build_library([ort_ops.op_kernel(s, j) for j, s in enumerate(specs)])
+        final = ort_ops.build_library([ort_ops.op_kernel(s, j, self.isa)
+                                       for j, s in enumerate(specs)])
         return InsideOrt(specs, final, ort_ops.custom_op_model(self.offline, specs),
-                         [self.choices[i] for i in sorted(self.choices)])
+                         [self.choices[i] for i in sorted(self.choices)], self.isa)

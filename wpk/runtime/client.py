@@ -5,22 +5,24 @@
 
 Arrays in, arrays out. Failures raise `TierError` with `.code` (a grpc.StatusCode) and
 `.details`: UNAVAILABLE / DEADLINE_EXCEEDED are worth retrying, INVALID_ARGUMENT / NOT_FOUND
-are not. `stream=True` sends inferences over one ModelStreamInfer stream (faster per request;
-wpk tiers and Triton support it). `shared_memory=True` passes the inputs through POSIX shared
-memory regions registered with the server instead of in the message (servers on this host
-only; wpk tiers and Triton support it; see shm_inputs).
+are not. Inferences are unary ModelInfer calls.
 
 `tensor_link=True` enters a wpk pipeline over the server's tensor link, the binary data plane
 the tiers pass tensors on (see next_tier.TcpLink): one frame out, one frame back, large inputs
 through a shared-memory lane on loopback; a client on the tier's host or LAN (the MQTT bridge,
 a local application) skips one Python gRPC call per request. Where the server has none
-(another KServe server, a wpk tier run with `--link grpc` or `--tls-dir`) or its port cannot
-be reached, inferences go over one ModelStreamInfer stream, and the tensor link is looked for
-again every 30 s. Metadata, health and shared-memory calls are gRPC calls either way.
+(another KServe server, a wpk tier run with `--tls-dir`) or its port cannot be reached, and
+for requests that carry `parameters` or a `request_id`, inferences are ModelInfer calls; the
+tensor link is looked for again every 30 s. Metadata, health and shared-memory calls are
+gRPC calls either way. `stream=True` (gRPC streams) and `shared_memory=True` (inputs in
+shared-memory regions registered with the server), which this client no longer uses (the
+tensor link, with its lanes, was measured faster than both), mean `tensor_link=True`, with
+a warning.
 """
 from __future__ import annotations
 
 import asyncio
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -31,13 +33,13 @@ from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.next_tier import GrpcLink, TcpLink
-from wpk.runtime.stream_link import PIPELINE_PARAM, StreamLink
 from wpk.runtime.status import TierError
-from wpk.runtime.shm_inputs import InputSlots
 from wpk.tensor_spec import TensorSpec
-from wpk.runtime.infer_messages import build_request, parse_response
+from wpk.runtime.infer_messages import PIPELINE_PARAM, build_request, parse_response
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+REMOVED = {"stream": "gRPC streams", "shared_memory": "inputs in shared-memory regions"}
+# (the client's removed ways in: each now means the tensor link)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple]:
@@ -67,11 +69,17 @@ class InferenceClient:
                  credentials=None, server_name: str | None = None,
                  shared_memory: bool = False, tensor_link: bool = False):
         """`credentials`: grpc.ChannelCredentials for TLS (see wpk.runtime.tls), checking the
-        server's certificate against `server_name` when given. `shared_memory`: send inputs
-        through shared memory (not with a codec). `tensor_link`: infer over the tensor link
-        (use from one event loop; TLS tiers serve none: their inferences go over the stream)."""
-        if tensor_link and shared_memory:
-            raise ValueError("tensor_link=True sends frames, not shared-memory regions")
+        server's certificate against `server_name` when given. `tensor_link`: infer over the
+        tensor link (use from one event loop; TLS tiers serve none: their inferences are
+        ModelInfer calls). `stream`, `shared_memory`: removed ways in that now mean
+        `tensor_link` (one warning each)."""
+        for removed, given in (("stream", stream), ("shared_memory", shared_memory)):
+            if given:
+                warnings.warn(f"InferenceClient({removed}=True): {REMOVED[removed]} were "
+                              f"removed from wpk's client; using the tensor link "
+                              f"(tensor_link=True; ModelInfer calls where the server has "
+                              f"none)", stacklevel=2)
+                tensor_link = True
         self.address = address
         self.timeout = timeout
         options = channel_options(max_message_bytes)
@@ -84,14 +92,9 @@ class InferenceClient:
         self.stub = pb.Stub(self.channel, zero_copy=True)
         self.codec = Codec.parse(codec)
         self.encoder = Encoder(self.codec) if self.codec != Codec() else None
-        self.link = StreamLink(self.channel) if stream or tensor_link else None
         self.tensor_link = tensor_link
         self.metrics = TierMetrics("client")   # bytes over the tensor link, for the curious
         self._tcp_link: TcpLink | None = None  # made on first use, on the caller's loop
-        if shared_memory and self.encoder is not None:
-            raise ValueError("shared_memory=True sends raw tensors: no codec")
-        self.input_slots = InputSlots(lambda method, request: self._call(method, request, None)) \
-            if shared_memory else None
 
     async def __aenter__(self) -> "InferenceClient":
         return self
@@ -104,10 +107,6 @@ class InferenceClient:
         if tcp_link is not None:
             await tcp_link.close()   # its gRPC fallback closes this client (again, here)
             return
-        if self.input_slots is not None:
-            await self.input_slots.close()
-        if self.link is not None:
-            await self.link.close()
         await self.channel.close()
 
     async def _call(self, method: str, request, timeout: float | None):
@@ -153,14 +152,12 @@ class InferenceClient:
                     request_id: str = "", pipeline: bool = False) -> dict[str, np.ndarray]:
         """Run `model` on `inputs`; returns the outputs (all, or those named) by name. With
         `pipeline`, a wpk slice model `<name>.<tier>` runs the pipeline from its tier on.
-        Over the tensor link, `parameters` and `request_id` are not sent."""
-        if self.tensor_link:
+        With `tensor_link`, a request with `parameters` or a `request_id` is a ModelInfer
+        call (the tensor link carries neither)."""
+        if self.tensor_link and not parameters and not request_id:
             return await self._infer_linked(model, inputs, outputs, timeout, pipeline)
         if pipeline:
             parameters = {**(parameters or {}), PIPELINE_PARAM: True}
-        if self.input_slots is not None:
-            return await self._infer_shared(model, inputs, outputs, timeout, parameters,
-                                            request_id)
         request = build_request(model, inputs, outputs, encoder=self.encoder,
                                 parameters=parameters, request_id=request_id)
         response = await self.infer_message(request, timeout=timeout)
@@ -169,8 +166,7 @@ class InferenceClient:
     async def _infer_linked(self, model, inputs, outputs, timeout, pipeline):
         if self._tcp_link is None:
             grpc_link = GrpcLink(self, self.codec, self.metrics, asyncio.get_running_loop())
-            self._tcp_link = TcpLink(self.address, grpc_link, self.codec, self.metrics,
-                                     on_loop=True)
+            self._tcp_link = TcpLink(self.address, grpc_link, self.codec, self.metrics)
         arrays = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
         answer = await self._tcp_link.forward(model, arrays, self._timeout(timeout), pipeline)
         unknown = [name for name in outputs or () if name not in answer]
@@ -180,19 +176,6 @@ class InferenceClient:
                             f"(outputs: {', '.join(answer)})")
         return answer if outputs is None else {name: answer[name] for name in outputs}
 
-    async def _infer_shared(self, model, inputs, outputs, timeout, parameters, request_id):
-        slots = self.input_slots
-        arrays = {name: np.asarray(array) for name, array in inputs.items()}
-        slot = await slots.acquire(slots.nbytes(arrays))
-        try:
-            request = slots.request(slot, model, arrays, outputs, parameters, request_id)
-            response = await self.infer_message(request, timeout=timeout)
-        except BaseException:
-            await slots.retire(slot)  # the server may still be reading it: not reused
-            raise
-        slots.release(slot)
-        return parse_response(response)
-
     async def shared_memory_status(self, name: str = "", timeout: float | None = None) -> dict:
         """Regions registered with the server: name -> (key, offset, byte_size)."""
         response = await self._call("SystemSharedMemoryStatus",
@@ -201,8 +184,6 @@ class InferenceClient:
 
     async def infer_message(self, request, *, timeout: float | None = None):
         """Send a prepared ModelInferRequest; returns the ModelInferResponse message."""
-        if self.link is not None:
-            return await self.link.infer(request, self._timeout(timeout))
         return await self._call("ModelInfer", request, timeout)
 
 

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from wpk.errors import WpkError
-from wpk.link_codecs import CODEC_BASES, parse_codec
+from wpk.link_codecs import parse_codec
 
 FP16_MAX = 65504.0
 CODEC_PARAM = "wpk_codec"
 SCALE_PARAM = "wpk_scale"
-BASES = CODEC_BASES
 
 
 @dataclass(frozen=True)

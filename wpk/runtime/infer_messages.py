@@ -19,6 +19,11 @@ from wpk.runtime.zero_copy_messages import (RAW_INPUT_FIELD, RAW_OUTPUT_FIELD,
                                             STREAM_RESPONSE_FIELD, Prebuilt, Received)
 from wpk.tensor_spec import TensorSpec
 
+# request parameters wpk reads (all optional for other clients; see docs/runtime.md)
+PIPELINE_PARAM = "wpk_pipeline"    # bool: continue down the chain from this tier
+TIMEOUT_PARAM = "wpk_timeout_ms"   # double, on streams: time left for this request
+STATUS_PARAM = "wpk_status"        # int64, a stream answer's: gRPC code of a failed request
+
 
 def build_request(model: str, arrays: Mapping[str, np.ndarray],
                   outputs: Sequence[str] | None = None, *, encoder: Encoder | None = None,

@@ -13,9 +13,7 @@ import grpc
 
 from wpk import __version__
 from wpk.runtime import protocol as pb
-from wpk.runtime.stream_link import PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM
 from wpk.runtime.link_server import LinkServer
-from wpk.runtime.stream_writer import StreamWriter
 from wpk.runtime.shared_memory import EXTENSION as SHM_EXTENSION
 from wpk.runtime.shared_memory import SharedMemoryRegistry, uses_shared_memory
 from wpk.runtime.shared_memory_rpcs import SharedMemoryRpcs
@@ -23,7 +21,8 @@ from wpk.runtime.status import TierError, failure
 from wpk.runtime.tensor_link import EXTENSION_PREFIX, LANE_EXTENSION
 from wpk.runtime.tensors import TensorError
 from wpk.runtime.tier_core import TierCore
-from wpk.runtime.infer_messages import (build_response, parameter_value, parse_inputs,
+from wpk.runtime.infer_messages import (PIPELINE_PARAM, STATUS_PARAM, TIMEOUT_PARAM,
+                                        build_response, parameter_value, parse_inputs,
                                         payload_bytes, requested_outputs, set_parameter)
 
 
@@ -72,43 +71,38 @@ class KServeServicer(SharedMemoryRpcs):
 
     # -- inference ---------------------------------------------------------------------
     async def ModelInfer(self, request, context):
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
         try:
             return await self._infer(request, context.time_remaining())
-        except Exception as error:  # the gRPC edge: a TierError becomes the call's status
-            failed = failure(error, self.where)
-            code = failed.code
-            await context.abort(code, failed.details)
-        finally:
-            self.core.metrics.observe(request.model_name, code.name,
-                                      time.perf_counter() - started)
+        except TierError as failed:  # the gRPC edge: a TierError becomes the call's status
+            await context.abort(failed.code, failed.details)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Triton's streaming inference: each request runs concurrently; answers carry its id
-        and are written in the order they are ready (see stream_writer)."""
+        """Triton's streaming inference (tritonclient's `start_stream`): each request runs
+        concurrently; answers carry its id and are written in the order they are ready, by
+        one writer (grpc.aio allows one write in flight per stream), so that no request's
+        task waits for the writes of others."""
         running: set[asyncio.Task] = set()
-        writer = StreamWriter(context.write, lambda error: None)  # a failed write: the caller has
-        # gone, nobody is left to answer
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def write_answers() -> None:
+            try:
+                while (message := await answers.get()) is not None:
+                    await context.write(message)
+            except Exception:   # the caller has gone: nobody is left to answer
+                pass
 
         async def answer(request) -> None:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
             try:
-                param = request.parameters.get(TIMEOUT_PARAM)
-                remaining = parameter_value(param) / 1000.0 if param is not None else None
-                message = await self._infer(request, remaining, stream=True)
-            except Exception as error:  # every request gets an answer, whatever went wrong
-                failed = failure(error, self.where)
-                code = failed.code
+                message = await self._infer(request, stream=True)
+            except TierError as failed:  # every request gets an answer, whatever went wrong
                 message = pb.ModelStreamInferResponse(error_message=failed.details)
                 message.infer_response.id = request.id
                 message.infer_response.model_name = request.model_name
-                set_parameter(message.infer_response.parameters, STATUS_PARAM, code.value[0])
-            self.core.metrics.observe(request.model_name, code.name,
-                                      time.perf_counter() - started)
-            await writer.send(message)
+                set_parameter(message.infer_response.parameters, STATUS_PARAM,
+                              failed.code.value[0])
+            answers.put_nowait(message)
 
+        writer = asyncio.ensure_future(write_answers())
         try:
             async for request in request_iterator:
                 task = asyncio.ensure_future(answer(request))
@@ -116,38 +110,52 @@ class KServeServicer(SharedMemoryRpcs):
                 task.add_done_callback(running.discard)
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-            await writer.flush()
+            answers.put_nowait(None)
+            await writer
         finally:
             for task in running:
                 task.cancel()
             writer.cancel()
 
-    async def _infer(self, request, remaining: float | None, stream: bool = False):
-        """One inference; raises TierError (or TensorError: INVALID_ARGUMENT, see
-        status.failure) with the status and message the caller gets. `remaining`: seconds left of the caller's deadline (None: no deadline)."""
+    async def _infer(self, request, remaining: float | None = None, stream: bool = False):
+        """One inference, counted in the metrics; any failure is raised as the TierError the
+        caller gets (status.failure). `remaining`: seconds left of the caller's deadline
+        (None: none; on a stream the request's `wpk_timeout_ms` says)."""
         core, model_name = self.core, request.model_name
-        deadline = None if remaining is None else time.monotonic() + remaining
-        core.admit()
+        started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
-            core.metrics.add_bytes("in", payload_bytes(request))
-            model = core.model(model_name)
-            param = request.parameters.get(PIPELINE_PARAM)
-            pipeline = model.pipeline or bool(param is not None and parameter_value(param))
-            arrays = parse_inputs(request, model_name, model.inputs, self.shared_memory)
-            targets = self._output_targets(request, model_name) if request.outputs else {}
-            produced = await core.infer(model, arrays, deadline, pipeline)
-            names = requested_outputs(request, model_name, list(produced))
-            in_shared_memory = {}
-            if targets:
-                self.shared_memory.write_outputs(model_name, targets, produced)
-                in_shared_memory = {o.name: o.parameters for o in request.outputs
-                                    if o.name in targets}
-            response = build_response(model_name, {n: produced[n] for n in names}, request.id,
-                                      stream=stream, in_shared_memory=in_shared_memory)
-            core.metrics.add_bytes("out", payload_bytes(response))
-            return response
+            if stream:
+                param = request.parameters.get(TIMEOUT_PARAM)
+                remaining = parameter_value(param) / 1000.0 if param is not None else None
+            deadline = None if remaining is None else time.monotonic() + remaining
+            core.admit()
+            try:
+                core.metrics.add_bytes("in", payload_bytes(request))
+                model = core.model(model_name)
+                param = request.parameters.get(PIPELINE_PARAM)
+                pipeline = model.pipeline or bool(param is not None and parameter_value(param))
+                arrays = parse_inputs(request, model_name, model.inputs, self.shared_memory)
+                targets = self._output_targets(request, model_name) if request.outputs else {}
+                produced = await core.infer(model, arrays, deadline, pipeline)
+                names = requested_outputs(request, model_name, list(produced))
+                in_shared_memory = {}
+                if targets:
+                    self.shared_memory.write_outputs(model_name, targets, produced)
+                    in_shared_memory = {o.name: o.parameters for o in request.outputs
+                                        if o.name in targets}
+                response = build_response(model_name, {n: produced[n] for n in names},
+                                          request.id, stream=stream,
+                                          in_shared_memory=in_shared_memory)
+                core.metrics.add_bytes("out", payload_bytes(response))
+                return response
+            finally:
+                core.in_flight -= 1
+        except Exception as error:
+            failed = failure(error, self.where)
+            code = failed.code
+            raise failed from None
         finally:
-            core.in_flight -= 1
+            core.metrics.observe(model_name, code.name, time.perf_counter() - started)
 
     def _output_targets(self, request, model_name: str) -> dict:
         """Requested outputs to write into shared memory (see shared_memory)."""

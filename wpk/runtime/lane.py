@@ -95,7 +95,7 @@ def over_loopback(sock: socket.socket) -> bool:
 class LaneWriter:
     """The sending side: a lane of LANE_SLOTS slots of `slot_bytes`, created now (raises
     OSError when /dev/shm cannot hold it). Not usable until `attached()` (the receiver's
-    OK). Thread-safe: a threaded connection's senders place concurrently."""
+    OK). Thread-safe: a connection's senders on several threads place concurrently."""
 
     def __init__(self, slot_bytes: int, slots: int = LANE_SLOTS):
         self.slot_bytes = -(-slot_bytes // SLOT_ALIGN) * SLOT_ALIGN

@@ -233,9 +233,8 @@ def send_parts(sock: socket.socket, parts: Sequence) -> int:
 
 
 class FrameReader:
-    """Reads frames from a socket: `read()` on a blocking socket (one frame), `poll()` on a
-    non-blocking one (every frame complete so far). Both raise EOFError when the peer closed,
-    FrameError on bytes that are not frames."""
+    """Reads frames from a blocking socket, one per `read()`; raises EOFError when the peer
+    closed, FrameError on bytes that are not frames."""
 
     def __init__(self, sock: socket.socket, staging: int = STAGING_BYTES,
                  max_payload: int = MAX_PAYLOAD_BYTES):
@@ -252,20 +251,6 @@ class FrameReader:
             frame = self._step()
             if frame is not None:
                 return frame
-
-    def poll(self) -> list[Frame]:
-        frames = []
-        while True:
-            try:
-                frame = self._step()
-            except (BlockingIOError, InterruptedError):
-                return frames
-            except (EOFError, OSError):
-                if frames:  # these first; the next poll meets the end again
-                    return frames
-                raise
-            if frame is not None:
-                frames.append(frame)
 
     def _step(self) -> Frame | None:
         """Progress by at most one recv; a frame when one is complete."""

@@ -1,14 +1,15 @@
 """How a tier reaches the next one: the `NextTier` protocol, one implementation per transport:
-`GrpcLink` (KServe ModelStreamInfer) or `TcpLink` (the tensor link, `tensor_link`, found
-through the next tier's gRPC ServerMetadata). `InferenceClient(tensor_link=True)` uses
+`TcpLink` (the tensor link, `tensor_link`, found through the next tier's gRPC ServerMetadata)
+or `GrpcLink` (KServe ModelInfer calls: for TLS tiers, and where the next tier has no tensor
+link). `InferenceClient(tensor_link=True)` uses
 `TcpLink` too, to enter a pipeline over the entry tier's tensor link. Both raise / report
 only TierError (UNAVAILABLE, DEADLINE_EXCEEDED, the next tier's own status); the tier core
 turns them into messages naming the tier.
 
 `TcpLink` discovers the next tier's tensor-link port once per connection: ServerMetadata's
 `extensions` holds `wpk-tensor-link:PORT` (standard clients ignore unknown extensions). A
-next tier that advertises none (another KServe server, a wpk tier run with `--link grpc`)
-is reached over gRPC instead; so is one whose port cannot be connected to (a relay or a
+next tier that advertises none (another KServe server, a wpk tier run with TLS) is
+reached over gRPC instead; so is one whose port cannot be connected to (a relay or a
 Service that forwards only the gRPC port): that is retried every FALLBACK_RETRY_S.
 """
 from __future__ import annotations
@@ -18,22 +19,24 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Mapping, Protocol
 
 import grpc
 import numpy as np
 
+from wpk.errors import refuse_unknown_choice
 from wpk.runtime import protocol as pb
 from wpk.runtime.codecs import Codec, Encoder
 from wpk.runtime.link_frames import REQUEST, encode
-from wpk.runtime.lane import over_loopback
-from wpk.runtime.stream_link import PIPELINE_PARAM
+from wpk.runtime.lane import LANE_MIN_BYTES, over_loopback
 from wpk.runtime.status import TierError
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.tensor_link import (EXTENSION_PREFIX, LANE_EXTENSION, REFUSED, Expiry,
-                                     LinkConnection, LoopConnection, send_timeout)
+                                     LinkConnection, send_timeout)
 from wpk.runtime.tensors import TensorError
-from wpk.runtime.infer_messages import build_request, parse_response, payload_bytes
+from wpk.runtime.infer_messages import (PIPELINE_PARAM, build_request, parse_response,
+                                        payload_bytes)
 
 FALLBACK_RETRY_S = 30.0
 CONNECT_TIMEOUT_S = 2.0
@@ -42,13 +45,27 @@ SEND_TIMEOUT_S = 10.0       # a send blocked this long (the next tier stopped re
 DISCOVER_TIMEOUT_S = 10.0   # ServerMetadata's wait when the request has no deadline
 
 Done = Callable[[object], None]
-LINKS = ("tcp", "grpc")   # wpk-serve --link
+LINKS = ("tcp", "grpc")   # wpk-serve --link; "grpc" (streams, removed) now means "tcp",
+# with a warning (gRPC between tiers is what TLS tiers use, whatever --link says)
+
+
+def link_kind(link: str, tls: bool) -> str:
+    """The transport a tier uses to its next tier for `wpk-serve --link LINK`: gRPC with TLS
+    (the tensor link is plain TCP), else the tensor link; "grpc" (gRPC streams between tiers,
+    removed: the tensor link was measured 2-3x faster per hop) warns once."""
+    refuse_unknown_choice(link, LINKS, "link")
+    if tls:
+        return "grpc"
+    if link == "grpc":
+        warnings.warn("--link grpc: gRPC streams between tiers were removed; using the "
+                      "tensor link (--link tcp)", stacklevel=2)
+    return "tcp"
 
 
 class NextTier(Protocol):
     """The next tier, over some transport."""
 
-    kind: str   # "tcp" or "grpc", as --link names it
+    kind: str   # "tcp" (the tensor link) or "grpc" (TLS)
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
@@ -56,7 +73,9 @@ class NextTier(Protocol):
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
-        """From any thread; `done(outcome)` gets the arrays or a TierError, from some thread."""
+        """From any thread; `done(outcome)` gets the arrays or a TierError, from some thread.
+        (Only where the tier serves the tensor link, whose requests arrive on threads: the
+        tensor link's own `TcpLink`.)"""
 
     async def close(self) -> None: ...
 
@@ -89,8 +108,8 @@ def _settle(future: asyncio.Future, outcome: object) -> None:
 
 
 class GrpcLink:
-    """The next tier over one ModelStreamInfer stream (requests carry `wpk_pipeline`) of
-    `client`, an InferenceClient (not imported here: it uses this module)."""
+    """The next tier over ModelInfer calls (requests carry `wpk_pipeline`) of `client`, an
+    InferenceClient (not imported here: it uses this module)."""
 
     kind = "grpc"
 
@@ -113,39 +132,30 @@ class GrpcLink:
         except TensorError as error:
             raise TierError(grpc.StatusCode.INTERNAL, f"bad answer: {error}") from None
 
-    def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
-               done: Done) -> None:
-        _run_on(self.loop, self.forward(model, arrays, timeout), done)
-
     async def close(self) -> None:
         await self.client.close()
 
 
 class TcpLink:
-    """The next tier over the tensor link, falling back to `grpc` where there is none."""
+    """The next tier over the tensor link, falling back to `grpc` where there is none.
+
+    One connection, read by a thread of its own: `submit()` from a connection's thread
+    (requests from the previous tier's tensor link, or a client's) sends at once; `forward()`
+    from the loop gets its answer back through `call_soon_threadsafe`."""
 
     kind = "tcp"
 
-    def __init__(self, address: str, grpc_link: GrpcLink, codec: Codec, metrics: TierMetrics,
-                 on_loop: bool = False):
-        """`on_loop`: `forward()`'s connection is driven by the event loop (for requests that
-        start there: the entry tier's gRPC handlers); else a reader thread answers. `submit()`
-        from other threads (requests from the previous tier's tensor link, or a client's on
-        the entry tier's) always uses a threaded connection of its own."""
-        self.on_loop = on_loop
+    def __init__(self, address: str, grpc_link: GrpcLink, codec: Codec, metrics: TierMetrics):
         self.host = address.rsplit(":", 1)[0].strip("[]")
         self.grpc = grpc_link
         self.loop = grpc_link.loop
         self.codec = codec
         self.metrics = metrics
         self.expiry = Expiry()
-        # one connection per kind, made on first use: threaded (True) and loop-driven (False)
-        self.connections: dict[bool, LinkConnection | LoopConnection | None] = {
-            True: None, False: None}
+        self.connection: LinkConnection | None = None   # made on first use
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.lanes = False                     # ... and whether it maps shared-memory lanes
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
-        self._fallback_kind = not on_loop      # ... after this kind of connection failed
         self._connecting = asyncio.Lock()
         self._recheck: asyncio.Task | None = None  # looking for the tensor link again
         self._local = threading.local()        # one Encoder per thread (zstd contexts)
@@ -160,9 +170,8 @@ class TcpLink:
             encoder = self._local.encoder = Encoder(self.codec)
         return encoder
 
-    def _send(self, connection: LinkConnection | LoopConnection, model: str,
-              arrays: Mapping[str, np.ndarray], timeout: float | None, done: Done,
-              pipeline: bool = True) -> None:
+    def _send(self, connection: LinkConnection, model: str, arrays: Mapping[str, np.ndarray],
+              timeout: float | None, done: Done, pipeline: bool = True) -> None:
         def parts_for(request_id: int) -> list:
             parts = encode(REQUEST, request_id, arrays, model=model,
                            timeout_ms=-1.0 if timeout is None else timeout * 1000.0,
@@ -177,7 +186,7 @@ class TcpLink:
                 # anything: send the request again, over gRPC for a while (inference has no
                 # side effects; a tier that is down gives UNAVAILABLE there too)
                 self._refused(connection)
-                _run_on(self.loop, self.forward(model, arrays, timeout, pipeline), done)
+                _run_on(self.loop, self.grpc.forward(model, arrays, timeout, pipeline), done)
                 return
             done(outcome)
 
@@ -186,59 +195,51 @@ class TcpLink:
         except TensorError as error:  # a dtype the protocol cannot name
             done(TierError(grpc.StatusCode.INTERNAL, str(error)))
 
-    def _refused(self, connection: LinkConnection | LoopConnection) -> None:
+    def _refused(self, connection: LinkConnection) -> None:
         """The next tier refused `connection` or closed it before any answer: gRPC for a
         while. From any thread; once per connection."""
-        kind = connection.threaded
-        if self.connections[kind] is connection:
-            self.connections[kind] = None
+        if self.connection is connection:
+            self.connection = None
             print(f"wpk: tensor link {self.host}:{self.port} ended a new connection before "
                   f"answering ({connection.error.details}); using gRPC, trying again every "
                   f"{FALLBACK_RETRY_S:.0f} s", file=sys.stderr, flush=True)
-            self._fall_back(kind)
+            self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
 
-    @property
-    def connection(self) -> LinkConnection | LoopConnection | None:
-        """The connection `forward()` uses (None before the first request, or on gRPC)."""
-        return self.connections[not self.on_loop]
-
-    def _open(self, threaded: bool) -> LinkConnection | LoopConnection | None:
-        connection = self.connections[threaded]
+    def _open(self) -> LinkConnection | None:
+        connection = self.connection
         return connection if connection is not None and connection.error is None else None
 
     async def forward(self, model: str, arrays: Mapping[str, np.ndarray],
                       timeout: float | None, pipeline: bool = True) -> dict[str, np.ndarray]:
-        """On the loop; the answer's arrays, or raises TierError."""
-        return await self._forward(model, arrays, timeout, pipeline, threaded=not self.on_loop)
-
-    async def _forward(self, model: str, arrays: Mapping[str, np.ndarray],
-                       timeout: float | None, pipeline: bool, threaded: bool
-                       ) -> dict[str, np.ndarray]:
-        """`forward()` over this kind of connection (connected first where none is open)."""
-        connection = self._open(threaded) or await self._connect(timeout, threaded)
+        """On the loop; the answer's arrays, or raises TierError. A frame that could hold up
+        the loop (a large payload that no lane takes: a network's pace) leaves from a worker
+        thread instead."""
+        connection = self._open() or await self._connect(timeout)
         if connection is None:
             return await self.grpc.forward(model, arrays, timeout, pipeline)
         loop = self.loop
         future = loop.create_future()
-        if connection.threaded:
-            done = lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)  # noqa
+        done = lambda outcome: loop.call_soon_threadsafe(_settle, future, outcome)  # noqa
+        lane = connection.lane
+        if sum(a.nbytes for a in arrays.values()) > LANE_MIN_BYTES and \
+                not (lane is not None and lane.ready):
+            await loop.run_in_executor(None, self._send, connection, model, arrays, timeout,
+                                       done, pipeline)
         else:
-            done = lambda outcome: _settle(future, outcome)  # noqa: E731
-        self._send(connection, model, arrays, timeout, done, pipeline)
+            self._send(connection, model, arrays, timeout, done, pipeline)
         return await future
 
     def submit(self, model: str, arrays: Mapping[str, np.ndarray], timeout: float | None,
                done: Done) -> None:
-        connection = self._open(True)
+        connection = self._open()
         if connection is not None:  # the hot path: no loop involved
             self._send(connection, model, arrays, timeout, done)
             return
-        # no open threaded connection: connect on the loop (this answer then passes it)
-        _run_on(self.loop, self._forward(model, arrays, timeout, True, threaded=True), done)
+        # no open connection: connect on the loop (this answer then passes it)
+        _run_on(self.loop, self.forward(model, arrays, timeout), done)
 
     # -- connecting -------------------------------------------------------------------------
-    async def _connect(self, timeout: float | None, threaded: bool
-                       ) -> LinkConnection | LoopConnection | None:
+    async def _connect(self, timeout: float | None) -> LinkConnection | None:
         """The open connection, a new one, or None: use gRPC. Raises TierError when the
         next tier cannot be asked where its tensor link is (down: UNAVAILABLE; too slow:
         DEADLINE_EXCEEDED)."""
@@ -253,51 +254,43 @@ class TcpLink:
             raise TierError(grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"deadline exceeded connecting to {self.host}") from None
         try:
-            connection = self._open(threaded)
+            connection = self._open()
             if connection is not None or self.fallback_until:
                 return connection
             left = None if timeout is None else max(timeout - (time.monotonic() - started),
                                                     0.001)
-            return await self._attempt(left, threaded)
+            return await self._attempt(left)
         finally:
             self._connecting.release()
 
-    async def _attempt(self, timeout: float | None, threaded: bool
-                       ) -> LinkConnection | LoopConnection | None:
+    async def _attempt(self, timeout: float | None) -> LinkConnection | None:
         """Dial the known port, or ask for it first (it changes when the tier restarts)."""
-        existing = self._open(threaded)
-        if existing is not None:   # (a recheck after the other kind's dial failed)
-            self.fallback_until = 0.0
-            return existing
         sock = await self._dial(self.port, timeout) if self.port is not None else None
         if sock is None:
             self.port = await self._discover(timeout)
-            if self.port is None:  # not a wpk tier, or one run with --link grpc
-                return self._fall_back(threaded)
+            if self.port is None:  # not a wpk tier, or one run with TLS
+                return self._fall_back()
             sock = await self._dial(self.port, timeout)
             if sock is None:
                 print(f"wpk: tensor link {self.host}:{self.port} unreachable; using gRPC, "
                       f"trying again every {FALLBACK_RETRY_S:.0f} s", file=sys.stderr,
                       flush=True)
-                return self._fall_back(threaded)
+                return self._fall_back()
         count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
-        lanes = self.lanes and over_loopback(sock)
-        connection = LinkConnection(sock, self.expiry, count, lanes) if threaded \
-            else LoopConnection(sock, self.loop, count, lanes)
-        self.connections[threaded] = connection
+        self.connection = LinkConnection(sock, self.expiry, count,
+                                         self.lanes and over_loopback(sock))
         self.fallback_until = 0.0
-        return connection
+        return self.connection
 
-    def _fall_back(self, threaded: bool) -> None:
-        """Use gRPC for FALLBACK_RETRY_S; then `_retry` dials this kind again."""
+    def _fall_back(self) -> None:
+        """Use gRPC for FALLBACK_RETRY_S; then `_retry` dials again."""
         self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
-        self._fallback_kind = threaded
 
     async def _retry(self) -> None:
         try:
             async with self._connecting:
                 try:
-                    await self._attempt(CONNECT_TIMEOUT_S, threaded=self._fallback_kind)
+                    await self._attempt(CONNECT_TIMEOUT_S)
                 except TierError:  # not answering now: stay on gRPC a while longer
                     self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
         finally:
@@ -340,7 +333,6 @@ class TcpLink:
         if self._recheck is not None:
             self._recheck.cancel()
         self.expiry.close()
-        for connection in self.connections.values():
-            if connection is not None:
-                connection.close()
+        if self.connection is not None:
+            self.connection.close()
         await self.grpc.close()

@@ -11,8 +11,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from wpk.runtime._open_inference_desc import SERIALIZED
-from wpk.runtime.zero_copy_messages import serialize
-from wpk.runtime.zero_copy_messages import request_parser, response_parser, stream_response_parser
+from wpk.runtime.zero_copy_messages import request_parser, response_parser, serialize
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -115,35 +114,27 @@ def _deserializer(cls, zero_copy: bool):
         return request_parser(cls)
     if zero_copy and cls is ModelInferResponse:
         return response_parser(cls)
-    if zero_copy and cls is ModelStreamInferResponse:
-        return stream_response_parser(cls, ModelInferResponse)
     return cls.FromString
+
+
+_TABLES = ((METHODS, "unary_unary"), (STREAM_METHODS, "stream_stream"),
+           (SHARED_MEMORY_METHODS, "unary_unary"))   # (methods, grpc's kind of call)
 
 
 def generic_handler(servicer: object):
     """A grpc handler routing each method to the coroutine `servicer.<Method>(request, ctx)`
-    (stream methods, when the servicer has them: `servicer.<Method>(request_iterator, ctx)`).
-    Inference requests arrive as `zero_copy_messages.Received` messages (raw contents not
-    copied)."""
+    (stream and shared-memory methods, when the servicer has them; a stream method gets
+    the request iterator). Inference requests arrive as `zero_copy_messages.Received`
+    messages (raw contents not copied)."""
     import grpc
 
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=_deserializer(request, True),
-            response_serializer=serialize)
-        for name, (request, response) in METHODS.items()
-    }
-    for name, (request, response) in STREAM_METHODS.items():
-        if hasattr(servicer, name):
-            handlers[name] = grpc.stream_stream_rpc_method_handler(
-                getattr(servicer, name), request_deserializer=_deserializer(request, True),
-                response_serializer=serialize)
-    for name, (request, response) in SHARED_MEMORY_METHODS.items():
-        if hasattr(servicer, name):
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
-                getattr(servicer, name), request_deserializer=request.FromString,
-                response_serializer=serialize)
+    handlers = {}
+    for table, kind in _TABLES:
+        for name, (request, _) in table.items():
+            if table is METHODS or hasattr(servicer, name):
+                handlers[name] = getattr(grpc, f"{kind}_rpc_method_handler")(
+                    getattr(servicer, name), request_deserializer=_deserializer(request, True),
+                    response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -153,15 +144,8 @@ class Stub:
     contents left in the received bytes, as memoryviews) instead of plain protobuf messages."""
 
     def __init__(self, channel, zero_copy: bool = False):
-        for name, (request, response) in METHODS.items():
-            setattr(self, name, channel.unary_unary(
-                method_path(name), request_serializer=serialize,
-                response_deserializer=_deserializer(response, zero_copy)))
-        for name, (request, response) in STREAM_METHODS.items():
-            setattr(self, name, channel.stream_stream(
-                method_path(name), request_serializer=serialize,
-                response_deserializer=_deserializer(response, zero_copy)))
-        for name, (request, response) in SHARED_MEMORY_METHODS.items():
-            setattr(self, name, channel.unary_unary(
-                method_path(name), request_serializer=serialize,
-                response_deserializer=response.FromString))
+        for table, kind in _TABLES:
+            for name, (_, response) in table.items():
+                setattr(self, name, getattr(channel, kind)(
+                    method_path(name), request_serializer=serialize,
+                    response_deserializer=_deserializer(response, zero_copy)))

@@ -75,7 +75,7 @@ class ServeConfig:
             raise WpkError("--threads must be >= 0, --workers >= 1")
         if args.tls_dir and args.link == "tcp":
             raise WpkError("--link tcp with --tls-dir: the tensor link is plain TCP; TLS tiers "
-                           "talk over gRPC (leave --link out, or say --link grpc)")
+                           "talk over gRPC (leave --link out)")
         # on --cpus, ONNX Runtime's default is one thread per physical core among them
         threads = args.threads or (len(physical_cores(args.cpus)) if args.cpus is not None
                                    else 0)
@@ -238,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone on 4 or more; slower slices in a thread")
     parser.add_argument("--link", choices=("tcp", "grpc"), default=None,
                         help="how tiers pass tensors: tcp, the tensor link (binary frames on "
-                        "a second port, found through ServerMetadata; default), or grpc "
-                        "(ModelStreamInfer streams only). With --tls-dir: grpc")
+                        "a second port, found through ServerMetadata; the default and the "
+                        "only choice: grpc, gRPC streams, was removed and means tcp, with a "
+                        "warning). With --tls-dir, tiers talk gRPC (ModelInfer calls)")
     parser.add_argument("--max-in-flight", type=cli_args.positive_int,
                         default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
                         help="gRPC requests this tier holds at once; more are answered "

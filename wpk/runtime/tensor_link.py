@@ -2,9 +2,8 @@
 
 `LinkConnection` (the upstream side) is one persistent full-duplex connection: requests are
 multiplexed by id, answers are matched by id (in any order) by a reader thread, which calls
-each request's `done` callback; `LoopConnection` is the same driven by an asyncio loop. A
-broken connection fails every pending request with UNAVAILABLE; `Expiry` fails those whose
-deadline passes first with DEADLINE_EXCEEDED. Between tiers on one host, large payloads
+each request's `done` callback. A broken connection fails every pending request with
+UNAVAILABLE; `Expiry` fails those whose deadline passes first with DEADLINE_EXCEEDED. Between tiers on one host, large payloads
 travel through a shared-memory lane (see lane) instead of the socket, where the receiver
 maps lanes (advertised as LANE_EXTENSION). The downstream side is link_server.LinkServer.
 """
@@ -21,7 +20,7 @@ from typing import Callable
 import grpc
 
 from wpk.runtime.link_frames import (ANSWER, LANE_OPEN, Frame, FrameError, FrameReader,
-                                     encode_meta, send_nowait, send_parts)
+                                     encode_meta, send_parts)
 from wpk.runtime.lane import LANE_MIN_BYTES, LaneWriter
 from wpk.runtime.status import TierError, code_of
 from wpk.runtime.tensors import TensorError
@@ -187,83 +186,17 @@ def _refusal(frame: Frame) -> TierError | None:
     return _frame_error(frame) if frame.request_id == 0 and frame.status else None
 
 
-class _Connection:
-    """What both connection kinds share: answers handed to their requests, expiry, and the
-    sending side's lane (see lane), opened once the connection carries a payload of
-    LANE_MIN_BYTES or more, where the receiver maps lanes. `answered`: whether any answer
-    came back on the connection."""
+class LinkConnection:
+    """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
+    once per request, with the answer's arrays or a TierError, from the reader thread
+    (answers, a broken connection), the expiry thread, or the sender (a failed write).
+    Large payloads go through the sending side's lane (see lane), opened once the connection
+    carries a payload of LANE_MIN_BYTES or more, where the receiver maps lanes. `answered`:
+    whether any answer came back on the connection."""
 
     lane: LaneWriter | None = None
     answered = False
-    pending: dict[int, Done]
-    on_bytes: Callable[[int], None] | None
     _lane_lock = threading.Lock()   # one lane opened at a time, whichever connection
-
-    def _pop(self, request_id: int) -> Done | None:
-        return self.pending.pop(request_id, None)
-
-    def _take(self, frame: Frame) -> TierError | None:
-        """Hand an answer frame to its request; returns the error that ends the connection
-        (a request frame, a refusal), if any."""
-        if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
-            return TierError(grpc.StatusCode.UNAVAILABLE,
-                             "connection lost (request frame sent to a client)")
-        refusal = _refusal(frame)
-        if refusal is not None:
-            return refusal
-        self.answered = True
-        if self.lane is not None:
-            self.lane.release(frame.request_id)
-        callback = self._pop(frame.request_id)
-        if callback is not None:  # None: expired meanwhile, the caller has its answer
-            _deliver(frame, callback, self.on_bytes)
-        return None
-
-    def expire(self, request_id: int) -> None:
-        callback = self._pop(request_id)
-        if callback is not None:
-            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
-
-    def _through_lane(self, request_id: int, parts: list) -> list:
-        """`parts` with the payload moved into the lane, where it can go; else `parts`.
-        (A payload sent inline may be a view of the lane this tier received it in; if the
-        send blocks past its request's deadline, the upstream may reuse that slot while
-        bytes still leave from it: the next tier then gets a torn tensor, but its answer is
-        thrown away, the request having failed already.)"""
-        lane = self.lane
-        if lane is not None:
-            return lane.place(request_id, parts) or parts
-        if self.lanes:
-            payload = sum(memoryview(p).nbytes for p in parts[1:])
-            if payload >= LANE_MIN_BYTES:
-                with self._lane_lock:   # senders on several threads: one lane, one LANE_OPEN
-                    opening, self.lanes = self.lanes, False
-                if opening:
-                    self._open_lane(payload)
-        return parts
-
-    def _open_lane(self, payload: int) -> None:
-        try:
-            lane = LaneWriter(payload)
-        except OSError as error:   # no /dev/shm, or too little room in it
-            log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
-            return
-        self.lane = lane
-        self.send(lambda rid: encode_meta(LANE_OPEN, rid, lane.open_meta()),
-                  LANE_OPEN_TIMEOUT_S,
-                  lambda outcome: lane.attached(not isinstance(outcome, Exception)))
-
-    def _close_lane(self) -> None:
-        if self.lane is not None:
-            self.lane.close()
-
-
-class LinkConnection(_Connection):
-    """One connection to a LinkServer. `send()` from any thread; `done(outcome)` is called
-    once per request, with the answer's arrays or a TierError, from the reader thread
-    (answers, a broken connection), the expiry thread, or the sender (a failed write)."""
-
-    threaded = True
 
     def __init__(self, sock: socket.socket, expiry: Expiry,
                  on_bytes: Callable[[int], None] | None = None, lanes: bool = False):
@@ -339,99 +272,57 @@ class LinkConnection(_Connection):
         self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))
         self._reader.join(1.0)
 
+    def _take(self, frame: Frame) -> TierError | None:
+        """Hand an answer frame to its request; returns the error that ends the connection
+        (a request frame, a refusal), if any."""
+        if frame.kind != ANSWER:  # before its request leaves `pending`: fail() has it
+            return TierError(grpc.StatusCode.UNAVAILABLE,
+                             "connection lost (request frame sent to a client)")
+        refusal = _refusal(frame)
+        if refusal is not None:
+            return refusal
+        self.answered = True
+        if self.lane is not None:
+            self.lane.release(frame.request_id)
+        callback = self.pending.pop(frame.request_id, None)
+        if callback is not None:  # None: expired meanwhile, the caller has its answer
+            _deliver(frame, callback, self.on_bytes)
+        return None
 
-class LoopConnection(_Connection):
-    """A connection driven by an asyncio loop, for a tier whose requests start on the loop
-    (the entry tier: gRPC handlers). Answers are read when the loop sees the socket readable,
-    so `done` runs on the loop with no reader thread and no hand-off between threads; writes
-    that do not fit the socket buffer wait for it to drain (the loop never blocks). Deadlines
-    are loop timers. Use from the loop's thread only."""
+    def expire(self, request_id: int) -> None:
+        callback = self.pending.pop(request_id, None)
+        if callback is not None:
+            _call(callback, TierError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
 
-    threaded = False
+    def _through_lane(self, request_id: int, parts: list) -> list:
+        """`parts` with the payload moved into the lane, where it can go; else `parts`.
+        (A payload sent inline may be a view of the lane this tier received it in; if the
+        send blocks past its request's deadline, the upstream may reuse that slot while
+        bytes still leave from it: the next tier then gets a torn tensor, but its answer is
+        thrown away, the request having failed already.)"""
+        lane = self.lane
+        if lane is not None:
+            return lane.place(request_id, parts) or parts
+        if self.lanes:
+            payload = sum(memoryview(p).nbytes for p in parts[1:])
+            if payload >= LANE_MIN_BYTES:
+                with self._lane_lock:   # senders on several threads: one lane, one LANE_OPEN
+                    opening, self.lanes = self.lanes, False
+                if opening:
+                    self._open_lane(payload)
+        return parts
 
-    def __init__(self, sock: socket.socket, loop, on_bytes: Callable[[int], None] | None = None,
-                 lanes: bool = False):
-        nodelay(sock)
-        sock.setblocking(False)
-        self.sock, self.loop, self.on_bytes = sock, loop, on_bytes
-        self.lanes = lanes
-        self.fd = sock.fileno()
-        self.reader = FrameReader(sock)
-        self.pending: dict[int, Done] = {}
-        self.timers: dict[int, object] = {}
-        self.error: TierError | None = None
-        self._ids = itertools.count(1)
-        self._backlog: list[memoryview] = []   # bytes waiting for the socket to drain
-        loop.add_reader(self.fd, self._readable)
-
-    def send(self, parts_for: Callable[[int], list], timeout: float | None, done: Done) -> None:
-        if self.error is not None:
-            done(self.error)
-            return
-        request_id = next(self._ids)
-        parts = self._through_lane(request_id, parts_for(request_id))
-        self.pending[request_id] = done
-        if timeout is not None:
-            self.timers[request_id] = self.loop.call_later(timeout, self.expire, request_id)
-        views = [memoryview(p) for p in parts]
-        if self._backlog:
-            self._backlog.extend(views)
-        else:
-            self._write(views)
-
-    def _write(self, views: list[memoryview]) -> None:
+    def _open_lane(self, payload: int) -> None:
         try:
-            rest = send_nowait(self.sock, views)
-        except OSError as error:
-            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({error})"))
+            lane = LaneWriter(payload)
+        except OSError as error:   # no /dev/shm, or too little room in it
+            log(f"tensor link: no shared-memory lane ({error}); payloads go inline")
             return
-        if rest:
-            if not self._backlog:
-                self.loop.add_writer(self.fd, self._writable)
-            self._backlog = rest
+        self.lane = lane
+        self.send(lambda rid: encode_meta(LANE_OPEN, rid, lane.open_meta()),
+                  LANE_OPEN_TIMEOUT_S,
+                  lambda outcome: lane.attached(not isinstance(outcome, Exception)))
 
-    def _writable(self) -> None:
-        views, self._backlog = self._backlog, []
-        self.loop.remove_writer(self.fd)
-        if views and self.error is None:
-            self._write(views)
-
-    def _readable(self) -> None:
-        try:
-            frames = self.reader.poll()
-        except EOFError:
-            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, "connection closed by the peer"))
-            return
-        except (OSError, FrameError) as failure:
-            self.fail(TierError(grpc.StatusCode.UNAVAILABLE, f"connection lost ({failure})"))
-            return
-        for frame in frames:
-            ended = self._take(frame)
-            if ended is not None:
-                self.fail(ended)
-                return
-
-    def _pop(self, request_id: int) -> Done | None:
-        timer = self.timers.pop(request_id, None)
-        if timer is not None:
-            timer.cancel()   # (harmless where it is the timer firing)
-        return self.pending.pop(request_id, None)
-
-    def fail(self, error: TierError) -> None:
-        if self.error is None:
-            self.error = error
-            self._close_lane()
-            self.loop.remove_reader(self.fd)
-            if self._backlog:
-                self.loop.remove_writer(self.fd)
-            self._backlog = []
-            self.sock.close()
-        for timer in self.timers.values():
-            timer.cancel()
-        self.timers.clear()
-        pending, self.pending = self.pending, {}
-        for callback in pending.values():
-            _call(callback, self.error)
-
-    def close(self) -> None:
-        self.fail(TierError(grpc.StatusCode.CANCELLED, "link closed"))
+    def _close_lane(self) -> None:
+        if self.lane is not None:
+            self.lane.close()

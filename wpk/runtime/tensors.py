@@ -6,7 +6,7 @@ it into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -85,12 +85,3 @@ def array_from_typed(model: str, name: str, datatype: str, shape: Sequence[int],
         raise TensorError(f"model {model!r} input {name!r}: {field} holds {len(values)} "
                           f"values, shape {shape_text(shape)} needs {count}")
     return np.asarray(values, dtype=dtype_of(datatype)).reshape(shape)
-
-
-def raw_bytes(array: np.ndarray) -> bytes:
-    """Row-major bytes of `array` (one copy at most)."""
-    return np.ascontiguousarray(array).tobytes()
-
-
-def select(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-    return {name: arrays[name] for name in names}

@@ -35,9 +35,9 @@ from wpk.runtime.codecs import Codec
 from wpk.runtime.cpus import usable_cores
 from wpk.runtime.metrics import TierMetrics
 from wpk.runtime.client import InferenceClient
-from wpk.runtime.next_tier import LINKS, GrpcLink, NextTier, TcpLink
+from wpk.runtime.next_tier import GrpcLink, NextTier, TcpLink, link_kind
 from wpk.runtime.slice import load_batched_runner, load_runner
-from wpk.runtime.status import TierError
+from wpk.runtime.status import TierError, failure
 from wpk.runtime.tensors import served_spec
 from wpk.tensor_spec import TensorSpec
 
@@ -80,7 +80,7 @@ class TierCore:
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  batching: BatchPolicy | None = None):
         """`link`: "tcp", the tensor link to the next tier (and from the previous one, see
-        server); "grpc": gRPC streams only. With TLS (`channel_credentials`) it is gRPC.
+        server); with TLS (`channel_credentials`) it is gRPC (see next_tier.link_kind).
         `batching`: run requests that arrive together as one batch (see batching.py)."""
         self.plan = plan
         self.tier = plan.tier(tier)
@@ -103,8 +103,7 @@ class TierCore:
             warnings.warn(f"tier {tier!r} forwards nothing to a next tier: --next "
                           f"{next_address} is not used")
         self.next_address = next_address if self.tier.forward else None
-        refuse_unknown_choice(link, LINKS, "link")
-        self.link_kind = "grpc" if channel_credentials is not None else link
+        self.link_kind = link_kind(link, channel_credentials is not None)
         self.link: NextTier | None = None
         self.codec = Codec.parse(plan.links[index].codec) if self.next_tier else Codec()
         self.next_model = f"{self.name}.{self.next_tier}" if self.next_tier else ""
@@ -210,20 +209,18 @@ class TierCore:
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
         """On the serving loop: the batcher, and the link to the next tier (connected on
-        first use; the entry tier's requests start on the loop: its link is loop-driven)."""
+        first use)."""
         self.loop = asyncio.get_running_loop()
         if self.batching is not None:
             self.batcher = Batcher(self._run_batch, self.batching, lambda: TierError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.where}: deadline exceeded while "
                 f"waiting for a batch"))
         if self.next_address:
-            client = InferenceClient(self.next_address, stream=True,
-                                     credentials=self.channel_credentials,
+            client = InferenceClient(self.next_address, credentials=self.channel_credentials,
                                      server_name=self.next_tier)
             self.link = GrpcLink(client, self.codec, self.metrics, self.loop)
             if self.link_kind == "tcp":
-                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics,
-                                    on_loop=self.entry)
+                self.link = TcpLink(self.next_address, self.link, self.codec, self.metrics)
         self.serving = True
 
     async def stop(self) -> None:
@@ -263,13 +260,14 @@ class TierCore:
 
     def infer_here(self, model: ServedModel, arrays: Arrays, deadline: float | None,
                    pipeline: bool, done: Callable[[Arrays | TierError], None]) -> None:
-        """`infer` from a connection's thread: the slice runs in it (or in a batch), the
-        forward leaves from it, `done` gets the outcome from whichever thread has it."""
-        if self.batcher is not None:   # this thread waits for its batch
-            produced = asyncio.run_coroutine_threadsafe(
-                self._run_slice(arrays, deadline), self.loop).result()
-        else:
-            produced = self._slice(arrays, deadline)
+        """`infer` from a connection's thread: the slice runs in it, the forward leaves from
+        it, `done` gets the outcome from whichever thread has it. A batching tier instead
+        hands the request to the loop and returns at once, so that the connection's next
+        requests join the same batch (one upstream tier sends all its requests over one
+        connection)."""
+        if self.batcher is not None:
+            return self._infer_on_loop(model, arrays, deadline, pipeline, done)
+        produced = self._slice(arrays, deadline)
         if not pipeline:
             return done({n: produced[n] for n in model.outputs})
         results, forward = self._split(produced)
@@ -285,6 +283,17 @@ class TierCore:
 
         assert self.link is not None
         self.link.submit(self.next_model, forward, timeout, answered)
+
+    def _infer_on_loop(self, model: ServedModel, arrays: Arrays, deadline: float | None,
+                       pipeline: bool, done: Callable[[Arrays | TierError], None]) -> None:
+        def finished(running) -> None:
+            error = running.exception()
+            if error is None:
+                return done(running.result())
+            done(failure(error, self.where))
+
+        asyncio.run_coroutine_threadsafe(self.infer(model, arrays, deadline, pipeline),
+                                         self.loop).add_done_callback(finished)
 
     async def _run_slice(self, arrays: Arrays, deadline: float | None = None) -> Arrays:
         """Slice outputs plus the tier's inputs (passthrough tensors), on the loop or in a

@@ -76,13 +76,9 @@ class Prebuilt:
 
 
 def serialize(message) -> bytes:
-    """gRPC serializer accepting protobuf messages, Prebuilt ones and bytes already
-    serialized (what an `StreamWriter` writes)."""
-    kind = type(message)
-    if kind is Prebuilt:
+    """gRPC serializer accepting protobuf messages and Prebuilt ones."""
+    if type(message) is Prebuilt:
         return message.serialize()
-    if kind is bytes:
-        return message
     return message.SerializeToString()
 
 
@@ -103,13 +99,15 @@ def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _split(data: bytes, start: int, end: int, field: int) -> tuple[list[tuple[int, int]],
-                                                                  list[tuple[int, int]]]:
+Spans = list[tuple[int, int]]
+
+
+def _split(data: bytes, field: int) -> tuple[Spans, Spans]:
     """(value spans of length-delimited `field`, spans of every other field's bytes) in
-    data[start:end]; raises _Malformed where the wire format breaks."""
-    found: list[tuple[int, int]] = []
-    rest: list[tuple[int, int]] = []
-    pos = start
+    `data`; raises _Malformed where the wire format breaks."""
+    found: Spans = []
+    rest: Spans = []
+    pos, end = 0, len(data)
     while pos < end:
         tag_start = pos
         tag, pos = _varint(data, pos, end)
@@ -140,12 +138,6 @@ def _split(data: bytes, start: int, end: int, field: int) -> tuple[list[tuple[in
     return found, rest
 
 
-def _join(data: bytes, spans: list[tuple[int, int]]) -> bytes:
-    if len(spans) == 1 and spans[0] == (0, len(data)):
-        return data
-    return b"".join(data[a:b] for a, b in spans)
-
-
 class Received:
     """A parsed protobuf `message` plus its raw contents as `buffers` (memoryviews of the
     received bytes), exposed under the raw-contents field's name; every other attribute is
@@ -168,68 +160,27 @@ class Received:
         setattr(self.message, name, value)
 
 
-def _parse_raw(cls, data: bytes, start: int, end: int, field: int, raw_name: str):
-    found, rest = _split(data, start, end, field)
-    view = memoryview(data)
-    rest_bytes = b"".join(data[a:b] for a, b in rest)
-    return Received(cls.FromString(rest_bytes), raw_name,
-                    [view[a:b] for a, b in found], end - start)
+def _parser(cls, field: int, raw_name: str) -> Callable[[bytes], object]:
+    """gRPC deserializer for `cls` that leaves the entries of raw-contents `field` in the
+    received bytes (a `Received`); protobuf parses the rest, and anything malformed whole."""
+
+    def parse(data: bytes):
+        try:
+            found, rest = _split(data, field)
+        except _Malformed:
+            return cls.FromString(data)
+        view = memoryview(data)
+        return Received(cls.FromString(b"".join(data[a:b] for a, b in rest)), raw_name,
+                        [view[a:b] for a, b in found], len(data))
+
+    return parse
 
 
 def request_parser(cls) -> Callable[[bytes], object]:
-    """gRPC deserializer for ModelInferRequest (class `cls`) reading raw inputs in place."""
-
-    def parse(data: bytes):
-        try:
-            return _parse_raw(cls, data, 0, len(data), RAW_INPUT_FIELD, "raw_input_contents")
-        except _Malformed:
-            return cls.FromString(data)
-
-    return parse
+    """For ModelInferRequest (class `cls`): raw inputs read in place."""
+    return _parser(cls, RAW_INPUT_FIELD, "raw_input_contents")
 
 
 def response_parser(cls) -> Callable[[bytes], object]:
-    """gRPC deserializer for ModelInferResponse (class `cls`) reading raw outputs in place."""
-
-    def parse(data: bytes):
-        try:
-            return _parse_raw(cls, data, 0, len(data), RAW_OUTPUT_FIELD,
-                              "raw_output_contents")
-        except _Malformed:
-            return cls.FromString(data)
-
-    return parse
-
-
-class _StreamResponse:
-    """A ModelStreamInferResponse whose `infer_response` is a `Received`."""
-
-    __slots__ = ("error_message", "infer_response")
-
-    def __init__(self, error_message: str, infer_response):
-        self.error_message = error_message
-        self.infer_response = infer_response
-
-    def HasField(self, name: str) -> bool:  # noqa: N802 (protobuf's name)
-        return name == "infer_response" or (name == "error_message" and bool(self.error_message))
-
-
-def stream_response_parser(outer_cls, inner_cls) -> Callable[[bytes], object]:
-    """gRPC deserializer for ModelStreamInferResponse reading the raw outputs of its
-    `infer_response` in place. Falls back to protobuf when the message is not the plain
-    shape (one infer_response)."""
-
-    def parse(data: bytes):
-        try:
-            found, rest = _split(data, 0, len(data), STREAM_RESPONSE_FIELD)
-            if len(found) != 1:
-                return outer_cls.FromString(data)
-            start, end = found[0]
-            inner = _parse_raw(inner_cls, data, start, end, RAW_OUTPUT_FIELD,
-                               "raw_output_contents")
-            error_message = outer_cls.FromString(_join(data, rest)).error_message if rest else ""
-            return _StreamResponse(error_message, inner)
-        except _Malformed:
-            return outer_cls.FromString(data)
-
-    return parse
+    """For ModelInferResponse (class `cls`): raw outputs read in place."""
+    return _parser(cls, RAW_OUTPUT_FIELD, "raw_output_contents")

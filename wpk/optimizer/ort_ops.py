@@ -743,8 +743,28 @@ def original_convs(optimized: onnx.ModelProto, model: onnx.ModelProto, consts: d
     return found
 
 
+@dataclass(frozen=True)
+class ConvOrigins:
+    """`model`'s initializers, static shapes, and the Conv behind each NCHWc Conv of
+    `optimized` (`original_convs`): what every NCHWc site finder starts from, made once
+    per search (matching weights sorts every Conv weight)."""
+
+    consts: dict
+    shapes: dict
+    originals: dict
+
+    @classmethod
+    def of(cls, optimized: onnx.ModelProto, model: onnx.ModelProto) -> "ConvOrigins":
+        from wpk.optimizer.kernels import load_initializers
+        from wpk.optimizer.selection import shapes_of
+
+        consts, shapes = load_initializers(model), shapes_of(model)
+        return cls(consts, shapes, original_convs(optimized, model, consts, shapes))
+
+
 def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
-                split: str = "tiles", threads: int | None = None) -> list:
+                split: str = "tiles", threads: int | None = None,
+                origins: ConvOrigins | None = None) -> list:
     """KernelSpecs (layout "nchwc") for the 3x3 stride-1 NCHWc convolutions of `optimized`,
     ONNX Runtime's own saved graph of `model` at level 'all'.
 
@@ -752,11 +772,8 @@ def nchwc_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, m: int = 4,
     come from the Conv of `model` they were made from (`original_convs`). A fused Sum input
     is the residual; activation Relu is fused too.
     """
-    from wpk.optimizer.kernels import load_initializers
-    from wpk.optimizer.selection import shapes_of
-
-    consts, shapes = load_initializers(model), shapes_of(model)
-    originals = original_convs(optimized, model, consts, shapes)
+    origins = origins or ConvOrigins.of(optimized, model)
+    shapes, originals = origins.shapes, origins.originals
     specs = []
     for node in optimized.graph.node:
         if node.name not in originals or len(node.input) < 3:
@@ -814,15 +831,12 @@ def _nchwc_winograd_site(node: onnx.NodeProto,
 
 
 def direct_sites(optimized: onnx.ModelProto, model: onnx.ModelProto,
-                 threads: int | None = None) -> list:
+                 threads: int | None = None, origins: ConvOrigins | None = None) -> list:
     """KernelSpecs (op "nchwc_direct") for the ungrouped NCHWc convolutions of `optimized`
     (ONNX Runtime's saved graph of `model` at level 'all') in whole 16-channel blocks, with
     their fused Sum (residual) and activation; original weights as in `nchwc_sites`."""
-    from wpk.optimizer.kernels import load_initializers
-    from wpk.optimizer.selection import shapes_of
-
-    consts, shapes = load_initializers(model), shapes_of(model)
-    originals = original_convs(optimized, model, consts, shapes)
+    origins = origins or ConvOrigins.of(optimized, model)
+    shapes, originals = origins.shapes, origins.originals
     specs = []
     for node in optimized.graph.node:
         if node.name in originals and len(node.input) >= 3:
@@ -950,13 +964,12 @@ class _NchwcGraph:
     asks of it: the original Conv behind each NCHWc Conv, each tensor's producer and readers,
     and the activations ONNX Runtime fused."""
 
-    def __init__(self, optimized: onnx.ModelProto, model: onnx.ModelProto) -> None:
-        from wpk.optimizer.kernels import load_initializers
-        from wpk.optimizer.selection import shapes_of
-
+    def __init__(self, optimized: onnx.ModelProto, model: onnx.ModelProto,
+                 origins: ConvOrigins | None = None) -> None:
+        origins = origins or ConvOrigins.of(optimized, model)
         self.optimized, self.model = optimized, model
-        self.consts, self.shapes = load_initializers(model), shapes_of(model)
-        self.originals = original_convs(optimized, model, self.consts, self.shapes)
+        self.consts, self.shapes, self.originals = origins.consts, origins.shapes, \
+            origins.originals
         self.producer = {o: n for n in optimized.graph.node for o in n.output}
         self.readers = _readers(optimized)
         self.consumers = {tensor: len(nodes) for tensor, nodes in self.readers.items()}
@@ -1005,7 +1018,8 @@ class _NchwcGraph:
 
 
 def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int = 1,
-                    threads: int | None = None, project: bool = False) -> list:
+                    threads: int | None = None, project: bool = False,
+                    origins: ConvOrigins | None = None) -> list:
     """KernelSpecs (op "nchwc_depthwise") for the depthwise NCHWc convolutions of `optimized`
     (ONNX Runtime's saved graph of `model` at level 'all'), each fused with the 1x1 NCHWc
     expansion convolution that feeds it where that convolution has no other consumer.
@@ -1015,7 +1029,7 @@ def depthwise_sites(optimized: onnx.ModelProto, model: onnx.ModelProto, hb: int 
 
     As in `nchwc_sites`, the original weights come from `original_convs`.
     """
-    graph = _NchwcGraph(optimized, model)
+    graph = _NchwcGraph(optimized, model, origins)
     specs = []
     for node in optimized.graph.node:
         spec = _depthwise_site(graph, node, hb, threads, project)

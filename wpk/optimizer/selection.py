@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnx
@@ -19,6 +19,9 @@ from wpk.optimizer.measure import compare_ms
 from wpk.optimizer.search import Evaluator
 from wpk.optimizer.space import Config
 from wpk.optimizer.session import make_session
+
+if TYPE_CHECKING:   # ort_ops imports this module: only for the annotation
+    from wpk.optimizer.ort_ops import ConvOrigins
 
 
 @dataclass
@@ -400,18 +403,23 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         return None
     if isa == "portable":
         kinds = tuple(k for k in kinds if k == "direct")
-    sites = (ort_ops.nchwc_sites(offline, model) if "winograd" in kinds else []) + \
-        (ort_ops.depthwise_sites(offline, model) if "nchwc_depthwise" in kinds else []) + \
+    nchwc = {"winograd", "nchwc_depthwise"} & set(kinds) or \
+        ("direct" in kinds and isa != "portable")
+    # the Convs behind ONNX Runtime's NCHWc Convs, found once for every finder below
+    origins = ort_ops.ConvOrigins.of(offline, model) if nchwc else None
+    sites = (ort_ops.nchwc_sites(offline, model, origins=origins)
+             if "winograd" in kinds else []) + \
+        (ort_ops.depthwise_sites(offline, model, origins=origins)
+         if "nchwc_depthwise" in kinds else []) + \
         (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else [])
-    sparse = sparse_sites(offline, model, gemms_only=isa == "portable") \
+    sparse = sparse_sites(offline, model, gemms_only=isa == "portable", origins=origins) \
         if "direct" in kinds else {}
     sites += [site for node, site in sparse.items()
               if not any(s.node == node for s in sites)]
     if not sites:
         return None
-    projected = {s.params["name"]: s for s in ort_ops.depthwise_sites(offline, model,
-                                                                       project=True)} \
-        if "nchwc_depthwise" in kinds else {}
+    projected = {s.params["name"]: s for s in ort_ops.depthwise_sites(
+        offline, model, project=True, origins=origins)} if "nchwc_depthwise" in kinds else {}
     pool, by_site = _variant_pool(sites, projected, variants, sparse)
     descent = _Descent(offline, session_config, feed, output_names, margin, sites, pool,
                        by_site, isa)
@@ -426,7 +434,8 @@ SPARSE_KEPT = 0.8   # a convolution is a sparse site where its kernel keeps at m
 
 
 def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
-                 gemms_only: bool = False) -> dict[str, KernelSpec]:
+                 gemms_only: bool = False, origins: ConvOrigins | None = None
+                 ) -> dict[str, KernelSpec]:
     """The direct convolution and GEMM sites (by node) whose weights let the kernel skip
     enough zero rows (tile-wise, block or channel sparsity, `direct_conv.kept_fraction`);
     dense weights are left to ONNX Runtime's own kernels, which run near this CPU's peak.
@@ -436,7 +445,7 @@ def sparse_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
     if not any(_zero_share(init) >= 1 - SPARSE_KEPT for init in model.graph.initializer):
         return {}           # no weight could qualify: skip the site finders' work
     found = {}
-    convolutions = [] if gemms_only else ort_ops.direct_sites(offline, model)
+    convolutions = [] if gemms_only else ort_ops.direct_sites(offline, model, origins=origins)
     for site in convolutions + ort_ops.gemm_sites(offline, model):
         shape = direct_conv.direct_shape(site.params)
         groups = direct_conv.groups_for(shape, site.weights["Wt"])

@@ -120,6 +120,21 @@ def test_a_slice_that_fixes_its_batch_size_is_refused_in_one_line():
     assert "\n" not in message and "tier 'edge'" in message and "--max-batch" in message
 
 
+def _all_at_once(count: int, call) -> dict[int, object]:
+    """call(0) .. call(count - 1), each from its own thread, all started together: the
+    answers by index (a caller that failed or hung has none)."""
+    results: dict[int, object] = {}
+
+    def run(index: int) -> None:
+        results[index] = call(index)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
 def test_tier_batches_concurrent_callers_over_grpc(plans):
     """The resnet plan's edge tier with --max-batch 8: twelve callers at once each get what
     the edge slice computes on their own input, in fewer slice runs than requests."""
@@ -134,16 +149,8 @@ def test_tier_batches_concurrent_callers_over_grpc(plans):
         feeds = [{name: np.random.default_rng(seed).standard_normal(
             tensors[name].shape).astype(tensors[name].dtype) for name in edge.inputs}
             for seed in range(12)]
-        results: dict[int, object] = {}
-
-        def call(index: int) -> None:
-            results[index] = triton_infer(pipeline.address["edge"],
-                                          f"{pipeline.plan.name}.edge", feeds[index])
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        results = _all_at_once(12, lambda i: triton_infer(
+            pipeline.address["edge"], f"{pipeline.plan.name}.edge", feeds[i]))
         assert sorted(results) == list(range(12))
         for index, feed in enumerate(feeds):
             slice_feeds = {n: feed[n] for n in edge.slice_inputs}
@@ -177,15 +184,8 @@ def test_a_tier_batches_what_the_tier_before_sends_over_one_tensor_link(plans):
     try:
         edge = pipeline.services["edge"]
         feeds = [model_feeds(plan_dir, seed) for seed in range(12)]
-        results: dict[int, object] = {}
-
-        def call(index: int) -> None:
-            results[index] = triton_infer(pipeline.entry, pipeline.plan.name, feeds[index])
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        results = _all_at_once(12, lambda i: triton_infer(pipeline.entry, pipeline.plan.name,
+                                                          feeds[i]))
         assert sorted(results) == list(range(12))
         for index, feed in enumerate(feeds):
             for name, want in reference(plan_dir, feed).items():

@@ -109,7 +109,10 @@ def _input_dependent(graph) -> set[str]:
     return found
 
 
-def plot_reconstructions(graph, samples, names: list[str], path: Path, count: int = 5) -> None:
+def plot_reconstructions(graph, samples, names: list[str], path: Path, count: int = 5,
+                         learned: bool = False, steps: int = 300) -> None:
+    """Held-out crops and their reconstructions from each tensor of `names`: by the ridge
+    decoder, or with `learned` by the convolutional one (`--attack conv`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,10 +120,21 @@ def plot_reconstructions(graph, samples, names: list[str], path: Path, count: in
     from wpk.partitioner import leakage
 
     attack = leakage.Attack.of(graph, samples)
-    grams = leakage.fetch_grams(graph, samples, names)
     shape = (len(attack.test),) + attack.image
+    rebuilt: dict[str, np.ndarray] = {}
+    if learned:
+        from wpk.partitioner.leakage_decoder import conv_reconstruct
+
+        def keep(name, features):
+            values = features.reshape((len(features),) + graph.tensors[name].shape[1:])
+            rebuilt[name] = conv_reconstruct(values, attack.inputs, attack.image,
+                                             attack.train, attack.test, steps)
+        leakage.fetch_grams(graph, samples, names, on_features=keep)
+    else:
+        grams = leakage.fetch_grams(graph, samples, names)
+        rebuilt = {name: attack.reconstruct(grams[name]) for name in names}
     rows = [("input", attack.inputs[attack.test].reshape(shape))] + [
-        (name, attack.reconstruct(grams[name]).reshape(shape)) for name in names]
+        (name, rebuilt[name].reshape(shape)) for name in names]
     fig, axes = plt.subplots(len(rows), count, figsize=(1.8 * count, 1.9 * len(rows)))
     for r, (label, images) in enumerate(rows):
         for c in range(count):
@@ -129,7 +143,8 @@ def plot_reconstructions(graph, samples, names: list[str], path: Path, count: in
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=7)
-    fig.suptitle("held-out crops and their ridge reconstructions from a cut tensor", fontsize=9)
+    fig.suptitle(f"held-out crops and their {'learned (conv)' if learned else 'ridge'} "
+                 f"reconstructions from a cut tensor", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -211,6 +226,10 @@ def main() -> int:
                      "device-edge=100mbit,5ms", 0.5)
     compared = conv_comparison(graph, samples, report, args.conv, args.decoder_steps) \
         if args.conv and not _missing(("torch",)) else []
+    if compared:
+        plot_reconstructions(graph, samples, [shallow, compared[1]["tensor"], deep],
+                             args.out / "privacy-reconstruction-conv-ppocr-det.png",
+                             learned=True, steps=args.decoder_steps)
     for row in compared:
         print(json.dumps(row), flush=True)
     if args.json:

@@ -307,13 +307,15 @@ def test_sessions_come_and_go_without_leaking_kernel_scratch(tmp_path):
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
-    for _ in range(5):
+    # RSS also moves with what earlier tests left in this process (allocator arenas filling
+    # up once): judge the growth of the last 100 sessions, after 120 have run
+    for _ in range(120):
         one_session()
     before = resident_mb()
-    for _ in range(200):
+    for _ in range(100):
         one_session()
-    # leaking the scratch of each thread would be 35 MB here
-    assert resident_mb() - before < 10
+    # leaking the scratch of each thread would be 17.5 MB here
+    assert resident_mb() - before < 6
 
 
 def test_the_profiler_names_every_chosen_kernel_and_the_nodes_it_replaces(tmp_path):

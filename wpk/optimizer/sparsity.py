@@ -14,9 +14,9 @@ What is found, per weight (`detect`):
   - N:M: every group of M consecutive weights along K holds at most N non-zeros (M in 4, 8,
     16; K a multiple of M); the smallest N that holds exactly, for the M that gives the
     highest guaranteed sparsity 1 - N/M.
-  - tile-wise (Guo et al., SC 2020): B's non-zero columns, in order, cut into tiles of G;
-    inside a tile whole rows (one k, G outputs) are zero, and whole columns are zero
-    globally. The largest G (of 256 .. 4) whose zero columns and tile-rows hold at least
+  - tile-wise (Guo et al., SC 2020): B's columns cut into tiles of G (at multiples of G,
+    as wpk-prune cuts them, or the non-zero columns packed in order); inside a tile whole
+    rows (one k, the tile's live outputs) are zero, and whole columns are zero globally. The largest G (of 256 .. 4) whose zero columns and tile-rows hold at least
     EXPLAINED of the weight's zeros, when whole-matrix rows (G = all columns, i.e. input
     channels) do not already.
   - channel: whole output units (rows of W) and whole input positions (columns of W) that
@@ -128,15 +128,18 @@ def nm_holds(matrix: np.ndarray, m: int) -> int | None:
 
 def tile_zero_count(matrix: np.ndarray, width: int) -> tuple[int, int]:
     """(weights in all-zero output units, weights in all-zero tile-rows of the remaining
-    units), tiles of `width` consecutive non-zero output units (rows of W)."""
+    units). Tiles are `width` output units (rows of W) either at multiples of `width` (as
+    wpk-prune cuts them) or over the non-zero units packed in order (as Guo et al. describe
+    it); the layout that explains more zeros counts."""
     zero = matrix == 0
     dead = zero.all(axis=1)
     in_columns = int(dead.sum()) * matrix.shape[1]
     alive = zero[~dead]
-    in_rows = 0
-    for start in range(0, alive.shape[0], width):
-        tile = alive[start:start + width]
-        in_rows += int(tile.all(axis=0).sum()) * tile.shape[0]
+    packed = [alive[start:start + width] for start in range(0, alive.shape[0], width)]
+    aligned = [zero[start:start + width][~dead[start:start + width]]
+               for start in range(0, zero.shape[0], width)]
+    in_rows = max(sum(int(tile.all(axis=0).sum()) * tile.shape[0] for tile in tiles if tile.size)
+                  for tiles in (packed, aligned))
     return in_columns, in_rows
 
 

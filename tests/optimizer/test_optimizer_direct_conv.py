@@ -60,6 +60,16 @@ def _conv_model(c, k, h, w, kernel, stride, pads, weight, residual=False, act="R
     return onnx.shape_inference.infer_shapes(model)
 
 
+def _custom_op_session(library, model: onnx.ModelProto) -> ort.InferenceSession:
+    """`model` (with our custom operators) in ONNX Runtime, the library registered and no
+    graph optimization (the model is ONNX Runtime's saved graph already)."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
 def _offline(model, tmp_path):
     onnx.save(model, str(tmp_path / "m.onnx"))
     passes.ort_offline_optimize(tmp_path / "m.onnx", tmp_path / "m.ort.onnx")
@@ -89,13 +99,9 @@ def test_direct_kernel_matches_onnxruntime_inside_its_session(case, tmp_path):
     assert len(sites) == 1 + residual
     assert [s.params["residual"] for s in sites].count(True) == residual
     library = ort_ops.build_library([ort_ops.op_kernel(s, i) for i, s in enumerate(sites)])
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     rewritten = ort_ops.custom_op_model(offline, sites)
     assert [n.op_type for n in rewritten.graph.node].count("DirectConv") == len(sites)
-    session = ort.InferenceSession(rewritten.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = _custom_op_session(library, rewritten)
     feeds = {"X": RNG.standard_normal((1, c, h, w)).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feeds)[0]
@@ -162,11 +168,7 @@ def test_search_takes_sparse_convolutions_and_leaves_dense_ones(tmp_path):
     assert sorted(s.op for s in inside.specs) == ["nchwc_direct", "nchwc_direct"]
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(names, feed)[0]
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(inside.library))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    got = ort.InferenceSession(inside.model.SerializeToString(), options,
-                               providers=["CPUExecutionProvider"]).run(names, feed)[0]
+    got = _custom_op_session(inside.library, inside.model).run(names, feed)[0]
     assert np.linalg.norm(got - expected) <= winograd.TOLERANCE * np.linalg.norm(expected)
 
 
@@ -207,13 +209,9 @@ def test_direct_gemm_matches_onnxruntime_inside_its_session(case, tmp_path):
     sites = ort_ops.gemm_sites(offline, model)
     assert len(sites) == 1 and sites[0].params["layout"] == "rows"
     library = ort_ops.build_library([ort_ops.op_kernel(sites[0], 0)])
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     rewritten = ort_ops.custom_op_model(offline, sites)
     assert [n.op_type for n in rewritten.graph.node].count("DirectGemm") == 1
-    session = ort.InferenceSession(rewritten.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = _custom_op_session(library, rewritten)
     feed = {"X": RNG.standard_normal(session.get_inputs()[0].shape).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]

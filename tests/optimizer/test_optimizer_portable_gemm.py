@@ -13,8 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.optimizer.test_optimizer_direct_conv import (GEMM_CASES, RNG, _gemm_model,
-                                                        _offline, _sparse_cnn, _weight)
+from tests.optimizer.test_optimizer_direct_conv import (GEMM_CASES, RNG, _custom_op_session,
+                                                        _gemm_model, _offline, _sparse_cnn,
+                                                        _weight)
 from wpk.optimizer import build, direct_conv, ort_ops, passes
 from wpk.optimizer.executor import MANIFEST, load
 from wpk.optimizer.pipeline import save_custom_ops
@@ -28,14 +29,6 @@ needs_v3 = pytest.mark.skipif(not V3 or not ort_ops.portable_runs_here()[0],
                               "lacks AVX2/FMA or there is no C compiler")
 
 
-def _session(library, model) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-
-
 @needs_v3
 @pytest.mark.parametrize("case", GEMM_CASES)
 def test_portable_gemm_matches_onnxruntime_inside_its_session(case, tmp_path):
@@ -46,7 +39,8 @@ def test_portable_gemm_matches_onnxruntime_inside_its_session(case, tmp_path):
     sites = ort_ops.gemm_sites(offline, model)
     kernel = ort_ops.op_kernel(sites[0], 0, isa="portable")
     assert kernel.isa == "portable"
-    session = _session(ort_ops.build_library([kernel]), ort_ops.custom_op_model(offline, sites))
+    session = _custom_op_session(ort_ops.build_library([kernel]),
+                                 ort_ops.custom_op_model(offline, sites))
     feed = {"X": RNG.standard_normal(session.get_inputs()[0].shape).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]
@@ -142,7 +136,7 @@ def test_search_offers_only_gemms_in_the_portable_build(tmp_path, monkeypatch):
     assert [s.op for s in inside.specs] == ["direct_gemm"]
     expected = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    got = _session(inside.library, inside.model).run(None, feed)[0]
+    got = _custom_op_session(inside.library, inside.model).run(None, feed)[0]
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
     directory = save_custom_ops(model, inside, tmp_path / "opt")
     segment = json.loads((directory / MANIFEST).read_text())["segments"][0]

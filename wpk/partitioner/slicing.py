@@ -118,10 +118,6 @@ def _session(model: onnx.ModelProto):
                        f"{model.graph.name!r}: {line} (--no-verify skips the check)")
 
 
-def _first_line(error: Exception) -> str:
-    return ort_error_line(error)
-
-
 def run_chain(models: Sequence[onnx.ModelProto | None], pieces: Sequence[TierSlice],
               feeds: Mapping[str, np.ndarray], sessions: list | None = None
               ) -> dict[str, np.ndarray]:
@@ -152,7 +148,7 @@ def verify(graph: Graph, models: Sequence[onnx.ModelProto | None], pieces: Seque
             got = run_chain(models, pieces, feeds, sessions)
         except Exception as error:  # ORT's own exception types
             raise WpkError(f"plan check: ONNX Runtime failed on random inputs: "
-                           f"{_first_line(error)} (--no-verify skips the check)") from None
+                           f"{ort_error_line(error)} (--no-verify skips the check)") from None
         for name in graph.outputs:
             if name not in got:
                 raise WpkError(f"plan check failed: output {name!r} is not produced by any tier")

@@ -2,7 +2,6 @@
 Runtime inside its own session (odd sizes, strides, padding, 5x5, padded input blocks, both
 work splits), the sites are found (and fused only where the expansion has no other reader),
 and a slice optimized with them loads and serves the original outputs."""
-import os
 
 import numpy as np
 import onnx
@@ -281,41 +280,61 @@ def inside_run(inside, feed):
                                 providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
+SESSIONS_COME_AND_GO = """
+import gc, os, sys
+import numpy as np
+import onnxruntime as ort
+
+library, model_file, feed_file = sys.argv[1:4]
+rewritten = open(model_file, "rb").read()
+feed = dict(np.load(feed_file))
+
+
+def one_session():
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(library)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(rewritten, options, providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    del session, options
+    gc.collect()
+
+
+def resident_mb():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+for _ in range(120):
+    one_session()
+before = resident_mb()
+for _ in range(100):
+    one_session()
+print(resident_mb() - before)
+"""
+
+
 def test_sessions_come_and_go_without_leaking_kernel_scratch(tmp_path):
     """Each session loads the library and runs the kernel on its own pool threads; their
-    per-thread scratch (here 88 KB) must go with them, and with the library."""
-    import gc
+    per-thread scratch (here 88 KB) must go with them, and with the library. Measured in a
+    fresh process: the test process's RSS also moves with what earlier tests left in it."""
+    import subprocess
+    import sys
 
     model = depthwise_block(160, 640, 4, 112, 3, 1, (1, 1, 1, 1))
     offline = _offline(model, tmp_path)
     spec = ort_ops.depthwise_sites(offline, model, hb=4, threads=2)[0]
     library = ort_ops.build_library([ort_ops.op_kernel(spec, 0)])
-    rewritten = ort_ops.custom_op_model(offline, [spec]).SerializeToString()
-    feed = _feed(model)
-
-    def one_session():
-        options = ort.SessionOptions()
-        options.register_custom_ops_library(str(library))
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = 2
-        session = ort.InferenceSession(rewritten, options, providers=["CPUExecutionProvider"])
-        session.run(None, feed)
-        del session, options
-        gc.collect()
-
-    def resident_mb():
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-    # RSS also moves with what earlier tests left in this process (allocator arenas filling
-    # up once): judge the growth of the last 100 sessions, after 120 have run
-    for _ in range(120):
-        one_session()
-    before = resident_mb()
-    for _ in range(100):
-        one_session()
-    # leaking the scratch of each thread would be 17.5 MB here
-    assert resident_mb() - before < 6
+    model_file, feed_file = tmp_path / "rewritten.onnx", tmp_path / "feed.npz"
+    model_file.write_bytes(ort_ops.custom_op_model(offline, [spec]).SerializeToString())
+    np.savez(feed_file, **_feed(model))
+    result = subprocess.run([sys.executable, "-c", SESSIONS_COME_AND_GO, str(library),
+                             str(model_file), str(feed_file)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    # growth over the last 100 of 220 sessions; leaking each thread's scratch would be 17.5 MB
+    assert float(result.stdout) < 6
 
 
 def test_the_profiler_names_every_chosen_kernel_and_the_nodes_it_replaces(tmp_path):

@@ -32,20 +32,23 @@ from onnx import helper, numpy_helper
 
 from wpk import settings
 from wpk.errors import WpkError
-from wpk.optimizer import activations, build, channel_scale, depthwise, direct_conv, pool, winograd
+from wpk.optimizer import (activations, build, channel_scale, depthwise, direct_conv, layer_norm,
+                           nan_guard, pool, winograd)
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
 # custom op type per kernel kind (KernelSpec.op)
 OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv",
             "channel_scale": "ChannelScale", "nchwc_direct": "DirectConv",
-            "direct_gemm": "DirectGemm"}
+            "direct_gemm": "DirectGemm", "layer_norm": "LayerNorm", "nan_guard": "NanGuard"}
 # kernel kinds of `direct_conv`'s generator: NCHWc convolutions and row-major GEMMs
 DIRECT_OPS = ("nchwc_direct", "direct_gemm")
+# kernel kinds on plain row-major tensors (any shape of the right size in, `y_shape` out)
+ROW_OPS = ("layer_norm", "nan_guard")
 # kernel kinds a library built without AVX-512 (`portable_simd.py`'s shim) offers: the
-# row-major GEMM only. The others read or write ONNX Runtime's NCHWc tensors, whose blocks
+# row-major ones. The others read or write ONNX Runtime's NCHWc tensors, whose blocks
 # are 16 channels (one __m512) only where ONNX Runtime itself runs on AVX-512.
-PORTABLE_OPS = ("direct_gemm",)
+PORTABLE_OPS = ("direct_gemm", *ROW_OPS)
 # the two builds of a library: "avx512" (x86-64-v4, every kind) and "portable"
 ISAS = ("avx512", "portable")
 LIBRARY_FILE = "wpk_ops.so"
@@ -281,7 +284,8 @@ static OrtStatus* op_compute(void* state, OrtKernelContext* ctx) {
   TRY(float_input(ctx, k, 0, k->y_rank ? NULL : x_dims, 4, k->c * k->h * k->w, "X", &x));
   TRY(float_input(ctx, k, 1, NULL, 0, k->u_size, "U", &u));
   if (k->bias) TRY(float_input(ctx, k, 2, NULL, 0, k->bias, "B", &b));
-  if (k->residual) TRY(float_input(ctx, k, 3, y_dims, 4, k->k * k->oh * k->ow, "R", &r));
+  if (k->residual) TRY(float_input(ctx, k, 3, k->y_rank ? NULL : y_dims, 4,
+                                   k->k * k->oh * k->ow, "R", &r));
   OrtValue* out = NULL;
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_t)(ctx, 0, k->y_rank ? k->y_shape : y_dims,
                                                       k->y_rank ? (size_t)k->y_rank : 4, &out));
@@ -352,6 +356,8 @@ def op_kernel(spec, index: int, isa: str | None = None) -> OpKernel:
     "channel_scale", "nchwc_direct" or "direct_gemm") in build `isa` (default: this
     machine's, `library_isa`; "portable" takes PORTABLE_OPS only)."""
     isa = isa or library_isa() or "avx512"
+    if spec.op in ROW_OPS:
+        return _row_kernel(spec, index, isa)
     if isa == "portable":
         return _portable_kernel(spec, index)
     if spec.op == "channel_scale":
@@ -386,6 +392,23 @@ def op_kernel(spec, index: int, isa: str | None = None) -> OpKernel:
                     s.threads)
 
 
+def _row_kernel(spec, index: int, isa: str) -> OpKernel:
+    """A layer normalization or NaN guard kernel: the same source in both builds (the layer
+    norm's through the portable shim, the guard plain C)."""
+    y_shape = tuple(spec.params["y_shape"])
+    if spec.op == "layer_norm":
+        shape = layer_norm.layer_norm_shape(spec.params)
+        name = f"wpk_layer_norm_{index}"
+        rows = (shape.rows, 1, shape.width)
+        return OpKernel(name, OP_TYPES[spec.op], layer_norm.lower(shape, name), rows, rows,
+                        2 * shape.width, shape.width if shape.bias else 0, shape.skip,
+                        shape.threads, y_shape, isa)
+    shape = nan_guard.nan_guard_shape(spec.params)
+    name = f"wpk_nan_guard_{index}"
+    return OpKernel(name, OP_TYPES[spec.op], nan_guard.lower(shape, name), (shape.size, 1, 1),
+                    (shape.size, 1, 1), 1, 0, False, shape.threads, y_shape, isa)
+
+
 def _portable_kernel(spec, index: int) -> OpKernel:
     """A PORTABLE_OPS kernel for the build without AVX-512."""
     if spec.op not in PORTABLE_OPS:
@@ -407,8 +430,13 @@ def op_parameters(spec) -> tuple[np.ndarray | None, np.ndarray | None]:
     scale, `spec.sources[1]`)."""
     if spec.op == "channel_scale":
         return None, None
+    if spec.op == "nan_guard":
+        return np.ascontiguousarray(spec.weights["fill"], np.float32), None
     bias = spec.weights.get("B")
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    if spec.op == "layer_norm":
+        return np.concatenate([spec.weights["gamma"], spec.weights["beta"]]).astype(
+            np.float32), bias
     if spec.op in DIRECT_OPS:
         shape = direct_conv.direct_shape(spec.params)
         return direct_conv.pack_parameters(shape, spec.weights["Wt"], _direct_groups(spec)), \

@@ -29,8 +29,8 @@ from wpk.optimizer.kernels import load_initializers
 from wpk.optimizer.measure import (DECIDE_SETTLE_S, Ratio, compare_ratio, hardware_id,
                                    load_average, time_ms)
 from wpk.optimizer.search import Evaluator, make_strategy
-from wpk.optimizer.selection import (InsideOrt, OpChoice, build_segments, select_operators,
-                                     select_custom_ops, select_winograd)
+from wpk.optimizer.selection import (ROW_KINDS, InsideOrt, OpChoice, build_segments,
+                                     select_custom_ops, select_operators, select_winograd)
 from wpk.optimizer.session import DEFAULT_SESSION, make_session, session_space
 from wpk.optimizer.space import Config
 
@@ -664,7 +664,7 @@ def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
 
     job, config = run.job, run.config
     progress = job.progress
-    kinds = ("nchwc_depthwise", "channel_scale", "direct") + \
+    kinds = ("nchwc_depthwise", "channel_scale", "direct", *ROW_KINDS) + \
         (("winograd",) if job.options.winograd else ())
     inside = select_custom_ops(job.model, offline, config, job.feeds[0],
                                job.output_names, on_op=lambda name: progress.advance(name),

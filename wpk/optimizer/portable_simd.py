@@ -17,7 +17,8 @@ they stay AVX-512 only (`ort_ops.PORTABLE_OPS`).
 from __future__ import annotations
 
 # every `_mm512_` function the shim defines (a test checks the kernels call no other)
-SHIMMED = ("loadu_ps", "storeu_ps", "set1_ps", "setzero_ps", "add_ps", "mul_ps", "div_ps",
+SHIMMED = ("loadu_ps", "storeu_ps", "set1_ps", "setzero_ps", "add_ps", "sub_ps", "mul_ps",
+           "div_ps",
            "max_ps", "min_ps", "fmadd_ps", "fnmadd_ps", "roundscale_ps", "scalef_ps")
 
 HEADER = r"""#if defined(__AVX512F__)
@@ -53,6 +54,7 @@ WPK_SIMD void _mm512_storeu_ps(void* p, __m512 v) {
 WPK_SIMD __m512 _mm512_set1_ps(float x) { const wpk_vf v = WPK_SPLAT(x); WPK_EACH(v) }
 WPK_SIMD __m512 _mm512_setzero_ps(void) { const wpk_vf v = {0}; WPK_EACH(v) }
 WPK_SIMD __m512 _mm512_add_ps(__m512 a, __m512 b) { WPK_EACH(a.p[i] + b.p[i]) }
+WPK_SIMD __m512 _mm512_sub_ps(__m512 a, __m512 b) { WPK_EACH(a.p[i] - b.p[i]) }
 WPK_SIMD __m512 _mm512_mul_ps(__m512 a, __m512 b) { WPK_EACH(a.p[i] * b.p[i]) }
 WPK_SIMD __m512 _mm512_div_ps(__m512 a, __m512 b) { WPK_EACH(a.p[i] / b.p[i]) }
 /* a * b + c: contracted to FMA instructions where the target has them (GCC's default

@@ -312,6 +312,8 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
         return {"scale": site}
     if site.op in ("nchwc_direct", "direct_gemm"):
         return {"direct": site}
+    if site.op in ("layer_norm", "nan_guard"):
+        return {"row": site}
     if site.op == "nchwc_depthwise":
         blocks = site.params["c"] // 16
         variants = {f"hb{hb}": replace(site, params={**site.params, "hb": hb})
@@ -342,6 +344,8 @@ def preferred_variant(site: KernelSpec, keys: dict[str, int], kernels: bool = Fa
     return next((k for k in keys if k.startswith("project")), next(iter(keys)))
 
 
+# kernel kinds on row-major tensors (layer norms, NaN guards): in both builds
+ROW_KINDS = ("layer_norm", "nan_guard")
 CLEAR_WIN = 0.9   # a kernel this much faster than the nodes it replaces (profiled) stays in
 
 
@@ -382,7 +386,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
                       variants: tuple[tuple[int, str], ...] = winograd.VARIANTS,
                       time_left: Callable[[], float | None] = lambda: None,
                       kinds: tuple[str, ...] = ("winograd", "nchwc_depthwise",
-                                                "channel_scale", "direct"),
+                                                "channel_scale", "direct", *ROW_KINDS),
                       passes: int = 2, start_with_kernels: bool = False
                       ) -> InsideOrt | None:
     """For each site of `offline` (ONNX Runtime's saved graph of `model`) our kernels cover
@@ -396,13 +400,13 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     kept. `passes=0` with `start_with_kernels` times nothing: every site runs its preferred
     variant (for tests). Without AVX-512 (`ort_ops.library_isa` "portable") only the sparse
     GEMMs are sites: the other kernels work on ONNX Runtime's 16-channel NCHWc blocks."""
-    from wpk.optimizer import ort_ops
+    from wpk.optimizer import ort_ops, transformer_sites
 
     isa = ort_ops.library_isa()
     if isa is None:
         return None
     if isa == "portable":
-        kinds = tuple(k for k in kinds if k == "direct")
+        kinds = tuple(k for k in kinds if k == "direct" or k in ROW_KINDS)
     nchwc = {"winograd", "nchwc_depthwise"} & set(kinds) or \
         ("direct" in kinds and isa != "portable")
     # the Convs behind ONNX Runtime's NCHWc Convs, found once for every finder below
@@ -411,7 +415,9 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
              if "winograd" in kinds else []) + \
         (ort_ops.depthwise_sites(offline, model, origins=origins)
          if "nchwc_depthwise" in kinds else []) + \
-        (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else [])
+        (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else []) + \
+        (transformer_sites.layer_norm_sites(offline, model) if "layer_norm" in kinds else []) + \
+        (transformer_sites.nan_guard_sites(offline, model) if "nan_guard" in kinds else [])
     sparse = sparse_sites(offline, model, gemms_only=isa == "portable", origins=origins) \
         if "direct" in kinds else {}
     sites += [site for node, site in sparse.items()

@@ -1,0 +1,165 @@
+"""The transformer kernels (`layer_norm.py`, `nan_guard.py`) as custom operators in ONNX
+Runtime's saved graph: found on torch's exports of BERT (`blocks/export_blocks.py`), equal to
+ONNX Runtime on the original model with every key masked, some or none; checked against a
+float64 reference on rows with a large mean; refused where the kernel cannot run them; and
+the same in the portable build."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from tests.optimizer.test_optimizer_direct_conv import _custom_op_session, _offline
+from wpk.optimizer import ort_ops, passes, transformer_sites
+from wpk.optimizer.selection import select_custom_ops
+from wpk.optimizer.session import DEFAULT_SESSION
+
+BLOCKS = Path(__file__).parent / "blocks"
+MASKS = {"padded": np.r_[np.ones(10), np.zeros(6)], "all keys": np.ones(16),
+         "no key": np.zeros(16)}    # every key masked: the softmax gives NaN, the guard 0
+RNG = np.random.default_rng(7)
+needs_kernels = pytest.mark.skipif(ort_ops.library_isa() is None,
+                                   reason="custom operators need a C compiler")
+
+
+def _feed(mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": np.random.default_rng(0).integers(0, 100, (1, 16)),
+            "attention_mask": mask.astype(np.int64)[None]}
+
+
+def _with_kernels(offline: onnx.ModelProto, specs: list, isa: str | None = None):
+    library = ort_ops.build_library([ort_ops.op_kernel(s, i, isa) for i, s in enumerate(specs)])
+    return _custom_op_session(library, ort_ops.custom_op_model(offline, specs))
+
+
+@needs_kernels
+@pytest.mark.parametrize("attention,guards", [("sdpa", 2), ("eager", 0)])
+def test_encoder_layer_norms_and_nan_guards_run_as_kernels_with_the_same_outputs(
+        attention, guards, tmp_path):
+    """Two encoder layers: the embeddings' layer norm and two per layer (ONNX Runtime's
+    SkipLayerNormalization), and sdpa's NaN guard after each attention block."""
+    original = onnx.load(str(BLOCKS / f"bert_{attention}_encoder.onnx"))
+    model, _ = passes.run_passes(original)
+    offline = _offline(model, tmp_path)
+    norms = transformer_sites.layer_norm_sites(offline, model)
+    nans = transformer_sites.nan_guard_sites(offline, model)
+    assert (len(norms), len(nans)) == (5, guards)
+    assert sum(s.params["skip"] for s in norms) >= 4
+    session = _with_kernels(offline, norms + nans)
+    reference = ort.InferenceSession(original.SerializeToString(),
+                                     providers=["CPUExecutionProvider"])
+    for name, mask in MASKS.items():
+        expected = reference.run(None, _feed(mask))[0]
+        got = session.run(None, _feed(mask))[0]
+        assert not np.isnan(got).any(), name
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), name
+
+
+def _layer_norm_model(shape: tuple[int, ...], bias: bool, epsilon: float = 1e-5,
+                      outputs: int = 1) -> onnx.ModelProto:
+    width = shape[-1]
+    inits = [helper.make_tensor("scale", TensorProto.FLOAT, [width], RNG.standard_normal(width)),
+             helper.make_tensor("bias", TensorProto.FLOAT, [width], RNG.standard_normal(width))]
+    names = ["y", "mean", "inv_std"][:outputs]
+    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"][:3 if bias else 2],
+                            names, name="ln", axis=-1, epsilon=epsilon)
+    graph = helper.make_graph(
+        [node], "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+        inits if bias else inits[:1])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,bias", [((1, 7, 48), True), ((33, 256), False),
+                                        ((2, 3, 5, 16), True)])
+def test_layer_norm_matches_a_float64_reference_on_rows_with_a_large_mean(shape, bias,
+                                                                          tmp_path):
+    """Rows of 1000 + N(0, 1): a float32 sum of the raw values would lose the mean's last
+    digits, and E[x²] - E[x]² most of the variance's; the kernel shifts and centres first,
+    so its error stays at the rounding of the inputs (ulp(1000) = 6e-5)."""
+    model = _layer_norm_model(shape, bias)
+    offline = _offline(model, tmp_path)
+    (site,) = transformer_sites.layer_norm_sites(offline, model)
+    x = (1000 + RNG.standard_normal(shape)).astype(np.float32)
+    got = _with_kernels(offline, [site]).run(None, {"x": x})[0]
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    gamma, beta = site.weights["gamma"], site.weights["beta"]
+    expected = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * gamma + beta
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norms_the_kernel_cannot_run_are_left_to_onnxruntime(tmp_path):
+    """Rows that are not whole 16-float vectors, and a node whose mean output is read."""
+    for model in (_layer_norm_model((4, 40), True), _layer_norm_model((4, 32), True, outputs=2)):
+        assert transformer_sites.layer_norm_sites(_offline(model, tmp_path), model) == []
+
+
+def _nan_guard_model(shape: tuple[int, ...], fill: float) -> onnx.ModelProto:
+    nodes = [helper.make_node("IsNaN", ["x"], ["nan"], name="isnan"),
+             helper.make_node("Where", ["nan", "fill", "x"], ["y"], name="where")]
+    graph = helper.make_graph(
+        nodes, "guard", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor("fill", TensorProto.FLOAT, [], [fill])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 128, 256), (3, 1001)])
+def test_nan_guard_replaces_exactly_the_nans(shape, tmp_path):
+    model = _nan_guard_model(shape, -2.5)
+    offline = _offline(model, tmp_path)
+    (site,) = transformer_sites.nan_guard_sites(offline, model)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[::7] = np.nan
+    x.reshape(-1)[3] = np.inf
+    got = _with_kernels(offline, [site]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, np.where(np.isnan(x), np.float32(-2.5), x))
+
+
+def test_a_nan_test_read_elsewhere_is_no_guard_site(tmp_path):
+    model = _nan_guard_model((4, 16), 0.0)
+    model.graph.output.append(helper.make_tensor_value_info("nan", TensorProto.BOOL, None))
+    assert transformer_sites.nan_guard_sites(_offline(model, tmp_path), model) == []
+
+
+@pytest.mark.skipif(ort_ops.portable_target() != "x86-64-v3" or
+                    not ort_ops.portable_runs_here()[0],
+                    reason="the portable build runs here on x86-64-v3 only")
+def test_the_portable_build_runs_both_kernels(tmp_path):
+    original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
+    model, _ = passes.run_passes(original)
+    offline = _offline(model, tmp_path)
+    specs = transformer_sites.layer_norm_sites(offline, model) + \
+        transformer_sites.nan_guard_sites(offline, model)
+    session = _with_kernels(offline, specs, isa="portable")
+    for mask in MASKS.values():
+        expected = ort.InferenceSession(original.SerializeToString(),
+                                        providers=["CPUExecutionProvider"]).run(
+            None, _feed(mask))[0]
+        got = session.run(None, _feed(mask))[0]
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+@needs_kernels
+def test_the_custom_op_search_takes_the_encoder_kernels(tmp_path):
+    """`select_custom_ops` finds the sites among its kinds and starts with every kernel in."""
+    original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
+    model, _ = passes.run_passes(original)
+    offline = _offline(model, tmp_path)
+    feed = _feed(MASKS["padded"])
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, ["y"], passes=0,
+                               start_with_kernels=True)
+    assert inside is not None
+    kinds = sorted({s.op for s in inside.specs})
+    assert kinds == ["layer_norm", "nan_guard"], kinds
+    got = _custom_op_session(inside.library, inside.model).run(None, feed)[0]
+    expected = ort.InferenceSession(original.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)

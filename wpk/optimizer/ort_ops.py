@@ -32,19 +32,20 @@ from onnx import helper, numpy_helper
 
 from wpk import settings
 from wpk.errors import WpkError
-from wpk.optimizer import (activations, build, channel_scale, depthwise, direct_conv, layer_norm,
-                           nan_guard, pool, winograd)
+from wpk.optimizer import (activations, attention_kernel, build, channel_scale, depthwise,
+                           direct_conv, layer_norm, nan_guard, pool, winograd)
 
 DOMAIN = "ai.wpk"
 NCHWC_DOMAIN = "com.microsoft.nchwc"   # ONNX Runtime's blocked-layout operators
 # custom op type per kernel kind (KernelSpec.op)
 OP_TYPES = {"winograd": "WinogradConv", "nchwc_depthwise": "DepthwiseConv",
             "channel_scale": "ChannelScale", "nchwc_direct": "DirectConv",
-            "direct_gemm": "DirectGemm", "layer_norm": "LayerNorm", "nan_guard": "NanGuard"}
+            "direct_gemm": "DirectGemm", "layer_norm": "LayerNorm", "nan_guard": "NanGuard",
+            "attention": "Attention"}
 # kernel kinds of `direct_conv`'s generator: NCHWc convolutions and row-major GEMMs
 DIRECT_OPS = ("nchwc_direct", "direct_gemm")
 # kernel kinds on plain row-major tensors (any shape of the right size in, `y_shape` out)
-ROW_OPS = ("layer_norm", "nan_guard")
+ROW_OPS = ("layer_norm", "nan_guard", "attention")
 # kernel kinds a library built without AVX-512 (`portable_simd.py`'s shim) offers: the
 # row-major ones. The others read or write ONNX Runtime's NCHWc tensors, whose blocks
 # are 16 channels (one __m512) only where ONNX Runtime itself runs on AVX-512.
@@ -155,7 +156,7 @@ void wpk_ort_pool_run(item_fn fn, void* ctx, int total) {
 /* ---- the compiled kernels ------------------------------------------------------------------ */
 typedef void (*kernel_fn)(const float*, const float*, const float*, const float*, float*);
 struct kernel { const char* name; kernel_fn fn; int op; int64_t c, h, w, k, oh, ow, u_size;
-                int bias, residual; int y_rank; int64_t y_shape[4]; };
+                int bias, residual; int y_rank; int64_t y_shape[4]; int64_t r_size; };
 static const char* const op_names[] = {%(op_names)s};
 #define OP_COUNT ((int)(sizeof(op_names) / sizeof(op_names[0])))
 %(declarations)s
@@ -285,7 +286,7 @@ static OrtStatus* op_compute(void* state, OrtKernelContext* ctx) {
   TRY(float_input(ctx, k, 1, NULL, 0, k->u_size, "U", &u));
   if (k->bias) TRY(float_input(ctx, k, 2, NULL, 0, k->bias, "B", &b));
   if (k->residual) TRY(float_input(ctx, k, 3, k->y_rank ? NULL : y_dims, 4,
-                                   k->k * k->oh * k->ow, "R", &r));
+                                   k->r_size ? k->r_size : k->k * k->oh * k->ow, "R", &r));
   OrtValue* out = NULL;
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_t)(ctx, 0, k->y_rank ? k->y_shape : y_dims,
                                                       k->y_rank ? (size_t)k->y_rank : 4, &out));
@@ -349,6 +350,7 @@ class OpKernel:
     threads: int
     y_shape: tuple[int, ...] = ()   # a GEMM's output shape (X: any shape of its size)
     isa: str = "avx512"             # the build it was generated for (ISAS)
+    r_size: int = 0                 # R's elements where they are not Y's (attention's bias)
 
 
 def op_kernel(spec, index: int, isa: str | None = None) -> OpKernel:
@@ -403,6 +405,15 @@ def _row_kernel(spec, index: int, isa: str) -> OpKernel:
         return OpKernel(name, OP_TYPES[spec.op], layer_norm.lower(shape, name), rows, rows,
                         2 * shape.width, shape.width if shape.bias else 0, shape.skip,
                         shape.threads, y_shape, isa)
+    if spec.op == "attention":
+        a = attention_kernel.attention_shape(spec.params)
+        name = f"wpk_attention_{index}"
+        x_floats = a.s * (3 if a.packed else 1) * a.hidden
+        return OpKernel(name, OP_TYPES[spec.op], attention_kernel.lower(a, name),
+                        (x_floats, 1, 1), (a.s, 1, a.hidden),
+                        3 * a.hidden if a.packed else a.l * a.hidden,
+                        0 if a.packed else a.l * a.hidden, a.bias_heads > 0, a.threads,
+                        y_shape, isa, a.bias_heads * a.s * a.l)
     shape = nan_guard.nan_guard_shape(spec.params)
     name = f"wpk_nan_guard_{index}"
     return OpKernel(name, OP_TYPES[spec.op], nan_guard.lower(shape, name), (shape.size, 1, 1),
@@ -432,6 +443,9 @@ def op_parameters(spec) -> tuple[np.ndarray | None, np.ndarray | None]:
         return None, None
     if spec.op == "nan_guard":
         return np.ascontiguousarray(spec.weights["fill"], np.float32), None
+    if spec.op == "attention":          # packed: U is the QKV bias; else K and V are tensors
+        qkv_bias = spec.weights.get("B")
+        return (None if qkv_bias is None else np.ascontiguousarray(qkv_bias, np.float32)), None
     bias = spec.weights.get("B")
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
     if spec.op == "layer_norm":
@@ -464,7 +478,7 @@ def glue_source(kernels: list[OpKernel], slots: int) -> str:
     rows = [f'  {{"{k.name}", {k.name}, {op_types.index(k.op_type)}, '
             f'{", ".join(map(str, (*k.x_chw, *k.y_chw)))}, {k.u_size}, {k.bias}, '
             f'{int(k.residual)}, {len(k.y_shape)}, '
-            f'{{{", ".join(map(str, k.y_shape or (0,)))}}}}},' for k in kernels]
+            f'{{{", ".join(map(str, k.y_shape or (0,)))}}}, {k.r_size}}},' for k in kernels]
     return GLUE % dict(indices=indices, slots=max(1, slots), declarations=declarations,
                        scratch=pool.thread_scratch_source("wpk_ort"),
                        table="\n".join(rows) or "  {0}", domain=DOMAIN, api_level=API_LEVEL,
@@ -677,6 +691,9 @@ def _replaced_nodes(specs: list, indices: list[int]) -> dict[str, tuple[int, Any
 def _append_kernel_node(out: onnx.ModelProto, index: int, spec) -> None:
     """Kernel `index`'s custom node and its parameters (as initializers) into `out`."""
     op_type = OP_TYPES[spec.op]
+    if spec.op == "attention":
+        _append_attention_nodes(out, index, spec)
+        return
     u, bias = op_parameters(spec)
     u_name, b_name = f"wpk_kernel_{index}_U", ""
     if u is None:
@@ -692,6 +709,27 @@ def _append_kernel_node(out: onnx.ModelProto, index: int, spec) -> None:
     out.graph.node.append(helper.make_node(op_type, inputs, [spec.output],
                                            name=f"{spec.node}:{op_type}", domain=DOMAIN,
                                            kernel=index))
+
+
+def _append_attention_nodes(out: onnx.ModelProto, index: int, spec) -> None:
+    """An attention site's nodes: where the operator was ONNX Runtime's packed `Attention`,
+    its QKV projection as a MatMul of ONNX Runtime's (MLAS runs it as one GEMM) and then the
+    kernel, which adds the QKV bias; else the kernel on the Q, K and V tensors. Both are
+    named after the site (`profiled_times` adds them up)."""
+    name = f"{spec.node}:{OP_TYPES[spec.op]}"
+    bias_input = spec.sources[-2]
+    if spec.params["packed"]:
+        x, weight = spec.sources[0], spec.sources[1]
+        qkv = f"wpk_kernel_{index}_qkv"
+        out.graph.node.append(helper.make_node("MatMul", [x, weight], [qkv], name=f"{name}:qkv"))
+        u_name = f"wpk_kernel_{index}_U"
+        out.graph.initializer.append(numpy_helper.from_array(op_parameters(spec)[0], u_name))
+        inputs = [qkv, u_name, ""]
+    else:
+        inputs = list(spec.sources[:3])
+    inputs.append(bias_input)
+    out.graph.node.append(helper.make_node(OP_TYPES[spec.op], inputs, [spec.output], name=name,
+                                           domain=DOMAIN, kernel=index))
 
 
 def _finish_custom_op_model(out: onnx.ModelProto,

@@ -312,7 +312,7 @@ def custom_op_variants(site: KernelSpec, winograd_variants: tuple[tuple[int, str
         return {"scale": site}
     if site.op in ("nchwc_direct", "direct_gemm"):
         return {"direct": site}
-    if site.op in ("layer_norm", "nan_guard"):
+    if site.op in ROW_KINDS:
         return {"row": site}
     if site.op == "nchwc_depthwise":
         blocks = site.params["c"] // 16
@@ -345,7 +345,7 @@ def preferred_variant(site: KernelSpec, keys: dict[str, int], kernels: bool = Fa
 
 
 # kernel kinds on row-major tensors (layer norms, NaN guards): in both builds
-ROW_KINDS = ("layer_norm", "nan_guard")
+ROW_KINDS = ("layer_norm", "nan_guard", "attention")
 CLEAR_WIN = 0.9   # a kernel this much faster than the nodes it replaces (profiled) stays in
 
 
@@ -373,7 +373,9 @@ def profiled_times(offline: onnx.ModelProto, pool: list[KernelSpec], chosen: dic
     for site_index, index in chosen.items():
         spec = pool[index]
         replaced = [ort_us.get(name) for name in spec.node.split("+")]
-        ours = ours_us.get(f"{spec.node}:{ort_ops.OP_TYPES[spec.op]}")
+        key = f"{spec.node}:{ort_ops.OP_TYPES[spec.op]}"
+        parts = [t for name, t in ours_us.items() if name == key or name.startswith(key + ":")]
+        ours = sum(parts) if parts else None
         if ours is not None and None not in replaced and sum(replaced) > 0:
             times[site_index] = (ours, sum(replaced))
     return times
@@ -417,7 +419,8 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
          if "nchwc_depthwise" in kinds else []) + \
         (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else []) + \
         (transformer_sites.layer_norm_sites(offline, model) if "layer_norm" in kinds else []) + \
-        (transformer_sites.nan_guard_sites(offline, model) if "nan_guard" in kinds else [])
+        (transformer_sites.nan_guard_sites(offline, model) if "nan_guard" in kinds else []) + \
+        (transformer_sites.attention_sites(offline, model) if "attention" in kinds else [])
     sparse = sparse_sites(offline, model, gemms_only=isa == "portable", origins=origins) \
         if "direct" in kinds else {}
     sites += [site for node, site in sparse.items()

@@ -1,6 +1,6 @@
 """Sites for the transformer kernels in ONNX Runtime's saved graph: layer normalizations
-(`layer_norm.py`) and NaN guards (`nan_guard.py`), as KernelSpecs that `ort_ops` compiles
-and puts in place of the nodes they replace.
+(`layer_norm.py`), NaN guards (`nan_guard.py`) and attention (`attention_kernel.py`), as
+KernelSpecs that `ort_ops` compiles and puts in place of the nodes they replace.
 
 What qualifies: float32 tensors of static shape (rank 1 to 4, the custom operator's limit),
 constant gamma/beta/bias/fill, and only the first output read (ONNX Runtime's
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from wpk.optimizer import layer_norm
+from wpk.optimizer import attention_kernel, layer_norm
 
 MS_DOMAIN = "com.microsoft"
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -143,3 +143,98 @@ def nan_guard_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
                                 f"{test.name}+{node.name}",
                                 weights={"fill": fill_value.reshape(1).astype(np.float32)}))
     return specs
+
+
+def attention_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
+                    threads: int | None = None) -> list:
+    """KernelSpecs (op "attention") for ONNX Runtime's `Attention` (packed QKV weights) and
+    `MultiHeadAttention` (Q, K and V tensors) nodes of `offline` over one sequence (batch 1),
+    with no mask index, no past state and no rotary embedding; an attention bias of shape
+    [1, 1 or heads, S, L] is taken in."""
+    g = _Graph(offline, model)
+    specs = []
+    for node in offline.graph.node:
+        if node.domain != MS_DOMAIN or not node.name or not g.unread(node.output[1:]):
+            continue
+        if node.op_type == "Attention":
+            spec = _packed_attention_site(g, node, threads or os.cpu_count() or 1)
+        elif node.op_type == "MultiHeadAttention":
+            spec = _multi_head_site(g, node, threads or os.cpu_count() or 1)
+        else:
+            continue
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def _optional(node: onnx.NodeProto, position: int) -> str:
+    return node.input[position] if len(node.input) > position else ""
+
+
+def _attention_params(g: _Graph, node: onnx.NodeProto, s: int, keys: int, hidden: int,
+                      bias: str, threads: int) -> dict | None:
+    """The kernel's parameters, or None where the node asks for what it does not do."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    heads = int(attrs.get("num_heads", 0))
+    if heads < 1 or hidden % heads or attrs.get("unidirectional", 0) or \
+            attrs.get("do_rotary", 0) or attrs.get("qkv_hidden_sizes") or \
+            attrs.get("past_present_share_buffer", 0):
+        return None
+    head_size = hidden // heads
+    if not attention_kernel.supported(head_size, keys):
+        return None
+    bias_heads = 0
+    if bias:
+        shape = g.static(bias)
+        if shape is None or len(shape) != 4 or shape[0] != 1 or shape[1] not in (1, heads) or \
+                tuple(shape[2:]) != (s, keys):
+            return None
+        bias_heads = shape[1]
+    scale = float(attrs.get("scale", 0.0)) or head_size ** -0.5
+    return dict(s=s, l=keys, heads=heads, head_size=head_size, scale=scale,
+                bias_heads=bias_heads, threads=threads, residual=bias_heads > 0,
+                y_shape=(1, s, hidden), name="a_" + _safe(node.name))
+
+
+def _packed_attention_site(g: _Graph, node: onnx.NodeProto, threads: int):
+    from wpk.optimizer.kernels import KernelSpec
+
+    # inputs: X, weights, bias, mask_index, past, attention_bias (, past_sequence_length)
+    if len(node.input) < 2 or _optional(node, 3) or _optional(node, 4) or \
+            _optional(node, 6):
+        return None
+    shape = g.static(node.input[0])
+    weight = g.constant(node.input[1])
+    if shape is None or len(shape) != 3 or shape[0] != 1 or weight is None or \
+            weight.shape != (shape[2], 3 * shape[2]):
+        return None
+    hidden = shape[2]
+    qkv_bias = _vector(g, _optional(node, 2), 3 * hidden) if _optional(node, 2) else \
+        np.zeros(3 * hidden, np.float32)
+    bias = _optional(node, 5)
+    params = _attention_params(g, node, shape[1], shape[1], hidden, bias, threads)
+    if qkv_bias is None or params is None:
+        return None
+    params["packed"] = True
+    return KernelSpec("attention", params, [node.input[0], node.input[1], bias, node.output[0]],
+                      node.output[0], node.name,
+                      weights={"B": qkv_bias.astype(np.float32)})
+
+
+def _multi_head_site(g: _Graph, node: onnx.NodeProto, threads: int):
+    from wpk.optimizer.kernels import KernelSpec
+
+    # inputs: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value
+    if len(node.input) < 3 or any(_optional(node, i) for i in (3, 4, 6, 7)):
+        return None
+    query, key, value = (g.static(n) for n in node.input[:3])
+    if query is None or key is None or key != value or len(query) != 3 or len(key) != 3 or \
+            query[0] != 1 or key[0] != 1 or key[2] != query[2]:
+        return None
+    bias = _optional(node, 5)
+    params = _attention_params(g, node, query[1], key[1], query[2], bias, threads)
+    if params is None:
+        return None
+    params["packed"] = False
+    return KernelSpec("attention", params, [*node.input[:3], bias, node.output[0]],
+                      node.output[0], node.name)

@@ -73,13 +73,14 @@ def main() -> None:
 def export_encoders(torch) -> None:
     """Two-layer BERT-style encoders from transformers, with its default attention (torch's
     scaled_dot_product_attention) and with its "eager" one: the two patterns exporters write
-    for attention. Inputs input_ids and attention_mask [1, 16], output y [1, 16, 32]."""
+    for attention. Inputs input_ids and attention_mask [1, 16], output y [1, 16, 32]; two heads
+    of 16 (the attention kernel needs heads of whole 16-float vectors)."""
     from transformers import BertConfig, BertModel
 
     class Encoder(torch.nn.Module):
         def __init__(self, attention: str) -> None:
             super().__init__()
-            config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, vocab_size=100,
                                 max_position_embeddings=32)
             config._attn_implementation = attention

@@ -147,7 +147,9 @@ def test_the_portable_build_runs_the_kernels(tmp_path):
     original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
     model, _ = passes.run_passes(original)
     offline = _offline(model, tmp_path)
-    session = _with_kernels(offline, _transformer_sites(offline, model), isa="portable")
+    specs = _transformer_sites(offline, model)
+    assert Counter(s.op for s in specs) == {"layer_norm": 5, "attention": 2, "nan_guard": 2}
+    session = _with_kernels(offline, specs, isa="portable")
     for mask in MASKS.values():
         expected = ort.InferenceSession(original.SerializeToString(),
                                         providers=["CPUExecutionProvider"]).run(
@@ -174,8 +176,8 @@ def test_the_custom_op_search_takes_the_encoder_kernels(tmp_path):
     assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
 
 
-def _multi_head_model(s: int, keys: int, heads: int, head_size: int, bias_heads: int
-                      ) -> onnx.ModelProto:
+def _multi_head_model(s: int, keys: int, heads: int, head_size: int, bias_heads: int,
+                      key_padding_mask: bool = False, **attributes) -> onnx.ModelProto:
     """One ONNX Runtime MultiHeadAttention over Q [1, s, D], K and V [1, keys, D], with an
     attention bias [1, bias_heads, s, keys] as an input (none where bias_heads is 0)."""
     hidden = heads * head_size
@@ -183,12 +185,15 @@ def _multi_head_model(s: int, keys: int, heads: int, head_size: int, bias_heads:
               helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, keys, hidden]),
               helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, keys, hidden])]
     names = ["q", "k", "v", "", ""]
+    if key_padding_mask:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [1, keys]))
+        names[4] = "mask"
     if bias_heads:
         inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT,
                                                     [1, bias_heads, s, keys]))
         names.append("bias")
     node = helper.make_node("MultiHeadAttention", names, ["y"], name="mha",
-                            domain="com.microsoft", num_heads=heads)
+                            domain="com.microsoft", num_heads=heads, **attributes)
     graph = helper.make_graph([node], "mha", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                              [1, s, hidden])])
@@ -197,19 +202,22 @@ def _multi_head_model(s: int, keys: int, heads: int, head_size: int, bias_heads:
 
 
 @needs_kernels
-@pytest.mark.parametrize("keys,bias_heads", [(32, 1), (32, 3), (16, 0)])
-def test_attention_kernel_matches_onnxruntime_multi_head_attention(keys, bias_heads, tmp_path):
-    """Queries 16, keys 32 or 16, 3 heads of 16; a bias shared by the heads, one per head,
-    or none; with -inf in the bias (masked keys) and one row masked whole (NaN out, as
-    ONNX Runtime gives it)."""
-    model = _multi_head_model(16, keys, 3, 16, bias_heads)
+@pytest.mark.parametrize("s,keys,bias_heads,scale", [(16, 32, 1, None), (15, 32, 3, None),
+                                                     (16, 16, 0, None), (17, 16, 1, 0.3)])
+def test_attention_kernel_matches_onnxruntime_multi_head_attention(s, keys, bias_heads, scale,
+                                                                   tmp_path):
+    """Queries 16, 15 or 17 (the kernel takes rows two at a time), keys 32 or 16, 3 heads
+    of 16; a bias shared by the heads, one per head, or none; ONNX Runtime's scale or one
+    given; with -inf in the bias (masked keys) and one row masked whole (NaN out, as ONNX
+    Runtime gives it)."""
+    model = _multi_head_model(s, keys, 3, 16, bias_heads, **({"scale": scale} if scale else {}))
     offline = _offline(model, tmp_path)
     (site,) = transformer_sites.attention_sites(offline, model)
     assert not site.params["packed"] and site.params["bias_heads"] == bias_heads
     feed = {name: RNG.standard_normal((1, n, 48)).astype(np.float32)
-            for name, n in (("q", 16), ("k", keys), ("v", keys))}
+            for name, n in (("q", s), ("k", keys), ("v", keys))}
     if bias_heads:
-        bias = RNG.standard_normal((1, bias_heads, 16, keys)).astype(np.float32)
+        bias = RNG.standard_normal((1, bias_heads, s, keys)).astype(np.float32)
         bias[..., 3, ::3] = -np.inf
         bias[..., 5, :] = -np.inf
         feed["bias"] = bias
@@ -221,10 +229,12 @@ def test_attention_kernel_matches_onnxruntime_multi_head_attention(keys, bias_he
     np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-5)
 
 
-def test_attention_the_kernel_cannot_run_is_left_to_onnxruntime(tmp_path):
-    """A head size that is not whole 16-float vectors (3 heads of 8)."""
-    model = _multi_head_model(16, 16, 3, 8, 1)
-    assert transformer_sites.attention_sites(_offline(model, tmp_path), model) == []
+@pytest.mark.parametrize("why,model", [
+    ("heads of 8 floats", _multi_head_model(16, 16, 3, 8, 1)),
+    ("causal", _multi_head_model(16, 16, 2, 16, 1, unidirectional=1)),
+    ("key padding mask", _multi_head_model(16, 16, 2, 16, 1, key_padding_mask=True))])
+def test_attention_the_kernel_cannot_run_is_left_to_onnxruntime(why, model, tmp_path):
+    assert transformer_sites.attention_sites(_offline(model, tmp_path), model) == [], why
 
 
 @needs_kernels

@@ -179,7 +179,10 @@ static void head_fn(int h, int slot, void* ctx) {
   (void)slot;
   const struct job* jb = (const struct job*)ctx;
   float* kt = wpk_thread_scratch(SCRATCH_FLOATS);
-  if (!kt) { wpk_kernel_failed("out of memory for its transposed keys"); return; }
+  if (!kt) {   /* a pool thread's failure is not its caller's: flag it for the entry point */
+    __atomic_store_n(&((struct job*)ctx)->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
   float* p0 = kt + (long)H * L;
   float* p1 = p0 + L;
   for (int j = 0; j < L; ++j)
@@ -205,7 +208,8 @@ def lower(shape: AttentionShape, name: str) -> str:
 extern void wpk_pool_run(void (*fn)(int, int, void*), void* ctx, int total);
 extern float* wpk_thread_scratch(size_t floats);
 extern void wpk_kernel_failed(const char* why);
-struct job {{ const float* x; const float* u; const float* b; const float* r; float* y; }};
+struct job {{ const float* x; const float* u; const float* b; const float* r; float* y;
+             int failed; }};
 #define S {a.s}
 #define L {a.l}
 #define H {a.head_size}
@@ -217,7 +221,8 @@ struct job {{ const float* x; const float* u; const float* b; const float* r; fl
 #define BIAS_ROW {"0" if a.bias_heads <= 1 else "h"}
 {_addresses(a)}{BODY}
 void {name}(const float* x, const float* u, const float* b, const float* r, float* y) {{
-  struct job jb = {{x, u, b, r, y}};
+  struct job jb = {{x, u, b, r, y, 0}};
   wpk_pool_run(head_fn, &jb, {a.heads});
+  if (jb.failed) wpk_kernel_failed("out of memory for its transposed keys");
 }}
 """

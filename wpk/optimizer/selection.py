@@ -401,7 +401,8 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
     caches, the thread pool's hand-offs). None when there is nothing to try or no kernel is
     kept. `passes=0` with `start_with_kernels` times nothing: every site runs its preferred
     variant (for tests). Without AVX-512 (`ort_ops.library_isa` "portable") only the sparse
-    GEMMs are sites: the other kernels work on ONNX Runtime's 16-channel NCHWc blocks."""
+    GEMMs and the row-major transformer kernels (`ROW_KINDS`) are sites: the others work on
+    ONNX Runtime's 16-channel NCHWc blocks."""
     from wpk.optimizer import ort_ops, transformer_sites
 
     isa = ort_ops.library_isa()

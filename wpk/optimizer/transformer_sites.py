@@ -84,7 +84,7 @@ def _layer_norm_site(g: _Graph, node: onnx.NodeProto, threads: int):
     shape = g.static(node.input[0]) or g.static(node.output[0])
     if shape is None or not layer_norm.supported(shape[-1]) or \
             plain and attrs.get("axis", -1) not in (-1, len(shape) - 1) or \
-            skip and g.static(node.input[1]) not in (shape, None):
+            skip and g.static(node.input[1]) != shape:   # a broadcast skip, or unknown
         return None
     weights = _layer_norm_weights(g, node, skip, shape[-1])
     if weights is None:

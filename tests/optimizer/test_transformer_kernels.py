@@ -40,9 +40,7 @@ def _with_kernels(offline: onnx.ModelProto, specs: list, isa: str | None = None)
 
 
 def _transformer_sites(offline: onnx.ModelProto, model: onnx.ModelProto) -> list:
-    return transformer_sites.layer_norm_sites(offline, model) + \
-        transformer_sites.nan_guard_sites(offline, model) + \
-        transformer_sites.attention_sites(offline, model)
+    return transformer_sites.sites(offline, model, ("layer_norm", "nan_guard", "attention"))
 
 
 @needs_kernels

@@ -419,9 +419,7 @@ def select_custom_ops(model: onnx.ModelProto, offline: onnx.ModelProto,
         (ort_ops.depthwise_sites(offline, model, origins=origins)
          if "nchwc_depthwise" in kinds else []) + \
         (ort_ops.channel_scale_sites(offline, model) if "channel_scale" in kinds else []) + \
-        (transformer_sites.layer_norm_sites(offline, model) if "layer_norm" in kinds else []) + \
-        (transformer_sites.nan_guard_sites(offline, model) if "nan_guard" in kinds else []) + \
-        (transformer_sites.attention_sites(offline, model) if "attention" in kinds else [])
+        transformer_sites.sites(offline, model, [k for k in kinds if k in ROW_KINDS])
     sparse = sparse_sites(offline, model, gemms_only=isa == "portable", origins=origins) \
         if "direct" in kinds else {}
     sites += [site for node, site in sparse.items()

@@ -60,17 +60,29 @@ def _vector(g: _Graph, name: str, width: int) -> np.ndarray | None:
     return None if value is None or value.size != width else value.reshape(-1)
 
 
+def sites(offline: onnx.ModelProto, model: onnx.ModelProto, kinds,
+          threads: int | None = None) -> list:
+    """The sites of each of `kinds` ("layer_norm", "nan_guard", "attention") in `offline`
+    (ONNX Runtime's saved graph of `model`), its shapes inferred once for all of them."""
+    finders = {"layer_norm": _layer_norms, "nan_guard": _nan_guards, "attention": _attentions}
+    if not any(kind in finders for kind in kinds):
+        return []
+    g = _Graph(offline, model)
+    threads = threads or os.cpu_count() or 1
+    return [spec for kind in kinds if kind in finders
+            for spec in finders[kind](g, offline, threads)]
+
+
 def layer_norm_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
                      threads: int | None = None) -> list:
     """KernelSpecs (op "layer_norm") for the SkipLayerNormalization and last-axis
     LayerNormalization nodes of `offline` (ONNX Runtime's saved graph of `model`)."""
-    g = _Graph(offline, model)
-    specs = []
-    for node in offline.graph.node:
-        spec = _layer_norm_site(g, node, threads or os.cpu_count() or 1)
-        if spec is not None:
-            specs.append(spec)
-    return specs
+    return sites(offline, model, ("layer_norm",), threads)
+
+
+def _layer_norms(g: _Graph, offline: onnx.ModelProto, threads: int) -> list:
+    found = (_layer_norm_site(g, node, threads) for node in offline.graph.node)
+    return [spec for spec in found if spec is not None]
 
 
 def _layer_norm_site(g: _Graph, node: onnx.NodeProto, threads: int):
@@ -121,9 +133,12 @@ def nan_guard_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
                     threads: int | None = None) -> list:
     """KernelSpecs (op "nan_guard") for each `Where(IsNaN(x), c, x)` of `offline` with a
     constant scalar c and an IsNaN read by that Where alone."""
+    return sites(offline, model, ("nan_guard",), threads)
+
+
+def _nan_guards(g: _Graph, offline: onnx.ModelProto, threads: int) -> list:
     from wpk.optimizer.kernels import KernelSpec
 
-    g = _Graph(offline, model)
     specs = []
     for node in offline.graph.node:
         if node.op_type != "Where" or node.domain not in ONNX_DOMAINS or len(node.input) != 3:
@@ -137,7 +152,7 @@ def nan_guard_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
                 fill_value is None or fill_value.size != 1 or shape is None or \
                 not node.name or not test.name:
             continue
-        params = dict(size=int(np.prod(shape)), threads=threads or os.cpu_count() or 1,
+        params = dict(size=int(np.prod(shape)), threads=threads,
                       y_shape=tuple(shape), residual=False, name="nan_" + _safe(node.name))
         specs.append(KernelSpec("nan_guard", params, [x, node.output[0]], node.output[0],
                                 f"{test.name}+{node.name}",
@@ -151,15 +166,18 @@ def attention_sites(offline: onnx.ModelProto, model: onnx.ModelProto,
     `MultiHeadAttention` (Q, K and V tensors) nodes of `offline` over one sequence (batch 1),
     with no mask index, no past state and no rotary embedding; an attention bias of shape
     [1, 1 or heads, S, L] is taken in."""
-    g = _Graph(offline, model)
+    return sites(offline, model, ("attention",), threads)
+
+
+def _attentions(g: _Graph, offline: onnx.ModelProto, threads: int) -> list:
     specs = []
     for node in offline.graph.node:
         if node.domain != MS_DOMAIN or not node.name or not g.unread(node.output[1:]):
             continue
         if node.op_type == "Attention":
-            spec = _packed_attention_site(g, node, threads or os.cpu_count() or 1)
+            spec = _packed_attention_site(g, node, threads)
         elif node.op_type == "MultiHeadAttention":
-            spec = _multi_head_site(g, node, threads or os.cpu_count() or 1)
+            spec = _multi_head_site(g, node, threads)
         else:
             continue
         if spec is not None:

@@ -87,7 +87,24 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                        f"{': ' + detail if detail else ''})") from None
     if not model.graph.node and not model.graph.output:
         raise WpkError(f"{path}: not an ONNX model (empty or truncated file)")
+    without_trailing_empty_inputs(model.graph)
     return model
+
+
+def without_trailing_empty_inputs(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """Drop the empty names that end a node's inputs (in place, subgraphs too). ONNX writes a
+    left-out optional input as an empty name, and one at the end means the same as none.
+    Why: ONNX Runtime 1.32 dies with a segmentation fault loading a LayerNormalization whose
+    bias is given as an empty name (`["x", "scale", ""]`); without it, the model runs."""
+    for node in graph.node:
+        while len(node.input) and node.input[-1] == "":
+            del node.input[-1]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                without_trailing_empty_inputs(attribute.g)
+            for subgraph in attribute.graphs:
+                without_trailing_empty_inputs(subgraph)
+    return graph
 
 
 def without_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -238,6 +255,7 @@ class Graph:
             model = load_model(path)
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             label = name or path.stem
+        without_trailing_empty_inputs(model.graph)
         name_nodes(model)
         if input_shapes:
             fix_input_shapes(model, input_shapes, label)

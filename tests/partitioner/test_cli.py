@@ -257,3 +257,31 @@ def test_an_existing_report_is_refused_before_any_work(mlp_path, tmp_path, capsy
                  str(tmp_path / "out"), "--report", str(report)])
     assert code == 2 and "r.png: exists" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and report.read_bytes() == b"an earlier report"
+
+
+def test_a_model_ending_a_nodes_inputs_with_an_empty_name_is_partitioned(tmp_path):
+    """`LayerNormalization(h, scale, "")` is valid ONNX (the bias left out), but ONNX Runtime
+    1.32 dies with a segmentation fault loading it; wpk drops trailing empty inputs when it
+    reads a model, so the plan is written (run in a subprocess: the crash would take
+    pytest with it)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from wpk.graph import load_model
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("LayerNormalization", ["h", "scale", ""], ["y"], name="ln")]
+    graph = helper.make_graph(
+        nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])],
+        [helper.make_tensor("scale", TensorProto.FLOAT, [32], np.ones(32)),
+         helper.make_tensor("w", TensorProto.FLOAT, [32, 32], np.linspace(-1, 1, 32 * 32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = tmp_path / "ln.onnx"
+    onnx.save(model, str(path))
+    assert list(load_model(path).graph.node[1].input) == ["h", "scale"]
+    result = run_cli(path, "--tiers", "device,edge,cloud", "-o", tmp_path / "plan")
+    assert result.returncode == 0, result.stderr[-500:]
+    assert (tmp_path / "plan" / "plan.json").exists()

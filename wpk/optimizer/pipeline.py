@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from wpk.errors import WpkError, ort_error_line
-from wpk.graph import infer_shapes, load_model, without_initializer_inputs
+from wpk.graph import (infer_shapes, load_model, without_initializer_inputs,
+                       without_trailing_empty_inputs)
 from wpk.naming import name_nodes
 from wpk.tensor_spec import ort_type_of
 from wpk.optimizer import accuracy, calibration, passes
@@ -212,6 +213,7 @@ def optimize(source: str | Path | onnx.ModelProto, out_dir: str | Path,
     # every pass finds nodes by name: unnamed and duplicate-named nodes get wpk's stable names
     name_nodes(original)
     without_initializer_inputs(original)
+    without_trailing_empty_inputs(original.graph)
     name = name or (Path(source).stem if not isinstance(source, onnx.ModelProto)
                     else original.graph.name)
     out_dir = Path(out_dir)

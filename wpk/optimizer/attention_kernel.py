@@ -83,22 +83,6 @@ def _addresses(a: AttentionShape) -> str:
 # the kernel's functions, after the macros `lower` defines (sizes, SCALE, SCRATCH_FLOATS,
 # BIAS_ROW and the addresses of each head's Q, K and V)
 BODY = r"""
-static float max16(__m512 v) {
-  float lanes[16];
-  _mm512_storeu_ps(lanes, v);
-  float m = lanes[0];
-  for (int i = 1; i < 16; ++i) m = lanes[i] > m ? lanes[i] : m;
-  return m;
-}
-
-static float sum16(__m512 v) {
-  float lanes[16];
-  _mm512_storeu_ps(lanes, v);
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += lanes[i];
-  return total;
-}
-
 /* scores of query rows i0 and i1 (scaled, bias added) into p0 and p1 */
 static void scores(const struct job* jb, int h, const float* kt, int i0, int i1,
                    float* p0, float* p1) {
@@ -136,7 +120,7 @@ static void scores(const struct job* jb, int h, const float* kt, int i0, int i1,
 static float exponentials(float* p) {
   __m512 m = _mm512_loadu_ps(p);
   for (int kb = 1; kb < KB; ++kb) m = _mm512_max_ps(m, _mm512_loadu_ps(p + kb * 16));
-  const float top = max16(m);
+  const float top = wpk_max16(m);
   if (top == -INFINITY) return NAN;
   const __m512 shift = _mm512_set1_ps(top);
   __m512 total = _mm512_setzero_ps();
@@ -145,7 +129,7 @@ static float exponentials(float* p) {
     _mm512_storeu_ps(p + kb * 16, e);
     total = _mm512_add_ps(total, e);
   }
-  return 1.0f / sum16(total);
+  return 1.0f / wpk_sum16(total);
 }
 
 /* y rows i0 and i1 of head h: the values weighted by p0 and p1, times w0 and w1 */
@@ -219,7 +203,7 @@ struct job {{ const float* x; const float* u; const float* b; const float* r; fl
 #define SCALE {a.scale!r}f
 #define SCRATCH_FLOATS {a.scratch_floats}
 #define BIAS_ROW {"0" if a.bias_heads <= 1 else "h"}
-{_addresses(a)}{BODY}
+{portable_simd.REDUCTIONS}{_addresses(a)}{BODY}
 void {name}(const float* x, const float* u, const float* b, const float* r, float* y) {{
   struct job jb = {{x, u, b, r, y, 0}};
   wpk_pool_run(head_fn, &jb, {a.heads});

@@ -77,14 +77,7 @@ struct job {{ const float* x; const float* u; const float* bias; const float* sk
 #define ROWS {s.rows}
 #define ROWS_PER_ITEM {s.rows_per_item}
 
-static float sum16(__m512 v) {{
-  float lanes[16];
-  _mm512_storeu_ps(lanes, v);
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += lanes[i];
-  return total;
-}}
-
+{portable_simd.REDUCTIONS}
 static void row(const struct job* jb, size_t i) {{
   const float* __restrict__ x = jb->x + i * W;
   const float* __restrict__ r = jb->skip ? jb->skip + i * W : NULL;
@@ -99,7 +92,7 @@ static void row(const struct job* jb, size_t i) {{
     if ((j / 16) & 1) acc1 = _mm512_add_ps(acc1, v); else acc0 = _mm512_add_ps(acc0, v);
   }}
   (void)r;
-  const float mean = sum16(_mm512_add_ps(acc0, acc1)) / W;
+  const float mean = wpk_sum16(_mm512_add_ps(acc0, acc1)) / W;
   const __m512 m = _mm512_set1_ps(mean);
   acc0 = _mm512_setzero_ps();
   acc1 = _mm512_setzero_ps();
@@ -107,7 +100,7 @@ static void row(const struct job* jb, size_t i) {{
     const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(buffer + j), m);
     if ((j / 16) & 1) acc1 = _mm512_fmadd_ps(d, d, acc1); else acc0 = _mm512_fmadd_ps(d, d, acc0);
   }}
-  const float variance = sum16(_mm512_add_ps(acc0, acc1)) / W;
+  const float variance = wpk_sum16(_mm512_add_ps(acc0, acc1)) / W;
   const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(variance + {s.epsilon!r}f));
   for (int j = 0; j < W; j += 16) {{
     const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buffer + j), m), scale);

@@ -395,8 +395,8 @@ def op_kernel(spec, index: int, isa: str | None = None) -> OpKernel:
 
 
 def _row_kernel(spec, index: int, isa: str) -> OpKernel:
-    """A layer normalization or NaN guard kernel: the same source in both builds (the layer
-    norm's through the portable shim, the guard plain C)."""
+    """A layer normalization, NaN guard or attention kernel: the same source in both builds
+    (the layer norm's and attention's through the portable shim, the guard plain C)."""
     y_shape = tuple(spec.params["y_shape"])
     if spec.op == "layer_norm":
         shape = layer_norm.layer_norm_shape(spec.params)

@@ -21,6 +21,26 @@ SHIMMED = ("loadu_ps", "storeu_ps", "set1_ps", "setzero_ps", "add_ps", "sub_ps",
            "div_ps",
            "max_ps", "min_ps", "fmadd_ps", "fnmadd_ps", "roundscale_ps", "scalef_ps")
 
+# horizontal sum and max of a vector, for kernels that reduce rows (layer norm, softmax);
+# through memory, so that they need nothing beyond the shim's loads and stores
+REDUCTIONS = r"""
+static inline float wpk_sum16(__m512 v) {
+  float lanes[16];
+  _mm512_storeu_ps(lanes, v);
+  float total = 0.0f;
+  for (int i = 0; i < 16; ++i) total += lanes[i];
+  return total;
+}
+
+static inline float wpk_max16(__m512 v) {
+  float lanes[16];
+  _mm512_storeu_ps(lanes, v);
+  float m = lanes[0];
+  for (int i = 1; i < 16; ++i) m = lanes[i] > m ? lanes[i] : m;
+  return m;
+}
+"""
+
 HEADER = r"""#if defined(__AVX512F__)
 #include <immintrin.h>
 #else

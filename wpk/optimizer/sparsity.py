@@ -16,7 +16,8 @@ What is found, per weight (`detect`):
     highest guaranteed sparsity 1 - N/M.
   - tile-wise (Guo et al., SC 2020): B's columns cut into tiles of G (at multiples of G,
     as wpk-prune cuts them, or the non-zero columns packed in order); inside a tile whole
-    rows (one k, the tile's live outputs) are zero, and whole columns are zero globally. The largest G (of 256 .. 4) whose zero columns and tile-rows hold at least
+    rows (one k, the tile's live outputs) are zero, and whole columns are zero globally.
+    The largest G (of 256 .. 4) whose zero columns and tile-rows hold at least
     EXPLAINED of the weight's zeros, when whole-matrix rows (G = all columns, i.e. input
     channels) do not already.
   - channel: whole output units (rows of W) and whole input positions (columns of W) that

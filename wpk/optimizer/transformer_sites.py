@@ -25,14 +25,12 @@ class _Graph:
     """What the finders read of a saved graph: constants, static float shapes, readers."""
 
     def __init__(self, offline: onnx.ModelProto, model: onnx.ModelProto) -> None:
+        from wpk.optimizer import ort_ops
         from wpk.optimizer.selection import shapes_of
 
         self.consts = {i.name: i for i in offline.graph.initializer}
         self.shapes = {**shapes_of(offline), **shapes_of(model)}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in offline.graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
+        self.readers = ort_ops._readers(offline)
         self.producer = {o: n for n in offline.graph.node for o in n.output}
         self.outputs = {o.name for o in offline.graph.output}
 

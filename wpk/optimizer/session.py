@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import onnxruntime as ort
@@ -80,30 +81,66 @@ def make_session(model: bytes | str, config: Config, offline_optimized: bool = F
                                 providers=providers_for(config))
 
 
+@dataclass
+class NodeProfile:
+    """One session's profile: each node's median time per run and the median run, in µs.
+    `run_us` less the nodes' sum is what a run spends outside node kernels (allocating
+    outputs, handing work to the thread pool, the executor's own bookkeeping)."""
+
+    nodes: dict[str, float]
+    run_us: float
+
+    @property
+    def outside_nodes_us(self) -> float:
+        return self.run_us - sum(self.nodes.values())
+
+
 def node_times_us(model: bytes, config: Config, feed: dict[str, Any], output_names: list[str],
                   runs: int = 30, offline_optimized: bool = True,
                   custom_ops: str | None = None) -> dict[str, float]:
     """Median time of each node per run, in µs, from ONNX Runtime's own profiler, with
     every node in its place in the whole graph."""
+    return profile_interleaved([(model, custom_ops)], config, feed, output_names, runs,
+                               offline_optimized)[0].nodes
+
+
+def profile_interleaved(models: list[tuple[bytes, str | None]], config: Config,
+                        feed: dict[str, Any], output_names: list[str], runs: int = 30,
+                        offline_optimized: bool = True) -> list[NodeProfile]:
+    """ONNX Runtime's profile of each (model, custom-ops library or None), their runs
+    taken in turn so that a drift of the machine's speed falls on all of them alike."""
     import json
     import tempfile
-    from collections import defaultdict
     from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="wpk-profile-") as directory:
+        sessions = []
+        for index, (model, custom_ops) in enumerate(models):
+            options = session_options(config, offline_optimized, True, custom_ops)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(directory) / f"session{index}")
+            sessions.append(ort.InferenceSession(model, options,
+                                                 providers=providers_for(config)))
+        for _ in range(runs):
+            for session in sessions:
+                session.run(output_names, feed)
+        return [_profile(json.loads(Path(session.end_profiling()).read_text()))
+                for session in sessions]
+
+
+def _profile(events: list[dict[str, Any]]) -> NodeProfile:
+    from collections import defaultdict
 
     import numpy as np
 
-    with tempfile.TemporaryDirectory(prefix="wpk-profile-") as directory:
-        options = session_options(config, offline_optimized, True, custom_ops)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(directory) / "nodes")
-        session = ort.InferenceSession(model, options, providers=providers_for(config))
-        for _ in range(runs):
-            session.run(output_names, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
     durations: dict[str, list[float]] = defaultdict(list)
+    runs: list[float] = []
     for event in events:
         name = event.get("name", "")
         if event.get("cat") == "Node" and name.endswith("_kernel_time"):
             durations[name.removesuffix("_kernel_time")].append(float(event["dur"]))
+        elif event.get("cat") == "Session" and name == "model_run":
+            runs.append(float(event["dur"]))
     # the first profiled run includes one-time allocations: medians ignore it
-    return {name: float(np.median(times)) for name, times in durations.items()}
+    return NodeProfile({name: float(np.median(times)) for name, times in durations.items()},
+                       float(np.median(runs)) if runs else float("nan"))

@@ -1,0 +1,72 @@
+"""Where a custom-ops candidate's end-to-end gain comes from.
+
+Per-operator selection times each kernel against the ONNX Runtime nodes it replaces, in its
+place in the whole slice. Those savings, added up, are not what the slice saves end to end,
+for two reasons measured here:
+
+- the candidate starts from the "offline" candidate (wpk's graph passes, the searched session
+  settings, ONNX Runtime's own saved graph), whose gain over ONNX Runtime's defaults is part
+  of the end-to-end figure but no kernel's;
+- replacing nodes changes more than their own node times: the nodes that stay can run faster
+  or slower beside them (caches, the thread pool), and a run spends time outside node kernels
+  (allocating each node's outputs, handing work to the pool, the executor's bookkeeping),
+  which fewer, fused nodes reduce.
+
+`in_place` profiles the saved graph with and without the kernels, runs in turn, and splits
+the difference into those parts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from wpk.optimizer.session import profile_interleaved
+from wpk.optimizer.space import Config
+
+PROFILE_RUNS = 40
+
+
+def in_place(offline: onnx.ModelProto, rewritten: onnx.ModelProto, config: Config,
+             feed: dict[str, np.ndarray], output_names: list[str], library: Path,
+             runs: int = PROFILE_RUNS) -> dict[str, float | int]:
+    """What the kernels save per run, in ms, split by ONNX Runtime's profiler: `replaced_ms`
+    (the replaced nodes' time less the kernels'; the kernels are the nodes only `rewritten`
+    has), `other_nodes_ms` (the nodes both graphs have), `outside_nodes_ms` (time outside
+    node kernels) and `run_ms`, their sum: the whole run with and without the kernels; and
+    how many nodes each side has that the other has not."""
+    plain, ours = profile_interleaved(
+        [(offline.SerializeToString(), None), (rewritten.SerializeToString(), str(library))],
+        config, feed, output_names, runs)
+    shared = plain.nodes.keys() & ours.nodes.keys()
+    replaced = sum(t for name, t in plain.nodes.items() if name not in shared)
+    kernels = sum(t for name, t in ours.nodes.items() if name not in shared)
+    others = sum(plain.nodes[name] - ours.nodes[name] for name in shared)
+    return {"replaced_ms": (replaced - kernels) / 1000.0,
+            "other_nodes_ms": others / 1000.0,
+            "outside_nodes_ms": (plain.outside_nodes_us - ours.outside_nodes_us) / 1000.0,
+            "run_ms": (plain.run_us - ours.run_us) / 1000.0,
+            "runs": runs, "replaced_nodes": len(plain.nodes.keys() - shared),
+            "kernel_nodes": len(ours.nodes.keys() - shared)}
+
+
+def explain(key: str, candidate: dict[str, Any], offline_gain_ms: float | None) -> str:
+    """The report's paragraph for one custom-ops candidate (its entry, as the report holds
+    it: operator gains, end-to-end gain, and `in_place` under "in_place")."""
+    text = (f"{key}: its {candidate['kernels']} kernel(s) saved "
+            f"{candidate['operator_gains_ms']:.3f} ms together when timed one by one; "
+            f"end to end it saves {candidate['end_to_end_gain_ms']:.3f} ms.")
+    if offline_gain_ms is not None:
+        text += (f" Of that, {offline_gain_ms:.3f} ms is the offline candidate's (wpk's graph "
+                 f"passes, the session settings and ONNX Runtime's saved graph, no kernel), "
+                 f"{candidate['end_to_end_gain_ms'] - offline_gain_ms:.3f} ms the kernels'.")
+    split = candidate.get("in_place")
+    if split:
+        text += (f" Profiled in place ({split['runs']} runs of the saved graph with and "
+                 f"without them, in turn), the kernels save {split['run_ms']:.3f} ms a run: "
+                 f"{split['replaced_ms']:.3f} ms in the nodes they replace, "
+                 f"{split['other_nodes_ms']:.3f} ms in the nodes that stay, and "
+                 f"{split['outside_nodes_ms']:.3f} ms outside node kernels (output "
+                 f"allocations, the thread pool's hand-offs, fewer nodes to schedule).")
+    return text

@@ -12,7 +12,7 @@ for two reasons measured here:
   (allocating each node's outputs, handing work to the pool, the executor's bookkeeping),
   which fewer, fused nodes reduce.
 
-`in_place` profiles the saved graph with and without the kernels, runs in turn, and splits
+`in_place` profiles the saved graph with and without the kernels and splits
 the difference into those parts."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from wpk.optimizer.session import profile_interleaved
+from wpk.optimizer.session import profile_each
 from wpk.optimizer.space import Config
 
 PROFILE_RUNS = 40
@@ -36,7 +36,7 @@ def in_place(offline: onnx.ModelProto, rewritten: onnx.ModelProto, config: Confi
     has), `other_nodes_ms` (the nodes both graphs have), `outside_nodes_ms` (time outside
     node kernels) and `run_ms`, their sum: the whole run with and without the kernels; and
     how many nodes each side has that the other has not."""
-    plain, ours = profile_interleaved(
+    plain, ours = profile_each(
         [(offline.SerializeToString(), None), (rewritten.SerializeToString(), str(library))],
         config, feed, output_names, runs)
     shared = plain.nodes.keys() & ours.nodes.keys()
@@ -64,7 +64,7 @@ def explain(key: str, candidate: dict[str, Any], offline_gain_ms: float | None) 
     split = candidate.get("in_place")
     if split:
         text += (f" Profiled in place ({split['runs']} runs of the saved graph with and "
-                 f"without them, in turn), the kernels save {split['run_ms']:.3f} ms a run: "
+                 f"without them, one after the other), the kernels save {split['run_ms']:.3f} ms a run: "
                  f"{split['replaced_ms']:.3f} ms in the nodes they replace, "
                  f"{split['other_nodes_ms']:.3f} ms in the nodes that stay, and "
                  f"{split['outside_nodes_ms']:.3f} ms outside node kernels (output "

@@ -362,11 +362,11 @@ def profiled_times(offline: onnx.ModelProto, pool: list[KernelSpec], chosen: dic
     EfficientNet-B0's fused blocks went back to ONNX Runtime that way). Node times are not
     noise-free either, but each compares one site with itself."""
     from wpk.optimizer import ort_ops
-    from wpk.optimizer.session import profile_interleaved
+    from wpk.optimizer.session import profile_each
 
     indices = sorted(chosen.values())
     rewritten = ort_ops.custom_op_model(offline, [pool[i] for i in indices], indices)
-    plain, with_kernels = profile_interleaved(
+    plain, with_kernels = profile_each(
         [(offline.SerializeToString(), None), (rewritten.SerializeToString(), str(library))],
         session_config, feed, output_names)
     ort_us, ours_us = plain.nodes, with_kernels.nodes

@@ -292,3 +292,5 @@ def test_the_end_to_end_gain_is_split_into_replaced_nodes_other_nodes_and_time_o
                                   offline_gain_ms=0.75)
     assert "0.750 ms is the offline candidate's" in text and "1.250 ms the kernels'" in text
     assert f"{split['outside_nodes_ms']:.3f} ms outside node kernels" in text
+    assert np.isfinite(split["unprofiled_ms"])
+    assert f"Without the profiler they save {split['unprofiled_ms']:.3f} ms" in text

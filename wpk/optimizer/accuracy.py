@@ -6,6 +6,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from wpk.feeds import is_mask
 from wpk.tensor_spec import TensorSpec
 
 Runner = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
@@ -27,8 +28,8 @@ class OutputError:
 
 def sample_inputs(inputs: Sequence[TensorSpec], count: int,
                   seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random feeds, free dimensions as 1: floats uniform in [0, 1) (image-like), integers
-    small and non-negative."""
+    """Random feeds, free dimensions as 1: floats uniform in [0, 1) (image-like), masks
+    all ones (`wpk.feeds.is_mask`), other integers small and non-negative."""
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(count):
@@ -37,6 +38,8 @@ def sample_inputs(inputs: Sequence[TensorSpec], count: int,
             shape, dtype = [d if d > 0 else 1 for d in spec.shape], spec.numpy_dtype
             if np.issubdtype(dtype, np.floating):
                 feed[spec.name] = rng.random(shape).astype(dtype)
+            elif is_mask(spec.name, dtype):
+                feed[spec.name] = np.ones(shape, dtype)
             else:
                 feed[spec.name] = rng.integers(0, 8, shape).astype(dtype)
         feeds.append(feed)

@@ -416,3 +416,32 @@ def test_a_stale_tensor_link_port_taken_by_another_process_is_asked_again(plans)
     finally:
         squatter.close()
         pipeline.close()
+
+
+def test_a_refusal_on_the_remembered_port_falls_back_and_keeps_the_port(plans, monkeypatch):
+    """The tier behind the remembered port refuses a new connection (all its connections
+    taken): that is the right port, so the caller goes to gRPC for a while and keeps it,
+    rather than asking for it again on every request."""
+    from wpk.runtime import link_server
+
+    pipeline = Pipeline(plans["mlp"])
+    try:
+        feeds = model_feeds(plans["mlp"])
+        want = reference(plans["mlp"], feeds)
+
+        async def scenario():
+            async with LinkClient(pipeline.entry, timeout=10) as client:
+                check(await client.infer("mlp", feeds), want)
+                link = client._tcp_link
+                port = link.port
+                monkeypatch.setattr(link_server, "MAX_CONNECTIONS", 0)
+                link.connection.close()
+                link.connection = None
+                check(await client.infer("mlp", feeds), want)   # refused, resent over gRPC
+                return client.transport, link.fallback_until, link.port, port
+
+        transport, fallback_until, port, remembered = asyncio.run(scenario())
+        assert transport == "grpc" and fallback_until > 0 and port == remembered
+        assert pipeline.link_servers["device"].refused > 0
+    finally:
+        pipeline.close()

@@ -155,7 +155,7 @@ class TcpLink:
         self.connection: LinkConnection | None = None   # made on first use
         self.port: int | None = None           # the next tier's tensor-link port, once known
         self.lanes = False                     # ... and whether it maps shared-memory lanes
-        self.port_asked = False                # whether the connection's port was just asked
+        self._dialled_remembered: LinkConnection | None = None  # made on a port known before
         self.fallback_until = 0.0              # monotonic time until which gRPC is used
         self._connecting = asyncio.Lock()
         self._recheck: asyncio.Task | None = None  # looking for the tensor link again
@@ -197,19 +197,31 @@ class TcpLink:
             done(TierError(grpc.StatusCode.INTERNAL, str(error)))
 
     def _refused(self, connection: LinkConnection) -> None:
-        """The next tier refused `connection` or closed it before any answer: gRPC for a
-        while. From any thread; once per connection. A connection dialled on the port
-        remembered from before only forgets that port: a restarted tier listens elsewhere
-        and another process may have taken the old one, so the next request asks again."""
-        if self.connection is connection and not self.port_asked:
-            self.connection, self.port = None, None
+        """The next tier refused `connection` or closed it before any answer. From any
+        thread; the link's state changes on the loop, between its awaits."""
+        try:
+            self.loop.call_soon_threadsafe(self._after_refusal, connection)
+        except RuntimeError:  # the loop is closed: nothing left to connect
+            pass
+
+    def _after_refusal(self, connection: LinkConnection) -> None:
+        """gRPC for a while; but a connection dialled on the port remembered from before
+        that closed unanswered only forgets that port: a restarted tier listens elsewhere
+        and another process (or the dying one's backlog) may have taken the old one, so the
+        next request asks for the port again. A refusal (too many connections) comes from
+        the right port: gRPC for a while."""
+        if self.connection is not connection:
             return
-        if self.connection is connection:
-            self.connection = None
-            print(f"wpk: tensor link {self.host}:{self.port} ended a new connection before "
-                  f"answering ({connection.error.details}); using gRPC, trying again every "
-                  f"{FALLBACK_RETRY_S:.0f} s", file=sys.stderr, flush=True)
-            self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+        self.connection = None
+        error = connection.error
+        if connection is self._dialled_remembered and error is not None \
+                and error.code == UNAVAILABLE:
+            self.port = None
+            return
+        print(f"wpk: tensor link {self.host}:{self.port} ended a new connection before "
+              f"answering ({error.details if error else 'closed'}); using gRPC, trying again "
+              f"every {FALLBACK_RETRY_S:.0f} s", file=sys.stderr, flush=True)
+        self.fallback_until = time.monotonic() + FALLBACK_RETRY_S
 
     def _open(self) -> LinkConnection | None:
         connection = self.connection
@@ -272,7 +284,7 @@ class TcpLink:
     async def _attempt(self, timeout: float | None) -> LinkConnection | None:
         """Dial the known port, or ask for it first (it changes when the tier restarts)."""
         sock = await self._dial(self.port, timeout) if self.port is not None else None
-        self.port_asked = sock is None
+        remembered = sock is not None
         if sock is None:
             self.port = await self._discover(timeout)
             if self.port is None:  # not a wpk tier, or one run with TLS
@@ -286,6 +298,7 @@ class TcpLink:
         count = lambda n: self.metrics.add_bytes("return", n)  # noqa: E731
         self.connection = LinkConnection(sock, self.expiry, count,
                                          self.lanes and over_loopback(sock))
+        self._dialled_remembered = self.connection if remembered else None
         self.fallback_until = 0.0
         return self.connection
 

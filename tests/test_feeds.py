@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wpk.feeds import is_mask, random_feeds
+from wpk.feeds import is_mask, padded_mask, random_feeds
 from wpk.optimizer.accuracy import sample_inputs
 from wpk.tensor_spec import TensorSpec
 
@@ -22,6 +22,15 @@ def test_masks_are_all_ones_and_other_integers_stay_random():
 def test_the_optimizer_times_transformers_on_whole_masks_not_random_integers():
     inputs = [TensorSpec("input_ids", (1, 128), "int64"),
               TensorSpec("attention_mask", (1, 128), "int64")]
-    for feed in sample_inputs(inputs, count=3, seed=1):
-        assert (feed["attention_mask"] == 1).all()
-        assert feed["input_ids"].max() > 1
+    feeds = sample_inputs(inputs, count=4, seed=1)
+    assert (feeds[0]["attention_mask"] == 1).all()          # the feed candidates are timed on
+    kept = [int(f["attention_mask"].sum()) for f in feeds]   # the guard also sees padding
+    assert kept == [128, 96, 64, 32]
+    assert all(f["attention_mask"][0, :k].all() and not f["attention_mask"][0, k:].any()
+               for f, k in zip(feeds, kept))
+    assert all(f["input_ids"].max() > 1 for f in feeds)
+
+
+def test_a_padded_mask_keeps_at_least_one_position():
+    assert padded_mask((1, 1), np.int64, 3).tolist() == [[1]]
+    assert padded_mask((2, 4), np.int32, 5).tolist() == [[1, 0, 0, 0]] * 2

@@ -6,7 +6,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from wpk.feeds import is_mask
+from wpk.feeds import is_mask, padded_mask
 from wpk.tensor_spec import TensorSpec
 
 Runner = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
@@ -28,18 +28,20 @@ class OutputError:
 
 def sample_inputs(inputs: Sequence[TensorSpec], count: int,
                   seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random feeds, free dimensions as 1: floats uniform in [0, 1) (image-like), masks
-    all ones (`wpk.feeds.is_mask`), other integers small and non-negative."""
+    """Random feeds, free dimensions as 1: floats uniform in [0, 1) (image-like), other
+    integers small and non-negative; masks (`wpk.feeds.is_mask`) whole in the first feed
+    (the one candidates are timed on) and padded in the others (`padded_mask`), so that
+    the accuracy guard sees masked keys too."""
     rng = np.random.default_rng(seed)
     feeds = []
-    for _ in range(count):
+    for sample in range(count):
         feed = {}
         for spec in inputs:
             shape, dtype = [d if d > 0 else 1 for d in spec.shape], spec.numpy_dtype
             if np.issubdtype(dtype, np.floating):
                 feed[spec.name] = rng.random(shape).astype(dtype)
             elif is_mask(spec.name, dtype):
-                feed[spec.name] = np.ones(shape, dtype)
+                feed[spec.name] = padded_mask(shape, dtype, sample)
             else:
                 feed[spec.name] = rng.integers(0, 8, shape).astype(dtype)
         feeds.append(feed)

@@ -100,9 +100,9 @@ def profile_each(models: list[tuple[bytes, str | None]], config: Config,
                  offline_optimized: bool = True) -> list[NodeProfile]:
     """ONNX Runtime's profile of each (model, custom-ops library or None), one session at a
     time. Not run by run in turn: a session's pool threads spin on after its run and take
-    the cores from the other session's next run (measured on all-MiniLM-L6-v2: the kernels'
-    summed per-node gains came out at 7.7 ms that way, 3.8 ms one session at a time, where
-    the slice saves 6.5 ms end to end)."""
+    the cores from the other session's next run (all-MiniLM-L6-v2: the kernels' summed
+    per-node gains came out at 7.67 ms that way, 3.92 ms one session at a time, where the
+    slice saved 6.48 and 6.35 ms end to end)."""
     return [_profile_one(model, custom_ops, config, feed, output_names, runs,
                          offline_optimized) for model, custom_ops in models]
 

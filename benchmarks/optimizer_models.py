@@ -145,8 +145,7 @@ def one_model(name: str, work: Path, args) -> dict:
                                "kernels": cand.get("kernels")}
         kernels = report["candidates"].get("custom-ops", {})
         if "operator_gains_ms" in kernels:   # measured, chosen or not
-            row["reports"][key]["breakdown"] = gain_breakdown.explain(
-                "custom-ops", kernels, kernels.get("offline_gain_ms"))
+            row["reports"][key]["breakdown"] = gain_breakdown.explain("custom-ops", kernels)
     return row
 
 

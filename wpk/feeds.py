@@ -41,7 +41,7 @@ def random_feeds(specs: Mapping[str, tuple[Sequence[int], np.dtype]], seed: int,
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(tuple(shape)).astype(dtype)
         elif is_mask(name, dtype):
-            feeds[name] = np.ones(tuple(shape), dtype)
+            feeds[name] = padded_mask(shape, dtype, 0)
         else:
             feeds[name] = rng.integers(0, integer_values, tuple(shape)).astype(dtype)
     return feeds

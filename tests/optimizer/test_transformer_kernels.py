@@ -156,15 +156,22 @@ def test_the_portable_build_runs_the_kernels(tmp_path):
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected)
 
 
-@needs_kernels
-def test_the_custom_op_search_takes_the_encoder_kernels(tmp_path):
-    """`select_custom_ops` finds the sites among its kinds and starts with every kernel in."""
+def _encoder_with_every_kernel(tmp_path: Path):
+    """(the sdpa encoder, ORT's saved graph of it after wpk's passes, a padded feed,
+    `select_custom_ops`' choice starting with every kernel in)."""
     original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
     model, _ = passes.run_passes(original)
     offline = _offline(model, tmp_path)
     feed = _feed(MASKS["padded"])
     inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, ["y"], passes=0,
                                start_with_kernels=True)
+    return original, offline, feed, inside
+
+
+@needs_kernels
+def test_the_custom_op_search_takes_the_encoder_kernels(tmp_path):
+    """`select_custom_ops` finds the sites among its kinds and starts with every kernel in."""
+    original, offline, feed, inside = _encoder_with_every_kernel(tmp_path)
     assert inside is not None
     kinds = sorted({s.op for s in inside.specs})
     assert kinds == ["attention", "layer_norm", "nan_guard"], kinds
@@ -269,16 +276,11 @@ def test_the_end_to_end_gain_is_split_into_replaced_nodes_other_nodes_and_time_o
         tmp_path):
     """gain_breakdown.in_place: the kernels are the nodes only the rewritten graph has (one
     per site, two for packed attention: the MatMul before it), the replaced ones those only
-    the saved graph has; the parts add up to the whole run's difference; the report names
-    the offline candidate's share."""
+    the saved graph has; every part is measured; parallel execution compares whole runs
+    only; a spent budget skips the split; the report names the offline candidate's share."""
     from wpk.optimizer import gain_breakdown
 
-    original = onnx.load(str(BLOCKS / "bert_sdpa_encoder.onnx"))
-    model, _ = passes.run_passes(original)
-    offline = _offline(model, tmp_path)
-    feed = _feed(MASKS["padded"])
-    inside = select_custom_ops(model, offline, dict(DEFAULT_SESSION), feed, ["y"], passes=0,
-                               start_with_kernels=True)
+    _, offline, feed, inside = _encoder_with_every_kernel(tmp_path)
     split = gain_breakdown.in_place(offline, inside.model, dict(DEFAULT_SESSION), feed, ["y"],
                                     inside.library, runs=10)
     sites = Counter(s.op for s in inside.specs)
@@ -288,8 +290,8 @@ def test_the_end_to_end_gain_is_split_into_replaced_nodes_other_nodes_and_time_o
     assert split["runs"] == 10 and all(np.isfinite(split[key]) for key in (
         "replaced_ms", "other_nodes_ms", "outside_nodes_ms", "run_ms", "unprofiled_ms"))
     text = gain_breakdown.explain("custom-ops", {"kernels": 9, "operator_gains_ms": 0.5,
-                                                 "end_to_end_gain_ms": 2.0, "in_place": split},
-                                  offline_gain_ms=0.75)
+                                                 "end_to_end_gain_ms": 2.0, "in_place": split,
+                                                 "offline_gain_ms": 0.75})
     assert "0.750 ms is the offline candidate's" in text and "1.250 ms the kernels'" in text
     assert f"{split['outside_nodes_ms']:.3f} ms outside node kernels" in text
     assert f"Without the profiler they save {split['unprofiled_ms']:.3f} ms" in text
@@ -302,4 +304,4 @@ def test_the_end_to_end_gain_is_split_into_replaced_nodes_other_nodes_and_time_o
     assert "time budget" in skipped["skipped"]
     assert "Not split" in gain_breakdown.explain("custom-ops", {
         "kernels": 1, "operator_gains_ms": 0.1, "end_to_end_gain_ms": 0.1,
-        "in_place": skipped}, None)
+        "in_place": skipped})

@@ -589,7 +589,7 @@ def render_markdown(report: Report) -> str:
                      f"{'yes' if cand['within_budget'] else 'over budget'} | {cand['describe']} |")
     for key, cand in report.candidates.items():
         if "operator_gains_ms" in cand:
-            lines += ["", gain_breakdown.explain(key, cand, cand.get("offline_gain_ms"))]
+            lines += ["", gain_breakdown.explain(key, cand)]
     search = report.session_search
     lines += ["", f"Session search ({search.get('strategy')}): {search.get('measured')} measured, "
                   f"{search.get('reused')} from the tuning log, best {search.get('best')} "
